@@ -1,0 +1,82 @@
+"""pagedllm generate | chat | serve | bench — the command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from pagedllm.chat import EngineChat, RemoteChat, run_repl
+from pagedllm.config import EngineConfig
+from pagedllm.errors import PagedLLMError
+from pagedllm.sampling_params import SamplingParams
+
+
+def _add_sampling_arguments(parser: argparse.ArgumentParser, max_tokens: int) -> None:
+    group = parser.add_argument_group("sampling")
+    group.add_argument("--max-tokens", type=int, default=max_tokens, help="most tokens to generate")
+    group.add_argument("--temperature", type=float, default=0.7, help="0 picks the most likely token")
+    group.add_argument("--top-p", type=float, default=0.9)
+
+
+def _sampling_params(args: argparse.Namespace) -> SamplingParams:
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from pagedllm.llm import LLM
+
+    params = _sampling_params(args)
+    llm = LLM(**vars(EngineConfig.from_cli_args(args)))
+    outputs = llm.generate(args.prompt, params, use_tqdm=len(args.prompt) > 1)
+    for output in outputs:
+        print(output.prompt + output.outputs[0].text)
+        print()
+    return 0
+
+
+def _chat(args: argparse.Namespace) -> int:
+    params = _sampling_params(args)
+    if args.url:
+        backend = RemoteChat(args.url, args.api_key)
+    else:
+        from pagedllm.engine.engine import LLMEngine
+
+        backend = EngineChat(LLMEngine(EngineConfig.from_cli_args(args)))
+    run_repl(backend, params, args.system)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pagedllm", description=__doc__)
+    parser.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING or ERROR")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    generate = commands.add_parser("generate", help="complete prompts offline")
+    generate.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for a batch)")
+    _add_sampling_arguments(generate, max_tokens=64)
+    EngineConfig.add_cli_arguments(generate)
+    generate.set_defaults(handler=_generate)
+
+    chat = commands.add_parser("chat", help="chat in the terminal, offline or with a server (--url)")
+    chat.add_argument("--url", help="a running server, e.g. http://127.0.0.1:8000")
+    chat.add_argument("--api-key", help="the server's API key")
+    chat.add_argument("--system", help="a system prompt")
+    _add_sampling_arguments(chat, max_tokens=512)
+    EngineConfig.add_cli_arguments(chat)
+    chat.set_defaults(handler=_chat)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.handler(args)
+    except PagedLLMError as error:
+        print(f"pagedllm: error: {error.message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,137 @@
+"""Configuration dataclasses: the single source of truth for engine settings, validated once."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any, get_args, get_type_hints
+
+import torch
+
+from pagedllm.errors import ConfigError
+
+ATTENTION_IMPLS = ("fast", "reference")
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """RoPE frequency scaling as Llama 3 ('llama3') or linear interpolation ('linear') define it."""
+
+    rope_type: str = "default"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape of a Llama-family decoder, read from the checkpoint."""
+
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: RopeScaling = field(default_factory=RopeScaling)
+    attention_bias: bool = False
+    tie_word_embeddings: bool = False
+    sliding_window: int | None = None
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+
+
+@dataclass
+class EngineConfig:
+    """Every setting of an engine; the Python API, the CLI flags and the server use these names."""
+
+    model: str | None = field(default=None, metadata={"help": "GGUF file, HF folder or embedded model name (default: smollm2-135m-instruct)"})
+    dtype: str = field(default="float32", metadata={"help": "weights and activations: float32 or bfloat16"})
+    max_model_len: int | None = field(default=None, metadata={"help": "context window (default: the model's)"})
+    block_size: int = field(default=16, metadata={"help": "tokens per KV-cache block"})
+    kv_cache_memory: float = field(default=0.1, metadata={"help": "KV-cache budget: bytes if > 1, else a fraction of available RAM"})
+    max_num_seqs: int = field(default=64, metadata={"help": "most sequences in one batch"})
+    max_num_batched_tokens: int = field(default=2048, metadata={"help": "most tokens (prefill chunks + decodes) in one step"})
+    seed: int = field(default=0, metadata={"help": "seed of the sampler for requests without their own"})
+    attention_impl: str = field(default="fast", metadata={"help": "paged attention: fast or reference"})
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}", "dtype")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ConfigError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
+        _require_positive(self, "block_size", "max_num_seqs", "max_num_batched_tokens", "kv_cache_memory")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ConfigError(f"max_model_len must be >= 1, got {self.max_model_len}", "max_model_len")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    def kv_cache_bytes(self) -> int:
+        """The KV-cache budget in bytes (a fraction is taken of the RAM available now)."""
+        if self.kv_cache_memory > 1:
+            return int(self.kv_cache_memory)
+        return int(self.kv_cache_memory * available_memory_bytes())
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    @classmethod
+    def add_cli_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        """One --flag per field, named after it (max_num_seqs → --max-num-seqs), with its help and default."""
+        group = parser.add_argument_group("engine")
+        hints = get_type_hints(cls)
+        for f in fields(cls):
+            kind = next((t for t in get_args(hints[f.name]) if t is not type(None)), hints[f.name])
+            default = None if f.default is MISSING else f.default
+            group.add_argument(
+                "--" + f.name.replace("_", "-"),
+                dest=f.name,
+                type=kind,
+                default=default,
+                help=f.metadata["help"] + ("" if default is None else f" (default: {default})"),
+            )
+
+    @classmethod
+    def from_cli_args(cls, args: argparse.Namespace) -> EngineConfig:
+        return cls(**{name: getattr(args, name) for name in cls.field_names()})
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> EngineConfig:
+        unknown = set(kwargs) - set(cls.field_names())
+        if unknown:
+            raise ConfigError(f"unknown engine setting(s): {', '.join(sorted(unknown))}")
+        return cls(**kwargs)
+
+
+def _require_positive(config: EngineConfig, *names: str) -> None:
+    for name in names:
+        value = getattr(config, name)
+        if not value > 0:
+            raise ConfigError(f"{name} must be > 0, got {value}", name)
+
+
+def available_memory_bytes() -> int:
+    """RAM available to new allocations (MemAvailable), or total RAM where /proc is absent."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

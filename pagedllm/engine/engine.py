@@ -1,0 +1,185 @@
+"""The engine: admits requests, runs one scheduling step at a time, and reports per-request outputs."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from pagedllm.config import EngineConfig, ModelConfig
+from pagedllm.engine.block_manager import BlockManager
+from pagedllm.engine.model_runner import ModelRunner, StepResult, kv_cache_bytes_per_block
+from pagedllm.engine.output import RequestOutput, append_token, make_request_output
+from pagedllm.engine.request import FinishReason, Request, Sequence
+from pagedllm.engine.scheduler import Scheduler, SchedulerOutput
+from pagedllm.errors import ConfigError, InvalidArgumentError, RequestTooLongError
+from pagedllm.model.llama import LlamaForCausalLM
+from pagedllm.model.loader import load_checkpoint
+from pagedllm.model.registry import model_display_name, resolve_model_path
+from pagedllm.model.tokenizer import IncrementalDetokenizer, Tokenizer
+from pagedllm.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineStats:
+    """Counters and gauges of the engine, read by metrics."""
+
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float
+    num_preemptions: int
+    prompt_tokens: int
+    generation_tokens: int
+
+
+class LLMEngine:
+    """add_request / step / abort over a loaded model, its paged KV cache and a continuous-batching scheduler."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.device = torch.device("cpu")
+        path = resolve_model_path(config.model)
+        self.model_name = model_display_name(config.model)
+        checkpoint = load_checkpoint(path, config.torch_dtype)
+        self.model_config: ModelConfig = checkpoint.config
+        self.max_model_len = self._max_model_len(checkpoint.config)
+        self.tokenizer = Tokenizer.from_model_path(path, checkpoint.config.eos_token_ids)
+        model = LlamaForCausalLM(
+            checkpoint.config, self.max_model_len, config.attention_impl, checkpoint.weights.get("rope_freqs")
+        )
+        model.load_weights(checkpoint.weights)
+        del checkpoint
+        self.num_blocks = self._num_blocks()
+        self.block_manager = BlockManager(self.num_blocks, config.block_size)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.runner = ModelRunner(model.to(self.device), config, self.num_blocks, self.device)
+        self.requests: dict[str, Request] = {}
+        self.prompt_tokens = 0
+        self.generation_tokens = 0
+        logger.info(
+            "%s loaded: %d KV blocks of %d tokens (%d tokens), context %d",
+            self.model_name, self.num_blocks, config.block_size, self.num_blocks * config.block_size, self.max_model_len,
+        )
+
+    def _max_model_len(self, model_config: ModelConfig) -> int:
+        limit = model_config.max_position_embeddings
+        if model_config.sliding_window is not None:
+            # Attention here is full-context; within the window the two are the same.
+            limit = min(limit, model_config.sliding_window)
+        if self.config.max_model_len is None:
+            return limit
+        if self.config.max_model_len > limit:
+            raise ConfigError(f"max_model_len={self.config.max_model_len} exceeds the model's limit of {limit}")
+        return self.config.max_model_len
+
+    def _num_blocks(self) -> int:
+        per_block = kv_cache_bytes_per_block(self.model_config, self.config.block_size, self.config.torch_dtype)
+        num_blocks = self.config.kv_cache_bytes() // per_block
+        if num_blocks < 1:
+            raise ConfigError(
+                f"kv_cache_memory={self.config.kv_cache_memory} holds no block; one block needs {per_block} bytes"
+            )
+        return num_blocks
+
+    def add_request(
+        self, request_id: str, prompt: str | list[int], params: SamplingParams, arrival_time: float | None = None
+    ) -> None:
+        """Queue a prompt (text or token ids); raises InvalidArgumentError if it can never be served."""
+        if request_id in self.requests:
+            raise InvalidArgumentError(f"request id {request_id!r} is already in use", "request_id")
+        text = prompt if isinstance(prompt, str) else None
+        token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        self._check_fits(token_ids, params)
+        request = Request(request_id, text, token_ids, params, arrival_time or time.monotonic())
+        if params.prompt_logprobs is not None:
+            request.prompt_logprobs = [None]
+        detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids, params.skip_special_tokens)
+        first = Sequence(request, 0, request.generator(0), detokenizer, pending_forks=params.n - 1)
+        request.sequences.append(first)
+        self.requests[request_id] = request
+        self.scheduler.add(first)
+
+    def _check_fits(self, token_ids: list[int], params: SamplingParams) -> None:
+        if not token_ids:
+            raise InvalidArgumentError("the prompt is empty", "prompt")
+        if min(token_ids) < 0 or max(token_ids) >= self.model_config.vocab_size:
+            raise InvalidArgumentError(f"prompt token ids must be in [0, {self.model_config.vocab_size})", "prompt")
+        total = len(token_ids) + params.max_tokens
+        if total > self.max_model_len:
+            raise RequestTooLongError(
+                f"this model's context is {self.max_model_len} tokens, but the prompt has {len(token_ids)} and "
+                f"max_tokens is {params.max_tokens} ({total} in all)",
+                "max_tokens",
+            )
+        capacity = self.num_blocks * self.config.block_size
+        if total > capacity:
+            raise RequestTooLongError(
+                f"the KV cache holds {capacity} tokens, but the prompt has {len(token_ids)} and max_tokens is "
+                f"{params.max_tokens} ({total} in all); raise kv_cache_memory",
+                "max_tokens",
+            )
+        if params.n > self.config.max_num_seqs:
+            raise InvalidArgumentError(f"n={params.n} exceeds max_num_seqs={self.config.max_num_seqs}", "n")
+
+    def abort_request(self, request_id: str) -> None:
+        """Drop a request now, freeing its blocks; unknown or finished ids are ignored."""
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return
+        for seq in request.sequences:
+            if seq.finish_reason is None:
+                seq.finish_reason = FinishReason.ABORT
+                self.scheduler.finish(seq)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    def step(self) -> list[RequestOutput]:
+        """Run one iteration; return the outputs of every request that advanced."""
+        scheduled = self.scheduler.schedule()
+        if not scheduled.scheduled:
+            return []
+        result = self.runner.execute(scheduled, self.block_manager)
+        return self._process(scheduled, result)
+
+    def _process(self, scheduled: SchedulerOutput, result: StepResult) -> list[RequestOutput]:
+        now = time.monotonic()
+        for item in scheduled.scheduled:
+            seq = item.sequence
+            if seq.num_computed_tokens < seq.prompt_len:
+                self.prompt_tokens += min(item.num_new_tokens, seq.prompt_len - seq.num_computed_tokens)
+            seq.num_computed_tokens += item.num_new_tokens
+        for seq, entries in result.prompt_logprobs.items():
+            seq.request.prompt_logprobs += entries
+        advanced: dict[str, Request] = {}
+        for sample in result.samples:
+            seq = sample.sequence
+            request = seq.request
+            request.first_token_time = request.first_token_time or now
+            if sample.logprobs is not None:
+                seq.logprobs.append(sample.logprobs)
+                seq.cumulative_logprob += sample.logprobs[sample.token_id]
+            append_token(seq, sample.token_id, self.tokenizer.eos_token_ids, self.max_model_len)
+            self.generation_tokens += 1
+            if seq.finish_reason is not None:
+                self.scheduler.finish(seq)
+            advanced[request.request_id] = request
+        outputs = [make_request_output(request) for request in advanced.values()]
+        for output in outputs:
+            if output.finished:
+                del self.requests[output.request_id]
+        return outputs
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            kv_cache_usage=self.block_manager.usage,
+            num_preemptions=self.scheduler.num_preemptions,
+            prompt_tokens=self.prompt_tokens,
+            generation_tokens=self.generation_tokens,
+        )

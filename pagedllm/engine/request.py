@@ -1,0 +1,93 @@
+"""What a user submitted (Request) and the continuations it generates (Sequence, the unit of scheduling)."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from pagedllm.model.tokenizer import IncrementalDetokenizer
+from pagedllm.sampling_params import SamplingParams
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"
+    LENGTH = "length"
+    ABORT = "abort"
+
+
+@dataclass(eq=False)
+class Request:
+    """A prompt and its sampling settings; generates `params.n` sequences that share the prompt's blocks."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    arrival_time: float = field(default_factory=time.monotonic)
+    sequences: list[Sequence] = field(default_factory=list)
+    prompt_logprobs: list[dict[int, float] | None] = field(default_factory=list)
+    first_token_time: float | None = None
+
+    @property
+    def finished(self) -> bool:
+        return len(self.sequences) == self.params.n and all(s.finish_reason is not None for s in self.sequences)
+
+    def generator(self, index: int) -> torch.Generator | None:
+        """The sampling generator of sample `index`: seeded from the request's seed, else None (engine-wide)."""
+        if self.params.seed is None:
+            return None
+        return torch.Generator().manual_seed(self.params.seed + index)
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One continuation of a request: its tokens, how many have K/V in the cache, and its block table."""
+
+    request: Request
+    index: int
+    generator: torch.Generator | None
+    detokenizer: IncrementalDetokenizer
+    output_token_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    block_ids: list[int] = field(default_factory=list)
+    pending_forks: int = 0  # samples still to be split off this sequence when its first token is drawn
+    num_preemptions: int = 0
+    text: str = ""
+    emitted_text_len: int = 0
+    logprobs: list[dict[int, float]] = field(default_factory=list)
+    cumulative_logprob: float = 0.0
+    finish_reason: FinishReason | None = None
+    stop_reason: str | int | None = None
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.request.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.prompt_len + len(self.output_token_ids)
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return self.num_tokens - self.num_computed_tokens
+
+    def token_ids(self, start: int, end: int) -> list[int]:
+        """Tokens [start, end) of prompt + output."""
+        prompt, output = self.request.prompt_token_ids, self.output_token_ids
+        if end <= len(prompt):
+            return prompt[start:end]
+        if start >= len(prompt):
+            return output[start - len(prompt) : end - len(prompt)]
+        return prompt[start:] + output[: end - len(prompt)]
+
+    def spawn_sample(self, index: int) -> Sequence:
+        """A new sample of the same request at the same point, before its first token; blocks are shared later."""
+        detokenizer = IncrementalDetokenizer(
+            self.detokenizer.tokenizer, self.request.prompt_token_ids, self.detokenizer.skip_special_tokens
+        )
+        child = Sequence(self.request, index, self.request.generator(index), detokenizer)
+        self.request.sequences.append(child)
+        return child

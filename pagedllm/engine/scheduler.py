@@ -1,0 +1,132 @@
+"""Iteration-level scheduling: which sequences run this step, and how many of their tokens."""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+
+from pagedllm.engine.block_manager import BlockManager
+from pagedllm.engine.request import Sequence
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ScheduledSequence:
+    sequence: Sequence
+    num_new_tokens: int
+    forks: list[Sequence] = field(default_factory=list)  # samples split off at this step, sharing its blocks
+
+    @property
+    def completes(self) -> bool:
+        """After this step every token of the sequence has its K/V, so its next token is sampled."""
+        return self.sequence.num_computed_tokens + self.num_new_tokens == self.sequence.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledSequence] = field(default_factory=list)
+    block_copies: list[tuple[int, int]] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+    forked: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+
+class Scheduler:
+    """Runs decodes and prefill chunks together under a token budget and a sequence limit.
+
+    Running sequences go first, oldest first; waiting ones join while budget, sequence slots and blocks
+    last. When a running sequence needs a block and none is free, the newest running sequence is preempted:
+    its blocks are freed and it goes back to the front of the queue, to be recomputed later.
+    """
+
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+        self.block_manager = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.max_num_batched_tokens
+        index = 0
+        while index < len(self.running) and budget > 0:
+            seq = self.running[index]
+            num_new = min(seq.num_uncomputed_tokens, budget)
+            if not self._make_room(seq, num_new, out):
+                break
+            self._schedule(seq, num_new, out)
+            budget -= num_new
+            index += 1
+        while self.waiting and budget > 0 and not out.preempted:
+            seq = self.waiting[0]
+            if self._num_slots_taken() + len(out.forked) + 1 + seq.pending_forks > self.max_num_seqs:
+                break
+            num_new = min(seq.num_uncomputed_tokens, budget)
+            if not self.block_manager.can_allocate(seq, num_new):
+                break
+            self.waiting.popleft()
+            self.running.append(seq)
+            self._schedule(seq, num_new, out)
+            budget -= num_new
+        self.running += out.forked
+        return out
+
+    def _schedule(self, seq: Sequence, num_new: int, out: SchedulerOutput) -> None:
+        out.block_copies += self.block_manager.allocate_slots(seq, num_new)
+        item = ScheduledSequence(seq, num_new)
+        if seq.pending_forks and item.completes:
+            item.forks = self._fork(seq, seq.num_computed_tokens + num_new)
+            out.forked += item.forks
+        out.scheduled.append(item)
+
+    def _fork(self, seq: Sequence, num_computed_after_step: int) -> list[Sequence]:
+        """Split the request's other samples off `seq` as its prompt completes; they share its blocks."""
+        children = [seq.spawn_sample(seq.index + i) for i in range(1, seq.pending_forks + 1)]
+        seq.pending_forks = 0
+        for child in children:
+            self.block_manager.fork(seq, child)
+            child.num_computed_tokens = num_computed_after_step
+        return children
+
+    def _num_slots_taken(self) -> int:
+        """Running sequences plus the samples they will split into."""
+        return len(self.running) + sum(seq.pending_forks for seq in self.running)
+
+    def _make_room(self, seq: Sequence, num_new: int, out: SchedulerOutput) -> bool:
+        """Preempt the newest running sequences until `seq` fits; False if `seq` itself had to go."""
+        while not self.block_manager.can_allocate(seq, num_new):
+            victim = self.running.pop()
+            self._preempt(victim)
+            out.preempted.append(victim)
+            if victim is seq:
+                return False
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.block_manager.free(seq)
+        seq.num_computed_tokens = 0
+        seq.num_preemptions += 1
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+        logger.debug("preempted %s/%d (%d tokens to recompute)", seq.request.request_id, seq.index, seq.num_tokens)
+
+    def finish(self, seq: Sequence) -> None:
+        """Drop a finished or aborted sequence and free its blocks at once."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.block_manager.free(seq)

@@ -1,0 +1,42 @@
+"""One exception hierarchy; each class carries the HTTP status the server answers with."""
+
+
+class PagedLLMError(Exception):
+    """Base of every error pagedllm raises on purpose."""
+
+    http_status: int = 500
+    error_type: str = "internal_error"
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+class InvalidArgumentError(PagedLLMError, ValueError):
+    """A parameter is out of range or of the wrong kind."""
+
+    http_status = 400
+    error_type = "invalid_request_error"
+
+
+class ConfigError(InvalidArgumentError):
+    """An engine setting is invalid."""
+
+
+class RequestTooLongError(InvalidArgumentError):
+    """A request could never fit the context window or the whole KV cache."""
+
+
+class ModelNotFoundError(PagedLLMError):
+    """A model name or path that resolves to nothing."""
+
+    http_status = 404
+    error_type = "not_found_error"
+
+
+class UnsupportedModelError(PagedLLMError, ValueError):
+    """An architecture, tensor type or setting the model runtime does not support."""
+
+    http_status = 400
+    error_type = "invalid_request_error"

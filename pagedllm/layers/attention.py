@@ -1,0 +1,140 @@
+"""Paged attention: K/V are written into block pools through a slot mapping and read back through block tables.
+
+Two implementations share one metadata object and must agree: `reference` attends one sequence at a time over
+K/V gathered from its blocks; `fast` batches every decode into one call and lets a fresh prefill attend to the
+K/V it just computed, without reading them back from the pools.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pagedllm.config import ATTENTION_IMPLS
+
+
+@dataclass
+class AttentionMetadata:
+    """Where one step's tokens sit in the ragged batch and in the KV cache; built once per step."""
+
+    slot_mapping: torch.Tensor  # [num_tokens] flat cache slot each new token's K/V is written to
+    block_tables: torch.Tensor  # [num_seqs, max_blocks] block ids, padded with 0
+    seq_lens: torch.Tensor  # [num_seqs] context length after this step
+    query_starts: list[int]  # [num_seqs + 1] offsets of each sequence's tokens in the batch
+    context_lens: list[int]  # same as seq_lens, on the host
+    num_decodes: int  # the first num_decodes sequences have exactly one new token
+    decode_block_tables: torch.Tensor | None = None  # [num_decodes, max_decode_blocks]
+    decode_mask: torch.Tensor | None = None  # [num_decodes, 1, 1, max_decode_blocks * block_size] True: key visible
+
+    @classmethod
+    def build(
+        cls,
+        slot_mapping: list[int],
+        block_tables: list[list[int]],
+        query_lens: list[int],
+        context_lens: list[int],
+        block_size: int,
+        device: torch.device,
+    ) -> AttentionMetadata:
+        num_decodes = 0
+        while num_decodes < len(query_lens) and query_lens[num_decodes] == 1:
+            num_decodes += 1
+        max_blocks = max((len(t) for t in block_tables), default=0)
+        padded = [t + [0] * (max_blocks - len(t)) for t in block_tables]
+        query_starts = [0]
+        for length in query_lens:
+            query_starts.append(query_starts[-1] + length)
+        seq_lens = torch.tensor(context_lens, dtype=torch.int64, device=device)
+        block_table_tensor = torch.tensor(padded, dtype=torch.int64, device=device)
+        decode_block_tables = decode_mask = None
+        if num_decodes:
+            decode_blocks = max(len(t) for t in block_tables[:num_decodes])
+            decode_block_tables = block_table_tensor[:num_decodes, :decode_blocks]
+            positions = torch.arange(decode_blocks * block_size, device=device)
+            decode_mask = (positions[None, :] < seq_lens[:num_decodes, None])[:, None, None, :]
+        return cls(
+            slot_mapping=torch.tensor(slot_mapping, dtype=torch.int64, device=device),
+            block_tables=block_table_tensor,
+            seq_lens=seq_lens,
+            query_starts=query_starts,
+            context_lens=list(context_lens),
+            num_decodes=num_decodes,
+            decode_block_tables=decode_block_tables,
+            decode_mask=decode_mask,
+        )
+
+
+class PagedAttention(nn.Module):
+    """Attention over a paged KV cache for one layer; the pools are bound once the cache is allocated."""
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, impl: str = "fast") -> None:
+        super().__init__()
+        if impl not in ATTENTION_IMPLS:
+            raise ValueError(f"attention impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.scale = head_dim**-0.5
+        self.impl = impl
+        self.k_cache = torch.empty(0)
+        self.v_cache = torch.empty(0)
+
+    def bind_cache(self, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+        """Attach this layer's pools, each [num_blocks, block_size, num_kv_heads, head_dim]."""
+        self.k_cache, self.v_cache = k_cache, v_cache
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """q: [T, heads, head_dim]; k, v: [T, kv_heads, head_dim] for the new tokens. Returns [T, heads * head_dim]."""
+        write_kv(self.k_cache, self.v_cache, k, v, meta.slot_mapping)
+        out = torch.empty_like(q)
+        first_prefill = 0
+        if self.impl == "fast" and meta.num_decodes:
+            first_prefill = meta.num_decodes
+            out[:first_prefill] = self._decode_batch(q[:first_prefill], meta)
+        for i in range(first_prefill, len(meta.context_lens)):
+            start, end = meta.query_starts[i], meta.query_starts[i + 1]
+            if self.impl == "fast" and meta.context_lens[i] == end - start:
+                keys, values = k[start:end], v[start:end]
+            else:
+                keys = gather_context(self.k_cache, meta.block_tables[i], meta.context_lens[i])
+                values = gather_context(self.v_cache, meta.block_tables[i], meta.context_lens[i])
+            out[start:end] = self._attend_one(q[start:end], keys, values)
+        return out.flatten(1)
+
+    def _attend_one(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Causal attention of the last len(q) positions of one sequence over its len(k) keys."""
+        num_queries, num_keys = q.shape[0], k.shape[0]
+        q_, k_, v_ = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
+        if num_queries == num_keys:
+            out = F.scaled_dot_product_attention(q_, k_, v_, is_causal=True, scale=self.scale, enable_gqa=True)
+        else:
+            query_pos = torch.arange(num_keys - num_queries, num_keys, device=q.device)
+            mask = torch.arange(num_keys, device=q.device)[None, :] <= query_pos[:, None]
+            out = F.scaled_dot_product_attention(q_, k_, v_, attn_mask=mask, scale=self.scale, enable_gqa=True)
+        return out.transpose(0, 1)
+
+    def _decode_batch(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """One query token per sequence, all sequences in one call over keys gathered to the longest context."""
+        tables = meta.decode_block_tables
+        keys = self.k_cache[tables].flatten(1, 2).transpose(1, 2)
+        values = self.v_cache[tables].flatten(1, 2).transpose(1, 2)
+        out = F.scaled_dot_product_attention(
+            q.unsqueeze(2), keys, values, attn_mask=meta.decode_mask, scale=self.scale, enable_gqa=True
+        )
+        return out.squeeze(2)
+
+
+def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
+    """Store new tokens' K/V at their flat slots (block * block_size + offset)."""
+    k_cache.view(-1, *k.shape[1:]).index_copy_(0, slots, k)
+    v_cache.view(-1, *v.shape[1:]).index_copy_(0, slots, v)
+
+
+def gather_context(cache: torch.Tensor, block_table: torch.Tensor, context_len: int) -> torch.Tensor:
+    """The first context_len tokens' entries of one sequence, [context_len, kv_heads, head_dim]."""
+    block_size = cache.shape[1]
+    num_blocks = -(-context_len // block_size)
+    return cache[block_table[:num_blocks]].flatten(0, 1)[:context_len]

@@ -1,0 +1,123 @@
+"""From the last logits of each sequence to its next token: penalties → temperature → top-k/top-p/min-p → draw."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class SamplingBatch:
+    """Per-row sampling settings of one step, as tensors of shape [rows] unless noted."""
+
+    temperature: torch.Tensor
+    top_k: torch.Tensor  # 0 disables
+    top_p: torch.Tensor
+    min_p: torch.Tensor
+    repetition_penalty: torch.Tensor
+    presence_penalty: torch.Tensor
+    frequency_penalty: torch.Tensor
+    generators: list[torch.Generator | None]  # None: the engine-wide generator
+    output_counts: torch.Tensor | None = None  # [rows, vocab] occurrences of each token in the output so far
+    seen_mask: torch.Tensor | None = None  # [rows, vocab] token appears in prompt or output
+    banned_mask: torch.Tensor | None = None  # [rows, vocab] tokens that may not be drawn (EOS before min_tokens)
+    num_logprobs: int = -1  # top logprobs to return per row; -1: none
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: list[int]
+    token_logprobs: list[float] | None  # logprob of each drawn token
+    top_ids: list[list[int]] | None
+    top_logprobs: list[list[float]] | None
+
+
+class Sampler:
+    def __init__(self, generator: torch.Generator) -> None:
+        self.generator = generator
+
+    def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
+        """logits: float32 [rows, vocab], as the model produced them."""
+        raw_logprobs = torch.log_softmax(logits, dim=-1) if batch.num_logprobs >= 0 else None
+        logits = apply_penalties(logits, batch)
+        if batch.banned_mask is not None:
+            logits = logits.masked_fill(batch.banned_mask, float("-inf"))
+        token_ids = logits.argmax(dim=-1)
+        random_rows = (batch.temperature > 0).nonzero().squeeze(1).tolist()
+        if random_rows:
+            rows = torch.tensor(random_rows)
+            scaled = logits[rows] / batch.temperature[rows].unsqueeze(1)
+            scaled = apply_top_k_top_p_min_p(scaled, batch.top_k[rows], batch.top_p[rows], batch.min_p[rows])
+            generators = [batch.generators[row] for row in random_rows]
+            token_ids[rows] = self._draw(torch.softmax(scaled, dim=-1), generators)
+        return _with_logprobs(token_ids, raw_logprobs, batch.num_logprobs)
+
+    def _draw(self, probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
+        """Sample each row by the exponential race (argmax p/E, E ~ Exp(1)); seeded rows use their own generator."""
+        noise = torch.empty_like(probs)
+        shared_rows = [row for row, generator in enumerate(generators) if generator is None]
+        if shared_rows:
+            noise[shared_rows] = torch.empty(len(shared_rows), probs.shape[1]).exponential_(generator=self.generator)
+        for row, generator in enumerate(generators):
+            if generator is not None:
+                noise[row].exponential_(generator=generator)
+        return (probs / noise).argmax(dim=-1)
+
+
+def apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """Repetition (prompt and output, divisive as in CTRL), presence and frequency (output only, subtractive)."""
+    if batch.seen_mask is not None:
+        penalty = batch.repetition_penalty.unsqueeze(1)
+        penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+        logits = torch.where(batch.seen_mask, penalized, logits)
+    if batch.output_counts is not None:
+        counts = batch.output_counts
+        logits = logits - batch.frequency_penalty.unsqueeze(1) * counts
+        logits = logits - batch.presence_penalty.unsqueeze(1) * (counts > 0).to(logits.dtype)
+    return logits
+
+
+def apply_top_k_top_p_min_p(
+    logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor
+) -> torch.Tensor:
+    """Mask (to -inf) every token outside each row's top-k, then its top-p nucleus, then below min_p × the top prob."""
+    logits = _apply_top_k_top_p(logits, top_k, top_p)
+    if bool((min_p > 0).any()):
+        probs = torch.softmax(logits, dim=-1)
+        threshold = min_p.unsqueeze(1) * probs.max(dim=-1, keepdim=True).values
+        logits = logits.masked_fill(probs < threshold, float("-inf"))
+    return logits
+
+
+def _apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    vocab = logits.shape[-1]
+    use_top_k = bool(((top_k > 0) & (top_k < vocab)).any())
+    use_top_p = bool((top_p < 1).any())
+    if not (use_top_k or use_top_p):
+        return logits
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    ranks = torch.arange(vocab, device=logits.device).unsqueeze(0)
+    k = torch.where(top_k > 0, top_k, vocab).unsqueeze(1)
+    drop = ranks >= k
+    if use_top_p:
+        probs = torch.softmax(sorted_logits.masked_fill(drop, float("-inf")), dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs
+        drop |= mass_before >= top_p.unsqueeze(1)
+    drop[:, 0] = False
+    return logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
+
+
+def _with_logprobs(token_ids: torch.Tensor, raw_logprobs: torch.Tensor | None, num_logprobs: int) -> SamplerOutput:
+    ids = token_ids.tolist()
+    if raw_logprobs is None:
+        return SamplerOutput(ids, None, None, None)
+    token_logprobs = raw_logprobs.gather(1, token_ids.unsqueeze(1)).squeeze(1).tolist()
+    top_values, top_ids = raw_logprobs.topk(num_logprobs, dim=-1) if num_logprobs > 0 else (None, None)
+    return SamplerOutput(
+        ids,
+        token_logprobs,
+        top_ids.tolist() if top_ids is not None else [[] for _ in ids],
+        top_values.tolist() if top_values is not None else [[] for _ in ids],
+    )
+

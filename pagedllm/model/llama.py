@@ -1,0 +1,125 @@
+"""The Llama-family decoder (Llama, SmolLM2, Mistral, Qwen2) over a paged KV cache."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pagedllm.config import ModelConfig
+from pagedllm.layers.attention import AttentionMetadata, PagedAttention
+from pagedllm.layers.linear import Linear
+from pagedllm.layers.norm import RMSNorm
+from pagedllm.layers.rotary import RotaryEmbedding
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding, attention_impl: str) -> None:
+        super().__init__()
+        self.q_size = config.num_heads * config.head_dim
+        self.kv_size = config.num_kv_heads * config.head_dim
+        self.head_dim = config.head_dim
+        self.qkv_proj = Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias)
+        self.o_proj = Linear(self.q_size, config.hidden_size)
+        self.rotary = rotary
+        self.attn = PagedAttention(config.num_heads, config.num_kv_heads, config.head_dim, attention_impl)
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(q.shape[0], -1, self.head_dim)
+        k = k.view(k.shape[0], -1, self.head_dim)
+        v = v.view(v.shape[0], -1, self.head_dim)
+        q, k = self.rotary(positions, q, k)
+        return self.o_proj(self.attn(q, k, v, meta))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.intermediate_size = config.intermediate_size
+        self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding, attention_impl: str) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = LlamaAttention(config, rotary, attention_impl)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = LlamaMLP(config)
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        hidden = hidden + self.self_attn(positions, self.input_layernorm(hidden), meta)
+        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+
+
+class LlamaForCausalLM(nn.Module):
+    """Token ids of a ragged batch in, final hidden states out; `compute_logits` on the rows that need them."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        max_positions: int,
+        attention_impl: str = "fast",
+        rope_freq_factors: torch.Tensor | None = None,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens.weight.requires_grad_(False)
+        self.rotary = RotaryEmbedding(
+            config.head_dim, max_positions, config.rope_theta, config.rope_scaling, rope_freq_factors
+        )
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(config, self.rotary, attention_impl) for _ in range(config.num_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        hidden = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            hidden = layer(positions, hidden, meta)
+        return hidden
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Float32 logits [rows, vocab] from final hidden states."""
+        return self.lm_head(self.norm(hidden)).float()
+
+    def bind_kv_cache(self, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor]) -> None:
+        for layer, k_cache, v_cache in zip(self.layers, k_caches, v_caches, strict=True):
+            layer.self_attn.attn.bind_cache(k_cache, v_cache)
+
+    def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        """Take HF-named tensors, fusing q/k/v and gate/up; fails loudly on a missing or extra tensor."""
+        remaining = dict(weights)
+        take = remaining.pop
+        self.embed_tokens.weight.data = take("model.embed_tokens.weight")
+        self.norm.weight.data = take("model.norm.weight")
+        lm_head = remaining.pop("lm_head.weight", None)
+        if lm_head is None or self.config.tie_word_embeddings:
+            lm_head = self.embed_tokens.weight.data
+        self.lm_head.load(lm_head)
+        remaining.pop("rope_freqs", None)  # already applied by RotaryEmbedding at construction
+        for i, layer in enumerate(self.layers):
+            prefix = f"model.layers.{i}."
+            layer.input_layernorm.weight.data = take(prefix + "input_layernorm.weight")
+            layer.post_attention_layernorm.weight.data = take(prefix + "post_attention_layernorm.weight")
+            attn = layer.self_attn
+            qkv = [take(f"{prefix}self_attn.{p}_proj.weight") for p in "qkv"]
+            bias = None
+            if self.config.attention_bias:
+                bias = torch.cat([take(f"{prefix}self_attn.{p}_proj.bias") for p in "qkv"])
+            attn.qkv_proj.load(torch.cat(qkv), bias)
+            attn.o_proj.load(take(prefix + "self_attn.o_proj.weight"))
+            gate_up = torch.cat([take(prefix + "mlp.gate_proj.weight"), take(prefix + "mlp.up_proj.weight")])
+            layer.mlp.gate_up_proj.load(gate_up)
+            layer.mlp.down_proj.load(take(prefix + "mlp.down_proj.weight"))
+        unused = [name for name in remaining if not name.endswith("rotary_emb.inv_freq")]
+        if unused:
+            raise ValueError(f"checkpoint has tensors the model does not use: {unused[:5]}")

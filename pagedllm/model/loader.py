@@ -1,0 +1,219 @@
+"""Read a checkpoint (GGUF file or Hugging Face folder) into a ModelConfig and HF-named tensors."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+import torch
+from safetensors import safe_open
+from tqdm.auto import tqdm
+
+from pagedllm.config import ModelConfig, RopeScaling
+from pagedllm.errors import UnsupportedModelError
+from pagedllm.model.registry import GGUF_ARCHITECTURES, hf_architecture
+
+logger = logging.getLogger(__name__)
+
+GGUF_TENSOR_TYPES: frozenset[gguf.GGMLQuantizationType] = frozenset(
+    {
+        gguf.GGMLQuantizationType.F32,
+        gguf.GGMLQuantizationType.F16,
+        gguf.GGMLQuantizationType.BF16,
+        gguf.GGMLQuantizationType.Q8_0,
+        gguf.GGMLQuantizationType.Q4_0,
+        gguf.GGMLQuantizationType.Q4_1,
+        gguf.GGMLQuantizationType.Q5_0,
+        gguf.GGMLQuantizationType.Q5_1,
+        gguf.GGMLQuantizationType.Q4_K,
+        gguf.GGMLQuantizationType.Q5_K,
+        gguf.GGMLQuantizationType.Q6_K,
+        gguf.GGMLQuantizationType.Q8_K,
+    }
+)
+
+GGUF_LAYER_TENSORS: dict[str, str] = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+GGUF_GLOBAL_TENSORS: dict[str, str] = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+    "rope_freqs.weight": "rope_freqs",
+}
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint: its shape and its tensors under Hugging Face names."""
+
+    config: ModelConfig
+    weights: dict[str, torch.Tensor]
+    path: Path
+
+
+def load_checkpoint(path: Path, dtype: torch.dtype) -> Checkpoint:
+    """Load a .gguf file or an HF folder, casting weights to `dtype`."""
+    if path.is_dir():
+        return _load_hf_folder(path, dtype)
+    return _load_gguf(path, dtype)
+
+
+def _load_hf_folder(path: Path, dtype: torch.dtype) -> Checkpoint:
+    config = hf_model_config(json.loads((path / "config.json").read_text()))
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise UnsupportedModelError(f"{path} has no *.safetensors files")
+    weights: dict[str, torch.Tensor] = {}
+    names = [(file, name) for file in files for name in _safetensors_names(file)]
+    with tqdm(total=len(names), desc=f"Loading {path.name}", unit="tensor", leave=False) as progress:
+        for file in files:
+            with safe_open(str(file), framework="pt") as handle:
+                for name in handle.keys():
+                    weights[name] = handle.get_tensor(name).to(dtype)
+                    progress.update()
+    return Checkpoint(config, weights, path)
+
+
+def _safetensors_names(file: Path) -> list[str]:
+    with safe_open(str(file), framework="pt") as handle:
+        return list(handle.keys())
+
+
+def hf_model_config(raw: dict[str, Any]) -> ModelConfig:
+    """Build a ModelConfig from a Hugging Face config.json (transformers 4 or 5 layout)."""
+    architecture = hf_architecture(raw.get("architectures") or [raw.get("model_type", "?")])
+    rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
+    rope_theta = raw.get("rope_theta", rope.get("rope_theta", 10000.0))
+    num_heads = raw["num_attention_heads"]
+    eos = raw.get("eos_token_id")
+    sliding_window = raw.get("sliding_window")
+    if architecture == "qwen2" and not raw.get("use_sliding_window", False):
+        sliding_window = None
+    return ModelConfig(
+        architecture=architecture,
+        vocab_size=raw["vocab_size"],
+        hidden_size=raw["hidden_size"],
+        intermediate_size=raw["intermediate_size"],
+        num_layers=raw["num_hidden_layers"],
+        num_heads=num_heads,
+        num_kv_heads=raw.get("num_key_value_heads") or num_heads,
+        head_dim=raw.get("head_dim") or raw["hidden_size"] // num_heads,
+        max_position_embeddings=raw.get("max_position_embeddings", 2048),
+        rms_norm_eps=raw.get("rms_norm_eps", 1e-6),
+        rope_theta=float(rope_theta),
+        rope_scaling=_rope_scaling(rope),
+        attention_bias=architecture == "qwen2" or bool(raw.get("attention_bias", False)),
+        tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+        sliding_window=sliding_window,
+        bos_token_id=raw.get("bos_token_id"),
+        eos_token_ids=tuple(eos if isinstance(eos, list) else [] if eos is None else [eos]),
+    )
+
+
+def _rope_scaling(rope: dict[str, Any]) -> RopeScaling:
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ("default", "llama3", "linear"):
+        raise UnsupportedModelError(f"unsupported RoPE scaling type {rope_type!r}: supported are default, llama3, linear")
+    if rope_type == "default":
+        return RopeScaling()
+    return RopeScaling(
+        rope_type=rope_type,
+        factor=float(rope["factor"]),
+        low_freq_factor=float(rope.get("low_freq_factor", 1.0)),
+        high_freq_factor=float(rope.get("high_freq_factor", 4.0)),
+        original_max_position_embeddings=int(rope.get("original_max_position_embeddings", 8192)),
+    )
+
+
+def _load_gguf(path: Path, dtype: torch.dtype) -> Checkpoint:
+    reader = gguf.GGUFReader(str(path))
+    config = gguf_model_config(reader)
+    weights: dict[str, torch.Tensor] = {}
+    for tensor in tqdm(reader.tensors, desc=f"Loading {path.name}", unit="tensor", leave=False):
+        name = _hf_tensor_name(tensor.name)
+        if tensor.tensor_type not in GGUF_TENSOR_TYPES:
+            raise UnsupportedModelError(f"tensor {tensor.name} has unsupported GGUF type {tensor.tensor_type.name}")
+        array = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+        array = array.reshape([int(d) for d in reversed(tensor.shape)])
+        if config.architecture != "qwen2" and name.endswith(("q_proj.weight", "k_proj.weight")):
+            heads = config.num_heads if name.endswith("q_proj.weight") else config.num_kv_heads
+            array = _unpermute_rope_rows(array, heads)
+        weights[name] = torch.from_numpy(np.array(array, dtype=np.float32)).to(dtype)
+    return Checkpoint(config, weights, path)
+
+
+def _hf_tensor_name(gguf_name: str) -> str:
+    if gguf_name in GGUF_GLOBAL_TENSORS:
+        return GGUF_GLOBAL_TENSORS[gguf_name]
+    parts = gguf_name.split(".", 2)
+    if len(parts) == 3 and parts[0] == "blk" and parts[2] in GGUF_LAYER_TENSORS:
+        return f"model.layers.{parts[1]}.{GGUF_LAYER_TENSORS[parts[2]]}"
+    raise UnsupportedModelError(f"unexpected GGUF tensor {gguf_name!r}")
+
+
+def _unpermute_rope_rows(weight: np.ndarray, num_heads: int) -> np.ndarray:
+    """Undo llama.cpp's interleaving of Q/K rows so RoPE can rotate halves as Hugging Face does."""
+    rows = weight.shape[0]
+    return weight.reshape(num_heads, rows // num_heads // 2, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def gguf_field(reader: gguf.GGUFReader, key: str, default: Any = None) -> Any:
+    field = reader.fields.get(key)
+    return default if field is None else field.contents()
+
+
+def gguf_model_config(reader: gguf.GGUFReader) -> ModelConfig:
+    arch = gguf_field(reader, "general.architecture")
+    if arch not in GGUF_ARCHITECTURES:
+        raise UnsupportedModelError(f"unsupported GGUF architecture {arch!r}: supported are {', '.join(GGUF_ARCHITECTURES)}")
+
+    def get(key: str, default: Any = None) -> Any:
+        return gguf_field(reader, f"{arch}.{key}", default)
+
+    hidden = int(get("embedding_length"))
+    num_heads = int(get("attention.head_count"))
+    tensor_names = {t.name for t in reader.tensors}
+    vocab = get("vocab_size") or len(gguf_field(reader, "tokenizer.ggml.tokens", []))
+    scaling_type = get("rope.scaling.type", "none")
+    rope_scaling = RopeScaling()
+    if scaling_type == "linear":
+        rope_scaling = RopeScaling(rope_type="linear", factor=float(get("rope.scaling.factor", 1.0)))
+    elif scaling_type not in ("none", None):
+        raise UnsupportedModelError(f"unsupported GGUF RoPE scaling {scaling_type!r}")
+    eos = gguf_field(reader, "tokenizer.ggml.eos_token_id")
+    return ModelConfig(
+        architecture="qwen2" if arch == "qwen2" else "llama",
+        vocab_size=int(vocab),
+        hidden_size=hidden,
+        intermediate_size=int(get("feed_forward_length")),
+        num_layers=int(get("block_count")),
+        num_heads=num_heads,
+        num_kv_heads=int(get("attention.head_count_kv", num_heads)),
+        head_dim=int(get("attention.key_length", hidden // num_heads)),
+        max_position_embeddings=int(get("context_length", 2048)),
+        rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-6)),
+        rope_theta=float(get("rope.freq_base", 10000.0)),
+        rope_scaling=rope_scaling,
+        attention_bias="blk.0.attn_q.bias" in tensor_names,
+        tie_word_embeddings="output.weight" not in tensor_names,
+        sliding_window=None,
+        bos_token_id=gguf_field(reader, "tokenizer.ggml.bos_token_id"),
+        eos_token_ids=() if eos is None else (int(eos),),
+    )

@@ -1,0 +1,127 @@
+"""Tokenizer, sandboxed chat-template rendering and incremental (streaming-safe) detokenization."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from jinja2.exceptions import TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from pagedllm.errors import InvalidArgumentError
+
+logger = logging.getLogger(__name__)
+
+# Detokenizing a window of this many tokens before the new ones gives the spacing the new ones need.
+DETOKENIZE_CONTEXT_TOKENS = 5
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("PAGEDLLM_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "pagedllm"
+    )
+    return Path(root)
+
+
+class Tokenizer:
+    """Text ↔ token ids and chat prompts for one model."""
+
+    def __init__(self, hf_tokenizer: PreTrainedTokenizerBase, eos_token_ids: tuple[int, ...] = ()) -> None:
+        self.hf = hf_tokenizer
+        self.chat_template: str | None = hf_tokenizer.chat_template if isinstance(hf_tokenizer.chat_template, str) else None
+        eos = set(eos_token_ids)
+        if hf_tokenizer.eos_token_id is not None:
+            eos.add(hf_tokenizer.eos_token_id)
+        self.eos_token_ids: frozenset[int] = frozenset(eos)
+        self.special_ids: frozenset[int] = frozenset(hf_tokenizer.all_special_ids)
+        self._template_env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        self._template_env.globals.update(raise_exception=_raise_template_error, strftime_now=_strftime_now)
+
+    @classmethod
+    def from_model_path(cls, path: Path, eos_token_ids: tuple[int, ...] = ()) -> Tokenizer:
+        """Load from an HF folder, or from a GGUF file's metadata (converted once, then cached on disk)."""
+        if path.is_dir():
+            return cls(AutoTokenizer.from_pretrained(str(path)), eos_token_ids)
+        stat = path.stat()
+        key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+        cached = cache_dir() / "tokenizers" / key
+        if (cached / "tokenizer_config.json").is_file():
+            return cls(AutoTokenizer.from_pretrained(str(cached)), eos_token_ids)
+        logger.info("Converting the tokenizer of %s (once; cached in %s)", path.name, cached)
+        hf_tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        try:
+            hf_tokenizer.save_pretrained(str(cached))
+        except OSError as error:
+            logger.warning("Could not cache the tokenizer in %s: %s", cached, error)
+        return cls(hf_tokenizer, eos_token_ids)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.hf)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.hf.encode(text, add_special_tokens=add_special_tokens)
+
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.hf.decode(token_ids, skip_special_tokens=skip_special_tokens, clean_up_tokenization_spaces=False)
+
+    def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+        """The prompt text of a conversation, from the model's chat template in a sandbox."""
+        if not messages:
+            raise InvalidArgumentError("messages must not be empty", "messages")
+        for message in messages:
+            if message.get("role") not in CHAT_ROLES or not isinstance(message.get("content"), str):
+                raise InvalidArgumentError(
+                    f"each message needs a role in {CHAT_ROLES} and string content, got {message!r:.200}", "messages"
+                )
+        if self.chat_template is None:
+            raise InvalidArgumentError("this model has no chat template; use a plain completion instead", "messages")
+        try:
+            template = self._template_env.from_string(self.chat_template)
+            return template.render(
+                messages=messages,
+                add_generation_prompt=add_generation_prompt,
+                bos_token=self.hf.bos_token or "",
+                eos_token=self.hf.eos_token or "",
+            )
+        except TemplateError as error:
+            raise InvalidArgumentError(f"chat template failed: {error}", "messages") from error
+
+    def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
+        return self.encode(self.render_chat(messages, add_generation_prompt), add_special_tokens=False)
+
+
+def _raise_template_error(message: str) -> None:
+    raise TemplateError(message)
+
+
+def _strftime_now(fmt: str) -> str:
+    return datetime.now().strftime(fmt)
+
+
+class IncrementalDetokenizer:
+    """Turns a growing list of token ids into text deltas that never split a UTF-8 character."""
+
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int], skip_special_tokens: bool = True) -> None:
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self.tokens: list[int] = list(prompt_ids[-DETOKENIZE_CONTEXT_TOKENS:])
+        self.prefix_offset = 0
+        self.read_offset = len(self.tokens)
+
+    def push(self, token_ids: list[int]) -> str:
+        """Add new tokens; return the text they complete (may be empty while a character is incomplete)."""
+        self.tokens.extend(token_ids)
+        decode = self.tokenizer.decode
+        prefix_text = decode(self.tokens[self.prefix_offset : self.read_offset], self.skip_special_tokens)
+        full_text = decode(self.tokens[self.prefix_offset :], self.skip_special_tokens)
+        if len(full_text) <= len(prefix_text) or full_text.endswith("\ufffd"):
+            return ""
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.tokens)
+        return full_text[len(prefix_text) :]

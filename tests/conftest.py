@@ -1,0 +1,34 @@
+"""Shared fixtures: the embedded model, loaded once per session, and its Hugging Face reference."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from pagedllm import LLM
+from pagedllm.model.registry import resolve_model_path
+
+# Small enough to keep a test session light, large enough for every parity prompt.
+ROOMY_KV_BYTES = 2**28
+
+
+@pytest.fixture(scope="session")
+def model_path() -> Path:
+    return resolve_model_path(None)
+
+
+@pytest.fixture(scope="session")
+def llm() -> LLM:
+    """The embedded model in float32 with a roomy cache; tests must not change its settings."""
+    return LLM(kv_cache_memory=ROOMY_KV_BYTES)
+
+
+@pytest.fixture(scope="session")
+def hf_model(model_path: Path):
+    """Hugging Face transformers running the same GGUF weights, the reference for correctness."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_path.parent), gguf_file=model_path.name, dtype=torch.float32)
+    return model.eval()
