@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 from pagedllm.config import EngineConfig
 from pagedllm.engine.engine import LLMEngine
 from pagedllm.engine.output import RequestOutput
+from pagedllm.model.tokenizer import Tokenizer
 from pagedllm.sampling_params import SamplingParams
 
 Prompt = str | list[int]
@@ -24,7 +25,7 @@ class LLM:
         self._ids = itertools.count()
 
     @property
-    def tokenizer(self):  # noqa: ANN201 - the engine's Tokenizer
+    def tokenizer(self) -> Tokenizer:
         return self.engine.tokenizer
 
     def generate(

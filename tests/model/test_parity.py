@@ -73,3 +73,15 @@ def test_greedy_under_preemption_matches_unpreempted_and_transformers(llm: LLM, 
     for prompt, output, roomy, reference in zip(GREEDY_PROMPTS, preempted, unpreempted, hf_greedy_outputs):
         assert output.outputs[0].token_ids == roomy.outputs[0].token_ids, prompt[:30]
         check_logprobs_close(_as_tokens_and_tops(output), reference, prompt[:30])
+
+
+def test_bfloat16_engine_tracks_the_float32_reference(hf_model) -> None:
+    bf16 = LLM(dtype="bfloat16", kv_cache_memory=2**26)
+    assert bf16.engine.runner.k_caches[0].dtype == torch.bfloat16
+    for prompt in LOGIT_PROMPTS:
+        token_ids = bf16.tokenizer.encode(prompt)
+        ours = paged_last_logits(bf16.engine, token_ids, chunk_size=7)
+        with torch.inference_mode():
+            theirs = hf_model(torch.tensor([token_ids])).logits[0, -1].float()
+        assert ours.argmax().item() in theirs.topk(2).indices.tolist()
+        assert torch.nn.functional.cosine_similarity(ours, theirs, dim=0).item() > 0.99
