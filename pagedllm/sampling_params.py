@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from typing import Any
 
 from pagedllm.errors import InvalidArgumentError
 
 MAX_LOGPROBS = 20
+INT_FIELDS = ("n", "max_tokens", "min_tokens", "top_k", "seed", "logprobs", "prompt_logprobs")
+OPTIONAL_FIELDS = ("seed", "logprobs", "prompt_logprobs")
+FLOAT_FIELDS = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass
@@ -24,18 +33,17 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     seed: int | None = None
-    stop: list[str] = field(default_factory=list)
-    stop_token_ids: list[int] = field(default_factory=list)
+    stop: list[str] | str | None = field(default_factory=list)
+    stop_token_ids: list[int] | None = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
 
     def __post_init__(self) -> None:
-        if isinstance(self.stop, str):
-            self.stop = [self.stop]
-        self.stop = list(self.stop)
-        self.stop_token_ids = list(self.stop_token_ids)
+        self.stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        self._check_types()
         checks: list[tuple[bool, str, str]] = [
             (self.n >= 1, "n", "must be >= 1"),
             (self.max_tokens >= 1, "max_tokens", "must be >= 1"),
@@ -61,6 +69,18 @@ class SamplingParams:
                 raise InvalidArgumentError(f"{name} {rule}, got {getattr(self, name)!r}", name)
         if self.top_k == -1:
             self.top_k = 0
+
+    def _check_types(self) -> None:
+        for name in INT_FIELDS:
+            value = getattr(self, name)
+            if not _is_int(value) and not (name in OPTIONAL_FIELDS and value is None):
+                raise InvalidArgumentError(f"{name} must be an integer, got {value!r}", name)
+        for name in FLOAT_FIELDS:
+            value = getattr(self, name)
+            if not (_is_int(value) or isinstance(value, float)) or not math.isfinite(value):
+                raise InvalidArgumentError(f"{name} must be a finite number, got {value!r}", name)
+        if not all(_is_int(t) for t in self.stop_token_ids):
+            raise InvalidArgumentError(f"stop_token_ids must be integers, got {self.stop_token_ids!r}", "stop_token_ids")
 
     @property
     def greedy(self) -> bool:

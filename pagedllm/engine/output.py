@@ -66,6 +66,7 @@ def append_token(seq: Sequence, token_id: int, eos_token_ids: frozenset[int], ma
     """Add a drawn token: extend the text, then decide whether the sequence stops and why."""
     params = seq.request.params
     seq.output_token_ids.append(token_id)
+    checked_len = len(seq.text)
     seq.text += seq.detokenizer.push([token_id])
     num_output = len(seq.output_token_ids)
     if num_output >= params.min_tokens:
@@ -74,7 +75,7 @@ def append_token(seq: Sequence, token_id: int, eos_token_ids: frozenset[int], ma
         elif not params.ignore_eos and token_id in eos_token_ids:
             _finish(seq, FinishReason.STOP, None)
         elif params.stop:
-            _finish_at_stop_string(seq)
+            _finish_at_stop_string(seq, checked_len)
     if seq.finish_reason is None and (num_output >= params.max_tokens or seq.num_tokens >= max_model_len):
         _finish(seq, FinishReason.LENGTH, None)
     seq.emitted_text_len = len(seq.text) if seq.finish_reason else len(seq.text) - _held_back(seq.text, params.stop)
@@ -85,11 +86,9 @@ def _finish(seq: Sequence, reason: FinishReason, stop_reason: str | int | None) 
     seq.stop_reason = stop_reason
 
 
-def _finish_at_stop_string(seq: Sequence) -> None:
-    """If a stop string now appears in the unemitted text, cut the text before it and finish."""
-    longest = max(len(s) for s in seq.request.params.stop)
-    search_from = max(0, seq.emitted_text_len - longest + 1)
-    hits = [(seq.text.find(stop, search_from), stop) for stop in seq.request.params.stop]
+def _finish_at_stop_string(seq: Sequence, checked_len: int) -> None:
+    """If a stop string ends in the text added after `checked_len`, cut the text before it and finish."""
+    hits = [(seq.text.find(stop, max(0, checked_len - len(stop) + 1)), stop) for stop in seq.request.params.stop]
     hits = [(at, stop) for at, stop in hits if at >= 0]
     if hits:
         at, stop = min(hits)

@@ -76,7 +76,11 @@ class Tokenizer:
         if not messages:
             raise InvalidArgumentError("messages must not be empty", "messages")
         for message in messages:
-            if message.get("role") not in CHAT_ROLES or not isinstance(message.get("content"), str):
+            if (
+                not isinstance(message, dict)
+                or message.get("role") not in CHAT_ROLES
+                or not isinstance(message.get("content"), str)
+            ):
                 raise InvalidArgumentError(
                     f"each message needs a role in {CHAT_ROLES} and string content, got {message!r:.200}", "messages"
                 )

@@ -1,0 +1,188 @@
+"""PagedAttention: `fast` and `reference` agree, and both equal plain dense causal attention over the whole context.
+
+Each case scatters every sequence's context over shuffled blocks of a shared pool, pre-fills the pool with the
+K/V of the tokens already cached, and runs one step over a ragged batch of decodes and (chunked or fresh)
+prefills. The dense reference is written here from the definition, in float64.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pagedllm.layers.attention import AttentionMetadata, PagedAttention, gather_context
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """Tiny tensors: intra-op threads only add overhead, and spin badly when the CPU is shared."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def dense_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """q: [Q, H, D] for the last Q positions; k, v: [L, KVH, D] for all L positions. Returns [Q, H * D]."""
+    num_queries, num_heads, head_dim = q.shape
+    num_keys, num_kv_heads, _ = k.shape
+    group = num_heads // num_kv_heads
+    q, k, v = q.double(), k.double(), v.double()
+    out = torch.empty(num_queries, num_heads, head_dim, dtype=torch.float64)
+    for h in range(num_heads):
+        kv = h // group  # query heads h*group .. share one K/V head, in order
+        scores = q[:, h] @ k[:, kv].T / head_dim**0.5  # [Q, L]
+        for i in range(num_queries):
+            position = num_keys - num_queries + i
+            scores[i, position + 1 :] = float("-inf")
+        out[:, h] = torch.softmax(scores, dim=-1) @ v[:, kv]
+    return out.reshape(num_queries, num_heads * head_dim)
+
+
+@dataclass
+class StepResult:
+    out: torch.Tensor  # PagedAttention's output, [T, heads * head_dim]
+    dense: torch.Tensor  # the dense reference, float64
+    full_kv: list[tuple[torch.Tensor, torch.Tensor]]  # each sequence's whole K and V
+    tables: list[list[int]]
+    attention: PagedAttention
+
+
+def run_step(
+    impl: str,
+    seqs: list[tuple[int, int]],
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    block_size: int,
+    seed: int,
+) -> StepResult:
+    """seqs: (context_len after the step, new tokens this step); the same seed gives the same data to any impl."""
+    gen = torch.Generator().manual_seed(seed)
+    rng = random.Random(seed)
+    blocks_per_seq = [-(-ctx // block_size) for ctx, _ in seqs]
+    num_blocks = sum(blocks_per_seq) + 3  # a few blocks belong to no one
+    ids = list(range(num_blocks))
+    rng.shuffle(ids)
+    tables, at = [], 0
+    for count in blocks_per_seq:
+        tables.append(ids[at : at + count])
+        at += count
+
+    shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    k_cache = torch.randn(shape, generator=gen)  # garbage everywhere nothing was written
+    v_cache = torch.randn(shape, generator=gen)
+    qs, ks, vs, slots, fulls, dense = [], [], [], [], [], []  # per sequence
+    for (ctx, new), table in zip(seqs, tables):
+        k_full = torch.randn(ctx, num_kv_heads, head_dim, generator=gen)
+        v_full = torch.randn(ctx, num_kv_heads, head_dim, generator=gen)
+        q = torch.randn(new, num_heads, head_dim, generator=gen)
+        for position in range(ctx):
+            block, offset = table[position // block_size], position % block_size
+            if position < ctx - new:  # already cached before this step
+                k_cache[block, offset] = k_full[position]
+                v_cache[block, offset] = v_full[position]
+            else:
+                slots.append(block * block_size + offset)
+        qs.append(q)
+        ks.append(k_full[ctx - new :])
+        vs.append(v_full[ctx - new :])
+        fulls.append((k_full, v_full))
+        dense.append(dense_causal_attention(q, k_full, v_full))
+
+    meta = AttentionMetadata.build(
+        slots, tables, [new for _, new in seqs], [ctx for ctx, _ in seqs], block_size, torch.device("cpu")
+    )
+    attention = PagedAttention(num_heads, num_kv_heads, head_dim, impl)
+    attention.bind_cache(k_cache, v_cache)
+    out = attention(torch.cat(qs), torch.cat(ks), torch.cat(vs), meta)
+    return StepResult(out, torch.cat(dense), fulls, tables, attention)
+
+
+HEAD_LAYOUTS = [(4, 4), (4, 2), (4, 1), (6, 3), (8, 2)]  # (heads, kv heads): MHA, GQA, MQA
+
+
+@st.composite
+def steps(draw: st.DrawFn) -> dict:
+    num_heads, num_kv_heads = draw(st.sampled_from(HEAD_LAYOUTS))
+    seq_kinds = draw(
+        st.lists(st.sampled_from(["decode", "fresh_prefill", "chunk", "single"]), min_size=1, max_size=5)
+    )
+    seqs = []
+    for kind in seq_kinds:
+        if kind == "decode":
+            ctx = draw(st.integers(2, 40))
+            seqs.append((ctx, 1))
+        elif kind == "fresh_prefill":
+            ctx = draw(st.integers(2, 24))
+            seqs.append((ctx, ctx))
+        elif kind == "chunk":  # a prefill chunk after cached context
+            ctx = draw(st.integers(3, 40))
+            seqs.append((ctx, draw(st.integers(2, ctx - 1))))
+        else:  # a one-token prompt: one new token, no cached context
+            seqs.append((1, 1))
+    if draw(st.booleans()):  # the model runner puts one-token items first
+        seqs.sort(key=lambda s: s[1] != 1)
+    return dict(
+        seqs=seqs,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        head_dim=draw(st.sampled_from([4, 8, 16])),
+        block_size=draw(st.sampled_from([1, 2, 3, 4, 8])),
+        seed=draw(st.integers(0, 2**31)),
+    )
+
+
+@settings(max_examples=60, deadline=None)
+@given(steps())
+def test_fast_and_reference_equal_dense_attention(case: dict) -> None:
+    fast = run_step("fast", **case)
+    reference = run_step("reference", **case)
+    dense = fast.dense
+    assert torch.equal(dense, reference.dense)
+    assert fast.out.shape == dense.shape
+    torch.testing.assert_close(fast.out.double(), dense, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(reference.out.double(), dense, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(fast.out, reference.out, atol=2e-5, rtol=1e-4)
+    # The new K/V landed in the pools: every context reads back whole through its block table.
+    for result in (fast, reference):
+        for (ctx, _), (k_full, v_full), table in zip(case["seqs"], result.full_kv, result.tables):
+            assert torch.equal(gather_context(result.attention.k_cache, torch.tensor(table), ctx), k_full)
+            assert torch.equal(gather_context(result.attention.v_cache, torch.tensor(table), ctx), v_full)
+
+
+@pytest.mark.parametrize("impl", ["fast", "reference"])
+def test_mixed_batch_with_gqa(impl: str) -> None:
+    # Two decodes first (as the runner orders them), then a chunk over cached context, a fresh prefill and a
+    # decode placed after the prefills.
+    seqs = [(17, 1), (5, 1), (12, 7), (9, 9), (6, 1)]
+    result = run_step(impl, seqs, num_heads=8, num_kv_heads=2, head_dim=16, block_size=4, seed=5)
+    assert result.attention.impl == impl
+    torch.testing.assert_close(result.out.double(), result.dense, atol=2e-5, rtol=1e-4)
+
+
+def test_metadata_counts_leading_decodes_and_masks_their_padding() -> None:
+    meta = AttentionMetadata.build(
+        slot_mapping=[0, 1, 2, 3],
+        block_tables=[[3, 1], [2], [0, 4, 5]],
+        query_lens=[1, 1, 2],
+        context_lens=[6, 2, 9],
+        block_size=4,
+        device=torch.device("cpu"),
+    )
+    assert meta.num_decodes == 2
+    assert meta.query_starts == [0, 1, 2, 4]
+    assert meta.block_tables.tolist() == [[3, 1, 0], [2, 0, 0], [0, 4, 5]]
+    assert meta.decode_block_tables.tolist() == [[3, 1], [2, 0]]
+    visible = meta.decode_mask[:, 0, 0, :].tolist()
+    assert visible == [[True] * 6 + [False] * 2, [True] * 2 + [False] * 6]
+
+
+def test_unknown_impl_is_rejected() -> None:
+    with pytest.raises(ValueError):
+        PagedAttention(4, 4, 8, impl="flash")
