@@ -81,7 +81,3 @@ class SamplingParams:
                 raise InvalidArgumentError(f"{name} must be a finite number, got {value!r}", name)
         if not all(_is_int(t) for t in self.stop_token_ids):
             raise InvalidArgumentError(f"stop_token_ids must be integers, got {self.stop_token_ids!r}", "stop_token_ids")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0

@@ -104,7 +104,6 @@ def test_normalizations() -> None:
     assert params.stop == ["a", "b"] and params.stop_token_ids == [1, 2]
     own = ["x"]
     assert SamplingParams(stop=own).stop is not own  # a copy: later edits by the caller do not leak in
-    assert SamplingParams(temperature=0.0).greedy and not SamplingParams(temperature=0.5).greedy
 
 
 def test_defaults_are_valid_and_neutral() -> None:
