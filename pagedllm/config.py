@@ -66,6 +66,7 @@ class EngineConfig:
     max_num_batched_tokens: int = field(default=2048, metadata={"help": "most tokens (prefill chunks + decodes) in one step"})
     seed: int = field(default=0, metadata={"help": "seed of the sampler for requests without their own"})
     attention_impl: str = field(default="fast", metadata={"help": "paged attention: fast or reference"})
+    enable_prefix_caching: bool = field(default=True, metadata={"help": "reuse the KV blocks of known prefixes"})
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -98,10 +99,11 @@ class EngineConfig:
         for f in fields(cls):
             kind = next((t for t in get_args(hints[f.name]) if t is not type(None)), hints[f.name])
             default = None if f.default is MISSING else f.default
+            typing = {"action": argparse.BooleanOptionalAction} if kind is bool else {"type": kind}
             group.add_argument(
                 "--" + f.name.replace("_", "-"),
                 dest=f.name,
-                type=kind,
+                **typing,
                 default=default,
                 help=f.metadata["help"] + ("" if default is None else f" (default: {default})"),
             )

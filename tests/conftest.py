@@ -9,6 +9,7 @@ import torch
 
 from pagedllm import LLM
 from pagedllm.model.registry import resolve_model_path
+from tests.checkpoints import save_tokenizer, write_checkpoint
 
 # Small enough to keep a test session light, large enough for every parity prompt.
 ROOMY_KV_BYTES = 2**28
@@ -23,6 +24,22 @@ def model_path() -> Path:
 def llm() -> LLM:
     """The embedded model in float32 with a roomy cache; tests must not change its settings."""
     return LLM(kv_cache_memory=ROOMY_KV_BYTES)
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory, model_path: Path) -> Path:
+    """The embedded model's tokenizer saved as Hugging Face tokenizer files."""
+    folder = tmp_path_factory.mktemp("tokenizer")
+    save_tokenizer(model_path, folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Path:
+    """A two-layer random Llama (GQA) in an HF folder: fast enough for randomized engine tests."""
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    write_checkpoint("llama-gqa", folder, tokenizer_dir)
+    return folder
 
 
 @pytest.fixture(scope="session")

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-from collections import deque
 from typing import Protocol
+
+from pagedllm.engine.prefix_cache import HashedSequence, PrefixCache
 
 
 class BlockAllocator:
-    """Hands out block ids from a free list and counts the references to each."""
+    """Hands out block ids from a free list, least recently released first, and counts the references to each."""
 
     def __init__(self, num_blocks: int) -> None:
         self.num_blocks = num_blocks
         self.ref_counts = [0] * num_blocks
-        self.free_ids: deque[int] = deque(range(num_blocks))
+        self.free_ids: dict[int, None] = dict.fromkeys(range(num_blocks))  # insertion-ordered: an LRU queue
 
     @property
     def num_free(self) -> int:
@@ -21,7 +22,12 @@ class BlockAllocator:
     def allocate(self) -> int:
         if not self.free_ids:
             raise RuntimeError("no free KV-cache block")
-        block_id = self.free_ids.popleft()
+        block_id = next(iter(self.free_ids))
+        return self.take(block_id)
+
+    def take(self, block_id: int) -> int:
+        """Reference a free block chosen by the caller (a prefix-cache hit)."""
+        del self.free_ids[block_id]
         self.ref_counts[block_id] = 1
         return block_id
 
@@ -35,7 +41,7 @@ class BlockAllocator:
             raise RuntimeError(f"block {block_id} released more often than referenced")
         self.ref_counts[block_id] -= 1
         if self.ref_counts[block_id] == 0:
-            self.free_ids.append(block_id)
+            self.free_ids[block_id] = None
 
 
 class HasBlocks(Protocol):
@@ -46,11 +52,15 @@ class HasBlocks(Protocol):
 
 
 class BlockManager:
-    """Grows, shares and frees the block tables of sequences; a shared partial block is copied before a write."""
+    """Grows, shares and frees the block tables of sequences; a shared partial block is copied before a write.
 
-    def __init__(self, num_blocks: int, block_size: int) -> None:
+    With a prefix cache, a new sequence starts from the cached blocks of its longest known prefix.
+    """
+
+    def __init__(self, num_blocks: int, block_size: int, prefix_cache: PrefixCache | None = None) -> None:
         self.block_size = block_size
         self.allocator = BlockAllocator(num_blocks)
+        self.prefix_cache = prefix_cache
 
     @property
     def num_free_blocks(self) -> int:
@@ -75,14 +85,46 @@ class BlockManager:
         if self._needs_copy(seq):
             index = seq.num_computed_tokens // self.block_size
             shared = seq.block_ids[index]
-            private = self.allocator.allocate()
+            private = self._allocate()
             self.allocator.release(shared)
             seq.block_ids[index] = private
             copies.append((shared, private))
         total = -(-(seq.num_computed_tokens + num_new_tokens) // self.block_size)
         while len(seq.block_ids) < total:
-            seq.block_ids.append(self.allocator.allocate())
+            seq.block_ids.append(self._allocate())
         return copies
+
+    def cached_prefix(self, seq: HashedSequence) -> list[int]:
+        """Blocks of a new sequence's longest cached prefix (nothing is taken yet)."""
+        return self.prefix_cache.lookup(seq) if self.prefix_cache else []
+
+    def can_admit(self, seq: HasBlocks, prefix: list[int], num_new_tokens: int) -> bool:
+        """Room for a new sequence that starts from `prefix` and computes `num_new_tokens` after it."""
+        new_blocks = -(-(len(prefix) * self.block_size + num_new_tokens) // self.block_size) - len(prefix)
+        revived = sum(1 for block_id in prefix if self.allocator.ref_counts[block_id] == 0)
+        return new_blocks + revived <= self.allocator.num_free
+
+    def adopt_prefix(self, seq: HashedSequence, prefix: list[int]) -> None:
+        """Start a new sequence from cached blocks: they count as computed."""
+        for block_id in prefix:
+            if self.allocator.ref_counts[block_id] == 0:
+                self.allocator.take(block_id)
+            else:
+                self.allocator.share(block_id)
+        seq.block_ids = list(prefix)
+        seq.num_computed_tokens = len(prefix) * self.block_size
+        seq.num_registered_blocks = len(prefix)
+
+    def cache_computed_blocks(self, seq: HashedSequence) -> None:
+        """Make the sequence's newly full, computed blocks findable by later sequences."""
+        if self.prefix_cache:
+            self.prefix_cache.register(seq)
+
+    def _allocate(self) -> int:
+        block_id = self.allocator.allocate()
+        if self.prefix_cache:
+            self.prefix_cache.forget(block_id)
+        return block_id
 
     def fork(self, parent: HasBlocks, child: HasBlocks) -> None:
         """Give `child` the parent's blocks by reference."""

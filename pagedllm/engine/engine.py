@@ -12,6 +12,7 @@ from pagedllm.config import EngineConfig, ModelConfig
 from pagedllm.engine.block_manager import BlockManager
 from pagedllm.engine.model_runner import ModelRunner, StepResult, kv_cache_bytes_per_block
 from pagedllm.engine.output import RequestOutput, append_token, make_request_output
+from pagedllm.engine.prefix_cache import PrefixCache
 from pagedllm.engine.request import FinishReason, Request, Sequence
 from pagedllm.engine.scheduler import Scheduler, SchedulerOutput
 from pagedllm.errors import ConfigError, InvalidArgumentError, RequestTooLongError
@@ -34,6 +35,8 @@ class EngineStats:
     num_preemptions: int
     prompt_tokens: int
     generation_tokens: int
+    prefix_cache_queried_tokens: int
+    prefix_cache_hit_tokens: int
 
 
 class LLMEngine:
@@ -54,7 +57,8 @@ class LLMEngine:
         model.load_weights(checkpoint.weights)
         del checkpoint
         self.num_blocks = self._num_blocks()
-        self.block_manager = BlockManager(self.num_blocks, config.block_size)
+        prefix_cache = PrefixCache(config.block_size, salt=f"{path.name}:{config.dtype}") if config.enable_prefix_caching else None
+        self.block_manager = BlockManager(self.num_blocks, config.block_size, prefix_cache)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = ModelRunner(model.to(self.device), config, self.num_blocks, self.device)
         self.requests: dict[str, Request] = {}
@@ -153,6 +157,7 @@ class LLMEngine:
             if seq.num_computed_tokens < seq.prompt_len:
                 self.prompt_tokens += min(item.num_new_tokens, seq.prompt_len - seq.num_computed_tokens)
             seq.num_computed_tokens += item.num_new_tokens
+            self.block_manager.cache_computed_blocks(seq)
         for seq, entries in result.prompt_logprobs.items():
             seq.request.prompt_logprobs += entries
         advanced: dict[str, Request] = {}
@@ -175,6 +180,7 @@ class LLMEngine:
         return outputs
 
     def stats(self) -> EngineStats:
+        prefix_cache = self.block_manager.prefix_cache
         return EngineStats(
             num_running=len(self.scheduler.running),
             num_waiting=len(self.scheduler.waiting),
@@ -182,4 +188,6 @@ class LLMEngine:
             num_preemptions=self.scheduler.num_preemptions,
             prompt_tokens=self.prompt_tokens,
             generation_tokens=self.generation_tokens,
+            prefix_cache_queried_tokens=prefix_cache.queried_tokens if prefix_cache else 0,
+            prefix_cache_hit_tokens=prefix_cache.hit_tokens if prefix_cache else 0,
         )

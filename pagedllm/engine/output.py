@@ -34,6 +34,7 @@ class RequestOutput:
     finished: bool
     arrival_time: float
     first_token_time: float | None
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
 
 
 def make_request_output(request: Request) -> RequestOutput:
@@ -59,6 +60,7 @@ def make_request_output(request: Request) -> RequestOutput:
         finished=request.finished,
         arrival_time=request.arrival_time,
         first_token_time=request.first_token_time,
+        num_cached_tokens=request.num_cached_tokens,
     )
 
 

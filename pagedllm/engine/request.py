@@ -30,6 +30,7 @@ class Request:
     sequences: list[Sequence] = field(default_factory=list)
     prompt_logprobs: list[dict[int, float] | None] = field(default_factory=list)
     first_token_time: float | None = None
+    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at admission
 
     @property
     def finished(self) -> bool:
@@ -55,6 +56,8 @@ class Sequence:
     block_ids: list[int] = field(default_factory=list)
     pending_forks: int = 0  # samples still to be split off this sequence when its first token is drawn
     num_preemptions: int = 0
+    block_hashes: list[bytes] = field(default_factory=list)  # prefix-cache identity of each full block of tokens
+    num_registered_blocks: int = 0  # leading full blocks already offered to the prefix cache
     text: str = ""
     emitted_text_len: int = 0
     logprobs: list[dict[int, float]] = field(default_factory=list)
@@ -89,5 +92,6 @@ class Sequence:
             self.detokenizer.tokenizer, self.request.prompt_token_ids, self.detokenizer.skip_special_tokens
         )
         child = Sequence(self.request, index, self.request.generator(index), detokenizer)
+        child.block_hashes = list(self.block_hashes)
         self.request.sequences.append(child)
         return child

@@ -74,10 +74,14 @@ class Scheduler:
             seq = self.waiting[0]
             if self._num_slots_taken() + len(out.forked) + 1 + seq.pending_forks > self.max_num_seqs:
                 break
-            num_new = min(seq.num_uncomputed_tokens, budget)
-            if not self.block_manager.can_allocate(seq, num_new):
+            prefix = self.block_manager.cached_prefix(seq)
+            num_new = min(seq.num_tokens - len(prefix) * self.block_manager.block_size, budget)
+            if not self.block_manager.can_admit(seq, prefix, num_new):
                 break
             self.waiting.popleft()
+            self.block_manager.adopt_prefix(seq, prefix)
+            if seq.index == 0 and seq.num_preemptions == 0:
+                seq.request.num_cached_tokens = seq.num_computed_tokens
             self.running.append(seq)
             self._schedule(seq, num_new, out)
             budget -= num_new
