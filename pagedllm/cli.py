@@ -9,7 +9,9 @@ import sys
 from pagedllm.chat import EngineChat, RemoteChat, run_repl
 from pagedllm.config import EngineConfig
 from pagedllm.errors import PagedLLMError
+from pagedllm.flags import add_dataclass_arguments, dataclass_from_args
 from pagedllm.sampling_params import SamplingParams
+from pagedllm.serving import api_server
 
 
 def _add_sampling_arguments(parser: argparse.ArgumentParser, max_tokens: int) -> None:
@@ -27,7 +29,7 @@ def _generate(args: argparse.Namespace) -> int:
     from pagedllm.llm import LLM
 
     params = _sampling_params(args)
-    llm = LLM(**vars(EngineConfig.from_cli_args(args)))
+    llm = LLM(**vars(dataclass_from_args(EngineConfig, args)))
     outputs = llm.generate(args.prompt, params, use_tqdm=len(args.prompt) > 1)
     for output in outputs:
         print(output.prompt + output.outputs[0].text)
@@ -42,9 +44,14 @@ def _chat(args: argparse.Namespace) -> int:
     else:
         from pagedllm.engine.engine import LLMEngine
 
-        backend = EngineChat(LLMEngine(EngineConfig.from_cli_args(args)))
+        backend = EngineChat(LLMEngine(dataclass_from_args(EngineConfig, args)))
     run_repl(backend, params, args.system)
     return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    print(f"pagedllm: loading the model; then the chat page is at http://{args.host}:{args.port}/", flush=True)
+    return api_server.run(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate = commands.add_parser("generate", help="complete prompts offline")
     generate.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for a batch)")
     _add_sampling_arguments(generate, max_tokens=64)
-    EngineConfig.add_cli_arguments(generate)
+    add_dataclass_arguments(generate.add_argument_group("engine"), EngineConfig)
     generate.set_defaults(handler=_generate)
 
     chat = commands.add_parser("chat", help="chat in the terminal, offline or with a server (--url)")
@@ -63,8 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--api-key", help="the server's API key")
     chat.add_argument("--system", help="a system prompt")
     _add_sampling_arguments(chat, max_tokens=512)
-    EngineConfig.add_cli_arguments(chat)
+    add_dataclass_arguments(chat.add_argument_group("engine"), EngineConfig)
     chat.set_defaults(handler=_chat)
+
+    serve = commands.add_parser("serve", help="OpenAI-compatible server with a browser chat page at /")
+    api_server.add_arguments(serve)
+    serve.set_defaults(handler=_serve)
     return parser
 
 

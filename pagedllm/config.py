@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import argparse
 import os
-from dataclasses import MISSING, dataclass, field, fields
-from typing import Any, get_args, get_type_hints
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 import torch
 
@@ -90,27 +89,6 @@ class EngineConfig:
     @classmethod
     def field_names(cls) -> list[str]:
         return [f.name for f in fields(cls)]
-
-    @classmethod
-    def add_cli_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        """One --flag per field, named after it (max_num_seqs → --max-num-seqs), with its help and default."""
-        group = parser.add_argument_group("engine")
-        hints = get_type_hints(cls)
-        for f in fields(cls):
-            kind = next((t for t in get_args(hints[f.name]) if t is not type(None)), hints[f.name])
-            default = None if f.default is MISSING else f.default
-            typing = {"action": argparse.BooleanOptionalAction} if kind is bool else {"type": kind}
-            group.add_argument(
-                "--" + f.name.replace("_", "-"),
-                dest=f.name,
-                **typing,
-                default=default,
-                help=f.metadata["help"] + ("" if default is None else f" (default: {default})"),
-            )
-
-    @classmethod
-    def from_cli_args(cls, args: argparse.Namespace) -> EngineConfig:
-        return cls(**{name: getattr(args, name) for name in cls.field_names()})
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> EngineConfig:

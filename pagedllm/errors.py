@@ -40,3 +40,25 @@ class UnsupportedModelError(PagedLLMError, ValueError):
 
     http_status = 400
     error_type = "invalid_request_error"
+
+
+class EngineOverloadedError(PagedLLMError):
+    """The queue of requests waiting for their first token is full; retry later."""
+
+    http_status = 503
+    error_type = "server_overloaded"
+    retry_after_s = 1
+
+
+class EngineUnavailableError(PagedLLMError):
+    """The engine is stopping or has stopped."""
+
+    http_status = 503
+    error_type = "service_unavailable"
+
+
+class EngineStepError(PagedLLMError):
+    """A step failed while the request was in flight; the request was dropped, the engine goes on."""
+
+    http_status = 500
+    error_type = "internal_error"

@@ -1,0 +1,111 @@
+"""Prometheus metrics of the server: the engine's gauges and counters, and per-request latency histograms."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from pagedllm.engine.engine import EngineStats
+from pagedllm.engine.output import RequestOutput
+
+PREFIX = "pagedllm"
+TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0)
+ITL_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0)
+E2E_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 300.0, 600.0)
+
+
+class EngineStatsCollector(Collector):
+    """Reads the engine's latest stats at scrape time."""
+
+    def __init__(self, stats: Callable[[], EngineStats], model_name: str) -> None:
+        self.stats = stats
+        self.model_name = model_name
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self.stats()
+        gauges = (
+            ("num_requests_running", "sequences in the running batch", stats.num_running),
+            ("num_requests_waiting", "sequences waiting to be scheduled", stats.num_waiting),
+            ("kv_cache_usage_ratio", "fraction of KV-cache blocks in use (0 to 1)", stats.kv_cache_usage),
+        )
+        for name, documentation, value in gauges:
+            gauge = GaugeMetricFamily(f"{PREFIX}_{name}", documentation, labels=["model_name"])
+            gauge.add_metric([self.model_name], value)
+            yield gauge
+        counters = (
+            ("num_preemptions", "sequences preempted for want of KV-cache blocks", stats.num_preemptions),
+            ("prompt_tokens", "prompt tokens prefilled", stats.prompt_tokens),
+            ("generation_tokens", "tokens generated", stats.generation_tokens),
+            ("prefix_cache_queries", "prompt tokens looked up in the prefix cache", stats.prefix_cache_queried_tokens),
+            ("prefix_cache_hits", "prompt tokens found in the prefix cache", stats.prefix_cache_hit_tokens),
+        )
+        for name, documentation, value in counters:
+            counter = CounterMetricFamily(f"{PREFIX}_{name}", documentation, labels=["model_name"])
+            counter.add_metric([self.model_name], value)
+            yield counter
+
+
+class ServingMetrics:
+    """The server's registry; also the engine's OutputObserver, timing each request from its outputs."""
+
+    def __init__(self, model_name: str) -> None:
+        self.model_name = model_name
+        self.registry = CollectorRegistry()
+        labels = ["model_name"]
+        self.time_to_first_token = Histogram(
+            f"{PREFIX}_time_to_first_token_seconds",
+            "arrival to first generated token",
+            labels,
+            buckets=TTFT_BUCKETS,
+            registry=self.registry,
+        ).labels(model_name)
+        self.inter_token_latency = Histogram(
+            f"{PREFIX}_inter_token_latency_seconds",
+            "time between two successive tokens of a request",
+            labels,
+            buckets=ITL_BUCKETS,
+            registry=self.registry,
+        ).labels(model_name)
+        self.e2e_latency = Histogram(
+            f"{PREFIX}_e2e_request_latency_seconds",
+            "arrival to last token of finished requests",
+            labels,
+            buckets=E2E_BUCKETS,
+            registry=self.registry,
+        ).labels(model_name)
+        self.finished = Counter(
+            f"{PREFIX}_requests_finished",
+            "requests that ended, by the finish reason of their first sample",
+            ["model_name", "finish_reason"],
+            registry=self.registry,
+        )
+        self._last_output_time: dict[str, float] = {}  # engine thread only
+
+    def watch(self, stats: Callable[[], EngineStats]) -> None:
+        """Export the engine's gauges and counters, read from `stats` at each scrape."""
+        self.registry.register(EngineStatsCollector(stats, self.model_name))
+
+    def on_outputs(self, outputs: list[RequestOutput], now: float) -> None:
+        for output in outputs:
+            last = self._last_output_time.get(output.request_id)
+            if last is None:
+                self.time_to_first_token.observe((output.first_token_time or now) - output.arrival_time)
+            else:
+                self.inter_token_latency.observe(now - last)
+            self._last_output_time[output.request_id] = now
+            if output.finished:
+                del self._last_output_time[output.request_id]
+                self.e2e_latency.observe(now - output.arrival_time)
+                reason = output.outputs[0].finish_reason if output.outputs else None
+                self.finished.labels(self.model_name, reason or "unknown").inc()
+
+    def on_abort(self, request_id: str) -> None:
+        self._last_output_time.pop(request_id, None)
+        self.finished.labels(self.model_name, "abort").inc()
+
+    def render(self) -> tuple[bytes, str]:
+        """The exposition text and its content type."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
