@@ -73,7 +73,10 @@ class RemoteChat:
             for line in response.iter_lines():
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
-                for choice in json.loads(line[len("data: ") :]).get("choices", []):
+                chunk = json.loads(line[len("data: ") :])
+                if "error" in chunk:
+                    raise PagedLLMError(chunk["error"].get("message", "the server reported an error"))
+                for choice in chunk.get("choices", []):
                     yield choice.get("delta", {}).get("content") or ""
 
 
