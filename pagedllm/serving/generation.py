@@ -16,7 +16,7 @@ from pagedllm.engine.output import CompletionOutput, RequestOutput
 from pagedllm.errors import PagedLLMError, RequestTooLongError
 from pagedllm.sampling_params import SamplingParams
 from pagedllm.serving.logprobs import TokenStrings
-from pagedllm.serving.protocol import Usage
+from pagedllm.serving.protocol import PromptTokensDetails, Usage
 
 SYSTEM_FINGERPRINT = f"fp_pagedllm_{__version__}"
 
@@ -121,8 +121,12 @@ def usage(outputs: Iterable[RequestOutput]) -> Usage:
     outputs = list(outputs)
     prompt_tokens = sum(len(output.prompt_token_ids) for output in outputs)
     completion_tokens = sum(len(sample.token_ids) for output in outputs for sample in output.outputs)
+    cached_tokens = sum(output.num_cached_tokens for output in outputs)
     return Usage(
-        prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=prompt_tokens + completion_tokens
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        total_tokens=prompt_tokens + completion_tokens,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=cached_tokens),
     )
 
 

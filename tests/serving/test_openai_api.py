@@ -244,3 +244,21 @@ def test_open_endpoints(server: Server, path: str) -> None:
     response = httpx.get(f"{server.base_url}{path}", timeout=10)
     assert response.status_code == 200
     assert response.json()
+
+
+def test_second_chat_turn_computes_only_the_new_turn(client: openai.OpenAI, model_name: str) -> None:
+    messages = [
+        {"role": "system", "content": "You are a terse assistant who answers with a single word. " * 8},
+        {"role": "user", "content": "Name a planet."},
+    ]
+    first = client.chat.completions.create(model=model_name, messages=messages, max_tokens=8, temperature=0)
+    messages += [
+        {"role": "assistant", "content": first.choices[0].message.content},
+        {"role": "user", "content": "And a star?"},
+    ]
+    second = client.chat.completions.create(model=model_name, messages=messages, max_tokens=8, temperature=0)
+    block_size = 16
+    new_turn_tokens = second.usage.prompt_tokens - first.usage.prompt_tokens
+    computed = second.usage.prompt_tokens - second.usage.prompt_tokens_details.cached_tokens
+    assert first.usage.prompt_tokens > 4 * block_size
+    assert computed < new_turn_tokens + block_size
