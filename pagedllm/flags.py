@@ -27,11 +27,15 @@ def _base_type(annotation: Any) -> tuple[Any, bool]:
     return annotation, False
 
 
-def add_dataclass_arguments(parser: argparse._ActionsContainer, cls: type[DataclassInstance]) -> None:
-    """One flag per field of the dataclass `cls` on a parser or argument group: --field-name, its type, default
-    and metadata['help']."""
+def add_dataclass_arguments(
+    parser: argparse._ActionsContainer, cls: type[DataclassInstance], exclude: tuple[str, ...] = ()
+) -> None:
+    """One flag per field of the dataclass `cls` (but those in `exclude`) on a parser or argument group:
+    --field-name, its type, default and metadata['help']."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
+        if f.name in exclude:
+            continue
         kind, is_list = _base_type(hints[f.name])
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         help_text = f.metadata["help"] + ("" if default in (None, []) else f" (default: {default})")
@@ -45,6 +49,7 @@ def add_dataclass_arguments(parser: argparse._ActionsContainer, cls: type[Datacl
             parser.add_argument(_flag(f.name), dest=f.name, type=kind, default=default, help=help_text)
 
 
-def dataclass_from_args(cls: type[T], args: argparse.Namespace) -> T:
-    """An instance of `cls` from the parsed flags that add_dataclass_arguments made."""
-    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+def dataclass_from_args(cls: type[T], args: argparse.Namespace, **overrides: Any) -> T:
+    """An instance of `cls` from the parsed flags that add_dataclass_arguments made, and `overrides`."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if f.name not in overrides}
+    return cls(**values, **overrides)
