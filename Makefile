@@ -5,7 +5,14 @@ STAMP := $(VENV)/.installed-stamp
 
 CHROMIUM := /usr/bin/chromium
 
-.PHONY: install serve chat test test-reference
+# The standard benchmark suite (make bench): fixed seed, about 20 minutes on 2 cores.
+BENCH_PROMPTS ?= 64
+BENCH_OUTPUT_LEN ?= 64
+BENCH_OFFLINE_PROMPTS ?= 200
+BENCH_CONCURRENCY ?= 1,4,16,64
+BENCH_SEED ?= 0
+
+.PHONY: install serve chat test test-reference bench-peers bench
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -31,3 +38,14 @@ test: install $(CHROMIUM)
 
 test-reference: install
 	$(PY) -m pytest -q -p no:cacheprovider -m reference
+
+# llama.cpp's llama-server and llama-bench, built once from llama-cpp-python's sources and cached outside the tree.
+bench-peers: install
+	PYTHON=$(PY) scripts/build_llama_cpp.sh
+
+bench: bench-peers
+	$(VENV)/bin/pagedllm bench offline --num-prompts $(BENCH_OFFLINE_PROMPTS) --sharegpt-output-len $(BENCH_OUTPUT_LEN) --seed $(BENCH_SEED)
+	$(VENV)/bin/pagedllm bench peers --num-prompts $(BENCH_OFFLINE_PROMPTS) --sharegpt-output-len $(BENCH_OUTPUT_LEN) --seed $(BENCH_SEED)
+	$(VENV)/bin/pagedllm bench serve --launch pagedllm --dataset sharegpt --num-prompts $(BENCH_PROMPTS) --sharegpt-output-len $(BENCH_OUTPUT_LEN) --max-concurrency $(BENCH_CONCURRENCY) --seed $(BENCH_SEED)
+	$(VENV)/bin/pagedllm bench serve --launch llama.cpp --dataset sharegpt --num-prompts $(BENCH_PROMPTS) --sharegpt-output-len $(BENCH_OUTPUT_LEN) --max-concurrency $(BENCH_CONCURRENCY) --seed $(BENCH_SEED)
+	$(VENV)/bin/pagedllm bench report

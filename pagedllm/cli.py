@@ -6,6 +6,8 @@ import argparse
 import logging
 import sys
 
+from pagedllm.benchmarks import offline, peers, report
+from pagedllm.benchmarks import serve as bench_serve
 from pagedllm.chat import EngineChat, RemoteChat, run_repl
 from pagedllm.config import EngineConfig
 from pagedllm.errors import PagedLLMError
@@ -76,12 +78,20 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="OpenAI-compatible server with a browser chat page at /")
     api_server.add_arguments(serve)
     serve.set_defaults(handler=_serve)
+
+    bench = commands.add_parser("bench", help="benchmarks against llama.cpp and Hugging Face transformers")
+    bench_commands = bench.add_subparsers(dest="bench_command", required=True)
+    for name, module in {"serve": bench_serve, "offline": offline, "peers": peers, "report": report}.items():
+        sub = bench_commands.add_parser(name, help=module.__doc__.splitlines()[0])
+        module.add_arguments(sub)
+        sub.set_defaults(handler=module.run)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
     try:
         return args.handler(args)
     except PagedLLMError as error:

@@ -1,0 +1,222 @@
+"""The engines pagedllm is measured against: llama.cpp (llama-server, llama-bench) and HF transformers.
+
+llama.cpp is built by scripts/build_llama_cpp.sh into the cache; `pagedllm bench peers` runs
+llama-bench and the transformers offline benchmark and appends both to the results file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import subprocess
+from dataclasses import asdict
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from pagedllm.benchmarks import results
+from pagedllm.benchmarks.report import format_offline
+from pagedllm.benchmarks.server_process import ServerProcess
+from pagedllm.benchmarks.throughput import (
+    DECODE_BATCH_SIZES,
+    DECODE_NEW_TOKENS,
+    DECODE_PROMPT_LEN,
+    PREFILL_PROMPT_LENS,
+    DecodePoint,
+    GenerateFn,
+    OfflineThroughput,
+    PrefillPoint,
+    PromptSource,
+    int_tuple,
+    measure,
+)
+from pagedllm.config import DTYPES
+from pagedllm.model.registry import resolve_model_path
+from pagedllm.model.tokenizer import Tokenizer, cache_dir
+
+logger = logging.getLogger(__name__)
+
+LLAMA_CPP_PYTHON_VERSION = os.environ.get("LLAMA_CPP_PYTHON_VERSION", "0.3.36")
+BUILD_SCRIPT = "scripts/build_llama_cpp.sh"
+LLAMA_BENCH_TIMEOUT_S = 3600
+PEERS = ("llama.cpp", "transformers")
+
+
+def llama_cpp_bin_dir() -> Path:
+    """Where scripts/build_llama_cpp.sh caches the binaries."""
+    return cache_dir() / "llama.cpp" / LLAMA_CPP_PYTHON_VERSION / "bin"
+
+
+def llama_cpp_binary(name: str) -> Path:
+    path = llama_cpp_bin_dir() / name
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: build llama.cpp first with {BUILD_SCRIPT} (make bench-peers)")
+    return path
+
+
+@cache
+def llama_cpp_version() -> str:
+    """e.g. '0.5.0-dev (build 1, commit 0c1e570)', from `llama-server --version`."""
+    completed = subprocess.run([str(llama_cpp_binary("llama-server")), "--version"], capture_output=True, text=True, timeout=60)
+    match = re.search(r"^version: (.+)$", completed.stdout + completed.stderr, re.MULTILINE)
+    return match.group(1) if match else "unknown"
+
+
+def llama_server_command(gguf: Path, port: int, parallel: int, context_per_slot: int, threads: int) -> list[str]:
+    """llama-server with `parallel` slots of `context_per_slot` tokens each, batching continuously."""
+    return [
+        str(llama_cpp_binary("llama-server")),
+        "--model", str(gguf),
+        "--threads", str(threads),
+        "--parallel", str(parallel),
+        "--ctx-size", str(parallel * context_per_slot),
+        "--host", "127.0.0.1",
+        "--port", str(port),
+        "--cont-batching",
+    ]  # fmt: skip
+
+
+def llama_server(gguf: Path, port: int, parallel: int, context_per_slot: int, threads: int) -> ServerProcess:
+    if gguf.suffix != ".gguf":
+        raise ValueError(f"llama.cpp serves GGUF files, not {gguf}")
+    return ServerProcess(llama_server_command(gguf, port, parallel, context_per_slot, threads), port, "llama-server")
+
+
+def llama_bench_command(gguf: Path, threads: int, prompt_lens: tuple[int, ...], gen_tokens: int, repetitions: int) -> list[str]:
+    return [
+        str(llama_cpp_binary("llama-bench")),
+        "-m", str(gguf),
+        "-t", str(threads),
+        "-p", ",".join(map(str, prompt_lens)),
+        "-n", str(gen_tokens),
+        "-r", str(repetitions),
+        "-o", "json",
+    ]  # fmt: skip
+
+
+def parse_llama_bench_json(text: str) -> OfflineThroughput:
+    """llama-bench's `-o json` tests: ppN (n_gen 0) → prefill at N, tgN (n_prompt 0) → decode at batch 1."""
+    throughput = OfflineThroughput()
+    for test in json.loads(text):
+        if test["n_gen"] == 0:
+            throughput.prefill.append(PrefillPoint(int(test["n_prompt"]), float(test["avg_ts"])))
+        elif test["n_prompt"] == 0:
+            throughput.decode.append(DecodePoint(1, float(test["avg_ts"])))
+    return throughput
+
+
+def run_llama_bench(
+    gguf: Path, threads: int, prompt_lens: tuple[int, ...], gen_tokens: int, repetitions: int
+) -> tuple[list[str], OfflineThroughput]:
+    command = llama_bench_command(gguf, threads, prompt_lens, gen_tokens, repetitions)
+    logger.info("Running %s", " ".join(command))
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=LLAMA_BENCH_TIMEOUT_S, check=False)
+    if completed.returncode != 0:
+        raise RuntimeError(f"llama-bench failed with status {completed.returncode}:\n{completed.stderr[-4000:]}")
+    return command, parse_llama_bench_json(completed.stdout)
+
+
+def transformers_generate_fn(path: Path, dtype: str, threads: int) -> GenerateFn:
+    """HF transformers' `generate`: static batching, KV cache on, greedy, exactly the asked length."""
+    torch.set_num_threads(threads)
+    torch_dtype = DTYPES[dtype]
+    if path.is_dir():
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch_dtype)
+    model.eval()
+    pad_id = model.generation_config.eos_token_id
+    pad_id = pad_id[0] if isinstance(pad_id, list) else pad_id
+
+    def generate(prompts: list[list[int]], new_tokens: int) -> None:
+        input_ids = torch.tensor(prompts, dtype=torch.long)
+        with torch.inference_mode():
+            output = model.generate(
+                input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                use_cache=True,
+                pad_token_id=pad_id,
+            )
+        if output.shape[1] != input_ids.shape[1] + new_tokens:
+            raise RuntimeError(f"transformers generated {output.shape[1] - input_ids.shape[1]} tokens, not {new_tokens}")
+
+    return generate
+
+
+def prompt_source(path: Path, seed: int) -> PromptSource:
+    tokenizer = Tokenizer.from_model_path(path)
+    return PromptSource(tokenizer.vocab_size, tokenizer.special_ids, seed)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--peers", default=",".join(PEERS), help=f"comma list of peers to run: {', '.join(PEERS)}")
+    parser.add_argument("--model", default=None, help="GGUF file, HF folder or embedded model name (default: the embedded model)")
+    parser.add_argument("--threads", type=int, default=results.usable_cpu_count())
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="transformers: weights and activations")
+    parser.add_argument(
+        "--prompt-lens", type=int_tuple, default=PREFILL_PROMPT_LENS, help="prefill prompt lengths, e.g. 128,512,2048"
+    )
+    parser.add_argument(
+        "--batch-sizes", type=int_tuple, default=DECODE_BATCH_SIZES, help="transformers: decode batch sizes, e.g. 1,8,32,64"
+    )
+    parser.add_argument(
+        "--decode-tokens", type=int, default=DECODE_NEW_TOKENS, help="tokens generated per decode run (llama-bench tgN)"
+    )
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per point (the median is kept)")
+    parser.add_argument("--seed", type=int, default=0)
+    results.add_output_argument(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    path = resolve_model_path(args.model)
+    output = args.output_json or results.default_results_path()
+    settings: dict[str, Any] = {
+        "model": str(path),
+        "threads": args.threads,
+        "prompt_lens": list(args.prompt_lens),
+        "decode_tokens": args.decode_tokens,
+        "repeats": args.repeats,
+    }
+    peers = [peer.strip() for peer in args.peers.split(",")]
+    unknown = set(peers) - set(PEERS)
+    if unknown:
+        print(f"unknown peer(s) {', '.join(sorted(unknown))}: choose from {', '.join(PEERS)}")
+        return 2
+    for peer in peers:
+        if peer == "llama.cpp":
+            command, throughput = run_llama_bench(path, args.threads, args.prompt_lens, args.decode_tokens, args.repeats)
+            run_settings = {**settings, "tool": "llama-bench", "tool_command": command}
+            versions = {"llama.cpp": llama_cpp_version()}
+        else:
+            generate = transformers_generate_fn(path, args.dtype, args.threads)
+            source = prompt_source(path, args.seed)
+            throughput = measure(
+                generate,
+                source,
+                args.prompt_lens,
+                args.batch_sizes,
+                args.repeats,
+                DECODE_PROMPT_LEN,
+                args.decode_tokens,
+                "transformers",
+            )
+            run_settings = {
+                **settings,
+                "dtype": args.dtype,
+                "batch_sizes": list(args.batch_sizes),
+                "decode_prompt_len": DECODE_PROMPT_LEN,
+            }
+            versions = {}
+        print(format_offline(peer, throughput))
+        results.append_run(output, results.new_run("offline", peer, run_settings, asdict(throughput), versions))
+    print(f"results appended to {output}")
+    return 0

@@ -1,0 +1,210 @@
+"""`pagedllm bench report`: a results file → markdown tables (with ratios to each peer) and PNG plots."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pagedllm.benchmarks.results import ResultsFile, Run, default_results_path, load_results
+from pagedllm.benchmarks.throughput import DecodePoint, OfflineThroughput, PrefillPoint
+
+logger = logging.getLogger(__name__)
+
+SUBJECT = "pagedllm"
+
+
+@dataclass(frozen=True)
+class ServePoint:
+    """One serving run of one engine at one concurrency."""
+
+    engine: str
+    concurrency: int
+    metrics: dict[str, Any]
+    peak_rss_bytes: int | None
+
+
+def offline_from_run(run: Run) -> OfflineThroughput:
+    return OfflineThroughput(
+        prefill=[PrefillPoint(**point) for point in run.results["prefill"]],
+        decode=[DecodePoint(**point) for point in run.results["decode"]],
+    )
+
+
+def latest_offline(document: ResultsFile) -> dict[str, OfflineThroughput]:
+    """The last offline run of each engine, the subject first."""
+    found: dict[str, OfflineThroughput] = {}
+    for run in document.runs:
+        if run.kind == "offline":
+            found[run.engine] = offline_from_run(run)
+    return dict(sorted(found.items(), key=lambda item: item[0] != SUBJECT))
+
+
+def workload_name(settings: dict[str, Any]) -> str:
+    """What a serving run loaded the server with, e.g. 'sharegpt, 200 prompts, rate inf'."""
+    dataset = settings["dataset"]
+    if dataset == "random":
+        dataset = f"random {settings['input_len']}→{settings['output_len']}"
+    return f"{dataset}, {settings['num_prompts']} prompts, rate {settings['request_rate']}"
+
+
+def serve_points(document: ResultsFile) -> dict[str, list[ServePoint]]:
+    """Serving runs by workload; the last run of each (engine, concurrency) wins; sorted by concurrency."""
+    latest: dict[str, dict[tuple[str, int], ServePoint]] = defaultdict(dict)
+    for run in document.runs:
+        if run.kind != "serve":
+            continue
+        concurrency = run.settings["max_concurrency"] or run.settings["num_prompts"]
+        point = ServePoint(run.engine, concurrency, run.results["metrics"], run.results.get("peak_rss_bytes"))
+        latest[workload_name(run.settings)][(run.engine, concurrency)] = point
+    return {
+        workload: sorted(points.values(), key=lambda p: (p.concurrency, p.engine != SUBJECT, p.engine))
+        for workload, points in latest.items()
+    }
+
+
+def ratio(subject: float | None, peer: float | None) -> str:
+    if not subject or not peer:
+        return "–"
+    return f"{subject / peer:.2f}×"
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def format_offline(engine: str, throughput: OfflineThroughput) -> str:
+    """A short plain-text summary of one engine's offline numbers, for the terminal."""
+    parts = [f"prefill {p.prompt_len}: {p.tokens_per_s:.1f} tok/s" for p in throughput.prefill]
+    parts += [f"decode batch {d.batch_size}: {d.tokens_per_s:.1f} tok/s" for d in throughput.decode]
+    return f"==== {engine} (offline) ====\n" + "\n".join(parts)
+
+
+def offline_markdown(engines: dict[str, OfflineThroughput]) -> str:
+    """Rows: prefill lengths and decode batch sizes; columns: tok/s per engine, then subject ÷ each peer."""
+    peers = [engine for engine in engines if engine != SUBJECT]
+    # (0, prompt_len) rows are prefill, (1, batch_size) rows are decode: the sort order of the table.
+    values: dict[tuple[int, int], dict[str, float]] = defaultdict(dict)
+    for engine, throughput in engines.items():
+        for p in throughput.prefill:
+            values[(0, p.prompt_len)][engine] = p.tokens_per_s
+        for d in throughput.decode:
+            values[(1, d.batch_size)][engine] = d.tokens_per_s
+    ratio_peers = peers if SUBJECT in engines else []
+    header = ["tok/s", *engines, *(f"{SUBJECT} ÷ {peer}" for peer in ratio_peers)]
+    rows = []
+    for (kind, size), by_engine in sorted(values.items()):
+        name = f"prefill {size} tok" if kind == 0 else f"decode batch {size}"
+        row = [name, *(f"{by_engine[e]:.1f}" if e in by_engine else "–" for e in engines)]
+        rows.append(row + [ratio(by_engine.get(SUBJECT), by_engine.get(peer)) for peer in ratio_peers])
+    return markdown_table(header, rows)
+
+
+def serve_markdown(points: list[ServePoint]) -> str:
+    """One row per (concurrency, engine); a peer's row ends with subject ÷ peer (latency ratios below 1 favour the subject)."""
+    subject_at = {p.concurrency: p for p in points if p.engine == SUBJECT}
+    header = [
+        "concurrency", "engine", "req/s", "out tok/s", "TTFT p50 ms", "TTFT p99 ms", "TPOT p50 ms", "TPOT p99 ms",
+        "ITL p50 ms", "E2E p50 ms", "peak RSS MiB",
+    ]  # fmt: skip
+    if subject_at:
+        header += [f"out tok/s: {SUBJECT} ÷ it", f"TTFT p50: {SUBJECT} ÷ it", f"TPOT p50: {SUBJECT} ÷ it"]
+    rows = []
+    for p in points:
+        m = p.metrics
+        row = [
+            str(p.concurrency), p.engine, f"{m['request_throughput']:.2f}", f"{m['output_throughput']:.1f}",
+            f"{m['ttft_ms']['median']:.0f}", f"{m['ttft_ms']['p99']:.0f}",
+            f"{m['tpot_ms']['median']:.1f}", f"{m['tpot_ms']['p99']:.1f}",
+            f"{m['itl_ms']['median']:.1f}", f"{m['e2e_latency_ms']['median']:.0f}",
+            "–" if p.peak_rss_bytes is None else f"{p.peak_rss_bytes / 2**20:.0f}",
+        ]  # fmt: skip
+        if subject_at:
+            subject = subject_at.get(p.concurrency)
+            if subject is None or p.engine == SUBJECT:
+                row += ["", "", ""]
+            else:
+                row += [
+                    ratio(subject.metrics["output_throughput"], m["output_throughput"]),
+                    ratio(subject.metrics["ttft_ms"]["median"], m["ttft_ms"]["median"]),
+                    ratio(subject.metrics["tpot_ms"]["median"], m["tpot_ms"]["median"]),
+                ]
+        rows.append(row)
+    return markdown_table(header, rows)
+
+
+def markdown_report(document: ResultsFile) -> str:
+    machine = document.machine
+    sections = [f"# Benchmarks on {machine.cpu_model} ({machine.cpu_count} CPUs)", f"{machine.platform}, Python {machine.python}"]
+    offline = latest_offline(document)
+    if offline:
+        sections += ["## Offline throughput (tok/s, higher is better)", offline_markdown(offline)]
+    for workload, points in serve_points(document).items():
+        sections += [f"## Serving: {workload}", serve_markdown(points)]
+    commands = sorted({run.command for run in document.runs})
+    versions = {f"{key} {value}" for run in document.runs for key, value in run.versions.items()}
+    sections += ["## Commands", "\n".join(f"- `{command}`" for command in commands), "## Versions", ", ".join(sorted(versions))]
+    return "\n\n".join(sections) + "\n"
+
+
+def plot_serving(points: list[ServePoint], workload: str, path: Path) -> None:
+    """Throughput, TTFT and TPOT (p50 solid, p99 dashed) against concurrency, one line per engine."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import ScalarFormatter
+
+    figure, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    by_engine: dict[str, list[ServePoint]] = defaultdict(list)
+    for point in points:
+        by_engine[point.engine].append(point)
+    for index, (engine, engine_points) in enumerate(by_engine.items()):
+        color = f"C{index}"
+        x = [p.concurrency for p in engine_points]
+        axes[0].plot(x, [p.metrics["output_throughput"] for p in engine_points], "o-", color=color, label=engine)
+        for axis, metric in ((axes[1], "ttft_ms"), (axes[2], "tpot_ms")):
+            axis.plot(x, [p.metrics[metric]["median"] for p in engine_points], "o-", color=color, label=f"{engine} p50")
+            axis.plot(x, [p.metrics[metric]["p99"] for p in engine_points], "s--", color=color, label=f"{engine} p99")
+    titles = ("output throughput (tok/s)", "TTFT (ms)", "TPOT (ms)")
+    for axis, title in zip(axes, titles, strict=True):
+        axis.set_title(title)
+        axis.set_xlabel("max concurrency")
+        axis.set_xscale("log", base=2)
+        axis.set_xticks(sorted({p.concurrency for p in points}))
+        axis.xaxis.set_major_formatter(ScalarFormatter())
+        axis.grid(True, alpha=0.3)
+        axis.legend(fontsize=8)
+    figure.suptitle(workload)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def write_report(results_path: Path, markdown_path: Path | None = None) -> list[Path]:
+    """Write <results>.md and one <results>-serve-<n>.png per serving workload; return the paths written."""
+    document = load_results(results_path)
+    markdown_path = markdown_path or results_path.with_suffix(".md")
+    markdown_path.write_text(markdown_report(document))
+    written = [markdown_path]
+    for index, (workload, points) in enumerate(serve_points(document).items()):
+        png = results_path.with_name(f"{results_path.stem}-serve-{index}.png")
+        plot_serving(points, workload, png)
+        written.append(png)
+    return written
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("results", type=Path, nargs="?", default=None, help="results file (default: today's for this machine)")
+    parser.add_argument("--output-md", type=Path, default=None, help="markdown file (default: next to the results, .md)")
+
+
+def run(args: argparse.Namespace) -> int:
+    for path in write_report(args.results or default_results_path(), args.output_md):
+        print(f"wrote {path}")
+    return 0

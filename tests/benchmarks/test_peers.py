@@ -1,0 +1,104 @@
+"""llama.cpp peer: command lines and llama-bench's JSON output."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pagedllm.benchmarks import peers
+from pagedllm.benchmarks.throughput import DecodePoint, PrefillPoint
+
+LLAMA_BENCH_OUTPUT = [
+    {
+        "build_commit": "0c1e570",
+        "build_number": 1,
+        "model_type": "llama ?B Q4_1",
+        "n_threads": 2,
+        "n_prompt": 128,
+        "n_gen": 0,
+        "avg_ts": 1500.5,
+        "stddev_ts": 10.0,
+    },
+    {
+        "build_commit": "0c1e570",
+        "build_number": 1,
+        "model_type": "llama ?B Q4_1",
+        "n_threads": 2,
+        "n_prompt": 512,
+        "n_gen": 0,
+        "avg_ts": 1400.0,
+        "stddev_ts": 9.0,
+    },
+    {
+        "build_commit": "0c1e570",
+        "build_number": 1,
+        "model_type": "llama ?B Q4_1",
+        "n_threads": 2,
+        "n_prompt": 0,
+        "n_gen": 128,
+        "avg_ts": 120.25,
+        "stddev_ts": 1.0,
+    },
+]
+
+
+def test_parse_llama_bench_json() -> None:
+    result = peers.parse_llama_bench_json(json.dumps(LLAMA_BENCH_OUTPUT))
+    assert result.prefill == [PrefillPoint(128, 1500.5), PrefillPoint(512, 1400.0)]
+    assert result.decode == [DecodePoint(1, 120.25)]
+
+
+@pytest.fixture
+def fake_bin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("PAGEDLLM_CACHE_DIR", str(tmp_path))
+    bin_dir = tmp_path / "llama.cpp" / peers.LLAMA_CPP_PYTHON_VERSION / "bin"
+    bin_dir.mkdir(parents=True)
+    for name in ("llama-server", "llama-bench"):
+        (bin_dir / name).write_text("")
+    return bin_dir
+
+
+def test_server_command_sizes_the_context_for_every_slot(fake_bin: Path) -> None:
+    command = peers.llama_server_command(Path("/m/model.gguf"), port=8123, parallel=4, context_per_slot=2048, threads=2)
+    assert command[0] == str(fake_bin / "llama-server")
+    flags = dict(zip(command[1:-1:2], command[2:-1:2], strict=True))
+    assert "--cont-batching" in command
+    assert (flags["--model"], flags["--parallel"], flags["--ctx-size"], flags["--threads"], flags["--port"]) == (
+        "/m/model.gguf",
+        "4",
+        "8192",
+        "2",
+        "8123",
+    )
+
+
+def test_bench_command(fake_bin: Path) -> None:
+    command = peers.llama_bench_command(Path("m.gguf"), threads=2, prompt_lens=(512, 2048), gen_tokens=128, repetitions=3)
+    assert command == [
+        str(fake_bin / "llama-bench"),
+        "-m",
+        "m.gguf",
+        "-t",
+        "2",
+        "-p",
+        "512,2048",
+        "-n",
+        "128",
+        "-r",
+        "3",
+        "-o",
+        "json",
+    ]
+
+
+def test_missing_binaries_name_the_build_script(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PAGEDLLM_CACHE_DIR", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match=r"build_llama_cpp\.sh"):
+        peers.llama_cpp_binary("llama-server")
+
+
+def test_server_refuses_non_gguf(fake_bin: Path) -> None:
+    with pytest.raises(ValueError):
+        peers.llama_server(Path("/m/hf-folder"), 1, 1, 2048, 2)
