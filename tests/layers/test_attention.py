@@ -18,15 +18,6 @@ from hypothesis import strategies as st
 from pagedllm.layers.attention import AttentionMetadata, PagedAttention, gather_context
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny tensors: intra-op threads only add overhead, and spin badly when the CPU is shared."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def dense_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """q: [Q, H, D] for the last Q positions; k, v: [L, KVH, D] for all L positions. Returns [Q, H * D]."""
     num_queries, num_heads, head_dim = q.shape

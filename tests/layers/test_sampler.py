@@ -17,15 +17,6 @@ from pagedllm.layers.sampler import Sampler, SamplingBatch, apply_penalties, app
 NEG_INF = float("-inf")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny tensors: intra-op threads only add overhead, and spin badly when the CPU is shared."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def make_batch(rows: int, **columns) -> SamplingBatch:
     """A batch of `rows` with neutral settings; `columns` override (lists become tensors)."""
     defaults = dict(
