@@ -18,6 +18,8 @@ from pagedllm.model.tokenizer import Tokenizer
 logger = logging.getLogger(__name__)
 
 DATASETS = ("sharegpt", "random")
+# Conversations whose prompt + output exceed this are dropped (vLLM's benchmark uses the same bound).
+SHAREGPT_MAX_MODEL_LEN = 2048
 # vLLM's benchmark drops conversations this short: too few tokens to time anything.
 MIN_SEQUENCE_TOKENS = 4
 READ_CHUNK_CHARS = 1 << 20
@@ -179,6 +181,14 @@ def sample_sharegpt_requests(
     return requests
 
 
+def tokenized(requests: list[BenchmarkRequest], tokenizer: TextTokenizer) -> list[BenchmarkRequest]:
+    """The same requests with text prompts replaced by their token ids, so every engine gets the same tokens."""
+    return [
+        BenchmarkRequest(tokenizer.encode(r.prompt), r.prompt_len, r.output_len) if isinstance(r.prompt, str) else r
+        for r in requests
+    ]
+
+
 def random_requests(
     num_requests: int,
     input_len: int,
@@ -208,7 +218,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--max-model-len",
         type=int,
-        default=2048,
+        default=SHAREGPT_MAX_MODEL_LEN,
         help="ShareGPT: drop conversations whose prompt + answer exceed this many tokens",
     )
     add_sharegpt_output_len_argument(group)

@@ -1,31 +1,37 @@
-"""`pagedllm bench offline`: pagedllm's own prefill and decode throughput, in-process, measured as the peers are."""
+"""`pagedllm bench offline`: pagedllm's own prefill, decode and ShareGPT throughput, in-process, measured as the peers are."""
 
 from __future__ import annotations
 
 import argparse
-from dataclasses import asdict, fields
-from typing import Any
+import time
+from dataclasses import asdict
 
 import torch
 
 from pagedllm import LLM, SamplingParams
 from pagedllm.benchmarks import results
-from pagedllm.benchmarks.report import format_offline
+from pagedllm.benchmarks.datasets import (
+    SHAREGPT_MAX_MODEL_LEN,
+    BenchmarkRequest,
+    add_sharegpt_output_len_argument,
+    sample_sharegpt,
+    tokenized,
+)
+from pagedllm.benchmarks.report import format_offline, format_request_throughput
 from pagedllm.benchmarks.throughput import (
     DECODE_BATCH_SIZES,
     DECODE_NEW_TOKENS,
     DECODE_PROMPT_LEN,
     PREFILL_PROMPT_LENS,
+    SHAREGPT_NUM_PROMPTS,
     GenerateFn,
     PromptSource,
+    RequestThroughput,
     int_tuple,
     measure,
 )
 from pagedllm.config import EngineConfig
-
-FLAG_TYPES: dict[str, type] = {"int": int, "float": float, "str": str}
-# EngineConfig fields that are not engine flags here: --model is the benchmark's, --seed seeds the prompts.
-NOT_ENGINE_FLAGS = ("model", "seed")
+from pagedllm.flags import add_dataclass_arguments, dataclass_from_args
 
 
 def engine_generate_fn(llm: LLM) -> GenerateFn:
@@ -41,16 +47,28 @@ def engine_generate_fn(llm: LLM) -> GenerateFn:
     return generate
 
 
-def engine_settings(args: argparse.Namespace) -> dict[str, Any]:
-    """EngineConfig fields from the flags; batch and token budgets default to what the largest point needs."""
-    settings = {
-        name: getattr(args, name)
-        for name in EngineConfig.field_names()
-        if name not in NOT_ENGINE_FLAGS and getattr(args, name, None) is not None
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    """EngineConfig from the flags, with the batch and token budgets raised to what the largest point needs."""
+    needed_seqs = max(args.batch_sizes)
+    needed_tokens = max(*args.prompt_lens, needed_seqs * DECODE_PROMPT_LEN)
+    budgets = {
+        "max_num_seqs": max(args.max_num_seqs, needed_seqs),
+        "max_num_batched_tokens": max(args.max_num_batched_tokens, needed_tokens),
     }
-    settings.setdefault("max_num_seqs", max(args.batch_sizes))
-    settings.setdefault("max_num_batched_tokens", max(*args.prompt_lens, max(args.batch_sizes) * DECODE_PROMPT_LEN))
-    return settings
+    return dataclass_from_args(EngineConfig, args, model=args.model, **budgets)
+
+
+def run_requests(llm: LLM, requests: list[BenchmarkRequest]) -> RequestThroughput:
+    """Submit every request at once (greedy, EOS ignored, each its own output length) and time them to the last token."""
+    params = [SamplingParams(max_tokens=r.output_len, temperature=0.0, ignore_eos=True) for r in requests]
+    started = time.perf_counter()
+    outputs = llm.generate([r.prompt for r in requests], params, use_tqdm=True)
+    seconds = time.perf_counter() - started
+    produced = sum(len(output.outputs[0].token_ids) for output in outputs)
+    expected = sum(r.output_len for r in requests)
+    if produced != expected:
+        raise RuntimeError(f"pagedllm generated {produced} tokens, not {expected}")
+    return RequestThroughput.from_counts(len(requests), sum(r.prompt_len for r in requests), produced, seconds)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -63,21 +81,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-sizes", type=int_tuple, default=DECODE_BATCH_SIZES, help="decode batch sizes, e.g. 1,8,32,64")
     parser.add_argument("--decode-tokens", type=int, default=DECODE_NEW_TOKENS, help="tokens generated per decode run")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per point (the median is kept)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
+    parser.add_argument(
+        "--num-prompts",
+        type=int,
+        default=SHAREGPT_NUM_PROMPTS,
+        help="ShareGPT requests submitted at once for the throughput run (0 skips it)",
+    )
+    add_sharegpt_output_len_argument(parser)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random prompts and of the ShareGPT sample")
     results.add_output_argument(parser)
-    engine = parser.add_argument_group("engine")
-    for config_field in fields(EngineConfig):
-        if config_field.name in NOT_ENGINE_FLAGS:
-            continue
-        flag = "--" + config_field.name.replace("_", "-")
-        # config.py postpones annotations, so the type is text such as "int | None".
-        kind = FLAG_TYPES.get(str(config_field.type).split("|")[0].strip(), str)
-        engine.add_argument(flag, dest=config_field.name, type=kind, default=None, help=config_field.metadata.get("help"))
+    add_dataclass_arguments(parser.add_argument_group("engine"), EngineConfig, exclude=("model", "seed"))
 
 
 def run(args: argparse.Namespace) -> int:
-    settings = engine_settings(args)
-    llm = LLM(model=args.model, **settings)
+    config = engine_config(args)
+    llm = LLM(**asdict(config))
     tokenizer = llm.tokenizer
     source = PromptSource(tokenizer.vocab_size, tokenizer.special_ids, args.seed)
     throughput = measure(
@@ -91,12 +109,21 @@ def run(args: argparse.Namespace) -> int:
         "pagedllm",
     )
     print(format_offline("pagedllm", throughput))
+    record = asdict(throughput)
     run_settings = {
-        "model": args.model, "engine": settings, "prompt_lens": list(args.prompt_lens), "batch_sizes": list(args.batch_sizes),
+        "model": args.model, "engine": asdict(config), "prompt_lens": list(args.prompt_lens), "batch_sizes": list(args.batch_sizes),
         "decode_tokens": args.decode_tokens, "decode_prompt_len": DECODE_PROMPT_LEN, "repeats": args.repeats,
-        "threads": torch.get_num_threads(),
+        "threads": torch.get_num_threads(), "num_prompts": args.num_prompts, "sharegpt_output_len": args.sharegpt_output_len,
+        "seed": args.seed,
     }  # fmt: skip
+    if args.num_prompts > 0:
+        max_len = min(SHAREGPT_MAX_MODEL_LEN, llm.engine.max_model_len)
+        requests = sample_sharegpt(args.num_prompts, tokenizer, max_len, args.seed, args.sharegpt_output_len)
+        sharegpt = run_requests(llm, tokenized(requests, tokenizer))
+        print(format_request_throughput("pagedllm", sharegpt))
+        record["sharegpt"] = asdict(sharegpt)
+        run_settings["sharegpt_max_model_len"] = max_len
     output = args.output_json or results.default_results_path()
-    results.append_run(output, results.new_run("offline", "pagedllm", run_settings, asdict(throughput)))
+    results.append_run(output, results.new_run("offline", "pagedllm", run_settings, record))
     print(f"results appended to {output}")
     return 0

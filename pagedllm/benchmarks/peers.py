@@ -12,16 +12,25 @@ import logging
 import os
 import re
 import subprocess
+import time
 from dataclasses import asdict
 from functools import cache
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from pagedllm.benchmarks import results
-from pagedllm.benchmarks.report import format_offline
+from pagedllm.benchmarks.datasets import (
+    SHAREGPT_MAX_MODEL_LEN,
+    BenchmarkRequest,
+    add_sharegpt_output_len_argument,
+    sample_sharegpt,
+    tokenized,
+)
+from pagedllm.benchmarks.report import format_offline, format_request_throughput
 from pagedllm.benchmarks.server_process import ServerProcess
 from pagedllm.benchmarks.throughput import (
     DECODE_BATCH_SIZES,
@@ -32,7 +41,9 @@ from pagedllm.benchmarks.throughput import (
     GenerateFn,
     OfflineThroughput,
     PrefillPoint,
+    SHAREGPT_NUM_PROMPTS,
     PromptSource,
+    RequestThroughput,
     int_tuple,
     measure,
 )
@@ -45,6 +56,7 @@ logger = logging.getLogger(__name__)
 LLAMA_CPP_PYTHON_VERSION = os.environ.get("LLAMA_CPP_PYTHON_VERSION", "0.3.36")
 BUILD_SCRIPT = "scripts/build_llama_cpp.sh"
 LLAMA_BENCH_TIMEOUT_S = 3600
+HF_BATCH_SIZE = 16
 PEERS = ("llama.cpp", "transformers")
 
 
@@ -122,17 +134,24 @@ def run_llama_bench(
     return command, parse_llama_bench_json(completed.stdout)
 
 
-def transformers_generate_fn(path: Path, dtype: str, threads: int) -> GenerateFn:
-    """HF transformers' `generate`: static batching, KV cache on, greedy, exactly the asked length."""
+def load_transformers_model(path: Path, dtype: str, threads: int) -> PreTrainedModel:
     torch.set_num_threads(threads)
     torch_dtype = DTYPES[dtype]
     if path.is_dir():
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype)
     else:
         model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch_dtype)
-    model.eval()
+    return model.eval()
+
+
+def eos_pad_id(model: PreTrainedModel) -> int:
     pad_id = model.generation_config.eos_token_id
-    pad_id = pad_id[0] if isinstance(pad_id, list) else pad_id
+    return pad_id[0] if isinstance(pad_id, list) else pad_id
+
+
+def transformers_generate_fn(model: PreTrainedModel) -> GenerateFn:
+    """HF transformers' `generate`: static batching, KV cache on, greedy, exactly the asked length."""
+    pad_id = eos_pad_id(model)
 
     def generate(prompts: list[list[int]], new_tokens: int) -> None:
         input_ids = torch.tensor(prompts, dtype=torch.long)
@@ -152,9 +171,44 @@ def transformers_generate_fn(path: Path, dtype: str, threads: int) -> GenerateFn
     return generate
 
 
-def prompt_source(path: Path, seed: int) -> PromptSource:
-    tokenizer = Tokenizer.from_model_path(path)
-    return PromptSource(tokenizer.vocab_size, tokenizer.special_ids, seed)
+def left_padded(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) of a batch, padded on the left so every prompt ends where generation starts."""
+    width = max(map(len, prompts))
+    input_ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], dtype=torch.long)
+    attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], dtype=torch.long)
+    return input_ids, attention_mask
+
+
+def batches(requests: list[BenchmarkRequest], batch_size: int) -> list[list[BenchmarkRequest]]:
+    """Consecutive batches in the order sampled (static batching: a batch runs until its longest request ends)."""
+    return [requests[start : start + batch_size] for start in range(0, len(requests), batch_size)]
+
+
+def transformers_run_requests(
+    model: PreTrainedModel, requests: list[BenchmarkRequest], batch_size: int, pad_id: int
+) -> RequestThroughput:
+    """Run token-id requests in static batches of `batch_size`; each batch generates its longest output length,
+    but only each request's own output length counts, as a user would receive it."""
+    started = time.perf_counter()
+    for batch in tqdm(batches(requests, batch_size), desc="sharegpt transformers", unit="batch"):
+        input_ids, attention_mask = left_padded([list(r.prompt) for r in batch], pad_id)
+        new_tokens = max(r.output_len for r in batch)
+        with torch.inference_mode():
+            output = model.generate(
+                input_ids,
+                attention_mask=attention_mask,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                use_cache=True,
+                pad_token_id=pad_id,
+            )
+        if output.shape[1] != input_ids.shape[1] + new_tokens:
+            raise RuntimeError(f"transformers generated {output.shape[1] - input_ids.shape[1]} tokens, not {new_tokens}")
+    seconds = time.perf_counter() - started
+    return RequestThroughput.from_counts(
+        len(requests), sum(r.prompt_len for r in requests), sum(r.output_len for r in requests), seconds
+    )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -172,8 +226,62 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--decode-tokens", type=int, default=DECODE_NEW_TOKENS, help="tokens generated per decode run (llama-bench tgN)"
     )
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per point (the median is kept)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--num-prompts",
+        type=int,
+        default=SHAREGPT_NUM_PROMPTS,
+        help="transformers: ShareGPT requests for the throughput run, as `bench offline` samples them (0 skips it)",
+    )
+    add_sharegpt_output_len_argument(parser)
+    parser.add_argument(
+        "--hf-batch-size", type=int, default=HF_BATCH_SIZE, help="transformers: static batch size of the ShareGPT run"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random prompts and of the ShareGPT sample")
     results.add_output_argument(parser)
+
+
+def llama_cpp_run(args: argparse.Namespace, path: Path, settings: dict[str, Any]) -> results.Run:
+    command, throughput = run_llama_bench(path, args.threads, args.prompt_lens, args.decode_tokens, args.repeats)
+    print(format_offline("llama.cpp", throughput))
+    run_settings = {**settings, "tool": "llama-bench", "tool_command": command}
+    return results.new_run("offline", "llama.cpp", run_settings, asdict(throughput), {"llama.cpp": llama_cpp_version()})
+
+
+def transformers_run(args: argparse.Namespace, path: Path, settings: dict[str, Any]) -> results.Run:
+    """Prefill and decode points as `bench offline` measures them, then the ShareGPT requests in static batches."""
+    model = load_transformers_model(path, args.dtype, args.threads)
+    tokenizer = Tokenizer.from_model_path(path)
+    source = PromptSource(tokenizer.vocab_size, tokenizer.special_ids, args.seed)
+    throughput = measure(
+        transformers_generate_fn(model),
+        source,
+        args.prompt_lens,
+        args.batch_sizes,
+        args.repeats,
+        DECODE_PROMPT_LEN,
+        args.decode_tokens,
+        "transformers",
+    )
+    print(format_offline("transformers", throughput))
+    record = asdict(throughput)
+    run_settings = {
+        **settings,
+        "dtype": args.dtype,
+        "batch_sizes": list(args.batch_sizes),
+        "decode_prompt_len": DECODE_PROMPT_LEN,
+        "num_prompts": args.num_prompts,
+        "sharegpt_output_len": args.sharegpt_output_len,
+        "hf_batch_size": args.hf_batch_size,
+        "seed": args.seed,
+    }
+    if args.num_prompts > 0:
+        requests = sample_sharegpt(args.num_prompts, tokenizer, SHAREGPT_MAX_MODEL_LEN, args.seed, args.sharegpt_output_len)
+        pad_id = tokenizer.hf.pad_token_id if tokenizer.hf.pad_token_id is not None else eos_pad_id(model)
+        sharegpt = transformers_run_requests(model, tokenized(requests, tokenizer), args.hf_batch_size, pad_id)
+        print(format_request_throughput("transformers", sharegpt))
+        record["sharegpt"] = asdict(sharegpt)
+        run_settings["sharegpt_max_model_len"] = SHAREGPT_MAX_MODEL_LEN
+    return results.new_run("offline", "transformers", run_settings, record)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -192,31 +300,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"unknown peer(s) {', '.join(sorted(unknown))}: choose from {', '.join(PEERS)}")
         return 2
     for peer in peers:
-        if peer == "llama.cpp":
-            command, throughput = run_llama_bench(path, args.threads, args.prompt_lens, args.decode_tokens, args.repeats)
-            run_settings = {**settings, "tool": "llama-bench", "tool_command": command}
-            versions = {"llama.cpp": llama_cpp_version()}
-        else:
-            generate = transformers_generate_fn(path, args.dtype, args.threads)
-            source = prompt_source(path, args.seed)
-            throughput = measure(
-                generate,
-                source,
-                args.prompt_lens,
-                args.batch_sizes,
-                args.repeats,
-                DECODE_PROMPT_LEN,
-                args.decode_tokens,
-                "transformers",
-            )
-            run_settings = {
-                **settings,
-                "dtype": args.dtype,
-                "batch_sizes": list(args.batch_sizes),
-                "decode_prompt_len": DECODE_PROMPT_LEN,
-            }
-            versions = {}
-        print(format_offline(peer, throughput))
-        results.append_run(output, results.new_run("offline", peer, run_settings, asdict(throughput), versions))
+        peer_run = llama_cpp_run if peer == "llama.cpp" else transformers_run
+        results.append_run(output, peer_run(args, path, settings))
     print(f"results appended to {output}")
     return 0

@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pagedllm.benchmarks.results import ResultsFile, Run, default_results_path, load_results
-from pagedllm.benchmarks.throughput import DecodePoint, OfflineThroughput, PrefillPoint
+from pagedllm.benchmarks.throughput import DecodePoint, OfflineThroughput, PrefillPoint, RequestThroughput
 
 logger = logging.getLogger(__name__)
 
 SUBJECT = "pagedllm"
+README_START = "<!-- bench-results:start -->"
+README_END = "<!-- bench-results:end -->"
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,24 @@ def latest_offline(document: ResultsFile) -> dict[str, OfflineThroughput]:
         if run.kind == "offline":
             found[run.engine] = offline_from_run(run)
     return dict(sorted(found.items(), key=lambda item: item[0] != SUBJECT))
+
+
+def sharegpt_workload(settings: dict[str, Any], num_requests: int) -> str:
+    """e.g. 'ShareGPT, 200 requests, output 64 tok' (the output cap only where one was set)."""
+    cap = settings.get("sharegpt_output_len")
+    return f"ShareGPT, {num_requests} requests" + (f", output {cap} tok" if cap else "")
+
+
+def latest_sharegpt(document: ResultsFile) -> dict[str, dict[str, RequestThroughput]]:
+    """By workload, the last offline ShareGPT run of each engine, the subject first."""
+    found: dict[str, dict[str, RequestThroughput]] = defaultdict(dict)
+    for run in document.runs:
+        if run.kind == "offline" and "sharegpt" in run.results:
+            throughput = RequestThroughput(**run.results["sharegpt"])
+            found[sharegpt_workload(run.settings, throughput.num_requests)][run.engine] = throughput
+    return {
+        workload: dict(sorted(engines.items(), key=lambda item: item[0] != SUBJECT)) for workload, engines in found.items()
+    }
 
 
 def workload_name(settings: dict[str, Any]) -> str:
@@ -83,6 +104,31 @@ def format_offline(engine: str, throughput: OfflineThroughput) -> str:
     parts = [f"prefill {p.prompt_len}: {p.tokens_per_s:.1f} tok/s" for p in throughput.prefill]
     parts += [f"decode batch {d.batch_size}: {d.tokens_per_s:.1f} tok/s" for d in throughput.decode]
     return f"==== {engine} (offline) ====\n" + "\n".join(parts)
+
+
+def format_request_throughput(engine: str, throughput: RequestThroughput) -> str:
+    """One line for the terminal: a ShareGPT run's three throughputs."""
+    return (
+        f"==== {engine} (ShareGPT, {throughput.num_requests} requests in {throughput.seconds:.1f} s) ====\n"
+        f"{throughput.requests_per_s:.2f} req/s, {throughput.output_tokens_per_s:.1f} output tok/s, "
+        f"{throughput.total_tokens_per_s:.1f} total tok/s"
+    )
+
+
+def sharegpt_markdown(engines: dict[str, RequestThroughput]) -> str:
+    """Rows: req/s, output tok/s, total tok/s; columns: each engine, then subject ÷ each peer."""
+    ratio_peers = [engine for engine in engines if engine != SUBJECT] if SUBJECT in engines else []
+    header = ["", *engines, *(f"{SUBJECT} ÷ {peer}" for peer in ratio_peers)]
+    rows = []
+    for name, attribute, digits in (
+        ("req/s", "requests_per_s", 2),
+        ("output tok/s", "output_tokens_per_s", 1),
+        ("total tok/s", "total_tokens_per_s", 1),
+    ):
+        values = {engine: getattr(throughput, attribute) for engine, throughput in engines.items()}
+        row = [name, *(f"{value:.{digits}f}" for value in values.values())]
+        rows.append(row + [ratio(values[SUBJECT], values[peer]) for peer in ratio_peers])
+    return markdown_table(header, rows)
 
 
 def offline_markdown(engines: dict[str, OfflineThroughput]) -> str:
@@ -138,14 +184,24 @@ def serve_markdown(points: list[ServePoint]) -> str:
     return markdown_table(header, rows)
 
 
+def table_sections(document: ResultsFile, level: int) -> list[str]:
+    """Headings (at markdown `level`) and tables: offline points, offline ShareGPT, then each serving workload."""
+    heading = "#" * level
+    sections = []
+    offline = latest_offline(document)
+    if offline:
+        sections += [f"{heading} Offline throughput (tok/s, higher is better)", offline_markdown(offline)]
+    for workload, engines in latest_sharegpt(document).items():
+        sections += [f"{heading} Offline throughput ({workload}, all at once; higher is better)", sharegpt_markdown(engines)]
+    for workload, points in serve_points(document).items():
+        sections += [f"{heading} Serving: {workload}", serve_markdown(points)]
+    return sections
+
+
 def markdown_report(document: ResultsFile) -> str:
     machine = document.machine
     sections = [f"# Benchmarks on {machine.cpu_model} ({machine.cpu_count} CPUs)", f"{machine.platform}, Python {machine.python}"]
-    offline = latest_offline(document)
-    if offline:
-        sections += ["## Offline throughput (tok/s, higher is better)", offline_markdown(offline)]
-    for workload, points in serve_points(document).items():
-        sections += [f"## Serving: {workload}", serve_markdown(points)]
+    sections += table_sections(document, level=2)
     commands = sorted({run.command for run in document.runs})
     versions = {f"{key} {value}" for run in document.runs for key, value in run.versions.items()}
     sections += ["## Commands", "\n".join(f"- `{command}`" for command in commands), "## Versions", ", ".join(sorted(versions))]
@@ -186,25 +242,76 @@ def plot_serving(points: list[ServePoint], workload: str, path: Path) -> None:
     plt.close(figure)
 
 
-def write_report(results_path: Path, markdown_path: Path | None = None) -> list[Path]:
-    """Write <results>.md and one <results>-serve-<n>.png per serving workload; return the paths written."""
+def readme_markdown(document: ResultsFile, results_path: Path, markdown_path: Path, pngs: list[Path], readme: Path) -> str:
+    """The README's results section: where and when, the tables, and the plots (links relative to the README)."""
+
+    def link(path: Path) -> str:
+        return Path(os.path.relpath(path.resolve(), readme.parent.resolve())).as_posix()
+
+    machine = document.machine
+    measured_on = max((run.started_at for run in document.runs), default="")[:10]
+    sections = [
+        f"Measured on {machine.cpu_model} ({machine.cpu_count} CPUs) on {measured_on}; "
+        f"results file [`{results_path.name}`]({link(results_path)}), commands and versions in "
+        f"[`{markdown_path.name}`]({link(markdown_path)}). Generated by `pagedllm bench report`.",
+        *table_sections(document, level=3),
+        *(f"![{png.stem}]({link(png)})" for png in pngs),
+    ]
+    return "\n\n".join(sections) + "\n"
+
+
+def replace_between_markers(text: str, generated: str) -> str:
+    """`text` with what lies between the README_START and README_END lines replaced by `generated`."""
+    lines = text.splitlines(keepends=True)
+    starts = [i for i, line in enumerate(lines) if line.strip() == README_START]
+    ends = [i for i, line in enumerate(lines) if line.strip() == README_END]
+    if len(starts) != 1 or len(ends) != 1 or starts[0] > ends[0]:
+        raise ValueError(f"expected one {README_START!r} line followed by one {README_END!r} line")
+    return "".join([*lines[: starts[0] + 1], "\n", generated, "\n", *lines[ends[0] :]])
+
+
+def update_readme(readme: Path, generated: str) -> bool:
+    """Rewrite the README's results section; False (with a warning) where the file or its markers are missing."""
+    if not readme.is_file():
+        logger.warning("%s not found: its results section is not updated", readme)
+        return False
+    text = readme.read_text()
+    if README_START not in text and README_END not in text:
+        logger.warning("%s has no %s / %s lines: its results section is not updated", readme, README_START, README_END)
+        return False
+    readme.write_text(replace_between_markers(text, generated))
+    return True
+
+
+def write_report(results_path: Path, markdown_path: Path | None = None, readme: Path | None = None) -> list[Path]:
+    """Write <results>.md, one <results>-serve-<n>.png per serving workload and, given `readme`, its results
+    section; return the paths written."""
     document = load_results(results_path)
     markdown_path = markdown_path or results_path.with_suffix(".md")
     markdown_path.write_text(markdown_report(document))
-    written = [markdown_path]
+    pngs = []
     for index, (workload, points) in enumerate(serve_points(document).items()):
         png = results_path.with_name(f"{results_path.stem}-serve-{index}.png")
         plot_serving(points, workload, png)
-        written.append(png)
+        pngs.append(png)
+    written = [markdown_path, *pngs]
+    if readme is not None and update_readme(readme, readme_markdown(document, results_path, markdown_path, pngs, readme)):
+        written.append(readme)
     return written
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("results", type=Path, nargs="?", default=None, help="results file (default: today's for this machine)")
     parser.add_argument("--output-md", type=Path, default=None, help="markdown file (default: next to the results, .md)")
+    parser.add_argument(
+        "--readme",
+        type=Path,
+        default=Path("README.md"),
+        help=f"README whose section between {README_START} and {README_END} is rewritten (default: README.md)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
-    for path in write_report(args.results or default_results_path(), args.output_md):
+    for path in write_report(args.results or default_results_path(), args.output_md, args.readme):
         print(f"wrote {path}")
     return 0

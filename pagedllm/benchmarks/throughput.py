@@ -26,6 +26,7 @@ PREFILL_PROMPT_LENS = (128, 512, 2048)
 DECODE_BATCH_SIZES = (1, 8, 32)
 DECODE_PROMPT_LEN = 32
 DECODE_NEW_TOKENS = 128
+SHAREGPT_NUM_PROMPTS = 200
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,33 @@ class DecodePoint:
 class OfflineThroughput:
     prefill: list[PrefillPoint] = field(default_factory=list)
     decode: list[DecodePoint] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class RequestThroughput:
+    """Throughput of a set of requests run to completion: requests/s, output tok/s and (prompt + output) tok/s."""
+
+    num_requests: int
+    prompt_tokens: int
+    output_tokens: int
+    seconds: float
+    requests_per_s: float
+    output_tokens_per_s: float
+    total_tokens_per_s: float
+
+    @classmethod
+    def from_counts(cls, num_requests: int, prompt_tokens: int, output_tokens: int, seconds: float) -> RequestThroughput:
+        if seconds <= 0:
+            raise ValueError(f"elapsed time must be > 0, got {seconds}")
+        return cls(
+            num_requests,
+            prompt_tokens,
+            output_tokens,
+            seconds,
+            num_requests / seconds,
+            output_tokens / seconds,
+            (prompt_tokens + output_tokens) / seconds,
+        )
 
 
 @dataclass(frozen=True)

@@ -6,8 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from pagedllm.benchmarks import peers
+from pagedllm.benchmarks.datasets import BenchmarkRequest
 from pagedllm.benchmarks.throughput import DecodePoint, PrefillPoint
 
 LLAMA_BENCH_OUTPUT = [
@@ -102,3 +104,36 @@ def test_missing_binaries_name_the_build_script(tmp_path: Path, monkeypatch: pyt
 def test_server_refuses_non_gguf(fake_bin: Path) -> None:
     with pytest.raises(ValueError):
         peers.llama_server(Path("/m/hf-folder"), 1, 1, 2048, 2)
+
+
+def test_left_padding_ends_every_prompt_at_the_same_column() -> None:
+    input_ids, attention_mask = peers.left_padded([[5, 6, 7], [8]], pad_id=0)
+    assert input_ids.tolist() == [[5, 6, 7], [0, 0, 8]]
+    assert attention_mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+
+
+class FakeHFModel:
+    """Appends `max_new_tokens` tokens to every row; remembers each call's arguments."""
+
+    def __init__(self) -> None:
+        self.calls: list[dict] = []
+
+    def generate(self, input_ids: torch.Tensor, **kwargs: object) -> torch.Tensor:
+        self.calls.append({"input_ids": input_ids.tolist(), **kwargs})
+        new = torch.zeros(input_ids.shape[0], int(kwargs["max_new_tokens"]), dtype=torch.long)
+        return torch.cat([input_ids, new], dim=1)
+
+
+def test_sharegpt_static_batches_count_only_each_requests_own_output() -> None:
+    model = FakeHFModel()
+    requests = [
+        BenchmarkRequest([1, 2], 2, 10),
+        BenchmarkRequest([3], 1, 4),
+        BenchmarkRequest([4, 5, 6], 3, 6),
+    ]
+    result = peers.transformers_run_requests(model, requests, batch_size=2, pad_id=0)
+    # Batches in the order sampled: each generates its longest output, min_new_tokens equal, greedy.
+    assert [call["input_ids"] for call in model.calls] == [[[1, 2], [0, 3]], [[4, 5, 6]]]
+    assert [(c["max_new_tokens"], c["min_new_tokens"], c["do_sample"]) for c in model.calls] == [(10, 10, False), (6, 6, False)]
+    assert model.calls[0]["attention_mask"].tolist() == [[1, 1], [0, 1]]
+    assert (result.num_requests, result.prompt_tokens, result.output_tokens) == (3, 6, 20)

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import asdict
 from pathlib import Path
 
+import pytest
+
 from pagedllm.benchmarks import results
 from pagedllm.benchmarks.metrics import Distribution, ServingMetrics
-from pagedllm.benchmarks.report import markdown_report, write_report
-from pagedllm.benchmarks.throughput import DecodePoint, OfflineThroughput, PrefillPoint
+from pagedllm.benchmarks.report import markdown_report, update_readme, write_report
+from pagedllm.benchmarks.throughput import DecodePoint, OfflineThroughput, PrefillPoint, RequestThroughput
 
 
 def serving_metrics(throughput: float, ttft_ms: float, tpot_ms: float) -> dict:
@@ -83,3 +86,62 @@ def test_write_report_makes_markdown_and_png(tmp_path: Path) -> None:
     written = write_report(path)
     assert [p.name for p in written] == ["r.md", "r-serve-0.png"]
     assert written[1].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def sharegpt_run(engine: str, seconds: float) -> results.Run:
+    throughput = OfflineThroughput([PrefillPoint(512, 100.0)], [DecodePoint(1, 10.0)])
+    record = {**asdict(throughput), "sharegpt": asdict(RequestThroughput.from_counts(200, 30000, 10000, seconds))}
+    return results.new_run("offline", engine, {"sharegpt_output_len": 50}, record)
+
+
+def test_sharegpt_table_has_ratios_to_each_peer(tmp_path: Path) -> None:
+    path = tmp_path / "r.json"
+    for run in [sharegpt_run("transformers", 200.0), sharegpt_run("pagedllm", 50.0)]:
+        results.append_run(path, run)
+    text = markdown_report(results.load_results(path))
+    assert "## Offline throughput (ShareGPT, 200 requests, output 50 tok, all at once; higher is better)" in text
+    assert "|  | pagedllm | transformers | pagedllm ÷ transformers |" in text
+    assert "| req/s | 4.00 | 1.00 | 4.00× |" in text
+    assert "| output tok/s | 200.0 | 50.0 | 4.00× |" in text
+    assert "| total tok/s | 800.0 | 200.0 | 4.00× |" in text
+
+
+README = "# pagedllm\n\nIntro.\n\n## Results\n\n<!-- bench-results:start -->\nold numbers\n<!-- bench-results:end -->\n\nMore.\n"
+
+
+def test_report_rewrites_the_readme_section(tmp_path: Path) -> None:
+    path = tmp_path / "benchmarks" / "results" / "r.json"
+    write_results(path)
+    results.append_run(path, sharegpt_run("pagedllm", 50.0))
+    readme = tmp_path / "README.md"
+    readme.write_text(README)
+    written = write_report(path, readme=readme)
+    assert written[-1] == readme
+    text = readme.read_text()
+    assert text.startswith("# pagedllm\n\nIntro.\n\n## Results\n\n<!-- bench-results:start -->\n")
+    assert text.endswith("<!-- bench-results:end -->\n\nMore.\n")
+    assert "old numbers" not in text
+    assert "[`r.json`](benchmarks/results/r.json)" in text
+    assert "![r-serve-0](benchmarks/results/r-serve-0.png)" in text
+    assert "### Offline throughput (ShareGPT, 200 requests" in text and "| decode batch 8 |" in text
+    # Running it again replaces the section rather than nesting a second one.
+    write_report(path, readme=readme)
+    assert readme.read_text() == text
+
+
+def test_readme_without_markers_is_left_alone_with_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "r.json"
+    write_results(path)
+    readme = tmp_path / "README.md"
+    readme.write_text("# pagedllm\n")
+    with caplog.at_level(logging.WARNING):
+        written = write_report(path, readme=readme)
+    assert readme not in written and readme.read_text() == "# pagedllm\n"
+    assert "bench-results:start" in caplog.text
+
+
+def test_readme_with_one_marker_is_an_error(tmp_path: Path) -> None:
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- bench-results:end -->\n<!-- bench-results:start -->\n")
+    with pytest.raises(ValueError, match="bench-results:start"):
+        update_readme(readme, "tables\n")

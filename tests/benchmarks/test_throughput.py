@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pagedllm.benchmarks import throughput
-from pagedllm.benchmarks.throughput import DecodePoint, PrefillPoint, PromptSource, int_tuple, measure
+from pagedllm.benchmarks.throughput import DecodePoint, PrefillPoint, PromptSource, RequestThroughput, int_tuple, measure
 
 PREFILL_S_PER_TOKEN = 0.001
 DECODE_S_PER_STEP = 0.02
@@ -52,3 +52,11 @@ def test_decode_needs_two_tokens() -> None:
 
 def test_int_tuple() -> None:
     assert int_tuple("128,512") == (128, 512)
+
+
+def test_request_throughput_from_counts() -> None:
+    result = RequestThroughput.from_counts(num_requests=10, prompt_tokens=3000, output_tokens=1000, seconds=4.0)
+    assert (result.requests_per_s, result.output_tokens_per_s, result.total_tokens_per_s) == (2.5, 250.0, 1000.0)
+    assert (result.num_requests, result.prompt_tokens, result.output_tokens, result.seconds) == (10, 3000, 1000, 4.0)
+    with pytest.raises(ValueError):
+        RequestThroughput.from_counts(1, 1, 1, 0.0)
