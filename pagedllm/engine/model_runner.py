@@ -55,8 +55,11 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput, block_manager: BlockManager) -> StepResult:
         self._copy_blocks(out.block_copies)
-        # Sequences with one new token first: attention batches them together.
-        items = sorted(out.scheduled, key=lambda item: item.num_new_tokens != 1)
+        # Sequences with one new token first, longest context first: attention batches runs of similar length.
+        items = sorted(
+            out.scheduled,
+            key=lambda item: (item.num_new_tokens != 1, -item.sequence.num_computed_tokens - item.num_new_tokens),
+        )
         batch = _FlatBatch()
         for item in items:
             batch.add(item, block_manager)

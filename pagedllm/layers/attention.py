@@ -16,6 +16,21 @@ from torch import nn
 from pagedllm.config import ATTENTION_IMPLS
 
 
+# A decode group grows until it holds this many sequences or reaches one with half the group's longest context:
+# each group gathers its keys to its own longest context, so padding stays under half of what is read.
+MAX_DECODE_GROUP = 16
+
+
+@dataclass
+class DecodeGroup:
+    """Consecutive decode rows attended in one call, their keys gathered to the group's longest context."""
+
+    start: int
+    end: int
+    block_tables: torch.Tensor  # [rows, max_blocks_in_group]
+    mask: torch.Tensor  # [rows, 1, 1, max_blocks_in_group * block_size] True where a key is visible
+
+
 @dataclass
 class AttentionMetadata:
     """Where one step's tokens sit in the ragged batch and in the KV cache; built once per step."""
@@ -26,8 +41,7 @@ class AttentionMetadata:
     query_starts: list[int]  # [num_seqs + 1] offsets of each sequence's tokens in the batch
     context_lens: list[int]  # same as seq_lens, on the host
     num_decodes: int  # the first num_decodes sequences have exactly one new token
-    decode_block_tables: torch.Tensor | None = None  # [num_decodes, max_decode_blocks]
-    decode_mask: torch.Tensor | None = None  # [num_decodes, 1, 1, max_decode_blocks * block_size] True: key visible
+    decode_groups: list[DecodeGroup]
 
     @classmethod
     def build(
@@ -49,12 +63,10 @@ class AttentionMetadata:
             query_starts.append(query_starts[-1] + length)
         seq_lens = torch.tensor(context_lens, dtype=torch.int64, device=device)
         block_table_tensor = torch.tensor(padded, dtype=torch.int64, device=device)
-        decode_block_tables = decode_mask = None
-        if num_decodes:
-            decode_blocks = max(len(t) for t in block_tables[:num_decodes])
-            decode_block_tables = block_table_tensor[:num_decodes, :decode_blocks]
-            positions = torch.arange(decode_blocks * block_size, device=device)
-            decode_mask = (positions[None, :] < seq_lens[:num_decodes, None])[:, None, None, :]
+        groups = [
+            _decode_group(start, end, block_tables, block_table_tensor, seq_lens, block_size)
+            for start, end in _decode_group_bounds([len(t) for t in block_tables[:num_decodes]])
+        ]
         return cls(
             slot_mapping=torch.tensor(slot_mapping, dtype=torch.int64, device=device),
             block_tables=block_table_tensor,
@@ -62,9 +74,28 @@ class AttentionMetadata:
             query_starts=query_starts,
             context_lens=list(context_lens),
             num_decodes=num_decodes,
-            decode_block_tables=decode_block_tables,
-            decode_mask=decode_mask,
+            decode_groups=groups,
         )
+
+
+def _decode_group_bounds(num_blocks: list[int]) -> list[tuple[int, int]]:
+    """Split decode rows (best sorted longest first) into runs of similar context length."""
+    bounds: list[tuple[int, int]] = []
+    start = 0
+    for row in range(1, len(num_blocks) + 1):
+        if row == len(num_blocks) or row - start == MAX_DECODE_GROUP or 2 * num_blocks[row] < max(num_blocks[start:row]):
+            bounds.append((start, row))
+            start = row
+    return bounds
+
+
+def _decode_group(
+    start: int, end: int, block_tables: list[list[int]], padded: torch.Tensor, seq_lens: torch.Tensor, block_size: int
+) -> DecodeGroup:
+    blocks = max(len(t) for t in block_tables[start:end])
+    positions = torch.arange(blocks * block_size, device=padded.device)
+    mask = (positions[None, :] < seq_lens[start:end, None])[:, None, None, :]
+    return DecodeGroup(start, end, padded[start:end, :blocks], mask)
 
 
 class PagedAttention(nn.Module):
@@ -117,14 +148,16 @@ class PagedAttention(nn.Module):
         return out.transpose(0, 1)
 
     def _decode_batch(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """One query token per sequence, all sequences in one call over keys gathered to the longest context."""
-        tables = meta.decode_block_tables
-        keys = self.k_cache[tables].flatten(1, 2).transpose(1, 2)
-        values = self.v_cache[tables].flatten(1, 2).transpose(1, 2)
-        out = F.scaled_dot_product_attention(
-            q.unsqueeze(2), keys, values, attn_mask=meta.decode_mask, scale=self.scale, enable_gqa=True
-        )
-        return out.squeeze(2)
+        """One query token per sequence; each group of similar lengths in one call over its gathered keys."""
+        out = torch.empty_like(q)
+        for group in meta.decode_groups:
+            keys = self.k_cache[group.block_tables].flatten(1, 2).transpose(1, 2)
+            values = self.v_cache[group.block_tables].flatten(1, 2).transpose(1, 2)
+            out[group.start : group.end] = F.scaled_dot_product_attention(
+                q[group.start : group.end].unsqueeze(2), keys, values, attn_mask=group.mask, scale=self.scale,
+                enable_gqa=True,
+            ).squeeze(2)
+        return out
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:

@@ -169,9 +169,26 @@ def test_metadata_counts_leading_decodes_and_masks_their_padding() -> None:
     assert meta.num_decodes == 2
     assert meta.query_starts == [0, 1, 2, 4]
     assert meta.block_tables.tolist() == [[3, 1, 0], [2, 0, 0], [0, 4, 5]]
-    assert meta.decode_block_tables.tolist() == [[3, 1], [2, 0]]
-    visible = meta.decode_mask[:, 0, 0, :].tolist()
+    (group,) = meta.decode_groups
+    assert (group.start, group.end) == (0, 2)
+    assert group.block_tables.tolist() == [[3, 1], [2, 0]]
+    visible = group.mask[:, 0, 0, :].tolist()
     assert visible == [[True] * 6 + [False] * 2, [True] * 2 + [False] * 6]
+
+
+def test_decodes_of_very_different_lengths_are_attended_in_separate_groups() -> None:
+    blocks = [list(range(8)), list(range(8, 14)), [14, 15], [16], [17]]
+    meta = AttentionMetadata.build(
+        slot_mapping=[0] * 5,
+        block_tables=blocks,
+        query_lens=[1] * 5,
+        context_lens=[32, 22, 7, 3, 2],
+        block_size=4,
+        device=torch.device("cpu"),
+    )
+    # 6 blocks is over half of 8; 2 blocks is not, so a new group starts there and takes the 1-block rows.
+    assert [(g.start, g.end) for g in meta.decode_groups] == [(0, 2), (2, 5)]
+    assert [g.block_tables.shape[1] for g in meta.decode_groups] == [8, 2]
 
 
 def test_unknown_impl_is_rejected() -> None:
