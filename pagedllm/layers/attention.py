@@ -138,14 +138,15 @@ class PagedAttention(nn.Module):
     def _attend_one(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Causal attention of the last len(q) positions of one sequence over its len(k) keys."""
         num_queries, num_keys = q.shape[0], k.shape[0]
-        q_, k_, v_ = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
+        # 4-D [1, heads, tokens, head_dim]: with 3-D inputs PyTorch's CPU attention takes the slow math path.
+        q_, k_, v_ = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))
         if num_queries == num_keys:
             out = F.scaled_dot_product_attention(q_, k_, v_, is_causal=True, scale=self.scale, enable_gqa=True)
         else:
             query_pos = torch.arange(num_keys - num_queries, num_keys, device=q.device)
             mask = torch.arange(num_keys, device=q.device)[None, :] <= query_pos[:, None]
             out = F.scaled_dot_product_attention(q_, k_, v_, attn_mask=mask, scale=self.scale, enable_gqa=True)
-        return out.transpose(0, 1)
+        return out.squeeze(0).transpose(0, 1)
 
     def _decode_batch(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """One query token per sequence; each group of similar lengths in one call over its gathered keys."""
