@@ -17,6 +17,7 @@ from pagedllm.serving.generation import (
     default_max_tokens,
     final_outputs,
     merged,
+    releaser,
     submit,
     usage,
 )
@@ -46,10 +47,7 @@ async def create_chat_completion(
     params = body.sampling_params(max_tokens, body.num_logprobs)
     meta = ResponseMeta.new("chatcmpl", context.model_name)
     streams = await submit(engine, meta.id, [prompt], [params])
-
-    def release() -> None:
-        for stream in streams:
-            engine.release(stream)
+    release = releaser(engine, streams)
 
     if body.stream:
         return sse.EventStreamResponse(_events(body, context, meta, streams), on_close=release)

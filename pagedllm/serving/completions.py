@@ -17,6 +17,7 @@ from pagedllm.serving.generation import (
     ServingContext,
     final_outputs,
     merged,
+    releaser,
     submit,
     usage,
 )
@@ -55,10 +56,7 @@ async def create_completion(
     params = body.sampling_params(max_tokens, body.logprobs)
     meta = ResponseMeta.new("cmpl", context.model_name)
     streams = await submit(engine, meta.id, prompts, [params] * len(prompts))
-
-    def release() -> None:
-        for stream in streams:
-            engine.release(stream)
+    release = releaser(engine, streams)
 
     if body.stream:
         return sse.EventStreamResponse(_events(body, context, meta, streams), on_close=release)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -107,6 +107,16 @@ async def merged(streams: list[RequestStream]) -> AsyncIterator[tuple[int, Reque
     finally:
         for task in tasks:
             task.cancel()
+
+
+def releaser(engine: AsyncLLMEngine, streams: list[RequestStream]) -> Callable[[], None]:
+    """A callback that aborts whichever of `streams` have not finished (the client left, or the response is done)."""
+
+    def release() -> None:
+        for stream in streams:
+            engine.release(stream)
+
+    return release
 
 
 async def final_outputs(streams: list[RequestStream]) -> list[RequestOutput]:
