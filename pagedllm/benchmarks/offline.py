@@ -25,10 +25,9 @@ from pagedllm.benchmarks.throughput import (
     PREFILL_PROMPT_LENS,
     SHAREGPT_NUM_PROMPTS,
     GenerateFn,
-    PromptSource,
     RequestThroughput,
     int_tuple,
-    measure,
+    measure_from_args,
 )
 from pagedllm.config import EngineConfig
 from pagedllm.flags import add_dataclass_arguments, dataclass_from_args
@@ -97,17 +96,7 @@ def run(args: argparse.Namespace) -> int:
     config = engine_config(args)
     llm = LLM(**asdict(config))
     tokenizer = llm.tokenizer
-    source = PromptSource(tokenizer.vocab_size, tokenizer.special_ids, args.seed)
-    throughput = measure(
-        engine_generate_fn(llm),
-        source,
-        args.prompt_lens,
-        args.batch_sizes,
-        args.repeats,
-        DECODE_PROMPT_LEN,
-        args.decode_tokens,
-        "pagedllm",
-    )
+    throughput = measure_from_args(engine_generate_fn(llm), tokenizer, args, "pagedllm")
     print(format_offline("pagedllm", throughput))
     record = asdict(throughput)
     run_settings = {

@@ -42,10 +42,9 @@ from pagedllm.benchmarks.throughput import (
     OfflineThroughput,
     PrefillPoint,
     SHAREGPT_NUM_PROMPTS,
-    PromptSource,
     RequestThroughput,
     int_tuple,
-    measure,
+    measure_from_args,
 )
 from pagedllm.config import DTYPES
 from pagedllm.model.registry import resolve_model_path
@@ -155,20 +154,27 @@ def transformers_generate_fn(model: PreTrainedModel) -> GenerateFn:
 
     def generate(prompts: list[list[int]], new_tokens: int) -> None:
         input_ids = torch.tensor(prompts, dtype=torch.long)
-        with torch.inference_mode():
-            output = model.generate(
-                input_ids,
-                attention_mask=torch.ones_like(input_ids),
-                max_new_tokens=new_tokens,
-                min_new_tokens=new_tokens,
-                do_sample=False,
-                use_cache=True,
-                pad_token_id=pad_id,
-            )
-        if output.shape[1] != input_ids.shape[1] + new_tokens:
-            raise RuntimeError(f"transformers generated {output.shape[1] - input_ids.shape[1]} tokens, not {new_tokens}")
+        generate_exactly(model, input_ids, torch.ones_like(input_ids), new_tokens, pad_id)
 
     return generate
+
+
+def generate_exactly(
+    model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, new_tokens: int, pad_id: int
+) -> None:
+    """Greedy `generate` of exactly `new_tokens` tokens per row, KV cache on."""
+    with torch.inference_mode():
+        output = model.generate(
+            input_ids,
+            attention_mask=attention_mask,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            use_cache=True,
+            pad_token_id=pad_id,
+        )
+    if output.shape[1] != input_ids.shape[1] + new_tokens:
+        raise RuntimeError(f"transformers generated {output.shape[1] - input_ids.shape[1]} tokens, not {new_tokens}")
 
 
 def left_padded(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -192,19 +198,7 @@ def transformers_run_requests(
     started = time.perf_counter()
     for batch in tqdm(batches(requests, batch_size), desc="sharegpt transformers", unit="batch"):
         input_ids, attention_mask = left_padded([list(r.prompt) for r in batch], pad_id)
-        new_tokens = max(r.output_len for r in batch)
-        with torch.inference_mode():
-            output = model.generate(
-                input_ids,
-                attention_mask=attention_mask,
-                max_new_tokens=new_tokens,
-                min_new_tokens=new_tokens,
-                do_sample=False,
-                use_cache=True,
-                pad_token_id=pad_id,
-            )
-        if output.shape[1] != input_ids.shape[1] + new_tokens:
-            raise RuntimeError(f"transformers generated {output.shape[1] - input_ids.shape[1]} tokens, not {new_tokens}")
+        generate_exactly(model, input_ids, attention_mask, max(r.output_len for r in batch), pad_id)
     seconds = time.perf_counter() - started
     return RequestThroughput.from_counts(
         len(requests), sum(r.prompt_len for r in requests), sum(r.output_len for r in requests), seconds
@@ -251,17 +245,7 @@ def transformers_run(args: argparse.Namespace, path: Path, settings: dict[str, A
     """Prefill and decode points as `bench offline` measures them, then the ShareGPT requests in static batches."""
     model = load_transformers_model(path, args.dtype, args.threads)
     tokenizer = Tokenizer.from_model_path(path)
-    source = PromptSource(tokenizer.vocab_size, tokenizer.special_ids, args.seed)
-    throughput = measure(
-        transformers_generate_fn(model),
-        source,
-        args.prompt_lens,
-        args.batch_sizes,
-        args.repeats,
-        DECODE_PROMPT_LEN,
-        args.decode_tokens,
-        "transformers",
-    )
+    throughput = measure_from_args(transformers_generate_fn(model), tokenizer, args, "transformers")
     print(format_offline("transformers", throughput))
     record = asdict(throughput)
     run_settings = {

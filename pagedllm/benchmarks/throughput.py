@@ -7,6 +7,8 @@ cancels out. Every timed call gets fresh random prompts, so a prefix cache canno
 
 from __future__ import annotations
 
+import argparse
+
 import logging
 import statistics
 import time
@@ -16,6 +18,7 @@ from dataclasses import dataclass, field
 from tqdm.auto import tqdm
 
 from pagedllm.benchmarks.datasets import random_requests
+from pagedllm.model.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -134,3 +137,11 @@ def measure(
         logger.info("%s decode batch %d: %.1f tok/s", engine, batch_size, result.decode[-1].tokens_per_s)
     progress.close()
     return result
+
+
+def measure_from_args(generate: GenerateFn, tokenizer: Tokenizer, args: argparse.Namespace, engine: str) -> OfflineThroughput:
+    """`measure` with the offline flags (--prompt-lens, --batch-sizes, --repeats, --decode-tokens, --seed)."""
+    source = PromptSource(tokenizer.vocab_size, tokenizer.special_ids, args.seed)
+    return measure(
+        generate, source, args.prompt_lens, args.batch_sizes, args.repeats, DECODE_PROMPT_LEN, args.decode_tokens, engine
+    )
