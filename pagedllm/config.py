@@ -11,6 +11,8 @@ import torch
 from pagedllm.errors import ConfigError
 
 ATTENTION_IMPLS = ("fast", "reference")
+QUANTIZATIONS = ("auto", "none", "int8", "int4")
+KV_CACHE_DTYPES = ("auto", "int8", "int4")
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -66,12 +68,31 @@ class EngineConfig:
     seed: int = field(default=0, metadata={"help": "seed of the sampler for requests without their own"})
     attention_impl: str = field(default="fast", metadata={"help": "paged attention: fast or reference"})
     enable_prefix_caching: bool = field(default=True, metadata={"help": "reuse the KV blocks of known prefixes"})
+    quantization: str = field(
+        default="auto",
+        metadata={"help": "linear weights: auto (GGUF Q8_0/Q4_0/Q4_1 kept as int8/int4), none, int8 or int4"},
+    )
+    quant_group_size: int = field(default=128, metadata={"help": "input channels per int4 scale and zero point"})
+    dense_matmul_min_rows: int = field(
+        default=8,
+        metadata={"help": "steps with at least this many tokens multiply by a dense copy of quantized weights; 0: keep none"},
+    )
+    kv_cache_dtype: str = field(default="auto", metadata={"help": "KV cache: auto (the model dtype), int8 or int4"})
+    num_threads: int = field(default=0, metadata={"help": "torch threads for the math (0: every core this process may use)"})
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}", "dtype")
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ConfigError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
+        if self.quantization not in QUANTIZATIONS:
+            raise ConfigError(f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}", "quantization")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ConfigError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}", "kv_cache_dtype")
+        if self.quant_group_size not in (32, 64, 128, 256):
+            raise ConfigError(f"quant_group_size must be 32, 64, 128 or 256, got {self.quant_group_size}", "quant_group_size")
+        if self.dense_matmul_min_rows < 0 or self.num_threads < 0:
+            raise ConfigError("dense_matmul_min_rows and num_threads must be >= 0")
         _require_positive(self, "block_size", "max_num_seqs", "max_num_batched_tokens", "kv_cache_memory")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ConfigError(f"max_model_len must be >= 1, got {self.max_model_len}", "max_model_len")
