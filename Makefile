@@ -11,8 +11,13 @@ BENCH_OUTPUT_LEN ?= 64
 BENCH_OFFLINE_PROMPTS ?= 200
 BENCH_CONCURRENCY ?= 1,4,16,64
 BENCH_SEED ?= 0
+# Quantization variants: speed points and perplexity per setting, the AWQ checkpoint built once and cached.
+VARIANT_SPEED := --prompt-lens 512 --batch-sizes 1,32 --num-prompts 0 --dtype bfloat16
+PERPLEXITY_TOKENS ?= 8192
+AWQ_DIR ?= $(HOME)/.cache/pagedllm/awq/smollm2-135m-instruct-w4-g128
+BENCH_RESULTS = benchmarks/results/$(shell date +%F)-$(shell $(PY) -c "from pagedllm.benchmarks.results import this_machine; print(this_machine().name)" 2>/dev/null).json
 
-.PHONY: install serve chat test test-reference bench-peers bench
+.PHONY: install serve chat test test-reference bench-peers bench bench-variants
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -48,4 +53,25 @@ bench: bench-peers
 	$(VENV)/bin/pagedllm bench peers --num-prompts $(BENCH_OFFLINE_PROMPTS) --sharegpt-output-len $(BENCH_OUTPUT_LEN) --seed $(BENCH_SEED)
 	$(VENV)/bin/pagedllm bench serve --launch pagedllm --dataset sharegpt --num-prompts $(BENCH_PROMPTS) --sharegpt-output-len $(BENCH_OUTPUT_LEN) --max-concurrency $(BENCH_CONCURRENCY) --seed $(BENCH_SEED)
 	$(VENV)/bin/pagedllm bench serve --launch llama.cpp --dataset sharegpt --num-prompts $(BENCH_PROMPTS) --sharegpt-output-len $(BENCH_OUTPUT_LEN) --max-concurrency $(BENCH_CONCURRENCY) --seed $(BENCH_SEED)
+	$(VENV)/bin/pagedllm bench prefix --seed $(BENCH_SEED)
+	$(MAKE) bench-variants
 	$(VENV)/bin/pagedllm bench report
+
+$(AWQ_DIR): | install
+	$(VENV)/bin/pagedllm quantize --method awq --bits 4 --group-size 128 --calib-samples 128 --calib-seq-len 256 --out $(AWQ_DIR)
+
+# One quantization setting against the bfloat16 baseline: speed points, memory and perplexity, under one variant name.
+define bench_variant
+	$(VENV)/bin/pagedllm bench offline $(VARIANT_SPEED) --variant "$(1)" $(2) --output-json $(BENCH_RESULTS)
+	$(VENV)/bin/pagedllm eval perplexity --dtype bfloat16 --max-tokens $(PERPLEXITY_TOKENS) --variant "$(1)" $(2) --output-json $(BENCH_RESULTS)
+endef
+
+# The int8/int4 rows keep no dense copy of the weights: their memory-saving form.
+bench-variants: install $(AWQ_DIR)
+	$(call bench_variant,bf16,--quantization none)
+	$(call bench_variant,int8,--quantization int8 --dense-matmul-min-rows 0)
+	$(call bench_variant,int4 g128,--quantization int4 --dense-matmul-min-rows 0)
+	$(call bench_variant,int4 AWQ g128,--model $(AWQ_DIR) --dense-matmul-min-rows 0)
+	$(call bench_variant,GGUF Q4_1 as int4 g32 (auto),--quantization auto --dense-matmul-min-rows 0)
+	$(call bench_variant,KV int8,--quantization none --kv-cache-dtype int8)
+	$(call bench_variant,KV int4,--quantization none --kv-cache-dtype int4)

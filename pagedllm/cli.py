@@ -6,12 +6,14 @@ import argparse
 import logging
 import sys
 
-from pagedllm.benchmarks import offline, peers, report
+from pagedllm.benchmarks import offline, peers, prefix_sharing, report
 from pagedllm.benchmarks import serve as bench_serve
 from pagedllm.chat import EngineChat, RemoteChat, run_repl
 from pagedllm.config import EngineConfig
 from pagedllm.errors import PagedLLMError
+from pagedllm.evaluation import perplexity
 from pagedllm.flags import add_dataclass_arguments, dataclass_from_args
+from pagedllm.quantize import command as quantize_command
 from pagedllm.sampling_params import SamplingParams
 from pagedllm.serving import api_server
 
@@ -81,10 +83,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser("bench", help="benchmarks against llama.cpp and Hugging Face transformers")
     bench_commands = bench.add_subparsers(dest="bench_command", required=True)
-    for name, module in {"serve": bench_serve, "offline": offline, "peers": peers, "report": report}.items():
+    benches = {"serve": bench_serve, "offline": offline, "peers": peers, "report": report, "prefix": prefix_sharing}
+    for name, module in benches.items():
         sub = bench_commands.add_parser(name, help=module.__doc__.splitlines()[0])
         module.add_arguments(sub)
         sub.set_defaults(handler=module.run)
+
+    quantize = commands.add_parser("quantize", help=quantize_command.__doc__.splitlines()[0])
+    quantize_command.add_arguments(quantize)
+    quantize.set_defaults(handler=quantize_command.run)
+
+    evaluate = commands.add_parser("eval", help="measure model quality through the engine")
+    eval_commands = evaluate.add_subparsers(dest="eval_command", required=True)
+    ppl = eval_commands.add_parser("perplexity", help=perplexity.__doc__.splitlines()[0])
+    perplexity.add_arguments(ppl)
+    ppl.set_defaults(handler=perplexity.run)
     return parser
 
 

@@ -59,7 +59,7 @@ class EngineConfig:
     """Every setting of an engine; the Python API, the CLI flags and the server use these names."""
 
     model: str | None = field(default=None, metadata={"help": "GGUF file, HF folder or embedded model name (default: smollm2-135m-instruct)"})
-    dtype: str = field(default="float32", metadata={"help": "weights and activations: float32 or bfloat16"})
+    dtype: str = field(default="bfloat16", metadata={"help": "activations, dense weights and the KV cache: bfloat16 or float32"})
     max_model_len: int | None = field(default=None, metadata={"help": "context window (default: the model's)"})
     block_size: int = field(default=16, metadata={"help": "tokens per KV-cache block"})
     kv_cache_memory: float = field(default=0.1, metadata={"help": "KV-cache budget: bytes if > 1, else a fraction of available RAM"})

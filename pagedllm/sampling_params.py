@@ -4,14 +4,24 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from pagedllm.errors import InvalidArgumentError
 
 MAX_LOGPROBS = 20
-INT_FIELDS = ("n", "max_tokens", "min_tokens", "top_k", "seed", "logprobs", "prompt_logprobs")
-OPTIONAL_FIELDS = ("seed", "logprobs", "prompt_logprobs")
-FLOAT_FIELDS = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
+INT_FIELDS = ("n", "best_of", "beam_width", "max_tokens", "min_tokens", "top_k", "seed", "logprobs", "prompt_logprobs")
+OPTIONAL_FIELDS = ("best_of", "beam_width", "seed", "logprobs", "prompt_logprobs")
+FLOAT_FIELDS = (
+    "temperature",
+    "top_p",
+    "min_p",
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+    "length_penalty",
+)
+# Settings that would change a beam's score; beam search ranks by the model's own log-probabilities.
+NOT_WITH_BEAM_SEARCH = ("repetition_penalty", "presence_penalty", "frequency_penalty", "stop")
 
 
 def _is_int(value: Any) -> bool:
@@ -20,7 +30,13 @@ def _is_int(value: Any) -> bool:
 
 @dataclass
 class SamplingParams:
-    """How to pick each next token and when to stop; the names follow the OpenAI API and vLLM."""
+    """How to pick each next token and when to stop; the names follow the OpenAI API and vLLM.
+
+    `best_of` (default n) samples are drawn and the n with the highest cumulative logprob are returned.
+    With `use_beam_search`, `beam_width` beams (default: best_of if given, else n) search for the most likely
+    continuations as transformers' `generate(num_beams=beam_width, do_sample=False)` does, and the n best
+    hypotheses come back, best first. Beam search ignores temperature, top-k/top-p/min-p and seed.
+    """
 
     n: int = 1
     max_tokens: int = 16
@@ -39,6 +55,11 @@ class SamplingParams:
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
+    best_of: int | None = None
+    use_beam_search: bool = False
+    beam_width: int | None = None
+    length_penalty: float = 1.0
+    early_stopping: bool | Literal["never"] = False
 
     def __post_init__(self) -> None:
         self.stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -46,6 +67,17 @@ class SamplingParams:
         self._check_types()
         checks: list[tuple[bool, str, str]] = [
             (self.n >= 1, "n", "must be >= 1"),
+            (self.best_of is None or self.best_of >= self.n, "best_of", "must be >= n"),
+            (
+                self.beam_width is None or (self.use_beam_search and self.beam_width >= self.n),
+                "beam_width",
+                "must be >= n, with use_beam_search",
+            ),
+            (
+                isinstance(self.early_stopping, bool) or self.early_stopping == "never",
+                "early_stopping",
+                "must be true, false or 'never'",
+            ),
             (self.max_tokens >= 1, "max_tokens", "must be >= 1"),
             (0 <= self.min_tokens <= self.max_tokens, "min_tokens", "must be between 0 and max_tokens"),
             (self.temperature >= 0, "temperature", "must be >= 0"),
@@ -70,6 +102,21 @@ class SamplingParams:
                 raise InvalidArgumentError(f"{name} {rule}, got {getattr(self, name)!r}", name)
         if self.top_k == -1:
             self.top_k = 0
+        if self.use_beam_search:
+            self._check_beam_search()
+
+    @property
+    def num_samples(self) -> int:
+        """Sequences sampled for the request (best_of), of which n are returned; 1 for beam search."""
+        return 1 if self.use_beam_search else self.best_of or self.n
+
+    def _check_beam_search(self) -> None:
+        defaults = SamplingParams()
+        for name in NOT_WITH_BEAM_SEARCH:
+            if getattr(self, name) != getattr(defaults, name):
+                raise InvalidArgumentError(f"{name} is not supported with use_beam_search", name)
+        if self.beam_width is None:
+            self.beam_width = self.best_of or self.n
 
     def _check_types(self) -> None:
         for name in INT_FIELDS:
@@ -80,5 +127,8 @@ class SamplingParams:
             value = getattr(self, name)
             if not (_is_int(value) or isinstance(value, float)) or not math.isfinite(value):
                 raise InvalidArgumentError(f"{name} must be a finite number, got {value!r}", name)
+        if not isinstance(self.use_beam_search, bool):
+            message = f"use_beam_search must be a boolean, got {self.use_beam_search!r}"
+            raise InvalidArgumentError(message, "use_beam_search")
         if not all(_is_int(t) for t in self.stop_token_ids):
             raise InvalidArgumentError(f"stop_token_ids must be integers, got {self.stop_token_ids!r}", "stop_token_ids")

@@ -22,8 +22,8 @@ def model_path() -> Path:
 
 @pytest.fixture(scope="session")
 def llm() -> LLM:
-    """The embedded model in float32 with a roomy cache; tests must not change its settings."""
-    return LLM(kv_cache_memory=ROOMY_KV_BYTES)
+    """The embedded model dense in float32 with a roomy cache; tests must not change its settings."""
+    return LLM(dtype="float32", quantization="none", kv_cache_memory=ROOMY_KV_BYTES)
 
 
 @pytest.fixture(scope="session")

@@ -70,6 +70,16 @@ def run_requests(llm: LLM, requests: list[BenchmarkRequest]) -> RequestThroughpu
     return RequestThroughput.from_counts(len(requests), sum(r.prompt_len for r in requests), produced, seconds)
 
 
+def engine_memory(llm: LLM) -> dict[str, int]:
+    """Bytes of the weights and of the KV cache, and the tokens the cache holds."""
+    engine = llm.engine
+    return {
+        "weight_bytes": engine.weight_bytes,
+        "kv_cache_bytes": engine.kv_cache_bytes,
+        "kv_cache_tokens": engine.num_blocks * engine.config.block_size,
+    }
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model", default=None, help="GGUF file, HF folder or embedded model name (default: smollm2-135m-instruct)"
@@ -88,6 +98,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add_sharegpt_output_len_argument(parser)
     parser.add_argument("--seed", type=int, default=0, help="seed of the random prompts and of the ShareGPT sample")
+    parser.add_argument(
+        "--variant",
+        default=None,
+        help="name of these engine settings (e.g. int8): reported beside the other variants, not as pagedllm's main row",
+    )
     results.add_output_argument(parser)
     add_dataclass_arguments(parser.add_argument_group("engine"), EngineConfig, exclude=("model", "seed"))
 
@@ -103,8 +118,9 @@ def run(args: argparse.Namespace) -> int:
         "model": args.model, "engine": asdict(config), "prompt_lens": list(args.prompt_lens), "batch_sizes": list(args.batch_sizes),
         "decode_tokens": args.decode_tokens, "decode_prompt_len": DECODE_PROMPT_LEN, "repeats": args.repeats,
         "threads": torch.get_num_threads(), "num_prompts": args.num_prompts, "sharegpt_output_len": args.sharegpt_output_len,
-        "seed": args.seed,
+        "seed": args.seed, "variant": args.variant,
     }  # fmt: skip
+    record["memory"] = engine_memory(llm)
     if args.num_prompts > 0:
         max_len = min(SHAREGPT_MAX_MODEL_LEN, llm.engine.max_model_len)
         requests = sample_sharegpt(args.num_prompts, tokenizer, max_len, args.seed, args.sharegpt_output_len)

@@ -209,7 +209,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--peers", default=",".join(PEERS), help=f"comma list of peers to run: {', '.join(PEERS)}")
     parser.add_argument("--model", default=None, help="GGUF file, HF folder or embedded model name (default: the embedded model)")
     parser.add_argument("--threads", type=int, default=results.usable_cpu_count())
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="transformers: weights and activations")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16", help="transformers: weights and activations (default: pagedllm's default)")
     parser.add_argument(
         "--prompt-lens", type=int_tuple, default=PREFILL_PROMPT_LENS, help="prefill prompt lengths, e.g. 128,512,2048"
     )

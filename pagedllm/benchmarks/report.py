@@ -12,6 +12,7 @@ from typing import Any
 
 from pagedllm.benchmarks.results import ResultsFile, Run, default_results_path, load_results
 from pagedllm.benchmarks.throughput import DecodePoint, OfflineThroughput, PrefillPoint, RequestThroughput
+from pagedllm.benchmarks.variants import BASELINE, variants_table
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +29,13 @@ class ServePoint:
     concurrency: int
     metrics: dict[str, Any]
     peak_rss_bytes: int | None
+    memory_budget: dict[str, int] | None = None  # the server's own weight and KV-cache bytes
+
+    def rss_beyond_budget_mib(self) -> str:
+        """Peak RSS less the weights and the KV cache, the memory target's measure; '–' where unknown."""
+        if self.peak_rss_bytes is None or not self.memory_budget:
+            return "–"
+        return f"{(self.peak_rss_bytes - sum(self.memory_budget.values())) / 2**20:.0f}"
 
 
 def offline_from_run(run: Run) -> OfflineThroughput:
@@ -41,7 +49,7 @@ def latest_offline(document: ResultsFile) -> dict[str, OfflineThroughput]:
     """The last offline run of each engine, the subject first."""
     found: dict[str, OfflineThroughput] = {}
     for run in document.runs:
-        if run.kind == "offline":
+        if run.kind == "offline" and not run.settings.get("variant"):
             found[run.engine] = offline_from_run(run)
     return dict(sorted(found.items(), key=lambda item: item[0] != SUBJECT))
 
@@ -56,7 +64,7 @@ def latest_sharegpt(document: ResultsFile) -> dict[str, dict[str, RequestThrough
     """By workload, the last offline ShareGPT run of each engine, the subject first."""
     found: dict[str, dict[str, RequestThroughput]] = defaultdict(dict)
     for run in document.runs:
-        if run.kind == "offline" and "sharegpt" in run.results:
+        if run.kind == "offline" and "sharegpt" in run.results and not run.settings.get("variant"):
             throughput = RequestThroughput(**run.results["sharegpt"])
             found[sharegpt_workload(run.settings, throughput.num_requests)][run.engine] = throughput
     return {
@@ -79,7 +87,9 @@ def serve_points(document: ResultsFile) -> dict[str, list[ServePoint]]:
         if run.kind != "serve":
             continue
         concurrency = run.settings["max_concurrency"] or run.settings["num_prompts"]
-        point = ServePoint(run.engine, concurrency, run.results["metrics"], run.results.get("peak_rss_bytes"))
+        point = ServePoint(
+            run.engine, concurrency, run.results["metrics"], run.results.get("peak_rss_bytes"), run.results.get("memory_budget")
+        )
         latest[workload_name(run.settings)][(run.engine, concurrency)] = point
     return {
         workload: sorted(points.values(), key=lambda p: (p.concurrency, p.engine != SUBJECT, p.engine))
@@ -156,7 +166,7 @@ def serve_markdown(points: list[ServePoint]) -> str:
     subject_at = {p.concurrency: p for p in points if p.engine == SUBJECT}
     header = [
         "concurrency", "engine", "req/s", "out tok/s", "TTFT p50 ms", "TTFT p99 ms", "TPOT p50 ms", "TPOT p99 ms",
-        "ITL p50 ms", "E2E p50 ms", "peak RSS MiB",
+        "ITL p50 ms", "E2E p50 ms", "peak RSS MiB", "RSS − weights − KV MiB",
     ]  # fmt: skip
     if subject_at:
         header += [f"out tok/s: {SUBJECT} ÷ it", f"TTFT p50: {SUBJECT} ÷ it", f"TPOT p50: {SUBJECT} ÷ it"]
@@ -168,7 +178,7 @@ def serve_markdown(points: list[ServePoint]) -> str:
             f"{m['ttft_ms']['median']:.0f}", f"{m['ttft_ms']['p99']:.0f}",
             f"{m['tpot_ms']['median']:.1f}", f"{m['tpot_ms']['p99']:.1f}",
             f"{m['itl_ms']['median']:.1f}", f"{m['e2e_latency_ms']['median']:.0f}",
-            "–" if p.peak_rss_bytes is None else f"{p.peak_rss_bytes / 2**20:.0f}",
+            "–" if p.peak_rss_bytes is None else f"{p.peak_rss_bytes / 2**20:.0f}", p.rss_beyond_budget_mib(),
         ]  # fmt: skip
         if subject_at:
             subject = subject_at.get(p.concurrency)
@@ -184,6 +194,25 @@ def serve_markdown(points: list[ServePoint]) -> str:
     return markdown_table(header, rows)
 
 
+def prefix_markdown(record: dict[str, Any]) -> str:
+    """Prefix caching on and off: prefill tokens computed and TTFT of the first and the later chats."""
+    header = ["prefix caching", "prefill tokens computed", "TTFT first ms", "TTFT p50 of the rest ms"]
+    rows = [
+        [
+            "on" if mode == "cached" else "off",
+            str(record[f"{mode}_summary"]["computed_prefill_tokens"]),
+            f"{record[f'{mode}_summary']['first_ttft_s'] * 1e3:.0f}",
+            f"{record[f'{mode}_summary']['median_later_ttft_s'] * 1e3:.0f}",
+        ]
+        for mode in ("cached", "uncached")
+    ]
+    figures = (
+        f"Prefill tokens computed drop by {record['prefill_tokens_drop']:.1%} with caching on; the later chats' median TTFT "
+        f"is {record['ttft_first_over_median_later']:.1f}× lower than the first's."
+    )
+    return markdown_table(header, rows) + "\n\n" + figures
+
+
 def table_sections(document: ResultsFile, level: int) -> list[str]:
     """Headings (at markdown `level`) and tables: offline points, offline ShareGPT, then each serving workload."""
     heading = "#" * level
@@ -195,6 +224,14 @@ def table_sections(document: ResultsFile, level: int) -> list[str]:
         sections += [f"{heading} Offline throughput ({workload}, all at once; higher is better)", sharegpt_markdown(engines)]
     for workload, points in serve_points(document).items():
         sections += [f"{heading} Serving: {workload}", serve_markdown(points)]
+    prefix = [run for run in document.runs if run.kind == "prefix"]
+    if prefix:
+        run = prefix[-1]
+        title = f"Shared system prompt (~{run.settings['system_prompt_tokens']} tokens, {run.settings['num_requests']} chats one after another)"
+        sections += [f"{heading} {title}", prefix_markdown(run.results)]
+    variants = variants_table(document)
+    if variants:
+        sections += [f"{heading} Quantization: perplexity, memory and speed against {BASELINE}", markdown_table(*variants)]
     return sections
 
 

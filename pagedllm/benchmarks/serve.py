@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 from tqdm.auto import tqdm
 
 from pagedllm.benchmarks import datasets, peers, results
@@ -28,6 +29,7 @@ from pagedllm.benchmarks.memory import PeakMemoryMonitor
 from pagedllm.benchmarks.metrics import RequestTrace, ServingMetrics, summarize
 from pagedllm.benchmarks.server_process import ServerProcess, free_port
 from pagedllm.model.registry import resolve_model_path
+from pagedllm.serving.metrics import KV_CACHE_BYTES, WEIGHT_BYTES
 
 logger = logging.getLogger(__name__)
 
@@ -196,7 +198,29 @@ def served_model_name(base_url: str) -> str:
     return models[0]["id"]
 
 
-def format_metrics(engine: str, concurrency: int | None, metrics: ServingMetrics, peak_rss_bytes: int | None) -> str:
+def server_memory_budget(base_url: str) -> dict[str, int] | None:
+    """The weight and KV-cache bytes a pagedllm server exports in /metrics; None for servers that do not."""
+    try:
+        response = httpx.get(base_url.rstrip("/") + "/metrics", timeout=30.0)
+        response.raise_for_status()
+    except httpx.HTTPError:
+        return None
+    wanted = {WEIGHT_BYTES: "weight_bytes", KV_CACHE_BYTES: "kv_cache_bytes"}
+    budget = {
+        wanted[family.name]: int(family.samples[0].value)
+        for family in text_string_to_metric_families(response.text)
+        if family.name in wanted and family.samples
+    }
+    return budget if len(budget) == len(wanted) else None
+
+
+def format_metrics(
+    engine: str,
+    concurrency: int | None,
+    metrics: ServingMetrics,
+    peak_rss_bytes: int | None,
+    memory_budget: dict[str, int] | None = None,
+) -> str:
     lines = [
         f"==== {engine}, max concurrency {concurrency or 'inf'} ====",
         f"completed / failed          {metrics.completed} / {metrics.failed}",
@@ -216,14 +240,19 @@ def format_metrics(engine: str, concurrency: int | None, metrics: ServingMetrics
         lines.append(f"{name:<5} ms  mean {dist.mean:9.2f}  median {dist.median:9.2f}  p90 {dist.p90:9.2f}  p99 {dist.p99:9.2f}")
     if peak_rss_bytes is not None:
         lines.append(f"server peak RSS (MiB)       {peak_rss_bytes / 2**20:.1f}")
+    if peak_rss_bytes is not None and memory_budget is not None:
+        weights, kv_cache = memory_budget["weight_bytes"], memory_budget["kv_cache_bytes"]
+        lines.append(f"  weights / KV cache (MiB)  {weights / 2**20:.1f} / {kv_cache / 2**20:.1f}")
+        lines.append(f"  RSS beyond both (MiB)     {(peak_rss_bytes - weights - kv_cache) / 2**20:.1f}")
     return "\n".join(lines)
 
 
-def run_record(result: LoadResult, metrics: ServingMetrics) -> dict[str, Any]:
+def run_record(result: LoadResult, metrics: ServingMetrics, memory_budget: dict[str, int] | None = None) -> dict[str, Any]:
     """What the results file keeps of a run: the metrics and a compact per-request log."""
     return {
         "metrics": asdict(metrics),
         "peak_rss_bytes": result.peak_rss_bytes,
+        "memory_budget": memory_budget,
         "requests": [
             {
                 "prompt_len": trace.prompt_len,
@@ -342,11 +371,12 @@ def run(args: argparse.Namespace) -> int:
                 seed=args.seed,
                 request_timeout_s=args.request_timeout,
             )
+            memory_budget = server_memory_budget(base_url)
             result = asyncio.run(run_load(requests, settings, server.pid if server else args.server_pid))
             server_command = server.command if server else None
         metrics = summarize(result.traces, result.duration_s)
-        print(format_metrics(engine, concurrency, metrics, result.peak_rss_bytes))
-        record = run_record(result, metrics)
+        print(format_metrics(engine, concurrency, metrics, result.peak_rss_bytes, memory_budget))
+        record = run_record(result, metrics, memory_budget)
         results.append_run(
             output, results.new_run("serve", engine, settings_record(args, settings, server_command), record, versions)
         )

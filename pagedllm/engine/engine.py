@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from pagedllm.config import EngineConfig, ModelConfig
+from pagedllm.engine.beam_search import BeamSearch, hypothesis_sequences
 from pagedllm.engine.block_manager import BlockManager
 from pagedllm.engine.model_runner import ModelRunner, StepResult, kv_cache_bytes_per_block
 from pagedllm.engine.output import RequestOutput, append_token, make_request_output
@@ -16,6 +17,7 @@ from pagedllm.engine.prefix_cache import PrefixCache
 from pagedllm.engine.request import FinishReason, Request, Sequence
 from pagedllm.engine.scheduler import Scheduler, SchedulerOutput
 from pagedllm.errors import ConfigError, InvalidArgumentError, RequestTooLongError
+from pagedllm.layers.quantization import LinearQuantization
 from pagedllm.model.llama import LlamaForCausalLM
 from pagedllm.model.loader import load_checkpoint
 from pagedllm.model.registry import model_display_name, resolve_model_path
@@ -45,19 +47,28 @@ class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.device = torch.device("cpu")
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)  # process-wide, once: the math's threads never outnumber them
         path = resolve_model_path(config.model)
         self.model_name = model_display_name(config.model)
-        checkpoint = load_checkpoint(path, config.torch_dtype)
+        checkpoint = load_checkpoint(path, config.torch_dtype, keep_quantized=config.quantization == "auto")
         self.model_config: ModelConfig = checkpoint.config
         self.max_model_len = self._max_model_len(checkpoint.config)
         self.tokenizer = Tokenizer.from_model_path(path, checkpoint.config.eos_token_ids)
         model = LlamaForCausalLM(
-            checkpoint.config, self.max_model_len, config.attention_impl, checkpoint.weights.get("rope_freqs")
+            checkpoint.config,
+            self.max_model_len,
+            config.attention_impl,
+            checkpoint.weights.get("rope_freqs"),
+            LinearQuantization(config.quantization, config.quant_group_size, config.dense_matmul_min_rows),
         )
         model.load_weights(checkpoint.weights)
+        self.weight_bytes = model.weight_bytes()
+        logger.info("weights: %.1f MiB (quantization %s)", self.weight_bytes / 2**20, config.quantization)
         del checkpoint
         self.num_blocks = self._num_blocks()
-        prefix_cache = PrefixCache(config.block_size, salt=f"{path.name}:{config.dtype}") if config.enable_prefix_caching else None
+        salt = f"{path.name}:{config.dtype}:{config.kv_cache_dtype}:{config.quantization}:{config.quant_group_size}"
+        prefix_cache = PrefixCache(config.block_size, salt=salt) if config.enable_prefix_caching else None
         self.block_manager = BlockManager(self.num_blocks, config.block_size, prefix_cache)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = ModelRunner(model.to(self.device), config, self.num_blocks, self.device)
@@ -68,6 +79,11 @@ class LLMEngine:
             "%s loaded: %d KV blocks of %d tokens (%d tokens), context %d",
             self.model_name, self.num_blocks, config.block_size, self.num_blocks * config.block_size, self.max_model_len,
         )
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        """Bytes the KV cache's pools hold."""
+        return self.num_blocks * self.runner.bytes_per_block
 
     def _max_model_len(self, model_config: ModelConfig) -> int:
         limit = model_config.max_position_embeddings
@@ -81,7 +97,9 @@ class LLMEngine:
         return self.config.max_model_len
 
     def _num_blocks(self) -> int:
-        per_block = kv_cache_bytes_per_block(self.model_config, self.config.block_size, self.config.torch_dtype)
+        per_block = kv_cache_bytes_per_block(
+            self.model_config, self.config.block_size, self.config.torch_dtype, self.config.kv_cache_dtype
+        )
         num_blocks = self.config.kv_cache_bytes() // per_block
         if num_blocks < 1:
             raise ConfigError(
@@ -102,7 +120,10 @@ class LLMEngine:
         if params.prompt_logprobs is not None:
             request.prompt_logprobs = [None]
         detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids, params.skip_special_tokens)
-        first = Sequence(request, 0, request.generator(0), detokenizer, pending_forks=params.n - 1)
+        first = Sequence(request, 0, request.generator(0), detokenizer, pending_forks=params.num_samples - 1)
+        if params.use_beam_search:
+            request.beam_search = BeamSearch.for_params(params, self.tokenizer.eos_token_ids)
+            first.reserved_slots = request.beam_search.width - 1
         request.sequences.append(first)
         self.requests[request_id] = request
         self.scheduler.add(first)
@@ -128,6 +149,9 @@ class LLMEngine:
             )
         if params.n > self.config.max_num_seqs:
             raise InvalidArgumentError(f"n={params.n} exceeds max_num_seqs={self.config.max_num_seqs}", "n")
+        width, name = (params.beam_width, "beam_width") if params.use_beam_search else (params.num_samples, "best_of")
+        if width is not None and width > self.config.max_num_seqs:
+            raise InvalidArgumentError(f"{name}={width} exceeds max_num_seqs={self.config.max_num_seqs}", name)
 
     def abort_request(self, request_id: str) -> None:
         """Drop a request now, freeing its blocks; unknown or finished ids are ignored."""
@@ -167,17 +191,66 @@ class LLMEngine:
             request.first_token_time = request.first_token_time or now
             if sample.logprobs is not None:
                 seq.logprobs.append(sample.logprobs)
-                seq.cumulative_logprob += sample.logprobs[sample.token_id]
+            if sample.logprob is not None:
+                seq.cumulative_logprob += sample.logprob
             append_token(seq, sample.token_id, self.tokenizer.eos_token_ids, self.max_model_len)
             self.generation_tokens += 1
             if seq.finish_reason is not None:
                 self.scheduler.finish(seq)
+            advanced[request.request_id] = request
+        for request in self._collect_beam_rows(result):
+            request.first_token_time = request.first_token_time or now
+            self._advance_beams(request)
             advanced[request.request_id] = request
         outputs = [make_request_output(request) for request in advanced.values()]
         for output in outputs:
             if output.finished:
                 del self.requests[output.request_id]
         return outputs
+
+    def _collect_beam_rows(self, result: StepResult) -> list[Request]:
+        """File each beam's logprobs with its search; the requests whose every live beam now has its row."""
+        touched: dict[str, Request] = {}
+        for row, seq in enumerate(result.beams):
+            assert seq.request.beam_search is not None and result.beam_logprobs is not None
+            seq.request.beam_search.pending[seq] = result.beam_logprobs[row]
+            touched[seq.request.request_id] = seq.request
+        return [r for r in touched.values() if r.beam_search and len(r.beam_search.pending) == len(r.sequences)]
+
+    def _advance_beams(self, request: Request) -> None:
+        """One beam-search step: surviving beams branch off their parents, sharing blocks; dropped ones free theirs."""
+        search = request.beam_search
+        assert search is not None
+        beams = list(request.sequences)
+        step = search.step(beams, torch.stack([search.pending.pop(beam) for beam in beams]))
+        self.generation_tokens += len(beams)
+        if step.done:
+            for beam in beams:
+                self.scheduler.finish(beam)
+            request.sequences = hypothesis_sequences(request, search.best(request.params.n))
+            return
+        for beam in beams:
+            beam.reserved_slots = 0
+        extended: list[Sequence] = []
+        for continuation in step.continuations:
+            parent = beams[continuation.parent]
+            if any(seq is parent for seq in extended):
+                child = parent.branch(search.num_beams_created)
+                search.num_beams_created += 1
+                self.block_manager.fork(parent, child)
+                self.scheduler.add_running(child)
+                extended.append(child)
+            else:
+                extended.append(parent)
+        for beam in beams:
+            if not any(seq is beam for seq in extended):
+                self.scheduler.finish(beam)
+        for seq, continuation in zip(extended, step.continuations):
+            seq.output_token_ids.append(continuation.token_id)
+            seq.cumulative_logprob = continuation.cumulative_logprob
+            if continuation.logprobs is not None:
+                seq.logprobs.append(continuation.logprobs)
+        request.sequences = extended
 
     def stats(self) -> EngineStats:
         prefix_cache = self.block_manager.prefix_cache

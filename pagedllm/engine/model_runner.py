@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -10,15 +10,18 @@ from pagedllm.config import EngineConfig, ModelConfig
 from pagedllm.engine.block_manager import BlockManager
 from pagedllm.engine.request import Sequence
 from pagedllm.engine.scheduler import ScheduledSequence, SchedulerOutput
-from pagedllm.layers.attention import AttentionMetadata
+from pagedllm.layers.attention import AttentionMetadata, KVPool, copy_blocks
+from pagedllm.layers.kv_quant import KV_CACHE_BITS, QuantizedKVPool
 from pagedllm.layers.sampler import Sampler, SamplerOutput, SamplingBatch
 from pagedllm.model.llama import LlamaForCausalLM
+from pagedllm.sampling_params import SamplingParams
 
 
 @dataclass
 class SampledToken:
     sequence: Sequence
     token_id: int
+    logprob: float | None  # the drawn token's, when logprobs or best_of need it
     logprobs: dict[int, float] | None  # the drawn token's and the top tokens' logprobs
 
 
@@ -26,12 +29,28 @@ class SampledToken:
 class StepResult:
     samples: list[SampledToken]
     prompt_logprobs: dict[Sequence, list[dict[int, float]]]  # new entries, in prompt order
+    beams: list[Sequence] = field(default_factory=list)  # beam-search sequences whose next-token logprobs are ready
+    beam_logprobs: torch.Tensor | None = None  # [beams, vocab] float32 log-softmax of their raw logits
 
 
-def kv_cache_bytes_per_block(model_config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
-    """K and V of every layer for one block."""
-    per_token = 2 * model_config.num_layers * model_config.num_kv_heads * model_config.head_dim
-    return per_token * block_size * dtype.itemsize
+def kv_cache_bytes_per_block(
+    model_config: ModelConfig, block_size: int, dtype: torch.dtype, kv_cache_dtype: str = "auto"
+) -> int:
+    """K and V of every layer for one block, a quantized cache's scales and zero points included."""
+    mc = model_config
+    if kv_cache_dtype == "auto":
+        per_token = mc.num_kv_heads * mc.head_dim * dtype.itemsize
+    else:
+        per_token = QuantizedKVPool.bytes_per_token(mc.num_kv_heads, mc.head_dim, KV_CACHE_BITS[kv_cache_dtype])
+    return 2 * mc.num_layers * block_size * per_token
+
+
+def allocate_kv_pool(model_config: ModelConfig, config: EngineConfig, num_blocks: int, device: torch.device) -> KVPool:
+    """One layer's K or V pool: a tensor in the model dtype (kv_cache_dtype auto), else quantized."""
+    shape = (num_blocks, config.block_size, model_config.num_kv_heads, model_config.head_dim)
+    if config.kv_cache_dtype == "auto":
+        return torch.zeros(shape, dtype=config.torch_dtype, device=device)
+    return QuantizedKVPool(*shape, KV_CACHE_BITS[config.kv_cache_dtype], config.torch_dtype, device)
 
 
 class ModelRunner:
@@ -44,13 +63,12 @@ class ModelRunner:
         self.device = device
         self.block_size = config.block_size
         mc = model.config
-        shape = (num_blocks, config.block_size, mc.num_kv_heads, mc.head_dim)
-        self.k_caches = [torch.zeros(shape, dtype=config.torch_dtype, device=device) for _ in range(mc.num_layers)]
-        self.v_caches = [torch.zeros(shape, dtype=config.torch_dtype, device=device) for _ in range(mc.num_layers)]
+        self.k_caches = [allocate_kv_pool(mc, config, num_blocks, device) for _ in range(mc.num_layers)]
+        self.v_caches = [allocate_kv_pool(mc, config, num_blocks, device) for _ in range(mc.num_layers)]
         model.bind_kv_cache(self.k_caches, self.v_caches)
         self.sampler = Sampler(torch.Generator(device=device).manual_seed(config.seed))
         self.vocab_size = mc.vocab_size
-        self.bytes_per_block = kv_cache_bytes_per_block(mc, config.block_size, config.torch_dtype)
+        self.bytes_per_block = kv_cache_bytes_per_block(mc, config.block_size, config.torch_dtype, config.kv_cache_dtype)
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput, block_manager: BlockManager) -> StepResult:
@@ -74,8 +92,17 @@ class ModelRunner:
         rows = batch.sample_rows + [row for _, rows in batch.prompt_logprob_rows for row in rows]
         logits = self.model.compute_logits(hidden[rows])
         num_samples = len(batch.sample_rows)
-        samples = self._sample(logits[:num_samples], batch.sample_seqs)
-        return StepResult(samples, self._prompt_logprobs(logits[num_samples:], batch))
+        prompt_logprobs = self._prompt_logprobs(logits[num_samples:], batch)
+        beam_rows = [row for row, seq in enumerate(batch.sample_seqs) if seq.request.params.use_beam_search]
+        if not beam_rows:
+            return StepResult(self._sample(logits[:num_samples], batch.sample_seqs), prompt_logprobs)
+        beam_set = set(beam_rows)
+        sample_rows = [row for row in range(num_samples) if row not in beam_set]
+        samples = self._sample(logits[sample_rows], [batch.sample_seqs[row] for row in sample_rows])
+        # Beams are scored from the raw logits' float32 log-softmax; no temperature or truncation applies.
+        beam_logprobs = torch.log_softmax(logits[beam_rows].float(), dim=-1)
+        beams = [batch.sample_seqs[row] for row in beam_rows]
+        return StepResult(samples, prompt_logprobs, beams, beam_logprobs)
 
     def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         if not copies:
@@ -83,7 +110,7 @@ class ModelRunner:
         src = torch.tensor([s for s, _ in copies], device=self.device)
         dst = torch.tensor([d for _, d in copies], device=self.device)
         for cache in (*self.k_caches, *self.v_caches):
-            cache[dst] = cache[src]
+            copy_blocks(cache, src, dst)
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[SampledToken]:
         if not seqs:
@@ -91,7 +118,12 @@ class ModelRunner:
         batch = self._sampling_batch(seqs)
         result = self.sampler(logits, batch)
         return [
-            SampledToken(seq, token, _logprob_dict(result, row, seq.request.params.logprobs))
+            SampledToken(
+                seq,
+                token,
+                result.token_logprobs[row] if result.token_logprobs is not None else None,
+                _logprob_dict(result, row, seq.request.params.logprobs),
+            )
             for row, (seq, token) in enumerate(zip(seqs, result.token_ids))
         ]
 
@@ -110,7 +142,7 @@ class ModelRunner:
             presence_penalty=column("presence_penalty"),
             frequency_penalty=column("frequency_penalty"),
             generators=[seq.generator for seq in seqs],
-            num_logprobs=max((p.logprobs for p in params if p.logprobs is not None), default=-1),
+            num_logprobs=max((_num_logprobs(p) for p in params), default=-1),
         )
         if any(p.presence_penalty or p.frequency_penalty for p in params):
             batch.output_counts = self._token_counts([seq.output_token_ids for seq in seqs])
@@ -196,6 +228,13 @@ def _banned_tokens(seq: Sequence) -> list[int]:
         return []
     eos = [] if params.ignore_eos else list(seq.detokenizer.tokenizer.eos_token_ids)
     return eos + params.stop_token_ids
+
+
+def _num_logprobs(params: SamplingParams) -> int:
+    """Top logprobs the sampler computes for a request; 0 still gives the drawn token's (best_of ranks by it)."""
+    if params.logprobs is not None:
+        return params.logprobs
+    return 0 if params.num_samples > params.n else -1
 
 
 def _logprob_dict(result: SamplerOutput, row: int, num_logprobs: int | None) -> dict[int, float] | None:

@@ -64,6 +64,10 @@ class Scheduler:
         index = 0
         while index < len(self.running) and budget > 0:
             seq = self.running[index]
+            if seq.num_uncomputed_tokens == 0:
+                # A beam whose step waits for its siblings' logprobs: nothing to compute yet.
+                index += 1
+                continue
             num_new = min(seq.num_uncomputed_tokens, budget)
             if not self._make_room(seq, num_new, out):
                 break
@@ -72,9 +76,11 @@ class Scheduler:
             index += 1
         while self.waiting and budget > 0 and not out.preempted:
             seq = self.waiting[0]
-            if self._num_slots_taken() + len(out.forked) + 1 + seq.pending_forks > self.max_num_seqs:
+            new_slots = 1 + seq.pending_forks + seq.reserved_slots
+            if self._num_slots_taken() + len(out.forked) + new_slots > self.max_num_seqs:
                 break
-            prefix = self.block_manager.cached_prefix(seq)
+            # Prompt logprobs come from the prompt's own forward pass: a cached prefix would skip them.
+            prefix = [] if _awaits_prompt_logprobs(seq) else self.block_manager.cached_prefix(seq)
             num_new = min(seq.num_tokens - len(prefix) * self.block_manager.block_size, budget)
             if not self.block_manager.can_admit(seq, prefix, num_new):
                 break
@@ -106,8 +112,12 @@ class Scheduler:
         return children
 
     def _num_slots_taken(self) -> int:
-        """Running sequences plus the samples they will split into."""
-        return len(self.running) + sum(seq.pending_forks for seq in self.running)
+        """Running sequences plus the samples and beams they will split into."""
+        return len(self.running) + sum(seq.pending_forks + seq.reserved_slots for seq in self.running)
+
+    def add_running(self, seq: Sequence) -> None:
+        """A beam branched off a running one: it shares its parent's blocks and runs from the next step."""
+        self.running.append(seq)
 
     def _make_room(self, seq: Sequence, num_new: int, out: SchedulerOutput) -> bool:
         """Preempt the newest running sequences until `seq` fits; False if `seq` itself had to go."""
@@ -134,3 +144,8 @@ class Scheduler:
         elif seq in self.waiting:
             self.waiting.remove(seq)
         self.block_manager.free(seq)
+
+
+def _awaits_prompt_logprobs(seq: Sequence) -> bool:
+    request = seq.request
+    return request.params.prompt_logprobs is not None and len(request.prompt_logprobs) < len(request.prompt_token_ids)

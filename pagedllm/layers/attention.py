@@ -3,6 +3,9 @@
 Two implementations share one metadata object and must agree: `reference` attends one sequence at a time over
 K/V gathered from its blocks; `fast` batches every decode into one call and lets a fresh prefill attend to the
 K/V it just computed, without reading them back from the pools.
+
+A pool is a tensor in the model dtype or a QuantizedKVPool (int8/int4); a quantized pool is always read back, a
+fresh prefill's own K/V included, so a prefill and the decodes after it attend to the same (dequantized) numbers.
 """
 
 from __future__ import annotations
@@ -14,11 +17,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from pagedllm.config import ATTENTION_IMPLS
+from pagedllm.layers.kv_quant import QuantizedKVPool
 
 
 # A decode group grows until it holds this many sequences or reaches one with half the group's longest context:
 # each group gathers its keys to its own longest context, so padding stays under half of what is read.
 MAX_DECODE_GROUP = 16
+
+KVPool = torch.Tensor | QuantizedKVPool  # one layer's K or V pool
 
 
 @dataclass
@@ -113,13 +119,15 @@ class PagedAttention(nn.Module):
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
 
-    def bind_cache(self, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+    def bind_cache(self, k_cache: KVPool, v_cache: KVPool) -> None:
         """Attach this layer's pools, each [num_blocks, block_size, num_kv_heads, head_dim]."""
         self.k_cache, self.v_cache = k_cache, v_cache
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """q: [T, heads, head_dim]; k, v: [T, kv_heads, head_dim] for the new tokens. Returns [T, heads * head_dim]."""
         write_kv(self.k_cache, self.v_cache, k, v, meta.slot_mapping)
+        # A fresh prefill may skip reading back its own K/V only where the pool stores them unrounded.
+        attend_new = self.impl == "fast" and not isinstance(self.k_cache, QuantizedKVPool)
         out = torch.empty_like(q)
         first_prefill = 0
         if self.impl == "fast" and meta.num_decodes:
@@ -127,7 +135,7 @@ class PagedAttention(nn.Module):
             out[:first_prefill] = self._decode_batch(q[:first_prefill], meta)
         for i in range(first_prefill, len(meta.context_lens)):
             start, end = meta.query_starts[i], meta.query_starts[i + 1]
-            if self.impl == "fast" and meta.context_lens[i] == end - start:
+            if attend_new and meta.context_lens[i] == end - start:
                 keys, values = k[start:end], v[start:end]
             else:
                 keys = gather_context(self.k_cache, meta.block_tables[i], meta.context_lens[i])
@@ -152,8 +160,8 @@ class PagedAttention(nn.Module):
         """One query token per sequence; each group of similar lengths in one call over its gathered keys."""
         out = torch.empty_like(q)
         for group in meta.decode_groups:
-            keys = self.k_cache[group.block_tables].flatten(1, 2).transpose(1, 2)
-            values = self.v_cache[group.block_tables].flatten(1, 2).transpose(1, 2)
+            keys = read_blocks(self.k_cache, group.block_tables).flatten(1, 2).transpose(1, 2)
+            values = read_blocks(self.v_cache, group.block_tables).flatten(1, 2).transpose(1, 2)
             out[group.start : group.end] = F.scaled_dot_product_attention(
                 q[group.start : group.end].unsqueeze(2), keys, values, attn_mask=group.mask, scale=self.scale,
                 enable_gqa=True,
@@ -161,14 +169,30 @@ class PagedAttention(nn.Module):
         return out
 
 
-def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
+def write_kv(k_cache: KVPool, v_cache: KVPool, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
     """Store new tokens' K/V at their flat slots (block * block_size + offset)."""
-    k_cache.view(-1, *k.shape[1:]).index_copy_(0, slots, k)
-    v_cache.view(-1, *v.shape[1:]).index_copy_(0, slots, v)
+    for cache, x in ((k_cache, k), (v_cache, v)):
+        if isinstance(cache, QuantizedKVPool):
+            cache.write(x, slots)
+        else:
+            cache.view(-1, *x.shape[1:]).index_copy_(0, slots, x)
 
 
-def gather_context(cache: torch.Tensor, block_table: torch.Tensor, context_len: int) -> torch.Tensor:
+def read_blocks(cache: KVPool, block_ids: torch.Tensor) -> torch.Tensor:
+    """The entries of the given blocks in the model dtype, [*block_ids.shape, block_size, kv_heads, head_dim]."""
+    return cache.read(block_ids) if isinstance(cache, QuantizedKVPool) else cache[block_ids]
+
+
+def gather_context(cache: KVPool, block_table: torch.Tensor, context_len: int) -> torch.Tensor:
     """The first context_len tokens' entries of one sequence, [context_len, kv_heads, head_dim]."""
     block_size = cache.shape[1]
     num_blocks = -(-context_len // block_size)
-    return cache[block_table[:num_blocks]].flatten(0, 1)[:context_len]
+    return read_blocks(cache, block_table[:num_blocks]).flatten(0, 1)[:context_len]
+
+
+def copy_blocks(cache: KVPool, src: torch.Tensor, dst: torch.Tensor) -> None:
+    """Copy whole blocks src[i] -> dst[i] (copy-on-write), quantization parameters included."""
+    if isinstance(cache, QuantizedKVPool):
+        cache.copy_blocks(src, dst)
+    else:
+        cache[dst] = cache[src]

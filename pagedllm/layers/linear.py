@@ -1,8 +1,17 @@
-"""Linear projections; fused ones hold several projections' weights stacked by rows."""
+"""Linear projections, dense or weight-only quantized; fused ones hold several projections' weights stacked by rows."""
+
+from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from pagedllm.layers.quantization import Int4Weight, Int8Weight, QuantizedWeight, dequantize
+
+# PyTorch's int4 CPU kernel reads w = (q - 8) * scale + zero.
+INT4_KERNEL_OFFSET = 8
+# PyTorch's weight-only CPU kernels take bfloat16 activations, scales and zero points.
+KERNEL_DTYPE = torch.bfloat16
 
 
 class Linear(nn.Module):
@@ -25,3 +34,95 @@ class Linear(nn.Module):
             if bias is None:
                 raise ValueError("checkpoint lacks a bias this layer needs")
             self.bias.data = bias.contiguous()
+
+
+def weight_only_kernels_available(device: torch.device) -> bool:
+    """Whether PyTorch's int8/int4 weight-only CPU matmuls can run on `device`."""
+    kernels = ("_weight_int8pack_mm", "_convert_weight_to_int4pack_for_cpu", "_weight_int4pack_mm_for_cpu")
+    return device.type == "cpu" and all(hasattr(torch, name) for name in kernels)
+
+
+def kernel_representable(weight: QuantizedWeight) -> QuantizedWeight:
+    """The weight with scales (and zero points) rounded to bfloat16 as the kernels store them.
+
+    Every path of a QuantizedLinear computes with these rounded values, so which path a step takes
+    changes only activation rounding, never the weights.
+    """
+    if isinstance(weight, Int8Weight):
+        return Int8Weight(weight.q, weight.scales.to(KERNEL_DTYPE).float())
+    scales = weight.scales.to(KERNEL_DTYPE).float()
+    zeros = (weight.mins + INT4_KERNEL_OFFSET * weight.scales).to(KERNEL_DTYPE).float()
+    return Int4Weight(weight.q, scales, zeros - INT4_KERNEL_OFFSET * scales, weight.group_size)
+
+
+class QuantizedLinear(nn.Module):
+    """y = x Wᵀ + b with W stored as int8 per channel or int4 per group (weight-only quantization).
+
+    Few rows (decode steps) go through PyTorch's weight-only CPU kernels, which read 1 or 0.5 byte per
+    weight; with `dense_min_rows` > 0 a dense copy of the dequantized weight in `dtype` is also kept, and
+    inputs of at least that many rows multiply by it (a compute-bound dense matmul beats the int kernels
+    there). Where the kernels are unavailable (`use_kernels` False, or not on CPU) the plain reference
+    path dequantizes and calls F.linear.
+    """
+
+    def __init__(
+        self,
+        weight: QuantizedWeight,
+        bias: torch.Tensor | None,
+        dtype: torch.dtype,
+        dense_min_rows: int = 0,
+        use_kernels: bool | None = None,
+    ) -> None:
+        super().__init__()
+        weight = kernel_representable(weight)
+        self.out_features, self.in_features = weight.shape
+        self.dtype = dtype
+        self.dense_min_rows = dense_min_rows
+        self.bits = 8 if isinstance(weight, Int8Weight) else 4
+        self.group_size = weight.group_size if isinstance(weight, Int4Weight) else 0
+        self.use_kernels = weight_only_kernels_available(weight.q.device) if use_kernels is None else use_kernels
+        self.bias = None if bias is None else nn.Parameter(bias.to(dtype).contiguous(), requires_grad=False)
+        self.register_buffer("dense", dequantize(weight).to(dtype) if dense_min_rows > 0 else None)
+        if self.use_kernels:
+            self._register_kernel_buffers(weight)
+        else:
+            self._register_reference_buffers(weight)
+
+    def _register_reference_buffers(self, weight: QuantizedWeight) -> None:
+        self.register_buffer("qweight", weight.q)
+        self.register_buffer("scales", weight.scales)
+        if isinstance(weight, Int4Weight):
+            self.register_buffer("mins", weight.mins)
+
+    def _register_kernel_buffers(self, weight: QuantizedWeight) -> None:
+        if isinstance(weight, Int8Weight):
+            self.register_buffer("qweight", weight.q.contiguous())
+            self.register_buffer("scales", weight.scales.to(KERNEL_DTYPE))
+            return
+        self.register_buffer("qweight", torch._convert_weight_to_int4pack_for_cpu(weight.q.to(torch.int32), 1))
+        zeros = weight.mins + INT4_KERNEL_OFFSET * weight.scales
+        # The kernel wants [in // group_size, out, 2]: per group, each output channel's (scale, zero).
+        scales_and_zeros = torch.stack([weight.scales, zeros], dim=-1).transpose(0, 1)
+        self.register_buffer("scales", scales_and_zeros.to(KERNEL_DTYPE).contiguous())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.shape[:-1].numel()
+        if self.dense is not None and (not self.use_kernels or rows >= self.dense_min_rows):
+            return F.linear(x, self.dense, self.bias)
+        if not self.use_kernels:
+            return F.linear(x, dequantize(self.quantized_weight()).to(x.dtype), self.bias)
+        flat = x.reshape(rows, self.in_features).to(KERNEL_DTYPE)
+        if self.bits == 8:
+            y = torch._weight_int8pack_mm(flat, self.qweight, self.scales)
+        else:
+            y = torch._weight_int4pack_mm_for_cpu(flat, self.qweight, self.group_size, self.scales)
+        y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+    def quantized_weight(self) -> QuantizedWeight:
+        """The stored weight as quantized values (reference layout only)."""
+        if self.use_kernels:
+            raise RuntimeError("the kernel layout keeps no unpacked quantized values")
+        if self.bits == 8:
+            return Int8Weight(self.qweight, self.scales)
+        return Int4Weight(self.qweight, self.scales, self.mins, self.group_size)

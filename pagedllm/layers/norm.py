@@ -1,6 +1,7 @@
 """RMSNorm, computed in float32 whatever the activation dtype."""
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -11,7 +12,6 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        # Normalized in float32, then scaled in the activation dtype, as transformers' Llama does.
+        normalized = F.rms_norm(x.float(), self.weight.shape, eps=self.eps)
+        return self.weight * normalized.to(x.dtype)

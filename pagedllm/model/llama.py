@@ -7,9 +7,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from pagedllm.config import ModelConfig
-from pagedllm.layers.attention import AttentionMetadata, PagedAttention
-from pagedllm.layers.linear import Linear
+from pagedllm.layers.attention import AttentionMetadata, KVPool, PagedAttention
+from pagedllm.layers.linear import Linear, QuantizedLinear
 from pagedllm.layers.norm import RMSNorm
+from pagedllm.layers.quantization import LinearQuantization, QuantizedWeight, fuse_rows
 from pagedllm.layers.rotary import RotaryEmbedding
 
 
@@ -67,9 +68,11 @@ class LlamaForCausalLM(nn.Module):
         max_positions: int,
         attention_impl: str = "fast",
         rope_freq_factors: torch.Tensor | None = None,
+        quantization: LinearQuantization | None = None,
     ) -> None:
         super().__init__()
         self.config = config
+        self.quantization = quantization or LinearQuantization()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.embed_tokens.weight.requires_grad_(False)
         self.rotary = RotaryEmbedding(
@@ -91,35 +94,67 @@ class LlamaForCausalLM(nn.Module):
         """Float32 logits [rows, vocab] from final hidden states."""
         return self.lm_head(self.norm(hidden)).float()
 
-    def bind_kv_cache(self, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor]) -> None:
+    def bind_kv_cache(self, k_caches: list[KVPool], v_caches: list[KVPool]) -> None:
         for layer, k_cache, v_cache in zip(self.layers, k_caches, v_caches, strict=True):
             layer.self_attn.attn.bind_cache(k_cache, v_cache)
 
-    def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
-        """Take HF-named tensors, fusing q/k/v and gate/up; fails loudly on a missing or extra tensor."""
+    def load_weights(self, weights: dict[str, torch.Tensor | QuantizedWeight]) -> None:
+        """Take HF-named weights (tensors or quantized), fusing q/k/v and gate/up; fails on a missing or extra one.
+
+        Linears are stored as `self.quantization` says. A tied lm_head uses the embedding table unless the
+        checkpoint carries a quantized copy of it under lm_head.weight (the lookup itself stays dense).
+        """
         remaining = dict(weights)
         take = remaining.pop
         self.embed_tokens.weight.data = take("model.embed_tokens.weight")
         self.norm.weight.data = take("model.norm.weight")
+        dtype = self.embed_tokens.weight.dtype
         lm_head = remaining.pop("lm_head.weight", None)
-        if lm_head is None or self.config.tie_word_embeddings:
+        if lm_head is None or (self.config.tie_word_embeddings and isinstance(lm_head, torch.Tensor)):
             lm_head = self.embed_tokens.weight.data
-        self.lm_head.load(lm_head)
+        self._load_linear(self, "lm_head", lm_head, None, dtype, lm_head=True)
         remaining.pop("rope_freqs", None)  # already applied by RotaryEmbedding at construction
         for i, layer in enumerate(self.layers):
             prefix = f"model.layers.{i}."
             layer.input_layernorm.weight.data = take(prefix + "input_layernorm.weight")
             layer.post_attention_layernorm.weight.data = take(prefix + "post_attention_layernorm.weight")
             attn = layer.self_attn
-            qkv = [take(f"{prefix}self_attn.{p}_proj.weight") for p in "qkv"]
+            qkv = fuse_rows([take(f"{prefix}self_attn.{p}_proj.weight") for p in "qkv"], dtype)
             bias = None
             if self.config.attention_bias:
                 bias = torch.cat([take(f"{prefix}self_attn.{p}_proj.bias") for p in "qkv"])
-            attn.qkv_proj.load(torch.cat(qkv), bias)
-            attn.o_proj.load(take(prefix + "self_attn.o_proj.weight"))
-            gate_up = torch.cat([take(prefix + "mlp.gate_proj.weight"), take(prefix + "mlp.up_proj.weight")])
-            layer.mlp.gate_up_proj.load(gate_up)
-            layer.mlp.down_proj.load(take(prefix + "mlp.down_proj.weight"))
+            self._load_linear(attn, "qkv_proj", qkv, bias, dtype)
+            self._load_linear(attn, "o_proj", take(prefix + "self_attn.o_proj.weight"), None, dtype)
+            gate_up = fuse_rows([take(prefix + "mlp.gate_proj.weight"), take(prefix + "mlp.up_proj.weight")], dtype)
+            self._load_linear(layer.mlp, "gate_up_proj", gate_up, None, dtype)
+            self._load_linear(layer.mlp, "down_proj", take(prefix + "mlp.down_proj.weight"), None, dtype)
         unused = [name for name in remaining if not name.endswith("rotary_emb.inv_freq")]
         if unused:
             raise ValueError(f"checkpoint has tensors the model does not use: {unused[:5]}")
+
+    def _load_linear(
+        self,
+        owner: nn.Module,
+        name: str,
+        weight: torch.Tensor | QuantizedWeight,
+        bias: torch.Tensor | None,
+        dtype: torch.dtype,
+        lm_head: bool = False,
+    ) -> None:
+        """Load one linear layer, replacing it by a QuantizedLinear where its weight is stored quantized."""
+        layer: Linear = getattr(owner, name)
+        weight = self.quantization.prepare(weight, dtype, lm_head)
+        if isinstance(weight, torch.Tensor):
+            layer.load(weight, bias)
+            return
+        if weight.shape != layer.weight.shape:
+            raise ValueError(f"{name} weight shape {tuple(weight.shape)} != expected {tuple(layer.weight.shape)}")
+        if layer.bias is not None and bias is None:
+            raise ValueError("checkpoint lacks a bias this layer needs")
+        setattr(owner, name, QuantizedLinear(weight, bias, dtype, self.quantization.dense_min_rows))
+
+    def weight_bytes(self) -> int:
+        """Bytes held by the weights (quantized values, scales and dense copies; shared tensors once)."""
+        tensors = self.state_dict(keep_vars=True).values()
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage() for t in tensors}
+        return sum(storage.nbytes() for storage in storages.values())

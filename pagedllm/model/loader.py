@@ -16,7 +16,9 @@ from tqdm.auto import tqdm
 
 from pagedllm.config import ModelConfig, RopeScaling
 from pagedllm.errors import UnsupportedModelError
+from pagedllm.layers.quantization import Int4Weight, QuantizedWeight, quantize_int8, select_rows
 from pagedllm.model.registry import GGUF_ARCHITECTURES, hf_architecture
+from pagedllm.quantize.checkpoint import is_awq_checkpoint, load_awq_weights
 
 logger = logging.getLogger(__name__)
 
@@ -59,24 +61,38 @@ GGUF_GLOBAL_TENSORS: dict[str, str] = {
 }
 
 
+# GGUF types whose blocks map onto pagedllm's int4/int8 weights without dequantizing.
+GGUF_KEPT_QUANTIZED: frozenset[gguf.GGMLQuantizationType] = frozenset(
+    {gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.Q4_1, gguf.GGMLQuantizationType.Q8_0}
+)
+GGUF_Q4_GROUP = 32
+
+
 @dataclass
 class Checkpoint:
-    """A loaded checkpoint: its shape and its tensors under Hugging Face names."""
+    """A loaded checkpoint: its shape and its weights under Hugging Face names (quantized linears as such)."""
 
     config: ModelConfig
-    weights: dict[str, torch.Tensor]
+    weights: dict[str, torch.Tensor | QuantizedWeight]
     path: Path
 
 
-def load_checkpoint(path: Path, dtype: torch.dtype) -> Checkpoint:
-    """Load a .gguf file or an HF folder, casting weights to `dtype`."""
+def load_checkpoint(path: Path, dtype: torch.dtype, keep_quantized: bool = False) -> Checkpoint:
+    """Load a .gguf file or an HF folder, casting weights to `dtype`.
+
+    With `keep_quantized`, GGUF linear weights stored as Q4_0/Q4_1/Q8_0 come back as Int4Weight/Int8Weight
+    (a tied embedding table also as a quantized lm_head.weight, the table itself dense).
+    """
     if path.is_dir():
         return _load_hf_folder(path, dtype)
-    return _load_gguf(path, dtype)
+    return _load_gguf(path, dtype, keep_quantized)
 
 
 def _load_hf_folder(path: Path, dtype: torch.dtype) -> Checkpoint:
-    config = hf_model_config(json.loads((path / "config.json").read_text()))
+    raw_config = json.loads((path / "config.json").read_text())
+    config = hf_model_config(raw_config)
+    if is_awq_checkpoint(raw_config):
+        return Checkpoint(config, load_awq_weights(path, raw_config, dtype), path)
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise UnsupportedModelError(f"{path} has no *.safetensors files")
@@ -142,21 +158,71 @@ def _rope_scaling(rope: dict[str, Any]) -> RopeScaling:
     )
 
 
-def _load_gguf(path: Path, dtype: torch.dtype) -> Checkpoint:
+def _load_gguf(path: Path, dtype: torch.dtype, keep_quantized: bool = False) -> Checkpoint:
     reader = gguf.GGUFReader(str(path))
     config = gguf_model_config(reader)
-    weights: dict[str, torch.Tensor] = {}
+    weights: dict[str, torch.Tensor | QuantizedWeight] = {}
     for tensor in tqdm(reader.tensors, desc=f"Loading {path.name}", unit="tensor", leave=False):
         name = _hf_tensor_name(tensor.name)
         if tensor.tensor_type not in GGUF_TENSOR_TYPES:
             raise UnsupportedModelError(f"tensor {tensor.name} has unsupported GGUF type {tensor.tensor_type.name}")
+        heads = _rope_interleaved_heads(name, config)
+        kept = keep_quantized and tensor.tensor_type in GGUF_KEPT_QUANTIZED
+        linear = _quantized_linear_name(name, config) if kept else None
+        if linear is not None:
+            quantized = gguf_quantized_weight(tensor)
+            if heads is not None:
+                order = _unpermute_rope_rows(np.arange(quantized.shape[0]), heads)
+                quantized = select_rows(quantized, torch.from_numpy(order))
+            weights[linear] = quantized
+            if linear == name:
+                continue
         array = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
         array = array.reshape([int(d) for d in reversed(tensor.shape)])
-        if config.architecture != "qwen2" and name.endswith(("q_proj.weight", "k_proj.weight")):
-            heads = config.num_heads if name.endswith("q_proj.weight") else config.num_kv_heads
+        if heads is not None:
             array = _unpermute_rope_rows(array, heads)
         weights[name] = torch.from_numpy(np.array(array, dtype=np.float32)).to(dtype)
     return Checkpoint(config, weights, path)
+
+
+def _rope_interleaved_heads(name: str, config: ModelConfig) -> int | None:
+    """The head count of a Q or K weight whose rows llama.cpp interleaved for its RoPE; None for other tensors."""
+    if config.architecture == "qwen2":
+        return None
+    if name.endswith("q_proj.weight"):
+        return config.num_heads
+    if name.endswith("k_proj.weight"):
+        return config.num_kv_heads
+    return None
+
+
+def _quantized_linear_name(name: str, config: ModelConfig) -> str | None:
+    """The linear weight a GGUF tensor provides when kept quantized (a tied embedding table: lm_head), else None."""
+    if name.endswith("_proj.weight") or name == "lm_head.weight":
+        return name
+    if name == "model.embed_tokens.weight" and config.tie_word_embeddings:
+        return "lm_head.weight"
+    return None
+
+
+def gguf_quantized_weight(tensor: gguf.ReaderTensor) -> QuantizedWeight:
+    """A Q4_0/Q4_1 tensor as int4 with llama.cpp's own groups of 32; a Q8_0 one requantized to int8 per row."""
+    rows = int(tensor.shape[1])
+    qtype = tensor.tensor_type
+    if qtype == gguf.GGMLQuantizationType.Q8_0:
+        return quantize_int8(torch.from_numpy(gguf.quants.dequantize(tensor.data, qtype).reshape(rows, -1)))
+    block_bytes = gguf.GGML_QUANT_SIZES[qtype][1]
+    blocks = np.asarray(tensor.data).reshape(rows, -1, block_bytes)
+    scales = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+    if qtype == gguf.GGMLQuantizationType.Q4_1:
+        mins = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+        nibbles = blocks[..., 4:]
+    else:  # Q4_0: w = d * (q - 8)
+        mins = -8 * scales
+        nibbles = blocks[..., 2:]
+    # Byte j of a block holds element j in its low nibble and element j + 16 in its high one.
+    q = np.concatenate([nibbles & 0x0F, nibbles >> 4], axis=-1).reshape(rows, -1)
+    return Int4Weight(torch.from_numpy(q), torch.from_numpy(scales), torch.from_numpy(mins), GGUF_Q4_GROUP)
 
 
 def _hf_tensor_name(gguf_name: str) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -15,6 +15,8 @@ PREFIX = "pagedllm"
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0)
 ITL_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0)
 E2E_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 300.0, 600.0)
+WEIGHT_BYTES = f"{PREFIX}_model_weight_bytes"
+KV_CACHE_BYTES = f"{PREFIX}_kv_cache_bytes"
 
 
 class EngineStatsCollector(Collector):
@@ -83,6 +85,14 @@ class ServingMetrics:
             registry=self.registry,
         )
         self._last_output_time: dict[str, float] = {}  # engine thread only
+
+    def set_memory(self, weight_bytes: int, kv_cache_bytes: int) -> None:
+        """Export the bytes the model's weights and the KV cache hold, fixed at start-up."""
+        for name, documentation, value in (
+            (WEIGHT_BYTES, "bytes of the model's weights in memory", weight_bytes),
+            (KV_CACHE_BYTES, "bytes allocated to the KV cache", kv_cache_bytes),
+        ):
+            Gauge(name, documentation, ["model_name"], registry=self.registry).labels(self.model_name).set(value)
 
     def watch(self, stats: Callable[[], EngineStats]) -> None:
         """Export the engine's gauges and counters, read from `stats` at each scrape."""

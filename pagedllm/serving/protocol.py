@@ -37,6 +37,10 @@ SAMPLING_FIELDS = (
     "ignore_eos",
     "min_tokens",
     "skip_special_tokens",
+    "best_of",
+    "use_beam_search",
+    "length_penalty",
+    "early_stopping",
 )
 
 
@@ -73,11 +77,20 @@ class SamplingRequest(APIModel):
     stream_options: StreamOptions | None = None
     user: str | None = None
     logit_bias: dict[str, float] | None = Field(None, description="not supported: must be empty")
+    best_of: int | None = Field(None, description="samples drawn, of which the n most likely return (not streamed)")
+    use_beam_search: bool | None = Field(None, description="beam search of width best_of (default n); not streamed")
+    length_penalty: float | None = Field(None, description="beam search: scores divide by length ** this")
+    early_stopping: bool | Literal["never"] | None = Field(None, description="beam search stopping rule")
 
     def check_supported(self) -> None:
         """Refuse clearly what is valid OpenAI but not served here."""
         if self.logit_bias:
             raise InvalidArgumentError("logit_bias is not supported", "logit_bias")
+        # Both choose their answers only once every candidate is complete, so there is nothing to stream before.
+        if self.stream and self.use_beam_search:
+            raise InvalidArgumentError("use_beam_search cannot be streamed; set stream to false", "use_beam_search")
+        if self.stream and self.best_of is not None and self.best_of != self.n:
+            raise InvalidArgumentError("best_of greater than n cannot be streamed; set stream to false", "best_of")
         if self.stream_options is not None and not self.stream:
             raise InvalidArgumentError("stream_options is only allowed when stream is true", "stream_options")
 
@@ -100,7 +113,6 @@ class CompletionRequest(SamplingRequest):
     logprobs: int | None = Field(None, description="log probabilities of the drawn token and this many top ones")
     echo: bool = Field(False, description="not supported: must be false")
     suffix: str | None = Field(None, description="not supported: must be null")
-    best_of: int | None = Field(None, description="not supported beyond n")
 
     def check_supported(self) -> None:
         super().check_supported()
@@ -108,8 +120,6 @@ class CompletionRequest(SamplingRequest):
             raise InvalidArgumentError("echo is not supported", "echo")
         if self.suffix is not None:
             raise InvalidArgumentError("suffix is not supported", "suffix")
-        if self.best_of is not None and self.best_of != self.n:
-            raise InvalidArgumentError("best_of is not supported (leave it out, or equal to n)", "best_of")
 
 
 class ContentPart(APIModel):

@@ -48,3 +48,7 @@ def test_quick_serve_run_against_a_live_server(tmp_path: Path) -> None:
     assert abs(metrics["output_throughput"] - metrics["total_output_tokens"] / duration) < 1e-6
     assert max(r["latency_s"] for r in requests) <= duration
     assert run["results"]["peak_rss_bytes"] > 0
+    # The server's own figures: the weights and the KV cache, both inside its resident memory.
+    budget = run["results"]["memory_budget"]
+    assert budget["weight_bytes"] > 50 * 2**20 and budget["kv_cache_bytes"] > 0
+    assert run["results"]["peak_rss_bytes"] > budget["weight_bytes"]

@@ -145,3 +145,17 @@ def test_readme_with_one_marker_is_an_error(tmp_path: Path) -> None:
     readme.write_text("<!-- bench-results:end -->\n<!-- bench-results:start -->\n")
     with pytest.raises(ValueError, match="bench-results:start"):
         update_readme(readme, "tables\n")
+
+
+def test_prefix_sharing_section_shows_both_modes(tmp_path: Path) -> None:
+    path = tmp_path / "r.json"
+    record = {
+        "prefill_tokens_drop": 0.9,
+        "ttft_first_over_median_later": 8.0,
+        "cached_summary": {"computed_prefill_tokens": 100, "first_ttft_s": 0.8, "median_later_ttft_s": 0.1},
+        "uncached_summary": {"computed_prefill_tokens": 1000, "first_ttft_s": 0.9, "median_later_ttft_s": 0.85},
+    }
+    results.append_run(path, results.new_run("prefix", "pagedllm", {"system_prompt_tokens": 1500, "num_requests": 16}, record))
+    text = markdown_report(results.load_results(path))
+    assert "| on | 100 | 800 | 100 |" in text and "| off | 1000 | 900 | 850 |" in text
+    assert "drop by 90.0%" in text and "8.0× lower" in text

@@ -13,8 +13,11 @@ PROMPTS = ["Tell me a joke.", "Why is the sky blue?", "Count to five:", "The wea
 
 @pytest.fixture(scope="module")
 def small_llm() -> LLM:
-    """Tiny step budget and cache: prompts are prefilled in chunks mixed with decodes, and preemption is common."""
-    return LLM(kv_cache_memory=12 * 737_280, max_num_batched_tokens=16, max_num_seqs=4)
+    """Tiny step budget and cache (12 float32 blocks): prompts are prefilled in chunks mixed with decodes, and
+    preemption is common; the same weights and dtype as the session's `llm`, so their outputs compare exactly."""
+    return LLM(
+        dtype="float32", quantization="none", kv_cache_memory=12 * 737_280, max_num_batched_tokens=16, max_num_seqs=4
+    )
 
 
 def test_prompt_plus_max_tokens_over_context_is_rejected_with_numbers(llm: LLM) -> None:

@@ -129,12 +129,12 @@ def traffic(draw: st.DrawFn) -> list[tuple[list[int], int, int | None]]:
 @pytest.fixture(scope="module")
 def cached_llm(tiny_llama_dir: Path) -> LLM:
     """Prefix caching on, 10 blocks of 16 tokens: shared prefixes, preemptions and evictions all happen."""
-    return LLM(model=str(tiny_llama_dir), kv_cache_memory=10 * 16 * 2 * 2 * 2 * 16 * 4, max_num_batched_tokens=48)
+    return LLM(model=str(tiny_llama_dir), dtype="float32", kv_cache_memory=10 * 16 * 2 * 2 * 2 * 16 * 4, max_num_batched_tokens=48)
 
 
 @pytest.fixture(scope="module")
 def uncached_llm(tiny_llama_dir: Path) -> LLM:
-    return LLM(model=str(tiny_llama_dir), kv_cache_memory=2**24, enable_prefix_caching=False)
+    return LLM(model=str(tiny_llama_dir), dtype="float32", kv_cache_memory=2**24, enable_prefix_caching=False)
 
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -190,3 +190,16 @@ def test_caching_saves_prefill_on_the_embedded_model(llm: LLM) -> None:
     computed = llm.engine.stats().prompt_tokens - before
     assert second.num_cached_tokens >= len(first.prompt_token_ids) - 2 * llm.engine.config.block_size
     assert computed == len(second.prompt_token_ids) - second.num_cached_tokens
+
+
+def test_prompt_logprobs_are_whole_when_the_prompt_is_cached(cached_llm: LLM, uncached_llm: LLM) -> None:
+    prompt = list(range(5, 5 + 3 * 16 + 5))  # three full blocks: cached after the first request
+    params = SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0)
+    cached_llm.generate([prompt], SamplingParams(max_tokens=1, temperature=0))
+    hits_before = cached_llm.engine.stats().prefix_cache_hit_tokens
+    with_cache = cached_llm.generate([prompt], params)[0].prompt_logprobs
+    without = uncached_llm.generate([prompt], params)[0].prompt_logprobs
+    assert cached_llm.engine.stats().prefix_cache_hit_tokens == hits_before  # the cached blocks were not used
+    assert len(with_cache) == len(prompt) and with_cache[0] is None
+    for ours, theirs, token in zip(with_cache[1:], without[1:], prompt[1:]):
+        assert ours[token] == pytest.approx(theirs[token], abs=1e-5)

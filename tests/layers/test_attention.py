@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pagedllm.layers.attention import AttentionMetadata, PagedAttention, gather_context
+from pagedllm.layers.kv_quant import KV_CACHE_BITS, QuantizedKVPool, dequantize, quantize
 
 
 def dense_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -39,9 +40,10 @@ def dense_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) ->
 class StepResult:
     out: torch.Tensor  # PagedAttention's output, [T, heads * head_dim]
     dense: torch.Tensor  # the dense reference, float64
-    full_kv: list[tuple[torch.Tensor, torch.Tensor]]  # each sequence's whole K and V
+    full_kv: list[tuple[torch.Tensor, torch.Tensor]]  # each sequence's whole K and V as the pools hold them
     tables: list[list[int]]
     attention: PagedAttention
+    raw_dense: torch.Tensor  # the dense reference on K/V before quantization (the same as dense when unquantized)
 
 
 def run_step(
@@ -52,8 +54,13 @@ def run_step(
     head_dim: int,
     block_size: int,
     seed: int,
+    kv_cache_dtype: str = "auto",
+    dtype: torch.dtype = torch.float32,
 ) -> StepResult:
-    """seqs: (context_len after the step, new tokens this step); the same seed gives the same data to any impl."""
+    """seqs: (context_len after the step, new tokens this step); the same seed gives the same data to any impl.
+
+    With a quantized cache the dense reference attends to the K/V as stored (quantized, then dequantized).
+    """
     gen = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
     blocks_per_seq = [-(-ctx // block_size) for ctx, _ in seqs]
@@ -66,13 +73,13 @@ def run_step(
         at += count
 
     shape = (num_blocks, block_size, num_kv_heads, head_dim)
-    k_cache = torch.randn(shape, generator=gen)  # garbage everywhere nothing was written
-    v_cache = torch.randn(shape, generator=gen)
-    qs, ks, vs, slots, fulls, dense = [], [], [], [], [], []  # per sequence
+    k_cache = torch.randn(shape, generator=gen).to(dtype)  # garbage everywhere nothing was written
+    v_cache = torch.randn(shape, generator=gen).to(dtype)
+    qs, ks, vs, slots, fulls, dense, raw_dense = [], [], [], [], [], [], []  # per sequence
     for (ctx, new), table in zip(seqs, tables):
-        k_full = torch.randn(ctx, num_kv_heads, head_dim, generator=gen)
-        v_full = torch.randn(ctx, num_kv_heads, head_dim, generator=gen)
-        q = torch.randn(new, num_heads, head_dim, generator=gen)
+        k_full = torch.randn(ctx, num_kv_heads, head_dim, generator=gen).to(dtype)
+        v_full = torch.randn(ctx, num_kv_heads, head_dim, generator=gen).to(dtype)
+        q = torch.randn(new, num_heads, head_dim, generator=gen).to(dtype)
         for position in range(ctx):
             block, offset = table[position // block_size], position % block_size
             if position < ctx - new:  # already cached before this step
@@ -83,6 +90,9 @@ def run_step(
         qs.append(q)
         ks.append(k_full[ctx - new :])
         vs.append(v_full[ctx - new :])
+        raw_dense.append(dense_causal_attention(q, k_full, v_full))
+        if kv_cache_dtype != "auto":
+            k_full, v_full = (stored(x, kv_cache_dtype) for x in (k_full, v_full))
         fulls.append((k_full, v_full))
         dense.append(dense_causal_attention(q, k_full, v_full))
 
@@ -90,9 +100,26 @@ def run_step(
         slots, tables, [new for _, new in seqs], [ctx for ctx, _ in seqs], block_size, torch.device("cpu")
     )
     attention = PagedAttention(num_heads, num_kv_heads, head_dim, impl)
-    attention.bind_cache(k_cache, v_cache)
+    if kv_cache_dtype == "auto":
+        attention.bind_cache(k_cache, v_cache)
+    else:
+        attention.bind_cache(quantized_pool(k_cache, kv_cache_dtype), quantized_pool(v_cache, kv_cache_dtype))
     out = attention(torch.cat(qs), torch.cat(ks), torch.cat(vs), meta)
-    return StepResult(out, torch.cat(dense), fulls, tables, attention)
+    return StepResult(out, torch.cat(dense), fulls, tables, attention, torch.cat(raw_dense))
+
+
+def stored(x: torch.Tensor, kv_cache_dtype: str) -> torch.Tensor:
+    """x as a quantized cache holds it."""
+    bits = KV_CACHE_BITS[kv_cache_dtype]
+    return dequantize(quantize(x, bits), bits, x.dtype)
+
+
+def quantized_pool(cache: torch.Tensor, kv_cache_dtype: str) -> QuantizedKVPool:
+    """A quantized pool holding every entry of cache (context where it was written, garbage elsewhere)."""
+    pool = QuantizedKVPool(*cache.shape, KV_CACHE_BITS[kv_cache_dtype], cache.dtype, cache.device)
+    entries = cache.flatten(0, 1)
+    pool.write(entries, torch.arange(entries.shape[0]))
+    return pool
 
 
 HEAD_LAYOUTS = [(4, 4), (4, 2), (4, 1), (6, 3), (8, 2)]  # (heads, kv heads): MHA, GQA, MQA
@@ -194,3 +221,41 @@ def test_decodes_of_very_different_lengths_are_attended_in_separate_groups() -> 
 def test_unknown_impl_is_rejected() -> None:
     with pytest.raises(ValueError):
         PagedAttention(4, 4, 8, impl="flash")
+
+
+@settings(max_examples=40, deadline=None)
+@given(steps(), st.sampled_from(["int8", "int4"]))
+def test_quantized_cache_attention_equals_dense_attention_on_stored_kv(case: dict, kv_cache_dtype: str) -> None:
+    fast = run_step("fast", **case, kv_cache_dtype=kv_cache_dtype)
+    reference = run_step("reference", **case, kv_cache_dtype=kv_cache_dtype)
+    torch.testing.assert_close(fast.out.double(), fast.dense, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(reference.out.double(), reference.dense, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(fast.out, reference.out, atol=2e-5, rtol=1e-4)
+    # The new K/V were quantized into the pools: every context reads back as the stored values.
+    for result in (fast, reference):
+        for (ctx, _), (k_stored, v_stored), table in zip(case["seqs"], result.full_kv, result.tables):
+            torch.testing.assert_close(gather_context(result.attention.k_cache, torch.tensor(table), ctx), k_stored)
+            torch.testing.assert_close(gather_context(result.attention.v_cache, torch.tensor(table), ctx), v_stored)
+
+
+@pytest.mark.parametrize("impl", ["fast", "reference"])
+@pytest.mark.parametrize("kv_cache_dtype", ["int8", "int4"])
+def test_fresh_prefill_attends_to_the_stored_kv_not_its_own(impl: str, kv_cache_dtype: str) -> None:
+    # A fresh prefill alone: fast could attend to the K/V it just computed; it must see them as stored instead.
+    result = run_step(impl, [(24, 24)], num_heads=4, num_kv_heads=2, head_dim=16, block_size=4, seed=3,
+                      kv_cache_dtype=kv_cache_dtype)
+    torch.testing.assert_close(result.out.double(), result.dense, atol=2e-5, rtol=1e-4)
+    assert (result.out.double() - result.raw_dense).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("kv_cache_dtype", ["int8", "int4"])
+def test_fast_and_reference_agree_in_bfloat16_on_a_ragged_batch(kv_cache_dtype: str) -> None:
+    seqs = [(40, 1), (33, 1), (5, 1), (20, 6), (13, 13), (1, 1)]
+    outputs = {}
+    for impl in ("fast", "reference"):
+        result = run_step(impl, seqs, num_heads=9, num_kv_heads=3, head_dim=64, block_size=16, seed=11,
+                          kv_cache_dtype=kv_cache_dtype, dtype=torch.bfloat16)
+        assert result.attention.k_cache.dtype == torch.bfloat16
+        torch.testing.assert_close(result.out.double(), result.dense, atol=2e-2, rtol=2e-2)
+        outputs[impl] = result.out
+    torch.testing.assert_close(outputs["fast"], outputs["reference"], atol=1e-2, rtol=1e-2)

@@ -20,7 +20,7 @@ PROMPTS = ["Hello there, how are you today?", "一二三四五", "The quick brow
 @pytest.mark.parametrize("name", sorted(CHECKPOINTS))
 def test_tiny_checkpoint_matches_transformers(name: str, tmp_path: Path, tokenizer_dir: Path) -> None:
     reference = write_checkpoint(name, tmp_path, tokenizer_dir, vocab_size=49152)
-    llm = LLM(model=str(tmp_path), kv_cache_memory=2**24)
+    llm = LLM(model=str(tmp_path), dtype="float32", quantization="none", kv_cache_memory=2**24)
     assert llm.engine.model_config.num_kv_heads == CHECKPOINTS[name][2]["num_key_value_heads"]
     prompts = [llm.tokenizer.encode(p) for p in PROMPTS]
     for token_ids in prompts:

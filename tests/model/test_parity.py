@@ -66,7 +66,10 @@ def test_batched_greedy_matches_transformers(llm: LLM, hf_greedy_outputs) -> Non
 def test_greedy_under_preemption_matches_unpreempted_and_transformers(llm: LLM, hf_greedy_outputs) -> None:
     unpreempted = llm.generate(GREEDY_PROMPTS, GREEDY)
     # 20 blocks of 16 tokens: any one request fits, all eight at once cannot.
-    tight = LLM(kv_cache_memory=20 * llm.engine.runner.bytes_per_block, max_num_batched_tokens=64)
+    tight = LLM(
+        dtype="float32", quantization="none", kv_cache_memory=20 * llm.engine.runner.bytes_per_block,
+        max_num_batched_tokens=64,
+    )
     preempted = tight.generate(GREEDY_PROMPTS, GREEDY)
     assert tight.engine.scheduler.num_preemptions > 0
     assert tight.engine.block_manager.num_free_blocks == tight.engine.num_blocks
@@ -76,7 +79,7 @@ def test_greedy_under_preemption_matches_unpreempted_and_transformers(llm: LLM, 
 
 
 def test_bfloat16_engine_tracks_the_float32_reference(hf_model) -> None:
-    bf16 = LLM(dtype="bfloat16", kv_cache_memory=2**26)
+    bf16 = LLM(dtype="bfloat16", quantization="none", kv_cache_memory=2**26)
     assert bf16.engine.runner.k_caches[0].dtype == torch.bfloat16
     for prompt in LOGIT_PROMPTS:
         token_ids = bf16.tokenizer.encode(prompt)

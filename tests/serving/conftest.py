@@ -142,6 +142,12 @@ def server() -> Iterator[Server]:
         str(MAX_BODY_BYTES),
         "--shutdown-timeout",
         "30",
+        # Dense float32 like the session's offline `llm`: outputs compare exactly with it, whatever the batch
+        # (bfloat16 and the int4/dense switch by batch size round differently for different batch shapes).
+        "--dtype",
+        "float32",
+        "--quantization",
+        "none",
     ]
     # One torch thread per process: the server and the in-process reference model share two cores, and
     # oversubscribed intra-op threads make every step several times slower on a busy machine.

@@ -29,6 +29,8 @@ class FakeEngine:
     model_name = "fake"
     max_model_len = 64
     tokenizer = None  # token-id prompts only
+    weight_bytes = 1000
+    kv_cache_bytes = 2000
 
     def __init__(self) -> None:
         self.requests: dict[str, FakeRequest] = {}

@@ -66,7 +66,10 @@ BAD_REQUESTS = [
     BadRequest("top_logprobs without logprobs", CHAT, chat(top_logprobs=2), 400, "top_logprobs"),
     BadRequest("echo", COMPLETIONS, completion(echo=True), 400, "echo", "not supported"),
     BadRequest("suffix", COMPLETIONS, completion(suffix="!"), 400, "suffix", "not supported"),
-    BadRequest("best_of above n", COMPLETIONS, completion(best_of=3), 400, "best_of", "not supported"),
+    BadRequest("best_of above n streamed", COMPLETIONS, completion(best_of=3, stream=True), 400, "best_of", "stream"),
+    BadRequest("best_of below n", CHAT, chat(n=3, best_of=2), 400, "best_of", ">= n"),
+    BadRequest("beam search streamed", CHAT, chat(use_beam_search=True, stream=True), 400, "use_beam_search", "stream"),
+    BadRequest("beam search with stop", COMPLETIONS, completion(use_beam_search=True, stop=["."]), 400, "stop"),
     BadRequest("logit_bias", COMPLETIONS, completion(logit_bias={"1": 5.0}), 400, "logit_bias", "not supported"),
     BadRequest(
         "stream_options without stream", CHAT, chat(stream_options={"include_usage": True}), 400, "stream_options"

@@ -114,3 +114,12 @@ def test_default_max_tokens_is_the_rest_of_the_context() -> None:
     assert default_max_tokens(Limits(), 30, "messages") == 70  # type: ignore[arg-type]
     with pytest.raises(RequestTooLongError, match="the prompt has 100 tokens"):
         default_max_tokens(Limits(), 100, "messages")  # type: ignore[arg-type]
+
+
+def test_metrics_export_the_weight_and_kv_cache_bytes() -> None:
+    async def scenario(http: httpx.AsyncClient, fake: FakeEngine) -> httpx.Response:
+        return await http.get("/metrics")
+
+    text = with_app(scenario).text
+    assert 'pagedllm_model_weight_bytes{model_name="fake"} 1000.0' in text
+    assert 'pagedllm_kv_cache_bytes{model_name="fake"} 2000.0' in text

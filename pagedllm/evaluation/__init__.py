@@ -1,0 +1,1 @@
+"""Model quality measured through the engine: perplexity on held-out text."""

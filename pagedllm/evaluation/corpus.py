@@ -1,0 +1,58 @@
+"""Fixed token corpora from the shipped ShareGPT file: held-out replies to evaluate, prompts to calibrate on.
+
+The two read disjoint ranges of records, so a quantizer calibrated here is never scored on its own text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from itertools import islice
+from pathlib import Path
+
+from pagedllm.benchmarks.datasets import TextTokenizer, iter_json_array_records, sharegpt_path
+from pagedllm.errors import InvalidArgumentError
+
+CALIBRATION_RECORDS = range(0, 4000)
+EVALUATION_RECORDS = range(4000, 12000)
+# Turns are joined with a paragraph break, as documents in a corpus are.
+TURN_SEPARATOR = "\n\n"
+
+
+def sharegpt_turns(path: Path, speaker: str, records: range) -> Iterator[str]:
+    """The non-empty turns of `speaker` ('human' or 'gpt') in the records `records` of a ShareGPT file."""
+    for record in islice(iter_json_array_records(path), records.start, records.stop):
+        for turn in record.get("conversations") or []:
+            text = turn.get("value")
+            if turn.get("from") == speaker and isinstance(text, str) and text.strip():
+                yield text
+
+
+def token_stream(texts: Iterator[str], tokenizer: TextTokenizer, num_tokens: int) -> list[int]:
+    """The first `num_tokens` token ids of the texts joined by paragraph breaks (fewer if the texts run out)."""
+    ids: list[int] = []
+    for text in texts:
+        if len(ids) >= num_tokens:
+            break
+        ids += tokenizer.encode(text + TURN_SEPARATOR, add_special_tokens=False)
+    return ids[:num_tokens]
+
+
+def evaluation_tokens(tokenizer: TextTokenizer, num_tokens: int) -> list[int]:
+    """Held-out ShareGPT replies ('gpt' turns of EVALUATION_RECORDS), `num_tokens` long."""
+    with sharegpt_path() as path:
+        ids = token_stream(sharegpt_turns(path, "gpt", EVALUATION_RECORDS), tokenizer, num_tokens)
+    _require_length(ids, num_tokens, "evaluation")
+    return ids
+
+
+def calibration_tokens(tokenizer: TextTokenizer, num_tokens: int) -> list[int]:
+    """ShareGPT prompts ('human' turns of CALIBRATION_RECORDS), `num_tokens` long."""
+    with sharegpt_path() as path:
+        ids = token_stream(sharegpt_turns(path, "human", CALIBRATION_RECORDS), tokenizer, num_tokens)
+    _require_length(ids, num_tokens, "calibration")
+    return ids
+
+
+def _require_length(ids: list[int], wanted: int, kind: str) -> None:
+    if len(ids) < wanted:
+        raise InvalidArgumentError(f"the ShareGPT {kind} records hold only {len(ids)} tokens; asked for {wanted}")

@@ -1,0 +1,1 @@
+"""Offline weight quantization that writes a checkpoint: AWQ-style int4 calibration."""

@@ -1,0 +1,96 @@
+"""Perplexity through the engine against a plain full-context forward of the same tiny model."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from pagedllm import LLM
+from pagedllm.cli import main
+from pagedllm.evaluation.perplexity import Window, perplexity, sliding_windows
+from pagedllm.model.loader import load_checkpoint
+from pagedllm.quantize.dense_model import forward_logits
+
+NUM_TOKENS = 45
+
+
+@pytest.fixture(scope="module")
+def tiny_llm(tiny_llama_dir: Path) -> LLM:
+    # A small step budget splits each window into prefill chunks that read earlier ones back from the cache.
+    return LLM(str(tiny_llama_dir), dtype="float32", kv_cache_memory=2**22, max_num_batched_tokens=16, enable_prefix_caching=False)
+
+
+@pytest.fixture(scope="module")
+def token_ids() -> list[int]:
+    return torch.randint(0, 49152, (NUM_TOKENS,), generator=torch.Generator().manual_seed(3)).tolist()
+
+
+def direct_nll(folder: Path, token_ids: list[int], windows: list[Window]) -> float:
+    """Summed NLL of each window's scored tokens from one full-context forward over that window alone."""
+    checkpoint = load_checkpoint(folder, torch.float32)
+    total = 0.0
+    for w in windows:
+        logits = forward_logits(checkpoint.config, checkpoint.weights, torch.tensor([token_ids[w.begin : w.end]]))[0]
+        logprobs = torch.log_softmax(logits.double(), dim=-1)
+        for position in range(w.first_scored, w.end):
+            total -= logprobs[position - 1 - w.begin, token_ids[position]].item()
+    return total
+
+
+def test_whole_text_window_equals_exp_mean_nll(tiny_llm: LLM, tiny_llama_dir: Path, token_ids: list[int]) -> None:
+    result = perplexity(tiny_llm, token_ids, window=64, stride=64)
+    expected_nll = direct_nll(tiny_llama_dir, token_ids, [Window(0, NUM_TOKENS, 1)]) / (NUM_TOKENS - 1)
+    assert result.tokens_scored == NUM_TOKENS - 1 and result.windows == 1
+    assert result.mean_nll == pytest.approx(expected_nll, rel=1e-4)
+    assert result.perplexity == pytest.approx(math.exp(expected_nll), rel=1e-4)
+
+
+def test_strided_windows_match_direct_computation(tiny_llm: LLM, tiny_llama_dir: Path, token_ids: list[int]) -> None:
+    windows = sliding_windows(NUM_TOKENS, 20, 8)
+    result = perplexity(tiny_llm, token_ids, window=20, stride=8)
+    expected_nll = direct_nll(tiny_llama_dir, token_ids, windows) / (NUM_TOKENS - 1)
+    assert result.windows == len(windows) > 1
+    assert result.mean_nll == pytest.approx(expected_nll, rel=1e-4)
+    # Less context per prediction than one whole-text window: a different number.
+    whole = perplexity(tiny_llm, token_ids, window=64, stride=64)
+    assert result.mean_nll != pytest.approx(whole.mean_nll, rel=1e-6)
+
+
+@given(st.integers(2, 300), st.integers(2, 64), st.data())
+def test_every_token_but_the_first_is_scored_once(num_tokens: int, window: int, data: st.DataObject) -> None:
+    stride = data.draw(st.integers(1, window))
+    windows = sliding_windows(num_tokens, window, stride)
+    scored = [p for w in windows for p in range(w.first_scored, w.end)]
+    assert scored == list(range(1, num_tokens))
+    for w in windows:
+        assert w.begin <= w.first_scored and w.end - w.begin <= window
+    assert windows[-1].end == num_tokens
+
+
+def test_bad_window_settings_are_rejected() -> None:
+    with pytest.raises(ValueError):
+        sliding_windows(10, 8, 9)
+    with pytest.raises(ValueError):
+        sliding_windows(1, 8, 4)
+
+
+def test_cli_scores_a_text_file_and_writes_json(tiny_llm: LLM, tiny_llama_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    text = tmp_path / "text.txt"
+    text.write_text("The paged cache keeps every block of keys and values once. " * 4, encoding="utf-8")
+    output = tmp_path / "result.json"
+    argv = ["eval", "perplexity", "--model", str(tiny_llama_dir), "--text", str(text), "--window", "32", "--stride", "16"]
+    assert main([*argv, "--kv-cache-memory", str(2**22), "--output-json", str(output), "--variant", "tiny"]) == 0
+    document = json.loads(output.read_text())["runs"][0]
+    num_tokens = len(tiny_llm.tokenizer.encode(text.read_text(encoding="utf-8"), add_special_tokens=False))
+    assert document["kind"] == "perplexity"
+    assert document["results"]["tokens_scored"] == num_tokens - 1
+    assert document["results"]["perplexity"] == pytest.approx(math.exp(document["results"]["mean_nll"]))
+    assert document["settings"]["window"] == 32 and document["settings"]["enable_prefix_caching"] is False
+    assert document["settings"]["variant"] == "tiny"
+    assert "perplexity" in capsys.readouterr().out

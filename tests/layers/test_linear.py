@@ -1,0 +1,101 @@
+"""QuantizedLinear: PyTorch's int8/int4 CPU kernels agree with the plain dequantize-then-matmul path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pagedllm.layers.linear import QuantizedLinear, kernel_representable, weight_only_kernels_available
+from pagedllm.layers.quantization import QuantizedWeight, dequantize, quantize_int4, quantize_int8
+
+IN_FEATURES, OUT_FEATURES = 256, 96
+
+
+def make_weight(kind: str) -> QuantizedWeight:
+    weight = torch.randn(OUT_FEATURES, IN_FEATURES, generator=torch.Generator().manual_seed(0))
+    if kind == "int8":
+        return quantize_int8(weight)
+    return quantize_int4(weight, int(kind.split("-g")[1]))
+
+
+def inputs(rows: int, dtype: torch.dtype) -> torch.Tensor:
+    return torch.randn(rows, IN_FEATURES, generator=torch.Generator().manual_seed(rows)).to(dtype)
+
+
+def test_the_cpu_kernels_are_available_here() -> None:
+    # The agreement tests below would compare the reference path with itself otherwise.
+    assert weight_only_kernels_available(torch.device("cpu"))
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4-g32", "int4-g128"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("rows", [1, 8])
+@pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
+def test_kernel_path_matches_reference_path(kind: str, dtype: torch.dtype, rows: int, with_bias: bool) -> None:
+    weight = make_weight(kind)
+    bias = torch.randn(OUT_FEATURES) if with_bias else None
+    fast = QuantizedLinear(weight, bias, dtype, dense_min_rows=0)
+    reference = QuantizedLinear(weight, bias, dtype, dense_min_rows=0, use_kernels=False)
+    assert fast.use_kernels and not reference.use_kernels
+    x = inputs(rows, dtype)
+    got, expected = fast(x), reference(x)
+    assert got.dtype == expected.dtype == dtype and got.shape == (rows, OUT_FEATURES)
+    # The kernels take bfloat16 activations and return bfloat16: about 3 significant digits.
+    assert (got.float() - expected.float()).abs().max() <= 1e-2 * expected.float().abs().max()
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4-g64"])
+def test_reference_path_is_f_linear_on_the_dequantized_weight(kind: str) -> None:
+    weight = make_weight(kind)
+    bias = torch.randn(OUT_FEATURES)
+    layer = QuantizedLinear(weight, bias, torch.float32, use_kernels=False)
+    x = inputs(3, torch.float32)
+    expected = F.linear(x, dequantize(kernel_representable(weight)), bias)
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+    moved = (dequantize(kernel_representable(weight)) - dequantize(weight)).abs().max()
+    if kind == "int8":
+        # quantize_int8 picks bfloat16 scales already.
+        assert moved == 0
+    else:
+        # Rounding int4 scales and zero points to bfloat16, as the kernel stores them, moves weights by far less
+        # than a step.
+        assert 0 < moved <= weight.scales.max() / 16
+
+
+def test_kernel_path_keeps_the_leading_dimensions() -> None:
+    layer = QuantizedLinear(make_weight("int4-g32"), None, torch.float32)
+    x = torch.randn(2, 3, IN_FEATURES)
+    torch.testing.assert_close(layer(x), layer(x.reshape(6, IN_FEATURES)).reshape(2, 3, OUT_FEATURES))
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4-g32"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_dense_copy_serves_inputs_from_the_threshold_up(kind: str, dtype: torch.dtype) -> None:
+    weight = make_weight(kind)
+    bias = torch.randn(OUT_FEATURES)
+    layer = QuantizedLinear(weight, bias, dtype, dense_min_rows=4)
+    kernel_only = QuantizedLinear(weight, bias, dtype, dense_min_rows=0)
+    reference = QuantizedLinear(weight, bias, dtype, use_kernels=False)
+    assert layer.dense is not None and layer.dense.dtype == dtype and kernel_only.dense is None
+    for rows in (1, 3):
+        x = inputs(rows, dtype)
+        assert torch.equal(layer(x), kernel_only(x)), rows
+    for rows in (4, 9):
+        x = inputs(rows, dtype)
+        assert torch.equal(layer(x), F.linear(x, layer.dense, layer.bias)), rows
+        # The dense copy holds the quantized weights, not the original ones.
+        torch.testing.assert_close(layer(x), reference(x), rtol=1e-5, atol=1e-5)
+
+
+def test_dense_copy_costs_memory_only_when_asked_for() -> None:
+    weight = make_weight("int4-g32")
+
+    def nbytes(layer: QuantizedLinear) -> int:
+        return sum(t.numel() * t.element_size() for t in layer.state_dict().values())
+
+    without = nbytes(QuantizedLinear(weight, None, torch.float32, dense_min_rows=0))
+    with_copy = nbytes(QuantizedLinear(weight, None, torch.float32, dense_min_rows=8))
+    # 4 bits per weight plus a bfloat16 scale and zero per group of 32.
+    assert without == OUT_FEATURES * IN_FEATURES // 2 + OUT_FEATURES * IN_FEATURES // 32 * 2 * 2
+    assert with_copy == without + OUT_FEATURES * IN_FEATURES * 4
