@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from pagedllm.engine.engine import EngineStats, LLMEngine
+from pagedllm.engine.host_memory import release_freed_memory
 from pagedllm.engine.output import RequestOutput
 from pagedllm.errors import EngineOverloadedError, EngineStepError, EngineUnavailableError, PagedLLMError
 from pagedllm.model.tokenizer import Tokenizer
@@ -233,6 +234,8 @@ class AsyncLLMEngine:
             while self._apply_commands(block=not self.engine.has_unfinished_requests()):
                 if self.engine.has_unfinished_requests():
                     self._step()
+                    if not self.engine.has_unfinished_requests():
+                        release_freed_memory()  # idle now: the steps' freed activations go back to the OS
                 self._stats = self.engine.stats()
         except Exception:
             logger.exception("the engine loop died")

@@ -11,6 +11,7 @@ import torch
 from pagedllm.config import EngineConfig, ModelConfig
 from pagedllm.engine.beam_search import BeamSearch, hypothesis_sequences
 from pagedllm.engine.block_manager import BlockManager
+from pagedllm.engine.host_memory import limit_malloc_arenas, release_freed_memory
 from pagedllm.engine.model_runner import ModelRunner, StepResult, kv_cache_bytes_per_block
 from pagedllm.engine.output import RequestOutput, append_token, make_request_output
 from pagedllm.engine.prefix_cache import PrefixCache
@@ -47,6 +48,8 @@ class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.device = torch.device("cpu")
+        # The engine thread's step transients share the loader's heap instead of keeping one of their own.
+        limit_malloc_arenas(1)
         if config.num_threads:
             torch.set_num_threads(config.num_threads)  # process-wide, once: the math's threads never outnumber them
         path = resolve_model_path(config.model)
@@ -66,6 +69,7 @@ class LLMEngine:
         self.weight_bytes = model.weight_bytes()
         logger.info("weights: %.1f MiB (quantization %s)", self.weight_bytes / 2**20, config.quantization)
         del checkpoint
+        release_freed_memory()  # the loader's dequantized copies: freed, but resident until returned
         self.num_blocks = self._num_blocks()
         salt = f"{path.name}:{config.dtype}:{config.kv_cache_dtype}:{config.quantization}:{config.quant_group_size}"
         prefix_cache = PrefixCache(config.block_size, salt=salt) if config.enable_prefix_caching else None

@@ -128,6 +128,8 @@ class PagedAttention(nn.Module):
         write_kv(self.k_cache, self.v_cache, k, v, meta.slot_mapping)
         # A fresh prefill may skip reading back its own K/V only where the pool stores them unrounded.
         attend_new = self.impl == "fast" and not isinstance(self.k_cache, QuantizedKVPool)
+        # A rotated pool holds K H and V H: q H . k H = q . k, and the output comes back as (attention . v) H.
+        q = cache_basis(self.k_cache, q)
         out = torch.empty_like(q)
         first_prefill = 0
         if self.impl == "fast" and meta.num_decodes:
@@ -141,7 +143,7 @@ class PagedAttention(nn.Module):
                 keys = gather_context(self.k_cache, meta.block_tables[i], meta.context_lens[i])
                 values = gather_context(self.v_cache, meta.block_tables[i], meta.context_lens[i])
             out[start:end] = self._attend_one(q[start:end], keys, values)
-        return out.flatten(1)
+        return cache_basis(self.v_cache, out).flatten(1)
 
     def _attend_one(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Causal attention of the last len(q) positions of one sequence over its len(k) keys."""
@@ -176,6 +178,11 @@ def write_kv(k_cache: KVPool, v_cache: KVPool, k: torch.Tensor, v: torch.Tensor,
             cache.write(x, slots)
         else:
             cache.view(-1, *x.shape[1:]).index_copy_(0, slots, x)
+
+
+def cache_basis(cache: KVPool, x: torch.Tensor) -> torch.Tensor:
+    """x [..., head_dim] in the basis the pool stores entries in (a quantized pool may rotate them); its own inverse."""
+    return cache.rotate(x) if isinstance(cache, QuantizedKVPool) else x
 
 
 def read_blocks(cache: KVPool, block_ids: torch.Tensor) -> torch.Tensor:

@@ -4,6 +4,14 @@ Each (token, kv-head) vector x of head_dim values is stored as codes q in [0, 2*
 x ≈ (q - zero) * scale. The range quantized is [min(x, 0), max(x, 0)]: it holds 0, so the integer zero point
 always lies in [0, 2**bits - 1] and fits a uint8 (a float zero would cost a byte more per token-head, and for
 head_dim 64 take the int8 cache under 1.9x the tokens of a bfloat16 one).
+
+A pool rotates each vector by an orthonormal Hadamard matrix H before quantizing it (as QuaRot does): RoPE'd keys
+carry a few outlier channels that set a row's min-max range alone; rotated, their energy spreads over every channel
+and the per-row range shrinks. H is symmetric and orthonormal, so attention runs unchanged on q H against the
+stored K H and V H, and one more product by H turns its output back: a cost per new token, not per cached one.
+Measured on SmolLM2-135M (8192 ShareGPT tokens), it takes int4's perplexity increase over bfloat16 from +14.8%
+to +5.5%; int8 stays within +0.1%. A float16 minimum in place of the uint8 zero point, tried with the rotation,
+did not help int4 (+6.5% against +5.3%, both measured on a simulated cache), so the format is unchanged.
 """
 
 from __future__ import annotations
@@ -61,6 +69,16 @@ def dequantize(entries: QuantizedKV, bits: int, dtype: torch.dtype) -> torch.Ten
     return values.sub_(entries.zeros.to(torch.float32).unsqueeze(-1) * scale).to(dtype)
 
 
+def hadamard(n: int) -> torch.Tensor:
+    """The orthonormal, symmetric n x n Hadamard matrix (Sylvester construction scaled by n**-0.5), float32."""
+    if n < 1 or n & (n - 1):
+        raise ValueError(f"a Sylvester Hadamard matrix needs a power-of-two size, got {n}")
+    h = torch.ones(1, 1)
+    while h.shape[0] < n:
+        h = torch.cat((torch.cat((h, h), 1), torch.cat((h, -h), 1)), 0)
+    return h / n**0.5
+
+
 def pack_int4(codes: torch.Tensor) -> torch.Tensor:
     """Two 4-bit codes per byte: the first half of the last dimension in the low nibbles, the second in the high.
 
@@ -72,7 +90,11 @@ def pack_int4(codes: torch.Tensor) -> torch.Tensor:
 
 
 class QuantizedKVPool:
-    """One layer's K or V pool, [num_blocks, block_size, num_kv_heads, head_dim] stored quantized."""
+    """One layer's K or V pool, [num_blocks, block_size, num_kv_heads, head_dim] stored quantized.
+
+    Entries are stored, and read back, rotated by `rotation` (see `rotate`); a head_dim that is not a power of two
+    has no Sylvester Hadamard matrix, and its pool stores entries unrotated (`rotation` is None).
+    """
 
     def __init__(
         self,
@@ -95,6 +117,13 @@ class QuantizedKVPool:
         self.codes = torch.zeros(*rows, head_dim * bits // 8, dtype=torch.uint8, device=device)
         self.scales = torch.zeros(rows, dtype=torch.float16, device=device)
         self.zeros = torch.zeros(rows, dtype=torch.uint8, device=device)
+        self.rotation = hadamard(head_dim).to(device) if head_dim & (head_dim - 1) == 0 else None
+
+    def rotate(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., head_dim] in the basis the pool stores entries in, in x's dtype; the rotation is its own inverse."""
+        if self.rotation is None:
+            return x
+        return (x.float() @ self.rotation).to(x.dtype)
 
     @staticmethod
     def bytes_per_token(num_kv_heads: int, head_dim: int, bits: int) -> int:
@@ -110,13 +139,13 @@ class QuantizedKVPool:
         return self.codes, self.scales, self.zeros
 
     def write(self, x: torch.Tensor, slots: torch.Tensor) -> None:
-        """Quantize x [T, kv_heads, head_dim] into flat slots (block * block_size + offset)."""
-        entries = quantize(x, self.bits)
+        """Rotate and quantize x [T, kv_heads, head_dim] into flat slots (block * block_size + offset)."""
+        entries = quantize(self.rotate(x.float()), self.bits)
         for pool, new in zip(self.tensors(), (entries.codes, entries.scales, entries.zeros)):
             pool.view(-1, *pool.shape[2:]).index_copy_(0, slots, new)
 
     def read(self, block_ids: torch.Tensor) -> torch.Tensor:
-        """The dequantized entries of the given blocks, [*block_ids.shape, block_size, kv_heads, head_dim]."""
+        """The given blocks' entries dequantized, still rotated: [*block_ids.shape, block_size, kv_heads, head_dim]."""
         entries = QuantizedKV(_gather_rows(self.codes, block_ids), self.scales[block_ids], self.zeros[block_ids])
         return dequantize(entries, self.bits, self.dtype)
 

@@ -26,11 +26,12 @@ class LlamaAttention(nn.Module):
         self.attn = PagedAttention(config.num_heads, config.num_kv_heads, config.head_dim, attention_impl)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(q.shape[0], -1, self.head_dim)
-        k = k.view(k.shape[0], -1, self.head_dim)
-        v = v.view(v.shape[0], -1, self.head_dim)
-        q, k = self.rotary(positions, q, k)
+        qkv = self.qkv_proj(hidden)
+        num_tokens, qk_size = qkv.shape[0], self.q_size + self.kv_size
+        # Queries and keys rotate together: one set of ops for both.
+        qk = self.rotary.rotate(positions, qkv[:, :qk_size].view(num_tokens, -1, self.head_dim))
+        q, k = qk.split([self.q_size // self.head_dim, self.kv_size // self.head_dim], dim=1)
+        v = qkv[:, qk_size:].view(num_tokens, -1, self.head_dim)
         return self.o_proj(self.attn(q, k, v, meta))
 
 

@@ -1,8 +1,11 @@
 """Activation-aware int4 weight quantization (AWQ, Lin et al. 2023): per-input-channel scales from calibration.
 
 Channels that see large activations matter most, so each group of linears sharing one input is multiplied
-by s = mean|x|^α per input channel before int4 rounding, and 1/s is folded into the op that produces that
-input; α is searched per group to minimise the error of the quantized group's output on calibration data.
+by s = mean|x|^α per input channel before int4 rounding (or, with duo scaling, by mean|x|^α / mean|ŵ|^(1-α),
+ŵ: weights relative to their group's largest), and 1/s is folded into the op that produces that input; α is
+searched per group to minimise the error of the quantized group's output on calibration data. Each quantization
+group's range is then clipped against the same objective. Output errors come from the inputs' second moment
+E[x xᵀ], so a candidate costs one [out, in] x [in, in] product whatever the number of calibration rows.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pagedllm.config import ModelConfig
-from pagedllm.layers.quantization import Int4Weight, dequantize, int4_group_size, quantize_int4
+from pagedllm.layers.quantization import INT4_LEVELS, Int4Weight, dequantize, int4_group_size, quantize_int4
 from pagedllm.layers.rotary import RotaryEmbedding
 from pagedllm.quantize.dense_model import Weights, embed, layer_forward, layer_prefix, make_rotary
 
@@ -29,8 +32,18 @@ LINEAR_NAMES = (
     "mlp.up_proj",
     "mlp.down_proj",
 )
-# Clipping is not searched for q and k: the attention logits amplify their errors (AutoAWQ skips them too).
-UNCLIPPED = ("self_attn.q_proj", "self_attn.k_proj")
+# q and k are clipped less: the attention logits amplify their errors (AutoAWQ does not clip them at all).
+MILDLY_CLIPPED = ("self_attn.q_proj", "self_attn.k_proj")
+# The input (as dense_model.layer_forward's capture names it) each linear sees.
+INPUT_OF = {
+    "self_attn.q_proj": "qkv",
+    "self_attn.k_proj": "qkv",
+    "self_attn.v_proj": "qkv",
+    "self_attn.o_proj": "o_proj",
+    "mlp.gate_proj": "gate_up",
+    "mlp.up_proj": "gate_up",
+    "mlp.down_proj": "down_proj",
+}
 # Keeps s finite where a channel's mean |x| is 0.
 MIN_SCALE = 1e-4
 
@@ -38,14 +51,15 @@ MIN_SCALE = 1e-4
 @dataclass(frozen=True)
 class AWQSettings:
     group_size: int = 128
-    grid_points: int = 21  # α = 0, 0.05, ..., 1
-    max_rows: int = 2048  # calibration rows per group kept for the output-error objective
+    grid_points: int = 20  # α = 0, 0.05, ..., 0.95
+    duo_scaling: bool = False  # s = mean|x|^α / mean|ŵ|^(1-α) (AutoAWQ) instead of mean|x|^α
+    max_rows: int = 4096  # calibration rows per group whose second moment is the objective
     batch_sequences: int = 16  # calibration sequences run through a layer at once
     seed: int = 0
-    clip: bool = True  # also search each group's clipping range (the paper's second step)
-    clip_steps: int = 20  # ranges tried, shrinking |w| max by up to `clip_max_shrink`
-    clip_max_shrink: float = 0.5
-    clip_rows: int = 512
+    clip: bool = True  # also search each group's quantization range (the paper's second step)
+    clip_steps: int = 7  # shrinks tried per end of a group's range, down to `clip_max_shrink`
+    clip_max_shrink: float = 0.3
+    qk_max_shrink: float = 0.0  # none or milder for q and k, whose errors the attention logits amplify
 
 
 @dataclass(frozen=True)
@@ -61,16 +75,16 @@ class ScaleGroup:
 @dataclass(frozen=True)
 class ScaleSearch:
     scales: torch.Tensor  # [in_features], float32
-    alpha: float
+    alpha: float | None  # None where no scaling beat plain min-max int4 (the scales are then ones)
     error: float  # mean squared output error of the quantized group with these scales
-    minmax_error: float  # the same without scaling (α = 0: plain min-max int4)
+    minmax_error: float  # the same without scaling (plain min-max int4)
 
 
 @dataclass
 class AWQReport:
     """The α chosen per layer and group, and the calibration error with and without scaling."""
 
-    alphas: dict[str, float] = field(default_factory=dict)
+    alphas: dict[str, float | None] = field(default_factory=dict)
     errors: dict[str, tuple[float, float]] = field(default_factory=dict)
 
 
@@ -103,70 +117,132 @@ def fold_scales(weights: Weights, group: ScaleGroup, scales: torch.Tensor) -> No
         weights[bias] = weights[bias] / scales
 
 
-def quantization_error(x: torch.Tensor, weight: torch.Tensor, reference: torch.Tensor, scales: torch.Tensor, group_size: int) -> float:
-    """Mean squared difference between x Wᵀ and (x / s) Q(W diag(s))ᵀ."""
-    quantized = dequantize(quantize_int4(weight * scales, group_size)) / scales
-    return (x @ quantized.T - reference).pow(2).mean().item()
+def output_error(weight: torch.Tensor, approximation: torch.Tensor, moment: torch.Tensor) -> float:
+    """Mean squared output error E[(x Wᵀ - x Ŵᵀ)²] per output, from the inputs' second moment E[x xᵀ] [in, in]."""
+    difference = weight - approximation
+    return ((difference @ moment) * difference).sum().item() / weight.shape[0]
 
 
-def search_scales(x: torch.Tensor, mean_abs: torch.Tensor, weight: torch.Tensor, group_size: int, grid_points: int) -> ScaleSearch:
-    """Grid-search α in [0, 1] for s = mean|x|^α (normalised so that max(s)·min(s) = 1) on rows x [n, in]."""
-    reference = x @ weight.T
+def weight_magnitude(weight: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Per input channel, the mean over output rows of |w| relative to the largest |w| of its quantization group."""
+    out_features, in_features = weight.shape
+    groups = weight.abs().reshape(out_features, -1, group_size)
+    relative = groups / groups.amax(dim=2, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
+    return relative.reshape(out_features, in_features).mean(0)
+
+
+def candidate_scales(mean_abs: torch.Tensor, magnitude: torch.Tensor | None, alpha: float) -> torch.Tensor:
+    """s = mean|x|^α / magnitude^(1-α) (mean|x|^α without a magnitude), normalised so that max(s)·min(s) = 1."""
+    scales = mean_abs.clamp(min=MIN_SCALE).pow(alpha)
+    if magnitude is not None:
+        scales = scales / magnitude.clamp(min=MIN_SCALE).pow(1 - alpha)
+    return scales / (scales.max() * scales.min()).sqrt()
+
+
+def search_scales(
+    moment: torch.Tensor, mean_abs: torch.Tensor, weight: torch.Tensor, group_size: int, grid_points: int, duo_scaling: bool
+) -> ScaleSearch:
+    """Grid-search α in [0, 1) for the scales that minimise the output error of min-max int4 under the inputs'
+    second moment; no scaling at all is a candidate too, so the search never loses to plain min-max."""
     ones = torch.ones_like(mean_abs)
-    minmax_error = quantization_error(x, weight, reference, ones, group_size)
-    best = ScaleSearch(ones, 0.0, minmax_error, minmax_error)
-    for alpha in torch.linspace(0, 1, grid_points).tolist()[1:]:
-        scales = mean_abs.clamp(min=MIN_SCALE).pow(alpha)
-        scales = scales / (scales.max() * scales.min()).sqrt()
-        error = quantization_error(x, weight, reference, scales, group_size)
+    minmax_error = output_error(weight, dequantize(quantize_int4(weight, group_size)), moment)
+    best = ScaleSearch(ones, None, minmax_error, minmax_error)
+    magnitude = weight_magnitude(weight, group_size) if duo_scaling else None
+    for alpha in (step / grid_points for step in range(grid_points)):
+        scales = candidate_scales(mean_abs, magnitude, alpha)
+        error = output_error(weight, dequantize(quantize_int4(weight * scales, group_size)) / scales, moment)
         if error < best.error:
             best = ScaleSearch(scales, alpha, error, minmax_error)
     return best
 
 
-def clip_weight(weight: torch.Tensor, x: torch.Tensor, group_size: int, steps: int, max_shrink: float) -> torch.Tensor:
-    """Clamp each run of `group_size` weights to ±r·max|w| with the r in [1 - max_shrink, 1] that minimises
-    the squared error of that group's partial outputs x_g w_gᵀ after int4 rounding, per output row."""
+def group_moments(moment: torch.Tensor, group_size: int) -> torch.Tensor:
+    """The diagonal blocks [groups, group_size, group_size] of a second moment: all one group's error depends on."""
+    groups = moment.shape[0] // group_size
+    blocks = moment.reshape(groups, group_size, groups, group_size).diagonal(dim1=0, dim2=2)
+    return blocks.permute(2, 0, 1)
+
+
+def _group_errors(difference: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """[out, groups] output error of each group's weight difference [out, groups, group_size]."""
+    return torch.einsum("ogk,gkl,ogl->og", difference, blocks, difference)
+
+
+def _round_to_range(groups: torch.Tensor, low: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """Levels 0..15 nearest to each weight on the grid low + q·step ([out, groups, 1] low and step)."""
+    return torch.round((groups - low) / step).clamp(0, INT4_LEVELS)
+
+
+def quantize_weighted(weight: torch.Tensor, moment: torch.Tensor, group_size: int, clip_steps: int, max_shrink: float) -> Int4Weight:
+    """Int4 groups chosen for their output error under the inputs' second moment rather than for the weights'
+    own: each group's range [min, max] is clipped to the best of [(1-a)·min, (1-b)·max] for a, b on a grid
+    in [0, max_shrink]."""
     out_features, in_features = weight.shape
-    groups = weight.reshape(out_features, -1, group_size)
-    x_groups = x.reshape(x.shape[0], -1, group_size)
-    reference = torch.einsum("ngk,ogk->ogn", x_groups, groups)
-    abs_max = groups.abs().amax(dim=2, keepdim=True)
-    best_error = torch.full(abs_max.shape[:2], float("inf"))
-    best_max = abs_max.clone()
-    for step in range(steps):
-        limit = abs_max * (1 - max_shrink * step / steps)
-        clipped = torch.clamp(groups, -limit, limit)
-        rounded = dequantize(quantize_int4(clipped.reshape(out_features, in_features), group_size))
-        partial = torch.einsum("ngk,ogk->ogn", x_groups, rounded.reshape_as(groups))
-        error = (partial - reference).pow(2).mean(dim=2)
-        better = error < best_error
-        best_error = torch.where(better, error, best_error)
-        best_max = torch.where(better[..., None], limit, best_max)
-    return torch.clamp(groups, -best_max, best_max).reshape(out_features, in_features)
+    groups = weight.float().reshape(out_features, -1, group_size)
+    blocks = group_moments(moment, group_size)
+    plain = quantize_int4(weight, group_size)
+    low, step = plain.mins[..., None], plain.scales[..., None]
+    levels = plain.q.float().reshape_as(groups)
+    best = _group_errors(levels * step + low - groups, blocks)
+    group_min, group_max = groups.amin(dim=2, keepdim=True), groups.amax(dim=2, keepdim=True)
+    shrinks = torch.linspace(0, max_shrink, clip_steps).tolist()
+    for low_shrink in shrinks:
+        for high_shrink in shrinks:
+            # Shrinking a bound towards 0 only clips when the group reaches past 0 on that side.
+            new_low = torch.where(group_min < 0, group_min * (1 - low_shrink), group_min)
+            new_high = torch.where(group_max > 0, group_max * (1 - high_shrink), group_max)
+            new_step = (new_high - new_low) / INT4_LEVELS
+            new_step = torch.where(new_step > 0, new_step, torch.ones_like(new_step))
+            low, step, levels, best = _keep_better(groups, blocks, best, (low, step, levels), new_low, new_step)
+    return Int4Weight(levels.to(torch.uint8).reshape(out_features, in_features), step[..., 0], low[..., 0], group_size)
+
+
+def _keep_better(
+    groups: torch.Tensor,
+    blocks: torch.Tensor,
+    best: torch.Tensor,
+    current: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    new_low: torch.Tensor,
+    new_step: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(low, step, levels, error) per group: the current ones or the grid (new_low, new_step), whichever errs less."""
+    low, step, levels = current
+    new_levels = _round_to_range(groups, new_low, new_step)
+    error = _group_errors(new_levels * new_step + new_low - groups, blocks)
+    better = (error < best)[..., None]
+    return (
+        torch.where(better, new_low, low),
+        torch.where(better, new_step, step),
+        torch.where(better, new_levels, levels),
+        torch.minimum(error, best),
+    )
 
 
 class _GroupInputs:
-    """Per-channel mean |x| over every calibration token, and a fixed sample of rows for the objective."""
+    """Per-channel mean |x| over every calibration token, and the second moment of a fixed sample of rows."""
 
     def __init__(self, rows: torch.Tensor) -> None:
         self.rows = rows  # sorted flat token indices to keep
         self.abs_sum = torch.zeros(())
         self.count = 0
-        self.kept: list[torch.Tensor] = []
+        self.moment_sum = torch.zeros(())
+        self.kept = 0
 
     def add(self, x: torch.Tensor, first_token: int) -> None:
         flat = x.reshape(-1, x.shape[-1])
         self.abs_sum = self.abs_sum + flat.abs().sum(0)
         self.count += flat.shape[0]
         in_batch = self.rows[(self.rows >= first_token) & (self.rows < first_token + flat.shape[0])] - first_token
-        self.kept.append(flat[in_batch])
+        sample = flat[in_batch]
+        self.moment_sum = self.moment_sum + sample.T @ sample
+        self.kept += sample.shape[0]
 
     def mean_abs(self) -> torch.Tensor:
         return self.abs_sum / self.count
 
-    def sample(self) -> torch.Tensor:
-        return torch.cat(self.kept)
+    def moment(self) -> torch.Tensor:
+        """E[x xᵀ] over the sampled rows, [in, in]."""
+        return self.moment_sum / self.kept
 
 
 def _run_layer(
@@ -184,8 +260,7 @@ def _run_layer(
     for start in range(0, hidden.shape[0], batch_sequences):
 
         def capture(name: str, x: torch.Tensor, first: int = start * tokens_per_sequence) -> None:
-            if name in inputs:
-                inputs[name].add(x, first)
+            inputs[name].add(x, first)
 
         outputs.append(layer_forward(config, weights, index, hidden[start : start + batch_sequences], rotary, capture))
     return torch.cat(outputs)
@@ -207,49 +282,41 @@ def awq_quantize(
     report = AWQReport()
     quantized: dict[str, torch.Tensor | Int4Weight] = {}
     for index in tqdm(range(config.num_layers), desc="AWQ", unit="layer"):
-        groups = scale_groups(config, index)
         rows = torch.randperm(num_rows, generator=generator)[: settings.max_rows].sort().values
-        inputs = {group.name: _GroupInputs(rows) for group in groups}
+        inputs = {name: _GroupInputs(rows) for name in set(INPUT_OF.values())}
         # Folding scales leaves the float layer's function unchanged, so this output feeds the next layer.
-        next_hidden = _run_layer(config, working, index, hidden, rotary, settings.batch_sequences, inputs)
-        chosen: dict[str, torch.Tensor] = {}
-        for group in groups:
+        hidden = _run_layer(config, working, index, hidden, rotary, settings.batch_sequences, inputs)
+        # What each linear's folded weight sees: x / s, whose second moment is E[x xᵀ] / (s sᵀ).
+        moments = {name: stats.moment() for name, stats in inputs.items()}
+        for group in scale_groups(config, index):
             weight = torch.cat([working[name + ".weight"] for name in group.linears])
             group_size = int4_group_size(weight.shape[1], settings.group_size)
-            found = search_scales(inputs[group.name].sample(), inputs[group.name].mean_abs(), weight, group_size, settings.grid_points)
+            stats = inputs[group.name]
+            found = search_scales(
+                moments[group.name], stats.mean_abs(), weight, group_size, settings.grid_points, settings.duo_scaling
+            )
             fold_scales(working, group, found.scales)
-            chosen[group.name] = found.scales
+            moments[group.name] = moments[group.name] / (found.scales[:, None] * found.scales[None, :])
             key = f"{index}.{group.name}"
             report.alphas[key] = found.alpha
             report.errors[key] = (found.error, found.minmax_error)
-            logger.debug("layer %s: alpha %.2f, error %.3g (min-max %.3g)", key, found.alpha, found.error, found.minmax_error)
-        if settings.clip:
-            _clip_layer(working, index, groups, inputs, chosen, settings)
+            logger.debug("layer %s: alpha %s, error %.3g (min-max %.3g)", key, found.alpha, found.error, found.minmax_error)
         del inputs
-        hidden = next_hidden
+        # Only now: a later group's fold rescales the rows of an earlier group's linear (down_proj's, up_proj's).
         for name in LINEAR_NAMES:
             full = layer_prefix(index) + name + ".weight"
-            weight = working.pop(full)
-            quantized[full] = to_storage_precision(quantize_int4(weight, int4_group_size(weight.shape[1], settings.group_size)))
+            quantized[full] = to_storage_precision(_quantize_linear(working.pop(full), moments[INPUT_OF[name]], name, settings))
     quantized.update(working)
     return quantized, report
+
+
+def _quantize_linear(weight: torch.Tensor, moment: torch.Tensor, name: str, settings: AWQSettings) -> Int4Weight:
+    group_size = int4_group_size(weight.shape[1], settings.group_size)
+    clip_steps = settings.clip_steps if settings.clip else 1
+    max_shrink = settings.qk_max_shrink if name in MILDLY_CLIPPED else settings.clip_max_shrink
+    return quantize_weighted(weight, moment, group_size, clip_steps, max_shrink)
 
 
 def to_storage_precision(weight: Int4Weight) -> Int4Weight:
     """Scales and mins rounded through float16, as the checkpoint keeps them."""
     return Int4Weight(weight.q, weight.scales.half().float(), weight.mins.half().float(), weight.group_size)
-
-
-def _clip_layer(
-    working: Weights, index: int, groups: list[ScaleGroup], inputs: dict[str, _GroupInputs], scales: dict[str, torch.Tensor], settings: AWQSettings
-) -> None:
-    """Clip the folded weights of the layer's linears (but q and k) against their calibration inputs."""
-    for group in groups:
-        # A folded weight W diag(s) sees x / s (row scaling by a later fold does not change its input).
-        scaled_x = inputs[group.name].sample()[: settings.clip_rows] / scales[group.name]
-        for name in group.linears:
-            if name.removeprefix(layer_prefix(index)) in UNCLIPPED:
-                continue
-            weight = working[name + ".weight"]
-            group_size = int4_group_size(weight.shape[1], settings.group_size)
-            working[name + ".weight"] = clip_weight(weight, scaled_x, group_size, settings.clip_steps, settings.clip_max_shrink)

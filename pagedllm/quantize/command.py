@@ -31,6 +31,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--clip", action=argparse.BooleanOptionalAction, default=True, help="also search each weight group's clipping range"
     )
+    parser.add_argument(
+        "--duo-scaling",
+        action=argparse.BooleanOptionalAction,
+        default=AWQSettings.duo_scaling,
+        help="scales from activation and weight magnitudes (else from activations only)",
+    )
     parser.add_argument("--out", type=Path, required=True, help="folder to write the checkpoint to")
 
 
@@ -53,7 +59,12 @@ def quantize_model(model: str | None, out: Path, settings: AWQSettings, calib_sa
 
 def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
-    settings = AWQSettings(group_size=args.group_size, grid_points=args.grid_points, clip=args.clip)
+    settings = AWQSettings(
+        group_size=args.group_size,
+        grid_points=args.grid_points,
+        clip=args.clip,
+        duo_scaling=args.duo_scaling,
+    )
     report = quantize_model(args.model, args.out, settings, args.calib_samples, args.calib_seq_len)
     errors = list(report.errors.values())
     improvement = sum(minmax / max(error, 1e-30) for error, minmax in errors) / len(errors)

@@ -15,8 +15,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pagedllm.layers.attention import AttentionMetadata, PagedAttention, gather_context
-from pagedllm.layers.kv_quant import KV_CACHE_BITS, QuantizedKVPool, dequantize, quantize
+from pagedllm.layers.attention import AttentionMetadata, PagedAttention, cache_basis, gather_context
+from pagedllm.layers.kv_quant import KV_CACHE_BITS, QuantizedKVPool
 
 
 def dense_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -59,7 +59,8 @@ def run_step(
 ) -> StepResult:
     """seqs: (context_len after the step, new tokens this step); the same seed gives the same data to any impl.
 
-    With a quantized cache the dense reference attends to the K/V as stored (quantized, then dequantized).
+    With a quantized cache the dense reference attends to the K/V as stored (quantized, then dequantized, then
+    rotated back to the basis of k and v).
     """
     gen = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
@@ -109,9 +110,9 @@ def run_step(
 
 
 def stored(x: torch.Tensor, kv_cache_dtype: str) -> torch.Tensor:
-    """x as a quantized cache holds it."""
-    bits = KV_CACHE_BITS[kv_cache_dtype]
-    return dequantize(quantize(x, bits), bits, x.dtype)
+    """x [tokens, kv_heads, head_dim] as a quantized cache holds it, back in x's basis."""
+    pool = quantized_pool(x.unsqueeze(1), kv_cache_dtype)
+    return pool.rotate(pool.read(torch.arange(x.shape[0])).squeeze(1))
 
 
 def quantized_pool(cache: torch.Tensor, kv_cache_dtype: str) -> QuantizedKVPool:
@@ -234,8 +235,8 @@ def test_quantized_cache_attention_equals_dense_attention_on_stored_kv(case: dic
     # The new K/V were quantized into the pools: every context reads back as the stored values.
     for result in (fast, reference):
         for (ctx, _), (k_stored, v_stored), table in zip(case["seqs"], result.full_kv, result.tables):
-            torch.testing.assert_close(gather_context(result.attention.k_cache, torch.tensor(table), ctx), k_stored)
-            torch.testing.assert_close(gather_context(result.attention.v_cache, torch.tensor(table), ctx), v_stored)
+            for cache, expected in ((result.attention.k_cache, k_stored), (result.attention.v_cache, v_stored)):
+                torch.testing.assert_close(cache_basis(cache, gather_context(cache, torch.tensor(table), ctx)), expected)
 
 
 @pytest.mark.parametrize("impl", ["fast", "reference"])

@@ -5,12 +5,16 @@ from __future__ import annotations
 import torch
 
 from pagedllm.config import RopeScaling
-from pagedllm.layers.rotary import RotaryEmbedding, _rotate_half
+from pagedllm.layers.rotary import RotaryEmbedding, inverse_frequencies
 
 
 def rotated_directly(rotary: RotaryEmbedding, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    cos, sin = rotary.cos[positions].unsqueeze(1), rotary.sin[positions].unsqueeze(1)
-    return x * cos + _rotate_half(x) * sin
+    """The rotate-half formula from the frequencies, position by position."""
+    head_dim = x.shape[-1]
+    angles = torch.outer(positions.float(), inverse_frequencies(head_dim, 10000.0, RopeScaling()))
+    cos, sin = torch.cat((angles, angles), -1).cos()[:, None], torch.cat((angles, angles), -1).sin()[:, None]
+    rotated_half = torch.cat((-x[..., head_dim // 2 :], x[..., : head_dim // 2]), dim=-1)
+    return x * cos + rotated_half * sin
 
 
 def test_each_positions_tensor_gets_its_own_rows() -> None:
@@ -20,8 +24,8 @@ def test_each_positions_tensor_gets_its_own_rows() -> None:
         positions = torch.tensor(values)
         for _ in range(2):  # the second call is served from the lookup of the first
             q_rot, k_rot = rotary(positions, q, k)
-            assert torch.equal(q_rot, rotated_directly(rotary, positions, q))
-            assert torch.equal(k_rot, rotated_directly(rotary, positions, k))
+            assert torch.allclose(q_rot, rotated_directly(rotary, positions, q), atol=1e-6)
+            assert torch.allclose(k_rot, rotated_directly(rotary, positions, k), atol=1e-6)
 
 
 def test_position_zero_is_the_identity_and_norms_are_kept() -> None:
