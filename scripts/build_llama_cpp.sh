@@ -38,8 +38,10 @@ if [[ ! -f "$SRC/CMakeLists.txt" ]]; then
 fi
 
 # GGML_NATIVE=OFF with explicit ISA flags: the native build enables AMX, whose `tilezero`
-# dies with SIGILL on hosts (VMs) that advertise AMX without enabling it.
+# dies with SIGILL on hosts (VMs) that advertise AMX without enabling it. AVX-512 only where the CPU has it.
 # Static libraries keep the cached binaries self-contained once the work folder is gone.
+AVX512=OFF
+grep -qw avx512f /proc/cpuinfo && AVX512=ON
 GENERATOR="Unix Makefiles"
 command -v ninja >/dev/null && GENERATOR=Ninja
 nice -n 19 cmake -S "$SRC" -B "$WORK/build" -G "$GENERATOR" \
@@ -47,7 +49,7 @@ nice -n 19 cmake -S "$SRC" -B "$WORK/build" -G "$GENERATOR" \
     -DBUILD_SHARED_LIBS=OFF \
     -DGGML_NATIVE=OFF \
     -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
-    -DGGML_AVX512=ON \
+    -DGGML_AVX512=$AVX512 \
     -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF \
     -DLLAMA_BUILD_SERVER=ON -DLLAMA_CURL=OFF \
     -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF

@@ -46,7 +46,7 @@ from pagedllm.benchmarks.throughput import (
     int_tuple,
     measure_from_args,
 )
-from pagedllm.config import DTYPES
+from pagedllm.config import MODEL_DTYPES, resolve_dtype
 from pagedllm.model.registry import resolve_model_path
 from pagedllm.model.tokenizer import Tokenizer, cache_dir
 
@@ -135,7 +135,7 @@ def run_llama_bench(
 
 def load_transformers_model(path: Path, dtype: str, threads: int) -> PreTrainedModel:
     torch.set_num_threads(threads)
-    torch_dtype = DTYPES[dtype]
+    torch_dtype = resolve_dtype(dtype)
     if path.is_dir():
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype)
     else:
@@ -209,7 +209,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--peers", default=",".join(PEERS), help=f"comma list of peers to run: {', '.join(PEERS)}")
     parser.add_argument("--model", default=None, help="GGUF file, HF folder or embedded model name (default: the embedded model)")
     parser.add_argument("--threads", type=int, default=results.usable_cpu_count())
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16", help="transformers: weights and activations (default: pagedllm's default)")
+    parser.add_argument("--dtype", choices=MODEL_DTYPES, default="auto", help="transformers: weights and activations (default: pagedllm's default)")
     parser.add_argument(
         "--prompt-lens", type=int_tuple, default=PREFILL_PROMPT_LENS, help="prefill prompt lengths, e.g. 128,512,2048"
     )

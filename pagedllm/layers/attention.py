@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pagedllm.config import ATTENTION_IMPLS
+from pagedllm.kernels import use_cpu_kernels
 from pagedllm.layers.kv_quant import QuantizedKVPool
 
 
@@ -159,7 +160,13 @@ class PagedAttention(nn.Module):
         return out.squeeze(0).transpose(0, 1)
 
     def _decode_batch(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """One query token per sequence; each group of similar lengths in one call over its gathered keys."""
+        """One query token per sequence: on CPU one kernel call that reads the pools in place, elsewhere each
+        group of similar lengths in one call over its gathered keys."""
+        if use_cpu_kernels(q) and not isinstance(self.k_cache, QuantizedKVPool):
+            rows = q.shape[0]
+            return torch.ops.pagedllm.paged_decode_attention(
+                q, self.k_cache, self.v_cache, meta.block_tables[:rows], meta.seq_lens[:rows], self.scale
+            )
         out = torch.empty_like(q)
         for group in meta.decode_groups:
             keys = read_blocks(self.k_cache, group.block_tables).flatten(1, 2).transpose(1, 2)

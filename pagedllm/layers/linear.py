@@ -6,12 +6,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pagedllm.kernels import cpu_kernels_available
 from pagedllm.layers.quantization import Int4Weight, Int8Weight, QuantizedWeight, dequantize
 
-# PyTorch's int4 CPU kernel reads w = (q - 8) * scale + zero.
+# Both int4 kernels read w = (q - 8) * scale + zero.
 INT4_KERNEL_OFFSET = 8
-# PyTorch's weight-only CPU kernels take bfloat16 activations, scales and zero points.
+# The kernels store scales and zero points in bfloat16; PyTorch's also take bfloat16 activations.
 KERNEL_DTYPE = torch.bfloat16
+# Who multiplies a quantized weight: pagedllm's CPU kernels, PyTorch's weight-only CPU kernels, or the plain
+# dequantize-then-F.linear path.
+KERNELS = ("pagedllm", "torch", "reference")
+# Up to this many rows pagedllm's kernels multiply by the packed weight; more rows unpack it once for a dense
+# matmul, which reuses each weight across the rows.
+PACKED_MATMUL_MAX_ROWS = 16
 
 
 class Linear(nn.Module):
@@ -42,6 +49,20 @@ def weight_only_kernels_available(device: torch.device) -> bool:
     return device.type == "cpu" and all(hasattr(torch, name) for name in kernels)
 
 
+def default_kernel(device: torch.device) -> str:
+    """pagedllm's CPU kernels where they build, else PyTorch's, else the reference path."""
+    if device.type == "cpu" and cpu_kernels_available():
+        return "pagedllm"
+    return "torch" if weight_only_kernels_available(device) else "reference"
+
+
+def pack_int4_blocks(q: torch.Tensor) -> torch.Tensor:
+    """[out, in] values 0..15 as [out, in // 2] bytes: in each run of 32 weights, byte j holds weight j in its
+    low nibble and weight 16 + j in its high one (pagedllm's int4 kernel layout)."""
+    blocks = q.to(torch.uint8).view(q.shape[0], -1, 2, 16)
+    return (blocks[:, :, 0] | (blocks[:, :, 1] << 4)).reshape(q.shape[0], -1).contiguous()
+
+
 def kernel_representable(weight: QuantizedWeight) -> QuantizedWeight:
     """The weight with scales (and zero points) rounded to bfloat16 as the kernels store them.
 
@@ -58,11 +79,10 @@ def kernel_representable(weight: QuantizedWeight) -> QuantizedWeight:
 class QuantizedLinear(nn.Module):
     """y = x Wᵀ + b with W stored as int8 per channel or int4 per group (weight-only quantization).
 
-    Few rows (decode steps) go through PyTorch's weight-only CPU kernels, which read 1 or 0.5 byte per
-    weight; with `dense_min_rows` > 0 a dense copy of the dequantized weight in `dtype` is also kept, and
-    inputs of at least that many rows multiply by it (a compute-bound dense matmul beats the int kernels
-    there). Where the kernels are unavailable (`use_kernels` False, or not on CPU) the plain reference
-    path dequantizes and calls F.linear.
+    Few rows (decode steps) go through a weight-only kernel (`kernel`, see KERNELS), which reads 1 or 0.5
+    byte per weight; with `dense_min_rows` > 0 a dense copy of the dequantized weight in `dtype` is also kept,
+    and inputs of at least that many rows multiply by it (a compute-bound dense matmul beats the int kernels
+    there). The plain reference path dequantizes and calls F.linear.
     """
 
     def __init__(
@@ -71,7 +91,7 @@ class QuantizedLinear(nn.Module):
         bias: torch.Tensor | None,
         dtype: torch.dtype,
         dense_min_rows: int = 0,
-        use_kernels: bool | None = None,
+        kernel: str | None = None,
     ) -> None:
         super().__init__()
         weight = kernel_representable(weight)
@@ -80,11 +100,15 @@ class QuantizedLinear(nn.Module):
         self.dense_min_rows = dense_min_rows
         self.bits = 8 if isinstance(weight, Int8Weight) else 4
         self.group_size = weight.group_size if isinstance(weight, Int4Weight) else 0
-        self.use_kernels = weight_only_kernels_available(weight.q.device) if use_kernels is None else use_kernels
+        self.kernel = default_kernel(weight.q.device) if kernel is None else kernel
+        if self.kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {KERNELS}, got {self.kernel!r}")
         self.bias = None if bias is None else nn.Parameter(bias.to(dtype).contiguous(), requires_grad=False)
         self.register_buffer("dense", dequantize(weight).to(dtype) if dense_min_rows > 0 else None)
-        if self.use_kernels:
-            self._register_kernel_buffers(weight)
+        if self.kernel == "pagedllm":
+            self._register_pagedllm_buffers(weight)
+        elif self.kernel == "torch":
+            self._register_torch_buffers(weight)
         else:
             self._register_reference_buffers(weight)
 
@@ -94,7 +118,16 @@ class QuantizedLinear(nn.Module):
         if isinstance(weight, Int4Weight):
             self.register_buffer("mins", weight.mins)
 
-    def _register_kernel_buffers(self, weight: QuantizedWeight) -> None:
+    def _register_pagedllm_buffers(self, weight: QuantizedWeight) -> None:
+        if isinstance(weight, Int8Weight):
+            self.register_buffer("qweight", weight.q.contiguous())
+            self.register_buffer("scales", weight.scales.to(KERNEL_DTYPE))
+            return
+        self.register_buffer("qweight", pack_int4_blocks(weight.q))
+        zeros = weight.mins + INT4_KERNEL_OFFSET * weight.scales
+        self.register_buffer("scales", torch.stack([weight.scales, zeros], dim=-1).to(KERNEL_DTYPE).contiguous())
+
+    def _register_torch_buffers(self, weight: QuantizedWeight) -> None:
         if isinstance(weight, Int8Weight):
             self.register_buffer("qweight", weight.q.contiguous())
             self.register_buffer("scales", weight.scales.to(KERNEL_DTYPE))
@@ -107,10 +140,12 @@ class QuantizedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.shape[:-1].numel()
-        if self.dense is not None and (not self.use_kernels or rows >= self.dense_min_rows):
+        if self.dense is not None and (self.kernel == "reference" or rows >= self.dense_min_rows):
             return F.linear(x, self.dense, self.bias)
-        if not self.use_kernels:
+        if self.kernel == "reference":
             return F.linear(x, dequantize(self.quantized_weight()).to(x.dtype), self.bias)
+        if self.kernel == "pagedllm":
+            return self._pagedllm_forward(x, rows)
         flat = x.reshape(rows, self.in_features).to(KERNEL_DTYPE)
         if self.bits == 8:
             y = torch._weight_int8pack_mm(flat, self.qweight, self.scales)
@@ -119,9 +154,23 @@ class QuantizedLinear(nn.Module):
         y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
+    def _pagedllm_forward(self, x: torch.Tensor, rows: int) -> torch.Tensor:
+        ops = torch.ops.pagedllm
+        if rows > PACKED_MATMUL_MAX_ROWS:
+            if self.bits == 8:
+                weight = self.qweight.float() * self.scales.float()[:, None]
+            else:
+                weight = ops.int4_dequantize(self.qweight, self.scales, self.group_size)
+            return F.linear(x, weight.to(x.dtype), self.bias)
+        if self.bits == 8:
+            y = ops.int8_linear(x, self.qweight, self.scales)
+        else:
+            y = ops.int4_linear(x, self.qweight, self.scales, self.group_size)
+        return y if self.bias is None else y + self.bias
+
     def quantized_weight(self) -> QuantizedWeight:
         """The stored weight as quantized values (reference layout only)."""
-        if self.use_kernels:
+        if self.kernel != "reference":
             raise RuntimeError("the kernel layout keeps no unpacked quantized values")
         if self.bits == 8:
             return Int8Weight(self.qweight, self.scales)

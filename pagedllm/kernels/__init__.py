@@ -1,0 +1,73 @@
+"""CPU kernels of our own, in C++, registered as torch.ops.pagedllm.*: weight-only int4/int8 matmuls for decode
+steps, decode attention that reads the paged KV cache in place, and RMSNorm.
+
+They are compiled for this machine's CPU on first use (`make install` does it once) and cached; where no
+compiler is available the layers keep their plain PyTorch paths, which the tests check the kernels against.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from pagedllm.cpu import cpu_flags
+
+logger = logging.getLogger(__name__)
+
+SOURCE_DIR = Path(__file__).parent / "csrc"
+SOURCES = ("ops.cpp", "quantized_linear.cpp", "paged_attention.cpp", "rms_norm.cpp")
+HEADERS = ("vec.h",)
+CFLAGS = ("-O3", "-march=native", "-fopenmp")
+CACHE_DIR = Path.home() / ".cache" / "pagedllm" / "kernels"
+
+
+def build_directory() -> Path:
+    """A folder per source version, compiler flags, PyTorch version and CPU: -march=native code runs only there."""
+    digest = hashlib.sha256()
+    for name in (*SOURCES, *HEADERS):
+        digest.update((SOURCE_DIR / name).read_bytes())
+    digest.update(" ".join((*CFLAGS, torch.__version__, *sorted(cpu_flags()))).encode())
+    return CACHE_DIR / digest.hexdigest()[:16]
+
+
+@functools.cache
+def cpu_kernels_available() -> bool:
+    """Build (once, cached on disk) and load the kernels; False, with a warning, where that fails."""
+    try:
+        from torch.utils.cpp_extension import load
+
+        _put_ninja_on_path()
+        directory = build_directory()
+        directory.mkdir(parents=True, exist_ok=True)
+        load(
+            name="pagedllm_cpu_kernels",
+            sources=[str(SOURCE_DIR / name) for name in SOURCES],
+            extra_cflags=list(CFLAGS),
+            extra_ldflags=["-fopenmp"],
+            build_directory=str(directory),
+            is_python_module=False,
+        )
+    except Exception as error:  # no compiler, no ninja, a failed build: the PyTorch paths still work
+        logger.warning("pagedllm CPU kernels unavailable, using the PyTorch paths: %s", error)
+        return False
+    return True
+
+
+def _put_ninja_on_path() -> None:
+    """PyTorch's extension builder runs `ninja` from PATH; the ninja package's binary is there only in an
+    activated virtualenv."""
+    if shutil.which("ninja") is None:
+        import ninja
+
+        os.environ["PATH"] = os.pathsep.join([ninja.BIN_DIR, os.environ.get("PATH", "")])
+
+
+def use_cpu_kernels(tensor: torch.Tensor) -> bool:
+    """Whether the kernels serve computations on `tensor`'s device."""
+    return tensor.device.type == "cpu" and cpu_kernels_available()

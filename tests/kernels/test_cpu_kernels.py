@@ -1,0 +1,115 @@
+"""pagedllm's C++ CPU kernels against the plain PyTorch computations they replace."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pagedllm.kernels import cpu_kernels_available
+from pagedllm.layers.attention import gather_context
+from pagedllm.layers.linear import kernel_representable, pack_int4_blocks
+from pagedllm.layers.norm import RMSNorm
+from pagedllm.layers.quantization import Int4Weight, dequantize, quantize_int4, quantize_int8
+
+ops = torch.ops.pagedllm
+
+
+@pytest.fixture(autouse=True, scope="module")
+def kernels() -> None:
+    assert cpu_kernels_available(), "the kernels must build on this machine: the tests below would test nothing"
+
+
+def generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def pagedllm_int4_buffers(weight: Int4Weight) -> tuple[torch.Tensor, torch.Tensor]:
+    zeros = weight.mins + 8 * weight.scales
+    return pack_int4_blocks(weight.q), torch.stack([weight.scales, zeros], dim=-1).to(torch.bfloat16).contiguous()
+
+
+def int8_exact_activations(rows: int, in_features: int, seed: int) -> torch.Tensor:
+    """Integers in [-127, 127] with 127 in every run of 32: their int8 rounding is exact."""
+    x = torch.randint(-127, 128, (rows, in_features), generator=generator(seed)).float()
+    x[:, ::32] = 127
+    return x
+
+
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+@pytest.mark.parametrize("rows", [1, 2, 5])
+def test_int4_linear_is_exact_where_activations_round_exactly(group_size: int, rows: int) -> None:
+    weight = kernel_representable(quantize_int4(torch.randn(48, 256, generator=generator(1)), group_size))
+    x = int8_exact_activations(rows, 256, rows)
+    packed, scale_zero = pagedllm_int4_buffers(weight)
+    expected = x.double() @ dequantize(weight).double().T
+    got = ops.int4_linear(x, packed, scale_zero, group_size)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_int4_linear_error_is_that_of_int8_activations(dtype: torch.dtype) -> None:
+    weight = kernel_representable(quantize_int4(torch.randn(64, 512, generator=generator(2)), 32))
+    x = torch.randn(3, 512, generator=generator(3)).to(dtype)
+    packed, scale_zero = pagedllm_int4_buffers(weight)
+    got = ops.int4_linear(x, packed, scale_zero, 32)
+    expected = x.float() @ dequantize(weight).T
+    assert got.dtype == dtype and got.shape == (3, 64)
+    # Each activation moves by up to 1/254 of its run's largest magnitude: measured 1.2% of the largest output.
+    error = (got.float() - expected).abs().max() / expected.abs().max()
+    assert 0 < error < 3e-2
+
+
+def test_int4_dequantize_unpacks_exactly_the_kernel_weights() -> None:
+    weight = kernel_representable(quantize_int4(torch.randn(40, 192, generator=generator(4)), 64))
+    packed, scale_zero = pagedllm_int4_buffers(weight)
+    assert torch.equal(ops.int4_dequantize(packed, scale_zero, 64), dequantize(weight))
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3])
+def test_int8_linear_is_exact_where_activations_round_exactly(rows: int) -> None:
+    weight = kernel_representable(quantize_int8(torch.randn(80, 320, generator=generator(5))))
+    x = int8_exact_activations(rows, 320, 10 + rows)
+    got = ops.int8_linear(x, weight.q, weight.scales.to(torch.bfloat16))
+    torch.testing.assert_close(got.double(), x.double() @ dequantize(weight).double().T, rtol=1e-5, atol=1e-2)
+
+
+def random_pools(
+    num_blocks: int, block_size: int, kv_heads: int, head_dim: int, dtype: torch.dtype, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    shape = (num_blocks, block_size, kv_heads, head_dim)
+    return (torch.randn(shape, generator=generator(seed)).to(dtype), torch.randn(shape, generator=generator(seed + 1)).to(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("heads", [(4, 4), (6, 2), (8, 1)], ids=["mha", "gqa", "mqa"])
+def test_paged_decode_attention_equals_sdpa_over_gathered_context(dtype: torch.dtype, heads: tuple[int, int]) -> None:
+    num_heads, kv_heads = heads
+    block_size, head_dim = 16, 32
+    k_pool, v_pool = random_pools(40, block_size, kv_heads, head_dim, dtype, 6)
+    seq_lens = torch.tensor([1, 16, 17, 150, 33])
+    tables = torch.stack([torch.randperm(40, generator=generator(20 + i))[:10] for i in range(len(seq_lens))])
+    q = torch.randn(len(seq_lens), num_heads, head_dim, generator=generator(7)).to(dtype)
+    got = ops.paged_decode_attention(q, k_pool, v_pool, tables, seq_lens, head_dim**-0.5)
+    for row, length in enumerate(seq_lens.tolist()):
+        keys, values = (gather_context(pool, tables[row], length).float() for pool in (k_pool, v_pool))
+        expected = F.scaled_dot_product_attention(
+            q[row].float()[:, None], keys.transpose(0, 1), values.transpose(0, 1), enable_gqa=True
+        )[:, 0]
+        tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(got[row].float(), expected, rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16], ids=["wf32", "wbf16"])
+def test_rms_norm_kernel_equals_the_reference(dtype: torch.dtype, weight_dtype: torch.dtype) -> None:
+    norm = RMSNorm(96, 1e-5)
+    norm.weight.data = torch.randn(96, generator=generator(8)).to(weight_dtype)
+    x = (3 * torch.randn(2, 7, 96, generator=generator(9))).to(dtype)
+    got, expected = norm(x), norm.reference(x)
+    assert got.dtype == expected.dtype and got.shape == expected.shape
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    else:
+        # The float32 normalizations may differ in their last bit, which rounding to bfloat16 hides but rarely.
+        assert (got.float() - expected.float()).abs().max() <= 1e-2 * expected.float().abs().max()
