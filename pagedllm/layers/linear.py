@@ -16,6 +16,8 @@ KERNEL_DTYPE = torch.bfloat16
 # Who multiplies a quantized weight: pagedllm's CPU kernels, PyTorch's weight-only CPU kernels, or the plain
 # dequantize-then-F.linear path.
 KERNELS = ("pagedllm", "torch", "reference")
+# pagedllm's kernels round activations to int8 in runs of this many input channels.
+ACTIVATION_RUN = 32
 # Up to this many rows pagedllm's kernels multiply by the packed weight; more rows unpack it once for a dense
 # matmul, which reuses each weight across the rows.
 PACKED_MATMUL_MAX_ROWS = 16
@@ -49,9 +51,9 @@ def weight_only_kernels_available(device: torch.device) -> bool:
     return device.type == "cpu" and all(hasattr(torch, name) for name in kernels)
 
 
-def default_kernel(device: torch.device) -> str:
-    """pagedllm's CPU kernels where they build, else PyTorch's, else the reference path."""
-    if device.type == "cpu" and cpu_kernels_available():
+def default_kernel(device: torch.device, in_features: int) -> str:
+    """pagedllm's CPU kernels where they build (and the width is whole runs), else PyTorch's, else the reference."""
+    if device.type == "cpu" and in_features % ACTIVATION_RUN == 0 and cpu_kernels_available():
         return "pagedllm"
     return "torch" if weight_only_kernels_available(device) else "reference"
 
@@ -100,7 +102,7 @@ class QuantizedLinear(nn.Module):
         self.dense_min_rows = dense_min_rows
         self.bits = 8 if isinstance(weight, Int8Weight) else 4
         self.group_size = weight.group_size if isinstance(weight, Int4Weight) else 0
-        self.kernel = default_kernel(weight.q.device) if kernel is None else kernel
+        self.kernel = default_kernel(weight.q.device, self.in_features) if kernel is None else kernel
         if self.kernel not in KERNELS:
             raise ValueError(f"kernel must be one of {KERNELS}, got {self.kernel!r}")
         self.bias = None if bias is None else nn.Parameter(bias.to(dtype).contiguous(), requires_grad=False)
@@ -120,8 +122,7 @@ class QuantizedLinear(nn.Module):
 
     def _register_pagedllm_buffers(self, weight: QuantizedWeight) -> None:
         if isinstance(weight, Int8Weight):
-            self.register_buffer("qweight", weight.q.contiguous())
-            self.register_buffer("scales", weight.scales.to(KERNEL_DTYPE))
+            self._register_torch_buffers(weight)  # both kernels read int8 weights the same way
             return
         self.register_buffer("qweight", pack_int4_blocks(weight.q))
         zeros = weight.mins + INT4_KERNEL_OFFSET * weight.scales

@@ -33,7 +33,9 @@ def inputs(rows: int, dtype: torch.dtype) -> torch.Tensor:
 def test_the_cpu_kernels_are_available_here() -> None:
     # The agreement tests below would compare the reference path with itself otherwise.
     assert cpu_kernels_available() and weight_only_kernels_available(torch.device("cpu"))
-    assert default_kernel(torch.device("cpu")) == "pagedllm"
+    assert default_kernel(torch.device("cpu"), IN_FEATURES) == "pagedllm"
+    # A width that is not whole runs of 32 activations goes to PyTorch's kernels.
+    assert default_kernel(torch.device("cpu"), 48) == "torch"
 
 
 @pytest.mark.parametrize("kernel", ["pagedllm", "torch"])

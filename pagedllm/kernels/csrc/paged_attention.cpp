@@ -12,6 +12,8 @@
 namespace pagedllm {
 namespace {
 
+constexpr int64_t kMinParallelKeys = 1 << 15;  // (query head, key) pairs below which one thread does it all
+
 template <typename T>
 void attend_kv_head(const T* q, const T* k_pool, const T* v_pool, const int64_t* block_table, int64_t context_len,
                     int64_t block_size, int64_t num_kv_heads, int64_t kv_head, int64_t group, int64_t head_dim,
@@ -61,12 +63,15 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_pool,
   const int64_t group = num_heads / num_kv_heads, max_blocks = tables.size(1);
   const int64_t* table = tables.const_data_ptr<int64_t>();
   const int64_t* len = lens.const_data_ptr<int64_t>();
+  // A few short sequences are cheaper on one thread than waking the others.
+  const int64_t keys = lens.sum().item<int64_t>() * num_heads;
+  const int64_t grain = keys < kMinParallelKeys ? num_seqs * num_kv_heads : 1;
   PAGEDLLM_DISPATCH_FLOAT_TYPES(q.scalar_type(), "paged_decode_attention", [&] {
     const scalar_t* qp = queries.const_data_ptr<scalar_t>();
     const scalar_t* kp = k_pool.const_data_ptr<scalar_t>();
     const scalar_t* vp = v_pool.const_data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
-    at::parallel_for(0, num_seqs * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, num_seqs * num_kv_heads, grain, [&](int64_t begin, int64_t end) {
       for (int64_t task = begin; task < end; ++task) {
         const int64_t seq = task / num_kv_heads, kv_head = task % num_kv_heads;
         const int64_t offset = (seq * num_heads + kv_head * group) * head_dim;
