@@ -11,8 +11,9 @@ BENCH_OUTPUT_LEN ?= 64
 BENCH_OFFLINE_PROMPTS ?= 200
 BENCH_CONCURRENCY ?= 1,4,16,64
 BENCH_SEED ?= 0
-# Quantization variants: speed points and perplexity per setting, the AWQ checkpoint built once and cached.
-VARIANT_SPEED := --prompt-lens 512 --batch-sizes 1,32 --num-prompts 0 --dtype bfloat16
+# Quantization variants: speed points and perplexity per setting in the model dtype (auto: bfloat16 with AMX or
+# AVX512-BF16, else float32), the AWQ checkpoint built once and cached.
+VARIANT_SPEED := --prompt-lens 512 --batch-sizes 1,32 --num-prompts 0 --dtype auto
 PERPLEXITY_TOKENS ?= 8192
 AWQ_DIR ?= $(HOME)/.cache/pagedllm/awq/smollm2-135m-instruct-w4-g128
 BENCH_RESULTS = benchmarks/results/$(shell date +%F)-$(shell $(PY) -c "from pagedllm.benchmarks.results import this_machine; print(this_machine().name)" 2>/dev/null).json
@@ -64,12 +65,12 @@ $(AWQ_DIR): | install
 # One quantization setting against the bfloat16 baseline: speed points, memory and perplexity, under one variant name.
 define bench_variant
 	$(VENV)/bin/pagedllm bench offline $(VARIANT_SPEED) --variant "$(1)" $(2) --output-json $(BENCH_RESULTS)
-	$(VENV)/bin/pagedllm eval perplexity --dtype bfloat16 --max-tokens $(PERPLEXITY_TOKENS) --variant "$(1)" $(2) --output-json $(BENCH_RESULTS)
+	$(VENV)/bin/pagedllm eval perplexity --dtype auto --max-tokens $(PERPLEXITY_TOKENS) --variant "$(1)" $(2) --output-json $(BENCH_RESULTS)
 endef
 
 # The int8/int4 rows keep no dense copy of the weights: their memory-saving form.
 bench-variants: install $(AWQ_DIR)
-	$(call bench_variant,bf16,--quantization none)
+	$(call bench_variant,unquantized,--quantization none)
 	$(call bench_variant,int8,--quantization int8 --dense-matmul-min-rows 0)
 	$(call bench_variant,int4 g128,--quantization int4 --dense-matmul-min-rows 0)
 	$(call bench_variant,int4 AWQ g128,--model $(AWQ_DIR) --dense-matmul-min-rows 0)

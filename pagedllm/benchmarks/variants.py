@@ -7,7 +7,7 @@ from typing import Any
 
 from pagedllm.benchmarks.results import ResultsFile
 
-BASELINE = "bf16"
+BASELINE = "unquantized"  # the variant of the model dtype with no quantization
 SPEED_POINTS = (("prefill", 512), ("decode", 1), ("decode", 32))
 
 

@@ -1,4 +1,4 @@
-"""The quantization table: variants' perplexity, memory and speed against the bf16 baseline."""
+"""The quantization table: variants' perplexity, memory and speed against the unquantized baseline."""
 
 from __future__ import annotations
 
@@ -25,8 +25,8 @@ def write_variants(path: Path) -> None:
     main = OfflineThroughput([PrefillPoint(512, 900.0)], [DecodePoint(1, 30.0)])
     for run in [
         results.new_run("offline", "pagedllm", {}, asdict(main)),
-        variant_run("bf16", 1000.0, 20.0, 256, 10_000),
-        perplexity_run("bf16", 10.0),
+        variant_run("unquantized", 1000.0, 20.0, 256, 10_000),
+        perplexity_run("unquantized", 10.0),
         variant_run("int8", 500.0, 40.0, 128, 19_000),
         perplexity_run("int8", 10.05),
     ]:
@@ -39,11 +39,11 @@ def test_variant_rows_compare_with_the_baseline(tmp_path: Path) -> None:
     header, rows = variants_table(results.load_results(path))
     by_name = {row[0]: dict(zip(header, row)) for row in rows}
     int8 = by_name["int8"]
-    assert int8["perplexity"] == "10.050" and int8["vs bf16"] == "+0.5%"
+    assert int8["perplexity"] == "10.050" and int8["vs unquantized"] == "+0.5%"
     assert int8["weights MiB"] == "128" and int8["KV tokens per GiB"] == "19,000"
     assert int8["prefill 512 tok/s"] == "500.0"
-    assert [row[header.index("÷ bf16")] for row in rows] == ["1.00×", "0.50×"]
-    assert by_name["bf16"]["vs bf16"] == "+0.0%"
+    assert [row[header.index("÷ unquantized")] for row in rows] == ["1.00×", "0.50×"]
+    assert by_name["unquantized"]["vs unquantized"] == "+0.0%"
 
 
 def test_variants_leave_the_main_rows_alone(tmp_path: Path) -> None:
@@ -51,7 +51,7 @@ def test_variants_leave_the_main_rows_alone(tmp_path: Path) -> None:
     write_variants(path)
     document = results.load_results(path)
     assert latest_offline(document)["pagedllm"].prefill[0].tokens_per_s == 900.0
-    assert "Quantization: perplexity, memory and speed against bf16" in markdown_report(document)
+    assert "Quantization: perplexity, memory and speed against unquantized" in markdown_report(document)
 
 
 def test_no_variants_no_table(tmp_path: Path) -> None:
