@@ -6,12 +6,15 @@ by s = mean|x|^α per input channel before int4 rounding (or, with duo scaling, 
 searched per group to minimise the error of the quantized group's output on calibration data. Each quantization
 group's range is then clipped against the same objective. Output errors come from the inputs' second moment
 E[x xᵀ], so a candidate costs one [out, in] x [in, in] product whatever the number of calibration rows.
+Under GQA, o_proj's scales are tied over the query heads reading one kv head so they fold into v_proj's rows.
+Layers are calibrated in order, each on the outputs of the already-quantized layers before it (as GPTQ does).
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from tqdm.auto import tqdm
@@ -60,6 +63,24 @@ class AWQSettings:
     clip_steps: int = 7  # shrinks tried per end of a group's range, down to `clip_max_shrink`
     clip_max_shrink: float = 0.3
     qk_max_shrink: float = 0.0  # none or milder for q and k, whose errors the attention logits amplify
+    sequential: bool = True  # calibrate each layer on the outputs of the already-quantized layers before it
+
+
+@dataclass(frozen=True)
+class SharedChannels:
+    """Under GQA the previous op's channel (kv head j, dim d) feeds the input channels (i, d) of every query head i
+    of group j, so one scale per kv channel, repeated over the group's `copies` query heads, keeps the function."""
+
+    copies: int
+    head_dim: int
+
+    def expand(self, scales: torch.Tensor) -> torch.Tensor:
+        """Per kv channel [kv_heads * head_dim] → per input channel [heads * head_dim]."""
+        return scales.view(-1, 1, self.head_dim).expand(-1, self.copies, -1).reshape(-1)
+
+    def reduce(self, per_input: torch.Tensor) -> torch.Tensor:
+        """Per input channel → per kv channel: the mean over the query heads sharing it."""
+        return per_input.view(-1, self.copies, self.head_dim).mean(1).reshape(-1)
 
 
 @dataclass(frozen=True)
@@ -70,11 +91,17 @@ class ScaleGroup:
     linears: tuple[str, ...]
     previous: str
     previous_is_norm: bool
+    shared: SharedChannels | None = None  # set where one previous-op channel feeds several input channels
+
+
+def input_scales(shared: SharedChannels | None, scales: torch.Tensor) -> torch.Tensor:
+    """Scales per previous-op output channel, repeated over the input channels each one feeds."""
+    return scales if shared is None else shared.expand(scales)
 
 
 @dataclass(frozen=True)
 class ScaleSearch:
-    scales: torch.Tensor  # [in_features], float32
+    scales: torch.Tensor  # [previous-op output channels] ([in_features] without sharing), float32
     alpha: float | None  # None where no scaling beat plain min-max int4 (the scales are then ones)
     error: float  # mean squared output error of the quantized group with these scales
     minmax_error: float  # the same without scaling (plain min-max int4)
@@ -90,23 +117,25 @@ class AWQReport:
 
 def scale_groups(config: ModelConfig, index: int) -> list[ScaleGroup]:
     """The groups of layer `index` that get scales. o_proj's input comes from v_proj only through attention,
-    which is linear in v per head; its rows line up with o_proj's columns only when there is no head sharing."""
+    which is linear in v per head: a v_proj row scales the o_proj columns of every query head reading it."""
     p = layer_prefix(index)
-    groups = [
+    copies = config.num_heads // config.num_kv_heads
+    shared = SharedChannels(copies, config.head_dim) if copies > 1 else None
+    return [
         ScaleGroup("qkv", tuple(p + f"self_attn.{x}_proj" for x in "qkv"), p + "input_layernorm", True),
+        ScaleGroup("o_proj", (p + "self_attn.o_proj",), p + "self_attn.v_proj", False, shared),
         ScaleGroup("gate_up", (p + "mlp.gate_proj", p + "mlp.up_proj"), p + "post_attention_layernorm", True),
         ScaleGroup("down_proj", (p + "mlp.down_proj",), p + "mlp.up_proj", False),
     ]
-    if config.num_heads == config.num_kv_heads:
-        groups.insert(1, ScaleGroup("o_proj", (p + "self_attn.o_proj",), p + "self_attn.v_proj", False))
-    return groups
 
 
 def fold_scales(weights: Weights, group: ScaleGroup, scales: torch.Tensor) -> None:
-    """Multiply the group's weight columns by `scales` and divide the previous op's output by them, in place
-    in the dict (tensors are replaced, not mutated): the float model computes the same function."""
+    """Multiply the group's weight columns by `scales` (one per previous-op output channel, repeated where shared)
+    and divide the previous op's output by them, in place in the dict (tensors are replaced, not mutated): the
+    float model computes the same function."""
+    columns = input_scales(group.shared, scales)
     for name in group.linears:
-        weights[name + ".weight"] = weights[name + ".weight"] * scales
+        weights[name + ".weight"] = weights[name + ".weight"] * columns
     weight = group.previous + ".weight"
     if group.previous_is_norm:
         weights[weight] = weights[weight] / scales
@@ -140,17 +169,29 @@ def candidate_scales(mean_abs: torch.Tensor, magnitude: torch.Tensor | None, alp
 
 
 def search_scales(
-    moment: torch.Tensor, mean_abs: torch.Tensor, weight: torch.Tensor, group_size: int, grid_points: int, duo_scaling: bool
+    moment: torch.Tensor,
+    mean_abs: torch.Tensor,
+    weight: torch.Tensor,
+    group_size: int,
+    grid_points: int,
+    duo_scaling: bool,
+    shared: SharedChannels | None = None,
 ) -> ScaleSearch:
     """Grid-search α in [0, 1) for the scales that minimise the output error of min-max int4 under the inputs'
-    second moment; no scaling at all is a candidate too, so the search never loses to plain min-max."""
+    second moment; no scaling at all is a candidate too, so the search never loses to plain min-max. With
+    `shared`, input channels fed by one previous-op channel get one scale, from their mean statistics."""
+    if shared is not None:
+        mean_abs = shared.reduce(mean_abs)
     ones = torch.ones_like(mean_abs)
     minmax_error = output_error(weight, dequantize(quantize_int4(weight, group_size)), moment)
     best = ScaleSearch(ones, None, minmax_error, minmax_error)
     magnitude = weight_magnitude(weight, group_size) if duo_scaling else None
+    if magnitude is not None and shared is not None:
+        magnitude = shared.reduce(magnitude)
     for alpha in (step / grid_points for step in range(grid_points)):
         scales = candidate_scales(mean_abs, magnitude, alpha)
-        error = output_error(weight, dequantize(quantize_int4(weight * scales, group_size)) / scales, moment)
+        columns = input_scales(shared, scales)
+        error = output_error(weight, dequantize(quantize_int4(weight * columns, group_size)) / columns, moment)
         if error < best.error:
             best = ScaleSearch(scales, alpha, error, minmax_error)
     return best
@@ -245,6 +286,10 @@ class _GroupInputs:
         return self.moment_sum / self.kept
 
 
+def _add_inputs(inputs: dict[str, _GroupInputs], first_token: int, name: str, x: torch.Tensor) -> None:
+    inputs[name].add(x, first_token)
+
+
 def _run_layer(
     config: ModelConfig,
     weights: Weights,
@@ -252,16 +297,13 @@ def _run_layer(
     hidden: torch.Tensor,
     rotary: RotaryEmbedding,
     batch_sequences: int,
-    inputs: dict[str, _GroupInputs],
+    inputs: dict[str, _GroupInputs] | None,
 ) -> torch.Tensor:
-    """The layer's output for every calibration sequence, feeding group inputs to `inputs` on the way."""
+    """The layer's output for every calibration sequence, feeding group inputs to `inputs` (if any) on the way."""
     outputs = []
     tokens_per_sequence = hidden.shape[1]
     for start in range(0, hidden.shape[0], batch_sequences):
-
-        def capture(name: str, x: torch.Tensor, first: int = start * tokens_per_sequence) -> None:
-            inputs[name].add(x, first)
-
+        capture = None if inputs is None else partial(_add_inputs, inputs, start * tokens_per_sequence)
         outputs.append(layer_forward(config, weights, index, hidden[start : start + batch_sequences], rotary, capture))
     return torch.cat(outputs)
 
@@ -284,8 +326,9 @@ def awq_quantize(
     for index in tqdm(range(config.num_layers), desc="AWQ", unit="layer"):
         rows = torch.randperm(num_rows, generator=generator)[: settings.max_rows].sort().values
         inputs = {name: _GroupInputs(rows) for name in set(INPUT_OF.values())}
-        # Folding scales leaves the float layer's function unchanged, so this output feeds the next layer.
-        hidden = _run_layer(config, working, index, hidden, rotary, settings.batch_sequences, inputs)
+        # Folding scales leaves the float layer's function unchanged, so without `sequential` this output feeds
+        # the next layer.
+        float_output = _run_layer(config, working, index, hidden, rotary, settings.batch_sequences, inputs)
         # What each linear's folded weight sees: x / s, whose second moment is E[x xᵀ] / (s sᵀ).
         moments = {name: stats.moment() for name, stats in inputs.items()}
         for group in scale_groups(config, index):
@@ -293,19 +336,33 @@ def awq_quantize(
             group_size = int4_group_size(weight.shape[1], settings.group_size)
             stats = inputs[group.name]
             found = search_scales(
-                moments[group.name], stats.mean_abs(), weight, group_size, settings.grid_points, settings.duo_scaling
+                moments[group.name],
+                stats.mean_abs(),
+                weight,
+                group_size,
+                settings.grid_points,
+                settings.duo_scaling,
+                group.shared,
             )
             fold_scales(working, group, found.scales)
-            moments[group.name] = moments[group.name] / (found.scales[:, None] * found.scales[None, :])
+            columns = input_scales(group.shared, found.scales)
+            moments[group.name] = moments[group.name] / (columns[:, None] * columns[None, :])
             key = f"{index}.{group.name}"
             report.alphas[key] = found.alpha
             report.errors[key] = (found.error, found.minmax_error)
             logger.debug("layer %s: alpha %s, error %.3g (min-max %.3g)", key, found.alpha, found.error, found.minmax_error)
         del inputs
         # Only now: a later group's fold rescales the rows of an earlier group's linear (down_proj's, up_proj's).
+        layer = {}
         for name in LINEAR_NAMES:
             full = layer_prefix(index) + name + ".weight"
-            quantized[full] = to_storage_precision(_quantize_linear(working.pop(full), moments[INPUT_OF[name]], name, settings))
+            layer[full] = to_storage_precision(_quantize_linear(working.pop(full), moments[INPUT_OF[name]], name, settings))
+        quantized.update(layer)
+        if settings.sequential:
+            dense = working | {name: dequantize(weight) for name, weight in layer.items()}
+            hidden = _run_layer(config, dense, index, hidden, rotary, settings.batch_sequences, None)
+        else:
+            hidden = float_output
     quantized.update(working)
     return quantized, report
 

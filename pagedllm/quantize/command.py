@@ -37,6 +37,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=AWQSettings.duo_scaling,
         help="scales from activation and weight magnitudes (else from activations only)",
     )
+    parser.add_argument(
+        "--sequential",
+        action=argparse.BooleanOptionalAction,
+        default=AWQSettings.sequential,
+        help="calibrate each layer on the quantized earlier layers' outputs (else on the float model's)",
+    )
     parser.add_argument("--out", type=Path, required=True, help="folder to write the checkpoint to")
 
 
@@ -64,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
         grid_points=args.grid_points,
         clip=args.clip,
         duo_scaling=args.duo_scaling,
+        sequential=args.sequential,
     )
     report = quantize_model(args.model, args.out, settings, args.calib_samples, args.calib_seq_len)
     errors = list(report.errors.values())

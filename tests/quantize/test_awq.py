@@ -1,5 +1,5 @@
 """AWQ: scale folding keeps the float model's function; the scale search and the weighted range search never
-lose to plain min-max int4 on their objective; error feedback (GPTQ) gains where inputs are correlated."""
+lose to plain min-max int4 on their objective; sequential calibration sees the quantized earlier layers."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from pagedllm.layers.quantization import Int4Weight, dequantize, quantize_int4
 from pagedllm.model.loader import load_checkpoint
 from pagedllm.quantize.awq import (
     AWQSettings,
+    SharedChannels,
     awq_quantize,
     candidate_scales,
     fold_scales,
@@ -60,11 +61,13 @@ def test_folding_scales_keeps_float_logits(folder_fixture: str, duo: bool, reque
     for index in range(config.num_layers):
         for group in scale_groups(config, index):
             weight = torch.cat([weights[name + ".weight"] for name in group.linears])
-            fold_scales(weights, group, random_scales(weight, generator, duo))
+            scales = random_scales(weight, generator, duo)
+            fold_scales(weights, group, scales if group.shared is None else group.shared.reduce(scales))
             folded += 1
-    assert folded == config.num_layers * (4 if config.num_heads == config.num_kv_heads else 3)
-    changed = weights["model.layers.0.mlp.up_proj.weight"]
-    assert not torch.allclose(changed, checkpoint.weights["model.layers.0.mlp.up_proj.weight"])
+    assert folded == config.num_layers * 4
+    for name in ("mlp.up_proj", "self_attn.v_proj", "self_attn.o_proj"):
+        changed = weights[f"model.layers.0.{name}.weight"]
+        assert not torch.allclose(changed, checkpoint.weights[f"model.layers.0.{name}.weight"])
     torch.testing.assert_close(forward_logits(config, weights, ids), before, rtol=1e-4, atol=1e-4)
 
 
@@ -114,6 +117,26 @@ def test_search_gains_on_outlier_channels(duo: bool) -> None:
     assert found.error < 0.8 * found.minmax_error
 
 
+def test_shared_channels_repeat_each_kv_channel_over_its_query_heads() -> None:
+    """Two kv heads of dim 3, each read by 2 query heads: query head i reads kv head i // 2."""
+    shared = SharedChannels(copies=2, head_dim=3)
+    kv = torch.arange(6.0)
+    assert shared.expand(kv).tolist() == [0, 1, 2, 0, 1, 2, 3, 4, 5, 3, 4, 5]
+    torch.testing.assert_close(shared.reduce(shared.expand(kv)), kv)
+
+
+def test_shared_search_ties_the_scales_of_query_heads_reading_one_kv_head() -> None:
+    generator = torch.Generator().manual_seed(0)
+    shared = SharedChannels(copies=2, head_dim=GROUP_SIZE)
+    x = outlier_rows(generator, 128, 4 * GROUP_SIZE, 20.0)
+    weight = torch.randn(24, 4 * GROUP_SIZE, generator=generator)
+    found = search_scales(moment_of(x), x.abs().mean(0), weight, GROUP_SIZE, 10, duo_scaling=True, shared=shared)
+    assert found.alpha is not None and found.error < found.minmax_error
+    assert found.scales.shape == (2 * GROUP_SIZE,)
+    approximation = dequantize(quantize_int4(weight * shared.expand(found.scales), GROUP_SIZE)) / shared.expand(found.scales)
+    assert found.error == pytest.approx((x @ weight.T - x @ approximation.T).pow(2).mean().item(), rel=1e-3)
+
+
 def test_group_moments_are_each_groups_own_second_moment() -> None:
     x = torch.randn(40, 3 * GROUP_SIZE, generator=torch.Generator().manual_seed(0))
     blocks = group_moments(moment_of(x), GROUP_SIZE)
@@ -133,13 +156,30 @@ def test_awq_quantizes_every_decoder_linear(tiny_llama_dir: Path) -> None:
     assert set(quantized) == set(checkpoint.weights)
     assert all(error <= minmax for error, minmax in report.errors.values())
     assert all(alpha is None or 0 <= alpha < 1 for alpha in report.alphas.values())
-    assert len(report.alphas) == checkpoint.config.num_layers * 3
+    assert len(report.alphas) == checkpoint.config.num_layers * 4
     # Close to the float model (with the norms left unscaled the same check gives about 0.26).
     ids = calibration[:2]
     dense = {name: dequantize(v) if isinstance(v, Int4Weight) else v for name, v in quantized.items()}
     reference = torch.softmax(forward_logits(checkpoint.config, checkpoint.weights, ids), -1)
     ours = torch.softmax(forward_logits(checkpoint.config, dense, ids), -1)
     assert (reference - ours).abs().sum(-1).max() < 0.15
+
+
+def test_sequential_calibration_feeds_the_quantized_outputs_forward(tiny_llama_dir: Path) -> None:
+    """Layer 0 sees the embeddings either way; layer 1 sees the quantized layer 0's outputs only when sequential."""
+    checkpoint = load_checkpoint(tiny_llama_dir, torch.float32)
+    calibration = torch.randint(0, checkpoint.config.vocab_size, (4, 16), generator=torch.Generator().manual_seed(0))
+
+    def quantize(sequential: bool) -> dict[str, torch.Tensor | Int4Weight]:
+        settings = AWQSettings(group_size=GROUP_SIZE, grid_points=5, clip_steps=3, sequential=sequential)
+        return awq_quantize(checkpoint.config, checkpoint.weights, calibration, settings)[0]
+
+    sequential, parallel = quantize(True), quantize(False)
+    for name, value in sequential.items():
+        if isinstance(value, Int4Weight) and name.startswith("model.layers.0."):
+            torch.testing.assert_close(dequantize(value), dequantize(parallel[name]))
+    layer_1 = [name for name in sequential if name.startswith("model.layers.1.") and name.endswith("proj.weight")]
+    assert any(not torch.equal(dequantize(sequential[n]), dequantize(parallel[n])) for n in layer_1)  # type: ignore[arg-type]
 
 
 def partial_errors(x: torch.Tensor, weight: torch.Tensor, quantized: torch.Tensor) -> torch.Tensor:
