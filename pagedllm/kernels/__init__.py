@@ -28,8 +28,9 @@ CACHE_DIR = Path.home() / ".cache" / "pagedllm" / "kernels"
 
 
 def build_directory() -> Path:
-    """A folder per source version, compiler flags, PyTorch version and CPU: -march=native code runs only there."""
-    digest = hashlib.sha256()
+    """A folder per source folder and version, compiler flags, PyTorch version and CPU (-march=native code runs only
+    there); two checkouts would otherwise rebuild over each other, the build files naming their sources' paths."""
+    digest = hashlib.sha256(str(SOURCE_DIR).encode())
     for name in (*SOURCES, *HEADERS):
         digest.update((SOURCE_DIR / name).read_bytes())
     digest.update(" ".join((*CFLAGS, torch.__version__, *sorted(cpu_flags()))).encode())
