@@ -85,9 +85,12 @@ class EngineConfig:
         metadata={"help": "linear weights: auto (GGUF Q8_0/Q4_0/Q4_1 kept as int8/int4), none, int8 or int4"},
     )
     quant_group_size: int = field(default=128, metadata={"help": "input channels per int4 scale and zero point"})
-    dense_matmul_min_rows: int = field(
-        default=8,
-        metadata={"help": "steps with at least this many tokens multiply by a dense copy of quantized weights; 0: keep none"},
+    dense_matmul_min_rows: int | None = field(
+        default=None,
+        metadata={
+            "help": "steps with at least this many tokens multiply by a dense copy of quantized weights; 0: keep none "
+            "(default: 8 on CPUs with native bfloat16 matmuls, else 17, past the int kernels' 16 rows)"
+        },
     )
     kv_cache_dtype: str = field(default="auto", metadata={"help": "KV cache: auto (the model dtype), int8 or int4"})
     num_threads: int = field(default=0, metadata={"help": "torch threads for the math (0: every core this process may use)"})
@@ -103,7 +106,7 @@ class EngineConfig:
             raise ConfigError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}", "kv_cache_dtype")
         if self.quant_group_size not in (32, 64, 128, 256):
             raise ConfigError(f"quant_group_size must be 32, 64, 128 or 256, got {self.quant_group_size}", "quant_group_size")
-        if self.dense_matmul_min_rows < 0 or self.num_threads < 0:
+        if (self.dense_matmul_min_rows or 0) < 0 or self.num_threads < 0:
             raise ConfigError("dense_matmul_min_rows and num_threads must be >= 0")
         _require_positive(self, "block_size", "max_num_seqs", "max_num_batched_tokens", "kv_cache_memory")
         if self.max_model_len is not None and self.max_model_len < 1:

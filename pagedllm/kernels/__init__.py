@@ -1,5 +1,6 @@
 """CPU kernels of our own, in C++, registered as torch.ops.pagedllm.*: weight-only int4/int8 matmuls for decode
-steps, decode attention that reads the paged KV cache in place, and RMSNorm.
+steps, decode attention that reads the paged KV cache in place, the KV-cache write, and the small fused ops of a
+decoder layer (RMSNorm with the residual add, rotary embedding in place, SiLU-and-multiply).
 
 They are compiled for this machine's CPU on first use (`make install` does it once) and cached; where no
 compiler is available the layers keep their plain PyTorch paths, which the tests check the kernels against.
@@ -21,7 +22,9 @@ from pagedllm.cpu import cpu_flags
 logger = logging.getLogger(__name__)
 
 SOURCE_DIR = Path(__file__).parent / "csrc"
-SOURCES = ("ops.cpp", "quantized_linear.cpp", "paged_attention.cpp", "rms_norm.cpp")
+SOURCES = (
+    "ops.cpp", "quantized_linear.cpp", "paged_attention.cpp", "kv_cache.cpp", "rms_norm.cpp", "rotary.cpp", "activation.cpp"
+)
 HEADERS = ("vec.h",)
 CFLAGS = ("-O3", "-march=native", "-fopenmp")
 CACHE_DIR = Path.home() / ".cache" / "pagedllm" / "kernels"

@@ -131,6 +131,8 @@ class PagedAttention(nn.Module):
         attend_new = self.impl == "fast" and not isinstance(self.k_cache, QuantizedKVPool)
         # A rotated pool holds K H and V H: q H . k H = q . k, and the output comes back as (attention . v) H.
         q = cache_basis(self.k_cache, q)
+        if self.impl == "fast" and meta.num_decodes == len(meta.context_lens):
+            return cache_basis(self.v_cache, self._decode_batch(q, meta)).flatten(1)
         out = torch.empty_like(q)
         first_prefill = 0
         if self.impl == "fast" and meta.num_decodes:
@@ -180,6 +182,9 @@ class PagedAttention(nn.Module):
 
 def write_kv(k_cache: KVPool, v_cache: KVPool, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
     """Store new tokens' K/V at their flat slots (block * block_size + offset)."""
+    if not isinstance(k_cache, QuantizedKVPool) and use_cpu_kernels(k):
+        torch.ops.pagedllm.write_kv_(k, v, k_cache, v_cache, slots)
+        return
     for cache, x in ((k_cache, k), (v_cache, v)):
         if isinstance(cache, QuantizedKVPool):
             cache.write(x, slots)

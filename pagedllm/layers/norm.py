@@ -18,6 +18,13 @@ class RMSNorm(nn.Module):
             return torch.ops.pagedllm.rms_norm(x, self.weight, self.eps)
         return self.reference(x)
 
+    def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(residual + x), residual + x), the sum written into `residual` on the kernel path."""
+        if use_cpu_kernels(x) and residual.is_contiguous():
+            return torch.ops.pagedllm.add_rms_norm_(residual, x, self.weight, self.eps), residual
+        residual = residual + x
+        return self.reference(residual), residual
+
     def reference(self, x: torch.Tensor) -> torch.Tensor:
         # Normalized in float32, then scaled in the activation dtype, as transformers' Llama does.
         normalized = F.rms_norm(x.float(), self.weight.shape, eps=self.eps)

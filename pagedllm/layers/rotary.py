@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from pagedllm.config import RopeScaling
+from pagedllm.kernels import use_cpu_kernels
 
 
 def inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling) -> torch.Tensor:
@@ -61,6 +62,13 @@ class RotaryEmbedding(nn.Module):
         """x: [T, heads, head_dim]; any heads of the step's tokens, e.g. queries and keys side by side."""
         cos, sin = self._cos_sin(positions, x.dtype)
         return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
+
+    def rotate_(self, positions: torch.Tensor, x: torch.Tensor, rotated_heads: int) -> None:
+        """Rotate the first `rotated_heads` heads of x [T, heads, head_dim] in place (on CPU one kernel call)."""
+        if use_cpu_kernels(x):
+            torch.ops.pagedllm.rotate_heads_(x, positions, self.cos, self.signed_sin, rotated_heads)
+        else:
+            x[:, :rotated_heads] = self.rotate(positions, x[:, :rotated_heads])
 
     def _cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         cached = self._rows_for

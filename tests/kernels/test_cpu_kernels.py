@@ -6,11 +6,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from pagedllm.config import RopeScaling
 from pagedllm.kernels import cpu_kernels_available
+from pagedllm.layers.activation import silu_and_mul_reference
 from pagedllm.layers.attention import gather_context
-from pagedllm.layers.linear import kernel_representable, pack_int4_blocks
+from pagedllm.layers.linear import kernel_representable, pack_int4_chunks
 from pagedllm.layers.norm import RMSNorm
 from pagedllm.layers.quantization import Int4Weight, dequantize, quantize_int4, quantize_int8
+from pagedllm.layers.rotary import RotaryEmbedding
 
 ops = torch.ops.pagedllm
 
@@ -26,7 +29,7 @@ def generator(seed: int) -> torch.Generator:
 
 def pagedllm_int4_buffers(weight: Int4Weight) -> tuple[torch.Tensor, torch.Tensor]:
     zeros = weight.mins + 8 * weight.scales
-    return pack_int4_blocks(weight.q), torch.stack([weight.scales, zeros], dim=-1).to(torch.bfloat16).contiguous()
+    return pack_int4_chunks(weight.q), torch.stack([weight.scales, zeros], dim=-1).to(torch.bfloat16).contiguous()
 
 
 def int16_exact_activations(rows: int, in_features: int, seed: int) -> torch.Tensor:
@@ -88,12 +91,16 @@ def random_pools(
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("heads", [(4, 4), (6, 2), (8, 1)], ids=["mha", "gqa", "mqa"])
-def test_paged_decode_attention_equals_sdpa_over_gathered_context(dtype: torch.dtype, heads: tuple[int, int]) -> None:
+@pytest.mark.parametrize("short", [True, False], ids=["one-thread", "threads"])
+def test_paged_decode_attention_equals_sdpa_over_gathered_context(
+    dtype: torch.dtype, heads: tuple[int, int], short: bool
+) -> None:
     num_heads, kv_heads = heads
     block_size, head_dim = 16, 32
     k_pool, v_pool = random_pools(40, block_size, kv_heads, head_dim, dtype, 6)
-    seq_lens = torch.tensor([1, 16, 17, 150, 33])
-    tables = torch.stack([torch.randperm(40, generator=generator(20 + i))[:10] for i in range(len(seq_lens))])
+    # Over 2,048 (query head, key) pairs the heads are spread over threads; the first three lengths stay under.
+    seq_lens = torch.tensor([1, 16, 17, 150, 33, 300][: 3 if short else None])
+    tables = torch.stack([torch.randperm(40, generator=generator(20 + i))[:20] for i in range(len(seq_lens))])
     q = torch.randn(len(seq_lens), num_heads, head_dim, generator=generator(7)).to(dtype)
     got = ops.paged_decode_attention(q, k_pool, v_pool, tables, seq_lens, head_dim**-0.5)
     for row, length in enumerate(seq_lens.tolist()):
@@ -118,3 +125,53 @@ def test_rms_norm_kernel_equals_the_reference(dtype: torch.dtype, weight_dtype: 
     else:
         # The float32 normalizations may differ in their last bit, which rounding to bfloat16 hides but rarely.
         assert (got.float() - expected.float()).abs().max() <= 1e-2 * expected.float().abs().max()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_add_rms_norm_adds_into_the_residual_then_normalizes_it(dtype: torch.dtype) -> None:
+    norm = RMSNorm(96, 1e-5)
+    norm.weight.data = torch.randn(96, generator=generator(10)).to(dtype)
+    x = torch.randn(5, 96, generator=generator(11)).to(dtype)
+    residual = (4 * torch.randn(5, 96, generator=generator(12))).to(dtype)
+    expected_residual = residual + x
+    got = ops.add_rms_norm_(residual, x, norm.weight, norm.eps)
+    assert torch.equal(residual, expected_residual)
+    expected = norm.reference(expected_residual)
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(got, expected, rtol=tolerance, atol=tolerance * expected.float().abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_rotate_heads_in_place_equals_the_rotary_reference_on_the_first_heads(dtype: torch.dtype) -> None:
+    rotary = RotaryEmbedding(64, 512, 10000.0, RopeScaling())
+    heads = torch.randn(6, 7, 64, generator=generator(13)).to(dtype)  # 4 rotated heads, then 3 left alone
+    positions = torch.tensor([0, 5, 511, 17, 17, 300])
+    expected = rotary.rotate(positions, heads[:, :4])
+    untouched = heads[:, 4:].clone()
+    ops.rotate_heads_(heads, positions, rotary.cos, rotary.signed_sin, 4)
+    tolerance = 1e-6 if dtype == torch.float32 else 2e-2  # bfloat16: the reference rounds each product
+    torch.testing.assert_close(heads[:, :4], expected, rtol=tolerance, atol=tolerance)
+    assert torch.equal(heads[:, 4:], untouched)
+
+
+def test_write_kv_stores_entries_at_their_slots_and_refuses_a_slot_outside_the_pool() -> None:
+    k_pool, v_pool = random_pools(6, 4, 2, 8, torch.float32, 14)
+    k, v = torch.randn(3, 2, 8, generator=generator(15)), torch.randn(3, 2, 8, generator=generator(16))
+    slots = torch.tensor([23, 0, 9])
+    expected_k, expected_v = k_pool.clone(), v_pool.clone()
+    expected_k.view(-1, 2, 8).index_copy_(0, slots, k)
+    expected_v.view(-1, 2, 8).index_copy_(0, slots, v)
+    ops.write_kv_(k, v, k_pool, v_pool, slots)
+    assert torch.equal(k_pool, expected_k) and torch.equal(v_pool, expected_v)
+    with pytest.raises(RuntimeError, match="outside the pool"):
+        ops.write_kv_(k, v, k_pool, v_pool, torch.tensor([1, 2, 24]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_silu_and_mul_equals_the_reference(dtype: torch.dtype) -> None:
+    gate_up = (6 * torch.randn(3, 2 * 37, generator=generator(17))).to(dtype)  # 37: a vector part and a tail
+    gate_up[0, :4] = torch.tensor([-200.0, -90.0, 90.0, 200.0])  # past the exponential's clamps
+    got, expected = ops.silu_and_mul(gate_up), silu_and_mul_reference(gate_up)
+    assert got.dtype == dtype and got.shape == (3, 37)
+    tolerance = 1e-6 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(got, expected, rtol=tolerance, atol=tolerance)

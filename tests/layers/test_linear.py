@@ -33,9 +33,11 @@ def inputs(rows: int, dtype: torch.dtype) -> torch.Tensor:
 def test_the_cpu_kernels_are_available_here() -> None:
     # The agreement tests below would compare the reference path with itself otherwise.
     assert cpu_kernels_available() and weight_only_kernels_available(torch.device("cpu"))
-    assert default_kernel(torch.device("cpu"), IN_FEATURES) == "pagedllm"
-    # A width that is not whole runs of 32 activations goes to PyTorch's kernels.
-    assert default_kernel(torch.device("cpu"), 48) == "torch"
+    assert default_kernel(torch.device("cpu"), IN_FEATURES, 4) == "pagedllm"
+    # Widths the kernels do not take go to PyTorch's: int8 needs whole runs of 32, int4 whole chunks of 64.
+    assert default_kernel(torch.device("cpu"), 48, 8) == "torch"
+    assert default_kernel(torch.device("cpu"), 96, 8) == "pagedllm"
+    assert default_kernel(torch.device("cpu"), 96, 4) == "torch"
 
 
 @pytest.mark.parametrize("kernel", ["pagedllm", "torch"])

@@ -10,6 +10,12 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& weight, const at::
 at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_pool,
                                   const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale);
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
+at::Tensor add_rms_norm_(at::Tensor& residual, const at::Tensor& x, const at::Tensor& weight, double eps);
+void rotate_heads_(at::Tensor& x, const at::Tensor& positions, const at::Tensor& cos, const at::Tensor& signed_sin,
+                   int64_t rotated_heads);
+void write_kv_(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_pool, at::Tensor& v_pool,
+               const at::Tensor& slots);
+at::Tensor silu_and_mul(const at::Tensor& gate_up);
 }  // namespace pagedllm
 
 TORCH_LIBRARY(pagedllm, m) {
@@ -18,6 +24,10 @@ TORCH_LIBRARY(pagedllm, m) {
   m.def("int8_linear(Tensor x, Tensor weight, Tensor scales) -> Tensor");
   m.def("paged_decode_attention(Tensor q, Tensor k_pool, Tensor v_pool, Tensor block_tables, Tensor seq_lens, float scale) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+  m.def("add_rms_norm_(Tensor(a!) residual, Tensor x, Tensor weight, float eps) -> Tensor");
+  m.def("rotate_heads_(Tensor(a!) x, Tensor positions, Tensor cos, Tensor signed_sin, int rotated_heads) -> ()");
+  m.def("write_kv_(Tensor k, Tensor v, Tensor(a!) k_pool, Tensor(b!) v_pool, Tensor slots) -> ()");
+  m.def("silu_and_mul(Tensor gate_up) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(pagedllm, CPU, m) {
@@ -26,4 +36,8 @@ TORCH_LIBRARY_IMPL(pagedllm, CPU, m) {
   m.impl("int8_linear", &pagedllm::int8_linear);
   m.impl("paged_decode_attention", &pagedllm::paged_decode_attention);
   m.impl("rms_norm", &pagedllm::rms_norm);
+  m.impl("add_rms_norm_", &pagedllm::add_rms_norm_);
+  m.impl("rotate_heads_", &pagedllm::rotate_heads_);
+  m.impl("write_kv_", &pagedllm::write_kv_);
+  m.impl("silu_and_mul", &pagedllm::silu_and_mul);
 }

@@ -12,7 +12,32 @@
 namespace pagedllm {
 namespace {
 
-constexpr int64_t kMinParallelKeys = 1 << 15;  // (query head, key) pairs below which one thread does it all
+constexpr int64_t kMinParallelKeys = 1 << 11;  // (query head, key) pairs below which one thread does it all
+
+template <typename T>
+inline void prefetch_entries(const T* first, int64_t tokens, int64_t token_stride, int64_t head_dim) {
+  constexpr int64_t kLine = 64 / sizeof(T);
+  for (int64_t i = 0; i < tokens; ++i)
+    for (int64_t d = 0; d < head_dim; d += kLine) __builtin_prefetch(first + i * token_stride + d);
+}
+
+// Calls fn(t, entry) for the first context_len tokens of a sequence in order, entry pointing at token t's
+// vector for kv_head in the pool: block by block, with no division per token.
+template <typename T, typename Fn>
+inline void for_each_token(const T* pool, const int64_t* block_table, int64_t context_len, int64_t block_size,
+                           int64_t num_kv_heads, int64_t kv_head, int64_t head_dim, const Fn& fn) {
+  const int64_t token_stride = num_kv_heads * head_dim;
+  const auto block_entries = [&](int64_t b) {
+    return pool + (block_table[b] * block_size * num_kv_heads + kv_head) * head_dim;
+  };
+  for (int64_t start = 0, b = 0; start < context_len; start += block_size, ++b) {
+    const int64_t tokens = std::min(block_size, context_len - start);
+    // The next block lies anywhere in the pool, out of the hardware prefetcher's sight: ask for it now.
+    if (start + block_size < context_len) prefetch_entries(block_entries(b + 1), block_size, token_stride, head_dim);
+    const T* entry = block_entries(b);
+    for (int64_t i = 0; i < tokens; ++i, entry += token_stride) fn(start + i, entry);
+  }
+}
 
 template <typename T>
 void attend_kv_head(const T* q, const T* k_pool, const T* v_pool, const int64_t* block_table, int64_t context_len,
@@ -22,26 +47,21 @@ void attend_kv_head(const T* q, const T* k_pool, const T* v_pool, const int64_t*
   std::vector<float> queries(group * head_dim), scores(group * context_len), acc(group * head_dim, 0.f);
   for (int64_t h = 0; h < group; ++h)
     for (int64_t d = 0; d < head_dim; ++d) queries[h * head_dim + d] = to_float(q[h * head_dim + d]) * scale;
-  const auto entry = [&](const T* pool, int64_t t) {
-    const int64_t block = block_table[t / block_size];
-    return pool + ((block * block_size + t % block_size) * num_kv_heads + kv_head) * head_dim;
-  };
-  for (int64_t t = 0; t < context_len; ++t) {
-    const T* key = entry(k_pool, t);
-    for (int64_t h = 0; h < group; ++h) scores[h * context_len + t] = dot(queries.data() + h * head_dim, key, head_dim);
-  }
+  for_each_token(k_pool, block_table, context_len, block_size, num_kv_heads, kv_head, head_dim,
+                 [&](int64_t t, const T* key) {
+                   for (int64_t h = 0; h < group; ++h)
+                     scores[h * context_len + t] = dot(queries.data() + h * head_dim, key, head_dim);
+                 });
   for (int64_t h = 0; h < group; ++h) {
     float* s = scores.data() + h * context_len;
-    const float max = *std::max_element(s, s + context_len);
-    float total = 0.f;
-    for (int64_t t = 0; t < context_len; ++t) total += (s[t] = std::exp(s[t] - max));
-    const float inverse = 1.f / total;
+    const float inverse = 1.f / exp_shifted_sum(s, context_len, *std::max_element(s, s + context_len));
     for (int64_t t = 0; t < context_len; ++t) s[t] *= inverse;
   }
-  for (int64_t t = 0; t < context_len; ++t) {
-    const T* value = entry(v_pool, t);
-    for (int64_t h = 0; h < group; ++h) axpy(acc.data() + h * head_dim, scores[h * context_len + t], value, head_dim);
-  }
+  for_each_token(v_pool, block_table, context_len, block_size, num_kv_heads, kv_head, head_dim,
+                 [&](int64_t t, const T* value) {
+                   for (int64_t h = 0; h < group; ++h)
+                     axpy(acc.data() + h * head_dim, scores[h * context_len + t], value, head_dim);
+                 });
   for (int64_t i = 0; i < group * head_dim; ++i) out[i] = static_cast<T>(acc[i]);
 }
 

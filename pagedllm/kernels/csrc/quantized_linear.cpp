@@ -1,10 +1,13 @@
-// Weight-only int4 / int8 matmuls for few activation rows (decode steps): each run of 32 activations is rounded
-// to int16 with its own scale (max |x| / 32767, finer than bfloat16's rounding), and weights and activations meet
-// in integer dot products (AVX2 madd), scaled back to float32 per run. The zero-point term of int4 multiplies the
-// exact float sums of the activations.
+// Weight-only int4 / int8 matmuls for few activation rows (decode steps): activations are rounded to int16 with
+// one scale per run (max |x| / 32767, finer than bfloat16's rounding; a run is an int4 weight group, or 32 channels
+// for int8), and weights and activations meet in integer dot products (AVX2 madd) summed in int32 over the run,
+// then scaled back to float32 once per run. The zero-point term of int4 multiplies the exact float sums of the
+// activations.
 //
-// int4 layout: packed[n, 16 b + j] holds weight 32 b + j of row n in its low nibble and weight 32 b + 16 + j in
-// its high one; scale_zero[n, g] is the (scale, zero) bfloat16 pair of group g, and w = (q - 8) * scale + zero.
+// int4 layout: each run of 64 weights of a row is 32 bytes, read as 16 little-endian 16-bit lanes; lane l holds
+// weights 64 c + l, + 16, + 32 and + 48 in its four nibbles, lowest first, so one shift and one mask per nibble
+// give 16 weights as int16 in the order of the activations. scale_zero[n, g] is the (scale, zero) bfloat16 pair of
+// group g, and w = (q - 8) * scale + zero.
 // int8 layout: weight[n, k] int8 with one bfloat16 scale per row, w = q * scale.
 #include "vec.h"
 
@@ -12,123 +15,168 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 
 namespace pagedllm {
 namespace {
 
-constexpr int64_t kBlock = 32;  // weights per run sharing one activation scale (16 packed int4 bytes)
+constexpr int64_t kChunk = 64;  // int4 weights per 32-byte chunk
+constexpr int64_t kInt8Run = 32;  // int8 weights per activation scale
 constexpr int64_t kRowGrain = 16;  // output rows per parallel task, at the least
-constexpr int64_t kRowTile = 2;  // activation rows sharing one load of a weight block
+constexpr int64_t kRowTile = 2;  // activation rows sharing one load of a weight chunk
 
 constexpr float kActivationLevels = 32767.f;
 
-// Activation rows rounded to int16 per run of 32, with each run's scale, and each group's exact float sum.
+// Activation rows rounded to int16 per run, with each run's scale and exact float sum.
 struct QuantizedRows {
   at::Tensor values;  // [rows, in] int16
-  at::Tensor scales;  // [rows, in / 32] float32
-  at::Tensor group_sums;  // [rows, in / group_size] float32
+  at::Tensor scales;  // [rows, in / run] float32
+  at::Tensor sums;  // [rows, in / run] float32
 };
 
-QuantizedRows quantize_rows(const at::Tensor& x, int64_t group_size) {
-  const int64_t rows = x.size(0), in_features = x.size(1), blocks = in_features / kBlock;
-  const int64_t per_group = group_size / kBlock;
-  QuantizedRows q{at::empty({rows, in_features}, x.options().dtype(at::kShort)), at::empty({rows, blocks}, x.options()),
-                  at::zeros({rows, in_features / group_size}, x.options())};
+QuantizedRows quantize_rows(const at::Tensor& x, int64_t run) {
+  const int64_t rows = x.size(0), in_features = x.size(1), runs = rows * (in_features / run);
+  QuantizedRows q{at::empty({rows, in_features}, x.options().dtype(at::kShort)),
+                  at::empty({rows, in_features / run}, x.options()), at::empty({rows, in_features / run}, x.options())};
   const float* xp = x.const_data_ptr<float>();
   int16_t* qp = q.values.data_ptr<int16_t>();
   float* sp = q.scales.data_ptr<float>();
-  float* gp = q.group_sums.data_ptr<float>();
-  for (int64_t i = 0; i < rows * blocks; ++i) {
-    const float* run = xp + i * kBlock;
+  float* sums = q.sums.data_ptr<float>();
+  for (int64_t i = 0; i < runs; ++i) {
+    const float* values = xp + i * run;
     float max = 0.f, sum = 0.f;
-    for (int64_t j = 0; j < kBlock; ++j) {
-      max = std::max(max, std::abs(run[j]));
-      sum += run[j];
+    for (int64_t j = 0; j < run; ++j) {
+      max = std::max(max, std::abs(values[j]));
+      sum += values[j];
     }
     const float inverse = max > 0.f ? kActivationLevels / max : 0.f;
     sp[i] = max / kActivationLevels;
-    gp[i / per_group] += sum;  // runs of one row's groups are consecutive: i / per_group is (row, group)
-    for (int64_t j = 0; j < kBlock; ++j) qp[i * kBlock + j] = static_cast<int16_t>(std::nearbyint(run[j] * inverse));
+    sums[i] = sum;
+    for (int64_t j = 0; j < run; ++j) qp[i * run + j] = static_cast<int16_t>(std::nearbyint(values[j] * inverse));
   }
   return q;
 }
 
 #ifdef PAGEDLLM_AVX2
-// Eight float partial sums of the products of 32 int16 weights (two registers) and 32 int16 activations.
-inline __m256 dot_run(__m256i w0, __m256i w1, const int16_t* x) {
-  const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
-  const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 16));
-  return _mm256_cvtepi32_ps(_mm256_add_epi32(_mm256_madd_epi16(w0, x0), _mm256_madd_epi16(w1, x1)));
-}
-#endif
+inline __m256i load_int16x16(const int16_t* x) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)); }
 
-// Σ_k q[k] x[k] over one run of 32 as an int, q from 16 packed int4 bytes (scalar path).
-inline int32_t int4_run_dot(const uint8_t* packed, const int16_t* x) {
-  int32_t sum = 0;
-  for (int64_t j = 0; j < 16; ++j) sum += (packed[j] & 0x0F) * x[j] + (packed[j] >> 4) * x[16 + j];
-  return sum;
-}
-
+// Adds the int32 dot products of one 64-weight chunk with each row's 64 activations: weights 0..31 of the chunk
+// to low[r], weights 32..63 to high[r] (the two halves are two groups when the group size is 32).
 template <int64_t Rows>
-void int4_row(const uint8_t* packed, const uint16_t* scale_zero, int64_t in_features, int64_t group_size,
-              const int16_t* xq, const float* x_scales, const float* x_group_sums, float* result) {
-  const int64_t blocks = in_features / kBlock, groups = in_features / group_size, per_group = group_size / kBlock;
-  for (int64_t r = 0; r < Rows; ++r) result[r] = 0.f;
-#ifdef PAGEDLLM_AVX2
-  const __m128i low_mask = _mm_set1_epi8(0x0F);
-  __m256 acc[Rows][2];
-  for (int64_t r = 0; r < Rows; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+inline void int4_chunk(const uint8_t* chunk, const int16_t* const* x, int64_t offset, __m256i* low, __m256i* high) {
+  const __m256i lanes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(chunk));
+  const __m256i mask = _mm256_set1_epi16(0x0F);
+  const __m256i w0 = _mm256_and_si256(lanes, mask);
+  const __m256i w1 = _mm256_and_si256(_mm256_srli_epi16(lanes, 4), mask);
+  const __m256i w2 = _mm256_and_si256(_mm256_srli_epi16(lanes, 8), mask);
+  const __m256i w3 = _mm256_srli_epi16(lanes, 12);
+  for (int64_t r = 0; r < Rows; ++r) {
+    const int16_t* xr = x[r] + offset;
+    low[r] = _mm256_add_epi32(low[r], _mm256_add_epi32(_mm256_madd_epi16(w0, load_int16x16(xr)),
+                                                       _mm256_madd_epi16(w1, load_int16x16(xr + 16))));
+    high[r] = _mm256_add_epi32(high[r], _mm256_add_epi32(_mm256_madd_epi16(w2, load_int16x16(xr + 32)),
+                                                         _mm256_madd_epi16(w3, load_int16x16(xr + 48))));
+  }
+}
 #endif
-  for (int64_t g = 0; g < groups; ++g) {
+
+// Weight k (0..15) of one row in the int4 layout.
+inline int32_t int4_at(const uint8_t* row, int64_t k) {
+  const int64_t within = k % kChunk, lane = within % 16, nibble = within / 16;
+  return (row[32 * (k / kChunk) + 2 * lane + nibble / 2] >> (4 * (nibble % 2))) & 0x0F;
+}
+
+// The dot products of one output row with Rows activation rows, one group at a time: integer sums over the group,
+// then scale * activation scale, plus the zero-point term. GroupSize is group_size where it is one of the sizes
+// compiled for, else 0 (any multiple of 64).
+template <int64_t Rows, int64_t GroupSize>
+void int4_row(const uint8_t* packed, const uint16_t* scale_zero, int64_t in_features, int64_t group_size,
+              const int16_t* const* x, const float* const* x_scales, const float* const* x_sums, float* result) {
+  const int64_t groups = in_features / group_size;
+  for (int64_t r = 0; r < Rows; ++r) result[r] = 0.f;
+  const auto group_scale = [&](int64_t g, int64_t r) {
     const float scale = bf16_bits_to_float(scale_zero[2 * g]);
     const float min = bf16_bits_to_float(scale_zero[2 * g + 1]) - 8.f * scale;
-    for (int64_t r = 0; r < Rows; ++r) result[r] += min * x_group_sums[r * groups + g];
-    for (int64_t b = g * per_group; b < (g + 1) * per_group; ++b) {
+    result[r] += min * x_sums[r][g];
+    return scale * x_scales[r][g];
+  };
 #ifdef PAGEDLLM_AVX2
-      const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(packed + 16 * b));
-      const __m256i low = _mm256_cvtepu8_epi16(_mm_and_si128(bytes, low_mask));
-      const __m256i high = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(bytes, 4), low_mask));
+  __m256 acc[Rows];
+  for (int64_t r = 0; r < Rows; ++r) acc[r] = _mm256_setzero_ps();
+  const auto add_scaled = [&](int64_t g, int64_t r, __m256i sum) {
+    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_set1_ps(group_scale(g, r)), acc[r]);
+  };
+  if constexpr (GroupSize == 32) {
+    for (int64_t c = 0; c < in_features / kChunk; ++c) {
+      __m256i low[Rows], high[Rows];
+      for (int64_t r = 0; r < Rows; ++r) low[r] = high[r] = _mm256_setzero_si256();
+      int4_chunk<Rows>(packed + 32 * c, x, kChunk * c, low, high);
       for (int64_t r = 0; r < Rows; ++r) {
-        const __m256 weight = _mm256_set1_ps(scale * x_scales[r * blocks + b]);
-        const __m256 dot = dot_run(low, high, xq + r * in_features + kBlock * b);
-        acc[r][b & 1] = _mm256_fmadd_ps(dot, weight, acc[r][b & 1]);
+        add_scaled(2 * c, r, low[r]);
+        add_scaled(2 * c + 1, r, high[r]);
       }
-#else
-      for (int64_t r = 0; r < Rows; ++r)
-        result[r] += scale * x_scales[r * blocks + b] * int4_run_dot(packed + 16 * b, xq + r * in_features + kBlock * b);
-#endif
+    }
+  } else {
+    // A group size known at compile time unrolls the loop over its chunks; a short loop of unknown length costs
+    // a mispredicted exit per group.
+    const int64_t chunks_per_group = GroupSize > 0 ? GroupSize / kChunk : group_size / kChunk;
+    for (int64_t g = 0; g < groups; ++g) {
+      __m256i low[Rows], high[Rows];
+      for (int64_t r = 0; r < Rows; ++r) low[r] = high[r] = _mm256_setzero_si256();
+      for (int64_t c = g * chunks_per_group; c < (g + 1) * chunks_per_group; ++c)
+        int4_chunk<Rows>(packed + 32 * c, x, kChunk * c, low, high);
+      for (int64_t r = 0; r < Rows; ++r) add_scaled(g, r, _mm256_add_epi32(low[r], high[r]));
     }
   }
-#ifdef PAGEDLLM_AVX2
-  for (int64_t r = 0; r < Rows; ++r) result[r] += horizontal_sum(_mm256_add_ps(acc[r][0], acc[r][1]));
+  for (int64_t r = 0; r < Rows; ++r) result[r] += horizontal_sum(acc[r]);
+#else
+  for (int64_t g = 0; g < groups; ++g)
+    for (int64_t r = 0; r < Rows; ++r) {
+      int32_t sum = 0;
+      for (int64_t k = g * group_size; k < (g + 1) * group_size; ++k) sum += int4_at(packed, k) * x[r][k];
+      result[r] += group_scale(g, r) * sum;
+    }
 #endif
 }
 
+// The dot products of one int8 output row with Rows activation rows, scaled per run of 32 activations.
 template <int64_t Rows>
-void int8_row(const int8_t* w, int64_t in_features, const int16_t* xq, const float* x_scales, float* result) {
-  const int64_t blocks = in_features / kBlock;
+void int8_row(const int8_t* w, int64_t in_features, const int16_t* const* x, const float* const* x_scales,
+              float* result) {
+  const int64_t runs = in_features / kInt8Run;
   for (int64_t r = 0; r < Rows; ++r) result[r] = 0.f;
 #ifdef PAGEDLLM_AVX2
-  __m256 acc[Rows][2];
-  for (int64_t r = 0; r < Rows; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
-  for (int64_t b = 0; b < blocks; ++b) {
-    const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + kBlock * b)));
-    const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + kBlock * b + 16)));
+  __m256 acc[Rows];
+  for (int64_t r = 0; r < Rows; ++r) acc[r] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < runs; ++b) {
+    const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + kInt8Run * b)));
+    const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + kInt8Run * b + 16)));
     for (int64_t r = 0; r < Rows; ++r) {
-      const __m256 dot = dot_run(w0, w1, xq + r * in_features + kBlock * b);
-      acc[r][b & 1] = _mm256_fmadd_ps(dot, _mm256_set1_ps(x_scales[r * blocks + b]), acc[r][b & 1]);
+      const int16_t* xr = x[r] + kInt8Run * b;
+      const __m256i sum =
+          _mm256_add_epi32(_mm256_madd_epi16(w0, load_int16x16(xr)), _mm256_madd_epi16(w1, load_int16x16(xr + 16)));
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_set1_ps(x_scales[r][b]), acc[r]);
     }
   }
-  for (int64_t r = 0; r < Rows; ++r) result[r] = horizontal_sum(_mm256_add_ps(acc[r][0], acc[r][1]));
+  for (int64_t r = 0; r < Rows; ++r) result[r] = horizontal_sum(acc[r]);
 #else
-  for (int64_t b = 0; b < blocks; ++b)
+  for (int64_t b = 0; b < runs; ++b)
     for (int64_t r = 0; r < Rows; ++r) {
       int32_t sum = 0;
-      for (int64_t j = 0; j < kBlock; ++j) sum += int32_t{w[kBlock * b + j]} * xq[r * in_features + kBlock * b + j];
-      result[r] += x_scales[r * blocks + b] * sum;
+      for (int64_t j = kInt8Run * b; j < kInt8Run * (b + 1); ++j) sum += int32_t{w[j]} * x[r][j];
+      result[r] += x_scales[r][b] * sum;
     }
 #endif
 }
+
+// Pointers to `rows` consecutive rows of a row-major matrix with `width` columns, from row `first`.
+template <typename T>
+struct RowPointers {
+  const T* rows[kRowTile];
+  RowPointers(const T* data, int64_t width, int64_t first, int64_t count) {
+    for (int64_t r = 0; r < count; ++r) rows[r] = data + (first + r) * width;
+  }
+};
 
 // Calls row_fn(n, first_activation_row, rows, results) for every output row and tile of activation rows, and
 // stores the results.
@@ -156,24 +204,41 @@ at::Tensor for_each_output(const at::Tensor& x, int64_t num_rows, int64_t out_fe
 at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale_zero, int64_t group_size) {
   const int64_t out_features = packed.size(0), in_features = packed.size(1) * 2;
   TORCH_CHECK(x.size(-1) == in_features, "int4_linear: input has ", x.size(-1), " features, weight ", in_features);
-  TORCH_CHECK(group_size % kBlock == 0 && in_features % group_size == 0, "int4_linear: bad group size ", group_size);
+  TORCH_CHECK(in_features % kChunk == 0, "int4_linear: in_features must be a multiple of 64");
+  TORCH_CHECK((group_size == 32 || group_size % kChunk == 0) && in_features % group_size == 0,
+              "int4_linear: bad group size ", group_size);
   TORCH_CHECK(packed.scalar_type() == at::kByte && scale_zero.scalar_type() == at::kBFloat16, "int4_linear: dtypes");
   const at::Tensor xf = float_rows(x, in_features);
   const QuantizedRows q = quantize_rows(xf, group_size);
-  const int64_t groups = in_features / group_size, blocks = in_features / kBlock;
+  const int64_t groups = in_features / group_size;
   const uint8_t* w = packed.const_data_ptr<uint8_t>();
   const auto* sz = reinterpret_cast<const uint16_t*>(scale_zero.const_data_ptr<at::BFloat16>());
   const int16_t* xq = q.values.const_data_ptr<int16_t>();
   const float* xs = q.scales.const_data_ptr<float>();
-  const float* sums = q.group_sums.const_data_ptr<float>();
+  const float* sums = q.sums.const_data_ptr<float>();
   return for_each_output(x, xf.size(0), out_features, [&](int64_t n, int64_t m, int64_t rows, float* result) {
     const uint8_t* wn = w + n * in_features / 2;
     const uint16_t* szn = sz + n * groups * 2;
-    const int16_t* xm = xq + m * in_features;
+    const RowPointers<int16_t> xr(xq, in_features, m, rows);
+    const RowPointers<float> scales(xs, groups, m, rows), row_sums(sums, groups, m, rows);
+    const auto call = [&](auto tile) {
+      constexpr int64_t kRows = decltype(tile)::value;
+      const auto row = [&](auto size) {
+        int4_row<kRows, decltype(size)::value>(wn, szn, in_features, group_size, xr.rows, scales.rows,
+                                               row_sums.rows, result);
+      };
+      switch (group_size) {
+        case 32: return row(std::integral_constant<int64_t, 32>{});
+        case 64: return row(std::integral_constant<int64_t, 64>{});
+        case 128: return row(std::integral_constant<int64_t, 128>{});
+        case 256: return row(std::integral_constant<int64_t, 256>{});
+        default: return row(std::integral_constant<int64_t, 0>{});
+      }
+    };
     if (rows == 2)
-      int4_row<2>(wn, szn, in_features, group_size, xm, xs + m * blocks, sums + m * groups, result);
+      call(std::integral_constant<int64_t, 2>{});
     else
-      int4_row<1>(wn, szn, in_features, group_size, xm, xs + m * blocks, sums + m * groups, result);
+      call(std::integral_constant<int64_t, 1>{});
   });
 }
 
@@ -186,10 +251,9 @@ at::Tensor int4_dequantize(const at::Tensor& packed, const at::Tensor& scale_zer
   at::parallel_for(0, out_features, kRowGrain, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
       for (int64_t k = 0; k < in_features; ++k) {
-        const int64_t g = n * groups + k / group_size, j = k % kBlock;
-        const uint8_t byte = w[n * in_features / 2 + 16 * (k / kBlock) + j % 16];
+        const int64_t g = n * groups + k / group_size;
         const float scale = bf16_bits_to_float(sz[2 * g]);
-        const float q = static_cast<float>(j < 16 ? byte & 0x0F : byte >> 4);
+        const float q = static_cast<float>(int4_at(w + n * in_features / 2, k));
         op[n * in_features + k] = q * scale + (bf16_bits_to_float(sz[2 * g + 1]) - 8.f * scale);
       }
     }
@@ -200,21 +264,23 @@ at::Tensor int4_dequantize(const at::Tensor& packed, const at::Tensor& scale_zer
 at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scales) {
   const int64_t out_features = weight.size(0), in_features = weight.size(1);
   TORCH_CHECK(x.size(-1) == in_features, "int8_linear: input has ", x.size(-1), " features, weight ", in_features);
-  TORCH_CHECK(in_features % kBlock == 0, "int8_linear: in_features must be a multiple of 32");
+  TORCH_CHECK(in_features % kInt8Run == 0, "int8_linear: in_features must be a multiple of 32");
   TORCH_CHECK(weight.scalar_type() == at::kChar && scales.scalar_type() == at::kBFloat16, "int8_linear: dtypes");
   const at::Tensor xf = float_rows(x, in_features);
-  const QuantizedRows q = quantize_rows(xf, in_features);
-  const int64_t blocks = in_features / kBlock;
+  const QuantizedRows q = quantize_rows(xf, kInt8Run);
+  const int64_t runs = in_features / kInt8Run;
   const int8_t* w = weight.const_data_ptr<int8_t>();
   const auto* s = reinterpret_cast<const uint16_t*>(scales.const_data_ptr<at::BFloat16>());
   const int16_t* xq = q.values.const_data_ptr<int16_t>();
   const float* xs = q.scales.const_data_ptr<float>();
   return for_each_output(x, xf.size(0), out_features, [&](int64_t n, int64_t m, int64_t rows, float* result) {
     const int8_t* wn = w + n * in_features;
+    const RowPointers<int16_t> xr(xq, in_features, m, rows);
+    const RowPointers<float> run_scales(xs, runs, m, rows);
     if (rows == 2)
-      int8_row<2>(wn, in_features, xq + m * in_features, xs + m * blocks, result);
+      int8_row<2>(wn, in_features, xr.rows, run_scales.rows, result);
     else
-      int8_row<1>(wn, in_features, xq + m * in_features, xs + m * blocks, result);
+      int8_row<1>(wn, in_features, xr.rows, run_scales.rows, result);
     const float scale = bf16_bits_to_float(s[n]);
     for (int64_t r = 0; r < rows; ++r) result[r] *= scale;
   });

@@ -1,0 +1,18 @@
+"""The gated activation of Llama's MLP."""
+
+import torch
+import torch.nn.functional as F
+
+from pagedllm.kernels import use_cpu_kernels
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up of a fused gate/up projection's output [..., 2 * n]."""
+    if use_cpu_kernels(gate_up):
+        return torch.ops.pagedllm.silu_and_mul(gate_up)
+    return silu_and_mul_reference(gate_up)
+
+
+def silu_and_mul_reference(gate_up: torch.Tensor) -> torch.Tensor:
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
