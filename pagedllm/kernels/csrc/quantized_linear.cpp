@@ -94,7 +94,8 @@ void int4_row(const uint8_t* packed, const uint16_t* scale_zero, int64_t in_feat
               const int16_t* const* x, const float* const* x_scales, const float* const* x_sums, float* result) {
   const int64_t groups = in_features / group_size;
   for (int64_t r = 0; r < Rows; ++r) result[r] = 0.f;
-  const auto group_scale = [&](int64_t g, int64_t r) {
+  // Adds group g's zero-point term to row r's result; returns the factor of the group's integer sum.
+  const auto open_group = [&](int64_t g, int64_t r) {
     const float scale = bf16_bits_to_float(scale_zero[2 * g]);
     const float min = bf16_bits_to_float(scale_zero[2 * g + 1]) - 8.f * scale;
     result[r] += min * x_sums[r][g];
@@ -104,7 +105,7 @@ void int4_row(const uint8_t* packed, const uint16_t* scale_zero, int64_t in_feat
   __m256 acc[Rows];
   for (int64_t r = 0; r < Rows; ++r) acc[r] = _mm256_setzero_ps();
   const auto add_scaled = [&](int64_t g, int64_t r, __m256i sum) {
-    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_set1_ps(group_scale(g, r)), acc[r]);
+    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_set1_ps(open_group(g, r)), acc[r]);
   };
   if constexpr (GroupSize == 32) {
     for (int64_t c = 0; c < in_features / kChunk; ++c) {
@@ -134,7 +135,7 @@ void int4_row(const uint8_t* packed, const uint16_t* scale_zero, int64_t in_feat
     for (int64_t r = 0; r < Rows; ++r) {
       int32_t sum = 0;
       for (int64_t k = g * group_size; k < (g + 1) * group_size; ++k) sum += int4_at(packed, k) * x[r][k];
-      result[r] += group_scale(g, r) * sum;
+      result[r] += open_group(g, r) * sum;
     }
 #endif
 }
