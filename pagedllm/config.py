@@ -89,7 +89,7 @@ class EngineConfig:
         default=None,
         metadata={
             "help": "steps with at least this many tokens multiply by a dense copy of quantized weights; 0: keep none "
-            "(default: 8 on CPUs with native bfloat16 matmuls, else 17, past the int kernels' 16 rows)"
+            "(default: 8 on CPUs with native bfloat16 matmuls, else 65, past the int kernels' 64 rows)"
         },
     )
     kv_cache_dtype: str = field(default="auto", metadata={"help": "KV cache: auto (the model dtype), int8 or int4"})

@@ -93,29 +93,30 @@ template <int64_t Rows, int64_t GroupSize>
 void int4_row(const uint8_t* packed, const uint16_t* scale_zero, int64_t in_features, int64_t group_size,
               const int16_t* const* x, const float* const* x_scales, const float* const* x_sums, float* result) {
   const int64_t groups = in_features / group_size;
-  for (int64_t r = 0; r < Rows; ++r) result[r] = 0.f;
-  // Adds group g's zero-point term to row r's result; returns the factor of the group's integer sum.
-  const auto open_group = [&](int64_t g, int64_t r) {
+  float total[Rows];  // local, so that the compiler keeps it in registers (result might alias the inputs)
+  for (int64_t r = 0; r < Rows; ++r) total[r] = 0.f;
+  // Group g's scale, after adding its zero-point term to every row's total.
+  const auto open_group = [&](int64_t g) {
     const float scale = bf16_bits_to_float(scale_zero[2 * g]);
     const float min = bf16_bits_to_float(scale_zero[2 * g + 1]) - 8.f * scale;
-    result[r] += min * x_sums[r][g];
-    return scale * x_scales[r][g];
+    for (int64_t r = 0; r < Rows; ++r) total[r] += min * x_sums[r][g];
+    return scale;
   };
 #ifdef PAGEDLLM_AVX2
   __m256 acc[Rows];
   for (int64_t r = 0; r < Rows; ++r) acc[r] = _mm256_setzero_ps();
-  const auto add_scaled = [&](int64_t g, int64_t r, __m256i sum) {
-    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_set1_ps(open_group(g, r)), acc[r]);
+  const auto add_scaled = [&](int64_t g, const __m256i* sums) {
+    const float scale = open_group(g);
+    for (int64_t r = 0; r < Rows; ++r)
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[r]), _mm256_set1_ps(scale * x_scales[r][g]), acc[r]);
   };
   if constexpr (GroupSize == 32) {
     for (int64_t c = 0; c < in_features / kChunk; ++c) {
       __m256i low[Rows], high[Rows];
       for (int64_t r = 0; r < Rows; ++r) low[r] = high[r] = _mm256_setzero_si256();
       int4_chunk<Rows>(packed + 32 * c, x, kChunk * c, low, high);
-      for (int64_t r = 0; r < Rows; ++r) {
-        add_scaled(2 * c, r, low[r]);
-        add_scaled(2 * c + 1, r, high[r]);
-      }
+      add_scaled(2 * c, low);
+      add_scaled(2 * c + 1, high);
     }
   } else {
     // A group size known at compile time unrolls the loop over its chunks; a short loop of unknown length costs
@@ -126,18 +127,22 @@ void int4_row(const uint8_t* packed, const uint16_t* scale_zero, int64_t in_feat
       for (int64_t r = 0; r < Rows; ++r) low[r] = high[r] = _mm256_setzero_si256();
       for (int64_t c = g * chunks_per_group; c < (g + 1) * chunks_per_group; ++c)
         int4_chunk<Rows>(packed + 32 * c, x, kChunk * c, low, high);
-      for (int64_t r = 0; r < Rows; ++r) add_scaled(g, r, _mm256_add_epi32(low[r], high[r]));
+      for (int64_t r = 0; r < Rows; ++r) low[r] = _mm256_add_epi32(low[r], high[r]);
+      add_scaled(g, low);
     }
   }
-  for (int64_t r = 0; r < Rows; ++r) result[r] += horizontal_sum(acc[r]);
+  for (int64_t r = 0; r < Rows; ++r) total[r] += horizontal_sum(acc[r]);
 #else
-  for (int64_t g = 0; g < groups; ++g)
+  for (int64_t g = 0; g < groups; ++g) {
+    const float scale = open_group(g);
     for (int64_t r = 0; r < Rows; ++r) {
       int32_t sum = 0;
       for (int64_t k = g * group_size; k < (g + 1) * group_size; ++k) sum += int4_at(packed, k) * x[r][k];
-      result[r] += open_group(g, r) * sum;
+      total[r] += scale * x_scales[r][g] * sum;
     }
+  }
 #endif
+  for (int64_t r = 0; r < Rows; ++r) result[r] = total[r];
 }
 
 // The dot products of one int8 output row with Rows activation rows, scaled per run of 32 activations.
@@ -179,20 +184,67 @@ struct RowPointers {
   }
 };
 
-// Calls row_fn(n, first_activation_row, rows, results) for every output row and tile of activation rows, and
-// stores the results.
-template <typename RowFn>
-at::Tensor for_each_output(const at::Tensor& x, int64_t num_rows, int64_t out_features, const RowFn& row_fn) {
+// The operands of one quantized matmul: packed weights, their scales, and the quantized activation rows.
+struct Operands {
+  const void* weight;
+  const uint16_t* scales;  // int4: (scale, zero) per group of each output row; int8: one scale per output row
+  const int16_t* x;
+  const float* x_scales;
+  const float* x_sums;  // int4 only
+  int64_t in_features, out_features, group_size;
+};
+
+// Output rows [begin, end) for activation rows [m, m + Rows), into out [rows, out_features]. GroupSize as int4_row.
+template <int64_t Rows, int64_t GroupSize>
+void int4_tile(const Operands& a, int64_t begin, int64_t end, int64_t m, float* out) {
+  const int64_t groups = a.in_features / a.group_size;
+  const RowPointers<int16_t> x(a.x, a.in_features, m, Rows);
+  const RowPointers<float> scales(a.x_scales, groups, m, Rows), sums(a.x_sums, groups, m, Rows);
+  const auto* packed = static_cast<const uint8_t*>(a.weight);
+  for (int64_t n = begin; n < end; ++n) {
+    float result[Rows];
+    int4_row<Rows, GroupSize>(packed + n * a.in_features / 2, a.scales + n * groups * 2, a.in_features, a.group_size,
+                              x.rows, scales.rows, sums.rows, result);
+    for (int64_t r = 0; r < Rows; ++r) out[(m + r) * a.out_features + n] = result[r];
+  }
+}
+
+template <int64_t Rows>
+void int4_tile_for_group_size(const Operands& a, int64_t begin, int64_t end, int64_t m, float* out) {
+  switch (a.group_size) {
+    case 32: return int4_tile<Rows, 32>(a, begin, end, m, out);
+    case 64: return int4_tile<Rows, 64>(a, begin, end, m, out);
+    case 128: return int4_tile<Rows, 128>(a, begin, end, m, out);
+    case 256: return int4_tile<Rows, 256>(a, begin, end, m, out);
+    default: return int4_tile<Rows, 0>(a, begin, end, m, out);
+  }
+}
+
+template <int64_t Rows>
+void int8_tile(const Operands& a, int64_t begin, int64_t end, int64_t m, float* out) {
+  const RowPointers<int16_t> x(a.x, a.in_features, m, Rows);
+  const RowPointers<float> scales(a.x_scales, a.in_features / kInt8Run, m, Rows);
+  const auto* weight = static_cast<const int8_t*>(a.weight);
+  for (int64_t n = begin; n < end; ++n) {
+    float result[Rows];
+    int8_row<Rows>(weight + n * a.in_features, a.in_features, x.rows, scales.rows, result);
+    const float scale = bf16_bits_to_float(a.scales[n]);
+    for (int64_t r = 0; r < Rows; ++r) out[(m + r) * a.out_features + n] = result[r] * scale;
+  }
+}
+
+// Runs tile(rows, begin, end, m, out) over the output rows in parallel tasks and the activation rows in tiles of
+// up to kRowTile, `rows` an std::integral_constant; returns the result in x's dtype and shape.
+template <typename TileFn>
+at::Tensor run_tiles(const at::Tensor& x, int64_t num_rows, int64_t out_features, const TileFn& tile) {
   at::Tensor out = at::empty({num_rows, out_features}, x.options().dtype(at::kFloat));
   float* op = out.data_ptr<float>();
   at::parallel_for(0, out_features, kRowGrain, [&](int64_t begin, int64_t end) {
     for (int64_t m = 0; m < num_rows; m += kRowTile) {
-      const int64_t rows = std::min(kRowTile, num_rows - m);
-      for (int64_t n = begin; n < end; ++n) {
-        float result[kRowTile];
-        row_fn(n, m, rows, result);
-        for (int64_t r = 0; r < rows; ++r) op[(m + r) * out_features + n] = result[r];
-      }
+      if (num_rows - m >= 2)
+        tile(std::integral_constant<int64_t, 2>{}, begin, end, m, op);
+      else
+        tile(std::integral_constant<int64_t, 1>{}, begin, end, m, op);
     }
   });
   auto sizes = x.sizes().vec();
@@ -211,35 +263,16 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::
   TORCH_CHECK(packed.scalar_type() == at::kByte && scale_zero.scalar_type() == at::kBFloat16, "int4_linear: dtypes");
   const at::Tensor xf = float_rows(x, in_features);
   const QuantizedRows q = quantize_rows(xf, group_size);
-  const int64_t groups = in_features / group_size;
-  const uint8_t* w = packed.const_data_ptr<uint8_t>();
-  const auto* sz = reinterpret_cast<const uint16_t*>(scale_zero.const_data_ptr<at::BFloat16>());
-  const int16_t* xq = q.values.const_data_ptr<int16_t>();
-  const float* xs = q.scales.const_data_ptr<float>();
-  const float* sums = q.sums.const_data_ptr<float>();
-  return for_each_output(x, xf.size(0), out_features, [&](int64_t n, int64_t m, int64_t rows, float* result) {
-    const uint8_t* wn = w + n * in_features / 2;
-    const uint16_t* szn = sz + n * groups * 2;
-    const RowPointers<int16_t> xr(xq, in_features, m, rows);
-    const RowPointers<float> scales(xs, groups, m, rows), row_sums(sums, groups, m, rows);
-    const auto call = [&](auto tile) {
-      constexpr int64_t kRows = decltype(tile)::value;
-      const auto row = [&](auto size) {
-        int4_row<kRows, decltype(size)::value>(wn, szn, in_features, group_size, xr.rows, scales.rows,
-                                               row_sums.rows, result);
-      };
-      switch (group_size) {
-        case 32: return row(std::integral_constant<int64_t, 32>{});
-        case 64: return row(std::integral_constant<int64_t, 64>{});
-        case 128: return row(std::integral_constant<int64_t, 128>{});
-        case 256: return row(std::integral_constant<int64_t, 256>{});
-        default: return row(std::integral_constant<int64_t, 0>{});
-      }
-    };
-    if (rows == 2)
-      call(std::integral_constant<int64_t, 2>{});
-    else
-      call(std::integral_constant<int64_t, 1>{});
+  const Operands operands{packed.const_data_ptr<uint8_t>(),
+                          reinterpret_cast<const uint16_t*>(scale_zero.const_data_ptr<at::BFloat16>()),
+                          q.values.const_data_ptr<int16_t>(),
+                          q.scales.const_data_ptr<float>(),
+                          q.sums.const_data_ptr<float>(),
+                          in_features,
+                          out_features,
+                          group_size};
+  return run_tiles(x, xf.size(0), out_features, [&](auto rows, int64_t begin, int64_t end, int64_t m, float* out) {
+    int4_tile_for_group_size<decltype(rows)::value>(operands, begin, end, m, out);
   });
 }
 
@@ -269,21 +302,16 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& weight, const at::
   TORCH_CHECK(weight.scalar_type() == at::kChar && scales.scalar_type() == at::kBFloat16, "int8_linear: dtypes");
   const at::Tensor xf = float_rows(x, in_features);
   const QuantizedRows q = quantize_rows(xf, kInt8Run);
-  const int64_t runs = in_features / kInt8Run;
-  const int8_t* w = weight.const_data_ptr<int8_t>();
-  const auto* s = reinterpret_cast<const uint16_t*>(scales.const_data_ptr<at::BFloat16>());
-  const int16_t* xq = q.values.const_data_ptr<int16_t>();
-  const float* xs = q.scales.const_data_ptr<float>();
-  return for_each_output(x, xf.size(0), out_features, [&](int64_t n, int64_t m, int64_t rows, float* result) {
-    const int8_t* wn = w + n * in_features;
-    const RowPointers<int16_t> xr(xq, in_features, m, rows);
-    const RowPointers<float> run_scales(xs, runs, m, rows);
-    if (rows == 2)
-      int8_row<2>(wn, in_features, xr.rows, run_scales.rows, result);
-    else
-      int8_row<1>(wn, in_features, xr.rows, run_scales.rows, result);
-    const float scale = bf16_bits_to_float(s[n]);
-    for (int64_t r = 0; r < rows; ++r) result[r] *= scale;
+  const Operands operands{weight.const_data_ptr<int8_t>(),
+                          reinterpret_cast<const uint16_t*>(scales.const_data_ptr<at::BFloat16>()),
+                          q.values.const_data_ptr<int16_t>(),
+                          q.scales.const_data_ptr<float>(),
+                          nullptr,
+                          in_features,
+                          out_features,
+                          kInt8Run};
+  return run_tiles(x, xf.size(0), out_features, [&](auto rows, int64_t begin, int64_t end, int64_t m, float* out) {
+    int8_tile<decltype(rows)::value>(operands, begin, end, m, out);
   });
 }
 
