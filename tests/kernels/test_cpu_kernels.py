@@ -39,11 +39,15 @@ def int16_exact_activations(rows: int, in_features: int, seed: int) -> torch.Ten
     return x
 
 
+# 1152 input features make 36, 18 and 9 groups: the kernel's eight-group steps and the groups left after them.
+@pytest.mark.parametrize("in_features", [256, 1152])
 @pytest.mark.parametrize("group_size", [32, 64, 128])
 @pytest.mark.parametrize("rows", [1, 2, 5])
-def test_int4_linear_rounds_only_in_float32_where_activations_are_whole_steps(group_size: int, rows: int) -> None:
-    weight = kernel_representable(quantize_int4(torch.randn(48, 256, generator=generator(1)), group_size))
-    x = int16_exact_activations(rows, 256, rows)
+def test_int4_linear_rounds_only_in_float32_where_activations_are_whole_steps(
+    in_features: int, group_size: int, rows: int
+) -> None:
+    weight = kernel_representable(quantize_int4(torch.randn(48, in_features, generator=generator(1)), group_size))
+    x = int16_exact_activations(rows, in_features, rows)
     packed, scale_zero = pagedllm_int4_buffers(weight)
     expected = x.double() @ dequantize(weight).double().T
     got = ops.int4_linear(x, packed, scale_zero, group_size)
@@ -91,15 +95,18 @@ def random_pools(
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("heads", [(4, 4), (6, 2), (8, 1)], ids=["mha", "gqa", "mqa"])
-@pytest.mark.parametrize("short", [True, False], ids=["one-thread", "threads"])
+# Over 2,048 (query head, key) pairs the work is spread over threads: the first lengths stay under; the others
+# go over, the long ones in several chunks of their context, as does a single sequence of 300.
+@pytest.mark.parametrize(
+    "lengths", [[1, 16, 17], [1, 16, 17, 150, 33, 300], [300]], ids=["one-thread", "threads", "one-long"]
+)
 def test_paged_decode_attention_equals_sdpa_over_gathered_context(
-    dtype: torch.dtype, heads: tuple[int, int], short: bool
+    dtype: torch.dtype, heads: tuple[int, int], lengths: list[int]
 ) -> None:
     num_heads, kv_heads = heads
     block_size, head_dim = 16, 32
     k_pool, v_pool = random_pools(40, block_size, kv_heads, head_dim, dtype, 6)
-    # Over 2,048 (query head, key) pairs the heads are spread over threads; the first three lengths stay under.
-    seq_lens = torch.tensor([1, 16, 17, 150, 33, 300][: 3 if short else None])
+    seq_lens = torch.tensor(lengths)
     tables = torch.stack([torch.randperm(40, generator=generator(20 + i))[:20] for i in range(len(seq_lens))])
     q = torch.randn(len(seq_lens), num_heads, head_dim, generator=generator(7)).to(dtype)
     got = ops.paged_decode_attention(q, k_pool, v_pool, tables, seq_lens, head_dim**-0.5)

@@ -15,7 +15,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <numeric>
 #include <type_traits>
+#include <vector>
 
 namespace pagedllm {
 namespace {
@@ -27,34 +29,32 @@ constexpr int64_t kRowTile = 2;  // activation rows sharing one load of a weight
 
 constexpr float kActivationLevels = 32767.f;
 
-// Activation rows rounded to int16 per run, with each run's scale and exact float sum.
+// Activation rows rounded to int16 per run, with each run's scale and (where asked for) exact float sum. The
+// buffers are the calling thread's own, reused from call to call: a decode step makes over a hundred calls.
 struct QuantizedRows {
-  at::Tensor values;  // [rows, in] int16
-  at::Tensor scales;  // [rows, in / run] float32
-  at::Tensor sums;  // [rows, in / run] float32
+  const int16_t* values;  // [rows, in]
+  const float* scales;  // [rows, in / run]
+  const float* sums;  // [rows, in / run], or nullptr
 };
 
-QuantizedRows quantize_rows(const at::Tensor& x, int64_t run) {
-  const int64_t rows = x.size(0), in_features = x.size(1), runs = rows * (in_features / run);
-  QuantizedRows q{at::empty({rows, in_features}, x.options().dtype(at::kShort)),
-                  at::empty({rows, in_features / run}, x.options()), at::empty({rows, in_features / run}, x.options())};
+QuantizedRows quantize_rows(const at::Tensor& x, int64_t run, bool with_sums) {
+  thread_local std::vector<int16_t> values;
+  thread_local std::vector<float> scales, sums;
+  const int64_t runs = x.size(0) * (x.size(1) / run);
+  values.resize(runs * run);
+  scales.resize(runs);
+  sums.resize(with_sums ? runs : 0);
   const float* xp = x.const_data_ptr<float>();
-  int16_t* qp = q.values.data_ptr<int16_t>();
-  float* sp = q.scales.data_ptr<float>();
-  float* sums = q.sums.data_ptr<float>();
   for (int64_t i = 0; i < runs; ++i) {
-    const float* values = xp + i * run;
-    float max = 0.f, sum = 0.f;
-    for (int64_t j = 0; j < run; ++j) {
-      max = std::max(max, std::abs(values[j]));
-      sum += values[j];
-    }
+    const float* in = xp + i * run;
+    float max = 0.f;
+    for (int64_t j = 0; j < run; ++j) max = std::max(max, std::abs(in[j]));
     const float inverse = max > 0.f ? kActivationLevels / max : 0.f;
-    sp[i] = max / kActivationLevels;
-    sums[i] = sum;
-    for (int64_t j = 0; j < run; ++j) qp[i * run + j] = static_cast<int16_t>(std::nearbyint(values[j] * inverse));
+    scales[i] = max / kActivationLevels;
+    for (int64_t j = 0; j < run; ++j) values[i * run + j] = static_cast<int16_t>(std::nearbyint(in[j] * inverse));
+    if (with_sums) sums[i] = std::accumulate(in, in + run, 0.f);
   }
-  return q;
+  return {values.data(), scales.data(), with_sums ? sums.data() : nullptr};
 }
 
 #ifdef PAGEDLLM_AVX2
@@ -86,37 +86,61 @@ inline int32_t int4_at(const uint8_t* row, int64_t k) {
   return (row[32 * (k / kChunk) + 2 * lane + nibble / 2] >> (4 * (nibble % 2))) & 0x0F;
 }
 
-// The dot products of one output row with Rows activation rows, one group at a time: integer sums over the group,
-// then scale * activation scale, plus the zero-point term. GroupSize is group_size where it is one of the sizes
-// compiled for, else 0 (any multiple of 64).
-template <int64_t Rows, int64_t GroupSize>
-void int4_row(const uint8_t* packed, const uint16_t* scale_zero, int64_t in_features, int64_t group_size,
-              const int16_t* const* x, const float* const* x_scales, const float* const* x_sums, float* result) {
-  const int64_t groups = in_features / group_size;
-  float total[Rows];  // local, so that the compiler keeps it in registers (result might alias the inputs)
-  for (int64_t r = 0; r < Rows; ++r) total[r] = 0.f;
-  // Group g's scale, after adding its zero-point term to every row's total.
-  const auto open_group = [&](int64_t g) {
+// Per group g of one output row: combined[r * groups + g], the group's scale times activation row r's scale for
+// it, and the zero-point term (zero - 8 scale) * sum of the group's activations, summed into total[r]. Eight groups
+// at a time: each bfloat16 (scale, zero) pair is a 32-bit lane, the scale in its low half and the zero in its high.
+template <int64_t Rows>
+void group_factors(const uint16_t* scale_zero, int64_t groups, const float* const* x_scales, const float* const* x_sums,
+                   float* combined, float* total) {
+  int64_t g = 0;
+#ifdef PAGEDLLM_AVX2
+  __m256 zero_terms[Rows];
+  for (int64_t r = 0; r < Rows; ++r) zero_terms[r] = _mm256_setzero_ps();
+  for (; g + 8 <= groups; g += 8) {
+    const __m256i pairs = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(scale_zero + 2 * g));
+    const __m256 scale = _mm256_castsi256_ps(_mm256_slli_epi32(pairs, 16));
+    const __m256 zero = _mm256_castsi256_ps(_mm256_and_si256(pairs, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
+    const __m256 min = _mm256_fnmadd_ps(_mm256_set1_ps(8.f), scale, zero);
+    for (int64_t r = 0; r < Rows; ++r) {
+      _mm256_storeu_ps(combined + r * groups + g, _mm256_mul_ps(scale, _mm256_loadu_ps(x_scales[r] + g)));
+      zero_terms[r] = _mm256_fmadd_ps(min, _mm256_loadu_ps(x_sums[r] + g), zero_terms[r]);
+    }
+  }
+  for (int64_t r = 0; r < Rows; ++r) total[r] += horizontal_sum(zero_terms[r]);
+#endif
+  for (; g < groups; ++g) {
     const float scale = bf16_bits_to_float(scale_zero[2 * g]);
     const float min = bf16_bits_to_float(scale_zero[2 * g + 1]) - 8.f * scale;
-    for (int64_t r = 0; r < Rows; ++r) total[r] += min * x_sums[r][g];
-    return scale;
-  };
+    for (int64_t r = 0; r < Rows; ++r) {
+      combined[r * groups + g] = scale * x_scales[r][g];
+      total[r] += min * x_sums[r][g];
+    }
+  }
+}
+
+// The dot products of one output row with Rows activation rows, added to total: integer sums over each group,
+// times the group's combined scale (group_factors). GroupSize is group_size where it is one of the sizes compiled
+// for, else 0 (any multiple of 64).
+template <int64_t Rows, int64_t GroupSize>
+void int4_row(const uint8_t* packed, int64_t in_features, int64_t group_size, const int16_t* const* x,
+              const float* combined, float* total) {
+  const int64_t groups = in_features / group_size;
 #ifdef PAGEDLLM_AVX2
-  __m256 acc[Rows];
-  for (int64_t r = 0; r < Rows; ++r) acc[r] = _mm256_setzero_ps();
-  const auto add_scaled = [&](int64_t g, const __m256i* sums) {
-    const float scale = open_group(g);
+  // Two accumulators per row where groups are short, so that consecutive groups' multiply-adds do not wait on
+  // each other.
+  __m256 acc[2][Rows];
+  for (int64_t r = 0; r < Rows; ++r) acc[0][r] = acc[1][r] = _mm256_setzero_ps();
+  const auto add_scaled = [&](__m256* into, int64_t g, const __m256i* sums) {
     for (int64_t r = 0; r < Rows; ++r)
-      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[r]), _mm256_set1_ps(scale * x_scales[r][g]), acc[r]);
+      into[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[r]), _mm256_broadcast_ss(combined + r * groups + g), into[r]);
   };
   if constexpr (GroupSize == 32) {
     for (int64_t c = 0; c < in_features / kChunk; ++c) {
       __m256i low[Rows], high[Rows];
       for (int64_t r = 0; r < Rows; ++r) low[r] = high[r] = _mm256_setzero_si256();
       int4_chunk<Rows>(packed + 32 * c, x, kChunk * c, low, high);
-      add_scaled(2 * c, low);
-      add_scaled(2 * c + 1, high);
+      add_scaled(acc[0], 2 * c, low);
+      add_scaled(acc[1], 2 * c + 1, high);
     }
   } else {
     // A group size known at compile time unrolls the loop over its chunks; a short loop of unknown length costs
@@ -128,21 +152,18 @@ void int4_row(const uint8_t* packed, const uint16_t* scale_zero, int64_t in_feat
       for (int64_t c = g * chunks_per_group; c < (g + 1) * chunks_per_group; ++c)
         int4_chunk<Rows>(packed + 32 * c, x, kChunk * c, low, high);
       for (int64_t r = 0; r < Rows; ++r) low[r] = _mm256_add_epi32(low[r], high[r]);
-      add_scaled(g, low);
+      add_scaled(acc[0], g, low);
     }
   }
-  for (int64_t r = 0; r < Rows; ++r) total[r] += horizontal_sum(acc[r]);
+  for (int64_t r = 0; r < Rows; ++r) total[r] += horizontal_sum(_mm256_add_ps(acc[0][r], acc[1][r]));
 #else
-  for (int64_t g = 0; g < groups; ++g) {
-    const float scale = open_group(g);
+  for (int64_t g = 0; g < groups; ++g)
     for (int64_t r = 0; r < Rows; ++r) {
       int32_t sum = 0;
       for (int64_t k = g * group_size; k < (g + 1) * group_size; ++k) sum += int4_at(packed, k) * x[r][k];
-      total[r] += scale * x_scales[r][g] * sum;
+      total[r] += combined[r * groups + g] * sum;
     }
-  }
 #endif
-  for (int64_t r = 0; r < Rows; ++r) result[r] = total[r];
 }
 
 // The dot products of one int8 output row with Rows activation rows, scaled per run of 32 activations.
@@ -201,11 +222,13 @@ void int4_tile(const Operands& a, int64_t begin, int64_t end, int64_t m, float* 
   const RowPointers<int16_t> x(a.x, a.in_features, m, Rows);
   const RowPointers<float> scales(a.x_scales, groups, m, Rows), sums(a.x_sums, groups, m, Rows);
   const auto* packed = static_cast<const uint8_t*>(a.weight);
+  std::vector<float> combined(Rows * groups);
   for (int64_t n = begin; n < end; ++n) {
-    float result[Rows];
-    int4_row<Rows, GroupSize>(packed + n * a.in_features / 2, a.scales + n * groups * 2, a.in_features, a.group_size,
-                              x.rows, scales.rows, sums.rows, result);
-    for (int64_t r = 0; r < Rows; ++r) out[(m + r) * a.out_features + n] = result[r];
+    float total[Rows] = {};  // local, so that the compiler keeps it in registers (out might alias the inputs)
+    group_factors<Rows>(a.scales + n * groups * 2, groups, scales.rows, sums.rows, combined.data(), total);
+    int4_row<Rows, GroupSize>(packed + n * a.in_features / 2, a.in_features, a.group_size, x.rows, combined.data(),
+                              total);
+    for (int64_t r = 0; r < Rows; ++r) out[(m + r) * a.out_features + n] = total[r];
   }
 }
 
@@ -262,12 +285,12 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::
               "int4_linear: bad group size ", group_size);
   TORCH_CHECK(packed.scalar_type() == at::kByte && scale_zero.scalar_type() == at::kBFloat16, "int4_linear: dtypes");
   const at::Tensor xf = float_rows(x, in_features);
-  const QuantizedRows q = quantize_rows(xf, group_size);
+  const QuantizedRows q = quantize_rows(xf, group_size, true);
   const Operands operands{packed.const_data_ptr<uint8_t>(),
                           reinterpret_cast<const uint16_t*>(scale_zero.const_data_ptr<at::BFloat16>()),
-                          q.values.const_data_ptr<int16_t>(),
-                          q.scales.const_data_ptr<float>(),
-                          q.sums.const_data_ptr<float>(),
+                          q.values,
+                          q.scales,
+                          q.sums,
                           in_features,
                           out_features,
                           group_size};
@@ -301,11 +324,11 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& weight, const at::
   TORCH_CHECK(in_features % kInt8Run == 0, "int8_linear: in_features must be a multiple of 32");
   TORCH_CHECK(weight.scalar_type() == at::kChar && scales.scalar_type() == at::kBFloat16, "int8_linear: dtypes");
   const at::Tensor xf = float_rows(x, in_features);
-  const QuantizedRows q = quantize_rows(xf, kInt8Run);
+  const QuantizedRows q = quantize_rows(xf, kInt8Run, false);
   const Operands operands{weight.const_data_ptr<int8_t>(),
                           reinterpret_cast<const uint16_t*>(scales.const_data_ptr<at::BFloat16>()),
-                          q.values.const_data_ptr<int16_t>(),
-                          q.scales.const_data_ptr<float>(),
+                          q.values,
+                          q.scales,
                           nullptr,
                           in_features,
                           out_features,
