@@ -15,7 +15,7 @@ BENCH_SEED ?= 0
 # AVX512-BF16, else float32), the AWQ checkpoint built once and cached.
 VARIANT_SPEED := --prompt-lens 512 --batch-sizes 1,32 --num-prompts 0 --dtype auto
 PERPLEXITY_TOKENS ?= 8192
-AWQ_DIR ?= $(HOME)/.cache/pagedllm/awq/smollm2-135m-instruct-w4-g128
+AWQ_DIR ?= $(HOME)/.cache/pagedllm/awq/smollm2-135m-instruct-w4-g128-conversations
 BENCH_RESULTS = benchmarks/results/$(shell date +%F)-$(shell $(PY) -c "from pagedllm.benchmarks.results import this_machine; print(this_machine().name)" 2>/dev/null).json
 
 .PHONY: install serve chat test test-reference bench-peers bench bench-variants

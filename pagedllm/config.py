@@ -79,6 +79,9 @@ class EngineConfig:
     max_num_batched_tokens: int = field(default=2048, metadata={"help": "most tokens (prefill chunks + decodes) in one step"})
     seed: int = field(default=0, metadata={"help": "seed of the sampler for requests without their own"})
     attention_impl: str = field(default="fast", metadata={"help": "paged attention: fast or reference"})
+    fused_decode: bool = field(
+        default=True, metadata={"help": "on CPU, run every decoder layer of an all-decode step in one kernel call"}
+    )
     enable_prefix_caching: bool = field(default=True, metadata={"help": "reuse the KV blocks of known prefixes"})
     quantization: str = field(
         default="auto",

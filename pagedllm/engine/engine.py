@@ -68,6 +68,7 @@ class LLMEngine:
             config.attention_impl,
             checkpoint.weights.get("rope_freqs"),
             LinearQuantization(config.quantization, config.quant_group_size, dense_min_rows),
+            config.fused_decode,
         )
         model.load_weights(checkpoint.weights)
         self.weight_bytes = model.weight_bytes()

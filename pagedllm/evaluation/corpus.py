@@ -18,12 +18,12 @@ EVALUATION_RECORDS = range(4000, 12000)
 TURN_SEPARATOR = "\n\n"
 
 
-def sharegpt_turns(path: Path, speaker: str, records: range) -> Iterator[str]:
-    """The non-empty turns of `speaker` ('human' or 'gpt') in the records `records` of a ShareGPT file."""
+def sharegpt_turns(path: Path, speaker: str | None, records: range) -> Iterator[str]:
+    """The non-empty turns of `speaker` ('human' or 'gpt'; None: both) in the records `records` of a ShareGPT file."""
     for record in islice(iter_json_array_records(path), records.start, records.stop):
         for turn in record.get("conversations") or []:
             text = turn.get("value")
-            if turn.get("from") == speaker and isinstance(text, str) and text.strip():
+            if speaker in (None, turn.get("from")) and isinstance(text, str) and text.strip():
                 yield text
 
 
@@ -46,9 +46,9 @@ def evaluation_tokens(tokenizer: TextTokenizer, num_tokens: int) -> list[int]:
 
 
 def calibration_tokens(tokenizer: TextTokenizer, num_tokens: int) -> list[int]:
-    """ShareGPT prompts ('human' turns of CALIBRATION_RECORDS), `num_tokens` long."""
+    """ShareGPT conversations (both sides' turns of CALIBRATION_RECORDS), `num_tokens` long."""
     with sharegpt_path() as path:
-        ids = token_stream(sharegpt_turns(path, "human", CALIBRATION_RECORDS), tokenizer, num_tokens)
+        ids = token_stream(sharegpt_turns(path, None, CALIBRATION_RECORDS), tokenizer, num_tokens)
     _require_length(ids, num_tokens, "calibration")
     return ids
 

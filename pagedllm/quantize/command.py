@@ -25,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", choices=("awq",), default="awq", help="quantization method")
     parser.add_argument("--bits", type=int, choices=(4,), default=4, help="bits per weight")
     parser.add_argument("--group-size", type=int, choices=(32, 64, 128, 256), default=128, help="input channels per scale and min")
-    parser.add_argument("--calib-samples", type=int, default=128, help="calibration sequences (ShareGPT prompts)")
+    parser.add_argument("--calib-samples", type=int, default=128, help="calibration sequences (ShareGPT conversations)")
     parser.add_argument("--calib-seq-len", type=int, default=256, help="tokens per calibration sequence")
     parser.add_argument("--grid-points", type=int, default=AWQSettings.grid_points, help="values of alpha tried in [0, 1]")
     parser.add_argument(

@@ -29,6 +29,7 @@ def test_turns_come_from_the_requested_records_and_speaker(tmp_path: Path) -> No
     path.write_text(json.dumps(records))
     assert list(sharegpt_turns(path, "gpt", range(2, 4))) == ["a2", "a3"]
     assert list(sharegpt_turns(path, "human", range(0, 2))) == ["q0", "q1"]
+    assert list(sharegpt_turns(path, None, range(4, 6))) == ["q4", "a4", "q5", "a5"]
 
 
 def test_token_stream_joins_turns_and_stops_at_the_count() -> None:

@@ -16,6 +16,13 @@ void rotate_heads_(at::Tensor& x, const at::Tensor& positions, const at::Tensor&
 void write_kv_(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_pool, at::Tensor& v_pool,
                const at::Tensor& slots);
 at::Tensor silu_and_mul(const at::Tensor& gate_up);
+at::Tensor decode_layers(const at::Tensor& hidden, const at::Tensor& positions, const at::Tensor& cos,
+                         const at::Tensor& signed_sin, at::TensorList norms, at::TensorList weights,
+                         at::TensorList scales, at::IntArrayRef group_sizes,
+                         const c10::List<std::optional<at::Tensor>>& biases, at::TensorList k_pools,
+                         at::TensorList v_pools, const at::Tensor& slots, const at::Tensor& block_tables,
+                         const at::Tensor& seq_lens, int64_t num_heads, int64_t num_kv_heads, double eps,
+                         double scale);
 }  // namespace pagedllm
 
 TORCH_LIBRARY(pagedllm, m) {
@@ -28,6 +35,10 @@ TORCH_LIBRARY(pagedllm, m) {
   m.def("rotate_heads_(Tensor(a!) x, Tensor positions, Tensor cos, Tensor signed_sin, int rotated_heads) -> ()");
   m.def("write_kv_(Tensor k, Tensor v, Tensor(a!) k_pool, Tensor(b!) v_pool, Tensor slots) -> ()");
   m.def("silu_and_mul(Tensor gate_up) -> Tensor");
+  m.def(
+      "decode_layers(Tensor hidden, Tensor positions, Tensor cos, Tensor signed_sin, Tensor[] norms, Tensor[] weights, "
+      "Tensor[] scales, int[] group_sizes, Tensor?[] biases, Tensor(a!)[] k_pools, Tensor(b!)[] v_pools, Tensor slots, "
+      "Tensor block_tables, Tensor seq_lens, int num_heads, int num_kv_heads, float eps, float scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(pagedllm, CPU, m) {
@@ -40,4 +51,5 @@ TORCH_LIBRARY_IMPL(pagedllm, CPU, m) {
   m.impl("rotate_heads_", &pagedllm::rotate_heads_);
   m.impl("write_kv_", &pagedllm::write_kv_);
   m.impl("silu_and_mul", &pagedllm::silu_and_mul);
+  m.impl("decode_layers", &pagedllm::decode_layers);
 }
