@@ -33,7 +33,7 @@ SOURCES = (
     "activation.cpp",
     "decode_layers.cpp",
 )
-HEADERS = ("vec.h",)
+HEADERS = ("vec.h", "ops.h")
 CFLAGS = ("-O3", "-march=native", "-fopenmp")
 CACHE_DIR = Path.home() / ".cache" / "pagedllm" / "kernels"
 

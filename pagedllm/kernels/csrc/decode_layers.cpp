@@ -1,20 +1,8 @@
 // Every decoder layer of an all-decode step in one call: the same kernels the Python layers call, in the same
 // order, without a Python frame and a dispatcher round trip per op (at batch 1 those cost as much as the math).
-#include <ATen/ATen.h>
+#include "ops.h"
 
 namespace pagedllm {
-at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale_zero, int64_t group_size);
-at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scales);
-at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_pool,
-                                  const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale);
-at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
-at::Tensor add_rms_norm_(at::Tensor& residual, const at::Tensor& x, const at::Tensor& weight, double eps);
-void rotate_heads_(at::Tensor& x, const at::Tensor& positions, const at::Tensor& cos, const at::Tensor& signed_sin,
-                   int64_t rotated_heads);
-void write_kv_(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_pool, at::Tensor& v_pool,
-               const at::Tensor& slots);
-at::Tensor silu_and_mul(const at::Tensor& gate_up);
-
 namespace {
 
 // Linears per layer, in the order the weight lists hold them.
