@@ -182,6 +182,13 @@ class QuantizedLinear(nn.Module):
             y = ops.int4_linear(x, self.qweight, self.scales, self.group_size)
         return y if self.bias is None else y + self.bias
 
+    @property
+    def packed_max_rows(self) -> int:
+        """The most rows `forward` multiplies by the packed weight with pagedllm's kernels (more take a dense matmul)."""
+        if self.dense is None:
+            return PACKED_MATMUL_MAX_ROWS
+        return min(PACKED_MATMUL_MAX_ROWS, self.dense_min_rows - 1)
+
     def quantized_weight(self) -> QuantizedWeight:
         """The stored weight as quantized values (reference layout only)."""
         if self.kernel != "reference":

@@ -16,7 +16,7 @@ from torch import nn
 from pagedllm.config import ModelConfig
 from pagedllm.kernels import use_cpu_kernels
 from pagedllm.layers.attention import AttentionMetadata
-from pagedllm.layers.linear import PACKED_MATMUL_MAX_ROWS, Linear, QuantizedLinear
+from pagedllm.layers.linear import Linear, QuantizedLinear
 
 if TYPE_CHECKING:
     from pagedllm.model.llama import LlamaForCausalLM
@@ -42,9 +42,8 @@ def stacked_linear(layer: nn.Module) -> StackedLinear | None:
         return StackedLinear(layer.weight, torch.empty(0), DENSE, layer.bias, math.inf)
     if not isinstance(layer, QuantizedLinear) or layer.kernel != "pagedllm":
         return None
-    max_rows = PACKED_MATMUL_MAX_ROWS if layer.dense is None else min(PACKED_MATMUL_MAX_ROWS, layer.dense_min_rows - 1)
     group_size = layer.group_size if layer.bits == 4 else INT8
-    return StackedLinear(layer.qweight, layer.scales, group_size, layer.bias, max_rows)
+    return StackedLinear(layer.qweight, layer.scales, group_size, layer.bias, layer.packed_max_rows)
 
 
 @dataclass
@@ -77,22 +76,22 @@ class DecodeStack:
             v_pools.append(attention.v_cache)
             norms += [layer.input_layernorm.weight, layer.post_attention_layernorm.weight]
             modules = (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj)
-            linears += [stacked_linear(module) for module in modules]
-        if any(linear is None for linear in linears):
-            return None
-        present = [linear for linear in linears if linear is not None]
+            stacked = [stacked_linear(module) for module in modules]
+            if any(linear is None for linear in stacked):
+                return None
+            linears += stacked
         return cls(
             model.config,
             model.rotary.cos,
             model.rotary.signed_sin,
             norms,
-            [linear.weight for linear in present],
-            [linear.scales for linear in present],
-            [linear.group_size for linear in present],
-            [linear.bias for linear in present],
+            [linear.weight for linear in linears],
+            [linear.scales for linear in linears],
+            [linear.group_size for linear in linears],
+            [linear.bias for linear in linears],
             k_pools,
             v_pools,
-            min(linear.max_rows for linear in present),
+            min(linear.max_rows for linear in linears),
         )
 
     def takes(self, hidden: torch.Tensor, meta: AttentionMetadata) -> bool:
