@@ -17,8 +17,8 @@ KERNEL_DTYPE = torch.bfloat16
 # Who multiplies a quantized weight: pagedllm's CPU kernels, PyTorch's weight-only CPU kernels, or the plain
 # dequantize-then-F.linear path.
 KERNELS = ("pagedllm", "torch", "reference")
-# The input widths pagedllm's kernels take are whole multiples of these: int8 rounds activations in runs of 32
-# channels, int4 reads weights in chunks of 64.
+# The input widths pagedllm's kernels take are whole multiples of these: both round activations in runs of 32
+# channels, and int4 reads weights in chunks of 64.
 KERNEL_WIDTH_MULTIPLE = {8: 32, 4: 64}
 # Up to this many rows pagedllm's kernels multiply by the packed weight; more rows unpack it once for a dense
 # matmul, which reuses each weight across the rows.
@@ -70,12 +70,10 @@ def default_dense_min_rows() -> int:
 
 
 def pack_int4_chunks(q: torch.Tensor) -> torch.Tensor:
-    """[out, in] values 0..15 as [out, in // 2] bytes, pagedllm's int4 kernel layout: each run of 64 weights is
-    16 little-endian 16-bit lanes, lane l holding weights l, 16 + l, 32 + l and 48 + l in its nibbles, lowest first."""
-    nibbles = q.to(torch.uint8).view(q.shape[0], -1, 4, 16)
-    low_bytes = nibbles[:, :, 0] | (nibbles[:, :, 1] << 4)
-    high_bytes = nibbles[:, :, 2] | (nibbles[:, :, 3] << 4)
-    return torch.stack([low_bytes, high_bytes], dim=-1).reshape(q.shape[0], -1).contiguous()
+    """[out, in] values 0..15 as [out, in // 2] bytes, pagedllm's int4 kernel layout: in each run of 64 weights,
+    byte j holds weight j in its low nibble and weight 32 + j in its high nibble."""
+    nibbles = q.to(torch.uint8).view(q.shape[0], -1, 2, 32)
+    return (nibbles[:, :, 0] | (nibbles[:, :, 1] << 4)).reshape(q.shape[0], -1).contiguous()
 
 
 def kernel_representable(weight: QuantizedWeight) -> QuantizedWeight:

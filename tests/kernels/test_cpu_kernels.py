@@ -12,7 +12,7 @@ from pagedllm.layers.activation import silu_and_mul_reference
 from pagedllm.layers.attention import gather_context
 from pagedllm.layers.linear import kernel_representable, pack_int4_chunks
 from pagedllm.layers.norm import RMSNorm
-from pagedllm.layers.quantization import Int4Weight, dequantize, quantize_int4, quantize_int8
+from pagedllm.layers.quantization import Int4Weight, Int8Weight, dequantize, quantize_int4, quantize_int8
 from pagedllm.layers.rotary import RotaryEmbedding
 
 ops = torch.ops.pagedllm
@@ -32,22 +32,24 @@ def pagedllm_int4_buffers(weight: Int4Weight) -> tuple[torch.Tensor, torch.Tenso
     return pack_int4_chunks(weight.q), torch.stack([weight.scales, zeros], dim=-1).to(torch.bfloat16).contiguous()
 
 
-def int16_exact_activations(rows: int, in_features: int, seed: int) -> torch.Tensor:
-    """Integers in [-32767, 32767] with 32767 in every run of 32: the kernels' int16 rounding keeps them exactly."""
-    x = torch.randint(-32767, 32768, (rows, in_features), generator=generator(seed)).float()
-    x[:, ::32] = 32767
+def int8_exact_activations(rows: int, in_features: int, seed: int) -> torch.Tensor:
+    """Integers in [-127, 127] with 127 in every run of 32: the kernels' int8 rounding keeps them exactly."""
+    x = torch.randint(-127, 128, (rows, in_features), generator=generator(seed)).float()
+    x[:, ::32] = 127
     return x
 
 
-# 1152 input features make 36, 18 and 9 groups: the kernel's eight-group steps and the groups left after them.
-@pytest.mark.parametrize("in_features", [256, 1152])
-@pytest.mark.parametrize("group_size", [32, 64, 128])
+# 1152 input features make 36, 18, 9 and 6 groups: the kernel's eight-group steps and the groups left after them;
+# groups of 192 end in the middle of a 64-weight chunk.
+@pytest.mark.parametrize(
+    ("in_features", "group_size"), [(256, 32), (256, 64), (256, 128), (1152, 32), (1152, 64), (1152, 128), (1152, 192)]
+)
 @pytest.mark.parametrize("rows", [1, 2, 5])
 def test_int4_linear_rounds_only_in_float32_where_activations_are_whole_steps(
     in_features: int, group_size: int, rows: int
 ) -> None:
     weight = kernel_representable(quantize_int4(torch.randn(48, in_features, generator=generator(1)), group_size))
-    x = int16_exact_activations(rows, in_features, rows)
+    x = int8_exact_activations(rows, in_features, rows)
     packed, scale_zero = pagedllm_int4_buffers(weight)
     expected = x.double() @ dequantize(weight).double().T
     got = ops.int4_linear(x, packed, scale_zero, group_size)
@@ -55,20 +57,30 @@ def test_int4_linear_rounds_only_in_float32_where_activations_are_whole_steps(
     torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-6 * expected.abs().max().item())
 
 
+def int8_rounded(x: torch.Tensor) -> torch.Tensor:
+    """x as the kernels round it: to int8 per run of 32 channels, scaled by the run's max |x| / 127."""
+    runs = x.float().reshape(x.shape[0], -1, 32)
+    largest = runs.abs().amax(-1, keepdim=True)
+    inverse = torch.where(largest > 0, 127 / largest, torch.zeros_like(largest))
+    return (torch.round(runs * inverse) * (largest / 127)).reshape(x.shape)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
-def test_int4_linear_error_is_that_of_int16_activations(dtype: torch.dtype) -> None:
-    weight = kernel_representable(quantize_int4(torch.randn(64, 512, generator=generator(2)), 32))
+@pytest.mark.parametrize("group_size", [32, 128])
+def test_int4_linear_error_is_that_of_int8_activations(dtype: torch.dtype, group_size: int) -> None:
+    weight = kernel_representable(quantize_int4(torch.randn(64, 512, generator=generator(2)), group_size))
     x = torch.randn(3, 512, generator=generator(3)).to(dtype)
     packed, scale_zero = pagedllm_int4_buffers(weight)
-    got = ops.int4_linear(x, packed, scale_zero, 32)
-    expected = x.float() @ dequantize(weight).T
+    got = ops.int4_linear(x, packed, scale_zero, group_size)
     assert got.dtype == dtype and got.shape == (3, 64)
-    error = (got.float() - expected).abs().max() / expected.abs().max()
-    if dtype == torch.float32:
-        # Each activation moves by up to 1/65534 of its run's largest magnitude.
-        assert 0 < error < 1e-4
-    else:
-        assert error < 1e-2  # the bfloat16 output's own rounding
+    # The zero-point term multiplies the sums of the rounded activations too.
+    expected = int8_rounded(x).double() @ dequantize(weight).double().T
+    # The products are exact in int32; only the scales and the sums round, in float32 (or the output in bfloat16).
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(got.double(), expected, rtol=tolerance, atol=tolerance * expected.abs().max().item())
+    if dtype == torch.float32:  # the tolerance tells int8 rounding from none
+        unrounded = x.double() @ dequantize(weight).double().T
+        assert (got.double() - unrounded).abs().max() > 10 * tolerance * unrounded.abs().max()
 
 
 def test_int4_dequantize_unpacks_exactly_the_kernel_weights() -> None:
@@ -80,7 +92,10 @@ def test_int4_dequantize_unpacks_exactly_the_kernel_weights() -> None:
 @pytest.mark.parametrize("rows", [1, 2, 3])
 def test_int8_linear_rounds_only_in_float32_where_activations_are_whole_steps(rows: int) -> None:
     weight = kernel_representable(quantize_int8(torch.randn(80, 320, generator=generator(5))))
-    x = int16_exact_activations(rows, 320, 10 + rows)
+    q = weight.q.clone()
+    q[:, ::7] = -128  # a file's int8 weights may use the whole range; -128 has no positive counterpart
+    weight = Int8Weight(q, weight.scales)
+    x = int8_exact_activations(rows, 320, 10 + rows)
     got = ops.int8_linear(x, weight.q, weight.scales.to(torch.bfloat16))
     expected = x.double() @ dequantize(weight).double().T
     torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-6 * expected.abs().max().item())

@@ -1,13 +1,14 @@
-// Weight-only int4 / int8 matmuls for few activation rows (decode steps): activations are rounded to int16 with
-// one scale per run (max |x| / 32767, finer than bfloat16's rounding; a run is an int4 weight group, or 32 channels
-// for int8), and weights and activations meet in integer dot products (AVX2 madd) summed in int32 over the run,
-// then scaled back to float32 once per run. The zero-point term of int4 multiplies the exact float sums of the
-// activations.
+// Weight-only int4 / int8 matmuls for few activation rows (decode steps): activations are rounded to int8 with
+// one scale per run of 32 channels (max |x| / 127, as llama.cpp's Q8 activations), and weights and activations
+// meet in integer dot products (AVX2 maddubs, 32 products per instruction) summed in int32 over the run, then
+// scaled back to float32 once per run. The zero-point term of int4 multiplies the sums of the rounded
+// activations over each group (as llama.cpp's Q8_1 does), so the result is that of the dequantized weights with
+// the rounded activations, and the weights' offset from their zero point does not add to the rounding error.
 //
-// int4 layout: each run of 64 weights of a row is 32 bytes, read as 16 little-endian 16-bit lanes; lane l holds
-// weights 64 c + l, + 16, + 32 and + 48 in its four nibbles, lowest first, so one shift and one mask per nibble
-// give 16 weights as int16 in the order of the activations. scale_zero[n, g] is the (scale, zero) bfloat16 pair of
-// group g, and w = (q - 8) * scale + zero.
+// int4 layout: each run of 64 weights of a row is 32 bytes; byte j holds weight 64 c + j in its low nibble and
+// 64 c + 32 + j in its high nibble, so one mask gives the first 32 weights as bytes in the order of the
+// activations and one shift and mask the next 32. scale_zero[n, g] is the (scale, zero) bfloat16 pair of group g,
+// and w = (q - 8) * scale + zero.
 // int8 layout: weight[n, k] int8 with one bfloat16 scale per row, w = q * scale.
 #include "vec.h"
 
@@ -23,165 +24,194 @@ namespace pagedllm {
 namespace {
 
 constexpr int64_t kChunk = 64;  // int4 weights per 32-byte chunk
-constexpr int64_t kInt8Run = 32;  // int8 weights per activation scale
+constexpr int64_t kRun = 32;  // activations per scale
 constexpr int64_t kRowGrain = 16;  // output rows per parallel task, at the least
 constexpr int64_t kRowTile = 2;  // activation rows sharing one load of a weight chunk
+constexpr int64_t kPrefetchRows = 4;  // how many output rows ahead weights are prefetched
 
-constexpr float kActivationLevels = 32767.f;
+constexpr float kActivationLevels = 127.f;
 
-// Activation rows rounded to int16 per run, with each run's scale and (where asked for) exact float sum. The
-// buffers are the calling thread's own, reused from call to call: a decode step makes over a hundred calls.
+// Activation rows rounded to int8 per run of 32, with each run's scale and (where asked for) the sum of the
+// rounded activations of each group of `sum_group` (a multiple of 32). The buffers are the calling thread's own,
+// reused from call to call: a decode step makes over a hundred calls.
 struct QuantizedRows {
-  const int16_t* values;  // [rows, in]
-  const float* scales;  // [rows, in / run]
-  const float* sums;  // [rows, in / run], or nullptr
+  const int8_t* values;  // [rows, in]
+  const float* scales;  // [rows, in / kRun]
+  const float* sums;  // [rows, in / sum_group], or nullptr
 };
 
-QuantizedRows quantize_rows(const at::Tensor& x, int64_t run, bool with_sums) {
-  thread_local std::vector<int16_t> values;
+// Rounds one run of 32 activations to int8 (nearest, ties to even) at `inverse` levels per unit; returns the sum
+// of the rounded values (in levels).
+inline float round_run(const float* in, float inverse, int8_t* out) {
+#ifdef PAGEDLLM_AVX2
+  const __m256 scale = _mm256_set1_ps(inverse);
+  __m256i q[4];
+  for (int64_t i = 0; i < 4; ++i) q[i] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(in + 8 * i), scale));
+  const __m256i sum = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+  // The packs interleave 128-bit lanes; the permutation puts the 32 bytes back in order.
+  const __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out),
+                      _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+  return horizontal_sum(_mm256_cvtepi32_ps(sum));
+#else
+  int32_t sum = 0;
+  for (int64_t j = 0; j < kRun; ++j) {
+    out[j] = static_cast<int8_t>(std::nearbyint(in[j] * inverse));
+    sum += out[j];
+  }
+  return static_cast<float>(sum);
+#endif
+}
+
+QuantizedRows quantize_rows(const at::Tensor& x, int64_t sum_group) {
+  thread_local std::vector<int8_t> values;
   thread_local std::vector<float> scales, sums;
-  const int64_t runs = x.size(0) * (x.size(1) / run);
-  values.resize(runs * run);
+  const int64_t size = x.numel(), runs = size / kRun;
+  values.resize(size);
   scales.resize(runs);
-  sums.resize(with_sums ? runs : 0);
+  sums.assign(sum_group > 0 ? size / sum_group : 0, 0.f);
   const float* xp = x.const_data_ptr<float>();
   for (int64_t i = 0; i < runs; ++i) {
-    const float* in = xp + i * run;
+    const float* in = xp + i * kRun;
     float max = 0.f;
-    for (int64_t j = 0; j < run; ++j) max = std::max(max, std::abs(in[j]));
-    const float inverse = max > 0.f ? kActivationLevels / max : 0.f;
+    for (int64_t j = 0; j < kRun; ++j) max = std::max(max, std::abs(in[j]));
     scales[i] = max / kActivationLevels;
-    for (int64_t j = 0; j < run; ++j) values[i * run + j] = static_cast<int16_t>(std::nearbyint(in[j] * inverse));
-    if (with_sums) sums[i] = std::accumulate(in, in + run, 0.f);
+    const float levels = round_run(in, max > 0.f ? kActivationLevels / max : 0.f, values.data() + i * kRun);
+    if (sum_group > 0) sums[i * kRun / sum_group] += levels * scales[i];
   }
-  return {values.data(), scales.data(), with_sums ? sums.data() : nullptr};
+  return {values.data(), scales.data(), sum_group > 0 ? sums.data() : nullptr};
 }
 
 #ifdef PAGEDLLM_AVX2
-inline __m256i load_int16x16(const int16_t* x) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)); }
+inline __m256i load_int8x32(const int8_t* x) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)); }
 
-// Adds the int32 dot products of one 64-weight chunk with each row's 64 activations: weights 0..31 of the chunk
-// to low[r], weights 32..63 to high[r] (the two halves are two groups when the group size is 32).
-template <int64_t Rows>
-inline void int4_chunk(const uint8_t* chunk, const int16_t* const* x, int64_t offset, __m256i* low, __m256i* high) {
-  const __m256i lanes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(chunk));
-  const __m256i mask = _mm256_set1_epi16(0x0F);
-  const __m256i w0 = _mm256_and_si256(lanes, mask);
-  const __m256i w1 = _mm256_and_si256(_mm256_srli_epi16(lanes, 4), mask);
-  const __m256i w2 = _mm256_and_si256(_mm256_srli_epi16(lanes, 8), mask);
-  const __m256i w3 = _mm256_srli_epi16(lanes, 12);
-  for (int64_t r = 0; r < Rows; ++r) {
-    const int16_t* xr = x[r] + offset;
-    low[r] = _mm256_add_epi32(low[r], _mm256_add_epi32(_mm256_madd_epi16(w0, load_int16x16(xr)),
-                                                       _mm256_madd_epi16(w1, load_int16x16(xr + 16))));
-    high[r] = _mm256_add_epi32(high[r], _mm256_add_epi32(_mm256_madd_epi16(w2, load_int16x16(xr + 32)),
-                                                         _mm256_madd_epi16(w3, load_int16x16(xr + 48))));
-  }
+// The 8 int32 sums of adjacent quadruples of the products of 32 unsigned bytes u with 32 signed bytes s (no pair
+// of products may pass 32767: 15 * 127 for int4 weights, 128 * 127 for int8 ones).
+inline __m256i dot_bytes(__m256i u, __m256i s) {
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
 }
 #endif
 
-// Weight k (0..15) of one row in the int4 layout.
+// Weight k of one row in the int4 layout.
 inline int32_t int4_at(const uint8_t* row, int64_t k) {
-  const int64_t within = k % kChunk, lane = within % 16, nibble = within / 16;
-  return (row[32 * (k / kChunk) + 2 * lane + nibble / 2] >> (4 * (nibble % 2))) & 0x0F;
+  const int64_t within = k % kChunk;
+  return (row[32 * (k / kChunk) + within % 32] >> (4 * (within / 32))) & 0x0F;
 }
 
-// Per group g of one output row: combined[r * groups + g], the group's scale times activation row r's scale for
-// it, and the zero-point term (zero - 8 scale) * sum of the group's activations, summed into total[r]. Eight groups
-// at a time: each bfloat16 (scale, zero) pair is a 32-bit lane, the scale in its low half and the zero in its high.
-template <int64_t Rows>
-void group_factors(const uint16_t* scale_zero, int64_t groups, const float* const* x_scales, const float* const* x_sums,
-                   float* combined, float* total) {
-  int64_t g = 0;
+// Asks for `bytes` bytes from p into the cache, a line at a time: the output row kPrefetchRows ahead, so that a
+// parallel task's first rows (a new stream for the hardware prefetcher) do not wait on memory one after another.
+inline void prefetch(const void* p, int64_t bytes) {
 #ifdef PAGEDLLM_AVX2
-  __m256 zero_terms[Rows];
-  for (int64_t r = 0; r < Rows; ++r) zero_terms[r] = _mm256_setzero_ps();
-  for (; g + 8 <= groups; g += 8) {
-    const __m256i pairs = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(scale_zero + 2 * g));
+  for (int64_t offset = 0; offset < bytes; offset += 64)
+    _mm_prefetch(static_cast<const char*>(p) + offset, _MM_HINT_T0);
+#endif
+}
+
+#ifdef PAGEDLLM_AVX2
+// All-ones in the first n of 8 lanes (n >= 8: all of them).
+inline __m256i first_lanes(int64_t n) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(std::min<int64_t>(n, 8))),
+                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+#endif
+
+// Runs of one row in `combined`: whole multiples of 8, so that eight runs are stored at a time.
+inline int64_t combined_stride(int64_t runs) { return (runs + 7) / 8 * 8; }
+
+// The factors of one output row: the zero-point terms (zero - 8 scale) * the sum of each group's activations,
+// summed into total[r], and combined[r * combined_stride(runs) + run], the scale of the run's group times
+// activation row r's scale for the run. Eight groups at a time, the last ones masked: each bfloat16 (scale, zero)
+// pair is a 32-bit lane, the scale in its low half and the zero in its high.
+template <int64_t Rows, bool GroupsAreRuns>
+void row_factors(const uint16_t* scale_zero, int64_t groups, int64_t runs_per_group, const float* const* x_scales,
+                 const float* const* x_sums, float* combined, float* total) {
+  const int64_t runs = combined_stride(groups * runs_per_group);
+#ifdef PAGEDLLM_AVX2
+  __m256 terms[Rows];
+  for (int64_t r = 0; r < Rows; ++r) terms[r] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < groups; g += 8) {
+    const __m256i lanes = first_lanes(groups - g);
+    const __m256i pairs = _mm256_maskload_epi32(reinterpret_cast<const int*>(scale_zero + 2 * g), lanes);
     const __m256 scale = _mm256_castsi256_ps(_mm256_slli_epi32(pairs, 16));
     const __m256 zero = _mm256_castsi256_ps(_mm256_and_si256(pairs, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
     const __m256 min = _mm256_fnmadd_ps(_mm256_set1_ps(8.f), scale, zero);
     for (int64_t r = 0; r < Rows; ++r) {
-      _mm256_storeu_ps(combined + r * groups + g, _mm256_mul_ps(scale, _mm256_loadu_ps(x_scales[r] + g)));
-      zero_terms[r] = _mm256_fmadd_ps(min, _mm256_loadu_ps(x_sums[r] + g), zero_terms[r]);
+      terms[r] = _mm256_fmadd_ps(min, _mm256_maskload_ps(x_sums[r] + g, lanes), terms[r]);
+      if constexpr (GroupsAreRuns)
+        _mm256_storeu_ps(combined + r * runs + g, _mm256_mul_ps(scale, _mm256_maskload_ps(x_scales[r] + g, lanes)));
+    }
+    if constexpr (!GroupsAreRuns) {
+      alignas(32) float scales[8];
+      _mm256_store_ps(scales, scale);
+      for (int64_t k = 0; k < std::min<int64_t>(8, groups - g); ++k)
+        for (int64_t run = (g + k) * runs_per_group; run < (g + k + 1) * runs_per_group; ++run)
+          for (int64_t r = 0; r < Rows; ++r) combined[r * runs + run] = scales[k] * x_scales[r][run];
     }
   }
-  for (int64_t r = 0; r < Rows; ++r) total[r] += horizontal_sum(zero_terms[r]);
-#endif
-  for (; g < groups; ++g) {
+  for (int64_t r = 0; r < Rows; ++r) total[r] += horizontal_sum(terms[r]);
+#else
+  for (int64_t g = 0; g < groups; ++g) {
     const float scale = bf16_bits_to_float(scale_zero[2 * g]);
     const float min = bf16_bits_to_float(scale_zero[2 * g + 1]) - 8.f * scale;
     for (int64_t r = 0; r < Rows; ++r) {
-      combined[r * groups + g] = scale * x_scales[r][g];
       total[r] += min * x_sums[r][g];
+      for (int64_t run = g * runs_per_group; run < (g + 1) * runs_per_group; ++run)
+        combined[r * runs + run] = scale * x_scales[r][run];
     }
   }
+#endif
 }
 
-// The dot products of one output row with Rows activation rows, added to total: integer sums over each group,
-// times the group's combined scale (group_factors). GroupSize is group_size where it is one of the sizes compiled
-// for, else 0 (any multiple of 64).
-template <int64_t Rows, int64_t GroupSize>
-void int4_row(const uint8_t* packed, int64_t in_features, int64_t group_size, const int16_t* const* x,
-              const float* combined, float* total) {
-  const int64_t groups = in_features / group_size;
+// The dot products of one output row with Rows activation rows, added to total: integer sums over each run of 32,
+// times the run's combined scale (row_factors).
+template <int64_t Rows>
+void int4_row(const uint8_t* packed, int64_t in_features, const int8_t* const* x, const float* combined,
+              float* total) {
+  const int64_t runs = combined_stride(in_features / kRun);
 #ifdef PAGEDLLM_AVX2
-  // Two accumulators per row where groups are short, so that consecutive groups' multiply-adds do not wait on
-  // each other.
-  __m256 acc[2][Rows];
-  for (int64_t r = 0; r < Rows; ++r) acc[0][r] = acc[1][r] = _mm256_setzero_ps();
-  const auto add_scaled = [&](__m256* into, int64_t g, const __m256i* sums) {
-    for (int64_t r = 0; r < Rows; ++r)
-      into[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[r]), _mm256_broadcast_ss(combined + r * groups + g), into[r]);
-  };
-  if constexpr (GroupSize == 32) {
-    for (int64_t c = 0; c < in_features / kChunk; ++c) {
-      __m256i low[Rows], high[Rows];
-      for (int64_t r = 0; r < Rows; ++r) low[r] = high[r] = _mm256_setzero_si256();
-      int4_chunk<Rows>(packed + 32 * c, x, kChunk * c, low, high);
-      add_scaled(acc[0], 2 * c, low);
-      add_scaled(acc[1], 2 * c + 1, high);
-    }
-  } else {
-    // A group size known at compile time unrolls the loop over its chunks; a short loop of unknown length costs
-    // a mispredicted exit per group.
-    const int64_t chunks_per_group = GroupSize > 0 ? GroupSize / kChunk : group_size / kChunk;
-    for (int64_t g = 0; g < groups; ++g) {
-      __m256i low[Rows], high[Rows];
-      for (int64_t r = 0; r < Rows; ++r) low[r] = high[r] = _mm256_setzero_si256();
-      for (int64_t c = g * chunks_per_group; c < (g + 1) * chunks_per_group; ++c)
-        int4_chunk<Rows>(packed + 32 * c, x, kChunk * c, low, high);
-      for (int64_t r = 0; r < Rows; ++r) low[r] = _mm256_add_epi32(low[r], high[r]);
-      add_scaled(acc[0], g, low);
+  // One accumulator per half chunk, so that consecutive runs' multiply-adds do not wait on each other.
+  __m256 low_acc[Rows], high_acc[Rows];
+  for (int64_t r = 0; r < Rows; ++r) low_acc[r] = high_acc[r] = _mm256_setzero_ps();
+  const __m256i mask = _mm256_set1_epi8(0x0F);
+  for (int64_t c = 0; c < in_features / kChunk; ++c) {
+    const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(packed + 32 * c));
+    const __m256i low = _mm256_and_si256(bytes, mask);
+    const __m256i high = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), mask);
+    for (int64_t r = 0; r < Rows; ++r) {
+      const int8_t* xr = x[r] + kChunk * c;
+      const float* cr = combined + r * runs + 2 * c;
+      low_acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_bytes(low, load_int8x32(xr))), _mm256_broadcast_ss(cr),
+                                   low_acc[r]);
+      high_acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_bytes(high, load_int8x32(xr + kRun))),
+                                    _mm256_broadcast_ss(cr + 1), high_acc[r]);
     }
   }
-  for (int64_t r = 0; r < Rows; ++r) total[r] += horizontal_sum(_mm256_add_ps(acc[0][r], acc[1][r]));
+  for (int64_t r = 0; r < Rows; ++r) total[r] += horizontal_sum(_mm256_add_ps(low_acc[r], high_acc[r]));
 #else
-  for (int64_t g = 0; g < groups; ++g)
+  for (int64_t run = 0; run < in_features / kRun; ++run)
     for (int64_t r = 0; r < Rows; ++r) {
       int32_t sum = 0;
-      for (int64_t k = g * group_size; k < (g + 1) * group_size; ++k) sum += int4_at(packed, k) * x[r][k];
-      total[r] += combined[r * groups + g] * sum;
+      for (int64_t k = run * kRun; k < (run + 1) * kRun; ++k) sum += int4_at(packed, k) * x[r][k];
+      total[r] += combined[r * runs + run] * sum;
     }
 #endif
 }
 
 // The dot products of one int8 output row with Rows activation rows, scaled per run of 32 activations.
 template <int64_t Rows>
-void int8_row(const int8_t* w, int64_t in_features, const int16_t* const* x, const float* const* x_scales,
+void int8_row(const int8_t* w, int64_t in_features, const int8_t* const* x, const float* const* x_scales,
               float* result) {
-  const int64_t runs = in_features / kInt8Run;
+  const int64_t runs = in_features / kRun;
   for (int64_t r = 0; r < Rows; ++r) result[r] = 0.f;
 #ifdef PAGEDLLM_AVX2
   __m256 acc[Rows];
   for (int64_t r = 0; r < Rows; ++r) acc[r] = _mm256_setzero_ps();
   for (int64_t b = 0; b < runs; ++b) {
-    const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + kInt8Run * b)));
-    const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + kInt8Run * b + 16)));
+    // Signed times signed as |w| times x with w's sign: |w| <= 128 fits an unsigned byte, and |x| <= 127.
+    const __m256i weights = load_int8x32(w + kRun * b);
+    const __m256i magnitudes = _mm256_sign_epi8(weights, weights);
     for (int64_t r = 0; r < Rows; ++r) {
-      const int16_t* xr = x[r] + kInt8Run * b;
-      const __m256i sum =
-          _mm256_add_epi32(_mm256_madd_epi16(w0, load_int16x16(xr)), _mm256_madd_epi16(w1, load_int16x16(xr + 16)));
+      const __m256i sum = dot_bytes(magnitudes, _mm256_sign_epi8(load_int8x32(x[r] + kRun * b), weights));
       acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_set1_ps(x_scales[r][b]), acc[r]);
     }
   }
@@ -190,7 +220,7 @@ void int8_row(const int8_t* w, int64_t in_features, const int16_t* const* x, con
   for (int64_t b = 0; b < runs; ++b)
     for (int64_t r = 0; r < Rows; ++r) {
       int32_t sum = 0;
-      for (int64_t j = kInt8Run * b; j < kInt8Run * (b + 1); ++j) sum += int32_t{w[j]} * x[r][j];
+      for (int64_t j = kRun * b; j < kRun * (b + 1); ++j) sum += int32_t{w[j]} * x[r][j];
       result[r] += x_scales[r][b] * sum;
     }
 #endif
@@ -209,46 +239,41 @@ struct RowPointers {
 struct Operands {
   const void* weight;
   const uint16_t* scales;  // int4: (scale, zero) per group of each output row; int8: one scale per output row
-  const int16_t* x;
+  const int8_t* x;
   const float* x_scales;
   const float* x_sums;  // int4 only
   int64_t in_features, out_features, group_size;
 };
 
-// Output rows [begin, end) for activation rows [m, m + Rows), into out [rows, out_features]. GroupSize as int4_row.
-template <int64_t Rows, int64_t GroupSize>
+// Output rows [begin, end) for activation rows [m, m + Rows), into out [rows, out_features]. GroupsAreRuns: the
+// group size is 32.
+template <int64_t Rows, bool GroupsAreRuns>
 void int4_tile(const Operands& a, int64_t begin, int64_t end, int64_t m, float* out) {
-  const int64_t groups = a.in_features / a.group_size;
-  const RowPointers<int16_t> x(a.x, a.in_features, m, Rows);
-  const RowPointers<float> scales(a.x_scales, groups, m, Rows), sums(a.x_sums, groups, m, Rows);
+  const int64_t groups = a.in_features / a.group_size, runs = a.in_features / kRun;
+  const RowPointers<int8_t> x(a.x, a.in_features, m, Rows);
+  const RowPointers<float> scales(a.x_scales, runs, m, Rows), sums(a.x_sums, groups, m, Rows);
   const auto* packed = static_cast<const uint8_t*>(a.weight);
-  std::vector<float> combined(Rows * groups);
+  std::vector<float> combined(Rows * combined_stride(runs));
   for (int64_t n = begin; n < end; ++n) {
+    if (n + kPrefetchRows < end) {
+      prefetch(packed + (n + kPrefetchRows) * a.in_features / 2, a.in_features / 2);
+      prefetch(a.scales + (n + kPrefetchRows) * groups * 2, groups * 4);
+    }
     float total[Rows] = {};  // local, so that the compiler keeps it in registers (out might alias the inputs)
-    group_factors<Rows>(a.scales + n * groups * 2, groups, scales.rows, sums.rows, combined.data(), total);
-    int4_row<Rows, GroupSize>(packed + n * a.in_features / 2, a.in_features, a.group_size, x.rows, combined.data(),
-                              total);
+    row_factors<Rows, GroupsAreRuns>(a.scales + n * groups * 2, groups, a.group_size / kRun, scales.rows, sums.rows,
+                                     combined.data(), total);
+    int4_row<Rows>(packed + n * a.in_features / 2, a.in_features, x.rows, combined.data(), total);
     for (int64_t r = 0; r < Rows; ++r) out[(m + r) * a.out_features + n] = total[r];
   }
 }
 
 template <int64_t Rows>
-void int4_tile_for_group_size(const Operands& a, int64_t begin, int64_t end, int64_t m, float* out) {
-  switch (a.group_size) {
-    case 32: return int4_tile<Rows, 32>(a, begin, end, m, out);
-    case 64: return int4_tile<Rows, 64>(a, begin, end, m, out);
-    case 128: return int4_tile<Rows, 128>(a, begin, end, m, out);
-    case 256: return int4_tile<Rows, 256>(a, begin, end, m, out);
-    default: return int4_tile<Rows, 0>(a, begin, end, m, out);
-  }
-}
-
-template <int64_t Rows>
 void int8_tile(const Operands& a, int64_t begin, int64_t end, int64_t m, float* out) {
-  const RowPointers<int16_t> x(a.x, a.in_features, m, Rows);
-  const RowPointers<float> scales(a.x_scales, a.in_features / kInt8Run, m, Rows);
+  const RowPointers<int8_t> x(a.x, a.in_features, m, Rows);
+  const RowPointers<float> scales(a.x_scales, a.in_features / kRun, m, Rows);
   const auto* weight = static_cast<const int8_t*>(a.weight);
   for (int64_t n = begin; n < end; ++n) {
+    if (n + kPrefetchRows < end) prefetch(weight + (n + kPrefetchRows) * a.in_features, a.in_features);
     float result[Rows];
     int8_row<Rows>(weight + n * a.in_features, a.in_features, x.rows, scales.rows, result);
     const float scale = bf16_bits_to_float(a.scales[n]);
@@ -281,11 +306,11 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::
   const int64_t out_features = packed.size(0), in_features = packed.size(1) * 2;
   TORCH_CHECK(x.size(-1) == in_features, "int4_linear: input has ", x.size(-1), " features, weight ", in_features);
   TORCH_CHECK(in_features % kChunk == 0, "int4_linear: in_features must be a multiple of 64");
-  TORCH_CHECK((group_size == 32 || group_size % kChunk == 0) && in_features % group_size == 0,
+  TORCH_CHECK(group_size > 0 && group_size % kRun == 0 && in_features % group_size == 0,
               "int4_linear: bad group size ", group_size);
   TORCH_CHECK(packed.scalar_type() == at::kByte && scale_zero.scalar_type() == at::kBFloat16, "int4_linear: dtypes");
   const at::Tensor xf = float_rows(x, in_features);
-  const QuantizedRows q = quantize_rows(xf, group_size, true);
+  const QuantizedRows q = quantize_rows(xf, group_size);
   const Operands operands{packed.const_data_ptr<uint8_t>(),
                           reinterpret_cast<const uint16_t*>(scale_zero.const_data_ptr<at::BFloat16>()),
                           q.values,
@@ -295,7 +320,10 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::
                           out_features,
                           group_size};
   return run_tiles(x, xf.size(0), out_features, [&](auto rows, int64_t begin, int64_t end, int64_t m, float* out) {
-    int4_tile_for_group_size<decltype(rows)::value>(operands, begin, end, m, out);
+    if (group_size == kRun)
+      int4_tile<decltype(rows)::value, true>(operands, begin, end, m, out);
+    else
+      int4_tile<decltype(rows)::value, false>(operands, begin, end, m, out);
   });
 }
 
@@ -321,10 +349,10 @@ at::Tensor int4_dequantize(const at::Tensor& packed, const at::Tensor& scale_zer
 at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scales) {
   const int64_t out_features = weight.size(0), in_features = weight.size(1);
   TORCH_CHECK(x.size(-1) == in_features, "int8_linear: input has ", x.size(-1), " features, weight ", in_features);
-  TORCH_CHECK(in_features % kInt8Run == 0, "int8_linear: in_features must be a multiple of 32");
+  TORCH_CHECK(in_features % kRun == 0, "int8_linear: in_features must be a multiple of 32");
   TORCH_CHECK(weight.scalar_type() == at::kChar && scales.scalar_type() == at::kBFloat16, "int8_linear: dtypes");
   const at::Tensor xf = float_rows(x, in_features);
-  const QuantizedRows q = quantize_rows(xf, kInt8Run, false);
+  const QuantizedRows q = quantize_rows(xf, 0);
   const Operands operands{weight.const_data_ptr<int8_t>(),
                           reinterpret_cast<const uint16_t*>(scales.const_data_ptr<at::BFloat16>()),
                           q.values,
@@ -332,7 +360,7 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& weight, const at::
                           nullptr,
                           in_features,
                           out_features,
-                          kInt8Run};
+                          kRun};
   return run_tiles(x, xf.size(0), out_features, [&](auto rows, int64_t begin, int64_t end, int64_t m, float* out) {
     int8_tile<decltype(rows)::value>(operands, begin, end, m, out);
   });
