@@ -16,7 +16,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <numeric>
 #include <type_traits>
 #include <vector>
 
@@ -118,10 +117,10 @@ inline __m256i first_lanes(int64_t n) {
 // Runs of one row in `combined`: whole multiples of 8, so that eight runs are stored at a time.
 inline int64_t combined_stride(int64_t runs) { return (runs + 7) / 8 * 8; }
 
-// The factors of one output row: the zero-point terms (zero - 8 scale) * the sum of each group's activations,
-// summed into total[r], and combined[r * combined_stride(runs) + run], the scale of the run's group times
-// activation row r's scale for the run. Eight groups at a time, the last ones masked: each bfloat16 (scale, zero)
-// pair is a 32-bit lane, the scale in its low half and the zero in its high.
+// The factors of one output row: the zero-point terms (zero - 8 scale) * the sum of each group's rounded
+// activations, summed into total[r], and combined[r * combined_stride(runs) + run], the scale of the run's group
+// times activation row r's scale for the run. Eight groups at a time, the last ones masked: each bfloat16
+// (scale, zero) pair is a 32-bit lane, the scale in its low half and the zero in its high.
 template <int64_t Rows, bool GroupsAreRuns>
 void row_factors(const uint16_t* scale_zero, int64_t groups, int64_t runs_per_group, const float* const* x_scales,
                  const float* const* x_sums, float* combined, float* total) {
