@@ -44,7 +44,7 @@ def int8_exact_activations(rows: int, in_features: int, seed: int) -> torch.Tens
 @pytest.mark.parametrize(
     ("in_features", "group_size"), [(256, 32), (256, 64), (256, 128), (1152, 32), (1152, 64), (1152, 128), (1152, 192)]
 )
-@pytest.mark.parametrize("rows", [1, 2, 5])
+@pytest.mark.parametrize("rows", [1, 2, 7])  # tiles of 4, 2 and 1 rows
 def test_int4_linear_rounds_only_in_float32_where_activations_are_whole_steps(
     in_features: int, group_size: int, rows: int
 ) -> None:
@@ -57,12 +57,12 @@ def test_int4_linear_rounds_only_in_float32_where_activations_are_whole_steps(
     torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-6 * expected.abs().max().item())
 
 
-def int8_rounded(x: torch.Tensor) -> torch.Tensor:
-    """x as the kernels round it: to int8 per run of 32 channels, scaled by the run's max |x| / 127."""
-    runs = x.float().reshape(x.shape[0], -1, 32)
-    largest = runs.abs().amax(-1, keepdim=True)
+def int8_rounded(x: torch.Tensor, block: int) -> torch.Tensor:
+    """x as the kernels round it: to int8 per block of channels, scaled by the block's max |x| / 127."""
+    blocks = x.float().reshape(x.shape[0], -1, block)
+    largest = blocks.abs().amax(-1, keepdim=True)
     inverse = torch.where(largest > 0, 127 / largest, torch.zeros_like(largest))
-    return (torch.round(runs * inverse) * (largest / 127)).reshape(x.shape)
+    return (torch.round(blocks * inverse) * (largest / 127)).reshape(x.shape)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
@@ -73,8 +73,8 @@ def test_int4_linear_error_is_that_of_int8_activations(dtype: torch.dtype, group
     packed, scale_zero = pagedllm_int4_buffers(weight)
     got = ops.int4_linear(x, packed, scale_zero, group_size)
     assert got.dtype == dtype and got.shape == (3, 64)
-    # The zero-point term multiplies the sums of the rounded activations too.
-    expected = int8_rounded(x).double() @ dequantize(weight).double().T
+    # Activations round per weight group; the zero-point term multiplies the sums of the rounded activations too.
+    expected = int8_rounded(x, group_size).double() @ dequantize(weight).double().T
     # The products are exact in int32; only the scales and the sums round, in float32 (or the output in bfloat16).
     tolerance = 1e-5 if dtype == torch.float32 else 1e-2
     torch.testing.assert_close(got.double(), expected, rtol=tolerance, atol=tolerance * expected.abs().max().item())
@@ -89,7 +89,7 @@ def test_int4_dequantize_unpacks_exactly_the_kernel_weights() -> None:
     assert torch.equal(ops.int4_dequantize(packed, scale_zero, 64), dequantize(weight))
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3])
+@pytest.mark.parametrize("rows", [1, 2, 3, 7])  # tiles of 4, 2 and 1 rows
 def test_int8_linear_rounds_only_in_float32_where_activations_are_whole_steps(rows: int) -> None:
     weight = kernel_representable(quantize_int8(torch.randn(80, 320, generator=generator(5))))
     q = weight.q.clone()

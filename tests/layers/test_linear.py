@@ -56,8 +56,9 @@ def test_kernel_path_matches_reference_path(
     got, expected = fast(x), reference(x)
     assert got.dtype == expected.dtype == dtype and got.shape == (rows, OUT_FEATURES)
     # PyTorch's kernels take bfloat16 activations and return bfloat16: about 3 significant digits. pagedllm's
-    # round activations to int8 per run of 32 up to PACKED_MATMUL_MAX_ROWS rows, as coarse as bfloat16 (tests/kernels
-    # check them exactly against int8-rounded activations); past it they multiply the unpacked weight in float32.
+    # round activations to int8 (per run of 32, or per int4 group) up to PACKED_MATMUL_MAX_ROWS rows, as coarse as
+    # bfloat16 (tests/kernels check them exactly against int8-rounded activations); past it they multiply the
+    # unpacked weight in float32.
     # Two such results, each rounded to bfloat16 on output, differ by up to about two bfloat16 steps.
     dense_float32 = kernel == "pagedllm" and dtype == torch.float32 and rows > PACKED_MATMUL_MAX_ROWS
     tolerance = 1e-5 if dense_float32 else 2e-2

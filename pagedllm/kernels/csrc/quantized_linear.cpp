@@ -1,9 +1,11 @@
 // Weight-only int4 / int8 matmuls for few activation rows (decode steps): activations are rounded to int8 with
-// one scale per run of 32 channels (max |x| / 127, as llama.cpp's Q8 activations), and weights and activations
-// meet in integer dot products (AVX2 maddubs, 32 products per instruction) summed in int32 over the run, then
-// scaled back to float32 once per run. The zero-point term of int4 multiplies the sums of the rounded
-// activations over each group (as llama.cpp's Q8_1 does), so the result is that of the dequantized weights with
-// the rounded activations, and the weights' offset from their zero point does not add to the rounding error.
+// one scale (max |x| / 127) per block of channels, and weights and activations meet in integer dot products (AVX2
+// maddubs, 32 products per instruction) summed in int32 over the block, then scaled back to float32 once per
+// block. A block is a run of 32 channels for int8 weights (as llama.cpp's Q8 activations) and an int4 weight
+// group for int4, so that larger groups take fewer float steps. The zero-point term of int4 multiplies the sums
+// of the rounded activations over each group (as llama.cpp's Q8_1 does), so the result is that of the dequantized
+// weights with the rounded activations, and the weights' offset from their zero point does not add to the
+// rounding error.
 //
 // int4 layout: each run of 64 weights of a row is 32 bytes; byte j holds weight 64 c + j in its low nibble and
 // 64 c + 32 + j in its high nibble, so one mask gives the first 32 weights as bytes in the order of the
@@ -23,20 +25,20 @@ namespace pagedllm {
 namespace {
 
 constexpr int64_t kChunk = 64;  // int4 weights per 32-byte chunk
-constexpr int64_t kRun = 32;  // activations per scale
+constexpr int64_t kRun = 32;  // activations per rounding step (and, for int8 weights, per scale)
 constexpr int64_t kRowGrain = 16;  // output rows per parallel task, at the least
-constexpr int64_t kRowTile = 2;  // activation rows sharing one load of a weight chunk
+constexpr int64_t kRowTile = 4;  // activation rows sharing one load of a weight chunk
 constexpr int64_t kPrefetchRows = 4;  // how many output rows ahead weights are prefetched
 
 constexpr float kActivationLevels = 127.f;
 
-// Activation rows rounded to int8 per run of 32, with each run's scale and (where asked for) the sum of the
-// rounded activations of each group of `sum_group` (a multiple of 32). The buffers are the calling thread's own,
-// reused from call to call: a decode step makes over a hundred calls.
+// Activation rows rounded to int8 per block (a multiple of 32 channels), with each block's scale and (where asked
+// for) the sum of its rounded activations. The buffers are the calling thread's own, reused from call to call: a
+// decode step makes over a hundred calls.
 struct QuantizedRows {
   const int8_t* values;  // [rows, in]
-  const float* scales;  // [rows, in / kRun]
-  const float* sums;  // [rows, in / sum_group], or nullptr
+  const float* scales;  // [rows, in / block]
+  const float* sums;  // [rows, in / block], or nullptr
 };
 
 // Rounds one run of 32 activations to int8 (nearest, ties to even) at `inverse` levels per unit; returns the sum
@@ -62,23 +64,25 @@ inline float round_run(const float* in, float inverse, int8_t* out) {
 #endif
 }
 
-QuantizedRows quantize_rows(const at::Tensor& x, int64_t sum_group) {
+QuantizedRows quantize_rows(const at::Tensor& x, int64_t block, bool with_sums) {
   thread_local std::vector<int8_t> values;
   thread_local std::vector<float> scales, sums;
-  const int64_t size = x.numel(), runs = size / kRun;
+  const int64_t size = x.numel(), blocks = size / block;
   values.resize(size);
-  scales.resize(runs);
-  sums.assign(sum_group > 0 ? size / sum_group : 0, 0.f);
+  scales.resize(blocks);
+  sums.resize(with_sums ? blocks : 0);
   const float* xp = x.const_data_ptr<float>();
-  for (int64_t i = 0; i < runs; ++i) {
-    const float* in = xp + i * kRun;
+  for (int64_t i = 0; i < blocks; ++i) {
+    const float* in = xp + i * block;
     float max = 0.f;
-    for (int64_t j = 0; j < kRun; ++j) max = std::max(max, std::abs(in[j]));
+    for (int64_t j = 0; j < block; ++j) max = std::max(max, std::abs(in[j]));
     scales[i] = max / kActivationLevels;
-    const float levels = round_run(in, max > 0.f ? kActivationLevels / max : 0.f, values.data() + i * kRun);
-    if (sum_group > 0) sums[i * kRun / sum_group] += levels * scales[i];
+    const float inverse = max > 0.f ? kActivationLevels / max : 0.f;
+    float levels = 0.f;  // a whole number below 2^24: exact
+    for (int64_t j = 0; j < block; j += kRun) levels += round_run(in + j, inverse, values.data() + i * block + j);
+    if (with_sums) sums[i] = levels * scales[i];
   }
-  return {values.data(), scales.data(), sum_group > 0 ? sums.data() : nullptr};
+  return {values.data(), scales.data(), with_sums ? sums.data() : nullptr};
 }
 
 #ifdef PAGEDLLM_AVX2
@@ -114,17 +118,17 @@ inline __m256i first_lanes(int64_t n) {
 }
 #endif
 
-// Runs of one row in `combined`: whole multiples of 8, so that eight runs are stored at a time.
-inline int64_t combined_stride(int64_t runs) { return (runs + 7) / 8 * 8; }
+// Groups of one row in `combined`: whole multiples of 8, so that eight groups are stored at a time.
+inline int64_t combined_stride(int64_t groups) { return (groups + 7) / 8 * 8; }
 
 // The factors of one output row: the zero-point terms (zero - 8 scale) * the sum of each group's rounded
-// activations, summed into total[r], and combined[r * combined_stride(runs) + run], the scale of the run's group
-// times activation row r's scale for the run. Eight groups at a time, the last ones masked: each bfloat16
+// activations, summed into total[r], and combined[r * combined_stride(groups) + g], the scale of group g times
+// activation row r's scale for the group. Eight groups at a time, the last ones masked: each bfloat16
 // (scale, zero) pair is a 32-bit lane, the scale in its low half and the zero in its high.
-template <int64_t Rows, bool GroupsAreRuns>
-void row_factors(const uint16_t* scale_zero, int64_t groups, int64_t runs_per_group, const float* const* x_scales,
-                 const float* const* x_sums, float* combined, float* total) {
-  const int64_t runs = combined_stride(groups * runs_per_group);
+template <int64_t Rows>
+void row_factors(const uint16_t* scale_zero, int64_t groups, const float* const* x_scales, const float* const* x_sums,
+                 float* combined, float* total) {
+  const int64_t stride = combined_stride(groups);
 #ifdef PAGEDLLM_AVX2
   __m256 terms[Rows];
   for (int64_t r = 0; r < Rows; ++r) terms[r] = _mm256_setzero_ps();
@@ -136,15 +140,7 @@ void row_factors(const uint16_t* scale_zero, int64_t groups, int64_t runs_per_gr
     const __m256 min = _mm256_fnmadd_ps(_mm256_set1_ps(8.f), scale, zero);
     for (int64_t r = 0; r < Rows; ++r) {
       terms[r] = _mm256_fmadd_ps(min, _mm256_maskload_ps(x_sums[r] + g, lanes), terms[r]);
-      if constexpr (GroupsAreRuns)
-        _mm256_storeu_ps(combined + r * runs + g, _mm256_mul_ps(scale, _mm256_maskload_ps(x_scales[r] + g, lanes)));
-    }
-    if constexpr (!GroupsAreRuns) {
-      alignas(32) float scales[8];
-      _mm256_store_ps(scales, scale);
-      for (int64_t k = 0; k < std::min<int64_t>(8, groups - g); ++k)
-        for (int64_t run = (g + k) * runs_per_group; run < (g + k + 1) * runs_per_group; ++run)
-          for (int64_t r = 0; r < Rows; ++r) combined[r * runs + run] = scales[k] * x_scales[r][run];
+      _mm256_storeu_ps(combined + r * stride + g, _mm256_mul_ps(scale, _mm256_maskload_ps(x_scales[r] + g, lanes)));
     }
   }
   for (int64_t r = 0; r < Rows; ++r) total[r] += horizontal_sum(terms[r]);
@@ -154,44 +150,62 @@ void row_factors(const uint16_t* scale_zero, int64_t groups, int64_t runs_per_gr
     const float min = bf16_bits_to_float(scale_zero[2 * g + 1]) - 8.f * scale;
     for (int64_t r = 0; r < Rows; ++r) {
       total[r] += min * x_sums[r][g];
-      for (int64_t run = g * runs_per_group; run < (g + 1) * runs_per_group; ++run)
-        combined[r * runs + run] = scale * x_scales[r][run];
+      combined[r * stride + g] = scale * x_scales[r][g];
     }
   }
 #endif
 }
 
-// The dot products of one output row with Rows activation rows, added to total: integer sums over each run of 32,
-// times the run's combined scale (row_factors).
-template <int64_t Rows>
-void int4_row(const uint8_t* packed, int64_t in_features, const int8_t* const* x, const float* combined,
-              float* total) {
-  const int64_t runs = combined_stride(in_features / kRun);
+// The dot products of one output row with Rows activation rows, added to total: integer sums over each group,
+// times the group's combined scale (row_factors). GroupsAreRuns: groups of 32, which the compiler then knows.
+template <int64_t Rows, bool GroupsAreRuns>
+void int4_row(const uint8_t* packed, int64_t in_features, int64_t group_size, const int8_t* const* x,
+              const float* combined, float* total) {
+  const int64_t stride = combined_stride(in_features / group_size);
 #ifdef PAGEDLLM_AVX2
-  // One accumulator per half chunk, so that consecutive runs' multiply-adds do not wait on each other.
+  const int64_t runs_per_group = GroupsAreRuns ? 1 : group_size / kRun;
+  // Float sums of the groups that end at a chunk's first half and at its second, so that consecutive groups'
+  // multiply-adds do not wait on each other where groups are runs.
   __m256 low_acc[Rows], high_acc[Rows];
-  for (int64_t r = 0; r < Rows; ++r) low_acc[r] = high_acc[r] = _mm256_setzero_ps();
+  __m256i group_sum[Rows];
+  for (int64_t r = 0; r < Rows; ++r) {
+    low_acc[r] = high_acc[r] = _mm256_setzero_ps();
+    group_sum[r] = _mm256_setzero_si256();
+  }
   const __m256i mask = _mm256_set1_epi8(0x0F);
+  int64_t group = 0, runs_left = runs_per_group;
+  // Adds the products of one run of weights to the group's integer sums; at the group's end, moves them to acc.
+  auto add_run = [&](__m256i weights, int64_t offset, __m256* acc) {
+    if constexpr (GroupsAreRuns) {
+      for (int64_t r = 0; r < Rows; ++r)
+        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_bytes(weights, load_int8x32(x[r] + offset))),
+                                 _mm256_broadcast_ss(combined + r * stride + group), acc[r]);
+      ++group;
+      return;
+    }
+    for (int64_t r = 0; r < Rows; ++r)
+      group_sum[r] = _mm256_add_epi32(group_sum[r], dot_bytes(weights, load_int8x32(x[r] + offset)));
+    if (--runs_left > 0) return;
+    for (int64_t r = 0; r < Rows; ++r) {
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(group_sum[r]), _mm256_broadcast_ss(combined + r * stride + group),
+                               acc[r]);
+      group_sum[r] = _mm256_setzero_si256();
+    }
+    ++group;
+    runs_left = runs_per_group;
+  };
   for (int64_t c = 0; c < in_features / kChunk; ++c) {
     const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(packed + 32 * c));
-    const __m256i low = _mm256_and_si256(bytes, mask);
-    const __m256i high = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), mask);
-    for (int64_t r = 0; r < Rows; ++r) {
-      const int8_t* xr = x[r] + kChunk * c;
-      const float* cr = combined + r * runs + 2 * c;
-      low_acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_bytes(low, load_int8x32(xr))), _mm256_broadcast_ss(cr),
-                                   low_acc[r]);
-      high_acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_bytes(high, load_int8x32(xr + kRun))),
-                                    _mm256_broadcast_ss(cr + 1), high_acc[r]);
-    }
+    add_run(_mm256_and_si256(bytes, mask), kChunk * c, low_acc);
+    add_run(_mm256_and_si256(_mm256_srli_epi16(bytes, 4), mask), kChunk * c + kRun, high_acc);
   }
   for (int64_t r = 0; r < Rows; ++r) total[r] += horizontal_sum(_mm256_add_ps(low_acc[r], high_acc[r]));
 #else
-  for (int64_t run = 0; run < in_features / kRun; ++run)
+  for (int64_t g = 0; g < in_features / group_size; ++g)
     for (int64_t r = 0; r < Rows; ++r) {
       int32_t sum = 0;
-      for (int64_t k = run * kRun; k < (run + 1) * kRun; ++k) sum += int4_at(packed, k) * x[r][k];
-      total[r] += combined[r * runs + run] * sum;
+      for (int64_t k = g * group_size; k < (g + 1) * group_size; ++k) sum += int4_at(packed, k) * x[r][k];
+      total[r] += combined[r * stride + g] * sum;
     }
 #endif
 }
@@ -239,7 +253,7 @@ struct Operands {
   const void* weight;
   const uint16_t* scales;  // int4: (scale, zero) per group of each output row; int8: one scale per output row
   const int8_t* x;
-  const float* x_scales;
+  const float* x_scales;  // per group of int4, per run of 32 for int8
   const float* x_sums;  // int4 only
   int64_t in_features, out_features, group_size;
 };
@@ -248,20 +262,21 @@ struct Operands {
 // group size is 32.
 template <int64_t Rows, bool GroupsAreRuns>
 void int4_tile(const Operands& a, int64_t begin, int64_t end, int64_t m, float* out) {
-  const int64_t groups = a.in_features / a.group_size, runs = a.in_features / kRun;
+  const int64_t groups = a.in_features / a.group_size;
   const RowPointers<int8_t> x(a.x, a.in_features, m, Rows);
-  const RowPointers<float> scales(a.x_scales, runs, m, Rows), sums(a.x_sums, groups, m, Rows);
+  const RowPointers<float> scales(a.x_scales, groups, m, Rows), sums(a.x_sums, groups, m, Rows);
   const auto* packed = static_cast<const uint8_t*>(a.weight);
-  std::vector<float> combined(Rows * combined_stride(runs));
+  thread_local std::vector<float> combined;
+  combined.resize(Rows * combined_stride(groups));
   for (int64_t n = begin; n < end; ++n) {
     if (n + kPrefetchRows < end) {
       prefetch(packed + (n + kPrefetchRows) * a.in_features / 2, a.in_features / 2);
       prefetch(a.scales + (n + kPrefetchRows) * groups * 2, groups * 4);
     }
     float total[Rows] = {};  // local, so that the compiler keeps it in registers (out might alias the inputs)
-    row_factors<Rows, GroupsAreRuns>(a.scales + n * groups * 2, groups, a.group_size / kRun, scales.rows, sums.rows,
-                                     combined.data(), total);
-    int4_row<Rows>(packed + n * a.in_features / 2, a.in_features, x.rows, combined.data(), total);
+    row_factors<Rows>(a.scales + n * groups * 2, groups, scales.rows, sums.rows, combined.data(), total);
+    int4_row<Rows, GroupsAreRuns>(packed + n * a.in_features / 2, a.in_features, a.group_size, x.rows,
+                                  combined.data(), total);
     for (int64_t r = 0; r < Rows; ++r) out[(m + r) * a.out_features + n] = total[r];
   }
 }
@@ -287,12 +302,10 @@ at::Tensor run_tiles(const at::Tensor& x, int64_t num_rows, int64_t out_features
   at::Tensor out = at::empty({num_rows, out_features}, x.options().dtype(at::kFloat));
   float* op = out.data_ptr<float>();
   at::parallel_for(0, out_features, kRowGrain, [&](int64_t begin, int64_t end) {
-    for (int64_t m = 0; m < num_rows; m += kRowTile) {
-      if (num_rows - m >= 2)
-        tile(std::integral_constant<int64_t, 2>{}, begin, end, m, op);
-      else
-        tile(std::integral_constant<int64_t, 1>{}, begin, end, m, op);
-    }
+    int64_t m = 0;
+    for (; num_rows - m >= kRowTile; m += kRowTile) tile(std::integral_constant<int64_t, kRowTile>{}, begin, end, m, op);
+    for (; num_rows - m >= 2; m += 2) tile(std::integral_constant<int64_t, 2>{}, begin, end, m, op);
+    if (m < num_rows) tile(std::integral_constant<int64_t, 1>{}, begin, end, m, op);
   });
   auto sizes = x.sizes().vec();
   sizes.back() = out_features;
@@ -309,7 +322,7 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::
               "int4_linear: bad group size ", group_size);
   TORCH_CHECK(packed.scalar_type() == at::kByte && scale_zero.scalar_type() == at::kBFloat16, "int4_linear: dtypes");
   const at::Tensor xf = float_rows(x, in_features);
-  const QuantizedRows q = quantize_rows(xf, group_size);
+  const QuantizedRows q = quantize_rows(xf, group_size, true);
   const Operands operands{packed.const_data_ptr<uint8_t>(),
                           reinterpret_cast<const uint16_t*>(scale_zero.const_data_ptr<at::BFloat16>()),
                           q.values,
@@ -351,7 +364,7 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& weight, const at::
   TORCH_CHECK(in_features % kRun == 0, "int8_linear: in_features must be a multiple of 32");
   TORCH_CHECK(weight.scalar_type() == at::kChar && scales.scalar_type() == at::kBFloat16, "int8_linear: dtypes");
   const at::Tensor xf = float_rows(x, in_features);
-  const QuantizedRows q = quantize_rows(xf, 0);
+  const QuantizedRows q = quantize_rows(xf, kRun, false);
   const Operands operands{weight.const_data_ptr<int8_t>(),
                           reinterpret_cast<const uint16_t*>(scales.const_data_ptr<at::BFloat16>()),
                           q.values,
