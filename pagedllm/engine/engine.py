@@ -18,7 +18,6 @@ from pagedllm.engine.prefix_cache import PrefixCache
 from pagedllm.engine.request import FinishReason, Request, Sequence
 from pagedllm.engine.scheduler import Scheduler, SchedulerOutput
 from pagedllm.errors import ConfigError, InvalidArgumentError, RequestTooLongError
-from pagedllm.layers.linear import default_dense_min_rows
 from pagedllm.layers.quantization import LinearQuantization
 from pagedllm.model.llama import LlamaForCausalLM
 from pagedllm.model.loader import load_checkpoint
@@ -59,15 +58,12 @@ class LLMEngine:
         self.model_config: ModelConfig = checkpoint.config
         self.max_model_len = self._max_model_len(checkpoint.config)
         self.tokenizer = Tokenizer.from_model_path(path, checkpoint.config.eos_token_ids)
-        dense_min_rows = config.dense_matmul_min_rows
-        if dense_min_rows is None:
-            dense_min_rows = default_dense_min_rows()
         model = LlamaForCausalLM(
             checkpoint.config,
             self.max_model_len,
             config.attention_impl,
             checkpoint.weights.get("rope_freqs"),
-            LinearQuantization(config.quantization, config.quant_group_size, dense_min_rows),
+            LinearQuantization(config.quantization, config.quant_group_size, config.dense_matmul_min_rows),
             config.fused_decode,
         )
         model.load_weights(checkpoint.weights)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -17,12 +19,14 @@ KERNEL_DTYPE = torch.bfloat16
 # Who multiplies a quantized weight: pagedllm's CPU kernels, PyTorch's weight-only CPU kernels, or the plain
 # dequantize-then-F.linear path.
 KERNELS = ("pagedllm", "torch", "reference")
-# The input widths pagedllm's kernels take are whole multiples of these: both round activations in runs of 32
-# channels, and int4 reads weights in chunks of 64.
-KERNEL_WIDTH_MULTIPLE = {8: 32, 4: 64}
-# Up to this many rows pagedllm's kernels multiply by the packed weight; more rows unpack it once for a dense
-# matmul, which reuses each weight across the rows.
-PACKED_MATMUL_MAX_ROWS = 64
+# Both of pagedllm's kernels round activations in runs of 32 input channels, and the int4 one interleaves output
+# rows in tiles of 8: the widths they take are whole multiples of these.
+KERNEL_IN_MULTIPLE = 32
+INT4_TILE = 8
+# Up to this many rows pagedllm's int8 kernel multiplies by the packed weight; more rows unpack it once for a dense
+# matmul, which reuses each weight across the rows. The int4 kernel, tiled over outputs and rows, beats a float32
+# dense matmul at every row count (on an AVX2 CPU, 1.3x at 512 rows).
+INT8_PACKED_MATMUL_MAX_ROWS = 64
 # Where bfloat16 matmuls are native (AMX, AVX512-BF16) a dense copy beats the int kernels from this many rows.
 NATIVE_BFLOAT16_DENSE_MIN_ROWS = 8
 
@@ -55,25 +59,39 @@ def weight_only_kernels_available(device: torch.device) -> bool:
     return device.type == "cpu" and all(hasattr(torch, name) for name in kernels)
 
 
-def default_kernel(device: torch.device, in_features: int, bits: int) -> str:
-    """pagedllm's CPU kernels where they build (and take the width), else PyTorch's, else the reference."""
-    if device.type == "cpu" and in_features % KERNEL_WIDTH_MULTIPLE[bits] == 0 and cpu_kernels_available():
+def default_kernel(device: torch.device, shape: torch.Size, bits: int) -> str:
+    """pagedllm's CPU kernels where they build (and take the [out, in] shape), else PyTorch's, else the reference."""
+    out_features, in_features = shape
+    fits = in_features % KERNEL_IN_MULTIPLE == 0 and (bits == 8 or out_features % INT4_TILE == 0)
+    if device.type == "cpu" and fits and cpu_kernels_available():
         return "pagedllm"
     return "torch" if weight_only_kernels_available(device) else "reference"
 
 
-def default_dense_min_rows() -> int:
+def default_dense_min_rows(bits: int) -> int:
     """Rows from which quantized linears multiply by a dense copy: few where bfloat16 matmuls are native; elsewhere
-    the int kernels beat float32 matmuls up to their last row (measured on an AVX2 CPU: batch 8 decodes 2.9x and
-    batch 32 1.3x faster on them)."""
-    return NATIVE_BFLOAT16_DENSE_MIN_ROWS if native_bfloat16_matmul() else PACKED_MATMUL_MAX_ROWS + 1
+    none for int4, and for int8 past the rows its kernel takes."""
+    if native_bfloat16_matmul():
+        return NATIVE_BFLOAT16_DENSE_MIN_ROWS
+    return 0 if bits == 4 else INT8_PACKED_MATMUL_MAX_ROWS + 1
 
 
-def pack_int4_chunks(q: torch.Tensor) -> torch.Tensor:
-    """[out, in] values 0..15 as [out, in // 2] bytes, pagedllm's int4 kernel layout: in each run of 64 weights,
-    byte j holds weight j in its low nibble and weight 32 + j in its high nibble."""
-    nibbles = q.to(torch.uint8).view(q.shape[0], -1, 2, 32)
-    return (nibbles[:, :, 0] | (nibbles[:, :, 1] << 4)).reshape(q.shape[0], -1).contiguous()
+def pack_int4_tiles(q: torch.Tensor) -> torch.Tensor:
+    """[out, in] values 0..15 as [out // 8, in * 4] bytes, pagedllm's int4 kernel layout: per tile t of 8 output
+    rows and step s of 8 input channels, byte 4 o + j holds weight (8 t + o, 8 s + j) in its low nibble and
+    (8 t + o, 8 s + 4 + j) in its high nibble."""
+    out_features, in_features = q.shape
+    nibbles = q.to(torch.uint8).view(out_features // INT4_TILE, INT4_TILE, in_features // 8, 2, 4)
+    nibbles = nibbles.permute(0, 2, 1, 4, 3)  # tile, step, output, j, which half of the step
+    return (nibbles[..., 0] | (nibbles[..., 1] << 4)).reshape(out_features // INT4_TILE, in_features * 4).contiguous()
+
+
+def pack_int4_scales(scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+    """[out, groups] scales and zero points as [out // 8, groups, 2, 8] bfloat16: per tile of 8 output rows and
+    group, the 8 outputs' scales, then their 8 zeros."""
+    out_features, groups = scales.shape
+    pairs = torch.stack([scales, zeros], dim=-1).view(out_features // INT4_TILE, INT4_TILE, groups, 2)
+    return pairs.permute(0, 2, 3, 1).to(KERNEL_DTYPE).contiguous()
 
 
 def kernel_representable(weight: QuantizedWeight) -> QuantizedWeight:
@@ -92,10 +110,10 @@ def kernel_representable(weight: QuantizedWeight) -> QuantizedWeight:
 class QuantizedLinear(nn.Module):
     """y = x Wᵀ + b with W stored as int8 per channel or int4 per group (weight-only quantization).
 
-    Few rows (decode steps) go through a weight-only kernel (`kernel`, see KERNELS), which reads 1 or 0.5
-    byte per weight; with `dense_min_rows` > 0 a dense copy of the dequantized weight in `dtype` is also kept,
-    and inputs of at least that many rows multiply by it (a compute-bound dense matmul beats the int kernels
-    there). The plain reference path dequantizes and calls F.linear.
+    Inputs go through a weight-only kernel (`kernel`, see KERNELS), which reads 1 or 0.5 byte per weight; with
+    `dense_min_rows` > 0 a dense copy of the dequantized weight in `dtype` is also kept, and inputs of at least
+    that many rows multiply by it (where a compute-bound dense matmul beats the int kernels); None takes
+    default_dense_min_rows. The plain reference path dequantizes and calls F.linear.
     """
 
     def __init__(
@@ -103,21 +121,21 @@ class QuantizedLinear(nn.Module):
         weight: QuantizedWeight,
         bias: torch.Tensor | None,
         dtype: torch.dtype,
-        dense_min_rows: int = 0,
+        dense_min_rows: int | None = 0,
         kernel: str | None = None,
     ) -> None:
         super().__init__()
         weight = kernel_representable(weight)
         self.out_features, self.in_features = weight.shape
         self.dtype = dtype
-        self.dense_min_rows = dense_min_rows
         self.bits = 8 if isinstance(weight, Int8Weight) else 4
+        self.dense_min_rows = default_dense_min_rows(self.bits) if dense_min_rows is None else dense_min_rows
         self.group_size = weight.group_size if isinstance(weight, Int4Weight) else 0
-        self.kernel = default_kernel(weight.q.device, self.in_features, self.bits) if kernel is None else kernel
+        self.kernel = default_kernel(weight.q.device, weight.shape, self.bits) if kernel is None else kernel
         if self.kernel not in KERNELS:
             raise ValueError(f"kernel must be one of {KERNELS}, got {self.kernel!r}")
         self.bias = None if bias is None else nn.Parameter(bias.to(dtype).contiguous(), requires_grad=False)
-        self.register_buffer("dense", dequantize(weight).to(dtype) if dense_min_rows > 0 else None)
+        self.register_buffer("dense", dequantize(weight).to(dtype) if self.dense_min_rows > 0 else None)
         if self.kernel == "pagedllm":
             self._register_pagedllm_buffers(weight)
         elif self.kernel == "torch":
@@ -135,9 +153,8 @@ class QuantizedLinear(nn.Module):
         if isinstance(weight, Int8Weight):
             self._register_torch_buffers(weight)  # both kernels read int8 weights the same way
             return
-        self.register_buffer("qweight", pack_int4_chunks(weight.q))
-        zeros = weight.mins + INT4_KERNEL_OFFSET * weight.scales
-        self.register_buffer("scales", torch.stack([weight.scales, zeros], dim=-1).to(KERNEL_DTYPE).contiguous())
+        self.register_buffer("qweight", pack_int4_tiles(weight.q))
+        self.register_buffer("scales", pack_int4_scales(weight.scales, weight.mins + INT4_KERNEL_OFFSET * weight.scales))
 
     def _register_torch_buffers(self, weight: QuantizedWeight) -> None:
         if isinstance(weight, Int8Weight):
@@ -168,24 +185,20 @@ class QuantizedLinear(nn.Module):
 
     def _pagedllm_forward(self, x: torch.Tensor, rows: int) -> torch.Tensor:
         ops = torch.ops.pagedllm
-        if rows > PACKED_MATMUL_MAX_ROWS:
-            if self.bits == 8:
-                weight = self.qweight.float() * self.scales.float()[:, None]
-            else:
-                weight = ops.int4_dequantize(self.qweight, self.scales, self.group_size)
-            return F.linear(x, weight.to(x.dtype), self.bias)
-        if self.bits == 8:
-            y = ops.int8_linear(x, self.qweight, self.scales)
-        else:
+        if self.bits == 4:
             y = ops.int4_linear(x, self.qweight, self.scales, self.group_size)
+        elif rows > INT8_PACKED_MATMUL_MAX_ROWS:
+            weight = self.qweight.float() * self.scales.float()[:, None]
+            return F.linear(x, weight.to(x.dtype), self.bias)
+        else:
+            y = ops.int8_linear(x, self.qweight, self.scales)
         return y if self.bias is None else y + self.bias
 
     @property
-    def packed_max_rows(self) -> int:
+    def packed_max_rows(self) -> float:
         """The most rows `forward` multiplies by the packed weight with pagedllm's kernels (more take a dense matmul)."""
-        if self.dense is None:
-            return PACKED_MATMUL_MAX_ROWS
-        return min(PACKED_MATMUL_MAX_ROWS, self.dense_min_rows - 1)
+        kernel_max_rows = math.inf if self.bits == 4 else INT8_PACKED_MATMUL_MAX_ROWS
+        return kernel_max_rows if self.dense is None else min(kernel_max_rows, self.dense_min_rows - 1)
 
     def quantized_weight(self) -> QuantizedWeight:
         """The stored weight as quantized values (reference layout only)."""

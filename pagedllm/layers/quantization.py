@@ -107,7 +107,7 @@ class LinearQuantization:
 
     method: str = "none"  # none | auto (as the checkpoint stores them) | int8 | int4
     group_size: int = 128
-    dense_min_rows: int = 0
+    dense_min_rows: int | None = 0  # see QuantizedLinear
 
     def prepare(
         self, weight: torch.Tensor | QuantizedWeight, dtype: torch.dtype, lm_head: bool = False

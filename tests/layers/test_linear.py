@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
 
+from pagedllm.cpu import native_bfloat16_matmul
 from pagedllm.kernels import cpu_kernels_available
 from pagedllm.layers.linear import (
-    PACKED_MATMUL_MAX_ROWS,
+    INT8_PACKED_MATMUL_MAX_ROWS,
+    NATIVE_BFLOAT16_DENSE_MIN_ROWS,
     QuantizedLinear,
     default_kernel,
     kernel_representable,
@@ -33,17 +37,20 @@ def inputs(rows: int, dtype: torch.dtype) -> torch.Tensor:
 def test_the_cpu_kernels_are_available_here() -> None:
     # The agreement tests below would compare the reference path with itself otherwise.
     assert cpu_kernels_available() and weight_only_kernels_available(torch.device("cpu"))
-    assert default_kernel(torch.device("cpu"), IN_FEATURES, 4) == "pagedllm"
-    # Widths the kernels do not take go to PyTorch's: int8 needs whole runs of 32, int4 whole chunks of 64.
-    assert default_kernel(torch.device("cpu"), 48, 8) == "torch"
-    assert default_kernel(torch.device("cpu"), 96, 8) == "pagedllm"
-    assert default_kernel(torch.device("cpu"), 96, 4) == "torch"
+    cpu = torch.device("cpu")
+    assert default_kernel(cpu, torch.Size([OUT_FEATURES, IN_FEATURES]), 4) == "pagedllm"
+    # Shapes the kernels do not take go to PyTorch's: both need inputs in whole runs of 32, int4 outputs in whole
+    # tiles of 8.
+    assert default_kernel(cpu, torch.Size([12, 48]), 8) == "torch"
+    assert default_kernel(cpu, torch.Size([12, 96]), 8) == "pagedllm"
+    assert default_kernel(cpu, torch.Size([12, 96]), 4) == "torch"
+    assert default_kernel(cpu, torch.Size([16, 96]), 4) == "pagedllm"
 
 
 @pytest.mark.parametrize("kernel", ["pagedllm", "torch"])
 @pytest.mark.parametrize("kind", ["int8", "int4-g32", "int4-g128"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
-@pytest.mark.parametrize("rows", [1, 3, 8, PACKED_MATMUL_MAX_ROWS + 1])
+@pytest.mark.parametrize("rows", [1, 3, 8, INT8_PACKED_MATMUL_MAX_ROWS + 1])
 @pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
 def test_kernel_path_matches_reference_path(
     kernel: str, kind: str, dtype: torch.dtype, rows: int, with_bias: bool
@@ -56,11 +63,11 @@ def test_kernel_path_matches_reference_path(
     got, expected = fast(x), reference(x)
     assert got.dtype == expected.dtype == dtype and got.shape == (rows, OUT_FEATURES)
     # PyTorch's kernels take bfloat16 activations and return bfloat16: about 3 significant digits. pagedllm's
-    # round activations to int8 (per run of 32, or per int4 group) up to PACKED_MATMUL_MAX_ROWS rows, as coarse as
-    # bfloat16 (tests/kernels check them exactly against int8-rounded activations); past it they multiply the
-    # unpacked weight in float32.
+    # round activations to int8 (per run of 32, or per int4 group), as coarse as bfloat16 (tests/kernels check them
+    # exactly against int8-rounded activations), except that past INT8_PACKED_MATMUL_MAX_ROWS rows the int8 one
+    # multiplies the unpacked weight in float32.
     # Two such results, each rounded to bfloat16 on output, differ by up to about two bfloat16 steps.
-    dense_float32 = kernel == "pagedllm" and dtype == torch.float32 and rows > PACKED_MATMUL_MAX_ROWS
+    dense_float32 = kernel == "pagedllm" and kind == "int8" and dtype == torch.float32 and rows > INT8_PACKED_MATMUL_MAX_ROWS
     tolerance = 1e-5 if dense_float32 else 2e-2
     assert (got.float() - expected.float()).abs().max() <= tolerance * expected.float().abs().max()
 
@@ -106,6 +113,18 @@ def test_dense_copy_serves_inputs_from_the_threshold_up(kind: str, dtype: torch.
         assert torch.equal(layer(x), F.linear(x, layer.dense, layer.bias)), rows
         # The dense copy holds the quantized weights, not the original ones.
         torch.testing.assert_close(layer(x), reference(x), rtol=1e-5, atol=1e-5)
+
+
+def test_default_keeps_a_dense_copy_only_where_it_beats_the_kernels() -> None:
+    int4 = QuantizedLinear(make_weight("int4-g32"), None, torch.float32, dense_min_rows=None)
+    int8 = QuantizedLinear(make_weight("int8"), None, torch.float32, dense_min_rows=None)
+    if native_bfloat16_matmul():
+        assert int4.dense_min_rows == int8.dense_min_rows == NATIVE_BFLOAT16_DENSE_MIN_ROWS
+        assert int4.packed_max_rows == int8.packed_max_rows == NATIVE_BFLOAT16_DENSE_MIN_ROWS - 1
+    else:
+        # Without native bfloat16 the int4 kernel takes every row count; the int8 one its first 64 rows.
+        assert int4.dense is None and int4.packed_max_rows == math.inf
+        assert int8.dense is not None and int8.packed_max_rows == INT8_PACKED_MATMUL_MAX_ROWS
 
 
 def test_dense_copy_costs_memory_only_when_asked_for() -> None:

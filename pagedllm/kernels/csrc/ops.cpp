@@ -5,7 +5,6 @@
 
 TORCH_LIBRARY(pagedllm, m) {
   m.def("int4_linear(Tensor x, Tensor packed, Tensor scale_zero, int group_size) -> Tensor");
-  m.def("int4_dequantize(Tensor packed, Tensor scale_zero, int group_size) -> Tensor");
   m.def("int8_linear(Tensor x, Tensor weight, Tensor scales) -> Tensor");
   m.def("paged_decode_attention(Tensor q, Tensor k_pool, Tensor v_pool, Tensor block_tables, Tensor seq_lens, float scale) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
@@ -21,7 +20,6 @@ TORCH_LIBRARY(pagedllm, m) {
 
 TORCH_LIBRARY_IMPL(pagedllm, CPU, m) {
   m.impl("int4_linear", &pagedllm::int4_linear);
-  m.impl("int4_dequantize", &pagedllm::int4_dequantize);
   m.impl("int8_linear", &pagedllm::int8_linear);
   m.impl("paged_decode_attention", &pagedllm::paged_decode_attention);
   m.impl("rms_norm", &pagedllm::rms_norm);
