@@ -314,7 +314,11 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& weight, const at::
   at::Tensor out = at::empty({num_rows, out_features}, x.options().dtype(at::kFloat));
   float* op = out.data_ptr<float>();
   at::parallel_for(0, out_features, kRowGrain, [&](int64_t begin, int64_t end) {
-    for_row_tiles(num_rows, [&](auto rows, int64_t m) { int8_tile<decltype(rows)::value>(operands, begin, end, m, op); });
+    // kRowGrain output rows at a time meet every activation row, so that their weights are read from memory once.
+    for (int64_t first = begin; first < end; first += kRowGrain) {
+      const int64_t last = std::min(first + kRowGrain, end);
+      for_row_tiles(num_rows, [&](auto rows, int64_t m) { int8_tile<decltype(rows)::value>(operands, first, last, m, op); });
+    }
   });
   return as_output(out, x);
 }
