@@ -1,4 +1,4 @@
-// Weight-only int4 / int8 matmuls for few activation rows (decode steps): activations are rounded to int8 with
+// Weight-only int4 / int8 matmuls (int4 at any number of rows, int8 at up to 64): activations are rounded to int8 with
 // one scale (max |x| / 127) per block of channels, and weights and activations meet in integer dot products (AVX2
 // maddubs, 32 products per instruction) summed in integers over the block, then scaled back to float32 once per
 // block. A block is a run of 32 channels for int8 weights (as llama.cpp's Q8 activations) and an int4 weight
