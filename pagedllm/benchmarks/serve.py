@@ -159,7 +159,9 @@ async def run_load(
 
     `transport` replaces the network (tests pass an in-process one).
     """
-    limits = httpx.Limits(max_connections=settings.max_concurrency, max_keepalive_connections=settings.max_concurrency)
+    # A fresh connection per request: a kept-alive one that the server has already closed (llama-server does so
+    # now and then) would fail the next request in 1 ms, before it reaches the server.
+    limits = httpx.Limits(max_connections=settings.max_concurrency, max_keepalive_connections=0)
     timeout = httpx.Timeout(settings.request_timeout_s, connect=30.0)
     semaphore = asyncio.Semaphore(settings.max_concurrency) if settings.max_concurrency else None
     async with httpx.AsyncClient(limits=limits, timeout=timeout, transport=transport) as client:
