@@ -65,12 +65,13 @@ def int8_rounded(x: torch.Tensor, block: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("group_size", [32, 128])
-def test_int4_linear_error_is_that_of_int8_activations(dtype: torch.dtype, group_size: int) -> None:
+@pytest.mark.parametrize("rows", [3, 300])  # 300: a prefill's rows, rounded by several threads, in several blocks
+def test_int4_linear_error_is_that_of_int8_activations(dtype: torch.dtype, group_size: int, rows: int) -> None:
     weight = kernel_representable(quantize_int4(torch.randn(64, 512, generator=generator(2)), group_size))
-    x = torch.randn(3, 512, generator=generator(3)).to(dtype)
+    x = torch.randn(rows, 512, generator=generator(3)).to(dtype)
     packed, scale_zero = pagedllm_int4_buffers(weight)
     got = ops.int4_linear(x, packed, scale_zero, group_size)
-    assert got.dtype == dtype and got.shape == (3, 64)
+    assert got.dtype == dtype and got.shape == (rows, 64)
     # Activations round per weight group; the zero-point term multiplies the sums of the rounded activations too.
     expected = int8_rounded(x, group_size).double() @ dequantize(weight).double().T
     # The products are exact in int32; only the scales and the sums round, in float32 (or the output in bfloat16).
@@ -81,7 +82,7 @@ def test_int4_linear_error_is_that_of_int8_activations(dtype: torch.dtype, group
         assert (got.double() - unrounded).abs().max() > 10 * tolerance * unrounded.abs().max()
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 7])  # tiles of 4, 2 and 1 rows
+@pytest.mark.parametrize("rows", [1, 2, 3, 7, 64])  # tiles of 4, 2 and 1 rows; 64 rounded by several threads
 def test_int8_linear_rounds_only_in_float32_where_activations_are_whole_steps(rows: int) -> None:
     weight = kernel_representable(quantize_int8(torch.randn(80, 320, generator=generator(5))))
     q = weight.q.clone()

@@ -34,6 +34,7 @@ constexpr int64_t kRowGrain = 16;  // output rows per parallel task, at the leas
 constexpr int64_t kRowTile = 4;  // activation rows sharing one load of a weight chunk
 constexpr int64_t kRowBlock = 64;  // int4: activation rows that meet each weight tile before the next rows do
 constexpr int64_t kPrefetchRows = 4;  // how many output rows ahead weights are prefetched
+constexpr int64_t kRoundGrain = 16384;  // activations per parallel task of rounding, at the least
 
 constexpr float kActivationLevels = 127.f;
 
@@ -69,6 +70,22 @@ inline float round_run(const float* in, float inverse, int8_t* out) {
 #endif
 }
 
+// The largest |x| of n activations, n a multiple of 32.
+inline float abs_max(const float* in, int64_t n) {
+#ifdef PAGEDLLM_AVX2
+  const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  __m256 max = _mm256_setzero_ps();
+  for (int64_t j = 0; j < n; j += 8) max = _mm256_max_ps(max, _mm256_and_ps(_mm256_loadu_ps(in + j), magnitude));
+  __m128 half = _mm_max_ps(_mm256_castps256_ps128(max), _mm256_extractf128_ps(max, 1));
+  half = _mm_max_ps(half, _mm_movehl_ps(half, half));
+  return _mm_cvtss_f32(_mm_max_ss(half, _mm_movehdup_ps(half)));
+#else
+  float max = 0.f;
+  for (int64_t j = 0; j < n; ++j) max = std::max(max, std::abs(in[j]));
+  return max;
+#endif
+}
+
 QuantizedRows quantize_rows(const at::Tensor& x, int64_t block, bool with_sums) {
   thread_local std::vector<int8_t> values;
   thread_local std::vector<float> scales, sums;
@@ -77,17 +94,21 @@ QuantizedRows quantize_rows(const at::Tensor& x, int64_t block, bool with_sums) 
   scales.resize(blocks);
   sums.resize(with_sums ? blocks : 0);
   const float* xp = x.const_data_ptr<float>();
-  for (int64_t i = 0; i < blocks; ++i) {
-    const float* in = xp + i * block;
-    float max = 0.f;
-    for (int64_t j = 0; j < block; ++j) max = std::max(max, std::abs(in[j]));
-    scales[i] = max / kActivationLevels;
-    const float inverse = max > 0.f ? kActivationLevels / max : 0.f;
-    float levels = 0.f;  // a whole number below 2^24: exact
-    for (int64_t j = 0; j < block; j += kRun) levels += round_run(in + j, inverse, values.data() + i * block + j);
-    if (with_sums) sums[i] = levels * scales[i];
-  }
-  return {values.data(), scales.data(), with_sums ? sums.data() : nullptr};
+  int8_t* vp = values.data();
+  float *sp = scales.data(), *sump = sums.data();
+  // A prefill's activations take a good part of a millisecond to round: the threads share them.
+  at::parallel_for(0, blocks, kRoundGrain / block, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const float* in = xp + i * block;
+      const float max = abs_max(in, block);
+      sp[i] = max / kActivationLevels;
+      const float inverse = max > 0.f ? kActivationLevels / max : 0.f;
+      float levels = 0.f;  // a whole number below 2^24: exact
+      for (int64_t j = 0; j < block; j += kRun) levels += round_run(in + j, inverse, vp + i * block + j);
+      if (with_sums) sump[i] = levels * sp[i];
+    }
+  });
+  return {vp, sp, with_sums ? sump : nullptr};
 }
 
 #ifdef PAGEDLLM_AVX2
@@ -194,6 +215,8 @@ void int4_tile(const Operands& a, int64_t t, int64_t m, float* out) {
       // A run's int16 sums add 8 pairs of products, each pair at most 2 * 15 * 127 in size: they cannot overflow.
       __m256i run_sum[Rows];
       for (int64_t r = 0; r < Rows; ++r) run_sum[r] = _mm256_setzero_si256();
+      // Not unrolled: unrolled, GCC computes all of a run's products before summing them, and spills them.
+#pragma GCC unroll 1
       for (int64_t step = 0; step < kRun / kStep; ++step, k += kStep) {
         const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tile + 4 * k));
         const __m256i low = _mm256_and_si256(bytes, mask), high = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), mask);
