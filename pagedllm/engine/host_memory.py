@@ -1,4 +1,4 @@
-"""Handing freed host memory back to the operating system.
+"""How host memory is taken from and handed back to the operating system.
 
 glibc's malloc keeps freed heap pages resident, in one heap per thread that allocates: the transient tensors of
 model loading, or of one large step, would otherwise stay in the process's resident memory after they are freed.
@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
+import os
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +31,16 @@ def limit_malloc_arenas(count: int) -> None:
     libc = _glibc()
     if libc is not None and not libc.mallopt(M_ARENA_MAX, count):
         logger.debug("mallopt(M_ARENA_MAX, %d) was refused", count)
+
+
+def use_transparent_huge_pages() -> None:
+    """Ask PyTorch to back its CPU tensors of 2 MiB and more with transparent huge pages.
+
+    Weights, KV pools and step activations then take a TLB entry per 2 MiB, and freed activations leave the heap
+    in larger runs that later steps reuse. PyTorch reads the switch once, at the process's first tensor, so this
+    runs when pagedllm is imported; a value the user set is kept.
+    """
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 
 def release_freed_memory() -> None:

@@ -1,4 +1,8 @@
 import ctypes
+import mmap
+import os
+import subprocess
+import sys
 
 import psutil
 import pytest
@@ -24,3 +28,24 @@ def test_release_returns_freed_heap_pages_to_the_os() -> None:
     after = process.memory_info().rss
     assert before - after > 100 * 2**20, f"released {(before - after) / 2**20:.0f} MiB of about 200"
     assert len(keep) == 64 * 1024
+
+
+_OFFSET_OF_AN_8_MIB_TENSOR = f"""
+import pagedllm
+import torch
+print(torch.empty(2 * 2**20).data_ptr() % {mmap.PAGESIZE})
+"""
+
+
+@pytest.mark.parametrize(("user_value", "page_aligned"), [(None, True), ("0", False)])
+def test_importing_pagedllm_gives_large_tensors_huge_pages_unless_the_user_said_no(
+    user_value: str | None, page_aligned: bool
+) -> None:
+    # With the switch on, PyTorch aligns its CPU allocations to whole pages (so that it can advise huge pages on
+    # them); off, to 64 bytes, which glibc's large blocks never meet at a page boundary.
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    if user_value is not None:
+        env["THP_MEM_ALLOC_ENABLE"] = user_value
+    run = subprocess.run([sys.executable, "-c", _OFFSET_OF_AN_8_MIB_TENSOR], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert (int(run.stdout) == 0) == page_aligned, f"offset from a page boundary: {run.stdout.strip()}"
