@@ -92,8 +92,8 @@ class EngineConfig:
         default=None,
         metadata={
             "help": "steps with at least this many tokens multiply by a dense copy of quantized weights; 0: keep none "
-            "(default: 8 on CPUs with native bfloat16 matmuls, else none for int4 and 65 for int8, past its kernel's 64 "
-            "rows)"
+            "(default: 8 on CPUs with AMX, else none for int4, and for int8 16 on CPUs with AVX512-BF16, else 65, "
+            "past its kernel's 64 rows)"
         },
     )
     kv_cache_dtype: str = field(default="auto", metadata={"help": "KV cache: auto (the model dtype), int8 or int4"})

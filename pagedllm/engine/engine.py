@@ -11,7 +11,7 @@ import torch
 from pagedllm.config import EngineConfig, ModelConfig
 from pagedllm.engine.beam_search import BeamSearch, hypothesis_sequences
 from pagedllm.engine.block_manager import BlockManager
-from pagedllm.engine.host_memory import limit_malloc_arenas, release_freed_memory
+from pagedllm.engine.host_memory import limit_malloc_arenas, release_freed_memory, reuse_freed_step_memory
 from pagedllm.engine.model_runner import ModelRunner, StepResult, kv_cache_bytes_per_block
 from pagedllm.engine.output import RequestOutput, append_token, make_request_output
 from pagedllm.engine.prefix_cache import PrefixCache
@@ -50,6 +50,7 @@ class LLMEngine:
         self.device = torch.device("cpu")
         # The engine thread's step transients share the loader's heap instead of keeping one of their own.
         limit_malloc_arenas(1)
+        reuse_freed_step_memory()
         if config.num_threads:
             torch.set_num_threads(config.num_threads)  # process-wide, once: the math's threads never outnumber them
         path = resolve_model_path(config.model)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pagedllm.cpu import native_bfloat16_matmul
+from pagedllm.cpu import bfloat16_matrix_units, native_bfloat16_matmul
 from pagedllm.kernels import cpu_kernels_available
 from pagedllm.layers.quantization import Int4Weight, Int8Weight, QuantizedWeight, dequantize
 
@@ -27,8 +27,13 @@ INT4_TILE = 8
 # matmul, which reuses each weight across the rows. The int4 kernel, tiled over outputs and rows, beats a float32
 # dense matmul at every row count (on an AVX2 CPU, 1.3x at 512 rows).
 INT8_PACKED_MATMUL_MAX_ROWS = 64
-# Where bfloat16 matmuls are native (AMX, AVX512-BF16) a dense copy beats the int kernels from this many rows.
-NATIVE_BFLOAT16_DENSE_MIN_ROWS = 8
+# Where bfloat16 matmuls run on matrix units (AMX) a dense copy beats the int kernels from this many rows. On vector
+# units alone (AVX512-BF16) the int4 kernel's VNNI dot products keep up with oneDNN's bfloat16 matmul at 2,048 rows
+# and beat it below (1.2x at 512, 1.5x at 64 on an AMD Zen 4).
+MATRIX_UNITS_DENSE_MIN_ROWS = 8
+# There the int8 kernel, whose activations take a float step per 32 channels, falls behind the bfloat16 matmul from
+# this many rows (2.2x behind at 64 rows on a Zen 4).
+NATIVE_BFLOAT16_INT8_DENSE_MIN_ROWS = 16
 
 
 class Linear(nn.Module):
@@ -69,11 +74,14 @@ def default_kernel(device: torch.device, shape: torch.Size, bits: int) -> str:
 
 
 def default_dense_min_rows(bits: int) -> int:
-    """Rows from which quantized linears multiply by a dense copy: few where bfloat16 matmuls are native; elsewhere
-    none for int4, and for int8 past the rows its kernel takes."""
-    if native_bfloat16_matmul():
-        return NATIVE_BFLOAT16_DENSE_MIN_ROWS
-    return 0 if bits == 4 else INT8_PACKED_MATMUL_MAX_ROWS + 1
+    """Rows from which quantized linears multiply by a dense copy: few where bfloat16 matmuls run on matrix units;
+    elsewhere none for int4, and for int8 a few more where bfloat16 matmuls are native, else past the rows its
+    kernel takes."""
+    if bfloat16_matrix_units():
+        return MATRIX_UNITS_DENSE_MIN_ROWS
+    if bits == 4:
+        return 0
+    return NATIVE_BFLOAT16_INT8_DENSE_MIN_ROWS if native_bfloat16_matmul() else INT8_PACKED_MATMUL_MAX_ROWS + 1
 
 
 def pack_int4_tiles(q: torch.Tensor) -> torch.Tensor:

@@ -49,3 +49,33 @@ def test_importing_pagedllm_gives_large_tensors_huge_pages_unless_the_user_said_
     run = subprocess.run([sys.executable, "-c", _OFFSET_OF_AN_8_MIB_TENSOR], env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     assert (int(run.stdout) == 0) == page_aligned, f"offset from a page boundary: {run.stdout.strip()}"
+
+
+_FAULTS_OF_FIVE_32_MIB_BLOCKS = """
+import ctypes, resource, sys
+from pagedllm.engine.host_memory import reuse_freed_step_memory
+if sys.argv[1] == "reuse":
+    reuse_freed_step_memory()
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = ctypes.c_void_p
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(5):
+    block = libc.malloc(32 * 2**20)
+    ctypes.memset(block, 1, 32 * 2**20)
+    libc.free(ctypes.c_void_p(block))
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(not _GLIBC, reason="mallopt is glibc's; elsewhere reuse_freed_step_memory does nothing")
+def test_a_freed_step_block_is_reused_without_faulting_its_pages_in_again() -> None:
+    def faults(mode: str) -> int:
+        run = subprocess.run(
+            [sys.executable, "-c", _FAULTS_OF_FIVE_32_MIB_BLOCKS, mode], capture_output=True, text=True, check=True
+        )
+        return int(run.stdout)
+
+    pages = 32 * 2**20 // mmap.PAGESIZE
+    # Unmapped when freed, each block faults all its pages in again; kept, only the first one does.
+    assert faults("unmap") > 4 * pages
+    assert faults("reuse") < 2 * pages

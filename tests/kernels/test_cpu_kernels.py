@@ -42,11 +42,13 @@ def int8_exact_activations(rows: int, in_features: int, seed: int) -> torch.Tens
 @pytest.mark.parametrize(
     ("in_features", "group_size"), [(96, 32), (96, 96), (256, 64), (256, 128), (1152, 32), (1152, 128), (1152, 192)]
 )
-@pytest.mark.parametrize("rows", [1, 2, 7])  # tiles of 4, 2 and 1 rows
+@pytest.mark.parametrize("rows", [1, 2, 7, 13])  # tiles of 8 (with AVX-512), 4, 2 and 1 rows
+# 5 tiles of 8 outputs: where the kernel takes output tiles in pairs, one is left alone
+@pytest.mark.parametrize("out_features", [40, 48])
 def test_int4_linear_rounds_only_in_float32_where_activations_are_whole_steps(
-    in_features: int, group_size: int, rows: int
+    in_features: int, group_size: int, rows: int, out_features: int
 ) -> None:
-    weight = kernel_representable(quantize_int4(torch.randn(48, in_features, generator=generator(1)), group_size))
+    weight = kernel_representable(quantize_int4(torch.randn(out_features, in_features, generator=generator(1)), group_size))
     x = int8_exact_activations(rows, in_features, rows)
     packed, scale_zero = pagedllm_int4_buffers(weight)
     expected = x.double() @ dequantize(weight).double().T

@@ -8,11 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pagedllm.cpu import native_bfloat16_matmul
+from pagedllm.cpu import bfloat16_matrix_units, native_bfloat16_matmul
 from pagedllm.kernels import cpu_kernels_available
 from pagedllm.layers.linear import (
     INT8_PACKED_MATMUL_MAX_ROWS,
-    NATIVE_BFLOAT16_DENSE_MIN_ROWS,
+    MATRIX_UNITS_DENSE_MIN_ROWS,
+    NATIVE_BFLOAT16_INT8_DENSE_MIN_ROWS,
     QuantizedLinear,
     default_kernel,
     kernel_representable,
@@ -118,13 +119,15 @@ def test_dense_copy_serves_inputs_from_the_threshold_up(kind: str, dtype: torch.
 def test_default_keeps_a_dense_copy_only_where_it_beats_the_kernels() -> None:
     int4 = QuantizedLinear(make_weight("int4-g32"), None, torch.float32, dense_min_rows=None)
     int8 = QuantizedLinear(make_weight("int8"), None, torch.float32, dense_min_rows=None)
-    if native_bfloat16_matmul():
-        assert int4.dense_min_rows == int8.dense_min_rows == NATIVE_BFLOAT16_DENSE_MIN_ROWS
-        assert int4.packed_max_rows == int8.packed_max_rows == NATIVE_BFLOAT16_DENSE_MIN_ROWS - 1
+    if bfloat16_matrix_units():
+        assert int4.dense_min_rows == int8.dense_min_rows == MATRIX_UNITS_DENSE_MIN_ROWS
+        assert int4.packed_max_rows == int8.packed_max_rows == MATRIX_UNITS_DENSE_MIN_ROWS - 1
     else:
-        # Without native bfloat16 the int4 kernel takes every row count; the int8 one its first 64 rows.
+        # Without bfloat16 matrix units the int4 kernel takes every row count; the int8 one its first 15 rows
+        # where bfloat16 matmuls are native, else its first 64.
+        int8_rows = NATIVE_BFLOAT16_INT8_DENSE_MIN_ROWS - 1 if native_bfloat16_matmul() else INT8_PACKED_MATMUL_MAX_ROWS
         assert int4.dense is None and int4.packed_max_rows == math.inf
-        assert int8.dense is not None and int8.packed_max_rows == INT8_PACKED_MATMUL_MAX_ROWS
+        assert int8.dense is not None and int8.packed_max_rows == int8_rows
 
 
 def test_dense_copy_costs_memory_only_when_asked_for() -> None:

@@ -1,7 +1,8 @@
 // Weight-only int4 / int8 matmuls (int4 at any number of rows, int8 at up to 64): activations are rounded to int8 with
 // one scale (max |x| / 127) per block of channels, and weights and activations meet in integer dot products (AVX2
-// maddubs, 32 products per instruction) summed in integers over the block, then scaled back to float32 once per
-// block. A block is a run of 32 channels for int8 weights (as llama.cpp's Q8 activations) and an int4 weight
+// maddubs, 32 products per instruction, or VNNI's dpbusd, which also sums them into int32) summed in integers over
+// the block, then scaled back to float32 once per block. Activations come and results go in the model dtype
+// (float32 or bfloat16). A block is a run of 32 channels for int8 weights (as llama.cpp's Q8 activations) and an int4 weight
 // group for int4, so that larger groups take fewer float steps. The zero-point term of int4 multiplies the sums
 // of the rounded activations over each group (as llama.cpp's Q8_1 does), so the result is that of the dequantized
 // weights with the rounded activations, and the weights' offset from their zero point does not add to the
@@ -12,7 +13,7 @@
 // meets all 8 outputs, and no sum crosses lanes. Per tile, each step of 8 input channels k = 8 s .. 8 s + 7 is 32
 // bytes: byte 4 o + j holds weight (8 t + o, 8 s + j) in its low nibble and (8 t + o, 8 s + 4 + j) in its high
 // nibble. scale_zero[t, g] holds the bfloat16 scales of the tile's 8 outputs for group g, then their 8 zeros, and
-// w = (q - 8) * scale + zero.
+// w = (q - 8) * scale + zero. With AVX-512 VNNI, tiles t and t + 1 fill the two halves of a 512-bit vector.
 // int8 layout: weight[n, k] int8 with one bfloat16 scale per row, w = q * scale.
 #include "vec.h"
 
@@ -31,7 +32,13 @@ constexpr int64_t kTile = 8;  // output rows per interleaved int4 tile
 constexpr int64_t kStep = 8;  // input channels per 32 bytes of an int4 tile
 constexpr int64_t kRun = 32;  // activations per rounding step (and, for int8 weights, per scale)
 constexpr int64_t kRowGrain = 16;  // output rows per parallel task, at the least
-constexpr int64_t kRowTile = 4;  // activation rows sharing one load of a weight chunk
+#ifdef PAGEDLLM_AVX512_VNNI
+constexpr int64_t kTilesPerCall = 2;  // int4 tiles a kernel call computes (the last of a task's may be alone)
+constexpr int64_t kRowTile = 8;  // activation rows sharing one load of a weight chunk (32 vector registers)
+#else
+constexpr int64_t kTilesPerCall = 1;
+constexpr int64_t kRowTile = 4;
+#endif
 constexpr int64_t kRowBlock = 64;  // int4: activation rows that meet each weight tile before the next rows do
 constexpr int64_t kPrefetchRows = 4;  // how many output rows ahead weights are prefetched
 constexpr int64_t kRoundGrain = 16384;  // activations per parallel task of rounding, at the least
@@ -49,11 +56,12 @@ struct QuantizedRows {
 
 // Rounds one run of 32 activations to int8 (nearest, ties to even) at `inverse` levels per unit; returns the sum
 // of the rounded values (in levels).
-inline float round_run(const float* in, float inverse, int8_t* out) {
+template <typename T>
+inline float round_run(const T* in, float inverse, int8_t* out) {
 #ifdef PAGEDLLM_AVX2
   const __m256 scale = _mm256_set1_ps(inverse);
   __m256i q[4];
-  for (int64_t i = 0; i < 4; ++i) q[i] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(in + 8 * i), scale));
+  for (int64_t i = 0; i < 4; ++i) q[i] = _mm256_cvtps_epi32(_mm256_mul_ps(load8(in + 8 * i), scale));
   const __m256i sum = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
   // The packs interleave 128-bit lanes; the permutation puts the 32 bytes back in order.
   const __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
@@ -63,7 +71,7 @@ inline float round_run(const float* in, float inverse, int8_t* out) {
 #else
   int32_t sum = 0;
   for (int64_t j = 0; j < kRun; ++j) {
-    out[j] = static_cast<int8_t>(std::nearbyint(in[j] * inverse));
+    out[j] = static_cast<int8_t>(std::nearbyint(to_float(in[j]) * inverse));
     sum += out[j];
   }
   return static_cast<float>(sum);
@@ -71,21 +79,23 @@ inline float round_run(const float* in, float inverse, int8_t* out) {
 }
 
 // The largest |x| of n activations, n a multiple of 32.
-inline float abs_max(const float* in, int64_t n) {
+template <typename T>
+inline float abs_max(const T* in, int64_t n) {
 #ifdef PAGEDLLM_AVX2
   const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
   __m256 max = _mm256_setzero_ps();
-  for (int64_t j = 0; j < n; j += 8) max = _mm256_max_ps(max, _mm256_and_ps(_mm256_loadu_ps(in + j), magnitude));
+  for (int64_t j = 0; j < n; j += 8) max = _mm256_max_ps(max, _mm256_and_ps(load8(in + j), magnitude));
   __m128 half = _mm_max_ps(_mm256_castps256_ps128(max), _mm256_extractf128_ps(max, 1));
   half = _mm_max_ps(half, _mm_movehl_ps(half, half));
   return _mm_cvtss_f32(_mm_max_ss(half, _mm_movehdup_ps(half)));
 #else
   float max = 0.f;
-  for (int64_t j = 0; j < n; ++j) max = std::max(max, std::abs(in[j]));
+  for (int64_t j = 0; j < n; ++j) max = std::max(max, std::abs(to_float(in[j])));
   return max;
 #endif
 }
 
+template <typename T>
 QuantizedRows quantize_rows(const at::Tensor& x, int64_t block, bool with_sums) {
   thread_local std::vector<int8_t> values;
   thread_local std::vector<float> scales, sums;
@@ -93,13 +103,13 @@ QuantizedRows quantize_rows(const at::Tensor& x, int64_t block, bool with_sums) 
   values.resize(size);
   scales.resize(blocks);
   sums.resize(with_sums ? blocks : 0);
-  const float* xp = x.const_data_ptr<float>();
+  const T* xp = x.const_data_ptr<T>();
   int8_t* vp = values.data();
   float *sp = scales.data(), *sump = sums.data();
   // A prefill's activations take a good part of a millisecond to round: the threads share them.
   at::parallel_for(0, blocks, kRoundGrain / block, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      const float* in = xp + i * block;
+      const T* in = xp + i * block;
       const float max = abs_max(in, block);
       sp[i] = max / kActivationLevels;
       const float inverse = max > 0.f ? kActivationLevels / max : 0.f;
@@ -137,12 +147,17 @@ inline void prefetch(const void* p, int64_t bytes) {
 }
 
 #ifdef PAGEDLLM_AVX2
-// Four activation bytes in every 32-bit lane.
-inline __m256i broadcast4(const int8_t* x) {
+inline int32_t four_bytes(const int8_t* x) {
   int32_t bytes;
   std::memcpy(&bytes, x, sizeof bytes);
-  return _mm256_set1_epi32(bytes);
+  return bytes;
 }
+
+// Four activation bytes in every 32-bit lane.
+inline __m256i broadcast4(const int8_t* x) { return _mm256_set1_epi32(four_bytes(x)); }
+#endif
+#ifdef PAGEDLLM_AVX512_VNNI
+inline __m512i broadcast4x16(const int8_t* x) { return _mm512_set1_epi32(four_bytes(x)); }
 #endif
 
 // The dot products of one int8 output row with Rows activation rows, scaled per run of 32 activations.
@@ -196,22 +211,34 @@ struct Operands {
 // The 8 outputs of int4 tile t for activation rows [m, m + Rows), into out [rows, out_features]: per group, the
 // integer sums of products, scaled once by the outputs' scales times the row's activation scale, plus the
 // zero-point term. GroupsAreRuns: groups of 32, which the compiler then knows.
-template <int64_t Rows, bool GroupsAreRuns>
-void int4_tile(const Operands& a, int64_t t, int64_t m, float* out) {
+template <int64_t Rows, bool GroupsAreRuns, typename Out>
+void int4_tile(const Operands& a, int64_t t, int64_t m, Out* out) {
   const int64_t groups = a.in_features / a.group_size;
   const auto* tile = static_cast<const uint8_t*>(a.weight) + t * kTile * a.in_features / 2;
   const uint16_t* scale_zero = a.scales + t * groups * 2 * kTile;
   const RowPointers<int8_t> x(a.x, a.in_features, m, Rows);
   const RowPointers<float> x_scales(a.x_scales, groups, m, Rows), x_sums(a.x_sums, groups, m, Rows);
 #ifdef PAGEDLLM_AVX2
-  const int64_t runs_per_group = GroupsAreRuns ? 1 : a.group_size / kRun;
-  const __m256i mask = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  const int64_t group_size = GroupsAreRuns ? kRun : a.group_size;
+  const __m256i mask = _mm256_set1_epi8(0x0F);
   __m256 acc[Rows];
   for (int64_t r = 0; r < Rows; ++r) acc[r] = _mm256_setzero_ps();
   for (int64_t g = 0, k = 0; g < groups; ++g) {
     __m256i group_sum[Rows];
     for (int64_t r = 0; r < Rows; ++r) group_sum[r] = _mm256_setzero_si256();
-    for (int64_t run = 0; run < runs_per_group; ++run) {
+#ifdef PAGEDLLM_VNNI
+#pragma GCC unroll 1
+    for (int64_t step = 0; step < group_size / kStep; ++step, k += kStep) {
+      const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tile + 4 * k));
+      const __m256i low = _mm256_and_si256(bytes, mask), high = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), mask);
+      for (int64_t r = 0; r < Rows; ++r) {
+        group_sum[r] = add_byte_products(group_sum[r], low, broadcast4(x.rows[r] + k));
+        group_sum[r] = add_byte_products(group_sum[r], high, broadcast4(x.rows[r] + k + 4));
+      }
+    }
+#else
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (int64_t run = 0; run < group_size / kRun; ++run) {
       // A run's int16 sums add 8 pairs of products, each pair at most 2 * 15 * 127 in size: they cannot overflow.
       __m256i run_sum[Rows];
       for (int64_t r = 0; r < Rows; ++r) run_sum[r] = _mm256_setzero_si256();
@@ -227,6 +254,7 @@ void int4_tile(const Operands& a, int64_t t, int64_t m, float* out) {
       }
       for (int64_t r = 0; r < Rows; ++r) group_sum[r] = _mm256_add_epi32(group_sum[r], _mm256_madd_epi16(run_sum[r], ones));
     }
+#endif
     const auto* pair = reinterpret_cast<const c10::BFloat16*>(scale_zero + 2 * kTile * g);
     const __m256 scale = load8(pair), min = _mm256_fnmadd_ps(_mm256_set1_ps(8.f), scale, load8(pair + kTile));
     for (int64_t r = 0; r < Rows; ++r) {
@@ -235,7 +263,7 @@ void int4_tile(const Operands& a, int64_t t, int64_t m, float* out) {
       acc[r] = _mm256_fmadd_ps(min, _mm256_set1_ps(x_sums.rows[r][g]), acc[r]);
     }
   }
-  for (int64_t r = 0; r < Rows; ++r) _mm256_storeu_ps(out + (m + r) * a.out_features + t * kTile, acc[r]);
+  for (int64_t r = 0; r < Rows; ++r) store8(out + (m + r) * a.out_features + t * kTile, acc[r]);
 #else
   for (int64_t r = 0; r < Rows; ++r)
     for (int64_t o = 0; o < kTile; ++o) {
@@ -247,13 +275,56 @@ void int4_tile(const Operands& a, int64_t t, int64_t m, float* out) {
         const float min = bf16_bits_to_float(scale_zero[2 * kTile * g + kTile + o]) - 8.f * scale;
         total += scale * x_scales.rows[r][g] * sum + min * x_sums.rows[r][g];
       }
-      out[(m + r) * a.out_features + t * kTile + o] = total;
+      out[(m + r) * a.out_features + t * kTile + o] = static_cast<Out>(total);
     }
 #endif
 }
 
-template <int64_t Rows>
-void int8_tile(const Operands& a, int64_t begin, int64_t end, int64_t m, float* out) {
+#ifdef PAGEDLLM_AVX512_VNNI
+// int4_tile for tiles t and t + 1 side by side in 512-bit vectors: a broadcast of 4 activation bytes meets 16
+// outputs, and the 16 results are consecutive in the output row.
+template <int64_t Rows, bool GroupsAreRuns, typename Out>
+void int4_tile_pair(const Operands& a, int64_t t, int64_t m, Out* out) {
+  const int64_t groups = a.in_features / a.group_size, group_size = GroupsAreRuns ? kRun : a.group_size;
+  const auto* tile = static_cast<const uint8_t*>(a.weight) + t * kTile * a.in_features / 2;
+  const auto* next_tile = tile + kTile * a.in_features / 2;
+  const uint16_t* scale_zero = a.scales + t * groups * 2 * kTile;
+  const uint16_t* next_scale_zero = scale_zero + groups * 2 * kTile;
+  const RowPointers<int8_t> x(a.x, a.in_features, m, Rows);
+  const RowPointers<float> x_scales(a.x_scales, groups, m, Rows), x_sums(a.x_sums, groups, m, Rows);
+  const __m512i mask = _mm512_set1_epi8(0x0F);
+  __m512 acc[Rows];
+  for (int64_t r = 0; r < Rows; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t g = 0, k = 0; g < groups; ++g) {
+    __m512i group_sum[Rows];
+    for (int64_t r = 0; r < Rows; ++r) group_sum[r] = _mm512_setzero_si512();
+#pragma GCC unroll 1
+    for (int64_t step = 0; step < group_size / kStep; ++step, k += kStep) {
+      const __m512i bytes = _mm512_inserti64x4(
+          _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(tile + 4 * k))),
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(next_tile + 4 * k)), 1);
+      const __m512i low = _mm512_and_si512(bytes, mask), high = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), mask);
+      for (int64_t r = 0; r < Rows; ++r) {
+        group_sum[r] = _mm512_dpbusd_epi32(group_sum[r], low, broadcast4x16(x.rows[r] + k));
+        group_sum[r] = _mm512_dpbusd_epi32(group_sum[r], high, broadcast4x16(x.rows[r] + k + 4));
+      }
+    }
+    const auto* pair = reinterpret_cast<const c10::BFloat16*>(scale_zero + 2 * kTile * g);
+    const auto* next_pair = reinterpret_cast<const c10::BFloat16*>(next_scale_zero + 2 * kTile * g);
+    const __m512 scale = join(load8(pair), load8(next_pair));
+    const __m512 min = _mm512_fnmadd_ps(_mm512_set1_ps(8.f), scale, join(load8(pair + kTile), load8(next_pair + kTile)));
+    for (int64_t r = 0; r < Rows; ++r) {
+      const __m512 combined = _mm512_mul_ps(scale, _mm512_set1_ps(x_scales.rows[r][g]));
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(group_sum[r]), combined, acc[r]);
+      acc[r] = _mm512_fmadd_ps(min, _mm512_set1_ps(x_sums.rows[r][g]), acc[r]);
+    }
+  }
+  for (int64_t r = 0; r < Rows; ++r) store16(out + (m + r) * a.out_features + t * kTile, acc[r]);
+}
+#endif
+
+template <int64_t Rows, typename Out>
+void int8_tile(const Operands& a, int64_t begin, int64_t end, int64_t m, Out* out) {
   const RowPointers<int8_t> x(a.x, a.in_features, m, Rows);
   const RowPointers<float> scales(a.x_scales, a.in_features / kRun, m, Rows);
   const auto* weight = static_cast<const int8_t*>(a.weight);
@@ -262,7 +333,7 @@ void int8_tile(const Operands& a, int64_t begin, int64_t end, int64_t m, float* 
     float result[Rows];
     int8_row<Rows>(weight + n * a.in_features, a.in_features, x.rows, scales.rows, result);
     const float scale = bf16_bits_to_float(a.scales[n]);
-    for (int64_t r = 0; r < Rows; ++r) out[(m + r) * a.out_features + n] = result[r] * scale;
+    for (int64_t r = 0; r < Rows; ++r) out[(m + r) * a.out_features + n] = static_cast<Out>(result[r] * scale);
   }
 }
 
@@ -272,15 +343,23 @@ template <typename TileFn>
 void for_row_tiles(int64_t num_rows, const TileFn& tile) {
   int64_t m = 0;
   for (; num_rows - m >= kRowTile; m += kRowTile) tile(std::integral_constant<int64_t, kRowTile>{}, m);
+  if constexpr (kRowTile > 4)
+    if (num_rows - m >= 4) {
+      tile(std::integral_constant<int64_t, 4>{}, m);
+      m += 4;
+    }
   for (; num_rows - m >= 2; m += 2) tile(std::integral_constant<int64_t, 2>{}, m);
   if (m < num_rows) tile(std::integral_constant<int64_t, 1>{}, m);
 }
 
-// The float32 result [rows, out_features] in x's dtype and leading dimensions.
+// x's rows, [rows, in_features], contiguous in x's dtype.
+at::Tensor input_rows(const at::Tensor& x, int64_t in_features) { return x.reshape({-1, in_features}).contiguous(); }
+
+// The result [rows, out_features] in x's leading dimensions.
 at::Tensor as_output(const at::Tensor& out, const at::Tensor& x) {
   auto sizes = x.sizes().vec();
   sizes.back() = out.size(1);
-  return out.to(x.scalar_type()).view(sizes);
+  return out.view(sizes);
 }
 
 }  // namespace
@@ -292,8 +371,11 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::
   TORCH_CHECK(group_size > 0 && group_size % kRun == 0 && in_features % group_size == 0,
               "int4_linear: bad group size ", group_size);
   TORCH_CHECK(packed.scalar_type() == at::kByte && scale_zero.scalar_type() == at::kBFloat16, "int4_linear: dtypes");
-  const at::Tensor xf = float_rows(x, in_features);
-  const QuantizedRows q = quantize_rows(xf, group_size, true);
+  const at::Tensor rows = input_rows(x, in_features);
+  const int64_t num_rows = rows.size(0);
+  at::Tensor out = at::empty({num_rows, out_features}, x.options());
+  PAGEDLLM_DISPATCH_FLOAT_TYPES(x.scalar_type(), "int4_linear", [&] {
+  const QuantizedRows q = quantize_rows<scalar_t>(rows, group_size, true);
   const Operands operands{packed.const_data_ptr<uint8_t>(),
                           reinterpret_cast<const uint16_t*>(scale_zero.const_data_ptr<at::BFloat16>()),
                           q.values,
@@ -302,18 +384,27 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::
                           in_features,
                           out_features,
                           group_size};
-  const int64_t num_rows = xf.size(0);
-  at::Tensor out = at::empty({num_rows, out_features}, x.options().dtype(at::kFloat));
-  float* op = out.data_ptr<float>();
+  scalar_t* op = out.data_ptr<scalar_t>();
   at::parallel_for(0, out_features / kTile, kRowGrain / kTile, [&](int64_t begin, int64_t end) {
     for (int64_t first = 0; first < num_rows; first += kRowBlock)
-      for (int64_t t = begin; t < end; ++t)
+      for (int64_t t = begin; t < end; t += kTilesPerCall)
         for_row_tiles(std::min(kRowBlock, num_rows - first), [&](auto rows, int64_t m) {
+          constexpr int64_t R = decltype(rows)::value;
+#ifdef PAGEDLLM_AVX512_VNNI
+          if (t + 1 < end) {
+            if (group_size == kRun)
+              int4_tile_pair<R, true>(operands, t, first + m, op);
+            else
+              int4_tile_pair<R, false>(operands, t, first + m, op);
+            return;
+          }
+#endif
           if (group_size == kRun)
-            int4_tile<decltype(rows)::value, true>(operands, t, first + m, op);
+            int4_tile<R, true>(operands, t, first + m, op);
           else
-            int4_tile<decltype(rows)::value, false>(operands, t, first + m, op);
+            int4_tile<R, false>(operands, t, first + m, op);
         });
+  });
   });
   return as_output(out, x);
 }
@@ -323,8 +414,11 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& weight, const at::
   TORCH_CHECK(x.size(-1) == in_features, "int8_linear: input has ", x.size(-1), " features, weight ", in_features);
   TORCH_CHECK(in_features % kRun == 0, "int8_linear: in_features must be a multiple of 32");
   TORCH_CHECK(weight.scalar_type() == at::kChar && scales.scalar_type() == at::kBFloat16, "int8_linear: dtypes");
-  const at::Tensor xf = float_rows(x, in_features);
-  const QuantizedRows q = quantize_rows(xf, kRun, false);
+  const at::Tensor rows = input_rows(x, in_features);
+  const int64_t num_rows = rows.size(0);
+  at::Tensor out = at::empty({num_rows, out_features}, x.options());
+  PAGEDLLM_DISPATCH_FLOAT_TYPES(x.scalar_type(), "int8_linear", [&] {
+  const QuantizedRows q = quantize_rows<scalar_t>(rows, kRun, false);
   const Operands operands{weight.const_data_ptr<int8_t>(),
                           reinterpret_cast<const uint16_t*>(scales.const_data_ptr<at::BFloat16>()),
                           q.values,
@@ -333,15 +427,16 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& weight, const at::
                           in_features,
                           out_features,
                           kRun};
-  const int64_t num_rows = xf.size(0);
-  at::Tensor out = at::empty({num_rows, out_features}, x.options().dtype(at::kFloat));
-  float* op = out.data_ptr<float>();
+  scalar_t* op = out.data_ptr<scalar_t>();
   at::parallel_for(0, out_features, kRowGrain, [&](int64_t begin, int64_t end) {
     // kRowGrain output rows at a time meet every activation row, so that their weights are read from memory once.
     for (int64_t first = begin; first < end; first += kRowGrain) {
       const int64_t last = std::min(first + kRowGrain, end);
-      for_row_tiles(num_rows, [&](auto rows, int64_t m) { int8_tile<decltype(rows)::value>(operands, first, last, m, op); });
+      for_row_tiles(num_rows, [&](auto tile_rows, int64_t m) {
+        int8_tile<decltype(tile_rows)::value>(operands, first, last, m, op);
+      });
     }
+  });
   });
   return as_output(out, x);
 }

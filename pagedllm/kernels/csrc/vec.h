@@ -10,6 +10,12 @@
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #define PAGEDLLM_AVX2 1
+#if (defined(__AVX512VNNI__) && defined(__AVX512VL__)) || defined(__AVXVNNI__)
+#define PAGEDLLM_VNNI 1
+#endif
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512DQ__)
+#define PAGEDLLM_AVX512_VNNI 1
+#endif
 #endif
 
 // The activation and cache dtypes the kernels take: float32 and bfloat16.
@@ -32,6 +38,45 @@ inline __m256 load8(const c10::BFloat16* p) {
   const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
 }
+
+#ifdef PAGEDLLM_VNNI
+// sums plus the 8 int32 sums of adjacent quadruples of the products of unsigned bytes u with signed bytes s, in one
+// instruction and without the int16 saturation of AVX2's maddubs.
+inline __m256i add_byte_products(__m256i sums, __m256i u, __m256i s) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpbusd_epi32(sums, u, s);
+#else
+  return _mm256_dpbusd_avx_epi32(sums, u, s);
+#endif
+}
+#endif
+
+inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
+
+// 8 floats rounded to bfloat16 as c10::BFloat16 rounds them: to nearest, ties to even, NaN kept NaN, subnormals
+// kept (AVX512-BF16's conversion flushes them to zero).
+inline void store8(c10::BFloat16* p, __m256 v) {
+  const __m256i bits = _mm256_castps_si256(v);
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF))), 16);
+  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  rounded = _mm256_blendv_epi8(rounded, _mm256_set1_epi32(0x7FC0), nan);
+  // packus works within 128-bit lanes: the 64-bit permutation brings the two lanes' 4 results together.
+  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(rounded, rounded), 0xD8);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+}
+
+#ifdef PAGEDLLM_AVX512_VNNI
+// low in the first 8 lanes, high in the last 8.
+inline __m512 join(__m256 low, __m256 high) { return _mm512_insertf32x8(_mm512_castps256_ps512(low), high, 1); }
+
+inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+
+inline void store16(c10::BFloat16* p, __m512 v) {
+  store8(p, _mm512_castps512_ps256(v));
+  store8(p + 8, _mm512_extractf32x8_ps(v, 1));
+}
+#endif
 
 inline float horizontal_sum(__m256 v) {
   __m128 sum = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -108,8 +153,5 @@ inline void axpy(float* out, float w, const T* b, int64_t n) {
 }
 
 // The activation rows as a contiguous float32 matrix (a no-op for contiguous float32 input).
-inline at::Tensor float_rows(const at::Tensor& x, int64_t in_features) {
-  return x.reshape({-1, in_features}).to(at::kFloat).contiguous();
-}
 
 }  // namespace pagedllm
