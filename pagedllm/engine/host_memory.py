@@ -44,10 +44,10 @@ def limit_malloc_arenas(count: int) -> None:
 def reuse_freed_step_memory() -> None:
     """Let the heap keep a step's freed activations for the next step instead of unmapping them.
 
-    glibc maps blocks above its threshold (at most 32 MiB) with mmap and unmaps them when freed, so every large step
-    faults in, and the kernel zeroes, its activations anew: 7 ms for 25 MiB on a 2-core Zen 4, half the time of
-    the matmul that writes them.
-    release_freed_memory still returns the kept pages when the engine is idle.
+    glibc maps blocks above its threshold (which grows to 32 MiB at most) with mmap and unmaps them when freed, so
+    every large step faults its activations in anew, each page zeroed by the kernel: 7 ms for 25 MiB on a 2-core
+    Zen 4, half the time of the matmul that writes them. release_freed_memory still returns the kept pages when
+    the engine is idle.
     """
     libc = _glibc()
     if libc is None:
