@@ -5,7 +5,7 @@ STAMP := $(VENV)/.installed-stamp
 
 CHROMIUM := /usr/bin/chromium
 
-# The standard benchmark suite (make bench): fixed seed, over an hour on 2 cores (transformers alone takes 20+ minutes).
+# The standard benchmark suite (make bench): fixed seed, 40 to 70 minutes on 2 cores (transformers alone takes 10 to 20).
 BENCH_PROMPTS ?= 64
 BENCH_OUTPUT_LEN ?= 64
 BENCH_OFFLINE_PROMPTS ?= 200
