@@ -2,8 +2,8 @@
 // one scale (max |x| / 127) per block of channels, and weights and activations meet in integer dot products (AVX2
 // maddubs, 32 products per instruction, or VNNI's dpbusd, which also sums them into int32) summed in integers over
 // the block, then scaled back to float32 once per block. Activations come and results go in the model dtype
-// (float32 or bfloat16). A block is a run of 32 channels for int8 weights (as llama.cpp's Q8 activations) and an int4 weight
-// group for int4, so that larger groups take fewer float steps. The zero-point term of int4 multiplies the sums
+// (float32 or bfloat16). A block is a run of 32 channels for int8 weights (as llama.cpp's Q8 activations) and an
+// int4 weight group for int4, so that larger groups take fewer float steps. The zero-point term of int4 multiplies the sums
 // of the rounded activations over each group (as llama.cpp's Q8_1 does), so the result is that of the dequantized
 // weights with the rounded activations, and the weights' offset from their zero point does not add to the
 // rounding error.
@@ -375,36 +375,36 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::
   const int64_t num_rows = rows.size(0);
   at::Tensor out = at::empty({num_rows, out_features}, x.options());
   PAGEDLLM_DISPATCH_FLOAT_TYPES(x.scalar_type(), "int4_linear", [&] {
-  const QuantizedRows q = quantize_rows<scalar_t>(rows, group_size, true);
-  const Operands operands{packed.const_data_ptr<uint8_t>(),
-                          reinterpret_cast<const uint16_t*>(scale_zero.const_data_ptr<at::BFloat16>()),
-                          q.values,
-                          q.scales,
-                          q.sums,
-                          in_features,
-                          out_features,
-                          group_size};
-  scalar_t* op = out.data_ptr<scalar_t>();
-  at::parallel_for(0, out_features / kTile, kRowGrain / kTile, [&](int64_t begin, int64_t end) {
-    for (int64_t first = 0; first < num_rows; first += kRowBlock)
-      for (int64_t t = begin; t < end; t += kTilesPerCall)
-        for_row_tiles(std::min(kRowBlock, num_rows - first), [&](auto rows, int64_t m) {
-          constexpr int64_t R = decltype(rows)::value;
+    const QuantizedRows q = quantize_rows<scalar_t>(rows, group_size, true);
+    const Operands operands{packed.const_data_ptr<uint8_t>(),
+                            reinterpret_cast<const uint16_t*>(scale_zero.const_data_ptr<at::BFloat16>()),
+                            q.values,
+                            q.scales,
+                            q.sums,
+                            in_features,
+                            out_features,
+                            group_size};
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, out_features / kTile, kRowGrain / kTile, [&](int64_t begin, int64_t end) {
+      for (int64_t first = 0; first < num_rows; first += kRowBlock)
+        for (int64_t t = begin; t < end; t += kTilesPerCall)
+          for_row_tiles(std::min(kRowBlock, num_rows - first), [&](auto tile_rows, int64_t m) {
+            constexpr int64_t R = decltype(tile_rows)::value;
 #ifdef PAGEDLLM_AVX512_VNNI
-          if (t + 1 < end) {
-            if (group_size == kRun)
-              int4_tile_pair<R, true>(operands, t, first + m, op);
-            else
-              int4_tile_pair<R, false>(operands, t, first + m, op);
-            return;
-          }
+            if (t + 1 < end) {
+              if (group_size == kRun)
+                int4_tile_pair<R, true>(operands, t, first + m, op);
+              else
+                int4_tile_pair<R, false>(operands, t, first + m, op);
+              return;
+            }
 #endif
-          if (group_size == kRun)
-            int4_tile<R, true>(operands, t, first + m, op);
-          else
-            int4_tile<R, false>(operands, t, first + m, op);
-        });
-  });
+            if (group_size == kRun)
+              int4_tile<R, true>(operands, t, first + m, op);
+            else
+              int4_tile<R, false>(operands, t, first + m, op);
+          });
+    });
   });
   return as_output(out, x);
 }
@@ -418,25 +418,25 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& weight, const at::
   const int64_t num_rows = rows.size(0);
   at::Tensor out = at::empty({num_rows, out_features}, x.options());
   PAGEDLLM_DISPATCH_FLOAT_TYPES(x.scalar_type(), "int8_linear", [&] {
-  const QuantizedRows q = quantize_rows<scalar_t>(rows, kRun, false);
-  const Operands operands{weight.const_data_ptr<int8_t>(),
-                          reinterpret_cast<const uint16_t*>(scales.const_data_ptr<at::BFloat16>()),
-                          q.values,
-                          q.scales,
-                          nullptr,
-                          in_features,
-                          out_features,
-                          kRun};
-  scalar_t* op = out.data_ptr<scalar_t>();
-  at::parallel_for(0, out_features, kRowGrain, [&](int64_t begin, int64_t end) {
-    // kRowGrain output rows at a time meet every activation row, so that their weights are read from memory once.
-    for (int64_t first = begin; first < end; first += kRowGrain) {
-      const int64_t last = std::min(first + kRowGrain, end);
-      for_row_tiles(num_rows, [&](auto tile_rows, int64_t m) {
-        int8_tile<decltype(tile_rows)::value>(operands, first, last, m, op);
-      });
-    }
-  });
+    const QuantizedRows q = quantize_rows<scalar_t>(rows, kRun, false);
+    const Operands operands{weight.const_data_ptr<int8_t>(),
+                            reinterpret_cast<const uint16_t*>(scales.const_data_ptr<at::BFloat16>()),
+                            q.values,
+                            q.scales,
+                            nullptr,
+                            in_features,
+                            out_features,
+                            kRun};
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, out_features, kRowGrain, [&](int64_t begin, int64_t end) {
+      // kRowGrain output rows at a time meet every activation row, so that their weights are read from memory once.
+      for (int64_t first = begin; first < end; first += kRowGrain) {
+        const int64_t last = std::min(first + kRowGrain, end);
+        for_row_tiles(num_rows, [&](auto tile_rows, int64_t m) {
+          int8_tile<decltype(tile_rows)::value>(operands, first, last, m, op);
+        });
+      }
+    });
   });
   return as_output(out, x);
 }
