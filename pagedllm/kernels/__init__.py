@@ -27,6 +27,7 @@ SOURCES = (
     "ops.cpp",
     "quantized_linear.cpp",
     "paged_attention.cpp",
+    "prefill_attention.cpp",
     "kv_cache.cpp",
     "rms_norm.cpp",
     "rotary.cpp",

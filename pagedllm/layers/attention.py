@@ -1,8 +1,8 @@
 """Paged attention: K/V are written into block pools through a slot mapping and read back through block tables.
 
 Two implementations share one metadata object and must agree: `reference` attends one sequence at a time over
-K/V gathered from its blocks; `fast` batches every decode into one call and lets a fresh prefill attend to the
-K/V it just computed, without reading them back from the pools.
+K/V gathered from its blocks; `fast` batches every decode into one call, every prefill into another (on CPU), and
+lets a fresh prefill attend to the K/V it just computed, without reading them back from the pools.
 
 A pool is a tensor in the model dtype or a QuantizedKVPool (int8/int4); a quantized pool is always read back, a
 fresh prefill's own K/V included, so a prefill and the decodes after it attend to the same (dequantized) numbers.
@@ -10,7 +10,9 @@ fresh prefill's own K/V included, so a prefill and the decodes after it attend t
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
+from itertools import accumulate
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +51,14 @@ class AttentionMetadata:
     context_lens: list[int]  # same as seq_lens, on the host
     num_decodes: int  # the first num_decodes sequences have exactly one new token
     decode_groups: list[DecodeGroup]
+    block_size: int
+
+    @functools.cached_property
+    def context_blocks(self) -> tuple[torch.Tensor, list[int]]:
+        """Every sequence's context blocks in one flat list, and where each sequence's entries start in them."""
+        counts = [-(-length // self.block_size) for length in self.context_lens]
+        blocks = torch.cat([table[:count] for table, count in zip(self.block_tables, counts)])
+        return blocks, list(accumulate((count * self.block_size for count in counts[:-1]), initial=0))
 
     @classmethod
     def build(
@@ -82,6 +92,7 @@ class AttentionMetadata:
             context_lens=list(context_lens),
             num_decodes=num_decodes,
             decode_groups=groups,
+            block_size=block_size,
         )
 
 
@@ -127,26 +138,83 @@ class PagedAttention(nn.Module):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """q: [T, heads, head_dim]; k, v: [T, kv_heads, head_dim] for the new tokens. Returns [T, heads * head_dim]."""
         write_kv(self.k_cache, self.v_cache, k, v, meta.slot_mapping)
-        # A fresh prefill may skip reading back its own K/V only where the pool stores them unrounded.
-        attend_new = self.impl == "fast" and not isinstance(self.k_cache, QuantizedKVPool)
         # A rotated pool holds K H and V H: q H . k H = q . k, and the output comes back as (attention . v) H.
         q = cache_basis(self.k_cache, q)
-        if self.impl == "fast" and meta.num_decodes == len(meta.context_lens):
-            return cache_basis(self.v_cache, self._decode_batch(q, meta)).flatten(1)
+        if self.impl == "fast" and use_cpu_kernels(q):
+            out = self._attend_with_cpu_kernels(q, k, v, meta)
+        else:
+            out = self._attend_by_parts(q, k, v, meta)
+        return cache_basis(self.v_cache, out).flatten(1)
+
+    def _attend_with_cpu_kernels(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        """Decodes in one kernel call that reads the pools in place, every other row in one prefill kernel call.
+
+        Over a quantized pool, decodes take the prefill call too: a preempted sequence's recomputation then gives
+        each of its K/V entries the numbers its decode step gave it, before they are rounded into the pool again.
+        """
+        if isinstance(self.k_cache, QuantizedKVPool):
+            blocks, key_starts = meta.context_blocks
+            keys, values = (read_blocks(cache, blocks).flatten(0, 1) for cache in (self.k_cache, self.v_cache))
+            return self._prefill_batch(q, keys, values, meta.query_starts, key_starts, meta.context_lens)
+        first_prefill, num_seqs = meta.num_decodes, len(meta.context_lens)
+        if first_prefill == num_seqs:
+            return self._decode_in_place(q, meta)
+        context = [self._prefill_context(i, k, v, meta, True) for i in range(first_prefill, num_seqs)]
+        key_lens = [keys.shape[0] for keys, _ in context]
+        key_starts = list(accumulate(key_lens[:-1], initial=0))
+        keys, values = (torch.cat(parts) if len(parts) > 1 else parts[0] for parts in zip(*context))
+        start = meta.query_starts[first_prefill]
+        prefills = self._prefill_batch(q[start:], keys, values, meta.query_starts[first_prefill:], key_starts, key_lens)
+        if start == 0:
+            return prefills
+        return torch.cat([self._decode_in_place(q[:start], meta), prefills])
+
+    def _attend_by_parts(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        """`fast` off CPU: decodes in groups, then each prefill on its own; `reference`: each sequence on its own."""
+        # A fresh prefill may skip reading back its own K/V only where the pool stores them unrounded.
+        attend_new = self.impl == "fast" and not isinstance(self.k_cache, QuantizedKVPool)
         out = torch.empty_like(q)
         first_prefill = 0
         if self.impl == "fast" and meta.num_decodes:
             first_prefill = meta.num_decodes
-            out[:first_prefill] = self._decode_batch(q[:first_prefill], meta)
+            out[:first_prefill] = self._decode_in_groups(q[:first_prefill], meta)
         for i in range(first_prefill, len(meta.context_lens)):
             start, end = meta.query_starts[i], meta.query_starts[i + 1]
-            if attend_new and meta.context_lens[i] == end - start:
-                keys, values = k[start:end], v[start:end]
-            else:
-                keys = gather_context(self.k_cache, meta.block_tables[i], meta.context_lens[i])
-                values = gather_context(self.v_cache, meta.block_tables[i], meta.context_lens[i])
+            keys, values = self._prefill_context(i, k, v, meta, attend_new)
             out[start:end] = self._attend_one(q[start:end], keys, values)
-        return cache_basis(self.v_cache, out).flatten(1)
+        return out
+
+    def _prefill_context(
+        self, i: int, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata, attend_new: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sequence i's keys and values for its prefill: the new ones themselves where they are its whole context."""
+        start, end = meta.query_starts[i], meta.query_starts[i + 1]
+        if attend_new and meta.context_lens[i] == end - start:
+            return k[start:end], v[start:end]
+        return (
+            gather_context(self.k_cache, meta.block_tables[i], meta.context_lens[i]),
+            gather_context(self.v_cache, meta.block_tables[i], meta.context_lens[i]),
+        )
+
+    def _prefill_batch(
+        self,
+        q: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        query_starts: list[int],
+        key_starts: list[int],
+        key_lens: list[int],
+    ) -> torch.Tensor:
+        """Causal attention of ragged queries in one kernel call: sequence i's queries start at query_starts[i]
+        (less query_starts[0]) and are the last positions of its key_lens[i] keys, which start at key_starts[i]."""
+        offset = query_starts[0]
+        return torch.ops.pagedllm.prefill_attention(
+            q, keys, values, [s - offset for s in query_starts], key_starts, key_lens, self.scale
+        )
 
     def _attend_one(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Causal attention of the last len(q) positions of one sequence over its len(k) keys."""
@@ -161,14 +229,15 @@ class PagedAttention(nn.Module):
             out = F.scaled_dot_product_attention(q_, k_, v_, attn_mask=mask, scale=self.scale, enable_gqa=True)
         return out.squeeze(0).transpose(0, 1)
 
-    def _decode_batch(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """One query token per sequence: on CPU one kernel call that reads the pools in place, elsewhere each
-        group of similar lengths in one call over its gathered keys."""
-        if use_cpu_kernels(q) and not isinstance(self.k_cache, QuantizedKVPool):
-            rows = q.shape[0]
-            return torch.ops.pagedllm.paged_decode_attention(
-                q, self.k_cache, self.v_cache, meta.block_tables[:rows], meta.seq_lens[:rows], self.scale
-            )
+    def _decode_in_place(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """One query token per sequence, in one CPU kernel call that reads the (unquantized) pools in place."""
+        rows = q.shape[0]
+        return torch.ops.pagedllm.paged_decode_attention(
+            q, self.k_cache, self.v_cache, meta.block_tables[:rows], meta.seq_lens[:rows], self.scale
+        )
+
+    def _decode_in_groups(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """One query token per sequence, each group of similar lengths in one call over its gathered keys."""
         out = torch.empty_like(q)
         for group in meta.decode_groups:
             keys = read_blocks(self.k_cache, group.block_tables).flatten(1, 2).transpose(1, 2)

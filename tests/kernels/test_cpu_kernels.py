@@ -129,6 +129,76 @@ def test_paged_decode_attention_equals_sdpa_over_gathered_context(
         torch.testing.assert_close(got[row].float(), expected, rtol=tolerance, atol=tolerance)
 
 
+def ragged_keys(
+    key_lens: list[int], kv_heads: int, head_dim: int, dtype: torch.dtype, seed: int
+) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """K and V of several sequences in one tensor, with a few unrelated rows before each; their starts."""
+    starts, total = [], 0
+    for length in key_lens:
+        starts.append(total + 3)
+        total += 3 + length
+    k, v = (torch.randn(total, kv_heads, head_dim, generator=generator(seed + i)).to(dtype) for i in range(2))
+    return k, v, starts
+
+
+def dense_causal(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Float64 attention of the last len(q) of len(keys) positions, from the definition."""
+    num_queries, num_heads, head_dim = q.shape
+    group = num_heads // keys.shape[1]
+    scores = torch.einsum("qhd,khd->hqk", q.double(), keys.double().repeat_interleave(group, 1)) / head_dim**0.5
+    positions = torch.arange(keys.shape[0] - num_queries, keys.shape[0])
+    scores.masked_fill_(torch.arange(keys.shape[0])[None, None, :] > positions[None, :, None], float("-inf"))
+    return torch.einsum("hqk,khd->qhd", scores.softmax(-1), values.double().repeat_interleave(group, 1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("heads", [(4, 4), (9, 3), (8, 1)], ids=["mha", "gqa", "mqa"])
+@pytest.mark.parametrize("head_dim", [64, 24, 7])  # 7: an odd head dim, padded in both products
+def test_prefill_attention_equals_dense_causal_attention(
+    dtype: torch.dtype, heads: tuple[int, int], head_dim: int
+) -> None:
+    # (queries, keys): one-token prompts, fresh prompts within and across key blocks of 64 and query blocks of
+    # 16, and chunks after cached context.
+    shapes = [(1, 1), (5, 5), (70, 70), (1, 40), (33, 130), (16, 64), (200, 200)]
+    num_heads, kv_heads = heads
+    k, v, key_starts = ragged_keys([n for _, n in shapes], kv_heads, head_dim, dtype, 40)
+    query_lens = [n for n, _ in shapes]
+    query_starts = [sum(query_lens[:i]) for i in range(len(query_lens) + 1)]
+    q = torch.randn(query_starts[-1], num_heads, head_dim, generator=generator(41)).to(dtype)
+    got = ops.prefill_attention(q, k, v, query_starts, key_starts, [n for _, n in shapes], head_dim**-0.5)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    for i, (_, num_keys) in enumerate(shapes):
+        rows = slice(query_starts[i], query_starts[i + 1])
+        keys = slice(key_starts[i], key_starts[i] + num_keys)
+        expected = dense_causal(q[rows], k[keys], v[keys])
+        torch.testing.assert_close(got[rows].double(), expected, rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_prefill_attention_of_a_chunk_equals_that_of_the_whole_prompt_exactly(dtype: torch.dtype) -> None:
+    # A prompt of 150 prefilled whole, and in chunks of 37, 50 and 63: each query's output must be the same bits
+    # (chunked prefill, prefix caching and preemption all depend on it).
+    num_heads, kv_heads, head_dim, length = 9, 3, 64, 150
+    k, v, (start,) = ragged_keys([length], kv_heads, head_dim, dtype, 50)
+    q = torch.randn(length, num_heads, head_dim, generator=generator(51)).to(dtype)
+    whole = ops.prefill_attention(q, k, v, [0, length], [start], [length], head_dim**-0.5)
+    bounds = [0, 37, 87, length]
+    chunks = [
+        ops.prefill_attention(q[first:end], k, v, [0, end - first], [start], [end], head_dim**-0.5)
+        for first, end in zip(bounds, bounds[1:])
+    ]
+    assert torch.equal(torch.cat(chunks), whole)
+    # All the chunks in one call, as a step with several sequences would hold them.
+    batched = ops.prefill_attention(q, k, v, bounds, [start] * 3, bounds[1:], head_dim**-0.5)
+    assert torch.equal(batched, whole)
+
+
+def test_prefill_attention_refuses_fewer_keys_than_queries() -> None:
+    q, k = torch.randn(4, 2, 8), torch.randn(3, 2, 8)
+    with pytest.raises(RuntimeError, match="at least as many keys"):
+        ops.prefill_attention(q, k, k, [0, 4], [0], [3], 8**-0.5)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16], ids=["wf32", "wbf16"])
 def test_rms_norm_kernel_equals_the_reference(dtype: torch.dtype, weight_dtype: torch.dtype) -> None:

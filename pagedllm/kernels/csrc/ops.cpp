@@ -7,6 +7,7 @@ TORCH_LIBRARY(pagedllm, m) {
   m.def("int4_linear(Tensor x, Tensor packed, Tensor scale_zero, int group_size) -> Tensor");
   m.def("int8_linear(Tensor x, Tensor weight, Tensor scales) -> Tensor");
   m.def("paged_decode_attention(Tensor q, Tensor k_pool, Tensor v_pool, Tensor block_tables, Tensor seq_lens, float scale) -> Tensor");
+  m.def("prefill_attention(Tensor q, Tensor k, Tensor v, int[] query_starts, int[] key_starts, int[] key_lens, float scale) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("add_rms_norm_(Tensor(a!) residual, Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("rotate_heads_(Tensor(a!) x, Tensor positions, Tensor cos, Tensor signed_sin, int rotated_heads) -> ()");
@@ -22,6 +23,7 @@ TORCH_LIBRARY_IMPL(pagedllm, CPU, m) {
   m.impl("int4_linear", &pagedllm::int4_linear);
   m.impl("int8_linear", &pagedllm::int8_linear);
   m.impl("paged_decode_attention", &pagedllm::paged_decode_attention);
+  m.impl("prefill_attention", &pagedllm::prefill_attention);
   m.impl("rms_norm", &pagedllm::rms_norm);
   m.impl("add_rms_norm_", &pagedllm::add_rms_norm_);
   m.impl("rotate_heads_", &pagedllm::rotate_heads_);

@@ -4,6 +4,7 @@
 #include <ATen/ATen.h>
 #include <c10/util/BFloat16.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 
@@ -15,6 +16,9 @@
 #endif
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512DQ__)
 #define PAGEDLLM_AVX512_VNNI 1
+#endif
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+#define PAGEDLLM_AVX512_BF16 1
 #endif
 #endif
 
@@ -124,6 +128,26 @@ inline float exp_shifted_sum(float* x, int64_t n, float shift) {
   return sum;
 }
 
+// x[i] *= scale for n floats; returns the largest.
+inline float scale_and_max(float* x, int64_t n, float scale) {
+  int64_t i = 0;
+  float largest = -INFINITY;
+#ifdef PAGEDLLM_AVX2
+  const __m256 scale_v = _mm256_set1_ps(scale);
+  __m256 max_v = _mm256_set1_ps(-INFINITY);
+  for (; i + 8 <= n; i += 8) {
+    const __m256 scaled = _mm256_mul_ps(_mm256_loadu_ps(x + i), scale_v);
+    _mm256_storeu_ps(x + i, scaled);
+    max_v = _mm256_max_ps(max_v, scaled);
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, max_v);
+  for (const float lane : lanes) largest = std::max(largest, lane);
+#endif
+  for (; i < n; ++i) largest = std::max(largest, x[i] *= scale);
+  return largest;
+}
+
 // Dot product of n floats with n values of type T (n a multiple of 8 on the AVX2 path).
 template <typename T>
 inline float dot(const float* a, const T* b, int64_t n) {
@@ -151,7 +175,5 @@ inline void axpy(float* out, float w, const T* b, int64_t n) {
 #endif
   for (; i < n; ++i) out[i] += w * to_float(b[i]);
 }
-
-// The activation rows as a contiguous float32 matrix (a no-op for contiguous float32 input).
 
 }  // namespace pagedllm

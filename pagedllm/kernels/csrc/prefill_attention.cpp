@@ -1,0 +1,393 @@
+// Causal attention of every prefill of a step (fresh prompts and chunks after cached context) in one call, over
+// ragged queries and keys: flash attention's online softmax over blocks of keys, the softmax in float32.
+//
+// Each sequence's keys and values are first packed per kv head into blocks of kKeyBlock tokens laid out for the two
+// products; then a task attends kQueryTokens query tokens with all the query heads of one kv head, so that every key
+// block it loads serves group * kQueryTokens rows. Float32 inputs, or any input on a CPU without AVX512-BF16, take
+// float32 products; bfloat16 inputs on one with it take bfloat16 dot products (the weights of the values rounded to
+// bfloat16, as PyTorch's flash attention does), at twice the multiplies per instruction.
+//
+// Key blocks start at a sequence's first key, and every sum of a row runs in one fixed order over its keys
+// whichever task holds the row: a query's output does not depend on how its prompt was cut into chunks.
+#include "vec.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <memory>
+#include <vector>
+
+namespace pagedllm {
+namespace {
+
+constexpr int64_t kKeyBlock = 64;
+constexpr int64_t kQueryTokens = 16;
+constexpr int kRowTile = 6;  // rows of a matmul tile
+
+inline int64_t round_up(int64_t x, int64_t multiple) { return (x + multiple - 1) / multiple * multiple; }
+
+// Calls tile(rows, r) for rows [0, m) in tiles of kRowTile rows and one smaller last tile; `rows` is an
+// std::integral_constant.
+template <int R, typename TileFn>
+void last_row_tile(int64_t rows, int64_t r, const TileFn& tile) {
+  if constexpr (R > 0) {
+    if (rows == R)
+      tile(std::integral_constant<int, R>{}, r);
+    else
+      last_row_tile<R - 1>(rows, r, tile);
+  }
+}
+
+template <typename TileFn>
+void for_row_tiles(int64_t m, const TileFn& tile) {
+  int64_t r = 0;
+  for (; r + kRowTile <= m; r += kRowTile) tile(std::integral_constant<int, kRowTile>{}, r);
+  last_row_tile<kRowTile - 1>(m - r, r, tile);
+}
+
+// c[r][0:8 * V] (+)= a[r][0:k] . b[0:k][0:8 * V] for the R rows of a tile, each sum over i = 0..k-1 in order.
+template <int R, int V>
+inline void float_tile(const float* a, int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc, int64_t k,
+                       bool accumulate) {
+#ifdef PAGEDLLM_AVX2
+  // One flat array, every loop over it unrolled: GCC then keeps it in registers (a 2-D one it spills each step).
+  __m256 acc[R * V];
+#pragma GCC unroll 32
+  for (int i = 0; i < R * V; ++i)
+    acc[i] = accumulate ? _mm256_loadu_ps(c + i / V * ldc + 8 * (i % V)) : _mm256_setzero_ps();
+  for (int64_t i = 0; i < k; ++i) {
+    __m256 bv[V];
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) bv[v] = _mm256_loadu_ps(b + i * ldb + 8 * v);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const __m256 ar = _mm256_broadcast_ss(a + r * lda + i);
+#pragma GCC unroll 4
+      for (int v = 0; v < V; ++v) acc[r * V + v] = _mm256_fmadd_ps(ar, bv[v], acc[r * V + v]);
+    }
+  }
+#pragma GCC unroll 32
+  for (int i = 0; i < R * V; ++i) _mm256_storeu_ps(c + i / V * ldc + 8 * (i % V), acc[i]);
+#else
+  for (int r = 0; r < R; ++r)
+    for (int64_t j = 0; j < 8 * V; ++j) {
+      float sum = accumulate ? c[r * ldc + j] : 0.f;
+      for (int64_t i = 0; i < k; ++i) sum = std::fma(a[r * lda + i], b[i * ldb + j], sum);
+      c[r * ldc + j] = sum;
+    }
+#endif
+}
+
+// c[0:m][0:n] (+)= a[0:m][0:k] . b[0:k][0:n] in float32, n a multiple of 8.
+void float_matmul(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb, float* c,
+                  int64_t ldc, bool accumulate) {
+  for_row_tiles(m, [&](auto tile_rows, int64_t r) {
+    constexpr int R = decltype(tile_rows)::value;
+    int64_t j = 0;
+    for (; j + 16 <= n; j += 16) float_tile<R, 2>(a + r * lda, lda, b + j, ldb, c + r * ldc + j, ldc, k, accumulate);
+    if (j < n) float_tile<R, 1>(a + r * lda, lda, b + j, ldb, c + r * ldc + j, ldc, k, accumulate);
+  });
+}
+
+// Products in float32: a key block is [head_dim][kKeyBlock] (keys transposed), a value block [kKeyBlock][value_dim].
+struct FloatProducts {
+  using Packed = float;
+  int64_t head_dim;
+
+  int64_t query_size() const { return head_dim; }
+  int64_t value_dim() const { return round_up(head_dim, 8); }
+  int64_t key_block_size() const { return head_dim * kKeyBlock; }
+  int64_t value_block_size() const { return kKeyBlock * value_dim(); }
+
+  // Key j of a block, or zeros where key is null (past the sequence's end).
+  template <typename T>
+  void pack_key(float* block, int64_t j, const T* key) const {
+    for (int64_t d = 0; d < head_dim; ++d) block[d * kKeyBlock + j] = key != nullptr ? to_float(key[d]) : 0.f;
+  }
+  template <typename T>
+  void pack_value(float* block, int64_t j, const T* value) const {
+    float* row = block + j * value_dim();
+    for (int64_t d = 0; d < value_dim(); ++d) row[d] = value != nullptr && d < head_dim ? to_float(value[d]) : 0.f;
+  }
+  template <typename T>
+  void pack_query(float* row, const T* query) const {
+    for (int64_t d = 0; d < head_dim; ++d) row[d] = to_float(query[d]);
+  }
+  // s[r][0:keys] = queries[r] . key j for the block's first `keys` keys (a few more are computed).
+  void scores(int64_t rows, int64_t keys, const float* queries, const float* key_block, float* s) const {
+    float_matmul(rows, round_up(keys, 8), head_dim, queries, head_dim, key_block, kKeyBlock, s, kKeyBlock, false);
+  }
+  // acc[r] += sum over the block's first `keys` keys of p[r][j] * value j.
+  void add_weighted_values(int64_t rows, int64_t keys, const float* p, const float* value_block, float* acc) const {
+    float_matmul(rows, value_dim(), keys, p, kKeyBlock, value_block, value_dim(), acc, value_dim(), true);
+  }
+};
+
+#ifdef PAGEDLLM_AVX512_BF16
+// c[r][0:16 * V] (+)= sum over i of the dot products of the bfloat16 pairs a[r][i] and b[i][0:16 * V], each 32 bits.
+template <int R, int V>
+inline void pair_tile(const uint32_t* a, int64_t lda, const uint32_t* b, int64_t ldb, float* c, int64_t ldc, int64_t k,
+                      bool accumulate) {
+  __m512 acc[R * V];
+#pragma GCC unroll 32
+  for (int i = 0; i < R * V; ++i)
+    acc[i] = accumulate ? _mm512_loadu_ps(c + i / V * ldc + 16 * (i % V)) : _mm512_setzero_ps();
+  for (int64_t i = 0; i < k; ++i) {
+    __m512bh bv[V];
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) bv[v] = (__m512bh)_mm512_loadu_si512(b + i * ldb + 16 * v);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const __m512bh ar = (__m512bh)_mm512_set1_epi32(static_cast<int>(a[r * lda + i]));
+#pragma GCC unroll 4
+      for (int v = 0; v < V; ++v) acc[r * V + v] = _mm512_dpbf16_ps(acc[r * V + v], ar, bv[v]);
+    }
+  }
+#pragma GCC unroll 32
+  for (int i = 0; i < R * V; ++i) _mm512_storeu_ps(c + i / V * ldc + 16 * (i % V), acc[i]);
+}
+
+// c[0:m][0:n] (+)= a[0:m][0:k] . b[0:k][0:n] over bfloat16 pairs, n a multiple of 16.
+void pair_matmul(int64_t m, int64_t n, int64_t k, const uint32_t* a, int64_t lda, const uint32_t* b, int64_t ldb,
+                 float* c, int64_t ldc, bool accumulate) {
+  for_row_tiles(m, [&](auto tile_rows, int64_t r) {
+    constexpr int R = decltype(tile_rows)::value;
+    int64_t j = 0;
+    for (; j + 64 <= n; j += 64) pair_tile<R, 4>(a + r * lda, lda, b + j, ldb, c + r * ldc + j, ldc, k, accumulate);
+    for (; j < n; j += 16) pair_tile<R, 1>(a + r * lda, lda, b + j, ldb, c + r * ldc + j, ldc, k, accumulate);
+  });
+}
+
+inline uint16_t bits(c10::BFloat16 x) { return x.x; }
+
+// Products of bfloat16 pairs: a key block is [head_dim / 2][kKeyBlock][2] (pairs of channels per key), a value
+// block [kKeyBlock / 2][value_dim][2] (pairs of keys per channel); odd head dims end with a zero channel.
+struct Bfloat16Products {
+  using Packed = uint16_t;
+  int64_t head_dim;
+
+  int64_t pairs() const { return (head_dim + 1) / 2; }
+  int64_t query_size() const { return 2 * pairs(); }
+  int64_t value_dim() const { return round_up(head_dim, 16); }
+  int64_t key_block_size() const { return pairs() * kKeyBlock * 2; }
+  int64_t value_block_size() const { return kKeyBlock * value_dim(); }
+
+  void pack_key(uint16_t* block, int64_t j, const c10::BFloat16* key) const {
+    for (int64_t d = 0; d < 2 * pairs(); ++d)
+      block[(d / 2 * kKeyBlock + j) * 2 + d % 2] = key != nullptr && d < head_dim ? bits(key[d]) : 0;
+  }
+  void pack_value(uint16_t* block, int64_t j, const c10::BFloat16* value) const {
+    uint16_t* pair_row = block + j / 2 * value_dim() * 2 + j % 2;
+    for (int64_t d = 0; d < value_dim(); ++d) pair_row[2 * d] = value != nullptr && d < head_dim ? bits(value[d]) : 0;
+  }
+  void pack_query(uint16_t* row, const c10::BFloat16* query) const {
+    for (int64_t d = 0; d < 2 * pairs(); ++d) row[d] = d < head_dim ? bits(query[d]) : 0;
+  }
+  void scores(int64_t rows, int64_t keys, const uint16_t* queries, const uint16_t* key_block, float* s) const {
+    pair_matmul(rows, round_up(keys, 16), pairs(), reinterpret_cast<const uint32_t*>(queries), pairs(),
+                reinterpret_cast<const uint32_t*>(key_block), kKeyBlock, s, kKeyBlock, false);
+  }
+  // The weights p are rounded to bfloat16 (an odd count ends with a zero weight to complete the last pair).
+  void add_weighted_values(int64_t rows, int64_t keys, const float* p, const uint16_t* value_block, float* acc) const {
+    const int64_t key_pairs = (keys + 1) / 2;
+    thread_local std::vector<uint16_t> weights;
+    weights.resize(rows * kKeyBlock);
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t j = 0; j < 2 * key_pairs; j += 16) {
+        const __m512 w = _mm512_maskz_loadu_ps(j + 16 <= keys ? 0xFFFF : (1u << (keys - j)) - 1, p + r * kKeyBlock + j);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(weights.data() + r * kKeyBlock + j),
+                            (__m256i)_mm512_cvtneps_pbh(w));
+      }
+    pair_matmul(rows, value_dim(), key_pairs, reinterpret_cast<const uint32_t*>(weights.data()), kKeyBlock / 2,
+                reinterpret_cast<const uint32_t*>(value_block), value_dim(), acc, value_dim(), true);
+  }
+};
+#endif
+
+// One sequence of the batch: its queries are the last query_len of its key_len positions.
+struct Sequence {
+  int64_t query_start, query_len, key_start, key_len;
+  int64_t key_blocks() const { return (key_len + kKeyBlock - 1) / kKeyBlock; }
+};
+
+// The packing of one (sequence, kv head).
+struct Pack {
+  int64_t seq, kv_head, cost;
+};
+
+// A task: query tokens [first, first + tokens) of a sequence, with the query heads of one kv head.
+struct Task {
+  int64_t seq, kv_head, first, tokens, cost;
+};
+
+// Where the packed key and value blocks of each (sequence, kv head) lie in one buffer.
+template <typename Products>
+struct PackedLayout {
+  Products products;
+  int64_t num_kv_heads;
+  std::vector<int64_t> offsets;  // per sequence, where its kv heads' packs start
+
+  int64_t keys_size(const Sequence& s) const { return s.key_blocks() * products.key_block_size(); }
+  int64_t pack_size(const Sequence& s) const {
+    return s.key_blocks() * (products.key_block_size() + products.value_block_size());
+  }
+  int64_t keys(const Sequence& s, int64_t seq, int64_t kv_head) const { return offsets[seq] + kv_head * pack_size(s); }
+  int64_t values(const Sequence& s, int64_t seq, int64_t kv_head) const {
+    return keys(s, seq, kv_head) + keys_size(s);
+  }
+};
+
+// Runs work(i) for i in [0, count) on every thread, each taking the next item when done (sort the heaviest first).
+template <typename Fn>
+void run_balanced(int64_t count, const Fn& work) {
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+    for (int64_t i = next++; i < count; i = next++) work(i);
+  });
+}
+
+template <typename Products, typename T>
+void pack_kv(const T* k, const T* v, const Sequence& s, int64_t kv_head, const PackedLayout<Products>& layout,
+             typename Products::Packed* keys, typename Products::Packed* values) {
+  const Products& products = layout.products;
+  const int64_t token_stride = layout.num_kv_heads * products.head_dim;
+  for (int64_t t = 0; t < s.key_blocks() * kKeyBlock; ++t) {
+    const int64_t block = t / kKeyBlock, j = t % kKeyBlock;
+    const int64_t entry = (s.key_start + t) * token_stride + kv_head * products.head_dim;
+    products.pack_key(keys + block * products.key_block_size(), j, t < s.key_len ? k + entry : nullptr);
+    products.pack_value(values + block * products.value_block_size(), j, t < s.key_len ? v + entry : nullptr);
+  }
+}
+
+template <typename Products, typename T>
+void attend_task(const T* q, const Task& task, const Sequence& s, int64_t num_heads, int64_t group, float scale,
+                 const typename Products::Packed* keys, const typename Products::Packed* values,
+                 const Products& products, T* out) {
+  const int64_t head_dim = products.head_dim, value_dim = products.value_dim(), rows = task.tokens * group;
+  thread_local std::vector<typename Products::Packed> queries;
+  thread_local std::vector<float> scores, acc, largest, sums;
+  queries.resize(rows * products.query_size());
+  scores.resize(rows * kKeyBlock);
+  acc.assign(rows * value_dim, 0.f);
+  largest.assign(rows, -INFINITY);
+  sums.assign(rows, 0.f);
+  // Row t * group + h: query token first + t, query head kv_head * group + h.
+  const auto head_offset = [&](int64_t row) {
+    const int64_t token = s.query_start + task.first + row / group;
+    return (token * num_heads + task.kv_head * group + row % group) * head_dim;
+  };
+  for (int64_t row = 0; row < rows; ++row)
+    products.pack_query(queries.data() + row * products.query_size(), q + head_offset(row));
+  const int64_t first_position = s.key_len - s.query_len + task.first;
+  const int64_t last_position = first_position + task.tokens - 1;
+  for (int64_t block = 0; block * kKeyBlock <= last_position; ++block) {
+    const int64_t block_start = block * kKeyBlock;
+    const int64_t block_keys = std::min(kKeyBlock, last_position - block_start + 1);
+    products.scores(rows, block_keys, queries.data(), keys + block * products.key_block_size(), scores.data());
+    for (int64_t row = 0; row < rows; ++row) {
+      float* p = scores.data() + row * kKeyBlock;
+      const int64_t visible = std::min(block_keys, first_position + row / group - block_start + 1);
+      if (visible <= 0) {
+        std::fill_n(p, block_keys, 0.f);
+        continue;
+      }
+      const float new_max = std::max(largest[row], scale_and_max(p, visible, scale));
+      const float rescale = std::exp(largest[row] - new_max);
+      sums[row] = sums[row] * rescale + exp_shifted_sum(p, visible, new_max);
+      std::fill(p + visible, p + block_keys, 0.f);
+      largest[row] = new_max;
+      if (rescale != 1.f)
+        for (int64_t d = 0; d < value_dim; ++d) acc[row * value_dim + d] *= rescale;
+    }
+    products.add_weighted_values(rows, block_keys, scores.data(), values + block * products.value_block_size(),
+                                 acc.data());
+  }
+  for (int64_t row = 0; row < rows; ++row) {
+    const float inverse = 1.f / sums[row];
+    for (int64_t d = 0; d < head_dim; ++d)
+      out[head_offset(row) + d] = static_cast<T>(acc[row * value_dim + d] * inverse);
+  }
+}
+
+// The products attention over T takes on this CPU.
+template <typename T>
+FloatProducts products_for(const T*, int64_t head_dim) {
+  return {head_dim};
+}
+#ifdef PAGEDLLM_AVX512_BF16
+inline Bfloat16Products products_for(const c10::BFloat16*, int64_t head_dim) { return {head_dim}; }
+#endif
+
+template <typename Products, typename T>
+void attend(const T* q, const T* k, const T* v, T* out, const std::vector<Sequence>& seqs, int64_t num_heads,
+            int64_t num_kv_heads, float scale, const Products& products) {
+  PackedLayout<Products> layout{products, num_kv_heads, {}};
+  int64_t packed_size = 0;
+  std::vector<Pack> packs;
+  std::vector<Task> tasks;
+  for (int64_t i = 0; i < static_cast<int64_t>(seqs.size()); ++i) {
+    const Sequence& s = seqs[i];
+    layout.offsets.push_back(packed_size);
+    packed_size += num_kv_heads * layout.pack_size(s);
+    for (int64_t h = 0; h < num_kv_heads; ++h) {
+      packs.push_back({i, h, s.key_len});
+      for (int64_t first = 0; first < s.query_len; first += kQueryTokens) {
+        const int64_t tokens = std::min(kQueryTokens, s.query_len - first);
+        tasks.push_back({i, h, first, tokens, tokens * (s.key_len - s.query_len + first + tokens)});
+      }
+    }
+  }
+  const auto heaviest_first = [](const auto& a, const auto& b) { return a.cost > b.cost; };
+  std::sort(packs.begin(), packs.end(), heaviest_first);
+  std::sort(tasks.begin(), tasks.end(), heaviest_first);
+  const std::unique_ptr<typename Products::Packed[]> buffer(new typename Products::Packed[packed_size]);
+  typename Products::Packed* packed = buffer.get();
+  run_balanced(static_cast<int64_t>(packs.size()), [&](int64_t i) {
+    const Pack& p = packs[i];
+    const Sequence& s = seqs[p.seq];
+    pack_kv(k, v, s, p.kv_head, layout, packed + layout.keys(s, p.seq, p.kv_head),
+            packed + layout.values(s, p.seq, p.kv_head));
+  });
+  run_balanced(static_cast<int64_t>(tasks.size()), [&](int64_t i) {
+    const Task& task = tasks[i];
+    const Sequence& s = seqs[task.seq];
+    attend_task(q, task, s, num_heads, num_heads / num_kv_heads, scale,
+                packed + layout.keys(s, task.seq, task.kv_head),
+                packed + layout.values(s, task.seq, task.kv_head), products, out);
+  });
+}
+
+}  // namespace
+
+at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                             at::IntArrayRef query_starts, at::IntArrayRef key_starts, at::IntArrayRef key_lens,
+                             double scale) {
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && k.sizes() == v.sizes(),
+              "prefill_attention: q [tokens, heads, dim], k and v [keys, kv_heads, dim]");
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && k.scalar_type() == v.scalar_type(),
+              "prefill_attention: q, k and v must share a dtype");
+  const int64_t num_heads = q.size(1), head_dim = q.size(2), num_kv_heads = k.size(1);
+  TORCH_CHECK(k.size(2) == head_dim && num_heads % num_kv_heads == 0, "prefill_attention: head shapes");
+  const size_t num_seqs = key_starts.size();
+  TORCH_CHECK(key_lens.size() == num_seqs && query_starts.size() == num_seqs + 1 && query_starts.back() == q.size(0),
+              "prefill_attention: a key start and length per sequence, query starts ending at the query count");
+  std::vector<Sequence> seqs;
+  for (size_t i = 0; i < num_seqs; ++i) {
+    const Sequence s{query_starts[i], query_starts[i + 1] - query_starts[i], key_starts[i], key_lens[i]};
+    TORCH_CHECK(s.query_len >= 1 && s.key_len >= s.query_len && s.key_start >= 0 && s.key_start + s.key_len <= k.size(0),
+                "prefill_attention: every sequence needs a query and at least as many keys, all within k");
+    seqs.push_back(s);
+  }
+  const at::Tensor queries = q.contiguous(), keys = k.contiguous(), values = v.contiguous();
+  at::Tensor out = at::empty_like(queries);
+  PAGEDLLM_DISPATCH_FLOAT_TYPES(q.scalar_type(), "prefill_attention", [&] {
+    const scalar_t* qp = queries.const_data_ptr<scalar_t>();
+    attend(qp, keys.const_data_ptr<scalar_t>(), values.const_data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), seqs,
+           num_heads, num_kv_heads, static_cast<float>(scale), products_for(qp, head_dim));
+  });
+  return out;
+}
+
+}  // namespace pagedllm
