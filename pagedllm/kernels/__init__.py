@@ -1,7 +1,7 @@
-"""CPU kernels of our own, in C++, registered as torch.ops.pagedllm.*: weight-only int4/int8 matmuls for decode
-steps, decode attention that reads the paged KV cache in place, the KV-cache write, and the small fused ops of a
-decoder layer (RMSNorm with the residual add, rotary embedding in place, SiLU-and-multiply), and every decoder
-layer of an all-decode step in one call.
+"""CPU kernels of our own, in C++, registered as torch.ops.pagedllm.*: weight-only int4/int8 matmuls, decode
+attention that reads the paged KV cache in place, the attention of a step's prefills in one call, the KV-cache
+write, and the small fused ops of a decoder layer (RMSNorm with the residual add, rotary embedding in place,
+SiLU-and-multiply), and every decoder layer of an all-decode step in one call.
 
 They are compiled for this machine's CPU on first use (`make install` does it once) and cached; where no
 compiler is available the layers keep their plain PyTorch paths, which the tests check the kernels against.

@@ -119,7 +119,15 @@ struct FloatProducts {
   void scores(int64_t rows, int64_t keys, const float* queries, const float* key_block, float* s) const {
     float_matmul(rows, round_up(keys, 8), head_dim, queries, head_dim, key_block, kKeyBlock, s, kKeyBlock, false);
   }
-  // acc[r] += sum over the block's first `keys` keys of p[r][j] * value j.
+  // p[0:visible] = e^(p * scale - shift), zeros up to `keys`: the weights add_weighted_values reads. Returns their
+  // sum.
+  float exponentiate(float* p, int64_t visible, int64_t keys, float scale, float shift) const {
+    for (int64_t j = 0; j < visible; ++j) p[j] *= scale;
+    const float sum = exp_shifted_sum(p, visible, shift);
+    std::fill(p + visible, p + keys, 0.f);
+    return sum;
+  }
+  // acc[r] += sum over the block's first `keys` keys of weight p[r][j] * value j.
   void add_weighted_values(int64_t rows, int64_t keys, const float* p, const float* value_block, float* acc) const {
     float_matmul(rows, value_dim(), keys, p, kKeyBlock, value_block, value_dim(), acc, value_dim(), true);
   }
@@ -162,6 +170,24 @@ void pair_matmul(int64_t m, int64_t n, int64_t k, const uint32_t* a, int64_t lda
 
 inline uint16_t bits(c10::BFloat16 x) { return x.x; }
 
+// The first n lanes of 16 (none for n <= 0).
+inline __mmask16 first_lanes(int64_t n) { return n >= 16 ? 0xFFFF : n <= 0 ? 0 : (1u << n) - 1; }
+
+// e^x for 16 floats x <= 0, to about 5e-5 relative error, for weights rounded to bfloat16 (2^-9) next: x = n ln 2 +
+// r with |r| <= ln 2 / 2, e^r by its degree-4 Taylor polynomial, then scaled by 2^n.
+inline __m512 exp16_coarse(__m512 x) {
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.f / 24.f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+}
+
 // Products of bfloat16 pairs: a key block is [head_dim / 2][kKeyBlock][2] (pairs of channels per key), a value
 // block [kKeyBlock / 2][value_dim][2] (pairs of keys per channel); odd head dims end with a zero channel.
 struct Bfloat16Products {
@@ -189,18 +215,23 @@ struct Bfloat16Products {
     pair_matmul(rows, round_up(keys, 16), pairs(), reinterpret_cast<const uint32_t*>(queries), pairs(),
                 reinterpret_cast<const uint32_t*>(key_block), kKeyBlock, s, kKeyBlock, false);
   }
-  // The weights p are rounded to bfloat16 (an odd count ends with a zero weight to complete the last pair).
+  // The weights e^(p * scale - shift), rounded to bfloat16, written over the start of the row p itself (each store lands
+  // on floats already read) and zero up to an even count, so that the last pair is whole. Returns their sum.
+  float exponentiate(float* p, int64_t visible, int64_t keys, float scale, float shift) const {
+    auto* weights = reinterpret_cast<uint16_t*>(p);
+    const __m512 scale_v = _mm512_set1_ps(scale), shift_v = _mm512_set1_ps(shift);
+    __m512 sum = _mm512_setzero_ps();
+    const int64_t count = round_up(keys, 2);
+    for (int64_t j = 0; j < count; j += 16) {
+      const __mmask16 live = first_lanes(visible - j), stored = first_lanes(count - j);
+      const __m512 e = _mm512_maskz_mov_ps(live, exp16_coarse(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(live, p + j), scale_v, shift_v)));
+      sum = _mm512_add_ps(sum, e);
+      _mm256_mask_storeu_epi16(weights + j, stored, (__m256i)_mm512_cvtneps_pbh(e));
+    }
+    return _mm512_reduce_add_ps(sum);
+  }
   void add_weighted_values(int64_t rows, int64_t keys, const float* p, const uint16_t* value_block, float* acc) const {
-    const int64_t key_pairs = (keys + 1) / 2;
-    thread_local std::vector<uint16_t> weights;
-    weights.resize(rows * kKeyBlock);
-    for (int64_t r = 0; r < rows; ++r)
-      for (int64_t j = 0; j < 2 * key_pairs; j += 16) {
-        const __m512 w = _mm512_maskz_loadu_ps(j + 16 <= keys ? 0xFFFF : (1u << (keys - j)) - 1, p + r * kKeyBlock + j);
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(weights.data() + r * kKeyBlock + j),
-                            (__m256i)_mm512_cvtneps_pbh(w));
-      }
-    pair_matmul(rows, value_dim(), key_pairs, reinterpret_cast<const uint32_t*>(weights.data()), kKeyBlock / 2,
+    pair_matmul(rows, value_dim(), (keys + 1) / 2, reinterpret_cast<const uint32_t*>(p), kKeyBlock,
                 reinterpret_cast<const uint32_t*>(value_block), value_dim(), acc, value_dim(), true);
   }
 };
@@ -212,9 +243,9 @@ struct Sequence {
   int64_t key_blocks() const { return (key_len + kKeyBlock - 1) / kKeyBlock; }
 };
 
-// The packing of one (sequence, kv head).
+// One key block of a sequence's kv head, to pack.
 struct Pack {
-  int64_t seq, kv_head, cost;
+  int64_t seq, kv_head, block;
 };
 
 // A task: query tokens [first, first + tokens) of a sequence, with the query heads of one kv head.
@@ -239,7 +270,7 @@ struct PackedLayout {
   }
 };
 
-// Runs work(i) for i in [0, count) on every thread, each taking the next item when done (sort the heaviest first).
+// Runs work(i) for i in [0, count) on every thread, each taking the next i when done (put the heaviest first).
 template <typename Fn>
 void run_balanced(int64_t count, const Fn& work) {
   std::atomic<int64_t> next{0};
@@ -248,16 +279,19 @@ void run_balanced(int64_t count, const Fn& work) {
   });
 }
 
+// Packs key block `block` of a sequence's kv head (tokens past the sequence's end as zeros).
 template <typename Products, typename T>
-void pack_kv(const T* k, const T* v, const Sequence& s, int64_t kv_head, const PackedLayout<Products>& layout,
-             typename Products::Packed* keys, typename Products::Packed* values) {
+void pack_block(const T* k, const T* v, const Sequence& s, int64_t kv_head, int64_t block,
+                const PackedLayout<Products>& layout, typename Products::Packed* keys,
+                typename Products::Packed* values) {
   const Products& products = layout.products;
   const int64_t token_stride = layout.num_kv_heads * products.head_dim;
-  for (int64_t t = 0; t < s.key_blocks() * kKeyBlock; ++t) {
-    const int64_t block = t / kKeyBlock, j = t % kKeyBlock;
+  keys += block * products.key_block_size();
+  values += block * products.value_block_size();
+  for (int64_t j = 0, t = block * kKeyBlock; j < kKeyBlock; ++j, ++t) {
     const int64_t entry = (s.key_start + t) * token_stride + kv_head * products.head_dim;
-    products.pack_key(keys + block * products.key_block_size(), j, t < s.key_len ? k + entry : nullptr);
-    products.pack_value(values + block * products.value_block_size(), j, t < s.key_len ? v + entry : nullptr);
+    products.pack_key(keys, j, t < s.key_len ? k + entry : nullptr);
+    products.pack_value(values, j, t < s.key_len ? v + entry : nullptr);
   }
 }
 
@@ -293,10 +327,10 @@ void attend_task(const T* q, const Task& task, const Sequence& s, int64_t num_he
         std::fill_n(p, block_keys, 0.f);
         continue;
       }
-      const float new_max = std::max(largest[row], scale_and_max(p, visible, scale));
-      const float rescale = std::exp(largest[row] - new_max);
-      sums[row] = sums[row] * rescale + exp_shifted_sum(p, visible, new_max);
-      std::fill(p + visible, p + block_keys, 0.f);
+      // The running maximum is of the unscaled scores (scale > 0 keeps their order).
+      const float new_max = std::max(largest[row], max_of(p, visible));
+      const float rescale = std::exp((largest[row] - new_max) * scale);
+      sums[row] = sums[row] * rescale + products.exponentiate(p, visible, block_keys, scale, new_max * scale);
       largest[row] = new_max;
       if (rescale != 1.f)
         for (int64_t d = 0; d < value_dim; ++d) acc[row * value_dim + d] *= rescale;
@@ -332,23 +366,21 @@ void attend(const T* q, const T* k, const T* v, T* out, const std::vector<Sequen
     layout.offsets.push_back(packed_size);
     packed_size += num_kv_heads * layout.pack_size(s);
     for (int64_t h = 0; h < num_kv_heads; ++h) {
-      packs.push_back({i, h, s.key_len});
+      for (int64_t block = 0; block < s.key_blocks(); ++block) packs.push_back({i, h, block});
       for (int64_t first = 0; first < s.query_len; first += kQueryTokens) {
         const int64_t tokens = std::min(kQueryTokens, s.query_len - first);
         tasks.push_back({i, h, first, tokens, tokens * (s.key_len - s.query_len + first + tokens)});
       }
     }
   }
-  const auto heaviest_first = [](const auto& a, const auto& b) { return a.cost > b.cost; };
-  std::sort(packs.begin(), packs.end(), heaviest_first);
-  std::sort(tasks.begin(), tasks.end(), heaviest_first);
+  std::sort(tasks.begin(), tasks.end(), [](const Task& a, const Task& b) { return a.cost > b.cost; });
   const std::unique_ptr<typename Products::Packed[]> buffer(new typename Products::Packed[packed_size]);
   typename Products::Packed* packed = buffer.get();
   run_balanced(static_cast<int64_t>(packs.size()), [&](int64_t i) {
     const Pack& p = packs[i];
     const Sequence& s = seqs[p.seq];
-    pack_kv(k, v, s, p.kv_head, layout, packed + layout.keys(s, p.seq, p.kv_head),
-            packed + layout.values(s, p.seq, p.kv_head));
+    pack_block(k, v, s, p.kv_head, p.block, layout, packed + layout.keys(s, p.seq, p.kv_head),
+               packed + layout.values(s, p.seq, p.kv_head));
   });
   run_balanced(static_cast<int64_t>(tasks.size()), [&](int64_t i) {
     const Task& task = tasks[i];

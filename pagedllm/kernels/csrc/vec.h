@@ -128,23 +128,18 @@ inline float exp_shifted_sum(float* x, int64_t n, float shift) {
   return sum;
 }
 
-// x[i] *= scale for n floats; returns the largest.
-inline float scale_and_max(float* x, int64_t n, float scale) {
+// The largest of n floats (-inf for none).
+inline float max_of(const float* x, int64_t n) {
   int64_t i = 0;
   float largest = -INFINITY;
 #ifdef PAGEDLLM_AVX2
-  const __m256 scale_v = _mm256_set1_ps(scale);
   __m256 max_v = _mm256_set1_ps(-INFINITY);
-  for (; i + 8 <= n; i += 8) {
-    const __m256 scaled = _mm256_mul_ps(_mm256_loadu_ps(x + i), scale_v);
-    _mm256_storeu_ps(x + i, scaled);
-    max_v = _mm256_max_ps(max_v, scaled);
-  }
-  alignas(32) float lanes[8];
-  _mm256_store_ps(lanes, max_v);
-  for (const float lane : lanes) largest = std::max(largest, lane);
+  for (; i + 8 <= n; i += 8) max_v = _mm256_max_ps(max_v, _mm256_loadu_ps(x + i));
+  __m128 half = _mm_max_ps(_mm256_castps256_ps128(max_v), _mm256_extractf128_ps(max_v, 1));
+  half = _mm_max_ps(half, _mm_movehl_ps(half, half));
+  largest = _mm_cvtss_f32(_mm_max_ss(half, _mm_movehdup_ps(half)));
 #endif
-  for (; i < n; ++i) largest = std::max(largest, x[i] *= scale);
+  for (; i < n; ++i) largest = std::max(largest, x[i]);
   return largest;
 }
 
