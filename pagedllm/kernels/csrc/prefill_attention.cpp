@@ -215,8 +215,8 @@ struct Bfloat16Products {
     pair_matmul(rows, round_up(keys, 16), pairs(), reinterpret_cast<const uint32_t*>(queries), pairs(),
                 reinterpret_cast<const uint32_t*>(key_block), kKeyBlock, s, kKeyBlock, false);
   }
-  // The weights e^(p * scale - shift), rounded to bfloat16, written over the start of the row p itself (each store lands
-  // on floats already read) and zero up to an even count, so that the last pair is whole. Returns their sum.
+  // The weights e^(p * scale - shift), rounded to bfloat16, written over the start of the row p itself (each store
+  // lands on floats already read) and zero up to an even count, so that the last pair is whole. Returns their sum.
   float exponentiate(float* p, int64_t visible, int64_t keys, float scale, float shift) const {
     auto* weights = reinterpret_cast<uint16_t*>(p);
     const __m512 scale_v = _mm512_set1_ps(scale), shift_v = _mm512_set1_ps(shift);
@@ -224,7 +224,8 @@ struct Bfloat16Products {
     const int64_t count = round_up(keys, 2);
     for (int64_t j = 0; j < count; j += 16) {
       const __mmask16 live = first_lanes(visible - j), stored = first_lanes(count - j);
-      const __m512 e = _mm512_maskz_mov_ps(live, exp16_coarse(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(live, p + j), scale_v, shift_v)));
+      const __m512 x = _mm512_fmsub_ps(_mm512_maskz_loadu_ps(live, p + j), scale_v, shift_v);
+      const __m512 e = _mm512_maskz_mov_ps(live, exp16_coarse(x));
       sum = _mm512_add_ps(sum, e);
       _mm256_mask_storeu_epi16(weights + j, stored, (__m256i)_mm512_cvtneps_pbh(e));
     }
