@@ -161,7 +161,7 @@ class PagedAttention(nn.Module):
         first_prefill, num_seqs = meta.num_decodes, len(meta.context_lens)
         if first_prefill == num_seqs:
             return self._decode_in_place(q, meta)
-        context = [self._prefill_context(i, k, v, meta, True) for i in range(first_prefill, num_seqs)]
+        context = [self._prefill_context(i, k, v, meta, attend_new=True) for i in range(first_prefill, num_seqs)]
         key_lens = [keys.shape[0] for keys, _ in context]
         key_starts = list(accumulate(key_lens[:-1], initial=0))
         keys, values = (torch.cat(parts) if len(parts) > 1 else parts[0] for parts in zip(*context))
