@@ -250,6 +250,27 @@ def test_fresh_prefill_attends_to_the_stored_kv_not_its_own(impl: str, kv_cache_
 
 
 @pytest.mark.parametrize("kv_cache_dtype", ["int8", "int4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_quantized_cache_decode_gives_the_bits_of_the_prefill_that_recomputes_it(
+    kv_cache_dtype: str, dtype: torch.dtype
+) -> None:
+    # A preempted sequence's recomputation attends its last token as a prefill row; with a quantized cache that
+    # row must equal the decode step's, or the K/V it yields may round into the pool differently.
+    length, num_heads, num_kv_heads, head_dim, block_size = 45, 9, 3, 64, 4
+    gen = torch.Generator().manual_seed(8)
+    q, k, v = (torch.randn(length, h, head_dim, generator=gen).to(dtype) for h in (num_heads, num_kv_heads, num_kv_heads))
+    table = list(range(-(-length // block_size)))
+    attention = PagedAttention(num_heads, num_kv_heads, head_dim, "fast")
+    empty = torch.zeros(len(table), block_size, num_kv_heads, head_dim, dtype=dtype)
+    attention.bind_cache(quantized_pool(empty, kv_cache_dtype), quantized_pool(empty.clone(), kv_cache_dtype))
+    prefill = AttentionMetadata.build(list(range(length)), [table], [length], [length], block_size, torch.device("cpu"))
+    whole = attention(q, k, v, prefill)
+    decode = AttentionMetadata.build([length - 1], [table], [1], [length], block_size, torch.device("cpu"))
+    last = attention(q[-1:], k[-1:], v[-1:], decode)
+    assert torch.equal(last, whole[-1:])
+
+
+@pytest.mark.parametrize("kv_cache_dtype", ["int8", "int4"])
 def test_fast_and_reference_agree_in_bfloat16_on_a_ragged_batch(kv_cache_dtype: str) -> None:
     seqs = [(40, 1), (33, 1), (5, 1), (20, 6), (13, 13), (1, 1)]
     outputs = {}
