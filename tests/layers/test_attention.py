@@ -258,7 +258,8 @@ def test_quantized_cache_decode_gives_the_bits_of_the_prefill_that_recomputes_it
     # row must equal the decode step's, or the K/V it yields may round into the pool differently.
     length, num_heads, num_kv_heads, head_dim, block_size = 45, 9, 3, 64, 4
     gen = torch.Generator().manual_seed(8)
-    q, k, v = (torch.randn(length, h, head_dim, generator=gen).to(dtype) for h in (num_heads, num_kv_heads, num_kv_heads))
+    heads = (num_heads, num_kv_heads, num_kv_heads)
+    q, k, v = (torch.randn(length, h, head_dim, generator=gen).to(dtype) for h in heads)
     table = list(range(-(-length // block_size)))
     attention = PagedAttention(num_heads, num_kv_heads, head_dim, "fast")
     empty = torch.zeros(len(table), block_size, num_kv_heads, head_dim, dtype=dtype)
