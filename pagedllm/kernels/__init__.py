@@ -34,7 +34,7 @@ SOURCES = (
     "activation.cpp",
     "decode_layers.cpp",
 )
-HEADERS = ("vec.h", "ops.h")
+HEADERS = ("vec.h", "ops.h", "parallel.h")
 CFLAGS = ("-O3", "-march=native", "-fopenmp")
 CACHE_DIR = Path.home() / ".cache" / "pagedllm" / "kernels"
 

@@ -34,6 +34,8 @@ MATRIX_UNITS_DENSE_MIN_ROWS = 8
 # There the int8 kernel, whose activations take a float step per 32 channels, falls behind the bfloat16 matmul from
 # this many rows (2.2x behind at 64 rows on a Zen 4).
 NATIVE_BFLOAT16_INT8_DENSE_MIN_ROWS = 16
+# The rows oneDNN lays a weight out for (any row count multiplies by it, with the same bits as the plain weight).
+MATRIX_UNITS_LAYOUT_ROWS = 64
 
 
 class Linear(nn.Module):
@@ -84,6 +86,23 @@ def default_dense_min_rows(bits: int) -> int:
     return NATIVE_BFLOAT16_INT8_DENSE_MIN_ROWS if native_bfloat16_matmul() else INT8_PACKED_MATMUL_MAX_ROWS + 1
 
 
+def matrix_units_layout(weight: torch.Tensor) -> torch.Tensor:
+    """A bfloat16 CPU weight [out, in] in oneDNN's own blocked layout where its matmuls run on matrix units (AMX),
+    else the weight itself. oneDNN otherwise reorders a plain weight on every call: at 64 rows the blocked one
+    multiplies 1.6-2x faster (the lm_head's 49152 x 576: 5.0 -> 2.5 ms), for the same bits."""
+    usable = weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
+    if usable and bfloat16_matrix_units():
+        return torch.ops.mkldnn._reorder_linear_weight(weight, MATRIX_UNITS_LAYOUT_ROWS)
+    return weight
+
+
+def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x Wᵀ + b for a weight plain or in matrix_units_layout."""
+    if weight.is_mkldnn:
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    return F.linear(x, weight, bias)
+
+
 def pack_int4_tiles(q: torch.Tensor) -> torch.Tensor:
     """[out, in] values 0..15 as [out // 8, in * 4] bytes, pagedllm's int4 kernel layout: per tile t of 8 output
     rows and step s of 8 input channels, byte 4 o + j holds weight (8 t + o, 8 s + j) in its low nibble and
@@ -119,9 +138,9 @@ class QuantizedLinear(nn.Module):
     """y = x Wᵀ + b with W stored as int8 per channel or int4 per group (weight-only quantization).
 
     Inputs go through a weight-only kernel (`kernel`, see KERNELS), which reads 1 or 0.5 byte per weight; with
-    `dense_min_rows` > 0 a dense copy of the dequantized weight in `dtype` is also kept, and inputs of at least
-    that many rows multiply by it (where a compute-bound dense matmul beats the int kernels); None takes
-    default_dense_min_rows. The plain reference path dequantizes and calls F.linear.
+    `dense_min_rows` > 0 a dense copy of the dequantized weight in `dtype` is also kept (in matrix_units_layout),
+    and inputs of at least that many rows multiply by it (where a compute-bound dense matmul beats the int kernels);
+    None takes default_dense_min_rows. The plain reference path dequantizes and calls F.linear.
     """
 
     def __init__(
@@ -143,7 +162,8 @@ class QuantizedLinear(nn.Module):
         if self.kernel not in KERNELS:
             raise ValueError(f"kernel must be one of {KERNELS}, got {self.kernel!r}")
         self.bias = None if bias is None else nn.Parameter(bias.to(dtype).contiguous(), requires_grad=False)
-        self.register_buffer("dense", dequantize(weight).to(dtype) if self.dense_min_rows > 0 else None)
+        dense = matrix_units_layout(dequantize(weight).to(dtype)) if self.dense_min_rows > 0 else None
+        self.register_buffer("dense", dense)
         if self.kernel == "pagedllm":
             self._register_pagedllm_buffers(weight)
         elif self.kernel == "torch":
@@ -178,7 +198,7 @@ class QuantizedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.shape[:-1].numel()
         if self.dense is not None and (self.kernel == "reference" or rows >= self.dense_min_rows):
-            return F.linear(x, self.dense, self.bias)
+            return dense_linear(x, self.dense, self.bias)
         if self.kernel == "reference":
             return F.linear(x, dequantize(self.quantized_weight()).to(x.dtype), self.bias)
         if self.kernel == "pagedllm":

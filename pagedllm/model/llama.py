@@ -174,6 +174,8 @@ class LlamaForCausalLM(nn.Module):
 
     def weight_bytes(self) -> int:
         """Bytes held by the weights (quantized values, scales and dense copies; shared tensors once)."""
-        tensors = self.state_dict(keep_vars=True).values()
-        storages = {t.untyped_storage().data_ptr(): t.untyped_storage() for t in tensors}
-        return sum(storage.nbytes() for storage in storages.values())
+        tensors = list(self.state_dict(keep_vars=True).values())
+        # A weight in oneDNN's own layout (matrix_units_layout) is opaque: it has no storage to share or to ask.
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage() for t in tensors if not t.is_mkldnn}
+        opaque = sum(t.numel() * t.element_size() for t in tensors if t.is_mkldnn)
+        return sum(storage.nbytes() for storage in storages.values()) + opaque

@@ -19,11 +19,11 @@ def parse(*argv: str) -> argparse.Namespace:
 
 
 def test_engine_flags_become_the_engine_config() -> None:
-    args = parse("--batch-sizes", "1,128", "--prompt-lens", "128,4096", "--block-size", "32", "--kv-cache-memory", "0.25")
+    args = parse("--batch-sizes", "1,512", "--prompt-lens", "128,4096", "--block-size", "32", "--kv-cache-memory", "0.25")
     config = offline.engine_config(args)
     assert (config.block_size, config.kv_cache_memory, config.model, config.seed) == (32, 0.25, None, 0)
-    # Raised to what batch 128 and a 4096-token prefill need.
-    assert (config.max_num_seqs, config.max_num_batched_tokens) == (128, 4096)
+    # Raised to what batch 512 and a 4096-token prefill need, past the defaults.
+    assert (config.max_num_seqs, config.max_num_batched_tokens) == (512, 512 * offline.DECODE_PROMPT_LEN)
 
 
 def test_budgets_are_the_larger_of_the_flag_and_the_need() -> None:

@@ -5,12 +5,15 @@
 // all kv heads are contiguous in the pool, so each block is one sequential read. Where a batch has too few
 // sequences to keep every thread busy, contexts are cut into several chunks whose softmax partials are merged
 // afterwards, as flash-decoding does.
+#include "parallel.h"
 #include "vec.h"
 
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace pagedllm {
@@ -90,6 +93,144 @@ void attend_chunk(const T* q, const T* k_pool, const T* v_pool, const int64_t* b
   });
 }
 
+#ifdef PAGEDLLM_AVX512_BF16
+// Up to this many tokens are scored at once: one 512-bit vector of scores per query head.
+constexpr int64_t kTokenTile = 16;
+
+// Lane i of the result is the sum of v[i]'s 16 lanes: three rounds of adding interleaved halves, 45 instructions
+// for what 16 horizontal sums would take over 100.
+inline __m512 sum_lanes16(const __m512* v) {
+  __m512 pairs[8], quads[4];
+  for (int i = 0; i < 8; ++i)  // each 128-bit block: [a0+a2, b0+b2, a1+a3, b1+b3] of v[2i] = a, v[2i+1] = b
+    pairs[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  for (int i = 0; i < 4; ++i) {  // each 128-bit block: one partial sum of each of v[4i..4i+3], in order
+    const __m512d a = _mm512_castps_pd(pairs[2 * i]), b = _mm512_castps_pd(pairs[2 * i + 1]);
+    quads[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+  }
+  // Add up the four 128-bit blocks: [0, 2] + [1, 3] of two vectors, twice.
+  const __m512 low = _mm512_add_ps(_mm512_shuffle_f32x4(quads[0], quads[1], 0x88),
+                                   _mm512_shuffle_f32x4(quads[0], quads[1], 0xDD));
+  const __m512 high = _mm512_add_ps(_mm512_shuffle_f32x4(quads[2], quads[3], 0x88),
+                                    _mm512_shuffle_f32x4(quads[2], quads[3], 0xDD));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(low, high, 0x88), _mm512_shuffle_f32x4(low, high, 0xDD));
+}
+
+// Where each token of [begin, end) keeps its entries for all kv heads, block by block.
+inline void token_entries(const c10::BFloat16* pool, const int64_t* block_table, int64_t begin, int64_t end,
+                          int64_t block_size, int64_t token_stride, const c10::BFloat16** entries) {
+  for (int64_t start = begin; start < end; start += block_size) {
+    const c10::BFloat16* entry = pool + block_table[start / block_size] * block_size * token_stride;
+    for (int64_t t = start; t < std::min(end, start + block_size); ++t, entry += token_stride) entries[t - begin] = entry;
+  }
+}
+
+inline void prefetch_entries(const c10::BFloat16* const* entries, int64_t n, int64_t token_stride) {
+  for (int64_t i = 0; i < n; ++i) prefetch_token(entries[i], token_stride);
+}
+
+// attend_chunk for bfloat16 pools with head_dim = 32 * C, on bfloat16 dot products: each query head scores 16
+// tokens at a time, one vector of partial products per token summed by sum_lanes16; the values are taken two
+// tokens at a time, their entries interleaved so that one dot product adds both tokens' weighted values (the
+// weights rounded to bfloat16, as the prefill kernel and PyTorch's flash attention round them).
+template <int C>
+void attend_chunk_bf16(const c10::BFloat16* q, const c10::BFloat16* k_pool, const c10::BFloat16* v_pool,
+                       const int64_t* block_table, const Chunk& chunk, int64_t block_size, int64_t num_kv_heads,
+                       int64_t group, float scale, const PartialLayout& layout, float* partial) {
+  constexpr int64_t head_dim = 32 * C;
+  const int64_t heads = num_kv_heads * group, tokens = chunk.end - chunk.begin;
+  const int64_t padded = (tokens + kTokenTile - 1) / kTokenTile * kTokenTile;
+  const int64_t token_stride = num_kv_heads * head_dim;
+  thread_local std::vector<const c10::BFloat16*> keys, values;
+  thread_local std::vector<float> scores;
+  thread_local std::vector<uint16_t> weights;
+  keys.resize(tokens);
+  values.resize(tokens);
+  scores.resize(heads * padded);
+  weights.resize(padded + 1);
+  token_entries(k_pool, block_table, chunk.begin, chunk.end, block_size, token_stride, keys.data());
+  token_entries(v_pool, block_table, chunk.begin, chunk.end, block_size, token_stride, values.data());
+  const __m512 scale_v = _mm512_set1_ps(scale);
+  for (int64_t tile = 0; tile < tokens; tile += kTokenTile) {
+    const int64_t n = std::min(kTokenTile, tokens - tile);
+    // The next tile's keys, and this tile's values for the second pass, are read while this tile is scored.
+    if (tile + kTokenTile < tokens)
+      prefetch_entries(keys.data() + tile + kTokenTile, std::min(kTokenTile, tokens - tile - kTokenTile), token_stride);
+    prefetch_entries(values.data() + tile, n, token_stride);
+    for (int64_t head = 0; head < heads; ++head) {
+      const int64_t offset = head / group * head_dim;
+      __m512bh query[C];
+      for (int c = 0; c < C; ++c) query[c] = (__m512bh)_mm512_loadu_si512(q + head * head_dim + 32 * c);
+      __m512 products[kTokenTile];
+      for (int64_t i = 0; i < kTokenTile; ++i) {
+        products[i] = _mm512_setzero_ps();
+        if (i >= n) continue;
+        const c10::BFloat16* key = keys[tile + i] + offset;
+        for (int c = 0; c < C; ++c)
+          products[i] = _mm512_dpbf16_ps(products[i], query[c], (__m512bh)_mm512_loadu_si512(key + 32 * c));
+      }
+      _mm512_storeu_ps(scores.data() + head * padded + tile, _mm512_mul_ps(sum_lanes16(products), scale_v));
+    }
+  }
+  // Lanes 4k..4k+3 of the low (high) accumulator hold dims 8k..8k+3 (8k+4..8k+7) of each 32: back in order.
+  const __m512i low_dims = _mm512_set_epi32(23, 22, 21, 20, 7, 6, 5, 4, 19, 18, 17, 16, 3, 2, 1, 0);
+  const __m512i high_dims = _mm512_set_epi32(31, 30, 29, 28, 15, 14, 13, 12, 27, 26, 25, 24, 11, 10, 9, 8);
+  for (int64_t head = 0; head < heads; ++head) {
+    float* s = scores.data() + head * padded;
+    const float largest = max_of(s, tokens);
+    layout.max(partial, head) = largest;
+    layout.sum(partial, head) = exp_shifted_sum(s, tokens, largest);
+    for (int64_t i = 0; i < padded; i += 16)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(weights.data() + i),
+                          (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(s + i)));
+    weights[tokens] = 0;  // the partner of an odd last token
+    const int64_t offset = head / group * head_dim;
+    __m512 acc[2 * C];
+    for (int c = 0; c < 2 * C; ++c) acc[c] = _mm512_setzero_ps();
+    for (int64_t t = 0; t < tokens; t += 2) {
+      uint32_t pair;
+      std::memcpy(&pair, weights.data() + t, sizeof(pair));
+      const __m512bh weight = (__m512bh)_mm512_set1_epi32(static_cast<int>(pair));
+      const c10::BFloat16* first = values[t] + offset;
+      const c10::BFloat16* second = t + 1 < tokens ? values[t + 1] + offset : nullptr;
+      for (int c = 0; c < C; ++c) {
+        const __m512i a = _mm512_loadu_si512(first + 32 * c);
+        const __m512i b = second != nullptr ? _mm512_loadu_si512(second + 32 * c) : _mm512_setzero_si512();
+        acc[2 * c] = _mm512_dpbf16_ps(acc[2 * c], (__m512bh)_mm512_unpacklo_epi16(a, b), weight);
+        acc[2 * c + 1] = _mm512_dpbf16_ps(acc[2 * c + 1], (__m512bh)_mm512_unpackhi_epi16(a, b), weight);
+      }
+    }
+    float* out = layout.acc(partial, head);
+    for (int c = 0; c < C; ++c) {
+      _mm512_storeu_ps(out + 32 * c, _mm512_permutex2var_ps(acc[2 * c], low_dims, acc[2 * c + 1]));
+      _mm512_storeu_ps(out + 32 * c + 16, _mm512_permutex2var_ps(acc[2 * c], high_dims, acc[2 * c + 1]));
+    }
+  }
+}
+#endif
+
+// The chunk's partials: on bfloat16 dot products where the CPU has them and head_dim is 32, 64, 96 or 128.
+template <typename T>
+void attend(const T* q, const T* k_pool, const T* v_pool, const int64_t* block_table, const Chunk& chunk,
+            int64_t block_size, int64_t num_kv_heads, int64_t group, float scale, const PartialLayout& layout,
+            float* partial) {
+#ifdef PAGEDLLM_AVX512_BF16
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    const auto run = [&](auto dim32) {
+      attend_chunk_bf16<decltype(dim32)::value>(q, k_pool, v_pool, block_table, chunk, block_size, num_kv_heads, group,
+                                                 scale, layout, partial);
+    };
+    switch (layout.head_dim) {
+      case 32: return run(std::integral_constant<int, 1>{});
+      case 64: return run(std::integral_constant<int, 2>{});
+      case 96: return run(std::integral_constant<int, 3>{});
+      case 128: return run(std::integral_constant<int, 4>{});
+      default: break;
+    }
+  }
+#endif
+  attend_chunk(q, k_pool, v_pool, block_table, chunk, block_size, num_kv_heads, group, scale, layout, partial);
+}
+
 // out[head] = the softmax-weighted values over all of a sequence's chunks' partials.
 template <typename T>
 void merge_chunks(float* const* partials, int64_t num_chunks, int64_t heads, const PartialLayout& layout, T* out) {
@@ -156,14 +297,16 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_pool,
     const scalar_t* kp = k_pool.const_data_ptr<scalar_t>();
     const scalar_t* vp = v_pool.const_data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
-    at::parallel_for(0, num_chunks, parallel ? 1 : num_chunks, [&](int64_t begin, int64_t end) {
-      for (int64_t c = begin; c < end; ++c) {
-        const Chunk& chunk = chunks[c];
-        attend_chunk(qp + chunk.seq * num_heads * head_dim, kp, vp, table + chunk.seq * max_blocks, chunk, block_size,
-                     num_kv_heads, group, static_cast<float>(scale), layout,
-                     partials.data() + c * num_heads * layout.stride());
-      }
-    });
+    const auto attend_one = [&](int64_t c) {
+      const Chunk& chunk = chunks[c];
+      attend(qp + chunk.seq * num_heads * head_dim, kp, vp, table + chunk.seq * max_blocks, chunk, block_size,
+             num_kv_heads, group, static_cast<float>(scale), layout, partials.data() + c * num_heads * layout.stride());
+    };
+    // Contexts differ in length: threads take the next chunk when done rather than an equal share of them.
+    if (parallel)
+      run_balanced(num_chunks, attend_one);
+    else
+      for (int64_t c = 0; c < num_chunks; ++c) attend_one(c);
     std::vector<float*> seq_partials;
     for (int64_t first = 0, next = 0; first < num_chunks; first = next) {
       seq_partials.clear();

@@ -9,12 +9,14 @@
 //
 // Key blocks start at a sequence's first key, and every sum of a row runs in one fixed order over its keys
 // whichever task holds the row: a query's output does not depend on how its prompt was cut into chunks.
+#include "parallel.h"
 #include "vec.h"
 
 #include <ATen/Parallel.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <memory>
 #include <vector>
@@ -92,12 +94,17 @@ void float_matmul(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, 
 }
 
 // Products in float32: a key block is [head_dim][kKeyBlock] (keys transposed), a value block [kKeyBlock][value_dim].
+// What a task holds while it runs where its products need no matrix tiles.
+struct NoTiles {};
+
 struct FloatProducts {
   using Packed = float;
   int64_t head_dim;
 
   int64_t query_size() const { return head_dim; }
   int64_t value_dim() const { return round_up(head_dim, 8); }
+  int64_t padded_rows(int64_t rows) const { return rows; }
+  NoTiles tiles() const { return {}; }
   int64_t key_block_size() const { return head_dim * kKeyBlock; }
   int64_t value_block_size() const { return kKeyBlock * value_dim(); }
 
@@ -188,11 +195,76 @@ inline __m512 exp16_coarse(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#define PAGEDLLM_AMX 1
+// Rows of an AMX tile, and bfloat16 values in one of its rows.
+constexpr int64_t kTileRows = 16;
+constexpr int64_t kTileDepth = 32;
+
+// Whether this process may use AMX tiles: Linux hands their state out only on request.
+inline bool matrix_units_granted() {
+  constexpr long kRequestPermission = 0x1023, kTileData = 18;  // ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA
+  static const bool granted = syscall(SYS_arch_prctl, kRequestPermission, kTileData) == 0;
+  return granted;
+}
+
+// Tiles 0 (sums), 1 (left) and 2 (right), each 16 rows of 64 bytes; loaded on a thread before its tiles are used,
+// since other code (oneDNN) configures the tiles its own way in between.
+struct TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t row_bytes[16] = {64, 64, 64};
+  uint8_t rows[16] = {16, 16, 16};
+};
+
+// The tiles configured for the scope of a task (none where `on` is false), and released after it.
+class TileScope {
+ public:
+  explicit TileScope(bool on) : on_(on) {
+    static const TileConfig config;
+    if (on_) _tile_loadconfig(&config);
+  }
+  ~TileScope() {
+    if (on_) _tile_release();
+  }
+  TileScope(const TileScope&) = delete;
+  TileScope& operator=(const TileScope&) = delete;
+
+ private:
+  bool on_;
+};
+
+// c[16 rows][16] (+)= a[16 rows][0:32 * depth] . b over bfloat16 pairs, b in depth tiles of [16 pairs][16][2].
+inline void amx_tile(const void* a, int64_t a_row_bytes, const void* b, int64_t b_row_bytes, int64_t b_tile_bytes,
+                     float* c, int64_t c_row_bytes, int64_t depth, bool accumulate) {
+  if (accumulate)
+    _tile_loadd(0, c, c_row_bytes);
+  else
+    _tile_zero(0);
+  for (int64_t i = 0; i < depth; ++i) {
+    _tile_loadd(1, static_cast<const char*>(a) + 64 * i, a_row_bytes);
+    _tile_loadd(2, static_cast<const char*>(b) + b_tile_bytes * i, b_row_bytes);
+    _tile_dpbf16ps(0, 1, 2);
+  }
+  _tile_stored(0, c, c_row_bytes);
+}
+#endif
+
 // Products of bfloat16 pairs: a key block is [head_dim / 2][kKeyBlock][2] (pairs of channels per key), a value
 // block [kKeyBlock / 2][value_dim][2] (pairs of keys per channel); odd head dims end with a zero channel.
+//
+// Where the CPU has AMX and head_dim is a multiple of 32, both products run on its tiles, 16 rows at a time (the
+// rows of a task padded to a multiple of 16): the packed layouts are the ones its bfloat16 tiles read.
 struct Bfloat16Products {
   using Packed = uint16_t;
   int64_t head_dim;
+  bool matrix_units = false;
+
+  int64_t padded_rows(int64_t rows) const { return matrix_units ? round_up(rows, 16) : rows; }
+#ifdef PAGEDLLM_AMX
+  TileScope tiles() const { return TileScope(matrix_units); }
+#else
+  NoTiles tiles() const { return {}; }
+#endif
 
   int64_t pairs() const { return (head_dim + 1) / 2; }
   int64_t query_size() const { return 2 * pairs(); }
@@ -212,6 +284,16 @@ struct Bfloat16Products {
     for (int64_t d = 0; d < 2 * pairs(); ++d) row[d] = d < head_dim ? bits(query[d]) : 0;
   }
   void scores(int64_t rows, int64_t keys, const uint16_t* queries, const uint16_t* key_block, float* s) const {
+#ifdef PAGEDLLM_AMX
+    if (matrix_units) {
+      // Tile i of a key block's 16 keys from j: pairs 16 i.. of those keys, rows of kKeyBlock pairs apart.
+      for (int64_t r = 0; r < rows; r += kTileRows)
+        for (int64_t j = 0; j < keys; j += kTileRows)
+          amx_tile(queries + r * query_size(), 2 * query_size(), key_block + 2 * j, 4 * kKeyBlock,
+                   4 * kKeyBlock * kTileRows, s + r * kKeyBlock + j, 4 * kKeyBlock, head_dim / kTileDepth, false);
+      return;
+    }
+#endif
     pair_matmul(rows, round_up(keys, 16), pairs(), reinterpret_cast<const uint32_t*>(queries), pairs(),
                 reinterpret_cast<const uint32_t*>(key_block), kKeyBlock, s, kKeyBlock, false);
   }
@@ -231,7 +313,22 @@ struct Bfloat16Products {
     }
     return _mm512_reduce_add_ps(sum);
   }
-  void add_weighted_values(int64_t rows, int64_t keys, const float* p, const uint16_t* value_block, float* acc) const {
+  void add_weighted_values(int64_t rows, int64_t keys, float* p, const uint16_t* value_block, float* acc) const {
+#ifdef PAGEDLLM_AMX
+    if (matrix_units) {
+      // A tile reads 32 weights of a row: those past the even count exponentiate left are zeroed first.
+      const int64_t depth = round_up(keys, kTileDepth) / kTileDepth;
+      for (int64_t r = 0; r < rows; ++r) {
+        auto* weights = reinterpret_cast<uint16_t*>(p + r * kKeyBlock);
+        std::fill(weights + round_up(keys, 2), weights + depth * kTileDepth, uint16_t{0});
+      }
+      for (int64_t r = 0; r < rows; r += kTileRows)
+        for (int64_t d = 0; d < value_dim(); d += kTileRows)
+          amx_tile(p + r * kKeyBlock, 4 * kKeyBlock, value_block + 2 * d, 4 * value_dim(), 4 * value_dim() * kTileRows,
+                   acc + r * value_dim() + d, 4 * value_dim(), depth, true);
+      return;
+    }
+#endif
     pair_matmul(rows, value_dim(), (keys + 1) / 2, reinterpret_cast<const uint32_t*>(p), kKeyBlock,
                 reinterpret_cast<const uint32_t*>(value_block), value_dim(), acc, value_dim(), true);
   }
@@ -271,15 +368,6 @@ struct PackedLayout {
   }
 };
 
-// Runs work(i) for i in [0, count) on every thread, each taking the next i when done (put the heaviest first).
-template <typename Fn>
-void run_balanced(int64_t count, const Fn& work) {
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
-    for (int64_t i = next++; i < count; i = next++) work(i);
-  });
-}
-
 // Packs key block `block` of a sequence's kv head (tokens past the sequence's end as zeros).
 template <typename Products, typename T>
 void pack_block(const T* k, const T* v, const Sequence& s, int64_t kv_head, int64_t block,
@@ -301,11 +389,13 @@ void attend_task(const T* q, const Task& task, const Sequence& s, int64_t num_he
                  const typename Products::Packed* keys, const typename Products::Packed* values,
                  const Products& products, T* out) {
   const int64_t head_dim = products.head_dim, value_dim = products.value_dim(), rows = task.tokens * group;
+  const int64_t padded_rows = products.padded_rows(rows);  // rows past `rows` are computed and left unread
+  const auto tiles = products.tiles();
   thread_local std::vector<typename Products::Packed> queries;
   thread_local std::vector<float> scores, acc, largest, sums;
-  queries.resize(rows * products.query_size());
-  scores.resize(rows * kKeyBlock);
-  acc.assign(rows * value_dim, 0.f);
+  queries.assign(padded_rows * products.query_size(), 0);
+  scores.resize(padded_rows * kKeyBlock);
+  acc.assign(padded_rows * value_dim, 0.f);
   largest.assign(rows, -INFINITY);
   sums.assign(rows, 0.f);
   // Row t * group + h: query token first + t, query head kv_head * group + h.
@@ -320,7 +410,7 @@ void attend_task(const T* q, const Task& task, const Sequence& s, int64_t num_he
   for (int64_t block = 0; block * kKeyBlock <= last_position; ++block) {
     const int64_t block_start = block * kKeyBlock;
     const int64_t block_keys = std::min(kKeyBlock, last_position - block_start + 1);
-    products.scores(rows, block_keys, queries.data(), keys + block * products.key_block_size(), scores.data());
+    products.scores(padded_rows, block_keys, queries.data(), keys + block * products.key_block_size(), scores.data());
     for (int64_t row = 0; row < rows; ++row) {
       float* p = scores.data() + row * kKeyBlock;
       const int64_t visible = std::min(block_keys, first_position + row / group - block_start + 1);
@@ -336,7 +426,7 @@ void attend_task(const T* q, const Task& task, const Sequence& s, int64_t num_he
       if (rescale != 1.f)
         for (int64_t d = 0; d < value_dim; ++d) acc[row * value_dim + d] *= rescale;
     }
-    products.add_weighted_values(rows, block_keys, scores.data(), values + block * products.value_block_size(),
+    products.add_weighted_values(padded_rows, block_keys, scores.data(), values + block * products.value_block_size(),
                                  acc.data());
   }
   for (int64_t row = 0; row < rows; ++row) {
@@ -352,7 +442,12 @@ FloatProducts products_for(const T*, int64_t head_dim) {
   return {head_dim};
 }
 #ifdef PAGEDLLM_AVX512_BF16
-inline Bfloat16Products products_for(const c10::BFloat16*, int64_t head_dim) { return {head_dim}; }
+inline Bfloat16Products products_for(const c10::BFloat16*, int64_t head_dim) {
+#ifdef PAGEDLLM_AMX
+  if (head_dim % kTileDepth == 0 && matrix_units_granted()) return {head_dim, true};
+#endif
+  return {head_dim};
+}
 #endif
 
 template <typename Products, typename T>
