@@ -76,7 +76,7 @@ class EngineConfig:
     block_size: int = field(default=16, metadata={"help": "tokens per KV-cache block"})
     kv_cache_memory: float = field(default=0.1, metadata={"help": "KV-cache budget: bytes if > 1, else a fraction of available RAM"})
     max_num_seqs: int = field(default=256, metadata={"help": "most sequences in one batch"})
-    max_num_batched_tokens: int = field(default=2048, metadata={"help": "most tokens (prefill chunks + decodes) in one step"})
+    max_num_batched_tokens: int = field(default=4096, metadata={"help": "most tokens (prefill chunks + decodes) in one step"})
     seed: int = field(default=0, metadata={"help": "seed of the sampler for requests without their own"})
     attention_impl: str = field(default="fast", metadata={"help": "paged attention: fast or reference"})
     fused_decode: bool = field(

@@ -5,24 +5,26 @@
 #include <ATen/Parallel.h>
 
 #include <cmath>
-#include <vector>
 
 namespace pagedllm {
 namespace {
 
-// silu(gate[i]) for n values into out (float32).
+// out[i] = T(silu(gate[i])) * up[i] for n values, rounded to T.
 template <typename T>
-void silu(const T* gate, int64_t n, float* out) {
+void silu_and_mul_row(const T* gate, const T* up, int64_t n, T* out) {
   int64_t i = 0;
 #ifdef PAGEDLLM_AVX2
   const __m256 one = _mm256_set1_ps(1.f);
   for (; i + 8 <= n; i += 8) {
     const __m256 g = load8(gate + i);
-    const __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), g));
-    _mm256_storeu_ps(out + i, _mm256_div_ps(g, _mm256_add_ps(one, e)));
+    const __m256 activated = _mm256_div_ps(g, _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), g))));
+    store8(out + i, _mm256_mul_ps(round_to<T>(activated), load8(up + i)));
   }
 #endif
-  for (; i < n; ++i) out[i] = to_float(gate[i]) / (1.f + std::exp(-to_float(gate[i])));
+  for (; i < n; ++i) {
+    const float activated = to_float(gate[i]) / (1.f + std::exp(-to_float(gate[i])));
+    out[i] = static_cast<T>(to_float(static_cast<T>(activated)) * to_float(up[i]));
+  }
 }
 
 }  // namespace
@@ -39,13 +41,7 @@ at::Tensor silu_and_mul(const at::Tensor& gate_up) {
     const scalar_t* xp = input.const_data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
     at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
-      std::vector<float> activated(n);
-      for (int64_t r = begin; r < end; ++r) {
-        const scalar_t* row = xp + r * width;
-        silu(row, n, activated.data());
-        for (int64_t i = 0; i < n; ++i)
-          op[r * n + i] = static_cast<scalar_t>(to_float(static_cast<scalar_t>(activated[i])) * to_float(row[n + i]));
-      }
+      for (int64_t r = begin; r < end; ++r) silu_and_mul_row(xp + r * width, xp + r * width + n, n, op + r * n);
     });
   });
   return out;

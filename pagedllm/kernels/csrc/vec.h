@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
@@ -57,14 +58,28 @@ inline __m256i add_byte_products(__m256i sums, __m256i u, __m256i s) {
 
 inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
 
-// 8 floats rounded to bfloat16 as c10::BFloat16 rounds them: to nearest, ties to even, NaN kept NaN, subnormals
-// kept (AVX512-BF16's conversion flushes them to zero).
-inline void store8(c10::BFloat16* p, __m256 v) {
+// The bfloat16 bits (in the low half of each 32-bit lane) of 8 floats rounded as c10::BFloat16 rounds them: to
+// nearest, ties to even, NaN kept NaN, subnormals kept (AVX512-BF16's conversion flushes them to zero).
+inline __m256i bfloat16_bits(__m256 v) {
   const __m256i bits = _mm256_castps_si256(v);
   const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
-  __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF))), 16);
+  const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF))), 16);
   const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-  rounded = _mm256_blendv_epi8(rounded, _mm256_set1_epi32(0x7FC0), nan);
+  return _mm256_blendv_epi8(rounded, _mm256_set1_epi32(0x7FC0), nan);
+}
+
+// 8 floats rounded to T and back, as static_cast<T> then to_float would.
+template <typename T>
+inline __m256 round_to(__m256 v) {
+  if constexpr (std::is_same_v<T, float>)
+    return v;
+  else
+    return _mm256_castsi256_ps(_mm256_slli_epi32(bfloat16_bits(v), 16));
+}
+
+// 8 floats rounded to bfloat16 (bfloat16_bits).
+inline void store8(c10::BFloat16* p, __m256 v) {
+  const __m256i rounded = bfloat16_bits(v);
   // packus works within 128-bit lanes: the 64-bit permutation brings the two lanes' 4 results together.
   const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(rounded, rounded), 0xD8);
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
