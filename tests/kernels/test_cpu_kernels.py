@@ -195,6 +195,19 @@ def test_prefill_attention_of_a_chunk_equals_that_of_the_whole_prompt_exactly(dt
     assert torch.equal(batched, whole)
 
 
+def test_prefill_attention_and_onednn_matmuls_share_a_thread() -> None:
+    """Where the kernel runs on AMX tiles it leaves each thread's tile configuration as it found it: bfloat16
+    matmuls (oneDNN's, on AMX where the CPU has it) before and after it give the same bits."""
+    x, w = (torch.randn(64, 576, generator=generator(seed)).bfloat16() for seed in (40, 41))
+    before = x @ w.T
+    k, v, starts = ragged_keys([300], 3, 64, torch.bfloat16, 42)
+    q = torch.randn(300, 9, 64, generator=generator(43)).bfloat16()
+    got = ops.prefill_attention(q, k, v, [0, 300], starts, [300], 0.125)
+    assert torch.equal(x @ w.T, before)
+    expected = dense_causal(q.float(), k[starts[0] :].float(), v[starts[0] :].float())
+    torch.testing.assert_close(got.double(), expected, rtol=2e-2, atol=2e-2)
+
+
 def test_prefill_attention_refuses_fewer_keys_than_queries() -> None:
     q, k = torch.randn(4, 2, 8), torch.randn(3, 2, 8)
     with pytest.raises(RuntimeError, match="at least as many keys"):
