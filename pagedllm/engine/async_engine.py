@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from pagedllm.engine.engine import EngineStats, LLMEngine
-from pagedllm.engine.host_memory import release_freed_memory
 from pagedllm.engine.output import RequestOutput
 from pagedllm.errors import EngineOverloadedError, EngineStepError, EngineUnavailableError, PagedLLMError
 from pagedllm.model.tokenizer import Tokenizer
@@ -235,7 +234,7 @@ class AsyncLLMEngine:
                 if self.engine.has_unfinished_requests():
                     self._step()
                     if not self.engine.has_unfinished_requests():
-                        release_freed_memory()  # idle now: the steps' freed activations go back to the OS
+                        self.engine.heap.release()  # idle now: the steps' freed activations go back to the OS
                 self._stats = self.engine.stats()
         except Exception:
             logger.exception("the engine loop died")

@@ -11,7 +11,12 @@ import torch
 from pagedllm.config import EngineConfig, ModelConfig
 from pagedllm.engine.beam_search import BeamSearch, hypothesis_sequences
 from pagedllm.engine.block_manager import BlockManager
-from pagedllm.engine.host_memory import limit_malloc_arenas, release_freed_memory, reuse_freed_step_memory
+from pagedllm.engine.host_memory import (
+    HeapTrimmer,
+    limit_malloc_arenas,
+    release_freed_memory,
+    reuse_freed_step_memory,
+)
 from pagedllm.engine.model_runner import ModelRunner, StepResult, kv_cache_bytes_per_block
 from pagedllm.engine.output import RequestOutput, append_token, make_request_output
 from pagedllm.engine.prefix_cache import PrefixCache
@@ -78,6 +83,7 @@ class LLMEngine:
         self.block_manager = BlockManager(self.num_blocks, config.block_size, prefix_cache)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = ModelRunner(model.to(self.device), config, self.num_blocks, self.device)
+        self.heap = HeapTrimmer()
         self.requests: dict[str, Request] = {}
         self.prompt_tokens = 0
         self.generation_tokens = 0
@@ -178,6 +184,7 @@ class LLMEngine:
         if not scheduled.scheduled:
             return []
         result = self.runner.execute(scheduled, self.block_manager)
+        self.heap.after_step()
         return self._process(scheduled, result)
 
     def _process(self, scheduled: SchedulerOutput, result: StepResult) -> list[RequestOutput]:

@@ -12,10 +12,14 @@ from pagedllm.cpu import bfloat16_matrix_units, native_bfloat16_matmul
 from pagedllm.kernels import cpu_kernels_available
 from pagedllm.layers.quantization import Int4Weight, Int8Weight, QuantizedWeight, dequantize
 
-# Both int4 kernels read w = (q - 8) * scale + zero.
+# PyTorch's int4 kernel reads w = (q - 8) * scale + zero.
 INT4_KERNEL_OFFSET = 8
-# The kernels store scales and zero points in bfloat16; PyTorch's also take bfloat16 activations.
+# PyTorch's kernels, and pagedllm's int8 one, take scales (and zero points) in bfloat16; PyTorch's also take
+# bfloat16 activations.
 KERNEL_DTYPE = torch.bfloat16
+# pagedllm's int4 kernel takes scales and minimums in float16, as GGUF's Q4 blocks store them: their weights stay
+# exact (bfloat16's 3 fewer mantissa bits moved SmolLM2-135M's greedy answers).
+INT4_SCALE_DTYPE = torch.float16
 # Who multiplies a quantized weight: pagedllm's CPU kernels, PyTorch's weight-only CPU kernels, or the plain
 # dequantize-then-F.linear path.
 KERNELS = ("pagedllm", "torch", "reference")
@@ -36,6 +40,14 @@ MATRIX_UNITS_DENSE_MIN_ROWS = 8
 NATIVE_BFLOAT16_INT8_DENSE_MIN_ROWS = 16
 # The rows oneDNN lays a weight out for (any row count multiplies by it, with the same bits as the plain weight).
 MATRIX_UNITS_LAYOUT_ROWS = 64
+# oneDNN builds a matmul for each shape it meets and keeps up to 1,024 of them (0.5-1.3 MiB each for SmolLM2's
+# shapes): unpadded, the matmuls of 400 row counts grew a process by 600 MiB, as a server's steps of ever new sizes
+# would. Its bfloat16 inputs are padded to whole multiples of ONEDNN_ROW_STEP rows up to ONEDNN_FINE_ROWS, then to
+# one of ONEDNN_SIZES_PER_OCTAVE sizes per doubling, at most 1/8 more rows: 63 shapes up to 4,096 rows, which took
+# 210 MiB in all (the same bits: each row's products do not depend on the others).
+ONEDNN_ROW_STEP = 8
+ONEDNN_FINE_ROWS = 64
+ONEDNN_SIZES_PER_OCTAVE = 8
 
 
 class Linear(nn.Module):
@@ -47,7 +59,7 @@ class Linear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return dense_linear(x, self.weight, self.bias)
 
     def load(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         """Take a checkpoint weight (and bias), checking its shape."""
@@ -96,11 +108,36 @@ def matrix_units_layout(weight: torch.Tensor) -> torch.Tensor:
     return weight
 
 
+def onednn_rows(rows: int) -> int:
+    """The row count, of a few per doubling, that a matmul of `rows` rows is padded to for oneDNN (see
+    ONEDNN_SIZES_PER_OCTAVE); fewer rows than ONEDNN_ROW_STEP stay as they are."""
+    if rows < ONEDNN_ROW_STEP:
+        return rows
+    step = ONEDNN_ROW_STEP
+    if rows > ONEDNN_FINE_ROWS:
+        octave_start = 1 << ((rows - 1).bit_length() - 1)  # rows lie in (octave_start, 2 octave_start]
+        step = octave_start // ONEDNN_SIZES_PER_OCTAVE
+    return -(-rows // step) * step
+
+
+def dense_rows(x: torch.Tensor, weight: torch.Tensor) -> int:
+    """The rows a dense matmul of x by weight runs on: x's, padded to onednn_rows where oneDNN multiplies them."""
+    rows = x.shape[:-1].numel()
+    on_onednn = weight.is_mkldnn or (x.device.type == "cpu" and x.dtype == torch.bfloat16 and native_bfloat16_matmul())
+    return onednn_rows(rows) if on_onednn else rows
+
+
 def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x Wᵀ + b for a weight plain or in matrix_units_layout."""
+    """x Wᵀ + b for a weight plain or in matrix_units_layout, on dense_rows rows."""
+    rows, padded_rows = x.shape[:-1].numel(), dense_rows(x, weight)
+    flat = x.reshape(rows, x.shape[-1])
+    if padded_rows != rows:
+        flat = F.pad(flat, (0, 0, 0, padded_rows - rows))
     if weight.is_mkldnn:
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
-    return F.linear(x, weight, bias)
+        y = torch.ops.mkldnn._linear_pointwise(flat, weight, bias, "none", [], "")
+    else:
+        y = F.linear(flat, weight, bias)
+    return y[:rows].view(*x.shape[:-1], y.shape[-1])
 
 
 def pack_int4_tiles(q: torch.Tensor) -> torch.Tensor:
@@ -113,22 +150,26 @@ def pack_int4_tiles(q: torch.Tensor) -> torch.Tensor:
     return (nibbles[..., 0] | (nibbles[..., 1] << 4)).reshape(out_features // INT4_TILE, in_features * 4).contiguous()
 
 
-def pack_int4_scales(scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
-    """[out, groups] scales and zero points as [out // 8, groups, 2, 8] bfloat16: per tile of 8 output rows and
-    group, the 8 outputs' scales, then their 8 zeros."""
+def pack_int4_scales(scales: torch.Tensor, mins: torch.Tensor) -> torch.Tensor:
+    """[out, groups] scales and minimums as [out // 8, groups, 2, 8] float16: per tile of 8 output rows and group,
+    the 8 outputs' scales, then their 8 minimums."""
     out_features, groups = scales.shape
-    pairs = torch.stack([scales, zeros], dim=-1).view(out_features // INT4_TILE, INT4_TILE, groups, 2)
-    return pairs.permute(0, 2, 3, 1).to(KERNEL_DTYPE).contiguous()
+    pairs = torch.stack([scales, mins], dim=-1).view(out_features // INT4_TILE, INT4_TILE, groups, 2)
+    return pairs.permute(0, 2, 3, 1).to(INT4_SCALE_DTYPE).contiguous()
 
 
-def kernel_representable(weight: QuantizedWeight) -> QuantizedWeight:
-    """The weight with scales (and zero points) rounded to bfloat16 as the kernels store them.
+def kernel_representable(weight: QuantizedWeight, kernel: str = "pagedllm") -> QuantizedWeight:
+    """The weight with scales (and minimums or zero points) rounded as `kernel` stores them: int8 scales in
+    bfloat16; int4 scales and minimums in float16, or, for PyTorch's kernel, scales and zero points in bfloat16.
 
     Every path of a QuantizedLinear computes with these rounded values, so which path a step takes
     changes only activation rounding, never the weights.
     """
     if isinstance(weight, Int8Weight):
         return Int8Weight(weight.q, weight.scales.to(KERNEL_DTYPE).float())
+    if kernel != "torch":
+        scales, mins = weight.scales.to(INT4_SCALE_DTYPE).float(), weight.mins.to(INT4_SCALE_DTYPE).float()
+        return Int4Weight(weight.q, scales, mins, weight.group_size)
     scales = weight.scales.to(KERNEL_DTYPE).float()
     zeros = (weight.mins + INT4_KERNEL_OFFSET * weight.scales).to(KERNEL_DTYPE).float()
     return Int4Weight(weight.q, scales, zeros - INT4_KERNEL_OFFSET * scales, weight.group_size)
@@ -152,7 +193,6 @@ class QuantizedLinear(nn.Module):
         kernel: str | None = None,
     ) -> None:
         super().__init__()
-        weight = kernel_representable(weight)
         self.out_features, self.in_features = weight.shape
         self.dtype = dtype
         self.bits = 8 if isinstance(weight, Int8Weight) else 4
@@ -161,6 +201,7 @@ class QuantizedLinear(nn.Module):
         self.kernel = default_kernel(weight.q.device, weight.shape, self.bits) if kernel is None else kernel
         if self.kernel not in KERNELS:
             raise ValueError(f"kernel must be one of {KERNELS}, got {self.kernel!r}")
+        weight = kernel_representable(weight, self.kernel)
         self.bias = None if bias is None else nn.Parameter(bias.to(dtype).contiguous(), requires_grad=False)
         dense = matrix_units_layout(dequantize(weight).to(dtype)) if self.dense_min_rows > 0 else None
         self.register_buffer("dense", dense)
@@ -182,7 +223,7 @@ class QuantizedLinear(nn.Module):
             self._register_torch_buffers(weight)  # both kernels read int8 weights the same way
             return
         self.register_buffer("qweight", pack_int4_tiles(weight.q))
-        self.register_buffer("scales", pack_int4_scales(weight.scales, weight.mins + INT4_KERNEL_OFFSET * weight.scales))
+        self.register_buffer("scales", pack_int4_scales(weight.scales, weight.mins))
 
     def _register_torch_buffers(self, weight: QuantizedWeight) -> None:
         if isinstance(weight, Int8Weight):
@@ -217,7 +258,7 @@ class QuantizedLinear(nn.Module):
             y = ops.int4_linear(x, self.qweight, self.scales, self.group_size)
         elif rows > INT8_PACKED_MATMUL_MAX_ROWS:
             weight = self.qweight.float() * self.scales.float()[:, None]
-            return F.linear(x, weight.to(x.dtype), self.bias)
+            return dense_linear(x, weight.to(x.dtype), self.bias)
         else:
             y = ops.int8_linear(x, self.qweight, self.scales)
         return y if self.bias is None else y + self.bias

@@ -16,7 +16,7 @@ from torch import nn
 from pagedllm.config import ModelConfig
 from pagedllm.kernels import use_cpu_kernels
 from pagedllm.layers.attention import AttentionMetadata
-from pagedllm.layers.linear import Linear, QuantizedLinear
+from pagedllm.layers.linear import Linear, QuantizedLinear, dense_rows
 
 if TYPE_CHECKING:
     from pagedllm.model.llama import LlamaForCausalLM
@@ -120,4 +120,5 @@ class DecodeStack:
             config.num_kv_heads,
             config.rms_norm_eps,
             config.head_dim**-0.5,
+            dense_rows(hidden, self.weights[0]),
         )

@@ -7,7 +7,7 @@ import sys
 import psutil
 import pytest
 
-from pagedllm.engine.host_memory import limit_malloc_arenas, release_freed_memory
+from pagedllm.engine.host_memory import HeapTrimmer, limit_malloc_arenas, release_freed_memory, resident_bytes
 
 try:
     _GLIBC = hasattr(ctypes.CDLL("libc.so.6"), "malloc_trim")
@@ -15,19 +15,46 @@ except OSError:
     _GLIBC = False
 
 
+def freed_heap_blocks(total: int) -> bytearray:
+    """Leave `total` bytes of freed blocks resident in the heap, below a block that is kept (returned).
+
+    Small blocks come from the heap, not from mmap: freed, they stay resident until trimmed; the kept one holds the
+    heap's top, so free() alone cannot shrink it.
+    """
+    blocks = [bytearray(64 * 1024) for _ in range(total // (64 * 1024))]
+    return blocks[-1]
+
+
 @pytest.mark.skipif(not _GLIBC, reason="malloc_trim is glibc's; elsewhere release_freed_memory does nothing")
 def test_release_returns_freed_heap_pages_to_the_os() -> None:
     limit_malloc_arenas(1)
     process = psutil.Process()
-    # Small blocks come from the heap, not from mmap: freed, they stay resident until trimmed.
-    blocks = [bytearray(64 * 1024) for _ in range(3200)]
-    keep = blocks[-1]  # holds the heap's top, so free() alone cannot shrink it
-    del blocks
+    keep = freed_heap_blocks(200 * 2**20)
     before = process.memory_info().rss
     release_freed_memory()
     after = process.memory_info().rss
     assert before - after > 100 * 2**20, f"released {(before - after) / 2**20:.0f} MiB of about 200"
     assert len(keep) == 64 * 1024
+
+
+@pytest.mark.skipif(not _GLIBC, reason="malloc_trim is glibc's; elsewhere release_freed_memory does nothing")
+@pytest.mark.parametrize(("growth_limit", "returned"), [(64 * 2**20, True), (1024 * 2**20, False)])
+def test_heap_trimmer_returns_freed_pages_once_resident_memory_grew_past_its_limit(
+    growth_limit: int, returned: bool
+) -> None:
+    limit_malloc_arenas(1)
+    trimmer = HeapTrimmer(growth_limit)
+    keep = freed_heap_blocks(200 * 2**20)
+    before = resident_bytes()
+    trimmer.after_step()
+    after = resident_bytes()
+    assert before is not None and after is not None and len(keep) == 64 * 1024
+    if returned:
+        assert before - after > 100 * 2**20, f"returned {(before - after) / 2**20:.0f} MiB of about 200"
+        assert trimmer.floor is not None and trimmer.floor <= after + 2**20
+    else:
+        assert before - after < 16 * 2**20, f"returned {(before - after) / 2**20:.0f} MiB within the limit"
+    trimmer.release()
 
 
 _OFFSET_OF_AN_8_MIB_TENSOR = f"""

@@ -28,7 +28,7 @@ def generator(seed: int) -> torch.Generator:
 
 
 def pagedllm_int4_buffers(weight: Int4Weight) -> tuple[torch.Tensor, torch.Tensor]:
-    return pack_int4_tiles(weight.q), pack_int4_scales(weight.scales, weight.mins + 8 * weight.scales)
+    return pack_int4_tiles(weight.q), pack_int4_scales(weight.scales, weight.mins)
 
 
 def int8_exact_activations(rows: int, in_features: int, seed: int) -> torch.Tensor:
@@ -50,9 +50,9 @@ def test_int4_linear_rounds_only_in_float32_where_activations_are_whole_steps(
 ) -> None:
     weight = kernel_representable(quantize_int4(torch.randn(out_features, in_features, generator=generator(1)), group_size))
     x = int8_exact_activations(rows, in_features, rows)
-    packed, scale_zero = pagedllm_int4_buffers(weight)
+    packed, scale_min = pagedllm_int4_buffers(weight)
     expected = x.double() @ dequantize(weight).double().T
-    got = ops.int4_linear(x, packed, scale_zero, group_size)
+    got = ops.int4_linear(x, packed, scale_min, group_size)
     # Float32 rounding only: the sums of products reach 10^6 here.
     torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-6 * expected.abs().max().item())
 
@@ -71,8 +71,8 @@ def int8_rounded(x: torch.Tensor, block: int) -> torch.Tensor:
 def test_int4_linear_error_is_that_of_int8_activations(dtype: torch.dtype, group_size: int, rows: int) -> None:
     weight = kernel_representable(quantize_int4(torch.randn(64, 512, generator=generator(2)), group_size))
     x = torch.randn(rows, 512, generator=generator(3)).to(dtype)
-    packed, scale_zero = pagedllm_int4_buffers(weight)
-    got = ops.int4_linear(x, packed, scale_zero, group_size)
+    packed, scale_min = pagedllm_int4_buffers(weight)
+    got = ops.int4_linear(x, packed, scale_min, group_size)
     assert got.dtype == dtype and got.shape == (rows, 64)
     # Activations round per weight group; the zero-point term multiplies the sums of the rounded activations too.
     expected = int8_rounded(x, group_size).double() @ dequantize(weight).double().T

@@ -7,6 +7,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
 
 from pagedllm.cpu import bfloat16_matrix_units, native_bfloat16_matmul
 from pagedllm.kernels import cpu_kernels_available
@@ -14,9 +16,15 @@ from pagedllm.layers.linear import (
     INT8_PACKED_MATMUL_MAX_ROWS,
     MATRIX_UNITS_DENSE_MIN_ROWS,
     NATIVE_BFLOAT16_INT8_DENSE_MIN_ROWS,
+    ONEDNN_FINE_ROWS,
+    ONEDNN_ROW_STEP,
+    ONEDNN_SIZES_PER_OCTAVE,
     QuantizedLinear,
     default_kernel,
+    dense_linear,
     kernel_representable,
+    matrix_units_layout,
+    onednn_rows,
     weight_only_kernels_available,
 )
 from pagedllm.layers.quantization import QuantizedWeight, dequantize, quantize_int4, quantize_int8
@@ -86,9 +94,9 @@ def test_reference_path_is_f_linear_on_the_dequantized_weight(kind: str) -> None
         # quantize_int8 picks bfloat16 scales already.
         assert moved == 0
     else:
-        # Rounding int4 scales and zero points to bfloat16, as the kernel stores them, moves weights by far less
+        # Rounding int4 scales and minimums to float16, as the kernel stores them, moves weights by far less
         # than a step.
-        assert 0 < moved <= weight.scales.max() / 16
+        assert 0 < moved <= weight.scales.max() / 64
 
 
 def test_kernel_path_keeps_the_leading_dimensions() -> None:
@@ -140,6 +148,38 @@ def test_dense_copy_costs_memory_only_when_asked_for() -> None:
 
     without = nbytes(QuantizedLinear(weight, None, torch.float32, dense_min_rows=0))
     with_copy = nbytes(QuantizedLinear(weight, None, torch.float32, dense_min_rows=8))
-    # 4 bits per weight plus a bfloat16 scale and zero per group of 32.
+    # 4 bits per weight plus a float16 scale and minimum per group of 32.
     assert without == OUT_FEATURES * IN_FEATURES // 2 + OUT_FEATURES * IN_FEATURES // 32 * 2 * 2
     assert with_copy == without + OUT_FEATURES * IN_FEATURES * 4
+
+
+@given(st.integers(min_value=1, max_value=1 << 16))
+def test_onednn_rows_pad_little_and_only_up(rows: int) -> None:
+    padded = onednn_rows(rows)
+    assert padded >= rows and onednn_rows(padded) == padded
+    if rows < ONEDNN_ROW_STEP:
+        assert padded == rows
+    elif rows <= ONEDNN_FINE_ROWS:
+        assert padded - rows < ONEDNN_ROW_STEP
+    else:
+        assert padded - rows < rows / ONEDNN_SIZES_PER_OCTAVE
+
+
+def test_onednn_rows_take_a_few_sizes_per_doubling() -> None:
+    # What bounds the matmuls oneDNN builds and keeps for a server's steps of every size.
+    sizes = {onednn_rows(rows) for rows in range(1, 4097)}
+    doublings = int(math.log2(4096 / ONEDNN_FINE_ROWS))
+    assert len(sizes) == ONEDNN_ROW_STEP - 1 + ONEDNN_FINE_ROWS // ONEDNN_ROW_STEP + doublings * ONEDNN_SIZES_PER_OCTAVE
+
+
+@pytest.mark.parametrize("layout", ["plain", "matrix_units"])
+@pytest.mark.parametrize("rows", [5, 9, 63, 65, 333, 1000])
+def test_padded_rows_give_the_unpadded_matmuls_bits(layout: str, rows: int) -> None:
+    generator = torch.Generator().manual_seed(rows)
+    weight = torch.randn(OUT_FEATURES, IN_FEATURES, generator=generator).to(torch.bfloat16)
+    bias = torch.randn(OUT_FEATURES, generator=generator).to(torch.bfloat16)
+    x = torch.randn(rows, IN_FEATURES, generator=generator).to(torch.bfloat16)
+    stored = matrix_units_layout(weight) if layout == "matrix_units" else weight
+    got = dense_linear(x.view(1, rows, IN_FEATURES), stored, bias)
+    assert got.shape == (1, rows, OUT_FEATURES) and got.is_contiguous()
+    assert torch.equal(got[0], F.linear(x, weight, bias))

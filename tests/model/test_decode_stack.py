@@ -11,8 +11,10 @@ import torch
 
 from pagedllm import LLM
 from pagedllm.engine.block_manager import BlockManager
+from pagedllm.cpu import native_bfloat16_matmul
 from pagedllm.kernels import cpu_kernels_available
 from pagedllm.layers.attention import AttentionMetadata
+from pagedllm.layers.linear import dense_rows
 from pagedllm.model.llama import LlamaForCausalLM
 from tests.checkpoints import write_checkpoint
 
@@ -63,11 +65,11 @@ def layers_forward(model: LlamaForCausalLM, ids: torch.Tensor, positions: torch.
 
 
 @torch.inference_mode()
-def check_stack_matches_layers(engine_llm: LLM, steps: int = 3) -> None:
+def check_stack_matches_layers(engine_llm: LLM, steps: int = 3, prompt_lens: tuple[int, ...] = PROMPT_LENS) -> None:
     engine = engine_llm.engine
     model, blocks = engine.runner.model, engine.block_manager
     assert model.decode_stack is not None
-    seqs = prefill(model, blocks, PROMPT_LENS)
+    seqs = prefill(model, blocks, prompt_lens)
     generator = torch.Generator().manual_seed(1)
     try:
         for _ in range(steps):
@@ -100,6 +102,15 @@ def tiny_dirs(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> 
 @pytest.mark.parametrize("quantization", ["none", "int8"])
 def test_stack_matches_layers_on_tiny_models(tiny_dirs: dict[str, Path], name: str, quantization: str) -> None:
     check_stack_matches_layers(LLM(str(tiny_dirs[name]), quantization=quantization, kv_cache_memory=2**24))
+
+
+def test_stack_pads_dense_matmuls_as_the_layers_do(tiny_dirs: dict[str, Path]) -> None:
+    llm = LLM(str(tiny_dirs["llama-gqa"]), quantization="none", dtype="bfloat16", kv_cache_memory=2**24)
+    prompt_lens = tuple(range(3, 36, 3))  # 11 sequences: where bfloat16 matmuls run on oneDNN, padded to 16 rows
+    weight = llm.engine.runner.model.decode_stack.weights[0]
+    if native_bfloat16_matmul():
+        assert dense_rows(torch.empty(len(prompt_lens), weight.shape[1], dtype=torch.bfloat16), weight) == 16
+    check_stack_matches_layers(llm, prompt_lens=prompt_lens)
 
 
 def test_stack_matches_layers_on_the_embedded_int4_model() -> None:

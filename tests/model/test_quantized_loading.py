@@ -11,7 +11,7 @@ import torch
 import transformers
 
 from pagedllm import LLM
-from pagedllm.layers.linear import Linear, QuantizedLinear
+from pagedllm.layers.linear import Linear, QuantizedLinear, kernel_representable
 from pagedllm.layers.quantization import Int4Weight, Int8Weight, LinearQuantization, dequantize
 from pagedllm.model.llama import LlamaForCausalLM
 from pagedllm.model.loader import gguf_quantized_weight, load_checkpoint
@@ -51,6 +51,8 @@ def test_raw_blocks_decode_to_what_gguf_dequantizes(
             # Kept exactly as stored: same groups of 32, same nibble order, same scales and mins.
             assert isinstance(quantized, Int4Weight) and quantized.group_size == 32
             torch.testing.assert_close(dequantize(quantized), expected, rtol=0, atol=1e-6, msg=tensor.name)
+            # The int4 kernel stores float16 scales and minimums, as the blocks do: the weights stay exact.
+            assert torch.equal(dequantize(kernel_representable(quantized)), dequantize(quantized)), tensor.name
 
 
 @pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q8_0], ids=lambda q: q.name)

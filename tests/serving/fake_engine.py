@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass, field, fields
 
 from pagedllm.engine.engine import EngineStats
+from pagedllm.engine.host_memory import HeapTrimmer
 from pagedllm.engine.output import CompletionOutput, RequestOutput
 from pagedllm.errors import InvalidArgumentError
 from pagedllm.sampling_params import SamplingParams
@@ -39,6 +40,7 @@ class FakeEngine:
         self.fail_next_step = False
         self.steps_allowed = threading.Event()
         self.steps_allowed.set()
+        self.heap = HeapTrimmer()
 
     def add_request(
         self, request_id: str, prompt: str | list[int], params: SamplingParams, arrival_time: float | None = None

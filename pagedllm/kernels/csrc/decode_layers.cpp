@@ -10,9 +10,14 @@ constexpr int64_t kQkv = 0, kOut = 1, kGateUp = 2, kDown = 3, kLinearsPerLayer =
 // Group size codes of the weight kinds that have no int4 groups.
 constexpr int64_t kDense = -1, kInt8 = 0;
 
+// A dense weight multiplies x padded to dense_rows rows, as the Python layers' dense_linear pads them.
 at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scales, int64_t group_size,
-                  const std::optional<at::Tensor>& bias) {
-  if (group_size == kDense) return at::linear(x, weight, bias);
+                  const std::optional<at::Tensor>& bias, int64_t dense_rows) {
+  if (group_size == kDense) {
+    const int64_t rows = x.size(0);
+    if (dense_rows == rows) return at::linear(x, weight, bias);
+    return at::linear(at::constant_pad_nd(x, {0, 0, 0, dense_rows - rows}), weight, bias).narrow(0, 0, rows);
+  }
   const at::Tensor y = group_size == kInt8 ? int8_linear(x, weight, scales) : int4_linear(x, weight, scales, group_size);
   return bias.has_value() ? y + *bias : y;
 }
@@ -25,7 +30,7 @@ at::Tensor decode_layers(const at::Tensor& hidden, const at::Tensor& positions, 
                          const c10::List<std::optional<at::Tensor>>& biases, at::TensorList k_pools,
                          at::TensorList v_pools, const at::Tensor& slots, const at::Tensor& block_tables,
                          const at::Tensor& seq_lens, int64_t num_heads, int64_t num_kv_heads, double eps,
-                         double scale) {
+                         double scale, int64_t dense_rows) {
   const int64_t num_layers = static_cast<int64_t>(k_pools.size());
   const int64_t num_linears = num_layers * kLinearsPerLayer;
   TORCH_CHECK(hidden.dim() == 2 && num_layers > 0, "decode_layers: hidden [tokens, hidden_size] and one pool per layer");
@@ -37,6 +42,7 @@ at::Tensor decode_layers(const at::Tensor& hidden, const at::Tensor& positions, 
               "decode_layers: a weight, scales, group size and bias per linear, four linears per layer");
   TORCH_CHECK(block_tables.size(0) == hidden.size(0) && seq_lens.size(0) == hidden.size(0),
               "decode_layers: one block table and context length per token");
+  TORCH_CHECK(dense_rows >= hidden.size(0), "decode_layers: dense_rows below the tokens");
   const int64_t tokens = hidden.size(0), head_dim = k_pools[0].size(3);
   at::Tensor residual = hidden.clone();
   at::Tensor x;
@@ -44,7 +50,7 @@ at::Tensor decode_layers(const at::Tensor& hidden, const at::Tensor& positions, 
     const int64_t first = layer * kLinearsPerLayer;
     const auto project = [&](const at::Tensor& input, int64_t which) {
       const int64_t i = first + which;
-      return linear(input, weights[i], scales[i], group_sizes[i], biases.get(i));
+      return linear(input, weights[i], scales[i], group_sizes[i], biases.get(i), dense_rows);
     };
     x = layer == 0 ? rms_norm(residual, norms[0], eps) : add_rms_norm_(residual, x, norms[2 * layer], eps);
     at::Tensor heads = project(x, kQkv).view({tokens, num_heads + 2 * num_kv_heads, head_dim});

@@ -4,7 +4,7 @@
 #include "ops.h"
 
 TORCH_LIBRARY(pagedllm, m) {
-  m.def("int4_linear(Tensor x, Tensor packed, Tensor scale_zero, int group_size) -> Tensor");
+  m.def("int4_linear(Tensor x, Tensor packed, Tensor scale_min, int group_size) -> Tensor");
   m.def("int8_linear(Tensor x, Tensor weight, Tensor scales) -> Tensor");
   m.def("paged_decode_attention(Tensor q, Tensor k_pool, Tensor v_pool, Tensor block_tables, Tensor seq_lens, float scale) -> Tensor");
   m.def("prefill_attention(Tensor q, Tensor k, Tensor v, int[] query_starts, int[] key_starts, int[] key_lens, float scale) -> Tensor");
@@ -16,7 +16,8 @@ TORCH_LIBRARY(pagedllm, m) {
   m.def(
       "decode_layers(Tensor hidden, Tensor positions, Tensor cos, Tensor signed_sin, Tensor[] norms, Tensor[] weights, "
       "Tensor[] scales, int[] group_sizes, Tensor?[] biases, Tensor(a!)[] k_pools, Tensor(b!)[] v_pools, Tensor slots, "
-      "Tensor block_tables, Tensor seq_lens, int num_heads, int num_kv_heads, float eps, float scale) -> Tensor");
+      "Tensor block_tables, Tensor seq_lens, int num_heads, int num_kv_heads, float eps, float scale, int dense_rows) "
+      "-> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(pagedllm, CPU, m) {

@@ -4,7 +4,7 @@
 #include <ATen/ATen.h>
 
 namespace pagedllm {
-at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale_zero, int64_t group_size);
+at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale_min, int64_t group_size);
 at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scales);
 at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_pool,
                                   const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale);
@@ -24,5 +24,5 @@ at::Tensor decode_layers(const at::Tensor& hidden, const at::Tensor& positions, 
                          const c10::List<std::optional<at::Tensor>>& biases, at::TensorList k_pools,
                          at::TensorList v_pools, const at::Tensor& slots, const at::Tensor& block_tables,
                          const at::Tensor& seq_lens, int64_t num_heads, int64_t num_kv_heads, double eps,
-                         double scale);
+                         double scale, int64_t dense_rows);
 }  // namespace pagedllm

@@ -3,17 +3,18 @@
 // maddubs, 32 products per instruction, or VNNI's dpbusd, which also sums them into int32) summed in integers over
 // the block, then scaled back to float32 once per block. Activations come and results go in the model dtype
 // (float32 or bfloat16). A block is a run of 32 channels for int8 weights (as llama.cpp's Q8 activations) and an
-// int4 weight group for int4, so that larger groups take fewer float steps. The zero-point term of int4 multiplies the sums
-// of the rounded activations over each group (as llama.cpp's Q8_1 does), so the result is that of the dequantized
-// weights with the rounded activations, and the weights' offset from their zero point does not add to the
+// int4 weight group for int4, so that larger groups take fewer float steps. The minimum's term of int4 multiplies
+// the sums of the rounded activations over each group (as llama.cpp's Q8_1 does), so the result is that of the
+// dequantized weights with the rounded activations, and the weights' offset from their minimum does not add to the
 // rounding error.
 //
 // int4 layout: output rows in tiles of 8, each tile's weights interleaved so that the 8 lanes of a vector are its
 // 8 outputs and each lane holds 4 consecutive weights of one output; one broadcast of 4 activation bytes then
 // meets all 8 outputs, and no sum crosses lanes. Per tile, each step of 8 input channels k = 8 s .. 8 s + 7 is 32
 // bytes: byte 4 o + j holds weight (8 t + o, 8 s + j) in its low nibble and (8 t + o, 8 s + 4 + j) in its high
-// nibble. scale_zero[t, g] holds the bfloat16 scales of the tile's 8 outputs for group g, then their 8 zeros, and
-// w = (q - 8) * scale + zero. With AVX-512 VNNI, tiles t and t + 1 fill the two halves of a 512-bit vector.
+// nibble. scale_min[t, g] holds the float16 scales of the tile's 8 outputs for group g, then their 8 minimums, and
+// w = q * scale + min (GGUF's Q4_1 and Q4_0 blocks store theirs so: their weights are kept exactly). With AVX-512
+// VNNI, tiles t and t + 1 fill the two halves of a 512-bit vector.
 // int8 layout: weight[n, k] int8 with one bfloat16 scale per row, w = q * scale.
 #include "vec.h"
 
@@ -201,7 +202,7 @@ struct RowPointers {
 // The operands of one quantized matmul: packed weights, their scales, and the quantized activation rows.
 struct Operands {
   const void* weight;
-  const uint16_t* scales;  // int4: (scale, zero) per group of each output row; int8: one scale per output row
+  const uint16_t* scales;  // int4: float16 (scale, min) per group of each output row; int8: a bfloat16 scale per row
   const int8_t* x;
   const float* x_scales;  // per group of int4, per run of 32 for int8
   const float* x_sums;  // int4 only
@@ -210,12 +211,12 @@ struct Operands {
 
 // The 8 outputs of int4 tile t for activation rows [m, m + Rows), into out [rows, out_features]: per group, the
 // integer sums of products, scaled once by the outputs' scales times the row's activation scale, plus the
-// zero-point term. GroupsAreRuns: groups of 32, which the compiler then knows.
+// minimum's term. GroupsAreRuns: groups of 32, which the compiler then knows.
 template <int64_t Rows, bool GroupsAreRuns, typename Out>
 void int4_tile(const Operands& a, int64_t t, int64_t m, Out* out) {
   const int64_t groups = a.in_features / a.group_size;
   const auto* tile = static_cast<const uint8_t*>(a.weight) + t * kTile * a.in_features / 2;
-  const uint16_t* scale_zero = a.scales + t * groups * 2 * kTile;
+  const uint16_t* scale_min = a.scales + t * groups * 2 * kTile;
   const RowPointers<int8_t> x(a.x, a.in_features, m, Rows);
   const RowPointers<float> x_scales(a.x_scales, groups, m, Rows), x_sums(a.x_sums, groups, m, Rows);
 #ifdef PAGEDLLM_AVX2
@@ -255,8 +256,8 @@ void int4_tile(const Operands& a, int64_t t, int64_t m, Out* out) {
       for (int64_t r = 0; r < Rows; ++r) group_sum[r] = _mm256_add_epi32(group_sum[r], _mm256_madd_epi16(run_sum[r], ones));
     }
 #endif
-    const auto* pair = reinterpret_cast<const c10::BFloat16*>(scale_zero + 2 * kTile * g);
-    const __m256 scale = load8(pair), min = _mm256_fnmadd_ps(_mm256_set1_ps(8.f), scale, load8(pair + kTile));
+    const auto* pair = reinterpret_cast<const c10::Half*>(scale_min + 2 * kTile * g);
+    const __m256 scale = load8(pair), min = load8(pair + kTile);
     for (int64_t r = 0; r < Rows; ++r) {
       const __m256 combined = _mm256_mul_ps(scale, _mm256_set1_ps(x_scales.rows[r][g]));
       acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(group_sum[r]), combined, acc[r]);
@@ -271,8 +272,8 @@ void int4_tile(const Operands& a, int64_t t, int64_t m, Out* out) {
       for (int64_t g = 0; g < groups; ++g) {
         int32_t sum = 0;
         for (int64_t k = g * a.group_size; k < (g + 1) * a.group_size; ++k) sum += int4_at(tile, o, k) * x.rows[r][k];
-        const float scale = bf16_bits_to_float(scale_zero[2 * kTile * g + o]);
-        const float min = bf16_bits_to_float(scale_zero[2 * kTile * g + kTile + o]) - 8.f * scale;
+        const float scale = half_bits_to_float(scale_min[2 * kTile * g + o]);
+        const float min = half_bits_to_float(scale_min[2 * kTile * g + kTile + o]);
         total += scale * x_scales.rows[r][g] * sum + min * x_sums.rows[r][g];
       }
       out[(m + r) * a.out_features + t * kTile + o] = static_cast<Out>(total);
@@ -288,8 +289,8 @@ void int4_tile_pair(const Operands& a, int64_t t, int64_t m, Out* out) {
   const int64_t groups = a.in_features / a.group_size, group_size = GroupsAreRuns ? kRun : a.group_size;
   const auto* tile = static_cast<const uint8_t*>(a.weight) + t * kTile * a.in_features / 2;
   const auto* next_tile = tile + kTile * a.in_features / 2;
-  const uint16_t* scale_zero = a.scales + t * groups * 2 * kTile;
-  const uint16_t* next_scale_zero = scale_zero + groups * 2 * kTile;
+  const uint16_t* scale_min = a.scales + t * groups * 2 * kTile;
+  const uint16_t* next_scale_min = scale_min + groups * 2 * kTile;
   const RowPointers<int8_t> x(a.x, a.in_features, m, Rows);
   const RowPointers<float> x_scales(a.x_scales, groups, m, Rows), x_sums(a.x_sums, groups, m, Rows);
   const __m512i mask = _mm512_set1_epi8(0x0F);
@@ -309,10 +310,9 @@ void int4_tile_pair(const Operands& a, int64_t t, int64_t m, Out* out) {
         group_sum[r] = _mm512_dpbusd_epi32(group_sum[r], high, broadcast4x16(x.rows[r] + k + 4));
       }
     }
-    const auto* pair = reinterpret_cast<const c10::BFloat16*>(scale_zero + 2 * kTile * g);
-    const auto* next_pair = reinterpret_cast<const c10::BFloat16*>(next_scale_zero + 2 * kTile * g);
-    const __m512 scale = join(load8(pair), load8(next_pair));
-    const __m512 min = _mm512_fnmadd_ps(_mm512_set1_ps(8.f), scale, join(load8(pair + kTile), load8(next_pair + kTile)));
+    const auto* pair = reinterpret_cast<const c10::Half*>(scale_min + 2 * kTile * g);
+    const auto* next_pair = reinterpret_cast<const c10::Half*>(next_scale_min + 2 * kTile * g);
+    const __m512 scale = join(load8(pair), load8(next_pair)), min = join(load8(pair + kTile), load8(next_pair + kTile));
     for (int64_t r = 0; r < Rows; ++r) {
       const __m512 combined = _mm512_mul_ps(scale, _mm512_set1_ps(x_scales.rows[r][g]));
       acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(group_sum[r]), combined, acc[r]);
@@ -364,20 +364,20 @@ at::Tensor as_output(const at::Tensor& out, const at::Tensor& x) {
 
 }  // namespace
 
-at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale_zero, int64_t group_size) {
+at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale_min, int64_t group_size) {
   const int64_t out_features = packed.size(0) * kTile, in_features = packed.size(1) / 4;
   TORCH_CHECK(x.size(-1) == in_features, "int4_linear: input has ", x.size(-1), " features, weight ", in_features);
   TORCH_CHECK(in_features % kRun == 0, "int4_linear: in_features must be a multiple of 32");
   TORCH_CHECK(group_size > 0 && group_size % kRun == 0 && in_features % group_size == 0,
               "int4_linear: bad group size ", group_size);
-  TORCH_CHECK(packed.scalar_type() == at::kByte && scale_zero.scalar_type() == at::kBFloat16, "int4_linear: dtypes");
+  TORCH_CHECK(packed.scalar_type() == at::kByte && scale_min.scalar_type() == at::kHalf, "int4_linear: dtypes");
   const at::Tensor rows = input_rows(x, in_features);
   const int64_t num_rows = rows.size(0);
   at::Tensor out = at::empty({num_rows, out_features}, x.options());
   PAGEDLLM_DISPATCH_FLOAT_TYPES(x.scalar_type(), "int4_linear", [&] {
     const QuantizedRows q = quantize_rows<scalar_t>(rows, group_size, true);
     const Operands operands{packed.const_data_ptr<uint8_t>(),
-                            reinterpret_cast<const uint16_t*>(scale_zero.const_data_ptr<at::BFloat16>()),
+                            reinterpret_cast<const uint16_t*>(scale_min.const_data_ptr<at::Half>()),
                             q.values,
                             q.scales,
                             q.sums,

@@ -3,6 +3,7 @@
 
 #include <ATen/ATen.h>
 #include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 
 #include <algorithm>
 #include <cmath>
@@ -36,6 +37,8 @@ inline float bf16_bits_to_float(uint16_t bits) {
   return static_cast<float>(c10::BFloat16(bits, c10::BFloat16::from_bits()));
 }
 
+inline float half_bits_to_float(uint16_t bits) { return static_cast<float>(c10::Half(bits, c10::Half::from_bits())); }
+
 #ifdef PAGEDLLM_AVX2
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 
@@ -43,6 +46,8 @@ inline __m256 load8(const c10::BFloat16* p) {
   const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
 }
+
+inline __m256 load8(const c10::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
 
 #ifdef PAGEDLLM_VNNI
 // sums plus the 8 int32 sums of adjacent quadruples of the products of unsigned bytes u with signed bytes s, in one
