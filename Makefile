@@ -18,7 +18,7 @@ PERPLEXITY_TOKENS ?= 8192
 AWQ_DIR ?= $(HOME)/.cache/pagedllm/awq/smollm2-135m-instruct-w4-g128-conversations
 BENCH_RESULTS = benchmarks/results/$(shell date +%F)-$(shell $(PY) -c "from pagedllm.benchmarks.results import this_machine; print(this_machine().name)" 2>/dev/null).json
 
-.PHONY: install serve chat test test-reference bench-peers bench bench-variants
+.PHONY: install serve chat lint test test-reference bench-peers bench bench-variants
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -40,7 +40,11 @@ serve: install
 chat: install
 	$(VENV)/bin/pagedllm chat
 
-test: install $(CHROMIUM)
+lint: install
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+test: install $(CHROMIUM) lint
 	$(PY) -m pytest -q -p no:cacheprovider
 
 test-reference: install

@@ -67,16 +67,25 @@ class ModelConfig:
 class EngineConfig:
     """Every setting of an engine; the Python API, the CLI flags and the server use these names."""
 
-    model: str | None = field(default=None, metadata={"help": "GGUF file, HF folder or embedded model name (default: smollm2-135m-instruct)"})
+    model: str | None = field(
+        default=None, metadata={"help": "GGUF file, HF folder or embedded model name (default: smollm2-135m-instruct)"}
+    )
     dtype: str = field(
         default="auto",
-        metadata={"help": "activations, dense weights and the KV cache: auto (bfloat16 on CPUs with AMX or AVX512-BF16, else float32), bfloat16 or float32"},
+        metadata={
+            "help": "activations, dense weights and the KV cache: auto (bfloat16 on CPUs with AMX or AVX512-BF16, "
+            "else float32), bfloat16 or float32"
+        },
     )
     max_model_len: int | None = field(default=None, metadata={"help": "context window (default: the model's)"})
     block_size: int = field(default=16, metadata={"help": "tokens per KV-cache block"})
-    kv_cache_memory: float = field(default=0.1, metadata={"help": "KV-cache budget: bytes if > 1, else a fraction of available RAM"})
+    kv_cache_memory: float = field(
+        default=0.1, metadata={"help": "KV-cache budget: bytes if > 1, else a fraction of available RAM"}
+    )
     max_num_seqs: int = field(default=256, metadata={"help": "most sequences in one batch"})
-    max_num_batched_tokens: int = field(default=4096, metadata={"help": "most tokens (prefill chunks + decodes) in one step"})
+    max_num_batched_tokens: int = field(
+        default=4096, metadata={"help": "most tokens (prefill chunks + decodes) in one step"}
+    )
     seed: int = field(default=0, metadata={"help": "seed of the sampler for requests without their own"})
     attention_impl: str = field(default="fast", metadata={"help": "paged attention: fast or reference"})
     fused_decode: bool = field(
@@ -97,7 +106,9 @@ class EngineConfig:
         },
     )
     kv_cache_dtype: str = field(default="auto", metadata={"help": "KV cache: auto (the model dtype), int8 or int4"})
-    num_threads: int = field(default=0, metadata={"help": "torch threads for the math (0: every core this process may use)"})
+    num_threads: int = field(
+        default=0, metadata={"help": "torch threads for the math (0: every core this process may use)"}
+    )
 
     def __post_init__(self) -> None:
         if self.dtype not in MODEL_DTYPES:
@@ -107,9 +118,13 @@ class EngineConfig:
         if self.quantization not in QUANTIZATIONS:
             raise ConfigError(f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}", "quantization")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
-            raise ConfigError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}", "kv_cache_dtype")
+            raise ConfigError(
+                f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}", "kv_cache_dtype"
+            )
         if self.quant_group_size not in (32, 64, 128, 256):
-            raise ConfigError(f"quant_group_size must be 32, 64, 128 or 256, got {self.quant_group_size}", "quant_group_size")
+            raise ConfigError(
+                f"quant_group_size must be 32, 64, 128 or 256, got {self.quant_group_size}", "quant_group_size"
+            )
         if (self.dense_matmul_min_rows or 0) < 0 or self.num_threads < 0:
             raise ConfigError("dense_matmul_min_rows and num_threads must be >= 0")
         _require_positive(self, "block_size", "max_num_seqs", "max_num_batched_tokens", "kv_cache_memory")

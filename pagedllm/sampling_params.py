@@ -90,7 +90,11 @@ class SamplingParams:
             (-2 <= self.frequency_penalty <= 2, "frequency_penalty", "must be in [-2, 2]"),
             (all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings"),
             (all(t >= 0 for t in self.stop_token_ids), "stop_token_ids", "must be token ids >= 0"),
-            (self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS, "logprobs", f"must be in [0, {MAX_LOGPROBS}]"),
+            (
+                self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS,
+                "logprobs",
+                f"must be in [0, {MAX_LOGPROBS}]",
+            ),
             (
                 self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= MAX_LOGPROBS,
                 "prompt_logprobs",
@@ -131,4 +135,6 @@ class SamplingParams:
             message = f"use_beam_search must be a boolean, got {self.use_beam_search!r}"
             raise InvalidArgumentError(message, "use_beam_search")
         if not all(_is_int(t) for t in self.stop_token_ids):
-            raise InvalidArgumentError(f"stop_token_ids must be integers, got {self.stop_token_ids!r}", "stop_token_ids")
+            raise InvalidArgumentError(
+                f"stop_token_ids must be integers, got {self.stop_token_ids!r}", "stop_token_ids"
+            )

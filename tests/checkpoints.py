@@ -7,7 +7,9 @@ from pathlib import Path
 import torch
 import transformers
 
-SHAPE = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=512)
+SHAPE = dict(
+    hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=512
+)
 CHECKPOINTS = {
     "llama-gqa": (transformers.LlamaConfig, transformers.LlamaForCausalLM, dict(num_key_value_heads=2)),
     "llama-mha-llama3-rope": (
@@ -17,7 +19,10 @@ CHECKPOINTS = {
             num_key_value_heads=4,
             tie_word_embeddings=True,
             rope_scaling=dict(
-                rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                rope_type="llama3",
+                factor=8.0,
+                low_freq_factor=1.0,
+                high_freq_factor=4.0,
                 original_max_position_embeddings=64,
             ),
         ),

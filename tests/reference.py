@@ -66,6 +66,8 @@ def check_logprobs_close(
     assert len(our_tokens) == len(their_tokens), f"{name}: {len(our_tokens)} vs {len(their_tokens)} tokens"
     for i, (a, b) in enumerate(zip(our_tokens, their_tokens)):
         if a != b:
-            assert a in their_tops[i], f"{name}: at {i} our token {a} not in reference top-{TOP_LOGPROBS} {their_tops[i]}"
+            assert a in their_tops[i], (
+                f"{name}: at {i} our token {a} not in reference top-{TOP_LOGPROBS} {their_tops[i]}"
+            )
             assert b in our_tops[i], f"{name}: at {i} reference token {b} not in our top-{TOP_LOGPROBS} {our_tops[i]}"
             return

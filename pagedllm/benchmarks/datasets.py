@@ -78,7 +78,9 @@ def iter_json_array_records(path: Path, chunk_chars: int = READ_CHUNK_CHARS) -> 
                     raise TruncatedJSONError(f"{path}: malformed record: {error}") from error
                 if at_eof:
                     if pos < len(buffer):
-                        logger.info("%s ends inside a record; its last %d characters are ignored", path.name, len(buffer) - pos)
+                        logger.info(
+                            "%s ends inside a record; its last %d characters are ignored", path.name, len(buffer) - pos
+                        )
                     return
                 more = file.read(chunk_chars)
                 at_eof = len(more) < chunk_chars
@@ -176,7 +178,8 @@ def sample_sharegpt_requests(
         requests.append(BenchmarkRequest(prompt, prompt_len, requested_len))
     if len(requests) < num_requests:
         raise ValueError(
-            f"only {len(requests)} of {len(pairs)} conversations fit max_model_len={max_model_len}; asked for {num_requests}"
+            f"only {len(requests)} of {len(pairs)} conversations fit max_model_len={max_model_len}; "
+            f"asked for {num_requests}"
         )
     return requests
 
@@ -210,7 +213,9 @@ def random_requests(
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The dataset flags shared by the benchmarks."""
     group = parser.add_argument_group("dataset")
-    group.add_argument("--dataset", choices=DATASETS, default="sharegpt", help="ShareGPT conversations or random token ids")
+    group.add_argument(
+        "--dataset", choices=DATASETS, default="sharegpt", help="ShareGPT conversations or random token ids"
+    )
     group.add_argument("--num-prompts", type=int, default=100, help="requests to send")
     group.add_argument("--seed", type=int, default=0, help="seed of the sampling and of the arrival times")
     group.add_argument("--input-len", type=int, default=128, help="random dataset: prompt tokens")
@@ -222,7 +227,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="ShareGPT: drop conversations whose prompt + answer exceed this many tokens",
     )
     add_sharegpt_output_len_argument(group)
-    group.add_argument("--tokenizer", default=None, help="model whose tokenizer counts tokens (default: the embedded model)")
+    group.add_argument(
+        "--tokenizer", default=None, help="model whose tokenizer counts tokens (default: the embedded model)"
+    )
 
 
 def add_sharegpt_output_len_argument(parser: argparse._ActionsContainer) -> None:

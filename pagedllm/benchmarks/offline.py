@@ -1,4 +1,5 @@
-"""`pagedllm bench offline`: pagedllm's own prefill, decode and ShareGPT throughput, in-process, measured as the peers are."""
+"""`pagedllm bench offline`: pagedllm's own prefill, decode and ShareGPT throughput, in-process, measured as the
+peers are."""
 
 from __future__ import annotations
 
@@ -58,7 +59,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
 
 
 def run_requests(llm: LLM, requests: list[BenchmarkRequest]) -> RequestThroughput:
-    """Submit every request at once (greedy, EOS ignored, each its own output length) and time them to the last token."""
+    """Submit every request at once (greedy, EOS ignored, each its own output length); time them to the last token."""
     params = [SamplingParams(max_tokens=r.output_len, temperature=0.0, ignore_eos=True) for r in requests]
     started = time.perf_counter()
     outputs = llm.generate([r.prompt for r in requests], params, use_tqdm=True)
@@ -87,7 +88,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--prompt-lens", type=int_tuple, default=PREFILL_PROMPT_LENS, help="prefill prompt lengths, e.g. 128,512,2048"
     )
-    parser.add_argument("--batch-sizes", type=int_tuple, default=DECODE_BATCH_SIZES, help="decode batch sizes, e.g. 1,8,32,64")
+    parser.add_argument(
+        "--batch-sizes", type=int_tuple, default=DECODE_BATCH_SIZES, help="decode batch sizes, e.g. 1,8,32,64"
+    )
     parser.add_argument("--decode-tokens", type=int, default=DECODE_NEW_TOKENS, help="tokens generated per decode run")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per point (the median is kept)")
     parser.add_argument(
@@ -101,7 +104,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--variant",
         default=None,
-        help="name of these engine settings (e.g. int8): reported beside the other variants, not as pagedllm's main row",
+        help="name of these engine settings (e.g. int8): reported beside the other variants, "
+        "not as pagedllm's main row",
     )
     results.add_output_argument(parser)
     add_dataclass_arguments(parser.add_argument_group("engine"), EngineConfig, exclude=("model", "seed"))
@@ -115,10 +119,18 @@ def run(args: argparse.Namespace) -> int:
     print(format_offline("pagedllm", throughput))
     record = asdict(throughput)
     run_settings = {
-        "model": args.model, "engine": asdict(config), "prompt_lens": list(args.prompt_lens), "batch_sizes": list(args.batch_sizes),
-        "decode_tokens": args.decode_tokens, "decode_prompt_len": DECODE_PROMPT_LEN, "repeats": args.repeats,
-        "threads": torch.get_num_threads(), "num_prompts": args.num_prompts, "sharegpt_output_len": args.sharegpt_output_len,
-        "seed": args.seed, "variant": args.variant,
+        "model": args.model,
+        "engine": asdict(config),
+        "prompt_lens": list(args.prompt_lens),
+        "batch_sizes": list(args.batch_sizes),
+        "decode_tokens": args.decode_tokens,
+        "decode_prompt_len": DECODE_PROMPT_LEN,
+        "repeats": args.repeats,
+        "threads": torch.get_num_threads(),
+        "num_prompts": args.num_prompts,
+        "sharegpt_output_len": args.sharegpt_output_len,
+        "seed": args.seed,
+        "variant": args.variant,
     }  # fmt: skip
     record["memory"] = engine_memory(llm)
     if args.num_prompts > 0:

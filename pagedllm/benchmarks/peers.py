@@ -37,11 +37,11 @@ from pagedllm.benchmarks.throughput import (
     DECODE_NEW_TOKENS,
     DECODE_PROMPT_LEN,
     PREFILL_PROMPT_LENS,
+    SHAREGPT_NUM_PROMPTS,
     DecodePoint,
     GenerateFn,
     OfflineThroughput,
     PrefillPoint,
-    SHAREGPT_NUM_PROMPTS,
     RequestThroughput,
     int_tuple,
     measure_from_args,
@@ -74,7 +74,9 @@ def llama_cpp_binary(name: str) -> Path:
 @cache
 def llama_cpp_version() -> str:
     """e.g. '0.5.0-dev (build 1, commit 0c1e570)', from `llama-server --version`."""
-    completed = subprocess.run([str(llama_cpp_binary("llama-server")), "--version"], capture_output=True, text=True, timeout=60)
+    completed = subprocess.run(
+        [str(llama_cpp_binary("llama-server")), "--version"], capture_output=True, text=True, timeout=60
+    )
     match = re.search(r"^version: (.+)$", completed.stdout + completed.stderr, re.MULTILINE)
     return match.group(1) if match else "unknown"
 
@@ -99,7 +101,9 @@ def llama_server(gguf: Path, port: int, parallel: int, context_per_slot: int, th
     return ServerProcess(llama_server_command(gguf, port, parallel, context_per_slot, threads), port, "llama-server")
 
 
-def llama_bench_command(gguf: Path, threads: int, prompt_lens: tuple[int, ...], gen_tokens: int, repetitions: int) -> list[str]:
+def llama_bench_command(
+    gguf: Path, threads: int, prompt_lens: tuple[int, ...], gen_tokens: int, repetitions: int
+) -> list[str]:
     return [
         str(llama_cpp_binary("llama-bench")),
         "-m", str(gguf),
@@ -207,14 +211,24 @@ def transformers_run_requests(
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--peers", default=",".join(PEERS), help=f"comma list of peers to run: {', '.join(PEERS)}")
-    parser.add_argument("--model", default=None, help="GGUF file, HF folder or embedded model name (default: the embedded model)")
+    parser.add_argument(
+        "--model", default=None, help="GGUF file, HF folder or embedded model name (default: the embedded model)"
+    )
     parser.add_argument("--threads", type=int, default=results.usable_cpu_count())
-    parser.add_argument("--dtype", choices=MODEL_DTYPES, default="auto", help="transformers: weights and activations (default: pagedllm's default)")
+    parser.add_argument(
+        "--dtype",
+        choices=MODEL_DTYPES,
+        default="auto",
+        help="transformers: weights and activations (default: pagedllm's default)",
+    )
     parser.add_argument(
         "--prompt-lens", type=int_tuple, default=PREFILL_PROMPT_LENS, help="prefill prompt lengths, e.g. 128,512,2048"
     )
     parser.add_argument(
-        "--batch-sizes", type=int_tuple, default=DECODE_BATCH_SIZES, help="transformers: decode batch sizes, e.g. 1,8,32,64"
+        "--batch-sizes",
+        type=int_tuple,
+        default=DECODE_BATCH_SIZES,
+        help="transformers: decode batch sizes, e.g. 1,8,32,64",
     )
     parser.add_argument(
         "--decode-tokens", type=int, default=DECODE_NEW_TOKENS, help="tokens generated per decode run (llama-bench tgN)"
@@ -259,7 +273,9 @@ def transformers_run(args: argparse.Namespace, path: Path, settings: dict[str, A
         "seed": args.seed,
     }
     if args.num_prompts > 0:
-        requests = sample_sharegpt(args.num_prompts, tokenizer, SHAREGPT_MAX_MODEL_LEN, args.seed, args.sharegpt_output_len)
+        requests = sample_sharegpt(
+            args.num_prompts, tokenizer, SHAREGPT_MAX_MODEL_LEN, args.seed, args.sharegpt_output_len
+        )
         pad_id = tokenizer.hf.pad_token_id if tokenizer.hf.pad_token_id is not None else eos_pad_id(model)
         sharegpt = transformers_run_requests(model, tokenized(requests, tokenizer), args.hf_batch_size, pad_id)
         print(format_request_throughput("transformers", sharegpt))

@@ -68,7 +68,8 @@ def latest_sharegpt(document: ResultsFile) -> dict[str, dict[str, RequestThrough
             throughput = RequestThroughput(**run.results["sharegpt"])
             found[sharegpt_workload(run.settings, throughput.num_requests)][run.engine] = throughput
     return {
-        workload: dict(sorted(engines.items(), key=lambda item: item[0] != SUBJECT)) for workload, engines in found.items()
+        workload: dict(sorted(engines.items(), key=lambda item: item[0] != SUBJECT))
+        for workload, engines in found.items()
     }
 
 
@@ -88,7 +89,11 @@ def serve_points(document: ResultsFile) -> dict[str, list[ServePoint]]:
             continue
         concurrency = run.settings["max_concurrency"] or run.settings["num_prompts"]
         point = ServePoint(
-            run.engine, concurrency, run.results["metrics"], run.results.get("peak_rss_bytes"), run.results.get("memory_budget")
+            run.engine,
+            concurrency,
+            run.results["metrics"],
+            run.results.get("peak_rss_bytes"),
+            run.results.get("memory_budget"),
         )
         latest[workload_name(run.settings)][(run.engine, concurrency)] = point
     return {
@@ -162,7 +167,7 @@ def offline_markdown(engines: dict[str, OfflineThroughput]) -> str:
 
 
 def serve_markdown(points: list[ServePoint]) -> str:
-    """One row per (concurrency, engine); a peer's row ends with subject ÷ peer (latency ratios below 1 favour the subject)."""
+    """One row per (concurrency, engine); a peer's row ends with subject ÷ peer (latency ratios < 1 favour us)."""
     subject_at = {p.concurrency: p for p in points if p.engine == SUBJECT}
     header = [
         "concurrency", "engine", "req/s", "out tok/s", "TTFT p50 ms", "TTFT p99 ms", "TPOT p50 ms", "TPOT p99 ms",
@@ -207,8 +212,8 @@ def prefix_markdown(record: dict[str, Any]) -> str:
         for mode in ("cached", "uncached")
     ]
     figures = (
-        f"Prefill tokens computed drop by {record['prefill_tokens_drop']:.1%} with caching on; the later chats' median TTFT "
-        f"is {record['ttft_first_over_median_later']:.1f}× lower than the first's."
+        f"Prefill tokens computed drop by {record['prefill_tokens_drop']:.1%} with caching on; "
+        f"the later chats' median TTFT is {record['ttft_first_over_median_later']:.1f}× lower than the first's."
     )
     return markdown_table(header, rows) + "\n\n" + figures
 
@@ -221,27 +226,45 @@ def table_sections(document: ResultsFile, level: int) -> list[str]:
     if offline:
         sections += [f"{heading} Offline throughput (tok/s, higher is better)", offline_markdown(offline)]
     for workload, engines in latest_sharegpt(document).items():
-        sections += [f"{heading} Offline throughput ({workload}, all at once; higher is better)", sharegpt_markdown(engines)]
+        sections += [
+            f"{heading} Offline throughput ({workload}, all at once; higher is better)",
+            sharegpt_markdown(engines),
+        ]
     for workload, points in serve_points(document).items():
         sections += [f"{heading} Serving: {workload}", serve_markdown(points)]
     prefix = [run for run in document.runs if run.kind == "prefix"]
     if prefix:
         run = prefix[-1]
-        title = f"Shared system prompt (~{run.settings['system_prompt_tokens']} tokens, {run.settings['num_requests']} chats one after another)"
+        settings = run.settings
+        title = (
+            f"Shared system prompt (~{settings['system_prompt_tokens']} tokens, "
+            f"{settings['num_requests']} chats one after another)"
+        )
         sections += [f"{heading} {title}", prefix_markdown(run.results)]
     variants = variants_table(document)
     if variants:
-        sections += [f"{heading} Quantization: perplexity, memory and speed against {BASELINE}", markdown_table(*variants)]
+        sections += [
+            f"{heading} Quantization: perplexity, memory and speed against {BASELINE}",
+            markdown_table(*variants),
+        ]
     return sections
 
 
 def markdown_report(document: ResultsFile) -> str:
     machine = document.machine
-    sections = [f"# Benchmarks on {machine.cpu_model} ({machine.cpu_count} CPUs)", f"{machine.platform}, Python {machine.python}"]
+    sections = [
+        f"# Benchmarks on {machine.cpu_model} ({machine.cpu_count} CPUs)",
+        f"{machine.platform}, Python {machine.python}",
+    ]
     sections += table_sections(document, level=2)
     commands = sorted({run.command for run in document.runs})
     versions = {f"{key} {value}" for run in document.runs for key, value in run.versions.items()}
-    sections += ["## Commands", "\n".join(f"- `{command}`" for command in commands), "## Versions", ", ".join(sorted(versions))]
+    sections += [
+        "## Commands",
+        "\n".join(f"- `{command}`" for command in commands),
+        "## Versions",
+        ", ".join(sorted(versions)),
+    ]
     return "\n\n".join(sections) + "\n"
 
 
@@ -279,7 +302,9 @@ def plot_serving(points: list[ServePoint], workload: str, path: Path) -> None:
     plt.close(figure)
 
 
-def readme_markdown(document: ResultsFile, results_path: Path, markdown_path: Path, pngs: list[Path], readme: Path) -> str:
+def readme_markdown(
+    document: ResultsFile, results_path: Path, markdown_path: Path, pngs: list[Path], readme: Path
+) -> str:
     """The README's results section: where and when, the tables, and the plots (links relative to the README)."""
 
     def link(path: Path) -> str:
@@ -332,14 +357,20 @@ def write_report(results_path: Path, markdown_path: Path | None = None, readme: 
         plot_serving(points, workload, png)
         pngs.append(png)
     written = [markdown_path, *pngs]
-    if readme is not None and update_readme(readme, readme_markdown(document, results_path, markdown_path, pngs, readme)):
+    if readme is not None and update_readme(
+        readme, readme_markdown(document, results_path, markdown_path, pngs, readme)
+    ):
         written.append(readme)
     return written
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("results", type=Path, nargs="?", default=None, help="results file (default: today's for this machine)")
-    parser.add_argument("--output-md", type=Path, default=None, help="markdown file (default: next to the results, .md)")
+    parser.add_argument(
+        "results", type=Path, nargs="?", default=None, help="results file (default: today's for this machine)"
+    )
+    parser.add_argument(
+        "--output-md", type=Path, default=None, help="markdown file (default: next to the results, .md)"
+    )
     parser.add_argument(
         "--readme",
         type=Path,

@@ -84,7 +84,9 @@ def arrival_delays(num_requests: int, request_rate: float, seed: int) -> list[fl
     return [rng.expovariate(request_rate) for _ in range(num_requests)]
 
 
-def completion_payload(request: BenchmarkRequest, settings: LoadSettings, max_tokens: int | None = None) -> dict[str, Any]:
+def completion_payload(
+    request: BenchmarkRequest, settings: LoadSettings, max_tokens: int | None = None
+) -> dict[str, Any]:
     payload: dict[str, Any] = {
         "model": settings.model,
         "prompt": request.prompt,
@@ -168,7 +170,9 @@ async def run_load(
         probe = await stream_completion(client, settings, BenchmarkRequest(PROBE_PROMPT, 1, PROBE_MAX_TOKENS))
         if probe.error is not None:
             raise RuntimeError(f"the probe request to {settings.base_url} failed: {probe.error}")
-        progress = tqdm(total=len(requests), desc=f"requests (concurrency {settings.max_concurrency or 'inf'})", unit="req")
+        progress = tqdm(
+            total=len(requests), desc=f"requests (concurrency {settings.max_concurrency or 'inf'})", unit="req"
+        )
 
         async def limited(request: BenchmarkRequest) -> RequestTrace:
             async with semaphore or nullcontext():
@@ -180,7 +184,9 @@ async def run_load(
         async with monitor or nullcontext():
             started = time.perf_counter()
             tasks = []
-            for request, delay in zip(requests, arrival_delays(len(requests), settings.request_rate, settings.seed), strict=True):
+            for request, delay in zip(
+                requests, arrival_delays(len(requests), settings.request_rate, settings.seed), strict=True
+            ):
                 if delay:
                     await asyncio.sleep(delay)
                 tasks.append(asyncio.create_task(limited(request)))
@@ -239,7 +245,9 @@ def format_metrics(
         ("ITL", metrics.itl_ms),
         ("E2E", metrics.e2e_latency_ms),
     ):
-        lines.append(f"{name:<5} ms  mean {dist.mean:9.2f}  median {dist.median:9.2f}  p90 {dist.p90:9.2f}  p99 {dist.p99:9.2f}")
+        lines.append(
+            f"{name:<5} ms  mean {dist.mean:9.2f}  median {dist.median:9.2f}  p90 {dist.p90:9.2f}  p99 {dist.p99:9.2f}"
+        )
     if peak_rss_bytes is not None:
         lines.append(f"server peak RSS (MiB)       {peak_rss_bytes / 2**20:.1f}")
     if peak_rss_bytes is not None and memory_budget is not None:
@@ -249,7 +257,9 @@ def format_metrics(
     return "\n".join(lines)
 
 
-def run_record(result: LoadResult, metrics: ServingMetrics, memory_budget: dict[str, int] | None = None) -> dict[str, Any]:
+def run_record(
+    result: LoadResult, metrics: ServingMetrics, memory_budget: dict[str, int] | None = None
+) -> dict[str, Any]:
     """What the results file keeps of a run: the metrics and a compact per-request log."""
     return {
         "metrics": asdict(metrics),
@@ -275,7 +285,9 @@ def launched_server(args: argparse.Namespace, concurrency: int) -> Iterator[Serv
     """Start the engine named by --launch, sized for `concurrency` parallel requests of --max-model-len tokens."""
     port = free_port()
     if args.launch == "llama.cpp":
-        server = peers.llama_server(resolve_model_path(args.model_path), port, concurrency, args.max_model_len, args.threads)
+        server = peers.llama_server(
+            resolve_model_path(args.model_path), port, concurrency, args.max_model_len, args.threads
+        )
     else:
         command = [
             sys.executable, "-m", "pagedllm.cli", "serve",
@@ -318,7 +330,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     target.add_argument("--server-pid", type=int, default=None, help="record the peak resident memory of this process")
     load = parser.add_argument_group("load")
     load.add_argument(
-        "--request-rate", type=float, default=math.inf, help="requests per second, Poisson arrivals; inf sends all at once"
+        "--request-rate",
+        type=float,
+        default=math.inf,
+        help="requests per second, Poisson arrivals; inf sends all at once",
     )
     load.add_argument(
         "--max-concurrency",
@@ -332,7 +347,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     datasets.add_arguments(parser)
 
 
-def settings_record(args: argparse.Namespace, settings: LoadSettings, server_command: list[str] | None) -> dict[str, Any]:
+def settings_record(
+    args: argparse.Namespace, settings: LoadSettings, server_command: list[str] | None
+) -> dict[str, Any]:
     """The settings of a run as the results file keeps them (strict JSON: the infinite rate is 'inf')."""
     return {
         "base_url": settings.base_url,

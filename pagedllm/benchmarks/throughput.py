@@ -8,7 +8,6 @@ cancels out. Every timed call gets fresh random prompts, so a prefix cache canno
 from __future__ import annotations
 
 import argparse
-
 import logging
 import statistics
 import time
@@ -63,7 +62,9 @@ class RequestThroughput:
     total_tokens_per_s: float
 
     @classmethod
-    def from_counts(cls, num_requests: int, prompt_tokens: int, output_tokens: int, seconds: float) -> RequestThroughput:
+    def from_counts(
+        cls, num_requests: int, prompt_tokens: int, output_tokens: int, seconds: float
+    ) -> RequestThroughput:
         if seconds <= 0:
             raise ValueError(f"elapsed time must be > 0, got {seconds}")
         return cls(
@@ -86,7 +87,9 @@ class PromptSource:
     seed: int
 
     def prompts(self, call: int, batch_size: int, prompt_len: int) -> list[list[int]]:
-        requests = random_requests(batch_size, prompt_len, 1, self.vocab_size, self.seed * 1_000_003 + call, self.excluded_ids)
+        requests = random_requests(
+            batch_size, prompt_len, 1, self.vocab_size, self.seed * 1_000_003 + call, self.excluded_ids
+        )
         return [list(request.prompt) for request in requests]
 
 
@@ -118,7 +121,9 @@ def measure(
     # One untimed call pays for lazy initialisation (allocator, kernels, thread pools).
     generate(source.prompts(next(calls), 1, decode_prompt_len), 2)
     result = OfflineThroughput()
-    progress = tqdm(total=(len(prompt_lens) + 2 * len(batch_sizes)) * repeats, desc=f"offline {engine}".strip(), unit="run")
+    progress = tqdm(
+        total=(len(prompt_lens) + 2 * len(batch_sizes)) * repeats, desc=f"offline {engine}".strip(), unit="run"
+    )
     for prompt_len in prompt_lens:
         seconds = []
         for _ in range(repeats):
@@ -139,9 +144,18 @@ def measure(
     return result
 
 
-def measure_from_args(generate: GenerateFn, tokenizer: Tokenizer, args: argparse.Namespace, engine: str) -> OfflineThroughput:
+def measure_from_args(
+    generate: GenerateFn, tokenizer: Tokenizer, args: argparse.Namespace, engine: str
+) -> OfflineThroughput:
     """`measure` with the offline flags (--prompt-lens, --batch-sizes, --repeats, --decode-tokens, --seed)."""
     source = PromptSource(tokenizer.vocab_size, tokenizer.special_ids, args.seed)
     return measure(
-        generate, source, args.prompt_lens, args.batch_sizes, args.repeats, DECODE_PROMPT_LEN, args.decode_tokens, engine
+        generate,
+        source,
+        args.prompt_lens,
+        args.batch_sizes,
+        args.repeats,
+        DECODE_PROMPT_LEN,
+        args.decode_tokens,
+        engine,
     )

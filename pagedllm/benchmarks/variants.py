@@ -1,4 +1,5 @@
-"""pagedllm under other engine settings (weight and KV-cache quantization): quality, memory and speed beside a baseline."""
+"""pagedllm under other engine settings (weight and KV-cache quantization): quality, memory and speed beside a
+baseline."""
 
 from __future__ import annotations
 

@@ -25,6 +25,7 @@ from pagedllm.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
+
 class OutputObserver(Protocol):
     """Told about every step's outputs and every abort, on the engine thread (metrics)."""
 

@@ -89,7 +89,11 @@ class LLMEngine:
         self.generation_tokens = 0
         logger.info(
             "%s loaded: %d KV blocks of %d tokens (%d tokens), context %d",
-            self.model_name, self.num_blocks, config.block_size, self.num_blocks * config.block_size, self.max_model_len,
+            self.model_name,
+            self.num_blocks,
+            config.block_size,
+            self.num_blocks * config.block_size,
+            self.max_model_len,
         )
 
     @property

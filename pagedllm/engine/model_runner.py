@@ -56,9 +56,7 @@ def allocate_kv_pool(model_config: ModelConfig, config: EngineConfig, num_blocks
 class ModelRunner:
     """Owns the model, the KV pools and the sampler."""
 
-    def __init__(
-        self, model: LlamaForCausalLM, config: EngineConfig, num_blocks: int, device: torch.device
-    ) -> None:
+    def __init__(self, model: LlamaForCausalLM, config: EngineConfig, num_blocks: int, device: torch.device) -> None:
         self.model = model
         self.device = device
         self.block_size = config.block_size
@@ -68,7 +66,9 @@ class ModelRunner:
         model.bind_kv_cache(self.k_caches, self.v_caches)
         self.sampler = Sampler(torch.Generator(device=device).manual_seed(config.seed))
         self.vocab_size = mc.vocab_size
-        self.bytes_per_block = kv_cache_bytes_per_block(mc, config.block_size, config.torch_dtype, config.kv_cache_dtype)
+        self.bytes_per_block = kv_cache_bytes_per_block(
+            mc, config.block_size, config.torch_dtype, config.kv_cache_dtype
+        )
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput, block_manager: BlockManager) -> StepResult:

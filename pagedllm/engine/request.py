@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from pagedllm.engine.beam_search import BeamSearch
 
 
-class FinishReason(str, enum.Enum):
+class FinishReason(enum.StrEnum):
     STOP = "stop"
     LENGTH = "length"
     ABORT = "abort"

@@ -16,7 +16,6 @@ from pagedllm.flags import add_dataclass_arguments, dataclass_from_args
 from pagedllm.llm import LLM
 from pagedllm.sampling_params import SamplingParams
 
-
 # About 40k tokens run at the default window and stride: a few minutes per setting on 2 cores.
 DEFAULT_MAX_TOKENS = 20_480
 DEFAULT_WINDOW = 1024
@@ -45,7 +44,9 @@ def sliding_windows(num_tokens: int, window: int, stride: int) -> list[Window]:
     """The standard strided evaluation: windows start every `stride` tokens and each scores only the tokens
     the previous ones did not, so every token but the first is scored once with up to `window` of context."""
     if window < 2 or not 1 <= stride <= window:
-        raise InvalidArgumentError(f"need window >= 2 and 1 <= stride <= window, got window={window}, stride={stride}", "window")
+        raise InvalidArgumentError(
+            f"need window >= 2 and 1 <= stride <= window, got window={window}, stride={stride}", "window"
+        )
     if num_tokens < 2:
         raise InvalidArgumentError(f"need at least 2 tokens to score, got {num_tokens}", "max_tokens")
     windows = []
@@ -63,7 +64,8 @@ def window_nll(token_ids: list[int], window: Window, prompt_logprobs: list[dict[
     """Sum of the negative log-likelihoods of a window's scored tokens, from the engine's prompt logprobs."""
     if len(prompt_logprobs) != window.end - window.begin:
         raise RuntimeError(
-            f"the engine returned {len(prompt_logprobs)} prompt logprobs for a window of {window.end - window.begin} tokens"
+            f"the engine returned {len(prompt_logprobs)} prompt logprobs "
+            f"for a window of {window.end - window.begin} tokens"
         )
     total = 0.0
     for position in range(window.first_scored, window.end):
@@ -96,7 +98,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     corpus.add_argument("--window", type=int, default=DEFAULT_WINDOW, help="most tokens of context per prediction")
     corpus.add_argument("--stride", type=int, default=DEFAULT_STRIDE, help="tokens between window starts")
     parser.add_argument(
-        "--output-json", type=Path, default=None, help="results file to append this run to (e.g. the benchmarks' results file)"
+        "--output-json",
+        type=Path,
+        default=None,
+        help="results file to append this run to (e.g. the benchmarks' results file)",
     )
     parser.add_argument("--variant", default=None, help="name of these engine settings in the results (e.g. int8)")
     # A prefix-cache hit would skip the prompt logprobs of the tokens it serves.
@@ -107,7 +112,9 @@ def run(args: argparse.Namespace) -> int:
     config = dataclass_from_args(EngineConfig, args, enable_prefix_caching=False)
     llm = LLM(**asdict(config))
     if args.text is not None:
-        token_ids = llm.tokenizer.encode(args.text.read_text(encoding="utf-8"), add_special_tokens=False)[: args.max_tokens]
+        token_ids = llm.tokenizer.encode(args.text.read_text(encoding="utf-8"), add_special_tokens=False)[
+            : args.max_tokens
+        ]
         corpus = str(args.text)
     else:
         token_ids = evaluation_tokens(llm.tokenizer, args.max_tokens)

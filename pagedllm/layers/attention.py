@@ -22,7 +22,6 @@ from pagedllm.config import ATTENTION_IMPLS
 from pagedllm.kernels import use_cpu_kernels
 from pagedllm.layers.kv_quant import QuantizedKVPool
 
-
 # A decode group grows until it holds this many sequences or reaches one with half the group's longest context:
 # each group gathers its keys to its own longest context, so padding stays under half of what is read.
 MAX_DECODE_GROUP = 16
@@ -101,7 +100,11 @@ def _decode_group_bounds(num_blocks: list[int]) -> list[tuple[int, int]]:
     bounds: list[tuple[int, int]] = []
     start = 0
     for row in range(1, len(num_blocks) + 1):
-        if row == len(num_blocks) or row - start == MAX_DECODE_GROUP or 2 * num_blocks[row] < max(num_blocks[start:row]):
+        if (
+            row == len(num_blocks)
+            or row - start == MAX_DECODE_GROUP
+            or 2 * num_blocks[row] < max(num_blocks[start:row])
+        ):
             bounds.append((start, row))
             start = row
     return bounds
@@ -243,7 +246,11 @@ class PagedAttention(nn.Module):
             keys = read_blocks(self.k_cache, group.block_tables).flatten(1, 2).transpose(1, 2)
             values = read_blocks(self.v_cache, group.block_tables).flatten(1, 2).transpose(1, 2)
             out[group.start : group.end] = F.scaled_dot_product_attention(
-                q[group.start : group.end].unsqueeze(2), keys, values, attn_mask=group.mask, scale=self.scale,
+                q[group.start : group.end].unsqueeze(2),
+                keys,
+                values,
+                attn_mask=group.mask,
+                scale=self.scale,
                 enable_gqa=True,
             ).squeeze(2)
         return out

@@ -109,7 +109,9 @@ class QuantizedKVPool:
         if bits not in KV_CACHE_BITS.values():
             raise ValueError(f"KV-cache quantization supports 8 or 4 bits, got {bits}")
         if head_dim * bits % 8:
-            raise ValueError(f"int{bits} KV cache needs head_dim * {bits} to be a whole number of bytes, got {head_dim}")
+            raise ValueError(
+                f"int{bits} KV cache needs head_dim * {bits} to be a whole number of bytes, got {head_dim}"
+            )
         rows = (num_blocks, block_size, num_kv_heads)
         self.bits = bits
         self.dtype = dtype  # what reads dequantize into: the model's dtype

@@ -265,7 +265,7 @@ class QuantizedLinear(nn.Module):
 
     @property
     def packed_max_rows(self) -> float:
-        """The most rows `forward` multiplies by the packed weight with pagedllm's kernels (more take a dense matmul)."""
+        """The most rows `forward` multiplies by the packed weight with pagedllm's kernels (more: a dense matmul)."""
         kernel_max_rows = math.inf if self.bits == 4 else INT8_PACKED_MATMUL_MAX_ROWS
         return kernel_max_rows if self.dense is None else min(kernel_max_rows, self.dense_min_rows - 1)
 

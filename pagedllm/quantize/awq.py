@@ -214,7 +214,9 @@ def _round_to_range(groups: torch.Tensor, low: torch.Tensor, step: torch.Tensor)
     return torch.round((groups - low) / step).clamp(0, INT4_LEVELS)
 
 
-def quantize_weighted(weight: torch.Tensor, moment: torch.Tensor, group_size: int, clip_steps: int, max_shrink: float) -> Int4Weight:
+def quantize_weighted(
+    weight: torch.Tensor, moment: torch.Tensor, group_size: int, clip_steps: int, max_shrink: float
+) -> Int4Weight:
     """Int4 groups chosen for their output error under the inputs' second moment rather than for the weights'
     own: each group's range [min, max] is clipped to the best of [(1-a)·min, (1-b)·max] for a, b on a grid
     in [0, max_shrink]."""
@@ -350,13 +352,17 @@ def awq_quantize(
             key = f"{index}.{group.name}"
             report.alphas[key] = found.alpha
             report.errors[key] = (found.error, found.minmax_error)
-            logger.debug("layer %s: alpha %s, error %.3g (min-max %.3g)", key, found.alpha, found.error, found.minmax_error)
+            logger.debug(
+                "layer %s: alpha %s, error %.3g (min-max %.3g)", key, found.alpha, found.error, found.minmax_error
+            )
         del inputs
         # Only now: a later group's fold rescales the rows of an earlier group's linear (down_proj's, up_proj's).
         layer = {}
         for name in LINEAR_NAMES:
             full = layer_prefix(index) + name + ".weight"
-            layer[full] = to_storage_precision(_quantize_linear(working.pop(full), moments[INPUT_OF[name]], name, settings))
+            layer[full] = to_storage_precision(
+                _quantize_linear(working.pop(full), moments[INPUT_OF[name]], name, settings)
+            )
         quantized.update(layer)
         if settings.sequential:
             dense = working | {name: dequantize(weight) for name, weight in layer.items()}

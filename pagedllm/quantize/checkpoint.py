@@ -84,7 +84,9 @@ def is_awq_checkpoint(raw_config: dict[str, Any]) -> bool:
     return quant.get("quant_method") == QUANT_METHOD and quant.get("format") == FORMAT
 
 
-def write_awq_checkpoint(folder: Path, config: ModelConfig, weights: dict[str, torch.Tensor | Int4Weight], group_size: int) -> None:
+def write_awq_checkpoint(
+    folder: Path, config: ModelConfig, weights: dict[str, torch.Tensor | Int4Weight], group_size: int
+) -> None:
     """config.json and model.safetensors (the caller adds the tokenizer files)."""
     tensors: dict[str, torch.Tensor] = {}
     for name, value in weights.items():
@@ -100,7 +102,9 @@ def write_awq_checkpoint(folder: Path, config: ModelConfig, weights: dict[str, t
     (folder / "config.json").write_text(json.dumps(hf_config(config, group_size), indent=2) + "\n")
 
 
-def load_awq_weights(folder: Path, raw_config: dict[str, Any], dtype: torch.dtype) -> dict[str, torch.Tensor | Int4Weight]:
+def load_awq_weights(
+    folder: Path, raw_config: dict[str, Any], dtype: torch.dtype
+) -> dict[str, torch.Tensor | Int4Weight]:
     """HF-named tensors of a checkpoint written by write_awq_checkpoint (its config.json is `raw_config`):
     Int4Weight for quantized linears, every other tensor cast to `dtype`. Each linear's group size follows from
     its shapes: the config's is the largest, used wherever it divides the input width."""
@@ -116,11 +120,14 @@ def load_awq_weights(folder: Path, raw_config: dict[str, Any], dtype: torch.dtyp
             raise UnsupportedModelError(f"{folder}: {name} has no {error.args[0]}") from error
         q = unpack_nibbles(stored.pop(name))
         if scales.shape != mins.shape or q.shape[0] != scales.shape[0] or q.shape[1] % scales.shape[1]:
-            raise UnsupportedModelError(f"{folder}: {base} has scales {tuple(scales.shape)} for weight {tuple(q.shape)}")
+            raise UnsupportedModelError(
+                f"{folder}: {base} has scales {tuple(scales.shape)} for weight {tuple(q.shape)}"
+            )
         group_size = q.shape[1] // scales.shape[1]
         if group_size > max_group_size:
-            raise UnsupportedModelError(f"{folder}: {base} has groups of {group_size}, above the config's {max_group_size}")
+            raise UnsupportedModelError(
+                f"{folder}: {base} has groups of {group_size}, above the config's {max_group_size}"
+            )
         weights[base + ".weight"] = Int4Weight(q, scales.float(), mins.float(), group_size)
     weights.update({name: tensor.to(dtype) for name, tensor in stored.items()})
     return weights
-

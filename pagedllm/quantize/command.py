@@ -21,15 +21,24 @@ logger = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None, help="GGUF file, HF folder or embedded model name (default: smollm2-135m-instruct)")
+    parser.add_argument(
+        "--model", default=None, help="GGUF file, HF folder or embedded model name (default: smollm2-135m-instruct)"
+    )
     parser.add_argument("--method", choices=("awq",), default="awq", help="quantization method")
     parser.add_argument("--bits", type=int, choices=(4,), default=4, help="bits per weight")
-    parser.add_argument("--group-size", type=int, choices=(32, 64, 128, 256), default=128, help="input channels per scale and min")
+    parser.add_argument(
+        "--group-size", type=int, choices=(32, 64, 128, 256), default=128, help="input channels per scale and min"
+    )
     parser.add_argument("--calib-samples", type=int, default=128, help="calibration sequences (ShareGPT conversations)")
     parser.add_argument("--calib-seq-len", type=int, default=256, help="tokens per calibration sequence")
-    parser.add_argument("--grid-points", type=int, default=AWQSettings.grid_points, help="values of alpha tried in [0, 1]")
     parser.add_argument(
-        "--clip", action=argparse.BooleanOptionalAction, default=True, help="also search each weight group's clipping range"
+        "--grid-points", type=int, default=AWQSettings.grid_points, help="values of alpha tried in [0, 1]"
+    )
+    parser.add_argument(
+        "--clip",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also search each weight group's clipping range",
     )
     parser.add_argument(
         "--duo-scaling",
@@ -46,7 +55,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="folder to write the checkpoint to")
 
 
-def quantize_model(model: str | None, out: Path, settings: AWQSettings, calib_samples: int, calib_seq_len: int) -> AWQReport:
+def quantize_model(
+    model: str | None, out: Path, settings: AWQSettings, calib_samples: int, calib_seq_len: int
+) -> AWQReport:
     """Calibrate `model` (dense float32; a quantized input is dequantized first) and write the checkpoint to `out`."""
     path = resolve_model_path(model)
     checkpoint = load_checkpoint(path, torch.float32)

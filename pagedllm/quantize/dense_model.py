@@ -29,7 +29,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def make_rotary(config: ModelConfig, weights: Weights, max_positions: int) -> RotaryEmbedding:
-    return RotaryEmbedding(config.head_dim, max_positions, config.rope_theta, config.rope_scaling, weights.get("rope_freqs"))
+    return RotaryEmbedding(
+        config.head_dim, max_positions, config.rope_theta, config.rope_scaling, weights.get("rope_freqs")
+    )
 
 
 def _linear(x: torch.Tensor, weights: Weights, name: str) -> torch.Tensor:

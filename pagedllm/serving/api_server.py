@@ -23,6 +23,7 @@ from pagedllm.config import EngineConfig
 from pagedllm.engine.async_engine import AsyncLLMEngine
 from pagedllm.engine.engine import LLMEngine
 from pagedllm.errors import InvalidArgumentError, ModelNotFoundError, PagedLLMError
+from pagedllm.flags import add_dataclass_arguments, dataclass_from_args
 from pagedllm.serving.chat import create_chat_completion
 from pagedllm.serving.completions import create_completion
 from pagedllm.serving.error_responses import error_response, install_error_handlers
@@ -45,7 +46,6 @@ from pagedllm.serving.protocol import (
     TokenizeResponse,
     VersionResponse,
 )
-from pagedllm.flags import add_dataclass_arguments, dataclass_from_args
 from pagedllm.serving.settings import ServerSettings
 
 logger = logging.getLogger(__name__)

@@ -27,7 +27,10 @@ RECORDS = [
     },
     {
         "id": "b",
-        "conversations": [{"from": "human", "value": 'quote " and \\\\ backslash \\u00e9 é 😀'}, {"from": "gpt", "value": "x"}],
+        "conversations": [
+            {"from": "human", "value": 'quote " and \\\\ backslash \\u00e9 é 😀'},
+            {"from": "gpt", "value": "x"},
+        ],
         "n": -1.5e3,
     },
     {"id": "c", "flags": [True, False, None], "conversations": [{"from": "gpt", "value": "a model turn first"}]},

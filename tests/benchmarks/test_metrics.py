@@ -90,7 +90,9 @@ def test_distribution_in_milliseconds() -> None:
 
 def test_summary_over_requests() -> None:
     first = replay(SCRIPT, sent_at=10.0, finished_at=12.25, prompt_len=3)  # TTFT 1.0, 4 tokens
-    second = replay([(0.5, chunk("x")), (1.5, chunk("y", usage=2))], sent_at=0.0, finished_at=2.0, prompt_len=7)  # TTFT 0.5
+    second = replay(
+        [(0.5, chunk("x")), (1.5, chunk("y", usage=2))], sent_at=0.0, finished_at=2.0, prompt_len=7
+    )  # TTFT 0.5
     failed = RequestTrace(prompt_len=100, expected_output_len=4, error="HTTP 500")
     metrics = summarize([first, second, failed], duration_s=4.0)
     assert (metrics.completed, metrics.failed) == (2, 1)

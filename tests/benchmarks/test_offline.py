@@ -19,7 +19,9 @@ def parse(*argv: str) -> argparse.Namespace:
 
 
 def test_engine_flags_become_the_engine_config() -> None:
-    args = parse("--batch-sizes", "1,512", "--prompt-lens", "128,4096", "--block-size", "32", "--kv-cache-memory", "0.25")
+    args = parse(
+        "--batch-sizes", "1,512", "--prompt-lens", "128,4096", "--block-size", "32", "--kv-cache-memory", "0.25"
+    )
     config = offline.engine_config(args)
     assert (config.block_size, config.kv_cache_memory, config.model, config.seed) == (32, 0.25, None, 0)
     # Raised to what batch 512 and a 4096-token prefill need, past the defaults.
@@ -27,14 +29,26 @@ def test_engine_flags_become_the_engine_config() -> None:
 
 
 def test_budgets_are_the_larger_of_the_flag_and_the_need() -> None:
-    config = offline.engine_config(parse("--max-num-seqs", "8", "--max-num-batched-tokens", "512", "--prompt-lens", "128"))
+    config = offline.engine_config(
+        parse("--max-num-seqs", "8", "--max-num-batched-tokens", "512", "--prompt-lens", "128")
+    )
     assert (config.max_num_seqs, config.max_num_batched_tokens) == (32, 32 * offline.DECODE_PROMPT_LEN)
     config = offline.engine_config(parse("--max-num-seqs", "100", "--max-num-batched-tokens", "9000"))
     assert (config.max_num_seqs, config.max_num_batched_tokens) == (100, 9000)
 
 
 def test_bool_engine_flags_and_benchmark_flags() -> None:
-    args = parse("--no-enable-prefix-caching", "--model", "m.gguf", "--seed", "3", "--num-prompts", "5", "--sharegpt-output-len", "7")
+    args = parse(
+        "--no-enable-prefix-caching",
+        "--model",
+        "m.gguf",
+        "--seed",
+        "3",
+        "--num-prompts",
+        "5",
+        "--sharegpt-output-len",
+        "7",
+    )
     config = offline.engine_config(args)
     # --seed is the benchmark's, and also seeds the (greedy, so unused) engine sampler.
     assert (config.enable_prefix_caching, config.model, config.seed) == (False, "m.gguf", 3)

@@ -77,7 +77,9 @@ def test_server_command_sizes_the_context_for_every_slot(fake_bin: Path) -> None
 
 
 def test_bench_command(fake_bin: Path) -> None:
-    command = peers.llama_bench_command(Path("m.gguf"), threads=2, prompt_lens=(512, 2048), gen_tokens=128, repetitions=3)
+    command = peers.llama_bench_command(
+        Path("m.gguf"), threads=2, prompt_lens=(512, 2048), gen_tokens=128, repetitions=3
+    )
     assert command == [
         str(fake_bin / "llama-bench"),
         "-m",
@@ -134,6 +136,9 @@ def test_sharegpt_static_batches_count_only_each_requests_own_output() -> None:
     result = peers.transformers_run_requests(model, requests, batch_size=2, pad_id=0)
     # Batches in the order sampled: each generates its longest output, min_new_tokens equal, greedy.
     assert [call["input_ids"] for call in model.calls] == [[[1, 2], [0, 3]], [[4, 5, 6]]]
-    assert [(c["max_new_tokens"], c["min_new_tokens"], c["do_sample"]) for c in model.calls] == [(10, 10, False), (6, 6, False)]
+    assert [(c["max_new_tokens"], c["min_new_tokens"], c["do_sample"]) for c in model.calls] == [
+        (10, 10, False),
+        (6, 6, False),
+    ]
     assert model.calls[0]["attention_mask"].tolist() == [[1, 1], [0, 1]]
     assert (result.num_requests, result.prompt_tokens, result.output_tokens) == (3, 6, 20)

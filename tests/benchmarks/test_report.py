@@ -21,7 +21,19 @@ def serving_metrics(throughput: float, ttft_ms: float, tpot_ms: float) -> dict:
 
     return asdict(
         ServingMetrics(
-            10, 0, 5.0, 100, 500, 500, 2.0, throughput, throughput + 20, dist(ttft_ms), dist(tpot_ms), dist(tpot_ms), dist(1000)
+            10,
+            0,
+            5.0,
+            100,
+            500,
+            500,
+            2.0,
+            throughput,
+            throughput + 20,
+            dist(ttft_ms),
+            dist(tpot_ms),
+            dist(tpot_ms),
+            dist(1000),
         )
     )
 
@@ -36,7 +48,10 @@ def serve_run(engine: str, concurrency: int, throughput: float, ttft_ms: float, 
         "max_concurrency": concurrency,
     }
     return results.new_run(
-        "serve", engine, settings, {"metrics": serving_metrics(throughput, ttft_ms, tpot_ms), "peak_rss_bytes": 300 * 2**20}
+        "serve",
+        engine,
+        settings,
+        {"metrics": serving_metrics(throughput, ttft_ms, tpot_ms), "peak_rss_bytes": 300 * 2**20},
     )
 
 
@@ -106,7 +121,10 @@ def test_sharegpt_table_has_ratios_to_each_peer(tmp_path: Path) -> None:
     assert "| total tok/s | 800.0 | 200.0 | 4.00× |" in text
 
 
-README = "# pagedllm\n\nIntro.\n\n## Results\n\n<!-- bench-results:start -->\nold numbers\n<!-- bench-results:end -->\n\nMore.\n"
+README = (
+    "# pagedllm\n\nIntro.\n\n## Results\n\n<!-- bench-results:start -->\nold numbers\n<!-- bench-results:end -->"
+    "\n\nMore.\n"
+)
 
 
 def test_report_rewrites_the_readme_section(tmp_path: Path) -> None:
@@ -155,7 +173,9 @@ def test_prefix_sharing_section_shows_both_modes(tmp_path: Path) -> None:
         "cached_summary": {"computed_prefill_tokens": 100, "first_ttft_s": 0.8, "median_later_ttft_s": 0.1},
         "uncached_summary": {"computed_prefill_tokens": 1000, "first_ttft_s": 0.9, "median_later_ttft_s": 0.85},
     }
-    results.append_run(path, results.new_run("prefix", "pagedllm", {"system_prompt_tokens": 1500, "num_requests": 16}, record))
+    results.append_run(
+        path, results.new_run("prefix", "pagedllm", {"system_prompt_tokens": 1500, "num_requests": 16}, record)
+    )
     text = markdown_report(results.load_results(path))
     assert "| on | 100 | 800 | 100 |" in text and "| off | 1000 | 900 | 850 |" in text
     assert "drop by 90.0%" in text and "8.0× lower" in text

@@ -12,7 +12,14 @@ import httpx
 import pytest
 
 from pagedllm.benchmarks.datasets import BenchmarkRequest
-from pagedllm.benchmarks.serve import BACKENDS, LoadSettings, arrival_delays, completion_payload, parse_concurrencies, run_load
+from pagedllm.benchmarks.serve import (
+    BACKENDS,
+    LoadSettings,
+    arrival_delays,
+    completion_payload,
+    parse_concurrencies,
+    run_load,
+)
 
 
 class ScriptedServer:
@@ -36,7 +43,11 @@ class ScriptedServer:
                 await asyncio.sleep(0)  # let other requests interleave
                 event = {"choices": [{"index": 0, "text": f"t{index} ", "finish_reason": None}]}
                 yield f"data: {json.dumps(event)}\n\n".encode()
-            usage = {"prompt_tokens": 1, "completion_tokens": payload["max_tokens"], "total_tokens": 1 + payload["max_tokens"]}
+            usage = {
+                "prompt_tokens": 1,
+                "completion_tokens": payload["max_tokens"],
+                "total_tokens": 1 + payload["max_tokens"],
+            }
             yield f"data: {json.dumps({'choices': [], 'usage': usage})}\n\n".encode()
             yield b"data: [DONE]\n\n"
         finally:

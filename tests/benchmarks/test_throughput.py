@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 
 from pagedllm.benchmarks import throughput
-from pagedllm.benchmarks.throughput import DecodePoint, PrefillPoint, PromptSource, RequestThroughput, int_tuple, measure
+from pagedllm.benchmarks.throughput import (
+    DecodePoint,
+    PrefillPoint,
+    PromptSource,
+    RequestThroughput,
+    int_tuple,
+    measure,
+)
 
 PREFILL_S_PER_TOKEN = 0.001
 DECODE_S_PER_STEP = 0.02
@@ -33,7 +40,13 @@ def test_measure_recovers_the_engine_speeds(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setattr(throughput.time, "perf_counter", engine.clock)
     source = PromptSource(vocab_size=100, excluded_ids=frozenset({0}), seed=0)
     result = measure(
-        engine.generate, source, prompt_lens=(16, 64), batch_sizes=(1, 4), repeats=2, decode_prompt_len=8, decode_new_tokens=11
+        engine.generate,
+        source,
+        prompt_lens=(16, 64),
+        batch_sizes=(1, 4),
+        repeats=2,
+        decode_prompt_len=8,
+        decode_new_tokens=11,
     )
     assert result.prefill == [PrefillPoint(16, pytest.approx(1000.0)), PrefillPoint(64, pytest.approx(1000.0))]
     assert result.decode == [

@@ -12,7 +12,9 @@ from pagedllm.benchmarks.variants import variants_table
 
 
 def variant_run(variant: str, prefill: float, decode_1: float, weight_mib: int, kv_tokens: int) -> results.Run:
-    throughput = OfflineThroughput([PrefillPoint(512, prefill)], [DecodePoint(1, decode_1), DecodePoint(32, decode_1 * 5)])
+    throughput = OfflineThroughput(
+        [PrefillPoint(512, prefill)], [DecodePoint(1, decode_1), DecodePoint(32, decode_1 * 5)]
+    )
     memory = {"weight_bytes": weight_mib * 2**20, "kv_cache_bytes": 2**30, "kv_cache_tokens": kv_tokens}
     return results.new_run("offline", "pagedllm", {"variant": variant}, {**asdict(throughput), "memory": memory})
 

@@ -53,7 +53,7 @@ def test_abort_frees_blocks_and_spares_the_others(small_llm: LLM) -> None:
     while engine.has_unfinished_requests():
         finished.update({o.request_id: o for o in engine.step() if o.finished})
     assert sorted(finished) == ["r0", "r2", "r3"]
-    for request_id, output in finished.items():
+    for output in finished.values():
         assert output.outputs[0].token_ids == expected[output.prompt]
     assert engine.block_manager.num_free_blocks == engine.num_blocks
 

@@ -129,7 +129,12 @@ def traffic(draw: st.DrawFn) -> list[tuple[list[int], int, int | None]]:
 @pytest.fixture(scope="module")
 def cached_llm(tiny_llama_dir: Path) -> LLM:
     """Prefix caching on, 10 blocks of 16 tokens: shared prefixes, preemptions and evictions all happen."""
-    return LLM(model=str(tiny_llama_dir), dtype="float32", kv_cache_memory=10 * 16 * 2 * 2 * 2 * 16 * 4, max_num_batched_tokens=48)
+    return LLM(
+        model=str(tiny_llama_dir),
+        dtype="float32",
+        kv_cache_memory=10 * 16 * 2 * 2 * 2 * 16 * 4,
+        max_num_batched_tokens=48,
+    )
 
 
 @pytest.fixture(scope="module")

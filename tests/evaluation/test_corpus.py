@@ -22,7 +22,13 @@ def test_record_ranges_are_disjoint() -> None:
 
 def test_turns_come_from_the_requested_records_and_speaker(tmp_path: Path) -> None:
     records = [
-        {"conversations": [{"from": "human", "value": f"q{i}"}, {"from": "gpt", "value": f"a{i}"}, {"from": "gpt", "value": " "}]}
+        {
+            "conversations": [
+                {"from": "human", "value": f"q{i}"},
+                {"from": "gpt", "value": f"a{i}"},
+                {"from": "gpt", "value": " "},
+            ]
+        }
         for i in range(6)
     ]
     path = tmp_path / "sharegpt.json"

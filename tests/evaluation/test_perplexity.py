@@ -23,7 +23,13 @@ NUM_TOKENS = 45
 @pytest.fixture(scope="module")
 def tiny_llm(tiny_llama_dir: Path) -> LLM:
     # A small step budget splits each window into prefill chunks that read earlier ones back from the cache.
-    return LLM(str(tiny_llama_dir), dtype="float32", kv_cache_memory=2**22, max_num_batched_tokens=16, enable_prefix_caching=False)
+    return LLM(
+        str(tiny_llama_dir),
+        dtype="float32",
+        kv_cache_memory=2**22,
+        max_num_batched_tokens=16,
+        enable_prefix_caching=False,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -80,11 +86,24 @@ def test_bad_window_settings_are_rejected() -> None:
         sliding_windows(1, 8, 4)
 
 
-def test_cli_scores_a_text_file_and_writes_json(tiny_llm: LLM, tiny_llama_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_scores_a_text_file_and_writes_json(
+    tiny_llm: LLM, tiny_llama_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     text = tmp_path / "text.txt"
     text.write_text("The paged cache keeps every block of keys and values once. " * 4, encoding="utf-8")
     output = tmp_path / "result.json"
-    argv = ["eval", "perplexity", "--model", str(tiny_llama_dir), "--text", str(text), "--window", "32", "--stride", "16"]
+    argv = [
+        "eval",
+        "perplexity",
+        "--model",
+        str(tiny_llama_dir),
+        "--text",
+        str(text),
+        "--window",
+        "32",
+        "--stride",
+        "16",
+    ]
     assert main([*argv, "--kv-cache-memory", str(2**22), "--output-json", str(output), "--variant", "tiny"]) == 0
     document = json.loads(output.read_text())["runs"][0]
     num_tokens = len(tiny_llm.tokenizer.encode(text.read_text(encoding="utf-8"), add_special_tokens=False))

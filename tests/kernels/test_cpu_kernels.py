@@ -48,7 +48,9 @@ def int8_exact_activations(rows: int, in_features: int, seed: int) -> torch.Tens
 def test_int4_linear_rounds_only_in_float32_where_activations_are_whole_steps(
     in_features: int, group_size: int, rows: int, out_features: int
 ) -> None:
-    weight = kernel_representable(quantize_int4(torch.randn(out_features, in_features, generator=generator(1)), group_size))
+    weight = kernel_representable(
+        quantize_int4(torch.randn(out_features, in_features, generator=generator(1)), group_size)
+    )
     x = int8_exact_activations(rows, in_features, rows)
     packed, scale_min = pagedllm_int4_buffers(weight)
     expected = x.double() @ dequantize(weight).double().T
@@ -100,7 +102,10 @@ def random_pools(
     num_blocks: int, block_size: int, kv_heads: int, head_dim: int, dtype: torch.dtype, seed: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     shape = (num_blocks, block_size, kv_heads, head_dim)
-    return (torch.randn(shape, generator=generator(seed)).to(dtype), torch.randn(shape, generator=generator(seed + 1)).to(dtype))
+    return (
+        torch.randn(shape, generator=generator(seed)).to(dtype),
+        torch.randn(shape, generator=generator(seed + 1)).to(dtype),
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])

@@ -129,9 +129,7 @@ HEAD_LAYOUTS = [(4, 4), (4, 2), (4, 1), (6, 3), (8, 2)]  # (heads, kv heads): MH
 @st.composite
 def steps(draw: st.DrawFn) -> dict:
     num_heads, num_kv_heads = draw(st.sampled_from(HEAD_LAYOUTS))
-    seq_kinds = draw(
-        st.lists(st.sampled_from(["decode", "fresh_prefill", "chunk", "single"]), min_size=1, max_size=5)
-    )
+    seq_kinds = draw(st.lists(st.sampled_from(["decode", "fresh_prefill", "chunk", "single"]), min_size=1, max_size=5))
     seqs = []
     for kind in seq_kinds:
         if kind == "decode":
@@ -236,15 +234,18 @@ def test_quantized_cache_attention_equals_dense_attention_on_stored_kv(case: dic
     for result in (fast, reference):
         for (ctx, _), (k_stored, v_stored), table in zip(case["seqs"], result.full_kv, result.tables):
             for cache, expected in ((result.attention.k_cache, k_stored), (result.attention.v_cache, v_stored)):
-                torch.testing.assert_close(cache_basis(cache, gather_context(cache, torch.tensor(table), ctx)), expected)
+                torch.testing.assert_close(
+                    cache_basis(cache, gather_context(cache, torch.tensor(table), ctx)), expected
+                )
 
 
 @pytest.mark.parametrize("impl", ["fast", "reference"])
 @pytest.mark.parametrize("kv_cache_dtype", ["int8", "int4"])
 def test_fresh_prefill_attends_to_the_stored_kv_not_its_own(impl: str, kv_cache_dtype: str) -> None:
     # A fresh prefill alone: fast could attend to the K/V it just computed; it must see them as stored instead.
-    result = run_step(impl, [(24, 24)], num_heads=4, num_kv_heads=2, head_dim=16, block_size=4, seed=3,
-                      kv_cache_dtype=kv_cache_dtype)
+    result = run_step(
+        impl, [(24, 24)], num_heads=4, num_kv_heads=2, head_dim=16, block_size=4, seed=3, kv_cache_dtype=kv_cache_dtype
+    )
     torch.testing.assert_close(result.out.double(), result.dense, atol=2e-5, rtol=1e-4)
     assert (result.out.double() - result.raw_dense).abs().max() > 1e-3
 
@@ -276,8 +277,17 @@ def test_fast_and_reference_agree_in_bfloat16_on_a_ragged_batch(kv_cache_dtype: 
     seqs = [(40, 1), (33, 1), (5, 1), (20, 6), (13, 13), (1, 1)]
     outputs = {}
     for impl in ("fast", "reference"):
-        result = run_step(impl, seqs, num_heads=9, num_kv_heads=3, head_dim=64, block_size=16, seed=11,
-                          kv_cache_dtype=kv_cache_dtype, dtype=torch.bfloat16)
+        result = run_step(
+            impl,
+            seqs,
+            num_heads=9,
+            num_kv_heads=3,
+            head_dim=64,
+            block_size=16,
+            seed=11,
+            kv_cache_dtype=kv_cache_dtype,
+            dtype=torch.bfloat16,
+        )
         assert result.attention.k_cache.dtype == torch.bfloat16
         torch.testing.assert_close(result.out.double(), result.dense, atol=2e-2, rtol=2e-2)
         outputs[impl] = result.out

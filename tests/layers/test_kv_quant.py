@@ -16,7 +16,12 @@ from pagedllm import LLM, SamplingParams
 from pagedllm.config import ModelConfig
 from pagedllm.engine.model_runner import kv_cache_bytes_per_block
 from pagedllm.layers.attention import (
-    AttentionMetadata, PagedAttention, copy_blocks, gather_context, read_blocks, write_kv,
+    AttentionMetadata,
+    PagedAttention,
+    copy_blocks,
+    gather_context,
+    read_blocks,
+    write_kv,
 )
 from pagedllm.layers.kv_quant import QuantizedKV, QuantizedKVPool, dequantize, hadamard, pack_int4, quantize
 
@@ -185,8 +190,12 @@ def test_quantized_pool_attention_matches_unquantized_pool_attention(impl: str, 
     contexts = [[torch.randn(ctx, num_kv_heads, head_dim, generator=gen) for _ in "kv"] for ctx, _ in seqs]
     q = torch.randn(sum(new for _, new in seqs), num_heads, head_dim, generator=gen)
     meta = AttentionMetadata.build(
-        torch.cat([s[ctx - new :] for s, (ctx, new) in zip(slots, seqs)]).tolist(), tables,
-        [new for _, new in seqs], [ctx for ctx, _ in seqs], block_size, torch.device("cpu"),
+        torch.cat([s[ctx - new :] for s, (ctx, new) in zip(slots, seqs)]).tolist(),
+        tables,
+        [new for _, new in seqs],
+        [ctx for ctx, _ in seqs],
+        block_size,
+        torch.device("cpu"),
     )
     outputs = {}
     for kind in ("unquantized", "quantized"):
@@ -216,8 +225,13 @@ def head_dim_64_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Pat
     """A tiny random Llama whose heads are as wide as SmolLM2's (64), the width the capacity targets are for."""
     folder = tmp_path_factory.mktemp("tiny-head-dim-64")
     config = transformers.LlamaConfig(
-        vocab_size=49152, hidden_size=128, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, max_position_embeddings=256,
+        vocab_size=49152,
+        hidden_size=128,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=256,
     )
     transformers.LlamaForCausalLM(config).save_pretrained(str(folder))
     for file in tokenizer_dir.iterdir():
@@ -229,7 +243,8 @@ def cache_bytes(llm: LLM) -> int:
     """Bytes of every tensor the runner allocated for the KV cache."""
     runner = llm.engine.runner
     tensors = [
-        t for pool in (*runner.k_caches, *runner.v_caches)
+        t
+        for pool in (*runner.k_caches, *runner.v_caches)
         for t in (pool.tensors() if isinstance(pool, QuantizedKVPool) else (pool,))
     ]
     return sum(t.numel() * t.element_size() for t in tensors)
@@ -263,11 +278,17 @@ def test_preemption_prefix_sharing_and_forks_keep_outputs_unchanged(tiny_llama_d
     shared = list(range(1000, 1040))  # two and a half blocks every prompt starts with
     prompts = [shared + [2000 + i] * (3 + 2 * i) for i in range(5)]
     params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, n=2)
-    roomy = LLM(model=str(tiny_llama_dir), kv_cache_dtype=kv_cache_dtype, kv_cache_memory=2**22,
-                enable_prefix_caching=False)
+    roomy = LLM(
+        model=str(tiny_llama_dir), kv_cache_dtype=kv_cache_dtype, kv_cache_memory=2**22, enable_prefix_caching=False
+    )
     per_block = roomy.engine.runner.bytes_per_block
-    tight = LLM(model=str(tiny_llama_dir), kv_cache_dtype=kv_cache_dtype, kv_cache_memory=14 * per_block,
-                max_num_batched_tokens=32, max_num_seqs=6)
+    tight = LLM(
+        model=str(tiny_llama_dir),
+        kv_cache_dtype=kv_cache_dtype,
+        kv_cache_memory=14 * per_block,
+        max_num_batched_tokens=32,
+        max_num_seqs=6,
+    )
     expected = roomy.generate(prompts, params)
     outputs = tight.generate(prompts, params)
     engine = tight.engine

@@ -76,7 +76,9 @@ def test_kernel_path_matches_reference_path(
     # exactly against int8-rounded activations), except that past INT8_PACKED_MATMUL_MAX_ROWS rows the int8 one
     # multiplies the unpacked weight in float32.
     # Two such results, each rounded to bfloat16 on output, differ by up to about two bfloat16 steps.
-    dense_float32 = kernel == "pagedllm" and kind == "int8" and dtype == torch.float32 and rows > INT8_PACKED_MATMUL_MAX_ROWS
+    dense_float32 = (
+        kernel == "pagedllm" and kind == "int8" and dtype == torch.float32 and rows > INT8_PACKED_MATMUL_MAX_ROWS
+    )
     tolerance = 1e-5 if dense_float32 else 2e-2
     assert (got.float() - expected.float()).abs().max() <= tolerance * expected.float().abs().max()
 

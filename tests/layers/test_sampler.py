@@ -282,15 +282,16 @@ def test_seeded_rows_draw_the_same_whatever_else_is_in_the_batch() -> None:
         others = [torch.Generator().manual_seed(99 + r) if seed_others else None for r in range(batch_size)]
         sampler = Sampler(torch.Generator().manual_seed(batch_size))
         tokens = []
-        for step in range(25):
+        for _ in range(25):
             logits = torch.randn(batch_size, vocab)
             logits[position] = row_logits
             generators = list(others)
             generators[position] = generator
             temperature = [1.0 if r % 2 else 0.7 for r in range(batch_size)]
             temperature[position] = 1.0
-            batch = make_batch(batch_size, temperature=temperature, top_k=[r % 4 for r in range(batch_size)],
-                               generators=generators)
+            batch = make_batch(
+                batch_size, temperature=temperature, top_k=[r % 4 for r in range(batch_size)], generators=generators
+            )
             batch.top_k[position] = 0
             tokens.append(sampler(logits, batch).token_ids[position])
         return tokens

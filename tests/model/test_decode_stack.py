@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from pagedllm import LLM
-from pagedllm.engine.block_manager import BlockManager
 from pagedllm.cpu import native_bfloat16_matmul
+from pagedllm.engine.block_manager import BlockManager
 from pagedllm.kernels import cpu_kernels_available
 from pagedllm.layers.attention import AttentionMetadata
 from pagedllm.layers.linear import dense_rows
@@ -31,7 +31,11 @@ def prefill(model: LlamaForCausalLM, blocks: BlockManager, lengths: tuple[int, .
         seq = SimpleNamespace(block_ids=[], num_computed_tokens=0)
         blocks.allocate_slots(seq, length)
         meta = AttentionMetadata.build(
-            [blocks.slot(seq, p) for p in range(length)], [seq.block_ids], [length], [length], blocks.block_size,
+            [blocks.slot(seq, p) for p in range(length)],
+            [seq.block_ids],
+            [length],
+            [length],
+            blocks.block_size,
             torch.device("cpu"),
         )
         model(torch.randint(0, model.config.vocab_size, (length,), generator=generator), torch.arange(length), meta)
@@ -56,7 +60,9 @@ def decode_step(blocks: BlockManager, seqs: list[SimpleNamespace]) -> tuple[torc
     return torch.tensor(positions), meta
 
 
-def layers_forward(model: LlamaForCausalLM, ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+def layers_forward(
+    model: LlamaForCausalLM, ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
+) -> torch.Tensor:
     stack, model.decode_stack = model.decode_stack, None
     try:
         return model(ids, positions, meta)

@@ -16,8 +16,14 @@ from pagedllm.model.loader import load_checkpoint
 Q = gguf.GGMLQuantizationType
 ROPE_THETA = 50000.0
 CONFIG = transformers.LlamaConfig(
-    vocab_size=96, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5,
+    vocab_size=96,
+    hidden_size=64,
+    intermediate_size=160,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-5,
 )
 GGUF_NAMES = {
     "self_attn.q_proj.weight": "attn_q.weight",

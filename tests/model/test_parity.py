@@ -14,7 +14,7 @@ LOGIT_PROMPTS = [
     "Hello, my name is",
     "The capital of France is",
     "请用中文介绍一下长城的历史。",
-    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
+    'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n',
     "In 1905, Albert Einstein published four papers that changed physics. The first explained the photoelectric "
     "effect, the second Brownian motion, the third special relativity, and the fourth",
     "Emoji test 🎉🚀 and accents: café, naïve, Zürich —",
@@ -67,7 +67,9 @@ def test_greedy_under_preemption_matches_unpreempted_and_transformers(llm: LLM, 
     unpreempted = llm.generate(GREEDY_PROMPTS, GREEDY)
     # 20 blocks of 16 tokens: any one request fits, all eight at once cannot.
     tight = LLM(
-        dtype="float32", quantization="none", kv_cache_memory=20 * llm.engine.runner.bytes_per_block,
+        dtype="float32",
+        quantization="none",
+        kv_cache_memory=20 * llm.engine.runner.bytes_per_block,
         max_num_batched_tokens=64,
     )
     preempted = tight.generate(GREEDY_PROMPTS, GREEDY)

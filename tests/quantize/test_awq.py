@@ -133,7 +133,9 @@ def test_shared_search_ties_the_scales_of_query_heads_reading_one_kv_head() -> N
     found = search_scales(moment_of(x), x.abs().mean(0), weight, GROUP_SIZE, 10, duo_scaling=True, shared=shared)
     assert found.alpha is not None and found.error < found.minmax_error
     assert found.scales.shape == (2 * GROUP_SIZE,)
-    approximation = dequantize(quantize_int4(weight * shared.expand(found.scales), GROUP_SIZE)) / shared.expand(found.scales)
+    approximation = dequantize(quantize_int4(weight * shared.expand(found.scales), GROUP_SIZE)) / shared.expand(
+        found.scales
+    )
     assert found.error == pytest.approx((x @ weight.T - x @ approximation.T).pow(2).mean().item(), rel=1e-3)
 
 
@@ -149,7 +151,10 @@ def test_awq_quantizes_every_decoder_linear(tiny_llama_dir: Path) -> None:
     checkpoint = load_checkpoint(tiny_llama_dir, torch.float32)
     calibration = torch.randint(0, checkpoint.config.vocab_size, (4, 16), generator=torch.Generator().manual_seed(0))
     quantized, report = awq_quantize(
-        checkpoint.config, checkpoint.weights, calibration, AWQSettings(group_size=GROUP_SIZE, grid_points=5, batch_sequences=3)
+        checkpoint.config,
+        checkpoint.weights,
+        calibration,
+        AWQSettings(group_size=GROUP_SIZE, grid_points=5, batch_sequences=3),
     )
     int4 = {name for name, value in quantized.items() if isinstance(value, Int4Weight)}
     assert int4 == {name for name in checkpoint.weights if name.endswith("proj.weight")}

@@ -79,13 +79,18 @@ def dense_greedy(folder: Path, prompt: list[int], new_tokens: int) -> list[int]:
 
 def test_quantized_folder_serves_the_in_memory_model_in_a_fresh_process(tiny_llama_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "awq"
-    report = quantize_model(str(tiny_llama_dir), out, AWQSettings(GROUP_SIZE, grid_points=5), calib_samples=2, calib_seq_len=16)
+    report = quantize_model(
+        str(tiny_llama_dir), out, AWQSettings(GROUP_SIZE, grid_points=5), calib_samples=2, calib_seq_len=16
+    )
     assert report.alphas and (out / "tokenizer_config.json").is_file()
     expected = dense_greedy(out, PROMPT, NEW_TOKENS)
     float_tokens = dense_greedy(tiny_llama_dir, PROMPT, NEW_TOKENS)
     completed = subprocess.run(
         [sys.executable, "-c", GENERATE_SCRIPT, str(out), json.dumps(PROMPT), str(NEW_TOKENS)],
-        capture_output=True, text=True, timeout=300, check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
         env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])},
     )
     assert completed.returncode == 0, completed.stderr[-2000:]
@@ -94,4 +99,3 @@ def test_quantized_folder_serves_the_in_memory_model_in_a_fresh_process(tiny_lla
     # float model that the greedy tokens may agree).
     ids = torch.tensor([PROMPT + float_tokens])
     assert not torch.allclose(dense_logits(out, ids), dense_logits(tiny_llama_dir, ids), atol=1e-3)
-

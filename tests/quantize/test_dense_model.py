@@ -20,4 +20,6 @@ def test_dense_forward_matches_transformers(name: str, tmp_path: Path, tokenizer
     ids = torch.randint(0, checkpoint.config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         expected = hf_model(ids).logits
-    torch.testing.assert_close(forward_logits(checkpoint.config, checkpoint.weights, ids), expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        forward_logits(checkpoint.config, checkpoint.weights, ids), expected, rtol=1e-4, atol=1e-4
+    )

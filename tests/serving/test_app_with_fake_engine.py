@@ -14,9 +14,9 @@ from fastapi import FastAPI
 
 from pagedllm.config import EngineConfig
 from pagedllm.errors import RequestTooLongError
+from pagedllm.flags import dataclass_from_args
 from pagedllm.serving.api_server import add_arguments, create_app
 from pagedllm.serving.generation import default_max_tokens
-from pagedllm.flags import dataclass_from_args
 from pagedllm.serving.settings import API_KEY_ENV, ServerSettings
 
 from .fake_engine import FakeEngine
