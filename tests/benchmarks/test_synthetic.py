@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import gguf
@@ -16,6 +17,7 @@ from pagedllm.benchmarks.synthetic import (
     synthetic_model,
     synthetic_path,
     tensor_specs,
+    tokenizer_fields,
     write_synthetic_gguf,
 )
 from pagedllm.errors import InvalidArgumentError
@@ -26,16 +28,22 @@ TINY = LlamaShape(hidden_size=64, num_layers=2, intermediate_size=128, num_heads
 VOCAB = 49152
 
 
+@dataclass(frozen=True)
+class TinyFile:
+    type_name: str
+    path: Path
+    reader: gguf.GGUFReader  # read once: parsing the vocabulary takes seconds
+
+
 @pytest.fixture(scope="module", params=["Q4_0", "Q8_0"])
-def tiny_file(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
+def tiny_file(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> TinyFile:
     path = tmp_path_factory.mktemp("synth") / f"tiny-{request.param}.gguf"
     write_synthetic_gguf(path, TINY, request.param)
-    return request.param, path
+    return TinyFile(request.param, path, gguf.GGUFReader(str(path)))
 
 
-def test_file_holds_the_shapes_and_types_asked(tiny_file: tuple[str, Path]) -> None:
-    type_name, path = tiny_file
-    reader = gguf.GGUFReader(str(path))
+def test_file_holds_the_shapes_and_types_asked(tiny_file: TinyFile) -> None:
+    reader = tiny_file.reader
     tensors = {t.name: t for t in reader.tensors}
     assert len(tensors) == 2 + 9 * TINY.num_layers and "output.weight" not in tensors  # tied embeddings
     expected_shapes = {
@@ -49,18 +57,20 @@ def test_file_holds_the_shapes_and_types_asked(tiny_file: tuple[str, Path]) -> N
     for name, shape in expected_shapes.items():
         assert tuple(int(d) for d in reversed(tensors[name].shape)) == shape, name
     for name, tensor in tensors.items():
-        expected = Q.F32 if name.endswith("norm.weight") else Q[type_name]
+        expected = Q.F32 if name.endswith("norm.weight") else Q[tiny_file.type_name]
         assert tensor.tensor_type == expected, name
     assert reader.fields["llama.block_count"].contents() == 2
     assert reader.fields["llama.attention.head_count_kv"].contents() == 2
-    embedded = gguf.GGUFReader(str(resolve_model_path(None)))
-    for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.eos_token_id"):
-        assert reader.fields[key].contents() == embedded.fields[key].contents(), key
+    embedded = {key: value for key, value, _, _ in tokenizer_fields(resolve_model_path(None))}
+    for key in ("tokenizer.ggml.model", "tokenizer.ggml.eos_token_id", "tokenizer.chat_template"):
+        assert reader.fields[key].contents() == embedded[key], key
+    for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges"):
+        assert reader.fields[key].contents(-1) == embedded[key][-1], key
+    assert len(reader.fields["tokenizer.ggml.tokens"].data) == len(embedded["tokenizer.ggml.tokens"]) == VOCAB
 
 
-def test_weights_follow_the_scaled_init(tiny_file: tuple[str, Path]) -> None:
-    _, path = tiny_file
-    tensors = {t.name: t for t in gguf.GGUFReader(str(path)).tensors}
+def test_weights_follow_the_scaled_init(tiny_file: TinyFile) -> None:
+    tensors = {t.name: t for t in tiny_file.reader.tensors}
     for spec in tensor_specs(TINY, VOCAB):
         values = gguf.quants.dequantize(tensors[spec.name].data, tensors[spec.name].tensor_type)
         if spec.std == 0:
@@ -71,9 +81,8 @@ def test_weights_follow_the_scaled_init(tiny_file: tuple[str, Path]) -> None:
     assert residual.name == "blk.0.attn_output.weight" and residual.std == pytest.approx(1 / 8 / 2)
 
 
-def test_pagedllm_loads_and_generates_finite_logprobs(tiny_file: tuple[str, Path]) -> None:
-    _, path = tiny_file
-    llm = LLM(str(path), kv_cache_memory=2**24)
+def test_pagedllm_loads_and_generates_finite_logprobs(tiny_file: TinyFile) -> None:
+    llm = LLM(str(tiny_file.path), kv_cache_memory=2**24)
     config = llm.engine.model_config
     assert (config.hidden_size, config.num_layers, config.num_kv_heads, config.vocab_size) == (64, 2, 2, VOCAB)
     params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, logprobs=2)
