@@ -11,7 +11,7 @@ from pagedllm.benchmarks import serve as bench_serve
 from pagedllm.chat import EngineChat, RemoteChat, run_repl
 from pagedllm.config import EngineConfig
 from pagedllm.errors import PagedLLMError
-from pagedllm.evaluation import perplexity
+from pagedllm.evaluation import kl_divergence, perplexity
 from pagedllm.flags import add_dataclass_arguments, dataclass_from_args
 from pagedllm.quantize import command as quantize_command
 from pagedllm.sampling_params import SamplingParams
@@ -99,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     ppl = eval_commands.add_parser("perplexity", help=perplexity.__doc__.splitlines()[0])
     perplexity.add_arguments(ppl)
     ppl.set_defaults(handler=perplexity.run)
+    kl = eval_commands.add_parser("kl-divergence", help=kl_divergence.__doc__.splitlines()[0])
+    kl_divergence.add_arguments(kl)
+    kl.set_defaults(handler=kl_divergence.run)
     return parser
 
 
