@@ -15,6 +15,8 @@ BENCH_SEED ?= 0
 # AVX512-BF16, else float32), the AWQ checkpoint built once and cached.
 VARIANT_SPEED := --prompt-lens 512 --batch-sizes 1,32 --num-prompts 0 --dtype auto
 PERPLEXITY_TOKENS ?= 8192
+# KL divergence against the float32 dequantized model (llama-perplexity --kl-divergence), computed once per model.
+KL_TOKENS ?= 4096
 AWQ_DIR ?= $(HOME)/.cache/pagedllm/awq/smollm2-135m-instruct-w4-g128-conversations
 BENCH_RESULTS = benchmarks/results/$(shell date +%F)-$(shell $(PY) -c "from pagedllm.benchmarks.results import this_machine; print(this_machine().name)" 2>/dev/null).json
 
@@ -66,10 +68,12 @@ bench: bench-peers
 $(AWQ_DIR): | install
 	$(VENV)/bin/pagedllm quantize --method awq --bits 4 --group-size 128 --calib-samples 128 --calib-seq-len 256 --out $(AWQ_DIR)
 
-# One quantization setting against the bfloat16 baseline: speed points, memory and perplexity, under one variant name.
+# One quantization setting against the bfloat16 baseline: speed points, memory, perplexity and KL divergence against
+# the float32 reference of the embedded model, under one variant name.
 define bench_variant
 	$(VENV)/bin/pagedllm bench offline $(VARIANT_SPEED) --variant "$(1)" $(2) --output-json $(BENCH_RESULTS)
 	$(VENV)/bin/pagedllm eval perplexity --dtype auto --max-tokens $(PERPLEXITY_TOKENS) --variant "$(1)" $(2) --output-json $(BENCH_RESULTS)
+	$(VENV)/bin/pagedllm eval kl-divergence --dtype auto --max-tokens $(KL_TOKENS) --reference-model smollm2-135m-instruct --variant "$(1)" $(2) --output-json $(BENCH_RESULTS)
 endef
 
 # The int8/int4 rows keep no dense copy of the weights: their memory-saving form.
