@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from pagedllm.benchmarks import offline, peers, prefix_sharing, report, synthetic
+from pagedllm.benchmarks import offline, peers, prefix_sharing, report, size_suite, synthetic
 from pagedllm.benchmarks import serve as bench_serve
 from pagedllm.chat import EngineChat, RemoteChat, run_repl
 from pagedllm.config import EngineConfig
@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="benchmarks against llama.cpp and Hugging Face transformers")
     bench_commands = bench.add_subparsers(dest="bench_command", required=True)
     benches = {"serve": bench_serve, "offline": offline, "peers": peers, "report": report, "prefix": prefix_sharing}
-    benches["synth"] = synthetic
+    benches.update(synth=synthetic, sizes=size_suite)
     for name, module in benches.items():
         sub = bench_commands.add_parser(name, help=module.__doc__.splitlines()[0])
         module.add_arguments(sub)
