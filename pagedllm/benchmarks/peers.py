@@ -127,6 +127,14 @@ def parse_llama_bench_json(text: str) -> OfflineThroughput:
     return throughput
 
 
+def llama_bench_version(text: str) -> str:
+    """The build that produced llama-bench's `-o json` output, e.g. 'build 1 (commit 0c1e570)'."""
+    tests = json.loads(text)
+    if not tests:
+        return "unknown"
+    return f"build {tests[0].get('build_number', '?')} (commit {tests[0].get('build_commit', '?')})"
+
+
 def run_llama_tool(command: list[str]) -> tuple[str, int]:
     """A llama.cpp tool's standard output and its peak resident memory in bytes."""
     logger.info("Running %s", " ".join(command))
@@ -139,11 +147,11 @@ def run_llama_tool(command: list[str]) -> tuple[str, int]:
 
 def run_llama_bench(
     gguf: Path, threads: int, prompt_lens: tuple[int, ...], gen_tokens: int, repetitions: int
-) -> tuple[list[str], OfflineThroughput, int]:
-    """llama-bench's prefill and batch-1 decode points, and the peak RSS of its process."""
+) -> tuple[list[str], OfflineThroughput, int, str]:
+    """llama-bench's prefill and batch-1 decode points, the peak RSS of its process and its build."""
     command = llama_bench_command(gguf, threads, prompt_lens, gen_tokens, repetitions)
     stdout, peak_rss_bytes = run_llama_tool(command)
-    return command, parse_llama_bench_json(stdout), peak_rss_bytes
+    return command, parse_llama_bench_json(stdout), peak_rss_bytes, llama_bench_version(stdout)
 
 
 def llama_batched_bench_command(
@@ -304,7 +312,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def llama_cpp_run(args: argparse.Namespace, path: Path, settings: dict[str, Any]) -> results.Run:
     """llama-bench's prefill and batch-1 decode (with its process's peak RSS), llama-batched-bench's larger batches."""
-    command, throughput, peak_rss_bytes = run_llama_bench(
+    command, throughput, peak_rss_bytes, version = run_llama_bench(
         path, args.threads, args.prompt_lens, args.decode_tokens, args.repeats
     )
     run_settings = {**settings, "tool": "llama-bench", "tool_command": command}
@@ -314,7 +322,7 @@ def llama_cpp_run(args: argparse.Namespace, path: Path, settings: dict[str, Any]
         throughput.decode += points
     print(format_offline("llama.cpp", throughput))
     record = {**asdict(throughput), "memory": {"peak_rss_bytes": peak_rss_bytes}}
-    return results.new_run("offline", "llama.cpp", run_settings, record, {"llama.cpp": llama_cpp_version()})
+    return results.new_run("offline", "llama.cpp", run_settings, record, {"llama.cpp": version})
 
 
 def transformers_run(args: argparse.Namespace, path: Path, settings: dict[str, Any]) -> results.Run:

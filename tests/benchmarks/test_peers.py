@@ -175,12 +175,9 @@ def fake_tool(path: Path, stdout: str, allocate_mib: int = 0) -> None:
 def test_llama_cpp_run_adds_batched_decode_and_peak_rss(fake_bin: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     fake_tool(fake_bin / "llama-bench", json.dumps(LLAMA_BENCH_OUTPUT), allocate_mib=200)
     fake_tool(fake_bin / "llama-batched-bench", BATCHED_BENCH_OUTPUT)
-    (fake_bin / "llama-server").write_text("#!/bin/sh\necho 'version: 1 (test)'\n")
-    (fake_bin / "llama-server").chmod(0o755)
-    peers.llama_cpp_version.cache_clear()
     args = argparse.Namespace(threads=2, prompt_lens=(512,), decode_tokens=128, repeats=1, batch_sizes=(1, 8, 32))
     run = peers.llama_cpp_run(args, Path("m.gguf"), {"sizes_row": "row"})
-    peers.llama_cpp_version.cache_clear()
+    assert run.versions["llama.cpp"] == "build 1 (commit 0c1e570)"
     assert [d["batch_size"] for d in run.results["decode"]] == [1, 8, 32]
     assert run.results["memory"]["peak_rss_bytes"] >= 200 * 2**20
     assert run.settings["batched_tool_command"][0] == str(fake_bin / "llama-batched-bench")
