@@ -80,7 +80,8 @@ def tensor_specs(shape: LlamaShape, vocab_size: int) -> list[TensorSpec]:
 
     Projections use std 1/√fan_in; the two that feed the residual stream are further shrunk by √(2·layers), so the
     stream grows by O(1) over the whole depth. The embedding table (also the output layer) uses 1/√hidden, which
-    gives logits of unit scale from the final norm's output.
+    gives logits of unit scale from the final norm's output. Q and K rows are random, so they need no permuting
+    into llama.cpp's interleaved RoPE order: both engines read the same model from the file.
     """
     h, f = shape.hidden_size, shape.intermediate_size
     kv = shape.num_kv_heads * shape.head_dim
