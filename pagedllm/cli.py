@@ -6,12 +6,12 @@ import argparse
 import logging
 import sys
 
-from pagedllm.benchmarks import offline, peers, prefix_sharing, report
+from pagedllm.benchmarks import offline, peers, prefix_sharing, report, size_suite, synthetic
 from pagedllm.benchmarks import serve as bench_serve
 from pagedllm.chat import EngineChat, RemoteChat, run_repl
 from pagedllm.config import EngineConfig
 from pagedllm.errors import PagedLLMError
-from pagedllm.evaluation import perplexity
+from pagedllm.evaluation import kl_divergence, perplexity
 from pagedllm.flags import add_dataclass_arguments, dataclass_from_args
 from pagedllm.quantize import command as quantize_command
 from pagedllm.sampling_params import SamplingParams
@@ -84,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="benchmarks against llama.cpp and Hugging Face transformers")
     bench_commands = bench.add_subparsers(dest="bench_command", required=True)
     benches = {"serve": bench_serve, "offline": offline, "peers": peers, "report": report, "prefix": prefix_sharing}
+    benches.update(synth=synthetic, sizes=size_suite)
     for name, module in benches.items():
         sub = bench_commands.add_parser(name, help=module.__doc__.splitlines()[0])
         module.add_arguments(sub)
@@ -98,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     ppl = eval_commands.add_parser("perplexity", help=perplexity.__doc__.splitlines()[0])
     perplexity.add_arguments(ppl)
     ppl.set_defaults(handler=perplexity.run)
+    kl = eval_commands.add_parser("kl-divergence", help=kl_divergence.__doc__.splitlines()[0])
+    kl_divergence.add_arguments(kl)
+    kl.set_defaults(handler=kl_divergence.run)
     return parser
 
 

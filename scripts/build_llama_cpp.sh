@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Build llama.cpp's llama-server and llama-bench (the benchmark peer) from the source that the
-# llama-cpp-python sdist vendors, and cache the binaries outside the source tree.
+# Build llama.cpp's llama-server, llama-bench, llama-batched-bench and llama-quantize (the benchmark peer and
+# the tool that makes K-quant copies of the synthetic models) from the source that the llama-cpp-python sdist
+# vendors, and cache the binaries outside the source tree.
 #
 # Usage: scripts/build_llama_cpp.sh            (idempotent: skips the build when the binaries exist)
 # Env:   PAGEDLLM_CACHE_DIR      cache root (default ~/.cache/pagedllm)
@@ -17,7 +18,13 @@ JOBS="${JOBS:-2}"
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PYTHON="${PYTHON:-$REPO_ROOT/.venv/bin/python}"
 
-if [[ -x "$BIN/llama-server" && -x "$BIN/llama-bench" ]]; then
+TOOLS=(llama-server llama-bench llama-batched-bench llama-quantize)
+
+built=1
+for tool in "${TOOLS[@]}"; do
+    [[ -x "$BIN/$tool" ]] || built=0
+done
+if [[ $built == 1 ]]; then
     echo "llama.cpp $VERSION already built: $BIN"
     exit 0
 fi
@@ -54,9 +61,11 @@ nice -n 19 cmake -S "$SRC" -B "$WORK/build" -G "$GENERATOR" \
     -DLLAMA_BUILD_SERVER=ON -DLLAMA_CURL=OFF \
     -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
 
-nice -n 19 cmake --build "$WORK/build" --config Release -j "$JOBS" --target llama-server llama-bench
+nice -n 19 cmake --build "$WORK/build" --config Release -j "$JOBS" --target "${TOOLS[@]}"
 
-cp "$WORK/build/bin/llama-server" "$WORK/build/bin/llama-bench" "$BIN/"
+for tool in "${TOOLS[@]}"; do
+    cp "$WORK/build/bin/$tool" "$BIN/"
+done
 "$BIN/llama-bench" --help >/dev/null
 rm -rf "$WORK"
 echo "llama.cpp $VERSION built: $BIN"

@@ -1,9 +1,14 @@
-"""Peak resident memory of a process (and its children), sampled while a benchmark runs."""
+"""Peak resident memory of a process (and its children), sampled while a benchmark runs or read when it ends."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import resource
+import subprocess
+import tempfile
+import threading
 from contextlib import suppress
 
 import psutil
@@ -60,3 +65,26 @@ class PeakMemoryMonitor:
                 self.sample()
             except psutil.NoSuchProcess:
                 return
+
+
+def run_with_peak_rss(command: list[str], timeout_s: float) -> tuple[subprocess.CompletedProcess[str], int]:
+    """Run a command to completion with its output captured, and its peak RSS in bytes as the kernel counted it."""
+    with tempfile.TemporaryFile() as stdout, tempfile.TemporaryFile() as stderr:
+        process = subprocess.Popen(command, stdout=stdout, stderr=stderr)
+        timer = threading.Timer(timeout_s, process.kill)
+        timer.start()
+        try:
+            # wait4 reaps the child with its own resource usage (ru_maxrss: KiB on Linux).
+            _, status, usage = os.wait4(process.pid, 0)
+        finally:
+            timer.cancel()
+        process.returncode = os.waitstatus_to_exitcode(status)
+        stdout.seek(0)
+        stderr.seek(0)
+        output = stdout.read().decode(errors="replace"), stderr.read().decode(errors="replace")
+    return subprocess.CompletedProcess(command, process.returncode, *output), usage.ru_maxrss * 1024
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory so far (ru_maxrss: KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -18,6 +18,7 @@ from pagedllm.benchmarks.datasets import (
     sample_sharegpt,
     tokenized,
 )
+from pagedllm.benchmarks.memory import peak_rss_bytes
 from pagedllm.benchmarks.report import format_offline, format_request_throughput
 from pagedllm.benchmarks.throughput import (
     DECODE_BATCH_SIZES,
@@ -72,12 +73,13 @@ def run_requests(llm: LLM, requests: list[BenchmarkRequest]) -> RequestThroughpu
 
 
 def engine_memory(llm: LLM) -> dict[str, int]:
-    """Bytes of the weights and of the KV cache, and the tokens the cache holds."""
+    """Bytes of the weights and of the KV cache, the tokens the cache holds, and this process's peak RSS so far."""
     engine = llm.engine
     return {
         "weight_bytes": engine.weight_bytes,
         "kv_cache_bytes": engine.kv_cache_bytes,
         "kv_cache_tokens": engine.num_blocks * engine.config.block_size,
+        "peak_rss_bytes": peak_rss_bytes(),
     }
 
 
@@ -107,6 +109,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="name of these engine settings (e.g. int8): reported beside the other variants, "
         "not as pagedllm's main row",
     )
+    results.add_sizes_row_argument(parser)
     results.add_output_argument(parser)
     add_dataclass_arguments(parser.add_argument_group("engine"), EngineConfig, exclude=("model", "seed"))
 
@@ -131,6 +134,7 @@ def run(args: argparse.Namespace) -> int:
         "sharegpt_output_len": args.sharegpt_output_len,
         "seed": args.seed,
         "variant": args.variant,
+        "sizes_row": args.sizes_row,
     }  # fmt: skip
     record["memory"] = engine_memory(llm)
     if args.num_prompts > 0:

@@ -30,6 +30,7 @@ from pagedllm.benchmarks.datasets import (
     sample_sharegpt,
     tokenized,
 )
+from pagedllm.benchmarks.memory import run_with_peak_rss
 from pagedllm.benchmarks.report import format_offline, format_request_throughput
 from pagedllm.benchmarks.server_process import ServerProcess
 from pagedllm.benchmarks.throughput import (
@@ -126,15 +127,75 @@ def parse_llama_bench_json(text: str) -> OfflineThroughput:
     return throughput
 
 
+def llama_bench_version(text: str) -> str:
+    """The build that produced llama-bench's `-o json` output, e.g. 'build 1 (commit 0c1e570)'."""
+    tests = json.loads(text)
+    if not tests:
+        return "unknown"
+    return f"build {tests[0].get('build_number', '?')} (commit {tests[0].get('build_commit', '?')})"
+
+
+def run_llama_tool(command: list[str]) -> tuple[str, int]:
+    """A llama.cpp tool's standard output and its peak resident memory in bytes."""
+    logger.info("Running %s", " ".join(command))
+    completed, peak_rss_bytes = run_with_peak_rss(command, LLAMA_BENCH_TIMEOUT_S)
+    if completed.returncode != 0:
+        name = Path(command[0]).name
+        raise RuntimeError(f"{name} failed with status {completed.returncode}:\n{completed.stderr[-4000:]}")
+    return completed.stdout, peak_rss_bytes
+
+
 def run_llama_bench(
     gguf: Path, threads: int, prompt_lens: tuple[int, ...], gen_tokens: int, repetitions: int
-) -> tuple[list[str], OfflineThroughput]:
+) -> tuple[list[str], OfflineThroughput, int, str]:
+    """llama-bench's prefill and batch-1 decode points, the peak RSS of its process and its build."""
     command = llama_bench_command(gguf, threads, prompt_lens, gen_tokens, repetitions)
-    logger.info("Running %s", " ".join(command))
-    completed = subprocess.run(command, capture_output=True, text=True, timeout=LLAMA_BENCH_TIMEOUT_S, check=False)
-    if completed.returncode != 0:
-        raise RuntimeError(f"llama-bench failed with status {completed.returncode}:\n{completed.stderr[-4000:]}")
-    return command, parse_llama_bench_json(completed.stdout)
+    stdout, peak_rss_bytes = run_llama_tool(command)
+    return command, parse_llama_bench_json(stdout), peak_rss_bytes, llama_bench_version(stdout)
+
+
+def llama_batched_bench_command(
+    gguf: Path, threads: int, batch_sizes: tuple[int, ...], prompt_len: int, gen_tokens: int
+) -> list[str]:
+    """Every batch size decodes `gen_tokens` after its own `prompt_len`-token prompts, in one context large enough."""
+    return [
+        str(llama_cpp_binary("llama-batched-bench")),
+        "-m", str(gguf),
+        "-t", str(threads),
+        "-c", str(max(batch_sizes) * (prompt_len + gen_tokens)),
+        "-b", "2048",
+        "-ub", "512",
+        "-npp", str(prompt_len),
+        "-ntg", str(gen_tokens),
+        "-npl", ",".join(map(str, batch_sizes)),
+        "--output-format", "jsonl",
+    ]  # fmt: skip
+
+
+def parse_llama_batched_bench_jsonl(text: str) -> list[DecodePoint]:
+    """llama-batched-bench's jsonl lines → decode tok/s (speed_tg: all sequences' generated tokens per second)."""
+    points = []
+    for line in text.splitlines():
+        if line.startswith("{"):
+            test = json.loads(line)
+            points.append(DecodePoint(int(test["pl"]), float(test["speed_tg"])))
+    return points
+
+
+def llama_cpp_decode_batches(
+    gguf: Path, threads: int, batch_sizes: tuple[int, ...], gen_tokens: int
+) -> tuple[list[str], list[DecodePoint]] | None:
+    """Decode points above batch 1 from llama-batched-bench; None where it is not built (an older cache)."""
+    batched = tuple(size for size in batch_sizes if size > 1)
+    if not batched:
+        return None
+    try:
+        command = llama_batched_bench_command(gguf, threads, batched, DECODE_PROMPT_LEN, gen_tokens)
+    except FileNotFoundError as error:
+        logger.warning("llama.cpp decode above batch 1 is not measured: %s", error)
+        return None
+    stdout, _ = run_llama_tool(command)
+    return command, parse_llama_batched_bench_jsonl(stdout)
 
 
 def load_transformers_model(path: Path, dtype: str, threads: int) -> PreTrainedModel:
@@ -228,7 +289,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--batch-sizes",
         type=int_tuple,
         default=DECODE_BATCH_SIZES,
-        help="transformers: decode batch sizes, e.g. 1,8,32,64",
+        help="decode batch sizes, e.g. 1,8,32,64 (llama.cpp: above 1 through llama-batched-bench)",
     )
     parser.add_argument(
         "--decode-tokens", type=int, default=DECODE_NEW_TOKENS, help="tokens generated per decode run (llama-bench tgN)"
@@ -245,14 +306,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--hf-batch-size", type=int, default=HF_BATCH_SIZE, help="transformers: static batch size of the ShareGPT run"
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the random prompts and of the ShareGPT sample")
+    results.add_sizes_row_argument(parser)
     results.add_output_argument(parser)
 
 
 def llama_cpp_run(args: argparse.Namespace, path: Path, settings: dict[str, Any]) -> results.Run:
-    command, throughput = run_llama_bench(path, args.num_threads, args.prompt_lens, args.decode_tokens, args.repeats)
-    print(format_offline("llama.cpp", throughput))
+    """llama-bench's prefill and batch-1 decode (with its process's peak RSS), llama-batched-bench's larger batches."""
+    command, throughput, peak_rss_bytes, version = run_llama_bench(
+        path, args.num_threads, args.prompt_lens, args.decode_tokens, args.repeats
+    )
     run_settings = {**settings, "tool": "llama-bench", "tool_command": command}
-    return results.new_run("offline", "llama.cpp", run_settings, asdict(throughput), {"llama.cpp": llama_cpp_version()})
+    batched = llama_cpp_decode_batches(path, args.num_threads, args.batch_sizes, args.decode_tokens)
+    if batched is not None:
+        run_settings["batched_tool_command"], points = batched
+        throughput.decode += points
+    print(format_offline("llama.cpp", throughput))
+    record = {**asdict(throughput), "memory": {"peak_rss_bytes": peak_rss_bytes}}
+    return results.new_run("offline", "llama.cpp", run_settings, record, {"llama.cpp": version})
 
 
 def transformers_run(args: argparse.Namespace, path: Path, settings: dict[str, Any]) -> results.Run:
@@ -293,6 +363,7 @@ def run(args: argparse.Namespace) -> int:
         "prompt_lens": list(args.prompt_lens),
         "decode_tokens": args.decode_tokens,
         "repeats": args.repeats,
+        "sizes_row": args.sizes_row,
     }
     peers = [peer.strip() for peer in args.peers.split(",")]
     unknown = set(peers) - set(PEERS)

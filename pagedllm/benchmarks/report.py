@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from pagedllm.benchmarks.results import ResultsFile, Run, default_results_path, load_results
+from pagedllm.benchmarks.sizes import sizes_memory_table, sizes_notes, sizes_speed_table
 from pagedllm.benchmarks.throughput import DecodePoint, OfflineThroughput, PrefillPoint, RequestThroughput
 from pagedllm.benchmarks.variants import BASELINE, variants_table
 
@@ -49,7 +50,7 @@ def latest_offline(document: ResultsFile) -> dict[str, OfflineThroughput]:
     """The last offline run of each engine, the subject first."""
     found: dict[str, OfflineThroughput] = {}
     for run in document.runs:
-        if run.kind == "offline" and not run.settings.get("variant"):
+        if run.kind == "offline" and not run.settings.get("variant") and not run.settings.get("sizes_row"):
             found[run.engine] = offline_from_run(run)
     return dict(sorted(found.items(), key=lambda item: item[0] != SUBJECT))
 
@@ -241,6 +242,15 @@ def table_sections(document: ResultsFile, level: int) -> list[str]:
             f"{settings['num_requests']} chats one after another)"
         )
         sections += [f"{heading} {title}", prefix_markdown(run.results)]
+    speeds, memory = sizes_speed_table(document), sizes_memory_table(document)
+    if speeds and memory:
+        notes = "".join(f"\n- {note}" for note in sizes_notes(document))
+        sections += [
+            f"{heading} Model sizes: pagedllm and llama.cpp on the same files (tok/s, higher is better)",
+            markdown_table(*speeds),
+            f"{heading} Model sizes: resident memory",
+            markdown_table(*memory) + ("\n" + notes if notes else ""),
+        ]
     variants = variants_table(document)
     if variants:
         sections += [

@@ -113,6 +113,15 @@ def add_output_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_sizes_row_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--sizes-row",
+        default=None,
+        help="file these numbers under a row of the model sizes table (as `bench sizes` does), "
+        "not as the main offline rows",
+    )
+
+
 def new_run(
     kind: str, engine: str, settings: dict[str, Any], results: dict[str, Any], versions: dict[str, str] | None = None
 ) -> Run:

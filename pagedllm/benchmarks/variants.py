@@ -20,6 +20,8 @@ class Variant:
     speeds: dict[tuple[str, int], float] = field(default_factory=dict)
     memory: dict[str, int] = field(default_factory=dict)
     perplexity: float | None = None
+    kl_divergence: float | None = None  # mean, against the float32 dequantized reference
+    top1_agreement: float | None = None
 
 
 def collect_variants(document: ResultsFile) -> dict[str, Variant]:
@@ -27,11 +29,15 @@ def collect_variants(document: ResultsFile) -> dict[str, Variant]:
     variants: dict[str, Variant] = {}
     for run in document.runs:
         name = run.settings.get("variant")
-        if not name or run.kind not in ("offline", "perplexity"):
+        if not name or run.kind not in ("offline", "perplexity", "kl-divergence"):
             continue
         variant = variants.setdefault(name, Variant(name))
         if run.kind == "perplexity":
             variant.perplexity = run.results["perplexity"]
+            continue
+        if run.kind == "kl-divergence":
+            variant.kl_divergence = run.results["mean_kl_divergence"]
+            variant.top1_agreement = run.results["top1_agreement"]
             continue
         variant.speeds = _speeds(run.results)
         variant.memory = run.results.get("memory", {})
@@ -53,13 +59,17 @@ def _relative(value: float | None, base: float | None, as_percent: bool = False)
 
 
 def variants_table(document: ResultsFile) -> tuple[list[str], list[list[str]]] | None:
-    """Header and rows, one per variant: perplexity (and its change from the baseline), weight and KV-cache memory,
-    speeds and their ratio to the baseline; None when no variant was measured."""
+    """Header and rows, one per variant: perplexity (and its change from the baseline), KL divergence and top-1
+    agreement against the float32 reference, weight and KV-cache memory, speeds and their ratio to the baseline;
+    None when no variant was measured."""
     variants = collect_variants(document)
     if not variants:
         return None
     base = variants.get(BASELINE, Variant(BASELINE))
-    header = ["setting", "perplexity", f"vs {BASELINE}", "weights MiB", "KV tokens per GiB"]
+    header = [
+        "setting", "perplexity", f"vs {BASELINE}", "KL vs float32", "top-1 agreement", "weights MiB",
+        "KV tokens per GiB",
+    ]  # fmt: skip
     for kind, size in SPEED_POINTS:
         header += [f"{kind} {size} tok/s", f"÷ {BASELINE}"]
     rows = []
@@ -70,6 +80,8 @@ def variants_table(document: ResultsFile) -> tuple[list[str], list[list[str]]] |
             variant.name,
             "–" if variant.perplexity is None else f"{variant.perplexity:.3f}",
             _relative(variant.perplexity, base.perplexity, as_percent=True),
+            "–" if variant.kl_divergence is None else f"{variant.kl_divergence:.5f}",
+            "–" if variant.top1_agreement is None else f"{variant.top1_agreement:.1%}",
             f"{memory['weight_bytes'] / 2**20:.0f}" if memory else "–",
             "–" if kv_per_gib is None else f"{kv_per_gib:,.0f}",
         ]

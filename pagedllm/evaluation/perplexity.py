@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from pagedllm.benchmarks import results
+from pagedllm.benchmarks.datasets import TextTokenizer
 from pagedllm.config import EngineConfig
 from pagedllm.errors import InvalidArgumentError
 from pagedllm.evaluation.corpus import evaluation_tokens
@@ -60,34 +61,41 @@ def sliding_windows(num_tokens: int, window: int, stride: int) -> list[Window]:
     return windows
 
 
-def window_nll(token_ids: list[int], window: Window, prompt_logprobs: list[dict[int, float] | None]) -> float:
-    """Sum of the negative log-likelihoods of a window's scored tokens, from the engine's prompt logprobs."""
-    if len(prompt_logprobs) != window.end - window.begin:
-        raise RuntimeError(
-            f"the engine returned {len(prompt_logprobs)} prompt logprobs "
-            f"for a window of {window.end - window.begin} tokens"
-        )
-    total = 0.0
-    for position in range(window.first_scored, window.end):
-        entry = prompt_logprobs[position - window.begin]
-        total -= entry[token_ids[position]]
-    return total
+def scored_prompt_logprobs(
+    llm: LLM, token_ids: list[int], window: int, stride: int, num_logprobs: int = 0
+) -> tuple[list[dict[int, float]], int, float]:
+    """The prompt logprobs that score each token but the first (entry p - 1 predicts token p; each holds the token's
+    and the `num_logprobs` most likely tokens' logprobs), the windows run and the seconds taken.
 
-
-def perplexity(llm: LLM, token_ids: list[int], window: int, stride: int) -> PerplexityResult:
-    """Perplexity of `token_ids` under the engine's model: every window is one request with prompt logprobs."""
+    Every window is one request with prompt logprobs, all submitted at once."""
     windows = sliding_windows(len(token_ids), window, stride)
-    params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
+    params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=num_logprobs)
     started = time.perf_counter()
     outputs = llm.generate([token_ids[w.begin : w.end] for w in windows], params, use_tqdm=True)
     seconds = time.perf_counter() - started
-    nll = sum(window_nll(token_ids, w, out.prompt_logprobs or []) for w, out in zip(windows, outputs, strict=True))
-    scored = len(token_ids) - 1
-    mean_nll = nll / scored
-    return PerplexityResult(math.exp(mean_nll), mean_nll, scored, len(windows), seconds)
+    scored: list[dict[int, float]] = []
+    for w, output in zip(windows, outputs, strict=True):
+        entries = output.prompt_logprobs or []
+        if len(entries) != w.end - w.begin:
+            raise RuntimeError(
+                f"the engine returned {len(entries)} prompt logprobs for a window of {w.end - w.begin} tokens"
+            )
+        scored += [entry for entry in entries[w.first_scored - w.begin :] if entry is not None]
+    if len(scored) != len(token_ids) - 1:
+        raise RuntimeError(f"{len(scored)} tokens were scored, not {len(token_ids) - 1}")
+    return scored, len(windows), seconds
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def perplexity(llm: LLM, token_ids: list[int], window: int, stride: int) -> PerplexityResult:
+    """Perplexity of `token_ids` under the engine's model."""
+    scored, num_windows, seconds = scored_prompt_logprobs(llm, token_ids, window, stride)
+    nll = -math.fsum(entry[token] for entry, token in zip(scored, token_ids[1:], strict=True))
+    mean_nll = nll / len(scored)
+    return PerplexityResult(math.exp(mean_nll), mean_nll, len(scored), num_windows, seconds)
+
+
+def add_corpus_arguments(parser: argparse.ArgumentParser) -> None:
+    """--text/--dataset, --max-tokens, --window and --stride: the tokens scored and how much context each gets."""
     corpus = parser.add_argument_group("corpus")
     source = corpus.add_mutually_exclusive_group()
     source.add_argument("--text", type=Path, help="a UTF-8 text file to score instead of the default corpus")
@@ -97,6 +105,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     corpus.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, help="tokens of the corpus to score")
     corpus.add_argument("--window", type=int, default=DEFAULT_WINDOW, help="most tokens of context per prediction")
     corpus.add_argument("--stride", type=int, default=DEFAULT_STRIDE, help="tokens between window starts")
+
+
+def corpus_tokens(tokenizer: TextTokenizer, args: argparse.Namespace) -> tuple[list[int], str]:
+    """The token ids the corpus flags name, and the corpus's name for the results."""
+    if args.text is not None:
+        ids = tokenizer.encode(args.text.read_text(encoding="utf-8"), add_special_tokens=False)
+        return ids[: args.max_tokens], str(args.text)
+    return evaluation_tokens(tokenizer, args.max_tokens), "sharegpt-replies"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_corpus_arguments(parser)
     parser.add_argument(
         "--output-json",
         type=Path,
@@ -111,14 +131,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     config = dataclass_from_args(EngineConfig, args, enable_prefix_caching=False)
     llm = LLM(**asdict(config))
-    if args.text is not None:
-        token_ids = llm.tokenizer.encode(args.text.read_text(encoding="utf-8"), add_special_tokens=False)[
-            : args.max_tokens
-        ]
-        corpus = str(args.text)
-    else:
-        token_ids = evaluation_tokens(llm.tokenizer, args.max_tokens)
-        corpus = "sharegpt-replies"
+    token_ids, corpus = corpus_tokens(llm.tokenizer, args)
     result = perplexity(llm, token_ids, args.window, args.stride)
     settings = {
         "model": llm.engine.model_name, "corpus": corpus, "window": args.window, "stride": args.stride,

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -57,7 +59,7 @@ def fake_bin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("PAGEDLLM_CACHE_DIR", str(tmp_path))
     bin_dir = tmp_path / "llama.cpp" / peers.LLAMA_CPP_PYTHON_VERSION / "bin"
     bin_dir.mkdir(parents=True)
-    for name in ("llama-server", "llama-bench"):
+    for name in ("llama-server", "llama-bench", "llama-batched-bench"):
         (bin_dir / name).write_text("")
     return bin_dir
 
@@ -142,3 +144,42 @@ def test_sharegpt_static_batches_count_only_each_requests_own_output() -> None:
     ]
     assert model.calls[0]["attention_mask"].tolist() == [[1, 1], [0, 1]]
     assert (result.num_requests, result.prompt_tokens, result.output_tokens) == (3, 6, 20)
+
+
+BATCHED_BENCH_OUTPUT = """main: n_kv_max = 5120, n_batch = 2048
+{"n_kv_max": 5120, "pp": 32, "tg": 128, "pl": 8, "n_kv": 1280, "t_tg": 4.0, "speed_tg": 256.5, "speed": 300.0}
+{"n_kv_max": 5120, "pp": 32, "tg": 128, "pl": 32, "n_kv": 5120, "t_tg": 8.0, "speed_tg": 512.0, "speed": 600.0}
+"""
+
+
+def test_batched_bench_command_sizes_the_context_and_parses_jsonl(fake_bin: Path) -> None:
+    command = peers.llama_batched_bench_command(Path("m.gguf"), 2, (8, 32), prompt_len=32, gen_tokens=128)
+    assert command[0] == str(fake_bin / "llama-batched-bench")
+    flags = dict(zip(command[1::2], command[2::2], strict=True))
+    assert (flags["-c"], flags["-npp"], flags["-ntg"], flags["-npl"]) == ("5120", "32", "128", "8,32")
+    assert flags["--output-format"] == "jsonl"
+    assert peers.parse_llama_batched_bench_jsonl(BATCHED_BENCH_OUTPUT) == [
+        DecodePoint(8, 256.5),
+        DecodePoint(32, 512.0),
+    ]
+
+
+def fake_tool(path: Path, stdout: str, allocate_mib: int = 0) -> None:
+    """An executable that holds `allocate_mib` MiB, prints `stdout` and exits 0."""
+    path.write_text(
+        f"#!{sys.executable}\nimport sys\nheld = bytearray({allocate_mib} * 2**20)\nsys.stdout.write({stdout!r})\n"
+    )
+    path.chmod(0o755)
+
+
+def test_llama_cpp_run_adds_batched_decode_and_peak_rss(fake_bin: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fake_tool(fake_bin / "llama-bench", json.dumps(LLAMA_BENCH_OUTPUT), allocate_mib=200)
+    fake_tool(fake_bin / "llama-batched-bench", BATCHED_BENCH_OUTPUT)
+    args = argparse.Namespace(threads=2, prompt_lens=(512,), decode_tokens=128, repeats=1, batch_sizes=(1, 8, 32))
+    run = peers.llama_cpp_run(args, Path("m.gguf"), {"sizes_row": "row"})
+    assert run.versions["llama.cpp"] == "build 1 (commit 0c1e570)"
+    assert [d["batch_size"] for d in run.results["decode"]] == [1, 8, 32]
+    assert run.results["memory"]["peak_rss_bytes"] >= 200 * 2**20
+    assert run.settings["batched_tool_command"][0] == str(fake_bin / "llama-batched-bench")
+    (fake_bin / "llama-batched-bench").unlink()  # an older build: decode above batch 1 is left unmeasured
+    assert [d["batch_size"] for d in peers.llama_cpp_run(args, Path("m.gguf"), {}).results["decode"]] == [1]

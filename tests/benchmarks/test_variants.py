@@ -23,6 +23,12 @@ def perplexity_run(variant: str, perplexity: float) -> results.Run:
     return results.new_run("perplexity", "pagedllm", {"variant": variant}, {"perplexity": perplexity, "tokens": 1000})
 
 
+def kl_run(variant: str, kl: float, agreement: float) -> results.Run:
+    return results.new_run(
+        "kl-divergence", "pagedllm", {"variant": variant}, {"mean_kl_divergence": kl, "top1_agreement": agreement}
+    )
+
+
 def write_variants(path: Path) -> None:
     main = OfflineThroughput([PrefillPoint(512, 900.0)], [DecodePoint(1, 30.0)])
     for run in [
@@ -31,6 +37,7 @@ def write_variants(path: Path) -> None:
         perplexity_run("unquantized", 10.0),
         variant_run("int8", 500.0, 40.0, 128, 19_000),
         perplexity_run("int8", 10.05),
+        kl_run("int8", 0.00123, 0.972),
     ]:
         results.append_run(path, run)
 
@@ -46,6 +53,8 @@ def test_variant_rows_compare_with_the_baseline(tmp_path: Path) -> None:
     assert int8["prefill 512 tok/s"] == "500.0"
     assert [row[header.index("÷ unquantized")] for row in rows] == ["1.00×", "0.50×"]
     assert by_name["unquantized"]["vs unquantized"] == "+0.0%"
+    assert int8["KL vs float32"] == "0.00123" and int8["top-1 agreement"] == "97.2%"
+    assert by_name["unquantized"]["KL vs float32"] == "–"
 
 
 def test_variants_leave_the_main_rows_alone(tmp_path: Path) -> None:

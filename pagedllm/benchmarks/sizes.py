@@ -1,0 +1,119 @@
+"""The model sizes tables: pagedllm beside llama.cpp on the same files (prefill, decode, resident memory)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from pagedllm.benchmarks.results import ResultsFile
+
+SUBJECT, PEER = "pagedllm", "llama.cpp"
+MODEL_FILE_KIND = "model-file"  # a run that records a sizes row's file: its tensor bytes
+
+
+@dataclass
+class SizeRow:
+    """The latest numbers of each engine on one model file, or why an engine has none."""
+
+    name: str
+    tensor_bytes: int | None = None
+    engines: dict[str, dict[str, Any]] = field(default_factory=dict)  # engine → its offline run's results
+    errors: dict[str, str] = field(default_factory=dict)  # engine → its one-line error
+
+    def speed(self, engine: str, kind: str, size: int) -> float | None:
+        key, size_key = ("prefill", "prompt_len") if kind == "prefill" else ("decode", "batch_size")
+        points = self.engines.get(engine, {}).get(key, [])
+        return next((p["tokens_per_s"] for p in points if p[size_key] == size), None)
+
+    def memory(self, engine: str, name: str) -> int | None:
+        return self.engines.get(engine, {}).get("memory", {}).get(name)
+
+    def cell(self, engine: str, value: float | None, digits: int = 1) -> str:
+        """A number, or 'unsupported'/'failed' where the engine could not run the file, or '–' if not measured."""
+        if engine in self.errors:
+            return "unsupported" if "unsupported" in self.errors[engine].lower() else "failed"
+        return "–" if value is None else f"{value:,.{digits}f}"
+
+
+def collect_size_rows(document: ResultsFile) -> dict[str, SizeRow]:
+    """Rows in the order first seen; an engine's latest run (numbers or error) wins."""
+    rows: dict[str, SizeRow] = {}
+    for run in document.runs:
+        name = run.settings.get("sizes_row")
+        if not name:
+            continue
+        row = rows.setdefault(name, SizeRow(name))
+        if run.kind == MODEL_FILE_KIND:
+            row.tensor_bytes = run.results["tensor_bytes"]
+        elif run.kind == "offline" and "error" in run.results:
+            row.errors[run.engine] = run.results["error"]
+            row.engines.pop(run.engine, None)
+        elif run.kind == "offline":
+            row.engines[run.engine] = run.results
+            row.errors.pop(run.engine, None)
+    return rows
+
+
+def _ratio(subject: float | None, peer: float | None) -> str:
+    return "–" if not subject or not peer else f"{subject / peer:.2f}×"
+
+
+def _points(rows: dict[str, SizeRow]) -> list[tuple[str, int]]:
+    """Every (kind, size) some engine measured, prefill first."""
+    found = set()
+    for row in rows.values():
+        for results in row.engines.values():
+            found.update(("prefill", p["prompt_len"]) for p in results.get("prefill", []))
+            found.update(("decode", d["batch_size"]) for d in results.get("decode", []))
+    return sorted(found, key=lambda point: (point[0] != "prefill", point[1]))
+
+
+def sizes_speed_table(document: ResultsFile) -> tuple[list[str], list[list[str]]] | None:
+    """One row per (model, point): tok/s of both engines and their ratio; None when no sizes run was recorded."""
+    rows = collect_size_rows(document)
+    if not rows:
+        return None
+    header = ["model", "tok/s", SUBJECT, PEER, f"{SUBJECT} ÷ {PEER}"]
+    table = []
+    for row in rows.values():
+        for kind, size in _points(rows):
+            ours, theirs = row.speed(SUBJECT, kind, size), row.speed(PEER, kind, size)
+            name = f"prefill {size} tok" if kind == "prefill" else f"decode batch {size}"
+            table.append([row.name, name, row.cell(SUBJECT, ours), row.cell(PEER, theirs), _ratio(ours, theirs)])
+    return header, table
+
+
+def _mib(value: int | None) -> float | None:
+    return None if value is None else value / 2**20
+
+
+def sizes_memory_table(document: ResultsFile) -> tuple[list[str], list[list[str]]] | None:
+    """One row per model: the file's tensors, pagedllm's weights and KV cache (from the engine), and each engine's
+    peak RSS (pagedllm's process; llama-bench's process for llama.cpp)."""
+    rows = collect_size_rows(document)
+    if not rows:
+        return None
+    header = [
+        "model", "file tensors MiB", f"{SUBJECT} weights MiB", "weights ÷ file", f"{SUBJECT} KV cache MiB",
+        f"{SUBJECT} peak RSS MiB", f"{PEER} peak RSS MiB", f"peak RSS: {SUBJECT} ÷ {PEER}",
+    ]  # fmt: skip
+    table = []
+    for row in rows.values():
+        weights = row.memory(SUBJECT, "weight_bytes")
+        ours, theirs = row.memory(SUBJECT, "peak_rss_bytes"), row.memory(PEER, "peak_rss_bytes")
+        table.append([
+            row.name, "–" if row.tensor_bytes is None else f"{_mib(row.tensor_bytes):,.0f}",
+            row.cell(SUBJECT, _mib(weights), 0), _ratio(weights, row.tensor_bytes),
+            row.cell(SUBJECT, _mib(row.memory(SUBJECT, "kv_cache_bytes")), 0),
+            row.cell(SUBJECT, _mib(ours), 0), row.cell(PEER, _mib(theirs), 0), _ratio(ours, theirs),
+        ])  # fmt: skip
+    return header, table
+
+
+def sizes_notes(document: ResultsFile) -> list[str]:
+    """Why an engine has no numbers for a model, one line each."""
+    return [
+        f"{engine} on {row.name}: {error}"
+        for row in collect_size_rows(document).values()
+        for engine, error in row.errors.items()
+    ]
