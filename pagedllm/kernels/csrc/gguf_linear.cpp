@@ -1,0 +1,425 @@
+// Matmuls by weights kept in GGUF's own blocks (Q4_K, Q5_K, Q6_K, Q5_0, Q8_0), bit for bit as the file stores them,
+// with activations rounded to int8, for small row counts; and their dequantization to a dense matrix.
+//
+// Every one of these types stores a weight as w = D_s * (q - offset) - M_s in blocks of QK values (QK = 256 for the
+// K types, 32 for Q5_0 and Q8_0): q an unsigned integer of 4, 5 or 6 bits (Q8_0: a signed byte), and per sub-block
+// s of 16 or 32 values D_s = d * sc_s and M_s = dmin * m_s, d and dmin float16 per block, sc_s and m_s small
+// integers (Q4_K/Q5_K: 6-bit sc and m per 32 values; Q6_K: a signed 8-bit sc per 16 values, offset 32; Q5_0:
+// sc = 1, offset 16; Q8_0: sc = 1). Each output row is decoded once per call into unsigned bytes q, int16 scales
+// per pair of values, and int16 "minimums" per 16 values (m_s, or offset * sc_s with dmin = d), a few bytes per
+// weight in a thread's own buffer; every activation row then meets it.
+//
+// Activations are rounded to int8 with one scale (max |x| / 127) per block of QK values, as llama.cpp's q8_K (and,
+// for QK = 32, q8_0) do, with the integer sums of each 16 of them. Per block and activation row, the products
+// q * x (AVX2 maddubs: unsigned weight bytes times signed activation bytes, pairs summed to int16, at most
+// 2 * 63 * 127) are summed to int32 weighted by sc_s (madd by the scale lanes), and the minimums' term is
+// sum_s m_s * sum(x over s): both exact integers, scaled back to float once per block by d (or dmin) times the
+// activation scale. With AVX-512 the same runs over 64 values per instruction. Q8_0's signed weights multiply as
+// |q| times x with q's sign (at most 2 * 128 * 127 per pair).
+//
+// Dequantization computes each weight with the float32 operations, in the order, that gguf's reference
+// (gguf.quants.dequantize) uses, so a dense copy holds exactly its values.
+#include "vec.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+namespace pagedllm {
+namespace {
+
+// GGML's type codes, as GGUF files store them.
+enum GgmlType : int64_t { kQ5_0 = 6, kQ8_0 = 8, kQ4_K = 12, kQ5_K = 13, kQ6_K = 14 };
+
+struct Format {
+  int64_t block_values;  // QK
+  int64_t block_bytes;
+  int64_t offset;  // subtracted from q before scaling (Q6_K 32, Q5_0 16), else 0
+  bool signed_values;  // Q8_0: q is a signed byte
+};
+
+Format format_of(int64_t type) {
+  switch (type) {
+    case kQ5_0: return {32, 22, 16, false};
+    case kQ8_0: return {32, 34, 0, true};
+    case kQ4_K: return {256, 144, 0, false};
+    case kQ5_K: return {256, 176, 0, false};
+    case kQ6_K: return {256, 210, 32, false};
+    default: TORCH_CHECK(false, "gguf_linear: unsupported GGML type ", type);
+  }
+}
+
+constexpr int64_t kSub = 16;  // values per scale entry (sub-blocks of 32 take two equal entries)
+constexpr int64_t kChunk = 32;  // values per AVX2 byte vector
+constexpr int64_t kRowGrain = 16;  // output rows per parallel task, at the least
+constexpr int64_t kRoundGrain = 16384;  // activations per parallel task of rounding, at the least
+constexpr float kActivationLevels = 127.f;
+#ifdef PAGEDLLM_AVX512_VNNI
+constexpr int64_t kRowTile = 8;  // activation rows sharing one pass over a decoded weight row
+#else
+constexpr int64_t kRowTile = 4;
+#endif
+
+inline float half_at(const uint8_t* p) {
+  uint16_t bits;
+  std::memcpy(&bits, p, 2);
+  return half_bits_to_float(bits);
+}
+
+// One output row decoded: q per value, D and M parts per 16 values, d and dmin per block.
+struct DecodedRow {
+  std::vector<uint8_t> q;  // [in]
+  std::vector<int16_t> scale_lanes;  // [in / 2]: sc of values 2 i and 2 i + 1 (the lanes of maddubs' int16 pairs)
+  std::vector<int16_t> scales;  // [in / 16] sc
+  std::vector<int16_t> mins;  // [in / 16] m, or offset * sc (with dmin = d)
+  std::vector<float> d, dmin;  // [in / QK]
+
+  void resize(int64_t in, int64_t block_values) {
+    q.resize(in);
+    scale_lanes.resize(in / 2);
+    scales.resize(in / kSub);
+    mins.resize(in / kSub);
+    d.resize(in / block_values);
+    dmin.resize(in / block_values);
+  }
+};
+
+// The 6-bit scale and minimum of sub-block j of a Q4_K/Q5_K block's 12 packed bytes.
+inline void k_scale_min(const uint8_t* packed, int j, int16_t& sc, int16_t& m) {
+  if (j < 4) {
+    sc = packed[j] & 63;
+    m = packed[j + 4] & 63;
+  } else {
+    sc = (packed[j + 4] & 0x0F) | ((packed[j - 4] >> 6) << 4);
+    m = (packed[j + 4] >> 4) | ((packed[j] >> 6) << 4);
+  }
+}
+
+// Block b of a row into q (QK values), scales and mins (QK / 16 each) and d, dmin.
+void decode_block(int64_t type, const uint8_t* block, uint8_t* q, int16_t* scales, int16_t* mins, float& d,
+                  float& dmin) {
+  switch (type) {
+    case kQ8_0: {
+      d = half_at(block);
+      dmin = 0.f;
+      std::memcpy(q, block + 2, 32);
+      scales[0] = scales[1] = 1;
+      mins[0] = mins[1] = 0;
+      return;
+    }
+    case kQ5_0: {
+      d = dmin = half_at(block);
+      uint32_t high;
+      std::memcpy(&high, block + 2, 4);
+      const uint8_t* qs = block + 6;
+      // Byte j holds value j in its low nibble and value j + 16 in its high one; bit i of `high` is value i's 5th.
+      for (int j = 0; j < 16; ++j) {
+        q[j] = (qs[j] & 0x0F) | (((high >> j) & 1) << 4);
+        q[j + 16] = (qs[j] >> 4) | (((high >> (j + 16)) & 1) << 4);
+      }
+      scales[0] = scales[1] = 1;
+      mins[0] = mins[1] = 16;
+      return;
+    }
+    case kQ4_K:
+    case kQ5_K: {
+      d = half_at(block);
+      dmin = half_at(block + 2);
+      const uint8_t* packed = block + 4;
+      const bool five = type == kQ5_K;
+      const uint8_t* high = block + 16;  // Q5_K: bit c of high[l] is the 5th bit of value 32 c + l
+      const uint8_t* qs = block + (five ? 48 : 16);
+      // Each 64 values: 32 bytes, the first 32 values in their low nibbles and the next 32 in their high ones.
+      for (int g = 0; g < 4; ++g)
+        for (int l = 0; l < 32; ++l) {
+          const uint8_t byte = qs[32 * g + l];
+          uint8_t low = byte & 0x0F, upper = byte >> 4;
+          if (five) {
+            low |= ((high[l] >> (2 * g)) & 1) << 4;
+            upper |= ((high[l] >> (2 * g + 1)) & 1) << 4;
+          }
+          q[64 * g + l] = low;
+          q[64 * g + 32 + l] = upper;
+        }
+      for (int j = 0; j < 8; ++j) {
+        int16_t sc, m;
+        k_scale_min(packed, j, sc, m);
+        scales[2 * j] = scales[2 * j + 1] = sc;
+        mins[2 * j] = mins[2 * j + 1] = m;
+      }
+      return;
+    }
+    case kQ6_K: {
+      const uint8_t *ql = block, *qh = block + 128;
+      const auto* sc = reinterpret_cast<const int8_t*>(block + 192);
+      d = dmin = half_at(block + 208);
+      // Each half of 128 values: 64 low-nibble bytes and 32 bytes of 2-bit pairs; value 32 k + l of the half takes
+      // nibble k / 2 of ql[l + 32 (k % 2)] and bits 2 k, 2 k + 1 of qh[l].
+      for (int h = 0; h < 2; ++h, ql += 64, qh += 32)
+        for (int l = 0; l < 32; ++l) {
+          uint8_t* out = q + 128 * h + l;
+          out[0] = (ql[l] & 0x0F) | ((qh[l] & 3) << 4);
+          out[32] = (ql[l + 32] & 0x0F) | (((qh[l] >> 2) & 3) << 4);
+          out[64] = (ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4);
+          out[96] = (ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4);
+        }
+      for (int s = 0; s < 16; ++s) {
+        scales[s] = sc[s];
+        mins[s] = static_cast<int16_t>(32 * sc[s]);
+      }
+      return;
+    }
+    default: TORCH_CHECK(false, "gguf_linear: unsupported GGML type ", type);
+  }
+}
+
+void decode_row(int64_t type, const Format& f, const uint8_t* row, int64_t in, DecodedRow& out) {
+  const int64_t blocks = in / f.block_values, subs = f.block_values / kSub;
+  for (int64_t b = 0; b < blocks; ++b)
+    decode_block(type, row + b * f.block_bytes, out.q.data() + b * f.block_values, out.scales.data() + b * subs,
+                 out.mins.data() + b * subs, out.d[b], out.dmin[b]);
+  for (int64_t s = 0; s < in / kSub; ++s)
+    for (int64_t i = 0; i < kSub / 2; ++i) out.scale_lanes[s * kSub / 2 + i] = out.scales[s];
+}
+
+// Activation rows rounded to int8 per block of QK, with each block's scale and the integer sums of each 16.
+struct QuantizedRows {
+  const int8_t* values;  // [rows, in]
+  const float* scales;  // [rows, in / QK]
+  const int16_t* sums;  // [rows, in / 16]
+};
+
+template <typename T>
+QuantizedRows quantize_rows(const at::Tensor& x, int64_t block) {
+  thread_local std::vector<int8_t> values;
+  thread_local std::vector<float> scales;
+  thread_local std::vector<int16_t> sums;
+  const int64_t size = x.numel(), blocks = size / block;
+  values.resize(size);
+  scales.resize(blocks);
+  sums.resize(size / kSub);
+  const T* xp = x.const_data_ptr<T>();
+  int8_t* vp = values.data();
+  float* sp = scales.data();
+  int16_t* sump = sums.data();
+  at::parallel_for(0, blocks, std::max<int64_t>(1, kRoundGrain / block), [&](int64_t begin, int64_t end) {
+    float converted[256];
+    for (int64_t i = begin; i < end; ++i) {
+      const T* in = xp + i * block;
+      float max = 0.f;
+      for (int64_t j = 0; j < block; ++j) {
+        converted[j] = to_float(in[j]);
+        max = std::max(max, std::abs(converted[j]));
+      }
+      sp[i] = max / kActivationLevels;
+      const float inverse = max > 0.f ? kActivationLevels / max : 0.f;
+      int8_t* out = vp + i * block;
+      for (int64_t j = 0; j < block; ++j) out[j] = static_cast<int8_t>(std::nearbyint(converted[j] * inverse));
+      for (int64_t s = 0; s < block / kSub; ++s) {
+        int16_t sum = 0;
+        for (int64_t j = 0; j < kSub; ++j) sum += out[s * kSub + j];
+        sump[i * block / kSub + s] = sum;
+      }
+    }
+  });
+  return {vp, sp, sump};
+}
+
+// The operands of one call: the decoded weight row and the rounded activations.
+struct Operands {
+  const DecodedRow* w;
+  QuantizedRows x;
+  int64_t in_features, block_values;
+};
+
+#ifdef PAGEDLLM_AVX2
+inline __m256i load32(const void* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+
+inline int32_t horizontal_sum_epi32(__m256i v) {
+  __m128i sum = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  sum = _mm_add_epi32(sum, _mm_shuffle_epi32(sum, 0x4E));
+  sum = _mm_add_epi32(sum, _mm_shuffle_epi32(sum, 0xB1));
+  return _mm_cvtsi128_si32(sum);
+}
+#endif
+
+// The integer sum over block b of sc_s * q * x for activation rows x.rows[0 .. Rows), into sums.
+template <int64_t Rows, int64_t QK, bool Signed>
+inline void block_products(const Operands& a, int64_t b, const int8_t* const* x, int32_t* sums) {
+  const uint8_t* q = a.w->q.data() + b * QK;
+  const int16_t* lanes = a.w->scale_lanes.data() + b * QK / 2;
+#if defined(PAGEDLLM_AVX512_VNNI)
+  if constexpr (QK % 64 == 0 && !Signed) {
+    __m512i acc[Rows];
+    for (int64_t r = 0; r < Rows; ++r) acc[r] = _mm512_setzero_si512();
+    for (int64_t c = 0; c < QK; c += 64) {
+      const __m512i w = _mm512_loadu_si512(q + c);
+      const __m512i sc = _mm512_loadu_si512(lanes + c / 2);
+      for (int64_t r = 0; r < Rows; ++r) {
+        const __m512i pairs = _mm512_maddubs_epi16(w, _mm512_loadu_si512(x[r] + b * QK + c));
+        acc[r] = _mm512_add_epi32(acc[r], _mm512_madd_epi16(pairs, sc));
+      }
+    }
+    for (int64_t r = 0; r < Rows; ++r) sums[r] = _mm512_reduce_add_epi32(acc[r]);
+    return;
+  }
+#endif
+#ifdef PAGEDLLM_AVX2
+  __m256i acc[Rows];
+  for (int64_t r = 0; r < Rows; ++r) acc[r] = _mm256_setzero_si256();
+  for (int64_t c = 0; c < QK; c += kChunk) {
+    const __m256i w = load32(q + c);
+    const __m256i sc = load32(lanes + c / 2);
+    for (int64_t r = 0; r < Rows; ++r) {
+      const __m256i xr = load32(x[r] + b * QK + c);
+      __m256i pairs;
+      if constexpr (Signed)
+        pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(xr, w));
+      else
+        pairs = _mm256_maddubs_epi16(w, xr);
+      acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(pairs, sc));
+    }
+  }
+  for (int64_t r = 0; r < Rows; ++r) sums[r] = horizontal_sum_epi32(acc[r]);
+#else
+  for (int64_t r = 0; r < Rows; ++r) {
+    int32_t total = 0;
+    for (int64_t j = 0; j < QK; ++j) {
+      const int32_t weight = Signed ? static_cast<int8_t>(q[j]) : q[j];
+      total += lanes[j / 2] * weight * x[r][b * QK + j];
+    }
+    sums[r] = total;
+  }
+#endif
+}
+
+// The dot products of the decoded weight row with activation rows [m, m + Rows).
+template <int64_t Rows, int64_t QK, bool Signed>
+void dot_rows(const Operands& a, int64_t m, float* result) {
+  const int64_t blocks = a.in_features / QK, subs = QK / kSub;
+  const int8_t* x[Rows];
+  const float* x_scales[Rows];
+  const int16_t* x_sums[Rows];
+  for (int64_t r = 0; r < Rows; ++r) {
+    x[r] = a.x.values + (m + r) * a.in_features;
+    x_scales[r] = a.x.scales + (m + r) * blocks;
+    x_sums[r] = a.x.sums + (m + r) * a.in_features / kSub;
+    result[r] = 0.f;
+  }
+  const int16_t* mins = a.w->mins.data();
+  for (int64_t b = 0; b < blocks; ++b) {
+    int32_t products[Rows];
+    block_products<Rows, QK, Signed>(a, b, x, products);
+    const float d = a.w->d[b], dmin = a.w->dmin[b];
+    for (int64_t r = 0; r < Rows; ++r) {
+      int32_t min_sum = 0;  // at most 16 * 4096 * 2032 in size
+      if constexpr (!Signed)
+        for (int64_t s = 0; s < subs; ++s) min_sum += int32_t{mins[b * subs + s]} * x_sums[r][b * subs + s];
+      result[r] += x_scales[r][b] * (d * static_cast<float>(products[r]) - dmin * static_cast<float>(min_sum));
+    }
+  }
+}
+
+template <typename TileFn>
+void for_row_tiles(int64_t num_rows, const TileFn& tile) {
+  int64_t m = 0;
+  for (; num_rows - m >= kRowTile; m += kRowTile) tile(std::integral_constant<int64_t, kRowTile>{}, m);
+  if constexpr (kRowTile > 4)
+    if (num_rows - m >= 4) {
+      tile(std::integral_constant<int64_t, 4>{}, m);
+      m += 4;
+    }
+  for (; num_rows - m >= 2; m += 2) tile(std::integral_constant<int64_t, 2>{}, m);
+  if (m < num_rows) tile(std::integral_constant<int64_t, 1>{}, m);
+}
+
+template <int64_t QK, bool Signed, typename Out>
+void multiply(int64_t type, const Format& f, const uint8_t* weight, const QuantizedRows& x, int64_t in_features,
+              int64_t out_features, int64_t num_rows, Out* out) {
+  at::parallel_for(0, out_features, kRowGrain, [&](int64_t begin, int64_t end) {
+    thread_local DecodedRow row;
+    row.resize(in_features, QK);
+    const Operands operands{&row, x, in_features, QK};
+    const int64_t row_bytes = in_features / QK * f.block_bytes;
+    for (int64_t n = begin; n < end; ++n) {
+      decode_row(type, f, weight + n * row_bytes, in_features, row);
+      for_row_tiles(num_rows, [&](auto tile_rows, int64_t m) {
+        constexpr int64_t R = decltype(tile_rows)::value;
+        float result[R];
+        dot_rows<R, QK, Signed>(operands, m, result);
+        for (int64_t r = 0; r < R; ++r) out[(m + r) * out_features + n] = static_cast<Out>(result[r]);
+      });
+    }
+  });
+}
+
+// The checks and sizes shared by both entry points: returns in_features.
+int64_t check_weight(const at::Tensor& blocks, const Format& f, const char* name) {
+  TORCH_CHECK(blocks.dim() == 2 && blocks.scalar_type() == at::kByte && blocks.is_contiguous(), name,
+              ": blocks must be a contiguous uint8 [out, row bytes] tensor");
+  TORCH_CHECK(blocks.size(1) % f.block_bytes == 0, name, ": row bytes not a whole number of blocks");
+  return blocks.size(1) / f.block_bytes * f.block_values;
+}
+
+}  // namespace
+
+at::Tensor gguf_linear(const at::Tensor& x, const at::Tensor& blocks, int64_t ggml_type) {
+  const Format f = format_of(ggml_type);
+  const int64_t in_features = check_weight(blocks, f, "gguf_linear"), out_features = blocks.size(0);
+  TORCH_CHECK(x.size(-1) == in_features, "gguf_linear: input has ", x.size(-1), " features, weight ", in_features);
+  const at::Tensor rows = x.reshape({-1, in_features}).contiguous();
+  const int64_t num_rows = rows.size(0);
+  at::Tensor out = at::empty({num_rows, out_features}, x.options());
+  const uint8_t* weight = blocks.const_data_ptr<uint8_t>();
+  PAGEDLLM_DISPATCH_FLOAT_TYPES(x.scalar_type(), "gguf_linear", [&] {
+    const QuantizedRows q = quantize_rows<scalar_t>(rows, f.block_values);
+    scalar_t* op = out.data_ptr<scalar_t>();
+    if (f.signed_values)
+      multiply<32, true>(ggml_type, f, weight, q, in_features, out_features, num_rows, op);
+    else if (f.block_values == 32)
+      multiply<32, false>(ggml_type, f, weight, q, in_features, out_features, num_rows, op);
+    else
+      multiply<256, false>(ggml_type, f, weight, q, in_features, out_features, num_rows, op);
+  });
+  auto sizes = x.sizes().vec();
+  sizes.back() = out_features;
+  return out.view(sizes);
+}
+
+at::Tensor gguf_dequantize(const at::Tensor& blocks, int64_t ggml_type, at::ScalarType dtype) {
+  const Format f = format_of(ggml_type);
+  const int64_t in_features = check_weight(blocks, f, "gguf_dequantize"), out_features = blocks.size(0);
+  at::Tensor out = at::empty({out_features, in_features}, blocks.options().dtype(dtype));
+  const uint8_t* weight = blocks.const_data_ptr<uint8_t>();
+  const int64_t row_bytes = blocks.size(1);
+  PAGEDLLM_DISPATCH_FLOAT_TYPES(dtype, "gguf_dequantize", [&] {
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, out_features, kRowGrain, [&](int64_t begin, int64_t end) {
+      thread_local DecodedRow row;
+      row.resize(in_features, f.block_values);
+      for (int64_t n = begin; n < end; ++n) {
+        decode_row(ggml_type, f, weight + n * row_bytes, in_features, row);
+        scalar_t* o = op + n * in_features;
+        for (int64_t j = 0; j < in_features; ++j) {
+          const int64_t b = j / f.block_values, s = j / kSub;
+          const float scale = row.d[b] * static_cast<float>(row.scales[s]);  // exact: 11 times at most 8 bits
+          float w;
+          if (f.signed_values)
+            w = static_cast<float>(static_cast<int8_t>(row.q[j])) * row.d[b];
+          else if (f.offset)
+            w = scale * static_cast<float>(int32_t{row.q[j]} - f.offset);
+          else
+            w = scale * static_cast<float>(row.q[j]) - row.dmin[b] * static_cast<float>(row.mins[s]);
+          o[j] = static_cast<scalar_t>(w);
+        }
+      }
+    });
+  });
+  return out;
+}
+
+}  // namespace pagedllm
