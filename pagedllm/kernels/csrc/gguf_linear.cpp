@@ -99,91 +99,176 @@ inline void k_scale_min(const uint8_t* packed, int j, int16_t& sc, int16_t& m) {
   }
 }
 
-// Block b of a row into q (QK values), scales and mins (QK / 16 each) and d, dmin.
-void decode_block(int64_t type, const uint8_t* block, uint8_t* q, int16_t* scales, int16_t* mins, float& d,
-                  float& dmin) {
-  switch (type) {
-    case kQ8_0: {
-      d = half_at(block);
-      dmin = 0.f;
-      std::memcpy(q, block + 2, 32);
-      scales[0] = scales[1] = 1;
-      mins[0] = mins[1] = 0;
-      return;
+#ifdef PAGEDLLM_AVX2
+inline __m256i load32(const void* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+inline void store32(void* p, __m256i v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v); }
+
+// Bits k, k + 1, ... (`mask` wide) of each byte, shifted to bit 4: a 16-bit shift leaves each byte's own bits at
+// the bottom, and the mask drops what came from its neighbour.
+inline __m256i bits_to_4(__m256i bytes, int k, int mask) {
+  const __m256i field = _mm256_and_si256(_mm256_srli_epi16(bytes, k), _mm256_set1_epi8(static_cast<char>(mask)));
+  return _mm256_slli_epi16(field, 4);
+}
+
+inline __m256i low_nibbles(__m256i bytes) { return _mm256_and_si256(bytes, _mm256_set1_epi8(0x0F)); }
+inline __m256i high_nibbles(__m256i bytes) { return low_nibbles(_mm256_srli_epi16(bytes, 4)); }
+#endif
+
+// The per-type decoding of block b: q (QK values), scales and mins (QK / 16 each), d and dmin.
+template <int64_t Type>
+inline void decode_block(const uint8_t* block, uint8_t* q, int16_t* scales, int16_t* mins, float& d, float& dmin);
+
+template <>
+inline void decode_block<kQ8_0>(const uint8_t* block, uint8_t* q, int16_t* scales, int16_t* mins, float& d,
+                                float& dmin) {
+  d = half_at(block);
+  dmin = 0.f;
+  std::memcpy(q, block + 2, 32);
+  scales[0] = scales[1] = 1;
+  mins[0] = mins[1] = 0;
+}
+
+template <>
+inline void decode_block<kQ5_0>(const uint8_t* block, uint8_t* q, int16_t* scales, int16_t* mins, float& d,
+                                float& dmin) {
+  d = dmin = half_at(block);
+  uint32_t high;
+  std::memcpy(&high, block + 2, 4);
+  const uint8_t* qs = block + 6;
+  // Byte j holds value j in its low nibble and value j + 16 in its high one; bit i of `high` is value i's 5th.
+#ifdef PAGEDLLM_AVX2
+  const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
+  const __m256i nibbles = _mm256_set_m128i(_mm_srli_epi16(packed, 4), packed);
+  // Byte i takes byte i / 8 of `high`, then its bit i % 8.
+  const __m256i spread = _mm256_shuffle_epi8(_mm256_set1_epi32(static_cast<int32_t>(high)),
+                                             _mm256_setr_epi64x(0, 0x0101010101010101, 0x0202020202020202,
+                                                                0x0303030303030303));
+  const __m256i bit = _mm256_set1_epi64x(static_cast<int64_t>(0x8040201008040201));
+  const __m256i fifth = _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit), _mm256_set1_epi8(16));
+  store32(q, _mm256_or_si256(low_nibbles(nibbles), fifth));
+#else
+  for (int j = 0; j < 16; ++j) {
+    q[j] = (qs[j] & 0x0F) | (((high >> j) & 1) << 4);
+    q[j + 16] = (qs[j] >> 4) | (((high >> (j + 16)) & 1) << 4);
+  }
+#endif
+  scales[0] = scales[1] = 1;
+  mins[0] = mins[1] = 16;
+}
+
+// Q4_K (FiveBits false) and Q5_K blocks: each 64 values are 32 bytes, the first 32 values in their low nibbles and
+// the next 32 in their high ones; Q5_K's bit c of high[l] is the 5th bit of value 32 c + l.
+template <bool FiveBits>
+inline void decode_k4_k5(const uint8_t* block, uint8_t* q, int16_t* scales, int16_t* mins, float& d, float& dmin) {
+  d = half_at(block);
+  dmin = half_at(block + 2);
+  const uint8_t* packed = block + 4;
+  const uint8_t* high = block + 16;
+  const uint8_t* qs = block + (FiveBits ? 48 : 16);
+#ifdef PAGEDLLM_AVX2
+  const __m256i high_bits = FiveBits ? load32(high) : _mm256_setzero_si256();
+  for (int g = 0; g < 4; ++g) {
+    const __m256i bytes = load32(qs + 32 * g);
+    __m256i low = low_nibbles(bytes), upper = high_nibbles(bytes);
+    if constexpr (FiveBits) {
+      low = _mm256_or_si256(low, bits_to_4(high_bits, 2 * g, 1));
+      upper = _mm256_or_si256(upper, bits_to_4(high_bits, 2 * g + 1, 1));
     }
-    case kQ5_0: {
-      d = dmin = half_at(block);
-      uint32_t high;
-      std::memcpy(&high, block + 2, 4);
-      const uint8_t* qs = block + 6;
-      // Byte j holds value j in its low nibble and value j + 16 in its high one; bit i of `high` is value i's 5th.
-      for (int j = 0; j < 16; ++j) {
-        q[j] = (qs[j] & 0x0F) | (((high >> j) & 1) << 4);
-        q[j + 16] = (qs[j] >> 4) | (((high >> (j + 16)) & 1) << 4);
+    store32(q + 64 * g, low);
+    store32(q + 64 * g + 32, upper);
+  }
+#else
+  for (int g = 0; g < 4; ++g)
+    for (int l = 0; l < 32; ++l) {
+      const uint8_t byte = qs[32 * g + l];
+      uint8_t low = byte & 0x0F, upper = byte >> 4;
+      if (FiveBits) {
+        low |= ((high[l] >> (2 * g)) & 1) << 4;
+        upper |= ((high[l] >> (2 * g + 1)) & 1) << 4;
       }
-      scales[0] = scales[1] = 1;
-      mins[0] = mins[1] = 16;
-      return;
+      q[64 * g + l] = low;
+      q[64 * g + 32 + l] = upper;
     }
-    case kQ4_K:
-    case kQ5_K: {
-      d = half_at(block);
-      dmin = half_at(block + 2);
-      const uint8_t* packed = block + 4;
-      const bool five = type == kQ5_K;
-      const uint8_t* high = block + 16;  // Q5_K: bit c of high[l] is the 5th bit of value 32 c + l
-      const uint8_t* qs = block + (five ? 48 : 16);
-      // Each 64 values: 32 bytes, the first 32 values in their low nibbles and the next 32 in their high ones.
-      for (int g = 0; g < 4; ++g)
-        for (int l = 0; l < 32; ++l) {
-          const uint8_t byte = qs[32 * g + l];
-          uint8_t low = byte & 0x0F, upper = byte >> 4;
-          if (five) {
-            low |= ((high[l] >> (2 * g)) & 1) << 4;
-            upper |= ((high[l] >> (2 * g + 1)) & 1) << 4;
-          }
-          q[64 * g + l] = low;
-          q[64 * g + 32 + l] = upper;
-        }
-      for (int j = 0; j < 8; ++j) {
-        int16_t sc, m;
-        k_scale_min(packed, j, sc, m);
-        scales[2 * j] = scales[2 * j + 1] = sc;
-        mins[2 * j] = mins[2 * j + 1] = m;
-      }
-      return;
+#endif
+  for (int j = 0; j < 8; ++j) {
+    int16_t sc, m;
+    k_scale_min(packed, j, sc, m);
+    scales[2 * j] = scales[2 * j + 1] = sc;
+    mins[2 * j] = mins[2 * j + 1] = m;
+  }
+}
+
+template <>
+inline void decode_block<kQ4_K>(const uint8_t* block, uint8_t* q, int16_t* scales, int16_t* mins, float& d,
+                                float& dmin) {
+  decode_k4_k5<false>(block, q, scales, mins, d, dmin);
+}
+
+template <>
+inline void decode_block<kQ5_K>(const uint8_t* block, uint8_t* q, int16_t* scales, int16_t* mins, float& d,
+                                float& dmin) {
+  decode_k4_k5<true>(block, q, scales, mins, d, dmin);
+}
+
+template <>
+inline void decode_block<kQ6_K>(const uint8_t* block, uint8_t* q, int16_t* scales, int16_t* mins, float& d,
+                                float& dmin) {
+  const uint8_t *ql = block, *qh = block + 128;
+  const auto* sc = reinterpret_cast<const int8_t*>(block + 192);
+  d = dmin = half_at(block + 208);
+  // Each half of 128 values: 64 low-nibble bytes and 32 bytes of 2-bit pairs; value 32 k + l of the half takes
+  // nibble k / 2 of ql[l + 32 (k % 2)] and bits 2 k, 2 k + 1 of qh[l].
+  for (int h = 0; h < 2; ++h, ql += 64, qh += 32) {
+    uint8_t* out = q + 128 * h;
+#ifdef PAGEDLLM_AVX2
+    const __m256i first = load32(ql), second = load32(ql + 32), pairs = load32(qh);
+    store32(out, _mm256_or_si256(low_nibbles(first), bits_to_4(pairs, 0, 3)));
+    store32(out + 32, _mm256_or_si256(low_nibbles(second), bits_to_4(pairs, 2, 3)));
+    store32(out + 64, _mm256_or_si256(high_nibbles(first), bits_to_4(pairs, 4, 3)));
+    store32(out + 96, _mm256_or_si256(high_nibbles(second), bits_to_4(pairs, 6, 3)));
+#else
+    for (int l = 0; l < 32; ++l) {
+      out[l] = (ql[l] & 0x0F) | ((qh[l] & 3) << 4);
+      out[l + 32] = (ql[l + 32] & 0x0F) | (((qh[l] >> 2) & 3) << 4);
+      out[l + 64] = (ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4);
+      out[l + 96] = (ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4);
     }
-    case kQ6_K: {
-      const uint8_t *ql = block, *qh = block + 128;
-      const auto* sc = reinterpret_cast<const int8_t*>(block + 192);
-      d = dmin = half_at(block + 208);
-      // Each half of 128 values: 64 low-nibble bytes and 32 bytes of 2-bit pairs; value 32 k + l of the half takes
-      // nibble k / 2 of ql[l + 32 (k % 2)] and bits 2 k, 2 k + 1 of qh[l].
-      for (int h = 0; h < 2; ++h, ql += 64, qh += 32)
-        for (int l = 0; l < 32; ++l) {
-          uint8_t* out = q + 128 * h + l;
-          out[0] = (ql[l] & 0x0F) | ((qh[l] & 3) << 4);
-          out[32] = (ql[l + 32] & 0x0F) | (((qh[l] >> 2) & 3) << 4);
-          out[64] = (ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4);
-          out[96] = (ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4);
-        }
-      for (int s = 0; s < 16; ++s) {
-        scales[s] = sc[s];
-        mins[s] = static_cast<int16_t>(32 * sc[s]);
-      }
-      return;
-    }
-    default: TORCH_CHECK(false, "gguf_linear: unsupported GGML type ", type);
+#endif
+  }
+  for (int s = 0; s < 16; ++s) {
+    scales[s] = sc[s];
+    mins[s] = static_cast<int16_t>(32 * sc[s]);
+  }
+}
+
+template <int64_t Type>
+void decode_row_of(const Format& f, const uint8_t* row, int64_t in, DecodedRow& out) {
+  const int64_t blocks = in / f.block_values, subs = f.block_values / kSub;
+  uint8_t* q = out.q.data();
+  int16_t *scales = out.scales.data(), *mins = out.mins.data();
+  float *d = out.d.data(), *dmin = out.dmin.data();
+  for (int64_t b = 0; b < blocks; ++b)
+    decode_block<Type>(row + b * f.block_bytes, q + b * f.block_values, scales + b * subs, mins + b * subs, d[b],
+                       dmin[b]);
+  int16_t* lanes = out.scale_lanes.data();
+  for (int64_t s = 0; s < in / kSub; ++s) {
+#ifdef PAGEDLLM_AVX2
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(lanes + s * kSub / 2), _mm_set1_epi16(scales[s]));
+#else
+    for (int64_t i = 0; i < kSub / 2; ++i) lanes[s * kSub / 2 + i] = scales[s];
+#endif
   }
 }
 
 void decode_row(int64_t type, const Format& f, const uint8_t* row, int64_t in, DecodedRow& out) {
-  const int64_t blocks = in / f.block_values, subs = f.block_values / kSub;
-  for (int64_t b = 0; b < blocks; ++b)
-    decode_block(type, row + b * f.block_bytes, out.q.data() + b * f.block_values, out.scales.data() + b * subs,
-                 out.mins.data() + b * subs, out.d[b], out.dmin[b]);
-  for (int64_t s = 0; s < in / kSub; ++s)
-    for (int64_t i = 0; i < kSub / 2; ++i) out.scale_lanes[s * kSub / 2 + i] = out.scales[s];
+  switch (type) {
+    case kQ5_0: return decode_row_of<kQ5_0>(f, row, in, out);
+    case kQ8_0: return decode_row_of<kQ8_0>(f, row, in, out);
+    case kQ4_K: return decode_row_of<kQ4_K>(f, row, in, out);
+    case kQ5_K: return decode_row_of<kQ5_K>(f, row, in, out);
+    case kQ6_K: return decode_row_of<kQ6_K>(f, row, in, out);
+    default: TORCH_CHECK(false, "gguf_linear: unsupported GGML type ", type);
+  }
 }
 
 // Activation rows rounded to int8 per block of QK, with each block's scale and the integer sums of each 16.
@@ -237,8 +322,6 @@ struct Operands {
 };
 
 #ifdef PAGEDLLM_AVX2
-inline __m256i load32(const void* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
-
 inline int32_t horizontal_sum_epi32(__m256i v) {
   __m128i sum = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
   sum = _mm_add_epi32(sum, _mm_shuffle_epi32(sum, 0x4E));
@@ -311,14 +394,45 @@ void dot_rows(const Operands& a, int64_t m, float* result) {
     result[r] = 0.f;
   }
   const int16_t* mins = a.w->mins.data();
+#ifdef PAGEDLLM_AVX2
+  if constexpr (QK == kChunk) {
+    // Blocks of 32 (scale 1): the products stay in a vector of float sums, added across lanes once at the end.
+    __m256 acc[Rows];
+    for (int64_t r = 0; r < Rows; ++r) acc[r] = _mm256_setzero_ps();
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (int64_t b = 0; b < blocks; ++b) {
+      const __m256i w = load32(a.w->q.data() + b * QK);
+      const __m256i magnitudes = Signed ? _mm256_sign_epi8(w, w) : w;
+      const float d = a.w->d[b];
+      for (int64_t r = 0; r < Rows; ++r) {
+        const __m256i xr = load32(x[r] + b * QK);
+        const __m256i pairs = _mm256_maddubs_epi16(magnitudes, Signed ? _mm256_sign_epi8(xr, w) : xr);
+        __m256i sums = _mm256_madd_epi16(pairs, ones);
+        if constexpr (!Signed) {
+          // Q5_0: dmin = d, so the minimums' term joins the integer sum (in its first lane) before any rounding.
+          const int32_t min_sum = mins[2 * b] * x_sums[r][2 * b] + mins[2 * b + 1] * x_sums[r][2 * b + 1];
+          sums = _mm256_sub_epi32(sums, _mm256_castsi128_si256(_mm_cvtsi32_si128(min_sum)));
+        }
+        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_set1_ps(d * x_scales[r][b]), acc[r]);
+      }
+    }
+    for (int64_t r = 0; r < Rows; ++r) result[r] += horizontal_sum(acc[r]);
+    return;
+  }
+#endif
   for (int64_t b = 0; b < blocks; ++b) {
     int32_t products[Rows];
     block_products<Rows, QK, Signed>(a, b, x, products);
     const float d = a.w->d[b], dmin = a.w->dmin[b];
     for (int64_t r = 0; r < Rows; ++r) {
       int32_t min_sum = 0;  // at most 16 * 4096 * 2032 in size
-      if constexpr (!Signed)
-        for (int64_t s = 0; s < subs; ++s) min_sum += int32_t{mins[b * subs + s]} * x_sums[r][b * subs + s];
+#ifdef PAGEDLLM_AVX2
+      if constexpr (QK == 256)
+        min_sum = horizontal_sum_epi32(_mm256_madd_epi16(load32(mins + b * subs), load32(x_sums[r] + b * subs)));
+      else
+#endif
+        if constexpr (!Signed)
+          for (int64_t s = 0; s < subs; ++s) min_sum += int32_t{mins[b * subs + s]} * x_sums[r][b * subs + s];
       result[r] += x_scales[r][b] * (d * static_cast<float>(products[r]) - dmin * static_cast<float>(min_sum));
     }
   }
