@@ -451,6 +451,47 @@ void for_row_tiles(int64_t num_rows, const TileFn& tile) {
   if (m < num_rows) tile(std::integral_constant<int64_t, 1>{}, m);
 }
 
+// Q8_0 needs no decoding: the dot products of one output row's blocks, read in place, with activation rows
+// [m, m + Rows).
+template <int64_t Rows>
+void q8_0_rows(const uint8_t* blocks, const QuantizedRows& x, int64_t in_features, int64_t m, float* result) {
+  const int64_t num_blocks = in_features / kChunk;
+  const int8_t* xr[Rows];
+  const float* scales[Rows];
+  for (int64_t r = 0; r < Rows; ++r) {
+    xr[r] = x.values + (m + r) * in_features;
+    scales[r] = x.scales + (m + r) * num_blocks;
+    result[r] = 0.f;
+  }
+#ifdef PAGEDLLM_AVX2
+  __m256 acc[Rows];
+  for (int64_t r = 0; r < Rows; ++r) acc[r] = _mm256_setzero_ps();
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int64_t b = 0; b < num_blocks; ++b) {
+    const uint8_t* block = blocks + b * 34;
+    const __m256i w = load32(block + 2);
+    const __m256i magnitudes = _mm256_sign_epi8(w, w);
+    const float d = half_at(block);
+    for (int64_t r = 0; r < Rows; ++r) {
+      const __m256i pairs = _mm256_maddubs_epi16(magnitudes, _mm256_sign_epi8(load32(xr[r] + kChunk * b), w));
+      const __m256 sums = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones));
+      acc[r] = _mm256_fmadd_ps(sums, _mm256_set1_ps(d * scales[r][b]), acc[r]);
+    }
+  }
+  for (int64_t r = 0; r < Rows; ++r) result[r] = horizontal_sum(acc[r]);
+#else
+  for (int64_t b = 0; b < num_blocks; ++b) {
+    const uint8_t* block = blocks + b * 34;
+    const auto* q = reinterpret_cast<const int8_t*>(block + 2);
+    for (int64_t r = 0; r < Rows; ++r) {
+      int32_t sum = 0;
+      for (int64_t j = 0; j < kChunk; ++j) sum += int32_t{q[j]} * xr[r][kChunk * b + j];
+      result[r] += half_at(block) * scales[r][b] * static_cast<float>(sum);
+    }
+  }
+#endif
+}
+
 template <int64_t QK, bool Signed, typename Out>
 void multiply(int64_t type, const Format& f, const uint8_t* weight, const QuantizedRows& x, int64_t in_features,
               int64_t out_features, int64_t num_rows, Out* out) {
@@ -460,11 +501,14 @@ void multiply(int64_t type, const Format& f, const uint8_t* weight, const Quanti
     const Operands operands{&row, x, in_features, QK};
     const int64_t row_bytes = in_features / QK * f.block_bytes;
     for (int64_t n = begin; n < end; ++n) {
-      decode_row(type, f, weight + n * row_bytes, in_features, row);
+      if (!Signed) decode_row(type, f, weight + n * row_bytes, in_features, row);
       for_row_tiles(num_rows, [&](auto tile_rows, int64_t m) {
         constexpr int64_t R = decltype(tile_rows)::value;
         float result[R];
-        dot_rows<R, QK, Signed>(operands, m, result);
+        if constexpr (Signed)
+          q8_0_rows<R>(weight + n * row_bytes, x, in_features, m, result);
+        else
+          dot_rows<R, QK, Signed>(operands, m, result);
         for (int64_t r = 0; r < R; ++r) out[(m + r) * out_features + n] = static_cast<Out>(result[r]);
       });
     }
