@@ -15,7 +15,7 @@ GGUF_KERNELS = ("pagedllm", "reference")
 # Up to this many rows the kernel multiplies by the blocks (each output row decoded once, then met by every
 # activation row); more rows dequantize the weight for one dense matmul, which reuses each weight across the rows
 # and so outgrows the decoding.
-GGUF_PACKED_MATMUL_MAX_ROWS = 64
+GGUF_PACKED_MATMUL_MAX_ROWS = 32
 
 
 def default_gguf_kernel(device: torch.device) -> str:
