@@ -103,7 +103,10 @@ class EngineConfig:
     enable_prefix_caching: bool = field(default=True, metadata={"help": "reuse the KV blocks of known prefixes"})
     quantization: Quantization = field(
         default="auto",
-        metadata={"help": "linear weights: auto (GGUF Q8_0/Q4_0/Q4_1 kept as int8/int4), none, int8 or int4"},
+        metadata={
+            "help": "linear weights: auto (GGUF Q4_0/Q4_1 as int4, Q4_K/Q5_K/Q6_K/Q5_0/Q8_0 as the file's blocks), "
+            "none, int8 or int4"
+        },
     )
     quant_group_size: QuantGroupSize = field(
         default=128, metadata={"help": "input channels per int4 scale and zero point"}
@@ -112,8 +115,8 @@ class EngineConfig:
         default=None,
         metadata={
             "help": "steps with at least this many tokens multiply by a dense copy of quantized weights; 0: keep none "
-            "(default: 8 on CPUs with AMX, else none for int4, and for int8 16 on CPUs with AVX512-BF16, else 65, "
-            "past its kernel's 64 rows)"
+            "(default: none for GGUF blocks; 8 on CPUs with AMX, else none for int4, and for int8 16 on CPUs with "
+            "AVX512-BF16, else 65, past its kernel's 64 rows)"
         },
     )
     kv_cache_dtype: KVCacheDtype = field(

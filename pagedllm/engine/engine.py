@@ -73,7 +73,11 @@ class LLMEngine:
         )
         model.load_weights(checkpoint.weights)
         self.weight_bytes = model.weight_bytes()
+        self.file_weight_bytes = checkpoint.file_weight_bytes
         logger.info("weights: %.1f MiB (quantization %s)", self.weight_bytes / 2**20, config.quantization)
+        if self.file_weight_bytes:
+            ratio = self.weight_bytes / self.file_weight_bytes
+            logger.info("weights: %.2fx the checkpoint's %.1f MiB", ratio, self.file_weight_bytes / 2**20)
         del checkpoint
         release_freed_memory()  # the loader's dequantized copies: freed, but resident until returned
         self.num_blocks = self._num_blocks()

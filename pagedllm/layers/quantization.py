@@ -1,4 +1,5 @@
-"""Weight-only quantized matrices: int8 per output channel and int4 per group of input channels."""
+"""Weight-only quantized matrices: int8 per output channel, int4 per group of input channels, GGUF's own blocks, and
+projections of different kinds stacked by rows."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import torch
 
 from pagedllm.config import QUANT_GROUP_SIZES
 from pagedllm.errors import UnsupportedModelError
+from pagedllm.layers.gguf_blocks import GGUFWeight, dequantize_blocks
 
 INT4_LEVELS = 15
 
@@ -38,7 +40,19 @@ class Int4Weight:
         return self.q.shape
 
 
-QuantizedWeight = Int8Weight | Int4Weight
+@dataclass
+class RowStackedWeight:
+    """Projections fused into one layer (q/k/v, gate/up) whose weights are stored in different kinds, by rows."""
+
+    parts: tuple[Int8Weight | Int4Weight | GGUFWeight, ...]
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((sum(p.shape[0] for p in self.parts), self.parts[0].shape[1]))
+
+
+QuantizedWeight = Int8Weight | Int4Weight | GGUFWeight | RowStackedWeight
+QUANTIZED_WEIGHTS = (Int8Weight, Int4Weight, GGUFWeight, RowStackedWeight)
 
 
 def quantize_int8(weight: torch.Tensor) -> Int8Weight:
@@ -71,6 +85,10 @@ def dequantize(w: QuantizedWeight) -> torch.Tensor:
     """The float32 [out, in] matrix a quantized weight stands for."""
     if isinstance(w, Int8Weight):
         return w.q.float() * w.scales[:, None]
+    if isinstance(w, GGUFWeight):
+        return dequantize_blocks(w)
+    if isinstance(w, RowStackedWeight):
+        return torch.cat([dequantize(p) for p in w.parts])
     out_features, in_features = w.q.shape
     groups = w.q.float().reshape(out_features, -1, w.group_size)
     return (groups * w.scales[..., None] + w.mins[..., None]).reshape(out_features, in_features)
@@ -83,6 +101,10 @@ def concat_rows(parts: list[QuantizedWeight]) -> QuantizedWeight:
         if not all(isinstance(p, Int8Weight) for p in parts):
             raise ValueError("cannot fuse int8 weights with weights of another kind")
         return Int8Weight(torch.cat([p.q for p in parts]), torch.cat([p.scales for p in parts]))
+    if isinstance(first, GGUFWeight):
+        if not all(isinstance(p, GGUFWeight) and p.ggml_type == first.ggml_type for p in parts):
+            raise ValueError("cannot fuse GGUF blocks of different types")
+        return GGUFWeight(torch.cat([p.blocks for p in parts]), first.ggml_type)
     if not all(isinstance(p, Int4Weight) and p.group_size == first.group_size for p in parts):
         raise ValueError("cannot fuse int4 weights with weights of another kind or group size")
     return Int4Weight(
@@ -97,6 +119,10 @@ def select_rows(w: QuantizedWeight, index: torch.Tensor) -> QuantizedWeight:
     """The output rows `index` of a quantized weight (e.g. to undo a row permutation)."""
     if isinstance(w, Int8Weight):
         return Int8Weight(w.q[index], w.scales[index])
+    if isinstance(w, GGUFWeight):
+        return GGUFWeight(w.blocks[index], w.ggml_type)  # each row's blocks are its own
+    if isinstance(w, RowStackedWeight):
+        raise ValueError("select_rows takes one projection's weight")
     return Int4Weight(w.q[index], w.scales[index], w.mins[index], w.group_size)
 
 
@@ -116,7 +142,7 @@ class LinearQuantization:
         Under int4 the lm_head is int8: on SmolLM2 an int4 lm_head changed the top token on 7 of 14 prompts
         (int8 lm_head: 3 of 14) to save 12 MB.
         """
-        if isinstance(weight, (Int8Weight, Int4Weight)):
+        if isinstance(weight, QUANTIZED_WEIGHTS):
             # A checkpoint's own quantization is kept: requantizing could only add error.
             return dequantize(weight).to(dtype) if self.method == "none" else weight
         if self.method == "int8" or (self.method == "int4" and lm_head):
@@ -138,8 +164,10 @@ def fuse_rows(parts: list[torch.Tensor | QuantizedWeight], dtype: torch.dtype) -
     """Stack the weights of projections fused into one layer (q/k/v, gate/up) by rows."""
     if all(isinstance(p, torch.Tensor) for p in parts):
         return torch.cat(parts)  # type: ignore[arg-type]
-    kinds = {(type(p), getattr(p, "group_size", 0)) for p in parts}
+    kinds = {(type(p), getattr(p, "group_size", 0), getattr(p, "ggml_type", 0)) for p in parts}
     if len(kinds) == 1:
         return concat_rows(parts)  # type: ignore[arg-type]
-    # Mixed storage (e.g. a GGUF file with Q4_1 q/k and a Q8_0 v) can only be fused dense.
+    if not any(isinstance(p, torch.Tensor) for p in parts):
+        # Mixed storage (e.g. a GGUF Q4_K_M file's Q4_K q/k and Q6_K v) stays as each part is stored.
+        return RowStackedWeight(tuple(parts))  # type: ignore[arg-type]
     return torch.cat([p.to(dtype) if isinstance(p, torch.Tensor) else dequantize(p).to(dtype) for p in parts])

@@ -8,9 +8,12 @@ from torch import nn
 from pagedllm.config import ModelConfig
 from pagedllm.layers.activation import silu_and_mul
 from pagedllm.layers.attention import AttentionMetadata, KVPool, PagedAttention
-from pagedllm.layers.linear import Linear, QuantizedLinear
+from pagedllm.layers.gguf_blocks import GGUFWeight
+from pagedllm.layers.gguf_linear import GGUFEmbedding
+from pagedllm.layers.linear import Linear
 from pagedllm.layers.norm import RMSNorm
 from pagedllm.layers.quantization import LinearQuantization, QuantizedWeight, fuse_rows
+from pagedllm.layers.quantized_linears import quantized_linear
 from pagedllm.layers.rotary import RotaryEmbedding
 
 
@@ -112,16 +115,20 @@ class LlamaForCausalLM(nn.Module):
         """Take HF-named weights (tensors or quantized), fusing q/k/v and gate/up; fails on a missing or extra one.
 
         Linears are stored as `self.quantization` says. A tied lm_head uses the embedding table unless the
-        checkpoint carries a quantized copy of it under lm_head.weight (the lookup itself stays dense).
+        checkpoint carries a quantized copy of it under lm_head.weight; the table is dense unless kept as GGUF blocks.
         """
         remaining = dict(weights)
         take = remaining.pop
-        self.embed_tokens.weight.data = take("model.embed_tokens.weight")
+        embedding = take("model.embed_tokens.weight")
         self.norm.weight.data = take("model.norm.weight")
-        dtype = self.embed_tokens.weight.dtype
+        dtype = self.norm.weight.dtype
+        if isinstance(embedding, GGUFWeight):
+            self.embed_tokens = GGUFEmbedding(embedding, dtype)
+        else:
+            self.embed_tokens.weight.data = embedding
         lm_head = remaining.pop("lm_head.weight", None)
         if lm_head is None or (self.config.tie_word_embeddings and isinstance(lm_head, torch.Tensor)):
-            lm_head = self.embed_tokens.weight.data
+            lm_head = embedding
         self._load_linear(self, "lm_head", lm_head, None, dtype, lm_head=True)
         remaining.pop("rope_freqs", None)  # already applied by RotaryEmbedding at construction
         for i, layer in enumerate(self.layers):
@@ -151,7 +158,7 @@ class LlamaForCausalLM(nn.Module):
         dtype: torch.dtype,
         lm_head: bool = False,
     ) -> None:
-        """Load one linear layer, replacing it by a QuantizedLinear where its weight is stored quantized."""
+        """Load one linear layer, replacing it by a quantized_linear where its weight is stored quantized."""
         layer: Linear = getattr(owner, name)
         weight = self.quantization.prepare(weight, dtype, lm_head)
         if isinstance(weight, torch.Tensor):
@@ -161,7 +168,7 @@ class LlamaForCausalLM(nn.Module):
             raise ValueError(f"{name} weight shape {tuple(weight.shape)} != expected {tuple(layer.weight.shape)}")
         if layer.bias is not None and bias is None:
             raise ValueError("checkpoint lacks a bias this layer needs")
-        setattr(owner, name, QuantizedLinear(weight, bias, dtype, self.quantization.dense_matmul_min_rows))
+        setattr(owner, name, quantized_linear(weight, bias, dtype, self.quantization.dense_matmul_min_rows))
 
     def weight_bytes(self) -> int:
         """Bytes held by the weights (quantized values, scales and dense copies; shared tensors once)."""

@@ -16,7 +16,8 @@ from tqdm.auto import tqdm
 
 from pagedllm.config import ModelConfig, RopeScaling
 from pagedllm.errors import UnsupportedModelError
-from pagedllm.layers.quantization import Int4Weight, QuantizedWeight, quantize_int8, select_rows
+from pagedllm.layers.gguf_blocks import GGUF_NATIVE_TYPES, GGUFWeight
+from pagedllm.layers.quantization import Int4Weight, QuantizedWeight, select_rows
 from pagedllm.model.registry import GGUF_ARCHITECTURES, hf_architecture
 from pagedllm.quantize.checkpoint import is_awq_checkpoint, load_awq_weights
 
@@ -61,9 +62,9 @@ GGUF_GLOBAL_TENSORS: dict[str, str] = {
 }
 
 
-# GGUF types whose blocks map onto pagedllm's int4/int8 weights without dequantizing.
+# GGUF types kept as the file stores them: Q4_0/Q4_1 as int4 weights, the others as their own blocks.
 GGUF_KEPT_QUANTIZED: frozenset[gguf.GGMLQuantizationType] = frozenset(
-    {gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.Q4_1, gguf.GGMLQuantizationType.Q8_0}
+    {gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.Q4_1, *GGUF_NATIVE_TYPES}
 )
 GGUF_Q4_GROUP = 32
 
@@ -75,13 +76,15 @@ class Checkpoint:
     config: ModelConfig
     weights: dict[str, torch.Tensor | QuantizedWeight]
     path: Path
+    file_weight_bytes: int = 0  # bytes the weights take in the file (0: not known)
 
 
 def load_checkpoint(path: Path, dtype: torch.dtype, keep_quantized: bool = False) -> Checkpoint:
     """Load a .gguf file or an HF folder, casting weights to `dtype`.
 
-    With `keep_quantized`, GGUF linear weights stored as Q4_0/Q4_1/Q8_0 come back as Int4Weight/Int8Weight
-    (a tied embedding table also as a quantized lm_head.weight, the table itself dense).
+    With `keep_quantized`, GGUF linear weights stored as Q4_0/Q4_1 come back as Int4Weight, and those stored as
+    Q4_K, Q5_K, Q6_K, Q5_0 or Q8_0 as GGUFWeight; a tied embedding table also as a quantized lm_head.weight (the
+    table itself dense, or the same GGUFWeight).
     """
     if path.is_dir():
         return _load_hf_folder(path, dtype)
@@ -104,7 +107,7 @@ def _load_hf_folder(path: Path, dtype: torch.dtype) -> Checkpoint:
                 for name in handle.keys():
                     weights[name] = handle.get_tensor(name).to(dtype)
                     progress.update()
-    return Checkpoint(config, weights, path)
+    return Checkpoint(config, weights, path, sum(file.stat().st_size for file in files))
 
 
 def _safetensors_names(file: Path) -> list[str]:
@@ -177,14 +180,19 @@ def _load_gguf(path: Path, dtype: torch.dtype, keep_quantized: bool = False) -> 
                 order = _unpermute_rope_rows(np.arange(quantized.shape[0]), heads)
                 quantized = select_rows(quantized, torch.from_numpy(order))
             weights[linear] = quantized
-            if linear == name:
+            if linear == name or isinstance(quantized, GGUFWeight):
+                if linear != name:
+                    weights[name] = quantized  # the embedding lookup reads the same blocks
                 continue
+        if keep_quantized and name == "model.embed_tokens.weight" and tensor.tensor_type in GGUF_NATIVE_TYPES:
+            weights[name] = gguf_quantized_weight(tensor)
+            continue
         array = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
         array = array.reshape([int(d) for d in reversed(tensor.shape)])
         if heads is not None:
             array = _unpermute_rope_rows(array, heads)
         weights[name] = torch.from_numpy(np.array(array, dtype=np.float32)).to(dtype)
-    return Checkpoint(config, weights, path)
+    return Checkpoint(config, weights, path, sum(int(tensor.n_bytes) for tensor in reader.tensors))
 
 
 def _rope_interleaved_heads(name: str, config: ModelConfig) -> int | None:
@@ -208,11 +216,12 @@ def _quantized_linear_name(name: str, config: ModelConfig) -> str | None:
 
 
 def gguf_quantized_weight(tensor: gguf.ReaderTensor) -> QuantizedWeight:
-    """A Q4_0/Q4_1 tensor as int4 with llama.cpp's own groups of 32; a Q8_0 one requantized to int8 per row."""
+    """A Q4_0/Q4_1 tensor as int4 with llama.cpp's own groups of 32; one of GGUF_NATIVE_TYPES as its blocks."""
     rows = int(tensor.shape[1])
     qtype = tensor.tensor_type
-    if qtype == gguf.GGMLQuantizationType.Q8_0:
-        return quantize_int8(torch.from_numpy(gguf.quants.dequantize(tensor.data, qtype).reshape(rows, -1)))
+    if qtype in GGUF_NATIVE_TYPES:
+        # A copy: the reader's array maps the file, whose pages would otherwise stay resident beside it.
+        return GGUFWeight(torch.from_numpy(np.array(tensor.data, dtype=np.uint8).reshape(rows, -1)), int(qtype))
     block_bytes = gguf.GGML_QUANT_SIZES[qtype][1]
     blocks = np.asarray(tensor.data).reshape(rows, -1, block_bytes)
     scales = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)

@@ -95,7 +95,7 @@ def create_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
     metrics = ServingMetrics(model_name)
     async_engine = AsyncLLMEngine(engine, settings.max_queued_requests, observer=metrics)
     metrics.watch(async_engine.stats)
-    metrics.set_memory(engine.weight_bytes, engine.kv_cache_bytes)
+    metrics.set_memory(engine.weight_bytes, engine.kv_cache_bytes, engine.file_weight_bytes)
     context = ServingContext(async_engine, model_name, TokenStrings(engine.tokenizer))
 
     @asynccontextmanager

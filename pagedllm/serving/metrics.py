@@ -16,6 +16,7 @@ TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20
 ITL_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0)
 E2E_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 300.0, 600.0)
 WEIGHT_BYTES = f"{PREFIX}_model_weight_bytes"
+FILE_WEIGHT_BYTES = f"{PREFIX}_model_file_weight_bytes"
 KV_CACHE_BYTES = f"{PREFIX}_kv_cache_bytes"
 
 
@@ -86,10 +87,12 @@ class ServingMetrics:
         )
         self._last_output_time: dict[str, float] = {}  # engine thread only
 
-    def set_memory(self, weight_bytes: int, kv_cache_bytes: int) -> None:
-        """Export the bytes the model's weights and the KV cache hold, fixed at start-up."""
+    def set_memory(self, weight_bytes: int, kv_cache_bytes: int, file_weight_bytes: int = 0) -> None:
+        """Export the bytes the model's weights and the KV cache hold, fixed at start-up, and the bytes the weights
+        take in the checkpoint file."""
         for name, documentation, value in (
             (WEIGHT_BYTES, "bytes of the model's weights in memory", weight_bytes),
+            (FILE_WEIGHT_BYTES, "bytes of the weights in the checkpoint file (0: not known)", file_weight_bytes),
             (KV_CACHE_BYTES, "bytes allocated to the KV cache", kv_cache_bytes),
         ):
             Gauge(name, documentation, ["model_name"], registry=self.registry).labels(self.model_name).set(value)

@@ -12,6 +12,7 @@ from pagedllm.layers.quantization import (
     Int4Weight,
     Int8Weight,
     LinearQuantization,
+    RowStackedWeight,
     concat_rows,
     dequantize,
     fuse_rows,
@@ -108,14 +109,18 @@ def test_select_rows_permutes_every_part_of_the_weight(kind: str) -> None:
     assert torch.equal(dequantize(select_rows(quantized, order)), dequantize(quantized)[order])
 
 
-def test_fuse_rows_keeps_one_kind_quantized_and_falls_back_to_dense_for_a_mix() -> None:
+def test_fuse_rows_keeps_one_kind_quantized_stacks_a_mix_and_falls_back_to_dense_beside_a_dense_part() -> None:
     q, k = random_weight(8, 64, 0), random_weight(4, 64, 1)
     same = fuse_rows([quantize_int4(q, 32), quantize_int4(k, 32)], torch.float32)
     assert isinstance(same, Int4Weight)
     mixed = fuse_rows([quantize_int4(q, 32), quantize_int8(k)], torch.bfloat16)
-    assert isinstance(mixed, torch.Tensor) and mixed.dtype == torch.bfloat16
-    expected = torch.cat([dequantize(quantize_int4(q, 32)), dequantize(quantize_int8(k))]).bfloat16()
-    assert torch.equal(mixed, expected)
+    assert isinstance(mixed, RowStackedWeight) and [type(p) for p in mixed.parts] == [Int4Weight, Int8Weight]
+    assert mixed.shape == (12, 64)
+    expected = torch.cat([dequantize(quantize_int4(q, 32)), dequantize(quantize_int8(k))])
+    assert torch.equal(dequantize(mixed), expected)
+    with_dense = fuse_rows([quantize_int4(q, 32), k.bfloat16()], torch.bfloat16)
+    assert isinstance(with_dense, torch.Tensor) and with_dense.dtype == torch.bfloat16
+    assert torch.equal(with_dense, torch.cat([dequantize(quantize_int4(q, 32)), k]).bfloat16())
     assert torch.equal(fuse_rows([q, k], torch.float32), torch.cat([q, k]))
 
 

@@ -31,6 +31,7 @@ class FakeEngine:
     max_model_len = 64
     tokenizer = None  # token-id prompts only
     weight_bytes = 1000
+    file_weight_bytes = 950
     kv_cache_bytes = 2000
 
     def __init__(self) -> None:

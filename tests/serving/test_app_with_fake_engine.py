@@ -122,4 +122,5 @@ def test_metrics_export_the_weight_and_kv_cache_bytes() -> None:
 
     text = with_app(scenario).text
     assert 'pagedllm_model_weight_bytes{model_name="fake"} 1000.0' in text
+    assert 'pagedllm_model_file_weight_bytes{model_name="fake"} 950.0' in text
     assert 'pagedllm_kv_cache_bytes{model_name="fake"} 2000.0' in text

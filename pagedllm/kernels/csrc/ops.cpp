@@ -6,6 +6,8 @@
 TORCH_LIBRARY(pagedllm, m) {
   m.def("int4_linear(Tensor x, Tensor packed, Tensor scale_min, int group_size) -> Tensor");
   m.def("int8_linear(Tensor x, Tensor weight, Tensor scales) -> Tensor");
+  m.def("gguf_linear(Tensor x, Tensor blocks, int ggml_type) -> Tensor");
+  m.def("gguf_dequantize(Tensor blocks, int ggml_type, ScalarType dtype) -> Tensor");
   m.def("paged_decode_attention(Tensor q, Tensor k_pool, Tensor v_pool, Tensor block_tables, Tensor seq_lens, float scale) -> Tensor");
   m.def("prefill_attention(Tensor q, Tensor k, Tensor v, int[] query_starts, int[] key_starts, int[] key_lens, float scale) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
@@ -25,6 +27,8 @@ TORCH_LIBRARY(pagedllm, m) {
 TORCH_LIBRARY_IMPL(pagedllm, CPU, m) {
   m.impl("int4_linear", &pagedllm::int4_linear);
   m.impl("int8_linear", &pagedllm::int8_linear);
+  m.impl("gguf_linear", &pagedllm::gguf_linear);
+  m.impl("gguf_dequantize", &pagedllm::gguf_dequantize);
   m.impl("paged_decode_attention", &pagedllm::paged_decode_attention);
   m.impl("prefill_attention", &pagedllm::prefill_attention);
   m.impl("rms_norm", &pagedllm::rms_norm);

@@ -1,0 +1,91 @@
+"""Linears and embeddings whose weights stay in GGUF's own blocks (Q4_K, Q5_K, Q6_K, Q5_0, Q8_0)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pagedllm.kernels import cpu_kernels_available
+from pagedllm.layers.gguf_blocks import GGUFWeight, dequantize_blocks
+from pagedllm.layers.linear import dense_linear, matrix_units_layout
+
+# Who multiplies: pagedllm's CPU kernel (int8-rounded activations) or the plain dequantize-then-F.linear path.
+GGUF_KERNELS = ("pagedllm", "reference")
+# Up to this many rows the kernel multiplies by the blocks (each output row decoded once, then met by every
+# activation row); more rows dequantize the weight for one dense matmul, which reuses each weight across the rows
+# and so outgrows the decoding.
+GGUF_PACKED_MATMUL_MAX_ROWS = 32
+
+
+def default_gguf_kernel(device: torch.device) -> str:
+    """pagedllm's CPU kernel where it builds, else the reference."""
+    return "pagedllm" if device.type == "cpu" and cpu_kernels_available() else "reference"
+
+
+class GGUFLinear(nn.Module):
+    """y = x Wᵀ + b with W kept as the GGUF file's blocks (resident bytes: the file's).
+
+    Up to GGUF_PACKED_MATMUL_MAX_ROWS rows go through the kernel; more rows multiply by a dense copy when one is kept
+    (`dense_matmul_min_rows` > 0: inputs of at least that many rows take it), else by the weight dequantized for the call.
+    Every path computes with the same weights; the kernel's rounds activations to int8 per block.
+    """
+
+    def __init__(
+        self,
+        weight: GGUFWeight,
+        bias: torch.Tensor | None,
+        dtype: torch.dtype,
+        dense_matmul_min_rows: int | None = 0,
+        kernel: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.ggml_type = weight.ggml_type
+        self.dtype = dtype
+        # No dense copy unless asked for: it would take 2-4x the blocks' memory.
+        self.dense_matmul_min_rows = dense_matmul_min_rows or 0
+        self.kernel = default_gguf_kernel(weight.blocks.device) if kernel is None else kernel
+        if self.kernel not in GGUF_KERNELS:
+            raise ValueError(f"kernel must be one of {GGUF_KERNELS}, got {self.kernel!r}")
+        self.register_buffer("blocks", weight.blocks.contiguous())
+        self.bias = None if bias is None else nn.Parameter(bias.to(dtype).contiguous(), requires_grad=False)
+        dense = matrix_units_layout(self.dequantized(dtype)) if self.dense_matmul_min_rows > 0 else None
+        self.register_buffer("dense", dense)
+
+    def weight(self) -> GGUFWeight:
+        return GGUFWeight(self.blocks, self.ggml_type)
+
+    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+        """The weight [out, in] in `dtype` (by the kernel where it runs, else by the reference: the same values)."""
+        if self.kernel == "pagedllm":
+            return torch.ops.pagedllm.gguf_dequantize(self.blocks, self.ggml_type, dtype)
+        return dequantize_blocks(self.weight()).to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.shape[:-1].numel()
+        if self.dense is not None and (self.kernel == "reference" or rows >= self.dense_matmul_min_rows):
+            return dense_linear(x, self.dense, self.bias)
+        if self.kernel == "reference":
+            return F.linear(x, dequantize_blocks(self.weight()).to(x.dtype), self.bias)
+        if rows > GGUF_PACKED_MATMUL_MAX_ROWS:
+            return dense_linear(x, self.dequantized(x.dtype), self.bias)
+        y = torch.ops.pagedllm.gguf_linear(x, self.blocks, self.ggml_type)
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, {GGUFWeight(self.blocks, self.ggml_type).type_name}"
+
+
+class GGUFEmbedding(nn.Module):
+    """A token embedding table kept as GGUF blocks: each lookup dequantizes only the rows it takes."""
+
+    def __init__(self, weight: GGUFWeight, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.ggml_type = weight.ggml_type
+        self.dtype = dtype
+        self.register_buffer("blocks", weight.blocks.contiguous())
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        rows = GGUFWeight(self.blocks[input_ids.reshape(-1)], self.ggml_type)
+        return dequantize_blocks(rows).to(self.dtype).view(*input_ids.shape, -1)

@@ -1,0 +1,91 @@
+"""The GGUF-block kernels: their decoding against gguf's dequantize, their matmuls against the reference."""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from pagedllm.kernels import cpu_kernels_available
+from pagedllm.layers.gguf_blocks import GGUF_NATIVE_TYPES, GGUFWeight, dequantize_blocks
+from tests.gguf_blocks import random_blocks
+
+Q = gguf.GGMLQuantizationType
+ops = torch.ops.pagedllm
+ROWS = (1, 4, 7, 32, 300)
+IN_FEATURES, OUT_FEATURES = 512, 40
+
+
+@pytest.fixture(autouse=True, scope="module")
+def kernels() -> None:
+    assert cpu_kernels_available(), "the kernels must build on this machine: the tests below would test nothing"
+
+
+def weight(qtype: Q, seed: int = 0) -> GGUFWeight:
+    return GGUFWeight(torch.from_numpy(random_blocks(qtype, OUT_FEATURES, IN_FEATURES, seed)), int(qtype))
+
+
+def rounded_activations(x: torch.Tensor, block: int) -> torch.Tensor:
+    """x as the kernels round it: int8 levels, one scale (max |x| / 127) per run of `block` values."""
+    runs = x.float().reshape(x.shape[0], -1, block)
+    scales = runs.abs().amax(dim=-1, keepdim=True) / 127
+    levels = torch.round(runs / torch.where(scales > 0, scales, torch.ones_like(scales)))
+    return (levels * scales).reshape(x.shape)
+
+
+@pytest.mark.parametrize("qtype", GGUF_NATIVE_TYPES, ids=lambda q: q.name)
+def test_kernel_decodes_blocks_exactly_as_gguf(qtype: Q) -> None:
+    w = weight(qtype)
+    expected = torch.from_numpy(gguf.quants.dequantize(w.blocks.numpy(), qtype))
+    assert torch.equal(ops.gguf_dequantize(w.blocks, int(qtype), torch.float32), expected)
+    assert torch.equal(ops.gguf_dequantize(w.blocks, int(qtype), torch.bfloat16), expected.bfloat16())
+    assert torch.equal(dequantize_blocks(w), expected)  # the PyTorch reference too
+
+
+@pytest.mark.parametrize("rows", ROWS)
+@pytest.mark.parametrize("qtype", GGUF_NATIVE_TYPES, ids=lambda q: q.name)
+def test_kernel_multiplies_int8_exact_activations_exactly(qtype: Q, rows: int) -> None:
+    w = weight(qtype, seed=rows)
+    x = torch.randint(-127, 128, (rows, IN_FEATURES), generator=torch.Generator().manual_seed(rows)).float()
+    x[:, ::32] = 127  # every rounding block's scale is 1: the kernel's int8 activations are x itself
+    dense = dequantize_blocks(w).double()
+    expected = x.double() @ dense.T
+    # Integer sums per block, then a float32 sum over the blocks: off by float32 steps of the terms' sizes.
+    bound = 1e-6 * (x.double().abs() @ dense.abs().T)
+    assert ((ops.gguf_linear(x, w.blocks, int(qtype)).double() - expected).abs() <= bound).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("rows", ROWS)
+@pytest.mark.parametrize("qtype", GGUF_NATIVE_TYPES, ids=lambda q: q.name)
+def test_kernel_matches_the_reference_with_rounded_activations(qtype: Q, rows: int, dtype: torch.dtype) -> None:
+    w = weight(qtype, seed=rows)
+    x = torch.randn(rows, IN_FEATURES, generator=torch.Generator().manual_seed(rows)).to(dtype)
+    block = gguf.GGML_QUANT_SIZES[qtype][0]
+    dense = dequantize_blocks(w).double()
+    ours = ops.gguf_linear(x, w.blocks, int(qtype))
+    assert ours.dtype == dtype and ours.shape == (rows, OUT_FEATURES)
+    # Against the same rounding done here: only float summation order (and bfloat16's output rounding) differ.
+    expected = rounded_activations(x, block).double() @ dense.T
+    tolerance = 1e-5 if dtype == torch.float32 else 8e-3
+    torch.testing.assert_close(ours.double(), expected, rtol=tolerance, atol=tolerance * expected.abs().max().item())
+    # Against the unrounded activations: the int8 rounding's error.
+    exact = x.double() @ dense.T
+    assert (ours.double() - exact).norm() <= 2e-2 * exact.norm()
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q8_0], ids=lambda q: q.name)
+def test_kernel_checks_its_operands(qtype: Q) -> None:
+    w = weight(qtype)
+    with pytest.raises(RuntimeError, match="features"):
+        ops.gguf_linear(torch.randn(2, IN_FEATURES + 256), w.blocks, int(qtype))
+    with pytest.raises(RuntimeError, match="unsupported GGML type"):
+        ops.gguf_linear(torch.randn(2, IN_FEATURES), w.blocks, int(Q.Q4_0))
+
+
+def test_random_blocks_are_what_they_say() -> None:
+    blocks = random_blocks(Q.Q4_K, 3, 512)
+    assert blocks.shape == (3, 2 * 144) and blocks.dtype == np.uint8
+    values = gguf.quants.dequantize(blocks, Q.Q4_K)
+    assert np.isfinite(values).all() and 0 < np.abs(values).max() < 1

@@ -1,0 +1,85 @@
+"""Linears and embeddings over GGUF blocks: every path against the plain dequantize-then-F.linear reference."""
+
+from __future__ import annotations
+
+import gguf
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pagedllm.layers.gguf_blocks import GGUF_NATIVE_TYPES, GGUFWeight, dequantize_blocks
+from pagedllm.layers.gguf_linear import GGUF_PACKED_MATMUL_MAX_ROWS, GGUFEmbedding, GGUFLinear
+from pagedllm.layers.quantization import LinearQuantization, RowStackedWeight, dequantize, fuse_rows
+from pagedllm.layers.quantized_linears import RowStackedLinear, quantized_linear
+from tests.gguf_blocks import random_blocks
+
+Q = gguf.GGMLQuantizationType
+ROWS = (1, 4, 7, 32, 300)
+
+
+def weight(qtype: Q, out_features: int = 24, in_features: int = 512, seed: int = 0) -> GGUFWeight:
+    return GGUFWeight(torch.from_numpy(random_blocks(qtype, out_features, in_features, seed)), int(qtype))
+
+
+@pytest.mark.parametrize("qtype", GGUF_NATIVE_TYPES, ids=lambda q: q.name)
+def test_the_reference_dequantizes_exactly_as_gguf(qtype: Q) -> None:
+    w = weight(qtype)
+    assert w.shape == (24, 512)
+    assert torch.equal(dequantize_blocks(w), torch.from_numpy(gguf.quants.dequantize(w.blocks.numpy(), qtype)))
+
+
+@pytest.mark.parametrize("dense_matmul_min_rows", [0, 8], ids=["per-call-dense", "dense-copy"])
+@pytest.mark.parametrize("rows", ROWS)
+@pytest.mark.parametrize("qtype", GGUF_NATIVE_TYPES, ids=lambda q: q.name)
+def test_every_path_agrees_with_the_reference(qtype: Q, rows: int, dense_matmul_min_rows: int) -> None:
+    w, bias = weight(qtype, seed=rows), torch.randn(24)
+    reference = GGUFLinear(w, bias, torch.float32, kernel="reference")
+    layer = GGUFLinear(w, bias, torch.float32, dense_matmul_min_rows=dense_matmul_min_rows)
+    assert layer.kernel == "pagedllm" and (layer.dense is not None) == (dense_matmul_min_rows > 0)
+    x = torch.randn(rows, 512, generator=torch.Generator().manual_seed(rows))
+    expected = reference(x)
+    torch.testing.assert_close(expected, F.linear(x, dequantize_blocks(w), bias))
+    ours = layer(x)
+    takes_dense = rows > GGUF_PACKED_MATMUL_MAX_ROWS or 0 < dense_matmul_min_rows <= rows
+    if takes_dense:  # the same weights in a dense matmul: float rounding only
+        torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
+    else:  # int8-rounded activations
+        assert (ours - expected).norm() <= 2e-2 * (expected - bias).norm()
+
+
+def test_bfloat16_layers_keep_the_blocks_and_answer_in_bfloat16() -> None:
+    w = weight(Q.Q4_K)
+    layer = GGUFLinear(w, None, torch.bfloat16)
+    assert torch.equal(layer.blocks, w.blocks) and layer.dense is None
+    x = torch.randn(3, 512).bfloat16()
+    y = layer(x)
+    expected = F.linear(x.float(), dequantize_blocks(w))
+    assert y.dtype == torch.bfloat16 and (y.float() - expected).norm() <= 2e-2 * expected.norm()
+
+
+def test_mixed_projections_fuse_as_they_are_stored() -> None:
+    parts = [weight(Q.Q4_K, 16, seed=1), weight(Q.Q4_K, 8, seed=2), weight(Q.Q6_K, 8, seed=3)]
+    fused = fuse_rows(parts, torch.float32)
+    assert isinstance(fused, RowStackedWeight) and fused.shape == (32, 512)
+    assert [p.ggml_type for p in fused.parts] == [Q.Q4_K, Q.Q4_K, Q.Q6_K]
+    same_type = fuse_rows(parts[:2], torch.float32)
+    assert isinstance(same_type, GGUFWeight) and torch.equal(
+        dequantize(same_type), torch.cat([dequantize_blocks(p) for p in parts[:2]])
+    )
+    bias = torch.randn(32)
+    layer = quantized_linear(fused, bias, torch.float32, 0)
+    assert isinstance(layer, RowStackedLinear) and [type(p) for p in layer.parts] == [GGUFLinear] * 3
+    x = torch.randn(5, 512)
+    expected = F.linear(x, dequantize(fused), bias)
+    assert (layer(x) - expected).norm() <= 2e-2 * (expected - bias).norm()
+    assert LinearQuantization("auto").prepare(fused, torch.float32) is fused
+    assert torch.equal(LinearQuantization("none").prepare(fused, torch.float32), dequantize(fused))
+
+
+@pytest.mark.parametrize("qtype", [Q.Q6_K, Q.Q8_0], ids=lambda q: q.name)
+def test_embedding_lookups_read_their_rows_from_the_blocks(qtype: Q) -> None:
+    w = weight(qtype, out_features=50, in_features=256)
+    embedding = GGUFEmbedding(w, torch.bfloat16)
+    token_ids = torch.tensor([[0, 49, 7], [7, 7, 3]])
+    expected = F.embedding(token_ids, dequantize_blocks(w)).bfloat16()
+    assert torch.equal(embedding(token_ids), expected)
