@@ -26,8 +26,9 @@ def default_gguf_kernel(device: torch.device) -> str:
 class GGUFLinear(nn.Module):
     """y = x Wᵀ + b with W kept as the GGUF file's blocks (resident bytes: the file's).
 
-    Up to GGUF_PACKED_MATMUL_MAX_ROWS rows go through the kernel; more rows multiply by a dense copy when one is kept
-    (`dense_matmul_min_rows` > 0: inputs of at least that many rows take it), else by the weight dequantized for the call.
+    Up to GGUF_PACKED_MATMUL_MAX_ROWS rows go through the kernel; more rows multiply by a dense copy when one is
+    kept (`dense_matmul_min_rows` > 0: inputs of at least that many rows take it), else by the weight dequantized
+    for the call.
     Every path computes with the same weights; the kernel's rounds activations to int8 per block.
     """
 
