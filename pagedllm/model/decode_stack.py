@@ -64,13 +64,14 @@ class DecodeStack:
 
     @classmethod
     def of(cls, model: LlamaForCausalLM) -> DecodeStack | None:
-        """The stack of a model on CPU kernels with plain (unquantized) K/V pools, fast attention and linears
-        the kernel takes; None for any other."""
+        """The stack of a model on CPU kernels with plain (unquantized) K/V pools, fast attention without a sliding
+        window and linears the kernel takes; None for any other."""
         norms, linears, k_pools, v_pools = [], [], [], []
         for layer in model.layers:
             attention = layer.self_attn.attn
             pools = (attention.k_cache, attention.v_cache)
-            if attention.impl != "fast" or not all(isinstance(p, torch.Tensor) and use_cpu_kernels(p) for p in pools):
+            plain_pools = all(isinstance(p, torch.Tensor) and use_cpu_kernels(p) for p in pools)
+            if attention.impl != "fast" or attention.sliding_window is not None or not plain_pools:
                 return None
             k_pools.append(attention.k_cache)
             v_pools.append(attention.v_cache)

@@ -96,6 +96,8 @@ class LlamaForCausalLM(nn.Module):
         self.layers = nn.ModuleList(
             LlamaDecoderLayer(config, self.rotary, attention_impl) for _ in range(config.num_layers)
         )
+        for layer, window in zip(self.layers, config.layer_sliding_windows()):
+            layer.self_attn.attn.sliding_window = window  # Mistral's, and Qwen2's where it uses one
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = Linear(config.hidden_size, config.vocab_size)
 

@@ -22,6 +22,7 @@ BLOCK = 4
 class FakeSeq:
     tokens: list[int]
     block_ids: list[int] = field(default_factory=list)
+    group_block_ids: list[list[int]] = field(default_factory=list)
     num_computed_tokens: int = 0
     block_hashes: list[bytes] = field(default_factory=list)
     num_registered_blocks: int = 0
