@@ -9,13 +9,11 @@ blocks between steps.
 
 from __future__ import annotations
 
-import logging
 from typing import Protocol
 
 from pagedllm.engine.prefix_cache import HashedSequence, PrefixCache
 from pagedllm.layers.attention import FREED_BLOCK
-
-logger = logging.getLogger(__name__)
+from pagedllm.layers.kv_cache_groups import first_visible_block
 
 
 class BlockAllocator:
@@ -66,9 +64,8 @@ class HasBlocks(Protocol):
 class BlockManager:
     """Grows, shares and frees the block tables of sequences; a shared partial block is copied before a write.
 
-    With a prefix cache, a new sequence starts from the cached blocks of its longest known prefix. Prefix caching
-    is off where a group has a sliding window: the rule that keeps it correct there (a hit only where every
-    group still caches the blocks its window needs) is not implemented.
+    With a prefix cache, a new sequence starts from the cached blocks of its longest known prefix: in every
+    group, the blocks the prefix's next query can see (PrefixCache.lookup).
     """
 
     def __init__(
@@ -81,9 +78,6 @@ class BlockManager:
         self.block_size = block_size
         self.allocator = BlockAllocator(num_blocks)
         self.sliding_windows = sliding_windows or [None]  # one entry per KV-cache group
-        if prefix_cache is not None and any(window is not None for window in self.sliding_windows):
-            logger.info("prefix caching is off: the model has sliding-window attention layers")
-            prefix_cache = None
         self.prefix_cache = prefix_cache
 
     @property
@@ -141,7 +135,7 @@ class BlockManager:
         for table, window in zip(self.tables(seq), self.sliding_windows):
             if window is None:
                 continue
-            first_needed = max(0, next_position - window + 1) // self.block_size
+            first_needed = first_visible_block(next_position, window, self.block_size)
             for index in range(min(first_needed, len(table)) - 1, -1, -1):
                 if table[index] == FREED_BLOCK:
                     break  # the ones before went back earlier
@@ -149,32 +143,47 @@ class BlockManager:
                 table[index] = FREED_BLOCK
 
     def cached_prefix(self, seq: HashedSequence) -> list[int]:
-        """Blocks of a new sequence's longest cached prefix (nothing is taken yet)."""
-        return self.prefix_cache.lookup(seq) if self.prefix_cache else []
+        """Group 0's table of a new sequence's longest cached prefix (nothing is taken yet)."""
+        return self.prefix_cache.lookup(seq, self.sliding_windows)[0] if self.prefix_cache else []
 
-    def can_admit(self, seq: HasBlocks, prefix: list[int], num_new_tokens: int) -> bool:
+    def _prefix_tables(self, seq: HashedSequence, prefix: list[int]) -> list[list[int]]:
+        """Every group's table of the prefix whose group-0 table cached_prefix gave."""
+        if not prefix or self.prefix_cache is None:
+            return [[] for _ in self.sliding_windows]
+        return self.prefix_cache.tables(seq, len(prefix), self.sliding_windows)
+
+    def can_admit(self, seq: HashedSequence, prefix: list[int], num_new_tokens: int) -> bool:
         """Room for a new sequence that starts from `prefix` and computes `num_new_tokens` after it."""
+        tables = self._prefix_tables(seq, prefix)
         new_blocks = -(-(len(prefix) * self.block_size + num_new_tokens) // self.block_size) - len(prefix)
-        revived = sum(1 for block_id in prefix if self.allocator.ref_counts[block_id] == 0)
-        # A prefix is found only where there is one group; every other group starts empty.
-        other_groups = (len(self.sliding_windows) - 1) * -(-num_new_tokens // self.block_size)
-        return new_blocks + revived + other_groups <= self.allocator.num_free
+        revived = sum(
+            1
+            for table in tables
+            for block_id in table
+            if block_id != FREED_BLOCK and self.allocator.ref_counts[block_id] == 0
+        )
+        return len(tables) * new_blocks + revived <= self.allocator.num_free
 
     def adopt_prefix(self, seq: HashedSequence, prefix: list[int]) -> None:
         """Start a new sequence from cached blocks: they count as computed."""
-        for block_id in prefix:
-            if self.allocator.ref_counts[block_id] == 0:
-                self.allocator.take(block_id)
-            else:
-                self.allocator.share(block_id)
-        seq.block_ids = list(prefix)
+        tables = self._prefix_tables(seq, prefix)
+        for table in tables:
+            for block_id in table:
+                if block_id == FREED_BLOCK:
+                    continue
+                if self.allocator.ref_counts[block_id] == 0:
+                    self.allocator.take(block_id)
+                else:
+                    self.allocator.share(block_id)
+        seq.block_ids = tables[0]
+        seq.group_block_ids = tables[1:]
         seq.num_computed_tokens = len(prefix) * self.block_size
         seq.num_registered_blocks = len(prefix)
 
     def cache_computed_blocks(self, seq: HashedSequence) -> None:
         """Make the sequence's newly full, computed blocks findable by later sequences."""
         if self.prefix_cache:
-            self.prefix_cache.register(seq)
+            self.prefix_cache.register(seq, self.tables(seq))
 
     def _allocate(self) -> int:
         block_id = self.allocator.allocate()

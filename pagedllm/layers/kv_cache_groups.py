@@ -52,3 +52,8 @@ def kv_cache_layout(config: ModelConfig) -> KVCacheLayout:
         for start in range(0, len(by_window[window]), size)
     ]
     return KVCacheLayout(tuple(groups))
+
+
+def first_visible_block(position: int, sliding_window: int, block_size: int) -> int:
+    """The first block a query at `position` sees through a sliding window; the ones before it can go back."""
+    return max(0, position - sliding_window + 1) // block_size

@@ -130,3 +130,17 @@ def test_local_layers_hold_only_their_window_and_free_blocks_are_reused(tiny_gem
     assert short_seq is not None and len(short_seq.output_token_ids) == 2
     assert short_blocks and short_blocks <= held_by_local_layers
     assert manager.num_free_blocks == engine.num_blocks
+
+
+def test_a_prefix_cache_hit_serves_sliding_window_layers_from_the_blocks_their_window_needs(tiny_gemma3) -> None:
+    folder, reference = tiny_gemma3
+    llm = LLM(model=str(folder), dtype="float32", quantization="none", kv_cache_memory=2**24, block_size=BLOCK_SIZE)
+    tokens = torch.randint(3, 49152, (1037,), generator=torch.Generator().manual_seed(5)).tolist()
+    llm.generate([tokens[:1000]], SamplingParams(max_tokens=1, temperature=0))
+    # 62 full blocks were computed; the local layers' first 30 of them fell out of the window and went back.
+    (output,) = llm.generate([tokens], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
+    assert output.num_cached_tokens == 62 * BLOCK_SIZE
+    with torch.inference_mode():
+        expected = reference.generate(torch.tensor([tokens]), max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert output.outputs[0].token_ids == expected[0, len(tokens) :].tolist()
+    assert llm.engine.block_manager.num_free_blocks == llm.engine.num_blocks

@@ -63,16 +63,16 @@ def test_logits_match_transformers_over_a_prompt_longer_than_the_window(gemma3_l
     assert (ours - theirs).abs().max().item() < 1e-3
 
 
-def test_greedy_continuations_equal_transformers(gemma3_llm, gemma3_reference) -> None:
-    prompts = [gemma3_llm.tokenizer.encode(prompt) for prompt in GREEDY_PROMPTS]
+@pytest.mark.parametrize("prompt", GREEDY_PROMPTS)
+def test_greedy_continuation_equals_transformers(gemma3_llm, gemma3_reference, prompt: str) -> None:
+    token_ids = gemma3_llm.tokenizer.encode(prompt)
     params = SamplingParams(max_tokens=64, temperature=0, ignore_eos=True)
-    outputs = gemma3_llm.generate(prompts, params)
-    for prompt, token_ids, output in zip(GREEDY_PROMPTS, prompts, outputs):
-        with torch.inference_mode():
-            expected = gemma3_reference.generate(
-                torch.tensor([token_ids]), max_new_tokens=64, min_new_tokens=64, do_sample=False, pad_token_id=0
-            )[0, len(token_ids) :].tolist()
-        assert output.outputs[0].token_ids == expected, prompt
+    (output,) = gemma3_llm.generate([token_ids], params)
+    with torch.inference_mode():
+        expected = gemma3_reference.generate(
+            torch.tensor([token_ids]), max_new_tokens=64, min_new_tokens=64, do_sample=False, pad_token_id=0
+        )[0, len(token_ids) :].tolist()
+    assert output.outputs[0].token_ids == expected
 
 
 def test_the_base_model_has_no_chat_template(gemma3_llm) -> None:
