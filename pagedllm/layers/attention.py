@@ -23,6 +23,7 @@ from torch import nn
 
 from pagedllm.config import ATTENTION_IMPLS
 from pagedllm.kernels import use_cpu_kernels
+from pagedllm.layers.kv_cache_groups import first_visible_block
 from pagedllm.layers.kv_quant import QuantizedKVPool
 
 # A decode group grows until it holds this many sequences or reaches one with half the group's longest context:
@@ -232,7 +233,7 @@ class PagedAttention(nn.Module):
         first_block = 0
         if self.sliding_window is not None:
             first_query = meta.context_lens[i] - (end - start)
-            first_block = max(0, first_query - self.sliding_window + 1) // meta.block_size
+            first_block = first_visible_block(first_query, self.sliding_window, meta.block_size)
         table, length = meta.block_tables[i][first_block:], meta.context_lens[i] - first_block * meta.block_size
         return gather_context(self.k_cache, table, length), gather_context(self.v_cache, table, length)
 
