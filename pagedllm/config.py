@@ -61,13 +61,25 @@ class ModelConfig:
     rope_scaling: RopeScaling = field(default_factory=RopeScaling)
     attention_bias: bool = False
     tie_word_embeddings: bool = False
-    sliding_window: int | None = None
+    sliding_window: int | None = None  # keys a query sees, itself included, in the layers that have a window
+    full_attention_layers: tuple[int, ...] = ()  # layers that see the whole context although sliding_window is set
+    rope_local_theta: float | None = None  # RoPE base of the sliding-window layers where it differs (Gemma 3)
+    local_rope_scaling: RopeScaling = field(default_factory=RopeScaling)  # their scaling, with rope_local_theta
+    query_pre_attn_scalar: float | None = None  # queries scaled by its inverse square root (Gemma 3), else head_dim's
+    final_logit_softcapping: float | None = None  # logits become cap * tanh(logits / cap) (Gemma 3)
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+
+    def layer_sliding_window(self, layer: int) -> int | None:
+        """The window of a layer's attention, None where it sees the whole context."""
+        return None if layer in self.full_attention_layers else self.sliding_window
+
+    def layer_sliding_windows(self) -> list[int | None]:
+        return [self.layer_sliding_window(layer) for layer in range(self.num_layers)]
 
 
 @dataclass

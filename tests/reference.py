@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import torch
 
 from pagedllm.engine.engine import LLMEngine
-from pagedllm.layers.attention import AttentionMetadata
+from pagedllm.engine.model_runner import attention_metadata
 
 TOP_LOGPROBS = 5
 
@@ -16,21 +16,15 @@ TOP_LOGPROBS = 5
 def paged_last_logits(engine: LLMEngine, token_ids: list[int], chunk_size: int) -> torch.Tensor:
     """Prefill `token_ids` chunk by chunk through the engine's paged KV cache; the last position's logits."""
     model, blocks = engine.runner.model, engine.block_manager
-    seq = SimpleNamespace(block_ids=[], num_computed_tokens=0)
+    seq = SimpleNamespace(block_ids=[], group_block_ids=[], num_computed_tokens=0)
     try:
         for start in range(0, len(token_ids), chunk_size):
             end = min(len(token_ids), start + chunk_size)
             blocks.allocate_slots(seq, end - start)
-            meta = AttentionMetadata.build(
-                [blocks.slot(seq, p) for p in range(start, end)],
-                [seq.block_ids],
-                [end - start],
-                [end],
-                blocks.block_size,
-                engine.device,
-            )
+            meta = attention_metadata(blocks, [(seq, start, end)], engine.device)
             hidden = model(torch.tensor(token_ids[start:end]), torch.arange(start, end), meta)
             seq.num_computed_tokens = end
+            blocks.release_out_of_window(seq)
         return model.compute_logits(hidden[-1:])[0]
     finally:
         blocks.free(seq)

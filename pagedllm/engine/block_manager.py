@@ -1,4 +1,11 @@
-"""KV-cache blocks: a free list with reference counts, per-sequence block tables, sharing and copy-on-write."""
+"""KV-cache blocks: a free list with reference counts, per-sequence block tables, sharing and copy-on-write.
+
+A model's layers form KV-cache groups (layers/kv_cache_groups.py), each with its own block table per sequence:
+group 0's is `block_ids`, the others' `group_block_ids`. A table's entry i holds the block of positions
+[i * block_size, (i + 1) * block_size). In a sliding-window group, the blocks no later query can see are released
+after every step and their entries become FREED_BLOCK: a sequence there holds at most ceil(window / block_size) + 1
+blocks between steps.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +13,8 @@ from typing import Protocol
 
 from pagedllm.arithmetic import ceil_div
 from pagedllm.engine.prefix_cache import HashedSequence, PrefixCache
+from pagedllm.layers.attention import FREED_BLOCK
+from pagedllm.layers.kv_cache_groups import first_visible_block
 
 
 class BlockAllocator:
@@ -46,21 +55,30 @@ class BlockAllocator:
 
 
 class HasBlocks(Protocol):
-    """Anything with a block table and a count of tokens whose K/V is in the cache (a Sequence)."""
+    """Anything with block tables and a count of tokens whose K/V is in the cache (a Sequence)."""
 
     block_ids: list[int]
+    group_block_ids: list[list[int]]
     num_computed_tokens: int
 
 
 class BlockManager:
     """Grows, shares and frees the block tables of sequences; a shared partial block is copied before a write.
 
-    With a prefix cache, a new sequence starts from the cached blocks of its longest known prefix.
+    With a prefix cache, a new sequence starts from the cached blocks of its longest known prefix: in every
+    group, the blocks the prefix's next query can see (PrefixCache.lookup).
     """
 
-    def __init__(self, num_blocks: int, block_size: int, prefix_cache: PrefixCache | None = None) -> None:
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        prefix_cache: PrefixCache | None = None,
+        sliding_windows: list[int | None] | None = None,
+    ) -> None:
         self.block_size = block_size
         self.allocator = BlockAllocator(num_blocks)
+        self.sliding_windows = sliding_windows or [None]  # one entry per KV-cache group
         self.prefix_cache = prefix_cache
 
     @property
@@ -72,10 +90,26 @@ class BlockManager:
         """Fraction of the cache's blocks in use."""
         return 1 - self.allocator.num_free / self.allocator.num_blocks
 
+    def tables(self, seq: HasBlocks) -> list[list[int]]:
+        """The sequence's block table of each KV-cache group (the lists themselves)."""
+        while len(seq.group_block_ids) < len(self.sliding_windows) - 1:
+            seq.group_block_ids.append([])
+        return [seq.block_ids, *seq.group_block_ids]
+
     def blocks_needed(self, seq: HasBlocks, num_new_tokens: int) -> int:
-        """New blocks to hold `num_new_tokens` more tokens after the computed ones, a copy-on-write included."""
+        """New blocks to hold `num_new_tokens` more tokens after the computed ones, copies-on-write included."""
         total = ceil_div(seq.num_computed_tokens + num_new_tokens, self.block_size)
-        return max(0, total - len(seq.block_ids)) + int(self._needs_copy(seq))
+        tables = self.tables(seq)
+        return sum(max(0, total - len(table)) + int(self._needs_copy(seq, table)) for table in tables)
+
+    def blocks_for(self, num_tokens: int, max_chunk: int) -> int:
+        """The most blocks one sequence of `num_tokens` holds at once, prefilled in chunks of up to `max_chunk`."""
+        blocks = ceil_div(num_tokens, self.block_size)
+        # During a step a windowed group also holds the window behind the step's first token.
+        return sum(
+            blocks if window is None else min(blocks, ceil_div(window + max_chunk, self.block_size) + 1)
+            for window in self.sliding_windows
+        )
 
     def can_allocate(self, seq: HasBlocks, num_new_tokens: int) -> bool:
         return self.blocks_needed(seq, num_new_tokens) <= self.allocator.num_free
@@ -83,43 +117,74 @@ class BlockManager:
     def allocate_slots(self, seq: HasBlocks, num_new_tokens: int) -> list[tuple[int, int]]:
         """Make room for `num_new_tokens`; returns (source, destination) block copies the cache must apply first."""
         copies: list[tuple[int, int]] = []
-        if self._needs_copy(seq):
-            index = seq.num_computed_tokens // self.block_size
-            shared = seq.block_ids[index]
-            private = self._allocate()
-            self.allocator.release(shared)
-            seq.block_ids[index] = private
-            copies.append((shared, private))
         total = ceil_div(seq.num_computed_tokens + num_new_tokens, self.block_size)
-        while len(seq.block_ids) < total:
-            seq.block_ids.append(self._allocate())
+        for table in self.tables(seq):
+            if self._needs_copy(seq, table):
+                index = seq.num_computed_tokens // self.block_size
+                shared = table[index]
+                private = self._allocate()
+                self.allocator.release(shared)
+                table[index] = private
+                copies.append((shared, private))
+            while len(table) < total:
+                table.append(self._allocate())
         return copies
 
-    def cached_prefix(self, seq: HashedSequence) -> list[int]:
-        """Blocks of a new sequence's longest cached prefix (nothing is taken yet)."""
-        return self.prefix_cache.lookup(seq) if self.prefix_cache else []
+    def release_out_of_window(self, seq: HasBlocks) -> None:
+        """Give back the blocks of sliding-window groups that no query after the computed tokens can see."""
+        next_position = seq.num_computed_tokens
+        for table, window in zip(self.tables(seq), self.sliding_windows):
+            if window is None:
+                continue
+            first_needed = first_visible_block(next_position, window, self.block_size)
+            for index in range(min(first_needed, len(table)) - 1, -1, -1):
+                if table[index] == FREED_BLOCK:
+                    break  # the ones before went back earlier
+                self.allocator.release(table[index])
+                table[index] = FREED_BLOCK
 
-    def can_admit(self, seq: HasBlocks, prefix: list[int], num_new_tokens: int) -> bool:
+    def cached_prefix(self, seq: HashedSequence) -> list[int]:
+        """Group 0's table of a new sequence's longest cached prefix (nothing is taken yet)."""
+        return self.prefix_cache.lookup(seq, self.sliding_windows)[0] if self.prefix_cache else []
+
+    def _prefix_tables(self, seq: HashedSequence, prefix: list[int]) -> list[list[int]]:
+        """Every group's table of the prefix whose group-0 table cached_prefix gave."""
+        if not prefix or self.prefix_cache is None:
+            return [[] for _ in self.sliding_windows]
+        return self.prefix_cache.tables(seq, len(prefix), self.sliding_windows)
+
+    def can_admit(self, seq: HashedSequence, prefix: list[int], num_new_tokens: int) -> bool:
         """Room for a new sequence that starts from `prefix` and computes `num_new_tokens` after it."""
+        tables = self._prefix_tables(seq, prefix)
         new_blocks = ceil_div(len(prefix) * self.block_size + num_new_tokens, self.block_size) - len(prefix)
-        revived = sum(1 for block_id in prefix if self.allocator.ref_counts[block_id] == 0)
-        return new_blocks + revived <= self.allocator.num_free
+        revived = sum(
+            1
+            for table in tables
+            for block_id in table
+            if block_id != FREED_BLOCK and self.allocator.ref_counts[block_id] == 0
+        )
+        return len(tables) * new_blocks + revived <= self.allocator.num_free
 
     def adopt_prefix(self, seq: HashedSequence, prefix: list[int]) -> None:
         """Start a new sequence from cached blocks: they count as computed."""
-        for block_id in prefix:
-            if self.allocator.ref_counts[block_id] == 0:
-                self.allocator.take(block_id)
-            else:
-                self.allocator.share(block_id)
-        seq.block_ids = list(prefix)
+        tables = self._prefix_tables(seq, prefix)
+        for table in tables:
+            for block_id in table:
+                if block_id == FREED_BLOCK:
+                    continue
+                if self.allocator.ref_counts[block_id] == 0:
+                    self.allocator.take(block_id)
+                else:
+                    self.allocator.share(block_id)
+        seq.block_ids = tables[0]
+        seq.group_block_ids = tables[1:]
         seq.num_computed_tokens = len(prefix) * self.block_size
         seq.num_registered_blocks = len(prefix)
 
     def cache_computed_blocks(self, seq: HashedSequence) -> None:
         """Make the sequence's newly full, computed blocks findable by later sequences."""
         if self.prefix_cache:
-            self.prefix_cache.register(seq)
+            self.prefix_cache.register(seq, self.tables(seq))
 
     def _allocate(self) -> int:
         block_id = self.allocator.allocate()
@@ -129,24 +194,33 @@ class BlockManager:
 
     def fork(self, parent: HasBlocks, child: HasBlocks, num_tokens: int | None = None) -> None:
         """Give `child` by reference the parent's blocks that hold its first `num_tokens` tokens (default: all)."""
-        num_blocks = len(parent.block_ids) if num_tokens is None else ceil_div(num_tokens, self.block_size)
-        child.block_ids = parent.block_ids[:num_blocks]
-        for block_id in child.block_ids:
-            self.allocator.share(block_id)
+        tables = self.tables(parent)
+        num_blocks = None if num_tokens is None else ceil_div(num_tokens, self.block_size)
+        tables = [table[:num_blocks] for table in tables]
+        for table in tables:
+            for block_id in table:
+                if block_id != FREED_BLOCK:
+                    self.allocator.share(block_id)
+        child.block_ids = tables[0]
+        child.group_block_ids = tables[1:]
 
     def free(self, seq: HasBlocks) -> None:
-        for block_id in reversed(seq.block_ids):
-            self.allocator.release(block_id)
+        for table in self.tables(seq):
+            for block_id in reversed(table):
+                if block_id != FREED_BLOCK:
+                    self.allocator.release(block_id)
         seq.block_ids = []
+        seq.group_block_ids = []
 
-    def slot(self, seq: HasBlocks, position: int) -> int:
-        """Flat cache slot of the token at `position`."""
-        return seq.block_ids[position // self.block_size] * self.block_size + position % self.block_size
+    def slot(self, seq: HasBlocks, position: int, group: int = 0) -> int:
+        """Flat cache slot of the token at `position` in a KV-cache group's pools."""
+        table = seq.block_ids if group == 0 else seq.group_block_ids[group - 1]
+        return table[position // self.block_size] * self.block_size + position % self.block_size
 
-    def _needs_copy(self, seq: HasBlocks) -> bool:
+    def _needs_copy(self, seq: HasBlocks, table: list[int]) -> bool:
         """The next token lands in a partially filled block that another sequence also references."""
         return (
             seq.num_computed_tokens % self.block_size != 0
-            and len(seq.block_ids) * self.block_size > seq.num_computed_tokens
-            and self.allocator.ref_counts[seq.block_ids[seq.num_computed_tokens // self.block_size]] > 1
+            and len(table) * self.block_size > seq.num_computed_tokens
+            and self.allocator.ref_counts[table[seq.num_computed_tokens // self.block_size]] > 1
         )

@@ -22,10 +22,10 @@ from pagedllm.engine.prefix_cache import PrefixCache
 from pagedllm.engine.request import FinishReason, Request, Sequence
 from pagedllm.engine.scheduler import Scheduler, SchedulerOutput
 from pagedllm.errors import ConfigError, InvalidArgumentError, RequestTooLongError
+from pagedllm.layers.kv_cache_groups import kv_cache_layout
 from pagedllm.layers.quantization import LinearQuantization
-from pagedllm.model.llama import LlamaForCausalLM
 from pagedllm.model.loader import load_checkpoint
-from pagedllm.model.registry import model_display_name, resolve_model_path
+from pagedllm.model.registry import model_class, model_display_name, resolve_model_path
 from pagedllm.model.tokenizer import IncrementalDetokenizer, Tokenizer
 from pagedllm.sampling_params import SamplingParams
 from pagedllm.search import BeamSearchRequest, BestOfRequest, SearchDriver
@@ -64,7 +64,7 @@ class LLMEngine:
         self.model_config: ModelConfig = checkpoint.config
         self.max_model_len = self._max_model_len(checkpoint.config)
         self.tokenizer = Tokenizer.from_model_path(path, checkpoint.config.eos_token_ids)
-        model = LlamaForCausalLM(
+        model = model_class(checkpoint.config.architecture)(
             checkpoint.config,
             self.max_model_len,
             config.attention_impl,
@@ -83,7 +83,8 @@ class LLMEngine:
         self.num_blocks = self._num_blocks()
         salt = f"{path.name}:{config.dtype}:{config.kv_cache_dtype}:{config.quantization}:{config.quant_group_size}"
         prefix_cache = PrefixCache(config.block_size, salt=salt) if config.enable_prefix_caching else None
-        self.block_manager = BlockManager(self.num_blocks, config.block_size, prefix_cache)
+        sliding_windows = kv_cache_layout(self.model_config).sliding_windows
+        self.block_manager = BlockManager(self.num_blocks, config.block_size, prefix_cache, sliding_windows)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = ModelRunner(model.to(self.device), config, self.num_blocks, self.device)
         self.heap = HeapTrimmer()
@@ -108,9 +109,6 @@ class LLMEngine:
 
     def _max_model_len(self, model_config: ModelConfig) -> int:
         limit = model_config.max_position_embeddings
-        if model_config.sliding_window is not None:
-            # Attention here is full-context; within the window the two are the same.
-            limit = min(limit, model_config.sliding_window)
         if self.config.max_model_len is None:
             return limit
         if self.config.max_model_len > limit:
@@ -211,7 +209,7 @@ class LLMEngine:
                 "max_tokens",
             )
         capacity = self.num_blocks * self.config.block_size
-        if total > capacity:
+        if self.block_manager.blocks_for(total, self.config.max_num_batched_tokens) > self.num_blocks:
             raise RequestTooLongError(
                 f"the KV cache holds {capacity} tokens, but the prompt has {len(token_ids)} and max_tokens is "
                 f"{params.max_tokens} ({total} in all); raise kv_cache_memory",
@@ -256,6 +254,7 @@ class LLMEngine:
                 self.prompt_tokens += min(item.num_new_tokens, seq.prompt_len - seq.num_computed_tokens)
             seq.num_computed_tokens += item.num_new_tokens
             self.block_manager.cache_computed_blocks(seq)
+            self.block_manager.release_out_of_window(seq)
         for seq, entries in result.prompt_logprobs.items():
             seq.request.prompt_logprobs += entries
         advanced: dict[str, Request] = {}

@@ -7,10 +7,11 @@ from dataclasses import dataclass
 import torch
 
 from pagedllm.config import EngineConfig, ModelConfig
-from pagedllm.engine.block_manager import BlockManager
+from pagedllm.engine.block_manager import BlockManager, HasBlocks
 from pagedllm.engine.request import Sequence
 from pagedllm.engine.scheduler import ScheduledSequence, SchedulerOutput
 from pagedllm.layers.attention import AttentionMetadata, KVPool, copy_blocks
+from pagedllm.layers.kv_cache_groups import kv_cache_layout
 from pagedllm.layers.kv_quant import KV_CACHE_BITS, QuantizedKVPool
 from pagedllm.layers.sampler import Sampler, SamplerOutput, SamplingBatch
 from pagedllm.model.fused_decode import FusedDecode
@@ -35,13 +36,13 @@ class StepResult:
 def kv_cache_bytes_per_block(
     model_config: ModelConfig, block_size: int, dtype: torch.dtype, kv_cache_dtype: str = "auto"
 ) -> int:
-    """K and V of every layer for one block, a quantized cache's scales and zero points included."""
+    """K and V of one KV-cache group's layers for one block, a quantized cache's scales and zero points included."""
     mc = model_config
     if kv_cache_dtype == "auto":
         per_token = mc.num_kv_heads * mc.head_dim * dtype.itemsize
     else:
         per_token = QuantizedKVPool.bytes_per_token(mc.num_kv_heads, mc.head_dim, KV_CACHE_BITS[kv_cache_dtype])
-    return 2 * mc.num_layers * block_size * per_token
+    return 2 * kv_cache_layout(mc).layers_per_group * block_size * per_token
 
 
 def allocate_kv_pool(model_config: ModelConfig, config: EngineConfig, num_blocks: int, device: torch.device) -> KVPool:
@@ -61,10 +62,16 @@ class ModelRunner:
         self.device = device
         self.block_size = config.block_size
         mc = model.config
-        self.k_pools = [allocate_kv_pool(mc, config, num_blocks, device) for _ in range(mc.num_layers)]
-        self.v_pools = [allocate_kv_pool(mc, config, num_blocks, device) for _ in range(mc.num_layers)]
-        model.bind_kv_cache(self.k_pools, self.v_pools)
-        self.fused_decode = FusedDecode.of(model, self.k_pools, self.v_pools) if config.fused_decode else None
+        # Layer j of every KV-cache group keeps its K/V in pool j; a block id belongs to one group at a time.
+        layout = kv_cache_layout(mc)
+        self.k_pools = [allocate_kv_pool(mc, config, num_blocks, device) for _ in range(layout.layers_per_group)]
+        self.v_pools = [allocate_kv_pool(mc, config, num_blocks, device) for _ in range(layout.layers_per_group)]
+        self.layer_k_pools = [self.k_pools[layout.pool_of(layer)] for layer in range(mc.num_layers)]
+        self.layer_v_pools = [self.v_pools[layout.pool_of(layer)] for layer in range(mc.num_layers)]
+        model.bind_kv_cache(self.layer_k_pools, self.layer_v_pools)
+        self.fused_decode = (
+            FusedDecode.of(model, self.layer_k_pools, self.layer_v_pools) if config.fused_decode else None
+        )
         self.sampler = Sampler(torch.Generator(device=device).manual_seed(config.seed))
         self.vocab_size = mc.vocab_size
         self.bytes_per_block = kv_cache_bytes_per_block(
@@ -81,10 +88,8 @@ class ModelRunner:
         )
         batch = _FlatBatch()
         for item in items:
-            batch.add(item, block_manager)
-        meta = AttentionMetadata.build(
-            batch.slots, batch.block_tables, batch.query_lens, batch.seq_lens, self.block_size, self.device
-        )
+            batch.add(item)
+        meta = attention_metadata(block_manager, batch.spans, self.device)
         input_ids = torch.tensor(batch.input_ids, device=self.device)
         positions = torch.tensor(batch.positions, device=self.device)
         if self.fused_decode is not None and self.fused_decode.takes(meta):
@@ -183,24 +188,18 @@ class _FlatBatch:
     def __init__(self) -> None:
         self.input_ids: list[int] = []
         self.positions: list[int] = []
-        self.slots: list[int] = []
-        self.block_tables: list[list[int]] = []
-        self.query_lens: list[int] = []
-        self.seq_lens: list[int] = []
+        self.spans: list[tuple[Sequence, int, int]] = []  # each sequence's new positions [start, end)
         self.sample_rows: list[int] = []
         self.sample_seqs: list[Sequence] = []
         self.prompt_logprob_rows: list[tuple[Sequence, list[int]]] = []
 
-    def add(self, item: ScheduledSequence, block_manager: BlockManager) -> None:
+    def add(self, item: ScheduledSequence) -> None:
         seq = item.sequence
         start, end = seq.num_computed_tokens, seq.num_computed_tokens + item.num_new_tokens
         offset = len(self.input_ids)
         self.input_ids += seq.token_ids(start, end)
         self.positions += range(start, end)
-        self.slots += [block_manager.slot(seq, position) for position in range(start, end)]
-        self.block_tables.append(seq.block_ids)
-        self.query_lens.append(item.num_new_tokens)
-        self.seq_lens.append(end)
+        self.spans.append((seq, start, end))
         if item.completes:
             for sample in (seq, *item.forks):
                 self.sample_rows.append(offset + item.num_new_tokens - 1)
@@ -212,6 +211,22 @@ class _FlatBatch:
             positions = range(max(start, first_missing - 1), min(end, seq.prompt_len - 1))
             if len(positions):
                 self.prompt_logprob_rows.append((seq, [offset + p - start for p in positions]))
+
+
+def attention_metadata(
+    block_manager: BlockManager, spans: list[tuple[HasBlocks, int, int]], device: torch.device
+) -> AttentionMetadata:
+    """The metadata of sequences computing positions [start, end): KV-cache group 0's, linking every group's."""
+    query_lens = [end - start for _, start, end in spans]
+    seq_lens = [end for _, _, end in spans]
+    metas = []
+    for group in range(len(block_manager.sliding_windows)):
+        slots = [block_manager.slot(seq, p, group) for seq, start, end in spans for p in range(start, end)]
+        tables = [block_manager.tables(seq)[group] for seq, _, _ in spans]
+        metas.append(AttentionMetadata.build(slots, tables, query_lens, seq_lens, block_manager.block_size, device))
+    if len(metas) > 1:
+        metas[0].kv_cache_groups = metas
+    return metas[0]
 
 
 def _banned_tokens(seq: Sequence) -> list[int]:

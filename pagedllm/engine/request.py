@@ -59,7 +59,8 @@ class Sequence:
     detokenizer: IncrementalDetokenizer
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
-    block_ids: list[int] = field(default_factory=list)
+    block_ids: list[int] = field(default_factory=list)  # of KV-cache group 0
+    group_block_ids: list[list[int]] = field(default_factory=list)  # of the other KV-cache groups, in order
     pending_forks: int = 0  # samples still to be split off this sequence when its first token is drawn
     num_preemptions: int = 0
     block_hashes: list[bytes] = field(default_factory=list)  # prefix-cache identity of each full block of tokens

@@ -1,4 +1,4 @@
-"""The gated activation of Llama's MLP."""
+"""The gated activations of MLPs: SiLU (Llama) and tanh-approximated GELU (Gemma)."""
 
 import torch
 import torch.nn.functional as F
@@ -16,3 +16,9 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
 def silu_and_mul_reference(gate_up: torch.Tensor) -> torch.Tensor:
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
+
+
+def gelu_tanh_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """gelu_tanh(gate) * up of a fused gate/up projection's output [..., 2 * n] (Gemma's GeGLU)."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.gelu(gate, approximate="tanh") * up

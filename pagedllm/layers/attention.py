@@ -4,6 +4,9 @@ Two implementations share one metadata object and must agree: `reference` attend
 K/V gathered from its blocks; `fast` batches every decode into one call, every prefill into another (on CPU), and
 lets a fresh prefill attend to the K/V it just computed, without reading them back from the pools.
 
+A layer with a sliding window of w lets the query at position p see the keys at positions p - w + 1 .. p; its
+KV-cache group's block tables may hold FREED_BLOCK (read as block 0, never weighed) where no query can see them.
+
 A pool is a tensor in the model dtype or a QuantizedKVPool (int8/int4); a quantized pool is always read back, a
 fresh prefill's own K/V included, so a prefill and the decodes after it attend to the same (dequantized) numbers.
 """
@@ -11,7 +14,7 @@ fresh prefill's own K/V included, so a prefill and the decodes after it attend t
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import accumulate
 
 import torch
@@ -21,6 +24,7 @@ from torch import nn
 from pagedllm.arithmetic import ceil_div
 from pagedllm.config import ATTENTION_IMPLS
 from pagedllm.kernels import use_cpu_kernels
+from pagedllm.layers.kv_cache_groups import first_visible_block
 from pagedllm.layers.kv_quant import QuantizedKVPool
 
 # A decode group grows until it holds this many sequences or reaches one with half the group's longest context:
@@ -28,6 +32,8 @@ from pagedllm.layers.kv_quant import QuantizedKVPool
 MAX_DECODE_GROUP = 16
 
 KVPool = torch.Tensor | QuantizedKVPool  # one layer's K or V pool
+# A block-table entry whose block went back to the pool: out of every query's window (attention reads it as 0).
+FREED_BLOCK = -1
 
 
 @dataclass
@@ -52,6 +58,12 @@ class AttentionMetadata:
     num_decodes: int  # the first num_decodes sequences have exactly one new token
     decode_groups: list[DecodeGroup]
     block_size: int
+    # Every KV-cache group's metadata, this one first; empty where the model has one group.
+    kv_cache_groups: list[AttentionMetadata] = field(default_factory=list)
+
+    def for_group(self, group: int) -> AttentionMetadata:
+        """The metadata of a KV-cache group: its block tables and slots."""
+        return self.kv_cache_groups[group] if self.kv_cache_groups else self
 
     @functools.cached_property
     def context_blocks(self) -> tuple[torch.Tensor, list[int]]:
@@ -79,7 +91,7 @@ class AttentionMetadata:
         for length in query_lens:
             query_starts.append(query_starts[-1] + length)
         seq_lens = torch.tensor(host_seq_lens, dtype=torch.int64, device=device)
-        block_table_tensor = torch.tensor(padded, dtype=torch.int64, device=device)
+        block_table_tensor = torch.tensor(padded, dtype=torch.int64, device=device).clamp_(min=0)
         groups = [
             _decode_group(start, end, block_tables, block_table_tensor, seq_lens, block_size)
             for start, end in _decode_group_bounds([len(t) for t in block_tables[:num_decodes]])
@@ -123,24 +135,41 @@ def _decode_group(
 class PagedAttention(nn.Module):
     """Attention over a paged KV cache for one layer; the pools are bound once the cache is allocated."""
 
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, impl: str = "fast") -> None:
+    def __init__(
+        self,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        impl: str = "fast",
+        sliding_window: int | None = None,
+        scale: float | None = None,
+    ) -> None:
         super().__init__()
         if impl not in ATTENTION_IMPLS:
             raise ValueError(f"attention impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
-        self.scale = head_dim**-0.5
+        self.scale = head_dim**-0.5 if scale is None else scale
         self.impl = impl
+        self.sliding_window = sliding_window
+        self.kv_cache_group = 0
         self.k_pool = torch.empty(0)
         self.v_pool = torch.empty(0)
 
-    def bind_pools(self, k_pool: KVPool, v_pool: KVPool) -> None:
-        """Attach this layer's pools, each [num_blocks, block_size, num_kv_heads, head_dim]."""
+    def bind_pools(self, k_pool: KVPool, v_pool: KVPool, kv_cache_group: int = 0) -> None:
+        """Attach this layer's pools, each [num_blocks, block_size, num_kv_heads, head_dim], and its KV-cache group."""
         self.k_pool, self.v_pool = k_pool, v_pool
+        self.kv_cache_group = kv_cache_group
+
+    @property
+    def window_arg(self) -> int:
+        """The kernels' sliding-window argument: 0 for none."""
+        return self.sliding_window or 0
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """q: [T, heads, head_dim]; k, v: [T, kv_heads, head_dim] for the new tokens. Returns [T, heads * head_dim]."""
+        meta = meta.for_group(self.kv_cache_group)
         write_kv(self.k_pool, self.v_pool, k, v, meta.slot_mapping)
         # A rotated pool holds K H and V H: q H . k H = q . k, and the output comes back as (attention . v) H.
         q = cache_basis(self.k_pool, q)
@@ -195,14 +224,19 @@ class PagedAttention(nn.Module):
     def _prefill_context(
         self, i: int, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata, attend_new: bool
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sequence i's keys and values for its prefill: the new ones themselves where they are its whole context."""
+        """Sequence i's keys and values for its prefill: the new ones themselves where they are its whole context.
+
+        With a sliding window, read from the first block its first query can see (attention is shift-invariant).
+        """
         start, end = meta.query_starts[i], meta.query_starts[i + 1]
         if attend_new and meta.host_seq_lens[i] == end - start:
             return k[start:end], v[start:end]
-        return (
-            gather_context(self.k_pool, meta.block_tables[i], meta.host_seq_lens[i]),
-            gather_context(self.v_pool, meta.block_tables[i], meta.host_seq_lens[i]),
-        )
+        first_block = 0
+        if self.sliding_window is not None:
+            first_query = meta.host_seq_lens[i] - (end - start)
+            first_block = first_visible_block(first_query, self.sliding_window, meta.block_size)
+        table, length = meta.block_tables[i][first_block:], meta.host_seq_lens[i] - first_block * meta.block_size
+        return gather_context(self.k_pool, table, length), gather_context(self.v_pool, table, length)
 
     def _prefill_batch(
         self,
@@ -217,7 +251,7 @@ class PagedAttention(nn.Module):
         (less query_starts[0]) and are the last positions of its key_lens[i] keys, which start at key_starts[i]."""
         offset = query_starts[0]
         return torch.ops.pagedllm.prefill_attention(
-            q, keys, values, [s - offset for s in query_starts], key_starts, key_lens, self.scale
+            q, keys, values, [s - offset for s in query_starts], key_starts, key_lens, self.scale, self.window_arg
         )
 
     def _attend_one(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -225,11 +259,14 @@ class PagedAttention(nn.Module):
         num_queries, num_keys = q.shape[0], k.shape[0]
         # 4-D [1, heads, tokens, head_dim]: with 3-D inputs PyTorch's CPU attention takes the slow math path.
         q_, k_, v_ = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))
-        if num_queries == num_keys:
+        if num_queries == num_keys and (self.sliding_window is None or num_keys <= self.sliding_window):
             out = F.scaled_dot_product_attention(q_, k_, v_, is_causal=True, scale=self.scale, enable_gqa=True)
         else:
-            query_pos = torch.arange(num_keys - num_queries, num_keys, device=q.device)
-            mask = torch.arange(num_keys, device=q.device)[None, :] <= query_pos[:, None]
+            query_pos = torch.arange(num_keys - num_queries, num_keys, device=q.device)[:, None]
+            key_pos = torch.arange(num_keys, device=q.device)[None, :]
+            mask = key_pos <= query_pos
+            if self.sliding_window is not None:
+                mask &= key_pos > query_pos - self.sliding_window
             out = F.scaled_dot_product_attention(q_, k_, v_, attn_mask=mask, scale=self.scale, enable_gqa=True)
         return out.squeeze(0).transpose(0, 1)
 
@@ -237,7 +274,7 @@ class PagedAttention(nn.Module):
         """One query token per sequence, in one CPU kernel call that reads the (unquantized) pools in place."""
         rows = q.shape[0]
         return torch.ops.pagedllm.paged_decode_attention(
-            q, self.k_pool, self.v_pool, meta.block_tables[:rows], meta.seq_lens[:rows], self.scale
+            q, self.k_pool, self.v_pool, meta.block_tables[:rows], meta.seq_lens[:rows], self.scale, self.window_arg
         )
 
     def _decode_in_groups(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
@@ -246,11 +283,16 @@ class PagedAttention(nn.Module):
         for group in meta.decode_groups:
             keys = read_blocks(self.k_pool, group.block_tables).flatten(1, 2).transpose(1, 2)
             values = read_blocks(self.v_pool, group.block_tables).flatten(1, 2).transpose(1, 2)
+            mask = group.mask
+            if self.sliding_window is not None:
+                positions = torch.arange(mask.shape[-1], device=q.device)
+                first_visible = meta.seq_lens[group.start : group.end] - self.sliding_window
+                mask = mask & (positions[None, :] >= first_visible[:, None])[:, None, None, :]
             out[group.start : group.end] = F.scaled_dot_product_attention(
                 q[group.start : group.end].unsqueeze(2),
                 keys,
                 values,
-                attn_mask=group.mask,
+                attn_mask=mask,
                 scale=self.scale,
                 enable_gqa=True,
             ).squeeze(2)

@@ -68,14 +68,15 @@ class FusedDecode:
     @classmethod
     def of(cls, model: nn.Module, k_pools: list[KVPool], v_pools: list[KVPool]) -> FusedDecode | None:
         """The stack of a Llama-family model over plain (unquantized) K/V pools on CPU kernels, with fast attention
-        and linears the kernel takes; None for any other."""
+        without a sliding window and linears the kernel takes; None for any other."""
         if not isinstance(model, LlamaForCausalLM):
             return None
         if not all(isinstance(pool, torch.Tensor) and use_cpu_kernels(pool) for pool in (*k_pools, *v_pools)):
             return None
         norms, linears = [], []
         for layer in model.layers:
-            if layer.self_attn.attn.impl != "fast":
+            attention = layer.self_attn.attn
+            if attention.impl != "fast" or attention.sliding_window is not None:
                 return None
             norms += [layer.input_layernorm.weight, layer.post_attention_layernorm.weight]
             modules = (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj)

@@ -8,13 +8,11 @@ from torch import nn
 from pagedllm.config import ModelConfig
 from pagedllm.layers.activation import silu_and_mul
 from pagedllm.layers.attention import AttentionMetadata, KVPool, PagedAttention
-from pagedllm.layers.gguf_blocks import GGUFWeight
-from pagedllm.layers.gguf_linear import GGUFEmbedding
 from pagedllm.layers.linear import Linear
 from pagedllm.layers.norm import RMSNorm
 from pagedllm.layers.quantization import LinearQuantization, QuantizedWeight, fuse_rows
-from pagedllm.layers.quantized_linears import quantized_linear
 from pagedllm.layers.rotary import RotaryEmbedding
+from pagedllm.model.weights import load_embedding, load_linear, weight_bytes
 
 
 class LlamaAttention(nn.Module):
@@ -94,6 +92,8 @@ class LlamaForCausalLM(nn.Module):
         self.layers = nn.ModuleList(
             LlamaDecoderLayer(config, self.rotary, attention_impl) for _ in range(config.num_layers)
         )
+        for layer, window in zip(self.layers, config.layer_sliding_windows()):
+            layer.self_attn.attn.sliding_window = window  # Mistral's, and Qwen2's where it uses one
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = Linear(config.hidden_size, config.vocab_size)
 
@@ -122,14 +122,11 @@ class LlamaForCausalLM(nn.Module):
         embedding = take("model.embed_tokens.weight")
         self.norm.weight.data = take("model.norm.weight")
         dtype = self.norm.weight.dtype
-        if isinstance(embedding, GGUFWeight):
-            self.embed_tokens = GGUFEmbedding(embedding, dtype)
-        else:
-            self.embed_tokens.weight.data = embedding
+        load_embedding(self, "embed_tokens", embedding, dtype)
         lm_head = remaining.pop("lm_head.weight", None)
         if lm_head is None or (self.config.tie_word_embeddings and isinstance(lm_head, torch.Tensor)):
             lm_head = embedding
-        self._load_linear(self, "lm_head", lm_head, None, dtype, lm_head=True)
+        load_linear(self, "lm_head", lm_head, None, dtype, self.quantization, lm_head=True)
         remaining.pop("rope_freqs", None)  # already applied by RotaryEmbedding at construction
         for i, layer in enumerate(self.layers):
             prefix = f"model.layers.{i}."
@@ -140,40 +137,15 @@ class LlamaForCausalLM(nn.Module):
             bias = None
             if self.config.attention_bias:
                 bias = torch.cat([take(f"{prefix}self_attn.{p}_proj.bias") for p in "qkv"])
-            self._load_linear(attn, "qkv_proj", qkv, bias, dtype)
-            self._load_linear(attn, "o_proj", take(prefix + "self_attn.o_proj.weight"), None, dtype)
+            load_linear(attn, "qkv_proj", qkv, bias, dtype, self.quantization)
+            load_linear(attn, "o_proj", take(prefix + "self_attn.o_proj.weight"), None, dtype, self.quantization)
             gate_up = fuse_rows([take(prefix + "mlp.gate_proj.weight"), take(prefix + "mlp.up_proj.weight")], dtype)
-            self._load_linear(layer.mlp, "gate_up_proj", gate_up, None, dtype)
-            self._load_linear(layer.mlp, "down_proj", take(prefix + "mlp.down_proj.weight"), None, dtype)
+            load_linear(layer.mlp, "gate_up_proj", gate_up, None, dtype, self.quantization)
+            load_linear(layer.mlp, "down_proj", take(prefix + "mlp.down_proj.weight"), None, dtype, self.quantization)
         unused = [name for name in remaining if not name.endswith("rotary_emb.inv_freq")]
         if unused:
             raise ValueError(f"checkpoint has tensors the model does not use: {unused[:5]}")
 
-    def _load_linear(
-        self,
-        owner: nn.Module,
-        name: str,
-        weight: torch.Tensor | QuantizedWeight,
-        bias: torch.Tensor | None,
-        dtype: torch.dtype,
-        lm_head: bool = False,
-    ) -> None:
-        """Load one linear layer, replacing it by a quantized_linear where its weight is stored quantized."""
-        layer: Linear = getattr(owner, name)
-        weight = self.quantization.prepare(weight, dtype, lm_head)
-        if isinstance(weight, torch.Tensor):
-            layer.load(weight, bias)
-            return
-        if weight.shape != layer.weight.shape:
-            raise ValueError(f"{name} weight shape {tuple(weight.shape)} != expected {tuple(layer.weight.shape)}")
-        if layer.bias is not None and bias is None:
-            raise ValueError("checkpoint lacks a bias this layer needs")
-        setattr(owner, name, quantized_linear(weight, bias, dtype, self.quantization.dense_matmul_min_rows))
-
     def weight_bytes(self) -> int:
         """Bytes held by the weights (quantized values, scales and dense copies; shared tensors once)."""
-        tensors = list(self.state_dict(keep_vars=True).values())
-        # A weight in oneDNN's own layout (matrix_units_layout) is opaque: it has no storage to share or to ask.
-        storages = {t.untyped_storage().data_ptr(): t.untyped_storage() for t in tensors if not t.is_mkldnn}
-        opaque = sum(t.numel() * t.element_size() for t in tensors if t.is_mkldnn)
-        return sum(storage.nbytes() for storage in storages.values()) + opaque
+        return weight_bytes(self)

@@ -54,6 +54,18 @@ GGUF_LAYER_TENSORS: dict[str, str] = {
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
 }
+# Where Gemma 3 files differ: its ffn_norm is the norm before the MLP, and it has QK-norms and post-norms.
+GGUF_GEMMA3_LAYER_TENSORS: dict[str, str] = {
+    **GGUF_LAYER_TENSORS,
+    "attn_q_norm.weight": "self_attn.q_norm.weight",
+    "attn_k_norm.weight": "self_attn.k_norm.weight",
+    "post_attention_norm.weight": "post_attention_layernorm.weight",
+    "ffn_norm.weight": "pre_feedforward_layernorm.weight",
+    "post_ffw_norm.weight": "post_feedforward_layernorm.weight",
+}
+# Gemma 3 has a global attention layer after every 5 sliding-window ones (a GGUF file does not say so).
+GEMMA3_SLIDING_WINDOW_PATTERN = 6
+GEMMA3_LOCAL_ROPE_THETA = 10000.0
 GGUF_GLOBAL_TENSORS: dict[str, str] = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
@@ -101,11 +113,16 @@ def _load_hf_folder(path: Path, dtype: torch.dtype) -> Checkpoint:
         raise UnsupportedModelError(f"{path} has no *.safetensors files")
     weights: dict[str, torch.Tensor] = {}
     names = [(file, name) for file in files for name in _safetensors_names(file)]
+    # Gemma's RMSNorm multiplies by (1 + w): stored as that multiplier, as GGUF files store it.
+    norm_offset = 1.0 if config.architecture == "gemma3" else 0.0
     with tqdm(total=len(names), desc=f"Loading {path.name}", unit="tensor", leave=False) as progress:
         for file in files:
             with safe_open(str(file), framework="pt") as handle:
                 for name in handle.keys():
-                    weights[name] = handle.get_tensor(name).to(dtype)
+                    tensor = handle.get_tensor(name)
+                    if norm_offset and name.endswith("norm.weight"):
+                        tensor = tensor.float() + norm_offset
+                    weights[name] = tensor.to(dtype)
                     progress.update()
     return Checkpoint(config, weights, path, sum(file.stat().st_size for file in files))
 
@@ -125,6 +142,9 @@ def hf_model_config(raw: dict[str, Any]) -> ModelConfig:
     sliding_window = raw.get("sliding_window")
     if architecture == "qwen2" and not raw.get("use_sliding_window", False):
         sliding_window = None
+    gemma = _hf_gemma3_fields(raw) if architecture == "gemma3" else {}
+    if "rope_theta" in gemma:
+        rope_theta, rope = gemma.pop("rope_theta"), gemma.pop("rope")
     return ModelConfig(
         architecture=architecture,
         vocab_size=raw["vocab_size"],
@@ -143,7 +163,34 @@ def hf_model_config(raw: dict[str, Any]) -> ModelConfig:
         sliding_window=sliding_window,
         bos_token_id=raw.get("bos_token_id"),
         eos_token_ids=tuple(eos if isinstance(eos, list) else [] if eos is None else [eos]),
+        **gemma,
     )
+
+
+def _hf_gemma3_fields(raw: dict[str, Any]) -> dict[str, Any]:
+    """Gemma 3's own settings (transformers 4 or 5 layout); rope and rope_theta are the global layers'."""
+    if raw.get("attn_logit_softcapping") is not None:
+        raise UnsupportedModelError("attention logit soft-capping is not supported")
+    num_layers = raw["num_hidden_layers"]
+    pattern = raw.get("sliding_window_pattern") or raw.get("_sliding_window_pattern") or GEMMA3_SLIDING_WINDOW_PATTERN
+    layer_types = raw.get("layer_types") or [
+        "full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(num_layers)
+    ]
+    parameters = raw.get("rope_parameters") or {}
+    if "full_attention" in parameters:
+        rope, local = parameters["full_attention"], parameters.get("sliding_attention", {})
+    else:
+        rope = raw.get("rope_scaling") or {}
+        local = {"rope_theta": raw.get("rope_local_base_freq", GEMMA3_LOCAL_ROPE_THETA)}
+    return {
+        "rope": rope,
+        "rope_theta": float(rope.get("rope_theta", raw.get("rope_theta", 1_000_000.0))),
+        "full_attention_layers": tuple(i for i, kind in enumerate(layer_types) if kind == "full_attention"),
+        "rope_local_theta": float(local.get("rope_theta", GEMMA3_LOCAL_ROPE_THETA)),
+        "local_rope_scaling": _rope_scaling(local),
+        "query_pre_attn_scalar": raw.get("query_pre_attn_scalar"),
+        "final_logit_softcapping": raw.get("final_logit_softcapping"),
+    }
 
 
 def _rope_scaling(rope: dict[str, Any]) -> RopeScaling:
@@ -168,7 +215,7 @@ def _load_gguf(path: Path, dtype: torch.dtype, keep_quantized: bool = False) -> 
     config = gguf_model_config(reader)
     weights: dict[str, torch.Tensor | QuantizedWeight] = {}
     for tensor in tqdm(reader.tensors, desc=f"Loading {path.name}", unit="tensor", leave=False):
-        name = _hf_tensor_name(tensor.name)
+        name = _hf_tensor_name(tensor.name, config.architecture)
         if tensor.tensor_type not in GGUF_TENSOR_TYPES:
             raise UnsupportedModelError(f"tensor {tensor.name} has unsupported GGUF type {tensor.tensor_type.name}")
         heads = _rope_interleaved_heads(name, config)
@@ -197,7 +244,7 @@ def _load_gguf(path: Path, dtype: torch.dtype, keep_quantized: bool = False) -> 
 
 def _rope_interleaved_heads(name: str, config: ModelConfig) -> int | None:
     """The head count of a Q or K weight whose rows llama.cpp interleaved for its RoPE; None for other tensors."""
-    if config.architecture == "qwen2":
+    if config.architecture in ("qwen2", "gemma3"):
         return None
     if name.endswith("q_proj.weight"):
         return config.num_heads
@@ -236,12 +283,13 @@ def gguf_quantized_weight(tensor: gguf.ReaderTensor) -> QuantizedWeight:
     return Int4Weight(torch.from_numpy(q), torch.from_numpy(scales), torch.from_numpy(mins), GGUF_Q4_GROUP)
 
 
-def _hf_tensor_name(gguf_name: str) -> str:
+def _hf_tensor_name(gguf_name: str, architecture: str) -> str:
     if gguf_name in GGUF_GLOBAL_TENSORS:
         return GGUF_GLOBAL_TENSORS[gguf_name]
+    layer_tensors = GGUF_GEMMA3_LAYER_TENSORS if architecture == "gemma3" else GGUF_LAYER_TENSORS
     parts = gguf_name.split(".", 2)
-    if len(parts) == 3 and parts[0] == "blk" and parts[2] in GGUF_LAYER_TENSORS:
-        return f"model.layers.{parts[1]}.{GGUF_LAYER_TENSORS[parts[2]]}"
+    if len(parts) == 3 and parts[0] == "blk" and parts[2] in layer_tensors:
+        return f"model.layers.{parts[1]}.{layer_tensors[parts[2]]}"
     raise UnsupportedModelError(f"unexpected GGUF tensor {gguf_name!r}")
 
 
@@ -277,12 +325,13 @@ def gguf_model_config(reader: gguf.GGUFReader) -> ModelConfig:
     elif scaling_type not in ("none", None):
         raise UnsupportedModelError(f"unsupported GGUF RoPE scaling {scaling_type!r}")
     eos = gguf_field(reader, "tokenizer.ggml.eos_token_id")
+    num_layers = int(get("block_count"))
     return ModelConfig(
-        architecture="qwen2" if arch == "qwen2" else "llama",
+        architecture=arch if arch in ("qwen2", "gemma3") else "llama",
         vocab_size=int(vocab),
         hidden_size=hidden,
         intermediate_size=int(get("feed_forward_length")),
-        num_layers=int(get("block_count")),
+        num_layers=num_layers,
         num_heads=num_heads,
         num_kv_heads=int(get("attention.head_count_kv", num_heads)),
         head_dim=int(get("attention.key_length", hidden // num_heads)),
@@ -292,7 +341,18 @@ def gguf_model_config(reader: gguf.GGUFReader) -> ModelConfig:
         rope_scaling=rope_scaling,
         attention_bias="blk.0.attn_q.bias" in tensor_names,
         tie_word_embeddings="output.weight" not in tensor_names,
-        sliding_window=None,
         bos_token_id=gguf_field(reader, "tokenizer.ggml.bos_token_id"),
         eos_token_ids=() if eos is None else (int(eos),),
+        **(_gguf_gemma3_fields(get, num_layers) if arch == "gemma3" else {}),
     )
+
+
+def _gguf_gemma3_fields(get: Any, num_layers: int) -> dict[str, Any]:
+    """Gemma 3's own settings from a GGUF file; queries are scaled by head_dim, as llama.cpp scales them."""
+    cap = get("final_logit_softcapping")
+    return {
+        "sliding_window": int(get("attention.sliding_window")),
+        "full_attention_layers": tuple(i for i in range(num_layers) if (i + 1) % GEMMA3_SLIDING_WINDOW_PATTERN == 0),
+        "rope_local_theta": GEMMA3_LOCAL_ROPE_THETA,
+        "final_logit_softcapping": None if cap is None else float(cap),
+    }

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pagedllm.errors import ModelNotFoundError, UnsupportedModelError
 
@@ -13,9 +15,17 @@ HF_ARCHITECTURES: dict[str, str] = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
+    "Gemma3ForCausalLM": "gemma3",
 }
 # GGUF `general.architecture` values we read (Mistral GGUF files use "llama").
-GGUF_ARCHITECTURES: tuple[str, ...] = ("llama", "mistral", "qwen2")
+GGUF_ARCHITECTURES: tuple[str, ...] = ("llama", "mistral", "qwen2", "gemma3")
+# Our architecture name → the module and class of its model.
+MODEL_CLASSES: dict[str, str] = {
+    "llama": "pagedllm.model.llama:LlamaForCausalLM",
+    "mistral": "pagedllm.model.llama:LlamaForCausalLM",
+    "qwen2": "pagedllm.model.llama:LlamaForCausalLM",
+    "gemma3": "pagedllm.model.gemma3:Gemma3ForCausalLM",
+}
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
@@ -76,3 +86,11 @@ def hf_architecture(architectures: list[str]) -> str:
     raise UnsupportedModelError(
         f"unsupported architecture {architectures}: supported are {', '.join(sorted(HF_ARCHITECTURES))}"
     )
+
+
+def model_class(architecture: str) -> Any:
+    """The model class of an architecture (imported on first use: the registry is read before any model)."""
+    if architecture not in MODEL_CLASSES:
+        raise UnsupportedModelError(f"no model for {architecture!r}: supported are {', '.join(sorted(MODEL_CLASSES))}")
+    module, name = MODEL_CLASSES[architecture].split(":")
+    return getattr(importlib.import_module(module), name)

@@ -25,6 +25,7 @@ NUM_SEQS = 4
 @dataclass
 class FakeSeq:
     block_ids: list[int] = field(default_factory=list)
+    group_block_ids: list[list[int]] = field(default_factory=list)
     num_computed_tokens: int = 0
 
 

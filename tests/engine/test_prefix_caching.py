@@ -22,6 +22,7 @@ BLOCK = 4
 class FakeSeq:
     tokens: list[int]
     block_ids: list[int] = field(default_factory=list)
+    group_block_ids: list[list[int]] = field(default_factory=list)
     num_computed_tokens: int = 0
     block_hashes: list[bytes] = field(default_factory=list)
     num_registered_blocks: int = 0
@@ -108,7 +109,7 @@ def test_a_hash_collision_is_caught_by_the_token_check() -> None:
     run_to_completion(bm, seq)
     cache = bm.prefix_cache
     cache.tokens_of[seq.block_ids[0]] = (42, 42, 42, 42)  # as if another block had the same hash
-    assert cache.lookup(FakeSeq(list(range(9)))) == []
+    assert cache.lookup(FakeSeq(list(range(9)))) == [[]]
 
 
 PREFIXES = [list(range(500, 500 + n)) for n in (37, 53, 70)]

@@ -282,3 +282,53 @@ def test_silu_and_mul_equals_the_reference(dtype: torch.dtype) -> None:
     assert got.dtype == dtype and got.shape == (3, 37)
     tolerance = 1e-6 if dtype == torch.float32 else 1e-2
     torch.testing.assert_close(got, expected, rtol=tolerance, atol=tolerance)
+
+
+def windowed_reference(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, window: int) -> torch.Tensor:
+    """Float64 attention of the last len(q) of len(keys) positions, each seeing its last `window` keys."""
+    num_queries, num_heads, head_dim = q.shape
+    group = num_heads // keys.shape[1]
+    scores = torch.einsum("qhd,khd->hqk", q.double(), keys.double().repeat_interleave(group, 1)) / head_dim**0.5
+    positions = torch.arange(keys.shape[0] - num_queries, keys.shape[0])[None, :, None]
+    key_positions = torch.arange(keys.shape[0])[None, None, :]
+    scores.masked_fill_((key_positions > positions) | (key_positions <= positions - window), float("-inf"))
+    return torch.einsum("hqk,khd->qhd", scores.softmax(-1), values.double().repeat_interleave(group, 1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("head_dim", [64, 256])  # 256: Gemma 3's, on the generic bfloat16 path
+@pytest.mark.parametrize("window", [1, 20, 64, 100])
+def test_paged_decode_attention_with_a_sliding_window(dtype: torch.dtype, head_dim: int, window: int) -> None:
+    # Blocks wholly before a sequence's window are named -1 → 0 in its table, as freed ones are: never weighed.
+    num_heads, kv_heads, block_size = 4, 1, 16
+    k_pool, v_pool = random_pools(40, block_size, kv_heads, head_dim, dtype, 60)
+    lengths = [1, 17, 90, 300, 64]
+    tables = torch.stack([torch.randperm(39, generator=generator(61 + i))[:20] + 1 for i in range(len(lengths))])
+    for row, length in enumerate(lengths):
+        tables[row, : max(0, length - window) // block_size] = 0
+    q = torch.randn(len(lengths), num_heads, head_dim, generator=generator(62)).to(dtype)
+    got = ops.paged_decode_attention(q, k_pool, v_pool, tables, torch.tensor(lengths), head_dim**-0.5, window)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    for row, length in enumerate(lengths):
+        keys, values = (gather_context(pool, tables[row], length) for pool in (k_pool, v_pool))
+        expected = windowed_reference(q[row : row + 1], keys, values, window)[0]
+        torch.testing.assert_close(got[row].double(), expected, rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("head_dim", [64, 256])
+@pytest.mark.parametrize("window", [1, 30, 64, 129])
+def test_prefill_attention_with_a_sliding_window(dtype: torch.dtype, head_dim: int, window: int) -> None:
+    shapes = [(1, 1), (70, 70), (1, 300), (33, 200), (200, 200)]
+    num_heads, kv_heads = 4, 1
+    k, v, key_starts = ragged_keys([n for _, n in shapes], kv_heads, head_dim, dtype, 70)
+    query_lens = [n for n, _ in shapes]
+    query_starts = [sum(query_lens[:i]) for i in range(len(query_lens) + 1)]
+    q = torch.randn(query_starts[-1], num_heads, head_dim, generator=generator(71)).to(dtype)
+    got = ops.prefill_attention(q, k, v, query_starts, key_starts, [n for _, n in shapes], head_dim**-0.5, window)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    for i, (_, num_keys) in enumerate(shapes):
+        rows = slice(query_starts[i], query_starts[i + 1])
+        keys = slice(key_starts[i], key_starts[i] + num_keys)
+        expected = windowed_reference(q[rows], k[keys], v[keys], window)
+        torch.testing.assert_close(got[rows].double(), expected, rtol=tolerance, atol=tolerance)

@@ -15,12 +15,17 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pagedllm.layers.attention import AttentionMetadata, PagedAttention, cache_basis, gather_context
+from pagedllm.layers.attention import FREED_BLOCK, AttentionMetadata, PagedAttention, cache_basis, gather_context
 from pagedllm.layers.kv_quant import KV_CACHE_BITS, QuantizedKVPool
 
 
-def dense_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """q: [Q, H, D] for the last Q positions; k, v: [L, KVH, D] for all L positions. Returns [Q, H * D]."""
+def dense_causal_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sliding_window: int | None = None
+) -> torch.Tensor:
+    """q: [Q, H, D] for the last Q positions; k, v: [L, KVH, D] for all L positions. Returns [Q, H * D].
+
+    With a sliding window w, the query at position p sees the keys at p - w + 1 .. p.
+    """
     num_queries, num_heads, head_dim = q.shape
     num_keys, num_kv_heads, _ = k.shape
     group = num_heads // num_kv_heads
@@ -32,6 +37,8 @@ def dense_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) ->
         for i in range(num_queries):
             position = num_keys - num_queries + i
             scores[i, position + 1 :] = float("-inf")
+            if sliding_window is not None:
+                scores[i, : max(0, position - sliding_window + 1)] = float("-inf")
         out[:, h] = torch.softmax(scores, dim=-1) @ v[:, kv]
     return out.reshape(num_queries, num_heads * head_dim)
 
@@ -56,11 +63,13 @@ def run_step(
     seed: int,
     kv_cache_dtype: str = "auto",
     dtype: torch.dtype = torch.float32,
+    sliding_window: int | None = None,
 ) -> StepResult:
     """seqs: (context_len after the step, new tokens this step); the same seed gives the same data to any impl.
 
     With a quantized cache the dense reference attends to the K/V as stored (quantized, then dequantized, then
-    rotated back to the basis of k and v).
+    rotated back to the basis of k and v). With a sliding window, the blocks wholly before a sequence's first
+    query's window are FREED_BLOCK in its table, as a sliding-window KV-cache group leaves them.
     """
     gen = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
@@ -91,16 +100,22 @@ def run_step(
         qs.append(q)
         ks.append(k_full[ctx - new :])
         vs.append(v_full[ctx - new :])
-        raw_dense.append(dense_causal_attention(q, k_full, v_full))
+        raw_dense.append(dense_causal_attention(q, k_full, v_full, sliding_window))
         if kv_cache_dtype != "auto":
             k_full, v_full = (stored(x, kv_cache_dtype) for x in (k_full, v_full))
         fulls.append((k_full, v_full))
-        dense.append(dense_causal_attention(q, k_full, v_full))
+        dense.append(dense_causal_attention(q, k_full, v_full, sliding_window))
 
+    meta_tables = tables
+    if sliding_window is not None:
+        meta_tables = []
+        for (ctx, new), table in zip(seqs, tables):
+            freed = max(0, ctx - new - sliding_window + 1) // block_size
+            meta_tables.append([FREED_BLOCK] * freed + table[freed:])
     meta = AttentionMetadata.build(
-        slots, tables, [new for _, new in seqs], [ctx for ctx, _ in seqs], block_size, torch.device("cpu")
+        slots, meta_tables, [new for _, new in seqs], [ctx for ctx, _ in seqs], block_size, torch.device("cpu")
     )
-    attention = PagedAttention(num_heads, num_kv_heads, head_dim, impl)
+    attention = PagedAttention(num_heads, num_kv_heads, head_dim, impl, sliding_window)
     if kv_cache_dtype == "auto":
         attention.bind_pools(k_pool, v_pool)
     else:
@@ -292,3 +307,18 @@ def test_fast_and_reference_agree_in_bfloat16_on_a_ragged_batch(kv_cache_dtype: 
         torch.testing.assert_close(result.out.double(), result.dense, atol=2e-2, rtol=2e-2)
         outputs[impl] = result.out
     torch.testing.assert_close(outputs["fast"], outputs["reference"], atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("impl", ["fast", "reference"])
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "int8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("head_dim", [32, 256])
+def test_sliding_window_attention_equals_dense_windowed_attention(
+    impl: str, kv_cache_dtype: str, dtype: torch.dtype, head_dim: int
+) -> None:
+    # Decodes and prefills within, at and past a window of 20 (blocks of 8): fresh prompts, chunks after cached
+    # context, and decodes whose first blocks are freed.
+    seqs = [(90, 1), (21, 1), (20, 1), (7, 1), (60, 60), (75, 30), (19, 19), (40, 3)]
+    result = run_step(impl, seqs, 4, 1, head_dim, 8, 11, kv_cache_dtype, dtype, sliding_window=20)
+    tolerance = 1e-5 if dtype == torch.float32 and kv_cache_dtype == "auto" else 3e-2
+    torch.testing.assert_close(result.out.double(), result.dense, rtol=tolerance, atol=tolerance)

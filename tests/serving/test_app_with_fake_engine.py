@@ -6,15 +6,18 @@ import argparse
 import asyncio
 import json
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import TypeVar
 
 import httpx
 import pytest
 from fastapi import FastAPI
+from transformers import AutoTokenizer
 
 from pagedllm.config import EngineConfig
 from pagedllm.errors import RequestTooLongError
 from pagedllm.flags import dataclass_from_args
+from pagedllm.model.tokenizer import Tokenizer
 from pagedllm.serving.api_server import add_arguments, create_app
 from pagedllm.serving.generation import default_max_tokens
 from pagedllm.serving.settings import API_KEY_ENV, ServerSettings
@@ -124,3 +127,23 @@ def test_metrics_export_the_weight_and_kv_cache_bytes() -> None:
     assert 'pagedllm_model_weight_bytes{model_name="fake"} 1000.0' in text
     assert 'pagedllm_model_file_weight_bytes{model_name="fake"} 950.0' in text
     assert 'pagedllm_kv_cache_bytes{model_name="fake"} 2000.0' in text
+
+
+def test_chat_without_a_chat_template_is_a_400_and_completions_still_work(
+    monkeypatch: pytest.MonkeyPatch, tokenizer_dir: Path
+) -> None:
+    # A base model, as Gemma 3 270M's GGUF file: its tokenizer has no chat template.
+    tokenizer = Tokenizer(AutoTokenizer.from_pretrained(str(tokenizer_dir)))
+    tokenizer.chat_template = None
+    monkeypatch.setattr(FakeEngine, "tokenizer", tokenizer)
+
+    async def scenario(http: httpx.AsyncClient, fake: FakeEngine) -> tuple[httpx.Response, httpx.Response]:
+        chat = await http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}]})
+        completion = await http.post("/v1/completions", json={"prompt": [1, 2], "max_tokens": 2})
+        return chat, completion
+
+    chat, completion = with_app(scenario)
+    assert chat.status_code == 400
+    assert chat.json()["error"]["param"] == "messages"
+    assert "no chat template" in chat.json()["error"]["message"]
+    assert completion.status_code == 200

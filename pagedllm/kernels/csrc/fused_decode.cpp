@@ -57,7 +57,7 @@ at::Tensor fused_decode(const at::Tensor& hidden, const at::Tensor& positions, c
     write_kv_(heads.narrow(1, num_heads, num_kv_heads), heads.narrow(1, num_heads + num_kv_heads, num_kv_heads),
               k_pool, v_pool, slots);
     const at::Tensor attended =
-        paged_decode_attention(heads.narrow(1, 0, num_heads), k_pool, v_pool, block_tables, seq_lens, scale);
+        paged_decode_attention(heads.narrow(1, 0, num_heads), k_pool, v_pool, block_tables, seq_lens, scale, 0);
     x = add_rms_norm_(residual, project(attended.flatten(1), kOut), norms[2 * layer + 1], eps);
     x = project(silu_and_mul(project(x, kGateUp)), kDown);
   }

