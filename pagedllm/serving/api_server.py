@@ -47,6 +47,7 @@ from pagedllm.serving.protocol import (
     VersionResponse,
 )
 from pagedllm.serving.settings import ServerSettings
+from pagedllm.serving.tool_parsers import parser_for_template
 
 logger = logging.getLogger(__name__)
 
@@ -96,7 +97,13 @@ def create_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
     async_engine = AsyncLLMEngine(engine, settings.max_queued_requests, observer=metrics)
     metrics.watch(async_engine.stats)
     metrics.set_memory(engine.weight_bytes, engine.kv_cache_bytes)
-    context = ServingContext(async_engine, model_name, TokenStrings(engine.tokenizer))
+    context = ServingContext(
+        async_engine,
+        model_name,
+        TokenStrings(engine.tokenizer),
+        engine.grammars,
+        parser_for_template(engine.tokenizer.chat_template),
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -54,6 +54,7 @@ async def create_completion(
     prompts = await asyncio.to_thread(tokenize_prompts, engine.tokenizer, body.prompt)
     max_tokens = body.max_tokens if body.max_tokens is not None else COMPLETION_DEFAULT_MAX_TOKENS
     params = body.sampling_params(max_tokens, body.logprobs)
+    await context.check_constraint(params.structured_outputs)
     meta = ResponseMeta.new("cmpl", context.model_name)
     streams = await submit(engine, meta.id, prompts, [params] * len(prompts))
     release = releaser(engine, streams)
