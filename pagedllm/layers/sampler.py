@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
@@ -78,12 +79,10 @@ def first_max_index(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
-    """-inf at every token whose bit is 0 (a grammar forbids it); one shift per bit position, no per-row loop."""
-    bits = torch.arange(32, dtype=torch.int32, device=logits.device)
-    # Arithmetic shifts keep the sign bit, but `& 1` reads bit k of the word whatever its sign.
-    allowed = (bitmask.to(logits.device).unsqueeze(-1) >> bits) & 1
-    allowed = allowed.view(bitmask.shape[0], -1)[:, : logits.shape[1]]
-    return logits.masked_fill(allowed == 0, float("-inf"))
+    """-inf at every token whose bit is 0 (a grammar forbids it). The host-side mask's little-endian int32 words
+    are read as bytes and unpacked in one call: token t is bit t % 8 of byte t // 8."""
+    bits = np.unpackbits(bitmask.numpy().view(np.uint8), axis=1, count=logits.shape[1], bitorder="little")
+    return logits.masked_fill(torch.from_numpy(bits).to(logits.device) == 0, float("-inf"))
 
 
 def apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
