@@ -44,6 +44,7 @@ from pagedllm.serving.protocol import (
     ModelList,
     TokenizeRequest,
     TokenizeResponse,
+    TokenizerInfo,
     VersionResponse,
 )
 from pagedllm.serving.settings import ServerSettings
@@ -145,6 +146,24 @@ def create_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
     async def list_models() -> ModelList:
         card = ModelCard(id=model_name, created=context.started, max_model_len=async_engine.max_model_len)
         return ModelList(data=[card])
+
+    @app.get("/v1/models/{model_id:path}", response_model=ModelCard, responses=ERROR_RESPONSES)
+    async def get_model(model_id: str) -> ModelCard:
+        check_model(model_id)
+        return ModelCard(id=model_name, created=context.started, max_model_len=async_engine.max_model_len)
+
+    @app.get("/tokenizer_info", response_model=TokenizerInfo)
+    async def tokenizer_info() -> TokenizerInfo:
+        hf = async_engine.tokenizer.hf
+        return TokenizerInfo(
+            tokenizer_class=type(hf).__name__,
+            vocab_size=async_engine.tokenizer.vocab_size,
+            model_max_length=async_engine.max_model_len,
+            bos_token=hf.bos_token,
+            eos_token=hf.eos_token,
+            pad_token=hf.pad_token,
+            chat_template=async_engine.tokenizer.chat_template,
+        )
 
     @app.post("/v1/completions", response_model=CompletionResponse, responses=GENERATION_RESPONSES)
     async def completions(body: CompletionRequest, request: Request) -> Any:

@@ -133,13 +133,16 @@ class CompletionRequest(SamplingRequest):
     prompt: Prompt = Field(description="a string, a list of strings, token ids, or a list of token-id lists")
     max_tokens: int | None = Field(None, description=f"default {COMPLETION_DEFAULT_MAX_TOKENS}")
     logprobs: int | None = Field(None, description="log probabilities of the drawn token and this many top ones")
-    echo: bool = Field(False, description="not supported: must be false")
+    echo: bool = Field(False, description="return the prompt before the completion (with logprobs: its tokens')")
+    prompt_logprobs: int | None = Field(None, description="vLLM's: logprobs of each prompt token and this many top")
     suffix: str | None = Field(None, description="not supported: must be null")
 
     def check_supported(self) -> None:
         super().check_supported()
-        if self.echo:
-            raise InvalidArgumentError("echo is not supported", "echo")
+        if self.echo and self.stream:
+            raise InvalidArgumentError("echo cannot be streamed; set stream to false", "echo")
+        if self.max_tokens == 0 and not self.echo:
+            raise InvalidArgumentError("max_tokens must be >= 1 (0 only with echo)", "max_tokens")
         if self.suffix is not None:
             raise InvalidArgumentError("suffix is not supported", "suffix")
 
@@ -272,8 +275,8 @@ class Usage(BaseModel):
 
 class CompletionLogprobs(BaseModel):
     tokens: list[str] = Field(default_factory=list)
-    token_logprobs: list[float] = Field(default_factory=list)
-    top_logprobs: list[dict[str, float]] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)  # None for an echoed prompt's first token
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
     text_offset: list[int] = Field(default_factory=list)
 
 
@@ -282,6 +285,17 @@ class CompletionChoice(BaseModel):
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
+    prompt_logprobs: list[dict[str, float] | None] | None = None  # token id -> logprob per prompt token
+
+
+class TokenizerInfo(BaseModel):
+    tokenizer_class: str
+    vocab_size: int
+    model_max_length: int
+    bos_token: str | None
+    eos_token: str | None
+    pad_token: str | None
+    chat_template: str | None
 
 
 class CompletionResponse(BaseModel):

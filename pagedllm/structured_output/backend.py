@@ -9,6 +9,7 @@ from collections import OrderedDict
 
 import llguidance
 import llguidance.hf
+from llguidance.gbnf_to_lark import GbnfToLarkError, any_to_lark
 
 from pagedllm.errors import InvalidArgumentError
 from pagedllm.model.tokenizer import Tokenizer
@@ -86,5 +87,8 @@ def grammar_text(params: StructuredOutputsParams) -> str:
     if params.choice is not None:
         return llguidance.LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in params.choice))
     assert params.grammar is not None
-    lark = llguidance.gbnf_to_lark(params.grammar) if "::=" in params.grammar else params.grammar
+    try:
+        lark = any_to_lark(params.grammar)  # GBNF is converted, Lark passes through
+    except GbnfToLarkError as error:
+        raise InvalidArgumentError(f"the grammar cannot be read: {error}", "grammar") from error
     return llguidance.LLMatcher.grammar_from_lark(lark)

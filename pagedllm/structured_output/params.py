@@ -19,7 +19,7 @@ class StructuredOutputsParams:
     json_object: bool = False  # any JSON object
     regex: str | None = None
     choice: tuple[str, ...] | None = None
-    grammar: str | None = None  # a Lark grammar (llguidance's dialect) or a GBNF one (rules written `::=`)
+    grammar: str | None = None  # a Lark grammar (llguidance's dialect) or a GBNF one
 
     def __post_init__(self) -> None:
         if self.choice is not None:

@@ -71,7 +71,7 @@ BAD_REQUESTS = [
     BadRequest("logprobs above 20", COMPLETIONS, completion(logprobs=21), 400, "logprobs", "[0, 20]"),
     BadRequest("top_logprobs above 20", CHAT, chat(logprobs=True, top_logprobs=21), 400, "logprobs", "[0, 20]"),
     BadRequest("top_logprobs without logprobs", CHAT, chat(top_logprobs=2), 400, "top_logprobs"),
-    BadRequest("echo", COMPLETIONS, completion(echo=True), 400, "echo", "not supported"),
+    BadRequest("streamed echo", COMPLETIONS, completion(echo=True, stream=True), 400, "echo", "cannot be streamed"),
     BadRequest("suffix", COMPLETIONS, completion(suffix="!"), 400, "suffix", "not supported"),
     BadRequest("best_of above n streamed", COMPLETIONS, completion(best_of=3, stream=True), 400, "best_of", "stream"),
     BadRequest("best_of below n", CHAT, chat(n=3, best_of=2), 400, "best_of", ">= n"),
@@ -183,6 +183,7 @@ BAD_REQUESTS = [
     BadRequest("unknown model in chat", CHAT, chat(model="nope"), 404, "model", "does not exist", "not_found_error"),
     BadRequest("tokenize without input", "/tokenize", {}, 400, "prompt", "exactly one"),
     BadRequest("detokenize outside the vocabulary", "/detokenize", {"tokens": [-1]}, 400, "tokens"),
+    BadRequest("max_tokens 0 without echo", COMPLETIONS, completion(max_tokens=0), 400, "max_tokens", "echo"),
     BadRequest("no such route", "/v1/nothing", {}, 404, error_type="not_found_error"),
     BadRequest(
         "no API key",
