@@ -47,6 +47,7 @@ from pagedllm.serving.protocol import (
     TokenizerInfo,
     VersionResponse,
 )
+from pagedllm.serving.responses import ResponsesRequest, create_response
 from pagedllm.serving.settings import ServerSettings
 from pagedllm.serving.tool_parsers import parser_for_template
 
@@ -174,6 +175,11 @@ def create_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
         check_model(body.model)
         return await cancel_on_disconnect(request, create_chat_completion(body, context))
+
+    @app.post("/v1/responses", responses=GENERATION_RESPONSES)
+    async def responses(body: ResponsesRequest, request: Request) -> Any:
+        check_model(body.model)
+        return await cancel_on_disconnect(request, create_response(body, context))
 
     @app.post("/tokenize", response_model=TokenizeResponse, responses=ERROR_RESPONSES)
     async def tokenize(body: TokenizeRequest) -> TokenizeResponse:

@@ -195,7 +195,9 @@ def test_langchain_structured_output_and_bind_tools(server: Server, model_name: 
     assert call["name"] == "get_weather" and isinstance(call["args"]["city"], str)
 
 
-@pytest.mark.parametrize("mode", ["JSON", "TOOLS"])
+# Mode.JSON (json_object plus the schema in the prompt) leaves following the schema to the model, which a 135M model
+# does not; JSON_SCHEMA sends the schema as response_format, which the grammar enforces.
+@pytest.mark.parametrize("mode", ["JSON_SCHEMA", "TOOLS"])
 def test_instructor_modes(server: Server, model_name: str, mode: str) -> None:
     import instructor
 
