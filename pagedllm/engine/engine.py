@@ -86,7 +86,8 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = ModelRunner(model.to(self.device), config, self.num_blocks, self.device)
         self.grammars = GrammarBackend(self.tokenizer, self.model_config.vocab_size)
-        self.runner.structured_output = StructuredOutputManager(self.grammars)
+        self.structured_output = StructuredOutputManager(self.grammars)
+        self.runner.structured_output = self.structured_output
         self.heap = HeapTrimmer()
         self.requests: dict[str, Request] = {}
         self.prompt_tokens = 0
@@ -219,7 +220,7 @@ class LLMEngine:
             if sample.logprob is not None:
                 seq.cumulative_logprob += sample.logprob
             append_token(seq, sample.token_id, self.tokenizer.eos_token_ids, self.max_model_len)
-            if self.runner.structured_output.accept(seq, sample.token_id):
+            if self.structured_output.accept(seq, sample.token_id):
                 finish_grammar(seq)
             self.generation_tokens += 1
             if seq.finish_reason is not None:

@@ -56,7 +56,7 @@ async def create_completion(
     prompts = await asyncio.to_thread(tokenize_prompts, engine.tokenizer, body.prompt)
     max_tokens = body.max_tokens if body.max_tokens is not None else COMPLETION_DEFAULT_MAX_TOKENS
     # max_tokens 0 (echo only) still runs one step: the prompt's logprobs come out of the forward pass.
-    params = replace(body.sampling_params(max(max_tokens, 1), body.logprobs), prompt_logprobs=_prompt_logprobs(body))
+    params = replace(body.sampling_params(max_tokens or 1, body.logprobs), prompt_logprobs=_prompt_logprobs(body))
     await context.check_constraint(params.structured_outputs)
     meta = ResponseMeta.new("cmpl", context.model_name)
     streams = await submit(engine, meta.id, prompts, [params] * len(prompts))
