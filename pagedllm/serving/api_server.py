@@ -104,7 +104,7 @@ def create_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
         model_name,
         TokenStrings(engine.tokenizer),
         engine.grammars,
-        parser_for_template(engine.tokenizer.chat_template),
+        parser_for_template(engine.tokenizer.chat_template if engine.tokenizer is not None else None),
     )
 
     @asynccontextmanager
