@@ -7,8 +7,10 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pagedllm.errors import InvalidArgumentError
+from pagedllm.structured_output.params import StructuredOutputsParams
 
 MAX_LOGPROBS = 20
+LOGIT_BIAS_LIMIT = 100.0  # OpenAI's range for a logit bias
 INT_FIELDS = ("n", "best_of", "beam_width", "max_tokens", "min_tokens", "top_k", "seed", "logprobs", "prompt_logprobs")
 OPTIONAL_FIELDS = ("best_of", "beam_width", "seed", "logprobs", "prompt_logprobs")
 FLOAT_FIELDS = (
@@ -60,6 +62,8 @@ class SamplingParams:
     beam_width: int | None = None
     length_penalty: float = 1.0
     early_stopping: bool | Literal["never"] = False
+    structured_outputs: StructuredOutputsParams | None = None
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit, in [-100, 100]
 
     def __post_init__(self) -> None:
         self.stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -106,6 +110,7 @@ class SamplingParams:
                 raise InvalidArgumentError(f"{name} {rule}, got {getattr(self, name)!r}", name)
         if self.top_k == -1:
             self.top_k = 0
+        self._check_logit_bias()
         if self.use_beam_search:
             self._check_beam_search()
 
@@ -114,8 +119,20 @@ class SamplingParams:
         """Sequences sampled for the request (best_of), of which n are returned; 1 for beam search."""
         return 1 if self.use_beam_search else self.best_of or self.n
 
+    def _check_logit_bias(self) -> None:
+        for token, bias in (self.logit_bias or {}).items():
+            if not _is_int(token) or token < 0:
+                raise InvalidArgumentError(f"logit_bias keys must be token ids >= 0, got {token!r}", "logit_bias")
+            if not isinstance(bias, int | float) or not -LOGIT_BIAS_LIMIT <= bias <= LOGIT_BIAS_LIMIT:
+                raise InvalidArgumentError(
+                    f"logit_bias values must be in [-{LOGIT_BIAS_LIMIT:g}, {LOGIT_BIAS_LIMIT:g}], got {bias!r}",
+                    "logit_bias",
+                )
+
     def _check_beam_search(self) -> None:
         defaults = SamplingParams()
+        if self.structured_outputs is not None:
+            raise InvalidArgumentError("structured_outputs is not supported with use_beam_search", "use_beam_search")
         for name in NOT_WITH_BEAM_SEARCH:
             if getattr(self, name) != getattr(defaults, name):
                 raise InvalidArgumentError(f"{name} is not supported with use_beam_search", name)

@@ -17,7 +17,7 @@ from pagedllm.engine.host_memory import (
     reuse_freed_step_memory,
 )
 from pagedllm.engine.model_runner import ModelRunner, StepResult, kv_cache_bytes_per_block
-from pagedllm.engine.output import RequestOutput, append_token, make_request_output
+from pagedllm.engine.output import RequestOutput, append_token, finish_grammar, make_request_output
 from pagedllm.engine.prefix_cache import PrefixCache
 from pagedllm.engine.request import FinishReason, Request, Sequence
 from pagedllm.engine.scheduler import Scheduler, SchedulerOutput
@@ -29,6 +29,8 @@ from pagedllm.model.registry import model_class, model_display_name, resolve_mod
 from pagedllm.model.tokenizer import IncrementalDetokenizer, Tokenizer
 from pagedllm.sampling_params import SamplingParams
 from pagedllm.search import BeamSearchRequest, BestOfRequest, SearchDriver
+from pagedllm.structured_output.backend import GrammarBackend
+from pagedllm.structured_output.manager import StructuredOutputManager
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +89,9 @@ class LLMEngine:
         self.block_manager = BlockManager(self.num_blocks, config.block_size, prefix_cache, sliding_windows)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = ModelRunner(model.to(self.device), config, self.num_blocks, self.device)
+        self.grammars = GrammarBackend(self.tokenizer, self.model_config.vocab_size)
+        self.structured_output = StructuredOutputManager(self.grammars)
+        self.runner.structured_output = self.structured_output
         self.heap = HeapTrimmer()
         self.requests: dict[str, Request] = {}
         self.kept: dict[str, Sequence] = {}  # finished keep_kv requests' sequences, holding their blocks
@@ -143,6 +148,8 @@ class LLMEngine:
         text = prompt if isinstance(prompt, str) else None
         token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         self._check_fits(token_ids, params)
+        if params.structured_outputs is not None:
+            self.grammars.compile(params.structured_outputs)  # refused here, before it is queued, if invalid
         arrival_time = arrival_time or time.monotonic()
         if params.use_beam_search:
             self.searches.start(BeamSearchRequest(request_id, text, token_ids, params, arrival_time, self.tokenizer))
@@ -201,6 +208,8 @@ class LLMEngine:
             raise InvalidArgumentError("the prompt is empty", "prompt")
         if min(token_ids) < 0 or max(token_ids) >= self.model_config.vocab_size:
             raise InvalidArgumentError(f"prompt token ids must be in [0, {self.model_config.vocab_size})", "prompt")
+        if params.logit_bias and max(params.logit_bias) >= self.model_config.vocab_size:
+            raise InvalidArgumentError(f"logit_bias keys must be in [0, {self.model_config.vocab_size})", "logit_bias")
         total = len(token_ids) + params.max_tokens
         if total > self.max_model_len:
             raise RequestTooLongError(
@@ -267,6 +276,8 @@ class LLMEngine:
             if sample.logprob is not None:
                 seq.cumulative_logprob += sample.logprob
             append_token(seq, sample.token_id, self.tokenizer.eos_token_ids, self.max_model_len)
+            if self.structured_output.accept(seq, sample.token_id):
+                finish_grammar(seq)
             self.generation_tokens += 1
             if seq.finish_reason is not None:
                 self.scheduler.finish(seq, free_blocks=not request.keep_kv)

@@ -17,6 +17,7 @@ from pagedllm.layers.sampler import Sampler, SamplerOutput, SamplingBatch
 from pagedllm.model.fused_decode import FusedDecode
 from pagedllm.model.llama import LlamaForCausalLM
 from pagedllm.sampling_params import SamplingParams
+from pagedllm.structured_output.manager import StructuredOutputManager
 
 
 @dataclass
@@ -73,6 +74,7 @@ class ModelRunner:
             FusedDecode.of(model, self.layer_k_pools, self.layer_v_pools) if config.fused_decode else None
         )
         self.sampler = Sampler(torch.Generator(device=device).manual_seed(config.seed))
+        self.structured_output: StructuredOutputManager | None = None  # set by the engine
         self.vocab_size = mc.vocab_size
         self.bytes_per_block = kv_cache_bytes_per_block(
             mc, config.block_size, config.torch_dtype, config.kv_cache_dtype
@@ -150,7 +152,18 @@ class ModelRunner:
         banned = [_banned_tokens(seq) for seq in seqs]
         if any(banned):
             batch.banned_mask = self._token_counts(banned) > 0
+        if any(p.logit_bias for p in params):
+            batch.logit_bias = self._logit_bias(params)
+        if self.structured_output is not None:
+            batch.allowed_bitmask = self.structured_output.bitmask(seqs)
         return batch
+
+    def _logit_bias(self, params: list[SamplingParams]) -> torch.Tensor:
+        bias = torch.zeros(len(params), self.vocab_size, device=self.device)
+        for row, p in enumerate(params):
+            for token, value in (p.logit_bias or {}).items():
+                bias[row, token] = value
+        return bias
 
     def _token_counts(self, token_lists: list[list[int]]) -> torch.Tensor:
         """[rows, vocab] how often each token occurs in each row's list."""

@@ -83,6 +83,13 @@ def append_token(seq: Sequence, token_id: int, eos_token_ids: frozenset[int], ma
     seq.emitted_text_len = len(seq.text) if seq.finish_reason else len(seq.text) - _held_back(seq.text, params.stop)
 
 
+def finish_grammar(seq: Sequence) -> None:
+    """The sequence's grammar is complete: it stops here, with all of its text reported."""
+    if seq.finish_reason is None:
+        _finish(seq, FinishReason.STOP, None)
+        seq.emitted_text_len = len(seq.text)
+
+
 def _finish(seq: Sequence, reason: FinishReason, stop_reason: str | int | None) -> None:
     seq.finish_reason = reason
     seq.stop_reason = stop_reason

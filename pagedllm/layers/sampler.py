@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
@@ -22,6 +23,8 @@ class SamplingBatch:
     output_counts: torch.Tensor | None = None  # [rows, vocab] occurrences of each token in the output so far
     seen_mask: torch.Tensor | None = None  # [rows, vocab] token appears in prompt or output
     banned_mask: torch.Tensor | None = None  # [rows, vocab] tokens that may not be drawn (EOS before min_tokens)
+    logit_bias: torch.Tensor | None = None  # [rows, vocab] added to the logits after the penalties
+    allowed_bitmask: torch.Tensor | None = None  # [rows, ceil(vocab / 32)] int32: bit t % 32 of word t // 32 allows t
     num_logprobs: int = -1  # top logprobs to return per row; -1: none
 
 
@@ -41,8 +44,12 @@ class Sampler:
         """logits: float32 [rows, vocab], as the model produced them."""
         raw_logprobs = torch.log_softmax(logits, dim=-1) if batch.num_logprobs >= 0 else None
         logits = apply_penalties(logits, batch)
+        if batch.logit_bias is not None:
+            logits = logits + batch.logit_bias
         if batch.banned_mask is not None:
             logits = logits.masked_fill(batch.banned_mask, float("-inf"))
+        if batch.allowed_bitmask is not None:
+            logits = apply_token_bitmask(logits, batch.allowed_bitmask)
         token_ids = first_max_index(logits)
         random_rows = (batch.temperature > 0).nonzero().squeeze(1).tolist()
         if random_rows:
@@ -70,6 +77,13 @@ def first_max_index(x: torch.Tensor) -> torch.Tensor:
     """Each row's argmax (the first of equal maxima): max's indices, which PyTorch's CPU kernel finds about 2.5x
     faster than argmax over a row of the vocabulary."""
     return x.max(dim=-1).indices
+
+
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
+    """-inf at every token whose bit is 0 (a grammar forbids it). The host-side mask's little-endian int32 words
+    are read as bytes and unpacked in one call: token t is bit t % 8 of byte t // 8."""
+    bits = np.unpackbits(bitmask.numpy().view(np.uint8), axis=1, count=logits.shape[1], bitorder="little")
+    return logits.masked_fill(torch.from_numpy(bits).to(logits.device) == 0, float("-inf"))
 
 
 def apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:

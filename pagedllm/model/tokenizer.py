@@ -19,7 +19,7 @@ logger = logging.getLogger(__name__)
 
 # Detokenizing a window of this many tokens before the new ones gives the spacing the new ones need.
 DETOKENIZE_CONTEXT_TOKENS = 5
-CHAT_ROLES = ("system", "user", "assistant")
+CHAT_ROLES = ("system", "user", "assistant", "tool")
 
 
 def cache_dir() -> Path:
@@ -73,7 +73,14 @@ class Tokenizer:
     def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.hf.decode(token_ids, skip_special_tokens=skip_special_tokens, clean_up_tokenization_spaces=False)
 
-    def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+    @property
+    def template_takes_tools(self) -> bool:
+        """Whether the chat template renders a `tools` variable itself."""
+        return self.chat_template is not None and "tools" in self.chat_template
+
+    def render_chat(
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, tools: list[dict] | None = None
+    ) -> str:
         """The prompt text of a conversation, from the model's chat template in a sandbox."""
         if not messages:
             raise InvalidArgumentError("messages must not be empty", "messages")
@@ -93,14 +100,17 @@ class Tokenizer:
             return template.render(
                 messages=messages,
                 add_generation_prompt=add_generation_prompt,
+                tools=tools,
                 bos_token=self.hf.bos_token or "",
                 eos_token=self.hf.eos_token or "",
             )
         except TemplateError as error:
             raise InvalidArgumentError(f"chat template failed: {error}", "messages") from error
 
-    def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
-        return self.encode(self.render_chat(messages, add_generation_prompt), add_special_tokens=False)
+    def encode_chat(
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, tools: list[dict] | None = None
+    ) -> list[int]:
+        return self.encode(self.render_chat(messages, add_generation_prompt, tools), add_special_tokens=False)
 
 
 def _raise_template_error(message: str) -> None:

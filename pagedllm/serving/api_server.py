@@ -44,9 +44,12 @@ from pagedllm.serving.protocol import (
     ModelList,
     TokenizeRequest,
     TokenizeResponse,
+    TokenizerInfo,
     VersionResponse,
 )
+from pagedllm.serving.responses import ResponsesRequest, create_response
 from pagedllm.serving.settings import ServerSettings
+from pagedllm.serving.tool_parsers import parser_for_template
 
 logger = logging.getLogger(__name__)
 
@@ -96,7 +99,13 @@ def create_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
     async_engine = AsyncLLMEngine(engine, settings.max_queued_requests, observer=metrics)
     metrics.watch(async_engine.stats)
     metrics.set_memory(engine.weight_bytes, engine.kv_cache_bytes, engine.file_weight_bytes)
-    context = ServingContext(async_engine, model_name, TokenStrings(engine.tokenizer))
+    context = ServingContext(
+        async_engine,
+        model_name,
+        TokenStrings(engine.tokenizer),
+        engine.grammars,
+        parser_for_template(engine.tokenizer.chat_template if engine.tokenizer is not None else None),
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -139,6 +148,24 @@ def create_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
         card = ModelCard(id=model_name, created=context.started, max_model_len=async_engine.max_model_len)
         return ModelList(data=[card])
 
+    @app.get("/v1/models/{model_id:path}", response_model=ModelCard, responses=ERROR_RESPONSES)
+    async def get_model(model_id: str) -> ModelCard:
+        check_model(model_id)
+        return ModelCard(id=model_name, created=context.started, max_model_len=async_engine.max_model_len)
+
+    @app.get("/tokenizer_info", response_model=TokenizerInfo)
+    async def tokenizer_info() -> TokenizerInfo:
+        hf = async_engine.tokenizer.hf
+        return TokenizerInfo(
+            tokenizer_class=type(hf).__name__,
+            vocab_size=async_engine.tokenizer.vocab_size,
+            model_max_length=async_engine.max_model_len,
+            bos_token=hf.bos_token,
+            eos_token=hf.eos_token,
+            pad_token=hf.pad_token,
+            chat_template=async_engine.tokenizer.chat_template,
+        )
+
     @app.post("/v1/completions", response_model=CompletionResponse, responses=GENERATION_RESPONSES)
     async def completions(body: CompletionRequest, request: Request) -> Any:
         check_model(body.model)
@@ -148,6 +175,11 @@ def create_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
         check_model(body.model)
         return await cancel_on_disconnect(request, create_chat_completion(body, context))
+
+    @app.post("/v1/responses", responses=GENERATION_RESPONSES)
+    async def responses(body: ResponsesRequest, request: Request) -> Any:
+        check_model(body.model)
+        return await cancel_on_disconnect(request, create_response(body, context))
 
     @app.post("/tokenize", response_model=TokenizeResponse, responses=ERROR_RESPONSES)
     async def tokenize(body: TokenizeRequest) -> TokenizeResponse:

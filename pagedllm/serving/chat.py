@@ -1,13 +1,15 @@
-"""POST /v1/chat/completions: a conversation in, the assistant's reply out, whole or streamed."""
+"""POST /v1/chat/completions: a conversation in, the assistant's reply (text or tool calls) out, whole or
+streamed."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncGenerator
+from dataclasses import dataclass
 
 from pagedllm.engine.async_engine import RequestStream
-from pagedllm.engine.output import RequestOutput
-from pagedllm.errors import PagedLLMError
+from pagedllm.engine.output import CompletionOutput, RequestOutput
+from pagedllm.errors import InvalidArgumentError, PagedLLMError
 from pagedllm.serving import sse
 from pagedllm.serving.error_responses import exception_body
 from pagedllm.serving.generation import (
@@ -31,40 +33,97 @@ from pagedllm.serving.protocol import (
     ChatCompletionResponse,
     ChatDelta,
     ChatLogprobs,
+    DeltaToolCall,
+    FunctionCall,
+    ToolCall,
 )
+from pagedllm.serving.tool_parsers import ParsedOutput
+from pagedllm.serving.tools import (
+    ToolSetup,
+    call_id,
+    check_parameter_schemas,
+    parse_reply,
+    template_messages,
+    tool_call_constraint,
+    tool_setup,
+)
+from pagedllm.structured_output.params import StructuredOutputsParams
+
+
+@dataclass(frozen=True)
+class ChatPlan:
+    """What a request asks beyond plain text: its tools and the constraint on its output."""
+
+    tools: ToolSetup | None
+    constraint: StructuredOutputsParams | None
+
+
+def plan(body: ChatCompletionRequest) -> ChatPlan:
+    """Check tools, tool_choice, response_format and structured_outputs together; at most one constrains."""
+    tools = tool_setup(body.tools, body.tool_choice, body.parallel_tool_calls)
+    constraints = [
+        constraint
+        for constraint in (
+            tool_call_constraint(tools) if tools is not None and tools.constrained else None,
+            body.response_format_params(),
+            body.structured_outputs_params(),
+        )
+        if constraint is not None
+    ]
+    if len(constraints) > 1:
+        raise InvalidArgumentError(
+            "give only one of tool_choice required or named, response_format json, and structured_outputs",
+            "response_format",
+        )
+    return ChatPlan(tools, constraints[0] if constraints else None)
 
 
 async def create_chat_completion(
     body: ChatCompletionRequest, context: ServingContext
 ) -> ChatCompletionResponse | sse.EventStreamResponse:
     body.check_supported()
+    chat = plan(body)
     engine = context.engine
-    messages = [message.as_template_message() for message in body.messages]
-    prompt = await asyncio.to_thread(engine.tokenizer.encode_chat, messages)
+    if chat.tools is not None:
+        await asyncio.to_thread(check_parameter_schemas, chat.tools, context.grammars)
+    await context.check_constraint(chat.constraint)
+    messages, tools = template_messages(
+        [message.as_template_message() for message in body.messages], chat.tools, engine.tokenizer.template_takes_tools
+    )
+    prompt = await asyncio.to_thread(engine.tokenizer.encode_chat, messages, True, tools)
     max_tokens = body.requested_max_tokens
     if max_tokens is None:
         max_tokens = default_max_tokens(engine, len(prompt), "messages")
-    params = body.sampling_params(max_tokens, body.num_logprobs)
+    params = body.sampling_params(max_tokens, body.num_logprobs, chat.constraint)
     meta = ResponseMeta.new("chatcmpl", context.model_name)
     streams = await submit(engine, meta.id, [prompt], [params])
     release = releaser(engine, streams)
 
     if body.stream:
-        return sse.EventStreamResponse(_events(body, context, meta, streams), on_close=release)
+        return sse.EventStreamResponse(_events(body, context, meta, streams, chat), on_close=release)
     try:
         (output,) = await final_outputs(streams)
     finally:
         release()
-    choices = [
-        ChatChoice(
-            index=sample.index,
-            message=AssistantMessage(content=sample.text),
-            logprobs=_logprobs(body, context, sample.token_ids, sample.logprobs),
-            finish_reason=sample.finish_reason,
-        )
-        for sample in output.outputs
-    ]
+    choices = [_choice(body, context, chat, sample) for sample in output.outputs]
     return ChatCompletionResponse(**meta.fields(), choices=choices, usage=usage([output]))
+
+
+def _choice(
+    body: ChatCompletionRequest, context: ServingContext, chat: ChatPlan, sample: CompletionOutput
+) -> ChatChoice:
+    parsed = parse_reply(sample.text, chat.tools, context.tool_parser)
+    calls = [ToolCall(id=call_id(), function=FunctionCall(name=c.name, arguments=c.arguments)) for c in parsed.calls]
+    return ChatChoice(
+        index=sample.index,
+        message=AssistantMessage(content=parsed.content if calls else sample.text, tool_calls=calls),
+        logprobs=_logprobs(body, context, sample.token_ids, sample.logprobs),
+        finish_reason=_finish_reason(sample.finish_reason, parsed),
+    )
+
+
+def _finish_reason(reason: str | None, parsed: ParsedOutput) -> str | None:
+    return "tool_calls" if reason is not None and parsed.calls else reason
 
 
 def _logprobs(
@@ -75,10 +134,48 @@ def _logprobs(
     return chat_logprobs(context.token_strings, token_ids, logprobs, body.top_logprobs or 0)
 
 
+class _ToolStream:
+    """One choice's stream when tools are offered: text streams as content until a call may begin; the calls
+    come whole, as one delta, when the choice finishes."""
+
+    def __init__(self, chat: ChatPlan, context: ServingContext) -> None:
+        self.chat = chat
+        self.context = context
+        self.sent = 0  # characters of the text sent as content
+
+    def content(self, text: str) -> str:
+        """The new content that is certainly not part of a call."""
+        if self.chat.tools is not None and self.chat.tools.constrained:
+            return ""
+        safe = self.context.tool_parser.may_start_call(text)
+        new = text[self.sent : max(self.sent, safe)]
+        self.sent = max(self.sent, safe)
+        return new
+
+    def finish(self, text: str) -> tuple[str, list[DeltaToolCall]]:
+        """The content left and the calls, once the whole text is known."""
+        parsed = parse_reply(text, self.chat.tools, self.context.tool_parser)
+        if not parsed.calls:
+            rest, self.sent = text[self.sent :], len(text)
+            return rest, []
+        calls = [
+            DeltaToolCall(
+                index=i, id=call_id(), type="function", function=FunctionCall(name=c.name, arguments=c.arguments)
+            )
+            for i, c in enumerate(parsed.calls)
+        ]
+        return "", calls
+
+
 async def _events(
-    body: ChatCompletionRequest, context: ServingContext, meta: ResponseMeta, streams: list[RequestStream]
+    body: ChatCompletionRequest,
+    context: ServingContext,
+    meta: ResponseMeta,
+    streams: list[RequestStream],
+    chat: ChatPlan,
 ) -> AsyncGenerator[str, None]:
     tracker = DeltaTracker()
+    tool_streams = {index: _ToolStream(chat, context) for index in range(body.n)} if chat.tools else {}
     latest: RequestOutput | None = None
     try:
         roles = [ChatChunkChoice(index=index, delta=ChatDelta(role="assistant", content="")) for index in range(body.n)]
@@ -88,15 +185,34 @@ async def _events(
             choices = []
             for sample in output.outputs:
                 delta = tracker.delta(sample.index, sample)
-                if delta is not None:
+                if delta is None:
+                    continue
+                logprobs = _logprobs(body, context, delta.token_ids, delta.logprobs)
+                if sample.index not in tool_streams:
+                    content_delta = ChatDelta(content=delta.text)
                     choices.append(
                         ChatChunkChoice(
                             index=sample.index,
-                            delta=ChatDelta(content=delta.text),
-                            logprobs=_logprobs(body, context, delta.token_ids, delta.logprobs),
+                            delta=content_delta,
+                            logprobs=logprobs,
                             finish_reason=delta.finish_reason,
                         )
                     )
+                    continue
+                stream = tool_streams[sample.index]
+                if delta.finish_reason is None:
+                    choices.append(
+                        ChatChunkChoice(
+                            index=sample.index, delta=ChatDelta(content=stream.content(sample.text)), logprobs=logprobs
+                        )
+                    )
+                    continue
+                rest, calls = stream.finish(sample.text)
+                final = ChatDelta(content=rest or None, tool_calls=calls or None)
+                reason = "tool_calls" if calls else delta.finish_reason
+                choices.append(
+                    ChatChunkChoice(index=sample.index, delta=final, logprobs=logprobs, finish_reason=reason)
+                )
             if choices:
                 yield sse.event(ChatCompletionChunk(**meta.fields(), choices=choices))
         if body.include_usage and latest is not None:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncGenerator
+from dataclasses import replace
 
 from pagedllm.engine.async_engine import RequestStream
-from pagedllm.engine.output import RequestOutput
+from pagedllm.engine.output import CompletionOutput, RequestOutput
 from pagedllm.errors import InvalidArgumentError, PagedLLMError
 from pagedllm.model.tokenizer import Tokenizer
 from pagedllm.serving import sse
@@ -21,10 +22,11 @@ from pagedllm.serving.generation import (
     submit,
     usage,
 )
-from pagedllm.serving.logprobs import completion_logprobs
+from pagedllm.serving.logprobs import completion_logprobs, finite, prompt_completion_logprobs
 from pagedllm.serving.protocol import (
     COMPLETION_DEFAULT_MAX_TOKENS,
     CompletionChoice,
+    CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
     Prompt,
@@ -53,7 +55,9 @@ async def create_completion(
     engine = context.engine
     prompts = await asyncio.to_thread(tokenize_prompts, engine.tokenizer, body.prompt)
     max_tokens = body.max_tokens if body.max_tokens is not None else COMPLETION_DEFAULT_MAX_TOKENS
-    params = body.sampling_params(max_tokens, body.logprobs)
+    # max_tokens 0 (echo only) still runs one step: the prompt's logprobs come out of the forward pass.
+    params = replace(body.sampling_params(max_tokens or 1, body.logprobs), prompt_logprobs=_prompt_logprobs(body))
+    await context.check_constraint(params.structured_outputs)
     meta = ResponseMeta.new("cmpl", context.model_name)
     streams = await submit(engine, meta.id, prompts, [params] * len(prompts))
     release = releaser(engine, streams)
@@ -64,21 +68,55 @@ async def create_completion(
         outputs = await final_outputs(streams)
     finally:
         release()
+    texts = split_prompts(body.prompt)
     choices = [
-        _choice(
-            body,
-            context,
-            prompt_index * body.n + sample.index,
-            sample.text,
-            sample.token_ids,
-            sample.logprobs,
-            0,
-            sample.finish_reason,
-        )
+        _whole_choice(body, context, prompt_index * body.n + sample.index, texts[prompt_index], output, sample)
         for prompt_index, output in enumerate(outputs)
         for sample in output.outputs
     ]
     return CompletionResponse(**meta.fields(), choices=choices, usage=usage(outputs))
+
+
+def _prompt_logprobs(body: CompletionRequest) -> int | None:
+    """Prompt logprobs the engine computes: the extra field's, or echo's with logprobs (at least as many top)."""
+    if body.echo and body.logprobs is not None:
+        return max(body.logprobs, body.prompt_logprobs or 0)
+    return body.prompt_logprobs
+
+
+def _whole_choice(
+    body: CompletionRequest,
+    context: ServingContext,
+    index: int,
+    prompt: str | list[int],
+    output: RequestOutput,
+    sample: CompletionOutput,
+) -> CompletionChoice:
+    """A finished choice; with echo the prompt (and its logprobs) comes first, and max_tokens 0 keeps only it."""
+    generated = body.max_tokens != 0
+    text = sample.text if generated else ""
+    token_ids = sample.token_ids if generated else []
+    logprobs = (sample.logprobs or []) if generated else []
+    choice = _choice(body, context, index, text, token_ids, logprobs, 0, sample.finish_reason)
+    if output.prompt_logprobs is not None and body.prompt_logprobs is not None:
+        choice.prompt_logprobs = [
+            None if entry is None else {str(token): finite(value) for token, value in entry.items()}
+            for entry in output.prompt_logprobs
+        ]
+    if not body.echo:
+        return choice
+    prompt_text = prompt if isinstance(prompt, str) else context.engine.tokenizer.decode(prompt)
+    choice.text = prompt_text + choice.text
+    if body.logprobs is not None and output.prompt_logprobs is not None:
+        echoed = prompt_completion_logprobs(context.token_strings, output.prompt_token_ids, output.prompt_logprobs)
+        generated_part = completion_logprobs(context.token_strings, token_ids, logprobs, len(prompt_text))
+        choice.logprobs = CompletionLogprobs(
+            tokens=echoed.tokens + generated_part.tokens,
+            token_logprobs=echoed.token_logprobs + generated_part.token_logprobs,
+            top_logprobs=echoed.top_logprobs + generated_part.top_logprobs,
+            text_offset=echoed.text_offset + generated_part.text_offset,
+        )
+    return choice
 
 
 def _choice(

@@ -17,6 +17,9 @@ from pagedllm.errors import PagedLLMError, RequestTooLongError
 from pagedllm.sampling_params import SamplingParams
 from pagedllm.serving.logprobs import TokenStrings
 from pagedllm.serving.protocol import PromptTokensDetails, Usage
+from pagedllm.serving.tool_parsers import ToolParser
+from pagedllm.structured_output.backend import GrammarBackend
+from pagedllm.structured_output.params import StructuredOutputsParams
 
 SYSTEM_FINGERPRINT = f"fp_pagedllm_{__version__}"
 
@@ -28,7 +31,14 @@ class ServingContext:
     engine: AsyncLLMEngine
     model_name: str
     token_strings: TokenStrings
+    grammars: GrammarBackend
+    tool_parser: ToolParser
     started: int = field(default_factory=lambda: int(time.time()))
+
+    async def check_constraint(self, constraint: StructuredOutputsParams | None) -> None:
+        """Compile a request's constraint off the engine thread (cached, so the engine finds it compiled)."""
+        if constraint is not None:
+            await asyncio.to_thread(self.grammars.compile, constraint)
 
 
 @dataclass(frozen=True)

@@ -75,6 +75,22 @@ def completion_logprobs(
     return result
 
 
+def prompt_completion_logprobs(
+    strings: TokenStrings, token_ids: list[int], prompt_logprobs: list[dict[int, float] | None]
+) -> CompletionLogprobs:
+    """An echoed prompt's `logprobs` object: the first token has no context, so its entries are null."""
+    result = CompletionLogprobs()
+    offset = 0
+    for token_id, entry in zip(token_ids, prompt_logprobs):
+        text = strings.text(token_id)
+        result.tokens.append(text)
+        result.token_logprobs.append(None if entry is None else finite(entry[token_id]))
+        result.top_logprobs.append(None if entry is None else {strings.text(t): finite(lp) for t, lp in _ranked(entry)})
+        result.text_offset.append(offset)
+        offset += len(text)
+    return result
+
+
 def chat_logprobs(
     strings: TokenStrings, token_ids: list[int], logprobs: list[dict[int, float]], num_top: int
 ) -> ChatLogprobs:

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from pagedllm.errors import InvalidArgumentError
 from pagedllm.sampling_params import SamplingParams
+from pagedllm.structured_output.params import StructuredOutputsParams
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16
 # torch.Generator.manual_seed takes a signed or unsigned 64-bit seed; a sample adds its index to it.
@@ -77,7 +78,10 @@ class SamplingRequest(APIModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    logit_bias: dict[str, float] | None = Field(None, description="not supported: must be empty")
+    logit_bias: dict[str, float] | None = Field(None, description="token id (as a string) -> bias in [-100, 100]")
+    structured_outputs: dict[str, Any] | None = Field(
+        None, description="vLLM's constraint: exactly one of json (a schema), json_object, regex, choice, grammar"
+    )
     best_of: int | None = Field(None, description="samples drawn, of which the n most likely return (not streamed)")
     use_beam_search: bool | None = Field(None, description="beam search (not streamed)")
     beam_width: int | None = Field(None, description="beam search: beams kept per step (default: best_of, else n)")
@@ -86,8 +90,6 @@ class SamplingRequest(APIModel):
 
     def check_supported(self) -> None:
         """Refuse clearly what is valid OpenAI but not served here."""
-        if self.logit_bias:
-            raise InvalidArgumentError("logit_bias is not supported", "logit_bias")
         # Both choose their answers only once every candidate is complete, so there is nothing to stream before.
         if self.stream and self.use_beam_search:
             raise InvalidArgumentError("use_beam_search cannot be streamed; set stream to false", "use_beam_search")
@@ -96,10 +98,30 @@ class SamplingRequest(APIModel):
         if self.stream_options is not None and not self.stream:
             raise InvalidArgumentError("stream_options is only allowed when stream is true", "stream_options")
 
-    def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
+    def sampling_params(
+        self, max_tokens: int, logprobs: int | None, structured_outputs: StructuredOutputsParams | None = None
+    ) -> SamplingParams:
         """SamplingParams for one prompt; raises InvalidArgumentError (with `.param`) for out-of-range values."""
         given = {name: getattr(self, name) for name in SAMPLING_FIELDS if getattr(self, name) is not None}
-        return SamplingParams(max_tokens=max_tokens, logprobs=logprobs, **given)
+        return SamplingParams(
+            max_tokens=max_tokens,
+            logprobs=logprobs,
+            logit_bias=self.token_logit_bias(),
+            structured_outputs=structured_outputs or self.structured_outputs_params(),
+            **given,
+        )
+
+    def token_logit_bias(self) -> dict[int, float] | None:
+        """logit_bias with its keys as token ids."""
+        if not self.logit_bias:
+            return None
+        try:
+            return {int(token): bias for token, bias in self.logit_bias.items()}
+        except ValueError as error:
+            raise InvalidArgumentError("logit_bias keys must be token ids", "logit_bias") from error
+
+    def structured_outputs_params(self) -> StructuredOutputsParams | None:
+        return StructuredOutputsParams.from_dict(self.structured_outputs) if self.structured_outputs else None
 
     @property
     def include_usage(self) -> bool:
@@ -113,13 +135,16 @@ class CompletionRequest(SamplingRequest):
     prompt: Prompt = Field(description="a string, a list of strings, token ids, or a list of token-id lists")
     max_tokens: int | None = Field(None, description=f"default {COMPLETION_DEFAULT_MAX_TOKENS}")
     logprobs: int | None = Field(None, description="log probabilities of the drawn token and this many top ones")
-    echo: bool = Field(False, description="not supported: must be false")
+    echo: bool = Field(False, description="return the prompt before the completion (with logprobs: its tokens')")
+    prompt_logprobs: int | None = Field(None, description="vLLM's: logprobs of each prompt token and this many top")
     suffix: str | None = Field(None, description="not supported: must be null")
 
     def check_supported(self) -> None:
         super().check_supported()
-        if self.echo:
-            raise InvalidArgumentError("echo is not supported", "echo")
+        if self.echo and self.stream:
+            raise InvalidArgumentError("echo cannot be streamed; set stream to false", "echo")
+        if self.max_tokens == 0 and not self.echo:
+            raise InvalidArgumentError("max_tokens must be >= 1 (0 only with echo)", "max_tokens")
         if self.suffix is not None:
             raise InvalidArgumentError("suffix is not supported", "suffix")
 
@@ -129,18 +154,43 @@ class ContentPart(APIModel):
     text: str | None = None
 
 
+class FunctionCall(APIModel):
+    name: str
+    arguments: str = Field(description="the arguments as a JSON object's text")
+
+
+class ToolCall(APIModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(APIModel):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = Field(None, description="an assistant's earlier calls")
+    tool_call_id: str | None = Field(None, description="a tool message: the call it answers")
 
-    def as_template_message(self) -> dict[str, str]:
-        """The {role, content} dict the chat template takes ('developer' is OpenAI's newer 'system')."""
+    def as_template_message(self) -> dict[str, Any]:
+        """The {role, content} dict the chat template takes ('developer' is OpenAI's newer 'system'), with an
+        assistant's tool calls (arguments parsed, as templates expect them) and a tool result's call id."""
         role = "system" if self.role == "developer" else self.role
+        message: dict[str, Any] = {"role": role, "content": self.text()}
+        if self.tool_calls:
+            message["tool_calls"] = [call.model_dump() for call in self.tool_calls]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        if self.name is not None and role == "tool":
+            message["name"] = self.name
+        return message
+
+    def text(self) -> str:
+        """The content as one string (text parts joined by newlines)."""
         if self.content is None:
-            return {"role": role, "content": ""}
+            return ""
         if isinstance(self.content, str):
-            return {"role": role, "content": self.content}
+            return self.content
         texts = []
         for part in self.content:
             if part.type != "text" or part.text is None:
@@ -148,7 +198,7 @@ class ChatMessage(APIModel):
                     f"content part of type {part.type!r} is not supported; only text parts are", "messages"
                 )
             texts.append(part.text)
-        return {"role": role, "content": "\n".join(texts)}
+        return "\n".join(texts)
 
 
 class ChatCompletionRequest(SamplingRequest):
@@ -157,19 +207,35 @@ class ChatCompletionRequest(SamplingRequest):
     max_completion_tokens: int | None = Field(None, description="default: the rest of the context window")
     logprobs: bool = False
     top_logprobs: int | None = None
-    tools: list[dict[str, Any]] | None = Field(None, description="not supported: must be empty")
-    response_format: dict[str, Any] | None = Field(None, description="only {'type': 'text'}")
+    tools: list[dict[str, Any]] | None = Field(None, description="functions the model may call")
+    tool_choice: str | dict[str, Any] | None = Field(None, description="auto, none, required or a named function")
+    parallel_tool_calls: bool = Field(True, description="whether one reply may call several tools")
+    response_format: dict[str, Any] | None = Field(None, description="text, json_object or json_schema")
 
     def check_supported(self) -> None:
         super().check_supported()
         if not self.messages:
             raise InvalidArgumentError("messages must not be empty", "messages")
-        if self.tools:
-            raise InvalidArgumentError("tools are not supported", "tools")
-        if self.response_format is not None and self.response_format.get("type", "text") != "text":
-            raise InvalidArgumentError("only response_format {'type': 'text'} is supported", "response_format")
         if self.top_logprobs is not None and not self.logprobs:
             raise InvalidArgumentError("top_logprobs needs logprobs to be true", "top_logprobs")
+
+    def response_format_params(self) -> StructuredOutputsParams | None:
+        """The constraint response_format asks for: any JSON object, or a JSON schema's instances."""
+        kind = (self.response_format or {}).get("type", "text")
+        if kind == "text":
+            return None
+        if kind == "json_object":
+            return StructuredOutputsParams(json_object=True)
+        if kind == "json_schema":
+            spec = self.response_format.get("json_schema") if self.response_format else None
+            if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+                raise InvalidArgumentError(
+                    "response_format json_schema needs a json_schema.schema object", "response_format"
+                )
+            return StructuredOutputsParams(json=spec["schema"])
+        raise InvalidArgumentError(
+            f"response_format type {kind!r} is not supported; use text, json_object or json_schema", "response_format"
+        )
 
     @property
     def requested_max_tokens(self) -> int | None:
@@ -211,8 +277,8 @@ class Usage(BaseModel):
 
 class CompletionLogprobs(BaseModel):
     tokens: list[str] = Field(default_factory=list)
-    token_logprobs: list[float] = Field(default_factory=list)
-    top_logprobs: list[dict[str, float]] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)  # None for an echoed prompt's first token
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
     text_offset: list[int] = Field(default_factory=list)
 
 
@@ -221,6 +287,17 @@ class CompletionChoice(BaseModel):
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
+    prompt_logprobs: list[dict[str, float] | None] | None = None  # token id -> logprob per prompt token
+
+
+class TokenizerInfo(BaseModel):
+    tokenizer_class: str
+    vocab_size: int
+    model_max_length: int
+    bos_token: str | None
+    eos_token: str | None
+    pad_token: str | None
+    chat_template: str | None
 
 
 class CompletionResponse(BaseModel):
@@ -249,7 +326,8 @@ class ChatLogprobs(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] = Field(default_factory=list)
 
 
 class ChatChoice(BaseModel):
@@ -269,9 +347,17 @@ class ChatCompletionResponse(BaseModel):
     usage: Usage
 
 
+class DeltaToolCall(BaseModel):
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionCall
+
+
 class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatChunkChoice(BaseModel):

@@ -12,7 +12,13 @@ import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from pagedllm.layers.sampler import Sampler, SamplingBatch, apply_penalties, apply_top_k_top_p_min_p
+from pagedllm.layers.sampler import (
+    Sampler,
+    SamplingBatch,
+    apply_penalties,
+    apply_token_bitmask,
+    apply_top_k_top_p_min_p,
+)
 
 NEG_INF = float("-inf")
 
@@ -403,3 +409,46 @@ def test_logprobs_are_log_softmax_of_the_raw_logits(num_logprobs: int) -> None:
         ranked = sorted(range(9), key=lambda i: -expected[i])[:num_logprobs]
         assert out.top_ids[row] == ranked
         assert out.top_logprobs[row] == pytest.approx([expected[i] for i in ranked], abs=1e-5)
+
+
+def reference_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
+    """Token by token: t is allowed when bit t % 32 of word t // 32 is set."""
+    out = logits.clone()
+    for row in range(logits.shape[0]):
+        for token in range(logits.shape[1]):
+            if not (int(bitmask[row, token // 32]) >> (token % 32)) & 1:
+                out[row, token] = float("-inf")
+    return out
+
+
+@pytest.mark.parametrize("vocab", [64, 70, 1000])
+def test_token_bitmask_matches_the_reference(vocab: int) -> None:
+    generator = torch.Generator().manual_seed(vocab)
+    words = (vocab + 31) // 32
+    bitmask = torch.randint(-(2**31), 2**31 - 1, (3, words), dtype=torch.int32, generator=generator)
+    bitmask[2] = -1  # an unconstrained row keeps every logit
+    logits = torch.randn(3, vocab, generator=generator)
+    masked = apply_token_bitmask(logits, bitmask)
+    assert torch.equal(masked, reference_token_bitmask(logits, bitmask))
+    assert torch.equal(masked[2], logits[2])
+
+
+def test_sampling_under_a_bitmask_draws_only_allowed_tokens() -> None:
+    vocab = 96
+    bitmask = torch.zeros(4, 3, dtype=torch.int32)
+    bitmask[:, 1] = 0b1010  # tokens 33 and 35 only
+    logits = torch.randn(4, vocab, generator=torch.Generator().manual_seed(0))
+    batch = make_batch(4, temperature=[0.0, 0.7, 1.0, 2.0])
+    batch.allowed_bitmask = bitmask
+    for seed in range(5):
+        out = Sampler(torch.Generator().manual_seed(seed))(logits, batch)
+        assert set(out.token_ids) <= {33, 35}
+
+
+def test_logit_bias_shifts_the_greedy_choice() -> None:
+    logits = torch.zeros(2, 8)
+    logits[:, 3] = 1.0
+    batch = make_batch(2, temperature=[0.0, 0.0])
+    batch.logit_bias = torch.zeros(2, 8)
+    batch.logit_bias[1, 5] = 100.0
+    assert Sampler(torch.Generator())(logits, batch).token_ids == [3, 5]

@@ -129,7 +129,7 @@ def test_render_chat_two_turns(tok: Tokenizer) -> None:
         [],
         [{"content": "no role"}],
         [{"role": "user"}],
-        [{"role": "tool", "content": "x"}],
+        [{"role": "function", "content": "x"}],
         [{"role": "user", "content": None}],
         [{"role": "user", "content": ["list", "content"]}],
         [{"role": "user", "content": "ok"}, {"role": "USER", "content": "x"}],

@@ -30,6 +30,7 @@ class FakeEngine:
     model_name = "fake"
     max_model_len = 64
     tokenizer = None  # token-id prompts only
+    grammars = None  # no structured outputs
     weight_bytes = 1000
     file_weight_bytes = 950
     kv_cache_bytes = 2000

@@ -37,6 +37,13 @@ def chat(**fields: Any) -> dict[str, Any]:
     return {"messages": OK_MESSAGES, "max_tokens": 2, **fields}
 
 
+LOOKAROUND_SCHEMA = {"type": "object", "properties": {"a": {"type": "string", "pattern": "(?=x)y"}}}
+
+
+def tool(name: str, parameters: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"type": "function", "function": {"name": name, "parameters": parameters or {"type": "object"}}}
+
+
 BAD_REQUESTS = [
     BadRequest("malformed JSON", COMPLETIONS, b'{"prompt": "x",', 400, says="not valid JSON"),
     BadRequest("body not an object", COMPLETIONS, [1, 2], 400, says="the body"),
@@ -64,13 +71,15 @@ BAD_REQUESTS = [
     BadRequest("logprobs above 20", COMPLETIONS, completion(logprobs=21), 400, "logprobs", "[0, 20]"),
     BadRequest("top_logprobs above 20", CHAT, chat(logprobs=True, top_logprobs=21), 400, "logprobs", "[0, 20]"),
     BadRequest("top_logprobs without logprobs", CHAT, chat(top_logprobs=2), 400, "top_logprobs"),
-    BadRequest("echo", COMPLETIONS, completion(echo=True), 400, "echo", "not supported"),
+    BadRequest("streamed echo", COMPLETIONS, completion(echo=True, stream=True), 400, "echo", "cannot be streamed"),
     BadRequest("suffix", COMPLETIONS, completion(suffix="!"), 400, "suffix", "not supported"),
     BadRequest("best_of above n streamed", COMPLETIONS, completion(best_of=3, stream=True), 400, "best_of", "stream"),
     BadRequest("best_of below n", CHAT, chat(n=3, best_of=2), 400, "best_of", ">= n"),
     BadRequest("beam search streamed", CHAT, chat(use_beam_search=True, stream=True), 400, "use_beam_search", "stream"),
     BadRequest("beam search with stop", COMPLETIONS, completion(use_beam_search=True, stop=["."]), 400, "stop"),
-    BadRequest("logit_bias", COMPLETIONS, completion(logit_bias={"1": 5.0}), 400, "logit_bias", "not supported"),
+    BadRequest("logit_bias above 100", COMPLETIONS, completion(logit_bias={"1": 500.0}), 400, "logit_bias", "100"),
+    BadRequest("logit_bias key not a token", COMPLETIONS, completion(logit_bias={"x": 1.0}), 400, "logit_bias"),
+    BadRequest("logit_bias beyond the vocabulary", CHAT, chat(logit_bias={"99999999": 1.0}), 400, "logit_bias"),
     BadRequest(
         "stream_options without stream", CHAT, chat(stream_options={"include_usage": True}), 400, "stream_options"
     ),
@@ -85,8 +94,75 @@ BAD_REQUESTS = [
         "messages",
         "only text",
     ),
-    BadRequest("tools", CHAT, chat(tools=[{"type": "function"}]), 400, "tools", "not supported"),
-    BadRequest("json response_format", CHAT, chat(response_format={"type": "json_object"}), 400, "response_format"),
+    BadRequest("tool without a function", CHAT, chat(tools=[{"type": "function"}]), 400, "tools", "function"),
+    BadRequest(
+        "tool with an invalid parameters schema",
+        CHAT,
+        chat(tools=[tool("f", {"type": "object", "properties": {"x": {"type": "integr"}}})]),
+        400,
+        "tools",
+        "tool 'f' has invalid parameters",
+    ),
+    BadRequest(
+        "tool_choice naming an unknown function",
+        CHAT,
+        chat(tools=[tool("f")], tool_choice={"type": "function", "function": {"name": "g"}}),
+        400,
+        "tool_choice",
+        "'g'",
+    ),
+    BadRequest("tool_choice without tools", CHAT, chat(tool_choice="required"), 400, "tool_choice", "needs tools"),
+    BadRequest("1,000 tools", CHAT, chat(tools=[tool(f"f{i}") for i in range(1000)]), 400, "tools", "at most 128"),
+    BadRequest(
+        "invalid JSON schema",
+        CHAT,
+        chat(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "foo"}}}),
+        400,
+        "json",
+        "Invalid type",
+    ),
+    BadRequest(
+        "unsupported schema feature",
+        CHAT,
+        chat(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": LOOKAROUND_SCHEMA}}),
+        400,
+        "json",
+        "look-around",
+    ),
+    BadRequest(
+        "unsupported regex feature",
+        COMPLETIONS,
+        completion(structured_outputs={"regex": "(a)\\1"}),
+        400,
+        "regex",
+        "backreferences are not supported",
+    ),
+    BadRequest(
+        "two structured_outputs kinds",
+        COMPLETIONS,
+        completion(structured_outputs={"regex": "a", "choice": ["a"]}),
+        400,
+        "structured_outputs",
+        "exactly one",
+    ),
+    BadRequest(
+        "unknown structured_outputs field",
+        CHAT,
+        chat(structured_outputs={"xml": "<a/>"}),
+        400,
+        "structured_outputs",
+        "xml",
+    ),
+    BadRequest(
+        "response_format of an unknown type", CHAT, chat(response_format={"type": "yaml"}), 400, "response_format"
+    ),
+    BadRequest(
+        "json_schema without a schema",
+        CHAT,
+        chat(response_format={"type": "json_schema", "json_schema": {"name": "x"}}),
+        400,
+        "response_format",
+    ),
     BadRequest(
         "prompt + max_tokens beyond the context",
         COMPLETIONS,
@@ -107,6 +183,7 @@ BAD_REQUESTS = [
     BadRequest("unknown model in chat", CHAT, chat(model="nope"), 404, "model", "does not exist", "not_found_error"),
     BadRequest("tokenize without input", "/tokenize", {}, 400, "prompt", "exactly one"),
     BadRequest("detokenize outside the vocabulary", "/detokenize", {"tokens": [-1]}, 400, "tokens"),
+    BadRequest("max_tokens 0 without echo", COMPLETIONS, completion(max_tokens=0), 400, "max_tokens", "echo"),
     BadRequest("no such route", "/v1/nothing", {}, 404, error_type="not_found_error"),
     BadRequest(
         "no API key",

@@ -1,0 +1,1 @@
+"""Constrained decoding: a grammar per request, compiled once, turned into a token bitmask for the sampler."""
