@@ -11,6 +11,7 @@ import torch
 from pagedllm.config import EngineConfig, ModelConfig
 from pagedllm.engine.beam_search import BeamSearch, hypothesis_sequences
 from pagedllm.engine.block_manager import BlockManager
+from pagedllm.engine.faults import StepFaults
 from pagedllm.engine.host_memory import (
     HeapTrimmer,
     limit_malloc_arenas,
@@ -84,6 +85,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = ModelRunner(model.to(self.device), config, self.num_blocks, self.device)
         self.heap = HeapTrimmer()
+        self.faults = StepFaults.from_environment()
         self.requests: dict[str, Request] = {}
         self.prompt_tokens = 0
         self.generation_tokens = 0
@@ -187,6 +189,7 @@ class LLMEngine:
         scheduled = self.scheduler.schedule()
         if not scheduled.scheduled:
             return []
+        self.faults.check()
         result = self.runner.execute(scheduled, self.block_manager)
         self.heap.after_step()
         return self._process(scheduled, result)

@@ -38,9 +38,11 @@ async def create_chat_completion(
     body: ChatCompletionRequest, context: ServingContext
 ) -> ChatCompletionResponse | sse.EventStreamResponse:
     body.check_supported()
+    context.check_messages(len(body.messages))
+    context.check_sequences(1, body.best_of or body.n)
     engine = context.engine
     messages = [message.as_template_message() for message in body.messages]
-    prompt = await asyncio.to_thread(engine.tokenizer.encode_chat, messages)
+    prompt = await asyncio.to_thread(engine.tokenizer.encode_chat, messages, True, context.max_prompt_chars)
     max_tokens = body.requested_max_tokens
     if max_tokens is None:
         max_tokens = default_max_tokens(engine, len(prompt), "messages")
