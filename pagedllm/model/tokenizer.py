@@ -77,7 +77,8 @@ class Tokenizer:
 
     @functools.cached_property
     def max_token_chars(self) -> int:
-        """The most characters of text one token stands for: a text of c characters has at least c / this tokens."""
+        """The most characters one token stands for: a text of c characters the tokenizer keeps (control characters
+        it may drop) has at least c / this tokens."""
         # A byte-level or sentencepiece token's string has one character per byte or character it encodes.
         tokens = self.hf.convert_ids_to_tokens(list(range(len(self.hf))))
         return max((len(token or "") for token in tokens), default=1)
