@@ -46,7 +46,7 @@ BAD_REQUESTS = [
     BadRequest("empty prompt string", COMPLETIONS, completion(prompt=""), 400, "prompt", "empty"),
     BadRequest("token id outside the vocabulary", COMPLETIONS, completion(prompt=[10**8]), 400, "prompt", "token ids"),
     BadRequest("temperature is a string", COMPLETIONS, completion(temperature="hot"), 400, "temperature", "number"),
-    BadRequest("negative temperature", COMPLETIONS, completion(temperature=-0.5), 400, "temperature", ">= 0"),
+    BadRequest("negative temperature", COMPLETIONS, completion(temperature=-0.5), 400, "temperature", "[0, 100]"),
     BadRequest("top_p zero", COMPLETIONS, completion(top_p=0), 400, "top_p", "(0, 1]"),
     BadRequest("top_p above one", CHAT, chat(top_p=1.5), 400, "top_p", "(0, 1]"),
     BadRequest("negative max_tokens", COMPLETIONS, completion(max_tokens=-5), 400, "max_tokens", ">= 1"),
