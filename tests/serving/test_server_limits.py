@@ -172,3 +172,24 @@ def test_sigterm_drains_then_ends_open_streams_with_an_error_event_and_done() ->
         assert json.loads(lines[-2].removeprefix("data: "))["error"]["type"] == "service_unavailable"
         assert not live.thread.is_alive()
         assert time.monotonic() - started < DEADLINE_S
+
+
+def test_health_is_503_and_requests_fail_fast_once_the_engine_loop_has_died() -> None:
+    async def scenario(http: httpx.AsyncClient, fake: object) -> tuple[int, httpx.Response, httpx.Response, int]:
+        before = (await http.get("/health")).status_code
+
+        def broken_stats() -> None:
+            raise RuntimeError("the engine broke outside a step")
+
+        fake.stats = broken_stats  # type: ignore[attr-defined]
+        started = time.monotonic()
+        in_flight = await http.post("/v1/completions", json={"prompt": [1], "max_tokens": 50})
+        health = await http.get("/health")
+        later = await http.post("/v1/completions", json={"prompt": [1], "max_tokens": 2})
+        return before, in_flight, later, health.status_code if time.monotonic() - started < DEADLINE_S else -1
+
+    before, in_flight, later, health = with_app(scenario)
+    assert before == 200
+    assert in_flight.status_code == 503 and in_flight.json()["error"]["type"] == "service_unavailable"
+    assert later.status_code == 503
+    assert health == 503
