@@ -54,9 +54,10 @@ test-reference: install
 # disconnects and slow clients, then again with an engine step failing mid-run; make test runs a 40-request version.
 SOAK_REQUESTS ?= 1000
 SOAK_CONCURRENCY ?= 64
-SOAK_FAULT_STEPS ?= 400
+SOAK_FAULT_STEPS ?= 100
+SOAK_FAULT_REQUESTS ?= 400
 soak: install
-	$(PY) -m pagedllm.benchmarks.soak --num-requests $(SOAK_REQUESTS) --concurrency $(SOAK_CONCURRENCY) --fault-steps $(SOAK_FAULT_STEPS)
+	$(PY) -m pagedllm.benchmarks.soak --num-requests $(SOAK_REQUESTS) --concurrency $(SOAK_CONCURRENCY) --fault-steps $(SOAK_FAULT_STEPS) --fault-num-requests $(SOAK_FAULT_REQUESTS)
 
 # llama.cpp's llama-server and llama-bench, built once from llama-cpp-python's sources and cached outside the tree.
 bench-peers: install

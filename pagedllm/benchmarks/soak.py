@@ -285,6 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=defaults.concurrency)
     parser.add_argument("--max-tokens", type=int, default=defaults.max_tokens)
     parser.add_argument("--fault-steps", default="", help="also run a soak whose engine fails these steps")
+    parser.add_argument("--fault-num-requests", type=int, help="requests of the fault run (default: --num-requests)")
     parser.add_argument("--output-json", type=Path, help="write both reports here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -292,7 +293,8 @@ def main(argv: list[str] | None = None) -> int:
     base = SoakConfig(num_requests=args.num_requests, concurrency=args.concurrency, max_tokens=args.max_tokens)
     configs = [base]
     if args.fault_steps:
-        configs.append(SoakConfig(**{**asdict(base), "fault_steps": args.fault_steps}))
+        num_requests = args.fault_num_requests or args.num_requests
+        configs.append(SoakConfig(**{**asdict(base), "fault_steps": args.fault_steps, "num_requests": num_requests}))
     reports = []
     for config in configs:
         report = run_soak(config)
