@@ -21,7 +21,7 @@ KL_TOKENS ?= 4096
 AWQ_DIR ?= $(HOME)/.cache/pagedllm/awq/smollm2-135m-instruct-w4-g128-conversations
 BENCH_RESULTS = benchmarks/results/$(shell date +%F)-$(shell $(PY) -c "from pagedllm.benchmarks.results import this_machine; print(this_machine().name)" 2>/dev/null).json
 
-.PHONY: install serve chat lint test test-reference bench-peers bench bench-variants
+.PHONY: install serve chat lint test test-reference soak bench-peers bench bench-variants
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -54,6 +54,15 @@ test: install $(CHROMIUM) lint
 
 test-reference: install
 	$(PY) -m pytest -q -p no:cacheprovider -m reference
+
+# The soak and fault suite (README, Reliability): a float32 server on 127.0.0.1 under ShareGPT load with bad inputs,
+# disconnects and slow clients, then again with an engine step failing mid-run; make test runs a 40-request version.
+SOAK_REQUESTS ?= 1000
+SOAK_CONCURRENCY ?= 64
+SOAK_FAULT_STEPS ?= 100
+SOAK_FAULT_REQUESTS ?= 400
+soak: install
+	$(PY) -m pagedllm.benchmarks.soak --num-requests $(SOAK_REQUESTS) --concurrency $(SOAK_CONCURRENCY) --fault-steps $(SOAK_FAULT_STEPS) --fault-num-requests $(SOAK_FAULT_REQUESTS)
 
 # llama.cpp's llama-server, llama-bench, llama-batched-bench and llama-quantize, built once from llama-cpp-python's
 # sources and cached outside the tree.

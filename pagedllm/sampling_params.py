@@ -11,6 +11,10 @@ from pagedllm.structured_output.params import StructuredOutputsParams
 
 MAX_LOGPROBS = 20
 LOGIT_BIAS_LIMIT = 100.0  # OpenAI's range for a logit bias
+# Sample i of a request draws from a generator seeded with seed + i, all within torch's seed range.
+MAX_SEED = 2**62 - 1
+# Beyond it every distribution is flat to float precision: a larger value is a mistake, not a setting.
+MAX_TEMPERATURE = 100.0
 INT_FIELDS = ("n", "best_of", "beam_width", "max_tokens", "min_tokens", "top_k", "seed", "logprobs", "prompt_logprobs")
 OPTIONAL_FIELDS = ("best_of", "beam_width", "seed", "logprobs", "prompt_logprobs")
 FLOAT_FIELDS = (
@@ -84,9 +88,9 @@ class SamplingParams:
             ),
             (self.max_tokens >= 1, "max_tokens", "must be >= 1"),
             (0 <= self.min_tokens <= self.max_tokens, "min_tokens", "must be between 0 and max_tokens"),
-            (self.temperature >= 0, "temperature", "must be >= 0"),
+            (0 <= self.temperature <= MAX_TEMPERATURE, "temperature", f"must be in [0, {MAX_TEMPERATURE:g}]"),
             (-1 <= self.top_k < 2**62, "top_k", "must be >= 0 (0 or -1 disables it)"),
-            (self.seed is None or 0 <= self.seed < 2**62, "seed", "must be in [0, 2**62)"),
+            (self.seed is None or 0 <= self.seed <= MAX_SEED, "seed", "must be in [0, 2**62 - 1]"),
             (0 < self.top_p <= 1, "top_p", "must be in (0, 1]"),
             (0 <= self.min_p <= 1, "min_p", "must be in [0, 1]"),
             (self.repetition_penalty > 0, "repetition_penalty", "must be > 0"),

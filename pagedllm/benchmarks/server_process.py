@@ -33,8 +33,16 @@ class ServerStartError(RuntimeError):
 class ServerProcess:
     """`with ServerProcess([...], port) as server:` runs an OpenAI-compatible server for the block."""
 
-    def __init__(self, command: list[str], port: int, name: str, ready_timeout_s: float = READY_TIMEOUT_S) -> None:
+    def __init__(
+        self,
+        command: list[str],
+        port: int,
+        name: str,
+        ready_timeout_s: float = READY_TIMEOUT_S,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.command = command
+        self.env = env
         self.port = port
         self.name = name
         self.ready_timeout_s = ready_timeout_s
@@ -53,7 +61,9 @@ class ServerProcess:
     def __enter__(self) -> ServerProcess:
         logger.info("Starting %s: %s (log: %s)", self.name, " ".join(self.command), self.log_path)
         with self.log_path.open("wb") as log:
-            self._process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            self._process = subprocess.Popen(
+                self.command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=self.env
+            )
         try:
             self._wait_ready()
         except BaseException:

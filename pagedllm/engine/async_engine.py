@@ -19,7 +19,13 @@ from typing import Any, Protocol
 
 from pagedllm.engine.engine import EngineStats, LLMEngine
 from pagedllm.engine.output import RequestOutput
-from pagedllm.errors import EngineOverloadedError, EngineStepError, EngineUnavailableError, PagedLLMError
+from pagedllm.errors import (
+    EngineOverloadedError,
+    EngineStepError,
+    EngineUnavailableError,
+    InvalidArgumentError,
+    PagedLLMError,
+)
 from pagedllm.model.tokenizer import Tokenizer
 from pagedllm.sampling_params import SamplingParams
 
@@ -37,11 +43,12 @@ class OutputObserver(Protocol):
 class RequestStream:
     """The outputs of one request as they reach the event loop; iterate it until the request finishes."""
 
-    def __init__(self, request_id: str) -> None:
+    def __init__(self, request_id: str, num_sequences: int = 1) -> None:
         self.request_id = request_id
+        self.num_sequences = num_sequences
         self.accepted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.finished = False
-        self.queued = True  # counted against max_queued_requests until its first output
+        self.queued = True  # its sequences count against max_queued_sequences until its first output
         self._latest: RequestOutput | None = None
         self._error: PagedLLMError | None = None
         self._ready = asyncio.Event()
@@ -100,10 +107,11 @@ class AsyncLLMEngine:
     """Runs an LLMEngine's step loop in one background thread and serves it to asyncio coroutines."""
 
     def __init__(
-        self, engine: LLMEngine, max_queued_requests: int = 256, observer: OutputObserver | None = None
+        self, engine: LLMEngine, max_queued_sequences: int = 256, observer: OutputObserver | None = None
     ) -> None:
         self.engine = engine
-        self.max_queued_requests = max_queued_requests
+        self.max_queued_sequences = max_queued_sequences
+        self.num_rejected = 0  # requests refused because the queue was full; event loop only
         self.observer = observer
         self._commands: queue.SimpleQueue[_Add | _Abort | _Stop] = queue.SimpleQueue()
         self._streams: dict[str, RequestStream] = {}  # engine thread only
@@ -137,7 +145,23 @@ class AsyncLLMEngine:
 
     @property
     def num_queued(self) -> int:
+        """Sequences of accepted requests still waiting for their first output."""
         return self._num_queued
+
+    def check_room(self, num_sequences: int) -> None:
+        """Raise unless `num_sequences` more fit the queue now: 400 if they never can, 503 if not yet."""
+        if num_sequences > self.max_queued_sequences:
+            raise InvalidArgumentError(
+                f"the request asks for {num_sequences} sequences, more than the server ever queues "
+                f"(max_queued_sequences={self.max_queued_sequences})",
+                "n",
+            )
+        if self._num_queued + num_sequences > self.max_queued_sequences:
+            self.num_rejected += 1
+            raise EngineOverloadedError(
+                f"the server has {self._num_queued} sequences waiting (max_queued_sequences="
+                f"{self.max_queued_sequences}); retry in a moment"
+            )
 
     def stats(self) -> EngineStats:
         """The engine's counters as of its last step."""
@@ -161,17 +185,14 @@ class AsyncLLMEngine:
 
     async def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> RequestStream:
         """Submit a request and wait until the engine has taken it; raises the engine's error if it refuses."""
-        if self._num_queued >= self.max_queued_requests:
-            raise EngineOverloadedError(
-                f"the server has {self._num_queued} requests waiting (max_queued_requests="
-                f"{self.max_queued_requests}); retry in a moment"
-            )
-        stream = RequestStream(request_id)
+        num_sequences = params.beam_width if params.use_beam_search and params.beam_width else params.num_samples
+        self.check_room(num_sequences)
+        stream = RequestStream(request_id, num_sequences)
         with self._lifecycle:
             if not self._accepting:
                 raise EngineUnavailableError("the engine is not running (shutting down or stopped)")
             self._commands.put(_Add(request_id, prompt, params, time.monotonic(), stream))
-        self._num_queued += 1
+        self._num_queued += num_sequences
         try:
             await asyncio.shield(stream.accepted)
         except asyncio.CancelledError:
@@ -203,7 +224,7 @@ class AsyncLLMEngine:
     def _dequeue(self, stream: RequestStream) -> None:
         if stream.queued:
             stream.queued = False
-            self._num_queued -= 1
+            self._num_queued -= stream.num_sequences
 
     # Event-loop side of the hand-over.
 

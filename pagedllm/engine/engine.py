@@ -10,6 +10,7 @@ import torch
 
 from pagedllm.config import EngineConfig, ModelConfig
 from pagedllm.engine.block_manager import BlockManager
+from pagedllm.engine.faults import StepFaults
 from pagedllm.engine.host_memory import (
     HeapTrimmer,
     limit_malloc_arenas,
@@ -93,6 +94,7 @@ class LLMEngine:
         self.structured_output = StructuredOutputManager(self.grammars)
         self.runner.structured_output = self.structured_output
         self.heap = HeapTrimmer()
+        self.faults = StepFaults.from_environment()
         self.requests: dict[str, Request] = {}
         self.kept: dict[str, Sequence] = {}  # finished keep_kv requests' sequences, holding their blocks
         self.searches = SearchDriver(self)
@@ -251,6 +253,7 @@ class LLMEngine:
         scheduled = self.scheduler.schedule()
         if not scheduled.scheduled:
             return []
+        self.faults.check()
         result = self.runner.execute(scheduled, self.block_manager)
         self.heap.after_step()
         return self._process(scheduled, result)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -13,7 +15,7 @@ from jinja2.exceptions import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from pagedllm.errors import InvalidArgumentError
+from pagedllm.errors import InvalidArgumentError, RequestTooLongError
 
 logger = logging.getLogger(__name__)
 
@@ -78,10 +80,23 @@ class Tokenizer:
         """Whether the chat template renders a `tools` variable itself."""
         return self.chat_template is not None and "tools" in self.chat_template
 
+    @functools.cached_property
+    def max_token_chars(self) -> int:
+        """The most characters one token stands for: a text of c characters the tokenizer keeps (control characters
+        it may drop) has at least c / this tokens."""
+        # A byte-level or sentencepiece token's string has one character per byte or character it encodes.
+        tokens = self.hf.convert_ids_to_tokens(list(range(len(self.hf))))
+        return max((len(token or "") for token in tokens), default=1)
+
     def render_chat(
-        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, tools: list[dict] | None = None
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: list[dict] | None = None,
+        max_chars: int | None = None,
     ) -> str:
-        """The prompt text of a conversation, from the model's chat template in a sandbox."""
+        """The prompt text of a conversation, from the model's chat template in a sandbox; rendering stops with
+        RequestTooLongError once the text passes `max_chars`."""
         if not messages:
             raise InvalidArgumentError("messages must not be empty", "messages")
         for message in messages:
@@ -97,20 +112,41 @@ class Tokenizer:
             raise InvalidArgumentError("this model has no chat template; use a plain completion instead", "messages")
         try:
             template = self._template_env.from_string(self.chat_template)
-            return template.render(
+            pieces = template.generate(
                 messages=messages,
                 add_generation_prompt=add_generation_prompt,
                 tools=tools,
                 bos_token=self.hf.bos_token or "",
                 eos_token=self.hf.eos_token or "",
             )
+            return _join_at_most(pieces, max_chars)
         except TemplateError as error:
             raise InvalidArgumentError(f"chat template failed: {error}", "messages") from error
 
     def encode_chat(
-        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, tools: list[dict] | None = None
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: list[dict] | None = None,
+        max_chars: int | None = None,
     ) -> list[int]:
-        return self.encode(self.render_chat(messages, add_generation_prompt, tools), add_special_tokens=False)
+        text = self.render_chat(messages, add_generation_prompt, tools, max_chars)
+        return self.encode(text, add_special_tokens=False)
+
+
+def _join_at_most(pieces: Iterator[str], max_chars: int | None) -> str:
+    """The pieces joined, raising RequestTooLongError as soon as they pass `max_chars`."""
+    text: list[str] = []
+    length = 0
+    for piece in pieces:
+        text.append(piece)
+        length += len(piece)
+        if max_chars is not None and length > max_chars:
+            raise RequestTooLongError(
+                f"the conversation renders to more than {max_chars} characters, more than the context can hold",
+                "messages",
+            )
+    return "".join(text)
 
 
 def _raise_template_error(message: str) -> None:

@@ -26,8 +26,9 @@ from pagedllm.errors import InvalidArgumentError, ModelNotFoundError, PagedLLMEr
 from pagedllm.flags import add_dataclass_arguments, dataclass_from_args
 from pagedllm.serving.chat import create_chat_completion
 from pagedllm.serving.completions import create_completion
+from pagedllm.serving.connection_limits import HeaderLimitMiddleware, guarded_h11_protocol
 from pagedllm.serving.error_responses import error_response, install_error_handlers
-from pagedllm.serving.generation import ServingContext
+from pagedllm.serving.generation import RequestLimits, ServingContext
 from pagedllm.serving.logprobs import TokenStrings
 from pagedllm.serving.metrics import ServingMetrics
 from pagedllm.serving.middleware import ApiKeyMiddleware, BodySizeLimitMiddleware
@@ -49,6 +50,7 @@ from pagedllm.serving.protocol import (
 )
 from pagedllm.serving.responses import ResponsesRequest, create_response
 from pagedllm.serving.settings import ServerSettings
+from pagedllm.serving.shutdown import FLUSH_TIMEOUT_S, Drain, DrainingServer, DrainMiddleware
 from pagedllm.serving.tool_parsers import parser_for_template
 
 logger = logging.getLogger(__name__)
@@ -56,7 +58,7 @@ logger = logging.getLogger(__name__)
 STATIC_DIR = Path(__file__).parent / "static"
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left before the answer; never seen by it
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 500, 503)
+    status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 431, 500, 503)
 }
 GENERATION_RESPONSES: dict[int | str, dict[str, Any]] = {
     **ERROR_RESPONSES,
@@ -96,16 +98,20 @@ def create_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
     """The app serving `engine`; its lifespan starts and stops the engine thread."""
     model_name = settings.served_model_name or engine.model_name
     metrics = ServingMetrics(model_name)
-    async_engine = AsyncLLMEngine(engine, settings.max_queued_requests, observer=metrics)
+    async_engine = AsyncLLMEngine(engine, settings.max_queued_sequences, observer=metrics)
     metrics.watch(async_engine.stats)
+    metrics.watch_queue(lambda: async_engine.num_queued, lambda: async_engine.num_rejected)
     metrics.set_memory(engine.weight_bytes, engine.kv_cache_bytes, engine.file_weight_bytes)
+    limits = RequestLimits(settings.max_request_sequences, settings.max_chat_messages)
     context = ServingContext(
         async_engine,
         model_name,
         TokenStrings(engine.tokenizer),
         engine.grammars,
         parser_for_template(engine.tokenizer.chat_template if engine.tokenizer is not None else None),
+        limits,
     )
+    drain = Drain(async_engine, settings.shutdown_timeout)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -117,8 +123,10 @@ def create_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
 
     app = FastAPI(title="pagedllm", version=__version__, lifespan=lifespan, summary="OpenAI-compatible LLM server")
     app.state.engine = async_engine
+    app.state.drain = drain
     install_error_handlers(app)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_body_bytes)
+    app.add_middleware(DrainMiddleware, drain=drain)
     if settings.api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key)
     if settings.allowed_origins:
@@ -128,6 +136,9 @@ def create_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
             allow_methods=["GET", "POST", "OPTIONS"],
             allow_headers=["Authorization", "Content-Type"],
         )
+    app.add_middleware(
+        HeaderLimitMiddleware, max_header_bytes=settings.max_header_bytes, max_headers=settings.max_headers
+    )
 
     def check_model(name: str | None) -> None:
         if name is not None and name != model_name:
@@ -135,6 +146,8 @@ def create_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
 
     @app.get("/health", response_model=HealthResponse, responses={503: {"model": ErrorResponse}})
     async def health() -> HealthResponse | JSONResponse:
+        if drain.draining:
+            return error_response(503, "the server is shutting down")
         if not async_engine.is_running:
             return error_response(503, "the engine is not running")
         return HealthResponse()
@@ -186,10 +199,12 @@ def create_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
         check_model(body.model)
         tokenizer = async_engine.tokenizer
         if body.prompt is not None and body.messages is None:
+            context.check_text(body.prompt, "prompt")
             tokens = await asyncio.to_thread(tokenizer.encode, body.prompt, body.add_special_tokens)
         elif body.messages is not None and body.prompt is None:
+            context.check_messages(len(body.messages))
             messages = [message.as_template_message() for message in body.messages]
-            tokens = await asyncio.to_thread(tokenizer.encode_chat, messages)
+            tokens = await asyncio.to_thread(tokenizer.encode_chat, messages, True, context.max_prompt_chars)
         else:
             raise InvalidArgumentError("give exactly one of prompt and messages", "prompt")
         return TokenizeResponse(tokens=tokens, count=len(tokens), max_model_len=async_engine.max_model_len)
@@ -222,6 +237,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_dataclass_arguments(parser.add_argument_group("server"), ServerSettings)
 
 
+def uvicorn_config(app: FastAPI, settings: ServerSettings) -> uvicorn.Config:
+    """Uvicorn over h11 with the server's connection limits; the drain, not uvicorn, bounds the shutdown."""
+    return uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        http=guarded_h11_protocol(settings.header_timeout, settings.max_header_bytes, settings.max_headers),
+        h11_max_incomplete_event_size=settings.max_header_bytes,
+        timeout_keep_alive=settings.keep_alive_timeout,
+        timeout_graceful_shutdown=int(FLUSH_TIMEOUT_S),
+        log_level="info",
+        access_log=True,
+    )
+
+
 def _graceful_exit(signum: int, frame: FrameType | None) -> None:
     """Uvicorn re-raises the signal that stopped it once it has drained; by then it is handled."""
     logger.info("stopped by %s", signal.Signals(signum).name)
@@ -236,15 +266,7 @@ def run(args: argparse.Namespace) -> int:
         logger.error("cannot start the server: %s", error.message)
         return 2
     app = create_app(engine, settings)
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        timeout_graceful_shutdown=settings.shutdown_timeout,
-        log_level="info",
-        access_log=True,
-    )
-    server = uvicorn.Server(config)
+    server = DrainingServer(uvicorn_config(app, settings), app.state.drain)
     handled = (signal.SIGINT, signal.SIGTERM)
     previous = {signum: signal.signal(signum, _graceful_exit) for signum in handled}
     try:

@@ -82,6 +82,8 @@ async def create_chat_completion(
     body: ChatCompletionRequest, context: ServingContext
 ) -> ChatCompletionResponse | sse.EventStreamResponse:
     body.check_supported()
+    context.check_messages(len(body.messages))
+    context.check_sequences(1, body.best_of or body.n)
     chat = plan(body)
     engine = context.engine
     if chat.tools is not None:
@@ -90,7 +92,7 @@ async def create_chat_completion(
     messages, tools = template_messages(
         [message.as_template_message() for message in body.messages], chat.tools, engine.tokenizer.template_takes_tools
     )
-    prompt = await asyncio.to_thread(engine.tokenizer.encode_chat, messages, True, tools)
+    prompt = await asyncio.to_thread(engine.tokenizer.encode_chat, messages, True, tools, context.max_prompt_chars)
     max_tokens = body.requested_max_tokens
     if max_tokens is None:
         max_tokens = default_max_tokens(engine, len(prompt), "messages")

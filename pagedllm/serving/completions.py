@@ -44,8 +44,8 @@ def split_prompts(prompt: Prompt) -> list[str | list[int]]:
     return list(prompt)  # type: ignore[arg-type]
 
 
-def tokenize_prompts(tokenizer: Tokenizer, prompt: Prompt) -> list[list[int]]:
-    return [tokenizer.encode(p) if isinstance(p, str) else p for p in split_prompts(prompt)]
+def tokenize_prompts(tokenizer: Tokenizer, prompts: list[str | list[int]]) -> list[list[int]]:
+    return [tokenizer.encode(p) if isinstance(p, str) else p for p in prompts]
 
 
 async def create_completion(
@@ -53,7 +53,12 @@ async def create_completion(
 ) -> CompletionResponse | sse.EventStreamResponse:
     body.check_supported()
     engine = context.engine
-    prompts = await asyncio.to_thread(tokenize_prompts, engine.tokenizer, body.prompt)
+    texts = split_prompts(body.prompt)
+    context.check_sequences(len(texts), body.best_of or body.n)
+    for text in texts:
+        if isinstance(text, str):
+            context.check_text(text, "prompt")
+    prompts = await asyncio.to_thread(tokenize_prompts, engine.tokenizer, texts)
     max_tokens = body.max_tokens if body.max_tokens is not None else COMPLETION_DEFAULT_MAX_TOKENS
     # max_tokens 0 (echo only) still runs one step: the prompt's logprobs come out of the forward pass.
     params = replace(body.sampling_params(max_tokens or 1, body.logprobs), prompt_logprobs=_prompt_logprobs(body))

@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from pagedllm.errors import EngineOverloadedError, PagedLLMError
+from pagedllm.serving.protocol import INVALID_TEXT
 
 logger = logging.getLogger(__name__)
 
@@ -23,6 +24,7 @@ ERROR_TYPES: dict[int, str] = {
     404: "not_found_error",
     405: "invalid_request_error",
     413: "invalid_request_error",
+    431: "invalid_request_error",
     500: "internal_error",
     503: "service_unavailable",
 }
@@ -52,6 +54,9 @@ def exception_response(error: PagedLLMError) -> JSONResponse:
 def validation_response(error: RequestValidationError) -> JSONResponse:
     """A body that is not JSON, or does not fit the schema: 400 naming the first offending field."""
     first = error.errors()[0] if error.errors() else {}
+    if first.get("type") == INVALID_TEXT:
+        path = first["ctx"]["path"]
+        return error_response(400, first["msg"], None if path == "the body" else path.split(".")[0])
     if first.get("type") == "json_invalid":
         detail = first.get("ctx", {}).get("error", "")
         return error_response(400, f"the body is not valid JSON: {detail}".rstrip(": "))

@@ -13,7 +13,7 @@ from typing import Any
 from pagedllm import __version__
 from pagedllm.engine.async_engine import AsyncLLMEngine, RequestStream
 from pagedllm.engine.output import CompletionOutput, RequestOutput
-from pagedllm.errors import PagedLLMError, RequestTooLongError
+from pagedllm.errors import InvalidArgumentError, PagedLLMError, RequestTooLongError
 from pagedllm.sampling_params import SamplingParams
 from pagedllm.serving.logprobs import TokenStrings
 from pagedllm.serving.protocol import PromptTokensDetails, Usage
@@ -24,21 +24,63 @@ from pagedllm.structured_output.params import StructuredOutputsParams
 SYSTEM_FINGERPRINT = f"fp_pagedllm_{__version__}"
 
 
+@dataclass(frozen=True)
+class RequestLimits:
+    """What one request may ask for, checked before its text is tokenized."""
+
+    max_request_sequences: int = 64
+    max_chat_messages: int = 2048
+
+
 @dataclass
 class ServingContext:
-    """What a handler needs besides its request: the engine and the names it answers with."""
+    """What a handler needs besides its request: the engine, the names it answers with, and the limits."""
 
     engine: AsyncLLMEngine
     model_name: str
     token_strings: TokenStrings
     grammars: GrammarBackend
     tool_parser: ToolParser
+    limits: RequestLimits = field(default_factory=RequestLimits)
     started: int = field(default_factory=lambda: int(time.time()))
 
     async def check_constraint(self, constraint: StructuredOutputsParams | None) -> None:
         """Compile a request's constraint off the engine thread (cached, so the engine finds it compiled)."""
         if constraint is not None:
             await asyncio.to_thread(self.grammars.compile, constraint)
+
+    def check_sequences(self, num_prompts: int, samples_per_prompt: int) -> None:
+        """Refuse a request for more sequences than its share (400), or than the queue has room for now (503)."""
+        total = num_prompts * samples_per_prompt
+        if total > self.limits.max_request_sequences:
+            raise InvalidArgumentError(
+                f"the request asks for {total} sequences ({num_prompts} prompts x {samples_per_prompt} samples); "
+                f"one request may ask for at most {self.limits.max_request_sequences} (max_request_sequences)",
+                "prompt" if num_prompts > 1 else "n",
+            )
+        self.engine.check_room(total)
+
+    def check_messages(self, num_messages: int) -> None:
+        if num_messages > self.limits.max_chat_messages:
+            raise InvalidArgumentError(
+                f"the conversation has {num_messages} messages; at most {self.limits.max_chat_messages} are allowed "
+                "(max_chat_messages)",
+                "messages",
+            )
+
+    @property
+    def max_prompt_chars(self) -> int:
+        """Longer texts cannot fit a request's tokens, each token standing for at most max_token_chars characters."""
+        return self.engine.tokenizer.max_token_chars * self.engine.max_request_tokens
+
+    def check_text(self, text: str, param: str) -> None:
+        """Refuse, before tokenizing it, a text too long to fit the context whatever its tokens."""
+        if len(text) > self.max_prompt_chars:
+            raise RequestTooLongError(
+                f"the {param} has {len(text)} characters, more than {self.engine.max_request_tokens} tokens (the "
+                f"most one request may have) can hold",
+                param,
+            )
 
 
 @dataclass(frozen=True)

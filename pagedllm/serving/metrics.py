@@ -51,6 +51,29 @@ class EngineStatsCollector(Collector):
             yield counter
 
 
+class QueueCollector(Collector):
+    """The bounded queue at scrape time: sequences waiting for their first token, requests refused as overload."""
+
+    def __init__(self, num_queued: Callable[[], int], num_rejected: Callable[[], int], model_name: str) -> None:
+        self.num_queued = num_queued
+        self.num_rejected = num_rejected
+        self.model_name = model_name
+
+    def collect(self) -> Iterator[Metric]:
+        queued = GaugeMetricFamily(
+            f"{PREFIX}_num_sequences_queued",
+            "sequences of accepted requests waiting for their first token (bounded by max_queued_sequences)",
+            labels=["model_name"],
+        )
+        queued.add_metric([self.model_name], self.num_queued())
+        yield queued
+        rejected = CounterMetricFamily(
+            f"{PREFIX}_requests_rejected", "requests refused with 503 because the queue was full", labels=["model_name"]
+        )
+        rejected.add_metric([self.model_name], self.num_rejected())
+        yield rejected
+
+
 class ServingMetrics:
     """The server's registry; also the engine's OutputObserver, timing each request from its outputs."""
 
@@ -100,6 +123,10 @@ class ServingMetrics:
     def watch(self, stats: Callable[[], EngineStats]) -> None:
         """Export the engine's gauges and counters, read from `stats` at each scrape."""
         self.registry.register(EngineStatsCollector(stats, self.model_name))
+
+    def watch_queue(self, num_queued: Callable[[], int], num_rejected: Callable[[], int]) -> None:
+        """Export the queue depth and the overload refusals, read at each scrape."""
+        self.registry.register(QueueCollector(num_queued, num_rejected, self.model_name))
 
     def on_outputs(self, outputs: list[RequestOutput], now: float) -> None:
         for output in outputs:

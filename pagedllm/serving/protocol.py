@@ -9,16 +9,15 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
 
 from pagedllm.errors import InvalidArgumentError
-from pagedllm.sampling_params import SamplingParams
+from pagedllm.sampling_params import MAX_SEED, SamplingParams
 from pagedllm.structured_output.params import StructuredOutputsParams
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16
-# torch.Generator.manual_seed takes a signed or unsigned 64-bit seed; a sample adds its index to it.
-SEED_MIN = -(2**63)
-SEED_MAX = 2**63 - 1
+INVALID_TEXT = "invalid_text"  # the validation error type of a string that is not valid Unicode
 # Beyond the vocabulary top_k is a no-op; a bound keeps it inside the sampler's int64 tensors.
 TOP_K_MAX = 2**31 - 1
 
@@ -46,10 +45,50 @@ SAMPLING_FIELDS = (
 )
 
 
+def _surrogate_path(value: Any, path: str) -> str | None:
+    """The path of the first string in a JSON value holding a lone UTF-16 surrogate, or None."""
+    if isinstance(value, str):
+        return None if value.isascii() or _is_valid_unicode(value) else path
+    if isinstance(value, dict):
+        items = list(value.items())
+    elif isinstance(value, list):
+        items = list(enumerate(value))
+    else:
+        return None
+    for key, item in items:
+        if isinstance(key, str) and not _is_valid_unicode(key):
+            return path  # the key itself cannot be named in a message
+        found = _surrogate_path(item, f"{path}.{key}" if path else str(key))
+        if found is not None:
+            return found
+    return None
+
+
+def _is_valid_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 class APIModel(BaseModel):
-    """Strict types, no NaN or infinity; unknown fields are ignored, as vLLM does."""
+    """Strict types, no NaN or infinity, text that is valid Unicode; unknown fields are ignored, as vLLM does."""
 
     model_config = ConfigDict(strict=True, allow_inf_nan=False, extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        # JSON may escape lone surrogates (\udc80); Python decodes them, but no tokenizer or encoder takes them.
+        path = _surrogate_path(data, "")
+        if path is not None:
+            raise PydanticCustomError(
+                INVALID_TEXT,
+                "{path}: the text holds a lone UTF-16 surrogate, which is not valid Unicode",
+                {"path": path or "the body"},
+            )
+        return data
 
 
 class StreamOptions(APIModel):
@@ -71,7 +110,7 @@ class SamplingRequest(APIModel):
     repetition_penalty: float | None = None
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
-    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
     ignore_eos: bool = False
     min_tokens: int | None = None
     skip_special_tokens: bool | None = None

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pagedllm.errors import InvalidArgumentError
+from pagedllm.errors import InvalidArgumentError, RequestTooLongError
+from pagedllm.model import tokenizer as tokenizer_module
 from pagedllm.model.registry import resolve_model_path
 from pagedllm.model.tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -186,3 +189,25 @@ def test_custom_template_renders_in_the_sandbox(tok: Tokenizer) -> None:
 def test_no_template_is_an_invalid_argument(tok: Tokenizer) -> None:
     with pytest.raises(InvalidArgumentError):
         with_template(tok, None).render_chat([{"role": "user", "content": "hi"}])
+
+
+def test_rendering_gives_up_once_the_text_passes_max_chars(tok: Tokenizer, monkeypatch: pytest.MonkeyPatch) -> None:
+    messages = [{"role": "user", "content": ""}] * 65000
+    rendered: list[str] = []
+    real_join = tokenizer_module._join_at_most
+
+    def counting_join(pieces: Iterator[str], max_chars: int | None) -> str:
+        return real_join((rendered.append(piece) or piece for piece in pieces), max_chars)
+
+    monkeypatch.setattr(tokenizer_module, "_join_at_most", counting_join)
+    with pytest.raises(RequestTooLongError, match="more than 1000 characters"):
+        tok.encode_chat(messages, max_chars=1000)
+    assert sum(map(len, rendered)) < 2000  # stopped near the limit, not after 65,000 messages
+    short = [{"role": "user", "content": "Hi"}]
+    assert tok.render_chat(short, max_chars=1000) == tok.render_chat(short)
+
+
+@given(st.text(st.characters(categories=("L", "M", "N", "P", "S", "Zs")), min_size=1, max_size=200))
+@settings(max_examples=50, deadline=None)
+def test_no_token_stands_for_more_than_max_token_chars(tok: Tokenizer, text: str) -> None:
+    assert len(tok.encode(text, add_special_tokens=False)) * tok.max_token_chars >= len(text)

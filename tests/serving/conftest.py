@@ -25,7 +25,8 @@ ARTIFACTS = REPO_ROOT / "test-artifacts"
 API_KEY = "test-key-5b2f"
 ALLOWED_ORIGIN = "http://allowed.test"
 KV_CACHE_BYTES = 2**28
-MAX_QUEUED_REQUESTS = 24
+MAX_QUEUED_SEQUENCES = 48
+MAX_REQUEST_SEQUENCES = 40
 MAX_NUM_SEQS = 32
 MAX_BODY_BYTES = 256 * 1024
 STARTUP_TIMEOUT_S = 240.0
@@ -136,8 +137,10 @@ def server() -> Iterator[Server]:
         API_KEY,
         "--allowed-origins",
         ALLOWED_ORIGIN,
-        "--max-queued-requests",
-        str(MAX_QUEUED_REQUESTS),
+        "--max-queued-sequences",
+        str(MAX_QUEUED_SEQUENCES),
+        "--max-request-sequences",
+        str(MAX_REQUEST_SEQUENCES),
         "--max-request-body-bytes",
         str(MAX_BODY_BYTES),
         "--shutdown-timeout",

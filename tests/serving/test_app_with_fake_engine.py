@@ -7,7 +7,7 @@ import asyncio
 import json
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import httpx
 import pytest
@@ -27,14 +27,12 @@ from .fake_engine import FakeEngine
 T = TypeVar("T")
 
 
-def with_app(
-    scenario: Callable[[httpx.AsyncClient, FakeEngine], Awaitable[T]], settings: ServerSettings | None = None
-) -> T:
-    """Run `scenario` against the app over a fake engine whose thread is running."""
+def with_app(scenario: Callable[[httpx.AsyncClient, FakeEngine], Awaitable[T]], **settings: Any) -> T:
+    """Run `scenario` against the app over a fake engine whose thread is running, with these ServerSettings."""
 
     async def main() -> T:
         fake = FakeEngine()
-        app: FastAPI = create_app(fake, settings or ServerSettings())  # type: ignore[arg-type]
+        app: FastAPI = create_app(fake, ServerSettings(**settings))  # type: ignore[arg-type]
         app.state.engine.start()
         try:
             transport = httpx.ASGITransport(app=app)
@@ -87,7 +85,7 @@ def test_flags_come_from_the_config_dataclasses() -> None:
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     help_text = " ".join(parser.format_help().split())
-    for name in [*EngineConfig.field_names(), "host", "port", "api_key", "allowed_origins", "max_queued_requests"]:
+    for name in [*EngineConfig.field_names(), "host", "port", "api_key", "allowed_origins", "max_queued_sequences"]:
         assert f"--{name.replace('_', '-')}" in help_text
     assert EngineConfig.__dataclass_fields__["max_num_seqs"].metadata["help"] in help_text
     args = parser.parse_args(

@@ -25,7 +25,7 @@ def run_with_engine(scenario: Callable[[AsyncLLMEngine, FakeEngine], Awaitable[T
 
     async def main() -> T:
         fake = FakeEngine()
-        engine = AsyncLLMEngine(fake, max_queued_requests=max_queued)  # type: ignore[arg-type]
+        engine = AsyncLLMEngine(fake, max_queued_sequences=max_queued)  # type: ignore[arg-type]
         engine.start()
         try:
             return await asyncio.wait_for(scenario(engine, fake), DEADLINE_S)
@@ -136,7 +136,7 @@ def test_a_full_queue_refuses_with_503_until_requests_start() -> None:
 def test_shutdown_fails_what_is_in_flight_and_refuses_new_requests() -> None:
     async def main() -> None:
         fake = FakeEngine()
-        engine = AsyncLLMEngine(fake, max_queued_requests=4)  # type: ignore[arg-type]
+        engine = AsyncLLMEngine(fake, max_queued_sequences=4)  # type: ignore[arg-type]
         engine.start()
         stream = await engine.add_request("running", "x", ENDLESS)
         await stream.get()

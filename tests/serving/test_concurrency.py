@@ -10,7 +10,7 @@ import openai
 
 from pagedllm import LLM, SamplingParams
 
-from .conftest import MAX_QUEUED_REQUESTS, Server
+from .conftest import MAX_QUEUED_SEQUENCES, Server
 
 QUESTIONS = [
     "What is the capital of Italy?",
@@ -110,7 +110,7 @@ def test_disconnect_aborts_the_request_and_frees_its_blocks(
 
 
 def test_full_queue_answers_503_with_retry_after(server: Server, model_name: str) -> None:
-    burst = 3 * MAX_QUEUED_REQUESTS
+    burst = 3 * MAX_QUEUED_SEQUENCES
     body = {"model": model_name, "prompt": "Hi", "max_tokens": 1}
 
     async def flood() -> list[httpx.Response]:
@@ -123,7 +123,7 @@ def test_full_queue_answers_503_with_retry_after(server: Server, model_name: str
     assert set(statuses) <= {200, 503}, statuses
     refused = [response for response in responses if response.status_code == 503]
     assert refused, "no request was refused although the burst is three times the queue bound"
-    assert statuses.count(200) >= MAX_QUEUED_REQUESTS
+    assert statuses.count(200) >= MAX_QUEUED_SEQUENCES
     for response in refused:
         assert response.headers["retry-after"] == "1"
         assert response.json()["error"]["type"] == "server_overloaded"

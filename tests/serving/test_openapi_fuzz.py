@@ -1,12 +1,16 @@
-"""Schemathesis against the server's own OpenAPI schema: whatever it sends, the server never answers 5xx."""
+"""Schemathesis against the server's own OpenAPI schema, and Hypothesis beyond it (lone surrogates, any Unicode,
+huge numbers, NaN): whatever it sends, the server never answers 5xx."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
+import httpx
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 
@@ -69,5 +73,78 @@ def test_no_input_makes_the_server_fail(
     def fuzz(case: Any) -> None:
         keep_it_cheap(case.body)
         case.call_and_validate(base_url=server.base_url, headers=server.auth, checks=[not_a_server_error], timeout=60)
+
+    fuzz()
+
+
+# Beyond the schema: text with lone surrogates and any Unicode, numbers far outside every range, NaN and infinity.
+SURROGATES = st.characters(categories=["Cs"])
+TEXT = st.one_of(
+    st.text(max_size=20),
+    st.builds(
+        lambda head, surrogate, tail: head + surrogate + tail, st.text(max_size=8), SURROGATES, st.text(max_size=8)
+    ),
+)
+NUMBER = st.one_of(
+    st.integers(-(2**70), 2**70),
+    st.floats(),
+    st.sampled_from([1e308, -1e308, 2**62, 2**63, 2**64, 10**30, -1, 0, 1e-300]),
+)
+SAMPLING = {
+    name: NUMBER
+    for name in (
+        "max_tokens",
+        "n",
+        "temperature",
+        "top_p",
+        "top_k",
+        "min_p",
+        "seed",
+        "presence_penalty",
+        "frequency_penalty",
+        "repetition_penalty",
+        "min_tokens",
+    )
+} | {"stop": st.one_of(TEXT, st.lists(TEXT, max_size=2)), "stream": st.booleans()}
+COMPLETION_BODIES = st.fixed_dictionaries(
+    {"prompt": st.one_of(TEXT, st.lists(TEXT, min_size=1, max_size=3))}, optional={**SAMPLING, "logprobs": NUMBER}
+)
+MESSAGE = st.fixed_dictionaries(
+    {
+        "role": st.one_of(st.sampled_from(["system", "user", "assistant", "developer"]), TEXT),
+        "content": st.one_of(
+            TEXT, st.lists(st.fixed_dictionaries({"type": st.just("text"), "text": TEXT}), max_size=2)
+        ),
+    }
+)
+CHAT_BODIES = st.fixed_dictionaries(
+    {"messages": st.lists(MESSAGE, min_size=1, max_size=3)},
+    optional={**SAMPLING, "logprobs": st.booleans(), "top_logprobs": NUMBER},
+)
+
+
+def cheap_numbers(body: dict[str, Any]) -> dict[str, Any]:
+    """Keep valid but costly values small; values beyond any limit stay, for the server to refuse."""
+    for name, cheap in (("max_tokens", MAX_TOKENS), ("n", MAX_N), ("min_tokens", 0)):
+        value = body.get(name)
+        if isinstance(value, int) and cheap < value <= 10**6:
+            body[name] = cheap
+    body.setdefault("max_tokens", MAX_TOKENS)
+    return body
+
+
+@pytest.mark.parametrize(
+    ("path", "bodies"), [("/v1/completions", COMPLETION_BODIES), ("/v1/chat/completions", CHAT_BODIES)]
+)
+def test_random_unicode_and_huge_numbers_never_make_the_server_fail(server: Server, path: str, bodies: Any) -> None:
+    @given(body=bodies)
+    @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True, database=None)
+    def fuzz(body: dict[str, Any]) -> None:
+        content = json.dumps(cheap_numbers(body)).encode()  # ASCII: surrogates escaped, NaN and Infinity as is
+        headers = {**server.auth, "Content-Type": "application/json"}
+        response = httpx.post(f"{server.base_url}{path}", content=content, headers=headers, timeout=60)
+        assert response.status_code < 500, (body, response.text)
+        if response.status_code != 200:
+            assert set(response.json()["error"]) == {"message", "type", "param", "code"}
 
     fuzz()
