@@ -10,6 +10,7 @@ import torch
 
 from pagedllm.cpu import native_bfloat16_matmul
 from pagedllm.errors import ConfigError
+from pagedllm.spec_decode.config import SpeculativeConfig
 
 ATTENTION_IMPLS = ("fast", "reference")
 QUANTIZATIONS = ("auto", "none", "int8", "int4")
@@ -109,8 +110,16 @@ class EngineConfig:
     num_threads: int = field(
         default=0, metadata={"help": "torch threads for the math (0: every core this process may use)"}
     )
+    speculative_config: SpeculativeConfig | dict[str, Any] | str | None = field(
+        default=None,
+        metadata={
+            "help": 'speculative decoding, a JSON object: {"method": "ngram" | "suffix" | "draft_model", '
+            '"num_speculative_tokens": 5, ...} (vLLM\'s names)'
+        },
+    )
 
     def __post_init__(self) -> None:
+        self.speculative_config = SpeculativeConfig.parse(self.speculative_config)
         if self.dtype not in MODEL_DTYPES:
             raise ConfigError(f"dtype must be one of {MODEL_DTYPES}, got {self.dtype!r}", "dtype")
         if self.attention_impl not in ATTENTION_IMPLS:
