@@ -133,9 +133,9 @@ def run(args: argparse.Namespace) -> int:
         before = speculating.engine.stats()
         on, produced = run_point(speculating, requests, prompt_set, config.method)
         after = speculating.engine.stats()
-        on.draft_tokens = after.spec_draft_tokens - before.spec_draft_tokens
-        on.accepted_tokens = after.spec_accepted_tokens - before.spec_accepted_tokens
-        verifications = after.spec_verifications - before.spec_verifications
+        on.draft_tokens = after.spec_decode.num_draft_tokens - before.spec_decode.num_draft_tokens
+        on.accepted_tokens = after.spec_decode.num_accepted_tokens - before.spec_decode.num_accepted_tokens
+        verifications = after.spec_decode.num_drafts - before.spec_decode.num_drafts
         on.acceptance_rate = on.accepted_tokens / on.draft_tokens if on.draft_tokens else 0.0
         on.mean_accepted_length = 1 + on.accepted_tokens / verifications if verifications else 0.0
         if produced != expected:

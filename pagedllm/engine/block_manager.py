@@ -132,6 +132,13 @@ class BlockManager:
             self.allocator.share(block_id)
         child.block_ids = list(parent.block_ids)
 
+    def free_rejected(self, seq: HasBlocks) -> None:
+        """Release the blocks past the sequence's computed tokens: they held only rejected drafts, were allocated
+        for them and are referenced by no one else (never shared, never offered to the prefix cache)."""
+        num_needed = -(-seq.num_computed_tokens // self.block_size)
+        while len(seq.block_ids) > num_needed:
+            self.allocator.release(seq.block_ids.pop())
+
     def free(self, seq: HasBlocks) -> None:
         for block_id in reversed(seq.block_ids):
             self.allocator.release(block_id)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import torch
 
-from pagedllm.config import EngineConfig, ModelConfig
+from pagedllm.config import EngineConfig, ModelConfig, SpeculativeConfig
 from pagedllm.engine.beam_search import BeamSearch, hypothesis_sequences
 from pagedllm.engine.block_manager import BlockManager
 from pagedllm.engine.host_memory import (
@@ -17,7 +17,7 @@ from pagedllm.engine.host_memory import (
     release_freed_memory,
     reuse_freed_step_memory,
 )
-from pagedllm.engine.model_runner import ModelRunner, StepResult, kv_cache_bytes_per_block
+from pagedllm.engine.model_runner import ModelRunner, StepResult, Verification, kv_cache_bytes_per_block
 from pagedllm.engine.output import RequestOutput, append_token, make_request_output
 from pagedllm.engine.prefix_cache import PrefixCache
 from pagedllm.engine.request import FinishReason, Request, Sequence
@@ -29,6 +29,7 @@ from pagedllm.model.loader import load_checkpoint
 from pagedllm.model.registry import model_display_name, resolve_model_path
 from pagedllm.model.tokenizer import IncrementalDetokenizer, Tokenizer
 from pagedllm.sampling_params import SamplingParams
+from pagedllm.spec_decode.speculator import SpecDecodeStats, Speculator
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +46,7 @@ class EngineStats:
     generation_tokens: int
     prefix_cache_queried_tokens: int
     prefix_cache_hit_tokens: int
+    spec_decode: SpecDecodeStats = field(default_factory=SpecDecodeStats)
 
 
 class LLMEngine:
@@ -85,6 +87,8 @@ class LLMEngine:
         self.runner = ModelRunner(model.to(self.device), config, self.num_blocks, self.device)
         self.heap = HeapTrimmer()
         self.requests: dict[str, Request] = {}
+        spec = config.speculative_config
+        self.speculator = Speculator(spec, self.max_model_len) if isinstance(spec, SpeculativeConfig) else None
         self.prompt_tokens = 0
         self.generation_tokens = 0
         logger.info(
@@ -177,13 +181,15 @@ class LLMEngine:
         for seq in request.sequences:
             if seq.finish_reason is None:
                 seq.finish_reason = FinishReason.ABORT
-                self.scheduler.finish(seq)
+                self._finish(seq)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
 
     def step(self) -> list[RequestOutput]:
         """Run one iteration; return the outputs of every request that advanced."""
+        if self.speculator is not None:
+            self.speculator.propose(self.scheduler.running)
         scheduled = self.scheduler.schedule()
         if not scheduled.scheduled:
             return []
@@ -197,13 +203,16 @@ class LLMEngine:
             seq = item.sequence
             if seq.num_computed_tokens < seq.prompt_len:
                 self.prompt_tokens += min(item.num_new_tokens, seq.prompt_len - seq.num_computed_tokens)
-            seq.num_computed_tokens += item.num_new_tokens
+            # Drafts have K/V only once accepted (below); a sequence's tokens so far all have theirs now.
+            seq.num_computed_tokens += item.num_new_tokens - item.num_draft_tokens
             self.block_manager.cache_computed_blocks(seq)
         for seq, entries in result.prompt_logprobs.items():
             seq.request.prompt_logprobs += entries
         advanced: dict[str, Request] = {}
         for sample in result.samples:
             seq = sample.sequence
+            if seq.finish_reason is not None:
+                continue  # a stop among its accepted drafts ended it: the tokens after it are dropped
             request = seq.request
             request.first_token_time = request.first_token_time or now
             if sample.logprobs is not None:
@@ -213,8 +222,10 @@ class LLMEngine:
             append_token(seq, sample.token_id, self.tokenizer.eos_token_ids, self.max_model_len)
             self.generation_tokens += 1
             if seq.finish_reason is not None:
-                self.scheduler.finish(seq)
+                self._finish(seq)
             advanced[request.request_id] = request
+        for verification in result.verifications:
+            self._keep_accepted(verification)
         for request in self._collect_beam_rows(result):
             request.first_token_time = request.first_token_time or now
             self._advance_beams(request)
@@ -224,6 +235,23 @@ class LLMEngine:
             if output.finished:
                 del self.requests[output.request_id]
         return outputs
+
+    def _keep_accepted(self, verification: Verification) -> None:
+        """The accepted drafts' K/V, written by this step, becomes the sequence's; blocks of rejected ones go back."""
+        seq = verification.sequence
+        assert self.speculator is not None
+        self.speculator.verified(seq, verification.num_draft_tokens, verification.num_accepted)
+        seq.draft_token_ids = []
+        if seq.finish_reason is None:
+            seq.num_computed_tokens += verification.num_accepted
+            self.block_manager.free_rejected(seq)
+            self.block_manager.cache_computed_blocks(seq)
+
+    def _finish(self, seq: Sequence) -> None:
+        """Drop a finished or aborted sequence: its blocks are freed, its speculation state forgotten."""
+        self.scheduler.finish(seq)
+        if self.speculator is not None:
+            self.speculator.finished(seq)
 
     def _collect_beam_rows(self, result: StepResult) -> list[Request]:
         """File each beam's logprobs with its search; the requests whose every live beam now has its row."""
@@ -280,4 +308,5 @@ class LLMEngine:
             generation_tokens=self.generation_tokens,
             prefix_cache_queried_tokens=prefix_cache.queried_tokens if prefix_cache else 0,
             prefix_cache_hit_tokens=prefix_cache.hit_tokens if prefix_cache else 0,
+            spec_decode=replace(self.speculator.stats) if self.speculator is not None else SpecDecodeStats(),
         )

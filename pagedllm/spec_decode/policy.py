@@ -38,7 +38,7 @@ class SpeculationPolicy:
         """Whether a step over `num_running` sequences drafts at all."""
         return self.disable_by_batch_size is None or num_running < self.disable_by_batch_size
 
-    def num_drafts(self, key: object) -> int:
+    def draft_length(self, key: object) -> int:
         """Drafts the sequence may verify this step (0: none); a paused sequence counts down its pause."""
         state = self._state(key)
         if state.paused_steps > 0:

@@ -14,7 +14,7 @@ from pagedllm.spec_decode.proposer import Proposer, make_proposer
 class SpecDecodeStats:
     """Counters of verification over the engine's life."""
 
-    num_verifications: int = 0  # sequence-steps that verified at least one draft
+    num_drafts: int = 0  # sequence-steps that verified at least one draft token
     num_draft_tokens: int = 0
     num_accepted_tokens: int = 0
 
@@ -25,7 +25,7 @@ class SpecDecodeStats:
     @property
     def mean_accepted_length(self) -> float:
         """Tokens emitted per verification: the accepted drafts and the target's own token."""
-        return 1 + self.num_accepted_tokens / self.num_verifications if self.num_verifications else 0.0
+        return 1 + self.num_accepted_tokens / self.num_drafts if self.num_drafts else 0.0
 
 
 class Speculator:
@@ -42,13 +42,15 @@ class Speculator:
 
     def propose(self, running: list[Sequence]) -> None:
         """Set the drafts of each running sequence that decodes this step (none for prefills and beam search)."""
-        speculates = self.policy.speculates(len(running))
+        # Beam search scores its rows by their place in the batch, which drafts would shift.
+        beams = any(seq.request.params.use_beam_search for seq in running)
+        speculates = self.policy.speculates(len(running)) and not beams
         for seq in running:
             seq.draft_token_ids = []
             room = self._room(seq)
-            if not speculates or room <= 0 or seq.num_uncomputed_tokens != 1 or seq.request.params.use_beam_search:
+            if not speculates or room <= 0 or seq.num_uncomputed_tokens != 1:
                 continue
-            num_tokens = min(room, self.policy.num_drafts(seq))
+            num_tokens = min(room, self.policy.draft_length(seq))
             if num_tokens > 0:
                 seq.draft_token_ids = self.proposer.propose(seq, seq.token_ids(0, seq.num_tokens), num_tokens)
 
@@ -59,7 +61,7 @@ class Speculator:
     def verified(self, seq: Sequence, num_drafted: int, num_accepted: int) -> None:
         if num_drafted == 0:
             return
-        self.stats.num_verifications += 1
+        self.stats.num_drafts += 1
         self.stats.num_draft_tokens += num_drafted
         self.stats.num_accepted_tokens += num_accepted
         self.policy.record(seq, num_drafted, num_accepted)
