@@ -4,8 +4,13 @@ Every sequence contributes k + 1 consecutive rows of target logits: row j scores
 bonus token after all k. Greedy rows accept while the draft equals the target's choice. Random rows use rejection
 sampling: draft j is accepted with probability min(1, p(d)/q(d)); at the first rejection the token is drawn from
 the normalized max(p - q, 0), and when all are accepted the bonus is drawn from p. The emitted tokens are then
-distributed exactly as if drawn from p one at a time. q is the draft's distribution, one-hot for drafts without
-one (n-gram and suffix proposals). p is the target under the request's own settings (the sampler's processing).
+distributed exactly as if drawn from p one at a time. p is the target under the request's own settings (the
+sampler's processing); q is the draft's distribution.
+
+Drafts without a distribution (n-gram and suffix proposals) have a one-hot q: accept d with probability p(d), else
+draw from p without d. That is done by coupling: each position draws the token the sampler would draw there, with
+the same noise from the same generator, and the draft is accepted when it is that token. A seeded request thus
+emits the very tokens it would emit without speculation, whatever was proposed.
 """
 
 from __future__ import annotations
@@ -91,22 +96,34 @@ class RejectionSampler:
         generator: torch.Generator | None,
     ) -> list[int]:
         """One sequence's rejection sampling: probs [k + 1, vocab] target, draft_probs [k, vocab] or None (one-hot)."""
+        if draft_probs is None:
+            return self._verify_by_coupling(probs, drafts, generator)
         k = len(drafts)
         index = torch.arange(k, device=probs.device)
         drafted = torch.tensor(drafts, dtype=torch.int64, device=probs.device)
-        p = probs[index, drafted]
-        q = draft_probs[index, drafted] if draft_probs is not None else torch.ones_like(p)
+        p, q = probs[index, drafted], draft_probs[index, drafted]
         uniform = torch.rand(k, generator=generator or self.sampler.generator, device=probs.device)
         num = _accepted_prefix((uniform * q <= p).tolist())
         if num == k:
             residual = probs[k]
         else:
-            draft_row = draft_probs[num] if draft_probs is not None else _one_hot(drafts[num], probs.shape[1], probs)
-            residual = (probs[num] - draft_row).clamp_(min=0)
+            residual = (probs[num] - draft_probs[num]).clamp_(min=0)
             if not bool(residual.sum() > 0):
                 residual = probs[num]  # p == q: a rejection has probability 0; kept for rounding's sake
         last = self.sampler.draw((residual / residual.sum()).unsqueeze(0), [generator])
         return drafts[:num] + [int(last[0])]
+
+    def _verify_by_coupling(
+        self, probs: torch.Tensor, drafts: list[int], generator: torch.Generator | None
+    ) -> list[int]:
+        """One-hot drafts: draw each position's token as the sampler would, until one differs from its draft."""
+        emitted: list[int] = []
+        for j in range(len(drafts) + 1):
+            token = int(self.sampler.draw(probs[j : j + 1], [generator])[0])
+            emitted.append(token)
+            if j == len(drafts) or token != drafts[j]:
+                return emitted
+        return emitted
 
 
 def _accepted_prefix(accepted: list[bool]) -> int:
@@ -115,12 +132,6 @@ def _accepted_prefix(accepted: list[bool]) -> int:
         if not ok:
             return index
     return len(accepted)
-
-
-def _one_hot(token: int, vocab: int, like: torch.Tensor) -> torch.Tensor:
-    row = torch.zeros(vocab, dtype=like.dtype, device=like.device)
-    row[token] = 1
-    return row
 
 
 def _verified(

@@ -143,3 +143,19 @@ def test_sequences_without_drafts_sample_one_token_as_the_sampler_does() -> None
     batch_again = make_batch(3, temperature=[0.0, 0.8, 0.0], generators=[torch.Generator().manual_seed(5), None, None])
     plain = Sampler(torch.Generator().manual_seed(3))(logits, batch_again)
     assert result.token_ids == [[token] for token in plain.token_ids]
+
+
+def test_seeded_one_hot_verification_emits_what_the_sampler_draws_one_token_at_a_time() -> None:
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(K + 1, VOCAB, generator=generator)
+    probs = torch.softmax(logits, dim=-1)
+    sequential_generator = torch.Generator().manual_seed(42)
+    sampler = Sampler(torch.Generator())
+    sampled = [int(sampler.draw(probs[j : j + 1], [sequential_generator])[0]) for j in range(K + 1)]
+    for num_right in range(K + 1):
+        # The first num_right drafts are the sampled tokens, the next one is not.
+        drafts = sampled[:num_right] + [(t + 1) % VOCAB for t in sampled[num_right:K]]
+        seeded = torch.Generator().manual_seed(42)
+        batch = make_batch(K + 1, generators=[seeded] * (K + 1))
+        result = RejectionSampler(sampler)(logits, batch, DraftBatch([K], drafts))
+        assert result.token_ids == [sampled[: num_right + 1]]
