@@ -43,7 +43,7 @@ class Sampler:
         target = process_logits(logits, batch)
         token_ids = first_max_index(target.logits)
         if target.random_rows:
-            rows = torch.tensor(target.random_rows)
+            rows = torch.tensor(target.random_rows, device=logits.device)
             generators = [batch.generators[row] for row in target.random_rows]
             token_ids[rows] = self.draw(torch.softmax(target.logits[rows], dim=-1), generators)
         return with_logprobs(token_ids, raw_logprobs, batch.num_logprobs)
@@ -53,7 +53,8 @@ class Sampler:
         noise = torch.empty_like(probs)
         shared_rows = [row for row, generator in enumerate(generators) if generator is None]
         if shared_rows:
-            noise[shared_rows] = torch.empty(len(shared_rows), probs.shape[1]).exponential_(generator=self.generator)
+            shared = torch.empty(len(shared_rows), probs.shape[1], device=probs.device)
+            noise[shared_rows] = shared.exponential_(generator=self.generator)
         for row, generator in enumerate(generators):
             if generator is not None:
                 noise[row].exponential_(generator=generator)
@@ -75,7 +76,7 @@ def process_logits(logits: torch.Tensor, batch: SamplingBatch) -> TargetLogits:
         logits = logits.masked_fill(batch.banned_mask, float("-inf"))
     random_rows = (batch.temperature > 0).nonzero().squeeze(1).tolist()
     if random_rows:
-        rows = torch.tensor(random_rows)
+        rows = torch.tensor(random_rows, device=logits.device)
         scaled = logits[rows] / batch.temperature[rows].unsqueeze(1)
         scaled = apply_top_k_top_p_min_p(scaled, batch.top_k[rows], batch.top_p[rows], batch.min_p[rows])
         logits = logits.index_put((rows,), scaled)

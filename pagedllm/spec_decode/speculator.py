@@ -41,10 +41,8 @@ class Speculator:
         self.stats = SpecDecodeStats()
 
     def propose(self, running: list[Sequence]) -> None:
-        """Set the drafts of each running sequence that decodes this step (none for prefills and beam search)."""
-        # Beam search scores its rows by their place in the batch, which drafts would shift.
-        beams = any(seq.request.params.use_beam_search for seq in running)
-        speculates = self.policy.speculates(len(running)) and not beams
+        """Set the drafts of each running sequence that decodes this step (none for prefills)."""
+        speculates = self.policy.speculates(len(running))
         for seq in running:
             seq.draft_token_ids = []
             room = self._room(seq)
