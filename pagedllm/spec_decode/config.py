@@ -33,7 +33,7 @@ class SpeculativeConfig:
     suffix_decoding_min_token_prob: float = 0.1
     # Adaptive speculation: none when this many sequences or more run (the step is compute-bound), and a sequence
     # pauses while its recent acceptance rate is below min_acceptance_rate.
-    disable_by_batch_size: int | None = None
+    disable_by_batch_size: int | None = 8
     min_acceptance_rate: float = 0.1
 
     def __post_init__(self) -> None:
