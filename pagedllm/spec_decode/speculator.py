@@ -32,7 +32,6 @@ class Speculator:
     """Owns the proposer, the adaptive policy and the counters."""
 
     def __init__(self, config: SpeculativeConfig, max_model_len: int) -> None:
-        self.config = config
         self.max_model_len = max_model_len
         self.proposer: Proposer = make_proposer(config)
         self.policy = SpeculationPolicy(
