@@ -89,7 +89,10 @@ class ModelRunner:
         # Sequences with one new token first, longest context first: attention batches runs of similar length.
         items = sorted(
             out.scheduled,
-            key=lambda item: (item.num_new_tokens != 1, -item.sequence.num_computed_tokens - item.num_new_tokens),
+            key=lambda item: (
+                item.num_new_tokens - item.num_draft_tokens != 1,
+                -item.sequence.num_computed_tokens - item.num_new_tokens,
+            ),
         )
         batch = _FlatBatch()
         for item in items:
@@ -242,9 +245,17 @@ class _FlatBatch:
         self.input_ids += seq.token_ids(start, end - len(drafts)) + drafts
         self.positions += range(start, end)
         self.slots += [block_manager.slot(seq, position) for position in range(start, end)]
-        self.block_tables.append(seq.block_ids)
-        self.query_lens.append(item.num_new_tokens)
-        self.seq_lens.append(end)
+        if drafts:
+            # A decode with drafts (drafts follow one uncomputed token) runs as one decode row per position over
+            # its own prefix: each row is computed, and rounded, as a lone decode of that position would be, and
+            # the fused decode takes the step. Every row's K/V is written before any row attends.
+            self.block_tables += [seq.block_ids] * (len(drafts) + 1)
+            self.query_lens += [1] * (len(drafts) + 1)
+            self.seq_lens += range(start + 1, end + 1)
+        else:
+            self.block_tables.append(seq.block_ids)
+            self.query_lens.append(item.num_new_tokens)
+            self.seq_lens.append(end)
         if item.completes:
             # The last verified token's row scores the first draft, each draft's row the next; the last is a bonus.
             first_row = offset + item.num_new_tokens - 1 - len(drafts)

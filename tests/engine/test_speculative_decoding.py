@@ -1,7 +1,6 @@
 """Speculative decoding through the engine: greedy outputs are the same tokens as without it (ShareGPT chat and
 input-grounded prompts), with preemption from a tiny KV cache, with prefix caching, n > 1, stop strings and
-logprobs; the counters move. The model runs in float32, where the one-token decode path and the multi-token
-verification path agree to rounding (in bfloat16 their rounding differs, and an exact tie may break differently).
+logprobs; the counters move. The model runs dense in float32 like the session's reference `llm`.
 """
 
 from __future__ import annotations
