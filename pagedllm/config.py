@@ -11,6 +11,7 @@ import torch
 
 from pagedllm.cpu import native_bfloat16_matmul
 from pagedllm.errors import ConfigError
+from pagedllm.spec_decode.config import SpeculativeConfig
 
 # The allowed values of enumerated settings: the CLI lists them as choices and EngineConfig checks them.
 AttentionImpl = Literal["fast", "reference"]
@@ -140,8 +141,16 @@ class EngineConfig:
     num_threads: int = field(
         default=0, metadata={"help": "torch threads for the math (0: every core this process may use)"}
     )
+    speculative_config: SpeculativeConfig | dict[str, Any] | str | None = field(
+        default=None,
+        metadata={
+            "help": 'speculative decoding, a JSON object: {"method": "ngram" | "suffix" | "draft_model", '
+            '"num_speculative_tokens": 5, ...} (vLLM\'s names)'
+        },
+    )
 
     def __post_init__(self) -> None:
+        self.speculative_config = SpeculativeConfig.parse(self.speculative_config)
         for name, choices in _choices(EngineConfig).items():
             if getattr(self, name) not in choices:
                 raise ConfigError(f"{name} must be one of {choices}, got {getattr(self, name)!r}", name)

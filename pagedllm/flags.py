@@ -48,10 +48,25 @@ def add_dataclass_arguments(
             parser.add_argument(
                 _flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction, default=default, help=help_text
             )
+        elif dataclasses.is_dataclass(kind):
+            parser.add_argument(_flag(f.name), dest=f.name, type=_parser(kind), default=default, help=help_text)
         elif is_list:
             parser.add_argument(_flag(f.name), dest=f.name, type=kind, nargs="*", default=default, help=help_text)
         else:
             parser.add_argument(_flag(f.name), dest=f.name, type=kind, default=default, help=help_text)
+
+
+def _parser(cls: Any) -> Any:
+    """A flag parser for a dataclass-valued setting: its `parse` (from a JSON string), errors as argparse's."""
+
+    def parse(text: str) -> Any:
+        try:
+            return cls.parse(text)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    parse.__name__ = cls.__name__
+    return parse
 
 
 def dataclass_from_args(cls: type[T], args: argparse.Namespace, **overrides: Any) -> T:

@@ -204,6 +204,13 @@ class BlockManager:
         child.block_ids = tables[0]
         child.group_block_ids = tables[1:]
 
+    def free_rejected(self, seq: HasBlocks) -> None:
+        """Release the blocks past the sequence's computed tokens: they held only rejected drafts, were allocated
+        for them and are referenced by no one else (never shared, never offered to the prefix cache)."""
+        num_needed = -(-seq.num_computed_tokens // self.block_size)
+        while len(seq.block_ids) > num_needed:
+            self.allocator.release(seq.block_ids.pop())
+
     def free(self, seq: HasBlocks) -> None:
         for table in self.tables(seq):
             for block_id in reversed(table):

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import torch
 
-from pagedllm.config import EngineConfig, ModelConfig
+from pagedllm.config import EngineConfig, ModelConfig, SpeculativeConfig
 from pagedllm.engine.block_manager import BlockManager
 from pagedllm.engine.faults import StepFaults
 from pagedllm.engine.host_memory import (
@@ -17,7 +17,7 @@ from pagedllm.engine.host_memory import (
     release_freed_memory,
     reuse_freed_step_memory,
 )
-from pagedllm.engine.model_runner import ModelRunner, StepResult, kv_cache_bytes_per_block
+from pagedllm.engine.model_runner import ModelRunner, StepResult, Verification, kv_cache_bytes_per_block
 from pagedllm.engine.output import RequestOutput, append_token, finish_grammar, make_request_output
 from pagedllm.engine.prefix_cache import PrefixCache
 from pagedllm.engine.request import FinishReason, Request, Sequence
@@ -30,6 +30,7 @@ from pagedllm.model.registry import model_class, model_display_name, resolve_mod
 from pagedllm.model.tokenizer import IncrementalDetokenizer, Tokenizer
 from pagedllm.sampling_params import SamplingParams
 from pagedllm.search import BeamSearchRequest, BestOfRequest, SearchDriver
+from pagedllm.spec_decode.speculator import SpecDecodeStats, Speculator
 from pagedllm.structured_output.backend import GrammarBackend
 from pagedllm.structured_output.manager import StructuredOutputManager
 
@@ -48,6 +49,7 @@ class EngineStats:
     generation_tokens: int
     prefix_cache_queried_tokens: int
     prefix_cache_hit_tokens: int
+    spec_decode: SpecDecodeStats = field(default_factory=SpecDecodeStats)
 
 
 class LLMEngine:
@@ -98,6 +100,8 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self.kept: dict[str, Sequence] = {}  # finished keep_kv requests' sequences, holding their blocks
         self.searches = SearchDriver(self)
+        spec = config.speculative_config
+        self.speculator = Speculator(spec, self.max_model_len) if isinstance(spec, SpeculativeConfig) else None
         self.prompt_tokens = 0
         self.generation_tokens = 0
         logger.info(
@@ -243,13 +247,15 @@ class LLMEngine:
         for seq in request.sequences:
             if seq.finish_reason is None:
                 seq.finish_reason = FinishReason.ABORT
-                self.scheduler.finish(seq)
+                self._finish(seq)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests) or self.searches.has_unfinished()
 
     def step(self) -> list[RequestOutput]:
         """Run one iteration; return the outputs of every request that advanced."""
+        if self.speculator is not None:
+            self.speculator.propose(self.scheduler.running)
         scheduled = self.scheduler.schedule()
         if not scheduled.scheduled:
             return []
@@ -264,7 +270,8 @@ class LLMEngine:
             seq = item.sequence
             if seq.num_computed_tokens < seq.prompt_len:
                 self.prompt_tokens += min(item.num_new_tokens, seq.prompt_len - seq.num_computed_tokens)
-            seq.num_computed_tokens += item.num_new_tokens
+            # Drafts have K/V only once accepted (below); a sequence's tokens so far all have theirs now.
+            seq.num_computed_tokens += item.num_new_tokens - item.num_draft_tokens
             self.block_manager.cache_computed_blocks(seq)
             self.block_manager.release_out_of_window(seq)
         for seq, entries in result.prompt_logprobs.items():
@@ -272,6 +279,8 @@ class LLMEngine:
         advanced: dict[str, Request] = {}
         for sample in result.samples:
             seq = sample.sequence
+            if seq.finish_reason is not None:
+                continue  # a stop among its accepted drafts ended it: the tokens after it are dropped
             request = seq.request
             request.first_token_time = request.first_token_time or now
             if sample.logprobs is not None:
@@ -283,15 +292,34 @@ class LLMEngine:
                 finish_grammar(seq)
             self.generation_tokens += 1
             if seq.finish_reason is not None:
-                self.scheduler.finish(seq, free_blocks=not request.keep_kv)
+                self._finish(seq, free_blocks=not request.keep_kv)
                 if request.keep_kv:
                     self.kept[request.request_id] = seq
             advanced[request.request_id] = request
+        for verification in result.verifications:
+            self._keep_accepted(verification)
         outputs = [make_request_output(request) for request in advanced.values()]
         for output in outputs:
             if output.finished:
                 del self.requests[output.request_id]
         return self.searches.process(outputs)
+
+    def _keep_accepted(self, verification: Verification) -> None:
+        """The accepted drafts' K/V, written by this step, becomes the sequence's; blocks of rejected ones go back."""
+        seq = verification.sequence
+        assert self.speculator is not None
+        self.speculator.verified(seq, verification.num_draft_tokens, verification.num_accepted)
+        seq.draft_token_ids = []
+        if seq.finish_reason is None:
+            seq.num_computed_tokens += verification.num_accepted
+            self.block_manager.free_rejected(seq)
+            self.block_manager.cache_computed_blocks(seq)
+
+    def _finish(self, seq: Sequence, free_blocks: bool = True) -> None:
+        """Drop a finished or aborted sequence (its blocks freed unless kept); its speculation state is forgotten."""
+        self.scheduler.finish(seq, free_blocks)
+        if self.speculator is not None:
+            self.speculator.finished(seq)
 
     def stats(self) -> EngineStats:
         prefix_cache = self.block_manager.prefix_cache
@@ -304,4 +332,5 @@ class LLMEngine:
             generation_tokens=self.generation_tokens,
             prefix_cache_queried_tokens=prefix_cache.queried_tokens if prefix_cache else 0,
             prefix_cache_hit_tokens=prefix_cache.hit_tokens if prefix_cache else 0,
+            spec_decode=replace(self.speculator.stats) if self.speculator is not None else SpecDecodeStats(),
         )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -13,6 +13,7 @@ from pagedllm.engine.scheduler import ScheduledSequence, SchedulerOutput
 from pagedllm.layers.attention import AttentionMetadata, KVPool, copy_blocks
 from pagedllm.layers.kv_cache_groups import kv_cache_layout
 from pagedllm.layers.kv_quant import KV_CACHE_BITS, QuantizedKVPool
+from pagedllm.layers.rejection_sampler import DraftBatch, RejectionSampler, VerifiedTokens
 from pagedllm.layers.sampler import Sampler, SamplerOutput, SamplingBatch
 from pagedllm.model.fused_decode import FusedDecode
 from pagedllm.model.llama import LlamaForCausalLM
@@ -29,9 +30,19 @@ class SampledToken:
 
 
 @dataclass
+class Verification:
+    """How many of a sequence's drafts the step verified and how many of them it accepted."""
+
+    sequence: Sequence
+    num_draft_tokens: int
+    num_accepted: int
+
+
+@dataclass
 class StepResult:
-    samples: list[SampledToken]
+    samples: list[SampledToken]  # a verifying sequence's accepted drafts and its next token, in order
     prompt_logprobs: dict[Sequence, list[dict[int, float]]]  # new entries, in prompt order
+    verifications: list[Verification] = field(default_factory=list)
 
 
 def kv_cache_bytes_per_block(
@@ -75,6 +86,7 @@ class ModelRunner:
         )
         self.sampler = Sampler(torch.Generator(device=device).manual_seed(config.seed))
         self.structured_output: StructuredOutputManager | None = None  # set by the engine
+        self.rejection_sampler = RejectionSampler(self.sampler)
         self.vocab_size = mc.vocab_size
         self.bytes_per_block = kv_cache_bytes_per_block(
             mc, config.block_size, config.torch_dtype, config.kv_cache_dtype
@@ -86,7 +98,10 @@ class ModelRunner:
         # Sequences with one new token first, longest context first: attention batches runs of similar length.
         items = sorted(
             out.scheduled,
-            key=lambda item: (item.num_new_tokens != 1, -item.sequence.num_computed_tokens - item.num_new_tokens),
+            key=lambda item: (
+                item.num_new_tokens - item.num_draft_tokens != 1,
+                -item.sequence.num_computed_tokens - item.num_new_tokens,
+            ),
         )
         batch = _FlatBatch()
         for item in items:
@@ -102,6 +117,9 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden[rows])
         num_samples = len(batch.sample_rows)
         prompt_logprobs = self._prompt_logprobs(logits[num_samples:], batch)
+        if any(batch.sample_drafts):
+            samples, verifications = self._verify(logits[:num_samples], batch)
+            return StepResult(samples, prompt_logprobs, verifications)
         return StepResult(self._sample(logits[:num_samples], batch.sample_seqs), prompt_logprobs)
 
     def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:
@@ -127,8 +145,35 @@ class ModelRunner:
             for row, (seq, token) in enumerate(zip(seqs, result.token_ids))
         ]
 
-    def _sampling_batch(self, seqs: list[Sequence]) -> SamplingBatch:
+    def _verify(self, logits: torch.Tensor, batch: _FlatBatch) -> tuple[list[SampledToken], list[Verification]]:
+        """Accept a prefix of each sequence's drafts and draw its next token; rows j of a sequence with drafts d
+        are sampled as if its output already ended with d[:j] (penalties and min_tokens see them)."""
+        seqs, drafts = batch.sample_seqs, batch.sample_drafts
+        row_seqs = [seq for seq, tokens in zip(seqs, drafts) for _ in range(len(tokens) + 1)]
+        row_drafts = [tokens[:j] for tokens in drafts for j in range(len(tokens) + 1)]
+        draft_batch = DraftBatch([len(tokens) for tokens in drafts], [t for tokens in drafts for t in tokens])
+        result = self.rejection_sampler(logits, self._sampling_batch(row_seqs, row_drafts), draft_batch)
+        samples = [
+            SampledToken(
+                seq,
+                token,
+                result.token_logprobs[index][j] if result.token_logprobs is not None else None,
+                _verified_logprob_dict(result, index, j, seq.request.params.logprobs),
+            )
+            for index, seq in enumerate(seqs)
+            for j, token in enumerate(result.token_ids[index])
+        ]
+        verifications = [
+            Verification(seq, len(tokens), accepted)
+            for seq, tokens, accepted in zip(seqs, drafts, result.num_accepted)
+            if tokens
+        ]
+        return samples, verifications
+
+    def _sampling_batch(self, seqs: list[Sequence], row_drafts: list[list[int]] | None = None) -> SamplingBatch:
+        """One row per sequence; with `row_drafts`, each row's output continues with its drafts."""
         params = [seq.request.params for seq in seqs]
+        drafts = row_drafts or [[] for _ in seqs]
 
         def column(name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
             return torch.tensor([getattr(p, name) for p in params], dtype=dtype, device=self.device)
@@ -145,11 +190,11 @@ class ModelRunner:
             num_logprobs=max((_num_logprobs(p) for p in params), default=-1),
         )
         if any(p.presence_penalty or p.frequency_penalty for p in params):
-            batch.output_counts = self._token_counts([seq.output_token_ids for seq in seqs])
+            batch.output_counts = self._token_counts([seq.output_token_ids + d for seq, d in zip(seqs, drafts)])
         if any(p.repetition_penalty != 1.0 for p in params):
-            seen = [seq.request.prompt_token_ids + seq.output_token_ids for seq in seqs]
+            seen = [seq.request.prompt_token_ids + seq.output_token_ids + d for seq, d in zip(seqs, drafts)]
             batch.seen_mask = self._token_counts(seen) > 0
-        banned = [_banned_tokens(seq) for seq in seqs]
+        banned = [_banned_tokens(seq, len(d)) for seq, d in zip(seqs, drafts)]
         if any(banned):
             batch.banned_mask = self._token_counts(banned) > 0
         if any(p.logit_bias for p in params):
@@ -204,19 +249,30 @@ class _FlatBatch:
         self.spans: list[tuple[Sequence, int, int]] = []  # each sequence's new positions [start, end)
         self.sample_rows: list[int] = []
         self.sample_seqs: list[Sequence] = []
+        self.sample_drafts: list[list[int]] = []  # per sample sequence: drafts verified on its rows
         self.prompt_logprob_rows: list[tuple[Sequence, list[int]]] = []
 
     def add(self, item: ScheduledSequence) -> None:
         seq = item.sequence
         start, end = seq.num_computed_tokens, seq.num_computed_tokens + item.num_new_tokens
+        drafts = seq.draft_token_ids[: item.num_draft_tokens]
         offset = len(self.input_ids)
-        self.input_ids += seq.token_ids(start, end)
+        self.input_ids += seq.token_ids(start, end - len(drafts)) + drafts
         self.positions += range(start, end)
-        self.spans.append((seq, start, end))
+        if drafts:
+            # A decode with drafts (drafts follow one uncomputed token) runs as one decode row per position over
+            # its own prefix: each row is computed, and rounded, as a lone decode of that position would be, and
+            # the fused decode takes the step. Every row's K/V is written before any row attends.
+            self.spans += [(seq, position, position + 1) for position in range(start, end)]
+        else:
+            self.spans.append((seq, start, end))
         if item.completes:
+            # The last verified token's row scores the first draft, each draft's row the next; the last is a bonus.
+            first_row = offset + item.num_new_tokens - 1 - len(drafts)
             for sample in (seq, *item.forks):
-                self.sample_rows.append(offset + item.num_new_tokens - 1)
+                self.sample_rows += range(first_row, first_row + len(drafts) + 1)
                 self.sample_seqs.append(sample)
+                self.sample_drafts.append(drafts)
         request = seq.request
         if request.params.prompt_logprobs is not None and seq.index == 0:
             # The logits at position p score prompt token p + 1; entry 0 (no context) is None.
@@ -242,10 +298,10 @@ def attention_metadata(
     return metas[0]
 
 
-def _banned_tokens(seq: Sequence) -> list[int]:
-    """Tokens that would end the sequence before min_tokens."""
+def _banned_tokens(seq: Sequence, num_drafted: int = 0) -> list[int]:
+    """Tokens that would end the sequence before min_tokens (its output continued by `num_drafted` drafts)."""
     params = seq.request.params
-    if len(seq.output_token_ids) >= params.min_tokens:
+    if len(seq.output_token_ids) + num_drafted >= params.min_tokens:
         return []
     eos = [] if params.ignore_eos else list(seq.detokenizer.tokenizer.eos_token_ids)
     return eos + params.stop_token_ids
@@ -261,3 +317,14 @@ def _logprob_dict(result: SamplerOutput, row: int, num_logprobs: int | None) -> 
         return None
     top = dict(zip(result.top_ids[row][:num_logprobs], result.top_logprobs[row][:num_logprobs]))
     return {**top, result.token_ids[row]: result.token_logprobs[row]}
+
+
+def _verified_logprob_dict(
+    result: VerifiedTokens, index: int, j: int, num_logprobs: int | None
+) -> dict[int, float] | None:
+    """The logprobs of sequence `index`'s j-th emitted token, as _logprob_dict gives a sampled token's."""
+    if num_logprobs is None or result.token_logprobs is None:
+        return None
+    assert result.top_ids is not None and result.top_logprobs is not None
+    top = dict(zip(result.top_ids[index][j][:num_logprobs], result.top_logprobs[index][j][:num_logprobs]))
+    return {**top, result.token_ids[index][j]: result.token_logprobs[index][j]}

@@ -15,13 +15,15 @@ logger = logging.getLogger(__name__)
 @dataclass
 class ScheduledSequence:
     sequence: Sequence
-    num_new_tokens: int
+    num_new_tokens: int  # draft tokens included
     forks: list[Sequence] = field(default_factory=list)  # samples split off at this step, sharing its blocks
+    num_draft_tokens: int = 0  # the sequence's first drafts, computed after its own tokens to be verified
 
     @property
     def completes(self) -> bool:
         """After this step every token of the sequence has its K/V, so its next token is sampled."""
-        return self.sequence.num_computed_tokens + self.num_new_tokens == self.sequence.num_tokens
+        num_verified = self.num_new_tokens - self.num_draft_tokens
+        return self.sequence.num_computed_tokens + num_verified == self.sequence.num_tokens
 
 
 @dataclass
@@ -64,7 +66,9 @@ class Scheduler:
         index = 0
         while index < len(self.running) and budget > 0:
             seq = self.running[index]
-            num_new = min(seq.num_uncomputed_tokens, budget)
+            # Drafts count in the budget like any token; those that do not fit wait for a later step.
+            num_new = min(seq.num_uncomputed_tokens + len(seq.draft_token_ids), budget)
+            del seq.draft_token_ids[max(0, num_new - seq.num_uncomputed_tokens) :]
             if not self._make_room(seq, num_new, out):
                 break
             self._schedule(seq, num_new, out)
@@ -103,7 +107,7 @@ class Scheduler:
 
     def _schedule(self, seq: Sequence, num_new: int, out: SchedulerOutput) -> None:
         out.block_copies += self.block_manager.allocate_slots(seq, num_new)
-        item = ScheduledSequence(seq, num_new)
+        item = ScheduledSequence(seq, num_new, num_draft_tokens=len(seq.draft_token_ids))
         if seq.pending_forks and item.completes:
             item.forks = self._fork(seq, seq.num_computed_tokens + num_new)
             out.forked += item.forks
@@ -135,6 +139,7 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         self.block_manager.free(seq)
         seq.num_computed_tokens = 0
+        seq.draft_token_ids = []
         seq.num_preemptions += 1
         self.waiting.appendleft(seq)
         self.num_preemptions += 1

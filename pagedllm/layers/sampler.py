@@ -43,24 +43,15 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         """logits: float32 [rows, vocab], as the model produced them."""
         raw_logprobs = torch.log_softmax(logits, dim=-1) if batch.num_logprobs >= 0 else None
-        logits = apply_penalties(logits, batch)
-        if batch.logit_bias is not None:
-            logits = logits + batch.logit_bias
-        if batch.banned_mask is not None:
-            logits = logits.masked_fill(batch.banned_mask, float("-inf"))
-        if batch.allowed_bitmask is not None:
-            logits = apply_token_bitmask(logits, batch.allowed_bitmask)
-        token_ids = first_max_index(logits)
-        random_rows = (batch.temperature > 0).nonzero().squeeze(1).tolist()
-        if random_rows:
-            rows = torch.tensor(random_rows, device=logits.device)
-            scaled = logits[rows] / batch.temperature[rows].unsqueeze(1)
-            scaled = apply_top_k_top_p_min_p(scaled, batch.top_k[rows], batch.top_p[rows], batch.min_p[rows])
-            generators = [batch.generators[row] for row in random_rows]
-            token_ids[rows] = self._draw(torch.softmax(scaled, dim=-1), generators)
-        return _with_logprobs(token_ids, raw_logprobs, batch.num_logprobs)
+        target = process_logits(logits, batch)
+        token_ids = first_max_index(target.logits)
+        if target.random_rows:
+            rows = torch.tensor(target.random_rows, device=logits.device)
+            generators = [batch.generators[row] for row in target.random_rows]
+            token_ids[rows] = self.draw(torch.softmax(target.logits[rows], dim=-1), generators)
+        return with_logprobs(token_ids, raw_logprobs, batch.num_logprobs)
 
-    def _draw(self, probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
+    def draw(self, probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
         """Sample each row by the exponential race (argmax p/E, E ~ Exp(1)); seeded rows use their own generator."""
         noise = torch.empty_like(probs)
         shared_rows = [row for row, generator in enumerate(generators) if generator is None]
@@ -71,6 +62,33 @@ class Sampler:
             if generator is not None:
                 noise[row].exponential_(generator=generator)
         return first_max_index(probs / noise)
+
+
+@dataclass
+class TargetLogits:
+    """The logits each row's token is chosen from: greedy rows take the argmax, random rows sample the softmax."""
+
+    logits: torch.Tensor  # [rows, vocab]
+    random_rows: list[int]  # rows with temperature > 0: scaled by their temperature and truncated
+
+
+def process_logits(logits: torch.Tensor, batch: SamplingBatch) -> TargetLogits:
+    """Apply a batch's settings to raw logits: penalties, logit bias, banned and grammar-forbidden tokens, then
+    temperature and top-k/top-p/min-p."""
+    logits = apply_penalties(logits, batch)
+    if batch.logit_bias is not None:
+        logits = logits + batch.logit_bias
+    if batch.banned_mask is not None:
+        logits = logits.masked_fill(batch.banned_mask, float("-inf"))
+    if batch.allowed_bitmask is not None:
+        logits = apply_token_bitmask(logits, batch.allowed_bitmask)
+    random_rows = (batch.temperature > 0).nonzero().squeeze(1).tolist()
+    if random_rows:
+        rows = torch.tensor(random_rows, device=logits.device)
+        scaled = logits[rows] / batch.temperature[rows].unsqueeze(1)
+        scaled = apply_top_k_top_p_min_p(scaled, batch.top_k[rows], batch.top_p[rows], batch.min_p[rows])
+        logits = logits.index_put((rows,), scaled)
+    return TargetLogits(logits, random_rows)
 
 
 def first_max_index(x: torch.Tensor) -> torch.Tensor:
@@ -130,7 +148,8 @@ def _apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.T
     return logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
 
 
-def _with_logprobs(token_ids: torch.Tensor, raw_logprobs: torch.Tensor | None, num_logprobs: int) -> SamplerOutput:
+def with_logprobs(token_ids: torch.Tensor, raw_logprobs: torch.Tensor | None, num_logprobs: int) -> SamplerOutput:
+    """The drawn tokens, with their raw logprobs and each row's top `num_logprobs` when asked (>= 0)."""
     ids = token_ids.tolist()
     if raw_logprobs is None:
         return SamplerOutput(ids, None, None, None)

@@ -29,10 +29,17 @@ class EngineStatsCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         stats = self.stats()
+        spec = stats.spec_decode
         gauges = (
             ("num_requests_running", "sequences in the running batch", stats.num_running),
             ("num_requests_waiting", "sequences waiting to be scheduled", stats.num_waiting),
             ("kv_cache_usage_ratio", "fraction of KV-cache blocks in use (0 to 1)", stats.kv_cache_usage),
+            ("spec_decode_acceptance_rate", "accepted / verified draft tokens so far", spec.acceptance_rate),
+            (
+                "spec_decode_mean_accepted_length",
+                "tokens emitted per verification so far, the target's own token included",
+                spec.mean_accepted_length,
+            ),
         )
         for name, documentation, value in gauges:
             gauge = GaugeMetricFamily(f"{PREFIX}_{name}", documentation, labels=["model_name"])
@@ -44,6 +51,9 @@ class EngineStatsCollector(Collector):
             ("generation_tokens", "tokens generated", stats.generation_tokens),
             ("prefix_cache_queries", "prompt tokens looked up in the prefix cache", stats.prefix_cache_queried_tokens),
             ("prefix_cache_hits", "prompt tokens found in the prefix cache", stats.prefix_cache_hit_tokens),
+            ("spec_decode_num_drafts", "sequence steps that verified draft tokens", spec.num_drafts),
+            ("spec_decode_num_draft_tokens", "draft tokens verified", spec.num_draft_tokens),
+            ("spec_decode_num_accepted_tokens", "draft tokens accepted", spec.num_accepted_tokens),
         )
         for name, documentation, value in counters:
             counter = CounterMetricFamily(f"{PREFIX}_{name}", documentation, labels=["model_name"])

@@ -1,0 +1,172 @@
+"""`pagedllm bench spec`: batch-1 decode with speculation off and on, on plain ShareGPT chat and on an
+input-grounded set (ShareGPT replies handed back to be repeated or lightly edited), counting identical outputs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from dataclasses import asdict, dataclass
+
+from pagedllm import LLM, SamplingParams
+from pagedllm.benchmarks import results
+from pagedllm.benchmarks.datasets import TextTokenizer, load_sharegpt_pairs, sharegpt_path
+from pagedllm.config import EngineConfig
+from pagedllm.flags import add_dataclass_arguments, dataclass_from_args
+from pagedllm.model.tokenizer import Tokenizer
+from pagedllm.spec_decode.config import SpeculativeConfig
+
+# Instructions whose answer copies most of its input: what prompt lookup and suffix decoding are for.
+GROUNDED_INSTRUCTIONS = (
+    "Repeat the following text exactly, without any comment:",
+    "Fix any spelling mistakes in the following text and give back the whole text, otherwise unchanged:",
+    "Give back the following text with its first sentence rewritten and everything else unchanged:",
+)
+CODE_INSTRUCTION = "Add a one-line comment at the top of the following code and give back all of it unchanged:"
+PROMPT_SETS = ("chat", "grounded")
+DEFAULT_SPECULATIVE_CONFIG = '{"method": "ngram", "num_speculative_tokens": 5}'
+
+
+@dataclass(frozen=True)
+class SpecRequest:
+    prompt_token_ids: list[int]
+    max_tokens: int
+
+
+@dataclass
+class SpecPoint:
+    """One prompt set under one setting, its requests run one at a time (batch 1)."""
+
+    prompt_set: str
+    speculation: str
+    num_requests: int
+    output_tokens: int
+    seconds: float
+    decode_seconds: float  # from each request's first token to its last
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
+    acceptance_rate: float = 0.0
+    mean_accepted_length: float = 0.0
+    identical_outputs: int = 0  # outputs token for token the same as without speculation
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        return (self.output_tokens - self.num_requests) / self.decode_seconds if self.decode_seconds else 0.0
+
+
+def grounded_prompt(reply: str, index: int) -> str:
+    """The instruction for reply number `index` (code gets its own), then the reply."""
+    instruction = CODE_INSTRUCTION if "```" in reply else GROUNDED_INSTRUCTIONS[index % len(GROUNDED_INSTRUCTIONS)]
+    return f"{instruction}\n\n{reply}"
+
+
+def build_requests(
+    pairs: list[tuple[str, str]],
+    prompt_set: str,
+    num_requests: int,
+    tokenizer: Tokenizer | TextTokenizer,
+    seed: int,
+    max_reply_tokens: int,
+) -> list[SpecRequest]:
+    """Chat-templated requests: ShareGPT's first question ('chat') or its answer to hand back ('grounded')."""
+    order = list(range(len(pairs)))
+    random.Random(seed).shuffle(order)
+    requests = []
+    for index in order:
+        if len(requests) == num_requests:
+            break
+        question, reply = pairs[index]
+        reply_ids = tokenizer.encode(reply, add_special_tokens=False)
+        if len(reply_ids) < 16:
+            continue
+        reply = tokenizer.decode(reply_ids[:max_reply_tokens])
+        text = question if prompt_set == "chat" else grounded_prompt(reply, len(requests))
+        prompt = tokenizer.encode_chat([{"role": "user", "content": text}])
+        if len(prompt) > 2 * max_reply_tokens + 64:
+            continue
+        # A grounded answer is about as long as the reply it hands back; a little room for the edit.
+        requests.append(SpecRequest(prompt, min(len(reply_ids), max_reply_tokens) + 16))
+    return requests
+
+
+def run_point(llm: LLM, requests: list[SpecRequest], prompt_set: str, speculation: str) -> tuple[SpecPoint, list]:
+    """Run the requests one at a time with greedy sampling; the outputs come back to compare settings."""
+    outputs, seconds, decode_seconds = [], 0.0, 0.0
+    for request in requests:
+        started = time.monotonic()
+        params = SamplingParams(max_tokens=request.max_tokens, temperature=0.0)
+        output = llm.generate([request.prompt_token_ids], params)[0]
+        finished = time.monotonic()
+        seconds += finished - started
+        decode_seconds += finished - (output.first_token_time or finished)
+        outputs.append(output.outputs[0].token_ids)
+    point = SpecPoint(prompt_set, speculation, len(requests), sum(map(len, outputs)), seconds, decode_seconds)
+    return point, outputs
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--num-prompts", type=int, default=8, help="requests per prompt set")
+    parser.add_argument("--max-reply-tokens", type=int, default=128, help="tokens of a reply handed back")
+    parser.add_argument("--prompt-sets", default=",".join(PROMPT_SETS), help="comma-separated: chat, grounded")
+    parser.add_argument(
+        "--speculative-config", default=DEFAULT_SPECULATIVE_CONFIG, help="the 'on' setting, a JSON object"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the ShareGPT sample")
+    results.add_output_argument(parser)
+    add_dataclass_arguments(parser.add_argument_group("engine"), EngineConfig, exclude=("speculative_config", "seed"))
+
+
+def run(args: argparse.Namespace) -> int:
+    config = SpeculativeConfig.parse(args.speculative_config)
+    if config is None:
+        raise SystemExit("pagedllm: error: --speculative-config is empty")
+    with sharegpt_path() as path:
+        pairs = load_sharegpt_pairs(path)
+    engine = dataclass_from_args(EngineConfig, args, speculative_config=None, seed=0)
+    settings: dict = {"engine": {k: v for k, v in asdict(engine).items() if k != "speculative_config"}}
+    plain = LLM(**asdict(engine))
+    speculating = LLM(**{**asdict(engine), "speculative_config": asdict(config)})
+    points = []
+    for prompt_set in args.prompt_sets.split(","):
+        requests = build_requests(
+            pairs, prompt_set, args.num_prompts, plain.tokenizer, args.seed, args.max_reply_tokens
+        )
+        for llm in (plain, speculating):  # one-time costs (new matmul shapes) out of the timings
+            run_point(llm, requests[:1], prompt_set, "warm-up")
+        off, expected = run_point(plain, requests, prompt_set, "off")
+        before = speculating.engine.stats()
+        on, produced = run_point(speculating, requests, prompt_set, config.method)
+        after = speculating.engine.stats()
+        on.draft_tokens = after.spec_decode.num_draft_tokens - before.spec_decode.num_draft_tokens
+        on.accepted_tokens = after.spec_decode.num_accepted_tokens - before.spec_decode.num_accepted_tokens
+        verifications = after.spec_decode.num_drafts - before.spec_decode.num_drafts
+        on.acceptance_rate = on.accepted_tokens / on.draft_tokens if on.draft_tokens else 0.0
+        on.mean_accepted_length = 1 + on.accepted_tokens / verifications if verifications else 0.0
+        # Lossless up to rounding: in bfloat16 the multi-token verification pass may break an exact tie otherwise.
+        on.identical_outputs = sum(a == b for a, b in zip(produced, expected))
+        points += [off, on]
+        print(format_points([off, on]))
+    record = {"points": [{**asdict(p), "decode_tokens_per_second": p.decode_tokens_per_second} for p in points]}
+    settings["speculative_config"] = json.loads(args.speculative_config)
+    output = args.output_json or results.default_results_path()
+    results.append_run(output, results.new_run("speculative", "pagedllm", settings, record))
+    print(f"results appended to {output}")
+    return 0
+
+
+def format_points(points: list[SpecPoint]) -> str:
+    """A table: decode tokens/s per set and setting, the speed-up over off, and acceptance."""
+    header = f"{'set':<9}{'speculation':<13}{'tokens':>7}{'decode tok/s':>14}{'speed-up':>10}"
+    lines = [header + f"{'accepted':>10}{'mean len':>10}{'identical':>11}"]
+    base = {p.prompt_set: p.decode_tokens_per_second for p in points if p.speculation == "off"}
+    for p in points:
+        speedup = p.decode_tokens_per_second / base[p.prompt_set] if base.get(p.prompt_set) else 0.0
+        accepted = f"{p.acceptance_rate:.0%}" if p.speculation != "off" else "-"
+        mean_len = f"{p.mean_accepted_length:.2f}" if p.speculation != "off" else "-"
+        identical = f"{p.identical_outputs}/{p.num_requests}" if p.speculation != "off" else "-"
+        lines.append(
+            f"{p.prompt_set:<9}{p.speculation:<13}{p.output_tokens:>7}{p.decode_tokens_per_second:>14.1f}"
+            f"{speedup:>9.2f}x{accepted:>10}{mean_len:>10}{identical:>11}"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""Speculative decoding: proposers of draft tokens (n-gram, suffix, draft model), their settings and policy."""
