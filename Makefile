@@ -21,7 +21,7 @@ KL_TOKENS ?= 4096
 AWQ_DIR ?= $(HOME)/.cache/pagedllm/awq/smollm2-135m-instruct-w4-g128-conversations
 BENCH_RESULTS = benchmarks/results/$(shell date +%F)-$(shell $(PY) -c "from pagedllm.benchmarks.results import this_machine; print(this_machine().name)" 2>/dev/null).json
 
-.PHONY: install serve chat lint test test-reference soak bench-peers bench bench-variants
+.PHONY: install serve chat lint test test-slow test-reference soak bench-peers bench bench-variants
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -50,7 +50,11 @@ lint: install
 	$(PY) -m ruff format --check .
 
 test: install $(CHROMIUM) lint
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -p no:cacheprovider -m "not slow"
+
+# The tests that take minutes each (the whole schema table, the real Gemma 3 file, lm-eval's harness).
+test-slow: install $(CHROMIUM)
+	$(PY) -m pytest -q -p no:cacheprovider -m slow
 
 test-reference: install
 	$(PY) -m pytest -q -p no:cacheprovider -m reference

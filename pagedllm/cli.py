@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from pagedllm.benchmarks import offline, peers, prefix_sharing, report, size_suite, synthetic
+from pagedllm.benchmarks import allreduce, offline, peers, prefix_sharing, report, size_suite, synthetic
 from pagedllm.benchmarks import serve as bench_serve
 from pagedllm.benchmarks import speculative as bench_speculative
 from pagedllm.chat import EngineChat, RemoteChat, run_repl
@@ -93,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
         "spec": bench_speculative,
         "synth": synthetic,
         "sizes": size_suite,
+        "allreduce": allreduce,
     }
     for name, module in benches.items():
         sub = bench_commands.add_parser(name, help=module.__doc__.splitlines()[0])

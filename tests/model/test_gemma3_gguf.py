@@ -12,7 +12,7 @@ from pagedllm.errors import InvalidArgumentError
 from pagedllm.model.tokenizer import cache_dir
 from tests.reference import paged_last_logits
 
-pytestmark = pytest.mark.reference
+pytestmark = [pytest.mark.reference, pytest.mark.slow]
 
 GREEDY_PROMPTS = [
     "The capital of France is",
