@@ -175,7 +175,7 @@ def fake_tool(path: Path, stdout: str, allocate_mib: int = 0) -> None:
 def test_llama_cpp_run_adds_batched_decode_and_peak_rss(fake_bin: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     fake_tool(fake_bin / "llama-bench", json.dumps(LLAMA_BENCH_OUTPUT), allocate_mib=200)
     fake_tool(fake_bin / "llama-batched-bench", BATCHED_BENCH_OUTPUT)
-    args = argparse.Namespace(threads=2, prompt_lens=(512,), decode_tokens=128, repeats=1, batch_sizes=(1, 8, 32))
+    args = argparse.Namespace(num_threads=2, prompt_lens=(512,), decode_tokens=128, repeats=1, batch_sizes=(1, 8, 32))
     run = peers.llama_cpp_run(args, Path("m.gguf"), {"sizes_row": "row"})
     assert run.versions["llama.cpp"] == "build 1 (commit 0c1e570)"
     assert [d["batch_size"] for d in run.results["decode"]] == [1, 8, 32]
