@@ -9,7 +9,8 @@ import uuid
 from collections.abc import AsyncGenerator
 from typing import Any
 
-from pydantic import Field
+from fastapi.exceptions import RequestValidationError
+from pydantic import Field, ValidationError
 
 from pagedllm.errors import InvalidArgumentError
 from pagedllm.serving import sse
@@ -49,7 +50,12 @@ class ResponsesRequest(APIModel):
             "top_p": self.top_p,
             "seed": self.seed,
         }
-        return ChatCompletionRequest.model_validate({k: v for k, v in fields.items() if v is not None}, strict=False)
+        try:
+            return ChatCompletionRequest.model_validate(
+                {k: v for k, v in fields.items() if v is not None}, strict=False
+            )
+        except ValidationError as error:  # a value the chat schema refuses (a seed out of range...): a 400 as there
+            raise RequestValidationError(error.errors()) from error
 
 
 def _messages(items: str | list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -6,6 +6,7 @@ import threading
 import time
 from dataclasses import dataclass, field, fields
 
+from pagedllm.config import EngineConfig
 from pagedllm.engine.engine import EngineStats
 from pagedllm.engine.host_memory import HeapTrimmer
 from pagedllm.engine.output import CompletionOutput, RequestOutput
@@ -29,6 +30,8 @@ class FakeEngine:
 
     model_name = "fake"
     max_model_len = 64
+    config = EngineConfig()
+    num_blocks = 4  # of config.block_size tokens: the context fits the cache
     tokenizer = None  # token-id prompts only
     grammars = None  # no structured outputs
     weight_bytes = 1000

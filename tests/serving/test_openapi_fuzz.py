@@ -19,10 +19,18 @@ from .conftest import Server
 MAX_EXAMPLES = 15
 MAX_TOKENS = 3
 MAX_N = 2
-GET_OPERATIONS = [("GET", "/health"), ("GET", "/version"), ("GET", "/v1/models"), ("GET", "/metrics")]
+GET_OPERATIONS = [
+    ("GET", "/health"),
+    ("GET", "/version"),
+    ("GET", "/v1/models"),
+    ("GET", "/v1/models/{model_id}"),
+    ("GET", "/tokenizer_info"),
+    ("GET", "/metrics"),
+]
 POST_OPERATIONS = [
     ("POST", "/v1/completions"),
     ("POST", "/v1/chat/completions"),
+    ("POST", "/v1/responses"),
     ("POST", "/tokenize"),
     ("POST", "/detokenize"),
 ]
@@ -41,11 +49,13 @@ def keep_it_cheap(body: Any) -> None:
     """Bound the work a generated body asks for, so the run takes seconds: few tokens, few samples."""
     if not isinstance(body, dict):
         return
-    for name in ("max_tokens", "max_completion_tokens"):
+    for name in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
         if isinstance(body.get(name), int) and not isinstance(body[name], bool) and body[name] > MAX_TOKENS:
             body[name] = MAX_TOKENS
-    if "messages" in body and "max_tokens" not in body and "max_completion_tokens" not in body:
+    if "messages" in body and body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
         body["max_tokens"] = MAX_TOKENS  # a chat without max_tokens may use the rest of the context
+    if "input" in body and body.get("max_output_tokens") is None:
+        body["max_output_tokens"] = MAX_TOKENS  # likewise a response
     if isinstance(body.get("n"), int) and not isinstance(body["n"], bool) and body["n"] > MAX_N:
         body["n"] = MAX_N
 
