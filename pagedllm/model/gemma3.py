@@ -15,9 +15,9 @@ from pagedllm.layers.attention import AttentionMetadata, KVPool, PagedAttention
 from pagedllm.layers.kv_cache_groups import kv_cache_layout
 from pagedllm.layers.linear import Linear
 from pagedllm.layers.norm import RMSNorm
-from pagedllm.layers.quantization import LinearQuantization, QuantizedWeight, fuse_rows
+from pagedllm.layers.quantization import LinearQuantization, QuantizedWeight
 from pagedllm.layers.rotary import RotaryEmbedding
-from pagedllm.model.weights import load_embedding, load_linear, weight_bytes
+from pagedllm.model.weights import check_all_used, load_embedding, load_linear, load_projections, weight_bytes
 
 
 class Gemma3Attention(nn.Module):
@@ -172,18 +172,8 @@ class Gemma3ForCausalLM(nn.Module):
             attn = layer.self_attn
             attn.q_norm.weight.data = take(prefix + "self_attn.q_norm.weight")
             attn.k_norm.weight.data = take(prefix + "self_attn.k_norm.weight")
-            qkv = fuse_rows([take(f"{prefix}self_attn.{p}_proj.weight") for p in "qkv"], dtype)
-            bias = None
-            if self.config.attention_bias:
-                bias = torch.cat([take(f"{prefix}self_attn.{p}_proj.bias") for p in "qkv"])
-            load_linear(attn, "qkv_proj", qkv, bias, dtype, self.quantization)
-            load_linear(attn, "o_proj", take(prefix + "self_attn.o_proj.weight"), None, dtype, self.quantization)
-            gate_up = fuse_rows([take(prefix + "mlp.gate_proj.weight"), take(prefix + "mlp.up_proj.weight")], dtype)
-            load_linear(layer.mlp, "gate_up_proj", gate_up, None, dtype, self.quantization)
-            load_linear(layer.mlp, "down_proj", take(prefix + "mlp.down_proj.weight"), None, dtype, self.quantization)
-        unused = [name for name in remaining if not name.endswith("rotary_emb.inv_freq")]
-        if unused:
-            raise ValueError(f"checkpoint has tensors the model does not use: {unused[:5]}")
+            load_projections(layer, prefix, take, dtype, self.quantization, self.config.attention_bias)
+        check_all_used(remaining)
 
     def weight_bytes(self) -> int:
         """Bytes held by the weights (quantized values, scales and dense copies; shared tensors once)."""

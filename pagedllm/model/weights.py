@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
 from pagedllm.layers.gguf_blocks import GGUFWeight
 from pagedllm.layers.gguf_linear import GGUFEmbedding
 from pagedllm.layers.linear import Linear
-from pagedllm.layers.quantization import LinearQuantization, QuantizedWeight
+from pagedllm.layers.quantization import LinearQuantization, QuantizedWeight, fuse_rows
 from pagedllm.layers.quantized_linears import quantized_linear
 
 
@@ -40,6 +42,32 @@ def load_linear(
     if layer.bias is not None and bias is None:
         raise ValueError("checkpoint lacks a bias this layer needs")
     setattr(owner, name, quantized_linear(weight, bias, dtype, quantization.dense_matmul_min_rows))
+
+
+def load_projections(
+    layer: nn.Module,
+    prefix: str,
+    take: Callable[[str], torch.Tensor | QuantizedWeight],
+    dtype: torch.dtype,
+    quantization: LinearQuantization,
+    attention_bias: bool,
+) -> None:
+    """A decoder layer's attention and MLP linears from HF names under `prefix`: q/k/v and gate/up fused by rows."""
+    attn = layer.self_attn
+    qkv = fuse_rows([take(f"{prefix}self_attn.{p}_proj.weight") for p in "qkv"], dtype)
+    bias = torch.cat([take(f"{prefix}self_attn.{p}_proj.bias") for p in "qkv"]) if attention_bias else None
+    load_linear(attn, "qkv_proj", qkv, bias, dtype, quantization)
+    load_linear(attn, "o_proj", take(prefix + "self_attn.o_proj.weight"), None, dtype, quantization)
+    gate_up = fuse_rows([take(prefix + "mlp.gate_proj.weight"), take(prefix + "mlp.up_proj.weight")], dtype)
+    load_linear(layer.mlp, "gate_up_proj", gate_up, None, dtype, quantization)
+    load_linear(layer.mlp, "down_proj", take(prefix + "mlp.down_proj.weight"), None, dtype, quantization)
+
+
+def check_all_used(remaining: dict[str, object]) -> None:
+    """Refuse a checkpoint with tensors the model did not take (HF's cached rotary frequencies aside)."""
+    unused = [name for name in remaining if not name.endswith("rotary_emb.inv_freq")]
+    if unused:
+        raise ValueError(f"checkpoint has tensors the model does not use: {unused[:5]}")
 
 
 def weight_bytes(model: nn.Module) -> int:
