@@ -14,6 +14,7 @@ from pagedllm.layers.activation import gelu_tanh_and_mul
 from pagedllm.layers.attention import AttentionMetadata, KVPool, PagedAttention
 from pagedllm.layers.kv_cache_groups import kv_cache_layout
 from pagedllm.layers.linear import Linear
+from pagedllm.layers.mlp import GatedMLP
 from pagedllm.layers.norm import RMSNorm
 from pagedllm.layers.quantization import LinearQuantization, QuantizedWeight
 from pagedllm.layers.rotary import RotaryEmbedding
@@ -52,16 +53,6 @@ class Gemma3Attention(nn.Module):
         return self.o_proj(self.attn(q, k, v, meta))
 
 
-class Gemma3MLP(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
-        super().__init__()
-        self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size)
-        self.down_proj = Linear(config.intermediate_size, config.hidden_size)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(gelu_tanh_and_mul(self.gate_up_proj(x)))
-
-
 class Gemma3DecoderLayer(nn.Module):
     """Norms before and after both attention and MLP; the residual stream adds the post-normed outputs."""
 
@@ -74,7 +65,7 @@ class Gemma3DecoderLayer(nn.Module):
         self.self_attn = Gemma3Attention(config, rotary, sliding_window, attention_impl)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps)
         self.pre_feedforward_layernorm = RMSNorm(config.hidden_size, eps)
-        self.mlp = Gemma3MLP(config)
+        self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, gelu_tanh_and_mul)
         self.post_feedforward_layernorm = RMSNorm(config.hidden_size, eps)
 
     def forward(

@@ -9,6 +9,7 @@ from pagedllm.config import ModelConfig
 from pagedllm.layers.activation import silu_and_mul
 from pagedllm.layers.attention import AttentionMetadata, KVPool, PagedAttention
 from pagedllm.layers.linear import Linear
+from pagedllm.layers.mlp import GatedMLP
 from pagedllm.layers.norm import RMSNorm
 from pagedllm.layers.quantization import LinearQuantization, QuantizedWeight
 from pagedllm.layers.rotary import RotaryEmbedding
@@ -36,23 +37,13 @@ class LlamaAttention(nn.Module):
         return self.o_proj(self.attn(q, k, v, meta))
 
 
-class LlamaMLP(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
-        super().__init__()
-        self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size)
-        self.down_proj = Linear(config.intermediate_size, config.hidden_size)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
-
-
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig, rotary: RotaryEmbedding, attention_impl: str) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = LlamaAttention(config, rotary, attention_impl)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = LlamaMLP(config)
+        self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, silu_and_mul)
 
     def forward(
         self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None, meta: AttentionMetadata
