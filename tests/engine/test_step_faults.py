@@ -44,10 +44,13 @@ def test_a_failed_step_fails_its_requests_frees_their_blocks_and_the_engine_serv
         async_engine = AsyncLLMEngine(engine)
         async_engine.start()
         try:
-            streams = [
-                await async_engine.add_request(f"doomed-{i}", [1, 2, 3 + i], SamplingParams(max_tokens=50))
-                for i in range(4)
-            ]
+            # Submitted together, so the engine thread admits all four between the same two steps, before the fault.
+            streams = await asyncio.gather(
+                *(
+                    async_engine.add_request(f"doomed-{i}", [1, 2, 3 + i], SamplingParams(max_tokens=50))
+                    for i in range(4)
+                )
+            )
             started = time.monotonic()
             errors: list[BaseException | None] = []
             for stream in streams:
