@@ -128,9 +128,8 @@ class EngineConfig:
         default=None,
         metadata={
             "help": "steps with at least this many tokens multiply by a dense copy of quantized weights; 0: keep none "
-            "(default: 8 on CPUs with AMX, else none for int4, and for int8 16 on CPUs with AVX512-BF16, else 65, "
-            "past its kernel's 64 rows; GGUF Q8_0 blocks as int8 but at most 33, past their kernel's 32 rows, and "
-            "other GGUF blocks none)"
+            "(default: none for GGUF blocks; 8 on CPUs with AMX, else none for int4, and for int8 16 on CPUs with "
+            "AVX512-BF16, else 65, past its kernel's 64 rows)"
         },
     )
     kv_cache_dtype: KVCacheDtype = field(

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import gguf
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from pagedllm.kernels import cpu_kernels_available
 from pagedllm.layers.gguf_blocks import GGUFWeight, dequantize_blocks
-from pagedllm.layers.linear import default_dense_matmul_min_rows, dense_linear, matrix_units_layout
+from pagedllm.layers.linear import dense_linear, matrix_units_layout
 
 # Who multiplies: pagedllm's CPU kernel (int8-rounded activations) or the plain dequantize-then-F.linear path.
 GGUF_KERNELS = ("pagedllm", "reference")
@@ -17,15 +16,6 @@ GGUF_KERNELS = ("pagedllm", "reference")
 # activation row); more rows dequantize the weight for one dense matmul, which reuses each weight across the rows
 # and so outgrows the decoding.
 GGUF_PACKED_MATMUL_MAX_ROWS = 32
-
-
-def default_gguf_dense_matmul_min_rows(ggml_type: int) -> int:
-    """Q8_0 blocks keep a dense copy from the rows int8 weights do (their bytes are int8's, and their kernel is no
-    faster than int8's), at most past the rows the kernel takes; the other types keep none: it would take 3-4x their
-    blocks' bytes."""
-    if ggml_type != gguf.GGMLQuantizationType.Q8_0:
-        return 0
-    return min(default_dense_matmul_min_rows(8), GGUF_PACKED_MATMUL_MAX_ROWS + 1)
 
 
 def default_gguf_kernel(device: torch.device) -> str:
@@ -37,8 +27,8 @@ class GGUFLinear(nn.Module):
     """y = x Wᵀ + b with W kept as the GGUF file's blocks (resident bytes: the file's).
 
     Up to GGUF_PACKED_MATMUL_MAX_ROWS rows go through the kernel; more rows multiply by a dense copy when one is
-    kept (`dense_matmul_min_rows` > 0: inputs of at least that many rows take it; None takes
-    default_gguf_dense_matmul_min_rows), else by the weight dequantized for the call.
+    kept (`dense_matmul_min_rows` > 0: inputs of at least that many rows take it), else by the weight dequantized
+    for the call.
     Every path computes with the same weights; the kernel's rounds activations to int8 per block.
     """
 
@@ -54,11 +44,8 @@ class GGUFLinear(nn.Module):
         self.out_features, self.in_features = weight.shape
         self.ggml_type = weight.ggml_type
         self.dtype = dtype
-        self.dense_matmul_min_rows = (
-            default_gguf_dense_matmul_min_rows(weight.ggml_type)
-            if dense_matmul_min_rows is None
-            else dense_matmul_min_rows
-        )
+        # No dense copy unless asked for: it would take 2-4x the blocks' memory.
+        self.dense_matmul_min_rows = dense_matmul_min_rows or 0
         self.kernel = default_gguf_kernel(weight.blocks.device) if kernel is None else kernel
         if self.kernel not in GGUF_KERNELS:
             raise ValueError(f"kernel must be one of {GGUF_KERNELS}, got {self.kernel!r}")
