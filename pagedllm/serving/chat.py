@@ -33,10 +33,10 @@ from pagedllm.serving.protocol import (
     ChatCompletionResponse,
     ChatDelta,
     ChatLogprobs,
-    DeltaToolCall,
     FunctionCall,
     ToolCall,
 )
+from pagedllm.serving.tool_call_stream import ToolCallStream
 from pagedllm.serving.tool_parsers import ParsedOutput
 from pagedllm.serving.tools import (
     ToolSetup,
@@ -118,7 +118,7 @@ def _choice(
     calls = [ToolCall(id=call_id(), function=FunctionCall(name=c.name, arguments=c.arguments)) for c in parsed.calls]
     return ChatChoice(
         index=sample.index,
-        message=AssistantMessage(content=parsed.content if calls else sample.text, tool_calls=calls),
+        message=AssistantMessage(content=parsed.content if calls else sample.text, tool_calls=calls or None),
         logprobs=_logprobs(body, context, sample.token_ids, sample.logprobs),
         finish_reason=_finish_reason(sample.finish_reason, parsed),
     )
@@ -136,39 +136,6 @@ def _logprobs(
     return chat_logprobs(context.token_strings, token_ids, logprobs, body.top_logprobs or 0)
 
 
-class _ToolStream:
-    """One choice's stream when tools are offered: text streams as content until a call may begin; the calls
-    come whole, as one delta, when the choice finishes."""
-
-    def __init__(self, chat: ChatPlan, context: ServingContext) -> None:
-        self.chat = chat
-        self.context = context
-        self.sent = 0  # characters of the text sent as content
-
-    def content(self, text: str) -> str:
-        """The new content that is certainly not part of a call."""
-        if self.chat.tools is not None and self.chat.tools.constrained:
-            return ""
-        safe = self.context.tool_parser.may_start_call(text)
-        new = text[self.sent : max(self.sent, safe)]
-        self.sent = max(self.sent, safe)
-        return new
-
-    def finish(self, text: str) -> tuple[str, list[DeltaToolCall]]:
-        """The content left and the calls, once the whole text is known."""
-        parsed = parse_reply(text, self.chat.tools, self.context.tool_parser)
-        if not parsed.calls:
-            rest, self.sent = text[self.sent :], len(text)
-            return rest, []
-        calls = [
-            DeltaToolCall(
-                index=i, id=call_id(), type="function", function=FunctionCall(name=c.name, arguments=c.arguments)
-            )
-            for i, c in enumerate(parsed.calls)
-        ]
-        return "", calls
-
-
 async def _events(
     body: ChatCompletionRequest,
     context: ServingContext,
@@ -177,7 +144,8 @@ async def _events(
     chat: ChatPlan,
 ) -> AsyncGenerator[str, None]:
     tracker = DeltaTracker()
-    tool_streams = {index: _ToolStream(chat, context) for index in range(body.n)} if chat.tools else {}
+    tools = chat.tools if chat.tools is not None and chat.tools.choice != "none" else None
+    tool_streams = {index: ToolCallStream(tools, context.tool_parser) for index in range(body.n)} if tools else {}
     latest: RequestOutput | None = None
     try:
         roles = [ChatChunkChoice(index=index, delta=ChatDelta(role="assistant", content="")) for index in range(body.n)]
@@ -204,14 +172,11 @@ async def _events(
                 stream = tool_streams[sample.index]
                 if delta.finish_reason is None:
                     choices.append(
-                        ChatChunkChoice(
-                            index=sample.index, delta=ChatDelta(content=stream.content(sample.text)), logprobs=logprobs
-                        )
+                        ChatChunkChoice(index=sample.index, delta=stream.delta(sample.text), logprobs=logprobs)
                     )
                     continue
-                rest, calls = stream.finish(sample.text)
-                final = ChatDelta(content=rest or None, tool_calls=calls or None)
-                reason = "tool_calls" if calls else delta.finish_reason
+                final = stream.finish(sample.text)
+                reason = stream.finish_reason(delta.finish_reason)
                 choices.append(
                     ChatChunkChoice(index=sample.index, delta=final, logprobs=logprobs, finish_reason=reason)
                 )

@@ -129,7 +129,7 @@ def response_object(body: ResponsesRequest, chat: ChatCompletionResponse) -> dic
             "arguments": call.function.arguments,
             "status": "completed",
         }
-        for call in message.tool_calls
+        for call in message.tool_calls or []
     ]
     if message.content or not output:
         text = {"type": "output_text", "text": message.content or "", "annotations": []}
@@ -227,6 +227,12 @@ async def _events(response: dict[str, Any]) -> AsyncGenerator[str, None]:
                 part=item["content"][0],
             )
         else:
+            yield event(
+                "response.function_call_arguments.delta",
+                item_id=item["id"],
+                output_index=index,
+                delta=item["arguments"],
+            )
             yield event(
                 "response.function_call_arguments.done",
                 item_id=item["id"],
