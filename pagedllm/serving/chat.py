@@ -4,7 +4,7 @@ streamed."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 
 from pagedllm.engine.async_engine import RequestStream
@@ -78,9 +78,20 @@ def plan(body: ChatCompletionRequest) -> ChatPlan:
     return ChatPlan(tools, constraints[0] if constraints else None)
 
 
-async def create_chat_completion(
-    body: ChatCompletionRequest, context: ServingContext
-) -> ChatCompletionResponse | sse.EventStreamResponse:
+@dataclass(frozen=True)
+class ChatRun:
+    """A chat request submitted to the engine: what collecting or streaming its reply needs."""
+
+    body: ChatCompletionRequest
+    context: ServingContext
+    plan: ChatPlan
+    meta: ResponseMeta
+    streams: list[RequestStream]
+    release: Callable[[], None]  # aborts what has not finished; call it however the reply ends
+
+
+async def start_chat(body: ChatCompletionRequest, context: ServingContext) -> ChatRun:
+    """Check the request, render and tokenize the conversation, and submit it."""
     body.check_supported()
     context.check_messages(len(body.messages))
     context.check_sequences(1, body.best_of or body.n)
@@ -99,16 +110,21 @@ async def create_chat_completion(
     params = body.sampling_params(max_tokens, body.num_logprobs, chat.constraint)
     meta = ResponseMeta.new("chatcmpl", context.model_name)
     streams = await submit(engine, meta.id, [prompt], [params])
-    release = releaser(engine, streams)
+    return ChatRun(body, context, chat, meta, streams, releaser(engine, streams))
 
+
+async def create_chat_completion(
+    body: ChatCompletionRequest, context: ServingContext
+) -> ChatCompletionResponse | sse.EventStreamResponse:
+    run = await start_chat(body, context)
     if body.stream:
-        return sse.EventStreamResponse(_events(body, context, meta, streams, chat), on_close=release)
+        return sse.EventStreamResponse(_events(run), on_close=run.release)
     try:
-        (output,) = await final_outputs(streams)
+        (output,) = await final_outputs(run.streams)
     finally:
-        release()
-    choices = [_choice(body, context, chat, sample) for sample in output.outputs]
-    return ChatCompletionResponse(**meta.fields(), choices=choices, usage=usage([output]))
+        run.release()
+    choices = [_choice(body, context, run.plan, sample) for sample in output.outputs]
+    return ChatCompletionResponse(**run.meta.fields(), choices=choices, usage=usage([output]))
 
 
 def _choice(
@@ -136,54 +152,49 @@ def _logprobs(
     return chat_logprobs(context.token_strings, token_ids, logprobs, body.top_logprobs or 0)
 
 
-async def _events(
-    body: ChatCompletionRequest,
-    context: ServingContext,
-    meta: ResponseMeta,
-    streams: list[RequestStream],
-    chat: ChatPlan,
-) -> AsyncGenerator[str, None]:
+async def chat_chunks(run: ChatRun) -> AsyncGenerator[ChatCompletionChunk, None]:
+    """The chunks of a streamed reply: the role, then each step's news per choice, then the usage when asked; a
+    PagedLLMError from the engine ends them."""
+    body, context, meta = run.body, run.context, run.meta
     tracker = DeltaTracker()
-    tools = chat.tools if chat.tools is not None and chat.tools.choice != "none" else None
+    tools = run.plan.tools if run.plan.tools is not None and run.plan.tools.choice != "none" else None
     tool_streams = {index: ToolCallStream(tools, context.tool_parser) for index in range(body.n)} if tools else {}
     latest: RequestOutput | None = None
-    try:
-        roles = [ChatChunkChoice(index=index, delta=ChatDelta(role="assistant", content="")) for index in range(body.n)]
-        yield sse.event(ChatCompletionChunk(**meta.fields(), choices=roles))
-        async for _, output in merged(streams):
-            latest = output
-            choices = []
-            for sample in output.outputs:
-                delta = tracker.delta(sample.index, sample)
-                if delta is None:
-                    continue
-                logprobs = _logprobs(body, context, delta.token_ids, delta.logprobs)
-                if sample.index not in tool_streams:
-                    content_delta = ChatDelta(content=delta.text)
-                    choices.append(
-                        ChatChunkChoice(
-                            index=sample.index,
-                            delta=content_delta,
-                            logprobs=logprobs,
-                            finish_reason=delta.finish_reason,
-                        )
-                    )
-                    continue
-                stream = tool_streams[sample.index]
-                if delta.finish_reason is None:
-                    choices.append(
-                        ChatChunkChoice(index=sample.index, delta=stream.delta(sample.text), logprobs=logprobs)
-                    )
-                    continue
-                final = stream.finish(sample.text)
-                reason = stream.finish_reason(delta.finish_reason)
+    roles = [ChatChunkChoice(index=index, delta=ChatDelta(role="assistant", content="")) for index in range(body.n)]
+    yield ChatCompletionChunk(**meta.fields(), choices=roles)
+    async for _, output in merged(run.streams):
+        latest = output
+        choices = []
+        for sample in output.outputs:
+            delta = tracker.delta(sample.index, sample)
+            if delta is None:
+                continue
+            logprobs = _logprobs(body, context, delta.token_ids, delta.logprobs)
+            if sample.index not in tool_streams:
+                content = ChatDelta(content=delta.text)
                 choices.append(
-                    ChatChunkChoice(index=sample.index, delta=final, logprobs=logprobs, finish_reason=reason)
+                    ChatChunkChoice(
+                        index=sample.index, delta=content, logprobs=logprobs, finish_reason=delta.finish_reason
+                    )
                 )
-            if choices:
-                yield sse.event(ChatCompletionChunk(**meta.fields(), choices=choices))
-        if body.include_usage and latest is not None:
-            yield sse.event(ChatCompletionChunk(**meta.fields(), choices=[], usage=usage([latest])))
+                continue
+            stream = tool_streams[sample.index]
+            if delta.finish_reason is None:
+                choices.append(ChatChunkChoice(index=sample.index, delta=stream.delta(sample.text), logprobs=logprobs))
+                continue
+            final = stream.finish(sample.text)
+            reason = stream.finish_reason(delta.finish_reason)
+            choices.append(ChatChunkChoice(index=sample.index, delta=final, logprobs=logprobs, finish_reason=reason))
+        if choices:
+            yield ChatCompletionChunk(**meta.fields(), choices=choices)
+    if body.include_usage and latest is not None:
+        yield ChatCompletionChunk(**meta.fields(), choices=[], usage=usage([latest]))
+
+
+async def _events(run: ChatRun) -> AsyncGenerator[str, None]:
+    try:
+        async for chunk in chat_chunks(run):
+            yield sse.event(chunk)
     except PagedLLMError as error:
         yield sse.event(exception_body(error))
     yield sse.DONE
