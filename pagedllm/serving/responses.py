@@ -15,7 +15,6 @@ from pydantic import Field, ValidationError
 from pagedllm.errors import InvalidArgumentError, PagedLLMError
 from pagedllm.serving import sse
 from pagedllm.serving.chat import ChatRun, chat_chunks, create_chat_completion, start_chat
-from pagedllm.serving.error_responses import exception_body
 from pagedllm.serving.generation import ServingContext
 from pagedllm.serving.protocol import APIModel, ChatCompletionRequest, ChatCompletionResponse, DeltaToolCall, Usage
 
@@ -279,7 +278,8 @@ async def _events(body: ResponsesRequest, run: ChatRun) -> AsyncGenerator[str, N
                         yield event
                 finish_reason = choice.finish_reason or finish_reason
     except PagedLLMError as error:
-        yield events.event("error", **exception_body(error)["error"])
+        # The Responses API's error event names the error by `code` (its `type` is the event's).
+        yield events.event("error", code=error.error_type, message=error.message, param=error.param)
         return
     if not events.items:
         for event in events.text(""):
