@@ -79,6 +79,7 @@ bench: bench-peers
 	$(VENV)/bin/pagedllm bench serve --launch pagedllm --dataset sharegpt --num-prompts $(BENCH_PROMPTS) --sharegpt-output-len $(BENCH_OUTPUT_LEN) --max-concurrency $(BENCH_CONCURRENCY) --seed $(BENCH_SEED)
 	$(VENV)/bin/pagedllm bench serve --launch llama.cpp --dataset sharegpt --num-prompts $(BENCH_PROMPTS) --sharegpt-output-len $(BENCH_OUTPUT_LEN) --max-concurrency $(BENCH_CONCURRENCY) --seed $(BENCH_SEED)
 	$(VENV)/bin/pagedllm bench prefix --seed $(BENCH_SEED)
+	$(VENV)/bin/pagedllm bench structured --output-len $(BENCH_OUTPUT_LEN) --max-concurrency 1,16 --seed $(BENCH_SEED)
 	$(VENV)/bin/pagedllm bench sizes
 	$(MAKE) bench-variants
 	$(VENV)/bin/pagedllm bench report

@@ -9,6 +9,7 @@ import sys
 from pagedllm.benchmarks import allreduce, offline, peers, prefix_sharing, report, size_suite, synthetic
 from pagedllm.benchmarks import serve as bench_serve
 from pagedllm.benchmarks import speculative as bench_speculative
+from pagedllm.benchmarks import structured as bench_structured
 from pagedllm.chat import EngineChat, RemoteChat, run_repl
 from pagedllm.config import EngineConfig
 from pagedllm.errors import PagedLLMError
@@ -91,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
         "report": report,
         "prefix": prefix_sharing,
         "spec": bench_speculative,
+        "structured": bench_structured,
         "synth": synthetic,
         "sizes": size_suite,
         "allreduce": allreduce,

@@ -219,6 +219,29 @@ def prefix_markdown(record: dict[str, Any]) -> str:
     return markdown_table(header, rows) + "\n\n" + figures
 
 
+def structured_markdown(record: dict[str, Any]) -> str:
+    """Rows: each kind of request at each concurrency, its TPOT against free generation's; then compile times."""
+    header = ["concurrency", "request", "TPOT p50 ms", "TPOT p99 ms", "out tok/s", "TPOT p50 ÷ free", "failed"]
+    free = {p["concurrency"]: p["metrics"] for p in record["points"] if p["kind"] == "free"}
+    rows = []
+    for point in record["points"]:
+        m = point["metrics"]
+        rows.append(
+            [
+                str(point["concurrency"]), point["kind"], f"{m['tpot_ms']['median']:.1f}", f"{m['tpot_ms']['p99']:.1f}",
+                f"{m['output_throughput']:.1f}",
+                ratio(m["tpot_ms"]["median"], free[point["concurrency"]]["tpot_ms"]["median"]),
+                str(m["failed"]),
+            ]
+        )  # fmt: skip
+    compiles = record["compile"]
+    figures = (
+        f"Schema compile time over the {compiles['num_schemas']} schemas of the test table, each compiled "
+        f"{compiles['rounds']} times: p50 {compiles['p50_ms']:.2f} ms, p99 {compiles['p99_ms']:.2f} ms."
+    )
+    return markdown_table(header, rows) + "\n\n" + figures
+
+
 def table_sections(document: ResultsFile, level: int) -> list[str]:
     """Headings (at markdown `level`) and tables: offline points, offline ShareGPT, then each serving workload."""
     heading = "#" * level
@@ -242,6 +265,14 @@ def table_sections(document: ResultsFile, level: int) -> list[str]:
             f"{settings['num_requests']} chats one after another)"
         )
         sections += [f"{heading} {title}", prefix_markdown(run.results)]
+    structured = [run for run in document.runs if run.kind == "structured"]
+    if structured:
+        settings = structured[-1].settings
+        title = (
+            f"Structured outputs: time per output token against free generation ({settings['num_prompts']} "
+            f"chat requests of {settings['output_len']} tokens per row)"
+        )
+        sections += [f"{heading} {title}", structured_markdown(structured[-1].results)]
     speeds, memory = sizes_speed_table(document), sizes_memory_table(document)
     if speeds and memory:
         notes = "".join(f"\n- {note}" for note in sizes_notes(document))

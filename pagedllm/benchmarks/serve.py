@@ -14,7 +14,7 @@ import math
 import random
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -151,23 +151,34 @@ async def stream_completion(
     return trace
 
 
+# Sends one request and times its streamed answer.
+Send = Callable[[httpx.AsyncClient, BenchmarkRequest], Awaitable[RequestTrace]]
+
+
 async def run_load(
     requests: list[BenchmarkRequest],
     settings: LoadSettings,
     server_pid: int | None = None,
     transport: httpx.AsyncBaseTransport | None = None,
+    send: Send | None = None,
 ) -> LoadResult:
     """Send every request on its arrival schedule, under the concurrency cap; wait for all answers.
 
-    `transport` replaces the network (tests pass an in-process one).
+    `send` sends one request (default: a streamed completion); `transport` replaces the network (tests pass an
+    in-process one).
     """
+
+    async def completion(client: httpx.AsyncClient, request: BenchmarkRequest) -> RequestTrace:
+        return await stream_completion(client, settings, request)
+
+    send = send or completion
     # A fresh connection per request: a kept-alive one that the server has already closed (llama-server does so
     # now and then) would fail the next request in 1 ms, before it reaches the server.
     limits = httpx.Limits(max_connections=settings.max_concurrency, max_keepalive_connections=0)
     timeout = httpx.Timeout(settings.request_timeout_s, connect=30.0)
     semaphore = asyncio.Semaphore(settings.max_concurrency) if settings.max_concurrency else None
     async with httpx.AsyncClient(limits=limits, timeout=timeout, transport=transport) as client:
-        probe = await stream_completion(client, settings, BenchmarkRequest(PROBE_PROMPT, 1, PROBE_MAX_TOKENS))
+        probe = await send(client, BenchmarkRequest(PROBE_PROMPT, 1, PROBE_MAX_TOKENS))
         if probe.error is not None:
             raise RuntimeError(f"the probe request to {settings.base_url} failed: {probe.error}")
         progress = tqdm(
@@ -176,7 +187,7 @@ async def run_load(
 
         async def limited(request: BenchmarkRequest) -> RequestTrace:
             async with semaphore or nullcontext():
-                trace = await stream_completion(client, settings, request)
+                trace = await send(client, request)
             progress.update(1)
             return trace
 
@@ -289,16 +300,21 @@ def launched_server(args: argparse.Namespace, concurrency: int) -> Iterator[Serv
             resolve_model_path(args.model), port, concurrency, args.max_model_len, args.num_threads
         )
     else:
-        command = [
-            sys.executable, "-m", "pagedllm.cli", "serve",
-            "--host", "127.0.0.1", "--port", str(port),
-            "--max-num-seqs", str(concurrency), "--max-model-len", str(args.max_model_len),
-        ]  # fmt: skip
-        if args.model:
-            command += ["--model", args.model]
-        server = ServerProcess(command, port, "pagedllm")
+        server = pagedllm_server(args.model, port, concurrency, args.max_model_len)
     with server:
         yield server
+
+
+def pagedllm_server(model: str | None, port: int, concurrency: int, max_model_len: int) -> ServerProcess:
+    """`pagedllm serve` on 127.0.0.1 sized for `concurrency` parallel requests (not yet started)."""
+    command = [
+        sys.executable, "-m", "pagedllm.cli", "serve",
+        "--host", "127.0.0.1", "--port", str(port),
+        "--max-num-seqs", str(concurrency), "--max-model-len", str(max_model_len),
+    ]  # fmt: skip
+    if model:
+        command += ["--model", model]
+    return ServerProcess(command, port, "pagedllm")
 
 
 def parse_concurrencies(text: str) -> list[int | None]:

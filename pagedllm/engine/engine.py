@@ -91,10 +91,9 @@ class LLMEngine:
         sliding_windows = kv_cache_layout(self.model_config).sliding_windows
         self.block_manager = BlockManager(self.num_blocks, config.block_size, prefix_cache, sliding_windows)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
-        self.runner = ModelRunner(model.to(self.device), config, self.num_blocks, self.device)
         self.grammars = GrammarBackend(self.tokenizer, self.model_config.vocab_size)
         self.structured_output = StructuredOutputManager(self.grammars)
-        self.runner.structured_output = self.structured_output
+        self.runner = ModelRunner(model.to(self.device), config, self.num_blocks, self.device, self.structured_output)
         self.heap = HeapTrimmer()
         self.faults = StepFaults.from_environment()
         self.requests: dict[str, Request] = {}

@@ -69,7 +69,14 @@ class ModelRunner:
     """Owns the model, the KV pools and the sampler, and picks each step's forward: all-decode steps that the
     fused kernel takes run every layer in one call (`fused_decode`), any other step the model's own forward."""
 
-    def __init__(self, model: LlamaForCausalLM, config: EngineConfig, num_blocks: int, device: torch.device) -> None:
+    def __init__(
+        self,
+        model: LlamaForCausalLM,
+        config: EngineConfig,
+        num_blocks: int,
+        device: torch.device,
+        structured_output: StructuredOutputManager,
+    ) -> None:
         self.model = model
         self.device = device
         self.block_size = config.block_size
@@ -85,7 +92,7 @@ class ModelRunner:
             FusedDecode.of(model, self.layer_k_pools, self.layer_v_pools) if config.fused_decode else None
         )
         self.sampler = Sampler(torch.Generator(device=device).manual_seed(config.seed))
-        self.structured_output: StructuredOutputManager | None = None  # set by the engine
+        self.structured_output = structured_output
         self.rejection_sampler = RejectionSampler(self.sampler)
         self.vocab_size = mc.vocab_size
         self.bytes_per_block = kv_cache_bytes_per_block(
@@ -199,8 +206,7 @@ class ModelRunner:
             batch.banned_mask = self._token_counts(banned) > 0
         if any(p.logit_bias for p in params):
             batch.logit_bias = self._logit_bias(params)
-        if self.structured_output is not None:
-            batch.allowed_bitmask = self.structured_output.bitmask(seqs)
+        batch.allowed_bitmask = self.structured_output.bitmask(seqs)
         return batch
 
     def _logit_bias(self, params: list[SamplingParams]) -> torch.Tensor:

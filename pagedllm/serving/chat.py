@@ -4,7 +4,7 @@ streamed."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 
 from pagedllm.engine.async_engine import RequestStream
@@ -33,10 +33,10 @@ from pagedllm.serving.protocol import (
     ChatCompletionResponse,
     ChatDelta,
     ChatLogprobs,
-    DeltaToolCall,
     FunctionCall,
     ToolCall,
 )
+from pagedllm.serving.tool_call_stream import ToolCallStream
 from pagedllm.serving.tool_parsers import ParsedOutput
 from pagedllm.serving.tools import (
     ToolSetup,
@@ -78,9 +78,20 @@ def plan(body: ChatCompletionRequest) -> ChatPlan:
     return ChatPlan(tools, constraints[0] if constraints else None)
 
 
-async def create_chat_completion(
-    body: ChatCompletionRequest, context: ServingContext
-) -> ChatCompletionResponse | sse.EventStreamResponse:
+@dataclass(frozen=True)
+class ChatRun:
+    """A chat request submitted to the engine: what collecting or streaming its reply needs."""
+
+    body: ChatCompletionRequest
+    context: ServingContext
+    plan: ChatPlan
+    meta: ResponseMeta
+    streams: list[RequestStream]
+    release: Callable[[], None]  # aborts what has not finished; call it however the reply ends
+
+
+async def start_chat(body: ChatCompletionRequest, context: ServingContext) -> ChatRun:
+    """Check the request, render and tokenize the conversation, and submit it."""
     body.check_supported()
     context.check_messages(len(body.messages))
     context.check_sequences(1, body.best_of or body.n)
@@ -99,16 +110,21 @@ async def create_chat_completion(
     params = body.sampling_params(max_tokens, body.num_logprobs, chat.constraint)
     meta = ResponseMeta.new("chatcmpl", context.model_name)
     streams = await submit(engine, meta.id, [prompt], [params])
-    release = releaser(engine, streams)
+    return ChatRun(body, context, chat, meta, streams, releaser(engine, streams))
 
+
+async def create_chat_completion(
+    body: ChatCompletionRequest, context: ServingContext
+) -> ChatCompletionResponse | sse.EventStreamResponse:
+    run = await start_chat(body, context)
     if body.stream:
-        return sse.EventStreamResponse(_events(body, context, meta, streams, chat), on_close=release)
+        return sse.EventStreamResponse(_events(run), on_close=run.release)
     try:
-        (output,) = await final_outputs(streams)
+        (output,) = await final_outputs(run.streams)
     finally:
-        release()
-    choices = [_choice(body, context, chat, sample) for sample in output.outputs]
-    return ChatCompletionResponse(**meta.fields(), choices=choices, usage=usage([output]))
+        run.release()
+    choices = [_choice(body, context, run.plan, sample) for sample in output.outputs]
+    return ChatCompletionResponse(**run.meta.fields(), choices=choices, usage=usage([output]))
 
 
 def _choice(
@@ -118,7 +134,7 @@ def _choice(
     calls = [ToolCall(id=call_id(), function=FunctionCall(name=c.name, arguments=c.arguments)) for c in parsed.calls]
     return ChatChoice(
         index=sample.index,
-        message=AssistantMessage(content=parsed.content if calls else sample.text, tool_calls=calls),
+        message=AssistantMessage(content=parsed.content if calls else sample.text, tool_calls=calls or None),
         logprobs=_logprobs(body, context, sample.token_ids, sample.logprobs),
         finish_reason=_finish_reason(sample.finish_reason, parsed),
     )
@@ -136,89 +152,49 @@ def _logprobs(
     return chat_logprobs(context.token_strings, token_ids, logprobs, body.top_logprobs or 0)
 
 
-class _ToolStream:
-    """One choice's stream when tools are offered: text streams as content until a call may begin; the calls
-    come whole, as one delta, when the choice finishes."""
-
-    def __init__(self, chat: ChatPlan, context: ServingContext) -> None:
-        self.chat = chat
-        self.context = context
-        self.sent = 0  # characters of the text sent as content
-
-    def content(self, text: str) -> str:
-        """The new content that is certainly not part of a call."""
-        if self.chat.tools is not None and self.chat.tools.constrained:
-            return ""
-        safe = self.context.tool_parser.may_start_call(text)
-        new = text[self.sent : max(self.sent, safe)]
-        self.sent = max(self.sent, safe)
-        return new
-
-    def finish(self, text: str) -> tuple[str, list[DeltaToolCall]]:
-        """The content left and the calls, once the whole text is known."""
-        parsed = parse_reply(text, self.chat.tools, self.context.tool_parser)
-        if not parsed.calls:
-            rest, self.sent = text[self.sent :], len(text)
-            return rest, []
-        calls = [
-            DeltaToolCall(
-                index=i, id=call_id(), type="function", function=FunctionCall(name=c.name, arguments=c.arguments)
-            )
-            for i, c in enumerate(parsed.calls)
-        ]
-        return "", calls
-
-
-async def _events(
-    body: ChatCompletionRequest,
-    context: ServingContext,
-    meta: ResponseMeta,
-    streams: list[RequestStream],
-    chat: ChatPlan,
-) -> AsyncGenerator[str, None]:
+async def chat_chunks(run: ChatRun) -> AsyncGenerator[ChatCompletionChunk, None]:
+    """The chunks of a streamed reply: the role, then each step's news per choice, then the usage when asked; a
+    PagedLLMError from the engine ends them."""
+    body, context, meta = run.body, run.context, run.meta
     tracker = DeltaTracker()
-    tool_streams = {index: _ToolStream(chat, context) for index in range(body.n)} if chat.tools else {}
+    tools = run.plan.tools if run.plan.tools is not None and run.plan.tools.choice != "none" else None
+    tool_streams = {index: ToolCallStream(tools, context.tool_parser) for index in range(body.n)} if tools else {}
     latest: RequestOutput | None = None
-    try:
-        roles = [ChatChunkChoice(index=index, delta=ChatDelta(role="assistant", content="")) for index in range(body.n)]
-        yield sse.event(ChatCompletionChunk(**meta.fields(), choices=roles))
-        async for _, output in merged(streams):
-            latest = output
-            choices = []
-            for sample in output.outputs:
-                delta = tracker.delta(sample.index, sample)
-                if delta is None:
-                    continue
-                logprobs = _logprobs(body, context, delta.token_ids, delta.logprobs)
-                if sample.index not in tool_streams:
-                    content_delta = ChatDelta(content=delta.text)
-                    choices.append(
-                        ChatChunkChoice(
-                            index=sample.index,
-                            delta=content_delta,
-                            logprobs=logprobs,
-                            finish_reason=delta.finish_reason,
-                        )
-                    )
-                    continue
-                stream = tool_streams[sample.index]
-                if delta.finish_reason is None:
-                    choices.append(
-                        ChatChunkChoice(
-                            index=sample.index, delta=ChatDelta(content=stream.content(sample.text)), logprobs=logprobs
-                        )
-                    )
-                    continue
-                rest, calls = stream.finish(sample.text)
-                final = ChatDelta(content=rest or None, tool_calls=calls or None)
-                reason = "tool_calls" if calls else delta.finish_reason
+    roles = [ChatChunkChoice(index=index, delta=ChatDelta(role="assistant", content="")) for index in range(body.n)]
+    yield ChatCompletionChunk(**meta.fields(), choices=roles)
+    async for _, output in merged(run.streams):
+        latest = output
+        choices = []
+        for sample in output.outputs:
+            delta = tracker.delta(sample.index, sample)
+            if delta is None:
+                continue
+            logprobs = _logprobs(body, context, delta.token_ids, delta.logprobs)
+            if sample.index not in tool_streams:
+                content = ChatDelta(content=delta.text)
                 choices.append(
-                    ChatChunkChoice(index=sample.index, delta=final, logprobs=logprobs, finish_reason=reason)
+                    ChatChunkChoice(
+                        index=sample.index, delta=content, logprobs=logprobs, finish_reason=delta.finish_reason
+                    )
                 )
-            if choices:
-                yield sse.event(ChatCompletionChunk(**meta.fields(), choices=choices))
-        if body.include_usage and latest is not None:
-            yield sse.event(ChatCompletionChunk(**meta.fields(), choices=[], usage=usage([latest])))
+                continue
+            stream = tool_streams[sample.index]
+            if delta.finish_reason is None:
+                choices.append(ChatChunkChoice(index=sample.index, delta=stream.delta(sample.text), logprobs=logprobs))
+                continue
+            final = stream.finish(sample.text)
+            reason = stream.finish_reason(delta.finish_reason)
+            choices.append(ChatChunkChoice(index=sample.index, delta=final, logprobs=logprobs, finish_reason=reason))
+        if choices:
+            yield ChatCompletionChunk(**meta.fields(), choices=choices)
+    if body.include_usage and latest is not None:
+        yield ChatCompletionChunk(**meta.fields(), choices=[], usage=usage([latest]))
+
+
+async def _events(run: ChatRun) -> AsyncGenerator[str, None]:
+    try:
+        async for chunk in chat_chunks(run):
+            yield sse.event(chunk)
     except PagedLLMError as error:
         yield sse.event(exception_body(error))
     yield sse.DONE

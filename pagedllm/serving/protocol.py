@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer, model_validator
 from pydantic_core import PydanticCustomError
 
 from pagedllm.errors import InvalidArgumentError
@@ -366,7 +366,7 @@ class ChatLogprobs(BaseModel):
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
-    tool_calls: list[ToolCall] = Field(default_factory=list)
+    tool_calls: list[ToolCall] | None = Field(None, description="null when the reply calls no tool, as OpenAI's")
 
 
 class ChatChoice(BaseModel):
@@ -386,11 +386,27 @@ class ChatCompletionResponse(BaseModel):
     usage: Usage
 
 
-class DeltaToolCall(BaseModel):
+class OmitsNull(BaseModel):
+    """Serialized without its null fields: a client accumulating a stream merges every field it is sent, and a
+    null `type` or `name` would overwrite what an earlier delta gave."""
+
+    @model_serializer(mode="wrap")
+    def _without_nulls(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return {key: value for key, value in handler(self).items() if value is not None}
+
+
+class DeltaFunctionCall(OmitsNull):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCall(OmitsNull):
+    """A piece of one streamed call: the first carries its id, type and name, later ones more of its arguments."""
+
     index: int
     id: str | None = None
     type: Literal["function"] | None = None
-    function: FunctionCall
+    function: DeltaFunctionCall
 
 
 class ChatDelta(BaseModel):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 
+import httpx
 import jsonschema
 import openai
 import pytest
@@ -141,20 +142,73 @@ def test_tool_choice_none_answers_in_text(client: openai.OpenAI, model_name: str
     assert completion.choices[0].message.content and not completion.choices[0].message.tool_calls
 
 
-def test_streamed_tool_calls(client: openai.OpenAI, model_name: str) -> None:
-    stream = client.chat.completions.create(
-        model=model_name, messages=ASK, tools=[WEATHER_TOOL], tool_choice="required", max_tokens=60, stream=True
-    )
-    calls, reasons, content = [], [], ""
-    for chunk in stream:
-        for choice in chunk.choices:
-            content += choice.delta.content or ""
-            calls += choice.delta.tool_calls or []
-            reasons.append(choice.finish_reason)
-    assert content == ""
-    assert reasons[-1] == "tool_calls"
-    assert calls and calls[0].index == 0 and calls[0].function.name == "get_weather"
-    jsonschema.validate(json.loads(calls[0].function.arguments), WEATHER_TOOL["function"]["parameters"])
+def sse_chunks(server: Server, body: dict) -> list[dict]:
+    """The chunks of a streamed chat completion as the server sent them."""
+    with httpx.stream(
+        "POST",
+        f"{server.base_url}/v1/chat/completions",
+        json={**body, "stream": True},
+        headers=server.auth,
+        timeout=120,
+    ) as response:
+        assert response.status_code == 200, response.read()
+        lines = [line.removeprefix("data: ") for line in response.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    return [json.loads(line) for line in lines[:-1]]
+
+
+def test_streamed_call_arguments_arrive_in_fragments(server: Server, client: openai.OpenAI, model_name: str) -> None:
+    body = {
+        "model": model_name,
+        "messages": ASK,
+        "tools": [WEATHER_TOOL],
+        "tool_choice": "required",
+        "parallel_tool_calls": False,  # one call, then the grammar ends the reply
+        "max_tokens": 60,
+    }
+    chunks = sse_chunks(server, body)
+    deltas = [choice["delta"] for chunk in chunks for choice in chunk["choices"]]
+    pieces = [call for delta in deltas for call in delta.get("tool_calls") or []]
+    first, *rest = pieces
+    assert first["index"] == 0 and first["id"].startswith("call_") and first["type"] == "function"
+    assert first["function"]["name"] == "get_weather"
+    # Later pieces carry only more arguments: nothing a client would merge over the first piece's fields.
+    assert len(rest) >= 3 and all(piece.keys() == {"index", "function"} for piece in rest)
+    assert all(piece["function"].keys() == {"arguments"} for piece in rest)
+    arguments = "".join(piece["function"]["arguments"] for piece in pieces)
+    whole = client.chat.completions.create(**body).choices[0].message.tool_calls[0]
+    assert json.loads(arguments) == json.loads(whole.function.arguments)
+    jsonschema.validate(json.loads(arguments), WEATHER_TOOL["function"]["parameters"])
+    assert all(delta.get("content") in (None, "") for delta in deltas)
+    assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
+
+
+def test_openai_stream_accumulates_the_call(client: openai.OpenAI, model_name: str) -> None:
+    tools = [WEATHER_TOOL, TIME_TOOL]
+    with client.chat.completions.stream(
+        model=model_name,
+        messages=ASK,
+        tools=tools,
+        tool_choice="required",
+        parallel_tool_calls=False,
+        max_tokens=120,
+        temperature=0.7,
+        seed=1,
+    ) as stream:
+        events = list(stream)
+        completion = stream.get_final_completion()
+    fragments = [event for event in events if event.type == "tool_calls.function.arguments.delta"]
+    assert len(fragments) >= 3
+    choice = completion.choices[0]
+    assert choice.finish_reason == "tool_calls" and not choice.message.content
+    for call in choice.message.tool_calls:
+        assert_valid_call(call, tools)
+
+
+def test_a_reply_without_calls_has_null_tool_calls(server: Server, model_name: str) -> None:
+    body = {"model": model_name, "messages": ASK, "tools": [WEATHER_TOOL], "tool_choice": "none", "max_tokens": 4}
+    response = httpx.post(f"{server.base_url}/v1/chat/completions", json=body, headers=server.auth, timeout=120)
+    assert response.json()["choices"][0]["message"]["tool_calls"] is None
 
 
 def test_tool_results_in_the_history_are_accepted(client: openai.OpenAI, model_name: str) -> None:

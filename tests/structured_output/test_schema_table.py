@@ -9,8 +9,7 @@ import pytest
 
 from pagedllm import LLM, SamplingParams
 from pagedllm.structured_output.params import StructuredOutputsParams
-
-from .schemas import SCHEMAS
+from pagedllm.structured_output.schema_table import SCHEMAS
 
 SEEDS = (0, 1, 2)
 MAX_TOKENS = 64

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pagedllm.serving.tool_parsers.base import ParsedCall, ParsedOutput, ToolParser
+from pagedllm.serving.tool_parsers.base import ParsedCall, ParsedOutput, PartialCall, ToolParser
 from pagedllm.serving.tool_parsers.hermes import HermesToolParser
 from pagedllm.serving.tool_parsers.json_fallback import JsonToolParser
 
@@ -23,6 +23,7 @@ __all__ = [
     "JsonToolParser",
     "ParsedCall",
     "ParsedOutput",
+    "PartialCall",
     "ToolParser",
     "parser_for_template",
 ]

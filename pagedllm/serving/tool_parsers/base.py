@@ -14,6 +14,15 @@ class ParsedCall:
 
 
 @dataclass(frozen=True)
+class PartialCall:
+    """A call as far as the model has written it: the arguments object's text so far, as written."""
+
+    name: str
+    arguments: str
+    complete: bool  # `arguments` is the whole object
+
+
+@dataclass(frozen=True)
 class ParsedOutput:
     content: str | None  # text outside the calls, None when there is none
     calls: list[ParsedCall] = field(default_factory=list)
@@ -26,6 +35,10 @@ class ToolParser(Protocol):
 
     def may_start_call(self, text: str) -> int:
         """Where in `text` a call may begin (len(text) when nowhere): text before it can be streamed as content."""
+        ...
+
+    def partial_calls(self, text: str, tool_names: set[str]) -> list[PartialCall]:
+        """The calls begun in `text`, in order, up to the first whose name and arguments cannot be read yet."""
         ...
 
 

@@ -6,8 +6,9 @@ from __future__ import annotations
 import json
 import re
 
-from pagedllm.serving.tool_parsers.base import ParsedCall, ParsedOutput, call_from_json
+from pagedllm.serving.tool_parsers.base import ParsedCall, ParsedOutput, PartialCall, call_from_json
 from pagedllm.serving.tool_parsers.json_fallback import JsonToolParser
+from pagedllm.serving.tool_parsers.partial_call import partial_call, skip_whitespace
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 # A call's body runs to its closing tag, or to the end of the reply when generation stopped before the tag.
@@ -45,3 +46,19 @@ class HermesToolParser:
             if text.endswith(OPEN[:length]):
                 return len(text) - length
         return min(len(text), self.fallback.may_start_call(text))
+
+    def partial_calls(self, text: str, tool_names: set[str]) -> list[PartialCall]:
+        if OPEN not in text:
+            return self.fallback.partial_calls(text, tool_names)
+        calls: list[PartialCall] = []
+        at = text.find(OPEN)
+        while at >= 0:
+            body = skip_whitespace(text, at + len(OPEN))
+            call = partial_call(text, body, tool_names)
+            if call is None:
+                break
+            calls.append(call)
+            if not call.complete:
+                break
+            at = text.find(OPEN, body + len(call.arguments))
+        return calls

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 
-from pagedllm.serving.tool_parsers.base import ParsedOutput, call_from_json
+from pagedllm.serving.tool_parsers.base import ParsedOutput, PartialCall, call_from_json
+from pagedllm.serving.tool_parsers.partial_call import json_value_end, partial_call, skip_whitespace
 
 
 class JsonToolParser:
@@ -23,3 +24,22 @@ class JsonToolParser:
     def may_start_call(self, text: str) -> int:
         stripped = text.lstrip()
         return len(text) - len(stripped) if stripped[:1] in ("{", "[", "") else len(text)
+
+    def partial_calls(self, text: str, tool_names: set[str]) -> list[PartialCall]:
+        position = skip_whitespace(text, 0)
+        if text.startswith("[", position):
+            position = skip_whitespace(text, position + 1)
+        calls: list[PartialCall] = []
+        while text.startswith("{", position):
+            call = partial_call(text, position, tool_names)
+            if call is None:
+                break
+            calls.append(call)
+            end = json_value_end(text, position)
+            if end is None:
+                break
+            position = skip_whitespace(text, end)
+            if not text.startswith(",", position):
+                break
+            position = skip_whitespace(text, position + 1)
+        return calls

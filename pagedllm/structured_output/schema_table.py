@@ -1,6 +1,7 @@
-"""A table of JSON schemas covering what clients send: nested objects, bounded arrays, enums, anyOf, nullable
-values, patterns, numeric bounds, optional properties and closed objects. Strings and arrays are bounded so a
-sample always completes within the tests' max_tokens."""
+"""The schema table: JSON schemas covering what clients send (nested objects, bounded arrays, enums, anyOf, nullable
+values, patterns, numeric bounds, optional properties, closed objects). The schema-table test samples them, `bench
+structured` times their compiles. Strings and arrays are bounded so a sample always completes within the tests'
+max_tokens."""
 
 from __future__ import annotations
 
