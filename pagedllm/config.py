@@ -21,6 +21,7 @@ ModelDtype = Literal["auto", "float32", "bfloat16"]
 # Input channels per int4 scale and min: the group sizes every int4 kernel takes.
 QuantGroupSize = Literal[32, 64, 128, 256]
 ATTENTION_IMPLS: tuple[str, ...] = get_args(AttentionImpl)
+QUANTIZATIONS: tuple[str, ...] = get_args(Quantization)
 MODEL_DTYPES: tuple[str, ...] = get_args(ModelDtype)
 QUANT_GROUP_SIZES: tuple[int, ...] = get_args(QuantGroupSize)
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -154,6 +155,12 @@ class EngineConfig:
         for name, choices in _choices(EngineConfig).items():
             if getattr(self, name) not in choices:
                 raise ConfigError(f"{name} must be one of {choices}, got {getattr(self, name)!r}", name)
+        draft_quantization = getattr(self.speculative_config, "quantization", None)
+        if draft_quantization not in (None, *QUANTIZATIONS):
+            raise ConfigError(
+                f"speculative_config.quantization must be one of {QUANTIZATIONS}, got {draft_quantization!r}",
+                "quantization",
+            )
         try:
             torch.device(self.device)
         except RuntimeError as error:

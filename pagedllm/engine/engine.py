@@ -26,10 +26,11 @@ from pagedllm.errors import ConfigError, InvalidArgumentError, RequestTooLongErr
 from pagedllm.layers.kv_cache_groups import kv_cache_layout
 from pagedllm.layers.quantization import LinearQuantization
 from pagedllm.model.loader import load_checkpoint
-from pagedllm.model.registry import model_class, model_display_name, resolve_model_path
+from pagedllm.model.registry import build_model, model_display_name, resolve_model_path
 from pagedllm.model.tokenizer import IncrementalDetokenizer, Tokenizer
 from pagedllm.sampling_params import SamplingParams
 from pagedllm.search import BeamSearchRequest, BestOfRequest, SearchDriver
+from pagedllm.spec_decode.draft_model import load_draft_model
 from pagedllm.spec_decode.speculator import SpecDecodeStats, Speculator
 from pagedllm.structured_output.backend import GrammarBackend
 from pagedllm.structured_output.manager import StructuredOutputManager
@@ -69,14 +70,8 @@ class LLMEngine:
         self.model_config: ModelConfig = checkpoint.config
         self.max_model_len = self._max_model_len(checkpoint.config)
         self.tokenizer = Tokenizer.from_model_path(path, checkpoint.config.eos_token_ids)
-        model = model_class(checkpoint.config.architecture)(
-            checkpoint.config,
-            self.max_model_len,
-            config.attention_impl,
-            checkpoint.weights.get("rope_freqs"),
-            LinearQuantization(config.quantization, config.quant_group_size, config.dense_matmul_min_rows),
-        )
-        model.load_weights(checkpoint.weights)
+        quantization = LinearQuantization(config.quantization, config.quant_group_size, config.dense_matmul_min_rows)
+        model = build_model(checkpoint, self.max_model_len, config.attention_impl, quantization)
         self.weight_bytes = model.weight_bytes()
         self.file_weight_bytes = checkpoint.file_weight_bytes
         logger.info("weights: %.1f MiB (quantization %s)", self.weight_bytes / 2**20, config.quantization)
@@ -84,8 +79,13 @@ class LLMEngine:
             ratio = self.weight_bytes / self.file_weight_bytes
             logger.info("weights: %.2fx the checkpoint's %.1f MiB", ratio, self.file_weight_bytes / 2**20)
         del checkpoint
+        spec = config.speculative_config if isinstance(config.speculative_config, SpeculativeConfig) else None
+        draft = None
+        if spec is not None and spec.method == "draft_model":
+            draft = load_draft_model(spec, config, self.model_config, self.tokenizer, self.max_model_len)
+            self.weight_bytes += draft.weight_bytes()
         release_freed_memory()  # the loader's dequantized copies: freed, but resident until returned
-        self.num_blocks = self._num_blocks()
+        self.num_blocks = self._num_blocks(draft.config if draft is not None else None)
         salt = f"{path.name}:{config.dtype}:{config.kv_cache_dtype}:{config.quantization}:{config.quant_group_size}"
         prefix_cache = PrefixCache(config.block_size, salt=salt) if config.enable_prefix_caching else None
         sliding_windows = kv_cache_layout(self.model_config).sliding_windows
@@ -94,13 +94,18 @@ class LLMEngine:
         self.grammars = GrammarBackend(self.tokenizer, self.model_config.vocab_size)
         self.structured_output = StructuredOutputManager(self.grammars)
         self.runner = ModelRunner(model.to(self.device), config, self.num_blocks, self.device, self.structured_output)
+        # The draft model's K/V pools have as many blocks as the target's: it reads them through the same tables.
+        self.draft_runner = (
+            ModelRunner(draft.to(self.device), config, self.num_blocks, self.device, self.structured_output)
+            if draft is not None
+            else None
+        )
         self.heap = HeapTrimmer()
         self.faults = StepFaults.from_environment()
         self.requests: dict[str, Request] = {}
         self.kept: dict[str, Sequence] = {}  # finished keep_kv requests' sequences, holding their blocks
         self.searches = SearchDriver(self)
-        spec = config.speculative_config
-        self.speculator = Speculator(spec, self.max_model_len) if isinstance(spec, SpeculativeConfig) else None
+        self.speculator = Speculator(spec, self.max_model_len, self.draft_runner) if spec is not None else None
         self.prompt_tokens = 0
         self.generation_tokens = 0
         logger.info(
@@ -114,8 +119,9 @@ class LLMEngine:
 
     @property
     def kv_cache_bytes(self) -> int:
-        """Bytes the KV cache's pools hold."""
-        return self.num_blocks * self.runner.bytes_per_block
+        """Bytes the KV cache's pools hold, the draft model's included."""
+        runners = [runner for runner in (self.runner, self.draft_runner) if runner is not None]
+        return self.num_blocks * sum(runner.bytes_per_block for runner in runners)
 
     def _max_model_len(self, model_config: ModelConfig) -> int:
         limit = model_config.max_position_embeddings
@@ -125,9 +131,12 @@ class LLMEngine:
             raise ConfigError(f"max_model_len={self.config.max_model_len} exceeds the model's limit of {limit}")
         return self.config.max_model_len
 
-    def _num_blocks(self) -> int:
-        per_block = kv_cache_bytes_per_block(
-            self.model_config, self.config.block_size, self.config.torch_dtype, self.config.kv_cache_dtype
+    def _num_blocks(self, draft_config: ModelConfig | None) -> int:
+        """Blocks the budget holds; a draft model's pools take a block of their own for every block id."""
+        per_block = sum(
+            kv_cache_bytes_per_block(mc, self.config.block_size, self.config.torch_dtype, self.config.kv_cache_dtype)
+            for mc in (self.model_config, draft_config)
+            if mc is not None
         )
         num_blocks = self.config.kv_cache_bytes() // per_block
         if num_blocks < 1:
@@ -259,6 +268,8 @@ class LLMEngine:
         if not scheduled.scheduled:
             return []
         self.faults.check()
+        if self.speculator is not None:
+            self.speculator.draft(scheduled, self.block_manager)
         result = self.runner.execute(scheduled, self.block_manager)
         self.heap.after_step()
         return self._process(scheduled, result)
@@ -309,6 +320,7 @@ class LLMEngine:
         assert self.speculator is not None
         self.speculator.verified(seq, verification.num_draft_tokens, verification.num_accepted)
         seq.draft_token_ids = []
+        seq.draft_probs = None
         if seq.finish_reason is None:
             seq.num_computed_tokens += verification.num_accepted
             self.block_manager.free_rejected(seq)

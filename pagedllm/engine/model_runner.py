@@ -101,7 +101,7 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput, block_manager: BlockManager) -> StepResult:
-        self._copy_blocks(out.block_copies)
+        self.apply_block_copies(out.block_copies)
         # Sequences with one new token first, longest context first: attention batches runs of similar length.
         items = sorted(
             out.scheduled,
@@ -113,13 +113,7 @@ class ModelRunner:
         batch = _FlatBatch()
         for item in items:
             batch.add(item)
-        meta = attention_metadata(block_manager, batch.spans, self.device)
-        input_ids = torch.tensor(batch.input_ids, device=self.device)
-        positions = torch.tensor(batch.positions, device=self.device)
-        if self.fused_decode is not None and self.fused_decode.takes(meta):
-            hidden = self.fused_decode.forward(self.model.embed_tokens(input_ids), positions, meta)
-        else:
-            hidden = self.model(input_ids, positions, meta)
+        hidden = self.forward(batch.input_ids, batch.positions, batch.spans, block_manager)
         rows = batch.sample_rows + [row for _, rows in batch.prompt_logprob_rows for row in rows]
         logits = self.model.compute_logits(hidden[rows])
         num_samples = len(batch.sample_rows)
@@ -129,7 +123,22 @@ class ModelRunner:
             return StepResult(samples, prompt_logprobs, verifications)
         return StepResult(self._sample(logits[:num_samples], batch.sample_seqs), prompt_logprobs)
 
-    def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+    def forward(
+        self,
+        input_ids: list[int],
+        positions: list[int],
+        spans: list[tuple[Sequence, int, int]],
+        block_manager: BlockManager,
+    ) -> torch.Tensor:
+        """Final hidden states of rows that compute each span's positions [start, end), in order; writes their K/V."""
+        meta = attention_metadata(block_manager, spans, self.device)
+        input_tensor = torch.tensor(input_ids, device=self.device)
+        position_tensor = torch.tensor(positions, device=self.device)
+        if self.fused_decode is not None and self.fused_decode.takes(meta):
+            return self.fused_decode.forward(self.model.embed_tokens(input_tensor), position_tensor, meta)
+        return self.model(input_tensor, position_tensor, meta)
+
+    def apply_block_copies(self, copies: list[tuple[int, int]]) -> None:
         if not copies:
             return
         src = torch.tensor([s for s, _ in copies], device=self.device)
@@ -140,7 +149,7 @@ class ModelRunner:
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[SampledToken]:
         if not seqs:
             return []
-        batch = self._sampling_batch(seqs)
+        batch = self.sampling_batch(seqs)
         result = self.sampler(logits, batch)
         return [
             SampledToken(
@@ -158,8 +167,12 @@ class ModelRunner:
         seqs, drafts = batch.sample_seqs, batch.sample_drafts
         row_seqs = [seq for seq, tokens in zip(seqs, drafts) for _ in range(len(tokens) + 1)]
         row_drafts = [tokens[:j] for tokens in drafts for j in range(len(tokens) + 1)]
-        draft_batch = DraftBatch([len(tokens) for tokens in drafts], [t for tokens in drafts for t in tokens])
-        result = self.rejection_sampler(logits, self._sampling_batch(row_seqs, row_drafts), draft_batch)
+        probs = [p for p, tokens in zip(batch.sample_draft_probs, drafts) if tokens]
+        draft_probs = torch.cat(probs) if probs and all(p is not None for p in probs) else None
+        draft_batch = DraftBatch(
+            [len(tokens) for tokens in drafts], [t for tokens in drafts for t in tokens], draft_probs
+        )
+        result = self.rejection_sampler(logits, self.sampling_batch(row_seqs, row_drafts), draft_batch)
         samples = [
             SampledToken(
                 seq,
@@ -177,7 +190,7 @@ class ModelRunner:
         ]
         return samples, verifications
 
-    def _sampling_batch(self, seqs: list[Sequence], row_drafts: list[list[int]] | None = None) -> SamplingBatch:
+    def sampling_batch(self, seqs: list[Sequence], row_drafts: list[list[int]] | None = None) -> SamplingBatch:
         """One row per sequence; with `row_drafts`, each row's output continues with its drafts."""
         params = [seq.request.params for seq in seqs]
         drafts = row_drafts or [[] for _ in seqs]
@@ -256,6 +269,7 @@ class _FlatBatch:
         self.sample_rows: list[int] = []
         self.sample_seqs: list[Sequence] = []
         self.sample_drafts: list[list[int]] = []  # per sample sequence: drafts verified on its rows
+        self.sample_draft_probs: list[torch.Tensor | None] = []  # their distributions (None: one-hot)
         self.prompt_logprob_rows: list[tuple[Sequence, list[int]]] = []
 
     def add(self, item: ScheduledSequence) -> None:
@@ -279,6 +293,7 @@ class _FlatBatch:
                 self.sample_rows += range(first_row, first_row + len(drafts) + 1)
                 self.sample_seqs.append(sample)
                 self.sample_drafts.append(drafts)
+                self.sample_draft_probs.append(seq.draft_probs if drafts else None)
         request = seq.request
         if request.params.prompt_logprobs is not None and seq.index == 0:
             # The logits at position p score prompt token p + 1; entry 0 (no context) is None.

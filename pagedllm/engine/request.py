@@ -64,6 +64,7 @@ class Sequence:
     pending_forks: int = 0  # samples still to be split off this sequence when its first token is drawn
     num_preemptions: int = 0
     draft_token_ids: list[int] = field(default_factory=list)  # proposed continuation, verified by the next step
+    draft_probs: torch.Tensor | None = None  # [len(draft_token_ids), vocab] what they were drawn from; None: one-hot
     block_hashes: list[bytes] = field(default_factory=list)  # prefix-cache identity of each full block of tokens
     num_registered_blocks: int = 0  # leading full blocks already offered to the prefix cache
     text: str = ""

@@ -22,7 +22,8 @@ class SpeculativeConfig:
     # ngram: the longest n in [prompt_lookup_min, prompt_lookup_max] whose last n tokens occurred before wins.
     prompt_lookup_min: int = 2
     prompt_lookup_max: int = 5
-    # draft_model: the draft's path or embedded name (same tokenizer as the target) and its weights' quantization.
+    # draft_model: the draft's path or embedded name (same tokenizer as the target) and its linear weights'
+    # quantization (one of the engine's `quantization` values, checked by EngineConfig; None: the engine's).
     model: str | None = None
     quantization: str | None = None
     # suffix: depth of the suffix trees, finished outputs kept in the shared tree, tokens per matched token, and

@@ -36,7 +36,7 @@ class NgramProposer:
 
 
 def make_proposer(config: SpeculativeConfig) -> Proposer:
-    """The proposer of `config.method`."""
+    """The proposer of `config.method` (a draft model is no proposer: it drafts a scheduled batch, DraftModel)."""
     if config.method == "ngram":
         return NgramProposer(config.prompt_lookup_min, config.prompt_lookup_max)
     if config.method == "suffix":
@@ -46,4 +46,4 @@ def make_proposer(config: SpeculativeConfig) -> Proposer:
             config.suffix_decoding_max_spec_factor,
             config.suffix_decoding_min_token_prob,
         )
-    raise ConfigError(f"speculative_config.method {config.method!r} is not available yet", "method")
+    raise ConfigError(f"speculative_config.method {config.method!r} has no proposer", "method")

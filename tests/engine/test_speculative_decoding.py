@@ -1,6 +1,7 @@
 """Speculative decoding through the engine: greedy outputs are the same tokens as without it (ShareGPT chat and
 input-grounded prompts), with preemption from a tiny KV cache, with prefix caching, n > 1, stop strings and
-logprobs; the counters move. The model runs dense in float32 like the session's reference `llm`.
+logprobs; the counters move. The model runs dense in float32 like the session's reference `llm` (and drafts for
+itself quantized to int4 under draft_model).
 """
 
 from __future__ import annotations
@@ -13,11 +14,19 @@ import torch
 from pagedllm import LLM, SamplingParams
 from pagedllm.benchmarks.datasets import load_sharegpt_pairs, sharegpt_path
 from pagedllm.benchmarks.speculative import build_requests
+from pagedllm.model.registry import DEFAULT_MODEL
 
 MAX_TOKENS = 32
 METHODS = {
     "ngram": {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 1, "prompt_lookup_max": 3},
     "suffix": {"method": "suffix", "num_speculative_tokens": 6},
+    # int4 self-speculation: the same file quantized drafts for its float32 self.
+    "draft_model": {
+        "method": "draft_model",
+        "model": DEFAULT_MODEL,
+        "quantization": "int4",
+        "num_speculative_tokens": 4,
+    },
 }
 # About 20 blocks of 16 tokens for the embedded model in float32: a few prompts at once must preempt.
 TINY_KV_BYTES = 15 * 2**20
@@ -71,7 +80,8 @@ def test_greedy_outputs_are_those_without_speculation(method: str, prompts, expe
 
 @pytest.mark.parametrize("method", METHODS)
 def test_greedy_outputs_survive_preemption(method: str, prompts, expected) -> None:
-    llm = speculating_llm(method, kv_cache_memory=TINY_KV_BYTES)
+    # A draft model's K/V takes a block of its own for every block id: as many blocks take twice the bytes.
+    llm = speculating_llm(method, kv_cache_memory=TINY_KV_BYTES * (2 if method == "draft_model" else 1))
     assert llm.engine.num_blocks * llm.engine.config.block_size < sum(len(p) + MAX_TOKENS for p in prompts) / 2
     params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0)
     outputs = [output.outputs[0].token_ids for output in llm.generate(prompts, params)]

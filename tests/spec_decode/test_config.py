@@ -52,6 +52,13 @@ def test_engine_config_and_its_flag_take_the_json() -> None:
     assert dataclass_from_args(EngineConfig, parser.parse_args([])).speculative_config is None
 
 
+def test_a_draft_models_quantization_is_one_of_the_engines() -> None:
+    spec = {"method": "draft_model", "model": "draft.gguf", "quantization": "int4"}
+    assert EngineConfig(speculative_config=spec).speculative_config == SpeculativeConfig(**spec)
+    with pytest.raises(ConfigError, match="speculative_config.quantization must be one of"):
+        EngineConfig(speculative_config={**spec, "quantization": "int3"})
+
+
 def test_a_bad_flag_value_is_one_line_from_argparse(capsys: pytest.CaptureFixture[str]) -> None:
     parser = argparse.ArgumentParser()
     add_dataclass_arguments(parser, EngineConfig)
