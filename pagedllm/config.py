@@ -17,6 +17,7 @@ from pagedllm.spec_decode.config import SpeculativeConfig
 AttentionImpl = Literal["fast", "reference"]
 Quantization = Literal["auto", "none", "int8", "int4"]
 KVCacheDtype = Literal["auto", "int8", "int4"]
+KVCachePolicy = Literal["full", "streaming"]
 ModelDtype = Literal["auto", "float32", "bfloat16"]
 # Input channels per int4 scale and min: the group sizes every int4 kernel takes.
 QuantGroupSize = Literal[32, 64, 128, 256]
@@ -136,6 +137,20 @@ class EngineConfig:
     kv_cache_dtype: KVCacheDtype = field(
         default="auto", metadata={"help": "KV cache: auto (the model dtype), int8 or int4"}
     )
+    kv_cache_policy: KVCachePolicy = field(
+        default="full",
+        metadata={
+            "help": "what a sequence's KV cache keeps: full (every token) or streaming (StreamingLLM: the first "
+            "attention_sinks tokens and the kv_window most recent ones, at positions within the cache, so a sequence "
+            "can run past max_model_len in constant memory; needs --no-enable-prefix-caching)"
+        },
+    )
+    kv_window: int = field(
+        default=1024, metadata={"help": "streaming: the most recent tokens each query sees, itself included"}
+    )
+    attention_sinks: int = field(
+        default=4, metadata={"help": "streaming: the first tokens of a sequence that stay in its cache"}
+    )
     device: str = field(
         default="cpu", metadata={"help": "torch device of the weights, KV cache and sampler (cpu, cuda, cuda:1...)"}
     )
@@ -170,6 +185,22 @@ class EngineConfig:
         _require_positive(self, "block_size", "max_num_seqs", "max_num_batched_tokens", "kv_cache_memory")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ConfigError(f"max_model_len must be >= 1, got {self.max_model_len}", "max_model_len")
+        _require_positive(self, "kv_window")
+        if self.attention_sinks < 0:
+            raise ConfigError(f"attention_sinks must be >= 0, got {self.attention_sinks}", "attention_sinks")
+        if self.kv_cache_policy == "streaming":
+            self._check_streaming()
+
+    def _check_streaming(self) -> None:
+        """The settings the streaming policy does not compose with yet: it rewrites a sequence's blocks in place."""
+        if self.enable_prefix_caching:
+            raise ConfigError(
+                "kv_cache_policy streaming rewrites a sequence's blocks as tokens leave its window, so they cannot "
+                "be shared through the prefix cache: set enable_prefix_caching to False (--no-enable-prefix-caching)",
+                "enable_prefix_caching",
+            )
+        if self.speculative_config is not None:
+            raise ConfigError("kv_cache_policy streaming does not take speculative decoding yet", "speculative_config")
 
     @property
     def torch_dtype(self) -> torch.dtype:

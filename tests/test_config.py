@@ -18,6 +18,7 @@ ENUMERATED = {
     "quantization": ("auto", "none", "int8", "int4"),
     "quant_group_size": (32, 64, 128, 256),
     "kv_cache_dtype": ("auto", "int8", "int4"),
+    "kv_cache_policy": ("full", "streaming"),
 }
 
 
@@ -39,7 +40,15 @@ def test_every_literal_setting_is_enumerated_here_and_group_sizes_are_one_consta
 
 @pytest.mark.parametrize(
     ("name", "value"),
-    [("dtype", "float16"), ("quant_group_size", 48), ("kv_cache_dtype", "fp8"), ("device", "gpu0")],
+    [
+        ("dtype", "float16"),
+        ("quant_group_size", 48),
+        ("kv_cache_dtype", "fp8"),
+        ("device", "gpu0"),
+        ("kv_cache_policy", "h2o"),
+        ("kv_window", 0),
+        ("attention_sinks", -1),
+    ],
 )
 def test_a_value_outside_the_choices_names_its_setting(name: str, value: object) -> None:
     with pytest.raises(ConfigError, match=name) as raised:
@@ -54,3 +63,13 @@ def test_flags_refuse_a_value_outside_the_choices_before_the_engine_starts(capsy
     with pytest.raises(SystemExit):
         parser.parse_args(["--quantization", "int3"])
     assert "invalid choice: 'int3'" in capsys.readouterr().err
+
+
+def test_the_streaming_policy_refuses_the_prefix_cache_and_speculation_it_would_break() -> None:
+    with pytest.raises(ConfigError, match="enable_prefix_caching") as raised:
+        EngineConfig(kv_cache_policy="streaming")
+    assert raised.value.param == "enable_prefix_caching"
+    speculative = {"method": "ngram", "num_speculative_tokens": 3}
+    with pytest.raises(ConfigError, match="speculative"):
+        EngineConfig(kv_cache_policy="streaming", enable_prefix_caching=False, speculative_config=speculative)
+    assert EngineConfig(kv_cache_policy="streaming", enable_prefix_caching=False).kv_window == 1024

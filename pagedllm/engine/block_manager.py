@@ -5,16 +5,22 @@ group 0's is `block_ids`, the others' `group_block_ids`. A table's entry i holds
 [i * block_size, (i + 1) * block_size). In a sliding-window group, the blocks no later query can see are released
 after every step and their entries become FREED_BLOCK: a sequence there holds at most ceil(window / block_size) + 1
 blocks between steps.
+
+Under the streaming policy (engine/kv_cache_policy.py) entry i holds cache positions [i * block_size, (i + 1) *
+block_size) instead: a sequence's cache length is its computed tokens less its evicted ones.
 """
 
 from __future__ import annotations
 
+import sys
 from typing import Protocol
 
 from pagedllm.arithmetic import ceil_div
+from pagedllm.engine.kv_cache_policy import StreamingPolicy
 from pagedllm.engine.prefix_cache import HashedSequence, PrefixCache
 from pagedllm.layers.attention import FREED_BLOCK
 from pagedllm.layers.kv_cache_groups import first_visible_block
+from pagedllm.layers.kv_compaction import KVCompaction
 
 
 class BlockAllocator:
@@ -24,6 +30,7 @@ class BlockAllocator:
         self.num_blocks = num_blocks
         self.ref_counts = [0] * num_blocks
         self.free_ids: dict[int, None] = dict.fromkeys(range(num_blocks))  # insertion-ordered: an LRU queue
+        self.peak_num_used = 0  # the most blocks referenced at once
 
     @property
     def num_free(self) -> int:
@@ -39,6 +46,7 @@ class BlockAllocator:
         """Reference a free block chosen by the caller (a prefix-cache hit)."""
         del self.free_ids[block_id]
         self.ref_counts[block_id] = 1
+        self.peak_num_used = max(self.peak_num_used, self.num_blocks - len(self.free_ids))
         return block_id
 
     def share(self, block_id: int) -> None:
@@ -60,6 +68,7 @@ class HasBlocks(Protocol):
     block_ids: list[int]
     group_block_ids: list[list[int]]
     num_computed_tokens: int
+    num_evicted_tokens: int
 
 
 class BlockManager:
@@ -75,11 +84,13 @@ class BlockManager:
         block_size: int,
         prefix_cache: PrefixCache | None = None,
         sliding_windows: list[int | None] | None = None,
+        streaming: StreamingPolicy | None = None,
     ) -> None:
         self.block_size = block_size
         self.allocator = BlockAllocator(num_blocks)
         self.sliding_windows = sliding_windows or [None]  # one entry per KV-cache group
         self.prefix_cache = prefix_cache
+        self.streaming = streaming  # set only with one KV-cache group, no prefix cache and no shared blocks
 
     @property
     def num_free_blocks(self) -> int:
@@ -96,14 +107,43 @@ class BlockManager:
             seq.group_block_ids.append([])
         return [seq.block_ids, *seq.group_block_ids]
 
+    def cache_len(self, seq: HasBlocks) -> int:
+        """Tokens whose K/V the sequence's cache holds."""
+        return seq.num_computed_tokens - (seq.num_evicted_tokens if self.streaming else 0)
+
+    def cache_room(self, seq: HasBlocks) -> int:
+        """The most new tokens the sequence's cache takes in one step: under the streaming policy, the positions
+        left below max_model_len (a full cache's requests were checked against it whole)."""
+        return sys.maxsize if self.streaming is None else self.streaming.max_cache_len - self.cache_len(seq)
+
+    def evict(self, seq: HasBlocks) -> KVCompaction | None:
+        """Under the streaming policy, let the tokens between the sinks and the window leave the cache before a
+        step: the blocks past the kept ones go back at once, and the returned move must be applied to the pools
+        before anything is written to them."""
+        if self.streaming is None:
+            return None
+        cache_len = self.cache_len(seq)
+        shift = self.streaming.tokens_to_evict(cache_len)
+        if not shift:
+            return None
+        compaction = KVCompaction(list(seq.block_ids), self.streaming.attention_sinks, shift, cache_len)
+        num_kept = ceil_div(cache_len - shift, self.block_size)
+        for block_id in reversed(seq.block_ids[num_kept:]):
+            self.allocator.release(block_id)
+        del seq.block_ids[num_kept:]
+        seq.num_evicted_tokens += shift
+        return compaction
+
     def blocks_needed(self, seq: HasBlocks, num_new_tokens: int) -> int:
         """New blocks to hold `num_new_tokens` more tokens after the computed ones, copies-on-write included."""
-        total = ceil_div(seq.num_computed_tokens + num_new_tokens, self.block_size)
+        total = ceil_div(self.cache_len(seq) + num_new_tokens, self.block_size)
         tables = self.tables(seq)
         return sum(max(0, total - len(table)) + int(self._needs_copy(seq, table)) for table in tables)
 
     def blocks_for(self, num_tokens: int, max_chunk: int) -> int:
         """The most blocks one sequence of `num_tokens` holds at once, prefilled in chunks of up to `max_chunk`."""
+        if self.streaming is not None:
+            return self.streaming.max_blocks(num_tokens, max_chunk)
         blocks = ceil_div(num_tokens, self.block_size)
         # During a step a windowed group also holds the window behind the step's first token.
         return sum(
@@ -117,7 +157,7 @@ class BlockManager:
     def allocate_slots(self, seq: HasBlocks, num_new_tokens: int) -> list[tuple[int, int]]:
         """Make room for `num_new_tokens`; returns (source, destination) block copies the cache must apply first."""
         copies: list[tuple[int, int]] = []
-        total = ceil_div(seq.num_computed_tokens + num_new_tokens, self.block_size)
+        total = ceil_div(self.cache_len(seq) + num_new_tokens, self.block_size)
         for table in self.tables(seq):
             if self._needs_copy(seq, table):
                 index = seq.num_computed_tokens // self.block_size

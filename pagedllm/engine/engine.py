@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from dataclasses import dataclass, field, replace
 
@@ -17,6 +18,7 @@ from pagedllm.engine.host_memory import (
     release_freed_memory,
     reuse_freed_step_memory,
 )
+from pagedllm.engine.kv_cache_policy import streaming_policy
 from pagedllm.engine.model_runner import ModelRunner, StepResult, Verification, kv_cache_bytes_per_block
 from pagedllm.engine.output import RequestOutput, append_token, finish_grammar, make_request_output
 from pagedllm.engine.prefix_cache import PrefixCache
@@ -89,7 +91,10 @@ class LLMEngine:
         salt = f"{path.name}:{config.dtype}:{config.kv_cache_dtype}:{config.quantization}:{config.quant_group_size}"
         prefix_cache = PrefixCache(config.block_size, salt=salt) if config.enable_prefix_caching else None
         sliding_windows = kv_cache_layout(self.model_config).sliding_windows
-        self.block_manager = BlockManager(self.num_blocks, config.block_size, prefix_cache, sliding_windows)
+        self.streaming = streaming_policy(config, self.model_config, self.max_model_len)
+        self.block_manager = BlockManager(
+            self.num_blocks, config.block_size, prefix_cache, sliding_windows, self.streaming
+        )
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.grammars = GrammarBackend(self.tokenizer, self.model_config.vocab_size)
         self.structured_output = StructuredOutputManager(self.grammars)
@@ -122,6 +127,11 @@ class LLMEngine:
         """Bytes the KV cache's pools hold, the draft model's included."""
         runners = [runner for runner in (self.runner, self.draft_runner) if runner is not None]
         return self.num_blocks * sum(runner.bytes_per_block for runner in runners)
+
+    @property
+    def _max_seq_len(self) -> int:
+        """The longest a sequence runs: the context, or without a limit where its cache keeps only a window."""
+        return self.max_model_len if self.streaming is None else sys.maxsize
 
     def _max_model_len(self, model_config: ModelConfig) -> int:
         limit = model_config.max_position_embeddings
@@ -159,6 +169,8 @@ class LLMEngine:
         the finished request keeps its blocks for `fork_request` until `release_request`.
         """
         self._check_unused(request_id)
+        if self.streaming is not None:
+            self.streaming.check_request(params, keep_kv)
         text = prompt if isinstance(prompt, str) else None
         token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         self._check_fits(token_ids, params)
@@ -225,7 +237,7 @@ class LLMEngine:
         if params.logit_bias and max(params.logit_bias) >= self.model_config.vocab_size:
             raise InvalidArgumentError(f"logit_bias keys must be in [0, {self.model_config.vocab_size})", "logit_bias")
         total = len(token_ids) + params.max_tokens
-        if total > self.max_model_len:
+        if total > self.max_model_len and self.streaming is None:
             raise RequestTooLongError(
                 f"this model's context is {self.max_model_len} tokens, but the prompt has {len(token_ids)} and "
                 f"max_tokens is {params.max_tokens} ({total} in all)",
@@ -297,7 +309,7 @@ class LLMEngine:
                 seq.logprobs.append(sample.logprobs)
             if sample.logprob is not None:
                 seq.cumulative_logprob += sample.logprob
-            append_token(seq, sample.token_id, self.tokenizer.eos_token_ids, self.max_model_len)
+            append_token(seq, sample.token_id, self.tokenizer.eos_token_ids, self._max_seq_len)
             if self.structured_output.accept(seq, sample.token_id):
                 finish_grammar(seq)
             self.generation_tokens += 1

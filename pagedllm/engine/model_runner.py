@@ -12,6 +12,7 @@ from pagedllm.engine.request import Sequence
 from pagedllm.engine.scheduler import ScheduledSequence, SchedulerOutput
 from pagedllm.layers.attention import AttentionMetadata, KVPool, copy_blocks
 from pagedllm.layers.kv_cache_groups import kv_cache_layout
+from pagedllm.layers.kv_compaction import KVCompaction, compact_kv
 from pagedllm.layers.kv_quant import KV_CACHE_BITS, QuantizedKVPool
 from pagedllm.layers.rejection_sampler import DraftBatch, RejectionSampler, VerifiedTokens
 from pagedllm.layers.sampler import Sampler, SamplerOutput, SamplingBatch
@@ -101,6 +102,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput, block_manager: BlockManager) -> StepResult:
+        # A block a compaction frees may be a copy's destination or take new K/V in this very step.
+        self._compact(out.kv_compactions)
         self.apply_block_copies(out.block_copies)
         # Sequences with one new token first, longest context first: attention batches runs of similar length.
         items = sorted(
@@ -137,6 +140,11 @@ class ModelRunner:
         if self.fused_decode is not None and self.fused_decode.takes(meta):
             return self.fused_decode.forward(self.model.embed_tokens(input_tensor), position_tensor, meta)
         return self.model(input_tensor, position_tensor, meta)
+
+    def _compact(self, compactions: list[KVCompaction]) -> None:
+        for compaction in compactions:
+            for k_pool, v_pool in zip(self.k_pools, self.v_pools, strict=True):
+                compact_kv(k_pool, v_pool, self.model.rotary, compaction, self.device)
 
     def apply_block_copies(self, copies: list[tuple[int, int]]) -> None:
         if not copies:
@@ -265,7 +273,7 @@ class _FlatBatch:
     def __init__(self) -> None:
         self.input_ids: list[int] = []
         self.positions: list[int] = []
-        self.spans: list[tuple[Sequence, int, int]] = []  # each sequence's new positions [start, end)
+        self.spans: list[tuple[Sequence, int, int]] = []  # each sequence's new cache positions [start, end)
         self.sample_rows: list[int] = []
         self.sample_seqs: list[Sequence] = []
         self.sample_drafts: list[list[int]] = []  # per sample sequence: drafts verified on its rows
@@ -278,14 +286,16 @@ class _FlatBatch:
         drafts = seq.draft_token_ids[: item.num_draft_tokens]
         offset = len(self.input_ids)
         self.input_ids += seq.token_ids(start, end - len(drafts)) + drafts
-        self.positions += range(start, end)
+        # Positions within the cache: token positions unless tokens left it (the streaming KV-cache policy).
+        evicted = seq.num_evicted_tokens
+        self.positions += range(start - evicted, end - evicted)
         if drafts:
             # A decode with drafts (drafts follow one uncomputed token) runs as one decode row per position over
             # its own prefix: each row is computed, and rounded, as a lone decode of that position would be, and
             # the fused decode takes the step. Every row's K/V is written before any row attends.
-            self.spans += [(seq, position, position + 1) for position in range(start, end)]
+            self.spans += [(seq, position - evicted, position - evicted + 1) for position in range(start, end)]
         else:
-            self.spans.append((seq, start, end))
+            self.spans.append((seq, start - evicted, end - evicted))
         if item.completes:
             # The last verified token's row scores the first draft, each draft's row the next; the last is a bonus.
             first_row = offset + item.num_new_tokens - 1 - len(drafts)

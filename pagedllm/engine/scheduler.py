@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from pagedllm.engine.block_manager import BlockManager
 from pagedllm.engine.request import Sequence
+from pagedllm.layers.kv_compaction import KVCompaction
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +31,7 @@ class ScheduledSequence:
 class SchedulerOutput:
     scheduled: list[ScheduledSequence] = field(default_factory=list)
     block_copies: list[tuple[int, int]] = field(default_factory=list)
+    kv_compactions: list[KVCompaction] = field(default_factory=list)  # applied before the block copies
     preempted: list[Sequence] = field(default_factory=list)
     forked: list[Sequence] = field(default_factory=list)
 
@@ -66,11 +68,17 @@ class Scheduler:
         index = 0
         while index < len(self.running) and budget > 0:
             seq = self.running[index]
+            # Tokens out of a streaming window leave first: their blocks count as free for the room made below.
+            compaction = self.block_manager.evict(seq)
             # Drafts count in the budget like any token; those that do not fit wait for a later step.
-            num_new = min(seq.num_uncomputed_tokens + len(seq.draft_token_ids), budget)
+            num_new = min(
+                seq.num_uncomputed_tokens + len(seq.draft_token_ids), budget, self.block_manager.cache_room(seq)
+            )
             del seq.draft_token_ids[max(0, num_new - seq.num_uncomputed_tokens) :]
             if not self._make_room(seq, num_new, out):
-                break
+                break  # the sequence itself was preempted: its blocks, and the compaction's, went back
+            if compaction is not None:
+                out.kv_compactions.append(compaction)
             self._schedule(seq, num_new, out)
             budget -= num_new
             index += 1
@@ -81,7 +89,7 @@ class Scheduler:
             if not self._admit(seq, budget):
                 break
             self.waiting.popleft()
-            num_new = min(seq.num_uncomputed_tokens, budget)
+            num_new = min(seq.num_uncomputed_tokens, budget, self.block_manager.cache_room(seq))
             if seq.index == 0 and seq.num_preemptions == 0:
                 seq.request.num_cached_tokens = seq.num_computed_tokens
             self.running.append(seq)
@@ -139,6 +147,7 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         self.block_manager.free(seq)
         seq.num_computed_tokens = 0
+        seq.num_evicted_tokens = 0
         seq.draft_token_ids = []
         seq.num_preemptions += 1
         self.waiting.appendleft(seq)

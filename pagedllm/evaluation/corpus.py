@@ -45,6 +45,15 @@ def evaluation_tokens(tokenizer: TextTokenizer, num_tokens: int) -> list[int]:
     return ids
 
 
+def conversation_tokens(tokenizer: TextTokenizer, num_tokens: int) -> list[int]:
+    """Held-out ShareGPT conversations (both sides' turns of EVALUATION_RECORDS) one after another, `num_tokens`
+    long: a long stream for the streaming KV-cache policy."""
+    with sharegpt_path() as path:
+        ids = token_stream(sharegpt_turns(path, None, EVALUATION_RECORDS), tokenizer, num_tokens)
+    _require_length(ids, num_tokens, "evaluation")
+    return ids
+
+
 def calibration_tokens(tokenizer: TextTokenizer, num_tokens: int) -> list[int]:
     """ShareGPT conversations (both sides' turns of CALIBRATION_RECORDS), `num_tokens` long."""
     with sharegpt_path() as path:

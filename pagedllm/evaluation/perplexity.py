@@ -1,4 +1,9 @@
-"""Sliding-window perplexity computed through the engine, so quantized weights and KV cache are what is measured."""
+"""Perplexity computed through the engine, so quantized weights, KV cache and KV-cache policy are what is measured.
+
+Under the full KV-cache policy the text is scored in strided windows, each a prompt of its own; under the streaming
+policy it is one sequence decoded token by token, every token scored from the cache the policy kept, as StreamingLLM
+evaluates it.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +13,13 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
 from pagedllm.benchmarks import results
 from pagedllm.benchmarks.datasets import TextTokenizer
 from pagedllm.config import EngineConfig
 from pagedllm.errors import InvalidArgumentError
-from pagedllm.evaluation.corpus import evaluation_tokens
+from pagedllm.evaluation.corpus import conversation_tokens, evaluation_tokens
 from pagedllm.flags import add_dataclass_arguments, dataclass_from_args
 from pagedllm.llm import LLM
 from pagedllm.sampling_params import SamplingParams
@@ -39,6 +46,7 @@ class PerplexityResult:
     tokens_scored: int
     windows: int
     seconds: float
+    peak_kv_blocks: int  # the most KV-cache blocks in use at once
 
 
 def sliding_windows(num_tokens: int, window: int, stride: int) -> list[Window]:
@@ -89,9 +97,38 @@ def scored_prompt_logprobs(
 def perplexity(llm: LLM, token_ids: list[int], window: int, stride: int) -> PerplexityResult:
     """Perplexity of `token_ids` under the engine's model."""
     scored, num_windows, seconds = scored_prompt_logprobs(llm, token_ids, window, stride)
+    return _result(llm, scored, token_ids, num_windows, seconds)
+
+
+def streaming_perplexity(llm: LLM, token_ids: list[int]) -> PerplexityResult:
+    """Perplexity of `token_ids` fed as one sequence, one token per step (the engine's max_num_batched_tokens must
+    be 1), each scored from the KV cache its policy kept."""
+    if llm.engine.config.max_num_batched_tokens != 1:
+        raise InvalidArgumentError("streaming perplexity feeds one token per step", "max_num_batched_tokens")
+    engine = llm.engine
+    params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
+    started = time.perf_counter()
+    engine.add_request("stream", token_ids, params)
+    output = None
+    with tqdm(total=len(token_ids), desc="Decoding", unit="tok") as progress:
+        while output is None:
+            finished = [o for o in engine.step() if o.finished]
+            output = finished[0] if finished else None
+            progress.update(engine.prompt_tokens - progress.n)
+    seconds = time.perf_counter() - started
+    scored = [entry for entry in output.prompt_logprobs or [] if entry is not None]
+    if len(scored) != len(token_ids) - 1:
+        raise RuntimeError(f"{len(scored)} tokens were scored, not {len(token_ids) - 1}")
+    return _result(llm, scored, token_ids, 1, seconds)
+
+
+def _result(
+    llm: LLM, scored: list[dict[int, float]], token_ids: list[int], num_windows: int, seconds: float
+) -> PerplexityResult:
     nll = -math.fsum(entry[token] for entry, token in zip(scored, token_ids[1:], strict=True))
     mean_nll = nll / len(scored)
-    return PerplexityResult(math.exp(mean_nll), mean_nll, len(scored), num_windows, seconds)
+    peak_kv_blocks = llm.engine.block_manager.allocator.peak_num_used
+    return PerplexityResult(math.exp(mean_nll), mean_nll, len(scored), num_windows, seconds, peak_kv_blocks)
 
 
 def add_corpus_arguments(parser: argparse.ArgumentParser) -> None:
@@ -100,11 +137,21 @@ def add_corpus_arguments(parser: argparse.ArgumentParser) -> None:
     source = corpus.add_mutually_exclusive_group()
     source.add_argument("--text", type=Path, help="a UTF-8 text file to score instead of the default corpus")
     source.add_argument(
-        "--dataset", choices=("sharegpt",), default="sharegpt", help="held-out ShareGPT replies (the default corpus)"
+        "--dataset",
+        choices=("sharegpt", "sharegpt-conversations"),
+        default="sharegpt",
+        help="held-out ShareGPT replies (the default corpus), or the same conversations whole (both sides' turns)",
     )
     corpus.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, help="tokens of the corpus to score")
-    corpus.add_argument("--window", type=int, default=DEFAULT_WINDOW, help="most tokens of context per prediction")
-    corpus.add_argument("--stride", type=int, default=DEFAULT_STRIDE, help="tokens between window starts")
+    corpus.add_argument(
+        "--window",
+        type=int,
+        default=DEFAULT_WINDOW,
+        help="most tokens of context per prediction (the full KV-cache policy; streaming keeps --kv-window)",
+    )
+    corpus.add_argument(
+        "--stride", type=int, default=DEFAULT_STRIDE, help="tokens between window starts (the full KV-cache policy)"
+    )
 
 
 def corpus_tokens(tokenizer: TextTokenizer, args: argparse.Namespace) -> tuple[list[int], str]:
@@ -112,6 +159,8 @@ def corpus_tokens(tokenizer: TextTokenizer, args: argparse.Namespace) -> tuple[l
     if args.text is not None:
         ids = tokenizer.encode(args.text.read_text(encoding="utf-8"), add_special_tokens=False)
         return ids[: args.max_tokens], str(args.text)
+    if args.dataset == "sharegpt-conversations":
+        return conversation_tokens(tokenizer, args.max_tokens), "sharegpt-conversations"
     return evaluation_tokens(tokenizer, args.max_tokens), "sharegpt-replies"
 
 
@@ -129,10 +178,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    streaming = args.kv_cache_policy == "streaming"
+    if streaming:
+        args.max_num_batched_tokens = 1  # the stream is decoded one token per step
     config = dataclass_from_args(EngineConfig, args, enable_prefix_caching=False)
     llm = LLM(**asdict(config))
     token_ids, corpus = corpus_tokens(llm.tokenizer, args)
-    result = perplexity(llm, token_ids, args.window, args.stride)
+    if streaming:
+        result = streaming_perplexity(llm, token_ids)
+        context = f"streaming: {config.attention_sinks} sinks + window {config.kv_window}, token by token"
+    else:
+        result = perplexity(llm, token_ids, args.window, args.stride)
+        context = f"window {args.window}, stride {args.stride}"
     settings = {
         "model": llm.engine.model_name, "corpus": corpus, "window": args.window, "stride": args.stride,
         "variant": args.variant, **asdict(config),
@@ -141,7 +198,7 @@ def run(args: argparse.Namespace) -> int:
         results.append_run(args.output_json, results.new_run("perplexity", "pagedllm", settings, asdict(result)))
     print(
         f"{llm.engine.model_name}: perplexity {result.perplexity:.4f} over {result.tokens_scored} tokens "
-        f"(window {args.window}, stride {args.stride}, dtype {config.dtype}, quantization {config.quantization}, "
-        f"kv {config.kv_cache_dtype}) in {result.seconds:.1f}s"
+        f"({context}, dtype {config.dtype}, quantization {config.quantization}, kv {config.kv_cache_dtype}) "
+        f"in {result.seconds:.1f}s, peak {result.peak_kv_blocks} KV blocks of {config.block_size} tokens"
     )
     return 0

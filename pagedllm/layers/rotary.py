@@ -72,6 +72,12 @@ class RotaryEmbedding(nn.Module):
         else:
             x[:, :rotated_heads] = self.rotate(positions, x[:, :rotated_heads])
 
+    def shift(self, x: torch.Tensor, distance: int) -> torch.Tensor:
+        """x [T, heads, head_dim] rotated for positions p, rotated for p - distance instead (rotations compose)."""
+        y = x.float()
+        cos, sin = self.cos[distance], -self.signed_sin[distance]
+        return (y * cos + y.roll(x.shape[-1] // 2, dims=-1) * sin).to(x.dtype)
+
     def _cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         cached = self._rows_for
         if cached is not None and cached[0] is positions and cached[1] == dtype:

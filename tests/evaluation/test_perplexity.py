@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from pagedllm import LLM
 from pagedllm.cli import main
-from pagedllm.evaluation.perplexity import Window, perplexity, sliding_windows
+from pagedllm.evaluation.perplexity import Window, perplexity, sliding_windows, streaming_perplexity
 from pagedllm.model.loader import load_checkpoint
 from pagedllm.quantize.dense_model import forward_logits
 
@@ -113,3 +113,33 @@ def test_cli_scores_a_text_file_and_writes_json(
     assert document["settings"]["window"] == 32 and document["settings"]["enable_prefix_caching"] is False
     assert document["settings"]["variant"] == "tiny"
     assert "perplexity" in capsys.readouterr().out
+
+
+def test_streaming_evaluation_decodes_token_by_token_and_reports_peak_blocks(
+    tiny_llm: LLM, tiny_llama_dir: Path, token_ids: list[int], tmp_path: Path
+) -> None:
+    settings = dict(dtype="float32", kv_cache_memory=2**22, enable_prefix_caching=False, block_size=4)
+    streaming = dict(kv_cache_policy="streaming", attention_sinks=2, max_num_batched_tokens=1)
+    # A window longer than the text keeps every token: full attention, one token at a time.
+    whole = streaming_perplexity(LLM(str(tiny_llama_dir), **settings, **streaming, kv_window=64), token_ids)
+    expected = perplexity(tiny_llm, token_ids, window=64, stride=64)
+    assert whole.mean_nll == pytest.approx(expected.mean_nll, rel=1e-4)
+    assert whole.peak_kv_blocks == -(-NUM_TOKENS // 4)
+    windowed = streaming_perplexity(LLM(str(tiny_llama_dir), **settings, **streaming, kv_window=8), token_ids)
+    assert windowed.tokens_scored == NUM_TOKENS - 1
+    assert windowed.peak_kv_blocks == -(-(2 + 8) // 4) + 1 < whole.peak_kv_blocks
+    assert windowed.mean_nll != pytest.approx(whole.mean_nll, rel=1e-6)
+
+
+def test_cli_streaming_policy_flags(tiny_llama_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    text = tmp_path / "text.txt"
+    text.write_text("The window keeps the sinks and the most recent tokens. " * 8, encoding="utf-8")
+    output = tmp_path / "result.json"
+    argv = ["eval", "perplexity", "--model", str(tiny_llama_dir), "--text", str(text), "--kv-cache-memory", str(2**22)]
+    policy = ["--kv-cache-policy", "streaming", "--kv-window", "16", "--attention-sinks", "4", "--block-size", "4"]
+    assert main([*argv, *policy, "--output-json", str(output)]) == 0
+    document = json.loads(output.read_text())["runs"][0]
+    assert document["settings"]["kv_cache_policy"] == "streaming" and document["settings"]["kv_window"] == 16
+    assert document["settings"]["max_num_batched_tokens"] == 1
+    assert document["results"]["peak_kv_blocks"] == 6
+    assert "4 sinks + window 16, token by token" in capsys.readouterr().out

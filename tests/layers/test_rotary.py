@@ -34,3 +34,12 @@ def test_position_zero_is_the_identity_and_norms_are_kept() -> None:
     rotated, _ = rotary(torch.tensor([0, 3, 7, 31]), x, x)
     assert torch.allclose(rotated[0], x[0])
     assert torch.allclose(rotated.norm(dim=-1), x.norm(dim=-1), atol=1e-5)
+
+
+def test_shift_rotates_keys_to_the_position_distance_earlier() -> None:
+    rotary = RotaryEmbedding(8, 64, 10000.0, RopeScaling())
+    keys = torch.randn(5, 2, 8)
+    positions = torch.tensor([20, 33, 40, 41, 63])
+    for distance in (0, 1, 17, 20):
+        shifted = rotary.shift(rotary.rotate(positions, keys), distance)
+        assert torch.allclose(shifted, rotated_directly(rotary, positions - distance, keys), atol=1e-5)

@@ -1,0 +1,44 @@
+"""Compaction of a sequence's paged K/V: moved keys are the keys of their new positions, values move unchanged."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pagedllm.config import RopeScaling
+from pagedllm.layers.attention import gather_context, write_kv
+from pagedllm.layers.kv_compaction import KVCompaction, compact_kv
+from pagedllm.layers.kv_quant import QuantizedKVPool
+from pagedllm.layers.rotary import RotaryEmbedding
+
+BLOCK, HEADS, HEAD_DIM = 4, 2, 16
+CPU = torch.device("cpu")
+
+
+def pools(quantized: bool) -> tuple:
+    if quantized:
+        return tuple(QuantizedKVPool(8, BLOCK, HEADS, HEAD_DIM, 8, torch.float32, CPU) for _ in range(2))
+    return tuple(torch.zeros(8, BLOCK, HEADS, HEAD_DIM) for _ in range(2))
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_kept_entries_equal_entries_written_at_their_new_positions(quantized: bool) -> None:
+    rotary = RotaryEmbedding(HEAD_DIM, 64, 10000.0, RopeScaling())
+    table = [5, 2, 7, 0, 3]  # 20 slots, scattered blocks
+    cache_len, sinks, shift = 19, 3, 9
+    keys, values = torch.randn(cache_len, HEADS, HEAD_DIM), torch.randn(cache_len, HEADS, HEAD_DIM)
+    k_pool, v_pool = pools(quantized)
+    slots = torch.tensor([table[p // BLOCK] * BLOCK + p % BLOCK for p in range(cache_len)])
+    write_kv(k_pool, v_pool, rotary.rotate(torch.arange(cache_len), keys), values, slots)
+
+    compact_kv(k_pool, v_pool, rotary, KVCompaction(table, sinks, shift, cache_len), CPU)
+
+    kept = [*range(sinks), *range(sinks + shift, cache_len)]
+    expected_k, expected_v = pools(quantized)
+    new_len = len(kept)
+    write_kv(expected_k, expected_v, rotary.rotate(torch.arange(new_len), keys[kept]), values[kept], slots[:new_len])
+    table_tensor = torch.tensor(table)
+    for pool, expected in ((k_pool, expected_k), (v_pool, expected_v)):
+        got, want = (gather_context(p, table_tensor, new_len) for p in (pool, expected))
+        tolerance = 0.05 if quantized else 1e-5
+        assert torch.allclose(got, want, atol=tolerance)
