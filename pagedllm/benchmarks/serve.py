@@ -131,24 +131,37 @@ async def stream_completion(
     """Send one streamed completion request and time every chunk of its answer."""
     trace = RequestTrace(prompt_len=request.prompt_len, expected_output_len=max_tokens or request.output_len)
     payload = completion_payload(request, settings, max_tokens)
+    url = settings.base_url.rstrip("/") + COMPLETIONS_PATH
+    await stream_into(client, url, payload, trace, record_event)
+    if trace.error is None and not trace.chunk_times:
+        trace.error = "the stream carried no generated text"
+    return trace
+
+
+async def stream_into(
+    client: httpx.AsyncClient,
+    url: str,
+    payload: dict[str, Any],
+    trace: RequestTrace,
+    record: Callable[[RequestTrace, dict[str, Any], float], None],
+) -> None:
+    """POST a streamed request and fold each server-sent event into `trace` as it arrives (with `record`); an
+    HTTP error status or a broken stream becomes the trace's error."""
     trace.sent_at = time.perf_counter()
     try:
-        async with client.stream("POST", settings.base_url.rstrip("/") + COMPLETIONS_PATH, json=payload) as response:
+        async with client.stream("POST", url, json=payload) as response:
             if response.status_code != 200:
                 body = await response.aread()
                 trace.error = f"HTTP {response.status_code}: {body.decode(errors='replace')[:500]}"
-                return trace
+                return
             async for line in response.aiter_lines():
                 event = parse_sse_line(line)
                 if event is not None:
-                    record_event(trace, event, time.perf_counter())
+                    record(trace, event, time.perf_counter())
     except (httpx.HTTPError, json.JSONDecodeError) as error:
         trace.error = f"{type(error).__name__}: {error}"
     finally:
         trace.finished_at = time.perf_counter()
-    if trace.error is None and not trace.chunk_times:
-        trace.error = "the stream carried no generated text"
-    return trace
 
 
 # Sends one request and times its streamed answer.

@@ -34,9 +34,9 @@ from pagedllm.benchmarks.serve import (
     Send,
     pagedllm_server,
     parse_concurrencies,
-    parse_sse_line,
     run_load,
     served_model_name,
+    stream_into,
 )
 from pagedllm.benchmarks.server_process import free_port
 from pagedllm.model.registry import resolve_model_path
@@ -132,21 +132,7 @@ def chat_sender(settings: LoadSettings, fields: Iterator[dict[str, Any]]) -> Sen
             "stream_options": {"include_usage": True},
             **next(fields),
         }
-        trace.sent_at = time.perf_counter()
-        try:
-            async with client.stream("POST", settings.base_url.rstrip("/") + CHAT_PATH, json=payload) as response:
-                if response.status_code != 200:
-                    body = await response.aread()
-                    trace.error = f"HTTP {response.status_code}: {body.decode(errors='replace')[:500]}"
-                    return trace
-                async for line in response.aiter_lines():
-                    event = parse_sse_line(line)
-                    if event is not None:
-                        record_chat_event(trace, event, time.perf_counter())
-        except (httpx.HTTPError, json.JSONDecodeError) as error:
-            trace.error = f"{type(error).__name__}: {error}"
-        finally:
-            trace.finished_at = time.perf_counter()
+        await stream_into(client, settings.base_url.rstrip("/") + CHAT_PATH, payload, trace, record_chat_event)
         if trace.error is None and not trace.chunk_times:
             trace.error = "the stream carried no tokens"
         return trace
