@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from pagedllm.benchmarks import offline, peers, prefix_sharing, report
+from pagedllm.benchmarks import allreduce, offline, peers, prefix_sharing, report
 from pagedllm.benchmarks import serve as bench_serve
 from pagedllm.chat import EngineChat, RemoteChat, run_repl
 from pagedllm.config import EngineConfig
@@ -83,7 +83,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser("bench", help="benchmarks against llama.cpp and Hugging Face transformers")
     bench_commands = bench.add_subparsers(dest="bench_command", required=True)
-    benches = {"serve": bench_serve, "offline": offline, "peers": peers, "report": report, "prefix": prefix_sharing}
+    benches = {
+        "serve": bench_serve,
+        "offline": offline,
+        "peers": peers,
+        "report": report,
+        "prefix": prefix_sharing,
+        "allreduce": allreduce,
+    }
     for name, module in benches.items():
         sub = bench_commands.add_parser(name, help=module.__doc__.splitlines()[0])
         module.add_arguments(sub)

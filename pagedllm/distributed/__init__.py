@@ -1,0 +1,1 @@
+"""Process groups on torch.distributed and the collectives tensor-parallel layers call."""

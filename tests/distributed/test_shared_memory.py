@@ -1,0 +1,62 @@
+"""The shared-memory collectives against gloo's, across 2 spawned ranks."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from pagedllm.distributed.group import ParallelGroup
+from pagedllm.distributed.launch import spawn_ranks
+from pagedllm.distributed.shared_memory import PeerExitedError, SharedMemoryCollectives, shared_memory_supported
+
+pytestmark = pytest.mark.skipif(not shared_memory_supported(), reason="the shared-memory path runs on x86 only")
+
+HIDDEN_SIZES = (576, 960, 2048, 4096, 8192)
+
+
+def _matches_gloo(rank: int, world_size: int) -> None:
+    group = ParallelGroup.create()
+    assert group.shared_memory is not None
+    generator = torch.Generator().manual_seed(1000 + rank)
+    # Hidden-size vectors and batches of them, one bigger than a slot (chunked), float32 and bfloat16.
+    shapes = [(n,) for n in HIDDEN_SIZES] + [(7, 576), (600, 2048)]
+    for dtype in (torch.float32, torch.bfloat16):
+        for shape in shapes:
+            x = torch.randn(shape, generator=generator).to(dtype)
+            ours, theirs = group.all_reduce(x.clone()), x.clone()
+            dist.all_reduce(theirs)
+            assert torch.equal(ours, theirs), (dtype, shape)
+            gathered = [torch.empty_like(x) for _ in range(world_size)]
+            dist.all_gather(gathered, x)
+            assert torch.equal(group.all_gather(x), torch.stack(gathered)), (dtype, shape)
+    strided = torch.randn(64, 32, generator=generator).t()
+    expected = strided.contiguous()
+    dist.all_reduce(expected)
+    assert torch.equal(group.all_reduce(strided), expected)
+    group.close()
+    collectives = SharedMemoryCollectives.create(slot_bytes=256)  # 64 float32: 3 calls per vector below
+    for step in range(20):  # consecutive calls reuse the two slots of each rank alternately
+        x = torch.full((150,), float(rank + 1) * (step + 1))
+        assert torch.equal(collectives.all_reduce(x), torch.full((150,), 3.0 * (step + 1)))
+    collectives.close()
+
+
+def test_all_reduce_and_gather_equal_gloo_on_two_ranks() -> None:
+    """Hidden-size vectors, batches, a strided tensor, and tensors of several chunks through tiny slots."""
+    spawn_ranks(_matches_gloo, 2, timeout_s=120)
+
+
+def _one_rank_exits(rank: int, world_size: int) -> None:
+    collectives = SharedMemoryCollectives.create(timeout_s=60)
+    collectives.all_reduce(torch.ones(8))
+    if rank == 1:
+        os._exit(0)  # leaves rank 0 waiting in the next call
+    with pytest.raises(PeerExitedError, match="rank 1"):
+        collectives.all_reduce(torch.ones(8))
+
+
+def test_a_rank_that_exits_fails_the_waiting_one() -> None:
+    spawn_ranks(_one_rank_exits, 2, timeout_s=60)
