@@ -10,6 +10,7 @@ import torch
 import torch.multiprocessing as torch_mp
 
 from pagedllm.distributed.process_group import destroy_distributed, free_port, init_distributed
+from pagedllm.kernels import cpu_kernels_available
 
 RankFn = Callable[..., None]
 
@@ -27,6 +28,7 @@ def _rank_main(rank: int, fn: RankFn, world_size: int, init_method: str, num_thr
 def spawn_ranks(fn: RankFn, world_size: int, args: tuple[Any, ...] = (), num_threads: int = 1, timeout_s: float = 300):
     """Run fn(rank, world_size, *args) in `world_size` processes joined by gloo; raises what a rank raised, or
     TimeoutError (every rank killed) when they have not all finished within `timeout_s`."""
+    cpu_kernels_available()  # built here once, rather than by every rank, each waiting on the build's lock
     init_method = f"tcp://127.0.0.1:{free_port()}"
     context = torch_mp.start_processes(
         _rank_main,

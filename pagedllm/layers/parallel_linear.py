@@ -1,0 +1,219 @@
+"""Tensor-parallel linears and embeddings: each rank of a ParallelGroup holds a slice of a layer's weight.
+
+Column-parallel layers (fused q/k/v, gate/up) keep a slice of the output rows of each fused projection, whole
+heads at a time, so a rank computes its own heads with no communication; projections with fewer heads than ranks
+(the K/V heads of GQA and MQA models) are replicated, rank r holding head r // (ranks // heads). Row-parallel
+layers (o, down) keep the matching slice of input columns and sum their partial outputs with one all-reduce. The
+embedding and the lm_head split the vocabulary: a lookup sums the one rank's row that holds each token, the
+lm_head gathers every rank's logits.
+
+Weights arrive whole and in the form the layer stores them (LinearQuantization.prepare of the whole matrix), and
+are sliced afterwards: quantized ones along whole int4 groups, so every rank multiplies by exactly the numbers
+one process would.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pagedllm.distributed.group import ParallelGroup
+from pagedllm.layers.linear import Linear, QuantizedLinear
+from pagedllm.layers.quantization import Int4Weight, Int8Weight, LinearQuantization, QuantizedWeight, select_rows
+
+Weight = torch.Tensor | QuantizedWeight
+
+
+@dataclass(frozen=True)
+class RowBlock:
+    """One projection within a fused weight: `num_units` units (heads, or single channels) of `unit_size` rows."""
+
+    num_units: int
+    unit_size: int = 1
+
+    @property
+    def rows(self) -> int:
+        return self.num_units * self.unit_size
+
+
+def shard_units(num_units: int, rank: int, world_size: int) -> range:
+    """The units rank `rank` holds: an equal run of them, or one replicated unit where there are fewer than ranks."""
+    if num_units >= world_size:
+        if num_units % world_size:
+            raise ValueError(f"{num_units} heads or channels do not split evenly over {world_size} ranks")
+        per_rank = num_units // world_size
+        return range(rank * per_rank, (rank + 1) * per_rank)
+    if world_size % num_units:
+        raise ValueError(f"{num_units} heads cannot be replicated evenly over {world_size} ranks")
+    unit = rank // (world_size // num_units)
+    return range(unit, unit + 1)
+
+
+def shard_index(blocks: list[RowBlock], rank: int, world_size: int) -> torch.Tensor:
+    """The rows (of a fused weight stacking `blocks`) that rank `rank` holds, in order."""
+    pieces, start = [], 0
+    for block in blocks:
+        units = shard_units(block.num_units, rank, world_size)
+        first, last = start + units.start * block.unit_size, start + units.stop * block.unit_size
+        pieces.append(torch.arange(first, last))
+        start += block.rows
+    return torch.cat(pieces)
+
+
+def select_output_rows(weight: Weight, index: torch.Tensor) -> Weight:
+    """Rows `index` of a dense or quantized [out, in] weight."""
+    return weight[index].contiguous() if isinstance(weight, torch.Tensor) else select_rows(weight, index)
+
+
+def select_input_columns(weight: Weight, columns: range) -> Weight:
+    """Input columns `columns` of a dense or quantized [out, in] weight (int4: whole groups only)."""
+    if isinstance(weight, torch.Tensor):
+        return weight[:, columns.start : columns.stop].contiguous()
+    q = weight.q[:, columns.start : columns.stop].contiguous()
+    if isinstance(weight, Int8Weight):
+        return Int8Weight(q, weight.scales)  # one scale per output row, whatever columns it spans
+    group = weight.group_size
+    if columns.start % group or len(columns) % group:
+        raise ValueError(f"input columns {columns.start}..{columns.stop} do not cover whole int4 groups of {group}")
+    groups = slice(columns.start // group, columns.stop // group)
+    return Int4Weight(q, weight.scales[:, groups].contiguous(), weight.mins[:, groups].contiguous(), group)
+
+
+def linear_for(weight: Weight, bias: torch.Tensor | None, dtype: torch.dtype, dense_min_rows: int | None) -> nn.Module:
+    """A Linear over a dense weight, a QuantizedLinear over a quantized one."""
+    if isinstance(weight, torch.Tensor):
+        layer = Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+        layer.load(weight, bias)
+        return layer
+    return QuantizedLinear(weight, bias, dtype, dense_min_rows)
+
+
+class ColumnParallelLinear(nn.Module):
+    """This rank's output rows of x Wᵀ + b, W stacking the projections `blocks` (e.g. q, k, v heads)."""
+
+    def __init__(self, in_features: int, blocks: list[RowBlock], group: ParallelGroup, bias: bool = False) -> None:
+        super().__init__()
+        self.group = group
+        self.blocks = blocks
+        self.index = shard_index(blocks, group.rank, group.world_size)
+        self.in_features, self.out_features = in_features, len(self.index)
+        self.linear: nn.Module = Linear(in_features, self.out_features, bias)
+
+    def local_units(self, block: int) -> int:
+        """How many units of projection `block` this rank holds."""
+        return len(shard_units(self.blocks[block].num_units, self.group.rank, self.group.world_size))
+
+    def load(
+        self, weight: Weight, bias: torch.Tensor | None, dtype: torch.dtype, quantization: LinearQuantization
+    ) -> None:
+        """Take the whole fused weight (and bias) and keep this rank's rows, stored as `quantization` says."""
+        expected = (sum(block.rows for block in self.blocks), self.in_features)
+        if tuple(weight.shape) != expected:
+            raise ValueError(f"weight shape {tuple(weight.shape)} != expected {expected}")
+        weight = select_output_rows(quantization.prepare(weight, dtype), self.index)
+        bias = None if bias is None else bias[self.index].contiguous()
+        self.linear = linear_for(weight, bias, dtype, quantization.dense_min_rows)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x)
+
+
+class RowParallelLinear(nn.Module):
+    """x Wᵀ + b from this rank's input columns (those a ColumnParallelLinear of `in_block` gave it), summed."""
+
+    def __init__(self, in_block: RowBlock, out_features: int, group: ParallelGroup, bias: bool = False) -> None:
+        super().__init__()
+        if in_block.num_units % group.world_size:
+            raise ValueError(f"{in_block.num_units} input heads or channels do not split over {group.world_size} ranks")
+        self.group = group
+        units = shard_units(in_block.num_units, group.rank, group.world_size)
+        self.columns = range(units.start * in_block.unit_size, units.stop * in_block.unit_size)
+        self.in_features, self.out_features = in_block.rows, out_features
+        self.linear: nn.Module = Linear(len(self.columns), out_features)
+        # Added once, after the sum.
+        self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
+
+    def load(
+        self, weight: Weight, bias: torch.Tensor | None, dtype: torch.dtype, quantization: LinearQuantization
+    ) -> None:
+        """Take the whole weight (and bias) and keep this rank's input columns, stored as `quantization` says."""
+        if tuple(weight.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"weight shape {tuple(weight.shape)} != expected {(self.out_features, self.in_features)}")
+        weight = select_input_columns(quantization.prepare(weight, dtype), self.columns)
+        self.linear = linear_for(weight, None, dtype, quantization.dense_min_rows)
+        if self.bias is not None:
+            if bias is None:
+                raise ValueError("checkpoint lacks a bias this layer needs")
+            self.bias.data = bias.to(dtype).contiguous()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.group.all_reduce(self.linear(x))
+        return y if self.bias is None else y + self.bias
+
+
+def vocab_range(vocab_size: int, rank: int, world_size: int) -> range:
+    """The token ids rank `rank` holds (shares differ by at most one token)."""
+    return range(rank * vocab_size // world_size, (rank + 1) * vocab_size // world_size)
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Token embeddings, each rank holding the rows of its vocab_range."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, group: ParallelGroup) -> None:
+        super().__init__()
+        self.group = group
+        self.vocab_size = vocab_size
+        self.tokens = vocab_range(vocab_size, group.rank, group.world_size)
+        self.weight = nn.Parameter(torch.empty(len(self.tokens), hidden_size), requires_grad=False)
+
+    def load(self, weight: torch.Tensor) -> None:
+        """Take the whole [vocab, hidden] table and keep this rank's rows."""
+        if weight.shape[0] != self.vocab_size or weight.shape[1] != self.weight.shape[1]:
+            raise ValueError(
+                f"embedding shape {tuple(weight.shape)} != expected ({self.vocab_size}, {self.weight.shape[1]})"
+            )
+        self.weight.data = weight[self.tokens.start : self.tokens.stop].contiguous()
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.group.world_size == 1:
+            return F.embedding(input_ids, self.weight)
+        local = input_ids - self.tokens.start
+        elsewhere = (local < 0) | (local >= len(self.tokens))
+        hidden = F.embedding(local.masked_fill(elsewhere, 0), self.weight)
+        hidden.masked_fill_(elsewhere.unsqueeze(-1), 0)
+        return self.group.all_reduce(hidden)
+
+
+class ParallelLMHead(nn.Module):
+    """Logits over the whole vocabulary on every rank, each rank multiplying by the rows of its vocab_range."""
+
+    def __init__(self, hidden_size: int, vocab_size: int, group: ParallelGroup) -> None:
+        super().__init__()
+        self.group = group
+        self.vocab_size = vocab_size
+        self.tokens = vocab_range(vocab_size, group.rank, group.world_size)
+        self.widths = [len(vocab_range(vocab_size, r, group.world_size)) for r in range(group.world_size)]
+        self.hidden_size = hidden_size
+        self.linear: nn.Module = Linear(hidden_size, len(self.tokens))
+
+    def load(self, weight: Weight, dtype: torch.dtype, quantization: LinearQuantization) -> None:
+        """Take the whole [vocab, hidden] weight (a tied embedding table, or the checkpoint's own) and keep this
+        rank's rows, stored as `quantization` says for an lm_head."""
+        if tuple(weight.shape) != (self.vocab_size, self.hidden_size):
+            raise ValueError(f"lm_head shape {tuple(weight.shape)} != expected {(self.vocab_size, self.hidden_size)}")
+        prepared = quantization.prepare(weight, dtype, lm_head=True)
+        index = torch.arange(self.tokens.start, self.tokens.stop)
+        self.linear = linear_for(select_output_rows(prepared, index), None, dtype, quantization.dense_min_rows)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.linear(hidden)
+        if self.group.world_size == 1:
+            return logits
+        widest = max(self.widths)
+        if logits.shape[-1] < widest:
+            logits = F.pad(logits, (0, widest - logits.shape[-1]))
+        gathered = self.group.all_gather(logits)
+        return torch.cat([gathered[r, ..., :width] for r, width in enumerate(self.widths)], dim=-1)

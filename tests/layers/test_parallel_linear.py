@@ -1,0 +1,120 @@
+"""Tensor-parallel layers on 2 ranks against the same layers unsharded, dense and quantized."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pagedllm.distributed.group import ParallelGroup
+from pagedllm.distributed.launch import spawn_ranks
+from pagedllm.layers.activation import silu_and_mul
+from pagedllm.layers.parallel_linear import (
+    ColumnParallelLinear,
+    ParallelLMHead,
+    RowBlock,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    linear_for,
+    select_input_columns,
+    shard_index,
+    shard_units,
+    vocab_range,
+)
+from pagedllm.layers.quantization import LinearQuantization, dequantize, quantize_int4
+
+HIDDEN, HEAD_DIM, NUM_HEADS, INTERMEDIATE, VOCAB = 64, 16, 4, 128, 101
+METHODS = ("none", "int8", "int4")
+
+
+def test_heads_split_evenly_or_replicate() -> None:
+    assert [shard_units(4, r, 2) for r in range(2)] == [range(0, 2), range(2, 4)]
+    assert [shard_units(2, r, 4) for r in range(4)] == [range(0, 1), range(0, 1), range(1, 2), range(1, 2)]
+    with pytest.raises(ValueError, match="split evenly"):
+        shard_units(3, 0, 2)
+    with pytest.raises(ValueError, match="replicated evenly"):
+        shard_units(2, 0, 3)
+    # q: 4 heads of 2 rows, k and v: 1 head each, replicated.
+    blocks = [RowBlock(4, 2), RowBlock(1, 2), RowBlock(1, 2)]
+    assert shard_index(blocks, 1, 2).tolist() == [4, 5, 6, 7, 8, 9, 10, 11]
+
+
+def test_vocab_ranges_cover_the_vocabulary_once() -> None:
+    ranges = [vocab_range(VOCAB, r, 3) for r in range(3)]
+    assert [t for r in ranges for t in r] == list(range(VOCAB))
+
+
+def test_int4_columns_are_sliced_along_whole_groups() -> None:
+    weight = quantize_int4(torch.randn(8, 128), 32)
+    part = select_input_columns(weight, range(64, 128))
+    assert torch.equal(dequantize(part), dequantize(weight)[:, 64:])
+    with pytest.raises(ValueError, match="whole int4 groups"):
+        select_input_columns(weight, range(48, 96))
+
+
+def _reference(weight: torch.Tensor, quantization: LinearQuantization, lm_head: bool = False) -> torch.nn.Module:
+    return linear_for(quantization.prepare(weight, torch.float32, lm_head), None, torch.float32, 0)
+
+
+def _close(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """Equal up to the order of float32 sums (partial sums per rank, then their all-reduce)."""
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+
+
+def _check_attention_projections(group: ParallelGroup, quantization: LinearQuantization) -> None:
+    x = torch.randn(5, HIDDEN)
+    for num_kv_heads in (2, 1):  # K/V heads split, then replicated
+        qkv = torch.randn((NUM_HEADS + 2 * num_kv_heads) * HEAD_DIM, HIDDEN)
+        blocks = [RowBlock(NUM_HEADS, HEAD_DIM), RowBlock(num_kv_heads, HEAD_DIM), RowBlock(num_kv_heads, HEAD_DIM)]
+        layer = ColumnParallelLinear(HIDDEN, blocks, group)
+        layer.load(qkv, None, torch.float32, quantization)
+        assert layer.local_units(0) == NUM_HEADS // 2 and layer.local_units(1) == 1
+        _close(layer(x), _reference(qkv, quantization)(x)[:, layer.index])
+    heads_out = torch.randn(5, NUM_HEADS * HEAD_DIM)
+    o_proj = torch.randn(HIDDEN, NUM_HEADS * HEAD_DIM)
+    bias = torch.randn(HIDDEN)
+    layer = RowParallelLinear(RowBlock(NUM_HEADS, HEAD_DIM), HIDDEN, group, bias=True)
+    layer.load(o_proj, bias, torch.float32, quantization)
+    mine = heads_out[:, layer.columns.start : layer.columns.stop]
+    _close(layer(mine), _reference(o_proj, quantization)(heads_out) + bias)
+
+
+def _check_mlp(group: ParallelGroup, quantization: LinearQuantization) -> None:
+    x = torch.randn(3, HIDDEN)
+    gate_up, down = torch.randn(2 * INTERMEDIATE, HIDDEN), torch.randn(HIDDEN, INTERMEDIATE)
+    column = ColumnParallelLinear(HIDDEN, [RowBlock(INTERMEDIATE), RowBlock(INTERMEDIATE)], group)
+    column.load(gate_up, None, torch.float32, quantization)
+    row = RowParallelLinear(RowBlock(INTERMEDIATE), HIDDEN, group)
+    row.load(down, None, torch.float32, quantization)
+    expected = _reference(down, quantization)(silu_and_mul(_reference(gate_up, quantization)(x)))
+    _close(row(silu_and_mul(column(x))), expected)
+
+
+def _check_vocabulary(group: ParallelGroup, quantization: LinearQuantization) -> None:
+    table = torch.randn(VOCAB, HIDDEN)
+    ids = torch.tensor([0, 49, 50, 51, 100, 7])  # both ranks' tokens (rank 0 holds 0..49)
+    embedding = VocabParallelEmbedding(VOCAB, HIDDEN, group)
+    embedding.load(table)
+    assert torch.equal(embedding(ids), F.embedding(ids, table))  # a sum with zeros: exact
+    hidden = torch.randn(4, HIDDEN)
+    lm_head = ParallelLMHead(HIDDEN, VOCAB, group)
+    lm_head.load(table, torch.float32, quantization)
+    logits = lm_head(hidden)
+    assert logits.shape == (4, VOCAB)
+    _close(logits, _reference(table, quantization, lm_head=True)(hidden))
+
+
+def _layers_match_unsharded(rank: int, world_size: int) -> None:
+    group = ParallelGroup.create()
+    for method in METHODS:
+        torch.manual_seed(0)  # the same whole weights on every rank
+        quantization = LinearQuantization(method, group_size=32, dense_min_rows=0)
+        _check_attention_projections(group, quantization)
+        _check_mlp(group, quantization)
+        _check_vocabulary(group, quantization)
+    group.close()
+
+
+def test_two_ranks_compute_what_one_unsharded_layer_does() -> None:
+    """q/k/v (K/V heads split and replicated), o with a bias, gate/up + down, embedding, lm_head; dense, int8, int4."""
+    spawn_ranks(_layers_match_unsharded, 2, timeout_s=180)
