@@ -1,8 +1,10 @@
 """Tensor-parallel linears and embeddings: each rank of a ParallelGroup holds a slice of a layer's weight.
 
 Column-parallel layers (fused q/k/v, gate/up) keep a slice of the output rows of each fused projection, whole
-heads at a time, so a rank computes its own heads with no communication; projections with fewer heads than ranks
-(the K/V heads of GQA and MQA models) are replicated, rank r holding head r // (ranks // heads). Row-parallel
+units (heads, or the query heads that share one K/V head) at a time, so a rank computes its own heads with no
+communication. Units split as evenly as they go (9 query heads in 3 K/V groups over 2 ranks: 1 group and 2);
+projections with fewer heads than ranks (the K/V heads of GQA and MQA models) are replicated, rank r holding head
+r // (ranks // heads). Row-parallel
 layers (o, down) keep the matching slice of input columns and sum their partial outputs with one all-reduce. The
 embedding and the lm_head split the vocabulary: a lookup sums the one rank's row that holds each token, the
 lm_head gathers every rank's logits.
@@ -40,12 +42,10 @@ class RowBlock:
 
 
 def shard_units(num_units: int, rank: int, world_size: int) -> range:
-    """The units rank `rank` holds: an equal run of them, or one replicated unit where there are fewer than ranks."""
+    """The units rank `rank` holds: a run of them (runs differ by at most one unit), or one replicated unit where
+    there are fewer units than ranks."""
     if num_units >= world_size:
-        if num_units % world_size:
-            raise ValueError(f"{num_units} heads or channels do not split evenly over {world_size} ranks")
-        per_rank = num_units // world_size
-        return range(rank * per_rank, (rank + 1) * per_rank)
+        return range(rank * num_units // world_size, (rank + 1) * num_units // world_size)
     if world_size % num_units:
         raise ValueError(f"{num_units} heads cannot be replicated evenly over {world_size} ranks")
     unit = rank // (world_size // num_units)
@@ -102,9 +102,10 @@ class ColumnParallelLinear(nn.Module):
         self.in_features, self.out_features = in_features, len(self.index)
         self.linear: nn.Module = Linear(in_features, self.out_features, bias)
 
-    def local_units(self, block: int) -> int:
-        """How many units of projection `block` this rank holds."""
-        return len(shard_units(self.blocks[block].num_units, self.group.rank, self.group.world_size))
+    def local_rows(self, block: int) -> int:
+        """How many output rows of projection `block` this rank holds."""
+        units = shard_units(self.blocks[block].num_units, self.group.rank, self.group.world_size)
+        return len(units) * self.blocks[block].unit_size
 
     def load(
         self, weight: Weight, bias: torch.Tensor | None, dtype: torch.dtype, quantization: LinearQuantization
@@ -126,8 +127,10 @@ class RowParallelLinear(nn.Module):
 
     def __init__(self, in_block: RowBlock, out_features: int, group: ParallelGroup, bias: bool = False) -> None:
         super().__init__()
-        if in_block.num_units % group.world_size:
-            raise ValueError(f"{in_block.num_units} input heads or channels do not split over {group.world_size} ranks")
+        if in_block.num_units < group.world_size:
+            raise ValueError(
+                f"{in_block.num_units} input heads or channels cannot be split over {group.world_size} ranks"
+            )
         self.group = group
         units = shard_units(in_block.num_units, group.rank, group.world_size)
         self.columns = range(units.start * in_block.unit_size, units.stop * in_block.unit_size)

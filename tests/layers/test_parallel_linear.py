@@ -23,15 +23,15 @@ from pagedllm.layers.parallel_linear import (
 )
 from pagedllm.layers.quantization import LinearQuantization, dequantize, quantize_int4
 
-HIDDEN, HEAD_DIM, NUM_HEADS, INTERMEDIATE, VOCAB = 64, 16, 4, 128, 101
+# Shards of whole 32-column runs, so sharded and whole layers take the same kernels.
+HIDDEN, HEAD_DIM, NUM_HEADS, INTERMEDIATE, VOCAB = 64, 32, 6, 128, 101
 METHODS = ("none", "int8", "int4")
 
 
-def test_heads_split_evenly_or_replicate() -> None:
+def test_heads_split_as_evenly_as_they_go_or_replicate() -> None:
     assert [shard_units(4, r, 2) for r in range(2)] == [range(0, 2), range(2, 4)]
+    assert [shard_units(3, r, 2) for r in range(2)] == [range(0, 1), range(1, 3)]
     assert [shard_units(2, r, 4) for r in range(4)] == [range(0, 1), range(0, 1), range(1, 2), range(1, 2)]
-    with pytest.raises(ValueError, match="split evenly"):
-        shard_units(3, 0, 2)
     with pytest.raises(ValueError, match="replicated evenly"):
         shard_units(2, 0, 3)
     # q: 4 heads of 2 rows, k and v: 1 head each, replicated.
@@ -63,20 +63,25 @@ def _close(actual: torch.Tensor, expected: torch.Tensor) -> None:
 
 def _check_attention_projections(group: ParallelGroup, quantization: LinearQuantization) -> None:
     x = torch.randn(5, HIDDEN)
-    for num_kv_heads in (2, 1):  # K/V heads split, then replicated
+    # 3 K/V heads split unevenly (rank 0 holds 1 with its 2 query heads, rank 1 holds 2 with 4), then 1 replicated.
+    for num_kv_heads, local_q_heads in ((3, (2, 4)), (1, (3, 3))):
         qkv = torch.randn((NUM_HEADS + 2 * num_kv_heads) * HEAD_DIM, HIDDEN)
-        blocks = [RowBlock(NUM_HEADS, HEAD_DIM), RowBlock(num_kv_heads, HEAD_DIM), RowBlock(num_kv_heads, HEAD_DIM)]
-        layer = ColumnParallelLinear(HIDDEN, blocks, group)
+        if num_kv_heads >= group.world_size:  # query heads go with their K/V head
+            q_block = RowBlock(num_kv_heads, NUM_HEADS // num_kv_heads * HEAD_DIM)
+        else:
+            q_block = RowBlock(NUM_HEADS, HEAD_DIM)
+        kv_block = RowBlock(num_kv_heads, HEAD_DIM)
+        layer = ColumnParallelLinear(HIDDEN, [q_block, kv_block, kv_block], group)
         layer.load(qkv, None, torch.float32, quantization)
-        assert layer.local_units(0) == NUM_HEADS // 2 and layer.local_units(1) == 1
+        assert layer.local_rows(0) == local_q_heads[group.rank] * HEAD_DIM
         _close(layer(x), _reference(qkv, quantization)(x)[:, layer.index])
-    heads_out = torch.randn(5, NUM_HEADS * HEAD_DIM)
-    o_proj = torch.randn(HIDDEN, NUM_HEADS * HEAD_DIM)
-    bias = torch.randn(HIDDEN)
-    layer = RowParallelLinear(RowBlock(NUM_HEADS, HEAD_DIM), HIDDEN, group, bias=True)
-    layer.load(o_proj, bias, torch.float32, quantization)
-    mine = heads_out[:, layer.columns.start : layer.columns.stop]
-    _close(layer(mine), _reference(o_proj, quantization)(heads_out) + bias)
+        heads_out = torch.randn(5, NUM_HEADS * HEAD_DIM)
+        o_proj, bias = torch.randn(HIDDEN, NUM_HEADS * HEAD_DIM), torch.randn(HIDDEN)
+        row = RowParallelLinear(q_block, HIDDEN, group, bias=True)
+        row.load(o_proj, bias, torch.float32, quantization)
+        mine = heads_out[:, row.columns.start : row.columns.stop]
+        assert row.columns.start == layer.index[0]  # the query heads this rank computed
+        _close(row(mine), _reference(o_proj, quantization)(heads_out) + bias)
 
 
 def _check_mlp(group: ParallelGroup, quantization: LinearQuantization) -> None:
@@ -116,5 +121,6 @@ def _layers_match_unsharded(rank: int, world_size: int) -> None:
 
 
 def test_two_ranks_compute_what_one_unsharded_layer_does() -> None:
-    """q/k/v (K/V heads split and replicated), o with a bias, gate/up + down, embedding, lm_head; dense, int8, int4."""
+    """q/k/v (K/V heads split unevenly, and replicated), o with a bias, gate/up + down, embedding, lm_head;
+    dense, int8 and int4."""
     spawn_ranks(_layers_match_unsharded, 2, timeout_s=180)
