@@ -5,12 +5,15 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from pagedllm.config import EngineConfig, ModelConfig
 from pagedllm.engine.beam_search import BeamSearch, hypothesis_sequences
 from pagedllm.engine.block_manager import BlockManager
+from pagedllm.engine.distributed_runner import DistributedModelRunner, distributed_bytes_per_block
+from pagedllm.engine.executor import MultiprocExecutor
 from pagedllm.engine.host_memory import (
     HeapTrimmer,
     limit_malloc_arenas,
@@ -25,7 +28,7 @@ from pagedllm.engine.scheduler import Scheduler, SchedulerOutput
 from pagedllm.errors import ConfigError, InvalidArgumentError, RequestTooLongError
 from pagedllm.layers.quantization import LinearQuantization
 from pagedllm.model.llama import LlamaForCausalLM
-from pagedllm.model.loader import load_checkpoint
+from pagedllm.model.loader import load_checkpoint, load_model_config
 from pagedllm.model.registry import model_display_name, resolve_model_path
 from pagedllm.model.tokenizer import IncrementalDetokenizer, Tokenizer
 from pagedllm.sampling_params import SamplingParams
@@ -60,10 +63,34 @@ class LLMEngine:
             torch.set_num_threads(config.num_threads)  # process-wide, once: the math's threads never outnumber them
         path = resolve_model_path(config.model)
         self.model_name = model_display_name(config.model)
+        self.model_config: ModelConfig = load_model_config(path)
+        self.max_model_len = self._max_model_len(self.model_config)
+        self.tokenizer = Tokenizer.from_model_path(path, self.model_config.eos_token_ids)
+        if config.executor_backend == "mp":
+            self._start_workers()
+        else:
+            self._load_model(path)
+        salt = f"{path.name}:{config.dtype}:{config.kv_cache_dtype}:{config.quantization}:{config.quant_group_size}"
+        prefix_cache = PrefixCache(config.block_size, salt=salt) if config.enable_prefix_caching else None
+        self.block_manager = BlockManager(self.num_blocks, config.block_size, prefix_cache)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.heap = HeapTrimmer()
+        self.requests: dict[str, Request] = {}
+        self.prompt_tokens = 0
+        self.generation_tokens = 0
+        logger.info(
+            "%s loaded: %d KV blocks of %d tokens (%d tokens), context %d",
+            self.model_name,
+            self.num_blocks,
+            config.block_size,
+            self.num_blocks * config.block_size,
+            self.max_model_len,
+        )
+
+    def _load_model(self, path: Path) -> None:
+        """The model, its KV pools and the runner over them, in this process."""
+        config = self.config
         checkpoint = load_checkpoint(path, config.torch_dtype, keep_quantized=config.quantization == "auto")
-        self.model_config: ModelConfig = checkpoint.config
-        self.max_model_len = self._max_model_len(checkpoint.config)
-        self.tokenizer = Tokenizer.from_model_path(path, checkpoint.config.eos_token_ids)
         model = LlamaForCausalLM(
             checkpoint.config,
             self.max_model_len,
@@ -77,24 +104,22 @@ class LLMEngine:
         logger.info("weights: %.1f MiB (quantization %s)", self.weight_bytes / 2**20, config.quantization)
         del checkpoint
         release_freed_memory()  # the loader's dequantized copies: freed, but resident until returned
-        self.num_blocks = self._num_blocks()
-        salt = f"{path.name}:{config.dtype}:{config.kv_cache_dtype}:{config.quantization}:{config.quant_group_size}"
-        prefix_cache = PrefixCache(config.block_size, salt=salt) if config.enable_prefix_caching else None
-        self.block_manager = BlockManager(self.num_blocks, config.block_size, prefix_cache)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
-        self.runner = ModelRunner(model.to(self.device), config, self.num_blocks, self.device)
-        self.heap = HeapTrimmer()
-        self.requests: dict[str, Request] = {}
-        self.prompt_tokens = 0
-        self.generation_tokens = 0
-        logger.info(
-            "%s loaded: %d KV blocks of %d tokens (%d tokens), context %d",
-            self.model_name,
-            self.num_blocks,
-            config.block_size,
-            self.num_blocks * config.block_size,
-            self.max_model_len,
+        self.num_blocks = self._num_blocks(
+            kv_cache_bytes_per_block(self.model_config, config.block_size, config.torch_dtype, config.kv_cache_dtype)
         )
+        self.runner = ModelRunner(model.to(self.device), config, self.num_blocks, self.device)
+
+    def _start_workers(self) -> None:
+        """A worker process per rank, each loading its shard and its own KV pools, and the runner that drives them."""
+        self.num_blocks = self._num_blocks(distributed_bytes_per_block(self.model_config, self.config))
+        executor = MultiprocExecutor(self.config, self.num_blocks, self.max_model_len, self.config.tensor_parallel_size)
+        self.weight_bytes = executor.weight_bytes
+        self.runner = DistributedModelRunner(executor, self.model_config, self.config, self.device)
+
+    def shutdown(self) -> None:
+        """Stop the worker processes, if the model runs in any."""
+        if isinstance(self.runner, DistributedModelRunner):
+            self.runner.executor.shutdown()
 
     @property
     def kv_cache_bytes(self) -> int:
@@ -112,10 +137,7 @@ class LLMEngine:
             raise ConfigError(f"max_model_len={self.config.max_model_len} exceeds the model's limit of {limit}")
         return self.config.max_model_len
 
-    def _num_blocks(self) -> int:
-        per_block = kv_cache_bytes_per_block(
-            self.model_config, self.config.block_size, self.config.torch_dtype, self.config.kv_cache_dtype
-        )
+    def _num_blocks(self, per_block: int) -> int:
         num_blocks = self.config.kv_cache_bytes() // per_block
         if num_blocks < 1:
             raise ConfigError(

@@ -72,7 +72,6 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput, block_manager: BlockManager) -> StepResult:
-        self._copy_blocks(out.block_copies)
         # Sequences with one new token first, longest context first: attention batches runs of similar length.
         items = sorted(
             out.scheduled,
@@ -81,16 +80,8 @@ class ModelRunner:
         batch = _FlatBatch()
         for item in items:
             batch.add(item, block_manager)
-        meta = AttentionMetadata.build(
-            batch.slots, batch.block_tables, batch.query_lens, batch.context_lens, self.block_size, self.device
-        )
-        hidden = self.model(
-            torch.tensor(batch.input_ids, device=self.device),
-            torch.tensor(batch.positions, device=self.device),
-            meta,
-        )
         rows = batch.sample_rows + [row for _, rows in batch.prompt_logprob_rows for row in rows]
-        logits = self.model.compute_logits(hidden[rows])
+        logits = self._forward(out.block_copies, batch, rows)
         num_samples = len(batch.sample_rows)
         prompt_logprobs = self._prompt_logprobs(logits[num_samples:], batch)
         beam_rows = [row for row, seq in enumerate(batch.sample_seqs) if seq.request.params.use_beam_search]
@@ -103,6 +94,19 @@ class ModelRunner:
         beam_logprobs = torch.log_softmax(logits[beam_rows].float(), dim=-1)
         beams = [batch.sample_seqs[row] for row in beam_rows]
         return StepResult(samples, prompt_logprobs, beams, beam_logprobs)
+
+    def _forward(self, block_copies: list[tuple[int, int]], batch: _FlatBatch, rows: list[int]) -> torch.Tensor:
+        """Float32 logits of the batch's `rows`, after the copy-on-write block copies."""
+        self._copy_blocks(block_copies)
+        meta = AttentionMetadata.build(
+            batch.slots, batch.block_tables, batch.query_lens, batch.context_lens, self.block_size, self.device
+        )
+        hidden = self.model(
+            torch.tensor(batch.input_ids, device=self.device),
+            torch.tensor(batch.positions, device=self.device),
+            meta,
+        )
+        return self.model.compute_logits(hidden[rows])
 
     def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         if not copies:

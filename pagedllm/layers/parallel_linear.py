@@ -52,6 +52,16 @@ def shard_units(num_units: int, rank: int, world_size: int) -> range:
     return range(unit, unit + 1)
 
 
+def attention_blocks(num_heads: int, num_kv_heads: int, head_dim: int, world_size: int) -> tuple[RowBlock, RowBlock]:
+    """How q and k (or v) rows split over ranks: query heads go with their K/V head where every rank holds one of
+    its own, else one query head at a time beside a replicated K/V head."""
+    if num_kv_heads >= world_size:
+        return RowBlock(num_kv_heads, num_heads // num_kv_heads * head_dim), RowBlock(num_kv_heads, head_dim)
+    if num_heads % world_size:
+        raise ValueError(f"{num_heads} query heads do not split evenly over {world_size} ranks")
+    return RowBlock(num_heads, head_dim), RowBlock(num_kv_heads, head_dim)
+
+
 def shard_index(blocks: list[RowBlock], rank: int, world_size: int) -> torch.Tensor:
     """The rows (of a fused weight stacking `blocks`) that rank `rank` holds, in order."""
     pieces, start = [], 0
@@ -178,7 +188,7 @@ class VocabParallelEmbedding(nn.Module):
             raise ValueError(
                 f"embedding shape {tuple(weight.shape)} != expected ({self.vocab_size}, {self.weight.shape[1]})"
             )
-        self.weight.data = weight[self.tokens.start : self.tokens.stop].contiguous()
+        self.weight.data = weight[self.tokens.start : self.tokens.stop].clone()  # the whole table is let go
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.group.world_size == 1:
@@ -202,12 +212,21 @@ class ParallelLMHead(nn.Module):
         self.hidden_size = hidden_size
         self.linear: nn.Module = Linear(hidden_size, len(self.tokens))
 
-    def load(self, weight: Weight, dtype: torch.dtype, quantization: LinearQuantization) -> None:
+    def load(
+        self,
+        weight: Weight,
+        dtype: torch.dtype,
+        quantization: LinearQuantization,
+        tied: VocabParallelEmbedding | None = None,
+    ) -> None:
         """Take the whole [vocab, hidden] weight (a tied embedding table, or the checkpoint's own) and keep this
-        rank's rows, stored as `quantization` says for an lm_head."""
+        rank's rows, stored as `quantization` says for an lm_head; a dense one tied to `tied` shares its rows."""
         if tuple(weight.shape) != (self.vocab_size, self.hidden_size):
             raise ValueError(f"lm_head shape {tuple(weight.shape)} != expected {(self.vocab_size, self.hidden_size)}")
         prepared = quantization.prepare(weight, dtype, lm_head=True)
+        if isinstance(prepared, torch.Tensor) and tied is not None and tied.tokens == self.tokens:
+            self.linear = linear_for(tied.weight.data, None, dtype, quantization.dense_min_rows)
+            return
         index = torch.arange(self.tokens.start, self.tokens.stop)
         self.linear = linear_for(select_output_rows(prepared, index), None, dtype, quantization.dense_min_rows)
 

@@ -15,6 +15,7 @@ from pagedllm.layers.parallel_linear import (
     RowBlock,
     RowParallelLinear,
     VocabParallelEmbedding,
+    attention_blocks,
     linear_for,
     select_input_columns,
     shard_index,
@@ -66,11 +67,7 @@ def _check_attention_projections(group: ParallelGroup, quantization: LinearQuant
     # 3 K/V heads split unevenly (rank 0 holds 1 with its 2 query heads, rank 1 holds 2 with 4), then 1 replicated.
     for num_kv_heads, local_q_heads in ((3, (2, 4)), (1, (3, 3))):
         qkv = torch.randn((NUM_HEADS + 2 * num_kv_heads) * HEAD_DIM, HIDDEN)
-        if num_kv_heads >= group.world_size:  # query heads go with their K/V head
-            q_block = RowBlock(num_kv_heads, NUM_HEADS // num_kv_heads * HEAD_DIM)
-        else:
-            q_block = RowBlock(NUM_HEADS, HEAD_DIM)
-        kv_block = RowBlock(num_kv_heads, HEAD_DIM)
+        q_block, kv_block = attention_blocks(NUM_HEADS, num_kv_heads, HEAD_DIM, group.world_size)
         layer = ColumnParallelLinear(HIDDEN, [q_block, kv_block, kv_block], group)
         layer.load(qkv, None, torch.float32, quantization)
         assert layer.local_rows(0) == local_q_heads[group.rank] * HEAD_DIM
