@@ -64,7 +64,7 @@ bench: bench-peers
 	$(VENV)/bin/pagedllm bench report
 
 $(AWQ_DIR): | install
-	$(VENV)/bin/pagedllm quantize --method awq --bits 4 --group-size 128 --calib-samples 128 --calib-seq-len 256 --out $(AWQ_DIR)
+	$(VENV)/bin/pagedllm quantize --method awq --bits 4 --quant-group-size 128 --calib-samples 128 --calib-seq-len 256 --out $(AWQ_DIR)
 
 # One quantization setting against the bfloat16 baseline: speed points, memory and perplexity, under one variant name.
 define bench_variant

@@ -2,21 +2,30 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import torch
 
 from pagedllm.cpu import native_bfloat16_matmul
 from pagedllm.errors import ConfigError
 
-ATTENTION_IMPLS = ("fast", "reference")
-QUANTIZATIONS = ("auto", "none", "int8", "int4")
-KV_CACHE_DTYPES = ("auto", "int8", "int4")
+# The allowed values of enumerated settings: the CLI lists them as choices and EngineConfig checks them.
+AttentionImpl = Literal["fast", "reference"]
+Quantization = Literal["auto", "none", "int8", "int4"]
+KVCacheDtype = Literal["auto", "int8", "int4"]
+ModelDtype = Literal["auto", "float32", "bfloat16"]
+# Input channels per int4 scale and min: the group sizes every int4 kernel takes.
+QuantGroupSize = Literal[32, 64, 128, 256]
+# Where the ranks of a model run: this process, a worker process per rank, or Ray actors.
+ExecutorBackend = Literal["uni", "mp", "ray"]
+ATTENTION_IMPLS: tuple[str, ...] = get_args(AttentionImpl)
+MODEL_DTYPES: tuple[str, ...] = get_args(ModelDtype)
+QUANT_GROUP_SIZES: tuple[int, ...] = get_args(QuantGroupSize)
+EXECUTOR_BACKENDS: tuple[str, ...] = get_args(ExecutorBackend)
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-MODEL_DTYPES = ("auto", *DTYPES)
-EXECUTOR_BACKENDS = ("uni", "mp", "ray")
 
 
 def resolve_dtype(name: str) -> torch.dtype:
@@ -71,7 +80,7 @@ class EngineConfig:
     model: str | None = field(
         default=None, metadata={"help": "GGUF file, HF folder or embedded model name (default: smollm2-135m-instruct)"}
     )
-    dtype: str = field(
+    dtype: ModelDtype = field(
         default="auto",
         metadata={
             "help": "activations, dense weights and the KV cache: auto (bfloat16 on CPUs with AMX or AVX512-BF16, "
@@ -88,16 +97,20 @@ class EngineConfig:
         default=4096, metadata={"help": "most tokens (prefill chunks + decodes) in one step"}
     )
     seed: int = field(default=0, metadata={"help": "seed of the sampler for requests without their own"})
-    attention_impl: str = field(default="fast", metadata={"help": "paged attention: fast or reference"})
+    attention_impl: AttentionImpl = field(
+        default="fast", metadata={"help": "paged attention: fast (the kernels) or reference (plain PyTorch)"}
+    )
     fused_decode: bool = field(
         default=True, metadata={"help": "on CPU, run every decoder layer of an all-decode step in one kernel call"}
     )
     enable_prefix_caching: bool = field(default=True, metadata={"help": "reuse the KV blocks of known prefixes"})
-    quantization: str = field(
+    quantization: Quantization = field(
         default="auto",
         metadata={"help": "linear weights: auto (GGUF Q8_0/Q4_0/Q4_1 kept as int8/int4), none, int8 or int4"},
     )
-    quant_group_size: int = field(default=128, metadata={"help": "input channels per int4 scale and zero point"})
+    quant_group_size: QuantGroupSize = field(
+        default=128, metadata={"help": "input channels per int4 scale and zero point"}
+    )
     dense_matmul_min_rows: int | None = field(
         default=None,
         metadata={
@@ -106,7 +119,12 @@ class EngineConfig:
             "past its kernel's 64 rows)"
         },
     )
-    kv_cache_dtype: str = field(default="auto", metadata={"help": "KV cache: auto (the model dtype), int8 or int4"})
+    kv_cache_dtype: KVCacheDtype = field(
+        default="auto", metadata={"help": "KV cache: auto (the model dtype), int8 or int4"}
+    )
+    device: str = field(
+        default="cpu", metadata={"help": "torch device of the weights, KV cache and sampler (cpu, cuda, cuda:1...)"}
+    )
     num_threads: int = field(
         default=0,
         metadata={
@@ -120,7 +138,7 @@ class EngineConfig:
         default=1, metadata={"help": "ranks that split the layers between them (only 1 is supported yet)"}
     )
     data_parallel_size: int = field(default=1, metadata={"help": "engine replicas (only 1 is supported yet)"})
-    distributed_executor_backend: str | None = field(
+    distributed_executor_backend: ExecutorBackend | None = field(
         default=None,
         metadata={
             "help": "where ranks run: uni (this process), mp (a worker process per rank) or ray (not supported "
@@ -129,20 +147,13 @@ class EngineConfig:
     )
 
     def __post_init__(self) -> None:
-        if self.dtype not in MODEL_DTYPES:
-            raise ConfigError(f"dtype must be one of {MODEL_DTYPES}, got {self.dtype!r}", "dtype")
-        if self.attention_impl not in ATTENTION_IMPLS:
-            raise ConfigError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
-        if self.quantization not in QUANTIZATIONS:
-            raise ConfigError(f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}", "quantization")
-        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
-            raise ConfigError(
-                f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}", "kv_cache_dtype"
-            )
-        if self.quant_group_size not in (32, 64, 128, 256):
-            raise ConfigError(
-                f"quant_group_size must be 32, 64, 128 or 256, got {self.quant_group_size}", "quant_group_size"
-            )
+        for name, choices in _choices(EngineConfig).items():
+            if getattr(self, name) not in choices:
+                raise ConfigError(f"{name} must be one of {choices}, got {getattr(self, name)!r}", name)
+        try:
+            torch.device(self.device)
+        except RuntimeError as error:
+            raise ConfigError(f"device {self.device!r} is not a torch device: {error}", "device") from error
         if (self.dense_matmul_min_rows or 0) < 0 or self.num_threads < 0:
             raise ConfigError("dense_matmul_min_rows and num_threads must be >= 0")
         _require_positive(self, "block_size", "max_num_seqs", "max_num_batched_tokens", "kv_cache_memory")
@@ -193,6 +204,12 @@ class EngineConfig:
         if unknown:
             raise ConfigError(f"unknown engine setting(s): {', '.join(sorted(unknown))}")
         return cls(**kwargs)
+
+
+@functools.cache
+def _choices(cls: type) -> dict[str, tuple[Any, ...]]:
+    """The allowed values of each Literal-typed field of a dataclass."""
+    return {name: get_args(hint) for name, hint in get_type_hints(cls).items() if get_origin(hint) is Literal}
 
 
 def _require_positive(config: EngineConfig, *names: str) -> None:

@@ -39,7 +39,12 @@ def add_dataclass_arguments(
         kind, is_list = _base_type(hints[f.name])
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         help_text = f.metadata["help"] + ("" if default in (None, []) else f" (default: {default})")
-        if kind is bool:
+        if typing.get_origin(kind) is typing.Literal:
+            choices = typing.get_args(kind)
+            parser.add_argument(
+                _flag(f.name), dest=f.name, type=type(choices[0]), choices=choices, default=default, help=help_text
+            )
+        elif kind is bool:
             parser.add_argument(
                 _flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction, default=default, help=help_text
             )

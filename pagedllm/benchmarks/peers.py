@@ -214,7 +214,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model", default=None, help="GGUF file, HF folder or embedded model name (default: the embedded model)"
     )
-    parser.add_argument("--threads", type=int, default=results.usable_cpu_count())
+    parser.add_argument("--num-threads", type=int, default=results.usable_cpu_count())
     parser.add_argument(
         "--dtype",
         choices=MODEL_DTYPES,
@@ -249,7 +249,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def llama_cpp_run(args: argparse.Namespace, path: Path, settings: dict[str, Any]) -> results.Run:
-    command, throughput = run_llama_bench(path, args.threads, args.prompt_lens, args.decode_tokens, args.repeats)
+    command, throughput = run_llama_bench(path, args.num_threads, args.prompt_lens, args.decode_tokens, args.repeats)
     print(format_offline("llama.cpp", throughput))
     run_settings = {**settings, "tool": "llama-bench", "tool_command": command}
     return results.new_run("offline", "llama.cpp", run_settings, asdict(throughput), {"llama.cpp": llama_cpp_version()})
@@ -257,7 +257,7 @@ def llama_cpp_run(args: argparse.Namespace, path: Path, settings: dict[str, Any]
 
 def transformers_run(args: argparse.Namespace, path: Path, settings: dict[str, Any]) -> results.Run:
     """Prefill and decode points as `bench offline` measures them, then the ShareGPT requests in static batches."""
-    model = load_transformers_model(path, args.dtype, args.threads)
+    model = load_transformers_model(path, args.dtype, args.num_threads)
     tokenizer = Tokenizer.from_model_path(path)
     throughput = measure_from_args(transformers_generate_fn(model), tokenizer, args, "transformers")
     print(format_offline("transformers", throughput))
@@ -289,7 +289,7 @@ def run(args: argparse.Namespace) -> int:
     output = args.output_json or results.default_results_path()
     settings: dict[str, Any] = {
         "model": str(path),
-        "threads": args.threads,
+        "threads": args.num_threads,
         "prompt_lens": list(args.prompt_lens),
         "decode_tokens": args.decode_tokens,
         "repeats": args.repeats,

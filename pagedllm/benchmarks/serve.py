@@ -286,7 +286,7 @@ def launched_server(args: argparse.Namespace, concurrency: int) -> Iterator[Serv
     port = free_port()
     if args.launch == "llama.cpp":
         server = peers.llama_server(
-            resolve_model_path(args.model_path), port, concurrency, args.max_model_len, args.threads
+            resolve_model_path(args.model), port, concurrency, args.max_model_len, args.num_threads
         )
     else:
         command = [
@@ -294,8 +294,8 @@ def launched_server(args: argparse.Namespace, concurrency: int) -> Iterator[Serv
             "--host", "127.0.0.1", "--port", str(port),
             "--max-num-seqs", str(concurrency), "--max-model-len", str(args.max_model_len),
         ]  # fmt: skip
-        if args.model_path:
-            command += ["--model", args.model_path]
+        if args.model:
+            command += ["--model", args.model]
         server = ServerProcess(command, port, "pagedllm")
     with server:
         yield server
@@ -318,15 +318,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     target.add_argument(
         "--launch", choices=LAUNCHABLE, help="start this engine's server here for each concurrency, and stop it after"
     )
-    target.add_argument("--model-path", default=None, help="--launch: the model to serve (default: the embedded model)")
-    target.add_argument("--threads", type=int, default=results.usable_cpu_count(), help="--launch llama.cpp: threads")
+    target.add_argument("--model", default=None, help="--launch: the model to serve (default: the embedded model)")
+    target.add_argument(
+        "--num-threads", type=int, default=results.usable_cpu_count(), help="--launch llama.cpp: threads"
+    )
     target.add_argument(
         "--backend",
         choices=sorted(BACKENDS),
         default=None,
         help="server kind: sets which extra fields (ignore_eos) are sent (default: --launch, else openai)",
     )
-    target.add_argument("--model", default=None, help="model name to request (default: the first at /v1/models)")
+    target.add_argument(
+        "--served-model-name", default=None, help="model name to request (default: the first at /v1/models)"
+    )
     target.add_argument("--server-pid", type=int, default=None, help="record the peak resident memory of this process")
     load = parser.add_argument_group("load")
     load.add_argument(
@@ -383,7 +387,7 @@ def run(args: argparse.Namespace) -> int:
             base_url = server.base_url if server else args.base_url
             settings = LoadSettings(
                 base_url=base_url,
-                model=args.model or served_model_name(base_url),
+                model=args.served_model_name or served_model_name(base_url),
                 backend=backend,
                 request_rate=args.request_rate,
                 max_concurrency=concurrency,

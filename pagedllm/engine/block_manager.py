@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from pagedllm.arithmetic import ceil_div
 from pagedllm.engine.prefix_cache import HashedSequence, PrefixCache
 
 
@@ -73,7 +74,7 @@ class BlockManager:
 
     def blocks_needed(self, seq: HasBlocks, num_new_tokens: int) -> int:
         """New blocks to hold `num_new_tokens` more tokens after the computed ones, a copy-on-write included."""
-        total = -(-(seq.num_computed_tokens + num_new_tokens) // self.block_size)
+        total = ceil_div(seq.num_computed_tokens + num_new_tokens, self.block_size)
         return max(0, total - len(seq.block_ids)) + int(self._needs_copy(seq))
 
     def can_allocate(self, seq: HasBlocks, num_new_tokens: int) -> bool:
@@ -89,7 +90,7 @@ class BlockManager:
             self.allocator.release(shared)
             seq.block_ids[index] = private
             copies.append((shared, private))
-        total = -(-(seq.num_computed_tokens + num_new_tokens) // self.block_size)
+        total = ceil_div(seq.num_computed_tokens + num_new_tokens, self.block_size)
         while len(seq.block_ids) < total:
             seq.block_ids.append(self._allocate())
         return copies
@@ -100,7 +101,7 @@ class BlockManager:
 
     def can_admit(self, seq: HasBlocks, prefix: list[int], num_new_tokens: int) -> bool:
         """Room for a new sequence that starts from `prefix` and computes `num_new_tokens` after it."""
-        new_blocks = -(-(len(prefix) * self.block_size + num_new_tokens) // self.block_size) - len(prefix)
+        new_blocks = ceil_div(len(prefix) * self.block_size + num_new_tokens, self.block_size) - len(prefix)
         revived = sum(1 for block_id in prefix if self.allocator.ref_counts[block_id] == 0)
         return new_blocks + revived <= self.allocator.num_free
 
@@ -126,11 +127,12 @@ class BlockManager:
             self.prefix_cache.forget(block_id)
         return block_id
 
-    def fork(self, parent: HasBlocks, child: HasBlocks) -> None:
-        """Give `child` the parent's blocks by reference."""
-        for block_id in parent.block_ids:
+    def fork(self, parent: HasBlocks, child: HasBlocks, num_tokens: int | None = None) -> None:
+        """Give `child` by reference the parent's blocks that hold its first `num_tokens` tokens (default: all)."""
+        num_blocks = len(parent.block_ids) if num_tokens is None else ceil_div(num_tokens, self.block_size)
+        child.block_ids = parent.block_ids[:num_blocks]
+        for block_id in child.block_ids:
             self.allocator.share(block_id)
-        child.block_ids = list(parent.block_ids)
 
     def free(self, seq: HasBlocks) -> None:
         for block_id in reversed(seq.block_ids):

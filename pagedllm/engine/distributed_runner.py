@@ -48,7 +48,7 @@ class DistributedModelRunner(ModelRunner):
             slot_mapping=batch.slots,
             block_tables=batch.block_tables,
             query_lens=batch.query_lens,
-            seq_lens=batch.context_lens,
+            seq_lens=batch.seq_lens,
             logit_rows=rows,
             block_copies=block_copies,
         )

@@ -10,7 +10,6 @@ from pathlib import Path
 import torch
 
 from pagedllm.config import EngineConfig, ModelConfig
-from pagedllm.engine.beam_search import BeamSearch, hypothesis_sequences
 from pagedllm.engine.block_manager import BlockManager
 from pagedllm.engine.distributed_runner import DistributedModelRunner, distributed_bytes_per_block
 from pagedllm.engine.executor import MultiprocExecutor
@@ -32,6 +31,7 @@ from pagedllm.model.loader import load_checkpoint, load_model_config
 from pagedllm.model.registry import model_display_name, resolve_model_path
 from pagedllm.model.tokenizer import IncrementalDetokenizer, Tokenizer
 from pagedllm.sampling_params import SamplingParams
+from pagedllm.search import BeamSearchRequest, BestOfRequest, SearchDriver
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ class LLMEngine:
 
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
-        self.device = torch.device("cpu")
+        self.device = torch.device(config.device)
         # The engine thread's step transients share the loader's heap instead of keeping one of their own.
         limit_malloc_arenas(1)
         reuse_freed_step_memory()
@@ -76,6 +76,8 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.heap = HeapTrimmer()
         self.requests: dict[str, Request] = {}
+        self.kept: dict[str, Sequence] = {}  # finished keep_kv requests' sequences, holding their blocks
+        self.searches = SearchDriver(self)
         self.prompt_tokens = 0
         self.generation_tokens = 0
         logger.info(
@@ -97,7 +99,6 @@ class LLMEngine:
             config.attention_impl,
             checkpoint.weights.get("rope_freqs"),
             LinearQuantization(config.quantization, config.quant_group_size, config.dense_matmul_min_rows),
-            config.fused_decode,
         )
         model.load_weights(checkpoint.weights)
         self.weight_bytes = model.weight_bytes()
@@ -146,24 +147,73 @@ class LLMEngine:
         return num_blocks
 
     def add_request(
-        self, request_id: str, prompt: str | list[int], params: SamplingParams, arrival_time: float | None = None
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams,
+        arrival_time: float | None = None,
+        keep_kv: bool = False,
     ) -> None:
-        """Queue a prompt (text or token ids); raises InvalidArgumentError if it can never be served."""
-        if request_id in self.requests:
-            raise InvalidArgumentError(f"request id {request_id!r} is already in use", "request_id")
+        """Queue a prompt (text or token ids); raises InvalidArgumentError if it can never be served.
+
+        Beam search and best_of > n run as searches above the core, through ordinary requests. With `keep_kv`,
+        the finished request keeps its blocks for `fork_request` until `release_request`.
+        """
+        self._check_unused(request_id)
         text = prompt if isinstance(prompt, str) else None
         token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         self._check_fits(token_ids, params)
-        request = Request(request_id, text, token_ids, params, arrival_time or time.monotonic())
+        arrival_time = arrival_time or time.monotonic()
+        if params.use_beam_search:
+            self.searches.start(BeamSearchRequest(request_id, text, token_ids, params, arrival_time, self.tokenizer))
+        elif params.num_samples > params.n:
+            self.searches.start(BestOfRequest(request_id, text, token_ids, params, arrival_time))
+        else:
+            self._queue(Request(request_id, text, token_ids, params, arrival_time, keep_kv=keep_kv))
+
+    def fork_request(
+        self, source_id: str, request_id: str, token_ids: list[int], params: SamplingParams, keep_kv: bool = False
+    ) -> None:
+        """Queue a request whose prompt is a kept request's prompt followed by `token_ids`.
+
+        It starts from the K/V the source computed for its prompt: the blocks are shared by reference and a
+        partially filled one is copied before the new request writes to it.
+        """
+        self._check_unused(request_id)
+        source = self.kept.get(source_id)
+        if source is None:
+            raise InvalidArgumentError(f"request {source_id!r} is not kept: it cannot be forked", "request_id")
+        prompt_token_ids = source.request.prompt_token_ids + list(token_ids)
+        self._check_fits(prompt_token_ids, params)
+        request = Request(request_id, None, prompt_token_ids, params, time.monotonic(), keep_kv=keep_kv)
+        self._queue(request, fork_of=source)
+
+    def release_request(self, request_id: str) -> None:
+        """Free the blocks of a finished `keep_kv` request; unknown ids are ignored."""
+        seq = self.kept.pop(request_id, None)
+        if seq is not None:
+            self.block_manager.free(seq)
+
+    def _check_unused(self, request_id: str) -> None:
+        if request_id in self.requests or request_id in self.kept or self.searches.has(request_id):
+            raise InvalidArgumentError(f"request id {request_id!r} is already in use", "request_id")
+
+    def _queue(self, request: Request, fork_of: Sequence | None = None) -> None:
+        params = request.params
+        if request.keep_kv and params.n > 1:
+            raise InvalidArgumentError("keep_kv takes requests of one sequence (n=1)", "n")
         if params.prompt_logprobs is not None:
             request.prompt_logprobs = [None]
-        detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids, params.skip_special_tokens)
-        first = Sequence(request, 0, request.generator(0), detokenizer, pending_forks=params.num_samples - 1)
-        if params.use_beam_search:
-            request.beam_search = BeamSearch.for_params(params, self.tokenizer.eos_token_ids)
-            first.reserved_slots = request.beam_search.width - 1
+        detokenizer = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids, params.skip_special_tokens)
+        first = Sequence(request, 0, request.generator(0, self.device), detokenizer, pending_forks=params.n - 1)
+        if fork_of is not None:
+            num_shared = fork_of.prompt_len
+            self.block_manager.fork(fork_of, first, num_shared)
+            first.num_computed_tokens = num_shared
+            first.block_hashes = fork_of.block_hashes[: num_shared // self.config.block_size]
+            first.num_registered_blocks = min(fork_of.num_registered_blocks, len(first.block_hashes))
         request.sequences.append(first)
-        self.requests[request_id] = request
+        self.requests[request.request_id] = request
         self.scheduler.add(first)
 
     def _check_fits(self, token_ids: list[int], params: SamplingParams) -> None:
@@ -193,6 +243,9 @@ class LLMEngine:
 
     def abort_request(self, request_id: str) -> None:
         """Drop a request now, freeing its blocks; unknown or finished ids are ignored."""
+        if self.searches.abort(request_id):
+            return
+        self.release_request(request_id)
         request = self.requests.pop(request_id, None)
         if request is None:
             return
@@ -202,7 +255,7 @@ class LLMEngine:
                 self.scheduler.finish(seq)
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.requests)
+        return bool(self.requests) or self.searches.has_unfinished()
 
     def step(self) -> list[RequestOutput]:
         """Run one iteration; return the outputs of every request that advanced."""
@@ -235,61 +288,15 @@ class LLMEngine:
             append_token(seq, sample.token_id, self.tokenizer.eos_token_ids, self.max_model_len)
             self.generation_tokens += 1
             if seq.finish_reason is not None:
-                self.scheduler.finish(seq)
-            advanced[request.request_id] = request
-        for request in self._collect_beam_rows(result):
-            request.first_token_time = request.first_token_time or now
-            self._advance_beams(request)
+                self.scheduler.finish(seq, free_blocks=not request.keep_kv)
+                if request.keep_kv:
+                    self.kept[request.request_id] = seq
             advanced[request.request_id] = request
         outputs = [make_request_output(request) for request in advanced.values()]
         for output in outputs:
             if output.finished:
                 del self.requests[output.request_id]
-        return outputs
-
-    def _collect_beam_rows(self, result: StepResult) -> list[Request]:
-        """File each beam's logprobs with its search; the requests whose every live beam now has its row."""
-        touched: dict[str, Request] = {}
-        for row, seq in enumerate(result.beams):
-            assert seq.request.beam_search is not None and result.beam_logprobs is not None
-            seq.request.beam_search.pending[seq] = result.beam_logprobs[row]
-            touched[seq.request.request_id] = seq.request
-        return [r for r in touched.values() if r.beam_search and len(r.beam_search.pending) == len(r.sequences)]
-
-    def _advance_beams(self, request: Request) -> None:
-        """One beam-search step: surviving beams branch off their parents, sharing blocks; dropped ones free theirs."""
-        search = request.beam_search
-        assert search is not None
-        beams = list(request.sequences)
-        step = search.step(beams, torch.stack([search.pending.pop(beam) for beam in beams]))
-        self.generation_tokens += len(beams)
-        if step.done:
-            for beam in beams:
-                self.scheduler.finish(beam)
-            request.sequences = hypothesis_sequences(request, search.best(request.params.n))
-            return
-        for beam in beams:
-            beam.reserved_slots = 0
-        extended: list[Sequence] = []
-        for continuation in step.continuations:
-            parent = beams[continuation.parent]
-            if any(seq is parent for seq in extended):
-                child = parent.branch(search.num_beams_created)
-                search.num_beams_created += 1
-                self.block_manager.fork(parent, child)
-                self.scheduler.add_running(child)
-                extended.append(child)
-            else:
-                extended.append(parent)
-        for beam in beams:
-            if not any(seq is beam for seq in extended):
-                self.scheduler.finish(beam)
-        for seq, continuation in zip(extended, step.continuations):
-            seq.output_token_ids.append(continuation.token_id)
-            seq.cumulative_logprob = continuation.cumulative_logprob
-            if continuation.logprobs is not None:
-                seq.logprobs.append(continuation.logprobs)
-        request.sequences = extended
+        return self.searches.process(outputs)
 
     def stats(self) -> EngineStats:
         prefix_cache = self.block_manager.prefix_cache

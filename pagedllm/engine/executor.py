@@ -56,7 +56,7 @@ def _worker_main(
 ) -> None:
     """A worker process: join the group, load this rank's shard, then run the steps the driver sends until told
     to stop (an empty message) or until the driver is gone."""
-    device = torch.device("cpu")
+    device = torch.device(config.device)
     group = ParallelGroup()
     try:
         pin_rank_threads(rank, world_size, config.num_threads)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -13,6 +13,7 @@ from pagedllm.engine.scheduler import ScheduledSequence, SchedulerOutput
 from pagedllm.layers.attention import AttentionMetadata, KVPool, copy_blocks
 from pagedllm.layers.kv_quant import KV_CACHE_BITS, QuantizedKVPool
 from pagedllm.layers.sampler import Sampler, SamplerOutput, SamplingBatch
+from pagedllm.model.fused_decode import FusedDecode
 from pagedllm.model.llama import LlamaForCausalLM
 from pagedllm.sampling_params import SamplingParams
 
@@ -21,7 +22,7 @@ from pagedllm.sampling_params import SamplingParams
 class SampledToken:
     sequence: Sequence
     token_id: int
-    logprob: float | None  # the drawn token's, when logprobs or best_of need it
+    logprob: float | None  # the drawn token's, when logprobs are asked for
     logprobs: dict[int, float] | None  # the drawn token's and the top tokens' logprobs
 
 
@@ -29,8 +30,6 @@ class SampledToken:
 class StepResult:
     samples: list[SampledToken]
     prompt_logprobs: dict[Sequence, list[dict[int, float]]]  # new entries, in prompt order
-    beams: list[Sequence] = field(default_factory=list)  # beam-search sequences whose next-token logprobs are ready
-    beam_logprobs: torch.Tensor | None = None  # [beams, vocab] float32 log-softmax of their raw logits
 
 
 def kv_cache_bytes_per_block(
@@ -54,16 +53,18 @@ def allocate_kv_pool(model_config: ModelConfig, config: EngineConfig, num_blocks
 
 
 class ModelRunner:
-    """Owns the model, the KV pools and the sampler."""
+    """Owns the model, the KV pools and the sampler, and picks each step's forward: all-decode steps that the
+    fused kernel takes run every layer in one call (`fused_decode`), any other step the model's own forward."""
 
     def __init__(self, model: LlamaForCausalLM, config: EngineConfig, num_blocks: int, device: torch.device) -> None:
         self.model = model
         self.device = device
         self.block_size = config.block_size
         mc = model.config
-        self.k_caches = [allocate_kv_pool(mc, config, num_blocks, device) for _ in range(mc.num_layers)]
-        self.v_caches = [allocate_kv_pool(mc, config, num_blocks, device) for _ in range(mc.num_layers)]
-        model.bind_kv_cache(self.k_caches, self.v_caches)
+        self.k_pools = [allocate_kv_pool(mc, config, num_blocks, device) for _ in range(mc.num_layers)]
+        self.v_pools = [allocate_kv_pool(mc, config, num_blocks, device) for _ in range(mc.num_layers)]
+        model.bind_kv_cache(self.k_pools, self.v_pools)
+        self.fused_decode = FusedDecode.of(model, self.k_pools, self.v_pools) if config.fused_decode else None
         self.sampler = Sampler(torch.Generator(device=device).manual_seed(config.seed))
         self.vocab_size = mc.vocab_size
         self.bytes_per_block = kv_cache_bytes_per_block(
@@ -84,28 +85,20 @@ class ModelRunner:
         logits = self._forward(out.block_copies, batch, rows)
         num_samples = len(batch.sample_rows)
         prompt_logprobs = self._prompt_logprobs(logits[num_samples:], batch)
-        beam_rows = [row for row, seq in enumerate(batch.sample_seqs) if seq.request.params.use_beam_search]
-        if not beam_rows:
-            return StepResult(self._sample(logits[:num_samples], batch.sample_seqs), prompt_logprobs)
-        beam_set = set(beam_rows)
-        sample_rows = [row for row in range(num_samples) if row not in beam_set]
-        samples = self._sample(logits[sample_rows], [batch.sample_seqs[row] for row in sample_rows])
-        # Beams are scored from the raw logits' float32 log-softmax; no temperature or truncation applies.
-        beam_logprobs = torch.log_softmax(logits[beam_rows].float(), dim=-1)
-        beams = [batch.sample_seqs[row] for row in beam_rows]
-        return StepResult(samples, prompt_logprobs, beams, beam_logprobs)
+        return StepResult(self._sample(logits[:num_samples], batch.sample_seqs), prompt_logprobs)
 
     def _forward(self, block_copies: list[tuple[int, int]], batch: _FlatBatch, rows: list[int]) -> torch.Tensor:
         """Float32 logits of the batch's `rows`, after the copy-on-write block copies."""
         self._copy_blocks(block_copies)
         meta = AttentionMetadata.build(
-            batch.slots, batch.block_tables, batch.query_lens, batch.context_lens, self.block_size, self.device
+            batch.slots, batch.block_tables, batch.query_lens, batch.seq_lens, self.block_size, self.device
         )
-        hidden = self.model(
-            torch.tensor(batch.input_ids, device=self.device),
-            torch.tensor(batch.positions, device=self.device),
-            meta,
-        )
+        input_ids = torch.tensor(batch.input_ids, device=self.device)
+        positions = torch.tensor(batch.positions, device=self.device)
+        if self.fused_decode is not None and self.fused_decode.takes(meta):
+            hidden = self.fused_decode.forward(self.model.embed_tokens(input_ids), positions, meta)
+        else:
+            hidden = self.model(input_ids, positions, meta)
         return self.model.compute_logits(hidden[rows])
 
     def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:
@@ -113,7 +106,7 @@ class ModelRunner:
             return
         src = torch.tensor([s for s, _ in copies], device=self.device)
         dst = torch.tensor([d for _, d in copies], device=self.device)
-        for cache in (*self.k_caches, *self.v_caches):
+        for cache in (*self.k_pools, *self.v_pools):
             copy_blocks(cache, src, dst)
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[SampledToken]:
@@ -197,7 +190,7 @@ class _FlatBatch:
         self.slots: list[int] = []
         self.block_tables: list[list[int]] = []
         self.query_lens: list[int] = []
-        self.context_lens: list[int] = []
+        self.seq_lens: list[int] = []
         self.sample_rows: list[int] = []
         self.sample_seqs: list[Sequence] = []
         self.prompt_logprob_rows: list[tuple[Sequence, list[int]]] = []
@@ -211,7 +204,7 @@ class _FlatBatch:
         self.slots += [block_manager.slot(seq, position) for position in range(start, end)]
         self.block_tables.append(seq.block_ids)
         self.query_lens.append(item.num_new_tokens)
-        self.context_lens.append(end)
+        self.seq_lens.append(end)
         if item.completes:
             for sample in (seq, *item.forks):
                 self.sample_rows.append(offset + item.num_new_tokens - 1)
@@ -235,10 +228,8 @@ def _banned_tokens(seq: Sequence) -> list[int]:
 
 
 def _num_logprobs(params: SamplingParams) -> int:
-    """Top logprobs the sampler computes for a request; 0 still gives the drawn token's (best_of ranks by it)."""
-    if params.logprobs is not None:
-        return params.logprobs
-    return 0 if params.num_samples > params.n else -1
+    """Top logprobs the sampler computes for a request; 0 still gives the drawn token's, -1 none."""
+    return -1 if params.logprobs is None else params.logprobs
 
 
 def _logprob_dict(result: SamplerOutput, row: int, num_logprobs: int | None) -> dict[int, float] | None:

@@ -39,19 +39,17 @@ class RequestOutput:
 
 def make_request_output(request: Request) -> RequestOutput:
     wants_logprobs = request.params.logprobs is not None
-    ranked = _ranks_samples(request)
-    finished = request.finished
     outputs = [
         CompletionOutput(
-            index=index,
+            index=seq.index,
             text=seq.text[: seq.emitted_text_len],
             token_ids=list(seq.output_token_ids),
-            cumulative_logprob=seq.cumulative_logprob if wants_logprobs or ranked else None,
+            cumulative_logprob=seq.cumulative_logprob if wants_logprobs else None,
             logprobs=list(seq.logprobs) if wants_logprobs else None,
             finish_reason=seq.finish_reason.value if seq.finish_reason else None,
             stop_reason=seq.stop_reason,
         )
-        for index, seq in enumerate(_reported_sequences(request, ranked, finished))
+        for seq in sorted(request.sequences, key=lambda s: s.index)
     ]
     return RequestOutput(
         request_id=request.request_id,
@@ -59,28 +57,11 @@ def make_request_output(request: Request) -> RequestOutput:
         prompt_token_ids=request.prompt_token_ids,
         prompt_logprobs=list(request.prompt_logprobs) if request.params.prompt_logprobs is not None else None,
         outputs=outputs,
-        finished=finished,
+        finished=request.finished,
         arrival_time=request.arrival_time,
         first_token_time=request.first_token_time,
         num_cached_tokens=request.num_cached_tokens,
     )
-
-
-def _ranks_samples(request: Request) -> bool:
-    """Beam search and best_of > n choose what to report only at the end, by score."""
-    return request.params.use_beam_search or request.params.num_samples > request.params.n
-
-
-def _reported_sequences(request: Request, ranked: bool, finished: bool) -> list[Sequence]:
-    """The sequences an output reports, in choice-index order; a ranked request reports none until it finishes."""
-    if not ranked:
-        return sorted(request.sequences, key=lambda s: s.index)
-    if not finished:
-        return []
-    if request.params.use_beam_search:
-        return list(request.sequences)  # its hypotheses, best first
-    best = sorted(request.sequences, key=lambda s: (-s.cumulative_logprob, s.index))
-    return best[: request.params.n]
 
 
 def append_token(seq: Sequence, token_id: int, eos_token_ids: frozenset[int], max_model_len: int) -> None:

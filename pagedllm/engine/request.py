@@ -5,15 +5,11 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 
 from pagedllm.model.tokenizer import IncrementalDetokenizer
 from pagedllm.sampling_params import SamplingParams
-
-if TYPE_CHECKING:
-    from pagedllm.engine.beam_search import BeamSearch
 
 
 class FinishReason(enum.StrEnum):
@@ -24,10 +20,10 @@ class FinishReason(enum.StrEnum):
 
 @dataclass(eq=False)
 class Request:
-    """A prompt and its sampling settings; its sequences share the prompt's blocks.
+    """A prompt and its sampling settings; its `params.n` sequences share the prompt's blocks.
 
-    Sampling generates `params.num_samples` sequences; beam search keeps its live beams in `sequences` and
-    replaces them with its best hypotheses when it is done.
+    With `keep_kv`, a finished sequence keeps its blocks until the engine is told to release them, so that
+    requests forked from it (`LLMEngine.fork_request`) start from its computed K/V.
     """
 
     request_id: str
@@ -39,21 +35,18 @@ class Request:
     prompt_logprobs: list[dict[int, float] | None] = field(default_factory=list)
     first_token_time: float | None = None
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at admission
-    beam_search: BeamSearch | None = None
+    keep_kv: bool = False
 
     @property
     def finished(self) -> bool:
-        if self.params.use_beam_search:
-            # Live beams never carry a finish reason; the hypotheses that replace them all do.
-            return bool(self.sequences) and all(s.finish_reason is not None for s in self.sequences)
         done = all(s.finish_reason is not None for s in self.sequences)
-        return len(self.sequences) == self.params.num_samples and done
+        return len(self.sequences) == self.params.n and done
 
-    def generator(self, index: int) -> torch.Generator | None:
+    def generator(self, index: int, device: torch.device) -> torch.Generator | None:
         """The sampling generator of sample `index`: seeded from the request's seed, else None (engine-wide)."""
         if self.params.seed is None:
             return None
-        return torch.Generator().manual_seed(self.params.seed + index)
+        return torch.Generator(device=device).manual_seed(self.params.seed + index)
 
 
 @dataclass(eq=False)
@@ -68,7 +61,6 @@ class Sequence:
     num_computed_tokens: int = 0
     block_ids: list[int] = field(default_factory=list)
     pending_forks: int = 0  # samples still to be split off this sequence when its first token is drawn
-    reserved_slots: int = 0  # beams this sequence will branch into at its first beam-search step
     num_preemptions: int = 0
     block_hashes: list[bytes] = field(default_factory=list)  # prefix-cache identity of each full block of tokens
     num_registered_blocks: int = 0  # leading full blocks already offered to the prefix cache
@@ -105,25 +97,8 @@ class Sequence:
         detokenizer = IncrementalDetokenizer(
             self.detokenizer.tokenizer, self.request.prompt_token_ids, self.detokenizer.skip_special_tokens
         )
-        child = Sequence(self.request, index, self.request.generator(index), detokenizer)
+        generator = None if self.generator is None else self.request.generator(index, self.generator.device)
+        child = Sequence(self.request, index, generator, detokenizer)
         child.block_hashes = list(self.block_hashes)
         self.request.sequences.append(child)
         return child
-
-    def branch(self, index: int) -> Sequence:
-        """A copy of this beam as it stands (tokens, scores, computed K/V count); the caller shares the blocks."""
-        detokenizer = IncrementalDetokenizer(
-            self.detokenizer.tokenizer, self.request.prompt_token_ids, self.detokenizer.skip_special_tokens
-        )
-        return Sequence(
-            self.request,
-            index,
-            None,
-            detokenizer,
-            output_token_ids=list(self.output_token_ids),
-            num_computed_tokens=self.num_computed_tokens,
-            block_hashes=list(self.block_hashes),
-            num_registered_blocks=self.num_registered_blocks,
-            logprobs=list(self.logprobs),
-            cumulative_logprob=self.cumulative_logprob,
-        )

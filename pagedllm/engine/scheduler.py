@@ -64,10 +64,6 @@ class Scheduler:
         index = 0
         while index < len(self.running) and budget > 0:
             seq = self.running[index]
-            if seq.num_uncomputed_tokens == 0:
-                # A beam whose step waits for its siblings' logprobs: nothing to compute yet.
-                index += 1
-                continue
             num_new = min(seq.num_uncomputed_tokens, budget)
             if not self._make_room(seq, num_new, out):
                 break
@@ -76,16 +72,12 @@ class Scheduler:
             index += 1
         while self.waiting and budget > 0 and not out.preempted:
             seq = self.waiting[0]
-            new_slots = 1 + seq.pending_forks + seq.reserved_slots
-            if self._num_slots_taken() + len(out.forked) + new_slots > self.max_num_seqs:
+            if self._num_slots_taken() + len(out.forked) + 1 + seq.pending_forks > self.max_num_seqs:
                 break
-            # Prompt logprobs come from the prompt's own forward pass: a cached prefix would skip them.
-            prefix = [] if _awaits_prompt_logprobs(seq) else self.block_manager.cached_prefix(seq)
-            num_new = min(seq.num_tokens - len(prefix) * self.block_manager.block_size, budget)
-            if not self.block_manager.can_admit(seq, prefix, num_new):
+            if not self._admit(seq, budget):
                 break
             self.waiting.popleft()
-            self.block_manager.adopt_prefix(seq, prefix)
+            num_new = min(seq.num_uncomputed_tokens, budget)
             if seq.index == 0 and seq.num_preemptions == 0:
                 seq.request.num_cached_tokens = seq.num_computed_tokens
             self.running.append(seq)
@@ -93,6 +85,21 @@ class Scheduler:
             budget -= num_new
         self.running += out.forked
         return out
+
+    def _admit(self, seq: Sequence, budget: int) -> bool:
+        """Take a waiting sequence's cached prefix if there is room for it and its next chunk.
+
+        A forked sequence (`LLMEngine.fork_request`) already holds its source's blocks and computed tokens.
+        """
+        if seq.block_ids:
+            return self.block_manager.can_allocate(seq, min(seq.num_uncomputed_tokens, budget))
+        # Prompt logprobs come from the prompt's own forward pass: a cached prefix would skip them.
+        prefix = [] if _awaits_prompt_logprobs(seq) else self.block_manager.cached_prefix(seq)
+        num_new = min(seq.num_tokens - len(prefix) * self.block_manager.block_size, budget)
+        if not self.block_manager.can_admit(seq, prefix, num_new):
+            return False
+        self.block_manager.adopt_prefix(seq, prefix)
+        return True
 
     def _schedule(self, seq: Sequence, num_new: int, out: SchedulerOutput) -> None:
         out.block_copies += self.block_manager.allocate_slots(seq, num_new)
@@ -112,12 +119,8 @@ class Scheduler:
         return children
 
     def _num_slots_taken(self) -> int:
-        """Running sequences plus the samples and beams they will split into."""
-        return len(self.running) + sum(seq.pending_forks + seq.reserved_slots for seq in self.running)
-
-    def add_running(self, seq: Sequence) -> None:
-        """A beam branched off a running one: it shares its parent's blocks and runs from the next step."""
-        self.running.append(seq)
+        """Running sequences plus the samples they will split into."""
+        return len(self.running) + sum(seq.pending_forks for seq in self.running)
 
     def _make_room(self, seq: Sequence, num_new: int, out: SchedulerOutput) -> bool:
         """Preempt the newest running sequences until `seq` fits; False if `seq` itself had to go."""
@@ -137,13 +140,14 @@ class Scheduler:
         self.num_preemptions += 1
         logger.debug("preempted %s/%d (%d tokens to recompute)", seq.request.request_id, seq.index, seq.num_tokens)
 
-    def finish(self, seq: Sequence) -> None:
-        """Drop a finished or aborted sequence and free its blocks at once."""
+    def finish(self, seq: Sequence, free_blocks: bool = True) -> None:
+        """Drop a finished or aborted sequence, freeing its blocks at once unless the caller keeps them."""
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
-        self.block_manager.free(seq)
+        if free_blocks:
+            self.block_manager.free(seq)
 
 
 def _awaits_prompt_logprobs(seq: Sequence) -> bool:

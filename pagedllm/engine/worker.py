@@ -15,6 +15,7 @@ from pagedllm.engine.host_memory import release_freed_memory
 from pagedllm.engine.model_runner import allocate_kv_pool
 from pagedllm.layers.attention import AttentionMetadata, KVPool, copy_blocks
 from pagedllm.layers.quantization import LinearQuantization
+from pagedllm.model.fused_decode import FusedDecode
 from pagedllm.model.llama import LlamaForCausalLM
 from pagedllm.model.loader import load_checkpoint
 from pagedllm.model.registry import resolve_model_path
@@ -75,7 +76,6 @@ class Worker:
             config.attention_impl,
             checkpoint.weights.get("rope_freqs"),
             LinearQuantization(config.quantization, config.quant_group_size, config.dense_matmul_min_rows),
-            config.fused_decode and group.world_size == 1,  # one kernel call for every layer has no room for sums
             group,
         )
         model.load_weights(checkpoint.weights)
@@ -90,6 +90,9 @@ class Worker:
             allocate_kv_pool(local, config, num_blocks, device) for _ in range(local.num_layers)
         ]
         model.bind_kv_cache(self.k_pools, self.v_pools)
+        # One kernel call for every layer has no room for the sums between a rank's layers.
+        fused = config.fused_decode and group.world_size == 1
+        self.fused_decode = FusedDecode.of(model, self.k_pools, self.v_pools) if fused else None
         logger.info(
             "rank %d of %d: %d KV heads, %d query heads",
             group.rank,
@@ -109,7 +112,10 @@ class Worker:
         meta = AttentionMetadata.build(
             step.slot_mapping, step.block_tables, step.query_lens, step.seq_lens, self.config.block_size, self.device
         )
-        hidden = self.model(
-            torch.tensor(step.input_ids, device=self.device), torch.tensor(step.positions, device=self.device), meta
-        )
+        input_ids = torch.tensor(step.input_ids, device=self.device)
+        positions = torch.tensor(step.positions, device=self.device)
+        if self.fused_decode is not None and self.fused_decode.takes(meta):
+            hidden = self.fused_decode.forward(self.model.embed_tokens(input_ids), positions, meta)
+        else:
+            hidden = self.model(input_ids, positions, meta)
         return self.model.compute_logits(hidden[step.logit_rows])

@@ -32,7 +32,7 @@ SOURCES = (
     "rms_norm.cpp",
     "rotary.cpp",
     "activation.cpp",
-    "decode_layers.cpp",
+    "fused_decode.cpp",
 )
 HEADERS = ("vec.h", "ops.h", "parallel.h")
 CFLAGS = ("-O3", "-march=native", "-fopenmp")

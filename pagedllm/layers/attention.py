@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pagedllm.arithmetic import ceil_div
 from pagedllm.config import ATTENTION_IMPLS
 from pagedllm.kernels import use_cpu_kernels
 from pagedllm.layers.kv_quant import QuantizedKVPool
@@ -47,7 +48,7 @@ class AttentionMetadata:
     block_tables: torch.Tensor  # [num_seqs, max_blocks] block ids, padded with 0
     seq_lens: torch.Tensor  # [num_seqs] context length after this step
     query_starts: list[int]  # [num_seqs + 1] offsets of each sequence's tokens in the batch
-    context_lens: list[int]  # same as seq_lens, on the host
+    host_seq_lens: list[int]  # same as seq_lens, on the host
     num_decodes: int  # the first num_decodes sequences have exactly one new token
     decode_groups: list[DecodeGroup]
     block_size: int
@@ -55,7 +56,7 @@ class AttentionMetadata:
     @functools.cached_property
     def context_blocks(self) -> tuple[torch.Tensor, list[int]]:
         """Every sequence's context blocks in one flat list, and where each sequence's entries start in them."""
-        counts = [-(-length // self.block_size) for length in self.context_lens]
+        counts = [ceil_div(length, self.block_size) for length in self.host_seq_lens]
         blocks = torch.cat([table[:count] for table, count in zip(self.block_tables, counts)])
         return blocks, list(accumulate((count * self.block_size for count in counts[:-1]), initial=0))
 
@@ -65,7 +66,7 @@ class AttentionMetadata:
         slot_mapping: list[int],
         block_tables: list[list[int]],
         query_lens: list[int],
-        context_lens: list[int],
+        host_seq_lens: list[int],
         block_size: int,
         device: torch.device,
     ) -> AttentionMetadata:
@@ -77,7 +78,7 @@ class AttentionMetadata:
         query_starts = [0]
         for length in query_lens:
             query_starts.append(query_starts[-1] + length)
-        seq_lens = torch.tensor(context_lens, dtype=torch.int64, device=device)
+        seq_lens = torch.tensor(host_seq_lens, dtype=torch.int64, device=device)
         block_table_tensor = torch.tensor(padded, dtype=torch.int64, device=device)
         groups = [
             _decode_group(start, end, block_tables, block_table_tensor, seq_lens, block_size)
@@ -88,7 +89,7 @@ class AttentionMetadata:
             block_tables=block_table_tensor,
             seq_lens=seq_lens,
             query_starts=query_starts,
-            context_lens=list(context_lens),
+            host_seq_lens=list(host_seq_lens),
             num_decodes=num_decodes,
             decode_groups=groups,
             block_size=block_size,
@@ -131,23 +132,23 @@ class PagedAttention(nn.Module):
         self.head_dim = head_dim
         self.scale = head_dim**-0.5
         self.impl = impl
-        self.k_cache = torch.empty(0)
-        self.v_cache = torch.empty(0)
+        self.k_pool = torch.empty(0)
+        self.v_pool = torch.empty(0)
 
-    def bind_cache(self, k_cache: KVPool, v_cache: KVPool) -> None:
+    def bind_pools(self, k_pool: KVPool, v_pool: KVPool) -> None:
         """Attach this layer's pools, each [num_blocks, block_size, num_kv_heads, head_dim]."""
-        self.k_cache, self.v_cache = k_cache, v_cache
+        self.k_pool, self.v_pool = k_pool, v_pool
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """q: [T, heads, head_dim]; k, v: [T, kv_heads, head_dim] for the new tokens. Returns [T, heads * head_dim]."""
-        write_kv(self.k_cache, self.v_cache, k, v, meta.slot_mapping)
+        write_kv(self.k_pool, self.v_pool, k, v, meta.slot_mapping)
         # A rotated pool holds K H and V H: q H . k H = q . k, and the output comes back as (attention . v) H.
-        q = cache_basis(self.k_cache, q)
+        q = cache_basis(self.k_pool, q)
         if self.impl == "fast" and use_cpu_kernels(q):
             out = self._attend_with_cpu_kernels(q, k, v, meta)
         else:
             out = self._attend_by_parts(q, k, v, meta)
-        return cache_basis(self.v_cache, out).flatten(1)
+        return cache_basis(self.v_pool, out).flatten(1)
 
     def _attend_with_cpu_kernels(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
@@ -157,11 +158,11 @@ class PagedAttention(nn.Module):
         Over a quantized pool, decodes take the prefill call too: a preempted sequence's recomputation then gives
         each of its K/V entries the numbers its decode step gave it, before they are rounded into the pool again.
         """
-        if isinstance(self.k_cache, QuantizedKVPool):
+        if isinstance(self.k_pool, QuantizedKVPool):
             blocks, key_starts = meta.context_blocks
-            keys, values = (read_blocks(cache, blocks).flatten(0, 1) for cache in (self.k_cache, self.v_cache))
-            return self._prefill_batch(q, keys, values, meta.query_starts, key_starts, meta.context_lens)
-        first_prefill, num_seqs = meta.num_decodes, len(meta.context_lens)
+            keys, values = (read_blocks(cache, blocks).flatten(0, 1) for cache in (self.k_pool, self.v_pool))
+            return self._prefill_batch(q, keys, values, meta.query_starts, key_starts, meta.host_seq_lens)
+        first_prefill, num_seqs = meta.num_decodes, len(meta.host_seq_lens)
         if first_prefill == num_seqs:
             return self._decode_in_place(q, meta)
         context = [self._prefill_context(i, k, v, meta, attend_new=True) for i in range(first_prefill, num_seqs)]
@@ -179,13 +180,13 @@ class PagedAttention(nn.Module):
     ) -> torch.Tensor:
         """`fast` off CPU: decodes in groups, then each prefill on its own; `reference`: each sequence on its own."""
         # A fresh prefill may skip reading back its own K/V only where the pool stores them unrounded.
-        attend_new = self.impl == "fast" and not isinstance(self.k_cache, QuantizedKVPool)
+        attend_new = self.impl == "fast" and not isinstance(self.k_pool, QuantizedKVPool)
         out = torch.empty_like(q)
         first_prefill = 0
         if self.impl == "fast" and meta.num_decodes:
             first_prefill = meta.num_decodes
             out[:first_prefill] = self._decode_in_groups(q[:first_prefill], meta)
-        for i in range(first_prefill, len(meta.context_lens)):
+        for i in range(first_prefill, len(meta.host_seq_lens)):
             start, end = meta.query_starts[i], meta.query_starts[i + 1]
             keys, values = self._prefill_context(i, k, v, meta, attend_new)
             out[start:end] = self._attend_one(q[start:end], keys, values)
@@ -196,11 +197,11 @@ class PagedAttention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Sequence i's keys and values for its prefill: the new ones themselves where they are its whole context."""
         start, end = meta.query_starts[i], meta.query_starts[i + 1]
-        if attend_new and meta.context_lens[i] == end - start:
+        if attend_new and meta.host_seq_lens[i] == end - start:
             return k[start:end], v[start:end]
         return (
-            gather_context(self.k_cache, meta.block_tables[i], meta.context_lens[i]),
-            gather_context(self.v_cache, meta.block_tables[i], meta.context_lens[i]),
+            gather_context(self.k_pool, meta.block_tables[i], meta.host_seq_lens[i]),
+            gather_context(self.v_pool, meta.block_tables[i], meta.host_seq_lens[i]),
         )
 
     def _prefill_batch(
@@ -236,15 +237,15 @@ class PagedAttention(nn.Module):
         """One query token per sequence, in one CPU kernel call that reads the (unquantized) pools in place."""
         rows = q.shape[0]
         return torch.ops.pagedllm.paged_decode_attention(
-            q, self.k_cache, self.v_cache, meta.block_tables[:rows], meta.seq_lens[:rows], self.scale
+            q, self.k_pool, self.v_pool, meta.block_tables[:rows], meta.seq_lens[:rows], self.scale
         )
 
     def _decode_in_groups(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """One query token per sequence, each group of similar lengths in one call over its gathered keys."""
         out = torch.empty_like(q)
         for group in meta.decode_groups:
-            keys = read_blocks(self.k_cache, group.block_tables).flatten(1, 2).transpose(1, 2)
-            values = read_blocks(self.v_cache, group.block_tables).flatten(1, 2).transpose(1, 2)
+            keys = read_blocks(self.k_pool, group.block_tables).flatten(1, 2).transpose(1, 2)
+            values = read_blocks(self.v_pool, group.block_tables).flatten(1, 2).transpose(1, 2)
             out[group.start : group.end] = F.scaled_dot_product_attention(
                 q[group.start : group.end].unsqueeze(2),
                 keys,
@@ -256,12 +257,12 @@ class PagedAttention(nn.Module):
         return out
 
 
-def write_kv(k_cache: KVPool, v_cache: KVPool, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
+def write_kv(k_pool: KVPool, v_pool: KVPool, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
     """Store new tokens' K/V at their flat slots (block * block_size + offset)."""
-    if not isinstance(k_cache, QuantizedKVPool) and use_cpu_kernels(k):
-        torch.ops.pagedllm.write_kv_(k, v, k_cache, v_cache, slots)
+    if not isinstance(k_pool, QuantizedKVPool) and use_cpu_kernels(k):
+        torch.ops.pagedllm.write_kv_(k, v, k_pool, v_pool, slots)
         return
-    for cache, x in ((k_cache, k), (v_cache, v)):
+    for cache, x in ((k_pool, k), (v_pool, v)):
         if isinstance(cache, QuantizedKVPool):
             cache.write(x, slots)
         else:
@@ -281,7 +282,7 @@ def read_blocks(cache: KVPool, block_ids: torch.Tensor) -> torch.Tensor:
 def gather_context(cache: KVPool, block_table: torch.Tensor, context_len: int) -> torch.Tensor:
     """The first context_len tokens' entries of one sequence, [context_len, kv_heads, head_dim]."""
     block_size = cache.shape[1]
-    num_blocks = -(-context_len // block_size)
+    num_blocks = ceil_div(context_len, block_size)
     return read_blocks(cache, block_table[:num_blocks]).flatten(0, 1)[:context_len]
 
 

@@ -9,9 +9,7 @@ A pool rotates each vector by an orthonormal Hadamard matrix H before quantizing
 carry a few outlier channels that set a row's min-max range alone; rotated, their energy spreads over every channel
 and the per-row range shrinks. H is symmetric and orthonormal, so attention runs unchanged on q H against the
 stored K H and V H, and one more product by H turns its output back: a cost per new token, not per cached one.
-Measured on SmolLM2-135M (8192 ShareGPT tokens), it takes int4's perplexity increase over bfloat16 from +14.8%
-to +5.5%; int8 stays within +0.1%. A float16 minimum in place of the uint8 zero point, tried with the rotation,
-did not help int4 (+6.5% against +5.3%, both measured on a simulated cache), so the format is unchanged.
+(docs/performance.md has the perplexities that chose this format.)
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pagedllm.arithmetic import ceil_div
 from pagedllm.cpu import bfloat16_matrix_units, native_bfloat16_matmul
 from pagedllm.kernels import cpu_kernels_available
 from pagedllm.layers.quantization import Int4Weight, Int8Weight, QuantizedWeight, dequantize
@@ -17,8 +18,8 @@ INT4_KERNEL_OFFSET = 8
 # PyTorch's kernels, and pagedllm's int8 one, take scales (and zero points) in bfloat16; PyTorch's also take
 # bfloat16 activations.
 KERNEL_DTYPE = torch.bfloat16
-# pagedllm's int4 kernel takes scales and minimums in float16, as GGUF's Q4 blocks store them: their weights stay
-# exact (bfloat16's 3 fewer mantissa bits moved SmolLM2-135M's greedy answers).
+# pagedllm's int4 kernel takes scales and minimums in float16, as GGUF's Q4 blocks store them, so that their weights
+# stay exact (bfloat16 has 3 fewer mantissa bits).
 INT4_SCALE_DTYPE = torch.float16
 # Who multiplies a quantized weight: pagedllm's CPU kernels, PyTorch's weight-only CPU kernels, or the plain
 # dequantize-then-F.linear path.
@@ -29,22 +30,21 @@ KERNEL_IN_MULTIPLE = 32
 INT4_TILE = 8
 # Up to this many rows pagedllm's int8 kernel multiplies by the packed weight; more rows unpack it once for a dense
 # matmul, which reuses each weight across the rows. The int4 kernel, tiled over outputs and rows, beats a float32
-# dense matmul at every row count (on an AVX2 CPU, 1.3x at 512 rows).
+# dense matmul at every row count (docs/performance.md has the crossovers these thresholds come from).
 INT8_PACKED_MATMUL_MAX_ROWS = 64
 # Where bfloat16 matmuls run on matrix units (AMX) a dense copy beats the int kernels from this many rows. On vector
-# units alone (AVX512-BF16) the int4 kernel's VNNI dot products keep up with oneDNN's bfloat16 matmul at 2,048 rows
-# and beat it below (1.2x at 512, 1.5x at 64 on an AMD Zen 4).
+# units alone (AVX512-BF16) the int4 kernel's VNNI dot products keep up with oneDNN's bfloat16 matmul at every row
+# count, so int4 layers keep no dense copy there.
 MATRIX_UNITS_DENSE_MIN_ROWS = 8
 # There the int8 kernel, whose activations take a float step per 32 channels, falls behind the bfloat16 matmul from
-# this many rows (2.2x behind at 64 rows on a Zen 4).
+# this many rows.
 NATIVE_BFLOAT16_INT8_DENSE_MIN_ROWS = 16
 # The rows oneDNN lays a weight out for (any row count multiplies by it, with the same bits as the plain weight).
 MATRIX_UNITS_LAYOUT_ROWS = 64
-# oneDNN builds a matmul for each shape it meets and keeps up to 1,024 of them (0.5-1.3 MiB each for SmolLM2's
-# shapes): unpadded, the matmuls of 400 row counts grew a process by 600 MiB, as a server's steps of ever new sizes
-# would. Its bfloat16 inputs are padded to whole multiples of ONEDNN_ROW_STEP rows up to ONEDNN_FINE_ROWS, then to
-# one of ONEDNN_SIZES_PER_OCTAVE sizes per doubling, at most 1/8 more rows: 63 shapes up to 4,096 rows, which took
-# 210 MiB in all (the same bits: each row's products do not depend on the others).
+# oneDNN builds a matmul for each shape it meets and keeps up to 1,024 of them, so a server's steps of ever new
+# sizes would grow its memory by hundreds of MiB. Its bfloat16 inputs are padded to whole multiples of
+# ONEDNN_ROW_STEP rows up to ONEDNN_FINE_ROWS, then to one of ONEDNN_SIZES_PER_OCTAVE sizes per doubling (at most
+# 1/8 more rows; 63 shapes up to 4,096 rows). Padding keeps the bits: each row's products do not depend on the others.
 ONEDNN_ROW_STEP = 8
 ONEDNN_FINE_ROWS = 64
 ONEDNN_SIZES_PER_OCTAVE = 8
@@ -87,7 +87,7 @@ def default_kernel(device: torch.device, shape: torch.Size, bits: int) -> str:
     return "torch" if weight_only_kernels_available(device) else "reference"
 
 
-def default_dense_min_rows(bits: int) -> int:
+def default_dense_matmul_min_rows(bits: int) -> int:
     """Rows from which quantized linears multiply by a dense copy: few where bfloat16 matmuls run on matrix units;
     elsewhere none for int4, and for int8 a few more where bfloat16 matmuls are native, else past the rows its
     kernel takes."""
@@ -117,7 +117,7 @@ def onednn_rows(rows: int) -> int:
     if rows > ONEDNN_FINE_ROWS:
         octave_start = 1 << ((rows - 1).bit_length() - 1)  # rows lie in (octave_start, 2 octave_start]
         step = octave_start // ONEDNN_SIZES_PER_OCTAVE
-    return -(-rows // step) * step
+    return ceil_div(rows, step) * step
 
 
 def dense_rows(x: torch.Tensor, weight: torch.Tensor) -> int:
@@ -179,9 +179,9 @@ class QuantizedLinear(nn.Module):
     """y = x Wᵀ + b with W stored as int8 per channel or int4 per group (weight-only quantization).
 
     Inputs go through a weight-only kernel (`kernel`, see KERNELS), which reads 1 or 0.5 byte per weight; with
-    `dense_min_rows` > 0 a dense copy of the dequantized weight in `dtype` is also kept (in matrix_units_layout),
+    `dense_matmul_min_rows` > 0 a dense copy of the dequantized weight in `dtype` is also kept (in matrix_units_layout),
     and inputs of at least that many rows multiply by it (where a compute-bound dense matmul beats the int kernels);
-    None takes default_dense_min_rows. The plain reference path dequantizes and calls F.linear.
+    None takes default_dense_matmul_min_rows. The plain reference path dequantizes and calls F.linear.
     """
 
     def __init__(
@@ -189,21 +189,23 @@ class QuantizedLinear(nn.Module):
         weight: QuantizedWeight,
         bias: torch.Tensor | None,
         dtype: torch.dtype,
-        dense_min_rows: int | None = 0,
+        dense_matmul_min_rows: int | None = 0,
         kernel: str | None = None,
     ) -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.dtype = dtype
         self.bits = 8 if isinstance(weight, Int8Weight) else 4
-        self.dense_min_rows = default_dense_min_rows(self.bits) if dense_min_rows is None else dense_min_rows
+        self.dense_matmul_min_rows = (
+            default_dense_matmul_min_rows(self.bits) if dense_matmul_min_rows is None else dense_matmul_min_rows
+        )
         self.group_size = weight.group_size if isinstance(weight, Int4Weight) else 0
         self.kernel = default_kernel(weight.q.device, weight.shape, self.bits) if kernel is None else kernel
         if self.kernel not in KERNELS:
             raise ValueError(f"kernel must be one of {KERNELS}, got {self.kernel!r}")
         weight = kernel_representable(weight, self.kernel)
         self.bias = None if bias is None else nn.Parameter(bias.to(dtype).contiguous(), requires_grad=False)
-        dense = matrix_units_layout(dequantize(weight).to(dtype)) if self.dense_min_rows > 0 else None
+        dense = matrix_units_layout(dequantize(weight).to(dtype)) if self.dense_matmul_min_rows > 0 else None
         self.register_buffer("dense", dense)
         if self.kernel == "pagedllm":
             self._register_pagedllm_buffers(weight)
@@ -238,7 +240,7 @@ class QuantizedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.shape[:-1].numel()
-        if self.dense is not None and (self.kernel == "reference" or rows >= self.dense_min_rows):
+        if self.dense is not None and (self.kernel == "reference" or rows >= self.dense_matmul_min_rows):
             return dense_linear(x, self.dense, self.bias)
         if self.kernel == "reference":
             return F.linear(x, dequantize(self.quantized_weight()).to(x.dtype), self.bias)
@@ -267,7 +269,7 @@ class QuantizedLinear(nn.Module):
     def packed_max_rows(self) -> float:
         """The most rows `forward` multiplies by the packed weight with pagedllm's kernels (more: a dense matmul)."""
         kernel_max_rows = math.inf if self.bits == 4 else INT8_PACKED_MATMUL_MAX_ROWS
-        return kernel_max_rows if self.dense is None else min(kernel_max_rows, self.dense_min_rows - 1)
+        return kernel_max_rows if self.dense is None else min(kernel_max_rows, self.dense_matmul_min_rows - 1)
 
     def quantized_weight(self) -> QuantizedWeight:
         """The stored weight as quantized values (reference layout only)."""

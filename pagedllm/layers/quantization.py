@@ -6,11 +6,10 @@ from dataclasses import dataclass
 
 import torch
 
+from pagedllm.config import QUANT_GROUP_SIZES
 from pagedllm.errors import UnsupportedModelError
 
 INT4_LEVELS = 15
-# Group sizes PyTorch's int4 kernels accept, largest first.
-INT4_GROUP_SIZES = (256, 128, 64, 32)
 
 
 @dataclass
@@ -107,7 +106,7 @@ class LinearQuantization:
 
     method: str = "none"  # none | auto (as the checkpoint stores them) | int8 | int4
     group_size: int = 128
-    dense_min_rows: int | None = 0  # see QuantizedLinear
+    dense_matmul_min_rows: int | None = 0  # see QuantizedLinear
 
     def prepare(
         self, weight: torch.Tensor | QuantizedWeight, dtype: torch.dtype, lm_head: bool = False
@@ -129,7 +128,7 @@ class LinearQuantization:
 
 def int4_group_size(in_features: int, requested: int) -> int:
     """The requested group size, or the largest smaller supported one that divides `in_features`."""
-    for size in INT4_GROUP_SIZES:
+    for size in sorted(QUANT_GROUP_SIZES, reverse=True):
         if size <= requested and in_features % size == 0:
             return size
     raise UnsupportedModelError(f"int4 needs in_features divisible by 32; this layer has {in_features}")

@@ -46,7 +46,7 @@ class Sampler:
         token_ids = first_max_index(logits)
         random_rows = (batch.temperature > 0).nonzero().squeeze(1).tolist()
         if random_rows:
-            rows = torch.tensor(random_rows)
+            rows = torch.tensor(random_rows, device=logits.device)
             scaled = logits[rows] / batch.temperature[rows].unsqueeze(1)
             scaled = apply_top_k_top_p_min_p(scaled, batch.top_k[rows], batch.top_p[rows], batch.min_p[rows])
             generators = [batch.generators[row] for row in random_rows]
@@ -58,7 +58,8 @@ class Sampler:
         noise = torch.empty_like(probs)
         shared_rows = [row for row, generator in enumerate(generators) if generator is None]
         if shared_rows:
-            noise[shared_rows] = torch.empty(len(shared_rows), probs.shape[1]).exponential_(generator=self.generator)
+            shared = torch.empty(len(shared_rows), probs.shape[1], device=probs.device)
+            noise[shared_rows] = shared.exponential_(generator=self.generator)
         for row, generator in enumerate(generators):
             if generator is not None:
                 noise[row].exponential_(generator=generator)

@@ -21,7 +21,6 @@ from pagedllm.layers.parallel_linear import (
 )
 from pagedllm.layers.quantization import LinearQuantization, QuantizedWeight, fuse_rows
 from pagedllm.layers.rotary import RotaryEmbedding
-from pagedllm.model.decode_stack import DecodeStack
 
 
 class LlamaAttention(nn.Module):
@@ -92,8 +91,7 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaForCausalLM(nn.Module):
     """Token ids of a ragged batch in, final hidden states out; `compute_logits` on the rows that need them.
 
-    With `fused_decode`, all-decode steps run every layer in one kernel call where the model allows it
-    (DecodeStack), once the KV cache is bound; the layers' forward is the reference it must agree with.
+    The plain forward, layer by layer: the reference that the model runner's fused paths must agree with.
     With a `group` of several ranks, this process holds one rank's shard (see layers/parallel_linear.py).
     """
 
@@ -104,14 +102,11 @@ class LlamaForCausalLM(nn.Module):
         attention_impl: str = "fast",
         rope_freq_factors: torch.Tensor | None = None,
         quantization: LinearQuantization | None = None,
-        fused_decode: bool = True,
         group: ParallelGroup | None = None,
     ) -> None:
         super().__init__()
         group = group or ParallelGroup()
         self.config = config
-        self.fused_decode = fused_decode
-        self.decode_stack: DecodeStack | None = None
         self.quantization = quantization or LinearQuantization()
         self.embed_tokens: nn.Module = nn.Embedding(config.vocab_size, config.hidden_size)
         self.embed_tokens.weight.requires_grad_(False)
@@ -129,8 +124,6 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         hidden, residual = self.embed_tokens(input_ids), None
-        if self.decode_stack is not None and self.decode_stack.takes(hidden, meta):
-            return self.decode_stack.forward(hidden, positions, meta)
         for layer in self.layers:
             hidden, residual = layer(positions, hidden, residual, meta)
         return hidden + residual
@@ -139,10 +132,9 @@ class LlamaForCausalLM(nn.Module):
         """Float32 logits [rows, vocab] from final hidden states."""
         return self.lm_head(self.norm(hidden)).float()
 
-    def bind_kv_cache(self, k_caches: list[KVPool], v_caches: list[KVPool]) -> None:
-        for layer, k_cache, v_cache in zip(self.layers, k_caches, v_caches, strict=True):
-            layer.self_attn.attn.bind_cache(k_cache, v_cache)
-        self.decode_stack = DecodeStack.of(self) if self.fused_decode else None
+    def bind_kv_cache(self, k_pools: list[KVPool], v_pools: list[KVPool]) -> None:
+        for layer, k_pool, v_pool in zip(self.layers, k_pools, v_pools, strict=True):
+            layer.self_attn.attn.bind_pools(k_pool, v_pool)
 
     def load_weights(self, weights: dict[str, torch.Tensor | QuantizedWeight]) -> None:
         """Take HF-named weights (tensors or quantized), fusing q/k/v and gate/up; fails on a missing or extra one.
@@ -150,7 +142,6 @@ class LlamaForCausalLM(nn.Module):
         Linears are stored as `self.quantization` says. A tied lm_head uses the embedding table unless the
         checkpoint carries a quantized copy of it under lm_head.weight (the lookup itself stays dense).
         """
-        self.decode_stack = None  # it lists the weights being replaced; bind_kv_cache lists the new ones
         remaining = dict(weights)
         take = remaining.pop
         embedding = take("model.embed_tokens.weight")
@@ -209,7 +200,7 @@ class LlamaForCausalLM(nn.Module):
             raise ValueError(f"{name} weight shape {tuple(weight.shape)} != expected {tuple(layer.weight.shape)}")
         if layer.bias is not None and bias is None:
             raise ValueError("checkpoint lacks a bias this layer needs")
-        setattr(owner, name, QuantizedLinear(weight, bias, dtype, self.quantization.dense_min_rows))
+        setattr(owner, name, QuantizedLinear(weight, bias, dtype, self.quantization.dense_matmul_min_rows))
 
     def weight_bytes(self) -> int:
         """Bytes held by the weights (quantized values, scales and dense copies; shared tensors once)."""

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from pagedllm.config import QUANT_GROUP_SIZES
 from pagedllm.evaluation.corpus import calibration_tokens
 from pagedllm.layers.quantization import Int4Weight, Int8Weight, dequantize
 from pagedllm.model.loader import load_checkpoint
@@ -27,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", choices=("awq",), default="awq", help="quantization method")
     parser.add_argument("--bits", type=int, choices=(4,), default=4, help="bits per weight")
     parser.add_argument(
-        "--group-size", type=int, choices=(32, 64, 128, 256), default=128, help="input channels per scale and min"
+        "--quant-group-size", type=int, choices=QUANT_GROUP_SIZES, default=128, help="input channels per scale and min"
     )
     parser.add_argument("--calib-samples", type=int, default=128, help="calibration sequences (ShareGPT conversations)")
     parser.add_argument("--calib-seq-len", type=int, default=256, help="tokens per calibration sequence")
@@ -77,7 +78,7 @@ def quantize_model(
 def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     settings = AWQSettings(
-        group_size=args.group_size,
+        group_size=args.quant_group_size,
         grid_points=args.grid_points,
         clip=args.clip,
         duo_scaling=args.duo_scaling,
@@ -87,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
     errors = list(report.errors.values())
     improvement = sum(minmax / max(error, 1e-30) for error, minmax in errors) / len(errors)
     print(
-        f"wrote {args.out} (AWQ int4, group {args.group_size}) in {time.perf_counter() - started:.0f}s; "
+        f"wrote {args.out} (AWQ int4, group {args.quant_group_size}) in {time.perf_counter() - started:.0f}s; "
         f"calibration output error {improvement:.2f}x lower than min-max int4 on average"
     )
     return 0

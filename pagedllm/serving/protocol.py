@@ -39,6 +39,7 @@ SAMPLING_FIELDS = (
     "skip_special_tokens",
     "best_of",
     "use_beam_search",
+    "beam_width",
     "length_penalty",
     "early_stopping",
 )
@@ -78,7 +79,8 @@ class SamplingRequest(APIModel):
     user: str | None = None
     logit_bias: dict[str, float] | None = Field(None, description="not supported: must be empty")
     best_of: int | None = Field(None, description="samples drawn, of which the n most likely return (not streamed)")
-    use_beam_search: bool | None = Field(None, description="beam search of width best_of (default n); not streamed")
+    use_beam_search: bool | None = Field(None, description="beam search (not streamed)")
+    beam_width: int | None = Field(None, description="beam search: beams kept per step (default: best_of, else n)")
     length_penalty: float | None = Field(None, description="beam search: scores divide by length ** this")
     early_stopping: bool | Literal["never"] | None = Field(None, description="beam search stopping rule")
 

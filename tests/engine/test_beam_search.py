@@ -79,12 +79,12 @@ def test_beam_search_with_finished_hypotheses_equals_transformers(dense_llm: LLM
 
 
 def referenced_blocks(engine: LLMEngine) -> dict[int, int]:
-    """Block id -> how many live sequences' block tables hold it."""
+    """Block id -> how many block tables of live or kept sequences hold it."""
     counts: dict[int, int] = {}
-    for request in engine.requests.values():
-        for seq in request.sequences:
-            for block_id in seq.block_ids:
-                counts[block_id] = counts.get(block_id, 0) + 1
+    sequences = [seq for request in engine.requests.values() for seq in request.sequences]
+    for seq in sequences + list(engine.kept.values()):
+        for block_id in seq.block_ids:
+            counts[block_id] = counts.get(block_id, 0) + 1
     return counts
 
 
@@ -107,9 +107,10 @@ def test_beams_share_blocks_and_free_all_of_them(tiny_llm: LLM) -> None:
         # Every reference the allocator counts is one block-table entry of a live beam, and nothing else is held.
         assert all(allocator.ref_counts[block_id] == count for block_id, count in counts.items())
         assert engine.block_manager.num_free_blocks == free_before - len(counts)
-        request = engine.requests.get("beams")
-        if request is not None and len(request.sequences) == 4:
-            first_blocks = [seq.block_ids[0] for seq in request.sequences if seq.block_ids]
+        # Each live beam is an engine request of the search.
+        beams = [request.sequences[0] for request in engine.requests.values()]
+        if len(beams) == 4:
+            first_blocks = [seq.block_ids[0] for seq in beams if seq.block_ids]
             saw_sharing = saw_sharing or (len(set(first_blocks)) == 1 and allocator.ref_counts[first_blocks[0]] == 4)
     assert saw_sharing, "the beams never shared the prompt's first block"
     assert engine.block_manager.num_free_blocks == free_before

@@ -74,8 +74,8 @@ def run_step(
         at += count
 
     shape = (num_blocks, block_size, num_kv_heads, head_dim)
-    k_cache = torch.randn(shape, generator=gen).to(dtype)  # garbage everywhere nothing was written
-    v_cache = torch.randn(shape, generator=gen).to(dtype)
+    k_pool = torch.randn(shape, generator=gen).to(dtype)  # garbage everywhere nothing was written
+    v_pool = torch.randn(shape, generator=gen).to(dtype)
     qs, ks, vs, slots, fulls, dense, raw_dense = [], [], [], [], [], [], []  # per sequence
     for (ctx, new), table in zip(seqs, tables):
         k_full = torch.randn(ctx, num_kv_heads, head_dim, generator=gen).to(dtype)
@@ -84,8 +84,8 @@ def run_step(
         for position in range(ctx):
             block, offset = table[position // block_size], position % block_size
             if position < ctx - new:  # already cached before this step
-                k_cache[block, offset] = k_full[position]
-                v_cache[block, offset] = v_full[position]
+                k_pool[block, offset] = k_full[position]
+                v_pool[block, offset] = v_full[position]
             else:
                 slots.append(block * block_size + offset)
         qs.append(q)
@@ -102,9 +102,9 @@ def run_step(
     )
     attention = PagedAttention(num_heads, num_kv_heads, head_dim, impl)
     if kv_cache_dtype == "auto":
-        attention.bind_cache(k_cache, v_cache)
+        attention.bind_pools(k_pool, v_pool)
     else:
-        attention.bind_cache(quantized_pool(k_cache, kv_cache_dtype), quantized_pool(v_cache, kv_cache_dtype))
+        attention.bind_pools(quantized_pool(k_pool, kv_cache_dtype), quantized_pool(v_pool, kv_cache_dtype))
     out = attention(torch.cat(qs), torch.cat(ks), torch.cat(vs), meta)
     return StepResult(out, torch.cat(dense), fulls, tables, attention, torch.cat(raw_dense))
 
@@ -169,8 +169,8 @@ def test_fast_and_reference_equal_dense_attention(case: dict) -> None:
     # The new K/V landed in the pools: every context reads back whole through its block table.
     for result in (fast, reference):
         for (ctx, _), (k_full, v_full), table in zip(case["seqs"], result.full_kv, result.tables):
-            assert torch.equal(gather_context(result.attention.k_cache, torch.tensor(table), ctx), k_full)
-            assert torch.equal(gather_context(result.attention.v_cache, torch.tensor(table), ctx), v_full)
+            assert torch.equal(gather_context(result.attention.k_pool, torch.tensor(table), ctx), k_full)
+            assert torch.equal(gather_context(result.attention.v_pool, torch.tensor(table), ctx), v_full)
 
 
 @pytest.mark.parametrize("impl", ["fast", "reference"])
@@ -188,7 +188,7 @@ def test_metadata_counts_leading_decodes_and_masks_their_padding() -> None:
         slot_mapping=[0, 1, 2, 3],
         block_tables=[[3, 1], [2], [0, 4, 5]],
         query_lens=[1, 1, 2],
-        context_lens=[6, 2, 9],
+        host_seq_lens=[6, 2, 9],
         block_size=4,
         device=torch.device("cpu"),
     )
@@ -208,7 +208,7 @@ def test_decodes_of_very_different_lengths_are_attended_in_separate_groups() -> 
         slot_mapping=[0] * 5,
         block_tables=blocks,
         query_lens=[1] * 5,
-        context_lens=[32, 22, 7, 3, 2],
+        host_seq_lens=[32, 22, 7, 3, 2],
         block_size=4,
         device=torch.device("cpu"),
     )
@@ -233,7 +233,7 @@ def test_quantized_cache_attention_equals_dense_attention_on_stored_kv(case: dic
     # The new K/V were quantized into the pools: every context reads back as the stored values.
     for result in (fast, reference):
         for (ctx, _), (k_stored, v_stored), table in zip(case["seqs"], result.full_kv, result.tables):
-            for cache, expected in ((result.attention.k_cache, k_stored), (result.attention.v_cache, v_stored)):
+            for cache, expected in ((result.attention.k_pool, k_stored), (result.attention.v_pool, v_stored)):
                 torch.testing.assert_close(
                     cache_basis(cache, gather_context(cache, torch.tensor(table), ctx)), expected
                 )
@@ -264,7 +264,7 @@ def test_quantized_cache_decode_gives_the_bits_of_the_prefill_that_recomputes_it
     table = list(range(-(-length // block_size)))
     attention = PagedAttention(num_heads, num_kv_heads, head_dim, "fast")
     empty = torch.zeros(len(table), block_size, num_kv_heads, head_dim, dtype=dtype)
-    attention.bind_cache(quantized_pool(empty, kv_cache_dtype), quantized_pool(empty.clone(), kv_cache_dtype))
+    attention.bind_pools(quantized_pool(empty, kv_cache_dtype), quantized_pool(empty.clone(), kv_cache_dtype))
     prefill = AttentionMetadata.build(list(range(length)), [table], [length], [length], block_size, torch.device("cpu"))
     whole = attention(q, k, v, prefill)
     decode = AttentionMetadata.build([length - 1], [table], [1], [length], block_size, torch.device("cpu"))
@@ -288,7 +288,7 @@ def test_fast_and_reference_agree_in_bfloat16_on_a_ragged_batch(kv_cache_dtype: 
             kv_cache_dtype=kv_cache_dtype,
             dtype=torch.bfloat16,
         )
-        assert result.attention.k_cache.dtype == torch.bfloat16
+        assert result.attention.k_pool.dtype == torch.bfloat16
         torch.testing.assert_close(result.out.double(), result.dense, atol=2e-2, rtol=2e-2)
         outputs[impl] = result.out
     torch.testing.assert_close(outputs["fast"], outputs["reference"], atol=1e-2, rtol=1e-2)

@@ -205,7 +205,7 @@ def test_quantized_pool_attention_matches_unquantized_pool_attention(impl: str, 
             pools = [torch.zeros(shape) for _ in range(2)]
         else:
             pools = [QuantizedKVPool(*shape, bits, torch.float32, torch.device("cpu")) for _ in range(2)]
-        attention.bind_cache(*pools)
+        attention.bind_pools(*pools)
         for (k, v), s, (ctx, new) in zip(contexts, slots, seqs):  # the context cached before this step
             write_kv(*pools, k[: ctx - new], v[: ctx - new], s[: ctx - new])
         new_k = torch.cat([k[ctx - new :] for (k, _), (ctx, new) in zip(contexts, seqs)])
@@ -244,7 +244,7 @@ def cache_bytes(llm: LLM) -> int:
     runner = llm.engine.runner
     tensors = [
         t
-        for pool in (*runner.k_caches, *runner.v_caches)
+        for pool in (*runner.k_pools, *runner.v_pools)
         for t in (pool.tensors() if isinstance(pool, QuantizedKVPool) else (pool,))
     ]
     return sum(t.numel() * t.element_size() for t in tensors)
@@ -259,7 +259,7 @@ def test_quantized_caches_hold_about_two_and_four_times_the_tokens(head_dim_64_d
     for kv, llm in engines.items():
         assert llm.engine.model_config.head_dim == 64
         assert cache_bytes(llm) == llm.engine.num_blocks * llm.engine.runner.bytes_per_block <= budget, kv
-    assert engines["auto"].engine.runner.k_caches[0].dtype == torch.bfloat16
+    assert engines["auto"].engine.runner.k_pools[0].dtype == torch.bfloat16
     blocks = {kv: llm.engine.num_blocks for kv, llm in engines.items()}
     assert blocks["int8"] >= 1.9 * blocks["auto"]
     assert blocks["int4"] >= 3.5 * blocks["auto"]

@@ -66,8 +66,8 @@ def test_kernel_path_matches_reference_path(
 ) -> None:
     weight = make_weight(kind)
     bias = torch.randn(OUT_FEATURES) if with_bias else None
-    fast = QuantizedLinear(weight, bias, dtype, dense_min_rows=0, kernel=kernel)
-    reference = QuantizedLinear(weight, bias, dtype, dense_min_rows=0, kernel="reference")
+    fast = QuantizedLinear(weight, bias, dtype, dense_matmul_min_rows=0, kernel=kernel)
+    reference = QuantizedLinear(weight, bias, dtype, dense_matmul_min_rows=0, kernel="reference")
     x = inputs(rows, dtype)
     got, expected = fast(x), reference(x)
     assert got.dtype == expected.dtype == dtype and got.shape == (rows, OUT_FEATURES)
@@ -112,8 +112,8 @@ def test_kernel_path_keeps_the_leading_dimensions() -> None:
 def test_dense_copy_serves_inputs_from_the_threshold_up(kind: str, dtype: torch.dtype) -> None:
     weight = make_weight(kind)
     bias = torch.randn(OUT_FEATURES)
-    layer = QuantizedLinear(weight, bias, dtype, dense_min_rows=4)
-    kernel_only = QuantizedLinear(weight, bias, dtype, dense_min_rows=0)
+    layer = QuantizedLinear(weight, bias, dtype, dense_matmul_min_rows=4)
+    kernel_only = QuantizedLinear(weight, bias, dtype, dense_matmul_min_rows=0)
     reference = QuantizedLinear(weight, bias, dtype, kernel="reference")
     assert layer.dense is not None and layer.dense.dtype == dtype and kernel_only.dense is None
     assert layer.dense.is_mkldnn == (dtype == torch.bfloat16 and bfloat16_matrix_units())
@@ -129,10 +129,10 @@ def test_dense_copy_serves_inputs_from_the_threshold_up(kind: str, dtype: torch.
 
 
 def test_default_keeps_a_dense_copy_only_where_it_beats_the_kernels() -> None:
-    int4 = QuantizedLinear(make_weight("int4-g32"), None, torch.float32, dense_min_rows=None)
-    int8 = QuantizedLinear(make_weight("int8"), None, torch.float32, dense_min_rows=None)
+    int4 = QuantizedLinear(make_weight("int4-g32"), None, torch.float32, dense_matmul_min_rows=None)
+    int8 = QuantizedLinear(make_weight("int8"), None, torch.float32, dense_matmul_min_rows=None)
     if bfloat16_matrix_units():
-        assert int4.dense_min_rows == int8.dense_min_rows == MATRIX_UNITS_DENSE_MIN_ROWS
+        assert int4.dense_matmul_min_rows == int8.dense_matmul_min_rows == MATRIX_UNITS_DENSE_MIN_ROWS
         assert int4.packed_max_rows == int8.packed_max_rows == MATRIX_UNITS_DENSE_MIN_ROWS - 1
     else:
         # Without bfloat16 matrix units the int4 kernel takes every row count; the int8 one its first 15 rows
@@ -148,8 +148,8 @@ def test_dense_copy_costs_memory_only_when_asked_for() -> None:
     def nbytes(layer: QuantizedLinear) -> int:
         return sum(t.numel() * t.element_size() for t in layer.state_dict().values())
 
-    without = nbytes(QuantizedLinear(weight, None, torch.float32, dense_min_rows=0))
-    with_copy = nbytes(QuantizedLinear(weight, None, torch.float32, dense_min_rows=8))
+    without = nbytes(QuantizedLinear(weight, None, torch.float32, dense_matmul_min_rows=0))
+    with_copy = nbytes(QuantizedLinear(weight, None, torch.float32, dense_matmul_min_rows=8))
     # 4 bits per weight plus a float16 scale and minimum per group of 32.
     assert without == OUT_FEATURES * IN_FEATURES // 2 + OUT_FEATURES * IN_FEATURES // 32 * 2 * 2
     assert with_copy == without + OUT_FEATURES * IN_FEATURES * 4

@@ -82,7 +82,7 @@ def test_greedy_under_preemption_matches_unpreempted_and_transformers(llm: LLM, 
 
 def test_bfloat16_engine_tracks_the_float32_reference(hf_model) -> None:
     bf16 = LLM(dtype="bfloat16", quantization="none", kv_cache_memory=2**26)
-    assert bf16.engine.runner.k_caches[0].dtype == torch.bfloat16
+    assert bf16.engine.runner.k_pools[0].dtype == torch.bfloat16
     for prompt in LOGIT_PROMPTS:
         token_ids = bf16.tokenizer.encode(prompt)
         ours = paged_last_logits(bf16.engine, token_ids, chunk_size=7)

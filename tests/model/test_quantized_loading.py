@@ -98,13 +98,13 @@ def test_auto_builds_int4_layers_from_q4_blocks_and_none_builds_dense_ones(tiny_
     path = tmp_path / "tiny.gguf"
     write_gguf(path, tiny_gguf_tensors, Q.Q4_1)
     checkpoint = load_checkpoint(path, torch.float32, keep_quantized=True)
-    auto = LlamaForCausalLM(checkpoint.config, 64, quantization=LinearQuantization("auto", dense_min_rows=0))
+    auto = LlamaForCausalLM(checkpoint.config, 64, quantization=LinearQuantization("auto", dense_matmul_min_rows=0))
     auto.load_weights(checkpoint.weights)
     none = LlamaForCausalLM(checkpoint.config, 64, quantization=LinearQuantization("none"))
     none.load_weights(checkpoint.weights)
     for layer in (auto.layers[1].self_attn.qkv_proj, auto.layers[0].mlp.gate_up_proj, auto.layers[0].mlp.down_proj):
         assert isinstance(layer, QuantizedLinear) and (layer.bits, layer.group_size) == (4, 32)
-        assert layer.dense is None  # dense_min_rows=0 keeps no dense copy
+        assert layer.dense is None  # dense_matmul_min_rows=0 keeps no dense copy
     dense_qkv = none.layers[1].self_attn.qkv_proj
     assert type(dense_qkv) is Linear
     # The fused int4 q/k/v computes what the dense load of the same blocks computes.

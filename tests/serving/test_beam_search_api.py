@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import openai
+import pytest
 
 PROMPT = "The capital of France is"
 CHAT = [{"role": "user", "content": "Name a color."}]
@@ -41,3 +42,17 @@ def test_best_of_returns_the_most_likely_of_the_seeded_samples(client: openai.Op
     assert len(best) == 1
     assert best[0].text == samples[totals.index(max(totals))].text
     assert len({sample.text for sample in samples}) > 1
+
+
+def test_beam_width_over_http_is_the_beam_width_as_in_python(client: openai.OpenAI, model_name: str) -> None:
+    """`beam_width` names the width on both sides; over HTTP it equals `best_of` (vLLM's older name for it)."""
+    options = dict(model=model_name, prompt=PROMPT, n=1, max_tokens=6)
+    by_name = client.completions.create(**options, extra_body={"use_beam_search": True, "beam_width": 4})
+    by_best_of = client.completions.create(**options, extra_body={"use_beam_search": True, "best_of": 4})
+    narrow = {"use_beam_search": True, "beam_width": 1, "ignore_eos": True}
+    assert by_name.choices[0].text == by_best_of.choices[0].text
+    greedy = client.completions.create(**options, temperature=0.0, extra_body={"ignore_eos": True})
+    # Without stop tokens a width of 1 keeps the single most likely token each step: greedy search.
+    assert client.completions.create(**options, extra_body=narrow).choices[0].text == greedy.choices[0].text
+    with pytest.raises(openai.BadRequestError, match="beam_width"):  # read, not ignored: it must be >= n
+        client.completions.create(**{**options, "n": 2}, extra_body=narrow)

@@ -14,10 +14,12 @@ TORCH_LIBRARY(pagedllm, m) {
   m.def("write_kv_(Tensor k, Tensor v, Tensor(a!) k_pool, Tensor(b!) v_pool, Tensor slots) -> ()");
   m.def("silu_and_mul(Tensor gate_up) -> Tensor");
   m.def(
-      "decode_layers(Tensor hidden, Tensor positions, Tensor cos, Tensor signed_sin, Tensor[] norms, Tensor[] weights, "
+      "fused_decode(Tensor hidden, Tensor positions, Tensor cos, Tensor signed_sin, Tensor[] norms, Tensor[] weights, "
       "Tensor[] scales, int[] group_sizes, Tensor?[] biases, Tensor(a!)[] k_pools, Tensor(b!)[] v_pools, Tensor slots, "
       "Tensor block_tables, Tensor seq_lens, int num_heads, int num_kv_heads, float eps, float scale, int dense_rows) "
       "-> Tensor");
+  m.def("fused_decode_weight_kinds() -> int[]",
+        []() { return std::vector<int64_t>{pagedllm::kDense, pagedllm::kInt8}; });
 }
 
 TORCH_LIBRARY_IMPL(pagedllm, CPU, m) {
@@ -30,5 +32,5 @@ TORCH_LIBRARY_IMPL(pagedllm, CPU, m) {
   m.impl("rotate_heads_", &pagedllm::rotate_heads_);
   m.impl("write_kv_", &pagedllm::write_kv_);
   m.impl("silu_and_mul", &pagedllm::silu_and_mul);
-  m.impl("decode_layers", &pagedllm::decode_layers);
+  m.impl("fused_decode", &pagedllm::fused_decode);
 }

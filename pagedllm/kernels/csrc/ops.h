@@ -18,7 +18,11 @@ void rotate_heads_(at::Tensor& x, const at::Tensor& positions, const at::Tensor&
 void write_kv_(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_pool, at::Tensor& v_pool,
                const at::Tensor& slots);
 at::Tensor silu_and_mul(const at::Tensor& gate_up);
-at::Tensor decode_layers(const at::Tensor& hidden, const at::Tensor& positions, const at::Tensor& cos,
+// Group size codes of fused_decode's weight kinds that have no int4 groups (Python reads them through
+// fused_decode_weight_kinds, so they are defined here alone).
+constexpr int64_t kDense = -1, kInt8 = 0;
+
+at::Tensor fused_decode(const at::Tensor& hidden, const at::Tensor& positions, const at::Tensor& cos,
                          const at::Tensor& signed_sin, at::TensorList norms, at::TensorList weights,
                          at::TensorList scales, at::IntArrayRef group_sizes,
                          const c10::List<std::optional<at::Tensor>>& biases, at::TensorList k_pools,

@@ -6,8 +6,7 @@
 // sequences to keep every thread busy, contexts are cut into several chunks whose softmax partials are merged
 // afterwards, as flash-decoding does. Threads take the next chunk when done: contexts differ in length, and the
 // batch comes longest first. bfloat16 pools take bfloat16 dot products where the CPU has them (attend_chunk_bf16),
-// which leaves a batch's decode attention bound by reading the cache (about 19 GB/s on 2 cores of a Xeon with
-// AMX, against 21 for a plain streaming sum).
+// which leaves a batch's decode attention bound by reading the cache from memory.
 #include "parallel.h"
 #include "vec.h"
 

@@ -1,24 +1,32 @@
-"""Beam search as transformers' `generate(num_beams=k, do_sample=False)` does it: which continuations of the live
-beams survive a step, which become finished hypotheses, and when the search is over."""
+"""Beam search as transformers' `generate(num_beams=k, do_sample=False)` does it, above the engine core.
+
+`BeamSearch` decides which continuations of the live beams survive a step, which become finished hypotheses,
+and when the search is over. `BeamSearchRequest` runs it through ordinary engine requests: each live beam is a
+one-token request that keeps its K/V, and each surviving continuation is forked from its parent's request, so
+beams share their common blocks and copy a partial one on write.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import torch
 
-from pagedllm.engine.request import FinishReason, Request, Sequence
-from pagedllm.model.tokenizer import IncrementalDetokenizer
+from pagedllm.engine.output import CompletionOutput, RequestOutput
+from pagedllm.engine.request import FinishReason
+from pagedllm.model.tokenizer import IncrementalDetokenizer, Tokenizer
 from pagedllm.sampling_params import SamplingParams
+from pagedllm.search.driver import SearchDriver, sub_request_id
 
 
-class Beam(Protocol):
-    """A live beam's history (a Sequence)."""
+@dataclass
+class Beam:
+    """A live beam's history, and the engine request that scores its next token."""
 
-    output_token_ids: list[int]
-    logprobs: list[dict[int, float]]
-    cumulative_logprob: float
+    request_id: str
+    output_token_ids: list[int] = field(default_factory=list)
+    logprobs: list[dict[int, float]] = field(default_factory=list)
+    cumulative_logprob: float = 0.0
 
 
 @dataclass
@@ -66,8 +74,6 @@ class BeamSearch:
     num_logprobs: int | None
     hypotheses: list[Hypothesis] = field(default_factory=list)
     improvable: bool = True
-    pending: dict[object, torch.Tensor] = field(default_factory=dict)  # beam -> this step's logprobs row
-    num_beams_created: int = 1
 
     @classmethod
     def for_params(cls, params: SamplingParams, eos_token_ids: frozenset[int]) -> BeamSearch:
@@ -157,18 +163,114 @@ class BeamSearch:
         self.improvable = self.improvable and best_possible > worst
 
 
-def hypothesis_sequences(request: Request, hypotheses: list[Hypothesis]) -> list[Sequence]:
-    """The finished sequences a request reports for its best hypotheses, best first."""
-    sequences = []
-    for rank, hypothesis in enumerate(hypotheses):
-        detokenizer = IncrementalDetokenizer(
-            request.sequences[0].detokenizer.tokenizer, request.prompt_token_ids, request.params.skip_special_tokens
+class BeamSearchRequest:
+    """One beam-search request, run as one-token engine requests per live beam and step."""
+
+    def __init__(
+        self,
+        request_id: str,
+        prompt: str | None,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        arrival_time: float,
+        tokenizer: Tokenizer,
+    ) -> None:
+        self.request_id = request_id
+        self.prompt = prompt
+        self.prompt_token_ids = prompt_token_ids
+        self.params = params
+        self.arrival_time = arrival_time
+        self.tokenizer = tokenizer
+        self.search = BeamSearch.for_params(params, tokenizer.eos_token_ids)
+        self.beams: list[Beam] = []
+        self.rows: dict[str, dict[int, float]] = {}  # beam request -> its next token's top logprobs
+        self.num_requests = 0
+        self.first: RequestOutput | None = None  # the first beam request's output: prompt logprobs, cache hits
+
+    def start(self, driver: SearchDriver) -> None:
+        beam = Beam(self._next_request_id())
+        params = self._scoring_params()
+        params.prompt_logprobs = self.params.prompt_logprobs
+        driver.add_request(self, beam.request_id, self.prompt_token_ids, params, keep_kv=True)
+        self.beams = [beam]
+
+    def on_finished(self, output: RequestOutput, driver: SearchDriver) -> RequestOutput | None:
+        """File a beam's scored next token; once every live beam has one, take a step."""
+        self.first = self.first or output
+        self.rows[output.request_id] = output.outputs[0].logprobs[0]
+        if len(self.rows) < len(self.beams):
+            return None
+        step = self.search.step(self.beams, self._logprob_rows())
+        self.rows = {}
+        parents = self.beams
+        if step.done:
+            self.beams = []
+        else:
+            self.beams = [self._fork(parents[c.parent], c, driver) for c in step.continuations]
+        for parent in parents:
+            driver.release_request(parent.request_id)
+        return self._output() if step.done else None
+
+    def live_request_ids(self) -> list[str]:
+        return [beam.request_id for beam in self.beams]
+
+    def _fork(self, parent: Beam, continuation: Continuation, driver: SearchDriver) -> Beam:
+        logprobs = parent.logprobs + [continuation.logprobs] if continuation.logprobs is not None else []
+        child = Beam(
+            self._next_request_id(),
+            parent.output_token_ids + [continuation.token_id],
+            logprobs,
+            continuation.cumulative_logprob,
         )
-        seq = Sequence(request, rank, None, detokenizer, output_token_ids=list(hypothesis.token_ids))
-        seq.text = detokenizer.push(hypothesis.token_ids)
-        seq.emitted_text_len = len(seq.text)
-        seq.logprobs = hypothesis.logprobs
-        seq.cumulative_logprob = hypothesis.cumulative_logprob
-        seq.finish_reason = hypothesis.finish_reason
-        sequences.append(seq)
-    return sequences
+        driver.fork_request(self, parent.request_id, child.request_id, [continuation.token_id], self._scoring_params())
+        return child
+
+    def _scoring_params(self) -> SamplingParams:
+        """One greedy token with enough top logprobs to hold every candidate the step may rank."""
+        params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+        num_candidates = max(2, 1 + len(self.search.stop_token_ids)) * self.search.width
+        # Masked stop tokens (before min_tokens) leave the candidates' count intact; past the user-facing
+        # limit of top logprobs, which the engine itself does not have.
+        params.logprobs = max(num_candidates + len(self.search.stop_token_ids), self.params.logprobs or 0)
+        return params
+
+    def _logprob_rows(self) -> torch.Tensor:
+        """[beams, vocab] log-probabilities: each beam's top entries, -inf elsewhere (never among the ranked)."""
+        rows = [self.rows[beam.request_id] for beam in self.beams]
+        vocab = 1 + max(max(row) for row in rows)
+        dense = torch.full((len(rows), vocab), float("-inf"))
+        for index, row in enumerate(rows):
+            dense[index, list(row)] = torch.tensor(list(row.values()))
+        return dense
+
+    def _next_request_id(self) -> str:
+        self.num_requests += 1
+        return sub_request_id(self.request_id, self.num_requests)
+
+    def _output(self) -> RequestOutput:
+        wants_logprobs = self.params.logprobs is not None
+        outputs = []
+        for rank, hypothesis in enumerate(self.search.best(self.params.n)):
+            detokenizer = IncrementalDetokenizer(self.tokenizer, self.prompt_token_ids, self.params.skip_special_tokens)
+            outputs.append(
+                CompletionOutput(
+                    index=rank,
+                    text=detokenizer.push(hypothesis.token_ids),
+                    token_ids=list(hypothesis.token_ids),
+                    cumulative_logprob=hypothesis.cumulative_logprob,
+                    logprobs=hypothesis.logprobs if wants_logprobs else None,
+                    finish_reason=hypothesis.finish_reason.value,
+                )
+            )
+        assert self.first is not None
+        return RequestOutput(
+            request_id=self.request_id,
+            prompt=self.prompt,
+            prompt_token_ids=self.prompt_token_ids,
+            prompt_logprobs=self.first.prompt_logprobs,
+            outputs=outputs,
+            finished=True,
+            arrival_time=self.arrival_time,
+            first_token_time=self.first.first_token_time,
+            num_cached_tokens=self.first.num_cached_tokens,
+        )

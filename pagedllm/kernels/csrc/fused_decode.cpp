@@ -7,8 +7,6 @@ namespace {
 
 // Linears per layer, in the order the weight lists hold them.
 constexpr int64_t kQkv = 0, kOut = 1, kGateUp = 2, kDown = 3, kLinearsPerLayer = 4;
-// Group size codes of the weight kinds that have no int4 groups.
-constexpr int64_t kDense = -1, kInt8 = 0;
 
 // A dense weight multiplies x padded to dense_rows rows, as the Python layers' dense_linear pads them.
 at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scales, int64_t group_size,
@@ -24,7 +22,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const at::Tenso
 
 }  // namespace
 
-at::Tensor decode_layers(const at::Tensor& hidden, const at::Tensor& positions, const at::Tensor& cos,
+at::Tensor fused_decode(const at::Tensor& hidden, const at::Tensor& positions, const at::Tensor& cos,
                          const at::Tensor& signed_sin, at::TensorList norms, at::TensorList weights,
                          at::TensorList scales, at::IntArrayRef group_sizes,
                          const c10::List<std::optional<at::Tensor>>& biases, at::TensorList k_pools,
@@ -33,16 +31,16 @@ at::Tensor decode_layers(const at::Tensor& hidden, const at::Tensor& positions, 
                          double scale, int64_t dense_rows) {
   const int64_t num_layers = static_cast<int64_t>(k_pools.size());
   const int64_t num_linears = num_layers * kLinearsPerLayer;
-  TORCH_CHECK(hidden.dim() == 2 && num_layers > 0, "decode_layers: hidden [tokens, hidden_size] and one pool per layer");
+  TORCH_CHECK(hidden.dim() == 2 && num_layers > 0, "fused_decode: hidden [tokens, hidden_size] and one pool per layer");
   TORCH_CHECK(static_cast<int64_t>(v_pools.size()) == num_layers && static_cast<int64_t>(norms.size()) == 2 * num_layers,
-              "decode_layers: two norms and a K and a V pool per layer");
+              "fused_decode: two norms and a K and a V pool per layer");
   TORCH_CHECK(static_cast<int64_t>(weights.size()) == num_linears && static_cast<int64_t>(scales.size()) == num_linears &&
                   static_cast<int64_t>(group_sizes.size()) == num_linears &&
                   static_cast<int64_t>(biases.size()) == num_linears,
-              "decode_layers: a weight, scales, group size and bias per linear, four linears per layer");
+              "fused_decode: a weight, scales, group size and bias per linear, four linears per layer");
   TORCH_CHECK(block_tables.size(0) == hidden.size(0) && seq_lens.size(0) == hidden.size(0),
-              "decode_layers: one block table and context length per token");
-  TORCH_CHECK(dense_rows >= hidden.size(0), "decode_layers: dense_rows below the tokens");
+              "fused_decode: one block table and context length per token");
+  TORCH_CHECK(dense_rows >= hidden.size(0), "fused_decode: dense_rows below the tokens");
   const int64_t tokens = hidden.size(0), head_dim = k_pools[0].size(3);
   at::Tensor residual = hidden.clone();
   at::Tensor x;

@@ -1,4 +1,4 @@
-"""The one-call decode of every layer (DecodeStack) against the layers' own forward, on dense, int8, int4 and
+"""The one-call decode of every layer (FusedDecode) against the layers' own forward, on dense, int8, int4 and
 biased models; and the models and steps it must leave to the layers."""
 
 from __future__ import annotations
@@ -60,33 +60,23 @@ def decode_step(blocks: BlockManager, seqs: list[SimpleNamespace]) -> tuple[torc
     return torch.tensor(positions), meta
 
 
-def layers_forward(
-    model: LlamaForCausalLM, ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
-) -> torch.Tensor:
-    stack, model.decode_stack = model.decode_stack, None
-    try:
-        return model(ids, positions, meta)
-    finally:
-        model.decode_stack = stack
-
-
 @torch.inference_mode()
 def check_stack_matches_layers(engine_llm: LLM, steps: int = 3, prompt_lens: tuple[int, ...] = PROMPT_LENS) -> None:
     engine = engine_llm.engine
-    model, blocks = engine.runner.model, engine.block_manager
-    assert model.decode_stack is not None
+    model, stack, blocks = engine.runner.model, engine.runner.fused_decode, engine.block_manager
+    assert stack is not None
     seqs = prefill(model, blocks, prompt_lens)
     generator = torch.Generator().manual_seed(1)
     try:
         for _ in range(steps):
             positions, meta = decode_step(blocks, seqs)
             ids = torch.randint(0, model.config.vocab_size, (len(seqs),), generator=generator)
-            assert model.decode_stack.takes(model.embed_tokens(ids), meta)
-            fused = model(ids, positions, meta)
-            pools = [pool.clone() for pool in model.decode_stack.k_pools + model.decode_stack.v_pools]
+            assert stack.takes(meta)
+            fused = stack.forward(model.embed_tokens(ids), positions, meta)
+            pools = [pool.clone() for pool in stack.k_pools + stack.v_pools]
             # The layers write the same K/V to the same slots again, and must compute the same hidden states.
-            torch.testing.assert_close(layers_forward(model, ids, positions, meta), fused, rtol=0, atol=0)
-            for pool, after in zip(pools, model.decode_stack.k_pools + model.decode_stack.v_pools):
+            torch.testing.assert_close(model(ids, positions, meta), fused, rtol=0, atol=0)
+            for pool, after in zip(pools, stack.k_pools + stack.v_pools):
                 assert torch.equal(pool, after)
             for seq in seqs:
                 seq.num_computed_tokens += 1
@@ -113,7 +103,7 @@ def test_stack_matches_layers_on_tiny_models(tiny_dirs: dict[str, Path], name: s
 def test_stack_pads_dense_matmuls_as_the_layers_do(tiny_dirs: dict[str, Path]) -> None:
     llm = LLM(str(tiny_dirs["llama-gqa"]), quantization="none", dtype="bfloat16", kv_cache_memory=2**24)
     prompt_lens = tuple(range(3, 36, 3))  # 11 sequences: where bfloat16 matmuls run on oneDNN, padded to 16 rows
-    weight = llm.engine.runner.model.decode_stack.weights[0]
+    weight = llm.engine.runner.fused_decode.weights[0]
     if native_bfloat16_matmul():
         assert dense_rows(torch.empty(len(prompt_lens), weight.shape[1], dtype=torch.bfloat16), weight) == 16
     check_stack_matches_layers(llm, prompt_lens=prompt_lens)
@@ -122,7 +112,7 @@ def test_stack_pads_dense_matmuls_as_the_layers_do(tiny_dirs: dict[str, Path]) -
 def test_stack_matches_layers_on_the_embedded_int4_model() -> None:
     """The GGUF's Q4_1 weights kept as int4 groups of 32, as `make serve` runs them."""
     llm = LLM(kv_cache_memory=2**26)
-    assert {stacked for stacked in llm.engine.runner.model.decode_stack.group_sizes} == {32}
+    assert {stacked for stacked in llm.engine.runner.fused_decode.group_sizes} == {32}
     check_stack_matches_layers(llm)
 
 
@@ -133,7 +123,7 @@ def test_stack_matches_layers_on_the_embedded_int4_model() -> None:
 )
 def test_models_the_stack_leaves_to_the_layers(tiny_dirs: dict[str, Path], settings: dict) -> None:
     llm = LLM(str(tiny_dirs["llama-gqa"]), kv_cache_memory=2**24, **settings)
-    assert llm.engine.runner.model.decode_stack is None
+    assert llm.engine.runner.fused_decode is None
 
 
 @torch.inference_mode()
@@ -143,8 +133,10 @@ def test_steps_the_stack_leaves_to_the_layers(tiny_dirs: dict[str, Path]) -> Non
     model, blocks = engine.runner.model, engine.block_manager
     seqs = prefill(model, blocks, PROMPT_LENS)
     _, meta = decode_step(blocks, seqs)
-    stack = model.decode_stack
-    assert stack.takes(torch.zeros(len(seqs), 1), meta)
-    assert not stack.takes(torch.zeros(int(stack.max_rows) + 1, 1), meta)
+    stack = engine.runner.fused_decode
+    assert stack.takes(meta)
+    rows = int(stack.max_rows) + 1
+    many = AttentionMetadata.build(list(range(rows)), [[0]] * rows, [1] * rows, [1] * rows, 16, torch.device("cpu"))
+    assert not stack.takes(many)
     mixed = AttentionMetadata.build([0, 1, 2], [[0], [1]], [1, 2], [4, 2], blocks.block_size, torch.device("cpu"))
-    assert not stack.takes(torch.zeros(3, 1), mixed)
+    assert not stack.takes(mixed)

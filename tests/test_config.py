@@ -1,0 +1,56 @@
+"""Engine settings: enumerated ones are typed choices that the CLI lists and the config checks, in one place."""
+
+from __future__ import annotations
+
+import argparse
+import typing
+
+import pytest
+
+from pagedllm.config import QUANT_GROUP_SIZES, EngineConfig
+from pagedllm.errors import ConfigError
+from pagedllm.flags import add_dataclass_arguments
+from pagedllm.serving.api_server import add_arguments
+
+ENUMERATED = {
+    "dtype": ("auto", "float32", "bfloat16"),
+    "attention_impl": ("fast", "reference"),
+    "quantization": ("auto", "none", "int8", "int4"),
+    "quant_group_size": (32, 64, 128, 256),
+    "kv_cache_dtype": ("auto", "int8", "int4"),
+}
+
+
+def test_serve_help_lists_the_choices_of_every_enumerated_setting() -> None:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    help_text = " ".join(parser.format_help().split())
+    for name, choices in ENUMERATED.items():
+        listed = "{" + ",".join(str(choice) for choice in choices) + "}"
+        assert f"--{name.replace('_', '-')} {listed}" in help_text
+
+
+def test_every_literal_setting_is_enumerated_here_and_group_sizes_are_one_constant() -> None:
+    hints = typing.get_type_hints(EngineConfig)
+    literal = {name for name, hint in hints.items() if typing.get_origin(hint) is typing.Literal}
+    assert literal == set(ENUMERATED)
+    assert QUANT_GROUP_SIZES == ENUMERATED["quant_group_size"]
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("dtype", "float16"), ("quant_group_size", 48), ("kv_cache_dtype", "fp8"), ("device", "gpu0")],
+)
+def test_a_value_outside_the_choices_names_its_setting(name: str, value: object) -> None:
+    with pytest.raises(ConfigError, match=name) as raised:
+        EngineConfig(**{name: value})
+    assert raised.value.param == name
+
+
+def test_flags_refuse_a_value_outside_the_choices_before_the_engine_starts(capsys: pytest.CaptureFixture) -> None:
+    parser = argparse.ArgumentParser()
+    add_dataclass_arguments(parser, EngineConfig)
+    assert parser.parse_args(["--quant-group-size", "64"]).quant_group_size == 64
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--quantization", "int3"])
+    assert "invalid choice: 'int3'" in capsys.readouterr().err
