@@ -13,9 +13,10 @@ import logging
 import multiprocessing
 import multiprocessing.connection
 import pickle
+from collections import deque
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -91,6 +92,7 @@ class MultiprocExecutor:
         self.failure: str | None = None
         self.connections: list[Connection] = []
         self.processes: list[BaseProcess] = []
+        self.inboxes: list[deque[tuple[str, Any]]] = [deque() for _ in range(world_size)]
         for rank in range(world_size):
             driver_end, worker_end = context.Pipe()
             process = context.Process(
@@ -120,28 +122,30 @@ class MultiprocExecutor:
             self._fail(f"could not send the step to a worker ({error})")
         return torch.from_numpy(self._receive(0, "logits", None))
 
-    def _receive(self, rank: int, kind: str, timeout_s: float | None):
-        """Rank `rank`'s next message of `kind`; WorkerError as soon as any worker dies or reports an error."""
+    def _receive(self, rank: int, kind: str, timeout_s: float | None) -> Any:
+        """Rank `rank`'s next message, which must be of `kind`; WorkerError as soon as any worker dies or reports an
+        error. Other ranks' messages that arrive meanwhile wait in their inbox."""
         sentinels = {process.sentinel: r for r, process in enumerate(self.processes)}
-        waiting = [self.connections[rank], *self.connections[:rank], *self.connections[rank + 1 :], *sentinels]
-        while True:
-            ready = multiprocessing.connection.wait(waiting, timeout_s)
+        while not self.inboxes[rank]:
+            ready = multiprocessing.connection.wait([*self.connections, *sentinels], timeout_s)
             if not ready:
                 self._fail(f"rank {rank} did not answer within {timeout_s:.0f} s")
             for handle in ready:
-                if isinstance(handle, Connection):
-                    try:
-                        message_kind, value = handle.recv()
-                    except (EOFError, OSError):
-                        continue  # its process has exited: its sentinel says how
-                    if message_kind == "error":
-                        self._fail(value)
-                    if handle is self.connections[rank] and message_kind == kind:
-                        return value
-                else:
+                if handle in sentinels:
                     process = self.processes[sentinels[handle]]
                     process.join()
                     self._fail(f"rank {sentinels[handle]} (pid {process.pid}) exited with code {process.exitcode}")
+                try:
+                    message_kind, value = handle.recv()
+                except (EOFError, OSError):
+                    continue  # its process has exited: its sentinel says how
+                if message_kind == "error":
+                    self._fail(value)
+                self.inboxes[self.connections.index(handle)].append((message_kind, value))
+        message_kind, value = self.inboxes[rank].popleft()
+        if message_kind != kind:
+            self._fail(f"rank {rank} sent {message_kind!r} where {kind!r} was due")
+        return value
 
     def _fail(self, reason: str) -> None:
         self.failure = f"a model worker failed: {reason}"

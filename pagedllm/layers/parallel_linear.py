@@ -92,13 +92,15 @@ def select_input_columns(weight: Weight, columns: range) -> Weight:
     return Int4Weight(q, weight.scales[:, groups].contiguous(), weight.mins[:, groups].contiguous(), group)
 
 
-def linear_for(weight: Weight, bias: torch.Tensor | None, dtype: torch.dtype, dense_min_rows: int | None) -> nn.Module:
+def linear_for(
+    weight: Weight, bias: torch.Tensor | None, dtype: torch.dtype, dense_matmul_min_rows: int | None
+) -> nn.Module:
     """A Linear over a dense weight, a QuantizedLinear over a quantized one."""
     if isinstance(weight, torch.Tensor):
         layer = Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
         layer.load(weight, bias)
         return layer
-    return QuantizedLinear(weight, bias, dtype, dense_min_rows)
+    return QuantizedLinear(weight, bias, dtype, dense_matmul_min_rows)
 
 
 class ColumnParallelLinear(nn.Module):
@@ -126,7 +128,7 @@ class ColumnParallelLinear(nn.Module):
             raise ValueError(f"weight shape {tuple(weight.shape)} != expected {expected}")
         weight = select_output_rows(quantization.prepare(weight, dtype), self.index)
         bias = None if bias is None else bias[self.index].contiguous()
-        self.linear = linear_for(weight, bias, dtype, quantization.dense_min_rows)
+        self.linear = linear_for(weight, bias, dtype, quantization.dense_matmul_min_rows)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear(x)
@@ -156,7 +158,7 @@ class RowParallelLinear(nn.Module):
         if tuple(weight.shape) != (self.out_features, self.in_features):
             raise ValueError(f"weight shape {tuple(weight.shape)} != expected {(self.out_features, self.in_features)}")
         weight = select_input_columns(quantization.prepare(weight, dtype), self.columns)
-        self.linear = linear_for(weight, None, dtype, quantization.dense_min_rows)
+        self.linear = linear_for(weight, None, dtype, quantization.dense_matmul_min_rows)
         if self.bias is not None:
             if bias is None:
                 raise ValueError("checkpoint lacks a bias this layer needs")
@@ -225,10 +227,10 @@ class ParallelLMHead(nn.Module):
             raise ValueError(f"lm_head shape {tuple(weight.shape)} != expected {(self.vocab_size, self.hidden_size)}")
         prepared = quantization.prepare(weight, dtype, lm_head=True)
         if isinstance(prepared, torch.Tensor) and tied is not None and tied.tokens == self.tokens:
-            self.linear = linear_for(tied.weight.data, None, dtype, quantization.dense_min_rows)
+            self.linear = linear_for(tied.weight.data, None, dtype, quantization.dense_matmul_min_rows)
             return
         index = torch.arange(self.tokens.start, self.tokens.stop)
-        self.linear = linear_for(select_output_rows(prepared, index), None, dtype, quantization.dense_min_rows)
+        self.linear = linear_for(select_output_rows(prepared, index), None, dtype, quantization.dense_matmul_min_rows)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.linear(hidden)

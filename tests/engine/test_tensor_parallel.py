@@ -20,6 +20,7 @@ from pagedllm.errors import EngineUnavailableError
 from tests.conftest import ROOMY_KV_BYTES
 
 NUM_LOGPROBS = 5
+TINY_KV_BYTES = 2**24
 DEAD_WORKER_DEADLINE_S = 10.0
 
 
@@ -44,7 +45,9 @@ def _generate(llm: LLM, prompts: list[str] | list[list[int]], max_tokens: int) -
 @pytest.fixture(scope="module")
 def tiny_tp2(tiny_llama_dir: Path):
     """The tiny random Llama (GQA) on 2 worker processes."""
-    llm = LLM(str(tiny_llama_dir), dtype="float32", quantization="none", tensor_parallel_size=2)
+    llm = LLM(
+        str(tiny_llama_dir), dtype="float32", quantization="none", kv_cache_memory=TINY_KV_BYTES, tensor_parallel_size=2
+    )
     yield llm
     llm.engine.shutdown()
 
@@ -53,13 +56,15 @@ PROMPTS = [[1, 2, 3, 4, 5], list(range(100, 140)), [7] * 3, list(range(900, 1200
 
 
 def test_tp2_greedy_outputs_equal_one_process(tiny_tp2: LLM, tiny_llama_dir: Path) -> None:
-    one = LLM(str(tiny_llama_dir), dtype="float32", quantization="none")
+    one = LLM(str(tiny_llama_dir), dtype="float32", quantization="none", kv_cache_memory=TINY_KV_BYTES)
     assert_greedy_close(_generate(one, PROMPTS, 24), _generate(tiny_tp2, PROMPTS, 24))
     assert tiny_tp2.engine.runner.executor.weight_bytes > 0
 
 
 def test_a_killed_worker_fails_its_requests_within_seconds(tiny_llama_dir: Path) -> None:
-    llm = LLM(str(tiny_llama_dir), dtype="float32", quantization="none", tensor_parallel_size=2)
+    llm = LLM(
+        str(tiny_llama_dir), dtype="float32", quantization="none", kv_cache_memory=TINY_KV_BYTES, tensor_parallel_size=2
+    )
     engine = llm.engine
     engine.add_request("a", PROMPTS[1], SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True))
     for _ in range(3):
@@ -78,7 +83,9 @@ def test_a_killed_worker_fails_its_requests_within_seconds(tiny_llama_dir: Path)
 
 def test_a_killed_worker_stops_the_async_engine(tiny_llama_dir: Path) -> None:
     """Streams in flight get the error, the engine stops running (the server's /health then answers 503)."""
-    llm = LLM(str(tiny_llama_dir), dtype="float32", quantization="none", tensor_parallel_size=2)
+    llm = LLM(
+        str(tiny_llama_dir), dtype="float32", quantization="none", kv_cache_memory=TINY_KV_BYTES, tensor_parallel_size=2
+    )
 
     async def scenario() -> None:
         engine = AsyncLLMEngine(llm.engine)

@@ -110,7 +110,7 @@ def _layers_match_unsharded(rank: int, world_size: int) -> None:
     group = ParallelGroup.create()
     for method in METHODS:
         torch.manual_seed(0)  # the same whole weights on every rank
-        quantization = LinearQuantization(method, group_size=32, dense_min_rows=0)
+        quantization = LinearQuantization(method, group_size=32, dense_matmul_min_rows=0)
         _check_attention_projections(group, quantization)
         _check_mlp(group, quantization)
         _check_vocabulary(group, quantization)
