@@ -57,9 +57,9 @@ class ParallelGroup:
             return x.unsqueeze(0)
         if self.shared_memory is not None:
             return self.shared_memory.all_gather(x)
-        out = torch.empty(self.world_size, *x.shape, dtype=x.dtype, device=x.device)
-        dist.all_gather_into_tensor(out, x.contiguous(), group=self.process_group)
-        return out
+        out = torch.empty(self.world_size * x.numel(), dtype=x.dtype, device=x.device)
+        dist.all_gather_into_tensor(out, x.contiguous().view(-1), group=self.process_group)
+        return out.view(self.world_size, *x.shape)
 
     def close(self) -> None:
         """Release the shared memory segment (the process group is left with the default one)."""

@@ -107,14 +107,17 @@ def _check_vocabulary(group: ParallelGroup, quantization: LinearQuantization) ->
 
 
 def _layers_match_unsharded(rank: int, world_size: int) -> None:
-    group = ParallelGroup.create()
-    for method in METHODS:
-        torch.manual_seed(0)  # the same whole weights on every rank
-        quantization = LinearQuantization(method, group_size=32, dense_matmul_min_rows=0)
-        _check_attention_projections(group, quantization)
-        _check_mlp(group, quantization)
-        _check_vocabulary(group, quantization)
-    group.close()
+    # Sums and gathers through shared memory, then through torch.distributed (gloo), as across hosts.
+    shared, plain = ParallelGroup.create(), ParallelGroup.create(use_shared_memory=False)
+    assert shared.shared_memory is not None and plain.shared_memory is None
+    for group in (shared, plain):
+        for method in METHODS:
+            torch.manual_seed(0)  # the same whole weights on every rank
+            quantization = LinearQuantization(method, group_size=32, dense_matmul_min_rows=0)
+            _check_attention_projections(group, quantization)
+            _check_mlp(group, quantization)
+            _check_vocabulary(group, quantization)
+        group.close()
 
 
 def test_two_ranks_compute_what_one_unsharded_layer_does() -> None:
