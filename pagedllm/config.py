@@ -20,9 +20,12 @@ KVCacheDtype = Literal["auto", "int8", "int4"]
 ModelDtype = Literal["auto", "float32", "bfloat16"]
 # Input channels per int4 scale and min: the group sizes every int4 kernel takes.
 QuantGroupSize = Literal[32, 64, 128, 256]
+# Where the ranks of a model run: this process, a worker process per rank, or Ray actors.
+ExecutorBackend = Literal["uni", "mp", "ray"]
 ATTENTION_IMPLS: tuple[str, ...] = get_args(AttentionImpl)
 MODEL_DTYPES: tuple[str, ...] = get_args(ModelDtype)
 QUANT_GROUP_SIZES: tuple[int, ...] = get_args(QuantGroupSize)
+EXECUTOR_BACKENDS: tuple[str, ...] = get_args(ExecutorBackend)
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -140,7 +143,24 @@ class EngineConfig:
         default="cpu", metadata={"help": "torch device of the weights, KV cache and sampler (cpu, cuda, cuda:1...)"}
     )
     num_threads: int = field(
-        default=0, metadata={"help": "torch threads for the math (0: every core this process may use)"}
+        default=0,
+        metadata={
+            "help": "torch threads for the math, per rank (0: every core this process may use, shared among ranks)"
+        },
+    )
+    tensor_parallel_size: int = field(
+        default=1, metadata={"help": "ranks that split every layer (heads, channels, vocabulary) between them"}
+    )
+    pipeline_parallel_size: int = field(
+        default=1, metadata={"help": "ranks that split the layers between them (only 1 is supported yet)"}
+    )
+    data_parallel_size: int = field(default=1, metadata={"help": "engine replicas (only 1 is supported yet)"})
+    distributed_executor_backend: ExecutorBackend | None = field(
+        default=None,
+        metadata={
+            "help": "where ranks run: uni (this process), mp (a worker process per rank) or ray (not supported "
+            "yet); default: uni for one rank, else mp"
+        },
     )
     speculative_config: SpeculativeConfig | dict[str, Any] | str | None = field(
         default=None,
@@ -162,8 +182,32 @@ class EngineConfig:
         if (self.dense_matmul_min_rows or 0) < 0 or self.num_threads < 0:
             raise ConfigError("dense_matmul_min_rows and num_threads must be >= 0")
         _require_positive(self, "block_size", "max_num_seqs", "max_num_batched_tokens", "kv_cache_memory")
+        self._check_parallel()
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ConfigError(f"max_model_len must be >= 1, got {self.max_model_len}", "max_model_len")
+
+    def _check_parallel(self) -> None:
+        _require_positive(self, "tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size")
+        for name in ("pipeline_parallel_size", "data_parallel_size"):
+            if getattr(self, name) > 1:
+                raise ConfigError(f"{name} > 1 is not supported yet", name)
+        backend = self.distributed_executor_backend
+        if backend is not None and backend not in EXECUTOR_BACKENDS:
+            raise ConfigError(
+                f"distributed_executor_backend must be one of {EXECUTOR_BACKENDS}, got {backend!r}",
+                "distributed_executor_backend",
+            )
+        if backend == "ray":
+            raise ConfigError("distributed_executor_backend=ray is not supported yet", "distributed_executor_backend")
+        if backend == "uni" and self.tensor_parallel_size > 1:
+            raise ConfigError("tensor_parallel_size > 1 needs distributed_executor_backend=mp", "tensor_parallel_size")
+
+    @property
+    def executor_backend(self) -> str:
+        """distributed_executor_backend, its default resolved: uni for one rank, else mp."""
+        if self.distributed_executor_backend is not None:
+            return self.distributed_executor_backend
+        return "uni" if self.tensor_parallel_size == 1 else "mp"
 
     @property
     def torch_dtype(self) -> torch.dtype:

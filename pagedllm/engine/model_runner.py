@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 
 from pagedllm.config import EngineConfig, ModelConfig
 from pagedllm.engine.block_manager import BlockManager, HasBlocks
@@ -57,6 +59,12 @@ def kv_cache_bytes_per_block(
     return 2 * kv_cache_layout(mc).layers_per_group * block_size * per_token
 
 
+def kv_cache_shape(model: nn.Module) -> ModelConfig:
+    """The model's shape with the heads this process holds (a tensor-parallel rank holds its share)."""
+    attention = model.layers[0].self_attn.attn
+    return dataclasses.replace(model.config, num_heads=attention.num_heads, num_kv_heads=attention.num_kv_heads)
+
+
 def allocate_kv_pool(model_config: ModelConfig, config: EngineConfig, num_blocks: int, device: torch.device) -> KVPool:
     """One layer's K or V pool: a tensor in the model dtype (kv_cache_dtype auto), else quantized."""
     shape = (num_blocks, config.block_size, model_config.num_kv_heads, model_config.head_dim)
@@ -73,7 +81,7 @@ class ModelRunner:
         self.model = model
         self.device = device
         self.block_size = config.block_size
-        mc = model.config
+        mc = kv_cache_shape(model)
         # Layer j of every KV-cache group keeps its K/V in pool j; a block id belongs to one group at a time.
         layout = kv_cache_layout(mc)
         self.k_pools = [allocate_kv_pool(mc, config, num_blocks, device) for _ in range(layout.layers_per_group)]
@@ -84,17 +92,19 @@ class ModelRunner:
         self.fused_decode = (
             FusedDecode.of(model, self.layer_k_pools, self.layer_v_pools) if config.fused_decode else None
         )
-        self.sampler = Sampler(torch.Generator(device=device).manual_seed(config.seed))
-        self.structured_output: StructuredOutputManager | None = None  # set by the engine
-        self.rejection_sampler = RejectionSampler(self.sampler)
-        self.vocab_size = mc.vocab_size
+        self._set_up_sampling(config, mc.vocab_size)
         self.bytes_per_block = kv_cache_bytes_per_block(
             mc, config.block_size, config.torch_dtype, config.kv_cache_dtype
         )
 
+    def _set_up_sampling(self, config: EngineConfig, vocab_size: int) -> None:
+        self.sampler = Sampler(torch.Generator(device=self.device).manual_seed(config.seed))
+        self.structured_output: StructuredOutputManager | None = None  # set by the engine
+        self.rejection_sampler = RejectionSampler(self.sampler)
+        self.vocab_size = vocab_size
+
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput, block_manager: BlockManager) -> StepResult:
-        self._copy_blocks(out.block_copies)
         # Sequences with one new token first, longest context first: attention batches runs of similar length.
         items = sorted(
             out.scheduled,
@@ -106,21 +116,28 @@ class ModelRunner:
         batch = _FlatBatch()
         for item in items:
             batch.add(item)
-        meta = attention_metadata(block_manager, batch.spans, self.device)
-        input_ids = torch.tensor(batch.input_ids, device=self.device)
-        positions = torch.tensor(batch.positions, device=self.device)
-        if self.fused_decode is not None and self.fused_decode.takes(meta):
-            hidden = self.fused_decode.forward(self.model.embed_tokens(input_ids), positions, meta)
-        else:
-            hidden = self.model(input_ids, positions, meta)
         rows = batch.sample_rows + [row for _, rows in batch.prompt_logprob_rows for row in rows]
-        logits = self.model.compute_logits(hidden[rows])
+        logits = self.forward(step_input(block_manager, batch, out.block_copies, rows))
         num_samples = len(batch.sample_rows)
         prompt_logprobs = self._prompt_logprobs(logits[num_samples:], batch)
         if any(batch.sample_drafts):
             samples, verifications = self._verify(logits[:num_samples], batch)
             return StepResult(samples, prompt_logprobs, verifications)
         return StepResult(self._sample(logits[:num_samples], batch.sample_seqs), prompt_logprobs)
+
+    @torch.inference_mode()
+    def forward(self, step: StepInput) -> torch.Tensor:
+        """Float32 logits of the step's logit_rows from this process's model and K/V pools, after the step's
+        copy-on-write block copies."""
+        self._copy_blocks(step.block_copies)
+        meta = step.attention_metadata(self.block_size, self.device)
+        input_ids = torch.tensor(step.input_ids, device=self.device)
+        positions = torch.tensor(step.positions, device=self.device)
+        if self.fused_decode is not None and self.fused_decode.takes(meta):
+            hidden = self.fused_decode.forward(self.model.embed_tokens(input_ids), positions, meta)
+        else:
+            hidden = self.model(input_ids, positions, meta)
+        return self.model.compute_logits(hidden[step.logit_rows])
 
     def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         if not copies:
@@ -282,20 +299,74 @@ class _FlatBatch:
                 self.prompt_logprob_rows.append((seq, [offset + p - start for p in positions]))
 
 
+@dataclass
+class StepInput:
+    """One step's forward as plain lists: everything a process holding the model (or a rank's shard of it) needs."""
+
+    input_ids: list[int]
+    positions: list[int]
+    query_lens: list[int]
+    seq_lens: list[int]
+    slot_mappings: list[list[int]]  # per KV-cache group: each new token's slot
+    block_tables: list[list[list[int]]]  # per KV-cache group: each sequence's block ids
+    logit_rows: list[int]  # rows of the batch whose logits are sampled or scored, in that order
+    block_copies: list[tuple[int, int]] = field(default_factory=list)  # (source, destination), before the forward
+
+    def attention_metadata(self, block_size: int, device: torch.device) -> AttentionMetadata:
+        """KV-cache group 0's metadata, linking every group's."""
+        metas = [
+            AttentionMetadata.build(slots, tables, self.query_lens, self.seq_lens, block_size, device)
+            for slots, tables in zip(self.slot_mappings, self.block_tables, strict=True)
+        ]
+        if len(metas) > 1:
+            metas[0].kv_cache_groups = metas
+        return metas[0]
+
+
+def step_input(
+    block_manager: BlockManager,
+    batch: _FlatBatch,
+    block_copies: list[tuple[int, int]],
+    logit_rows: list[int],
+) -> StepInput:
+    """The forward of a flattened batch as plain lists."""
+    return StepInput(
+        batch.input_ids,
+        batch.positions,
+        [end - start for _, start, end in batch.spans],
+        [end for _, _, end in batch.spans],
+        *_kv_cache_places(block_manager, batch.spans),
+        logit_rows,
+        block_copies,
+    )
+
+
+def _kv_cache_places(
+    block_manager: BlockManager, spans: list[tuple[HasBlocks, int, int]]
+) -> tuple[list[list[int]], list[list[list[int]]]]:
+    """Per KV-cache group: the slots of the spans' new positions, and the spans' block tables."""
+    slot_mappings, block_tables = [], []
+    for group in range(len(block_manager.sliding_windows)):
+        slot_mappings.append(
+            [block_manager.slot(seq, p, group) for seq, start, end in spans for p in range(start, end)]
+        )
+        block_tables.append([block_manager.tables(seq)[group] for seq, _, _ in spans])
+    return slot_mappings, block_tables
+
+
 def attention_metadata(
     block_manager: BlockManager, spans: list[tuple[HasBlocks, int, int]], device: torch.device
 ) -> AttentionMetadata:
     """The metadata of sequences computing positions [start, end): KV-cache group 0's, linking every group's."""
-    query_lens = [end - start for _, start, end in spans]
-    seq_lens = [end for _, _, end in spans]
-    metas = []
-    for group in range(len(block_manager.sliding_windows)):
-        slots = [block_manager.slot(seq, p, group) for seq, start, end in spans for p in range(start, end)]
-        tables = [block_manager.tables(seq)[group] for seq, _, _ in spans]
-        metas.append(AttentionMetadata.build(slots, tables, query_lens, seq_lens, block_manager.block_size, device))
-    if len(metas) > 1:
-        metas[0].kv_cache_groups = metas
-    return metas[0]
+    step = StepInput(
+        [],
+        [],
+        [end - start for _, start, end in spans],
+        [end for _, _, end in spans],
+        *_kv_cache_places(block_manager, spans),
+        [],
+    )
+    return step.attention_metadata(block_manager.block_size, device)
 
 
 def _banned_tokens(seq: Sequence, num_drafted: int = 0) -> list[int]:

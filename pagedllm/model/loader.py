@@ -103,6 +103,13 @@ def load_checkpoint(path: Path, dtype: torch.dtype, keep_quantized: bool = False
     return _load_gguf(path, dtype, keep_quantized)
 
 
+def load_model_config(path: Path) -> ModelConfig:
+    """The shape of the model in a .gguf file or an HF folder, without reading its weights."""
+    if path.is_dir():
+        return hf_model_config(json.loads((path / "config.json").read_text()))
+    return gguf_model_config(gguf.GGUFReader(str(path)))
+
+
 def _load_hf_folder(path: Path, dtype: torch.dtype) -> Checkpoint:
     raw_config = json.loads((path / "config.json").read_text())
     config = hf_model_config(raw_config)
