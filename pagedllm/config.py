@@ -154,7 +154,13 @@ class EngineConfig:
     pipeline_parallel_size: int = field(
         default=1, metadata={"help": "ranks that split the layers between them (only 1 is supported yet)"}
     )
-    data_parallel_size: int = field(default=1, metadata={"help": "engine replicas (only 1 is supported yet)"})
+    data_parallel_size: int = field(
+        default=1,
+        metadata={
+            "help": "engine replicas, each a process with its own model and scheduler; a request goes to the "
+            "one with the fewest in flight"
+        },
+    )
     distributed_executor_backend: ExecutorBackend | None = field(
         default=None,
         metadata={
@@ -188,9 +194,12 @@ class EngineConfig:
 
     def _check_parallel(self) -> None:
         _require_positive(self, "tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size")
-        for name in ("pipeline_parallel_size", "data_parallel_size"):
-            if getattr(self, name) > 1:
-                raise ConfigError(f"{name} > 1 is not supported yet", name)
+        if self.pipeline_parallel_size > 1:
+            raise ConfigError("pipeline_parallel_size > 1 is not supported yet", "pipeline_parallel_size")
+        if self.data_parallel_size > 1 and self.tensor_parallel_size > 1:
+            raise ConfigError(
+                "data_parallel_size > 1 with tensor_parallel_size > 1 is not supported yet", "data_parallel_size"
+            )
         backend = self.distributed_executor_backend
         if backend is not None and backend not in EXECUTOR_BACKENDS:
             raise ConfigError(

@@ -17,34 +17,15 @@ from pagedllm import LLM, SamplingParams
 from pagedllm.benchmarks.datasets import first_exchange, iter_json_array_records, sharegpt_path
 from pagedllm.engine.async_engine import AsyncLLMEngine
 from pagedllm.engine.executor import WorkerError
-from pagedllm.engine.output import RequestOutput
 from pagedllm.errors import ConfigError, EngineUnavailableError
 from pagedllm.serving.api_server import create_app
 from pagedllm.serving.settings import ServerSettings
+from tests.logprobs_close import assert_greedy_close, greedy
 
-NUM_LOGPROBS = 5
 TINY_KV_BYTES = 2**24
 EMBEDDED_KV_BYTES = 2**26
 DEAD_WORKER_DEADLINE_S = 10.0
 PROMPTS = [[1, 2, 3, 4, 5], list(range(100, 140)), [7] * 3, list(range(900, 1200, 7))]
-
-
-def assert_greedy_close(expected: list[RequestOutput], actual: list[RequestOutput]) -> None:
-    """vLLM's check_logprobs_close rule: greedy tokens equal until the first difference, where each side's token
-    must be among the other's top logprobs (a near-tie the reduction order may flip); the rest is not compared."""
-    for one, other in zip(expected, actual, strict=True):
-        a, b = one.outputs[0], other.outputs[0]
-        for position, (token_a, token_b) in enumerate(zip(a.token_ids, b.token_ids)):
-            if token_a != token_b:
-                assert token_a in b.logprobs[position] and token_b in a.logprobs[position], (one.prompt, position)
-                break
-        else:
-            assert a.token_ids == b.token_ids
-
-
-def generate(llm: LLM, prompts: list[str] | list[list[int]], max_tokens: int) -> list[RequestOutput]:
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, logprobs=NUM_LOGPROBS)
-    return llm.generate(prompts, params)
 
 
 def sharegpt_prompts(count: int) -> list[str]:
@@ -66,7 +47,7 @@ def tiny_tp2(tiny_llama_dir: Path) -> Iterator[LLM]:
 
 def test_tp2_greedy_outputs_equal_one_process(tiny_tp2: LLM, tiny_llama_dir: Path) -> None:
     one = LLM(str(tiny_llama_dir), dtype="float32", quantization="none", kv_cache_memory=TINY_KV_BYTES)
-    assert_greedy_close(generate(one, PROMPTS, 24), generate(tiny_tp2, PROMPTS, 24))
+    assert_greedy_close(greedy(one, PROMPTS, 24), greedy(tiny_tp2, PROMPTS, 24))
     assert tiny_tp2.engine.weight_bytes > 0
     assert tiny_tp2.engine.num_blocks == one.engine.num_blocks  # each rank holds the same blocks of its own heads
 
@@ -157,7 +138,7 @@ def test_tp2_on_the_embedded_model_equals_one_process_on_sharegpt(llm: LLM, shar
     """float32, quantization=none: the tied embedding split by vocabulary, heads split 1 and 2 K/V heads a rank."""
     tp2 = LLM(dtype="float32", quantization="none", kv_cache_memory=EMBEDDED_KV_BYTES, tensor_parallel_size=2)
     try:
-        assert_greedy_close(generate(llm, sharegpt_chats, 16), generate(tp2, sharegpt_chats, 16))
+        assert_greedy_close(greedy(llm, sharegpt_chats, 16), greedy(tp2, sharegpt_chats, 16))
     finally:
         tp2.engine.shutdown()
 
@@ -169,9 +150,9 @@ def test_quantized_tp2_on_the_embedded_model_equals_one_process(quantization: st
     split by whole rows of blocks."""
     settings = {"dtype": "float32", "quantization": quantization, "kv_cache_memory": EMBEDDED_KV_BYTES}
     prompts = sharegpt_chats[:4]
-    expected = generate(LLM(**settings), prompts, 16)
+    expected = greedy(LLM(**settings), prompts, 16)
     tp2 = LLM(**settings, tensor_parallel_size=2)
     try:
-        assert_greedy_close(expected, generate(tp2, prompts, 16))
+        assert_greedy_close(expected, greedy(tp2, prompts, 16))
     finally:
         tp2.engine.shutdown()
