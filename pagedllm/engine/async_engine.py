@@ -318,6 +318,8 @@ class AsyncLLMEngine:
             outputs = self.engine.step()
         except EngineUnavailableError as error:  # e.g. a model worker died: no later step can run
             logger.error("the engine cannot run any more: %s", error.message)
+            with self._lifecycle:
+                self._accepting = False  # before any waiter hears of it: /health answers 503 by then
             self._fail_all(error)
             raise
         except Exception as error:
