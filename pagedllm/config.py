@@ -21,10 +21,13 @@ KVCachePolicy = Literal["full", "streaming"]
 ModelDtype = Literal["auto", "float32", "bfloat16"]
 # Input channels per int4 scale and min: the group sizes every int4 kernel takes.
 QuantGroupSize = Literal[32, 64, 128, 256]
+# Where the ranks of a model run: this process, a worker process per rank, or Ray actors.
+ExecutorBackend = Literal["uni", "mp", "ray"]
 ATTENTION_IMPLS: tuple[str, ...] = get_args(AttentionImpl)
 QUANTIZATIONS: tuple[str, ...] = get_args(Quantization)
 MODEL_DTYPES: tuple[str, ...] = get_args(ModelDtype)
 QUANT_GROUP_SIZES: tuple[int, ...] = get_args(QuantGroupSize)
+EXECUTOR_BACKENDS: tuple[str, ...] = get_args(ExecutorBackend)
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -155,7 +158,30 @@ class EngineConfig:
         default="cpu", metadata={"help": "torch device of the weights, KV cache and sampler (cpu, cuda, cuda:1...)"}
     )
     num_threads: int = field(
-        default=0, metadata={"help": "torch threads for the math (0: every core this process may use)"}
+        default=0,
+        metadata={
+            "help": "torch threads for the math, per rank (0: every core this process may use, shared among ranks)"
+        },
+    )
+    tensor_parallel_size: int = field(
+        default=1, metadata={"help": "ranks that split every layer (heads, channels, vocabulary) between them"}
+    )
+    pipeline_parallel_size: int = field(
+        default=1, metadata={"help": "ranks that split the layers between them (only 1 is supported yet)"}
+    )
+    data_parallel_size: int = field(
+        default=1,
+        metadata={
+            "help": "engine replicas, each a process with its own model and scheduler; a request goes to the "
+            "one with the fewest in flight"
+        },
+    )
+    distributed_executor_backend: ExecutorBackend | None = field(
+        default=None,
+        metadata={
+            "help": "where ranks run: uni (this process), mp (a worker process per rank) or ray (not supported "
+            "yet); default: uni for one rank, else mp"
+        },
     )
     speculative_config: SpeculativeConfig | dict[str, Any] | str | None = field(
         default=None,
@@ -183,6 +209,7 @@ class EngineConfig:
         if (self.dense_matmul_min_rows or 0) < 0 or self.num_threads < 0:
             raise ConfigError("dense_matmul_min_rows and num_threads must be >= 0")
         _require_positive(self, "block_size", "max_num_seqs", "max_num_batched_tokens", "kv_cache_memory")
+        self._check_parallel()
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ConfigError(f"max_model_len must be >= 1, got {self.max_model_len}", "max_model_len")
         _require_positive(self, "kv_window")
@@ -201,6 +228,45 @@ class EngineConfig:
             )
         if self.speculative_config is not None:
             raise ConfigError("kv_cache_policy streaming does not take speculative decoding yet", "speculative_config")
+
+    def _check_parallel(self) -> None:
+        _require_positive(self, "tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size")
+        if self.pipeline_parallel_size > 1:
+            raise ConfigError("pipeline_parallel_size > 1 is not supported yet", "pipeline_parallel_size")
+        if self.data_parallel_size > 1 and self.tensor_parallel_size > 1:
+            raise ConfigError(
+                "data_parallel_size > 1 with tensor_parallel_size > 1 is not supported yet", "data_parallel_size"
+            )
+        backend = self.distributed_executor_backend
+        if backend is not None and backend not in EXECUTOR_BACKENDS:
+            raise ConfigError(
+                f"distributed_executor_backend must be one of {EXECUTOR_BACKENDS}, got {backend!r}",
+                "distributed_executor_backend",
+            )
+        if backend == "ray":
+            raise ConfigError("distributed_executor_backend=ray is not supported yet", "distributed_executor_backend")
+        if backend == "uni" and self.tensor_parallel_size > 1:
+            raise ConfigError("tensor_parallel_size > 1 needs distributed_executor_backend=mp", "tensor_parallel_size")
+        if self.executor_backend == "mp":
+            # The ranks run the target's forward alone: a draft model and the streaming policy's K/V moves would
+            # have to run on every rank too.
+            if getattr(self.speculative_config, "method", None) == "draft_model":
+                raise ConfigError(
+                    "draft_model speculation does not run in worker processes (distributed_executor_backend mp) yet",
+                    "speculative_config",
+                )
+            if self.kv_cache_policy != "full":
+                raise ConfigError(
+                    "kv_cache_policy streaming does not run in worker processes (distributed_executor_backend mp) yet",
+                    "kv_cache_policy",
+                )
+
+    @property
+    def executor_backend(self) -> str:
+        """distributed_executor_backend, its default resolved: uni for one rank, else mp."""
+        if self.distributed_executor_backend is not None:
+            return self.distributed_executor_backend
+        return "uni" if self.tensor_parallel_size == 1 else "mp"
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -8,7 +8,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from pagedllm.config import EngineConfig
-from pagedllm.engine.engine import LLMEngine
+from pagedllm.engine.data_parallel import create_engine
 from pagedllm.engine.output import RequestOutput
 from pagedllm.model.tokenizer import Tokenizer
 from pagedllm.sampling_params import SamplingParams
@@ -21,7 +21,7 @@ class LLM:
     """A model loaded with its engine: `LLM(model=..., max_num_seqs=..., ...)` takes any EngineConfig field."""
 
     def __init__(self, model: str | None = None, **engine_settings: Any) -> None:
-        self.engine = LLMEngine(EngineConfig.from_kwargs(model=model, **engine_settings))
+        self.engine = create_engine(EngineConfig.from_kwargs(model=model, **engine_settings))
         self._ids = itertools.count()
 
     @property

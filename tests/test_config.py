@@ -73,3 +73,14 @@ def test_the_streaming_policy_refuses_the_prefix_cache_and_speculation_it_would_
     with pytest.raises(ConfigError, match="speculative"):
         EngineConfig(kv_cache_policy="streaming", enable_prefix_caching=False, speculative_config=speculative)
     assert EngineConfig(kv_cache_policy="streaming", enable_prefix_caching=False).kv_window == 1024
+
+
+def test_worker_processes_refuse_the_draft_model_and_the_streaming_policy() -> None:
+    draft = {"method": "draft_model", "model": "smollm2-135m-instruct", "num_speculative_tokens": 3}
+    with pytest.raises(ConfigError, match="draft_model") as raised:
+        EngineConfig(tensor_parallel_size=2, speculative_config=draft)
+    assert raised.value.param == "speculative_config"
+    with pytest.raises(ConfigError, match="streaming") as raised:
+        EngineConfig(tensor_parallel_size=2, kv_cache_policy="streaming", enable_prefix_caching=False)
+    assert raised.value.param == "kv_cache_policy"
+    assert EngineConfig(tensor_parallel_size=2, speculative_config={"method": "ngram"}).executor_backend == "mp"

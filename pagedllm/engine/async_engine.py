@@ -182,6 +182,8 @@ class AsyncLLMEngine:
             await asyncio.to_thread(self._thread.join, timeout_s)
             if self._thread.is_alive():
                 logger.warning("the engine thread did not stop within %.0f s", timeout_s)
+                return
+        self.engine.shutdown()
 
     async def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> RequestStream:
         """Submit a request and wait until the engine has taken it; raises the engine's error if it refuses."""
@@ -314,6 +316,12 @@ class AsyncLLMEngine:
     def _step(self) -> None:
         try:
             outputs = self.engine.step()
+        except EngineUnavailableError as error:  # e.g. a model worker died: no later step can run
+            logger.error("the engine cannot run any more: %s", error.message)
+            with self._lifecycle:
+                self._accepting = False  # before any waiter hears of it: /health answers 503 by then
+            self._fail_all(error)
+            raise
         except Exception as error:
             logger.exception("engine step failed; dropping the %d requests in flight", len(self._streams))
             self._fail_all(

@@ -11,6 +11,8 @@ import torch
 
 from pagedllm.config import EngineConfig, ModelConfig, SpeculativeConfig
 from pagedllm.engine.block_manager import BlockManager
+from pagedllm.engine.distributed_runner import DistributedModelRunner, distributed_bytes_per_block
+from pagedllm.engine.executor import MultiprocExecutor
 from pagedllm.engine.faults import StepFaults
 from pagedllm.engine.host_memory import (
     HeapTrimmer,
@@ -19,16 +21,22 @@ from pagedllm.engine.host_memory import (
     reuse_freed_step_memory,
 )
 from pagedllm.engine.kv_cache_policy import streaming_policy
-from pagedllm.engine.model_runner import ModelRunner, StepResult, Verification, kv_cache_bytes_per_block
+from pagedllm.engine.model_runner import (
+    ModelRunner,
+    StepResult,
+    Verification,
+    kv_cache_bytes_per_block,
+    kv_cache_shape,
+)
 from pagedllm.engine.output import RequestOutput, append_token, finish_grammar, make_request_output
 from pagedllm.engine.prefix_cache import PrefixCache
 from pagedllm.engine.request import FinishReason, Request, Sequence
 from pagedllm.engine.scheduler import Scheduler, SchedulerOutput
+from pagedllm.engine.worker import load_model
 from pagedllm.errors import ConfigError, InvalidArgumentError, RequestTooLongError
 from pagedllm.layers.kv_cache_groups import kv_cache_layout
-from pagedllm.layers.quantization import LinearQuantization
-from pagedllm.model.loader import load_checkpoint
-from pagedllm.model.registry import build_model, model_display_name, resolve_model_path
+from pagedllm.model.loader import load_model_config
+from pagedllm.model.registry import model_display_name, resolve_model_path
 from pagedllm.model.tokenizer import IncrementalDetokenizer, Tokenizer
 from pagedllm.sampling_params import SamplingParams
 from pagedllm.search import BeamSearchRequest, BestOfRequest, SearchDriver
@@ -68,26 +76,18 @@ class LLMEngine:
             torch.set_num_threads(config.num_threads)  # process-wide, once: the math's threads never outnumber them
         path = resolve_model_path(config.model)
         self.model_name = model_display_name(config.model)
-        checkpoint = load_checkpoint(path, config.torch_dtype, keep_quantized=config.quantization == "auto")
-        self.model_config: ModelConfig = checkpoint.config
-        self.max_model_len = self._max_model_len(checkpoint.config)
-        self.tokenizer = Tokenizer.from_model_path(path, checkpoint.config.eos_token_ids)
-        quantization = LinearQuantization(config.quantization, config.quant_group_size, config.dense_matmul_min_rows)
-        model = build_model(checkpoint, self.max_model_len, config.attention_impl, quantization)
-        self.weight_bytes = model.weight_bytes()
-        self.file_weight_bytes = checkpoint.file_weight_bytes
+        self.model_config: ModelConfig = load_model_config(path)
+        self.max_model_len = self._max_model_len(self.model_config)
+        self.tokenizer = Tokenizer.from_model_path(path, self.model_config.eos_token_ids)
+        self.grammars = GrammarBackend(self.tokenizer, self.model_config.vocab_size)
+        self.structured_output = StructuredOutputManager(self.grammars)
+        spec = config.speculative_config if isinstance(config.speculative_config, SpeculativeConfig) else None
+        self.draft_runner: ModelRunner | None = None
+        self.runner = self._start_workers() if config.executor_backend == "mp" else self._load_model(spec)
         logger.info("weights: %.1f MiB (quantization %s)", self.weight_bytes / 2**20, config.quantization)
         if self.file_weight_bytes:
             ratio = self.weight_bytes / self.file_weight_bytes
             logger.info("weights: %.2fx the checkpoint's %.1f MiB", ratio, self.file_weight_bytes / 2**20)
-        del checkpoint
-        spec = config.speculative_config if isinstance(config.speculative_config, SpeculativeConfig) else None
-        draft = None
-        if spec is not None and spec.method == "draft_model":
-            draft = load_draft_model(spec, config, self.model_config, self.tokenizer, self.max_model_len)
-            self.weight_bytes += draft.weight_bytes()
-        release_freed_memory()  # the loader's dequantized copies: freed, but resident until returned
-        self.num_blocks = self._num_blocks(draft.config if draft is not None else None)
         salt = f"{path.name}:{config.dtype}:{config.kv_cache_dtype}:{config.quantization}:{config.quant_group_size}"
         prefix_cache = PrefixCache(config.block_size, salt=salt) if config.enable_prefix_caching else None
         sliding_windows = kv_cache_layout(self.model_config).sliding_windows
@@ -96,15 +96,6 @@ class LLMEngine:
             self.num_blocks, config.block_size, prefix_cache, sliding_windows, self.streaming
         )
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
-        self.grammars = GrammarBackend(self.tokenizer, self.model_config.vocab_size)
-        self.structured_output = StructuredOutputManager(self.grammars)
-        self.runner = ModelRunner(model.to(self.device), config, self.num_blocks, self.device, self.structured_output)
-        # The draft model's K/V pools have as many blocks as the target's: it reads them through the same tables.
-        self.draft_runner = (
-            ModelRunner(draft.to(self.device), config, self.num_blocks, self.device, self.structured_output)
-            if draft is not None
-            else None
-        )
         self.heap = HeapTrimmer()
         self.faults = StepFaults.from_environment()
         self.requests: dict[str, Request] = {}
@@ -121,6 +112,47 @@ class LLMEngine:
             self.num_blocks * config.block_size,
             self.max_model_len,
         )
+
+    def _load_model(self, spec: SpeculativeConfig | None) -> ModelRunner:
+        """The model and its KV pools in this process, and the runner over them; with draft-model speculation the
+        draft's too (its pools take a block of their own for every block id: it reads them through the same
+        tables)."""
+        config = self.config
+        loaded = load_model(config, self.max_model_len)
+        self.weight_bytes, self.file_weight_bytes = loaded.weight_bytes, loaded.file_weight_bytes
+        models = [loaded.model]
+        if spec is not None and spec.method == "draft_model":
+            draft = load_draft_model(spec, config, self.model_config, self.tokenizer, self.max_model_len)
+            self.weight_bytes += draft.weight_bytes()
+            models.append(draft)
+            release_freed_memory()  # the draft loader's dequantized copies: freed, but resident until returned
+        self.num_blocks = self._num_blocks(
+            sum(
+                kv_cache_bytes_per_block(
+                    kv_cache_shape(m), config.block_size, config.torch_dtype, config.kv_cache_dtype
+                )
+                for m in models
+            )
+        )
+        runners = [
+            ModelRunner(m.to(self.device), config, self.num_blocks, self.device, self.structured_output) for m in models
+        ]
+        if len(runners) > 1:
+            self.draft_runner = runners[1]
+        return runners[0]
+
+    def _start_workers(self) -> ModelRunner:
+        """A worker process per rank, each loading its shard and the KV pools of its heads, and the runner here that
+        batches, sends each step to them and samples."""
+        self.num_blocks = self._num_blocks(distributed_bytes_per_block(self.model_config, self.config))
+        executor = MultiprocExecutor(self.config, self.num_blocks, self.max_model_len, self.config.tensor_parallel_size)
+        self.weight_bytes, self.file_weight_bytes = executor.weight_bytes, executor.file_weight_bytes
+        return DistributedModelRunner(executor, self.model_config, self.config, self.device, self.structured_output)
+
+    def shutdown(self) -> None:
+        """Stop the worker processes, if the model runs in any."""
+        if isinstance(self.runner, DistributedModelRunner):
+            self.runner.executor.shutdown()
 
     @property
     def kv_cache_bytes(self) -> int:
@@ -141,13 +173,7 @@ class LLMEngine:
             raise ConfigError(f"max_model_len={self.config.max_model_len} exceeds the model's limit of {limit}")
         return self.config.max_model_len
 
-    def _num_blocks(self, draft_config: ModelConfig | None) -> int:
-        """Blocks the budget holds; a draft model's pools take a block of their own for every block id."""
-        per_block = sum(
-            kv_cache_bytes_per_block(mc, self.config.block_size, self.config.torch_dtype, self.config.kv_cache_dtype)
-            for mc in (self.model_config, draft_config)
-            if mc is not None
-        )
+    def _num_blocks(self, per_block: int) -> int:
         num_blocks = self.config.kv_cache_bytes() // per_block
         if num_blocks < 1:
             raise ConfigError(

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 
 from pagedllm.config import EngineConfig, ModelConfig
 from pagedllm.engine.block_manager import BlockManager, HasBlocks
@@ -58,6 +60,12 @@ def kv_cache_bytes_per_block(
     return 2 * kv_cache_layout(mc).layers_per_group * block_size * per_token
 
 
+def kv_cache_shape(model: nn.Module) -> ModelConfig:
+    """The model's shape with the heads this process holds (a tensor-parallel rank holds its share)."""
+    attention = model.layers[0].self_attn.attn
+    return dataclasses.replace(model.config, num_heads=attention.num_heads, num_kv_heads=attention.num_kv_heads)
+
+
 def allocate_kv_pool(model_config: ModelConfig, config: EngineConfig, num_blocks: int, device: torch.device) -> KVPool:
     """One layer's K or V pool: a tensor in the model dtype (kv_cache_dtype auto), else quantized."""
     shape = (num_blocks, config.block_size, model_config.num_kv_heads, model_config.head_dim)
@@ -76,12 +84,13 @@ class ModelRunner:
         config: EngineConfig,
         num_blocks: int,
         device: torch.device,
-        structured_output: StructuredOutputManager,
+        structured_output: StructuredOutputManager | None,
     ) -> None:
+        """`structured_output` is None on a tensor-parallel rank, which computes logits and never samples."""
         self.model = model
         self.device = device
         self.block_size = config.block_size
-        mc = model.config
+        mc = kv_cache_shape(model)
         # Layer j of every KV-cache group keeps its K/V in pool j; a block id belongs to one group at a time.
         layout = kv_cache_layout(mc)
         self.k_pools = [allocate_kv_pool(mc, config, num_blocks, device) for _ in range(layout.layers_per_group)]
@@ -92,19 +101,23 @@ class ModelRunner:
         self.fused_decode = (
             FusedDecode.of(model, self.layer_k_pools, self.layer_v_pools) if config.fused_decode else None
         )
-        self.sampler = Sampler(torch.Generator(device=device).manual_seed(config.seed))
-        self.structured_output = structured_output
-        self.rejection_sampler = RejectionSampler(self.sampler)
-        self.vocab_size = mc.vocab_size
+        self._set_up_sampling(config, mc.vocab_size, structured_output)
         self.bytes_per_block = kv_cache_bytes_per_block(
             mc, config.block_size, config.torch_dtype, config.kv_cache_dtype
         )
+
+    def _set_up_sampling(
+        self, config: EngineConfig, vocab_size: int, structured_output: StructuredOutputManager | None
+    ) -> None:
+        self.sampler = Sampler(torch.Generator(device=self.device).manual_seed(config.seed))
+        self.structured_output = structured_output
+        self.rejection_sampler = RejectionSampler(self.sampler)
+        self.vocab_size = vocab_size
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput, block_manager: BlockManager) -> StepResult:
         # A block a compaction frees may be a copy's destination or take new K/V in this very step.
         self._compact(out.kv_compactions)
-        self.apply_block_copies(out.block_copies)
         # Sequences with one new token first, longest context first: attention batches runs of similar length.
         items = sorted(
             out.scheduled,
@@ -116,9 +129,10 @@ class ModelRunner:
         batch = _FlatBatch()
         for item in items:
             batch.add(item)
-        hidden = self.forward(batch.input_ids, batch.positions, batch.spans, block_manager)
         rows = batch.sample_rows + [row for _, rows in batch.prompt_logprob_rows for row in rows]
-        logits = self.model.compute_logits(hidden[rows])
+        logits = self.forward(
+            step_input(block_manager, batch.input_ids, batch.positions, batch.spans, out.block_copies, rows)
+        )
         num_samples = len(batch.sample_rows)
         prompt_logprobs = self._prompt_logprobs(logits[num_samples:], batch)
         if any(batch.sample_drafts):
@@ -126,27 +140,26 @@ class ModelRunner:
             return StepResult(samples, prompt_logprobs, verifications)
         return StepResult(self._sample(logits[:num_samples], batch.sample_seqs), prompt_logprobs)
 
-    def forward(
-        self,
-        input_ids: list[int],
-        positions: list[int],
-        spans: list[tuple[Sequence, int, int]],
-        block_manager: BlockManager,
-    ) -> torch.Tensor:
-        """Final hidden states of rows that compute each span's positions [start, end), in order; writes their K/V."""
-        meta = attention_metadata(block_manager, spans, self.device)
-        input_tensor = torch.tensor(input_ids, device=self.device)
-        position_tensor = torch.tensor(positions, device=self.device)
+    @torch.inference_mode()
+    def forward(self, step: StepInput) -> torch.Tensor:
+        """Float32 logits of the step's logit_rows from this process's model and K/V pools, after the step's
+        copy-on-write block copies."""
+        self._copy_blocks(step.block_copies)
+        meta = step.attention_metadata(self.block_size, self.device)
+        input_ids = torch.tensor(step.input_ids, device=self.device)
+        positions = torch.tensor(step.positions, device=self.device)
         if self.fused_decode is not None and self.fused_decode.takes(meta):
-            return self.fused_decode.forward(self.model.embed_tokens(input_tensor), position_tensor, meta)
-        return self.model(input_tensor, position_tensor, meta)
+            hidden = self.fused_decode.forward(self.model.embed_tokens(input_ids), positions, meta)
+        else:
+            hidden = self.model(input_ids, positions, meta)
+        return self.model.compute_logits(hidden[step.logit_rows])
 
     def _compact(self, compactions: list[KVCompaction]) -> None:
         for compaction in compactions:
             for k_pool, v_pool in zip(self.k_pools, self.v_pools, strict=True):
                 compact_kv(k_pool, v_pool, self.model.rotary, compaction, self.device)
 
-    def apply_block_copies(self, copies: list[tuple[int, int]]) -> None:
+    def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         if not copies:
             return
         src = torch.tensor([s for s, _ in copies], device=self.device)
@@ -227,7 +240,8 @@ class ModelRunner:
             batch.banned_mask = self._token_counts(banned) > 0
         if any(p.logit_bias for p in params):
             batch.logit_bias = self._logit_bias(params)
-        batch.allowed_bitmask = self.structured_output.bitmask(seqs)
+        if self.structured_output is not None:
+            batch.allowed_bitmask = self.structured_output.bitmask(seqs)
         return batch
 
     def _logit_bias(self, params: list[SamplingParams]) -> torch.Tensor:
@@ -313,20 +327,76 @@ class _FlatBatch:
                 self.prompt_logprob_rows.append((seq, [offset + p - start for p in positions]))
 
 
+@dataclass
+class StepInput:
+    """One step's forward as plain lists: everything a process holding the model (or a rank's shard of it) needs."""
+
+    input_ids: list[int]
+    positions: list[int]
+    query_lens: list[int]
+    seq_lens: list[int]
+    slot_mappings: list[list[int]]  # per KV-cache group: each new token's slot
+    block_tables: list[list[list[int]]]  # per KV-cache group: each sequence's block ids
+    logit_rows: list[int]  # rows of the batch whose logits are sampled or scored, in that order
+    block_copies: list[tuple[int, int]] = field(default_factory=list)  # (source, destination), before the forward
+
+    def attention_metadata(self, block_size: int, device: torch.device) -> AttentionMetadata:
+        """KV-cache group 0's metadata, linking every group's."""
+        metas = [
+            AttentionMetadata.build(slots, tables, self.query_lens, self.seq_lens, block_size, device)
+            for slots, tables in zip(self.slot_mappings, self.block_tables, strict=True)
+        ]
+        if len(metas) > 1:
+            metas[0].kv_cache_groups = metas
+        return metas[0]
+
+
+def step_input(
+    block_manager: BlockManager,
+    input_ids: list[int],
+    positions: list[int],
+    spans: list[tuple[Sequence, int, int]],
+    block_copies: list[tuple[int, int]],
+    logit_rows: list[int],
+) -> StepInput:
+    """The forward of rows that compute each span's cache positions [start, end), in order, as plain lists."""
+    return StepInput(
+        input_ids,
+        positions,
+        [end - start for _, start, end in spans],
+        [end for _, _, end in spans],
+        *_kv_cache_places(block_manager, spans),
+        logit_rows,
+        block_copies,
+    )
+
+
+def _kv_cache_places(
+    block_manager: BlockManager, spans: list[tuple[HasBlocks, int, int]]
+) -> tuple[list[list[int]], list[list[list[int]]]]:
+    """Per KV-cache group: the slots of the spans' new positions, and the spans' block tables."""
+    slot_mappings, block_tables = [], []
+    for group in range(len(block_manager.sliding_windows)):
+        slot_mappings.append(
+            [block_manager.slot(seq, p, group) for seq, start, end in spans for p in range(start, end)]
+        )
+        block_tables.append([block_manager.tables(seq)[group] for seq, _, _ in spans])
+    return slot_mappings, block_tables
+
+
 def attention_metadata(
     block_manager: BlockManager, spans: list[tuple[HasBlocks, int, int]], device: torch.device
 ) -> AttentionMetadata:
     """The metadata of sequences computing positions [start, end): KV-cache group 0's, linking every group's."""
-    query_lens = [end - start for _, start, end in spans]
-    seq_lens = [end for _, _, end in spans]
-    metas = []
-    for group in range(len(block_manager.sliding_windows)):
-        slots = [block_manager.slot(seq, p, group) for seq, start, end in spans for p in range(start, end)]
-        tables = [block_manager.tables(seq)[group] for seq, _, _ in spans]
-        metas.append(AttentionMetadata.build(slots, tables, query_lens, seq_lens, block_manager.block_size, device))
-    if len(metas) > 1:
-        metas[0].kv_cache_groups = metas
-    return metas[0]
+    step = StepInput(
+        [],
+        [],
+        [end - start for _, start, end in spans],
+        [end for _, _, end in spans],
+        *_kv_cache_places(block_manager, spans),
+        [],
+    )
+    return step.attention_metadata(block_manager.block_size, device)
 
 
 def _banned_tokens(seq: Sequence, num_drafted: int = 0) -> list[int]:

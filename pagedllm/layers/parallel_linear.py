@@ -10,21 +10,35 @@ embedding and the lm_head split the vocabulary: a lookup sums the one rank's row
 lm_head gathers every rank's logits.
 
 Weights arrive whole and in the form the layer stores them (LinearQuantization.prepare of the whole matrix), and
-are sliced afterwards: quantized ones along whole int4 groups, so every rank multiplies by exactly the numbers
-one process would.
+are sliced afterwards, so every rank multiplies by exactly the numbers one process would: int4 input columns along
+whole groups, GGUF blocks by whole rows, or along their input only where the split falls between blocks (a split
+inside a block is refused: quantization=none or int4 re-stores such a weight).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import gguf
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from pagedllm.distributed.group import ParallelGroup
-from pagedllm.layers.linear import Linear, QuantizedLinear
-from pagedllm.layers.quantization import Int4Weight, Int8Weight, LinearQuantization, QuantizedWeight, select_rows
+from pagedllm.errors import ConfigError
+from pagedllm.layers.gguf_blocks import GGUFWeight
+from pagedllm.layers.gguf_linear import GGUFEmbedding
+from pagedllm.layers.linear import Linear
+from pagedllm.layers.quantization import (
+    Int4Weight,
+    Int8Weight,
+    LinearQuantization,
+    QuantizedWeight,
+    RowStackedWeight,
+    dequantize,
+    select_rows,
+)
+from pagedllm.layers.quantized_linears import quantized_linear
 
 Weight = torch.Tensor | QuantizedWeight
 
@@ -74,14 +88,28 @@ def shard_index(blocks: list[RowBlock], rank: int, world_size: int) -> torch.Ten
 
 
 def select_output_rows(weight: Weight, index: torch.Tensor) -> Weight:
-    """Rows `index` of a dense or quantized [out, in] weight."""
-    return weight[index].contiguous() if isinstance(weight, torch.Tensor) else select_rows(weight, index)
+    """Rows `index` (ascending) of a dense or quantized [out, in] weight; GGUF rows are whole rows of blocks."""
+    if isinstance(weight, torch.Tensor):
+        return weight[index].contiguous()
+    if not isinstance(weight, RowStackedWeight):
+        return select_rows(weight, index)
+    parts, start = [], 0
+    for part in weight.parts:
+        mine = index[(index >= start) & (index < start + part.shape[0])] - start
+        if len(mine):
+            parts.append(select_rows(part, mine))
+        start += part.shape[0]
+    return parts[0] if len(parts) == 1 else RowStackedWeight(tuple(parts))
 
 
 def select_input_columns(weight: Weight, columns: range) -> Weight:
-    """Input columns `columns` of a dense or quantized [out, in] weight (int4: whole groups only)."""
+    """Input columns `columns` of a dense or quantized [out, in] weight (int4: whole groups; GGUF: whole blocks)."""
     if isinstance(weight, torch.Tensor):
         return weight[:, columns.start : columns.stop].contiguous()
+    if isinstance(weight, RowStackedWeight):
+        return RowStackedWeight(tuple(select_input_columns(part, columns) for part in weight.parts))  # type: ignore[misc]
+    if isinstance(weight, GGUFWeight):
+        return _select_block_columns(weight, columns)
     q = weight.q[:, columns.start : columns.stop].contiguous()
     if isinstance(weight, Int8Weight):
         return Int8Weight(q, weight.scales)  # one scale per output row, whatever columns it spans
@@ -92,15 +120,28 @@ def select_input_columns(weight: Weight, columns: range) -> Weight:
     return Int4Weight(q, weight.scales[:, groups].contiguous(), weight.mins[:, groups].contiguous(), group)
 
 
+def _select_block_columns(weight: GGUFWeight, columns: range) -> GGUFWeight:
+    """The GGUF blocks of input columns `columns`; a ConfigError where they start or end inside a block."""
+    block_values, block_bytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(weight.ggml_type)]
+    if columns.start % block_values or len(columns) % block_values:
+        raise ConfigError(
+            f"tensor parallelism splits a {weight.type_name} weight's input at columns {columns.start}..{columns.stop}"
+            f", inside its blocks of {block_values} values; load it with quantization=none or int4",
+            "quantization",
+        )
+    first, last = columns.start // block_values * block_bytes, columns.stop // block_values * block_bytes
+    return GGUFWeight(weight.blocks[:, first:last].contiguous(), weight.ggml_type)
+
+
 def linear_for(
     weight: Weight, bias: torch.Tensor | None, dtype: torch.dtype, dense_matmul_min_rows: int | None
 ) -> nn.Module:
-    """A Linear over a dense weight, a QuantizedLinear over a quantized one."""
+    """A Linear over a dense weight, else the layer quantized_linear picks for the weight as it is stored."""
     if isinstance(weight, torch.Tensor):
         layer = Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
         layer.load(weight, bias)
         return layer
-    return QuantizedLinear(weight, bias, dtype, dense_matmul_min_rows)
+    return quantized_linear(weight, bias, dtype, dense_matmul_min_rows)
 
 
 class ColumnParallelLinear(nn.Module):
@@ -175,29 +216,34 @@ def vocab_range(vocab_size: int, rank: int, world_size: int) -> range:
 
 
 class VocabParallelEmbedding(nn.Module):
-    """Token embeddings, each rank holding the rows of its vocab_range."""
+    """Token embeddings, each rank holding the rows of its vocab_range (GGUF blocks stay blocks)."""
 
     def __init__(self, vocab_size: int, hidden_size: int, group: ParallelGroup) -> None:
         super().__init__()
         self.group = group
-        self.vocab_size = vocab_size
+        self.vocab_size, self.hidden_size = vocab_size, hidden_size
         self.tokens = vocab_range(vocab_size, group.rank, group.world_size)
-        self.weight = nn.Parameter(torch.empty(len(self.tokens), hidden_size), requires_grad=False)
+        # Left uninitialized (load fills it): a random one would draw as many numbers as this rank has tokens.
+        self.lookup: nn.Module = nn.Embedding.from_pretrained(torch.empty(len(self.tokens), hidden_size))
 
-    def load(self, weight: torch.Tensor) -> None:
+    def load(self, table: Weight, dtype: torch.dtype) -> None:
         """Take the whole [vocab, hidden] table and keep this rank's rows."""
-        if weight.shape[0] != self.vocab_size or weight.shape[1] != self.weight.shape[1]:
-            raise ValueError(
-                f"embedding shape {tuple(weight.shape)} != expected ({self.vocab_size}, {self.weight.shape[1]})"
-            )
-        self.weight.data = weight[self.tokens.start : self.tokens.stop].clone()  # the whole table is let go
+        if tuple(table.shape) != (self.vocab_size, self.hidden_size):
+            expected = (self.vocab_size, self.hidden_size)
+            raise ValueError(f"embedding shape {tuple(table.shape)} != expected {expected}")
+        index = torch.arange(self.tokens.start, self.tokens.stop)
+        if isinstance(table, GGUFWeight):
+            self.lookup = GGUFEmbedding(select_rows(table, index), dtype)  # type: ignore[arg-type]
+            return
+        dense = table if isinstance(table, torch.Tensor) else dequantize(table).to(dtype)
+        self.lookup.weight.data = dense[self.tokens.start : self.tokens.stop].clone()  # the whole table is let go
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.group.world_size == 1:
-            return F.embedding(input_ids, self.weight)
+            return self.lookup(input_ids)
         local = input_ids - self.tokens.start
         elsewhere = (local < 0) | (local >= len(self.tokens))
-        hidden = F.embedding(local.masked_fill(elsewhere, 0), self.weight)
+        hidden = self.lookup(local.masked_fill(elsewhere, 0))
         hidden.masked_fill_(elsewhere.unsqueeze(-1), 0)
         return self.group.all_reduce(hidden)
 
@@ -226,8 +272,10 @@ class ParallelLMHead(nn.Module):
         if tuple(weight.shape) != (self.vocab_size, self.hidden_size):
             raise ValueError(f"lm_head shape {tuple(weight.shape)} != expected {(self.vocab_size, self.hidden_size)}")
         prepared = quantization.prepare(weight, dtype, lm_head=True)
-        if isinstance(prepared, torch.Tensor) and tied is not None and tied.tokens == self.tokens:
-            self.linear = linear_for(tied.weight.data, None, dtype, quantization.dense_matmul_min_rows)
+        shared = tied is not None and tied.tokens == self.tokens and isinstance(tied.lookup, nn.Embedding)
+        if isinstance(prepared, torch.Tensor) and shared:
+            assert tied is not None
+            self.linear = linear_for(tied.lookup.weight.data, None, dtype, quantization.dense_matmul_min_rows)
             return
         index = torch.arange(self.tokens.start, self.tokens.stop)
         self.linear = linear_for(select_output_rows(prepared, index), None, dtype, quantization.dense_matmul_min_rows)

@@ -6,28 +6,45 @@ import torch
 from torch import nn
 
 from pagedllm.config import ModelConfig
+from pagedllm.distributed.group import ParallelGroup
 from pagedllm.layers.activation import silu_and_mul
 from pagedllm.layers.attention import AttentionMetadata, KVPool, PagedAttention
 from pagedllm.layers.linear import Linear
 from pagedllm.layers.mlp import GatedMLP
 from pagedllm.layers.norm import RMSNorm
+from pagedllm.layers.parallel_linear import (
+    ColumnParallelLinear,
+    ParallelLMHead,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    attention_blocks,
+)
 from pagedllm.layers.quantization import LinearQuantization, QuantizedWeight
 from pagedllm.layers.rotary import RotaryEmbedding
 from pagedllm.model.weights import check_all_used, load_embedding, load_linear, load_projections, weight_bytes
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding, attention_impl: str) -> None:
+    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding, attention_impl: str, group: ParallelGroup) -> None:
         super().__init__()
         self.num_heads = config.num_heads
         self.num_kv_heads = config.num_kv_heads
         self.q_size = config.num_heads * config.head_dim
         self.kv_size = config.num_kv_heads * config.head_dim
         self.head_dim = config.head_dim
-        self.qkv_proj = Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias)
-        self.o_proj = Linear(self.q_size, config.hidden_size)
+        self.qkv_proj: nn.Module = Linear(
+            config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias
+        )
+        self.o_proj: nn.Module = Linear(self.q_size, config.hidden_size)
+        if group.world_size > 1:  # this rank's heads only
+            q_block, kv_block = attention_blocks(
+                config.num_heads, config.num_kv_heads, config.head_dim, group.world_size
+            )
+            qkv = ColumnParallelLinear(config.hidden_size, [q_block, kv_block, kv_block], group, config.attention_bias)
+            self.qkv_proj, self.o_proj = qkv, RowParallelLinear(q_block, config.hidden_size, group)
+            self.num_heads, self.num_kv_heads = qkv.local_rows(0) // self.head_dim, qkv.local_rows(1) // self.head_dim
         self.rotary = rotary
-        self.attn = PagedAttention(config.num_heads, config.num_kv_heads, config.head_dim, attention_impl)
+        self.attn = PagedAttention(self.num_heads, self.num_kv_heads, config.head_dim, attention_impl)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         heads = self.qkv_proj(hidden).view(hidden.shape[0], -1, self.head_dim)
@@ -38,12 +55,12 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding, attention_impl: str) -> None:
+    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding, attention_impl: str, group: ParallelGroup) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = LlamaAttention(config, rotary, attention_impl)
+        self.self_attn = LlamaAttention(config, rotary, attention_impl, group)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, silu_and_mul)
+        self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, silu_and_mul, group)
 
     def forward(
         self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None, meta: AttentionMetadata
@@ -62,6 +79,7 @@ class LlamaForCausalLM(nn.Module):
     """Token ids of a ragged batch in, final hidden states out; `compute_logits` on the rows that need them.
 
     The plain forward, layer by layer: the reference that the model runner's fused paths must agree with.
+    With a `group` of several ranks, this process holds one rank's shard (see layers/parallel_linear.py).
     """
 
     def __init__(
@@ -71,22 +89,27 @@ class LlamaForCausalLM(nn.Module):
         attention_impl: str = "fast",
         rope_freq_factors: torch.Tensor | None = None,
         quantization: LinearQuantization | None = None,
+        group: ParallelGroup | None = None,
     ) -> None:
         super().__init__()
+        group = group or ParallelGroup()
         self.config = config
         self.quantization = quantization or LinearQuantization()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens: nn.Module = nn.Embedding(config.vocab_size, config.hidden_size)
         self.embed_tokens.weight.requires_grad_(False)
         self.rotary = RotaryEmbedding(
             config.head_dim, max_positions, config.rope_theta, config.rope_scaling, rope_freq_factors
         )
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, self.rotary, attention_impl) for _ in range(config.num_layers)
+            LlamaDecoderLayer(config, self.rotary, attention_impl, group) for _ in range(config.num_layers)
         )
         for layer, window in zip(self.layers, config.layer_sliding_windows()):
             layer.self_attn.attn.sliding_window = window  # Mistral's, and Qwen2's where it uses one
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.lm_head = Linear(config.hidden_size, config.vocab_size)
+        self.lm_head: nn.Module = Linear(config.hidden_size, config.vocab_size)
+        if group.world_size > 1:
+            self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, group)
+            self.lm_head = ParallelLMHead(config.hidden_size, config.vocab_size, group)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         hidden, residual = self.embed_tokens(input_ids), None
@@ -117,7 +140,11 @@ class LlamaForCausalLM(nn.Module):
         lm_head = remaining.pop("lm_head.weight", None)
         if lm_head is None or (self.config.tie_word_embeddings and isinstance(lm_head, torch.Tensor)):
             lm_head = embedding
-        load_linear(self, "lm_head", lm_head, None, dtype, self.quantization, lm_head=True)
+        if isinstance(self.lm_head, ParallelLMHead):
+            tied = self.embed_tokens if lm_head is embedding else None
+            self.lm_head.load(lm_head, dtype, self.quantization, tied)
+        else:
+            load_linear(self, "lm_head", lm_head, None, dtype, self.quantization, lm_head=True)
         remaining.pop("rope_freqs", None)  # already applied by RotaryEmbedding at construction
         for i, layer in enumerate(self.layers):
             prefix = f"model.layers.{i}."

@@ -6,7 +6,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import gguf
 import numpy as np
@@ -17,9 +17,12 @@ from tqdm.auto import tqdm
 from pagedllm.config import ModelConfig, RopeScaling
 from pagedllm.errors import UnsupportedModelError
 from pagedllm.layers.gguf_blocks import GGUF_NATIVE_TYPES, GGUFWeight
-from pagedllm.layers.quantization import Int4Weight, QuantizedWeight, select_rows
-from pagedllm.model.registry import GGUF_ARCHITECTURES, hf_architecture
+from pagedllm.layers.quantization import Int4Weight, LinearQuantization, QuantizedWeight, select_rows
+from pagedllm.model.registry import GGUF_ARCHITECTURES, hf_architecture, model_class
 from pagedllm.quantize.checkpoint import is_awq_checkpoint, load_awq_weights
+
+if TYPE_CHECKING:
+    from pagedllm.model.llama import LlamaForCausalLM
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +104,13 @@ def load_checkpoint(path: Path, dtype: torch.dtype, keep_quantized: bool = False
     if path.is_dir():
         return _load_hf_folder(path, dtype)
     return _load_gguf(path, dtype, keep_quantized)
+
+
+def load_model_config(path: Path) -> ModelConfig:
+    """The shape of the model in a .gguf file or an HF folder, without reading its weights."""
+    if path.is_dir():
+        return hf_model_config(json.loads((path / "config.json").read_text()))
+    return gguf_model_config(gguf.GGUFReader(str(path)))
 
 
 def _load_hf_folder(path: Path, dtype: torch.dtype) -> Checkpoint:
@@ -356,3 +366,15 @@ def _gguf_gemma3_fields(get: Any, num_layers: int) -> dict[str, Any]:
         "rope_local_theta": GEMMA3_LOCAL_ROPE_THETA,
         "final_logit_softcapping": None if cap is None else float(cap),
     }
+
+
+def build_model(
+    checkpoint: Checkpoint, max_model_len: int, attention_impl: str, quantization: LinearQuantization
+) -> LlamaForCausalLM:
+    """The model of a loaded checkpoint with its weights in place, its linears stored as `quantization` says."""
+    config = checkpoint.config
+    model = model_class(config.architecture)(
+        config, max_model_len, attention_impl, checkpoint.weights.get("rope_freqs"), quantization
+    )
+    model.load_weights(checkpoint.weights)
+    return model

@@ -6,14 +6,9 @@ import importlib
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pagedllm.errors import ModelNotFoundError, UnsupportedModelError
-
-if TYPE_CHECKING:
-    from pagedllm.layers.quantization import LinearQuantization
-    from pagedllm.model.llama import LlamaForCausalLM
-    from pagedllm.model.loader import Checkpoint
 
 # Hugging Face `architectures` entry → our name for the family member.
 HF_ARCHITECTURES: dict[str, str] = {
@@ -99,15 +94,3 @@ def model_class(architecture: str) -> Any:
         raise UnsupportedModelError(f"no model for {architecture!r}: supported are {', '.join(sorted(MODEL_CLASSES))}")
     module, name = MODEL_CLASSES[architecture].split(":")
     return getattr(importlib.import_module(module), name)
-
-
-def build_model(
-    checkpoint: Checkpoint, max_model_len: int, attention_impl: str, quantization: LinearQuantization
-) -> LlamaForCausalLM:
-    """The model of a loaded checkpoint with its weights in place, its linears stored as `quantization` says."""
-    config = checkpoint.config
-    model = model_class(config.architecture)(
-        config, max_model_len, attention_impl, checkpoint.weights.get("rope_freqs"), quantization
-    )
-    model.load_weights(checkpoint.weights)
-    return model

@@ -10,16 +10,21 @@ from torch import nn
 from pagedllm.layers.gguf_blocks import GGUFWeight
 from pagedllm.layers.gguf_linear import GGUFEmbedding
 from pagedllm.layers.linear import Linear
+from pagedllm.layers.parallel_linear import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
 from pagedllm.layers.quantization import LinearQuantization, QuantizedWeight, fuse_rows
 from pagedllm.layers.quantized_linears import quantized_linear
 
 
 def load_embedding(owner: nn.Module, name: str, table: torch.Tensor | QuantizedWeight, dtype: torch.dtype) -> None:
-    """Load a token embedding table: GGUF blocks stay blocks (looked up row by row), anything else is dense."""
-    if isinstance(table, GGUFWeight):
+    """Load a token embedding table: GGUF blocks stay blocks (looked up row by row), anything else is dense; a
+    vocabulary-parallel table keeps this rank's rows."""
+    layer = getattr(owner, name)
+    if isinstance(layer, VocabParallelEmbedding):
+        layer.load(table, dtype)
+    elif isinstance(table, GGUFWeight):
         setattr(owner, name, GGUFEmbedding(table, dtype))
     else:
-        getattr(owner, name).weight.data = table
+        layer.weight.data = table
 
 
 def load_linear(
@@ -31,8 +36,13 @@ def load_linear(
     quantization: LinearQuantization,
     lm_head: bool = False,
 ) -> None:
-    """Load one linear layer, replacing it by a quantized one (quantized_linear) where its weight is stored so."""
-    layer: Linear = getattr(owner, name)
+    """Load one linear layer, replacing it by a quantized one (quantized_linear) where its weight is stored so; a
+    tensor-parallel one keeps this rank's slice."""
+    layer = getattr(owner, name)
+    if isinstance(layer, ColumnParallelLinear | RowParallelLinear):
+        layer.load(weight, bias, dtype, quantization)
+        return
+    assert isinstance(layer, Linear)
     weight = quantization.prepare(weight, dtype, lm_head)
     if isinstance(weight, torch.Tensor):
         layer.load(weight, bias)

@@ -21,6 +21,7 @@ from fastapi.staticfiles import StaticFiles
 from pagedllm import __version__
 from pagedllm.config import EngineConfig
 from pagedllm.engine.async_engine import AsyncLLMEngine
+from pagedllm.engine.data_parallel import DataParallelEngine, create_engine
 from pagedllm.engine.engine import LLMEngine
 from pagedllm.errors import InvalidArgumentError, ModelNotFoundError, PagedLLMError
 from pagedllm.flags import add_dataclass_arguments, dataclass_from_args
@@ -94,7 +95,7 @@ async def cancel_on_disconnect(request: Request, work: Coroutine[Any, Any, T]) -
     return Response(status_code=CLIENT_CLOSED_REQUEST)
 
 
-def create_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
+def create_app(engine: LLMEngine | DataParallelEngine, settings: ServerSettings) -> FastAPI:
     """The app serving `engine`; its lifespan starts and stops the engine thread."""
     model_name = settings.served_model_name or engine.model_name
     metrics = ServingMetrics(model_name)
@@ -261,7 +262,7 @@ def run(args: argparse.Namespace) -> int:
     """Load the model, serve until SIGTERM or Ctrl-C, drain in-flight requests; 0 on a clean stop."""
     settings = dataclass_from_args(ServerSettings, args)
     try:
-        engine = LLMEngine(dataclass_from_args(EngineConfig, args))
+        engine = create_engine(dataclass_from_args(EngineConfig, args))
     except PagedLLMError as error:
         logger.error("cannot start the server: %s", error.message)
         return 2

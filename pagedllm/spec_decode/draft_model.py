@@ -27,7 +27,7 @@ import torch
 
 from pagedllm.config import EngineConfig, ModelConfig
 from pagedllm.engine.block_manager import BlockManager
-from pagedllm.engine.model_runner import ModelRunner
+from pagedllm.engine.model_runner import ModelRunner, StepInput, step_input
 from pagedllm.engine.request import Sequence
 from pagedllm.engine.scheduler import SchedulerOutput
 from pagedllm.errors import ConfigError
@@ -35,8 +35,8 @@ from pagedllm.layers.kv_cache_groups import kv_cache_layout
 from pagedllm.layers.quantization import LinearQuantization
 from pagedllm.layers.sampler import first_max_index, process_logits
 from pagedllm.model.llama import LlamaForCausalLM
-from pagedllm.model.loader import load_checkpoint
-from pagedllm.model.registry import build_model, resolve_model_path
+from pagedllm.model.loader import build_model, load_checkpoint
+from pagedllm.model.registry import resolve_model_path
 from pagedllm.model.tokenizer import Tokenizer
 from pagedllm.spec_decode.config import SpeculativeConfig
 
@@ -96,6 +96,11 @@ class _Pass:
         self.positions += range(start, end)
         self.spans += [(seq, p, p + 1) for p in range(start, end)] if one_row_spans else [(seq, start, end)]
 
+    def step(
+        self, block_manager: BlockManager, logit_rows: list[int], block_copies: list[tuple[int, int]] | None = None
+    ) -> StepInput:
+        return step_input(block_manager, self.input_ids, self.positions, self.spans, block_copies or [], logit_rows)
+
 
 class DraftModel:
     """Runs the draft model over the target's block tables; `propose` every step, `forget` finished sequences."""
@@ -109,7 +114,6 @@ class DraftModel:
     @torch.inference_mode()
     def propose(self, out: SchedulerOutput, block_manager: BlockManager) -> None:
         """Compute the draft's K/V for the step's verified tokens, then draw every reserved draft."""
-        self.runner.apply_block_copies(out.block_copies)
         first = _Pass()
         last_rows: list[int] = []
         for item in out.scheduled:
@@ -120,7 +124,7 @@ class DraftModel:
             first.add(seq, seq.token_ids(start, end), start, one_row_spans=num_verified == 1)
             if item.num_draft_tokens:
                 last_rows.append(len(first.input_ids) - 1)
-        hidden = self.runner.forward(first.input_ids, first.positions, first.spans, block_manager)
+        logits = self.runner.forward(first.step(block_manager, last_rows, out.block_copies))
         drafting = [item for item in out.scheduled if item.num_draft_tokens]
         if not drafting:
             return
@@ -128,14 +132,14 @@ class DraftModel:
         with_probs = any(seq.request.params.temperature > 0 for seq in seqs)
         drafts: dict[Sequence, list[int]] = {seq: [] for seq in seqs}
         probs: dict[Sequence, list[torch.Tensor]] = {seq: [] for seq in seqs}
-        self._draw(hidden[last_rows], seqs, drafts, probs, with_probs)
+        self._draw(logits, seqs, drafts, probs, with_probs)
         for j in range(1, max(item.num_draft_tokens for item in drafting)):
             seqs = [item.sequence for item in drafting if item.num_draft_tokens > j]
             step = _Pass()
             for seq in seqs:
                 step.add(seq, drafts[seq][-1:], seq.num_computed_tokens + j, one_row_spans=True)
-            hidden = self.runner.forward(step.input_ids, step.positions, step.spans, block_manager)
-            self._draw(hidden, seqs, drafts, probs, with_probs)
+            logits = self.runner.forward(step.step(block_manager, list(range(len(step.input_ids)))))
+            self._draw(logits, seqs, drafts, probs, with_probs)
         for item in drafting:
             seq = item.sequence
             seq.draft_token_ids = drafts[seq]
@@ -145,7 +149,7 @@ class DraftModel:
 
     def _draw(
         self,
-        hidden: torch.Tensor,
+        logits: torch.Tensor,
         seqs: list[Sequence],
         drafts: dict[Sequence, list[int]],
         probs: dict[Sequence, list[torch.Tensor]],
@@ -153,7 +157,6 @@ class DraftModel:
     ) -> None:
         """Append each sequence's next draft, drawn from its row as the target's sampler would draw it (the drafts
         so far count as output), and with `with_probs` its distribution: one-hot for a greedy row."""
-        logits = self.runner.model.compute_logits(hidden)
         target = process_logits(logits, self.runner.sampling_batch(seqs, [drafts[seq] for seq in seqs]))
         tokens = first_max_index(target.logits)
         rows = torch.tensor(target.random_rows, dtype=torch.int64, device=logits.device)

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import gguf
 import pytest
 import torch
 import torch.nn.functional as F
 
 from pagedllm.distributed.group import ParallelGroup
 from pagedllm.distributed.launch import spawn_ranks
+from pagedllm.errors import ConfigError
 from pagedllm.layers.activation import silu_and_mul
+from pagedllm.layers.gguf_blocks import GGUFWeight
 from pagedllm.layers.parallel_linear import (
     ColumnParallelLinear,
     ParallelLMHead,
@@ -18,11 +21,15 @@ from pagedllm.layers.parallel_linear import (
     attention_blocks,
     linear_for,
     select_input_columns,
+    select_output_rows,
     shard_index,
     shard_units,
     vocab_range,
 )
-from pagedllm.layers.quantization import LinearQuantization, dequantize, quantize_int4
+from pagedllm.layers.quantization import LinearQuantization, RowStackedWeight, dequantize, fuse_rows, quantize_int4
+from tests.gguf_blocks import random_blocks
+
+Q = gguf.GGMLQuantizationType
 
 # Shards of whole 32-column runs, so sharded and whole layers take the same kernels.
 HIDDEN, HEAD_DIM, NUM_HEADS, INTERMEDIATE, VOCAB = 64, 32, 6, 128, 101
@@ -51,6 +58,27 @@ def test_int4_columns_are_sliced_along_whole_groups() -> None:
     assert torch.equal(dequantize(part), dequantize(weight)[:, 64:])
     with pytest.raises(ValueError, match="whole int4 groups"):
         select_input_columns(weight, range(48, 96))
+
+
+def gguf_weight(qtype: Q, out_features: int, in_features: int, seed: int) -> GGUFWeight:
+    return GGUFWeight(torch.from_numpy(random_blocks(qtype, out_features, in_features, seed)), int(qtype))
+
+
+def test_gguf_rows_are_whole_rows_of_blocks_and_columns_whole_blocks() -> None:
+    # q/k/v as a Q4_K_M file stores them (Q4_K q and k, Q6_K v): rows taken from each part they fall in.
+    parts = [gguf_weight(Q.Q4_K, 8, 256, 1), gguf_weight(Q.Q4_K, 4, 256, 2), gguf_weight(Q.Q6_K, 4, 256, 3)]
+    qkv = fuse_rows(parts, torch.float32)
+    index = torch.tensor([2, 3, 8, 9, 12, 13])
+    rows = select_output_rows(qkv, index)
+    assert isinstance(rows, RowStackedWeight) and len(rows.parts) == 3
+    assert torch.equal(dequantize(rows), dequantize(qkv)[index])
+    assert torch.equal(dequantize(select_output_rows(qkv, torch.arange(4))), dequantize(qkv)[:4])  # one part
+    down = gguf_weight(Q.Q8_0, 8, 128, 4)
+    assert torch.equal(dequantize(select_input_columns(down, range(32, 96))), dequantize(down)[:, 32:96])
+    with pytest.raises(ConfigError, match="quantization=none or int4"):
+        select_input_columns(down, range(48, 128))  # starts inside a block of 32
+    with pytest.raises(ConfigError, match="Q4_K"):
+        select_input_columns(parts[0], range(0, 128))  # half a block of 256
 
 
 def _reference(weight: torch.Tensor, quantization: LinearQuantization, lm_head: bool = False) -> torch.nn.Module:
@@ -96,7 +124,7 @@ def _check_vocabulary(group: ParallelGroup, quantization: LinearQuantization) ->
     table = torch.randn(VOCAB, HIDDEN)
     ids = torch.tensor([0, 49, 50, 51, 100, 7])  # both ranks' tokens (rank 0 holds 0..49)
     embedding = VocabParallelEmbedding(VOCAB, HIDDEN, group)
-    embedding.load(table)
+    embedding.load(table, torch.float32)
     assert torch.equal(embedding(ids), F.embedding(ids, table))  # a sum with zeros: exact
     hidden = torch.randn(4, HIDDEN)
     lm_head = ParallelLMHead(HIDDEN, VOCAB, group)
@@ -104,6 +132,32 @@ def _check_vocabulary(group: ParallelGroup, quantization: LinearQuantization) ->
     logits = lm_head(hidden)
     assert logits.shape == (4, VOCAB)
     _close(logits, _reference(table, quantization, lm_head=True)(hidden))
+
+
+def _check_gguf_blocks(group: ParallelGroup) -> None:
+    """Layers over GGUF blocks, kept as blocks on every rank, against the whole layers over the same blocks."""
+    auto = LinearQuantization("auto", dense_matmul_min_rows=0)
+    x = torch.randn(5, 256)
+    q_block, kv_block = attention_blocks(4, 2, 16, group.world_size)
+    parts = [gguf_weight(Q.Q4_K, 64, 256, 1), gguf_weight(Q.Q4_K, 32, 256, 2), gguf_weight(Q.Q6_K, 32, 256, 3)]
+    qkv = fuse_rows(parts, torch.float32)
+    column = ColumnParallelLinear(256, [q_block, kv_block, kv_block], group)
+    column.load(qkv, None, torch.float32, auto)
+    _close(column(x), _reference(qkv, auto)(x)[:, column.index])
+    down = gguf_weight(Q.Q8_0, HIDDEN, INTERMEDIATE, 4)  # each rank's columns: whole blocks of 32
+    row = RowParallelLinear(RowBlock(INTERMEDIATE), HIDDEN, group)
+    row.load(down, None, torch.float32, auto)
+    h = torch.randn(3, INTERMEDIATE)
+    _close(row(h[:, row.columns.start : row.columns.stop]), _reference(down, auto)(h))
+    table = gguf_weight(Q.Q8_0, VOCAB, HIDDEN, 5)  # the embedded model's tied Q8_0 table
+    ids = torch.tensor([0, 49, 50, 51, 100, 7])
+    embedding = VocabParallelEmbedding(VOCAB, HIDDEN, group)
+    embedding.load(table, torch.float32)
+    assert torch.equal(embedding(ids), F.embedding(ids, dequantize(table)))
+    lm_head = ParallelLMHead(HIDDEN, VOCAB, group)
+    lm_head.load(table, torch.float32, auto, embedding)
+    hidden = torch.randn(4, HIDDEN)
+    _close(lm_head(hidden), _reference(table, auto, lm_head=True)(hidden))
 
 
 def _layers_match_unsharded(rank: int, world_size: int) -> None:
@@ -117,10 +171,11 @@ def _layers_match_unsharded(rank: int, world_size: int) -> None:
             _check_attention_projections(group, quantization)
             _check_mlp(group, quantization)
             _check_vocabulary(group, quantization)
+        _check_gguf_blocks(group)
         group.close()
 
 
 def test_two_ranks_compute_what_one_unsharded_layer_does() -> None:
     """q/k/v (K/V heads split unevenly, and replicated), o with a bias, gate/up + down, embedding, lm_head;
-    dense, int8 and int4."""
+    dense, int8 and int4, and over GGUF blocks."""
     spawn_ranks(_layers_match_unsharded, 2, timeout_s=180)

@@ -64,6 +64,9 @@ class FakeEngine:
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
 
+    def shutdown(self) -> None:
+        """Nothing to stop: the fake runs no worker processes."""
+
     def step(self) -> list[RequestOutput]:
         self.steps_allowed.wait()
         time.sleep(STEP_SECONDS)

@@ -1,0 +1,48 @@
+"""The driver's model runner when ranks in other processes hold the model: it batches and samples here, and
+each step's forward runs on the executor's ranks."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from pagedllm.config import EngineConfig, ModelConfig
+from pagedllm.engine.executor import Executor
+from pagedllm.engine.model_runner import ModelRunner, StepInput, kv_cache_bytes_per_block
+from pagedllm.structured_output.manager import StructuredOutputManager
+
+
+def kv_heads_on_all_ranks(model_config: ModelConfig, tensor_parallel_size: int) -> int:
+    """K/V heads held by all ranks together: each once, or one per rank where there are fewer heads than ranks."""
+    return max(model_config.num_kv_heads, tensor_parallel_size)
+
+
+def distributed_bytes_per_block(model_config: ModelConfig, config: EngineConfig) -> int:
+    """One block's K and V on every rank together."""
+    heads = kv_heads_on_all_ranks(model_config, config.tensor_parallel_size)
+    shape = dataclasses.replace(model_config, num_heads=heads, num_kv_heads=heads)
+    return kv_cache_bytes_per_block(shape, config.block_size, config.torch_dtype, config.kv_cache_dtype)
+
+
+class DistributedModelRunner(ModelRunner):
+    """A ModelRunner holding no model and no KV pools (the executor's ranks hold them): its forward sends the
+    step to the ranks and takes rank 0's logits; batching, sampling and verification are ModelRunner's."""
+
+    def __init__(
+        self,
+        executor: Executor,
+        model_config: ModelConfig,
+        config: EngineConfig,
+        device: torch.device,
+        structured_output: StructuredOutputManager,
+    ) -> None:
+        # ModelRunner.__init__ would build a model's pools here; the ranks own them.
+        self.executor = executor
+        self.device = device
+        self.block_size = config.block_size
+        self._set_up_sampling(config, model_config.vocab_size, structured_output)
+        self.bytes_per_block = distributed_bytes_per_block(model_config, config)
+
+    def forward(self, step: StepInput) -> torch.Tensor:
+        return self.executor.execute_model(step).to(self.device)

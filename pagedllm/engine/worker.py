@@ -1,0 +1,83 @@
+"""One rank of a model: its shard of the weights, the KV pools of its heads, and the forward of each step."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, replace
+
+import torch
+from torch import nn
+
+from pagedllm.config import EngineConfig
+from pagedllm.distributed.group import ParallelGroup
+from pagedllm.engine.host_memory import release_freed_memory
+from pagedllm.engine.model_runner import ModelRunner, StepInput, kv_cache_shape
+from pagedllm.errors import ConfigError
+from pagedllm.layers.quantization import LinearQuantization
+from pagedllm.model.llama import LlamaForCausalLM
+from pagedllm.model.loader import load_checkpoint
+from pagedllm.model.registry import model_class, resolve_model_path
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    weight_bytes: int  # this process's weights
+    file_weight_bytes: int  # the whole checkpoint's, 0 where unknown
+
+
+def load_model(config: EngineConfig, max_model_len: int, group: ParallelGroup | None = None) -> LoadedModel:
+    """The model of `config`, or with a `group` of several ranks this rank's shard of it, on the config's device."""
+    group = group or ParallelGroup()
+    path = resolve_model_path(config.model)
+    checkpoint = load_checkpoint(path, config.torch_dtype, keep_quantized=config.quantization == "auto")
+    cls = model_class(checkpoint.config.architecture)
+    quantization = LinearQuantization(config.quantization, config.quant_group_size, config.dense_matmul_min_rows)
+    args = (checkpoint.config, max_model_len, config.attention_impl, checkpoint.weights.get("rope_freqs"), quantization)
+    if group.world_size > 1:
+        if cls is not LlamaForCausalLM:
+            raise ConfigError(
+                f"tensor_parallel_size > 1 runs Llama-family models; {checkpoint.config.architecture} runs in one "
+                "process",
+                "tensor_parallel_size",
+            )
+        model = LlamaForCausalLM(*args, group=group)
+    else:
+        model = cls(*args)
+    model.load_weights(checkpoint.weights)
+    loaded = LoadedModel(model.to(torch.device(config.device)), model.weight_bytes(), checkpoint.file_weight_bytes)
+    del checkpoint
+    release_freed_memory()  # the loader's dequantized copies: freed, but resident until returned
+    return loaded
+
+
+def pin_rank_threads(rank: int, world_size: int, num_threads: int) -> int:
+    """Give this rank `num_threads` torch threads (0: its share of the cores this process may use), pinned to
+    cores of its own where there are enough for every rank; returns the thread count."""
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    threads = num_threads or max(1, len(cores) // world_size)
+    if world_size > 1 and len(cores) >= world_size * threads and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, cores[rank * threads : (rank + 1) * threads])
+    torch.set_num_threads(threads)
+    return threads
+
+
+class Worker:
+    """Loads this rank's shard of the model and runs each step's forward over its own K/V pools (the driver's
+    block tables index them: every rank holds the same blocks, each for its own heads)."""
+
+    def __init__(self, config: EngineConfig, num_blocks: int, max_model_len: int, group: ParallelGroup) -> None:
+        loaded = load_model(config, max_model_len, group)
+        self.weight_bytes, self.file_weight_bytes = loaded.weight_bytes, loaded.file_weight_bytes
+        # A fused decode runs every layer in one kernel call: no room for the sums between a rank's layers.
+        runner_config = replace(config, fused_decode=config.fused_decode and group.world_size == 1)
+        self.runner = ModelRunner(loaded.model, runner_config, num_blocks, torch.device(config.device), None)
+        shape = kv_cache_shape(loaded.model)
+        logger.info("rank %d of %d: %d K/V heads", group.rank, group.world_size, shape.num_kv_heads)
+
+    def execute(self, step: StepInput) -> torch.Tensor:
+        """Float32 logits [len(step.logit_rows), vocab]: the same on every rank (the lm_head gathers them)."""
+        return self.runner.forward(step)

@@ -1,0 +1,98 @@
+"""Data parallelism: engine replicas in processes of their own against one engine."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from pagedllm import LLM, SamplingParams
+from pagedllm.engine.data_parallel import DataParallelEngine
+from pagedllm.engine.executor import WorkerError
+from pagedllm.errors import ConfigError, RequestTooLongError
+from pagedllm.serving.api_server import create_app
+from pagedllm.serving.settings import ServerSettings
+from tests.logprobs_close import assert_greedy_close, greedy
+
+TINY_KV_BYTES = 2**24
+DEAD_REPLICA_DEADLINE_S = 10.0
+PROMPTS = [[1, 2, 3, 4, 5], list(range(100, 140)), [7] * 3, list(range(900, 1200, 7))]
+
+
+@pytest.fixture(scope="module")
+def one_and_dp2(tiny_llama_dir: Path) -> Iterator[tuple[LLM, LLM]]:
+    """The tiny random Llama as one engine and as 2 replicas."""
+    settings = {"dtype": "float32", "quantization": "none", "kv_cache_memory": TINY_KV_BYTES}
+    dp2 = LLM(str(tiny_llama_dir), **settings, data_parallel_size=2)
+    yield LLM(str(tiny_llama_dir), **settings), dp2
+    dp2.engine.shutdown()
+
+
+def test_dp2_greedy_outputs_equal_one_engine_and_requests_go_to_the_less_loaded_replica(
+    one_and_dp2: tuple[LLM, LLM],
+) -> None:
+    one, dp2 = one_and_dp2
+    engine = dp2.engine
+    assert isinstance(engine, DataParallelEngine)
+    assert_greedy_close(greedy(one, PROMPTS, 16), greedy(dp2, PROMPTS, 16))
+    assert engine.stats().generation_tokens == 16 * len(PROMPTS)
+    params = SamplingParams(max_tokens=8, temperature=0.0)
+    for index, prompt in enumerate(PROMPTS):
+        engine.add_request(f"r{index}", prompt, params)
+    assert engine.loads == [2, 2]
+    engine.abort_request("r0")
+    engine.add_request("r4", PROMPTS[0], params)
+    assert [engine.placement[f"r{index}"] for index in range(1, 5)] == [1, 0, 1, 0]  # r4 where r0 left room
+    with pytest.raises(RequestTooLongError):  # a replica's refusal reaches the caller as itself
+        engine.add_request("long", PROMPTS[0], SamplingParams(max_tokens=10**6))
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert engine.loads == [0, 0]
+
+
+def test_the_server_over_replicas_answers_concurrent_requests_as_they_do_offline(one_and_dp2: tuple[LLM, LLM]) -> None:
+    _, dp2 = one_and_dp2
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    expected = [output.outputs[0].text for output in dp2.generate(PROMPTS, params)]
+
+    async def scenario() -> list[str]:
+        app = create_app(dp2.engine, ServerSettings())
+        app.state.engine.start()
+        transport = httpx.ASGITransport(app=app)
+        try:
+            async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60) as http:
+                bodies = [{"prompt": p, "max_tokens": 8, "temperature": 0, "ignore_eos": True} for p in PROMPTS]
+                answers = await asyncio.gather(*(http.post("/v1/completions", json=body) for body in bodies))
+                assert all(answer.status_code == 200 for answer in answers), [a.text for a in answers]
+                return [answer.json()["choices"][0]["text"] for answer in answers]
+        finally:
+            await app.state.engine.shutdown()
+
+    assert asyncio.run(scenario()) == expected
+
+
+def test_a_killed_replica_fails_the_engine_within_seconds(tiny_llama_dir: Path) -> None:
+    llm = LLM(str(tiny_llama_dir), dtype="float32", kv_cache_memory=TINY_KV_BYTES, data_parallel_size=2)
+    engine = llm.engine
+    assert isinstance(engine, DataParallelEngine)
+    engine.add_request("a", PROMPTS[1], SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True))
+    engine.step()
+    os.kill(engine.processes[engine.placement["a"]].pid, signal.SIGKILL)
+    started = time.monotonic()
+    with pytest.raises(WorkerError, match=r"replica \d \(pid \d+\) exited"):
+        for _ in range(400):
+            engine.step()
+    assert time.monotonic() - started < DEAD_REPLICA_DEADLINE_S
+    with pytest.raises(WorkerError):
+        engine.step()
+
+
+def test_data_and_tensor_parallelism_together_are_refused(tiny_llama_dir: Path) -> None:
+    with pytest.raises(ConfigError, match="data_parallel_size"):
+        LLM(str(tiny_llama_dir), data_parallel_size=2, tensor_parallel_size=2)

@@ -1,0 +1,158 @@
+"""Tensor parallelism through the engine: worker processes over shared memory against one process."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import Iterator
+from itertools import islice
+from pathlib import Path
+
+import httpx
+import pytest
+
+from pagedllm import LLM, SamplingParams
+from pagedllm.benchmarks.datasets import first_exchange, iter_json_array_records, sharegpt_path
+from pagedllm.engine.async_engine import AsyncLLMEngine
+from pagedllm.engine.executor import WorkerError
+from pagedllm.errors import ConfigError, EngineUnavailableError
+from pagedllm.serving.api_server import create_app
+from pagedllm.serving.settings import ServerSettings
+from tests.logprobs_close import assert_greedy_close, greedy
+
+TINY_KV_BYTES = 2**24
+EMBEDDED_KV_BYTES = 2**26
+DEAD_WORKER_DEADLINE_S = 10.0
+PROMPTS = [[1, 2, 3, 4, 5], list(range(100, 140)), [7] * 3, list(range(900, 1200, 7))]
+
+
+def sharegpt_prompts(count: int) -> list[str]:
+    """The first `count` ShareGPT conversations' opening prompts of at most 500 characters."""
+    with sharegpt_path() as path:
+        pairs = (first_exchange(record.get("conversations") or []) for record in iter_json_array_records(path))
+        return list(islice((pair[0] for pair in pairs if pair is not None and len(pair[0]) <= 500), count))
+
+
+@pytest.fixture
+def tiny_tp2(tiny_llama_dir: Path) -> Iterator[LLM]:
+    """The tiny random Llama (GQA) on 2 worker processes."""
+    llm = LLM(
+        str(tiny_llama_dir), dtype="float32", quantization="none", kv_cache_memory=TINY_KV_BYTES, tensor_parallel_size=2
+    )
+    yield llm
+    llm.engine.shutdown()
+
+
+def test_tp2_greedy_outputs_equal_one_process(tiny_tp2: LLM, tiny_llama_dir: Path) -> None:
+    one = LLM(str(tiny_llama_dir), dtype="float32", quantization="none", kv_cache_memory=TINY_KV_BYTES)
+    assert_greedy_close(greedy(one, PROMPTS, 24), greedy(tiny_tp2, PROMPTS, 24))
+    assert tiny_tp2.engine.weight_bytes > 0
+    assert tiny_tp2.engine.num_blocks == one.engine.num_blocks  # each rank holds the same blocks of its own heads
+
+
+def test_a_killed_worker_fails_its_requests_within_seconds(tiny_tp2: LLM) -> None:
+    engine = tiny_tp2.engine
+    engine.add_request("a", PROMPTS[1], SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True))
+    for _ in range(3):
+        engine.step()
+    workers = engine.runner.executor.processes
+    os.kill(workers[1].pid, signal.SIGKILL)
+    started = time.monotonic()
+    with pytest.raises(WorkerError, match=r"rank 1 \(pid \d+\) exited"):
+        for _ in range(400):
+            engine.step()
+    assert time.monotonic() - started < DEAD_WORKER_DEADLINE_S
+    assert not any(process.is_alive() for process in workers)  # rank 0 was stopped too
+    with pytest.raises(WorkerError):  # and every later step fails at once
+        engine.step()
+
+
+def test_a_killed_worker_stops_the_async_engine(tiny_tp2: LLM) -> None:
+    """Streams in flight get the error (503), the engine stops running (the server's /health then answers 503)."""
+
+    async def scenario() -> None:
+        engine = AsyncLLMEngine(tiny_tp2.engine)
+        engine.start()
+        params = SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True)
+        stream = await engine.add_request("a", PROMPTS[0], params)
+        await stream.get()
+        os.kill(tiny_tp2.engine.runner.executor.processes[0].pid, signal.SIGKILL)
+        started = time.monotonic()
+        with pytest.raises(EngineUnavailableError, match="rank 0") as raised:
+            async with asyncio.timeout(DEAD_WORKER_DEADLINE_S):
+                while True:
+                    await stream.get()
+        assert raised.value.http_status == 503
+        assert time.monotonic() - started < DEAD_WORKER_DEADLINE_S
+        await asyncio.to_thread(engine._thread.join, DEAD_WORKER_DEADLINE_S)
+        assert not engine.is_running
+        with pytest.raises(EngineUnavailableError):
+            await engine.add_request("b", PROMPTS[0], params)
+        await engine.shutdown()
+
+    asyncio.run(scenario())
+
+
+def test_the_server_answers_as_the_engine_does_and_503_once_a_worker_dies(tiny_tp2: LLM) -> None:
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    expected = tiny_tp2.generate([PROMPTS[1]], params)[0].outputs[0].text
+    body = {"prompt": PROMPTS[1], "max_tokens": 8, "temperature": 0, "ignore_eos": True}
+
+    async def scenario() -> None:
+        app = create_app(tiny_tp2.engine, ServerSettings())
+        app.state.engine.start()
+        transport = httpx.ASGITransport(app=app)
+        try:
+            async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=30) as http:
+                answer = await http.post("/v1/completions", json=body)
+                assert answer.status_code == 200, answer.text
+                assert answer.json()["choices"][0]["text"] == expected
+                os.kill(tiny_tp2.engine.runner.executor.processes[1].pid, signal.SIGKILL)
+                started = time.monotonic()
+                failed = await http.post("/v1/completions", json={**body, "max_tokens": 400})
+                assert failed.status_code == 503, failed.text
+                assert time.monotonic() - started < DEAD_WORKER_DEADLINE_S
+                assert (await http.get("/health")).status_code == 503
+        finally:
+            await app.state.engine.shutdown()
+
+    asyncio.run(scenario())
+
+
+def test_settings_tensor_parallelism_cannot_take_are_refused_by_name(tiny_llama_dir: Path) -> None:
+    with pytest.raises(ConfigError, match="distributed_executor_backend=mp"):
+        LLM(str(tiny_llama_dir), tensor_parallel_size=2, distributed_executor_backend="uni")
+    with pytest.raises(ConfigError, match="pipeline_parallel_size"):
+        LLM(str(tiny_llama_dir), pipeline_parallel_size=2)
+
+
+@pytest.fixture(scope="module")
+def sharegpt_chats() -> list[str]:
+    return sharegpt_prompts(8)
+
+
+@pytest.mark.slow
+def test_tp2_on_the_embedded_model_equals_one_process_on_sharegpt(llm: LLM, sharegpt_chats: list[str]) -> None:
+    """float32, quantization=none: the tied embedding split by vocabulary, heads split 1 and 2 K/V heads a rank."""
+    tp2 = LLM(dtype="float32", quantization="none", kv_cache_memory=EMBEDDED_KV_BYTES, tensor_parallel_size=2)
+    try:
+        assert_greedy_close(greedy(llm, sharegpt_chats, 16), greedy(tp2, sharegpt_chats, 16))
+    finally:
+        tp2.engine.shutdown()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("quantization", ["int4", "auto"])
+def test_quantized_tp2_on_the_embedded_model_equals_one_process(quantization: str, sharegpt_chats: list[str]) -> None:
+    """int4 sliced along whole groups; auto keeps the file's Q4_1 weights as int4 and its tied Q8_0 table as blocks,
+    split by whole rows of blocks."""
+    settings = {"dtype": "float32", "quantization": quantization, "kv_cache_memory": EMBEDDED_KV_BYTES}
+    prompts = sharegpt_chats[:4]
+    expected = greedy(LLM(**settings), prompts, 16)
+    tp2 = LLM(**settings, tensor_parallel_size=2)
+    try:
+        assert_greedy_close(expected, greedy(tp2, prompts, 16))
+    finally:
+        tp2.engine.shutdown()
