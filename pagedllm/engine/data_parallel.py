@@ -19,7 +19,7 @@ from typing import Any
 
 from pagedllm.config import EngineConfig
 from pagedllm.engine.engine import EngineStats, LLMEngine
-from pagedllm.engine.executor import SHUTDOWN_TIMEOUT_S, STARTUP_TIMEOUT_S, WorkerError
+from pagedllm.engine.executor import SHUTDOWN_TIMEOUT_S, STARTUP_TIMEOUT_S, WorkerError, report_failure
 from pagedllm.engine.host_memory import HeapTrimmer
 from pagedllm.engine.output import RequestOutput
 from pagedllm.engine.worker import pin_rank_threads
@@ -72,13 +72,7 @@ def _replica_main(index: int, num_replicas: int, config: EngineConfig, connectio
     except EOFError:
         logger.info("replica %d: the driver is gone", index)
     except BaseException as error:
-        logger.exception("replica %d failed", index)
-        report = error if isinstance(error, PagedLLMError) else f"replica {index}: {type(error).__name__}: {error}"
-        try:
-            connection.send(("error", report))
-        except OSError:
-            pass
-        raise SystemExit(1) from error
+        report_failure(connection, f"replica {index}", error)
 
 
 def _apply_commands(engine: LLMEngine, connection: Connection, block: bool) -> bool:

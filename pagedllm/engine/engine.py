@@ -82,8 +82,9 @@ class LLMEngine:
         self.grammars = GrammarBackend(self.tokenizer, self.model_config.vocab_size)
         self.structured_output = StructuredOutputManager(self.grammars)
         spec = config.speculative_config if isinstance(config.speculative_config, SpeculativeConfig) else None
-        self.draft_runner: ModelRunner | None = None
-        self.runner = self._start_workers() if config.executor_backend == "mp" else self._load_model(spec)
+        self.runner, self.draft_runner = (
+            (self._start_workers(), None) if config.executor_backend == "mp" else self._load_model(spec)
+        )
         logger.info("weights: %.1f MiB (quantization %s)", self.weight_bytes / 2**20, config.quantization)
         if self.file_weight_bytes:
             ratio = self.weight_bytes / self.file_weight_bytes
@@ -113,10 +114,10 @@ class LLMEngine:
             self.max_model_len,
         )
 
-    def _load_model(self, spec: SpeculativeConfig | None) -> ModelRunner:
-        """The model and its KV pools in this process, and the runner over them; with draft-model speculation the
-        draft's too (its pools take a block of their own for every block id: it reads them through the same
-        tables)."""
+    def _load_model(self, spec: SpeculativeConfig | None) -> tuple[ModelRunner, ModelRunner | None]:
+        """The model and its KV pools in this process and the runner over them, and with draft-model speculation
+        the draft's runner (its pools take a block of their own for every block id: it reads them through the
+        same tables)."""
         config = self.config
         loaded = load_model(config, self.max_model_len)
         self.weight_bytes, self.file_weight_bytes = loaded.weight_bytes, loaded.file_weight_bytes
@@ -137,9 +138,7 @@ class LLMEngine:
         runners = [
             ModelRunner(m.to(self.device), config, self.num_blocks, self.device, self.structured_output) for m in models
         ]
-        if len(runners) > 1:
-            self.draft_runner = runners[1]
-        return runners[0]
+        return runners[0], runners[1] if len(runners) > 1 else None
 
     def _start_workers(self) -> ModelRunner:
         """A worker process per rank, each loading its shard and the KV pools of its heads, and the runner here that

@@ -48,6 +48,18 @@ class Executor(Protocol):
     def shutdown(self) -> None: ...
 
 
+def report_failure(connection: Connection, process: str, error: BaseException) -> None:
+    """End a child process that failed: log it, send the driver the error, and exit 1. The driver raises a pagedllm
+    error (a setting the child refused) as it is, any other as a WorkerError naming `process`."""
+    logger.exception("%s failed", process)
+    report = error if isinstance(error, PagedLLMError) else f"{process}: {type(error).__name__}: {error}"
+    try:
+        connection.send(("error", report))
+    except OSError:
+        pass  # the driver is gone
+    raise SystemExit(1) from error
+
+
 def _worker_main(
     rank: int,
     world_size: int,
@@ -74,14 +86,7 @@ def _worker_main(
     except EOFError:
         logger.info("rank %d: the driver is gone", rank)
     except BaseException as error:
-        logger.exception("rank %d failed", rank)
-        # The driver raises a pagedllm error (a setting this rank refused) as it is, any other as a WorkerError.
-        report = error if isinstance(error, PagedLLMError) else f"rank {rank}: {type(error).__name__}: {error}"
-        try:
-            connection.send(("error", report))
-        except OSError:
-            pass
-        raise SystemExit(1) from error
+        report_failure(connection, f"rank {rank}", error)
     finally:
         group.close()
         destroy_distributed()
