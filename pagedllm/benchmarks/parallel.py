@@ -15,9 +15,10 @@ import torch
 from pagedllm import LLM
 from pagedllm.benchmarks import results
 from pagedllm.benchmarks.datasets import SHAREGPT_MAX_MODEL_LEN, BenchmarkRequest, sample_sharegpt
+from pagedllm.benchmarks.markdown import markdown_table
 from pagedllm.benchmarks.metrics import summarize
 from pagedllm.benchmarks.offline import engine_generate_fn
-from pagedllm.benchmarks.report import markdown_table
+from pagedllm.benchmarks.parallel_report import parallel_table
 from pagedllm.benchmarks.results import ResultsFile
 from pagedllm.benchmarks.serve import BACKENDS, LoadSettings, pagedllm_server, run_load, served_model_name
 from pagedllm.benchmarks.server_process import free_port
@@ -162,53 +163,6 @@ def measure_data_parallel(args: argparse.Namespace) -> dict[str, Any]:
         "data_parallel": asdict(data_parallel),
         "throughput_ratio": _ratio(data_parallel.output_tokens_per_s, single.output_tokens_per_s),
     }
-
-
-def parallel_table(document: ResultsFile) -> tuple[list[str], list[list[str]]] | None:
-    """Header and rows from the latest `bench parallel` run's parts; None when there is none."""
-    runs = [run for run in document.runs if run.kind == "parallel"]
-    if not runs:
-        return None
-    run = runs[-1]
-    size, threads = run.settings["world_size"], run.settings["threads_per_rank"]
-    header = [
-        "measure",
-        f"1 process, {size * threads} threads",
-        f"{size} ranks of {threads} thread{'s' if threads > 1 else ''}",
-        "parallel ÷ 1 process",
-    ]
-    rows = []
-    tensor = run.results.get("tensor")
-    if tensor:
-        single, parallel = tensor["single"], tensor["tensor_parallel"]
-        rows.append(
-            [
-                f"TP={size}: decode batch 1 (tok/s)",
-                f"{single['decode_tokens_per_s']:.1f}",
-                f"{parallel['decode_tokens_per_s']:.1f}",
-                f"{tensor['decode_ratio']:.2f}×",
-            ]
-        )
-        prompt_len = run.settings["prompt_len"]
-        rows.append(
-            [
-                f"TP={size}: prefill {prompt_len} tokens (tok/s)",
-                f"{prompt_len / single['prefill_seconds']:.0f}",
-                f"{prompt_len / parallel['prefill_seconds']:.0f}",
-                f"{tensor['prefill_ratio']:.2f}×",
-            ]
-        )
-    data = run.results.get("data")
-    if data:
-        rows.append(
-            [
-                f"DP={size}: serving, concurrency {run.settings['concurrency']} (output tok/s)",
-                f"{data['single']['output_tokens_per_s']:.1f}",
-                f"{data['data_parallel']['output_tokens_per_s']:.1f}",
-                f"{data['throughput_ratio']:.2f}×",
-            ]
-        )
-    return header, rows
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
