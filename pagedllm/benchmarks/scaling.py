@@ -26,6 +26,7 @@ from pagedllm.benchmarks.throughput import int_tuple
 
 NODES = (1, 2, 4, 8, 16, 32, 64)
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
+STYLES = {"tensor": "o-", "pipeline": "s--", "data": "^:"}  # PP and DP share their batch-1 lines
 
 
 class CalibrationError(ValueError):
@@ -92,8 +93,10 @@ def plot_scaling(record: dict[str, Any], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import ScalarFormatter
 
     models = list(dict.fromkeys(p["model"] for p in record["predictions"]))
+    nodes = sorted({p["nodes"] for p in record["predictions"]})
     figure, axes = plt.subplots(len(models), 3, figsize=(15, 4.2 * len(models)), squeeze=False)
     metrics = (
         ("decode_tokens_per_s", "batch-1 decode (tok/s)"),
@@ -109,9 +112,11 @@ def plot_scaling(record: dict[str, Any], path: Path) -> None:
                     for p in record["predictions"]
                     if p["model"] == model and p["strategy"] == strategy and p[key] is not None
                 ]
-                axis.plot([p["nodes"] for p in points], [p[key] for p in points], "o-", label=strategy)
+                axis.plot([p["nodes"] for p in points], [p[key] for p in points], STYLES[strategy], label=strategy)
             axis.set_title(f"{model}: {title}", fontsize=10)
             axis.set_xscale("log", base=2)
+            axis.set_xticks(nodes)
+            axis.xaxis.set_major_formatter(ScalarFormatter())
             axis.set_yscale("log")
             axis.set_xlabel("nodes")
             axis.grid(True, alpha=0.3)
