@@ -23,6 +23,7 @@ from pagedllm.benchmarks.scaling_model import (
     ScalingModel,
 )
 from pagedllm.benchmarks.throughput import int_tuple
+from pagedllm.model.registry import model_display_name
 
 NODES = (1, 2, 4, 8, 16, 32, 64)
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
@@ -46,7 +47,7 @@ def calibration_from(document: ResultsFile) -> Calibration:
     tensor_run, data_run = _latest(document, "parallel", "tensor"), _latest(document, "parallel", "data")
     allreduce_run = _latest(document, "allreduce")
     tensor, data = tensor_run.results["tensor"], data_run.results["data"]
-    shape = ModelShape(tensor_run.settings["model"] or "smollm2-135m-instruct", **tensor["model_shape"])
+    shape = ModelShape(model_display_name(tensor_run.settings["model"]), **tensor["model_shape"])
     activation_bytes = DTYPE_BYTES[allreduce_run.settings["dtype"]]
     latencies = [
         (row["num_elements"] * activation_bytes, row["shared_memory_median_us"] * 1e-6)

@@ -10,7 +10,7 @@ compute). Parallelism over `n` nodes then:
   stages busy but for the bubble (p - 1) / (m + p - 1);
 - DP runs n independent replicas: throughput n times one node's, latency unchanged.
 Not modelled: per-step fixed costs (scheduling, sampling), the lm_head's logits gather, overlap of communication
-with compute, memory limits.
+with compute, memory limits, and kernels that one process uses and ranks do not (the fused decode).
 """
 
 from __future__ import annotations
