@@ -98,10 +98,20 @@ def first_max_index(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
-    """-inf at every token whose bit is 0 (a grammar forbids it). The host-side mask's little-endian int32 words
-    are read as bytes and unpacked in one call: token t is bit t % 8 of byte t // 8."""
-    bits = np.unpackbits(bitmask.numpy().view(np.uint8), axis=1, count=logits.shape[1], bitorder="little")
-    return logits.masked_fill(torch.from_numpy(bits).to(logits.device) == 0, float("-inf"))
+    """-inf at every token whose bit is 0 (a grammar forbids it)."""
+    forbidden = forbidden_tokens(bitmask, logits.shape[1])
+    if logits.device.type == "cpu" and logits.dtype == torch.float32:
+        # One single-threaded pass: torch would hand the comparison and the fill, each a vocabulary wide, to its
+        # thread pool, whose wake-ups cost more than the work and stall on cores that other threads hold.
+        return torch.from_numpy(np.where(forbidden, np.float32(-np.inf), logits.numpy()))
+    return logits.masked_fill(torch.from_numpy(forbidden).to(logits.device), float("-inf"))
+
+
+def forbidden_tokens(bitmask: torch.Tensor, vocab_size: int) -> np.ndarray:
+    """[rows, vocab_size] bool: True where the host-side mask's bit is 0. Its little-endian int32 words are read as
+    bytes, inverted and unpacked in one call (token t is bit t % 8 of byte t // 8); unpacked 0/1 bytes are bools."""
+    inverted = np.invert(bitmask.numpy().view(np.uint8))
+    return np.unpackbits(inverted, axis=1, count=vocab_size, bitorder="little").view(np.bool_)
 
 
 def apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:

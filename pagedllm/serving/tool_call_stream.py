@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from pagedllm.serving.protocol import ChatDelta, DeltaFunctionCall, DeltaToolCall
 from pagedllm.serving.tool_parsers import ToolParser
+from pagedllm.serving.tool_parsers.partial_call import BracketScans
 from pagedllm.serving.tools import ToolSetup, call_id, parse_reply
 
 
@@ -26,6 +27,7 @@ class ToolCallStream:
         self.parser = parser
         self.content_sent = 0  # characters of the text sent as content
         self.calls: list[SentCall] = []
+        self.scans = BracketScans()  # the calls' brackets read so far: each step reads only the new text
 
     def delta(self, text: str) -> ChatDelta:
         """What the reply so far adds to what was sent."""
@@ -70,7 +72,7 @@ class ToolCallStream:
         return new
 
     def _call_deltas(self, text: str) -> list[DeltaToolCall]:
-        partial = self.parser.partial_calls(text, self.setup.names)
+        partial = self.parser.partial_calls(text, self.setup.names, self.scans)
         if not self.setup.parallel:
             partial = partial[:1]
         deltas = []

@@ -422,15 +422,19 @@ def reference_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torc
 
 
 @pytest.mark.parametrize("vocab", [64, 70, 1000])
-def test_token_bitmask_matches_the_reference(vocab: int) -> None:
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # the single-pass path and the torch path
+def test_token_bitmask_matches_the_reference(vocab: int, dtype: torch.dtype) -> None:
     generator = torch.Generator().manual_seed(vocab)
     words = (vocab + 31) // 32
     bitmask = torch.randint(-(2**31), 2**31 - 1, (3, words), dtype=torch.int32, generator=generator)
     bitmask[2] = -1  # an unconstrained row keeps every logit
-    logits = torch.randn(3, vocab, generator=generator)
-    masked = apply_token_bitmask(logits, bitmask)
+    logits = torch.randn(3, vocab, generator=generator).to(dtype)
+    with torch.inference_mode():  # as the engine applies it
+        masked = apply_token_bitmask(logits, bitmask)
+    assert masked.dtype == dtype
     assert torch.equal(masked, reference_token_bitmask(logits, bitmask))
     assert torch.equal(masked[2], logits[2])
+    assert not torch.isinf(logits).any()  # the logits themselves are left as they were
 
 
 def test_sampling_under_a_bitmask_draws_only_allowed_tokens() -> None:

@@ -8,6 +8,7 @@ import pytest
 
 from pagedllm.errors import InvalidArgumentError
 from pagedllm.serving.tool_parsers import HermesToolParser, JsonToolParser, ParsedCall
+from pagedllm.serving.tool_parsers.partial_call import BracketScan, BracketScans, json_value_end
 from pagedllm.serving.tools import closed_objects, template_messages, tool_call_constraint, tool_setup
 
 NAMES = {"f", "g"}
@@ -53,6 +54,57 @@ def test_streaming_holds_back_what_may_start_a_call() -> None:
     assert parser.may_start_call("Hello <tool") == 6
     assert parser.may_start_call("Hi <tool_call>{") == 3
     assert parser.may_start_call('  {"name"') == 2
+
+
+VALUES = ['{"a": [1, {"b": "}]"}], "c": "\\"{"}', '[{"x": "\\\\"}, [[]]]', '{"s": "a \\" ] still a string"}']
+
+
+class CountingText(str):
+    """A text that counts the characters read from it one at a time, in a counter shared with its extensions."""
+
+    def __new__(cls, text: str, reads: list[int]) -> CountingText:
+        counted = super().__new__(cls, text)
+        counted.reads = reads
+        return counted
+
+    def __getitem__(self, index: int | slice) -> str:  # type: ignore[override]
+        if isinstance(index, int):
+            self.reads[0] += 1
+        return super().__getitem__(index)
+
+
+@pytest.mark.parametrize("value", VALUES)
+def test_bracket_scans_of_a_growing_text_agree_with_fresh_scans(value: str) -> None:
+    text = "<tool_call>\n" + value + " after"
+    start = text.index(value)
+    scans = BracketScans()
+    for end in range(len(text) + 1):
+        assert scans.value_end(text[:end], start) == json_value_end(text[:end], start)
+    assert json_value_end(text, start) == start + len(value)
+    # A text that does not extend the last one (a stop string cut it) is scanned afresh.
+    cut = text[: start + 3] + "]"
+    assert scans.value_end(cut, start) == json_value_end(cut, start)
+
+
+@pytest.mark.parametrize("value", VALUES)
+def test_a_resumed_scan_reads_each_character_once(value: str) -> None:
+    reads = [0]
+    scan = BracketScan(0)
+    for end in range(1, len(value) + 1):
+        scan.advance(CountingText(value[:end], reads))
+    assert scan.end == len(value)
+    assert reads[0] == len(value)
+
+
+def test_streamed_partial_calls_match_those_of_the_whole_text() -> None:
+    text = (
+        '<tool_call>\n{"name": "f", "arguments": {"a": "}"}}\n</tool_call>\n<tool_call>\n{"name": "g", "arguments": {'
+    )
+    for parser in (HermesToolParser(), JsonToolParser()):
+        body = text if isinstance(parser, HermesToolParser) else '[{"name": "f", "arguments": {"a": "]"}}, {"name": "g"'
+        scans = BracketScans()
+        for end in range(len(body) + 1):
+            assert parser.partial_calls(body[:end], NAMES, scans) == parser.partial_calls(body[:end], NAMES)
 
 
 @pytest.mark.parametrize(

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from pagedllm.serving.tool_parsers.partial_call import BracketScans
 
 
 @dataclass(frozen=True)
@@ -37,8 +40,9 @@ class ToolParser(Protocol):
         """Where in `text` a call may begin (len(text) when nowhere): text before it can be streamed as content."""
         ...
 
-    def partial_calls(self, text: str, tool_names: set[str]) -> list[PartialCall]:
-        """The calls begun in `text`, in order, up to the first whose name and arguments cannot be read yet."""
+    def partial_calls(self, text: str, tool_names: set[str], scans: BracketScans | None = None) -> list[PartialCall]:
+        """The calls begun in `text`, in order, up to the first whose name and arguments cannot be read yet; a
+        stream passes the same `scans` with each longer text so that no character is scanned twice."""
         ...
 
 

@@ -8,7 +8,7 @@ import re
 
 from pagedllm.serving.tool_parsers.base import ParsedCall, ParsedOutput, PartialCall, call_from_json
 from pagedllm.serving.tool_parsers.json_fallback import JsonToolParser
-from pagedllm.serving.tool_parsers.partial_call import partial_call, skip_whitespace
+from pagedllm.serving.tool_parsers.partial_call import BracketScans, partial_call, skip_whitespace
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 # A call's body runs to its closing tag, or to the end of the reply when generation stopped before the tag.
@@ -47,14 +47,14 @@ class HermesToolParser:
                 return len(text) - length
         return min(len(text), self.fallback.may_start_call(text))
 
-    def partial_calls(self, text: str, tool_names: set[str]) -> list[PartialCall]:
+    def partial_calls(self, text: str, tool_names: set[str], scans: BracketScans | None = None) -> list[PartialCall]:
         if OPEN not in text:
-            return self.fallback.partial_calls(text, tool_names)
+            return self.fallback.partial_calls(text, tool_names, scans)
         calls: list[PartialCall] = []
         at = text.find(OPEN)
         while at >= 0:
             body = skip_whitespace(text, at + len(OPEN))
-            call = partial_call(text, body, tool_names)
+            call = partial_call(text, body, tool_names, scans)
             if call is None:
                 break
             calls.append(call)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from pagedllm.serving.tool_parsers.base import ParsedOutput, PartialCall, call_from_json
-from pagedllm.serving.tool_parsers.partial_call import json_value_end, partial_call, skip_whitespace
+from pagedllm.serving.tool_parsers.partial_call import BracketScans, json_value_end, partial_call, skip_whitespace
 
 
 class JsonToolParser:
@@ -25,17 +25,17 @@ class JsonToolParser:
         stripped = text.lstrip()
         return len(text) - len(stripped) if stripped[:1] in ("{", "[", "") else len(text)
 
-    def partial_calls(self, text: str, tool_names: set[str]) -> list[PartialCall]:
+    def partial_calls(self, text: str, tool_names: set[str], scans: BracketScans | None = None) -> list[PartialCall]:
         position = skip_whitespace(text, 0)
         if text.startswith("[", position):
             position = skip_whitespace(text, position + 1)
         calls: list[PartialCall] = []
         while text.startswith("{", position):
-            call = partial_call(text, position, tool_names)
+            call = partial_call(text, position, tool_names, scans)
             if call is None:
                 break
             calls.append(call)
-            end = json_value_end(text, position)
+            end = json_value_end(text, position, scans)
             if end is None:
                 break
             position = skip_whitespace(text, end)

@@ -4,6 +4,7 @@ arguments object as has been written, so a stream can send the arguments as they
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass, field
 
 from pagedllm.serving.tool_parsers.base import PartialCall
 
@@ -20,31 +21,74 @@ def skip_whitespace(text: str, position: int) -> int:
     return match.end()
 
 
-def json_value_end(text: str, start: int) -> int | None:
-    """Where the object or array opening at text[start] ends (one past its closing bracket); None while open.
-    Brackets are only counted outside strings, so the text need not be valid JSON yet."""
-    depth, in_string, escaped = 0, False, False
-    for position in range(start, len(text)):
-        char = text[position]
-        if in_string:
-            if escaped:
-                escaped = False
-            elif char == "\\":
-                escaped = True
+@dataclass
+class BracketScan:
+    """Looking for where the object or array opening at `start` ends; brackets are only counted outside strings,
+    so the text need not be valid JSON yet. Resumable: each call reads only what was appended since the last."""
+
+    start: int
+    position: int = field(init=False)  # the next character to read
+    depth: int = 0
+    in_string: bool = False
+    escaped: bool = False
+    end: int | None = None  # one past the closing bracket, once read
+
+    def __post_init__(self) -> None:
+        self.position = self.start
+
+    def advance(self, text: str) -> int | None:
+        """The end in `text`, which extends every text this scan read before; None while the value is open."""
+        if self.end is not None:
+            return self.end
+        depth, in_string, escaped = self.depth, self.in_string, self.escaped
+        for position in range(self.position, len(text)):
+            char = text[position]
+            if in_string:
+                if escaped:
+                    escaped = False
+                elif char == "\\":
+                    escaped = True
+                elif char == '"':
+                    in_string = False
             elif char == '"':
-                in_string = False
-        elif char == '"':
-            in_string = True
-        elif char in OPENERS:
-            depth += 1
-        elif char in CLOSERS:
-            depth -= 1
-            if depth == 0:
-                return position + 1
-    return None
+                in_string = True
+            elif char in OPENERS:
+                depth += 1
+            elif char in CLOSERS:
+                depth -= 1
+                if depth == 0:
+                    self.end = position + 1
+                    return self.end
+        self.position, self.depth, self.in_string, self.escaped = len(text), depth, in_string, escaped
+        return None
 
 
-def partial_call(text: str, start: int, tool_names: set[str]) -> PartialCall | None:
+class BracketScans:
+    """The scans of one growing text (a streamed reply), by where their values open: however often the text is
+    parsed again, each character is read once. A text that does not extend the last one starts them afresh."""
+
+    def __init__(self) -> None:
+        self._text = ""
+        self._scans: dict[int, BracketScan] = {}
+
+    def value_end(self, text: str, start: int) -> int | None:
+        if not text.startswith(self._text):
+            self._scans.clear()
+        self._text = text
+        scan = self._scans.get(start)
+        if scan is None:
+            scan = self._scans[start] = BracketScan(start)
+        return scan.advance(text)
+
+
+def json_value_end(text: str, start: int, scans: BracketScans | None = None) -> int | None:
+    """Where the object or array opening at text[start] ends (one past its closing bracket); None while open."""
+    if scans is None:
+        return BracketScan(start).advance(text)
+    return scans.value_end(text, start)
+
+
+def partial_call(text: str, start: int, tool_names: set[str], scans: BracketScans | None = None) -> PartialCall | None:
     """The call whose object opens at text[start], once its known tool name is written and its arguments object
     has begun; None before that, and for calls of another shape."""
     head = CALL_HEAD.match(text, start)
@@ -53,7 +97,7 @@ def partial_call(text: str, start: int, tool_names: set[str]) -> PartialCall | N
     arguments_start = head.end()
     if text[arguments_start : arguments_start + 1] != "{":
         return None
-    arguments_end = json_value_end(text, arguments_start)
+    arguments_end = json_value_end(text, arguments_start, scans)
     if arguments_end is None:
         return PartialCall(head.group(1), text[arguments_start:], complete=False)
     return PartialCall(head.group(1), text[arguments_start:arguments_end], complete=True)
