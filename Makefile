@@ -86,6 +86,9 @@ bench: bench-peers
 	$(VENV)/bin/pagedllm bench structured --output-len $(BENCH_OUTPUT_LEN) --max-concurrency 1,16 --seed $(BENCH_SEED)
 	$(VENV)/bin/pagedllm bench sizes
 	$(MAKE) bench-variants
+	$(VENV)/bin/pagedllm bench allreduce --output-json $(BENCH_RESULTS)
+	$(VENV)/bin/pagedllm bench parallel --output-json $(BENCH_RESULTS)
+	$(VENV)/bin/pagedllm bench scaling $(BENCH_RESULTS)
 	$(VENV)/bin/pagedllm bench report
 
 $(AWQ_DIR): | install

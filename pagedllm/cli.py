@@ -6,7 +6,17 @@ import argparse
 import logging
 import sys
 
-from pagedllm.benchmarks import allreduce, offline, peers, prefix_sharing, report, size_suite, synthetic
+from pagedllm.benchmarks import (
+    allreduce,
+    offline,
+    parallel,
+    peers,
+    prefix_sharing,
+    report,
+    scaling,
+    size_suite,
+    synthetic,
+)
 from pagedllm.benchmarks import serve as bench_serve
 from pagedllm.benchmarks import speculative as bench_speculative
 from pagedllm.benchmarks import structured as bench_structured
@@ -99,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
         "synth": synthetic,
         "sizes": size_suite,
         "allreduce": allreduce,
+        "parallel": parallel,
+        "scaling": scaling,
     }
     for name, module in benches.items():
         sub = bench_commands.add_parser(name, help=module.__doc__.splitlines()[0])

@@ -14,7 +14,7 @@ import math
 import random
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -318,8 +318,11 @@ def launched_server(args: argparse.Namespace, concurrency: int) -> Iterator[Serv
         yield server
 
 
-def pagedllm_server(model: str | None, port: int, concurrency: int, max_model_len: int) -> ServerProcess:
-    """`pagedllm serve` on 127.0.0.1 sized for `concurrency` parallel requests (not yet started)."""
+def pagedllm_server(
+    model: str | None, port: int, concurrency: int, max_model_len: int, engine_args: Sequence[str] = ()
+) -> ServerProcess:
+    """`pagedllm serve` on 127.0.0.1 sized for `concurrency` parallel requests, with more engine flags (not yet
+    started)."""
     command = [
         sys.executable, "-m", "pagedllm.cli", "serve",
         "--host", "127.0.0.1", "--port", str(port),
@@ -327,7 +330,7 @@ def pagedllm_server(model: str | None, port: int, concurrency: int, max_model_le
     ]  # fmt: skip
     if model:
         command += ["--model", model]
-    return ServerProcess(command, port, "pagedllm")
+    return ServerProcess([*command, *engine_args], port, "pagedllm")
 
 
 def parse_concurrencies(text: str) -> list[int | None]:

@@ -9,11 +9,14 @@ import torch
 
 from pagedllm import LLM, SamplingParams
 from pagedllm.errors import InvalidArgumentError
+from pagedllm.evaluation.corpus import evaluation_tokens
 from pagedllm.model.tokenizer import cache_dir
 from tests.reference import paged_last_logits
 
 pytestmark = [pytest.mark.reference, pytest.mark.slow]
 
+# The issue's bar for the default (quantized) settings against the float32 reference.
+MIN_DEFAULT_TOP1_AGREEMENT = 0.97
 GREEDY_PROMPTS = [
     "The capital of France is",
     "Once upon a time, a small robot",
@@ -73,6 +76,19 @@ def test_greedy_continuation_equals_transformers(gemma3_llm, gemma3_reference, p
             torch.tensor([token_ids]), max_new_tokens=64, min_new_tokens=64, do_sample=False, pad_token_id=0
         )[0, len(token_ids) :].tolist()
     assert output.outputs[0].token_ids == expected
+
+
+def test_default_settings_agree_with_transformers_on_the_next_token(gemma3_gguf: Path, gemma3_reference) -> None:
+    """Top-1 agreement of every position of 1,200 held-out ShareGPT tokens: the default dtype and quantization
+    (the GGUF blocks as stored) against transformers' float32 forward over the dequantized file."""
+    llm = LLM(model=str(gemma3_gguf), kv_cache_memory=2**27)
+    token_ids = evaluation_tokens(llm.tokenizer, 1200)
+    (output,) = llm.generate([token_ids], SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=1))
+    ours = [max(entry, key=entry.get) for entry in output.prompt_logprobs[1:]]
+    with torch.inference_mode():
+        theirs = gemma3_reference(torch.tensor([token_ids])).logits[0, :-1].argmax(dim=-1).tolist()
+    agreement = sum(a == b for a, b in zip(ours, theirs, strict=True)) / len(theirs)
+    assert agreement >= MIN_DEFAULT_TOP1_AGREEMENT, f"top-1 agreement {agreement:.4f}"
 
 
 def test_the_base_model_has_no_chat_template(gemma3_llm) -> None:
