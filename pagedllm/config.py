@@ -167,7 +167,7 @@ class EngineConfig:
         default=1, metadata={"help": "ranks that split every layer (heads, channels, vocabulary) between them"}
     )
     pipeline_parallel_size: int = field(
-        default=1, metadata={"help": "ranks that split the layers between them (only 1 is supported yet)"}
+        default=1, metadata={"help": "stages that split the layers between them, each of tensor_parallel_size ranks"}
     )
     data_parallel_size: int = field(
         default=1,
@@ -245,11 +245,9 @@ class EngineConfig:
 
     def _check_parallel(self) -> None:
         _require_positive(self, "tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size")
-        if self.pipeline_parallel_size > 1:
-            raise ConfigError("pipeline_parallel_size > 1 is not supported yet", "pipeline_parallel_size")
-        if self.data_parallel_size > 1 and self.tensor_parallel_size > 1:
+        if self.data_parallel_size > 1 and self.world_size > 1:
             raise ConfigError(
-                "data_parallel_size > 1 with tensor_parallel_size > 1 is not supported yet", "data_parallel_size"
+                "data_parallel_size > 1 with tensor or pipeline parallelism is not supported yet", "data_parallel_size"
             )
         backend = self.distributed_executor_backend
         if backend is not None and backend not in EXECUTOR_BACKENDS:
@@ -257,14 +255,15 @@ class EngineConfig:
                 f"distributed_executor_backend must be one of {EXECUTOR_BACKENDS}, got {backend!r}",
                 "distributed_executor_backend",
             )
-        if backend == "uni" and self.tensor_parallel_size > 1:
+        if backend == "uni" and self.world_size > 1:
             raise ConfigError(
-                "tensor_parallel_size > 1 needs distributed_executor_backend mp or ray", "tensor_parallel_size"
+                "tensor_parallel_size or pipeline_parallel_size > 1 needs distributed_executor_backend mp or ray",
+                "distributed_executor_backend",
             )
         if backend == "ray" and self.data_parallel_size > 1:
             raise ConfigError(
                 "data_parallel_size > 1 runs its replicas as processes of this host: distributed_executor_backend ray "
-                "takes tensor_parallel_size only, yet",
+                "takes tensor and pipeline parallelism only, yet",
                 "distributed_executor_backend",
             )
         self._check_nodes()
@@ -295,9 +294,10 @@ class EngineConfig:
                 "backend ray, nnodes 1)",
                 "nnodes",
             )
-        if self.tensor_parallel_size % self.nnodes:
+        if self.world_size % self.nnodes:
             raise ConfigError(
-                f"tensor_parallel_size ({self.tensor_parallel_size}) must split evenly among nnodes ({self.nnodes})",
+                f"the {self.world_size} ranks (tensor_parallel_size x pipeline_parallel_size) must split evenly among "
+                f"nnodes ({self.nnodes})",
                 "nnodes",
             )
         if self.master_port == 0:
@@ -308,7 +308,12 @@ class EngineConfig:
         """distributed_executor_backend, its default resolved: uni for one rank, else mp."""
         if self.distributed_executor_backend is not None:
             return self.distributed_executor_backend
-        return "uni" if self.tensor_parallel_size == 1 else "mp"
+        return "uni" if self.world_size == 1 else "mp"
+
+    @property
+    def world_size(self) -> int:
+        """Ranks that hold the model: tensor_parallel_size in each of pipeline_parallel_size stages."""
+        return self.tensor_parallel_size * self.pipeline_parallel_size
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -146,7 +146,7 @@ class LLMEngine:
         batches, sends each step to them and samples."""
         self.num_blocks = self._num_blocks(distributed_bytes_per_block(self.model_config, self.config))
         executor_class = RayExecutor if self.config.executor_backend == "ray" else MultiprocExecutor
-        executor = executor_class(self.config, self.num_blocks, self.max_model_len, self.config.tensor_parallel_size)
+        executor = executor_class(self.config, self.num_blocks, self.max_model_len, self.config.world_size)
         self.weight_bytes, self.file_weight_bytes = executor.weight_bytes, executor.file_weight_bytes
         return DistributedModelRunner(executor, self.model_config, self.config, self.device, self.structured_output)
 

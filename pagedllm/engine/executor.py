@@ -25,7 +25,7 @@ from pagedllm.distributed.group import ParallelGroup
 from pagedllm.distributed.process_group import destroy_distributed, free_port, init_distributed
 from pagedllm.distributed.step_broadcast import StepBroadcast, share_from_rank0
 from pagedllm.engine.model_runner import StepInput
-from pagedllm.engine.worker import Worker, pin_rank_threads
+from pagedllm.engine.worker import Worker, pin_rank_threads, tensor_parallel_group
 from pagedllm.errors import ConfigError, EngineUnavailableError, PagedLLMError
 from pagedllm.kernels import cpu_kernels_available
 
@@ -82,8 +82,8 @@ def _worker_main(
             config, num_blocks, max_model_len = share_from_rank0((config, num_blocks, max_model_len))
         ranks_per_node = world_size // config.nnodes
         pin_rank_threads(rank % ranks_per_node, ranks_per_node, config.num_threads)
-        group = ParallelGroup.create(device=device)
-        worker = Worker(config, num_blocks, max_model_len, group)
+        group = tensor_parallel_group(config, rank, device)
+        worker = Worker(config, num_blocks, max_model_len, group, rank)
         connection.send(("ready", (worker.weight_bytes, worker.file_weight_bytes)))
         while payload := _next_step(rank, connection, steps):
             logits = worker.execute(pickle.loads(payload))
@@ -110,8 +110,8 @@ def _next_step(rank: int, connection: Connection, steps: StepBroadcast | None) -
 
 
 def node_ranks(config: EngineConfig) -> range:
-    """The ranks that run on this node: tensor_parallel_size / nnodes consecutive ones."""
-    per_node = config.tensor_parallel_size // config.nnodes
+    """The ranks that run on this node: world_size / nnodes consecutive ones."""
+    per_node = config.world_size // config.nnodes
     return range(config.node_rank * per_node, (config.node_rank + 1) * per_node)
 
 
@@ -229,6 +229,6 @@ def run_headless(config: EngineConfig) -> int:
     fails (1); their settings and cache size come from rank 0."""
     if config.nnodes == 1 or config.node_rank == 0:
         raise ConfigError("--headless runs the ranks of a node other than node 0 (nnodes > 1, node_rank > 0)", "nnodes")
-    executor = MultiprocExecutor(config, 0, 0, config.tensor_parallel_size)
+    executor = MultiprocExecutor(config, 0, 0, config.world_size)
     logger.info("node %d: ranks %s joined node 0's engine", config.node_rank, list(executor.ranks))
     return executor.wait()

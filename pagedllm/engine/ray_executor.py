@@ -21,7 +21,7 @@ from pagedllm.distributed.group import ParallelGroup
 from pagedllm.distributed.process_group import free_port, init_distributed
 from pagedllm.engine.executor import STARTUP_TIMEOUT_S, WorkerError
 from pagedllm.engine.model_runner import StepInput
-from pagedllm.engine.worker import Worker
+from pagedllm.engine.worker import Worker, tensor_parallel_group
 from pagedllm.errors import PagedLLMError
 from pagedllm.kernels import cpu_kernels_available
 
@@ -56,8 +56,8 @@ class RayRank:
         device = torch.device(config.device)
         self.rank = rank
         init_distributed(rank, world_size, init_method, device)
-        self.group = ParallelGroup.create(device=device)
-        self.worker = Worker(config, num_blocks, max_model_len, self.group)
+        self.group = tensor_parallel_group(config, rank, device)
+        self.worker = Worker(config, num_blocks, max_model_len, self.group, rank)
         return self.worker.weight_bytes, self.worker.file_weight_bytes
 
     def execute(self, step: StepInput) -> np.ndarray | None:
