@@ -66,7 +66,10 @@ def _chat(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    print(f"pagedllm: loading the model; then the chat page is at http://{args.host}:{args.port}/", flush=True)
+    if args.headless:
+        print(f"pagedllm: node {args.node_rank}'s ranks join node 0's engine at {args.master_addr}", flush=True)
+    else:
+        print(f"pagedllm: loading the model; then the chat page is at http://{args.host}:{args.port}/", flush=True)
     return api_server.run(args)
 
 

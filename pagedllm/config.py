@@ -167,7 +167,7 @@ class EngineConfig:
         default=1, metadata={"help": "ranks that split every layer (heads, channels, vocabulary) between them"}
     )
     pipeline_parallel_size: int = field(
-        default=1, metadata={"help": "ranks that split the layers between them (only 1 is supported yet)"}
+        default=1, metadata={"help": "stages that split the layers between them, each of tensor_parallel_size ranks"}
     )
     data_parallel_size: int = field(
         default=1,
@@ -179,9 +179,23 @@ class EngineConfig:
     distributed_executor_backend: ExecutorBackend | None = field(
         default=None,
         metadata={
-            "help": "where ranks run: uni (this process), mp (a worker process per rank) or ray (not supported "
-            "yet); default: uni for one rank, else mp"
+            "help": "where ranks run: uni (this process), mp (a worker process per rank of this host) or ray (a "
+            "Ray actor per rank, over the nodes of a Ray cluster); default: uni for one rank, else mp"
         },
+    )
+    nnodes: int = field(
+        default=1,
+        metadata={
+            "help": "machines the mp executor's ranks span, tensor_parallel_size / nnodes on each; node 0 runs the "
+            "engine, the others `pagedllm serve --headless`"
+        },
+    )
+    node_rank: int = field(default=0, metadata={"help": "this machine's index among nnodes (0: the engine's)"})
+    master_addr: str = field(
+        default="127.0.0.1", metadata={"help": "node 0's address, where the ranks of every node meet"}
+    )
+    master_port: int = field(
+        default=0, metadata={"help": "node 0's port for the ranks to meet at (0: any free port, one node only)"}
     )
     speculative_config: SpeculativeConfig | dict[str, Any] | str | None = field(
         default=None,
@@ -231,11 +245,9 @@ class EngineConfig:
 
     def _check_parallel(self) -> None:
         _require_positive(self, "tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size")
-        if self.pipeline_parallel_size > 1:
-            raise ConfigError("pipeline_parallel_size > 1 is not supported yet", "pipeline_parallel_size")
-        if self.data_parallel_size > 1 and self.tensor_parallel_size > 1:
+        if self.data_parallel_size > 1 and self.world_size > 1:
             raise ConfigError(
-                "data_parallel_size > 1 with tensor_parallel_size > 1 is not supported yet", "data_parallel_size"
+                "data_parallel_size > 1 with tensor or pipeline parallelism is not supported yet", "data_parallel_size"
             )
         backend = self.distributed_executor_backend
         if backend is not None and backend not in EXECUTOR_BACKENDS:
@@ -243,30 +255,65 @@ class EngineConfig:
                 f"distributed_executor_backend must be one of {EXECUTOR_BACKENDS}, got {backend!r}",
                 "distributed_executor_backend",
             )
-        if backend == "ray":
-            raise ConfigError("distributed_executor_backend=ray is not supported yet", "distributed_executor_backend")
-        if backend == "uni" and self.tensor_parallel_size > 1:
-            raise ConfigError("tensor_parallel_size > 1 needs distributed_executor_backend=mp", "tensor_parallel_size")
-        if self.executor_backend == "mp":
+        if backend == "uni" and self.world_size > 1:
+            raise ConfigError(
+                "tensor_parallel_size or pipeline_parallel_size > 1 needs distributed_executor_backend mp or ray",
+                "distributed_executor_backend",
+            )
+        if backend == "ray" and self.data_parallel_size > 1:
+            raise ConfigError(
+                "data_parallel_size > 1 runs its replicas as processes of this host: distributed_executor_backend ray "
+                "takes tensor and pipeline parallelism only, yet",
+                "distributed_executor_backend",
+            )
+        self._check_nodes()
+        if self.executor_backend != "uni":
             # The ranks run the target's forward alone: a draft model and the streaming policy's K/V moves would
             # have to run on every rank too.
+            workers = f"worker processes (distributed_executor_backend {self.executor_backend})"
             if getattr(self.speculative_config, "method", None) == "draft_model":
                 raise ConfigError(
-                    "draft_model speculation does not run in worker processes (distributed_executor_backend mp) yet",
+                    f"draft_model speculation does not run in {workers} yet",
                     "speculative_config",
                 )
             if self.kv_cache_policy != "full":
                 raise ConfigError(
-                    "kv_cache_policy streaming does not run in worker processes (distributed_executor_backend mp) yet",
+                    f"kv_cache_policy streaming does not run in {workers} yet",
                     "kv_cache_policy",
                 )
+
+    def _check_nodes(self) -> None:
+        _require_positive(self, "nnodes")
+        if not 0 <= self.node_rank < self.nnodes:
+            raise ConfigError(f"node_rank must be in [0, {self.nnodes}), got {self.node_rank}", "node_rank")
+        if self.nnodes == 1:
+            return
+        if self.executor_backend != "mp":
+            raise ConfigError(
+                "nnodes > 1 runs the ranks of the mp executor; a Ray cluster places its own (distributed_executor_"
+                "backend ray, nnodes 1)",
+                "nnodes",
+            )
+        if self.world_size % self.nnodes:
+            raise ConfigError(
+                f"the {self.world_size} ranks (tensor_parallel_size x pipeline_parallel_size) must split evenly among "
+                f"nnodes ({self.nnodes})",
+                "nnodes",
+            )
+        if self.master_port == 0:
+            raise ConfigError("nnodes > 1 needs the master_port every node's ranks meet at", "master_port")
 
     @property
     def executor_backend(self) -> str:
         """distributed_executor_backend, its default resolved: uni for one rank, else mp."""
         if self.distributed_executor_backend is not None:
             return self.distributed_executor_backend
-        return "uni" if self.tensor_parallel_size == 1 else "mp"
+        return "uni" if self.world_size == 1 else "mp"
+
+    @property
+    def world_size(self) -> int:
+        """Ranks that hold the model: tensor_parallel_size in each of pipeline_parallel_size stages."""
+        return self.tensor_parallel_size * self.pipeline_parallel_size
 
     @property
     def torch_dtype(self) -> torch.dtype:

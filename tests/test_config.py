@@ -84,3 +84,17 @@ def test_worker_processes_refuse_the_draft_model_and_the_streaming_policy() -> N
         EngineConfig(tensor_parallel_size=2, kv_cache_policy="streaming", enable_prefix_caching=False)
     assert raised.value.param == "kv_cache_policy"
     assert EngineConfig(tensor_parallel_size=2, speculative_config={"method": "ngram"}).executor_backend == "mp"
+
+
+def test_ray_takes_tensor_parallelism_and_refuses_replicas_by_name() -> None:
+    assert EngineConfig(tensor_parallel_size=2, distributed_executor_backend="ray").executor_backend == "ray"
+    with pytest.raises(ConfigError, match="replicas") as raised:
+        EngineConfig(data_parallel_size=2, distributed_executor_backend="ray")
+    assert raised.value.param == "distributed_executor_backend"
+    with pytest.raises(ConfigError, match=r"distributed_executor_backend ray\)") as raised:
+        EngineConfig(
+            tensor_parallel_size=2,
+            distributed_executor_backend="ray",
+            kv_cache_policy="streaming",
+            enable_prefix_caching=False,
+        )

@@ -30,6 +30,7 @@ from pagedllm.engine.model_runner import (
 )
 from pagedllm.engine.output import RequestOutput, append_token, finish_grammar, make_request_output
 from pagedllm.engine.prefix_cache import PrefixCache
+from pagedllm.engine.ray_executor import RayExecutor
 from pagedllm.engine.request import FinishReason, Request, Sequence
 from pagedllm.engine.scheduler import Scheduler, SchedulerOutput
 from pagedllm.engine.worker import load_model
@@ -83,7 +84,7 @@ class LLMEngine:
         self.structured_output = StructuredOutputManager(self.grammars)
         spec = config.speculative_config if isinstance(config.speculative_config, SpeculativeConfig) else None
         self.runner, self.draft_runner = (
-            (self._start_workers(), None) if config.executor_backend == "mp" else self._load_model(spec)
+            (self._start_workers(), None) if config.executor_backend != "uni" else self._load_model(spec)
         )
         logger.info("weights: %.1f MiB (quantization %s)", self.weight_bytes / 2**20, config.quantization)
         if self.file_weight_bytes:
@@ -144,7 +145,8 @@ class LLMEngine:
         """A worker process per rank, each loading its shard and the KV pools of its heads, and the runner here that
         batches, sends each step to them and samples."""
         self.num_blocks = self._num_blocks(distributed_bytes_per_block(self.model_config, self.config))
-        executor = MultiprocExecutor(self.config, self.num_blocks, self.max_model_len, self.config.tensor_parallel_size)
+        executor_class = RayExecutor if self.config.executor_backend == "ray" else MultiprocExecutor
+        executor = executor_class(self.config, self.num_blocks, self.max_model_len, self.config.world_size)
         self.weight_bytes, self.file_weight_bytes = executor.weight_bytes, executor.file_weight_bytes
         return DistributedModelRunner(executor, self.model_config, self.config, self.device, self.structured_output)
 

@@ -2,9 +2,9 @@
 
 With `mp`, every rank is a worker process of its own, joined to the others by torch.distributed; the driver (the
 engine's process) keeps the scheduler, block manager and sampler, sends each step's StepInput to every rank
-(pickled once) and receives the logits from rank 0. A worker that dies, or raises, fails the step at once with
-WorkerError: the driver waits on every worker's process sentinel beside rank 0's answer, and the other ranks,
-left waiting in a collective, see their peer gone and exit.
+(pickled once; on several nodes to rank 0, which broadcasts it) and receives the logits from rank 0. A worker that
+dies, or raises, fails the step at once with WorkerError: the driver waits on every worker's process sentinel
+beside rank 0's answer, and the other ranks, left waiting in a collective, see their peer gone and exit.
 """
 
 from __future__ import annotations
@@ -23,9 +23,10 @@ import torch
 from pagedllm.config import EngineConfig
 from pagedllm.distributed.group import ParallelGroup
 from pagedllm.distributed.process_group import destroy_distributed, free_port, init_distributed
+from pagedllm.distributed.step_broadcast import StepBroadcast, share_from_rank0
 from pagedllm.engine.model_runner import StepInput
-from pagedllm.engine.worker import Worker, pin_rank_threads
-from pagedllm.errors import EngineUnavailableError, PagedLLMError
+from pagedllm.engine.worker import Worker, pin_rank_threads, tensor_parallel_group
+from pagedllm.errors import ConfigError, EngineUnavailableError, PagedLLMError
 from pagedllm.kernels import cpu_kernels_available
 
 logger = logging.getLogger(__name__)
@@ -70,16 +71,21 @@ def _worker_main(
     connection: Connection,
 ) -> None:
     """A worker process: join the group, load this rank's shard, then run the steps the driver sends until told
-    to stop (an empty message) or until the driver is gone."""
+    to stop (an empty message) or until the driver is gone. On several nodes only rank 0 hears from the driver and
+    hands each step on; the ranks of the other nodes take the engine's settings from rank 0 first."""
     device = torch.device(config.device)
     group = ParallelGroup()
     try:
-        pin_rank_threads(rank, world_size, config.num_threads)
         init_distributed(rank, world_size, init_method, device)
-        group = ParallelGroup.create(device=device)
-        worker = Worker(config, num_blocks, max_model_len, group)
+        steps = StepBroadcast() if config.nnodes > 1 else None
+        if steps is not None:
+            config, num_blocks, max_model_len = share_from_rank0((config, num_blocks, max_model_len))
+        ranks_per_node = world_size // config.nnodes
+        pin_rank_threads(rank % ranks_per_node, ranks_per_node, config.num_threads)
+        group = tensor_parallel_group(config, rank, device)
+        worker = Worker(config, num_blocks, max_model_len, group, rank)
         connection.send(("ready", (worker.weight_bytes, worker.file_weight_bytes)))
-        while payload := connection.recv_bytes():
+        while payload := _next_step(rank, connection, steps):
             logits = worker.execute(pickle.loads(payload))
             if rank == 0:
                 connection.send(("logits", logits.numpy()))
@@ -92,18 +98,42 @@ def _worker_main(
         destroy_distributed()
 
 
+def _next_step(rank: int, connection: Connection, steps: StepBroadcast | None) -> bytes:
+    """The next step's bytes: from the driver's pipe on one node; on several, rank 0 reads it and hands it on."""
+    if steps is None:
+        return connection.recv_bytes()
+    if rank == 0:
+        payload = connection.recv_bytes()
+        steps.send(payload)
+        return payload
+    return steps.receive()
+
+
+def node_ranks(config: EngineConfig) -> range:
+    """The ranks that run on this node: world_size / nnodes consecutive ones."""
+    per_node = config.world_size // config.nnodes
+    return range(config.node_rank * per_node, (config.node_rank + 1) * per_node)
+
+
+def rendezvous_address(config: EngineConfig) -> str:
+    """Where every rank meets: master_addr:master_port (a free port of this host where master_port is 0)."""
+    return f"tcp://{config.master_addr}:{config.master_port or free_port(config.master_addr)}"
+
+
 class MultiprocExecutor:
-    """`world_size` ranks, each a worker process of this host."""
+    """This node's ranks (every rank, on one node), each a worker process; on several nodes the others' ranks run
+    under their `pagedllm serve --headless` and meet these at master_addr:master_port."""
 
     def __init__(self, config: EngineConfig, num_blocks: int, max_model_len: int, world_size: int) -> None:
         cpu_kernels_available()  # built here once, rather than by every rank, each waiting on the build's lock
         context = multiprocessing.get_context("spawn")
-        init_method = f"tcp://127.0.0.1:{free_port()}"
+        init_method = rendezvous_address(config)
+        self.ranks = node_ranks(config)
         self.failure: str | None = None
         self.connections: list[Connection] = []
         self.processes: list[BaseProcess] = []
-        self.inboxes: list[deque[tuple[str, Any]]] = [deque() for _ in range(world_size)]
-        for rank in range(world_size):
+        self.inboxes: list[deque[tuple[str, Any]]] = [deque() for _ in self.ranks]
+        for rank in self.ranks:
             driver_end, worker_end = context.Pipe()
             process = context.Process(
                 target=_worker_main,
@@ -115,12 +145,14 @@ class MultiprocExecutor:
             worker_end.close()
             self.connections.append(driver_end)
             self.processes.append(process)
+        # On several nodes rank 0 hands every step on to the others.
+        self.step_connections = self.connections if config.nnodes == 1 else self.connections[:1]
         try:
-            loaded = [self._receive(rank, "ready", STARTUP_TIMEOUT_S) for rank in range(world_size)]
+            loaded = [self._receive(index, "ready", STARTUP_TIMEOUT_S) for index in range(len(self.ranks))]
         except BaseException:
             self.shutdown()
             raise
-        self.weight_bytes = sum(weight_bytes for weight_bytes, _ in loaded)  # every rank's
+        self.weight_bytes = sum(weight_bytes for weight_bytes, _ in loaded)  # every rank's of this node
         self.file_weight_bytes = loaded[0][1]
 
     def execute_model(self, step: StepInput) -> torch.Tensor:
@@ -128,25 +160,33 @@ class MultiprocExecutor:
             raise WorkerError(self.failure)
         payload = pickle.dumps(step, protocol=pickle.HIGHEST_PROTOCOL)
         try:
-            for connection in self.connections:
+            for connection in self.step_connections:
                 connection.send_bytes(payload)
         except OSError as error:
             self._fail(f"could not send the step to a worker ({error})")
         return torch.from_numpy(self._receive(0, "logits", None))
 
-    def _receive(self, rank: int, kind: str, timeout_s: float | None) -> Any:
-        """Rank `rank`'s next message, which must be of `kind`; WorkerError as soon as any worker dies or reports an
-        error. Other ranks' messages that arrive meanwhile wait in their inbox."""
-        sentinels = {process.sentinel: r for r, process in enumerate(self.processes)}
-        while not self.inboxes[rank]:
+    def wait(self) -> int:
+        """Wait until every rank of this node has exited (a headless node's ranks end when node 0's engine stops
+        or fails); 0 where all ended cleanly."""
+        for process in self.processes:
+            process.join()
+        return 0 if all(process.exitcode == 0 for process in self.processes) else 1
+
+    def _receive(self, index: int, kind: str, timeout_s: float | None) -> Any:
+        """The next message of this node's rank number `index`, which must be of `kind`; WorkerError as soon as any
+        worker dies or reports an error. Other ranks' messages that arrive meanwhile wait in their inbox."""
+        sentinels = {process.sentinel: i for i, process in enumerate(self.processes)}
+        while not self.inboxes[index]:
             ready = multiprocessing.connection.wait([*self.connections, *sentinels], timeout_s)
             if not ready:
-                self._fail(f"rank {rank} did not answer within {timeout_s:.0f} s")
+                self._fail(f"rank {self.ranks[index]} did not answer within {timeout_s:.0f} s")
             for handle in ready:
                 if handle in sentinels:
-                    process = self.processes[sentinels[handle]]
+                    i = sentinels[handle]
+                    process = self.processes[i]
                     process.join()
-                    self._fail(f"rank {sentinels[handle]} (pid {process.pid}) exited with code {process.exitcode}")
+                    self._fail(f"rank {self.ranks[i]} (pid {process.pid}) exited with code {process.exitcode}")
                 try:
                     message_kind, value = handle.recv()
                 except (EOFError, OSError):
@@ -154,9 +194,9 @@ class MultiprocExecutor:
                 if message_kind == "error":
                     self._fail(value)  # type: ignore[arg-type]
                 self.inboxes[self.connections.index(handle)].append((message_kind, value))
-        message_kind, value = self.inboxes[rank].popleft()
+        message_kind, value = self.inboxes[index].popleft()
         if message_kind != kind:
-            self._fail(f"rank {rank} sent {message_kind!r} where {kind!r} was due")
+            self._fail(f"rank {self.ranks[index]} sent {message_kind!r} where {kind!r} was due")
         return value
 
     def _fail(self, reason: str | PagedLLMError) -> None:
@@ -181,4 +221,14 @@ class MultiprocExecutor:
                 process.join()
         for connection in self.connections:
             connection.close()
-        self.connections, self.processes = [], []
+        self.connections, self.processes, self.step_connections = [], [], []
+
+
+def run_headless(config: EngineConfig) -> int:
+    """This node's ranks of an engine that spans `nnodes` machines, until node 0's engine stops them (0) or one
+    fails (1); their settings and cache size come from rank 0."""
+    if config.nnodes == 1 or config.node_rank == 0:
+        raise ConfigError("--headless runs the ranks of a node other than node 0 (nnodes > 1, node_rank > 0)", "nnodes")
+    executor = MultiprocExecutor(config, 0, 0, config.world_size)
+    logger.info("node %d: ranks %s joined node 0's engine", config.node_rank, list(executor.ranks))
+    return executor.wait()

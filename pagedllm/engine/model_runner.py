@@ -144,15 +144,17 @@ class ModelRunner:
     def forward(self, step: StepInput) -> torch.Tensor:
         """Float32 logits of the step's logit_rows from this process's model and K/V pools, after the step's
         copy-on-write block copies."""
+        return self.model.compute_logits(self.hidden_states(step)[step.logit_rows])
+
+    def hidden_states(self, step: StepInput) -> torch.Tensor:
+        """The final hidden states of every token of the step (a pipeline stage's own layers' output)."""
         self._copy_blocks(step.block_copies)
         meta = step.attention_metadata(self.block_size, self.device)
         input_ids = torch.tensor(step.input_ids, device=self.device)
         positions = torch.tensor(step.positions, device=self.device)
         if self.fused_decode is not None and self.fused_decode.takes(meta):
-            hidden = self.fused_decode.forward(self.model.embed_tokens(input_ids), positions, meta)
-        else:
-            hidden = self.model(input_ids, positions, meta)
-        return self.model.compute_logits(hidden[step.logit_rows])
+            return self.fused_decode.forward(self.model.embed_tokens(input_ids), positions, meta)
+        return self.model(input_ids, positions, meta)
 
     def _compact(self, compactions: list[KVCompaction]) -> None:
         for compaction in compactions:

@@ -11,6 +11,7 @@ from torch import nn
 
 from pagedllm.config import EngineConfig
 from pagedllm.distributed.group import ParallelGroup
+from pagedllm.distributed.pipeline import PipelineStage
 from pagedllm.engine.host_memory import release_freed_memory
 from pagedllm.engine.model_runner import ModelRunner, StepInput, kv_cache_shape
 from pagedllm.errors import ConfigError
@@ -29,22 +30,28 @@ class LoadedModel:
     file_weight_bytes: int  # the whole checkpoint's, 0 where unknown
 
 
-def load_model(config: EngineConfig, max_model_len: int, group: ParallelGroup | None = None) -> LoadedModel:
-    """The model of `config`, or with a `group` of several ranks this rank's shard of it, on the config's device."""
+def load_model(
+    config: EngineConfig, max_model_len: int, group: ParallelGroup | None = None, rank: int = 0
+) -> LoadedModel:
+    """The model of `config`, or global rank `rank`'s shard of it (the layers of its pipeline stage, split with
+    the other ranks of its tensor-parallel `group`), on the config's device."""
     group = group or ParallelGroup()
     path = resolve_model_path(config.model)
     checkpoint = load_checkpoint(path, config.torch_dtype, keep_quantized=config.quantization == "auto")
     cls = model_class(checkpoint.config.architecture)
     quantization = LinearQuantization(config.quantization, config.quant_group_size, config.dense_matmul_min_rows)
     args = (checkpoint.config, max_model_len, config.attention_impl, checkpoint.weights.get("rope_freqs"), quantization)
-    if group.world_size > 1:
+    if config.world_size > 1:
         if cls is not LlamaForCausalLM:
             raise ConfigError(
-                f"tensor_parallel_size > 1 runs Llama-family models; {checkpoint.config.architecture} runs in one "
-                "process",
+                f"tensor and pipeline parallelism run Llama-family models; {checkpoint.config.architecture} runs in "
+                "one process",
                 "tensor_parallel_size",
             )
-        model = LlamaForCausalLM(*args, group=group)
+        stage = PipelineStage.of_rank(
+            rank, config.tensor_parallel_size, config.pipeline_parallel_size, checkpoint.config.num_layers
+        )
+        model = LlamaForCausalLM(*args, group=group, stage=stage)
     else:
         model = cls(*args)
     model.load_weights(checkpoint.weights)
@@ -65,19 +72,47 @@ def pin_rank_threads(rank: int, world_size: int, num_threads: int) -> int:
     return threads
 
 
+def tensor_parallel_group(config: EngineConfig, rank: int, device: torch.device) -> ParallelGroup:
+    """The group of `rank`'s pipeline stage; every rank creates every stage's group, in the same order."""
+    tp = config.tensor_parallel_size
+    groups = [
+        ParallelGroup.create(list(range(stage * tp, (stage + 1) * tp)), device=device)
+        for stage in range(config.pipeline_parallel_size)
+    ]
+    return groups[rank // tp]
+
+
 class Worker:
     """Loads this rank's shard of the model and runs each step's forward over its own K/V pools (the driver's
     block tables index them: every rank holds the same blocks, each for its own heads)."""
 
-    def __init__(self, config: EngineConfig, num_blocks: int, max_model_len: int, group: ParallelGroup) -> None:
-        loaded = load_model(config, max_model_len, group)
+    def __init__(
+        self, config: EngineConfig, num_blocks: int, max_model_len: int, group: ParallelGroup, rank: int
+    ) -> None:
+        loaded = load_model(config, max_model_len, group, rank)
+        self.model = loaded.model
+        self.stage: PipelineStage = loaded.model.stage
+        self.device = torch.device(config.device)
         self.weight_bytes, self.file_weight_bytes = loaded.weight_bytes, loaded.file_weight_bytes
-        # A fused decode runs every layer in one kernel call: no room for the sums between a rank's layers.
-        runner_config = replace(config, fused_decode=config.fused_decode and group.world_size == 1)
-        self.runner = ModelRunner(loaded.model, runner_config, num_blocks, torch.device(config.device), None)
+        # A fused decode runs every layer in one kernel call: no room for the sums between a rank's layers, nor
+        # for a stage's hand-over.
+        runner_config = replace(config, fused_decode=config.fused_decode and config.world_size == 1)
+        self.runner = ModelRunner(loaded.model, runner_config, num_blocks, self.device, None)
         shape = kv_cache_shape(loaded.model)
-        logger.info("rank %d of %d: %d K/V heads", group.rank, group.world_size, shape.num_kv_heads)
+        logger.info(
+            "rank %d: tensor rank %d of %d, layers %s, %d K/V heads",
+            rank,
+            group.rank,
+            group.world_size,
+            self.stage.layers,
+            shape.num_kv_heads,
+        )
 
-    def execute(self, step: StepInput) -> torch.Tensor:
-        """Float32 logits [len(step.logit_rows), vocab]: the same on every rank (the lm_head gathers them)."""
-        return self.runner.forward(step)
+    def execute(self, step: StepInput) -> torch.Tensor | None:
+        """Float32 logits [len(step.logit_rows), vocab] on global rank 0 (with one stage, the same on every rank:
+        the lm_head gathers them); None on the ranks of other stages."""
+        hidden = self.runner.hidden_states(step)
+        logits = self.model.compute_logits(hidden[step.logit_rows]) if self.stage.is_last else None
+        if self.stage.num_stages == 1:
+            return logits
+        return self.stage.logits_to_rank0(logits, len(step.logit_rows), self.model.config.vocab_size, self.device)

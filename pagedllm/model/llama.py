@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
 from pagedllm.config import ModelConfig
 from pagedllm.distributed.group import ParallelGroup
+from pagedllm.distributed.pipeline import PipelineStage
 from pagedllm.layers.activation import silu_and_mul
 from pagedllm.layers.attention import AttentionMetadata, KVPool, PagedAttention
 from pagedllm.layers.linear import Linear
@@ -90,9 +93,14 @@ class LlamaForCausalLM(nn.Module):
         rope_freq_factors: torch.Tensor | None = None,
         quantization: LinearQuantization | None = None,
         group: ParallelGroup | None = None,
+        stage: PipelineStage | None = None,
     ) -> None:
         super().__init__()
         group = group or ParallelGroup()
+        self.stage = stage or PipelineStage.whole(config.num_layers)
+        windows = config.layer_sliding_windows()[self.stage.layers.start : self.stage.layers.stop]
+        # A stage's model is a model of its own layers: the KV cache and runner size themselves by them.
+        config = dataclasses.replace(config, num_layers=len(self.stage.layers))
         self.config = config
         self.quantization = quantization or LinearQuantization()
         self.embed_tokens: nn.Module = nn.Embedding(config.vocab_size, config.hidden_size)
@@ -103,7 +111,7 @@ class LlamaForCausalLM(nn.Module):
         self.layers = nn.ModuleList(
             LlamaDecoderLayer(config, self.rotary, attention_impl, group) for _ in range(config.num_layers)
         )
-        for layer, window in zip(self.layers, config.layer_sliding_windows()):
+        for layer, window in zip(self.layers, windows, strict=True):
             layer.self_attn.attn.sliding_window = window  # Mistral's, and Qwen2's where it uses one
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head: nn.Module = Linear(config.hidden_size, config.vocab_size)
@@ -112,9 +120,16 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head = ParallelLMHead(config.hidden_size, config.vocab_size, group)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        hidden, residual = self.embed_tokens(input_ids), None
+        """The final hidden states; a stage before the last hands its layers' output on and returns it unfinished."""
+        if self.stage.is_first:
+            hidden, residual = self.embed_tokens(input_ids), None
+        else:
+            dtype, device = self.norm.weight.dtype, self.norm.weight.device
+            hidden, residual = self.stage.receive_activations(len(input_ids), self.config.hidden_size, dtype, device)
         for layer in self.layers:
             hidden, residual = layer(positions, hidden, residual, meta)
+        if not self.stage.is_last:
+            self.stage.send_activations(hidden, residual)
         return hidden + residual
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -146,7 +161,8 @@ class LlamaForCausalLM(nn.Module):
         else:
             load_linear(self, "lm_head", lm_head, None, dtype, self.quantization, lm_head=True)
         remaining.pop("rope_freqs", None)  # already applied by RotaryEmbedding at construction
-        for i, layer in enumerate(self.layers):
+        _drop_other_stages_layers(remaining, self.stage.layers)
+        for i, layer in zip(self.stage.layers, self.layers, strict=True):
             prefix = f"model.layers.{i}."
             layer.input_layernorm.weight.data = take(prefix + "input_layernorm.weight")
             layer.post_attention_layernorm.weight.data = take(prefix + "post_attention_layernorm.weight")
@@ -156,3 +172,10 @@ class LlamaForCausalLM(nn.Module):
     def weight_bytes(self) -> int:
         """Bytes held by the weights (quantized values, scales and dense copies; shared tensors once)."""
         return weight_bytes(self)
+
+
+def _drop_other_stages_layers(weights: dict[str, torch.Tensor | QuantizedWeight], layers: range) -> None:
+    """Remove the weights of the layers other pipeline stages hold."""
+    for name in [name for name in weights if name.startswith("model.layers.")]:
+        if int(name.split(".")[2]) not in layers:
+            del weights[name]

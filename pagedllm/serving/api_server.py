@@ -23,6 +23,7 @@ from pagedllm.config import EngineConfig
 from pagedllm.engine.async_engine import AsyncLLMEngine
 from pagedllm.engine.data_parallel import DataParallelEngine, create_engine
 from pagedllm.engine.engine import LLMEngine
+from pagedllm.engine.executor import run_headless
 from pagedllm.errors import InvalidArgumentError, ModelNotFoundError, PagedLLMError
 from pagedllm.flags import add_dataclass_arguments, dataclass_from_args
 from pagedllm.serving.chat import create_chat_completion
@@ -262,7 +263,10 @@ def run(args: argparse.Namespace) -> int:
     """Load the model, serve until SIGTERM or Ctrl-C, drain in-flight requests; 0 on a clean stop."""
     settings = dataclass_from_args(ServerSettings, args)
     try:
-        engine = create_engine(dataclass_from_args(EngineConfig, args))
+        config = dataclass_from_args(EngineConfig, args)
+        if settings.headless:
+            return run_headless(config)
+        engine = create_engine(config)
     except PagedLLMError as error:
         logger.error("cannot start the server: %s", error.message)
         return 2

@@ -47,6 +47,13 @@ class ServerSettings:
     keep_alive_timeout: float = field(
         default=5.0, metadata={"help": "seconds an idle keep-alive connection stays open between requests"}
     )
+    headless: bool = field(
+        default=False,
+        metadata={
+            "help": "run only this node's ranks of an engine that spans nnodes machines (node_rank > 0): no "
+            "engine and no HTTP here; they stop when node 0's engine does"
+        },
+    )
     shutdown_timeout: int = field(
         default=30,
         metadata={"help": "seconds in-flight requests may take to finish after SIGTERM before they are aborted"},

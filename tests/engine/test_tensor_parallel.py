@@ -122,10 +122,10 @@ def test_the_server_answers_as_the_engine_does_and_503_once_a_worker_dies(tiny_t
 
 
 def test_settings_tensor_parallelism_cannot_take_are_refused_by_name(tiny_llama_dir: Path) -> None:
-    with pytest.raises(ConfigError, match="distributed_executor_backend=mp"):
+    with pytest.raises(ConfigError, match="distributed_executor_backend mp or ray"):
         LLM(str(tiny_llama_dir), tensor_parallel_size=2, distributed_executor_backend="uni")
-    with pytest.raises(ConfigError, match="pipeline_parallel_size"):
-        LLM(str(tiny_llama_dir), pipeline_parallel_size=2)
+    with pytest.raises(ConfigError, match="tensor or pipeline parallelism"):
+        LLM(str(tiny_llama_dir), pipeline_parallel_size=2, data_parallel_size=2)
 
 
 @pytest.fixture(scope="module")
@@ -134,9 +134,19 @@ def sharegpt_chats() -> list[str]:
 
 
 @pytest.mark.slow
-def test_tp2_on_the_embedded_model_equals_one_process_on_sharegpt(llm: LLM, sharegpt_chats: list[str]) -> None:
-    """float32, quantization=none: the tied embedding split by vocabulary, heads split 1 and 2 K/V heads a rank."""
-    tp2 = LLM(dtype="float32", quantization="none", kv_cache_memory=EMBEDDED_KV_BYTES, tensor_parallel_size=2)
+@pytest.mark.parametrize(("tensor_parallel_size", "pipeline_parallel_size"), [(2, 1), (1, 2), (2, 2)])
+def test_tp2_on_the_embedded_model_equals_one_process_on_sharegpt(
+    llm: LLM, sharegpt_chats: list[str], tensor_parallel_size: int, pipeline_parallel_size: int
+) -> None:
+    """float32, quantization=none: the tied embedding split by vocabulary, heads split 1 and 2 K/V heads a rank;
+    the 30 layers in 2 stages of 15."""
+    tp2 = LLM(
+        dtype="float32",
+        quantization="none",
+        kv_cache_memory=EMBEDDED_KV_BYTES,
+        tensor_parallel_size=tensor_parallel_size,
+        pipeline_parallel_size=pipeline_parallel_size,
+    )
     try:
         assert_greedy_close(greedy(llm, sharegpt_chats, 16), greedy(tp2, sharegpt_chats, 16))
     finally:

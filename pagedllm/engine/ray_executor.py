@@ -1,0 +1,172 @@
+"""The `ray` executor: every rank a Ray actor, placed by one placement group over the nodes of a Ray cluster.
+
+The engine's process joins the cluster that `ray start --head` / `ray start --address=…` made (RAY_ADDRESS, or the
+one running on this node), or starts a Ray instance of its own when there is none. Rank 0's node gives the
+torch.distributed rendezvous address; ranks that share a host sum through shared memory, the others through gloo,
+as under `mp`. A rank whose actor dies, or whose step raises, fails the step at once with WorkerError: the driver
+waits on every rank's answer, not only rank 0's, so a rank 0 left waiting in a collective cannot hang it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import numpy as np
+import torch
+
+from pagedllm.config import EngineConfig
+from pagedllm.distributed.group import ParallelGroup
+from pagedllm.distributed.process_group import free_port, init_distributed
+from pagedllm.engine.executor import STARTUP_TIMEOUT_S, WorkerError
+from pagedllm.engine.model_runner import StepInput
+from pagedllm.engine.worker import Worker, tensor_parallel_group
+from pagedllm.errors import PagedLLMError
+from pagedllm.kernels import cpu_kernels_available
+
+logger = logging.getLogger(__name__)
+
+
+class RayRank:
+    """One rank inside a Ray actor: joins the group, loads its shard, runs the steps it is sent."""
+
+    def __init__(self, num_threads: int) -> None:
+        torch.set_num_threads(num_threads)
+        self.rank = 0
+        self.group = ParallelGroup()
+        self.worker: Worker | None = None
+
+    def rendezvous_address(self) -> str:
+        """tcp://this node's address:a port free on it, for the ranks to meet at (asked of rank 0)."""
+        import ray
+
+        host = ray.util.get_node_ip_address()
+        return f"tcp://{host}:{free_port(host)}"
+
+    def node_id(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
+    def start(
+        self, rank: int, world_size: int, init_method: str, config: EngineConfig, num_blocks: int, max_model_len: int
+    ) -> tuple[int, int]:
+        """Join the group and load this rank's shard; its weight bytes and the checkpoint's."""
+        device = torch.device(config.device)
+        self.rank = rank
+        init_distributed(rank, world_size, init_method, device)
+        self.group = tensor_parallel_group(config, rank, device)
+        self.worker = Worker(config, num_blocks, max_model_len, self.group, rank)
+        return self.worker.weight_bytes, self.worker.file_weight_bytes
+
+    def execute(self, step: StepInput) -> np.ndarray | None:
+        """The step's logits on rank 0; None on the others (their share went into rank 0's collectives)."""
+        assert self.worker is not None, "start() runs first"
+        logits = self.worker.execute(step)
+        return logits.numpy() if self.rank == 0 else None
+
+
+def connect_to_cluster() -> None:
+    """Join RAY_ADDRESS's cluster, else the one running on this node, else start a Ray instance here."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    try:
+        ray.init(address=address or "auto", logging_level=logging.WARNING, log_to_driver=False)
+    except ConnectionError:
+        if address:
+            raise
+        logger.info("no Ray cluster is running on this node: starting one for this engine")
+        ray.init(logging_level=logging.WARNING, log_to_driver=False, include_dashboard=False)
+
+
+class RayExecutor:
+    """`world_size` ranks, each a Ray actor with `num_threads` CPUs (1 where unset) of one placement group."""
+
+    def __init__(self, config: EngineConfig, num_blocks: int, max_model_len: int, world_size: int) -> None:
+        import ray
+        from ray.util.placement_group import placement_group, remove_placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        cpu_kernels_available()  # built here once: the actors of this host load the same build
+        connect_to_cluster()
+        self._remove_placement_group = remove_placement_group
+        self.failure: str | None = None
+        threads = config.num_threads or 1
+        # PACK fills a node before the next, so ranks share a host (and its shared memory) where they fit.
+        self.placement_group = placement_group([{"CPU": threads}] * world_size, strategy="PACK")
+        actor = ray.remote(RayRank)
+        self.workers: list[Any] = []
+        try:
+            ray.get(self.placement_group.ready(), timeout=STARTUP_TIMEOUT_S)
+            for rank in range(world_size):
+                strategy = PlacementGroupSchedulingStrategy(self.placement_group, placement_group_bundle_index=rank)
+                options = {"num_cpus": threads, "scheduling_strategy": strategy, "name": f"pagedllm-rank-{rank}"}
+                self.workers.append(actor.options(**options).remote(threads))
+            init_method = ray.get(self.workers[0].rendezvous_address.remote(), timeout=STARTUP_TIMEOUT_S)
+            started = [
+                worker.start.remote(rank, world_size, init_method, config, num_blocks, max_model_len)
+                for rank, worker in enumerate(self.workers)
+            ]
+            loaded = self._get_all(started, STARTUP_TIMEOUT_S)
+        except BaseException:
+            self.shutdown()
+            raise
+        self.weight_bytes = sum(weight_bytes for weight_bytes, _ in loaded)  # every rank's
+        self.file_weight_bytes = loaded[0][1]
+
+    def node_ids(self) -> list[str]:
+        """The Ray node of each rank, in rank order."""
+        import ray
+
+        return ray.get([worker.node_id.remote() for worker in self.workers])
+
+    def execute_model(self, step: StepInput) -> torch.Tensor:
+        import ray
+
+        if self.failure is not None:
+            raise WorkerError(self.failure)
+        step_ref = ray.put(step)  # serialized once, read by every rank
+        (logits, *_) = self._get_all([worker.execute.remote(step_ref) for worker in self.workers], None)
+        return torch.tensor(logits)  # a copy: Ray hands out its object store's read-only memory
+
+    def _get_all(self, refs: list[Any], timeout_s: float | None) -> list[Any]:
+        """Every rank's answer in rank order; WorkerError as soon as any one fails or its actor dies."""
+        import ray
+
+        pending = list(refs)
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1, timeout=timeout_s)
+            if not ready:
+                self._fail(f"{len(pending)} rank(s) did not answer within {timeout_s:.0f} s")
+            try:
+                ray.get(ready[0])
+            except ray.exceptions.RayTaskError as error:
+                cause = error.cause if isinstance(error.cause, BaseException) else error
+                self._fail(cause if isinstance(cause, PagedLLMError) else f"rank {refs.index(ready[0])}: {cause}")
+            except ray.exceptions.RayError as error:
+                self._fail(f"rank {refs.index(ready[0])} is gone ({type(error).__name__}: {error})")
+        return ray.get(refs)
+
+    def _fail(self, reason: str | PagedLLMError) -> None:
+        self.failure = f"a model worker failed: {reason}"
+        logger.error("%s; stopping the others", self.failure)
+        self.shutdown()
+        if isinstance(reason, PagedLLMError):
+            raise reason
+        raise WorkerError(self.failure)
+
+    def shutdown(self) -> None:
+        """Kill every rank's actor (a rank's shared memory leaves nothing behind) and give the placement group's CPUs
+        back to the cluster."""
+        import ray
+
+        for worker in self.workers:
+            ray.kill(worker)
+        self.workers = []
+        if self.placement_group is not None:
+            self._remove_placement_group(self.placement_group)
+            self.placement_group = None
