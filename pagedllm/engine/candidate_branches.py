@@ -3,7 +3,8 @@
 Branch i computes the candidate at the sequence's next position p over the sequence's K/V. Its block table is the
 sequence's up to p's block, then a scratch block of its own holding a copy of that block's earlier positions; its
 K/V goes to that scratch block, so the branches never see each other. After the step, the chosen branch's scratch
-block is copied over the sequence's block of p, and every scratch block goes back to the pool.
+block takes the place of the sequence's block of p (which holds no K/V past p's and is not yet in the prefix cache,
+p being its first uncomputed position), and the other scratch blocks go back to the pool.
 """
 
 from __future__ import annotations
@@ -47,13 +48,17 @@ def branch_out(
     return branches, copies
 
 
-def keep_branch(block_manager: BlockManager, seq: Sequence, branch: CandidateBranch) -> list[tuple[int, int]]:
-    """The copies that make a branch's K/V the sequence's own."""
+def keep_branch(block_manager: BlockManager, seq: Sequence, branch: CandidateBranch) -> None:
+    """Make a branch's blocks the sequence's own at p's index; the blocks they replace go back to the pool."""
     index = seq.num_computed_tokens // block_manager.block_size
-    return [(block, table[index]) for table, block in zip(block_manager.tables(seq), branch.scratch_blocks)]
+    for table, block in zip(block_manager.tables(seq), branch.scratch_blocks):
+        block_manager.allocator.release(table[index])
+        table[index] = block
+    branch.scratch_blocks = []
 
 
 def release_branches(block_manager: BlockManager, branches: list[CandidateBranch]) -> None:
+    """Return the scratch blocks no branch kept."""
     for branch in branches:
         for block in branch.scratch_blocks:
             block_manager.allocator.release(block)

@@ -225,7 +225,7 @@ class ModelRunner:
         if not batch.branch_items:
             return []
         assert hidden is not None
-        samples, copies, next_rows, chosen = [], [], [], []
+        samples, next_rows, chosen = [], [], []
         start = 0
         for item in batch.branch_items:
             seq, state = item.sequence, item.sequence.contrastive
@@ -234,12 +234,11 @@ class ModelRunner:
             best = state.choose(hidden[start : start + num])
             token = state.candidate_ids[best]
             state.append(hidden[start + best : start + best + 1])
-            copies += keep_branch(block_manager, seq, item.branches[best])
+            keep_branch(block_manager, seq, item.branches[best])
             samples.append(SampledToken(seq, token, None, None))
             next_rows.append(start + best)
             chosen.append([token])
             start += num
-        self._copy_blocks(copies)
         seqs = [item.sequence for item in batch.branch_items]
         self._set_candidates(logits[next_rows], seqs, chosen)
         return samples

@@ -171,3 +171,42 @@ def test_premature_layer_buckets_follow_transformers() -> None:
     assert premature_layers("low", 48, tied_embeddings=False) == list(range(0, 20, 2))
     assert premature_layers("high", 48, tied_embeddings=False) == list(range(28, 48, 2))
     assert premature_layers([5, 1, 5], 6, tied_embeddings=False) == [1, 5]
+
+
+TEXT_PROMPTS = [
+    "The capital of France is",
+    "Once upon a time, there was a little",
+    "def fibonacci(n):",
+    "The three primary colors are",
+    "Water boils at a temperature of",
+]
+
+
+@pytest.mark.reference
+@pytest.mark.slow
+def test_both_match_the_reference_on_the_embedded_model(llm: LLM, hf_model) -> None:
+    """SmolLM2 (30 layers, tied embeddings) in float32 against transformers running the same weights; the tiny
+    model's tests above are the default run's version of this check."""
+    prompts = [llm.tokenizer.encode(text) for text in TEXT_PROMPTS]
+    contrastive = SamplingParams(penalty_alpha=0.6, top_k=3, max_tokens=6, ignore_eos=True)
+    for prompt, tokens in zip(prompts, generate(llm, prompts, [contrastive] * len(prompts))):
+        assert tokens == reference_contrastive(hf_model, prompt, 0.6, 3, 6)
+    dola = SamplingParams(temperature=0, dola_layers="high", repetition_penalty=1.2, max_tokens=6, ignore_eos=True)
+    layers = premature_layers("high", 30, tied_embeddings=True)
+    for prompt, tokens in zip(prompts, generate(llm, prompts, [dola] * len(prompts))):
+        assert tokens == reference_dola(hf_model, prompt, layers, 6, 1.2)
+
+
+def test_cli_flags_build_the_sampling_params() -> None:
+    from pagedllm.cli import _sampling_params, build_parser
+
+    args = build_parser().parse_args(
+        ["generate", "--prompt", "x", "--top-k", "4", "--penalty-alpha", "0.6", "--repetition-penalty", "1.2"]
+    )
+    params = _sampling_params(args)
+    assert (params.penalty_alpha, params.top_k, params.repetition_penalty) == (0.6, 4, 1.2)
+    args = build_parser().parse_args(["generate", "--prompt", "x", "--dola-layers", "2,4"])
+    assert _sampling_params(args).dola_layers == [2, 4]
+    assert _sampling_params(build_parser().parse_args(["chat", "--dola-layers", "high"])).dola_layers == "high"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["generate", "--prompt", "x", "--dola-layers", "middle"])
