@@ -13,6 +13,7 @@ from pagedllm import LLM, SamplingParams
 from pagedllm.errors import InvalidArgumentError, RequestTooLongError
 from pagedllm.layers.dola import premature_layers
 from tests.checkpoints import write_checkpoint
+from tests.model.test_gemma3 import write_tiny_gemma3
 
 NUM_LAYERS = 6
 NUM_TOKENS = 10
@@ -65,10 +66,7 @@ def reference_dola(model, prompt: list[int], layers: list[int], num_tokens: int,
     for _ in range(num_tokens):
         out = model(torch.tensor([tokens]), output_hidden_states=True, logits_to_keep=1)
         final = torch.log_softmax(out.logits[0, -1].double(), dim=-1)
-        early = [
-            torch.log_softmax(model.lm_head(model.model.norm(out.hidden_states[j][0, -1])).double(), dim=-1)
-            for j in layers
-        ]
+        early = [torch.log_softmax(early_exit(model, out.hidden_states[j][0, -1]), dim=-1) for j in layers]
         divergences = [jensen_shannon(final, q) for q in early]
         premature = early[divergences.index(max(divergences))]
         scores = torch.full_like(final, -math.inf)
@@ -78,6 +76,13 @@ def reference_dola(model, prompt: list[int], layers: list[int], num_tokens: int,
             scores[token] = scores[token] / penalty if scores[token] > 0 else scores[token] * penalty
         tokens.append(int(scores.argmax()))
     return tokens[len(prompt) :]
+
+
+def early_exit(model, hidden: torch.Tensor) -> torch.Tensor:
+    """The model's output head (final norm, LM head, Gemma's soft cap) on an early layer's hidden state."""
+    logits = model.lm_head(model.model.norm(hidden)).double()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    return logits if cap is None else torch.tanh(logits / cap) * cap
 
 
 def jensen_shannon(log_p: torch.Tensor, log_q: torch.Tensor) -> float:
@@ -114,6 +119,22 @@ def test_dola_matches_the_reference(tiny, tiny_llm: LLM, dola_layers, penalty: f
     layers = premature_layers(dola_layers, NUM_LAYERS, tied_embeddings=False)
     for prompt, tokens in zip(PROMPTS, generate(tiny_llm, PROMPTS, [params] * len(PROMPTS))):
         assert tokens == reference_dola(tiny[1], prompt, layers, NUM_TOKENS, penalty)
+
+
+def test_both_match_the_reference_on_a_tiny_gemma3_across_its_window(tmp_path: Path, tokenizer_dir: Path) -> None:
+    """Two KV-cache groups (sliding-window and global layers): each candidate branches in both, and the window of 8
+    tokens slides past blocks of 4 while the branches are scored."""
+    model = write_tiny_gemma3(tmp_path, tokenizer_dir, vocab_size=VOCAB_SIZE, sliding_window=8).float()
+    llm = LLM(model=str(tmp_path), dtype="float32", quantization="none", kv_cache_memory=2**22, block_size=4)
+    contrastive = SamplingParams(penalty_alpha=0.6, top_k=4, max_tokens=NUM_TOKENS, ignore_eos=True)
+    for prompt, tokens in zip(PROMPTS, generate(llm, PROMPTS, [contrastive] * len(PROMPTS))):
+        assert tokens == reference_contrastive(model, prompt, 0.6, 4, NUM_TOKENS)
+    # Layer 0 is the scaled embeddings: Gemma multiplies them by sqrt(hidden_size) before the first layer.
+    layers = [0, 3, 5]
+    dola = SamplingParams(temperature=0, dola_layers=layers, max_tokens=NUM_TOKENS, ignore_eos=True)
+    for prompt, tokens in zip(PROMPTS, generate(llm, PROMPTS, [dola] * len(PROMPTS))):
+        assert tokens == reference_dola(model, prompt, layers, NUM_TOKENS)
+    assert llm.engine.block_manager.num_free_blocks == llm.engine.num_blocks
 
 
 def test_a_mixed_batch_gives_each_request_what_it_gets_alone(tiny_llm: LLM) -> None:
