@@ -65,7 +65,12 @@ class RemoteChat:
             "max_tokens": params.max_tokens,
             "temperature": params.temperature,
             "top_p": params.top_p,
+            "top_k": params.top_k,
+            "repetition_penalty": params.repetition_penalty,
+            "penalty_alpha": params.penalty_alpha,
         }
+        if params.dola_layers is not None:
+            body["dola_layers"] = params.dola_layers
         with self.client.stream("POST", "/v1/chat/completions", json=body) as response:
             if response.status_code != 200:
                 response.read()

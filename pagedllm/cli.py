@@ -26,7 +26,7 @@ from pagedllm.errors import PagedLLMError
 from pagedllm.evaluation import kl_divergence, perplexity
 from pagedllm.flags import add_dataclass_arguments, dataclass_from_args
 from pagedllm.quantize import command as quantize_command
-from pagedllm.sampling_params import SamplingParams
+from pagedllm.sampling_params import DOLA_BUCKETS, SamplingParams
 from pagedllm.serving import api_server
 
 
@@ -35,10 +35,37 @@ def _add_sampling_arguments(parser: argparse.ArgumentParser, max_tokens: int) ->
     group.add_argument("--max-tokens", type=int, default=max_tokens, help="most tokens to generate")
     group.add_argument("--temperature", type=float, default=0.7, help="0 picks the most likely token")
     group.add_argument("--top-p", type=float, default=0.9)
+    group.add_argument("--top-k", type=int, default=0, help="0 disables it; contrastive search's candidates")
+    group.add_argument("--repetition-penalty", type=float, default=1.0, help="DoLa's paper uses 1.2")
+    group.add_argument(
+        "--penalty-alpha", type=float, default=0.0, help="contrastive search's degeneration penalty (with --top-k)"
+    )
+    group.add_argument(
+        "--dola-layers", type=_dola_layers, help="DoLa's premature layers: low, high or comma-separated indices"
+    )
+
+
+def _dola_layers(value: str) -> str | list[int]:
+    if value in DOLA_BUCKETS:
+        return value
+    try:
+        return [int(index) for index in value.split(",")]
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(
+            f"expected low, high or comma-separated layer indices, got {value!r}"
+        ) from error
 
 
 def _sampling_params(args: argparse.Namespace) -> SamplingParams:
-    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p)
+    return SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        repetition_penalty=args.repetition_penalty,
+        penalty_alpha=args.penalty_alpha,
+        dola_layers=args.dola_layers,
+    )
 
 
 def _generate(args: argparse.Namespace) -> int:

@@ -25,9 +25,12 @@ FLOAT_FIELDS = (
     "presence_penalty",
     "frequency_penalty",
     "length_penalty",
+    "penalty_alpha",
 )
 # Settings that would change a beam's score; beam search ranks by the model's own log-probabilities.
 NOT_WITH_BEAM_SEARCH = ("repetition_penalty", "presence_penalty", "frequency_penalty", "stop")
+# DoLa's named premature-layer buckets (layers/dola.py), or explicit indices of transformers' hidden_states.
+DOLA_BUCKETS = ("low", "high")
 
 
 def _is_int(value: Any) -> bool:
@@ -42,6 +45,11 @@ class SamplingParams:
     With `use_beam_search`, `beam_width` beams (default: best_of if given, else n) search for the most likely
     continuations as transformers' `generate(num_beams=beam_width, do_sample=False)` does, and the n best
     hypotheses come back, best first. Beam search ignores temperature, top-k/top-p/min-p and seed.
+
+    With `penalty_alpha` > 0, contrastive search (Su et al. 2022) picks each token among the `top_k` most likely
+    by (1 - alpha) p(v) - alpha max cos(h_v, h_context); it is deterministic and ignores temperature, top-p, min-p
+    and seed. `dola_layers` ("low", "high" or hidden-state indices) turns on DoLa (Chuang et al. 2023): the logits
+    become log p_final - log p_premature over the plausible tokens before the other settings apply.
     """
 
     n: int = 1
@@ -68,6 +76,8 @@ class SamplingParams:
     early_stopping: bool | Literal["never"] = False
     structured_outputs: StructuredOutputsParams | None = None
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit, in [-100, 100]
+    penalty_alpha: float = 0.0  # contrastive search's degeneration penalty; 0 turns it off
+    dola_layers: str | list[int] | None = None  # "low", "high" or premature layers' hidden-state indices
 
     def __post_init__(self) -> None:
         self.stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -94,6 +104,7 @@ class SamplingParams:
             (0 < self.top_p <= 1, "top_p", "must be in (0, 1]"),
             (0 <= self.min_p <= 1, "min_p", "must be in [0, 1]"),
             (self.repetition_penalty > 0, "repetition_penalty", "must be > 0"),
+            (0 <= self.penalty_alpha <= 1, "penalty_alpha", "must be in [0, 1]"),
             (-2 <= self.presence_penalty <= 2, "presence_penalty", "must be in [-2, 2]"),
             (-2 <= self.frequency_penalty <= 2, "frequency_penalty", "must be in [-2, 2]"),
             (all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings"),
@@ -117,6 +128,43 @@ class SamplingParams:
         self._check_logit_bias()
         if self.use_beam_search:
             self._check_beam_search()
+        if self.penalty_alpha > 0:
+            self._check_contrastive_search()
+        if self.dola_layers is not None:
+            self._check_dola()
+
+    @property
+    def uses_contrastive_search(self) -> bool:
+        return self.penalty_alpha > 0
+
+    def _check_contrastive_search(self) -> None:
+        if self.top_k <= 1:
+            raise InvalidArgumentError(
+                f"penalty_alpha needs top_k > 1 (the candidates per step), got top_k={self.top_k}", "top_k"
+            )
+        refused = {
+            "use_beam_search": self.use_beam_search,
+            "n": self.n > 1,
+            "best_of": self.best_of is not None and self.best_of > 1,
+            "logprobs": self.logprobs is not None,
+            "structured_outputs": self.structured_outputs is not None,
+            "dola_layers": self.dola_layers is not None,
+        }
+        for name, given in refused.items():
+            if given:
+                raise InvalidArgumentError(f"{name} is not supported with penalty_alpha (contrastive search)", name)
+
+    def _check_dola(self) -> None:
+        layers = self.dola_layers
+        named = isinstance(layers, str) and layers in DOLA_BUCKETS
+        indices = isinstance(layers, list) and bool(layers) and all(_is_int(i) and i >= 0 for i in layers)
+        if not (named or indices):
+            raise InvalidArgumentError(
+                f"dola_layers must be 'low', 'high' or a non-empty list of layer indices >= 0, got {layers!r}",
+                "dola_layers",
+            )
+        if self.use_beam_search:
+            raise InvalidArgumentError("dola_layers is not supported with use_beam_search", "dola_layers")
 
     @property
     def num_samples(self) -> int:

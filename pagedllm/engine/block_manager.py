@@ -226,6 +226,10 @@ class BlockManager:
         if self.prefix_cache:
             self.prefix_cache.register(seq, self.tables(seq))
 
+    def allocate_block(self) -> int:
+        """A free block for the caller to fill and release (a contrastive candidate's scratch block)."""
+        return self._allocate()
+
     def _allocate(self) -> int:
         block_id = self.allocator.allocate()
         if self.prefix_cache:

@@ -10,6 +10,8 @@ import torch
 from pagedllm.config import EngineConfig, ModelConfig
 from pagedllm.engine.executor import Executor
 from pagedllm.engine.model_runner import ModelRunner, StepInput, kv_cache_bytes_per_block
+from pagedllm.errors import InvalidArgumentError
+from pagedllm.model.hidden_states import HiddenCapture
 from pagedllm.structured_output.manager import StructuredOutputManager
 
 
@@ -44,5 +46,10 @@ class DistributedModelRunner(ModelRunner):
         self._set_up_sampling(config, model_config.vocab_size, structured_output)
         self.bytes_per_block = distributed_bytes_per_block(model_config, config)
 
-    def forward(self, step: StepInput) -> torch.Tensor:
+    def forward(self, step: StepInput, capture: HiddenCapture | None = None) -> torch.Tensor:
+        """The ranks' logits; hidden states stay on the ranks (LLMEngine refuses the requests that need them)."""
+        if capture is not None:
+            raise InvalidArgumentError(
+                "contrastive search and DoLa need the model in this process", "tensor_parallel_size"
+            )
         return self.executor.execute_model(step).to(self.device)

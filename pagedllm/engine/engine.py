@@ -11,6 +11,7 @@ import torch
 
 from pagedllm.config import EngineConfig, ModelConfig, SpeculativeConfig
 from pagedllm.engine.block_manager import BlockManager
+from pagedllm.engine.candidate_branches import num_scratch_blocks, release_branches
 from pagedllm.engine.distributed_runner import DistributedModelRunner, distributed_bytes_per_block
 from pagedllm.engine.executor import MultiprocExecutor
 from pagedllm.engine.faults import StepFaults
@@ -35,6 +36,8 @@ from pagedllm.engine.request import FinishReason, Request, Sequence
 from pagedllm.engine.scheduler import Scheduler, SchedulerOutput
 from pagedllm.engine.worker import load_model
 from pagedllm.errors import ConfigError, InvalidArgumentError, RequestTooLongError
+from pagedllm.layers.contrastive import ContrastiveState
+from pagedllm.layers.dola import premature_layers
 from pagedllm.layers.kv_cache_groups import kv_cache_layout
 from pagedllm.model.loader import load_model_config
 from pagedllm.model.registry import model_display_name, resolve_model_path
@@ -201,6 +204,7 @@ class LLMEngine:
         text = prompt if isinstance(prompt, str) else None
         token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         self._check_fits(token_ids, params)
+        self._check_decoding_strategy(params)
         if params.structured_outputs is not None:
             self.grammars.compile(params.structured_outputs)  # refused here, before it is queued, if invalid
         arrival_time = arrival_time or time.monotonic()
@@ -234,6 +238,22 @@ class LLMEngine:
         if seq is not None:
             self.block_manager.free(seq)
 
+    def _check_decoding_strategy(self, params: SamplingParams) -> None:
+        """Refuse contrastive search and DoLa where this engine cannot run them."""
+        name = "penalty_alpha" if params.uses_contrastive_search else "dola_layers"
+        if not params.uses_contrastive_search and params.dola_layers is None:
+            return
+        # Both read hidden states in this process, and rank the model's own next-token distribution each step.
+        if self.config.executor_backend != "uni":
+            raise InvalidArgumentError(f"{name} is not supported with tensor or pipeline parallelism", name)
+        if self.speculator is not None:
+            raise InvalidArgumentError(f"{name} is not supported with speculative decoding", name)
+        if params.uses_contrastive_search and self.streaming is not None:
+            raise InvalidArgumentError("penalty_alpha is not supported with the streaming KV-cache policy", name)
+        if params.dola_layers is not None:
+            mc = self.model_config
+            premature_layers(params.dola_layers, mc.num_layers, mc.tie_word_embeddings)
+
     def _check_unused(self, request_id: str) -> None:
         if request_id in self.requests or request_id in self.kept or self.searches.has(request_id):
             raise InvalidArgumentError(f"request id {request_id!r} is already in use", "request_id")
@@ -246,6 +266,8 @@ class LLMEngine:
             request.prompt_logprobs = [None]
         detokenizer = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids, params.skip_special_tokens)
         first = Sequence(request, 0, request.generator(0, self.device), detokenizer, pending_forks=params.n - 1)
+        if params.uses_contrastive_search:
+            first.contrastive = ContrastiveState(params.penalty_alpha, params.top_k)
         if fork_of is not None:
             num_shared = fork_of.prompt_len
             self.block_manager.fork(fork_of, first, num_shared)
@@ -271,7 +293,9 @@ class LLMEngine:
                 "max_tokens",
             )
         capacity = self.num_blocks * self.config.block_size
-        if self.block_manager.blocks_for(total, self.config.max_num_batched_tokens) > self.num_blocks:
+        # Contrastive search's candidates hold a scratch block each (per KV-cache group) during their step.
+        scratch = num_scratch_blocks(self.block_manager, params.top_k) if params.uses_contrastive_search else 0
+        if self.block_manager.blocks_for(total, self.config.max_num_batched_tokens) + scratch > self.num_blocks:
             raise RequestTooLongError(
                 f"the KV cache holds {capacity} tokens, but the prompt has {len(token_ids)} and max_tokens is "
                 f"{params.max_tokens} ({total} in all); raise kv_cache_memory",
@@ -317,6 +341,9 @@ class LLMEngine:
         now = time.monotonic()
         for item in scheduled.scheduled:
             seq = item.sequence
+            if item.branches:
+                release_branches(self.block_manager, item.branches)
+                continue  # the chosen candidate's K/V counts once it is appended, below
             if seq.num_computed_tokens < seq.prompt_len:
                 self.prompt_tokens += min(item.num_new_tokens, seq.prompt_len - seq.num_computed_tokens)
             # Drafts have K/V only once accepted (below); a sequence's tokens so far all have theirs now.
@@ -347,6 +374,11 @@ class LLMEngine:
             advanced[request.request_id] = request
         for verification in result.verifications:
             self._keep_accepted(verification)
+        for item in scheduled.scheduled:
+            if item.branches and item.sequence.finish_reason is None:
+                item.sequence.num_computed_tokens += 1
+                self.block_manager.cache_computed_blocks(item.sequence)
+                self.block_manager.release_out_of_window(item.sequence)
         outputs = [make_request_output(request) for request in advanced.values()]
         for output in outputs:
             if output.finished:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -10,15 +11,18 @@ from torch import nn
 
 from pagedllm.config import EngineConfig, ModelConfig
 from pagedllm.engine.block_manager import BlockManager, HasBlocks
+from pagedllm.engine.candidate_branches import keep_branch
 from pagedllm.engine.request import Sequence
 from pagedllm.engine.scheduler import ScheduledSequence, SchedulerOutput
 from pagedllm.layers.attention import AttentionMetadata, KVPool, copy_blocks
+from pagedllm.layers.dola import dola_logits, premature_layers
 from pagedllm.layers.kv_cache_groups import kv_cache_layout
 from pagedllm.layers.kv_compaction import KVCompaction, compact_kv
 from pagedllm.layers.kv_quant import KV_CACHE_BITS, QuantizedKVPool
 from pagedllm.layers.rejection_sampler import DraftBatch, RejectionSampler, VerifiedTokens
-from pagedllm.layers.sampler import Sampler, SamplerOutput, SamplingBatch
+from pagedllm.layers.sampler import Sampler, SamplerOutput, SamplingBatch, process_logits
 from pagedllm.model.fused_decode import FusedDecode
+from pagedllm.model.hidden_states import HiddenCapture, capturing_layers
 from pagedllm.model.llama import LlamaForCausalLM
 from pagedllm.sampling_params import SamplingParams
 from pagedllm.structured_output.manager import StructuredOutputManager
@@ -129,32 +133,128 @@ class ModelRunner:
         batch = _FlatBatch()
         for item in items:
             batch.add(item)
-        rows = batch.sample_rows + [row for _, rows in batch.prompt_logprob_rows for row in rows]
+        rows = batch.sample_rows + batch.candidate_rows + [row for _, rows in batch.prompt_logprob_rows for row in rows]
+        capture = self._hidden_capture(batch)
         logits = self.forward(
-            step_input(block_manager, batch.input_ids, batch.positions, batch.spans, out.block_copies, rows)
+            step_input(block_manager, batch.input_ids, batch.positions, batch.spans, out.block_copies, rows), capture
         )
-        num_samples = len(batch.sample_rows)
-        prompt_logprobs = self._prompt_logprobs(logits[num_samples:], batch)
+        num_samples, num_candidates = len(batch.sample_rows), len(batch.candidate_rows)
+        prompt_logprobs = self._prompt_logprobs(logits[num_samples + num_candidates :], batch)
         if any(batch.sample_drafts):
             samples, verifications = self._verify(logits[:num_samples], batch)
             return StepResult(samples, prompt_logprobs, verifications)
-        return StepResult(self._sample(logits[:num_samples], batch.sample_seqs), prompt_logprobs)
+        candidate_hidden = self._extend_contexts(batch, capture)
+        samples = self._sample(self._apply_dola(logits[:num_samples], batch.sample_seqs, capture), batch.sample_seqs)
+        candidate_logits = logits[num_samples : num_samples + num_candidates]
+        samples += self._choose_candidates(batch, candidate_logits, candidate_hidden, block_manager)
+        return StepResult(samples, prompt_logprobs)
 
     @torch.inference_mode()
-    def forward(self, step: StepInput) -> torch.Tensor:
+    def forward(self, step: StepInput, capture: HiddenCapture | None = None) -> torch.Tensor:
         """Float32 logits of the step's logit_rows from this process's model and K/V pools, after the step's
-        copy-on-write block copies."""
-        return self.model.compute_logits(self.hidden_states(step)[step.logit_rows])
+        copy-on-write block copies; with `capture`, the hidden states it names are kept in it."""
+        hidden = self.hidden_states(step, capture)
+        if capture is not None and capture.final_rows:
+            capture.final = self.model.norm(hidden[capture.final_rows])
+        return self.model.compute_logits(hidden[step.logit_rows])
 
-    def hidden_states(self, step: StepInput) -> torch.Tensor:
-        """The final hidden states of every token of the step (a pipeline stage's own layers' output)."""
+    def hidden_states(self, step: StepInput, capture: HiddenCapture | None = None) -> torch.Tensor:
+        """The final hidden states of every token of the step (a pipeline stage's own layers' output).
+
+        Early layers' states come from the model's own forward: a step that captures them skips the fused decode.
+        """
         self._copy_blocks(step.block_copies)
         meta = step.attention_metadata(self.block_size, self.device)
         input_ids = torch.tensor(step.input_ids, device=self.device)
         positions = torch.tensor(step.positions, device=self.device)
-        if self.fused_decode is not None and self.fused_decode.takes(meta):
+        capture = capture or HiddenCapture()
+        if self.fused_decode is not None and self.fused_decode.takes(meta) and not capture.layers:
             return self.fused_decode.forward(self.model.embed_tokens(input_ids), positions, meta)
-        return self.model(input_ids, positions, meta)
+        with capturing_layers(self.model.layers, capture, self.device) if capture.layers else nullcontext():
+            return self.model(input_ids, positions, meta)
+
+    def _hidden_capture(self, batch: _FlatBatch) -> HiddenCapture | None:
+        """The hidden states the batch's contrastive and DoLa sequences need; None when no sequence needs any."""
+        capture = HiddenCapture(
+            final_rows=[row for _, rows in batch.context_rows for row in rows] + batch.candidate_rows
+        )
+        for row, seq in zip(batch.sample_rows, batch.sample_seqs):
+            layers = self.dola_layers(seq.request.params)
+            if layers:
+                capture.layer_rows.append(row)
+                capture.layers = sorted(set(capture.layers) | set(layers))
+        return capture if capture.wants_anything else None
+
+    def dola_layers(self, params: SamplingParams) -> list[int]:
+        """A request's candidate premature layers; none without DoLa."""
+        if params.dola_layers is None:
+            return []
+        config = self.model.config
+        return premature_layers(params.dola_layers, config.num_layers, config.tie_word_embeddings)
+
+    def _apply_dola(self, logits: torch.Tensor, seqs: list[Sequence], capture: HiddenCapture | None) -> torch.Tensor:
+        """The sample rows' logits, DoLa's contrast in place of the final logits for the sequences that use it."""
+        if capture is None or not capture.layers:
+            return logits
+        logits = logits.clone()
+        index = 0  # into the captured rows, which follow the DoLa sequences' sample rows in order
+        for row, seq in enumerate(seqs):
+            layers = self.dola_layers(seq.request.params)
+            if layers:
+                early = torch.stack([capture.by_layer[layer][index] for layer in layers])
+                logits[row] = dola_logits(logits[row], self.model.compute_logits(early))
+                index += 1
+        return logits
+
+    def _extend_contexts(self, batch: _FlatBatch, capture: HiddenCapture | None) -> torch.Tensor | None:
+        """Add the step's computed tokens to their contrastive contexts; the candidates' hidden states remain."""
+        if capture is None or capture.final is None:
+            return None
+        offset = 0
+        for seq, rows in batch.context_rows:
+            assert seq.contrastive is not None
+            seq.contrastive.append(capture.final[offset : offset + len(rows)])
+            offset += len(rows)
+        return capture.final[offset:]
+
+    def _choose_candidates(
+        self,
+        batch: _FlatBatch,
+        logits: torch.Tensor,
+        hidden: torch.Tensor | None,
+        block_manager: BlockManager,
+    ) -> list[SampledToken]:
+        """Each branching sequence's best candidate: its token, its K/V kept, and the next step's candidates."""
+        if not batch.branch_items:
+            return []
+        assert hidden is not None
+        samples, next_rows, chosen = [], [], []
+        start = 0
+        for item in batch.branch_items:
+            seq, state = item.sequence, item.sequence.contrastive
+            assert state is not None
+            num = len(item.branches)
+            best = state.choose(hidden[start : start + num])
+            token = state.candidate_ids[best]
+            state.append(hidden[start + best : start + best + 1])
+            keep_branch(block_manager, seq, item.branches[best])
+            samples.append(SampledToken(seq, token, None, None))
+            next_rows.append(start + best)
+            chosen.append([token])
+            start += num
+        seqs = [item.sequence for item in batch.branch_items]
+        self._set_candidates(logits[next_rows], seqs, chosen)
+        return samples
+
+    def _set_candidates(self, logits: torch.Tensor, seqs: list[Sequence], row_drafts: list[list[int]]) -> None:
+        """Contrastive sequences' next candidates from their next-token logits, the penalties and bans applied as
+        if each output already ended with its row's drafts (the token chosen with these logits)."""
+        batch = self.sampling_batch(seqs, row_drafts)
+        batch.temperature = torch.zeros_like(batch.temperature)  # candidates come from the unscaled distribution
+        processed = process_logits(logits, batch).logits
+        for row, seq in enumerate(seqs):
+            assert seq.contrastive is not None
+            seq.contrastive.set_candidates(processed[row])
 
     def _compact(self, compactions: list[KVCompaction]) -> None:
         for compaction in compactions:
@@ -170,6 +270,13 @@ class ModelRunner:
             copy_blocks(cache, src, dst)
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[SampledToken]:
+        """Draw the sequences' next tokens; a contrastive sequence gets its first candidates instead."""
+        contrastive = [row for row, seq in enumerate(seqs) if seq.contrastive is not None]
+        if contrastive:
+            rows = [seqs[row] for row in contrastive]
+            self._set_candidates(logits[contrastive], rows, [[] for _ in rows])
+            kept = [row for row in range(len(seqs)) if seqs[row].contrastive is None]
+            logits, seqs = logits[kept], [seqs[row] for row in kept]
         if not seqs:
             return []
         batch = self.sampling_batch(seqs)
@@ -289,15 +396,21 @@ class _FlatBatch:
     def __init__(self) -> None:
         self.input_ids: list[int] = []
         self.positions: list[int] = []
-        self.spans: list[tuple[Sequence, int, int]] = []  # each sequence's new cache positions [start, end)
+        self.spans: list[tuple[HasBlocks, int, int]] = []  # each sequence's (or branch's) new positions [start, end)
         self.sample_rows: list[int] = []
         self.sample_seqs: list[Sequence] = []
         self.sample_drafts: list[list[int]] = []  # per sample sequence: drafts verified on its rows
         self.sample_draft_probs: list[torch.Tensor | None] = []  # their distributions (None: one-hot)
         self.prompt_logprob_rows: list[tuple[Sequence, list[int]]] = []
+        self.context_rows: list[tuple[Sequence, list[int]]] = []  # contrastive sequences' computed tokens
+        self.candidate_rows: list[int] = []  # the branches' rows, item after item
+        self.branch_items: list[ScheduledSequence] = []
 
     def add(self, item: ScheduledSequence) -> None:
         seq = item.sequence
+        if item.branches:
+            self._add_branches(item)
+            return
         start, end = seq.num_computed_tokens, seq.num_computed_tokens + item.num_new_tokens
         drafts = seq.draft_token_ids[: item.num_draft_tokens]
         offset = len(self.input_ids)
@@ -327,6 +440,20 @@ class _FlatBatch:
             positions = range(max(start, first_missing - 1), min(end, seq.prompt_len - 1))
             if len(positions):
                 self.prompt_logprob_rows.append((seq, [offset + p - start for p in positions]))
+        if seq.contrastive is not None:
+            self.context_rows.append((seq, list(range(offset, offset + item.num_new_tokens))))
+
+    def _add_branches(self, item: ScheduledSequence) -> None:
+        """One row per candidate at the sequence's next position, each over its own branch's blocks."""
+        seq = item.sequence
+        assert seq.contrastive is not None
+        position = seq.num_computed_tokens
+        offset = len(self.input_ids)
+        self.input_ids += seq.contrastive.candidate_ids
+        self.positions += [position] * len(item.branches)
+        self.spans += [(branch, position, position + 1) for branch in item.branches]
+        self.candidate_rows += range(offset, offset + len(item.branches))
+        self.branch_items.append(item)
 
 
 @dataclass
@@ -357,7 +484,7 @@ def step_input(
     block_manager: BlockManager,
     input_ids: list[int],
     positions: list[int],
-    spans: list[tuple[Sequence, int, int]],
+    spans: list[tuple[HasBlocks, int, int]],
     block_copies: list[tuple[int, int]],
     logit_rows: list[int],
 ) -> StepInput:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from pagedllm.layers.contrastive import ContrastiveState
 from pagedllm.model.tokenizer import IncrementalDetokenizer
 from pagedllm.sampling_params import SamplingParams
 
@@ -74,6 +75,12 @@ class Sequence:
     cumulative_logprob: float = 0.0
     finish_reason: FinishReason | None = None
     stop_reason: str | int | None = None
+    contrastive: ContrastiveState | None = None  # under contrastive search: its hidden states and candidates
+
+    @property
+    def awaits_candidates(self) -> bool:
+        """Under contrastive search, every token has its K/V and the next step scores the next token's candidates."""
+        return self.contrastive is not None and bool(self.contrastive.candidate_ids) and self.num_uncomputed_tokens == 0
 
     @property
     def prompt_len(self) -> int:

@@ -7,6 +7,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from pagedllm.engine.block_manager import BlockManager
+from pagedllm.engine.candidate_branches import CandidateBranch, branch_out, num_scratch_blocks
 from pagedllm.engine.request import Sequence
 from pagedllm.layers.kv_compaction import KVCompaction
 
@@ -19,6 +20,8 @@ class ScheduledSequence:
     num_new_tokens: int  # draft tokens included
     forks: list[Sequence] = field(default_factory=list)  # samples split off at this step, sharing its blocks
     num_draft_tokens: int = 0  # the sequence's first drafts, computed after its own tokens to be verified
+    # Contrastive search: one branch per candidate for the next position (its one new token, not yet chosen).
+    branches: list[CandidateBranch] = field(default_factory=list)
 
     @property
     def completes(self) -> bool:
@@ -70,17 +73,21 @@ class Scheduler:
             seq = self.running[index]
             # Tokens out of a streaming window leave first: their blocks count as free for the room made below.
             compaction = self.block_manager.evict(seq)
-            # Drafts count in the budget like any token; those that do not fit wait for a later step.
+            # Drafts count in the budget like any token; those that do not fit wait for a later step. Candidates
+            # are rows for the next position; their scratch blocks are held for the step.
+            num_branches = seq.contrastive.top_k if seq.awaits_candidates and seq.contrastive else 0
             num_new = min(
-                seq.num_uncomputed_tokens + len(seq.draft_token_ids), budget, self.block_manager.cache_room(seq)
+                seq.num_uncomputed_tokens + len(seq.draft_token_ids) + min(num_branches, 1),
+                budget,
+                self.block_manager.cache_room(seq),
             )
             del seq.draft_token_ids[max(0, num_new - seq.num_uncomputed_tokens) :]
-            if not self._make_room(seq, num_new, out):
+            if not self._make_room(seq, num_new, out, num_scratch_blocks(self.block_manager, num_branches)):
                 break  # the sequence itself was preempted: its blocks, and the compaction's, went back
             if compaction is not None:
                 out.kv_compactions.append(compaction)
-            self._schedule(seq, num_new, out)
-            budget -= num_new
+            self._schedule(seq, num_new, out, num_branches)
+            budget -= max(num_new, num_branches)
             index += 1
         while self.waiting and budget > 0 and not out.preempted:
             seq = self.waiting[0]
@@ -106,16 +113,21 @@ class Scheduler:
         if seq.block_ids:
             return self.block_manager.can_allocate(seq, min(seq.num_uncomputed_tokens, budget))
         # Prompt logprobs come from the prompt's own forward pass: a cached prefix would skip them.
-        prefix = [] if _awaits_prompt_logprobs(seq) else self.block_manager.cached_prefix(seq)
+        # So do a contrastive search's context hidden states.
+        needs_forward = _awaits_prompt_logprobs(seq) or seq.contrastive is not None
+        prefix = [] if needs_forward else self.block_manager.cached_prefix(seq)
         num_new = min(seq.num_tokens - len(prefix) * self.block_manager.block_size, budget)
         if not self.block_manager.can_admit(seq, prefix, num_new):
             return False
         self.block_manager.adopt_prefix(seq, prefix)
         return True
 
-    def _schedule(self, seq: Sequence, num_new: int, out: SchedulerOutput) -> None:
+    def _schedule(self, seq: Sequence, num_new: int, out: SchedulerOutput, num_branches: int = 0) -> None:
         out.block_copies += self.block_manager.allocate_slots(seq, num_new)
         item = ScheduledSequence(seq, num_new, num_draft_tokens=len(seq.draft_token_ids))
+        if num_branches:
+            item.branches, copies = branch_out(self.block_manager, seq, num_branches)
+            out.block_copies += copies
         if seq.pending_forks and item.completes:
             item.forks = self._fork(seq, seq.num_computed_tokens + num_new)
             out.forked += item.forks
@@ -134,9 +146,11 @@ class Scheduler:
         """Running sequences plus the samples they will split into."""
         return len(self.running) + sum(seq.pending_forks for seq in self.running)
 
-    def _make_room(self, seq: Sequence, num_new: int, out: SchedulerOutput) -> bool:
-        """Preempt the newest running sequences until `seq` fits; False if `seq` itself had to go."""
-        while not self.block_manager.can_allocate(seq, num_new):
+    def _make_room(self, seq: Sequence, num_new: int, out: SchedulerOutput, num_scratch: int = 0) -> bool:
+        """Preempt the newest running sequences until `seq` (and `num_scratch` more blocks) fits; False if `seq`
+        itself had to go."""
+        blocks = self.block_manager
+        while blocks.blocks_needed(seq, num_new) + num_scratch > blocks.num_free_blocks:
             victim = self.running.pop()
             self._preempt(victim)
             out.preempted.append(victim)
@@ -149,6 +163,8 @@ class Scheduler:
         seq.num_computed_tokens = 0
         seq.num_evicted_tokens = 0
         seq.draft_token_ids = []
+        if seq.contrastive is not None:
+            seq.contrastive.reset()
         seq.num_preemptions += 1
         self.waiting.appendleft(seq)
         self.num_preemptions += 1

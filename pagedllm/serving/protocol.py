@@ -42,6 +42,8 @@ SAMPLING_FIELDS = (
     "beam_width",
     "length_penalty",
     "early_stopping",
+    "penalty_alpha",
+    "dola_layers",
 )
 
 
@@ -126,6 +128,8 @@ class SamplingRequest(APIModel):
     beam_width: int | None = Field(None, description="beam search: beams kept per step (default: best_of, else n)")
     length_penalty: float | None = Field(None, description="beam search: scores divide by length ** this")
     early_stopping: bool | Literal["never"] | None = Field(None, description="beam search stopping rule")
+    penalty_alpha: float | None = Field(None, description="contrastive search's degeneration penalty (with top_k > 1)")
+    dola_layers: str | list[int] | None = Field(None, description="DoLa: 'low', 'high' or premature layer indices")
 
     def check_supported(self) -> None:
         """Refuse clearly what is valid OpenAI but not served here."""
