@@ -46,8 +46,12 @@ def test_chat_requests_are_the_questions() -> None:
     assert questions <= {f"<user> {q} <assistant>" for q, _ in PAIRS}
 
 
-def test_the_table_reports_decode_speed_up_over_off() -> None:
+def test_the_table_reports_speed_ups_over_off_at_each_concurrency() -> None:
     off = SpecPoint("grounded", "off", 2, 102, 10.0, 5.0)  # 100 decode tokens in 5 s
     on = SpecPoint("grounded", "ngram", 2, 102, 5.0, 2.0, 80, 60, 0.75, 3.0)
-    table = format_points([off, on])
-    assert "20.0" in table and "50.0" in table and "2.50x" in table and "75%" in table
+    # With requests at once the output throughput counts: 800 tokens in 10 s against 12.5 s.
+    off_at_once = SpecPoint("grounded", "off", 16, 800, 10.0, 0.0, concurrency=16)
+    on_at_once = SpecPoint("grounded", "ngram", 16, 800, 12.5, 0.0, concurrency=16)
+    lines = format_points([off, on, off_at_once, on_at_once]).splitlines()
+    assert "20.0" in lines[1] and "50.0" in lines[2] and "2.50x" in lines[2] and "75%" in lines[2]
+    assert "80.0" in lines[3] and "64.0" in lines[4] and "0.80x" in lines[4]
