@@ -34,8 +34,7 @@ CODE_INSTRUCTION = "Add a one-line comment at the top of the following code and 
 PROMPT_SETS = ("chat", "grounded")
 DEFAULT_SPECULATIVE_CONFIG = '{"method": "ngram", "num_speculative_tokens": 5}'
 LLAMA_BENCH_REPETITIONS = 3
-# Requests at once take seconds per run, long enough for other load on the machine to skew one off/on pair.
-CONCURRENT_ROUNDS = 2
+CONCURRENT_ROUNDS = 3  # off/on rounds of the requests at once
 
 
 @dataclass(frozen=True)
@@ -139,19 +138,41 @@ def run_concurrent_point(
     return point, outputs
 
 
+def merged(results: list[tuple[SpecPoint, list]]) -> tuple[SpecPoint, list]:
+    """One point of several runs of the same setting, their outputs in order."""
+    points = [point for point, _ in results]
+    point = SpecPoint(
+        points[0].prompt_set,
+        points[0].speculation,
+        sum(p.num_requests for p in points),
+        sum(p.output_tokens for p in points),
+        sum(p.seconds for p in points),
+        sum(p.decode_seconds for p in points),
+    )
+    return point, [tokens for _, outputs in results for tokens in outputs]
+
+
 def compare(
     plain: LLM, speculating: LLM, requests: list[SpecRequest], prompt_set: str, method: str, concurrent: bool
 ) -> list[SpecPoint]:
-    """Off, then on, with the verification counters and the outputs that came out the same."""
-    run = run_concurrent_point if concurrent else run_point
+    """Off and on in alternation, so that other load on the machine weighs on both alike: at batch 1 request by
+    request, all at once in CONCURRENT_ROUNDS rounds (the fastest of each setting counting); with the verification
+    counters (over every run) and the outputs that came out the same."""
     before = speculating.engine.stats()
-    off, expected = run(plain, requests, prompt_set, "off")
-    on, produced = run(speculating, requests, prompt_set, method)
+    if concurrent:
+        rounds = [
+            (run_concurrent_point(plain, requests, prompt_set, "off"),
+             run_concurrent_point(speculating, requests, prompt_set, method))
+            for _ in range(CONCURRENT_ROUNDS)
+        ]  # fmt: skip
+        (off, expected), (on, produced) = (min((r[i] for r in rounds), key=lambda r: r[0].seconds) for i in (0, 1))
+    else:
+        pairs = [
+            (run_point(plain, [request], prompt_set, "off"), run_point(speculating, [request], prompt_set, method))
+            for request in requests
+        ]
+        (off, expected), (on, produced) = (merged([pair[i] for pair in pairs]) for i in (0, 1))
     after = speculating.engine.stats()
-    for _ in range(CONCURRENT_ROUNDS - 1 if concurrent else 0):  # alternating rounds, the fastest of each counts
-        off = min(off, run(plain, requests, prompt_set, "off")[0], key=lambda point: point.seconds)
-        on_again = run(speculating, requests, prompt_set, method)[0]
-        on.seconds = min(on.seconds, on_again.seconds)
     on.draft_tokens = after.spec_decode.num_draft_tokens - before.spec_decode.num_draft_tokens
     on.accepted_tokens = after.spec_decode.num_accepted_tokens - before.spec_decode.num_accepted_tokens
     verifications = after.spec_decode.num_drafts - before.spec_decode.num_drafts
