@@ -12,6 +12,8 @@ BENCH_OUTPUT_LEN ?= 64
 BENCH_OFFLINE_PROMPTS ?= 200
 BENCH_CONCURRENCY ?= 1,4,16,64
 BENCH_SEED ?= 0
+# Speculative decoding: prompts per set at batch 1 (chat and input-grounded), beside 16 grounded requests at once.
+BENCH_SPEC_PROMPTS ?= 8
 # Quantization variants: speed points and perplexity per setting in the model dtype (auto: bfloat16 with AMX or
 # AVX512-BF16, else float32), the AWQ checkpoint built once and cached.
 VARIANT_SPEED := --prompt-lens 512 --batch-sizes 1,32 --num-prompts 0 --dtype auto
@@ -84,6 +86,7 @@ bench: bench-peers
 	$(VENV)/bin/pagedllm bench serve --launch llama.cpp --dataset sharegpt --num-prompts $(BENCH_PROMPTS) --sharegpt-output-len $(BENCH_OUTPUT_LEN) --max-concurrency $(BENCH_CONCURRENCY) --seed $(BENCH_SEED)
 	$(VENV)/bin/pagedllm bench prefix --seed $(BENCH_SEED)
 	$(VENV)/bin/pagedllm bench structured --output-len $(BENCH_OUTPUT_LEN) --max-concurrency 1,16 --seed $(BENCH_SEED)
+	$(VENV)/bin/pagedllm bench spec --num-prompts $(BENCH_SPEC_PROMPTS) --concurrency 16 --seed $(BENCH_SEED)
 	$(VENV)/bin/pagedllm bench sizes
 	$(MAKE) bench-variants
 	$(VENV)/bin/pagedllm bench allreduce --output-json $(BENCH_RESULTS)

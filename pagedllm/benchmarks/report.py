@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 from collections import defaultdict
@@ -240,6 +241,41 @@ def structured_markdown(record: dict[str, Any]) -> str:
     return markdown_table(header, rows) + "\n\n" + figures
 
 
+def speculative_markdown(record: dict[str, Any]) -> str:
+    """Rows: each prompt set and concurrency, speculation off beside on (batch-1 decode tok/s, or output tok/s with
+    the requests at once), acceptance; then llama.cpp's batch-1 decode on the same file."""
+    header = ["set", "requests at once", "off tok/s", "on tok/s", "on ÷ off", "accepted", "tokens per verification"]
+    header.append("identical to off")
+    points = record["points"]
+    offs = {(p["prompt_set"], p.get("concurrency", 1)): p for p in points if p["speculation"] == "off"}
+
+    def speed(point: dict[str, Any]) -> float:
+        key = "decode_tokens_per_second" if point.get("concurrency", 1) == 1 else "output_tokens_per_second"
+        return point[key]
+
+    rows = []
+    for on in (p for p in points if p["speculation"] != "off"):
+        off = offs[(on["prompt_set"], on.get("concurrency", 1))]
+        rows.append(
+            [
+                on["prompt_set"], str(on.get("concurrency", 1)), f"{speed(off):.1f}", f"{speed(on):.1f}",
+                ratio(speed(on), speed(off)), f"{on['acceptance_rate']:.0%}", f"{on['mean_accepted_length']:.2f}",
+                f"{on['identical_outputs']}/{on['num_requests']}",
+            ]
+        )  # fmt: skip
+    table = markdown_table(header, rows)
+    llama_cpp = record.get("llama_cpp")
+    grounded = [p for p in points if p["speculation"] != "off" and p["prompt_set"] == "grounded"]
+    grounded = [p for p in grounded if p.get("concurrency", 1) == 1]
+    if not llama_cpp or not grounded:
+        return table
+    peer = llama_cpp["decode_tokens_per_second"]
+    return table + (
+        f"\n\nllama.cpp's batch-1 decode on the same file (llama-bench tg): {peer:.1f} tok/s; pagedllm with "
+        f"speculation on the grounded set: {ratio(speed(grounded[0]), peer)} that."
+    )
+
+
 def table_sections(document: ResultsFile, level: int) -> list[str]:
     """Headings (at markdown `level`) and tables: offline points, offline ShareGPT, then each serving workload."""
     heading = "#" * level
@@ -271,6 +307,14 @@ def table_sections(document: ResultsFile, level: int) -> list[str]:
             f"chat requests of {settings['output_len']} tokens per row)"
         )
         sections += [f"{heading} {title}", structured_markdown(structured[-1].results)]
+    speculative = [run for run in document.runs if run.kind == "speculative"]
+    if speculative:
+        settings = speculative[-1].settings
+        title = (
+            f"Speculative decoding ({json.dumps(settings['speculative_config'])}): batch-1 decode, and output "
+            "throughput with requests at once, off and on"
+        )
+        sections += [f"{heading} {title}", speculative_markdown(speculative[-1].results)]
     speeds, memory = sizes_speed_table(document), sizes_memory_table(document)
     if speeds and memory:
         notes = "".join(f"\n- {note}" for note in sizes_notes(document))

@@ -163,7 +163,7 @@ class ModelRunner:
 
         Early layers' states come from the model's own forward: a step that captures them skips the fused decode.
         """
-        self._copy_blocks(step.block_copies)
+        self.copy_blocks(step.block_copies)
         meta = step.attention_metadata(self.block_size, self.device)
         input_ids = torch.tensor(step.input_ids, device=self.device)
         positions = torch.tensor(step.positions, device=self.device)
@@ -261,7 +261,8 @@ class ModelRunner:
             for k_pool, v_pool in zip(self.k_pools, self.v_pools, strict=True):
                 compact_kv(k_pool, v_pool, self.model.rotary, compaction, self.device)
 
-    def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        """Copy-on-write: each (source, destination) block of every K/V pool."""
         if not copies:
             return
         src = torch.tensor([s for s, _ in copies], device=self.device)

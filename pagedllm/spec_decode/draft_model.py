@@ -2,16 +2,18 @@
 decoding sequence's next tokens, one batched forward per draft position, before the target verifies them.
 
 The draft's K/V lives in pools of its own, addressed through the target's block tables, so the block manager's
-allocation, sharing, copy-on-write, prefix caching, preemption and freeing govern both caches at once. That holds
-because every step the draft computes the positions the target computes, before the target's forward:
-- its first pass runs each scheduled sequence's new verified tokens (a prefill chunk, a decode's last token) and
-  draws a decoding sequence's first draft from the last one;
+allocation, sharing, copy-on-write, prefix caching, preemption and freeing govern both caches at once. Only steps
+that draft run the draft model, and only over their drafting sequences:
+- its first pass catches each drafting sequence's K/V up with the target's (from where the draft's ends: a decode's
+  last token, or everything computed since the sequence last drafted, its prompt included) and draws the first
+  draft from the last row;
 - each further pass feeds every drafting sequence its previous draft at the next position.
-So the draft's K/V is valid wherever the target's is, with one exception: when a step accepts every draft, the last
-draft was never fed to the draft model. That position is remembered and recomputed by the sequence's next first
-pass (until then a sequence that finds its block in the prefix cache reads it stale: its drafts may be accepted
-less often, its outputs stay the same). Rejected drafts' K/V lies past the target's computed tokens, where it is
-overwritten before anything reads it.
+Where the draft's K/V of a sequence ends is remembered between steps (`computed_until`); the positions after it,
+up to the target's computed tokens, are caught up the next time the sequence drafts, so a step too large to draft
+costs the draft model nothing. Rejected drafts' K/V lies past the target's computed tokens, where it is overwritten
+before anything reads it. A block whose draft K/V was never computed (its sequence finished without drafting
+again) can reach the prefix cache; a sequence that finds it there drafts from stale K/V, so its drafts may be
+accepted less often, its outputs stay the same.
 
 Drafts are reserved before scheduling, since the draft writes their K/V into the blocks the scheduler allocates for
 their verification, and drawn after it. A sampled request's drafts come with the distribution q each was drawn from
@@ -96,10 +98,8 @@ class _Pass:
         self.positions += range(start, end)
         self.spans += [(seq, p, p + 1) for p in range(start, end)] if one_row_spans else [(seq, start, end)]
 
-    def step(
-        self, block_manager: BlockManager, logit_rows: list[int], block_copies: list[tuple[int, int]] | None = None
-    ) -> StepInput:
-        return step_input(block_manager, self.input_ids, self.positions, self.spans, block_copies or [], logit_rows)
+    def step(self, block_manager: BlockManager, logit_rows: list[int]) -> StepInput:
+        return step_input(block_manager, self.input_ids, self.positions, self.spans, [], logit_rows)
 
 
 class DraftModel:
@@ -107,27 +107,30 @@ class DraftModel:
 
     def __init__(self, runner: ModelRunner) -> None:
         self.runner = runner
-        # Sequences whose last step drafted: the end of the draft's K/V after it (their accepted drafts decide
-        # whether the target's computed tokens end before or after it).
+        # Where a sequence's draft K/V ends, for those it may lag (steps without drafting) or lead (drafts fed, of
+        # which the verification may reject some): it is valid up to the lesser of this and the target's computed
+        # tokens. A sequence not here has its draft K/V wherever the target's is.
         self.computed_until: dict[Sequence, int] = {}
 
     @torch.inference_mode()
     def propose(self, out: SchedulerOutput, block_manager: BlockManager) -> None:
-        """Compute the draft's K/V for the step's verified tokens, then draw every reserved draft."""
-        first = _Pass()
-        last_rows: list[int] = []
-        for item in out.scheduled:
-            seq = item.sequence
-            start = min(self.computed_until.pop(seq, seq.num_computed_tokens), seq.num_computed_tokens)
-            num_verified = item.num_new_tokens - item.num_draft_tokens
-            end = seq.num_computed_tokens + num_verified
-            first.add(seq, seq.token_ids(start, end), start, one_row_spans=num_verified == 1)
-            if item.num_draft_tokens:
-                last_rows.append(len(first.input_ids) - 1)
-        logits = self.runner.forward(first.step(block_manager, last_rows, out.block_copies))
+        """Catch the drafting sequences' draft K/V up with the target's, then draw every reserved draft."""
+        self.runner.copy_blocks(out.block_copies)
         drafting = [item for item in out.scheduled if item.num_draft_tokens]
+        for item in out.scheduled:
+            if not item.num_draft_tokens:
+                self._lag(item.sequence)
         if not drafting:
             return
+        first = _Pass()
+        last_rows = []
+        for item in drafting:
+            seq = item.sequence
+            start = min(self.computed_until.pop(seq, seq.num_computed_tokens), seq.num_computed_tokens)
+            end = seq.num_computed_tokens + item.num_new_tokens - item.num_draft_tokens
+            first.add(seq, seq.token_ids(start, end), start, one_row_spans=end - start == 1)
+            last_rows.append(len(first.input_ids) - 1)
+        logits = self.runner.forward(first.step(block_manager, last_rows))
         seqs = [item.sequence for item in drafting]
         with_probs = any(seq.request.params.temperature > 0 for seq in seqs)
         drafts: dict[Sequence, list[int]] = {seq: [] for seq in seqs}
@@ -170,6 +173,10 @@ class DraftModel:
                 probs[seq].append(row)
         for seq, token in zip(seqs, tokens.tolist()):
             drafts[seq].append(token)
+
+    def _lag(self, seq: Sequence) -> None:
+        """A sequence that does not draft this step: its draft K/V stays where it ends (at most the target's)."""
+        self.computed_until[seq] = min(self.computed_until.get(seq, seq.num_computed_tokens), seq.num_computed_tokens)
 
     def forget(self, seq: Sequence) -> None:
         self.computed_until.pop(seq, None)

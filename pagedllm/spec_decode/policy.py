@@ -3,8 +3,12 @@
 A verified draft costs a row of the forward pass; it pays when it is accepted. If each draft is accepted with
 probability a (the sequence's recent rate), the j-th draft of a step is used with probability a^j, so a sequence
 drafts while a^j stays at or above `min_acceptance_rate`; below that rate it pauses, for twice as many steps each
-time it fails again. New sequences start from the engine's recent rate. A batch of `disable_by_batch_size`
-sequences or more is compute-bound: extra rows cost as much as the tokens they might save, so none draft.
+time it fails again. New sequences start from the engine's recent rate.
+
+A step of `disable_by_batch_size` rows is compute-bound: past it, extra rows cost as much as the tokens they might
+save. So a batch of that many sequences or more drafts nothing, and a smaller one drafts at most as many tokens per
+sequence as keep the step within max(disable_by_batch_size, num_speculative_tokens + 1) rows (a lone sequence always
+gets its full draft).
 """
 
 from __future__ import annotations
@@ -34,9 +38,14 @@ class SpeculationPolicy:
         self.engine_rate = 1.0
         self.states: dict[object, _SequenceState] = {}
 
-    def speculates(self, num_running: int) -> bool:
-        """Whether a step over `num_running` sequences drafts at all."""
-        return self.disable_by_batch_size is None or num_running < self.disable_by_batch_size
+    def max_draft_length(self, num_running: int) -> int:
+        """Drafts per sequence that keep a step over `num_running` sequences within its rows."""
+        if self.disable_by_batch_size is None:
+            return self.num_speculative_tokens
+        if num_running >= self.disable_by_batch_size:
+            return 0
+        max_rows = max(self.disable_by_batch_size, self.num_speculative_tokens + 1)
+        return min(self.num_speculative_tokens, max_rows // max(num_running, 1) - 1)
 
     def draft_length(self, key: object) -> int:
         """Drafts the sequence may verify this step (0: none); a paused sequence counts down its pause."""

@@ -47,12 +47,12 @@ class Speculator:
     def propose(self, running: list[Sequence]) -> None:
         """Set the drafts of each running sequence that decodes this step (none for prefills); a draft model's are
         reserved here and drawn in `draft`."""
-        speculates = self.policy.speculates(len(running))
+        max_length = self.policy.max_draft_length(len(running))
         for seq in running:
             seq.draft_token_ids = []
             seq.draft_probs = None
-            room = self._room(seq)
-            if not speculates or room <= 0 or seq.num_uncomputed_tokens != 1:
+            room = min(self._room(seq), max_length)
+            if room <= 0 or seq.num_uncomputed_tokens != 1:
                 continue
             num_tokens = min(room, self.policy.draft_length(seq))
             if num_tokens <= 0:

@@ -12,6 +12,7 @@ import pytest
 from pagedllm.benchmarks import results
 from pagedllm.benchmarks.metrics import Distribution, ServingMetrics
 from pagedllm.benchmarks.report import markdown_report, update_readme, write_report
+from pagedllm.benchmarks.speculative import SpecPoint, point_record
 from pagedllm.benchmarks.throughput import DecodePoint, OfflineThroughput, PrefillPoint, RequestThroughput
 
 
@@ -179,3 +180,21 @@ def test_prefix_sharing_section_shows_both_modes(tmp_path: Path) -> None:
     text = markdown_report(results.load_results(path))
     assert "| on | 100 | 800 | 100 |" in text and "| off | 1000 | 900 | 850 |" in text
     assert "drop by 90.0%" in text and "8.0× lower" in text
+
+
+def test_speculative_section_pairs_off_and_on_and_compares_with_llama_cpp(tmp_path: Path) -> None:
+    path = tmp_path / "r.json"
+    points = [
+        SpecPoint("grounded", "off", 2, 102, 10.0, 5.0),  # 100 decode tokens in 5 s: 20 tok/s
+        SpecPoint("grounded", "ngram", 2, 102, 5.0, 2.0, 80, 60, 0.75, 3.0, 2),  # 50 tok/s
+        SpecPoint("grounded", "off", 16, 800, 10.0, 0.0, concurrency=16),  # 80 output tok/s
+        SpecPoint("grounded", "ngram", 16, 800, 12.5, 0.0, 40, 10, 0.25, 1.5, 16, concurrency=16),  # 64
+    ]
+    record = {"points": [point_record(p) for p in points], "llama_cpp": {"decode_tokens_per_second": 25.0}}
+    settings = {"speculative_config": {"method": "ngram"}}
+    results.append_run(path, results.new_run("speculative", "pagedllm", settings, record))
+    text = markdown_report(results.load_results(path))
+    assert '## Speculative decoding ({"method": "ngram"})' in text
+    assert "| grounded | 1 | 20.0 | 50.0 | 2.50× | 75% | 3.00 | 2/2 |" in text
+    assert "| grounded | 16 | 80.0 | 64.0 | 0.80× | 25% | 1.50 | 16/16 |" in text
+    assert "25.0 tok/s" in text and "2.00× that" in text

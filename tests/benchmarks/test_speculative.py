@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import time
+from dataclasses import replace
+from types import SimpleNamespace
+
 from pagedllm.benchmarks.speculative import (
     CODE_INSTRUCTION,
+    CONCURRENT_ROUNDS,
     GROUNDED_INSTRUCTIONS,
     SpecPoint,
+    SpecRequest,
     build_requests,
+    compare,
     format_points,
 )
+from pagedllm.spec_decode.speculator import SpecDecodeStats
 from tests.benchmarks.conftest import WhitespaceTokenizer
 
 
@@ -46,8 +54,47 @@ def test_chat_requests_are_the_questions() -> None:
     assert questions <= {f"<user> {q} <assistant>" for q, _ in PAIRS}
 
 
-def test_the_table_reports_decode_speed_up_over_off() -> None:
+def test_the_table_reports_speed_ups_over_off_at_each_concurrency() -> None:
     off = SpecPoint("grounded", "off", 2, 102, 10.0, 5.0)  # 100 decode tokens in 5 s
     on = SpecPoint("grounded", "ngram", 2, 102, 5.0, 2.0, 80, 60, 0.75, 3.0)
-    table = format_points([off, on])
-    assert "20.0" in table and "50.0" in table and "2.50x" in table and "75%" in table
+    # With requests at once the output throughput counts: 800 tokens in 10 s against 12.5 s.
+    off_at_once = SpecPoint("grounded", "off", 16, 800, 10.0, 0.0, concurrency=16)
+    on_at_once = SpecPoint("grounded", "ngram", 16, 800, 12.5, 0.0, concurrency=16)
+    lines = format_points([off, on, off_at_once, on_at_once]).splitlines()
+    assert "20.0" in lines[1] and "50.0" in lines[2] and "2.50x" in lines[2] and "75%" in lines[2]
+    assert "80.0" in lines[3] and "64.0" in lines[4] and "0.80x" in lines[4]
+
+
+class FakeLLM:
+    """Answers every prompt with its own reversed tokens and logs each call's prompts under its name."""
+
+    def __init__(self, name: str, log: list[tuple[str, int]], drafts: int = 0) -> None:
+        self.name, self.log, self.drafts = name, log, drafts
+        self.engine = self
+        self.counters = SpecDecodeStats()
+
+    def generate(self, prompts, params):
+        self.log.append((self.name, len(prompts)))
+        self.counters.num_drafts += len(prompts)
+        self.counters.num_draft_tokens += self.drafts * len(prompts)
+        self.counters.num_accepted_tokens += self.drafts * len(prompts) // 2
+        now = time.monotonic()
+        return [SimpleNamespace(outputs=[SimpleNamespace(token_ids=p[::-1])], first_token_time=now) for p in prompts]
+
+    def stats(self):
+        return SimpleNamespace(spec_decode=replace(self.counters))
+
+
+def test_off_and_on_alternate_and_the_counters_cover_the_on_runs() -> None:
+    log: list[tuple[str, int]] = []
+    requests = [SpecRequest([i, i + 1, i + 2], 8) for i in range(3)]
+    off, on = compare(FakeLLM("off", log), FakeLLM("on", log, drafts=4), requests, "grounded", "ngram", False)
+    assert log == [("off", 1), ("on", 1)] * 3  # request by request at batch 1
+    assert (off.num_requests, off.output_tokens, on.output_tokens) == (3, 9, 9)
+    assert (on.draft_tokens, on.accepted_tokens, on.acceptance_rate, on.mean_accepted_length) == (12, 6, 0.5, 3.0)
+    assert on.identical_outputs == 3
+
+    log.clear()
+    off, on = compare(FakeLLM("off", log), FakeLLM("on", log), requests, "grounded", "ngram", True)
+    assert log == [("off", 3), ("on", 3)] * CONCURRENT_ROUNDS  # rounds of all at once
+    assert off.concurrency == on.concurrency == 3 and on.identical_outputs == 3

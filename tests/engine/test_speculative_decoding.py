@@ -131,3 +131,21 @@ def test_min_tokens_and_penalties_apply_to_every_verified_position(llm: LLM, ngr
     fast = ngram_llm.generate(prompts[3:], params)
     assert [o.outputs[0].token_ids for o in fast] == [o.outputs[0].token_ids for o in plain]
     assert all(len(o.outputs[0].token_ids) == MAX_TOKENS for o in fast)
+
+
+def test_default_path_verifies_with_the_logits_of_one_row_decodes_to_the_bit(prompts) -> None:
+    """The default dtype and quantization (bfloat16 and int4 where the CPU multiplies bfloat16) on two threads, where
+    decode attention splits contexts over threads: every verified row's logits, hence its logprobs, are bit for bit
+    those of the one-row decode without speculation."""
+    previous = torch.get_num_threads()
+    try:
+        plain = LLM(num_threads=2, kv_cache_memory=2**26)
+        fast = LLM(num_threads=2, kv_cache_memory=2**26, speculative_config=METHODS["ngram"])
+        params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, logprobs=1)
+        for prompt in prompts[3:]:
+            want = plain.generate([prompt], params)[0].outputs[0]
+            got = fast.generate([prompt], params)[0].outputs[0]
+            assert (got.token_ids, got.logprobs) == (want.token_ids, want.logprobs)
+        assert fast.engine.stats().spec_decode.num_accepted_tokens > 0
+    finally:
+        torch.set_num_threads(previous)

@@ -136,6 +136,29 @@ def test_paged_decode_attention_equals_sdpa_over_gathered_context(
         torch.testing.assert_close(got[row].float(), expected, rtol=tolerance, atol=tolerance)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_paged_decode_attention_of_a_row_is_the_same_alone_or_in_a_batch(dtype: torch.dtype, threads: int) -> None:
+    """Speculative verification rows (one sequence at lengths L+1..L+k) and batch neighbours change no bit of a row."""
+    block_size, num_heads, kv_heads, head_dim = 16, 9, 3, 64
+    k_pool, v_pool = random_pools(64, block_size, kv_heads, head_dim, dtype, 8)
+    lengths = [300, 301, 302, 303, 304, 305, 40, 700]
+    tables = torch.stack([torch.randperm(64, generator=generator(30 + i))[:48] for i in range(len(lengths))])
+    q = torch.randn(len(lengths), num_heads, head_dim, generator=generator(9)).to(dtype)
+    seq_lens = torch.tensor(lengths)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        batch = ops.paged_decode_attention(q, k_pool, v_pool, tables, seq_lens, head_dim**-0.5)
+        for row in range(len(lengths)):
+            alone = ops.paged_decode_attention(
+                q[row : row + 1], k_pool, v_pool, tables[row : row + 1], seq_lens[row : row + 1], head_dim**-0.5
+            )
+            assert torch.equal(alone[0], batch[row]), f"row {row} (length {lengths[row]}) differs alone"
+    finally:
+        torch.set_num_threads(previous)
+
+
 def ragged_keys(
     key_lens: list[int], kv_heads: int, head_dim: int, dtype: torch.dtype, seed: int
 ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:

@@ -24,8 +24,14 @@ PROMPTS = [[(37 * i + 11 * j) % 4000 + 100 for j in range(40 + 13 * i)] for i in
 TINY_KV_BYTES = 2**18
 
 
-def draft_llm(target: Path, draft: Path, **settings) -> LLM:
-    spec = {"method": "draft_model", "model": str(draft), "num_speculative_tokens": NUM_SPECULATIVE_TOKENS}
+def draft_llm(target: Path, draft: Path, disable_by_batch_size: int | None = None, **settings) -> LLM:
+    """Four sequences draft all their tokens at once unless `disable_by_batch_size` says otherwise."""
+    spec = {
+        "method": "draft_model",
+        "model": str(draft),
+        "num_speculative_tokens": NUM_SPECULATIVE_TOKENS,
+        "disable_by_batch_size": disable_by_batch_size,
+    }
     return LLM(model=str(target), dtype="float32", speculative_config=spec, **settings)
 
 
@@ -48,6 +54,28 @@ def test_a_model_drafting_for_itself_is_always_right(tiny_llama_dir: Path) -> No
     assert stats.prefix_cache_hit_tokens > 0 and stats.spec_decode.acceptance_rate == 1.0
     assert stats.spec_decode.mean_accepted_length > 3
     assert not any(roomy.engine.block_manager.allocator.ref_counts)
+
+
+def test_steps_too_large_to_draft_skip_the_draft_model_which_catches_up_later(tiny_llama_dir: Path) -> None:
+    params = [SamplingParams(max_tokens=n, temperature=0.0) for n in (12, 20, 36, 48)]
+    plain = LLM(model=str(tiny_llama_dir), dtype="float32", kv_cache_memory=2**22)
+    expected = [output.outputs[0].token_ids for output in plain.generate(PROMPTS, params)]
+
+    llm = draft_llm(tiny_llama_dir, tiny_llama_dir, disable_by_batch_size=3, kv_cache_memory=2**22)
+    runner, running_at_forward = llm.engine.draft_runner, []
+    forward = runner.forward
+
+    def spy(step):
+        running_at_forward.append(len(llm.engine.scheduler.running))
+        return forward(step)
+
+    runner.forward = spy
+    assert [output.outputs[0].token_ids for output in llm.generate(PROMPTS, params)] == expected
+    # Three or four running sequences draft nothing and run no draft pass; the last two catch up their prompts and
+    # outputs when they first draft, or their drafts would part from the target's.
+    assert running_at_forward and max(running_at_forward) <= 2
+    stats = llm.engine.stats().spec_decode
+    assert stats.num_draft_tokens > 16 and stats.acceptance_rate == 1.0
 
 
 def test_sampled_requests_verify_their_drafts_distributions(tiny_llama_dir: Path, monkeypatch) -> None:

@@ -45,8 +45,10 @@ def test_new_sequences_start_from_the_engine_rate_and_finished_ones_are_forgotte
     assert "a" not in policy.states
 
 
-def test_large_batches_do_not_speculate() -> None:
-    policy = SpeculationPolicy(4, 8, 0.1)
-    assert policy.speculates(7)
-    assert not policy.speculates(8)
-    assert SpeculationPolicy(4, None, 0.1).speculates(1000)
+def test_drafts_shorten_as_the_batch_grows_and_large_batches_do_not_speculate() -> None:
+    policy = SpeculationPolicy(5, 8, 0.1)
+    # A step stays within max(8, 5 + 1) rows: a lone sequence drafts 5, two 3 each, 3 or 4 one each.
+    assert [policy.max_draft_length(n) for n in range(1, 10)] == [5, 3, 1, 1, 0, 0, 0, 0, 0]
+    assert SpeculationPolicy(12, 8, 0.1).max_draft_length(1) == 12  # a lone sequence gets its full draft
+    assert SpeculationPolicy(12, 8, 0.1).max_draft_length(8) == 0
+    assert SpeculationPolicy(4, None, 0.1).max_draft_length(1000) == 4

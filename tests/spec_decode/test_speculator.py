@@ -41,7 +41,12 @@ def test_large_batches_draft_nothing() -> None:
     speculator.propose(sequences)
     assert all(seq.draft_token_ids == [] for seq in sequences)
     speculator.propose(sequences[:1])
-    assert sequences[0].draft_token_ids
+    assert sequences[0].draft_token_ids == [6, 7, 8, 5]
+
+    shortening = Speculator(SpeculativeConfig(num_speculative_tokens=4, disable_by_batch_size=6), 100)
+    sequences = [decoding_sequence(i, max_tokens=50) for i in range(3)]
+    shortening.propose(sequences)  # three sequences within 6 rows: one draft each
+    assert all(seq.draft_token_ids == [6] for seq in sequences)
 
 
 def test_counters_and_finishing() -> None:

@@ -256,20 +256,22 @@ void merge_chunks(float* const* partials, int64_t num_chunks, int64_t heads, con
   }
 }
 
-// Each sequence's visible context (its last `window` tokens; all where window is 0) in chunks of whole blocks' size:
-// one chunk per sequence unless that leaves threads idle.
+// Each sequence's visible context (its last `window` tokens; all where window is 0) in chunks of whole blocks' size,
+// about `threads` * kChunksPerThread of them. A sequence's chunks depend on its own length and the thread count only,
+// never on the other sequences of the batch or on whether the step runs in parallel: the chunks set the order of the
+// float sums, so a row attends bit for bit the same alone or beside others (a speculative step's verification rows
+// give the tokens one-row decodes would).
 std::vector<Chunk> split_contexts(const int64_t* lens, int64_t num_seqs, int64_t block_size, int64_t threads,
                                   int64_t window) {
-  const auto first = [&](int64_t s) { return window > 0 ? std::max<int64_t>(0, lens[s] - window) : 0; };
-  int64_t total = 0;
-  for (int64_t s = 0; s < num_seqs; ++s) total += lens[s] - first(s);
   const int64_t wanted = threads > 1 ? threads * kChunksPerThread : 1;
-  int64_t chunk_tokens = std::max(kMinChunkTokens, (total + wanted - 1) / wanted);
-  chunk_tokens = (chunk_tokens + block_size - 1) / block_size * block_size;
   std::vector<Chunk> chunks;
-  for (int64_t s = 0; s < num_seqs; ++s)
-    for (int64_t begin = first(s); begin < lens[s]; begin += chunk_tokens)
+  for (int64_t s = 0; s < num_seqs; ++s) {
+    const int64_t first = window > 0 ? std::max<int64_t>(0, lens[s] - window) : 0;
+    int64_t chunk_tokens = std::max(kMinChunkTokens, (lens[s] - first + wanted - 1) / wanted);
+    chunk_tokens = (chunk_tokens + block_size - 1) / block_size * block_size;
+    for (int64_t begin = first; begin < lens[s]; begin += chunk_tokens)
       chunks.push_back({s, begin, std::min(lens[s], begin + chunk_tokens)});
+  }
   return chunks;
 }
 
@@ -300,7 +302,7 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_pool,
   }
   // A few short sequences are cheaper on one thread than waking the others.
   const bool parallel = total_tokens * num_heads >= kMinParallelKeys;
-  const std::vector<Chunk> chunks = split_contexts(len, num_seqs, block_size, parallel ? at::get_num_threads() : 1, sliding_window);
+  const std::vector<Chunk> chunks = split_contexts(len, num_seqs, block_size, at::get_num_threads(), sliding_window);
   const int64_t num_chunks = static_cast<int64_t>(chunks.size());
   const PartialLayout layout{head_dim};
   std::vector<float> partials(num_chunks * num_heads * layout.stride());
