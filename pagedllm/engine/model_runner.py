@@ -90,6 +90,8 @@ class ModelRunner:
         self.model = model
         self.device = device
         self.block_size = config.block_size
+        # The h2o policy evicts by the attention each cached token received: every step reports it.
+        self.report_attention = config.kv_cache_policy == "h2o"
         mc = kv_cache_shape(model)
         # Layer j of every KV-cache group keeps its K/V in pool j; a block id belongs to one group at a time.
         layout = kv_cache_layout(mc)
@@ -130,9 +132,11 @@ class ModelRunner:
         for item in items:
             batch.add(item)
         rows = batch.sample_rows + [row for _, rows in batch.prompt_logprob_rows for row in rows]
-        logits = self.forward(
-            step_input(block_manager, batch.input_ids, batch.positions, batch.spans, out.block_copies, rows)
-        )
+        step = step_input(block_manager, batch.input_ids, batch.positions, batch.spans, out.block_copies, rows)
+        step.report_attention = self.report_attention
+        logits, meta = self._run(step)
+        if meta.attention_scores is not None:
+            _accumulate_scores(batch.spans, meta.attention_scores)
         num_samples = len(batch.sample_rows)
         prompt_logprobs = self._prompt_logprobs(logits[num_samples:], batch)
         if any(batch.sample_drafts):
@@ -144,6 +148,10 @@ class ModelRunner:
     def forward(self, step: StepInput) -> torch.Tensor:
         """Float32 logits of the step's logit_rows from this process's model and K/V pools, after the step's
         copy-on-write block copies."""
+        return self._run(step)[0]
+
+    def _run(self, step: StepInput) -> tuple[torch.Tensor, AttentionMetadata]:
+        """forward's logits, and the step's attention metadata (its attention scores added up where reported)."""
         self._copy_blocks(step.block_copies)
         meta = step.attention_metadata(self.block_size, self.device)
         input_ids = torch.tensor(step.input_ids, device=self.device)
@@ -152,7 +160,7 @@ class ModelRunner:
             hidden = self.fused_decode.forward(self.model.embed_tokens(input_ids), positions, meta)
         else:
             hidden = self.model(input_ids, positions, meta)
-        return self.model.compute_logits(hidden[step.logit_rows])
+        return self.model.compute_logits(hidden[step.logit_rows]), meta
 
     def _compact(self, compactions: list[KVCompaction]) -> None:
         for compaction in compactions:
@@ -300,7 +308,7 @@ class _FlatBatch:
         drafts = seq.draft_token_ids[: item.num_draft_tokens]
         offset = len(self.input_ids)
         self.input_ids += seq.token_ids(start, end - len(drafts)) + drafts
-        # Positions within the cache: token positions unless tokens left it (the streaming KV-cache policy).
+        # Positions within the cache: token positions unless tokens left it (an evicting KV-cache policy).
         evicted = seq.num_evicted_tokens
         self.positions += range(start - evicted, end - evicted)
         if drafts:
@@ -339,6 +347,7 @@ class StepInput:
     block_tables: list[list[list[int]]]  # per KV-cache group: each sequence's block ids
     logit_rows: list[int]  # rows of the batch whose logits are sampled or scored, in that order
     block_copies: list[tuple[int, int]] = field(default_factory=list)  # (source, destination), before the forward
+    report_attention: bool = False  # the attention each cached token receives is summed (the h2o policy)
 
     def attention_metadata(self, block_size: int, device: torch.device) -> AttentionMetadata:
         """KV-cache group 0's metadata, linking every group's."""
@@ -348,7 +357,19 @@ class StepInput:
         ]
         if len(metas) > 1:
             metas[0].kv_cache_groups = metas
+        if self.report_attention:
+            width = metas[0].block_tables.shape[1] * block_size
+            metas[0].attention_scores = torch.zeros(len(self.seq_lens), width, device=device)
         return metas[0]
+
+
+def _accumulate_scores(spans: list[tuple[Sequence, int, int]], scores: torch.Tensor) -> None:
+    """Add a step's attention scores to each sequence's: row i holds span i's, over its cache positions [0, end)."""
+    for row, (seq, start, end) in enumerate(spans):
+        total = scores[row, :end].clone()
+        if seq.kv_scores is not None:
+            total[:start] += seq.kv_scores
+        seq.kv_scores = total
 
 
 def step_input(

@@ -68,7 +68,7 @@ class Scheduler:
         index = 0
         while index < len(self.running) and budget > 0:
             seq = self.running[index]
-            # Tokens out of a streaming window leave first: their blocks count as free for the room made below.
+            # Tokens an evicting policy drops leave first: their blocks count as free for the room made below.
             compaction = self.block_manager.evict(seq)
             # Drafts count in the budget like any token; those that do not fit wait for a later step.
             num_new = min(
@@ -148,6 +148,7 @@ class Scheduler:
         self.block_manager.free(seq)
         seq.num_computed_tokens = 0
         seq.num_evicted_tokens = 0
+        seq.kv_scores = None
         seq.draft_token_ids = []
         seq.num_preemptions += 1
         self.waiting.appendleft(seq)
