@@ -146,8 +146,7 @@ class EngineConfig:
             "help": "what a sequence's KV cache keeps: full (every token), streaming (StreamingLLM: the first "
             "attention_sinks tokens and the kv_window most recent ones) or h2o (Heavy-Hitter Oracle: kv_budget "
             "tokens, the most recent half and the rest with the largest accumulated attention); the last two count "
-            "positions within the cache, so a sequence can run past max_model_len in constant memory, and need "
-            "--no-enable-prefix-caching"
+            "positions within the cache, so a sequence can run past max_model_len in constant memory"
         },
     )
     kv_window: int = field(
@@ -225,14 +224,8 @@ class EngineConfig:
             self._check_eviction()
 
     def _check_eviction(self) -> None:
-        """The settings the evicting policies do not compose with yet: they rewrite a sequence's blocks in place."""
+        """The settings the evicting policies do not compose with yet."""
         policy = self.kv_cache_policy
-        if self.enable_prefix_caching:
-            raise ConfigError(
-                f"kv_cache_policy {policy} rewrites a sequence's blocks as tokens leave its cache, so they cannot "
-                "be shared through the prefix cache: set enable_prefix_caching to False (--no-enable-prefix-caching)",
-                "enable_prefix_caching",
-            )
         if self.speculative_config is not None:
             raise ConfigError(f"kv_cache_policy {policy} does not take speculative decoding yet", "speculative_config")
 

@@ -67,15 +67,13 @@ def test_flags_refuse_a_value_outside_the_choices_before_the_engine_starts(capsy
 
 
 @pytest.mark.parametrize("policy", ["streaming", "h2o"])
-def test_evicting_policies_refuse_the_prefix_cache_and_speculation_they_would_break(policy: str) -> None:
-    with pytest.raises(ConfigError, match=f"{policy} .*enable_prefix_caching") as raised:
-        EngineConfig(kv_cache_policy=policy)
-    assert raised.value.param == "enable_prefix_caching"
+def test_evicting_policies_refuse_speculation_and_take_the_prefix_cache(policy: str) -> None:
     speculative = {"method": "ngram", "num_speculative_tokens": 3}
-    with pytest.raises(ConfigError, match="speculative"):
-        EngineConfig(kv_cache_policy=policy, enable_prefix_caching=False, speculative_config=speculative)
-    config = EngineConfig(kv_cache_policy=policy, enable_prefix_caching=False)
-    assert (config.kv_window, config.kv_budget) == (1024, 1024)
+    with pytest.raises(ConfigError, match=f"{policy} does not take speculative") as raised:
+        EngineConfig(kv_cache_policy=policy, speculative_config=speculative)
+    assert raised.value.param == "speculative_config"
+    config = EngineConfig(kv_cache_policy=policy)
+    assert config.enable_prefix_caching and (config.kv_window, config.kv_budget) == (1024, 1024)
 
 
 def test_worker_processes_refuse_the_draft_model_and_the_streaming_policy() -> None:

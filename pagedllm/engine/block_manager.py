@@ -94,7 +94,7 @@ class BlockManager:
         self.allocator = BlockAllocator(num_blocks)
         self.sliding_windows = sliding_windows or [None]  # one entry per KV-cache group
         self.prefix_cache = prefix_cache
-        self.eviction = eviction  # set only with one KV-cache group, no prefix cache and no shared blocks
+        self.eviction = eviction  # set only with one KV-cache group; its sequences share blocks by the prefix cache
 
     @property
     def num_free_blocks(self) -> int:
@@ -130,8 +130,12 @@ class BlockManager:
         kept = self.eviction.kept_positions(cache_len, seq.kv_scores)
         if kept is None:
             return None
-        compaction = KVCompaction(list(seq.block_ids), kept, cache_len)
         num_kept_blocks = ceil_div(len(kept), self.block_size)
+        first_written = next((i for i, position in enumerate(kept) if position != i), len(kept))
+        copies = self._make_private(seq, range(first_written // self.block_size, num_kept_blocks))
+        if copies is None:
+            return None
+        compaction = KVCompaction(list(seq.block_ids), kept, cache_len, copies)
         for block_id in reversed(seq.block_ids[num_kept_blocks:]):
             self.allocator.release(block_id)
         del seq.block_ids[num_kept_blocks:]
@@ -139,6 +143,28 @@ class BlockManager:
         if seq.kv_scores is not None:
             seq.kv_scores = seq.kv_scores[torch.tensor(kept, device=seq.kv_scores.device)]
         return compaction
+
+    def _make_private(self, seq: HasBlocks, indices: range) -> list[tuple[int, int]] | None:
+        """Before a compaction writes into the sequence's blocks at `indices`: give each one that another sequence
+        shares or the prefix cache lists a private copy, so that what others read, or will find, never changes.
+        Returns the copies to apply first; None (no eviction this step) when a shared block finds no free one."""
+        outside = [i for i in indices if self._is_shared(seq.block_ids[i])]
+        if len(outside) > self.allocator.num_free:
+            if any(self.allocator.ref_counts[seq.block_ids[i]] > 1 for i in outside):
+                return None
+            for i in outside:  # cached blocks only this sequence holds: no longer findable, rewritten in place
+                self.prefix_cache.forget(seq.block_ids[i])  # type: ignore[union-attr]
+            return []
+        copies = [(seq.block_ids[i], self._allocate()) for i in outside]
+        for i, (shared, private) in zip(outside, copies):
+            seq.block_ids[i] = private
+            self.allocator.release(shared)
+        return copies
+
+    def _is_shared(self, block_id: int) -> bool:
+        """Another sequence references the block, or the prefix cache lists it."""
+        listed = self.prefix_cache is not None and block_id in self.prefix_cache.hash_of
+        return listed or self.allocator.ref_counts[block_id] > 1
 
     def blocks_needed(self, seq: HasBlocks, num_new_tokens: int) -> int:
         """New blocks to hold `num_new_tokens` more tokens after the computed ones, copies-on-write included."""
@@ -228,8 +254,9 @@ class BlockManager:
         seq.num_registered_blocks = len(prefix)
 
     def cache_computed_blocks(self, seq: HashedSequence) -> None:
-        """Make the sequence's newly full, computed blocks findable by later sequences."""
-        if self.prefix_cache:
+        """Make the sequence's newly full, computed blocks findable by later sequences: never once tokens left its
+        cache, as its blocks then hold other positions than their index says."""
+        if self.prefix_cache and not (self.eviction and seq.num_evicted_tokens):
             self.prefix_cache.register(seq, self.tables(seq))
 
     def _allocate(self) -> int:

@@ -61,7 +61,8 @@ class EvictionPolicy(ABC):
         return ceil_div(min(num_tokens, most_cached, self.max_cache_len), self.block_size)
 
     def check_request(self, params: SamplingParams, keep_kv: bool) -> None:
-        """Refuse what would share an evicting sequence's blocks: they are rewritten in place as tokens leave."""
+        """Refuse forks, which share partly filled blocks: an evicting sequence's blocks are rewritten in place, and
+        only whole prefix-cache blocks are copied first (BlockManager.evict)."""
         if params.n > 1 or params.num_samples > params.n or params.use_beam_search or keep_kv:
             raise InvalidArgumentError(
                 f"kv_cache_policy {self.name} takes requests of one sample (n=1, no best_of, no beam search, no "

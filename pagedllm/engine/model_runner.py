@@ -164,6 +164,7 @@ class ModelRunner:
 
     def _compact(self, compactions: list[KVCompaction]) -> None:
         for compaction in compactions:
+            self._copy_blocks(compaction.block_copies)
             for k_pool, v_pool in zip(self.k_pools, self.v_pools, strict=True):
                 compact_kv(k_pool, v_pool, self.model.rotary, compaction, self.device)
 

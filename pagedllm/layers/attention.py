@@ -352,11 +352,16 @@ def scored_attention(
     """Attention with its probabilities formed explicitly: q [B, heads, Q, D], k and v [B, kv_heads, L, D], mask
     broadcast to [B, heads, Q, L] (True where a key is visible). Returns the output [B, heads, Q, D] and the
     probability each key received, summed over heads and queries, [B, L] float32."""
-    group = q.shape[1] // k.shape[1]
-    k, v = (x.repeat_interleave(group, dim=1).float() for x in (k, v))
-    logits = torch.matmul(q.float(), k.transpose(-1, -2)) * scale
-    probs = logits.masked_fill(~mask, float("-inf")).softmax(dim=-1)
-    return torch.matmul(probs, v).to(q.dtype), probs.sum(dim=(1, 2))
+    batch, num_heads, num_queries, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    # Query head h reads K/V head h // group: a K/V head's queries are stacked as rows, and K/V are never copied.
+    group = num_heads // num_kv_heads
+    rows = q.float().reshape(batch, num_kv_heads, group * num_queries, head_dim)
+    logits = torch.matmul(rows, k.float().transpose(-1, -2)) * scale
+    visible = mask.reshape(*mask.shape[:-2], 1, *mask.shape[-2:]).expand(*mask.shape[:-2], group, *mask.shape[-2:])
+    probs = logits.masked_fill(~visible.flatten(-3, -2), float("-inf")).softmax(dim=-1)
+    out = torch.matmul(probs, v.float()).view(batch, num_heads, num_queries, head_dim)
+    return out.to(q.dtype), probs.sum(dim=(1, 2))
 
 
 def write_kv(k_pool: KVPool, v_pool: KVPool, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:

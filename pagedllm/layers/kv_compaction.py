@@ -11,7 +11,7 @@ are dequantized, moved and quantized again.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -26,6 +26,9 @@ class KVCompaction:
     block_table: list[int]  # the sequence's blocks before the move; the kept entries end up in its first ones
     kept: list[int]  # increasing cache positions, each below cache_len
     cache_len: int
+    # (source, destination) whole-block copies applied before the move: the private copies, already in block_table,
+    # of blocks another sequence or the prefix cache still holds
+    block_copies: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def first_moved(self) -> int:

@@ -187,8 +187,6 @@ def test_preempted_h2o_sequences_are_recomputed_and_finish(tiny_llama_dir: Path)
 def test_settings_it_does_not_compose_with_are_refused(
     tiny_llama_dir: Path, tmp_path: Path, tokenizer_dir: Path
 ) -> None:
-    with pytest.raises(ConfigError, match="h2o .*enable_prefix_caching"):
-        tiny(tiny_llama_dir, **H2O, enable_prefix_caching=True)
     with pytest.raises(ConfigError, match="kv_budget .*exceeds max_model_len") as raised:
         tiny(tiny_llama_dir, **{**H2O, "kv_budget": MAX_MODEL_LEN})
     assert raised.value.param == "kv_budget"
