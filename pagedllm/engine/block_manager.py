@@ -23,7 +23,7 @@ from pagedllm.engine.kv_cache_policy import EvictionPolicy
 from pagedllm.engine.prefix_cache import HashedSequence, PrefixCache
 from pagedllm.layers.attention import FREED_BLOCK
 from pagedllm.layers.kv_cache_groups import first_visible_block
-from pagedllm.layers.kv_compaction import KVCompaction
+from pagedllm.layers.kv_compaction import KVCompaction, first_moved
 
 
 class BlockAllocator:
@@ -131,8 +131,7 @@ class BlockManager:
         if kept is None:
             return None
         num_kept_blocks = ceil_div(len(kept), self.block_size)
-        first_written = next((i for i, position in enumerate(kept) if position != i), len(kept))
-        copies = self._make_private(seq, range(first_written // self.block_size, num_kept_blocks))
+        copies = self._make_private(seq, range(first_moved(kept) // self.block_size, num_kept_blocks))
         if copies is None:
             return None
         compaction = KVCompaction(list(seq.block_ids), kept, cache_len, copies)

@@ -32,8 +32,12 @@ class KVCompaction:
 
     @property
     def first_moved(self) -> int:
-        """The first kept index whose entry moves: the ones before it stay where they are."""
-        return next((i for i, position in enumerate(self.kept) if position != i), len(self.kept))
+        return first_moved(self.kept)
+
+
+def first_moved(kept: list[int]) -> int:
+    """The first index i whose kept position is not i: the entries before it stay where they are."""
+    return next((i for i, position in enumerate(kept) if position != i), len(kept))
 
 
 def compact_kv(
