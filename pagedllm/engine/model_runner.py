@@ -133,10 +133,13 @@ class ModelRunner:
             batch.add(item)
         rows = batch.sample_rows + [row for _, rows in batch.prompt_logprob_rows for row in rows]
         step = step_input(block_manager, batch.input_ids, batch.positions, batch.spans, out.block_copies, rows)
-        step.report_attention = self.report_attention
-        logits, meta = self._run(step)
-        if meta.attention_scores is not None:
+        if self.report_attention:  # in this process only: worker processes refuse the h2o policy
+            step.report_attention = True
+            logits, meta = self._run(step)
+            assert meta.attention_scores is not None
             _accumulate_scores(batch.spans, meta.attention_scores)
+        else:
+            logits = self.forward(step)
         num_samples = len(batch.sample_rows)
         prompt_logprobs = self._prompt_logprobs(logits[num_samples:], batch)
         if any(batch.sample_drafts):
