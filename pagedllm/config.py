@@ -17,7 +17,7 @@ from pagedllm.spec_decode.config import SpeculativeConfig
 AttentionImpl = Literal["fast", "reference"]
 Quantization = Literal["auto", "none", "int8", "int4"]
 KVCacheDtype = Literal["auto", "int8", "int4"]
-KVCachePolicy = Literal["full", "streaming"]
+KVCachePolicy = Literal["full", "streaming", "h2o"]
 ModelDtype = Literal["auto", "float32", "bfloat16"]
 # Input channels per int4 scale and min: the group sizes every int4 kernel takes.
 QuantGroupSize = Literal[32, 64, 128, 256]
@@ -143,9 +143,10 @@ class EngineConfig:
     kv_cache_policy: KVCachePolicy = field(
         default="full",
         metadata={
-            "help": "what a sequence's KV cache keeps: full (every token) or streaming (StreamingLLM: the first "
-            "attention_sinks tokens and the kv_window most recent ones, at positions within the cache, so a sequence "
-            "can run past max_model_len in constant memory; needs --no-enable-prefix-caching)"
+            "help": "what a sequence's KV cache keeps: full (every token), streaming (StreamingLLM: the first "
+            "attention_sinks tokens and the kv_window most recent ones) or h2o (Heavy-Hitter Oracle: kv_budget "
+            "tokens, the most recent half and the rest with the largest accumulated attention); the last two count "
+            "positions within the cache, so a sequence can run past max_model_len in constant memory"
         },
     )
     kv_window: int = field(
@@ -153,6 +154,10 @@ class EngineConfig:
     )
     attention_sinks: int = field(
         default=4, metadata={"help": "streaming: the first tokens of a sequence that stay in its cache"}
+    )
+    kv_budget: int = field(
+        default=1024,
+        metadata={"help": "h2o: the most tokens each query sees, itself included (recent ones and heavy hitters)"},
     )
     device: str = field(
         default="cpu", metadata={"help": "torch device of the weights, KV cache and sampler (cpu, cuda, cuda:1...)"}
@@ -226,22 +231,17 @@ class EngineConfig:
         self._check_parallel()
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ConfigError(f"max_model_len must be >= 1, got {self.max_model_len}", "max_model_len")
-        _require_positive(self, "kv_window")
+        _require_positive(self, "kv_window", "kv_budget")
         if self.attention_sinks < 0:
             raise ConfigError(f"attention_sinks must be >= 0, got {self.attention_sinks}", "attention_sinks")
-        if self.kv_cache_policy == "streaming":
-            self._check_streaming()
+        if self.kv_cache_policy != "full":
+            self._check_eviction()
 
-    def _check_streaming(self) -> None:
-        """The settings the streaming policy does not compose with yet: it rewrites a sequence's blocks in place."""
-        if self.enable_prefix_caching:
-            raise ConfigError(
-                "kv_cache_policy streaming rewrites a sequence's blocks as tokens leave its window, so they cannot "
-                "be shared through the prefix cache: set enable_prefix_caching to False (--no-enable-prefix-caching)",
-                "enable_prefix_caching",
-            )
+    def _check_eviction(self) -> None:
+        """The settings the evicting policies do not compose with yet."""
+        policy = self.kv_cache_policy
         if self.speculative_config is not None:
-            raise ConfigError("kv_cache_policy streaming does not take speculative decoding yet", "speculative_config")
+            raise ConfigError(f"kv_cache_policy {policy} does not take speculative decoding yet", "speculative_config")
 
     def _check_parallel(self) -> None:
         _require_positive(self, "tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size")
@@ -268,8 +268,8 @@ class EngineConfig:
             )
         self._check_nodes()
         if self.executor_backend != "uni":
-            # The ranks run the target's forward alone: a draft model and the streaming policy's K/V moves would
-            # have to run on every rank too.
+            # The ranks run the target's forward alone: a draft model and an evicting policy's K/V moves (and
+            # h2o's attention scores) would have to run on every rank too.
             workers = f"worker processes (distributed_executor_backend {self.executor_backend})"
             if getattr(self.speculative_config, "method", None) == "draft_model":
                 raise ConfigError(
@@ -278,7 +278,7 @@ class EngineConfig:
                 )
             if self.kv_cache_policy != "full":
                 raise ConfigError(
-                    f"kv_cache_policy streaming does not run in {workers} yet",
+                    f"kv_cache_policy {self.kv_cache_policy} does not run in {workers} yet",
                     "kv_cache_policy",
                 )
 

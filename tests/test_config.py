@@ -18,7 +18,7 @@ ENUMERATED = {
     "quantization": ("auto", "none", "int8", "int4"),
     "quant_group_size": (32, 64, 128, 256),
     "kv_cache_dtype": ("auto", "int8", "int4"),
-    "kv_cache_policy": ("full", "streaming"),
+    "kv_cache_policy": ("full", "streaming", "h2o"),
 }
 
 
@@ -45,8 +45,9 @@ def test_every_literal_setting_is_enumerated_here_and_group_sizes_are_one_consta
         ("quant_group_size", 48),
         ("kv_cache_dtype", "fp8"),
         ("device", "gpu0"),
-        ("kv_cache_policy", "h2o"),
+        ("kv_cache_policy", "snapkv"),
         ("kv_window", 0),
+        ("kv_budget", 0),
         ("attention_sinks", -1),
     ],
 )
@@ -65,14 +66,14 @@ def test_flags_refuse_a_value_outside_the_choices_before_the_engine_starts(capsy
     assert "invalid choice: 'int3'" in capsys.readouterr().err
 
 
-def test_the_streaming_policy_refuses_the_prefix_cache_and_speculation_it_would_break() -> None:
-    with pytest.raises(ConfigError, match="enable_prefix_caching") as raised:
-        EngineConfig(kv_cache_policy="streaming")
-    assert raised.value.param == "enable_prefix_caching"
+@pytest.mark.parametrize("policy", ["streaming", "h2o"])
+def test_evicting_policies_refuse_speculation_and_take_the_prefix_cache(policy: str) -> None:
     speculative = {"method": "ngram", "num_speculative_tokens": 3}
-    with pytest.raises(ConfigError, match="speculative"):
-        EngineConfig(kv_cache_policy="streaming", enable_prefix_caching=False, speculative_config=speculative)
-    assert EngineConfig(kv_cache_policy="streaming", enable_prefix_caching=False).kv_window == 1024
+    with pytest.raises(ConfigError, match=f"{policy} does not take speculative") as raised:
+        EngineConfig(kv_cache_policy=policy, speculative_config=speculative)
+    assert raised.value.param == "speculative_config"
+    config = EngineConfig(kv_cache_policy=policy)
+    assert config.enable_prefix_caching and (config.kv_window, config.kv_budget) == (1024, 1024)
 
 
 def test_worker_processes_refuse_the_draft_model_and_the_streaming_policy() -> None:
@@ -80,9 +81,10 @@ def test_worker_processes_refuse_the_draft_model_and_the_streaming_policy() -> N
     with pytest.raises(ConfigError, match="draft_model") as raised:
         EngineConfig(tensor_parallel_size=2, speculative_config=draft)
     assert raised.value.param == "speculative_config"
-    with pytest.raises(ConfigError, match="streaming") as raised:
-        EngineConfig(tensor_parallel_size=2, kv_cache_policy="streaming", enable_prefix_caching=False)
-    assert raised.value.param == "kv_cache_policy"
+    for policy in ("streaming", "h2o"):
+        with pytest.raises(ConfigError, match=policy) as raised:
+            EngineConfig(tensor_parallel_size=2, kv_cache_policy=policy, enable_prefix_caching=False)
+        assert raised.value.param == "kv_cache_policy"
     assert EngineConfig(tensor_parallel_size=2, speculative_config={"method": "ngram"}).executor_backend == "mp"
 
 

@@ -6,8 +6,9 @@ group 0's is `block_ids`, the others' `group_block_ids`. A table's entry i holds
 after every step and their entries become FREED_BLOCK: a sequence there holds at most ceil(window / block_size) + 1
 blocks between steps.
 
-Under the streaming policy (engine/kv_cache_policy.py) entry i holds cache positions [i * block_size, (i + 1) *
-block_size) instead: a sequence's cache length is its computed tokens less its evicted ones.
+Under an evicting policy (streaming or h2o, engine/kv_cache_policy.py) entry i holds cache positions
+[i * block_size, (i + 1) * block_size) instead: a sequence's cache length is its computed tokens less its evicted
+ones.
 """
 
 from __future__ import annotations
@@ -15,12 +16,14 @@ from __future__ import annotations
 import sys
 from typing import Protocol
 
+import torch
+
 from pagedllm.arithmetic import ceil_div
-from pagedllm.engine.kv_cache_policy import StreamingPolicy
+from pagedllm.engine.kv_cache_policy import EvictionPolicy
 from pagedllm.engine.prefix_cache import HashedSequence, PrefixCache
 from pagedllm.layers.attention import FREED_BLOCK
 from pagedllm.layers.kv_cache_groups import first_visible_block
-from pagedllm.layers.kv_compaction import KVCompaction
+from pagedllm.layers.kv_compaction import KVCompaction, first_moved
 
 
 class BlockAllocator:
@@ -69,6 +72,7 @@ class HasBlocks(Protocol):
     group_block_ids: list[list[int]]
     num_computed_tokens: int
     num_evicted_tokens: int
+    kv_scores: torch.Tensor | None
 
 
 class BlockManager:
@@ -84,13 +88,13 @@ class BlockManager:
         block_size: int,
         prefix_cache: PrefixCache | None = None,
         sliding_windows: list[int | None] | None = None,
-        streaming: StreamingPolicy | None = None,
+        eviction: EvictionPolicy | None = None,
     ) -> None:
         self.block_size = block_size
         self.allocator = BlockAllocator(num_blocks)
         self.sliding_windows = sliding_windows or [None]  # one entry per KV-cache group
         self.prefix_cache = prefix_cache
-        self.streaming = streaming  # set only with one KV-cache group, no prefix cache and no shared blocks
+        self.eviction = eviction  # set only with one KV-cache group; its sequences share blocks by the prefix cache
 
     @property
     def num_free_blocks(self) -> int:
@@ -109,30 +113,57 @@ class BlockManager:
 
     def cache_len(self, seq: HasBlocks) -> int:
         """Tokens whose K/V the sequence's cache holds."""
-        return seq.num_computed_tokens - (seq.num_evicted_tokens if self.streaming else 0)
+        return seq.num_computed_tokens - (seq.num_evicted_tokens if self.eviction else 0)
 
     def cache_room(self, seq: HasBlocks) -> int:
-        """The most new tokens the sequence's cache takes in one step: under the streaming policy, the positions
+        """The most new tokens the sequence's cache takes in one step: under an evicting policy, the positions
         left below max_model_len (a full cache's requests were checked against it whole)."""
-        return sys.maxsize if self.streaming is None else self.streaming.max_cache_len - self.cache_len(seq)
+        return sys.maxsize if self.eviction is None else self.eviction.max_cache_len - self.cache_len(seq)
 
     def evict(self, seq: HasBlocks) -> KVCompaction | None:
-        """Under the streaming policy, let the tokens between the sinks and the window leave the cache before a
-        step: the blocks past the kept ones go back at once, and the returned move must be applied to the pools
-        before anything is written to them."""
-        if self.streaming is None:
+        """Under an evicting policy, let the tokens it does not keep leave the cache before a step: the blocks past
+        the kept ones go back at once, and the returned move must be applied to the pools before anything is
+        written to them. The sequence's accumulated attention scores move with their tokens."""
+        if self.eviction is None:
             return None
         cache_len = self.cache_len(seq)
-        shift = self.streaming.tokens_to_evict(cache_len)
-        if not shift:
+        kept = self.eviction.kept_positions(cache_len, seq.kv_scores)
+        if kept is None:
             return None
-        compaction = KVCompaction(list(seq.block_ids), self.streaming.attention_sinks, shift, cache_len)
-        num_kept = ceil_div(cache_len - shift, self.block_size)
-        for block_id in reversed(seq.block_ids[num_kept:]):
+        num_kept_blocks = ceil_div(len(kept), self.block_size)
+        copies = self._make_private(seq, range(first_moved(kept) // self.block_size, num_kept_blocks))
+        if copies is None:
+            return None
+        compaction = KVCompaction(list(seq.block_ids), kept, cache_len, copies)
+        for block_id in reversed(seq.block_ids[num_kept_blocks:]):
             self.allocator.release(block_id)
-        del seq.block_ids[num_kept:]
-        seq.num_evicted_tokens += shift
+        del seq.block_ids[num_kept_blocks:]
+        seq.num_evicted_tokens += cache_len - len(kept)
+        if seq.kv_scores is not None:
+            seq.kv_scores = seq.kv_scores[torch.tensor(kept, device=seq.kv_scores.device)]
         return compaction
+
+    def _make_private(self, seq: HasBlocks, indices: range) -> list[tuple[int, int]] | None:
+        """Before a compaction writes into the sequence's blocks at `indices`: give each one that another sequence
+        shares or the prefix cache lists a private copy, so that what others read, or will find, never changes.
+        Returns the copies to apply first; None (no eviction this step) when a shared block finds no free one."""
+        outside = [i for i in indices if self._is_shared(seq.block_ids[i])]
+        if len(outside) > self.allocator.num_free:
+            if any(self.allocator.ref_counts[seq.block_ids[i]] > 1 for i in outside):
+                return None
+            for i in outside:  # cached blocks only this sequence holds: no longer findable, rewritten in place
+                self.prefix_cache.forget(seq.block_ids[i])  # type: ignore[union-attr]
+            return []
+        copies = [(seq.block_ids[i], self._allocate()) for i in outside]
+        for i, (shared, private) in zip(outside, copies):
+            seq.block_ids[i] = private
+            self.allocator.release(shared)
+        return copies
+
+    def _is_shared(self, block_id: int) -> bool:
+        """Another sequence references the block, or the prefix cache lists it."""
+        listed = self.prefix_cache is not None and block_id in self.prefix_cache.hash_of
+        return listed or self.allocator.ref_counts[block_id] > 1
 
     def blocks_needed(self, seq: HasBlocks, num_new_tokens: int) -> int:
         """New blocks to hold `num_new_tokens` more tokens after the computed ones, copies-on-write included."""
@@ -142,8 +173,8 @@ class BlockManager:
 
     def blocks_for(self, num_tokens: int, max_chunk: int) -> int:
         """The most blocks one sequence of `num_tokens` holds at once, prefilled in chunks of up to `max_chunk`."""
-        if self.streaming is not None:
-            return self.streaming.max_blocks(num_tokens, max_chunk)
+        if self.eviction is not None:
+            return self.eviction.max_blocks(num_tokens, max_chunk)
         blocks = ceil_div(num_tokens, self.block_size)
         # During a step a windowed group also holds the window behind the step's first token.
         return sum(
@@ -222,8 +253,9 @@ class BlockManager:
         seq.num_registered_blocks = len(prefix)
 
     def cache_computed_blocks(self, seq: HashedSequence) -> None:
-        """Make the sequence's newly full, computed blocks findable by later sequences."""
-        if self.prefix_cache:
+        """Make the sequence's newly full, computed blocks findable by later sequences: never once tokens left its
+        cache, as its blocks then hold other positions than their index says."""
+        if self.prefix_cache and not (self.eviction and seq.num_evicted_tokens):
             self.prefix_cache.register(seq, self.tables(seq))
 
     def allocate_block(self) -> int:

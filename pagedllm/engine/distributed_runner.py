@@ -43,6 +43,7 @@ class DistributedModelRunner(ModelRunner):
         self.executor = executor
         self.device = device
         self.block_size = config.block_size
+        self.report_attention = False  # the h2o policy, which needs it, does not run in worker processes
         self._set_up_sampling(config, model_config.vocab_size, structured_output)
         self.bytes_per_block = distributed_bytes_per_block(model_config, config)
 

@@ -21,7 +21,7 @@ from pagedllm.engine.host_memory import (
     release_freed_memory,
     reuse_freed_step_memory,
 )
-from pagedllm.engine.kv_cache_policy import streaming_policy
+from pagedllm.engine.kv_cache_policy import eviction_policy
 from pagedllm.engine.model_runner import (
     ModelRunner,
     StepResult,
@@ -96,9 +96,9 @@ class LLMEngine:
         salt = f"{path.name}:{config.dtype}:{config.kv_cache_dtype}:{config.quantization}:{config.quant_group_size}"
         prefix_cache = PrefixCache(config.block_size, salt=salt) if config.enable_prefix_caching else None
         sliding_windows = kv_cache_layout(self.model_config).sliding_windows
-        self.streaming = streaming_policy(config, self.model_config, self.max_model_len)
+        self.eviction = eviction_policy(config, self.model_config, self.max_model_len)
         self.block_manager = BlockManager(
-            self.num_blocks, config.block_size, prefix_cache, sliding_windows, self.streaming
+            self.num_blocks, config.block_size, prefix_cache, sliding_windows, self.eviction
         )
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.heap = HeapTrimmer()
@@ -167,7 +167,7 @@ class LLMEngine:
     @property
     def _max_seq_len(self) -> int:
         """The longest a sequence runs: the context, or without a limit where its cache keeps only a window."""
-        return self.max_model_len if self.streaming is None else sys.maxsize
+        return self.max_model_len if self.eviction is None else sys.maxsize
 
     def _max_model_len(self, model_config: ModelConfig) -> int:
         limit = model_config.max_position_embeddings
@@ -199,8 +199,8 @@ class LLMEngine:
         the finished request keeps its blocks for `fork_request` until `release_request`.
         """
         self._check_unused(request_id)
-        if self.streaming is not None:
-            self.streaming.check_request(params, keep_kv)
+        if self.eviction is not None:
+            self.eviction.check_request(params, keep_kv)
         text = prompt if isinstance(prompt, str) else None
         token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         self._check_fits(token_ids, params)
@@ -286,7 +286,7 @@ class LLMEngine:
         if params.logit_bias and max(params.logit_bias) >= self.model_config.vocab_size:
             raise InvalidArgumentError(f"logit_bias keys must be in [0, {self.model_config.vocab_size})", "logit_bias")
         total = len(token_ids) + params.max_tokens
-        if total > self.max_model_len and self.streaming is None:
+        if total > self.max_model_len and self.eviction is None:
             raise RequestTooLongError(
                 f"this model's context is {self.max_model_len} tokens, but the prompt has {len(token_ids)} and "
                 f"max_tokens is {params.max_tokens} ({total} in all)",

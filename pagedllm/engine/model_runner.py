@@ -94,6 +94,8 @@ class ModelRunner:
         self.model = model
         self.device = device
         self.block_size = config.block_size
+        # The h2o policy evicts by the attention each cached token received: every step reports it.
+        self.report_attention = config.kv_cache_policy == "h2o"
         mc = kv_cache_shape(model)
         # Layer j of every KV-cache group keeps its K/V in pool j; a block id belongs to one group at a time.
         layout = kv_cache_layout(mc)
@@ -135,9 +137,14 @@ class ModelRunner:
             batch.add(item)
         rows = batch.sample_rows + batch.candidate_rows + [row for _, rows in batch.prompt_logprob_rows for row in rows]
         capture = self._hidden_capture(batch)
-        logits = self.forward(
-            step_input(block_manager, batch.input_ids, batch.positions, batch.spans, out.block_copies, rows), capture
-        )
+        step = step_input(block_manager, batch.input_ids, batch.positions, batch.spans, out.block_copies, rows)
+        if self.report_attention:  # in this process only: worker processes refuse the h2o policy
+            step.report_attention = True
+            logits, meta = self._run(step, capture)
+            assert meta.attention_scores is not None
+            _accumulate_scores(batch.spans, meta.attention_scores)
+        else:
+            logits = self.forward(step, capture)
         num_samples, num_candidates = len(batch.sample_rows), len(batch.candidate_rows)
         prompt_logprobs = self._prompt_logprobs(logits[num_samples + num_candidates :], batch)
         if any(batch.sample_drafts):
@@ -153,13 +160,20 @@ class ModelRunner:
     def forward(self, step: StepInput, capture: HiddenCapture | None = None) -> torch.Tensor:
         """Float32 logits of the step's logit_rows from this process's model and K/V pools, after the step's
         copy-on-write block copies; with `capture`, the hidden states it names are kept in it."""
-        hidden = self.hidden_states(step, capture)
+        return self._run(step, capture)[0]
+
+    def _run(self, step: StepInput, capture: HiddenCapture | None = None) -> tuple[torch.Tensor, AttentionMetadata]:
+        """forward's logits, and the step's attention metadata (its attention scores added up where reported)."""
+        hidden, meta = self.hidden_states(step, capture)
         if capture is not None and capture.final_rows:
             capture.final = self.model.norm(hidden[capture.final_rows])
-        return self.model.compute_logits(hidden[step.logit_rows])
+        return self.model.compute_logits(hidden[step.logit_rows]), meta
 
-    def hidden_states(self, step: StepInput, capture: HiddenCapture | None = None) -> torch.Tensor:
-        """The final hidden states of every token of the step (a pipeline stage's own layers' output).
+    def hidden_states(
+        self, step: StepInput, capture: HiddenCapture | None = None
+    ) -> tuple[torch.Tensor, AttentionMetadata]:
+        """The final hidden states of every token of the step (a pipeline stage's own layers' output), and the
+        step's attention metadata.
 
         Early layers' states come from the model's own forward: a step that captures them skips the fused decode.
         """
@@ -169,9 +183,9 @@ class ModelRunner:
         positions = torch.tensor(step.positions, device=self.device)
         capture = capture or HiddenCapture()
         if self.fused_decode is not None and self.fused_decode.takes(meta) and not capture.layers:
-            return self.fused_decode.forward(self.model.embed_tokens(input_ids), positions, meta)
+            return self.fused_decode.forward(self.model.embed_tokens(input_ids), positions, meta), meta
         with capturing_layers(self.model.layers, capture, self.device) if capture.layers else nullcontext():
-            return self.model(input_ids, positions, meta)
+            return self.model(input_ids, positions, meta), meta
 
     def _hidden_capture(self, batch: _FlatBatch) -> HiddenCapture | None:
         """The hidden states the batch's contrastive and DoLa sequences need; None when no sequence needs any."""
@@ -258,6 +272,7 @@ class ModelRunner:
 
     def _compact(self, compactions: list[KVCompaction]) -> None:
         for compaction in compactions:
+            self.copy_blocks(compaction.block_copies)
             for k_pool, v_pool in zip(self.k_pools, self.v_pools, strict=True):
                 compact_kv(k_pool, v_pool, self.model.rotary, compaction, self.device)
 
@@ -416,7 +431,7 @@ class _FlatBatch:
         drafts = seq.draft_token_ids[: item.num_draft_tokens]
         offset = len(self.input_ids)
         self.input_ids += seq.token_ids(start, end - len(drafts)) + drafts
-        # Positions within the cache: token positions unless tokens left it (the streaming KV-cache policy).
+        # Positions within the cache: token positions unless tokens left it (an evicting KV-cache policy).
         evicted = seq.num_evicted_tokens
         self.positions += range(start - evicted, end - evicted)
         if drafts:
@@ -469,6 +484,7 @@ class StepInput:
     block_tables: list[list[list[int]]]  # per KV-cache group: each sequence's block ids
     logit_rows: list[int]  # rows of the batch whose logits are sampled or scored, in that order
     block_copies: list[tuple[int, int]] = field(default_factory=list)  # (source, destination), before the forward
+    report_attention: bool = False  # the attention each cached token receives is summed (the h2o policy)
 
     def attention_metadata(self, block_size: int, device: torch.device) -> AttentionMetadata:
         """KV-cache group 0's metadata, linking every group's."""
@@ -478,7 +494,19 @@ class StepInput:
         ]
         if len(metas) > 1:
             metas[0].kv_cache_groups = metas
+        if self.report_attention:
+            width = metas[0].block_tables.shape[1] * block_size
+            metas[0].attention_scores = torch.zeros(len(self.seq_lens), width, device=device)
         return metas[0]
+
+
+def _accumulate_scores(spans: list[tuple[Sequence, int, int]], scores: torch.Tensor) -> None:
+    """Add a step's attention scores to each sequence's: row i holds span i's, over its cache positions [0, end)."""
+    for row, (seq, start, end) in enumerate(spans):
+        total = scores[row, :end].clone()
+        if seq.kv_scores is not None:
+            total[:start] += seq.kv_scores
+        seq.kv_scores = total
 
 
 def step_input(

@@ -16,6 +16,7 @@ class HashedSequence(Protocol):
     block_ids: list[int]
     group_block_ids: list[list[int]]
     num_computed_tokens: int
+    num_evicted_tokens: int
     block_hashes: list[bytes]
     num_registered_blocks: int
 

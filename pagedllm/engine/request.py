@@ -60,7 +60,8 @@ class Sequence:
     detokenizer: IncrementalDetokenizer
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
-    num_evicted_tokens: int = 0  # tokens that left the cache under the streaming policy (kv_cache_policy.py)
+    num_evicted_tokens: int = 0  # tokens that left the cache under an evicting policy (kv_cache_policy.py)
+    kv_scores: torch.Tensor | None = None  # h2o: the attention each cache position received, summed (float32)
     block_ids: list[int] = field(default_factory=list)  # of KV-cache group 0
     group_block_ids: list[list[int]] = field(default_factory=list)  # of the other KV-cache groups, in order
     pending_forks: int = 0  # samples still to be split off this sequence when its first token is drawn

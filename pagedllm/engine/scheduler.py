@@ -71,7 +71,7 @@ class Scheduler:
         index = 0
         while index < len(self.running) and budget > 0:
             seq = self.running[index]
-            # Tokens out of a streaming window leave first: their blocks count as free for the room made below.
+            # Tokens an evicting policy drops leave first: their blocks count as free for the room made below.
             compaction = self.block_manager.evict(seq)
             # Drafts count in the budget like any token; those that do not fit wait for a later step. Candidates
             # are rows for the next position; their scratch blocks are held for the step.
@@ -162,6 +162,7 @@ class Scheduler:
         self.block_manager.free(seq)
         seq.num_computed_tokens = 0
         seq.num_evicted_tokens = 0
+        seq.kv_scores = None
         seq.draft_token_ids = []
         if seq.contrastive is not None:
             seq.contrastive.reset()

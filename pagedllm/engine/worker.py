@@ -111,7 +111,7 @@ class Worker:
     def execute(self, step: StepInput) -> torch.Tensor | None:
         """Float32 logits [len(step.logit_rows), vocab] on global rank 0 (with one stage, the same on every rank:
         the lm_head gathers them); None on the ranks of other stages."""
-        hidden = self.runner.hidden_states(step)
+        hidden, _ = self.runner.hidden_states(step)
         logits = self.model.compute_logits(hidden[step.logit_rows]) if self.stage.is_last else None
         if self.stage.num_stages == 1:
             return logits

@@ -1,4 +1,5 @@
-"""Fixed token corpora from the shipped ShareGPT file: held-out replies to evaluate, prompts to calibrate on.
+"""Fixed token corpora from the shipped ShareGPT file: held-out replies to evaluate (as a stream, or each after its
+prompt), prompts to calibrate on.
 
 The two read disjoint ranges of records, so a quantizer calibrated here is never scored on its own text.
 """
@@ -6,6 +7,7 @@ The two read disjoint ranges of records, so a quantizer calibrated here is never
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 
@@ -60,6 +62,47 @@ def calibration_tokens(tokenizer: TextTokenizer, num_tokens: int) -> list[int]:
         ids = token_stream(sharegpt_turns(path, None, CALIBRATION_RECORDS), tokenizer, num_tokens)
     _require_length(ids, num_tokens, "calibration")
     return ids
+
+
+@dataclass(frozen=True)
+class PromptReply:
+    """A prompt and its reply, cut together to a length: only the reply's tokens are scored."""
+
+    token_ids: list[int]
+    prompt_len: int
+
+
+def sharegpt_exchanges(path: Path, records: range) -> Iterator[tuple[str, str]]:
+    """Each human turn with the reply that follows it, in the records `records` of a ShareGPT file."""
+    for record in islice(iter_json_array_records(path), records.start, records.stop):
+        turns = [turn for turn in record.get("conversations") or [] if isinstance(turn.get("value"), str)]
+        for asked, answered in zip(turns, turns[1:]):
+            if asked.get("from") == "human" and answered.get("from") == "gpt" and asked["value"].strip():
+                yield asked["value"], answered["value"]
+
+
+def long_reply_records(tokenizer: TextTokenizer, num_records: int, record_tokens: int) -> list[PromptReply]:
+    """The first `num_records` held-out exchanges (EVALUATION_RECORDS) whose prompt takes at most a quarter of
+    `record_tokens` and whose reply fills the rest, each cut to `record_tokens` tokens: long answers to score."""
+    chosen: list[PromptReply] = []
+    with sharegpt_path() as path:
+        for prompt, reply in sharegpt_exchanges(path, EVALUATION_RECORDS):
+            if len(chosen) == num_records:
+                break
+            if len(reply) < 2 * record_tokens:  # too short in any tokenizer that merges a few characters a token
+                continue
+            prompt_ids = tokenizer.encode(prompt + TURN_SEPARATOR, add_special_tokens=False)
+            if len(prompt_ids) > record_tokens // 4:
+                continue
+            reply_ids = tokenizer.encode(reply, add_special_tokens=False)
+            if len(prompt_ids) + len(reply_ids) >= record_tokens:
+                chosen.append(PromptReply((prompt_ids + reply_ids)[:record_tokens], len(prompt_ids)))
+    if len(chosen) < num_records:
+        raise InvalidArgumentError(
+            f"the ShareGPT evaluation records hold only {len(chosen)} exchanges with a {record_tokens}-token reply",
+            "num_records",
+        )
+    return chosen
 
 
 def _require_length(ids: list[int], wanted: int, kind: str) -> None:

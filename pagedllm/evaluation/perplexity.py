@@ -1,8 +1,9 @@
 """Perplexity computed through the engine, so quantized weights, KV cache and KV-cache policy are what is measured.
 
-Under the full KV-cache policy the text is scored in strided windows, each a prompt of its own; under the streaming
-policy it is one sequence decoded token by token, every token scored from the cache the policy kept, as StreamingLLM
-evaluates it.
+Under the full KV-cache policy the text is scored in strided windows, each a prompt of its own; under an evicting
+policy (streaming, h2o) it is one sequence decoded token by token, every token scored from the cache the policy kept,
+as StreamingLLM evaluates it. The long-answer task (`--dataset sharegpt-long-replies`) scores only the reply tokens
+of held-out prompts with long replies, each record one sequence, decoded the same way under an evicting policy.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pagedllm.benchmarks import results
 from pagedllm.benchmarks.datasets import TextTokenizer
 from pagedllm.config import EngineConfig
 from pagedllm.errors import InvalidArgumentError
-from pagedllm.evaluation.corpus import conversation_tokens, evaluation_tokens
+from pagedllm.evaluation.corpus import PromptReply, conversation_tokens, evaluation_tokens, long_reply_records
 from pagedllm.flags import add_dataclass_arguments, dataclass_from_args
 from pagedllm.llm import LLM
 from pagedllm.sampling_params import SamplingParams
@@ -28,6 +29,7 @@ from pagedllm.sampling_params import SamplingParams
 DEFAULT_MAX_TOKENS = 20_480
 DEFAULT_WINDOW = 1024
 DEFAULT_STRIDE = 512
+DEFAULT_NUM_RECORDS = 8
 
 
 @dataclass(frozen=True)
@@ -103,8 +105,7 @@ def perplexity(llm: LLM, token_ids: list[int], window: int, stride: int) -> Perp
 def streaming_perplexity(llm: LLM, token_ids: list[int]) -> PerplexityResult:
     """Perplexity of `token_ids` fed as one sequence, one token per step (the engine's max_num_batched_tokens must
     be 1), each scored from the KV cache its policy kept."""
-    if llm.engine.config.max_num_batched_tokens != 1:
-        raise InvalidArgumentError("streaming perplexity feeds one token per step", "max_num_batched_tokens")
+    _require_token_by_token(llm)
     engine = llm.engine
     params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
     started = time.perf_counter()
@@ -120,6 +121,32 @@ def streaming_perplexity(llm: LLM, token_ids: list[int]) -> PerplexityResult:
     if len(scored) != len(token_ids) - 1:
         raise RuntimeError(f"{len(scored)} tokens were scored, not {len(token_ids) - 1}")
     return _result(llm, scored, token_ids, 1, seconds)
+
+
+def reply_perplexity(llm: LLM, records: list[PromptReply]) -> PerplexityResult:
+    """Perplexity of the records' reply tokens, each given its prompt and the reply before it; the records run one
+    after another (one token per step under an evicting policy: its max_num_batched_tokens must be 1)."""
+    if llm.engine.config.kv_cache_policy != "full":
+        _require_token_by_token(llm)
+    params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
+    started = time.perf_counter()
+    outputs = llm.generate([record.token_ids for record in records], params, use_tqdm=True)
+    seconds = time.perf_counter() - started
+    logprobs = []
+    for record, output in zip(records, outputs, strict=True):
+        entries = output.prompt_logprobs or []
+        if len(entries) != len(record.token_ids):
+            raise RuntimeError(f"the engine returned {len(entries)} prompt logprobs for {len(record.token_ids)} tokens")
+        # Entry p scores token p given the tokens before it.
+        logprobs += [entries[p][record.token_ids[p]] for p in range(record.prompt_len, len(record.token_ids))]
+    mean_nll = -math.fsum(logprobs) / len(logprobs)
+    peak_kv_blocks = llm.engine.block_manager.allocator.peak_num_used
+    return PerplexityResult(math.exp(mean_nll), mean_nll, len(logprobs), len(records), seconds, peak_kv_blocks)
+
+
+def _require_token_by_token(llm: LLM) -> None:
+    if llm.engine.config.max_num_batched_tokens != 1:
+        raise InvalidArgumentError("an evicting policy's perplexity feeds one token per step", "max_num_batched_tokens")
 
 
 def _result(
@@ -138,11 +165,23 @@ def add_corpus_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--text", type=Path, help="a UTF-8 text file to score instead of the default corpus")
     source.add_argument(
         "--dataset",
-        choices=("sharegpt", "sharegpt-conversations"),
+        choices=("sharegpt", "sharegpt-conversations", "sharegpt-long-replies"),
         default="sharegpt",
-        help="held-out ShareGPT replies (the default corpus), or the same conversations whole (both sides' turns)",
+        help="held-out ShareGPT replies (the default corpus), the same conversations whole (both sides' turns), or "
+        "prompts with long replies, each scored on its reply alone (--num-records of --max-tokens tokens each)",
     )
-    corpus.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, help="tokens of the corpus to score")
+    corpus.add_argument(
+        "--max-tokens",
+        type=int,
+        default=DEFAULT_MAX_TOKENS,
+        help="tokens of the corpus to score (sharegpt-long-replies: of each record, its prompt included)",
+    )
+    corpus.add_argument(
+        "--num-records",
+        type=int,
+        default=DEFAULT_NUM_RECORDS,
+        help="sharegpt-long-replies: the prompts with their replies to score",
+    )
     corpus.add_argument(
         "--window",
         type=int,
@@ -178,21 +217,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    streaming = args.kv_cache_policy == "streaming"
-    if streaming:
+    evicting = args.kv_cache_policy != "full"
+    if evicting:
         args.max_num_batched_tokens = 1  # the stream is decoded one token per step
     config = dataclass_from_args(EngineConfig, args, enable_prefix_caching=False)
     llm = LLM(**asdict(config))
-    token_ids, corpus = corpus_tokens(llm.tokenizer, args)
-    if streaming:
-        result = streaming_perplexity(llm, token_ids)
-        context = f"streaming: {config.attention_sinks} sinks + window {config.kv_window}, token by token"
+    if args.dataset == "sharegpt-long-replies" and args.text is None:
+        if args.num_records < 1:
+            raise InvalidArgumentError(f"num_records must be >= 1, got {args.num_records}", "num_records")
+        corpus = "sharegpt-long-replies"
+        result = reply_perplexity(llm, long_reply_records(llm.tokenizer, args.num_records, args.max_tokens))
     else:
-        result = perplexity(llm, token_ids, args.window, args.stride)
-        context = f"window {args.window}, stride {args.stride}"
+        token_ids, corpus = corpus_tokens(llm.tokenizer, args)
+        if evicting:
+            result = streaming_perplexity(llm, token_ids)
+        else:
+            result = perplexity(llm, token_ids, args.window, args.stride)
+    context = _context(config, args, corpus)
     settings = {
         "model": llm.engine.model_name, "corpus": corpus, "window": args.window, "stride": args.stride,
-        "variant": args.variant, **asdict(config),
+        "num_records": args.num_records if corpus == "sharegpt-long-replies" else None, "variant": args.variant,
+        **asdict(config),
     }  # fmt: skip
     if args.output_json is not None:
         results.append_run(args.output_json, results.new_run("perplexity", "pagedllm", settings, asdict(result)))
@@ -202,3 +247,14 @@ def run(args: argparse.Namespace) -> int:
         f"in {result.seconds:.1f}s, peak {result.peak_kv_blocks} KV blocks of {config.block_size} tokens"
     )
     return 0
+
+
+def _context(config: EngineConfig, args: argparse.Namespace, corpus: str) -> str:
+    """How much context each scored token had, in words."""
+    if config.kv_cache_policy == "streaming":
+        return f"streaming: {config.attention_sinks} sinks + window {config.kv_window}, token by token"
+    if config.kv_cache_policy == "h2o":
+        return f"h2o: budget {config.kv_budget}, token by token"
+    if corpus == "sharegpt-long-replies":
+        return "full: each record whole"
+    return f"window {args.window}, stride {args.stride}"

@@ -9,6 +9,12 @@ KV-cache group's block tables may hold FREED_BLOCK (read as block 0, never weigh
 
 A pool is a tensor in the model dtype or a QuantizedKVPool (int8/int4); a quantized pool is always read back, a
 fresh prefill's own K/V included, so a prefill and the decodes after it attend to the same (dequantized) numbers.
+
+A step whose metadata carries `attention_scores` (the h2o KV-cache policy) also adds, per sequence and cache
+position, the attention each key received, summed over the layer's heads and the sequence's queries. Its rows take
+a scoring path written in PyTorch that forms the probabilities explicitly (in float32): `reference` one sequence at
+a time, `fast` the decodes batched in groups as `_decode_in_groups` does; the CPU kernels, which never hold the
+normalized probabilities, are skipped.
 """
 
 from __future__ import annotations
@@ -60,6 +66,8 @@ class AttentionMetadata:
     block_size: int
     # Every KV-cache group's metadata, this one first; empty where the model has one group.
     kv_cache_groups: list[AttentionMetadata] = field(default_factory=list)
+    # [num_seqs, max_blocks * block_size] float32 where the step reports attention: every layer adds to it.
+    attention_scores: torch.Tensor | None = None
 
     def for_group(self, group: int) -> AttentionMetadata:
         """The metadata of a KV-cache group: its block tables and slots."""
@@ -173,7 +181,9 @@ class PagedAttention(nn.Module):
         write_kv(self.k_pool, self.v_pool, k, v, meta.slot_mapping)
         # A rotated pool holds K H and V H: q H . k H = q . k, and the output comes back as (attention . v) H.
         q = cache_basis(self.k_pool, q)
-        if self.impl == "fast" and use_cpu_kernels(q):
+        if meta.attention_scores is not None:
+            out = self._attend_and_score(q, k, v, meta, meta.attention_scores)
+        elif self.impl == "fast" and use_cpu_kernels(q):
             out = self._attend_with_cpu_kernels(q, k, v, meta)
         else:
             out = self._attend_by_parts(q, k, v, meta)
@@ -219,6 +229,43 @@ class PagedAttention(nn.Module):
             start, end = meta.query_starts[i], meta.query_starts[i + 1]
             keys, values = self._prefill_context(i, k, v, meta, attend_new)
             out[start:end] = self._attend_one(q[start:end], keys, values)
+        return out
+
+    def _attend_and_score(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata, scores: torch.Tensor
+    ) -> torch.Tensor:
+        """Attention that adds what each key received to `scores`: `fast` batches the decodes in groups,
+        `reference` (and `fast` for prefills) attends each sequence on its own."""
+        if self.sliding_window is not None:
+            raise NotImplementedError("attention scores are reported for layers that see the whole context only")
+        attend_new = self.impl == "fast" and not isinstance(self.k_pool, QuantizedKVPool)
+        out = torch.empty_like(q)
+        first_prefill = 0
+        if self.impl == "fast" and meta.num_decodes:
+            first_prefill = meta.num_decodes
+            for group in meta.decode_groups:
+                keys, values = (
+                    read_blocks(pool, group.block_tables).flatten(1, 2).transpose(1, 2)
+                    for pool in (self.k_pool, self.v_pool)
+                )
+                rows = slice(group.start, group.end)
+                output, received = scored_attention(q[rows].unsqueeze(2), keys, values, group.mask, self.scale)
+                out[rows] = output.squeeze(2)
+                scores[rows, : received.shape[1]] += received
+        for i in range(first_prefill, len(meta.host_seq_lens)):
+            start, end = meta.query_starts[i], meta.query_starts[i + 1]
+            keys, values = self._prefill_context(i, k, v, meta, attend_new)
+            num_keys = keys.shape[0]
+            mask = torch.ones(end - start, num_keys, dtype=torch.bool, device=q.device).tril(num_keys - (end - start))
+            output, received = scored_attention(
+                q[start:end].transpose(0, 1).unsqueeze(0),
+                keys.transpose(0, 1).unsqueeze(0),
+                values.transpose(0, 1).unsqueeze(0),
+                mask,
+                self.scale,
+            )
+            out[start:end] = output.squeeze(0).transpose(0, 1)
+            scores[i, :num_keys] += received[0]
         return out
 
     def _prefill_context(
@@ -297,6 +344,24 @@ class PagedAttention(nn.Module):
                 enable_gqa=True,
             ).squeeze(2)
         return out
+
+
+def scored_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention with its probabilities formed explicitly: q [B, heads, Q, D], k and v [B, kv_heads, L, D], mask
+    broadcast to [B, heads, Q, L] (True where a key is visible). Returns the output [B, heads, Q, D] and the
+    probability each key received, summed over heads and queries, [B, L] float32."""
+    batch, num_heads, num_queries, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    # Query head h reads K/V head h // group: a K/V head's queries are stacked as rows, and K/V are never copied.
+    group = num_heads // num_kv_heads
+    rows = q.float().reshape(batch, num_kv_heads, group * num_queries, head_dim)
+    logits = torch.matmul(rows, k.float().transpose(-1, -2)) * scale
+    visible = mask.reshape(*mask.shape[:-2], 1, *mask.shape[-2:]).expand(*mask.shape[:-2], group, *mask.shape[-2:])
+    probs = logits.masked_fill(~visible.flatten(-3, -2), float("-inf")).softmax(dim=-1)
+    out = torch.matmul(probs, v.float()).view(batch, num_heads, num_queries, head_dim)
+    return out.to(q.dtype), probs.sum(dim=(1, 2))
 
 
 def write_kv(k_pool: KVPool, v_pool: KVPool, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:

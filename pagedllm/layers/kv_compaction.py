@@ -1,15 +1,17 @@
-"""Compaction of one sequence's paged K/V: the entries after a gap move down over it, their keys re-rotated.
+"""Compaction of one sequence's paged K/V: the kept entries move down over the evicted ones, their keys re-rotated.
 
-The streaming KV-cache policy (engine/kv_cache_policy.py) drops the tokens between a sequence's attention sinks and
-its window by moving the window down over them. RoPE rotations compose: a key rotated for position p, rotated again
-by -d, is the key rotated for p - d; so the moved keys are exactly the keys of their new cache positions, and the
-attention kernels need no notion of the gap. Values carry no position and move as they are. The rotation is done in
-float32 and rounded once per move; a quantized pool's entries are dequantized, moved and quantized again.
+The evicting KV-cache policies (engine/kv_cache_policy.py) drop tokens from anywhere in a sequence's cache: the
+streaming policy those between its attention sinks and its window, h2o those between its heavy hitters. The kept
+entries move to cache positions 0, 1, 2, ... in their order. RoPE rotations compose: a key rotated for position p,
+rotated again by -d, is the key rotated for p - d; so each moved key, rotated back by the distance it moved, is
+exactly the key of its new cache position, and the attention kernels need no notion of the gaps. Values carry no
+position and move as they are. The rotation is done in float32 and rounded once per move; a quantized pool's entries
+are dequantized, moved and quantized again.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -19,25 +21,41 @@ from pagedllm.layers.rotary import RotaryEmbedding
 
 @dataclass(frozen=True)
 class KVCompaction:
-    """Move one sequence's cache entries [num_sinks + shift, cache_len) to [num_sinks, cache_len - shift)."""
+    """Move one sequence's cache entry kept[i] to cache position i, for every i."""
 
-    block_table: list[int]  # the sequence's blocks before the move; the entries after it stay in its first ones
-    num_sinks: int
-    shift: int
+    block_table: list[int]  # the sequence's blocks before the move; the kept entries end up in its first ones
+    kept: list[int]  # increasing cache positions, each below cache_len
     cache_len: int
+    # (source, destination) whole-block copies applied before the move: the private copies, already in block_table,
+    # of blocks another sequence or the prefix cache still holds
+    block_copies: list[tuple[int, int]] = field(default_factory=list)
+
+    @property
+    def first_moved(self) -> int:
+        return first_moved(self.kept)
+
+
+def first_moved(kept: list[int]) -> int:
+    """The first index i whose kept position is not i: the entries before it stay where they are."""
+    return next((i for i, position in enumerate(kept) if position != i), len(kept))
 
 
 def compact_kv(
     k_pool: KVPool, v_pool: KVPool, rotary: RotaryEmbedding, compaction: KVCompaction, device: torch.device
 ) -> None:
     """Apply a compaction to one layer's pools: every moved entry is read before any is written."""
+    first = compaction.first_moved
+    if first == len(compaction.kept):
+        return
     block_size = k_pool.shape[1]
     table = torch.tensor(compaction.block_table, dtype=torch.int64, device=device)
-    first, end = compaction.num_sinks + compaction.shift, compaction.cache_len
-    keys, values = (_read_entries(pool, table, first, end) for pool in (k_pool, v_pool))
-    positions = torch.arange(compaction.num_sinks, end - compaction.shift, device=device)
-    slots = table[positions // block_size] * block_size + positions % block_size
-    write_kv(k_pool, v_pool, rotary.shift(keys, compaction.shift), values, slots)
+    sources = torch.tensor(compaction.kept[first:], dtype=torch.int64, device=device)
+    destinations = torch.arange(first, len(compaction.kept), device=device)
+    first_read = compaction.kept[first]
+    keys, values = (_read_entries(pool, table, first_read, compaction.cache_len) for pool in (k_pool, v_pool))
+    keys, values = keys[sources - first_read], values[sources - first_read]
+    slots = table[destinations // block_size] * block_size + destinations % block_size
+    write_kv(k_pool, v_pool, rotary.shift(keys, sources - destinations), values, slots)
 
 
 def _read_entries(pool: KVPool, table: torch.Tensor, first: int, end: int) -> torch.Tensor:

@@ -72,10 +72,13 @@ class RotaryEmbedding(nn.Module):
         else:
             x[:, :rotated_heads] = self.rotate(positions, x[:, :rotated_heads])
 
-    def shift(self, x: torch.Tensor, distance: int) -> torch.Tensor:
-        """x [T, heads, head_dim] rotated for positions p, rotated for p - distance instead (rotations compose)."""
+    def shift(self, x: torch.Tensor, distance: int | torch.Tensor) -> torch.Tensor:
+        """x [T, heads, head_dim] rotated for positions p, rotated for p - distance instead (rotations compose);
+        `distance` is one for all rows or a [T] tensor of each row's."""
         y = x.float()
         cos, sin = self.cos[distance], -self.signed_sin[distance]
+        if isinstance(distance, torch.Tensor):
+            cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
         return (y * cos + y.roll(x.shape[-1] // 2, dims=-1) * sin).to(x.dtype)
 
     def _cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

@@ -99,8 +99,13 @@ class FusedDecode:
         )
 
     def takes(self, meta: AttentionMetadata) -> bool:
-        """Whether this step can run in the kernel: every sequence decodes one token, and few enough of them."""
-        return meta.num_decodes == len(meta.seq_lens) and meta.num_decodes <= self.max_rows
+        """Whether this step can run in the kernel: every sequence decodes one token, few enough of them, and no
+        attention scores are asked for (the kernel does not report them)."""
+        return (
+            meta.attention_scores is None
+            and meta.num_decodes == len(meta.seq_lens)
+            and meta.num_decodes <= self.max_rows
+        )
 
     def forward(self, hidden: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """The residual stream after the last layer, as LlamaForCausalLM.forward returns it, from the embeddings."""

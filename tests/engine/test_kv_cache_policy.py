@@ -164,8 +164,6 @@ def test_preempted_streaming_sequences_are_recomputed_and_finish(tiny_llama_dir:
 def test_settings_it_does_not_compose_with_are_refused(
     tiny_llama_dir: Path, tmp_path: Path, tokenizer_dir: Path
 ) -> None:
-    with pytest.raises(ConfigError, match="enable_prefix_caching"):
-        tiny(tiny_llama_dir, **STREAMING, enable_prefix_caching=True)
     with pytest.raises(ConfigError, match="exceeds max_model_len"):
         tiny(tiny_llama_dir, **{**STREAMING, "kv_window": MAX_MODEL_LEN})
     write_checkpoint("mistral-mqa", tmp_path, tokenizer_dir)  # sliding-window layers

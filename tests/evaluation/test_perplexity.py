@@ -13,7 +13,14 @@ from hypothesis import strategies as st
 
 from pagedllm import LLM
 from pagedllm.cli import main
-from pagedllm.evaluation.perplexity import Window, perplexity, sliding_windows, streaming_perplexity
+from pagedllm.evaluation.corpus import PromptReply
+from pagedllm.evaluation.perplexity import (
+    Window,
+    perplexity,
+    reply_perplexity,
+    sliding_windows,
+    streaming_perplexity,
+)
 from pagedllm.model.loader import load_checkpoint
 from pagedllm.quantize.dense_model import forward_logits
 
@@ -143,3 +150,42 @@ def test_cli_streaming_policy_flags(tiny_llama_dir: Path, tmp_path: Path, capsys
     assert document["settings"]["max_num_batched_tokens"] == 1
     assert document["results"]["peak_kv_blocks"] == 6
     assert "4 sinks + window 16, token by token" in capsys.readouterr().out
+
+
+def test_long_answer_evaluation_scores_reply_tokens_only_one_record_at_a_time(
+    tiny_llm: LLM, tiny_llama_dir: Path, token_ids: list[int]
+) -> None:
+    records = [PromptReply(token_ids[:30], 10), PromptReply(token_ids[5:45], 25)]
+    result = reply_perplexity(tiny_llm, records)
+    expected_nll = sum(
+        direct_nll(tiny_llama_dir, r.token_ids, [Window(0, len(r.token_ids), r.prompt_len)]) for r in records
+    )
+    assert result.tokens_scored == 20 + 15 and result.windows == 2
+    assert result.mean_nll == pytest.approx(expected_nll / 35, rel=1e-4)
+    settings = dict(
+        dtype="float32", kv_cache_memory=2**22, enable_prefix_caching=False, block_size=4, max_num_batched_tokens=1
+    )
+    # A budget above every record's length keeps every token: the same numbers, one token per step.
+    whole = reply_perplexity(LLM(str(tiny_llama_dir), **settings, kv_cache_policy="h2o", kv_budget=48), records)
+    assert whole.mean_nll == pytest.approx(result.mean_nll, rel=1e-4)
+    small = reply_perplexity(LLM(str(tiny_llama_dir), **settings, kv_cache_policy="h2o", kv_budget=8), records)
+    # One record's blocks at a time, bounded by the budget: ceil(8 / 4) + 1.
+    assert small.peak_kv_blocks == 3 < whole.peak_kv_blocks == 10
+    assert small.mean_nll != pytest.approx(whole.mean_nll, rel=1e-6)
+
+
+def test_cli_long_answer_task_under_h2o(
+    tiny_llama_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    output = tmp_path / "result.json"
+    argv = ["eval", "perplexity", "--model", str(tiny_llama_dir), "--kv-cache-memory", str(2**22)]
+    task = ["--dataset", "sharegpt-long-replies", "--num-records", "1", "--max-tokens", "48"]
+    policy = ["--kv-cache-policy", "h2o", "--kv-budget", "16", "--block-size", "4"]
+    assert main([*argv, *task, *policy, "--output-json", str(output)]) == 0
+    document = json.loads(output.read_text())["runs"][0]
+    settings = document["settings"]
+    assert settings["kv_cache_policy"] == "h2o" and settings["kv_budget"] == 16 and settings["num_records"] == 1
+    assert settings["corpus"] == "sharegpt-long-replies" and settings["max_num_batched_tokens"] == 1
+    assert 36 <= document["results"]["tokens_scored"] < 48  # the prompt takes at most a quarter of the record
+    assert document["results"]["peak_kv_blocks"] == 5
+    assert "h2o: budget 16, token by token" in capsys.readouterr().out

@@ -21,19 +21,23 @@ def pools(quantized: bool) -> tuple:
     return tuple(torch.zeros(8, BLOCK, HEADS, HEAD_DIM) for _ in range(2))
 
 
+SINKS_AND_WINDOW = [*range(3), *range(12, 19)]  # the streaming policy's: one gap after the sinks
+SCATTERED = [1, 2, 5, 6, 7, 11, 15, 16, 17, 18]  # h2o's: heavy hitters anywhere, then the recent tokens
+
+
 @pytest.mark.parametrize("quantized", [False, True])
-def test_kept_entries_equal_entries_written_at_their_new_positions(quantized: bool) -> None:
+@pytest.mark.parametrize("kept", [SINKS_AND_WINDOW, SCATTERED])
+def test_kept_entries_equal_entries_written_at_their_new_positions(quantized: bool, kept: list[int]) -> None:
     rotary = RotaryEmbedding(HEAD_DIM, 64, 10000.0, RopeScaling())
     table = [5, 2, 7, 0, 3]  # 20 slots, scattered blocks
-    cache_len, sinks, shift = 19, 3, 9
+    cache_len = 19
     keys, values = torch.randn(cache_len, HEADS, HEAD_DIM), torch.randn(cache_len, HEADS, HEAD_DIM)
     k_pool, v_pool = pools(quantized)
     slots = torch.tensor([table[p // BLOCK] * BLOCK + p % BLOCK for p in range(cache_len)])
     write_kv(k_pool, v_pool, rotary.rotate(torch.arange(cache_len), keys), values, slots)
 
-    compact_kv(k_pool, v_pool, rotary, KVCompaction(table, sinks, shift, cache_len), CPU)
+    compact_kv(k_pool, v_pool, rotary, KVCompaction(table, kept, cache_len), CPU)
 
-    kept = [*range(sinks), *range(sinks + shift, cache_len)]
     expected_k, expected_v = pools(quantized)
     new_len = len(kept)
     write_kv(expected_k, expected_v, rotary.rotate(torch.arange(new_len), keys[kept]), values[kept], slots[:new_len])
