@@ -15,11 +15,11 @@ from collections import defaultdict, deque
 from dataclasses import dataclass, fields, replace
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
-from typing import Any
+from typing import Any, NoReturn
 
 from pagedllm.config import EngineConfig
 from pagedllm.engine.engine import EngineStats, LLMEngine
-from pagedllm.engine.executor import SHUTDOWN_TIMEOUT_S, STARTUP_TIMEOUT_S, WorkerError, report_failure
+from pagedllm.engine.executor import SHUTDOWN_TIMEOUT_S, STARTUP_TIMEOUT_S, WorkerError, fail, report_failure
 from pagedllm.engine.host_memory import HeapTrimmer
 from pagedllm.engine.output import RequestOutput
 from pagedllm.engine.worker import pin_rank_threads
@@ -274,13 +274,8 @@ class DataParallelEngine:
                 self._fail(value)
             self.inboxes[self.connections.index(handle)][message_kind].append(value)  # type: ignore[arg-type]
 
-    def _fail(self, reason: str | PagedLLMError) -> None:
-        self.failure = f"an engine replica failed: {reason}"
-        logger.error("%s; stopping the others", self.failure)
-        self.shutdown()
-        if isinstance(reason, PagedLLMError):
-            raise reason
-        raise WorkerError(self.failure)
+    def _fail(self, reason: str | PagedLLMError) -> NoReturn:
+        fail(self, reason, "an engine replica")
 
 
 def _no_stats() -> EngineStats:

@@ -16,7 +16,7 @@ import pickle
 from collections import deque
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol
 
 import torch
 
@@ -44,9 +44,22 @@ class WorkerError(EngineUnavailableError):
 class Executor(Protocol):
     """Runs each step's forward on the ranks holding the model and returns rank 0's logits."""
 
+    failure: str | None  # why the ranks stopped, once one failed: every later step fails at once
+
     def execute_model(self, step: StepInput) -> torch.Tensor: ...
 
     def shutdown(self) -> None: ...
+
+
+def fail(executor: Executor, reason: str | PagedLLMError, process: str = "a model worker") -> NoReturn:
+    """Record why one of `executor`'s child processes failed, stop them all, and raise: a pagedllm error (a
+    setting a child refused) as it is, anything else as WorkerError."""
+    executor.failure = f"{process} failed: {reason}"
+    logger.error("%s; stopping the others", executor.failure)
+    executor.shutdown()
+    if isinstance(reason, PagedLLMError):
+        raise reason
+    raise WorkerError(executor.failure)
 
 
 def report_failure(connection: Connection, process: str, error: BaseException) -> None:
@@ -163,7 +176,7 @@ class MultiprocExecutor:
             for connection in self.step_connections:
                 connection.send_bytes(payload)
         except OSError as error:
-            self._fail(f"could not send the step to a worker ({error})")
+            fail(self, f"could not send the step to a worker ({error})")
         return torch.from_numpy(self._receive(0, "logits", None))
 
     def wait(self) -> int:
@@ -180,32 +193,24 @@ class MultiprocExecutor:
         while not self.inboxes[index]:
             ready = multiprocessing.connection.wait([*self.connections, *sentinels], timeout_s)
             if not ready:
-                self._fail(f"rank {self.ranks[index]} did not answer within {timeout_s:.0f} s")
+                fail(self, f"rank {self.ranks[index]} did not answer within {timeout_s:.0f} s")
             for handle in ready:
                 if handle in sentinels:
                     i = sentinels[handle]
                     process = self.processes[i]
                     process.join()
-                    self._fail(f"rank {self.ranks[i]} (pid {process.pid}) exited with code {process.exitcode}")
+                    fail(self, f"rank {self.ranks[i]} (pid {process.pid}) exited with code {process.exitcode}")
                 try:
                     message_kind, value = handle.recv()
                 except (EOFError, OSError):
                     continue  # its process has exited: its sentinel says how
                 if message_kind == "error":
-                    self._fail(value)  # type: ignore[arg-type]
+                    fail(self, value)  # type: ignore[arg-type]
                 self.inboxes[self.connections.index(handle)].append((message_kind, value))
         message_kind, value = self.inboxes[index].popleft()
         if message_kind != kind:
-            self._fail(f"rank {self.ranks[index]} sent {message_kind!r} where {kind!r} was due")
+            fail(self, f"rank {self.ranks[index]} sent {message_kind!r} where {kind!r} was due")
         return value
-
-    def _fail(self, reason: str | PagedLLMError) -> None:
-        self.failure = f"a model worker failed: {reason}"
-        logger.error("%s; stopping the others", self.failure)
-        self.shutdown()
-        if isinstance(reason, PagedLLMError):
-            raise reason
-        raise WorkerError(self.failure)
 
     def shutdown(self) -> None:
         """Tell every worker to stop, and kill those that do not within SHUTDOWN_TIMEOUT_S."""

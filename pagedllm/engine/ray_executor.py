@@ -19,7 +19,7 @@ import torch
 from pagedllm.config import EngineConfig
 from pagedllm.distributed.group import ParallelGroup
 from pagedllm.distributed.process_group import free_port, init_distributed
-from pagedllm.engine.executor import STARTUP_TIMEOUT_S, WorkerError
+from pagedllm.engine.executor import STARTUP_TIMEOUT_S, WorkerError, fail
 from pagedllm.engine.model_runner import StepInput
 from pagedllm.engine.worker import Worker, tensor_parallel_group
 from pagedllm.errors import PagedLLMError
@@ -141,23 +141,15 @@ class RayExecutor:
         while pending:
             ready, pending = ray.wait(pending, num_returns=1, timeout=timeout_s)
             if not ready:
-                self._fail(f"{len(pending)} rank(s) did not answer within {timeout_s:.0f} s")
+                fail(self, f"{len(pending)} rank(s) did not answer within {timeout_s:.0f} s")
             try:
                 ray.get(ready[0])
             except ray.exceptions.RayTaskError as error:
                 cause = error.cause if isinstance(error.cause, BaseException) else error
-                self._fail(cause if isinstance(cause, PagedLLMError) else f"rank {refs.index(ready[0])}: {cause}")
+                fail(self, cause if isinstance(cause, PagedLLMError) else f"rank {refs.index(ready[0])}: {cause}")
             except ray.exceptions.RayError as error:
-                self._fail(f"rank {refs.index(ready[0])} is gone ({type(error).__name__}: {error})")
+                fail(self, f"rank {refs.index(ready[0])} is gone ({type(error).__name__}: {error})")
         return ray.get(refs)
-
-    def _fail(self, reason: str | PagedLLMError) -> None:
-        self.failure = f"a model worker failed: {reason}"
-        logger.error("%s; stopping the others", self.failure)
-        self.shutdown()
-        if isinstance(reason, PagedLLMError):
-            raise reason
-        raise WorkerError(self.failure)
 
     def shutdown(self) -> None:
         """Kill every rank's actor (a rank's shared memory leaves nothing behind) and give the placement group's CPUs

@@ -7,9 +7,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 from pagedllm import LLM, SamplingParams
+from tests.engine.eviction import random_tokens
 
 POLICIES: dict[str, dict[str, Any]] = {
     "streaming": dict(kv_cache_policy="streaming", attention_sinks=4, kv_window=12),
@@ -24,10 +24,6 @@ COMMON = dict(
     max_num_batched_tokens=16,
 )
 PARAMS = SamplingParams(max_tokens=60, temperature=0.0, ignore_eos=True)
-
-
-def random_tokens(count: int, seed: int) -> list[int]:
-    return torch.randint(0, 49152, (count,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
 def after_a_warm_up(folder: Path, policy: str, warm_up: list[int], prompt: list[int]) -> list[int]:

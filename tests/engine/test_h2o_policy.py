@@ -5,42 +5,22 @@ and under preemption."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
 
 from pagedllm import LLM, SamplingParams
-from pagedllm.arithmetic import ceil_div
 from pagedllm.engine.kv_cache_policy import H2OPolicy
 from pagedllm.engine.model_runner import kv_cache_bytes_per_block
 from pagedllm.engine.request import Sequence
 from pagedllm.errors import ConfigError, InvalidArgumentError
 from pagedllm.model.loader import load_checkpoint
 from tests.checkpoints import write_checkpoint
+from tests.engine.eviction import BLOCK, BUDGET, GREEDY, H2O, H2O_BOUND, MAX_MODEL_LEN, random_tokens, tiny
 
-BUDGET, BLOCK, MAX_MODEL_LEN = 16, 4, 64
 NUM_HEAVY = BUDGET // 2
 NUM_RECENT = BUDGET - NUM_HEAVY
-BOUND = ceil_div(BUDGET, BLOCK) + 1  # the most blocks a decoding h2o sequence holds
-FLOAT32 = dict(dtype="float32", quantization="none", enable_prefix_caching=False)
-H2O = dict(kv_cache_policy="h2o", kv_budget=BUDGET, block_size=BLOCK, max_model_len=MAX_MODEL_LEN)
-GREEDY = dict(temperature=0.0, ignore_eos=True)
-
-
-def tiny(folder: Path, **settings: Any) -> LLM:
-    return LLM(str(folder), **{**FLOAT32, "kv_cache_memory": 2**22, **settings})
-
-
-@pytest.fixture(scope="module")
-def one_layer_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Path:
-    folder = tmp_path_factory.mktemp("one-layer-llama")
-    write_checkpoint("llama-gqa", folder, tokenizer_dir, num_hidden_layers=1)
-    return folder
-
-
-def random_tokens(count: int, seed: int) -> list[int]:
-    return torch.randint(0, 49152, (count,), generator=torch.Generator().manual_seed(seed)).tolist()
+BOUND = H2O_BOUND
 
 
 def test_kept_positions_are_the_heaviest_earlier_tokens_and_the_recent_ones() -> None:
@@ -160,28 +140,6 @@ def test_reference_and_fast_attention_agree_on_outputs_and_scores(
     assert fast_seq.num_evicted_tokens == reference_seq.num_evicted_tokens > 0
     assert fast_seq.kv_scores is not None and reference_seq.kv_scores is not None
     assert torch.allclose(fast_seq.kv_scores, reference_seq.kv_scores, atol=1e-4)
-
-
-def test_quantized_cache_runs_close_to_the_unquantized_one(tiny_llama_dir: Path) -> None:
-    token_ids = random_tokens(3 * MAX_MODEL_LEN, 6)
-    plain, _ = stream(tiny(tiny_llama_dir, **H2O, max_num_batched_tokens=1), token_ids)
-    int8, _ = stream(tiny(tiny_llama_dir, **H2O, max_num_batched_tokens=1, kv_cache_dtype="int8"), token_ids)
-    assert max(abs(a - b) for a, b in zip(plain, int8, strict=True)) < 0.1
-
-
-def test_preempted_h2o_sequences_are_recomputed_and_finish(tiny_llama_dir: Path) -> None:
-    config = load_checkpoint(tiny_llama_dir, torch.float32).config
-    llm = tiny(
-        tiny_llama_dir,
-        **H2O,
-        kv_cache_memory=2 * BOUND * kv_cache_bytes_per_block(config, BLOCK, torch.float32),
-        max_num_batched_tokens=8,
-    )
-    params = SamplingParams(max_tokens=2 * MAX_MODEL_LEN, **GREEDY)
-    outputs = llm.generate([random_tokens(10, seed) for seed in range(4)], params)
-    assert llm.engine.scheduler.num_preemptions > 0
-    assert all(len(output.outputs[0].token_ids) == 2 * MAX_MODEL_LEN for output in outputs)
-    assert llm.engine.block_manager.num_free_blocks == llm.engine.num_blocks
 
 
 def test_settings_it_does_not_compose_with_are_refused(

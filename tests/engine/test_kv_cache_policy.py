@@ -9,35 +9,27 @@ from typing import Any
 import pytest
 import torch
 
-from pagedllm import LLM, SamplingParams
-from pagedllm.arithmetic import ceil_div
+from pagedllm import SamplingParams
 from pagedllm.engine.model_runner import kv_cache_bytes_per_block
 from pagedllm.errors import ConfigError, InvalidArgumentError
 from pagedllm.model.loader import load_checkpoint
 from tests.checkpoints import write_checkpoint
-
-SINKS, WINDOW, BLOCK, MAX_MODEL_LEN = 4, 16, 4, 64
-BOUND = ceil_div(SINKS + WINDOW, BLOCK) + 1  # the most blocks a decoding streaming sequence holds
-FLOAT32 = dict(dtype="float32", quantization="none", enable_prefix_caching=False)
-STREAMING = dict(
-    kv_cache_policy="streaming", attention_sinks=SINKS, kv_window=WINDOW, block_size=BLOCK, max_model_len=MAX_MODEL_LEN
+from tests.engine.eviction import (
+    BLOCK,
+    GREEDY,
+    H2O,
+    H2O_BOUND,
+    MAX_MODEL_LEN,
+    SINKS,
+    STREAMING,
+    STREAMING_BOUND,
+    WINDOW,
+    random_tokens,
+    streamed_logprobs,
+    tiny,
 )
-GREEDY = dict(temperature=0.0, ignore_eos=True)
 
-
-def tiny(folder: Path, **settings: Any) -> LLM:
-    return LLM(str(folder), **{**FLOAT32, "kv_cache_memory": 2**22, **settings})
-
-
-@pytest.fixture(scope="module")
-def one_layer_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Path:
-    folder = tmp_path_factory.mktemp("one-layer-llama")
-    write_checkpoint("llama-gqa", folder, tokenizer_dir, num_hidden_layers=1)
-    return folder
-
-
-def random_tokens(count: int, seed: int) -> list[int]:
-    return torch.randint(0, 49152, (count,), generator=torch.Generator().manual_seed(seed)).tolist()
+BOUND = STREAMING_BOUND
 
 
 def test_sequence_runs_four_contexts_long_in_bounded_blocks_that_others_reuse(tiny_llama_dir: Path) -> None:
@@ -87,13 +79,6 @@ def test_window_longer_than_the_sequence_equals_full_attention(tiny_llama_dir: P
         assert got.outputs[0].token_ids == expected.outputs[0].token_ids
 
 
-def streamed_logprobs(llm: LLM, token_ids: list[int]) -> list[float]:
-    """The logprob of each token but the first, the stream fed one token per step (max_num_batched_tokens=1)."""
-    [output] = llm.generate([token_ids], SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0))
-    assert output.prompt_logprobs is not None
-    return [entry[token] for entry, token in zip(output.prompt_logprobs[1:], token_ids[1:], strict=True)]
-
-
 def kept_contexts(token_ids: list[int]) -> list[list[int]]:
     """For each position p, the tokens the streaming cache holds when p is the query: the sinks and the window
     before it, a block's worth leaving at once (kv_cache_policy.py)."""
@@ -136,22 +121,26 @@ def test_reference_and_fast_attention_agree_across_evictions(tiny_llama_dir: Pat
     assert logprobs["fast"] == pytest.approx(logprobs["reference"], abs=1e-4)
 
 
-def test_quantized_cache_streams_close_to_the_unquantized_one(tiny_llama_dir: Path) -> None:
+@pytest.mark.parametrize("policy", [STREAMING, H2O], ids=["streaming", "h2o"])
+def test_quantized_cache_runs_close_to_the_unquantized_one(tiny_llama_dir: Path, policy: dict[str, Any]) -> None:
     token_ids = random_tokens(3 * MAX_MODEL_LEN, 6)
-    plain = streamed_logprobs(tiny(tiny_llama_dir, **STREAMING, max_num_batched_tokens=1), token_ids)
-    int8 = streamed_logprobs(
-        tiny(tiny_llama_dir, **STREAMING, max_num_batched_tokens=1, kv_cache_dtype="int8"), token_ids
-    )
+    plain = streamed_logprobs(tiny(tiny_llama_dir, **policy, max_num_batched_tokens=1), token_ids)
+    int8 = streamed_logprobs(tiny(tiny_llama_dir, **policy, max_num_batched_tokens=1, kv_cache_dtype="int8"), token_ids)
     assert max(abs(a - b) for a, b in zip(plain, int8, strict=True)) < 0.1
 
 
-def test_preempted_streaming_sequences_are_recomputed_and_finish(tiny_llama_dir: Path) -> None:
+@pytest.mark.parametrize(
+    ("policy", "bound"), [(STREAMING, STREAMING_BOUND), (H2O, H2O_BOUND)], ids=["streaming", "h2o"]
+)
+def test_preempted_sequences_are_recomputed_and_finish(
+    tiny_llama_dir: Path, policy: dict[str, Any], bound: int
+) -> None:
     """Recomputation prefills a preempted sequence's tokens again under the policy: it finishes, in bounded blocks."""
     config = load_checkpoint(tiny_llama_dir, torch.float32).config
     llm = tiny(
         tiny_llama_dir,
-        **STREAMING,
-        kv_cache_memory=2 * BOUND * kv_cache_bytes_per_block(config, BLOCK, torch.float32),
+        **policy,
+        kv_cache_memory=2 * bound * kv_cache_bytes_per_block(config, BLOCK, torch.float32),
         max_num_batched_tokens=8,
     )
     params = SamplingParams(max_tokens=2 * MAX_MODEL_LEN, **GREEDY)

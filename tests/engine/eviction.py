@@ -1,0 +1,37 @@
+"""Settings and helpers of the evicting KV-cache policies' tests (streaming and h2o) on tiny models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pagedllm import LLM, SamplingParams
+from pagedllm.arithmetic import ceil_div
+
+SINKS, WINDOW, BUDGET, BLOCK, MAX_MODEL_LEN = 4, 16, 16, 4, 64
+FLOAT32 = dict(dtype="float32", quantization="none", enable_prefix_caching=False)
+STREAMING = dict(
+    kv_cache_policy="streaming", attention_sinks=SINKS, kv_window=WINDOW, block_size=BLOCK, max_model_len=MAX_MODEL_LEN
+)
+H2O = dict(kv_cache_policy="h2o", kv_budget=BUDGET, block_size=BLOCK, max_model_len=MAX_MODEL_LEN)
+# The most blocks a decoding sequence holds under each policy.
+STREAMING_BOUND = ceil_div(SINKS + WINDOW, BLOCK) + 1
+H2O_BOUND = ceil_div(BUDGET, BLOCK) + 1
+GREEDY = dict(temperature=0.0, ignore_eos=True)
+
+
+def tiny(folder: Path, **settings: Any) -> LLM:
+    return LLM(str(folder), **{**FLOAT32, "kv_cache_memory": 2**22, **settings})
+
+
+def random_tokens(count: int, seed: int) -> list[int]:
+    return torch.randint(0, 49152, (count,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def streamed_logprobs(llm: LLM, token_ids: list[int]) -> list[float]:
+    """The logprob of each token but the first, the stream fed one token per step (max_num_batched_tokens=1)."""
+    [output] = llm.generate([token_ids], SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0))
+    assert output.prompt_logprobs is not None
+    return [entry[token] for entry, token in zip(output.prompt_logprobs[1:], token_ids[1:], strict=True)]
