@@ -248,8 +248,10 @@ class LLMEngine:
             raise InvalidArgumentError(f"{name} is not supported with tensor or pipeline parallelism", name)
         if self.speculator is not None:
             raise InvalidArgumentError(f"{name} is not supported with speculative decoding", name)
-        if params.uses_contrastive_search and self.streaming is not None:
-            raise InvalidArgumentError("penalty_alpha is not supported with the streaming KV-cache policy", name)
+        if params.uses_contrastive_search and self.eviction is not None:
+            raise InvalidArgumentError(
+                f"penalty_alpha is not supported with the {self.config.kv_cache_policy} KV-cache policy", name
+            )
         if params.dola_layers is not None:
             mc = self.model_config
             premature_layers(params.dola_layers, mc.num_layers, mc.tie_word_embeddings)

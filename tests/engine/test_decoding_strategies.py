@@ -183,6 +183,15 @@ def test_invalid_combinations_are_refused(tiny_llm: LLM) -> None:
     assert generate(tiny_llm, PROMPTS[:1], [SamplingParams(temperature=0, max_tokens=2)])  # the engine still serves
 
 
+@pytest.mark.parametrize(
+    "policy", [{"kv_cache_policy": "streaming", "kv_window": 32}, {"kv_cache_policy": "h2o", "kv_budget": 32}]
+)
+def test_contrastive_search_refuses_the_evicting_policies_which_move_its_context(tiny, policy: dict) -> None:
+    llm = LLM(model=str(tiny[0]), dtype="float32", quantization="none", kv_cache_memory=2**22, **policy)
+    with pytest.raises(InvalidArgumentError, match=f"{policy['kv_cache_policy']} KV-cache policy"):
+        llm.generate([PROMPTS[0]], SamplingParams(penalty_alpha=0.5, top_k=4))
+
+
 def test_premature_layer_buckets_follow_transformers() -> None:
     assert premature_layers("low", 6, tied_embeddings=False) == [0, 2]
     assert premature_layers("high", 6, tied_embeddings=False) == [3, 5]

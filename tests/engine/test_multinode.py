@@ -17,10 +17,10 @@ from pagedllm.config import EngineConfig
 from pagedllm.distributed.process_group import free_port
 from pagedllm.engine.executor import WorkerError, run_headless
 from pagedllm.errors import ConfigError
+from tests.engine.dead_rank import DEAD_WORKER_DEADLINE_S
 from tests.logprobs_close import assert_greedy_close, greedy
 
 TINY_KV_BYTES = 2**24
-DEAD_WORKER_DEADLINE_S = 10.0
 NODE_EXIT_TIMEOUT_S = 60.0
 PROMPTS = [[1, 2, 3, 4, 5], list(range(100, 140)), [7] * 3, list(range(900, 1200, 7))]
 

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 import ray
 from ray.cluster_utils import Cluster
@@ -15,12 +13,10 @@ from ray.cluster_utils import Cluster
 from pagedllm import LLM, SamplingParams
 from pagedllm.engine.executor import WorkerError
 from pagedllm.engine.ray_executor import RayExecutor
-from pagedllm.serving.api_server import create_app
-from pagedllm.serving.settings import ServerSettings
+from tests.engine.dead_rank import DEAD_WORKER_DEADLINE_S, check_server_answers_then_503_after
 from tests.logprobs_close import assert_greedy_close, greedy
 
 TINY_KV_BYTES = 2**24
-DEAD_WORKER_DEADLINE_S = 10.0
 PROMPTS = [[1, 2, 3, 4, 5], list(range(100, 140)), [7] * 3, list(range(900, 1200, 7))]
 
 
@@ -86,26 +82,4 @@ def test_a_killed_ray_rank_fails_the_step_within_seconds_and_frees_the_cluster(t
 
 
 def test_the_server_over_ray_answers_as_the_engine_does_and_503_once_a_rank_dies(tiny_ray_tp2: LLM) -> None:
-    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
-    expected = tiny_ray_tp2.generate([PROMPTS[1]], params)[0].outputs[0].text
-    body = {"prompt": PROMPTS[1], "max_tokens": 8, "temperature": 0, "ignore_eos": True}
-
-    async def scenario() -> None:
-        app = create_app(tiny_ray_tp2.engine, ServerSettings())
-        app.state.engine.start()
-        transport = httpx.ASGITransport(app=app)
-        try:
-            async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=30) as http:
-                answer = await http.post("/v1/completions", json=body)
-                assert answer.status_code == 200, answer.text
-                assert answer.json()["choices"][0]["text"] == expected
-                ray.kill(executor(tiny_ray_tp2).workers[0])
-                started = time.monotonic()
-                failed = await http.post("/v1/completions", json={**body, "max_tokens": 400})
-                assert failed.status_code == 503, failed.text
-                assert time.monotonic() - started < DEAD_WORKER_DEADLINE_S
-                assert (await http.get("/health")).status_code == 503
-        finally:
-            await app.state.engine.shutdown()
-
-    asyncio.run(scenario())
+    check_server_answers_then_503_after(tiny_ray_tp2, PROMPTS[1], lambda: ray.kill(executor(tiny_ray_tp2).workers[0]))

@@ -10,7 +10,6 @@ from collections.abc import Iterator
 from itertools import islice
 from pathlib import Path
 
-import httpx
 import pytest
 
 from pagedllm import LLM, SamplingParams
@@ -18,13 +17,11 @@ from pagedllm.benchmarks.datasets import first_exchange, iter_json_array_records
 from pagedllm.engine.async_engine import AsyncLLMEngine
 from pagedllm.engine.executor import WorkerError
 from pagedllm.errors import ConfigError, EngineUnavailableError
-from pagedllm.serving.api_server import create_app
-from pagedllm.serving.settings import ServerSettings
+from tests.engine.dead_rank import DEAD_WORKER_DEADLINE_S, check_server_answers_then_503_after
 from tests.logprobs_close import assert_greedy_close, greedy
 
 TINY_KV_BYTES = 2**24
 EMBEDDED_KV_BYTES = 2**26
-DEAD_WORKER_DEADLINE_S = 10.0
 PROMPTS = [[1, 2, 3, 4, 5], list(range(100, 140)), [7] * 3, list(range(900, 1200, 7))]
 
 
@@ -96,29 +93,8 @@ def test_a_killed_worker_stops_the_async_engine(tiny_tp2: LLM) -> None:
 
 
 def test_the_server_answers_as_the_engine_does_and_503_once_a_worker_dies(tiny_tp2: LLM) -> None:
-    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
-    expected = tiny_tp2.generate([PROMPTS[1]], params)[0].outputs[0].text
-    body = {"prompt": PROMPTS[1], "max_tokens": 8, "temperature": 0, "ignore_eos": True}
-
-    async def scenario() -> None:
-        app = create_app(tiny_tp2.engine, ServerSettings())
-        app.state.engine.start()
-        transport = httpx.ASGITransport(app=app)
-        try:
-            async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=30) as http:
-                answer = await http.post("/v1/completions", json=body)
-                assert answer.status_code == 200, answer.text
-                assert answer.json()["choices"][0]["text"] == expected
-                os.kill(tiny_tp2.engine.runner.executor.processes[1].pid, signal.SIGKILL)
-                started = time.monotonic()
-                failed = await http.post("/v1/completions", json={**body, "max_tokens": 400})
-                assert failed.status_code == 503, failed.text
-                assert time.monotonic() - started < DEAD_WORKER_DEADLINE_S
-                assert (await http.get("/health")).status_code == 503
-        finally:
-            await app.state.engine.shutdown()
-
-    asyncio.run(scenario())
+    worker = tiny_tp2.engine.runner.executor.processes[1]
+    check_server_answers_then_503_after(tiny_tp2, PROMPTS[1], lambda: os.kill(worker.pid, signal.SIGKILL))
 
 
 def test_settings_tensor_parallelism_cannot_take_are_refused_by_name(tiny_llama_dir: Path) -> None:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from pagedllm.serving.tool_parsers.base import ParsedCall, ParsedOutput, PartialCall, ToolParser
+from pagedllm.serving.tool_parsers.base import ParsedCall, ParsedOutput, ToolParser
 from pagedllm.serving.tool_parsers.hermes import HermesToolParser
 from pagedllm.serving.tool_parsers.json_fallback import JsonToolParser
+from pagedllm.serving.tool_parsers.partial_call import PartialCall
 
 TOOL_PARSERS: dict[str, type[ToolParser]] = {"hermes": HermesToolParser, "json": JsonToolParser}
 

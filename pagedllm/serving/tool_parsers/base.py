@@ -4,25 +4,15 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
-if TYPE_CHECKING:
-    from pagedllm.serving.tool_parsers.partial_call import BracketScans
+from pagedllm.serving.tool_parsers.partial_call import BracketScans, PartialCall
 
 
 @dataclass(frozen=True)
 class ParsedCall:
     name: str
     arguments: str  # a JSON object's text
-
-
-@dataclass(frozen=True)
-class PartialCall:
-    """A call as far as the model has written it: the arguments object's text so far, as written."""
-
-    name: str
-    arguments: str
-    complete: bool  # `arguments` is the whole object
 
 
 @dataclass(frozen=True)

@@ -6,9 +6,9 @@ from __future__ import annotations
 import json
 import re
 
-from pagedllm.serving.tool_parsers.base import ParsedCall, ParsedOutput, PartialCall, call_from_json
+from pagedllm.serving.tool_parsers.base import ParsedCall, ParsedOutput, call_from_json
 from pagedllm.serving.tool_parsers.json_fallback import JsonToolParser
-from pagedllm.serving.tool_parsers.partial_call import BracketScans, partial_call, skip_whitespace
+from pagedllm.serving.tool_parsers.partial_call import BracketScans, PartialCall, partial_call, skip_whitespace
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 # A call's body runs to its closing tag, or to the end of the reply when generation stopped before the tag.

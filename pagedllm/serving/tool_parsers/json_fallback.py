@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import json
 
-from pagedllm.serving.tool_parsers.base import ParsedOutput, PartialCall, call_from_json
-from pagedllm.serving.tool_parsers.partial_call import BracketScans, json_value_end, partial_call, skip_whitespace
+from pagedllm.serving.tool_parsers.base import ParsedOutput, call_from_json
+from pagedllm.serving.tool_parsers.partial_call import (
+    BracketScans,
+    PartialCall,
+    json_value_end,
+    partial_call,
+    skip_whitespace,
+)
 
 
 class JsonToolParser:

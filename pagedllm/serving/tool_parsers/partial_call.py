@@ -6,7 +6,15 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from pagedllm.serving.tool_parsers.base import PartialCall
+
+@dataclass(frozen=True)
+class PartialCall:
+    """A call as far as the model has written it: the arguments object's text so far, as written."""
+
+    name: str
+    arguments: str
+    complete: bool  # `arguments` is the whole object
+
 
 # The shape constrained decoding writes and models follow: the name first, then the arguments. A call written in
 # another order streams whole once it is finished.
