@@ -19,7 +19,7 @@ from typing import Any, NoReturn
 
 from pagedllm.config import EngineConfig
 from pagedllm.engine.engine import EngineStats, LLMEngine
-from pagedllm.engine.executor import SHUTDOWN_TIMEOUT_S, STARTUP_TIMEOUT_S, WorkerError, fail, report_failure
+from pagedllm.engine.executor import STARTUP_TIMEOUT_S, WorkerError, fail, report_failure, stop_children
 from pagedllm.engine.host_memory import HeapTrimmer
 from pagedllm.engine.output import RequestOutput
 from pagedllm.engine.worker import pin_rank_threads
@@ -220,19 +220,8 @@ class DataParallelEngine:
         return EngineStats(**total, kv_cache_usage=usage, spec_decode=spec)
 
     def shutdown(self) -> None:
-        """Tell every replica to stop, and kill those that do not within SHUTDOWN_TIMEOUT_S."""
-        for connection in self.connections:
-            try:
-                connection.send(None)
-            except OSError:
-                pass
-        for process in self.processes:
-            process.join(SHUTDOWN_TIMEOUT_S)
-            if process.is_alive():
-                process.kill()
-                process.join()
-        for connection in self.connections:
-            connection.close()
+        """Tell every replica to stop (None), and kill those that do not within SHUTDOWN_TIMEOUT_S."""
+        stop_children(self.connections, self.processes, lambda connection: connection.send(None))
         self.connections, self.processes = [], []
 
     def _send(self, index: int, command: tuple[Any, ...]) -> None:

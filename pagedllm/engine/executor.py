@@ -14,6 +14,7 @@ import multiprocessing
 import multiprocessing.connection
 import pickle
 from collections import deque
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from typing import Any, NoReturn, Protocol
@@ -60,6 +61,25 @@ def fail(executor: Executor, reason: str | PagedLLMError, process: str = "a mode
     if isinstance(reason, PagedLLMError):
         raise reason
     raise WorkerError(executor.failure)
+
+
+def stop_children(
+    connections: list[Connection], processes: list[BaseProcess], send_stop: Callable[[Connection], None]
+) -> None:
+    """Send each child its stop message, kill those that have not exited within SHUTDOWN_TIMEOUT_S, and close the
+    connections (a child whose pipe is already gone is only waited for)."""
+    for connection in connections:
+        try:
+            send_stop(connection)
+        except OSError:
+            pass
+    for process in processes:
+        process.join(SHUTDOWN_TIMEOUT_S)
+        if process.is_alive():
+            process.kill()
+            process.join()
+    for connection in connections:
+        connection.close()
 
 
 def report_failure(connection: Connection, process: str, error: BaseException) -> None:
@@ -213,19 +233,8 @@ class MultiprocExecutor:
         return value
 
     def shutdown(self) -> None:
-        """Tell every worker to stop, and kill those that do not within SHUTDOWN_TIMEOUT_S."""
-        for connection in self.connections:
-            try:
-                connection.send_bytes(b"")
-            except OSError:
-                pass
-        for process in self.processes:
-            process.join(SHUTDOWN_TIMEOUT_S)
-            if process.is_alive():
-                process.kill()
-                process.join()
-        for connection in self.connections:
-            connection.close()
+        """Tell every worker to stop (an empty message), and kill those that do not within SHUTDOWN_TIMEOUT_S."""
+        stop_children(self.connections, self.processes, lambda connection: connection.send_bytes(b""))
         self.connections, self.processes, self.step_connections = [], [], []
 
 
