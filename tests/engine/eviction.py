@@ -9,6 +9,8 @@ import torch
 
 from pagedllm import LLM, SamplingParams
 from pagedllm.arithmetic import ceil_div
+from pagedllm.engine.model_runner import kv_cache_bytes_per_block
+from pagedllm.model.loader import load_checkpoint
 
 SINKS, WINDOW, BUDGET, BLOCK, MAX_MODEL_LEN = 4, 16, 16, 4, 64
 FLOAT32 = dict(dtype="float32", quantization="none", enable_prefix_caching=False)
@@ -24,6 +26,13 @@ GREEDY = dict(temperature=0.0, ignore_eos=True)
 
 def tiny(folder: Path, **settings: Any) -> LLM:
     return LLM(str(folder), **{**FLOAT32, "kv_cache_memory": 2**22, **settings})
+
+
+def tiny_with_blocks(folder: Path, num_blocks: int, **settings: Any) -> LLM:
+    """`tiny` with a KV cache of exactly `num_blocks` float32 blocks of BLOCK tokens, steps of 8 tokens at most."""
+    config = load_checkpoint(folder, torch.float32).config
+    block_bytes = kv_cache_bytes_per_block(config, BLOCK, torch.float32)
+    return tiny(folder, kv_cache_memory=num_blocks * block_bytes, max_num_batched_tokens=8, **settings)
 
 
 def random_tokens(count: int, seed: int) -> list[int]:

@@ -11,12 +11,20 @@ import torch
 
 from pagedllm import LLM, SamplingParams
 from pagedllm.engine.kv_cache_policy import H2OPolicy
-from pagedllm.engine.model_runner import kv_cache_bytes_per_block
 from pagedllm.engine.request import Sequence
 from pagedllm.errors import ConfigError, InvalidArgumentError
-from pagedllm.model.loader import load_checkpoint
 from tests.checkpoints import write_checkpoint
-from tests.engine.eviction import BLOCK, BUDGET, GREEDY, H2O, H2O_BOUND, MAX_MODEL_LEN, random_tokens, tiny
+from tests.engine.eviction import (
+    BLOCK,
+    BUDGET,
+    GREEDY,
+    H2O,
+    H2O_BOUND,
+    MAX_MODEL_LEN,
+    random_tokens,
+    tiny,
+    tiny_with_blocks,
+)
 
 NUM_HEAVY = BUDGET // 2
 NUM_RECENT = BUDGET - NUM_HEAVY
@@ -47,14 +55,8 @@ def stream(llm: LLM, token_ids: list[int]) -> tuple[list[float], Sequence]:
 
 
 def test_sequence_runs_four_contexts_long_in_blocks_bounded_by_the_budget(tiny_llama_dir: Path) -> None:
-    config = load_checkpoint(tiny_llama_dir, torch.float32).config
     num_blocks = BOUND + 2
-    llm = tiny(
-        tiny_llama_dir,
-        **H2O,
-        kv_cache_memory=num_blocks * kv_cache_bytes_per_block(config, BLOCK, torch.float32),
-        max_num_batched_tokens=8,
-    )
+    llm = tiny_with_blocks(tiny_llama_dir, num_blocks, **H2O)
     engine = llm.engine
     engine.add_request("long", random_tokens(10, 0), SamplingParams(max_tokens=4 * MAX_MODEL_LEN, **GREEDY))
     seq = engine.requests["long"].sequences[0]

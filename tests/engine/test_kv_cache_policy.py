@@ -7,12 +7,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 from pagedllm import SamplingParams
-from pagedllm.engine.model_runner import kv_cache_bytes_per_block
 from pagedllm.errors import ConfigError, InvalidArgumentError
-from pagedllm.model.loader import load_checkpoint
 from tests.checkpoints import write_checkpoint
 from tests.engine.eviction import (
     BLOCK,
@@ -27,21 +24,16 @@ from tests.engine.eviction import (
     random_tokens,
     streamed_logprobs,
     tiny,
+    tiny_with_blocks,
 )
 
 BOUND = STREAMING_BOUND
 
 
 def test_sequence_runs_four_contexts_long_in_bounded_blocks_that_others_reuse(tiny_llama_dir: Path) -> None:
-    config = load_checkpoint(tiny_llama_dir, torch.float32).config
     # Room for the streaming sequence and one short request at a time: far less than 4 contexts' worth of blocks.
     num_blocks = BOUND + 4
-    llm = tiny(
-        tiny_llama_dir,
-        **STREAMING,
-        kv_cache_memory=num_blocks * kv_cache_bytes_per_block(config, BLOCK, torch.float32),
-        max_num_batched_tokens=8,
-    )
+    llm = tiny_with_blocks(tiny_llama_dir, num_blocks, **STREAMING)
     engine = llm.engine
     assert engine.num_blocks == num_blocks
     engine.add_request("long", random_tokens(10, 0), SamplingParams(max_tokens=4 * MAX_MODEL_LEN, **GREEDY))
@@ -136,13 +128,7 @@ def test_preempted_sequences_are_recomputed_and_finish(
     tiny_llama_dir: Path, policy: dict[str, Any], bound: int
 ) -> None:
     """Recomputation prefills a preempted sequence's tokens again under the policy: it finishes, in bounded blocks."""
-    config = load_checkpoint(tiny_llama_dir, torch.float32).config
-    llm = tiny(
-        tiny_llama_dir,
-        **policy,
-        kv_cache_memory=2 * bound * kv_cache_bytes_per_block(config, BLOCK, torch.float32),
-        max_num_batched_tokens=8,
-    )
+    llm = tiny_with_blocks(tiny_llama_dir, 2 * bound, **policy)
     params = SamplingParams(max_tokens=2 * MAX_MODEL_LEN, **GREEDY)
     outputs = llm.generate([random_tokens(10, seed) for seed in range(4)], params)
     assert llm.engine.scheduler.num_preemptions > 0
