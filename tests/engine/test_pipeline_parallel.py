@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import signal
 from pathlib import Path
 
 import pytest
 
 from pagedllm import LLM
 from pagedllm.distributed.pipeline import stage_layers
+from tests.engine.dead_rank import check_server_answers_then_503_after
 from tests.logprobs_close import assert_greedy_close, greedy
 
 TINY_KV_BYTES = 2**24
@@ -37,5 +40,17 @@ def test_pipeline_stages_equal_one_process(
     try:
         assert_greedy_close(greedy(one, PROMPTS, 24), greedy(split, PROMPTS, 24))
         assert split.engine.num_blocks == one.engine.num_blocks  # the stages' blocks together cost one model's
+    finally:
+        split.engine.shutdown()
+
+
+def test_the_server_over_stages_answers_as_the_engine_does_and_503_once_the_last_stage_dies(
+    tiny_llama_dir: Path,
+) -> None:
+    settings = {"dtype": "float32", "quantization": "none", "kv_cache_memory": TINY_KV_BYTES}
+    split = LLM(str(tiny_llama_dir), **settings, pipeline_parallel_size=2)
+    try:
+        last_stage = split.engine.runner.executor.processes[1]
+        check_server_answers_then_503_after(split, PROMPTS[1], lambda: os.kill(last_stage.pid, signal.SIGKILL))
     finally:
         split.engine.shutdown()

@@ -14,6 +14,7 @@ from pagedllm import LLM, SamplingParams
 from pagedllm.engine.executor import WorkerError
 from pagedllm.engine.ray_executor import RayExecutor
 from tests.engine.dead_rank import DEAD_WORKER_DEADLINE_S, check_server_answers_then_503_after
+from tests.engine.ray_cluster import ray_cluster
 from tests.logprobs_close import assert_greedy_close, greedy
 
 TINY_KV_BYTES = 2**24
@@ -22,17 +23,9 @@ PROMPTS = [[1, 2, 3, 4, 5], list(range(100, 140)), [7] * 3, list(range(900, 1200
 
 @pytest.fixture(scope="module")
 def two_node_cluster() -> Iterator[Cluster]:
-    """A head and a second node, one CPU each, so that the two ranks of TP=2 land on different nodes. Its workers
-    run at the tests' priority rather than Ray's default nice 15, which starves them on a busy host."""
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("RAY_worker_niceness", "0")
-        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
-        cluster.add_node(num_cpus=1)
-        cluster.wait_for_nodes()
-        ray.init(address=cluster.address, log_to_driver=False)
+    """A head and a second node, one CPU each, so that the two ranks of TP=2 land on different nodes."""
+    with ray_cluster(nodes=2, cpus_per_node=1) as cluster:
         yield cluster
-        ray.shutdown()
-        cluster.shutdown()
 
 
 @pytest.fixture

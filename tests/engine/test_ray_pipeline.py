@@ -1,0 +1,70 @@
+"""Pipeline stages on the ray executor: a two-node Ray cluster on this host, the stages on different nodes."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import ray
+from ray.cluster_utils import Cluster
+
+from pagedllm import LLM
+from pagedllm.engine.ray_executor import RayExecutor
+from tests.engine.dead_rank import check_server_answers_then_503_after
+from tests.engine.ray_cluster import ray_cluster
+from tests.logprobs_close import assert_greedy_close, greedy
+
+TINY_KV_BYTES = 2**24
+PROMPTS = [[1, 2, 3, 4, 5], list(range(100, 140)), [7] * 3, list(range(900, 1200, 7))]
+
+
+@pytest.fixture(scope="module")
+def two_node_cluster() -> Iterator[Cluster]:
+    """Two nodes of two CPUs: ranks of two threads take a node each, ranks of one thread pack two to a node."""
+    with ray_cluster(nodes=2, cpus_per_node=2) as cluster:
+        yield cluster
+
+
+def ray_pipeline(model_dir: Path, tensor_parallel_size: int, num_threads: int) -> LLM:
+    return LLM(
+        str(model_dir),
+        dtype="float32",
+        quantization="none",
+        kv_cache_memory=TINY_KV_BYTES,
+        tensor_parallel_size=tensor_parallel_size,
+        pipeline_parallel_size=2,
+        distributed_executor_backend="ray",
+        num_threads=num_threads,
+    )
+
+
+def executor(llm: LLM) -> RayExecutor:
+    return llm.engine.runner.executor
+
+
+@pytest.mark.parametrize(("tensor_parallel_size", "num_threads"), [(1, 2), (2, 1)])
+def test_ray_pipeline_stages_on_two_nodes_equal_one_process(
+    two_node_cluster: Cluster, tiny_llama_dir: Path, tensor_parallel_size: int, num_threads: int
+) -> None:
+    split = ray_pipeline(tiny_llama_dir, tensor_parallel_size, num_threads)
+    try:
+        nodes = executor(split).node_ids()
+        stages = [set(nodes[stage * tensor_parallel_size : (stage + 1) * tensor_parallel_size]) for stage in (0, 1)]
+        assert all(len(stage) == 1 for stage in stages), f"a stage's ranks were spread over nodes: {nodes}"
+        assert stages[0] != stages[1], f"both stages were placed on node {nodes[0]}"
+        one = LLM(str(tiny_llama_dir), dtype="float32", quantization="none", kv_cache_memory=TINY_KV_BYTES)
+        assert_greedy_close(greedy(one, PROMPTS, 24), greedy(split, PROMPTS, 24))
+        assert split.engine.num_blocks == one.engine.num_blocks
+    finally:
+        split.engine.shutdown()
+
+
+def test_the_server_over_ray_stages_answers_as_the_engine_does_and_503_once_the_last_stage_dies(
+    two_node_cluster: Cluster, tiny_llama_dir: Path
+) -> None:
+    split = ray_pipeline(tiny_llama_dir, 1, 2)
+    try:
+        check_server_answers_then_503_after(split, PROMPTS[1], lambda: ray.kill(executor(split).workers[1]))
+    finally:
+        split.engine.shutdown()
