@@ -177,15 +177,16 @@ class EngineConfig:
     data_parallel_size: int = field(
         default=1,
         metadata={
-            "help": "engine replicas, each a process with its own model and scheduler; a request goes to the "
-            "one with the fewest in flight"
+            "help": "engine replicas, each a process (a Ray actor under distributed_executor_backend ray) with its "
+            "own model and scheduler; a request goes to the one with the fewest in flight"
         },
     )
     distributed_executor_backend: ExecutorBackend | None = field(
         default=None,
         metadata={
-            "help": "where ranks run: uni (this process), mp (a worker process per rank of this host) or ray (a "
-            "Ray actor per rank, over the nodes of a Ray cluster); default: uni for one rank, else mp"
+            "help": "where ranks (or replicas) run: uni (this process), mp (a worker process per rank of this host) "
+            "or ray (a Ray actor per rank or replica, over the nodes of a Ray cluster); default: uni for one rank, "
+            "else mp"
         },
     )
     nnodes: int = field(
@@ -260,14 +261,8 @@ class EngineConfig:
                 "tensor_parallel_size or pipeline_parallel_size > 1 needs distributed_executor_backend mp or ray",
                 "distributed_executor_backend",
             )
-        if backend == "ray" and self.data_parallel_size > 1:
-            raise ConfigError(
-                "data_parallel_size > 1 runs its replicas as processes of this host: distributed_executor_backend ray "
-                "takes tensor and pipeline parallelism only, yet",
-                "distributed_executor_backend",
-            )
         self._check_nodes()
-        if self.executor_backend != "uni":
+        if self.executor_backend != "uni" and self.data_parallel_size == 1:
             # The ranks run the target's forward alone: a draft model and an evicting policy's K/V moves (and
             # h2o's attention scores) would have to run on every rank too.
             workers = f"worker processes (distributed_executor_backend {self.executor_backend})"

@@ -88,11 +88,10 @@ def test_worker_processes_refuse_the_draft_model_and_the_streaming_policy() -> N
     assert EngineConfig(tensor_parallel_size=2, speculative_config={"method": "ngram"}).executor_backend == "mp"
 
 
-def test_ray_takes_tensor_parallelism_and_refuses_replicas_by_name() -> None:
+def test_ray_takes_tensor_parallelism_and_replicas_and_refuses_what_its_ranks_cannot_run_by_name() -> None:
     assert EngineConfig(tensor_parallel_size=2, distributed_executor_backend="ray").executor_backend == "ray"
-    with pytest.raises(ConfigError, match="replicas") as raised:
-        EngineConfig(data_parallel_size=2, distributed_executor_backend="ray")
-    assert raised.value.param == "distributed_executor_backend"
+    replicas = EngineConfig(data_parallel_size=2, distributed_executor_backend="ray", kv_cache_policy="streaming")
+    assert replicas.executor_backend == "ray"  # each replica runs its engine in one process: any policy
     with pytest.raises(ConfigError, match=r"distributed_executor_backend ray\)") as raised:
         EngineConfig(
             tensor_parallel_size=2,
@@ -100,3 +99,4 @@ def test_ray_takes_tensor_parallelism_and_refuses_replicas_by_name() -> None:
             kv_cache_policy="streaming",
             enable_prefix_caching=False,
         )
+    assert raised.value.param == "kv_cache_policy"

@@ -1,9 +1,11 @@
-"""Data parallelism: engine replicas, each a process with its own model, scheduler and KV cache, behind the
-engine's interface (add_request / step / abort_request), so the offline API and the async engine drive them as
-they drive one engine. A request goes to the replica with the fewest requests in flight, and stays there.
+"""Data parallelism: engine replicas, each with its own model, scheduler and KV cache, behind the engine's
+interface (add_request / step / abort_request), so the offline API and the async engine drive them as they drive
+one engine. A request goes to the replica with the fewest requests in flight, and stays there.
 
-A replica steps while it has requests and sends each step's outputs back; the driver's `step` returns what any
-replica sent. A replica that dies or fails a step stops them all with WorkerError (503), as a dead rank does.
+A replica is a process of this host (`mp`) or a Ray actor on any node of a Ray cluster (`ray`); either way it runs
+`replica_loop` over a link of the same messages. It steps while it has requests and sends each step's outputs
+back; the driver's `step` returns what any replica sent. A replica that dies or fails a step stops them all with
+WorkerError (503), as a dead rank does.
 """
 
 from __future__ import annotations
@@ -12,16 +14,17 @@ import logging
 import multiprocessing
 import multiprocessing.connection
 from collections import defaultdict, deque
-from dataclasses import dataclass, fields, replace
+from dataclasses import fields, replace
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
-from typing import Any, NoReturn
+from typing import Any, NoReturn, Protocol
 
 from pagedllm.config import EngineConfig
 from pagedllm.engine.engine import EngineStats, LLMEngine
-from pagedllm.engine.executor import STARTUP_TIMEOUT_S, WorkerError, fail, report_failure, stop_children
+from pagedllm.engine.executor import STARTUP_TIMEOUT_S, WorkerError, fail, stop_children
 from pagedllm.engine.host_memory import HeapTrimmer
 from pagedllm.engine.output import RequestOutput
+from pagedllm.engine.replica import ReplicaInfo, ReplicaLost, replica_config, replica_loop
 from pagedllm.engine.worker import pin_rank_threads
 from pagedllm.errors import InvalidArgumentError, PagedLLMError
 from pagedllm.kernels import cpu_kernels_available
@@ -35,67 +38,78 @@ from pagedllm.structured_output.backend import GrammarBackend
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class ReplicaInfo:
-    """What a replica reports once its model is loaded."""
+class ReplicaLinks(Protocol):
+    """The driver's ends of the links to every replica."""
 
-    model_name: str
-    max_model_len: int
-    num_blocks: int
-    weight_bytes: int
-    kv_cache_bytes: int
-    file_weight_bytes: int
+    def send(self, index: int, command: tuple[Any, ...]) -> None:
+        """Queue a command for replica `index`; ReplicaLost where it cannot be reached."""
+
+    def receive(self, timeout_s: float | None) -> list[tuple[int, str, Any]]:
+        """The (replica, kind, value) messages that have arrived, waiting up to `timeout_s` for one; ReplicaLost as
+        soon as a replica dies, or once `timeout_s` passes."""
+
+    def shutdown(self) -> None: ...
 
 
-def _replica_main(index: int, num_replicas: int, config: EngineConfig, connection: Connection) -> None:
-    """A replica process: load the engine, then apply the driver's commands between steps until told to stop (None)
-    or until the driver is gone."""
-    try:
-        threads = pin_rank_threads(index, num_replicas, config.num_threads)
-        engine = LLMEngine(replace(config, num_threads=threads))
-        connection.send(
-            (
-                "ready",
-                ReplicaInfo(
-                    engine.model_name,
-                    engine.max_model_len,
-                    engine.num_blocks,
-                    engine.weight_bytes,
-                    engine.kv_cache_bytes,
-                    engine.file_weight_bytes,
-                ),
+def _process_main(index: int, num_replicas: int, config: EngineConfig, connection: Connection) -> None:
+    """A replica process: this host's cores shared among the replicas, then the replica's loop."""
+    threads = pin_rank_threads(index, num_replicas, config.num_threads)
+    replica_loop(index, replace(config, num_threads=threads), connection)
+
+
+class ProcessReplicas:
+    """Each replica a process of this host, linked by a pipe; a replica whose process exits is lost."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        context = multiprocessing.get_context("spawn")
+        self.connections: list[Connection] = []
+        self.processes: list[BaseProcess] = []
+        for index in range(config.data_parallel_size):
+            driver_end, replica_end = context.Pipe()
+            process = context.Process(
+                target=_process_main,
+                args=(index, config.data_parallel_size, replica_config(config), replica_end),
+                name=f"pagedllm-replica-{index}",
+                daemon=True,
             )
-        )
-        while _apply_commands(engine, connection, block=not engine.has_unfinished_requests()):
-            if engine.has_unfinished_requests():
-                connection.send(("outputs", (engine.step(), engine.stats())))
-    except EOFError:
-        logger.info("replica %d: the driver is gone", index)
-    except BaseException as error:
-        report_failure(connection, f"replica {index}", error)
+            process.start()
+            replica_end.close()
+            self.connections.append(driver_end)
+            self.processes.append(process)
 
+    def send(self, index: int, command: tuple[Any, ...]) -> None:
+        try:
+            self.connections[index].send(command)
+        except OSError as error:
+            raise ReplicaLost(f"could not reach replica {index} ({error})") from error
 
-def _apply_commands(engine: LLMEngine, connection: Connection, block: bool) -> bool:
-    """Apply the driver's queued commands (waiting for one if `block`); False once told to stop."""
-    while block or connection.poll():
-        command = connection.recv()
-        if command is None:
-            return False
-        kind, request_id, *args = command
-        if kind == "add":
+    def receive(self, timeout_s: float | None) -> list[tuple[int, str, Any]]:
+        sentinels = {process.sentinel: index for index, process in enumerate(self.processes)}
+        ready = multiprocessing.connection.wait([*self.connections, *sentinels], timeout_s)
+        if not ready:
+            raise ReplicaLost(f"no replica answered within {timeout_s:.0f} s")
+        messages = []
+        for handle in ready:
+            if handle in sentinels:
+                process = self.processes[sentinels[handle]]
+                process.join()
+                index = sentinels[handle]
+                raise ReplicaLost(f"replica {index} (pid {process.pid}) exited with code {process.exitcode}")
             try:
-                engine.add_request(request_id, *args)
-                connection.send(("added", (request_id, None)))
-            except PagedLLMError as error:
-                connection.send(("added", (request_id, error)))
-        else:
-            engine.abort_request(request_id)
-        block = False
-    return True
+                kind, value = handle.recv()  # type: ignore[union-attr]
+            except (EOFError, OSError):
+                continue  # its process has exited: its sentinel says how
+            messages.append((self.connections.index(handle), kind, value))  # type: ignore[arg-type]
+        return messages
+
+    def shutdown(self) -> None:
+        """Tell every replica to stop (None), and kill those that do not within SHUTDOWN_TIMEOUT_S."""
+        stop_children(self.connections, self.processes, lambda connection: connection.send(None))
+        self.connections, self.processes = [], []
 
 
 class DataParallelEngine:
-    """`data_parallel_size` LLMEngine replicas in processes of their own, driven as one engine."""
+    """`data_parallel_size` LLMEngine replicas (processes, or Ray actors under the ray backend), driven as one."""
 
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
@@ -106,27 +120,12 @@ class DataParallelEngine:
         self.heap = HeapTrimmer()
         self.failure: str | None = None
         num_replicas = config.data_parallel_size
-        self.connections: list[Connection] = []
-        self.processes: list[BaseProcess] = []
         # Per replica and kind of message: a step's outputs may arrive before the answer to an add.
         self.inboxes: list[defaultdict[str, deque[Any]]] = [defaultdict(deque) for _ in range(num_replicas)]
         self.placement: dict[str, int] = {}  # request id → replica, while in flight
         self.loads = [0] * num_replicas
-        replica_config = replace(config, data_parallel_size=1)
         cpu_kernels_available()  # built here once, rather than by every replica
-        context = multiprocessing.get_context("spawn")
-        for index in range(num_replicas):
-            driver_end, replica_end = context.Pipe()
-            process = context.Process(
-                target=_replica_main,
-                args=(index, num_replicas, replica_config, replica_end),
-                name=f"pagedllm-replica-{index}",
-                daemon=True,
-            )
-            process.start()
-            replica_end.close()
-            self.connections.append(driver_end)
-            self.processes.append(process)
+        self.links: ReplicaLinks = _start_replicas(config)
         try:
             self.replicas: list[ReplicaInfo] = [
                 self._receive(index, "ready", STARTUP_TIMEOUT_S) for index in range(num_replicas)
@@ -220,17 +219,16 @@ class DataParallelEngine:
         return EngineStats(**total, kv_cache_usage=usage, spec_decode=spec)
 
     def shutdown(self) -> None:
-        """Tell every replica to stop (None), and kill those that do not within SHUTDOWN_TIMEOUT_S."""
-        stop_children(self.connections, self.processes, lambda connection: connection.send(None))
-        self.connections, self.processes = [], []
+        """Stop every replica."""
+        self.links.shutdown()
 
     def _send(self, index: int, command: tuple[Any, ...]) -> None:
         if self.failure is not None:
             raise WorkerError(self.failure)
         try:
-            self.connections[index].send(command)
-        except OSError as error:
-            self._fail(f"could not reach replica {index} ({error})")
+            self.links.send(index, command)
+        except ReplicaLost as lost:
+            self._fail(str(lost))
 
     def _receive(self, index: int, kind: str, timeout_s: float | None) -> Any:
         """Replica `index`'s next message of `kind`."""
@@ -246,22 +244,14 @@ class DataParallelEngine:
 
     def _wait(self, timeout_s: float | None) -> None:
         """Move every message that has arrived to its replica's inbox; WorkerError once a replica dies or fails."""
-        sentinels = {process.sentinel: index for index, process in enumerate(self.processes)}
-        ready = multiprocessing.connection.wait([*self.connections, *sentinels], timeout_s)
-        if not ready:
-            self._fail(f"no replica answered within {timeout_s:.0f} s")
-        for handle in ready:
-            if handle in sentinels:
-                process = self.processes[sentinels[handle]]
-                process.join()
-                self._fail(f"replica {sentinels[handle]} (pid {process.pid}) exited with code {process.exitcode}")
-            try:
-                message_kind, value = handle.recv()  # type: ignore[union-attr]
-            except (EOFError, OSError):
-                continue  # its process has exited: its sentinel says how
-            if message_kind == "error":
+        try:
+            messages = self.links.receive(timeout_s)
+        except ReplicaLost as lost:
+            self._fail(str(lost))
+        for index, kind, value in messages:
+            if kind == "error":
                 self._fail(value)
-            self.inboxes[self.connections.index(handle)][message_kind].append(value)  # type: ignore[arg-type]
+            self.inboxes[index][kind].append(value)
 
     def _fail(self, reason: str | PagedLLMError) -> NoReturn:
         fail(self, reason, "an engine replica")
@@ -269,6 +259,14 @@ class DataParallelEngine:
 
 def _no_stats() -> EngineStats:
     return EngineStats(0, 0, 0.0, 0, 0, 0, 0, 0)
+
+
+def _start_replicas(config: EngineConfig) -> ReplicaLinks:
+    if config.executor_backend == "ray":
+        from pagedllm.engine.ray_replicas import RayReplicas
+
+        return RayReplicas(config)
+    return ProcessReplicas(config)
 
 
 def create_engine(config: EngineConfig) -> LLMEngine | DataParallelEngine:

@@ -83,7 +83,7 @@ def test_a_killed_replica_fails_the_engine_within_seconds(tiny_llama_dir: Path) 
     assert isinstance(engine, DataParallelEngine)
     engine.add_request("a", PROMPTS[1], SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True))
     engine.step()
-    os.kill(engine.processes[engine.placement["a"]].pid, signal.SIGKILL)
+    os.kill(engine.links.processes[engine.placement["a"]].pid, signal.SIGKILL)
     started = time.monotonic()
     with pytest.raises(WorkerError, match=r"replica \d \(pid \d+\) exited"):
         for _ in range(400):

@@ -1,7 +1,9 @@
-"""Pipeline stages on the ray executor: a two-node Ray cluster on this host, the stages on different nodes."""
+"""Pipeline stages and data-parallel replicas on Ray: a two-node Ray cluster on this host, a stage or a replica on
+each node."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -9,9 +11,11 @@ import pytest
 import ray
 from ray.cluster_utils import Cluster
 
-from pagedllm import LLM
+from pagedllm import LLM, SamplingParams
+from pagedllm.engine.data_parallel import DataParallelEngine
+from pagedllm.engine.executor import WorkerError
 from pagedllm.engine.ray_executor import RayExecutor
-from tests.engine.dead_rank import check_server_answers_then_503_after
+from tests.engine.dead_rank import DEAD_WORKER_DEADLINE_S, check_server_answers_then_503_after
 from tests.engine.ray_cluster import ray_cluster
 from tests.logprobs_close import assert_greedy_close, greedy
 
@@ -68,3 +72,43 @@ def test_the_server_over_ray_stages_answers_as_the_engine_does_and_503_once_the_
         check_server_answers_then_503_after(split, PROMPTS[1], lambda: ray.kill(executor(split).workers[1]))
     finally:
         split.engine.shutdown()
+
+
+@pytest.fixture
+def ray_dp2(two_node_cluster: Cluster, tiny_llama_dir: Path) -> Iterator[LLM]:
+    """Two replicas of two threads each: one on each node."""
+    settings = {"dtype": "float32", "quantization": "none", "kv_cache_memory": TINY_KV_BYTES}
+    llm = LLM(str(tiny_llama_dir), **settings, data_parallel_size=2, distributed_executor_backend="ray", num_threads=2)
+    yield llm
+    llm.engine.shutdown()
+
+
+def test_ray_replicas_on_two_nodes_equal_one_engine(ray_dp2: LLM, tiny_llama_dir: Path) -> None:
+    engine = ray_dp2.engine
+    assert isinstance(engine, DataParallelEngine)
+    nodes = engine.links.node_ids()
+    assert len(set(nodes)) == 2, f"both replicas were placed on node {nodes[0]}"
+    one = LLM(str(tiny_llama_dir), dtype="float32", quantization="none", kv_cache_memory=TINY_KV_BYTES)
+    assert_greedy_close(greedy(one, PROMPTS, 16), greedy(ray_dp2, PROMPTS, 16))
+    params = SamplingParams(max_tokens=8, temperature=0.0)
+    for index, prompt in enumerate(PROMPTS):
+        engine.add_request(f"r{index}", prompt, params)
+    engine.abort_request("r0")  # sent after its add: the replica applies them in that order
+    assert engine.loads == [1, 2]
+    while engine.has_unfinished_requests():
+        assert all(output.request_id != "r0" for output in engine.step())
+    assert engine.loads == [0, 0]
+
+
+def test_a_killed_ray_replica_fails_the_engine_within_seconds(ray_dp2: LLM) -> None:
+    engine = ray_dp2.engine
+    engine.add_request("a", PROMPTS[1], SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True))
+    engine.step()
+    ray.kill(engine.links.actors[engine.placement["a"]])
+    started = time.monotonic()
+    with pytest.raises(WorkerError, match=r"replica \d is gone"):
+        for _ in range(400):
+            engine.step()
+    assert time.monotonic() - started < DEAD_WORKER_DEADLINE_S
+    with pytest.raises(WorkerError):
+        engine.step()
