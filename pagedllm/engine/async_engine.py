@@ -290,6 +290,10 @@ class AsyncLLMEngine:
     def _add(self, command: _Add) -> None:
         try:
             self.engine.add_request(command.request_id, command.prompt, command.params, command.arrival_time)
+        except EngineUnavailableError as error:  # e.g. a replica died: no later request can run
+            self._stop_running(error)
+            self._notify(self._fail, command.stream, error)
+            raise
         except PagedLLMError as error:
             self._notify(self._fail, command.stream, error)
             return
@@ -313,14 +317,18 @@ class AsyncLLMEngine:
         except Exception:
             logger.exception("the output observer failed")
 
+    def _stop_running(self, error: EngineUnavailableError) -> None:
+        """The engine cannot run any more: stop accepting, then fail every request in flight with `error`."""
+        logger.error("the engine cannot run any more: %s", error.message)
+        with self._lifecycle:
+            self._accepting = False  # before any waiter hears of it: /health answers 503 by then
+        self._fail_all(error)
+
     def _step(self) -> None:
         try:
             outputs = self.engine.step()
         except EngineUnavailableError as error:  # e.g. a model worker died: no later step can run
-            logger.error("the engine cannot run any more: %s", error.message)
-            with self._lifecycle:
-                self._accepting = False  # before any waiter hears of it: /health answers 503 by then
-            self._fail_all(error)
+            self._stop_running(error)
             raise
         except Exception as error:
             logger.exception("engine step failed; dropping the %d requests in flight", len(self._streams))

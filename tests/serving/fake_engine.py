@@ -10,11 +10,12 @@ from pagedllm.config import EngineConfig
 from pagedllm.engine.engine import EngineStats
 from pagedllm.engine.host_memory import HeapTrimmer
 from pagedllm.engine.output import CompletionOutput, RequestOutput
-from pagedllm.errors import InvalidArgumentError
+from pagedllm.errors import EngineUnavailableError, InvalidArgumentError
 from pagedllm.sampling_params import SamplingParams
 
 BAD_PROMPT = "bad"  # add_request refuses it with InvalidArgumentError
 BROKEN_PROMPT = "broken"  # add_request fails with an unexpected exception
+GONE_PROMPT = "gone"  # add_request finds the engine gone (a replica died): EngineUnavailableError
 STEP_SECONDS = 0.002  # keeps the fake's step loop from spinning a core
 
 
@@ -54,6 +55,8 @@ class FakeEngine:
             raise InvalidArgumentError("the prompt is bad", "prompt")
         if prompt == BROKEN_PROMPT:
             raise RuntimeError("unexpected")
+        if prompt == GONE_PROMPT:
+            raise EngineUnavailableError("an engine replica failed: replica 1 is gone")
         self.requests[request_id] = FakeRequest(params, arrival_time or time.monotonic())
 
     def abort_request(self, request_id: str) -> None:

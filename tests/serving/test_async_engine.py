@@ -13,7 +13,7 @@ from pagedllm.engine.async_engine import AsyncLLMEngine
 from pagedllm.errors import EngineOverloadedError, EngineStepError, EngineUnavailableError, InvalidArgumentError
 from pagedllm.sampling_params import SamplingParams
 
-from .fake_engine import BAD_PROMPT, BROKEN_PROMPT, FakeEngine
+from .fake_engine import BAD_PROMPT, BROKEN_PROMPT, GONE_PROMPT, FakeEngine
 
 T = TypeVar("T")
 DEADLINE_S = 10.0
@@ -62,6 +62,23 @@ def test_add_errors_reach_the_caller_and_the_loop_goes_on() -> None:
         return outputs[-1].outputs[0].finish_reason
 
     assert run_with_engine(scenario) == "length"
+
+
+def test_an_engine_found_gone_while_adding_fails_what_is_in_flight_and_stops_running() -> None:
+    async def scenario(engine: AsyncLLMEngine, fake: FakeEngine) -> None:
+        stream = await engine.add_request("running", "x", ENDLESS)
+        await stream.get()
+        with pytest.raises(EngineUnavailableError, match="replica 1 is gone") as refused:
+            await engine.add_request("late", GONE_PROMPT, SamplingParams())
+        assert refused.value.http_status == 503
+        assert not engine.is_running  # /health answers 503 from here on
+        with pytest.raises(EngineUnavailableError, match="replica 1 is gone"):
+            async for _ in stream:
+                pass
+        with pytest.raises(EngineUnavailableError):
+            await engine.add_request("after", "x", SamplingParams())
+
+    run_with_engine(scenario)
 
 
 def test_a_failed_step_fails_the_requests_in_flight_and_the_engine_recovers() -> None:
