@@ -13,7 +13,7 @@ FLOAT16_OFFSETS = {Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208,), Q.Q5_0: (0,),
 def random_blocks(qtype: Q, rows: int, cols: int, seed: int = 0) -> np.ndarray:
     """[rows, row bytes] uint8 of a weight [rows, cols] in `qtype`; its values are about 0.02 in size."""
     rng = np.random.default_rng(seed)
-    if qtype in (Q.Q5_0, Q.Q8_0):
+    if qtype in (Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q8_0):
         return gguf.quants.quantize(rng.normal(0, 0.02, (rows, cols)).astype(np.float32), qtype)
     block_values, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
     blocks = rng.integers(0, 256, (rows, cols // block_values, block_bytes), dtype=np.uint8)

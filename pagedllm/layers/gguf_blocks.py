@@ -1,5 +1,5 @@
-"""GGUF's quantized blocks kept as the file stores them (Q4_K, Q5_K, Q6_K, Q5_0, Q8_0), and their plain PyTorch
-dequantization: the reference every faster path is checked against."""
+"""GGUF's quantized blocks kept as the file stores them (Q4_K, Q5_K, Q6_K, Q5_0, Q8_0; embedding tables Q4_0 and
+Q4_1 too), and their plain PyTorch dequantization: the reference every faster path is checked against."""
 
 from __future__ import annotations
 
@@ -12,6 +12,9 @@ import torch
 Q = gguf.GGMLQuantizationType
 # The GGUF types a GGUFWeight keeps in the file's bits (Q4_0/Q4_1 become Int4Weight, exactly).
 GGUF_NATIVE_TYPES: tuple[Q, ...] = (Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.Q5_0, Q.Q8_0)
+# The types an embedding table keeps as blocks, each lookup dequantizing its rows: a dense table would hold 2-4x
+# the file's bytes.
+GGUF_LOOKUP_TYPES: tuple[Q, ...] = (*GGUF_NATIVE_TYPES, Q.Q4_0, Q.Q4_1)
 
 
 @dataclass
@@ -45,6 +48,15 @@ def _bits(raw: torch.Tensor, count: int, width: int = 1) -> torch.Tensor:
     """[..., k] bytes as [..., count, k]: field i is bits i * width .. (i + 1) * width - 1."""
     shifts = torch.arange(count, device=raw.device, dtype=torch.uint8)[:, None] * width
     return (raw.unsqueeze(-2) >> shifts) & ((1 << width) - 1)
+
+
+def _q4_0(b: torch.Tensor) -> torch.Tensor:
+    # Byte j: value j in its low nibble, value j + 16 in its high one.
+    return _half(b[..., :2]) * (_nibbles(b[..., 2:18]).flatten(-2).to(torch.int8) - 8).float()
+
+
+def _q4_1(b: torch.Tensor) -> torch.Tensor:
+    return _half(b[..., :2]) * _nibbles(b[..., 4:20]).flatten(-2).float() + _half(b[..., 2:4])
 
 
 def _q8_0(b: torch.Tensor) -> torch.Tensor:
@@ -95,6 +107,8 @@ def _q6_k(b: torch.Tensor) -> torch.Tensor:
 
 
 DEQUANTIZERS: dict[int, Callable[[torch.Tensor], torch.Tensor]] = {
+    Q.Q4_0: _q4_0,
+    Q.Q4_1: _q4_1,
     Q.Q8_0: _q8_0,
     Q.Q5_0: _q5_0,
     Q.Q4_K: _q4_k,

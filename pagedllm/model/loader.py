@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from pagedllm.config import ModelConfig, RopeScaling
 from pagedllm.errors import UnsupportedModelError
-from pagedllm.layers.gguf_blocks import GGUF_NATIVE_TYPES, GGUFWeight
+from pagedllm.layers.gguf_blocks import GGUF_LOOKUP_TYPES, GGUF_NATIVE_TYPES, GGUFWeight
 from pagedllm.layers.quantization import Int4Weight, LinearQuantization, QuantizedWeight, select_rows
 from pagedllm.model.registry import GGUF_ARCHITECTURES, hf_architecture, model_class
 from pagedllm.quantize.checkpoint import is_awq_checkpoint, load_awq_weights
@@ -241,8 +241,8 @@ def _load_gguf(path: Path, dtype: torch.dtype, keep_quantized: bool = False) -> 
                 if linear != name:
                     weights[name] = quantized  # the embedding lookup reads the same blocks
                 continue
-        if keep_quantized and name == "model.embed_tokens.weight" and tensor.tensor_type in GGUF_NATIVE_TYPES:
-            weights[name] = gguf_quantized_weight(tensor)
+        if keep_quantized and name == "model.embed_tokens.weight" and tensor.tensor_type in GGUF_LOOKUP_TYPES:
+            weights[name] = gguf_blocks_weight(tensor)
             continue
         array = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
         array = array.reshape([int(d) for d in reversed(tensor.shape)])
@@ -272,13 +272,19 @@ def _quantized_linear_name(name: str, config: ModelConfig) -> str | None:
     return None
 
 
+def gguf_blocks_weight(tensor: gguf.ReaderTensor) -> GGUFWeight:
+    """A tensor as the file's blocks, one row of blocks per output row."""
+    # A copy: the reader's array maps the file, whose pages would otherwise stay resident beside it.
+    blocks = np.array(tensor.data, dtype=np.uint8).reshape(int(tensor.shape[1]), -1)
+    return GGUFWeight(torch.from_numpy(blocks), int(tensor.tensor_type))
+
+
 def gguf_quantized_weight(tensor: gguf.ReaderTensor) -> QuantizedWeight:
     """A Q4_0/Q4_1 tensor as int4 with llama.cpp's own groups of 32; one of GGUF_NATIVE_TYPES as its blocks."""
     rows = int(tensor.shape[1])
     qtype = tensor.tensor_type
     if qtype in GGUF_NATIVE_TYPES:
-        # A copy: the reader's array maps the file, whose pages would otherwise stay resident beside it.
-        return GGUFWeight(torch.from_numpy(np.array(tensor.data, dtype=np.uint8).reshape(rows, -1)), int(qtype))
+        return gguf_blocks_weight(tensor)
     block_bytes = gguf.GGML_QUANT_SIZES[qtype][1]
     blocks = np.asarray(tensor.data).reshape(rows, -1, block_bytes)
     scales = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)

@@ -69,9 +69,10 @@ def test_kept_quantized_linears_match_the_dense_load_rows_unpermuted(
     kind = GGUFWeight if qtype == Q.Q8_0 else Int4Weight
     for name, expected in dense.items():
         value = kept[name]
-        if qtype == Q.Q8_0 and name == "model.embed_tokens.weight":
-            # The lookup reads the table's own blocks.
-            assert isinstance(value, GGUFWeight) and torch.equal(dequantize(value), expected)
+        if name == "model.embed_tokens.weight":
+            # The lookup reads the table's own blocks (the file's bytes), whatever their type.
+            assert isinstance(value, GGUFWeight) and value.ggml_type == qtype
+            assert torch.equal(dequantize(value), expected)
             continue
         if not is_linear(name):
             assert isinstance(value, torch.Tensor) and torch.equal(value, expected), name
@@ -95,6 +96,24 @@ def test_a_tied_q8_0_table_serves_lookup_and_lm_head_from_its_blocks(tiny_gguf_t
     model.load_weights(checkpoint.weights)
     assert isinstance(model.lm_head, GGUFLinear) and isinstance(model.embed_tokens, GGUFEmbedding)
     assert model.lm_head.blocks.data_ptr() == model.embed_tokens.blocks.data_ptr()  # one copy, counted once
+    token_ids = torch.tensor([[3, 1, 4], [1, 5, 9]])
+    assert torch.equal(model.embed_tokens(token_ids), torch.nn.functional.embedding(token_ids, dense))
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1], ids=lambda q: q.name)
+def test_a_tied_q4_table_is_looked_up_from_its_blocks_beside_an_int4_lm_head(
+    qtype: gguf.GGMLQuantizationType, tiny_gguf_tensors, tmp_path: Path
+) -> None:
+    path = tmp_path / "tied.gguf"
+    write_gguf(path, {k: v for k, v in tiny_gguf_tensors.items() if k != "output.weight"}, qtype)
+    dense = load_checkpoint(path, torch.float32).weights["model.embed_tokens.weight"]
+    checkpoint = load_checkpoint(path, torch.float32, keep_quantized=True)
+    table = checkpoint.weights["model.embed_tokens.weight"]
+    assert isinstance(table, GGUFWeight) and isinstance(checkpoint.weights["lm_head.weight"], Int4Weight)
+    model = LlamaForCausalLM(checkpoint.config, 64, quantization=LinearQuantization("auto"))
+    model.load_weights(checkpoint.weights)
+    assert isinstance(model.embed_tokens, GGUFEmbedding) and isinstance(model.lm_head, QuantizedLinear)
+    assert model.embed_tokens.blocks.numel() == dense.numel() * gguf.GGML_QUANT_SIZES[qtype][1] // 32
     token_ids = torch.tensor([[3, 1, 4], [1, 5, 9]])
     assert torch.equal(model.embed_tokens(token_ids), torch.nn.functional.embedding(token_ids, dense))
 
