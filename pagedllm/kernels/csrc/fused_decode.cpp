@@ -77,10 +77,16 @@ at::Tensor attend(const at::Tensor& heads, const at::Tensor& positions, LayerAtt
       .flatten(1);
 }
 
+// The first layer normalizes the embeddings; each later one adds the previous layer's output `x` to the residual
+// stream first.
+at::Tensor input_norm(at::Tensor& residual, const at::Tensor& x, const at::Tensor& weight, double eps) {
+  return x.defined() ? add_rms_norm_(residual, x, weight, eps) : rms_norm(residual, weight, eps);
+}
+
 // LlamaDecoderLayer.forward; `x` is the previous layer's MLP output (undefined before the first layer).
 at::Tensor llama_layer(at::Tensor& residual, const at::Tensor& x, const at::Tensor& positions, at::TensorList norms,
                        const Linears& project, int64_t first_linear, LayerAttention& a, const Shape& s) {
-  const at::Tensor normed = x.defined() ? add_rms_norm_(residual, x, norms[0], s.eps) : rms_norm(residual, norms[0], s.eps);
+  const at::Tensor normed = input_norm(residual, x, norms[0], s.eps);
   const at::Tensor heads =
       project(normed, first_linear + kQkv).view({s.tokens, s.num_heads + 2 * s.num_kv_heads, s.head_dim});
   const at::Tensor attended = attend(heads, positions, a, s);
@@ -91,7 +97,7 @@ at::Tensor llama_layer(at::Tensor& residual, const at::Tensor& x, const at::Tens
 // Gemma3DecoderLayer.forward: QK-norm before RoPE, norms after attention and MLP, GeGLU (tanh GELU).
 at::Tensor gemma3_layer(at::Tensor& residual, const at::Tensor& x, const at::Tensor& positions, at::TensorList norms,
                         const Linears& project, int64_t first_linear, LayerAttention& a, const Shape& s) {
-  const at::Tensor normed = x.defined() ? add_rms_norm_(residual, x, norms[0], s.eps) : rms_norm(residual, norms[0], s.eps);
+  const at::Tensor normed = input_norm(residual, x, norms[0], s.eps);
   at::Tensor heads =
       project(normed, first_linear + kQkv).view({s.tokens, s.num_heads + 2 * s.num_kv_heads, s.head_dim});
   const int64_t starts[2] = {0, s.num_heads}, counts[2] = {s.num_heads, s.num_kv_heads};
@@ -154,8 +160,8 @@ at::Tensor fused_decode(const at::Tensor& hidden, const at::Tensor& positions, a
   at::Tensor residual = hidden.clone();
   at::Tensor x;
   for (int64_t layer = 0; layer < num_layers; ++layer) {
-    LayerAttention attention{cos[layer],           signed_sin[layer], slots[layer],          block_tables[layer],
-                             seq_lens[layer],      k_pools[layer],    v_pools[layer],        sliding_windows[layer]};
+    LayerAttention attention{cos[layer],      signed_sin[layer], slots[layer],   block_tables[layer],
+                             seq_lens[layer], k_pools[layer],    v_pools[layer], sliding_windows[layer]};
     const at::TensorList layer_norms = norms.slice(layer * norms_per_layer, norms_per_layer);
     const int64_t first_linear = layer * kLinearsPerLayer;
     x = gemma3 ? gemma3_layer(residual, x, positions, layer_norms, project, first_linear, attention, shape)
