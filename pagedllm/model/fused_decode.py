@@ -15,86 +15,148 @@ from torch import nn
 
 from pagedllm.config import ModelConfig
 from pagedllm.kernels import use_cpu_kernels
-from pagedllm.layers.attention import AttentionMetadata, KVPool
+from pagedllm.layers.attention import AttentionMetadata, KVPool, PagedAttention
+from pagedllm.layers.gguf_linear import GGUF_PACKED_MATMUL_MAX_ROWS, GGUFLinear
 from pagedllm.layers.linear import Linear, QuantizedLinear, dense_rows
+from pagedllm.layers.quantized_linears import RowStackedLinear
+from pagedllm.model.gemma3 import Gemma3ForCausalLM, scale_embeddings
 from pagedllm.model.llama import LlamaForCausalLM
 
 
+@dataclass(frozen=True)
+class WeightKinds:
+    """The kernel's codes of its weight parts' kinds (ops.h)."""
+
+    dense: int
+    int8: int
+    int4: int
+    gguf: int
+
+
 @functools.cache
-def weight_kinds() -> tuple[int, int]:
-    """The group size codes of dense and int8 weights, as the kernel defines them (ops.h)."""
-    dense, int8 = torch.ops.pagedllm.fused_decode_weight_kinds()
-    return dense, int8
+def weight_kinds() -> WeightKinds:
+    return WeightKinds(*torch.ops.pagedllm.fused_decode_weight_kinds())
 
 
 @dataclass(frozen=True)
-class StackedLinear:
-    """One linear as the kernel takes it."""
+class LinearPart:
+    """One weight of a linear as the kernel takes it."""
 
     weight: torch.Tensor
-    scales: torch.Tensor  # empty for a dense weight
-    group_size: int  # weight_kinds() for dense or int8 weights, else the int4 group size
+    scales: torch.Tensor  # empty unless int8 or int4
+    kind: int  # a weight_kinds() code
+    kind_arg: int  # the int4 group size or the GGUF type, else 0
     bias: torch.Tensor | None
-    max_rows: float  # the most rows for which this layer's own forward takes the same path
+    max_rows: float  # the most rows for which the layer's own forward takes the same path
 
 
-def stacked_linear(layer: nn.Module) -> StackedLinear | None:
-    """The kernel's view of a dense Linear or of a QuantizedLinear on pagedllm's kernels; None for any other."""
-    dense, int8 = weight_kinds()
+def linear_parts(layer: nn.Module) -> list[LinearPart] | None:
+    """The kernel's view of a linear (each part of fused projections stored in different kinds); None where the
+    kernel cannot take it."""
+    kinds = weight_kinds()
+    if isinstance(layer, RowStackedLinear):
+        parts = [linear_parts(part) for part in layer.parts]
+        return None if any(p is None for p in parts) else [q for p in parts for q in p]  # type: ignore[union-attr]
     if isinstance(layer, Linear):
-        return StackedLinear(layer.weight, torch.empty(0), dense, layer.bias, math.inf)
-    if not isinstance(layer, QuantizedLinear) or layer.kernel != "pagedllm":
-        return None
-    group_size = layer.group_size if layer.bits == 4 else int8
-    return StackedLinear(layer.qweight, layer.scales, group_size, layer.bias, layer.packed_max_rows)
+        return [LinearPart(layer.weight, torch.empty(0), kinds.dense, 0, layer.bias, math.inf)]
+    if isinstance(layer, QuantizedLinear) and layer.kernel == "pagedllm":
+        kind, arg = (kinds.int4, layer.group_size) if layer.bits == 4 else (kinds.int8, 0)
+        return [LinearPart(layer.qweight, layer.scales, kind, arg, layer.bias, layer.packed_max_rows)]
+    if isinstance(layer, GGUFLinear) and layer.kernel == "pagedllm":
+        # GGUFLinear.forward: a dense copy from dense_matmul_min_rows rows on, a dequantized matmul above
+        # GGUF_PACKED_MATMUL_MAX_ROWS rows; the blocks below both.
+        max_rows = GGUF_PACKED_MATMUL_MAX_ROWS
+        if layer.dense is not None:
+            max_rows = min(max_rows, layer.dense_matmul_min_rows - 1)
+        return [LinearPart(layer.blocks, torch.empty(0), kinds.gguf, layer.ggml_type, layer.bias, max_rows)]
+    return None
+
+
+# The kernel's layer types, by the model classes whose layers they run, and each type's norms in kernel order.
+LAYER_TYPES = {LlamaForCausalLM: "llama", Gemma3ForCausalLM: "gemma3"}
+LAYER_NORMS = {
+    "llama": ("input_layernorm", "post_attention_layernorm"),
+    "gemma3": (
+        "input_layernorm",
+        "self_attn.q_norm",
+        "self_attn.k_norm",
+        "post_attention_layernorm",
+        "pre_feedforward_layernorm",
+        "post_feedforward_layernorm",
+    ),
+}
 
 
 @dataclass
 class FusedDecode:
-    """Every layer's norms, linears and K/V pools, listed once for the kernel."""
+    """Every layer's norms, linears, rotary tables, K/V pools and KV-cache group, listed once for the kernel."""
 
     config: ModelConfig
-    cos: torch.Tensor  # the rotary tables
-    signed_sin: torch.Tensor
+    layer_type: str
+    embedding_scale: bool  # whether the embeddings are scaled by sqrt(hidden_size) first (Gemma)
+    cos: list[torch.Tensor]  # each layer's rotary tables
+    signed_sin: list[torch.Tensor]
     norms: list[torch.Tensor]
+    parts: list[int]  # per linear, how many of the weights below it joins
     weights: list[torch.Tensor]
     scales: list[torch.Tensor]
-    group_sizes: list[int]
+    kinds: list[int]
+    kind_args: list[int]
     biases: list[torch.Tensor | None]
     k_pools: list[torch.Tensor]
     v_pools: list[torch.Tensor]
+    kv_cache_groups: list[int]  # each layer's
+    sliding_windows: list[int]  # each layer's, 0 for none
+    scale: float
+    dense_weight: torch.Tensor | None  # a dense weight, whose dense_rows every dense part's matmul pads to
     max_rows: float  # steps with more tokens take the layers' forward
 
     @classmethod
     def of(cls, model: nn.Module, k_pools: list[KVPool], v_pools: list[KVPool]) -> FusedDecode | None:
-        """The stack of a Llama-family model over plain (unquantized) K/V pools on CPU kernels, with fast attention
-        without a sliding window and linears the kernel takes; None for any other."""
-        if not isinstance(model, LlamaForCausalLM):
+        """The stack of a Llama-family or Gemma 3 model over plain (unquantized) K/V pools on CPU kernels, with
+        fast attention and linears the kernel takes; None for any other."""
+        layer_type = LAYER_TYPES.get(type(model))
+        if layer_type is None:
             return None
         if not all(isinstance(pool, torch.Tensor) and use_cpu_kernels(pool) for pool in (*k_pools, *v_pools)):
             return None
-        norms, linears = [], []
+        attentions: list[PagedAttention] = [layer.self_attn.attn for layer in model.layers]
+        if any(attention.impl != "fast" for attention in attentions):
+            return None
+        parts, linears = [], []
         for layer in model.layers:
-            attention = layer.self_attn.attn
-            if attention.impl != "fast" or attention.sliding_window is not None:
-                return None
-            norms += [layer.input_layernorm.weight, layer.post_attention_layernorm.weight]
             modules = (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj)
-            stacked = [stacked_linear(module) for module in modules]
-            if any(linear is None for linear in stacked):
-                return None
-            linears += stacked
+            for module in modules:
+                stacked = linear_parts(module)
+                if stacked is None:
+                    return None
+                parts.append(len(stacked))
+                linears += stacked
+        rotaries = [layer.self_attn.rotary for layer in model.layers]
+        dense = [linear.weight for linear in linears if linear.kind == weight_kinds().dense]
         return cls(
             model.config,
-            model.rotary.cos,
-            model.rotary.signed_sin,
-            norms,
+            layer_type,
+            layer_type == "gemma3",
+            [rotary.cos for rotary in rotaries],
+            [rotary.signed_sin for rotary in rotaries],
+            [
+                model.get_submodule(f"layers.{i}.{norm}").weight
+                for i in range(len(model.layers))
+                for norm in LAYER_NORMS[layer_type]
+            ],
+            parts,
             [linear.weight for linear in linears],
             [linear.scales for linear in linears],
-            [linear.group_size for linear in linears],
+            [linear.kind for linear in linears],
+            [linear.kind_arg for linear in linears],
             [linear.bias for linear in linears],
             list(k_pools),
             list(v_pools),
+            [attention.kv_cache_group for attention in attentions],
+            [attention.window_arg for attention in attentions],
+            attentions[0].scale,
+            dense[0] if dense else None,
             min(linear.max_rows for linear in linears),
         )
 
@@ -107,9 +169,11 @@ class FusedDecode:
             and meta.num_decodes <= self.max_rows
         )
 
-    def forward(self, hidden: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """The residual stream after the last layer, as LlamaForCausalLM.forward returns it, from the embeddings."""
+    def forward(self, embeddings: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """The residual stream after the last layer, as the model's forward returns it, from the embeddings."""
         config = self.config
+        hidden = scale_embeddings(embeddings, config.hidden_size) if self.embedding_scale else embeddings
+        groups = [meta.for_group(group) for group in self.kv_cache_groups]
         return torch.ops.pagedllm.fused_decode(
             hidden,
             positions,
@@ -118,16 +182,20 @@ class FusedDecode:
             self.norms,
             self.weights,
             self.scales,
-            self.group_sizes,
+            self.kinds,
+            self.kind_args,
+            self.parts,
             self.biases,
             self.k_pools,
             self.v_pools,
-            meta.slot_mapping,
-            meta.block_tables,
-            meta.seq_lens,
+            [group.slot_mapping for group in groups],
+            [group.block_tables for group in groups],
+            [group.seq_lens for group in groups],
+            self.sliding_windows,
+            self.layer_type,
             config.num_heads,
             config.num_kv_heads,
             config.rms_norm_eps,
-            config.head_dim**-0.5,
-            dense_rows(hidden, self.weights[0]),
+            self.scale,
+            hidden.shape[0] if self.dense_weight is None else dense_rows(hidden, self.dense_weight),
         )

@@ -21,6 +21,11 @@ from pagedllm.layers.rotary import RotaryEmbedding
 from pagedllm.model.weights import check_all_used, load_embedding, load_linear, load_projections, weight_bytes
 
 
+def scale_embeddings(embeddings: torch.Tensor, hidden_size: int) -> torch.Tensor:
+    """Embeddings times sqrt(hidden_size), in the model dtype as transformers does: the factor rounded to it first."""
+    return embeddings * torch.tensor(hidden_size**0.5, dtype=embeddings.dtype)
+
+
 class Gemma3Attention(nn.Module):
     def __init__(
         self, config: ModelConfig, rotary: RotaryEmbedding, sliding_window: int | None, attention_impl: str
@@ -84,8 +89,7 @@ class Gemma3DecoderLayer(nn.Module):
 class Gemma3ForCausalLM(nn.Module):
     """Token ids of a ragged batch in, final hidden states out; `compute_logits` on the rows that need them.
 
-    Takes the constructor arguments of LlamaForCausalLM; it has no fused decode path (every step runs layer by
-    layer) and no RoPE frequency factors.
+    Takes the constructor arguments of LlamaForCausalLM; it has no RoPE frequency factors.
     """
 
     def __init__(
@@ -95,7 +99,6 @@ class Gemma3ForCausalLM(nn.Module):
         attention_impl: str = "fast",
         rope_freq_factors: torch.Tensor | None = None,
         quantization: LinearQuantization | None = None,
-        fused_decode: bool = False,
     ) -> None:
         super().__init__()
         if rope_freq_factors is not None:
@@ -119,9 +122,7 @@ class Gemma3ForCausalLM(nn.Module):
         self.lm_head = Linear(config.hidden_size, config.vocab_size)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        embeddings = self.embed_tokens(input_ids)
-        # Scaled in the model dtype, as transformers does: sqrt(hidden) rounded to it first.
-        hidden = embeddings * torch.tensor(self.config.hidden_size**0.5, dtype=embeddings.dtype)
+        hidden = scale_embeddings(self.embed_tokens(input_ids), self.config.hidden_size)
         residual = None
         for layer in self.layers:
             hidden, residual = layer(positions, hidden, residual, meta)

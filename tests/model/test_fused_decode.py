@@ -1,43 +1,49 @@
-"""The one-call decode of every layer (FusedDecode) against the layers' own forward, on dense, int8, int4 and
-biased models; and the models and steps it must leave to the layers."""
+"""The one-call decode of every layer (FusedDecode) against the layers' own forward, on dense, int8, int4, GGUF
+block and biased Llama-family models and on Gemma 3 (local and global layers past the window); and the models and
+steps it must leave to the layers."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from types import SimpleNamespace
 
+import gguf
 import pytest
 import torch
+from torch import nn
 
 from pagedllm import LLM
+from pagedllm.config import EngineConfig
 from pagedllm.cpu import native_bfloat16_matmul
 from pagedllm.engine.block_manager import BlockManager
+from pagedllm.engine.model_runner import ModelRunner, attention_metadata
 from pagedllm.kernels import cpu_kernels_available
 from pagedllm.layers.attention import AttentionMetadata
+from pagedllm.layers.gguf_linear import GGUF_PACKED_MATMUL_MAX_ROWS
+from pagedllm.layers.kv_cache_groups import kv_cache_layout
 from pagedllm.layers.linear import dense_rows
+from pagedllm.layers.quantization import LinearQuantization
+from pagedllm.model.fused_decode import FusedDecode, weight_kinds
 from pagedllm.model.llama import LlamaForCausalLM
+from pagedllm.model.loader import load_checkpoint
 from tests.checkpoints import write_checkpoint
+from tests.model.test_gemma3 import write_tiny_gemma3
+from tests.model.test_gguf_native_loading import LAYER_TYPES, write_mixed_gguf
 
 pytestmark = pytest.mark.skipif(not cpu_kernels_available(), reason="the fused decode is a CPU kernel")
 
 PROMPT_LENS = (5, 20, 37)  # one, two and three blocks of 16
+GEMMA3_WINDOW = 24  # the tiny Gemma 3's local layers see less than its longest prompt
 
 
-def prefill(model: LlamaForCausalLM, blocks: BlockManager, lengths: tuple[int, ...]) -> list[SimpleNamespace]:
+def prefill(model: nn.Module, blocks: BlockManager, lengths: tuple[int, ...]) -> list[SimpleNamespace]:
     """Sequences of random tokens with their prompts' K/V in the cache, through the layers (a prefill step)."""
     generator = torch.Generator().manual_seed(0)
     seqs = []
     for length in lengths:
         seq = SimpleNamespace(block_ids=[], group_block_ids=[], num_computed_tokens=0)
         blocks.allocate_slots(seq, length)
-        meta = AttentionMetadata.build(
-            [blocks.slot(seq, p) for p in range(length)],
-            [seq.block_ids],
-            [length],
-            [length],
-            blocks.block_size,
-            torch.device("cpu"),
-        )
+        meta = attention_metadata(blocks, [(seq, 0, length)], torch.device("cpu"))
         model(torch.randint(0, model.config.vocab_size, (length,), generator=generator), torch.arange(length), meta)
         seq.num_computed_tokens = length
         seqs.append(seq)
@@ -45,32 +51,22 @@ def prefill(model: LlamaForCausalLM, blocks: BlockManager, lengths: tuple[int, .
 
 
 def decode_step(blocks: BlockManager, seqs: list[SimpleNamespace]) -> tuple[torch.Tensor, AttentionMetadata]:
-    """Positions and metadata of one new token per sequence."""
+    """Positions and metadata (every KV-cache group's) of one new token per sequence."""
     for seq in seqs:
         blocks.allocate_slots(seq, 1)
     positions = [seq.num_computed_tokens for seq in seqs]
-    meta = AttentionMetadata.build(
-        [blocks.slot(seq, p) for seq, p in zip(seqs, positions)],
-        [seq.block_ids for seq in seqs],
-        [1] * len(seqs),
-        [p + 1 for p in positions],
-        blocks.block_size,
-        torch.device("cpu"),
-    )
+    meta = attention_metadata(blocks, [(seq, p, p + 1) for seq, p in zip(seqs, positions)], torch.device("cpu"))
     return torch.tensor(positions), meta
 
 
-def test_sliding_window_layers_are_left_to_the_layers(tiny_dirs: dict[str, Path]) -> None:
-    # The kernel attends whole contexts; Mistral's window is honoured by the layers' attention.
-    llm = LLM(str(tiny_dirs["mistral-mqa"]), kv_cache_memory=2**24)
-    assert llm.engine.model_config.sliding_window is not None
-    assert llm.engine.runner.fused_decode is None
-
-
 @torch.inference_mode()
-def check_stack_matches_layers(engine_llm: LLM, steps: int = 3, prompt_lens: tuple[int, ...] = PROMPT_LENS) -> None:
-    engine = engine_llm.engine
-    model, stack, blocks = engine.runner.model, engine.runner.fused_decode, engine.block_manager
+def check_stack_matches_layers(
+    model: nn.Module,
+    stack: FusedDecode | None,
+    blocks: BlockManager,
+    steps: int = 3,
+    prompt_lens: tuple[int, ...] = PROMPT_LENS,
+) -> None:
     assert stack is not None
     seqs = prefill(model, blocks, prompt_lens)
     generator = torch.Generator().manual_seed(1)
@@ -92,19 +88,93 @@ def check_stack_matches_layers(engine_llm: LLM, steps: int = 3, prompt_lens: tup
             blocks.free(seq)
 
 
+def check_llm_stack_matches_layers(llm: LLM, **kwargs) -> None:
+    engine = llm.engine
+    check_stack_matches_layers(engine.runner.model, engine.runner.fused_decode, engine.block_manager, **kwargs)
+
+
 @pytest.fixture(scope="module")
 def tiny_dirs(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> dict[str, Path]:
     folders = {}
     for name in ("llama-gqa", "qwen2-gqa-bias", "mistral-mqa"):
         folders[name] = tmp_path_factory.mktemp(name)
-        write_checkpoint(name, folders[name], tokenizer_dir, vocab_size=512)
+        # Mistral's window shorter than the longest prompt: its layers attend the window's last keys only.
+        shape = dict(sliding_window=GEMMA3_WINDOW) if name == "mistral-mqa" else {}
+        write_checkpoint(name, folders[name], tokenizer_dir, vocab_size=512, **shape)
     return folders
 
 
 @pytest.mark.parametrize("name", ["llama-gqa", "qwen2-gqa-bias"])
 @pytest.mark.parametrize("quantization", ["none", "int8"])
 def test_stack_matches_layers_on_tiny_models(tiny_dirs: dict[str, Path], name: str, quantization: str) -> None:
-    check_stack_matches_layers(LLM(str(tiny_dirs[name]), quantization=quantization, kv_cache_memory=2**24))
+    check_llm_stack_matches_layers(LLM(str(tiny_dirs[name]), quantization=quantization, kv_cache_memory=2**24))
+
+
+def test_stack_matches_sliding_window_layers(tiny_dirs: dict[str, Path]) -> None:
+    llm = LLM(str(tiny_dirs["mistral-mqa"]), kv_cache_memory=2**24)
+    assert llm.engine.runner.fused_decode.sliding_windows == [GEMMA3_WINDOW] * 2
+    check_llm_stack_matches_layers(llm)
+
+
+def gguf_runner(path: Path, dense_matmul_min_rows: int) -> tuple[ModelRunner, BlockManager]:
+    """A runner over the GGUF's blocks kept as they are (quantization=auto), in float32."""
+    checkpoint = load_checkpoint(path, torch.float32, keep_quantized=True)
+    quantization = LinearQuantization("auto", dense_matmul_min_rows=dense_matmul_min_rows)
+    model = LlamaForCausalLM(checkpoint.config, 256, quantization=quantization)
+    model.load_weights(checkpoint.weights)
+    config = EngineConfig(model=str(path), dtype="float32", dense_matmul_min_rows=dense_matmul_min_rows)
+    return ModelRunner(model, config, 32, torch.device("cpu"), None), BlockManager(32, config.block_size)
+
+
+@pytest.fixture(scope="module")
+def mixed_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("mixed") / "mixed-q4_k_m.gguf"
+    write_mixed_gguf(path)
+    return path
+
+
+def test_stack_matches_layers_on_gguf_blocks(mixed_gguf: Path) -> None:
+    """Q4_K, Q5_K, Q6_K, Q5_0 and Q8_0 blocks (and Q4_0 as int4), q/k/v and gate/up joined from parts of mixed types."""
+    runner, blocks = gguf_runner(mixed_gguf, 0)
+    stack = runner.fused_decode
+    kinds = weight_kinds()
+    gguf_types = {arg for kind, arg in zip(stack.kinds, stack.kind_args) if kind == kinds.gguf}
+    assert gguf_types == {t for types in LAYER_TYPES for t in types.values() if t != gguf.GGMLQuantizationType.Q4_0}
+    assert (kinds.int4, 32) in set(zip(stack.kinds, stack.kind_args))
+    assert stack.parts[0] == 3 and max(stack.parts) == 3  # layer 0's q/k/v: Q4_K, Q4_K, Q6_K
+    assert stack.max_rows == GGUF_PACKED_MATMUL_MAX_ROWS
+    check_stack_matches_layers(runner.model, stack, blocks)
+
+
+@torch.inference_mode()
+def test_gguf_dense_copies_leave_their_rows_to_the_layers(mixed_gguf: Path) -> None:
+    """With dense copies from 2 rows on, the layers multiply a batch of 2 by them: the stack takes batch 1 only."""
+    runner, blocks = gguf_runner(mixed_gguf, 2)
+    stack = runner.fused_decode
+    assert stack.max_rows == 1
+    check_stack_matches_layers(runner.model, stack, blocks, prompt_lens=(37,))
+    seqs = prefill(runner.model, blocks, (5, 20))
+    assert not stack.takes(decode_step(blocks, seqs)[1])
+
+
+@pytest.fixture(scope="module")
+def tiny_gemma3_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Path:
+    folder = tmp_path_factory.mktemp("tiny-gemma3")
+    write_tiny_gemma3(folder, tokenizer_dir, sliding_window=GEMMA3_WINDOW)
+    return folder
+
+
+@pytest.mark.parametrize("quantization", ["none", "int8"])
+def test_stack_matches_gemma3_layers_past_the_window(tiny_gemma3_dir: Path, quantization: str) -> None:
+    """Local and global layers, each KV-cache group's block tables, QK-norm, post-norms, GeGLU, scaled embeddings."""
+    llm = LLM(str(tiny_gemma3_dir), quantization=quantization, kv_cache_memory=2**24)
+    stack = llm.engine.runner.fused_decode
+    layout = kv_cache_layout(llm.engine.model_config)
+    assert stack.layer_type == "gemma3" and len(layout.groups) > 1
+    assert stack.sliding_windows == [window or 0 for window in llm.engine.model_config.layer_sliding_windows()]
+    assert set(stack.sliding_windows) == {0, GEMMA3_WINDOW}
+    assert max(PROMPT_LENS) > GEMMA3_WINDOW
+    check_llm_stack_matches_layers(llm)
 
 
 def test_stack_pads_dense_matmuls_as_the_layers_do(tiny_dirs: dict[str, Path]) -> None:
@@ -113,14 +183,15 @@ def test_stack_pads_dense_matmuls_as_the_layers_do(tiny_dirs: dict[str, Path]) -
     weight = llm.engine.runner.fused_decode.weights[0]
     if native_bfloat16_matmul():
         assert dense_rows(torch.empty(len(prompt_lens), weight.shape[1], dtype=torch.bfloat16), weight) == 16
-    check_stack_matches_layers(llm, prompt_lens=prompt_lens)
+    check_llm_stack_matches_layers(llm, prompt_lens=prompt_lens)
 
 
 def test_stack_matches_layers_on_the_embedded_int4_model() -> None:
     """The GGUF's Q4_1 weights kept as int4 groups of 32, as `make serve` runs them."""
     llm = LLM(kv_cache_memory=2**26)
-    assert {stacked for stacked in llm.engine.runner.fused_decode.group_sizes} == {32}
-    check_stack_matches_layers(llm)
+    stack = llm.engine.runner.fused_decode
+    assert set(zip(stack.kinds, stack.kind_args)) == {(weight_kinds().int4, 32)}
+    check_llm_stack_matches_layers(llm)
 
 
 @pytest.mark.parametrize(

@@ -47,9 +47,8 @@ def add_quantized(writer: gguf.GGUFWriter, name: str, qtype: Q, rows: int, cols:
     writer.add_tensor(name, blocks, raw_dtype=qtype)
 
 
-@pytest.fixture(scope="module")
-def mixed_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("mixed") / "mixed-q4_k_m.gguf"
+def write_mixed_gguf(path: Path) -> None:
+    """A tiny Llama whose layers mix GGUF types as LAYER_TYPES says, with a tied Q6_K embedding table."""
     writer = gguf.GGUFWriter(str(path), "llama")
     writer.add_block_count(LAYERS)
     writer.add_context_length(256)
@@ -71,6 +70,12 @@ def mixed_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+
+
+@pytest.fixture(scope="module")
+def mixed_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("mixed") / "mixed-q4_k_m.gguf"
+    write_mixed_gguf(path)
     return path
 
 

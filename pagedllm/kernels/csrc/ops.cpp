@@ -16,12 +16,14 @@ TORCH_LIBRARY(pagedllm, m) {
   m.def("write_kv_(Tensor k, Tensor v, Tensor(a!) k_pool, Tensor(b!) v_pool, Tensor slots) -> ()");
   m.def("silu_and_mul(Tensor gate_up) -> Tensor");
   m.def(
-      "fused_decode(Tensor hidden, Tensor positions, Tensor cos, Tensor signed_sin, Tensor[] norms, Tensor[] weights, "
-      "Tensor[] scales, int[] group_sizes, Tensor?[] biases, Tensor(a!)[] k_pools, Tensor(b!)[] v_pools, Tensor slots, "
-      "Tensor block_tables, Tensor seq_lens, int num_heads, int num_kv_heads, float eps, float scale, int dense_rows) "
-      "-> Tensor");
-  m.def("fused_decode_weight_kinds() -> int[]",
-        []() { return std::vector<int64_t>{pagedllm::kDense, pagedllm::kInt8}; });
+      "fused_decode(Tensor hidden, Tensor positions, Tensor[] cos, Tensor[] signed_sin, Tensor[] norms, "
+      "Tensor[] weights, Tensor[] scales, int[] kinds, int[] kind_args, int[] parts, Tensor?[] biases, "
+      "Tensor(a!)[] k_pools, Tensor(b!)[] v_pools, Tensor[] slots, Tensor[] block_tables, Tensor[] seq_lens, "
+      "int[] sliding_windows, str layer_type, int num_heads, int num_kv_heads, float eps, float scale, "
+      "int dense_rows) -> Tensor");
+  m.def("fused_decode_weight_kinds() -> int[]", []() {
+    return std::vector<int64_t>{pagedllm::kDense, pagedllm::kInt8, pagedllm::kInt4, pagedllm::kGGUF};
+  });
 }
 
 TORCH_LIBRARY_IMPL(pagedllm, CPU, m) {

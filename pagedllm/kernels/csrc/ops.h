@@ -21,15 +21,16 @@ void rotate_heads_(at::Tensor& x, const at::Tensor& positions, const at::Tensor&
 void write_kv_(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_pool, at::Tensor& v_pool,
                const at::Tensor& slots);
 at::Tensor silu_and_mul(const at::Tensor& gate_up);
-// Group size codes of fused_decode's weight kinds that have no int4 groups (Python reads them through
-// fused_decode_weight_kinds, so they are defined here alone).
-constexpr int64_t kDense = -1, kInt8 = 0;
+// Kinds of fused_decode's weight parts (Python reads them through fused_decode_weight_kinds, so they are defined
+// here alone); a part's kind argument is its int4 group size or its GGUF type, else unused.
+constexpr int64_t kDense = 0, kInt8 = 1, kInt4 = 2, kGGUF = 3;
 
-at::Tensor fused_decode(const at::Tensor& hidden, const at::Tensor& positions, const at::Tensor& cos,
-                         const at::Tensor& signed_sin, at::TensorList norms, at::TensorList weights,
-                         at::TensorList scales, at::IntArrayRef group_sizes,
-                         const c10::List<std::optional<at::Tensor>>& biases, at::TensorList k_pools,
-                         at::TensorList v_pools, const at::Tensor& slots, const at::Tensor& block_tables,
-                         const at::Tensor& seq_lens, int64_t num_heads, int64_t num_kv_heads, double eps,
+at::Tensor fused_decode(const at::Tensor& hidden, const at::Tensor& positions, at::TensorList cos,
+                         at::TensorList signed_sin, at::TensorList norms, at::TensorList weights,
+                         at::TensorList scales, at::IntArrayRef kinds, at::IntArrayRef kind_args,
+                         at::IntArrayRef parts, const c10::List<std::optional<at::Tensor>>& biases,
+                         at::TensorList k_pools, at::TensorList v_pools, at::TensorList slots,
+                         at::TensorList block_tables, at::TensorList seq_lens, at::IntArrayRef sliding_windows,
+                         c10::string_view layer_type, int64_t num_heads, int64_t num_kv_heads, double eps,
                          double scale, int64_t dense_rows);
 }  // namespace pagedllm
