@@ -12,16 +12,16 @@
 // which the kernel of the weight's type unpacks a block's bits (see Layout), so that one vector of unpacked weights
 // meets one vector of activations with no shuffle per output row.
 //
-// The kernels unpack each block's bits in vector registers and multiply at once; every unpacked register meets up
-// to kRowTile activation rows before the next is unpacked. K types: per 64 (AVX-512) or 32 (AVX2) values, the byte
-// products q * x summed in int16 pairs (maddubs: at most 2 * 63 * 127), then in int32 weighted by the sub-block
-// scales (VNNI's dpwssd or AVX2's madd), exact over the block; the minimums' term sum_s m_s * sum(x over s) is an
-// exact integer too (Q6_K's offset, 32 sc_s, joins the products, both scaled by d). Each block's two integers are
+// The kernels unpack each block's bits in vector registers and multiply at once; every unpacked register meets
+// row_tile(type) activation rows at most before the next is unpacked. K types: per 64 (AVX-512) or 32 (AVX2) values,
+// the byte products q * x summed in int16 pairs (maddubs: at most 2 * 63 * 127), then in int32 weighted by the
+// sub-block scales (VNNI's dpwssd or AVX2's madd), exact over the block; the minimums' term sum_s m_s * sum(x over s)
+// is an exact integer too (Q6_K's offset, 32 sc_s, joins the products, both scaled by d). Each block's two integers are
 // scaled to float once per activation row. Q5_0 and Q8_0 with AVX-512: blocks in pairs, their 4-byte groups
 // interleaved, so lanes alternate between the two blocks and their scales are two broadcast floats; the weights as
-// signed bytes q - offset and the activations as unsigned x + 128 (dpbusd multiplies unsigned by signed bytes),
-// less 128 * sum(q - offset) per 4 values, which is the weights' own and so computed once for every row. With AVX2
-// a block of 32 is one vector: Q8_0 as |q| times x with q's sign, Q5_0 as q times x less 16 sum(x).
+// signed bytes q - offset and the activations as unsigned x + 128 (dpbusd multiplies unsigned by signed bytes), less
+// 128 * sum(q - offset) per 4 values, which is the weights' own and so computed once for every row. With AVX2 a block
+// of 32 is one vector: Q8_0 as |q| times x with q's sign, Q5_0 as q times x less 16 sum(x).
 //
 // Dequantization computes each weight with the float32 operations, in the order, that gguf's reference
 // (gguf.quants.dequantize) uses, so a dense copy holds exactly its values.
@@ -88,11 +88,16 @@ constexpr int64_t kSub = 16;  // values per scale entry (sub-blocks of 32 take t
 constexpr int64_t kRowGrain = 16;  // output rows per parallel task, at the least
 constexpr int64_t kRoundGrain = 16384;  // activations per parallel task of rounding, at the least
 constexpr float kActivationLevels = 127.f;
+
+// Activation rows that share each unpacked weight register: with AVX-512, 8 for the pairs of blocks of 32 (two
+// registers per row), 4 for the K types (more keep fewer of a block's 8 unpacked registers).
+constexpr int64_t row_tile(int64_t type) {
 #ifdef PAGEDLLM_AVX512_VNNI
-constexpr int64_t kRowTile = 8;  // activation rows sharing each unpacked weight register
+  return format_of(type).block_values == 32 ? 8 : 4;
 #else
-constexpr int64_t kRowTile = 4;
+  return 4;
 #endif
+}
 
 inline float half_at(const uint8_t* p) {
   uint16_t bits;
@@ -379,9 +384,11 @@ QuantizedRows quantize_rows(const at::Tensor& x, int64_t type) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t row = i / units, first = i % units * unit_blocks;
       const int64_t count = std::min(unit_blocks, blocks - first), offset = row * in + first * f.block_values;
-      for (int64_t k = 0; k < count; ++k)
-        sp[row * blocks + first + k] = round_block(xp + offset + k * f.block_values, f.block_values,
-                                                   rounded + k * f.block_values, sump + (offset + k * f.block_values) / kSub);
+      for (int64_t k = 0; k < count; ++k) {
+        const int64_t start = offset + k * f.block_values;
+        sp[row * blocks + first + k] =
+            round_block(xp + start, f.block_values, rounded + k * f.block_values, sump + start / kSub);
+      }
       lay_out(layout, rounded, count * f.block_values, vp + offset);
     }
   });
@@ -514,7 +521,8 @@ inline void unpack(const uint8_t* block, KBlock& k) {
     const __m512i up = _mm512_setr_epi64(4, 4, 4, 4, 2, 2, 2, 2), down = _mm512_setr_epi64(0, 0, 0, 0, 2, 2, 2, 2);
     for (int h = 0; h < 2; ++h) {
       const __m512i bytes = load64(block + 64 * h), pairs = broadcast32(block + 128 + 32 * h);
-      k.q[2 * h] = _mm512_or_si512(_mm512_and_si512(bytes, low4), _mm512_and_si512(_mm512_sllv_epi64(pairs, up), bits45));
+      k.q[2 * h] =
+          _mm512_or_si512(_mm512_and_si512(bytes, low4), _mm512_and_si512(_mm512_sllv_epi64(pairs, up), bits45));
       k.q[2 * h + 1] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(bytes, 4), low4),
                                        _mm512_and_si512(_mm512_srlv_epi64(pairs, down), bits45));
     }
@@ -707,7 +715,8 @@ void block32_rows(const uint8_t* row, int64_t blocks, const RowTile<Rows>& x, fl
     const float d = half_at(block);
     for (int64_t r = 0; r < Rows; ++r) {
       const __m256i xv = load32(x.values[r] + 32 * b);
-      __m256i sums = _mm256_madd_epi16(_mm256_maddubs_epi16(magnitudes, Type == kQ8_0 ? _mm256_sign_epi8(xv, q) : xv), ones);
+      const __m256i signed_x = Type == kQ8_0 ? _mm256_sign_epi8(xv, q) : xv;
+      __m256i sums = _mm256_madd_epi16(_mm256_maddubs_epi16(magnitudes, signed_x), ones);
       if constexpr (Type == kQ5_0) {
         const int32_t offset = 16 * (x.sums[r][2 * b] + x.sums[r][2 * b + 1]);
         sums = _mm256_sub_epi32(sums, _mm256_castsi128_si256(_mm_cvtsi32_si128(offset)));
@@ -740,11 +749,11 @@ void dot_rows(const uint8_t* row, const RowTile<Rows>& x, int64_t in_features, f
 #endif
 }
 
-template <typename TileFn>
+template <int64_t MaxTile, typename TileFn>
 void for_row_tiles(int64_t num_rows, const TileFn& tile) {
   int64_t m = 0;
-  for (; num_rows - m >= kRowTile; m += kRowTile) tile(std::integral_constant<int64_t, kRowTile>{}, m);
-  if constexpr (kRowTile > 4)
+  for (; num_rows - m >= MaxTile; m += MaxTile) tile(std::integral_constant<int64_t, MaxTile>{}, m);
+  if constexpr (MaxTile > 4)
     if (num_rows - m >= 4) {
       tile(std::integral_constant<int64_t, 4>{}, m);
       m += 4;
@@ -763,7 +772,7 @@ void multiply(const uint8_t* weight, const QuantizedRows& x, int64_t out_feature
     for (int64_t first_n = begin; first_n < end; first_n += kRowGrain)
       for (int64_t first_m = 0; first_m < num_rows; first_m += kRowBlock)
         for (int64_t n = first_n; n < std::min(end, first_n + kRowGrain); ++n)
-          for_row_tiles(std::min(kRowBlock, num_rows - first_m), [&](auto tile_rows, int64_t m) {
+          for_row_tiles<row_tile(Type)>(std::min(kRowBlock, num_rows - first_m), [&](auto tile_rows, int64_t m) {
             constexpr int64_t R = decltype(tile_rows)::value;
             float result[R];
             dot_rows<Type, R>(weight + n * row_bytes, RowTile<R>(x, f.block_values, first_m + m), in, result);
