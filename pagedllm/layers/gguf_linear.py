@@ -12,9 +12,9 @@ from pagedllm.layers.linear import dense_linear, matrix_units_layout
 
 # Who multiplies: pagedllm's CPU kernel (int8-rounded activations) or the plain dequantize-then-F.linear path.
 GGUF_KERNELS = ("pagedllm", "reference")
-# Up to this many rows the kernel multiplies by the blocks (each output row decoded once, then met by every
-# activation row); more rows dequantize the weight for one dense matmul, which reuses each weight across the rows
-# and so outgrows the decoding.
+# Up to this many rows the kernel multiplies by the blocks (each block's bits unpacked in registers and met by a
+# few activation rows at once); more rows dequantize the weight for one dense matmul, whose blocked tiles reuse each
+# weight across many more rows (docs/performance.md has the crossover).
 GGUF_PACKED_MATMUL_MAX_ROWS = 32
 
 

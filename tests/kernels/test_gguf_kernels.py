@@ -13,7 +13,8 @@ from tests.gguf_blocks import random_blocks
 
 Q = gguf.GGMLQuantizationType
 ops = torch.ops.pagedllm
-ROWS = (1, 4, 7, 32, 300)
+# Every row tile (8, 4, 2, 1 with AVX-512; 4, 2, 1 with AVX2) and their mixes, and more rows than a row block (64).
+ROWS = (1, 2, 3, 5, 8, 9, 17, 32, 300)
 IN_FEATURES, OUT_FEATURES = 512, 40
 
 
@@ -73,6 +74,17 @@ def test_kernel_matches_the_reference_with_rounded_activations(qtype: Q, rows: i
     # Against the unrounded activations: the int8 rounding's error.
     exact = x.double() @ dense.T
     assert (ours.double() - exact).norm() <= 2e-2 * exact.norm()
+
+
+@pytest.mark.parametrize("rows", [1, 3, 9])
+@pytest.mark.parametrize("qtype", [Q.Q5_0, Q.Q8_0], ids=lambda q: q.name)
+def test_kernel_multiplies_an_odd_number_of_blocks_of_32(qtype: Q, rows: int) -> None:
+    # 3 blocks: with AVX-512 a pair, then one block alone.
+    w = GGUFWeight(torch.from_numpy(random_blocks(qtype, OUT_FEATURES, 96, seed=rows)), int(qtype))
+    x = torch.randn(rows, 96, generator=torch.Generator().manual_seed(rows))
+    expected = rounded_activations(x, 32).double() @ dequantize_blocks(w).double().T
+    ours = ops.gguf_linear(x, w.blocks, int(qtype)).double()
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
 
 
 @pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q8_0], ids=lambda q: q.name)

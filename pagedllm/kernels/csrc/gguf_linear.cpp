@@ -5,17 +5,23 @@
 // K types, 32 for Q5_0 and Q8_0): q an unsigned integer of 4, 5 or 6 bits (Q8_0: a signed byte), and per sub-block
 // s of 16 or 32 values D_s = d * sc_s and M_s = dmin * m_s, d and dmin float16 per block, sc_s and m_s small
 // integers (Q4_K/Q5_K: 6-bit sc and m per 32 values; Q6_K: a signed 8-bit sc per 16 values, offset 32; Q5_0:
-// sc = 1, offset 16; Q8_0: sc = 1). Each output row is decoded once per call into unsigned bytes q, int16 scales
-// per pair of values, and int16 "minimums" per 16 values (m_s, or offset * sc_s with dmin = d), a few bytes per
-// weight in a thread's own buffer; every activation row then meets it.
+// sc = 1, offset 16; Q8_0: sc = 1).
 //
 // Activations are rounded to int8 with one scale (max |x| / 127) per block of QK values, as llama.cpp's q8_K (and,
-// for QK = 32, q8_0) do, with the integer sums of each 16 of them. Per block and activation row, the products
-// q * x (AVX2 maddubs: unsigned weight bytes times signed activation bytes, pairs summed to int16, at most
-// 2 * 63 * 127) are summed to int32 weighted by sc_s (madd by the scale lanes), and the minimums' term is
-// sum_s m_s * sum(x over s): both exact integers, scaled back to float once per block by d (or dmin) times the
-// activation scale. With AVX-512 the same runs over 64 values per instruction. Q8_0's signed weights multiply as
-// |q| times x with q's sign (at most 2 * 128 * 127 per pair).
+// for QK = 32, q8_0) do, with the integer sums of each 16 of them. The rounded rows are laid out in the order in
+// which the kernel of the weight's type unpacks a block's bits (see Layout), so that one vector of unpacked weights
+// meets one vector of activations with no shuffle per output row.
+//
+// The kernels unpack each block's bits in vector registers and multiply at once; every unpacked register meets
+// row_tile(type) activation rows at most before the next is unpacked. K types: per 64 (AVX-512) or 32 (AVX2) values,
+// the byte products q * x summed in int16 pairs (maddubs: at most 2 * 63 * 127), then in int32 weighted by the
+// sub-block scales (VNNI's dpwssd or AVX2's madd), exact over the block; the minimums' term sum_s m_s * sum(x over s)
+// is an exact integer too (Q6_K's offset, 32 sc_s, joins the products, both scaled by d). Each block's two integers are
+// scaled to float once per activation row. Q5_0 and Q8_0 with AVX-512: blocks in pairs, their 4-byte groups
+// interleaved, so lanes alternate between the two blocks and their scales are two broadcast floats; the weights as
+// signed bytes q - offset and the activations as unsigned x + 128 (dpbusd multiplies unsigned by signed bytes), less
+// 128 * sum(q - offset) per 4 values, which is the weights' own and so computed once for every row. With AVX2 a block
+// of 32 is one vector: Q8_0 as |q| times x with q's sign, Q5_0 as q times x less 16 sum(x).
 //
 // Dequantization computes each weight with the float32 operations, in the order, that gguf's reference
 // (gguf.quants.dequantize) uses, so a dense copy holds exactly its values.
@@ -42,27 +48,55 @@ struct Format {
   bool signed_values;  // Q8_0: q is a signed byte
 };
 
-Format format_of(int64_t type) {
+constexpr Format format_of(int64_t type) {
   switch (type) {
     case kQ5_0: return {32, 22, 16, false};
     case kQ8_0: return {32, 34, 0, true};
     case kQ4_K: return {256, 144, 0, false};
     case kQ5_K: return {256, 176, 0, false};
     case kQ6_K: return {256, 210, 32, false};
-    default: TORCH_CHECK(false, "gguf_linear: unsupported GGML type ", type);
+    default: return {0, 0, 0, false};
   }
 }
 
+Format checked_format(int64_t type) {
+  const Format f = format_of(type);
+  TORCH_CHECK(f.block_values > 0, "gguf_linear: unsupported GGML type ", type);
+  return f;
+}
+
+// How a block's rounded activations are stored (each layout keeps a block's values within its block or pair).
+enum class Layout {
+  kNatural,  // in order, signed
+  kSwapped,  // Q4_K/Q5_K: in each 128 values, 32..63 and 64..95 change places (the order of a 64-byte load's nibbles)
+  kPairs,  // Q5_0/Q8_0 with AVX-512: the 4-byte groups of blocks 2 i and 2 i + 1 alternate, as unsigned x + 128;
+           // an odd last block stays natural
+};
+
+constexpr Layout layout_of(int64_t type) {
+#if defined(PAGEDLLM_AVX512_VNNI)
+  if (type == kQ5_0 || type == kQ8_0) return Layout::kPairs;
+#endif
+#if defined(PAGEDLLM_AVX2)
+  if (type == kQ4_K || type == kQ5_K) return Layout::kSwapped;
+#endif
+  return Layout::kNatural;
+}
+
 constexpr int64_t kSub = 16;  // values per scale entry (sub-blocks of 32 take two equal entries)
-constexpr int64_t kChunk = 32;  // values per AVX2 byte vector
 constexpr int64_t kRowGrain = 16;  // output rows per parallel task, at the least
 constexpr int64_t kRoundGrain = 16384;  // activations per parallel task of rounding, at the least
 constexpr float kActivationLevels = 127.f;
+
+// Activation rows that share each unpacked weight register: with AVX-512, 8 for the pairs of blocks of 32 (two
+// registers per row), 4 for the K types (more keep fewer of a block's 8 unpacked registers).
+constexpr int64_t row_tile(int64_t type) {
 #ifdef PAGEDLLM_AVX512_VNNI
-constexpr int64_t kRowTile = 8;  // activation rows sharing one pass over a decoded weight row
+  return format_of(type).block_values == 32 ? 8 : 4;
 #else
-constexpr int64_t kRowTile = 4;
+  return 4;
 #endif
+}
 
 inline float half_at(const uint8_t* p) {
   uint16_t bits;
@@ -70,34 +104,47 @@ inline float half_at(const uint8_t* p) {
   return half_bits_to_float(bits);
 }
 
-// One output row decoded: q per value, D and M parts per 16 values, d and dmin per block.
+inline uint32_t u32_at(const uint8_t* p) {
+  uint32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+
+// The 6-bit scales (low 8 bytes) and minimums (high 8 bytes) of a Q4_K/Q5_K block's 12 packed bytes: sub-block
+// j < 4 keeps them in the low 6 bits of bytes j and j + 4; j >= 4 in the nibbles of byte j + 4 with its top two
+// bits in the top bits of bytes j - 4 and j.
+struct KScales {
+  uint64_t scales, mins;
+};
+
+inline KScales k_scales(const uint8_t* packed) {
+  const uint32_t a = u32_at(packed), b = u32_at(packed + 4), c = u32_at(packed + 8);
+  const uint32_t low6 = 0x3F3F3F3F, low4 = 0x0F0F0F0F, low2 = 0x03030303;
+  const uint32_t sc_low = a & low6, m_low = b & low6;
+  const uint32_t sc_high = (c & low4) | (((a >> 6) & low2) << 4);
+  const uint32_t m_high = ((c >> 4) & low4) | (((b >> 6) & low2) << 4);
+  return {sc_low | (uint64_t{sc_high} << 32), m_low | (uint64_t{m_high} << 32)};
+}
+
+inline int16_t byte_of(uint64_t v, int j) { return static_cast<int16_t>((v >> (8 * j)) & 0xFF); }
+
+// ---- Decoding to bytes, for dequantization and the scalar kernel ----
+
+// One output row decoded: q per value, scales and mins per 16 values, d and dmin per block.
 struct DecodedRow {
   std::vector<uint8_t> q;  // [in]
-  std::vector<int16_t> scale_lanes;  // [in / 2]: sc of values 2 i and 2 i + 1 (the lanes of maddubs' int16 pairs)
   std::vector<int16_t> scales;  // [in / 16] sc
   std::vector<int16_t> mins;  // [in / 16] m, or offset * sc (with dmin = d)
   std::vector<float> d, dmin;  // [in / QK]
 
   void resize(int64_t in, int64_t block_values) {
     q.resize(in);
-    scale_lanes.resize(in / 2);
     scales.resize(in / kSub);
     mins.resize(in / kSub);
     d.resize(in / block_values);
     dmin.resize(in / block_values);
   }
 };
-
-// The 6-bit scale and minimum of sub-block j of a Q4_K/Q5_K block's 12 packed bytes.
-inline void k_scale_min(const uint8_t* packed, int j, int16_t& sc, int16_t& m) {
-  if (j < 4) {
-    sc = packed[j] & 63;
-    m = packed[j + 4] & 63;
-  } else {
-    sc = (packed[j + 4] & 0x0F) | ((packed[j - 4] >> 6) << 4);
-    m = (packed[j + 4] >> 4) | ((packed[j] >> 6) << 4);
-  }
-}
 
 #ifdef PAGEDLLM_AVX2
 inline __m256i load32(const void* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
@@ -112,9 +159,24 @@ inline __m256i bits_to_4(__m256i bytes, int k, int mask) {
 
 inline __m256i low_nibbles(__m256i bytes) { return _mm256_and_si256(bytes, _mm256_set1_epi8(0x0F)); }
 inline __m256i high_nibbles(__m256i bytes) { return low_nibbles(_mm256_srli_epi16(bytes, 4)); }
+
+// Q5_0's 32 values of a block, unsigned (0..31), in order: byte j of qs holds value j in its low nibble and value
+// j + 16 in its high one, and bit i of `high` is value i's 5th bit.
+inline __m256i q5_0_values(const uint8_t* block) {
+  const uint32_t high = u32_at(block + 2);
+  const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(block + 6));
+  const __m256i nibbles = _mm256_set_m128i(_mm_srli_epi16(packed, 4), packed);
+  // Byte i takes byte i / 8 of `high`, then its bit i % 8.
+  const __m256i spread = _mm256_shuffle_epi8(_mm256_set1_epi32(static_cast<int32_t>(high)),
+                                             _mm256_setr_epi64x(0, 0x0101010101010101, 0x0202020202020202,
+                                                                0x0303030303030303));
+  const __m256i bit = _mm256_set1_epi64x(static_cast<int64_t>(0x8040201008040201));
+  const __m256i fifth = _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit), _mm256_set1_epi8(16));
+  return _mm256_or_si256(low_nibbles(nibbles), fifth);
+}
 #endif
 
-// The per-type decoding of block b: q (QK values), scales and mins (QK / 16 each), d and dmin.
+// The per-type decoding of one block: q (QK values, in order), scales and mins (QK / 16 each), d and dmin.
 template <int64_t Type>
 inline void decode_block(const uint8_t* block, uint8_t* q, int16_t* scales, int16_t* mins, float& d, float& dmin);
 
@@ -132,21 +194,11 @@ template <>
 inline void decode_block<kQ5_0>(const uint8_t* block, uint8_t* q, int16_t* scales, int16_t* mins, float& d,
                                 float& dmin) {
   d = dmin = half_at(block);
-  uint32_t high;
-  std::memcpy(&high, block + 2, 4);
-  const uint8_t* qs = block + 6;
-  // Byte j holds value j in its low nibble and value j + 16 in its high one; bit i of `high` is value i's 5th.
 #ifdef PAGEDLLM_AVX2
-  const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
-  const __m256i nibbles = _mm256_set_m128i(_mm_srli_epi16(packed, 4), packed);
-  // Byte i takes byte i / 8 of `high`, then its bit i % 8.
-  const __m256i spread = _mm256_shuffle_epi8(_mm256_set1_epi32(static_cast<int32_t>(high)),
-                                             _mm256_setr_epi64x(0, 0x0101010101010101, 0x0202020202020202,
-                                                                0x0303030303030303));
-  const __m256i bit = _mm256_set1_epi64x(static_cast<int64_t>(0x8040201008040201));
-  const __m256i fifth = _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit), _mm256_set1_epi8(16));
-  store32(q, _mm256_or_si256(low_nibbles(nibbles), fifth));
+  store32(q, q5_0_values(block));
 #else
+  const uint32_t high = u32_at(block + 2);
+  const uint8_t* qs = block + 6;
   for (int j = 0; j < 16; ++j) {
     q[j] = (qs[j] & 0x0F) | (((high >> j) & 1) << 4);
     q[j + 16] = (qs[j] >> 4) | (((high >> (j + 16)) & 1) << 4);
@@ -162,7 +214,6 @@ template <bool FiveBits>
 inline void decode_k4_k5(const uint8_t* block, uint8_t* q, int16_t* scales, int16_t* mins, float& d, float& dmin) {
   d = half_at(block);
   dmin = half_at(block + 2);
-  const uint8_t* packed = block + 4;
   const uint8_t* high = block + 16;
   const uint8_t* qs = block + (FiveBits ? 48 : 16);
 #ifdef PAGEDLLM_AVX2
@@ -190,11 +241,10 @@ inline void decode_k4_k5(const uint8_t* block, uint8_t* q, int16_t* scales, int1
       q[64 * g + 32 + l] = upper;
     }
 #endif
+  const KScales packed = k_scales(block + 4);
   for (int j = 0; j < 8; ++j) {
-    int16_t sc, m;
-    k_scale_min(packed, j, sc, m);
-    scales[2 * j] = scales[2 * j + 1] = sc;
-    mins[2 * j] = mins[2 * j + 1] = m;
+    scales[2 * j] = scales[2 * j + 1] = byte_of(packed.scales, j);
+    mins[2 * j] = mins[2 * j + 1] = byte_of(packed.mins, j);
   }
 }
 
@@ -242,207 +292,467 @@ inline void decode_block<kQ6_K>(const uint8_t* block, uint8_t* q, int16_t* scale
 }
 
 template <int64_t Type>
-void decode_row_of(const Format& f, const uint8_t* row, int64_t in, DecodedRow& out) {
+void decode_row_of(const uint8_t* row, int64_t in, DecodedRow& out) {
+  constexpr Format f = format_of(Type);
   const int64_t blocks = in / f.block_values, subs = f.block_values / kSub;
-  uint8_t* q = out.q.data();
-  int16_t *scales = out.scales.data(), *mins = out.mins.data();
-  float *d = out.d.data(), *dmin = out.dmin.data();
   for (int64_t b = 0; b < blocks; ++b)
-    decode_block<Type>(row + b * f.block_bytes, q + b * f.block_values, scales + b * subs, mins + b * subs, d[b],
-                       dmin[b]);
-  int16_t* lanes = out.scale_lanes.data();
-  for (int64_t s = 0; s < in / kSub; ++s) {
-#ifdef PAGEDLLM_AVX2
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(lanes + s * kSub / 2), _mm_set1_epi16(scales[s]));
-#else
-    for (int64_t i = 0; i < kSub / 2; ++i) lanes[s * kSub / 2 + i] = scales[s];
-#endif
-  }
+    decode_block<Type>(row + b * f.block_bytes, out.q.data() + b * f.block_values, out.scales.data() + b * subs,
+                       out.mins.data() + b * subs, out.d[b], out.dmin[b]);
 }
 
-void decode_row(int64_t type, const Format& f, const uint8_t* row, int64_t in, DecodedRow& out) {
+void decode_row(int64_t type, const uint8_t* row, int64_t in, DecodedRow& out) {
   switch (type) {
-    case kQ5_0: return decode_row_of<kQ5_0>(f, row, in, out);
-    case kQ8_0: return decode_row_of<kQ8_0>(f, row, in, out);
-    case kQ4_K: return decode_row_of<kQ4_K>(f, row, in, out);
-    case kQ5_K: return decode_row_of<kQ5_K>(f, row, in, out);
-    case kQ6_K: return decode_row_of<kQ6_K>(f, row, in, out);
+    case kQ5_0: return decode_row_of<kQ5_0>(row, in, out);
+    case kQ8_0: return decode_row_of<kQ8_0>(row, in, out);
+    case kQ4_K: return decode_row_of<kQ4_K>(row, in, out);
+    case kQ5_K: return decode_row_of<kQ5_K>(row, in, out);
+    case kQ6_K: return decode_row_of<kQ6_K>(row, in, out);
     default: TORCH_CHECK(false, "gguf_linear: unsupported GGML type ", type);
   }
 }
 
-// Activation rows rounded to int8 per block of QK, with each block's scale and the integer sums of each 16.
+// ---- Activations ----
+
+// Activation rows rounded to int8 per block of QK, in the weight type's layout, with each block's scale and the
+// integer sums of each 16 (in order).
 struct QuantizedRows {
   const int8_t* values;  // [rows, in]
   const float* scales;  // [rows, in / QK]
   const int16_t* sums;  // [rows, in / 16]
+  int64_t in_features;
 };
 
+// Rounds the n (a multiple of 16, at most 256) values at `in` to int8 levels in `out`, each 16's sum in `sums`;
+// returns their scale.
 template <typename T>
-QuantizedRows quantize_rows(const at::Tensor& x, int64_t block) {
+inline float round_block(const T* in, int64_t n, int8_t* out, int16_t* sums) {
+  float converted[256];
+  float max = 0.f;
+  for (int64_t j = 0; j < n; ++j) {
+    converted[j] = to_float(in[j]);
+    max = std::max(max, std::abs(converted[j]));
+  }
+  const float inverse = max > 0.f ? kActivationLevels / max : 0.f;
+  for (int64_t j = 0; j < n; ++j) out[j] = static_cast<int8_t>(std::nearbyint(converted[j] * inverse));
+  for (int64_t s = 0; s < n / kSub; ++s) {
+    int16_t sum = 0;
+    for (int64_t j = 0; j < kSub; ++j) sum += out[s * kSub + j];
+    sums[s] = sum;
+  }
+  return max / kActivationLevels;
+}
+
+// Writes n rounded values (a block, or for kPairs two blocks) from `in` (in order) to `out` in `layout`.
+inline void lay_out(Layout layout, const int8_t* in, int64_t n, int8_t* out) {
+  if (layout == Layout::kSwapped) {
+    for (int64_t c = 0; c < n; c += 128) {
+      std::memcpy(out + c, in + c, 32);
+      std::memcpy(out + c + 32, in + c + 64, 32);
+      std::memcpy(out + c + 64, in + c + 32, 32);
+      std::memcpy(out + c + 96, in + c + 96, 32);
+    }
+  } else if (layout == Layout::kPairs && n == 64) {
+    for (int64_t j = 0; j < 16; ++j)
+      for (int64_t i = 0; i < 4; ++i) out[4 * j + i] = static_cast<int8_t>(in[32 * (j % 2) + 4 * (j / 2) + i] ^ 0x80);
+  } else {
+    std::memcpy(out, in, n);
+  }
+}
+
+template <typename T>
+QuantizedRows quantize_rows(const at::Tensor& x, int64_t type) {
+  constexpr int64_t kUnitMax = 256;
+  const Format f = format_of(type);
+  const Layout layout = layout_of(type);
   thread_local std::vector<int8_t> values;
   thread_local std::vector<float> scales;
   thread_local std::vector<int16_t> sums;
-  const int64_t size = x.numel(), blocks = size / block;
-  values.resize(size);
-  scales.resize(blocks);
-  sums.resize(size / kSub);
+  const int64_t rows = x.size(0), in = x.size(1), blocks = in / f.block_values;
+  values.resize(rows * in);
+  scales.resize(rows * blocks);
+  sums.resize(rows * in / kSub);
+  const int64_t unit_blocks = layout == Layout::kPairs ? 2 : 1;
+  const int64_t units = (blocks + unit_blocks - 1) / unit_blocks;
   const T* xp = x.const_data_ptr<T>();
   int8_t* vp = values.data();
   float* sp = scales.data();
   int16_t* sump = sums.data();
-  at::parallel_for(0, blocks, std::max<int64_t>(1, kRoundGrain / block), [&](int64_t begin, int64_t end) {
-    float converted[256];
+  const int64_t grain = std::max<int64_t>(1, kRoundGrain / (unit_blocks * f.block_values));
+  at::parallel_for(0, rows * units, grain, [&](int64_t begin, int64_t end) {
+    int8_t rounded[kUnitMax];
     for (int64_t i = begin; i < end; ++i) {
-      const T* in = xp + i * block;
-      float max = 0.f;
-      for (int64_t j = 0; j < block; ++j) {
-        converted[j] = to_float(in[j]);
-        max = std::max(max, std::abs(converted[j]));
+      const int64_t row = i / units, first = i % units * unit_blocks;
+      const int64_t count = std::min(unit_blocks, blocks - first), offset = row * in + first * f.block_values;
+      for (int64_t k = 0; k < count; ++k) {
+        const int64_t start = offset + k * f.block_values;
+        sp[row * blocks + first + k] =
+            round_block(xp + start, f.block_values, rounded + k * f.block_values, sump + start / kSub);
       }
-      sp[i] = max / kActivationLevels;
-      const float inverse = max > 0.f ? kActivationLevels / max : 0.f;
-      int8_t* out = vp + i * block;
-      for (int64_t j = 0; j < block; ++j) out[j] = static_cast<int8_t>(std::nearbyint(converted[j] * inverse));
-      for (int64_t s = 0; s < block / kSub; ++s) {
-        int16_t sum = 0;
-        for (int64_t j = 0; j < kSub; ++j) sum += out[s * kSub + j];
-        sump[i * block / kSub + s] = sum;
-      }
+      lay_out(layout, rounded, count * f.block_values, vp + offset);
     }
   });
-  return {vp, sp, sump};
+  return {vp, sp, sump, in};
 }
 
-// The operands of one call: the decoded weight row and the rounded activations.
-struct Operands {
-  const DecodedRow* w;
-  QuantizedRows x;
-  int64_t in_features, block_values;
+// Activation rows [m, m + Rows) of a call.
+template <int64_t Rows>
+struct RowTile {
+  const int8_t* values[Rows];
+  const float* scales[Rows];
+  const int16_t* sums[Rows];
+
+  RowTile(const QuantizedRows& x, int64_t block_values, int64_t m) {
+    const int64_t in = x.in_features;
+    for (int64_t r = 0; r < Rows; ++r) {
+      values[r] = x.values + (m + r) * in;
+      scales[r] = x.scales + (m + r) * (in / block_values);
+      sums[r] = x.sums + (m + r) * (in / kSub);
+    }
+  }
 };
 
-#ifdef PAGEDLLM_AVX2
-inline int32_t horizontal_sum_epi32(__m256i v) {
-  __m128i sum = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-  sum = _mm_add_epi32(sum, _mm_shuffle_epi32(sum, 0x4E));
-  sum = _mm_add_epi32(sum, _mm_shuffle_epi32(sum, 0xB1));
-  return _mm_cvtsi128_si32(sum);
-}
-#endif
+// ---- Scalar kernel: any type, activations in order (every block without AVX2; an odd last block of kPairs) ----
 
-// The integer sum over block b of sc_s * q * x for activation rows x.rows[0 .. Rows), into sums.
-template <int64_t Rows, int64_t QK, bool Signed>
-inline void block_products(const Operands& a, int64_t b, const int8_t* const* x, int32_t* sums) {
-  const uint8_t* q = a.w->q.data() + b * QK;
-  const int16_t* lanes = a.w->scale_lanes.data() + b * QK / 2;
-#if defined(PAGEDLLM_AVX512_VNNI)
-  if constexpr (QK % 64 == 0 && !Signed) {
-    __m512i acc[Rows];
-    for (int64_t r = 0; r < Rows; ++r) acc[r] = _mm512_setzero_si512();
-    for (int64_t c = 0; c < QK; c += 64) {
-      const __m512i w = _mm512_loadu_si512(q + c);
-      const __m512i sc = _mm512_loadu_si512(lanes + c / 2);
-      for (int64_t r = 0; r < Rows; ++r) {
-        const __m512i pairs = _mm512_maddubs_epi16(w, _mm512_loadu_si512(x[r] + b * QK + c));
-        acc[r] = _mm512_add_epi32(acc[r], _mm512_madd_epi16(pairs, sc));
-      }
-    }
-    for (int64_t r = 0; r < Rows; ++r) sums[r] = _mm512_reduce_add_epi32(acc[r]);
-    return;
-  }
-#endif
-#ifdef PAGEDLLM_AVX2
-  __m256i acc[Rows];
-  for (int64_t r = 0; r < Rows; ++r) acc[r] = _mm256_setzero_si256();
-  for (int64_t c = 0; c < QK; c += kChunk) {
-    const __m256i w = load32(q + c);
-    const __m256i sc = load32(lanes + c / 2);
+// Adds the dot products of `count` blocks from `first` of a weight row with activation rows to result.
+template <int64_t Type, int64_t Rows>
+void scalar_blocks(const uint8_t* row, const RowTile<Rows>& x, int64_t first, int64_t count, float* result) {
+  constexpr Format f = format_of(Type);
+  constexpr int64_t QK = f.block_values, subs = QK / kSub;
+  uint8_t q[QK];
+  int16_t scales[subs], mins[subs];
+  // Typed by signedness: GCC 12 vectorizes a conditional sign extension here into unsigned dot products.
+  using Weight = std::conditional_t<f.signed_values, int8_t, uint8_t>;
+  const auto* weights = reinterpret_cast<const Weight*>(q);
+  for (int64_t b = first; b < first + count; ++b) {
+    float d, dmin;
+    decode_block<Type>(row + b * f.block_bytes, q, scales, mins, d, dmin);
     for (int64_t r = 0; r < Rows; ++r) {
-      const __m256i xr = load32(x[r] + b * QK + c);
-      __m256i pairs;
-      if constexpr (Signed)
-        pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(xr, w));
-      else
-        pairs = _mm256_maddubs_epi16(w, xr);
-      acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(pairs, sc));
+      const int8_t* xv = x.values[r] + b * QK;
+      const int16_t* xs = x.sums[r] + b * subs;
+      int32_t products = 0, min_sum = 0;  // exact: at most 256 * 128 * 127 * 128 in size
+      for (int64_t s = 0; s < subs; ++s) {
+        int32_t sub = 0;
+        for (int64_t j = s * kSub; j < (s + 1) * kSub; ++j) sub += int32_t{weights[j]} * xv[j];
+        products += scales[s] * sub;
+        min_sum += mins[s] * xs[s];
+      }
+      result[r] += x.scales[r][b] * (d * static_cast<float>(products) - dmin * static_cast<float>(min_sum));
     }
   }
-  for (int64_t r = 0; r < Rows; ++r) sums[r] = horizontal_sum_epi32(acc[r]);
-#else
-  for (int64_t r = 0; r < Rows; ++r) {
-    int32_t total = 0;
-    for (int64_t j = 0; j < QK; ++j) {
-      const int32_t weight = Signed ? static_cast<int8_t>(q[j]) : q[j];
-      total += lanes[j / 2] * weight * x[r][b * QK + j];
-    }
-    sums[r] = total;
-  }
-#endif
 }
 
-// The dot products of the decoded weight row with activation rows [m, m + Rows).
-template <int64_t Rows, int64_t QK, bool Signed>
-void dot_rows(const Operands& a, int64_t m, float* result) {
-  const int64_t blocks = a.in_features / QK, subs = QK / kSub;
-  const int8_t* x[Rows];
-  const float* x_scales[Rows];
-  const int16_t* x_sums[Rows];
-  for (int64_t r = 0; r < Rows; ++r) {
-    x[r] = a.x.values + (m + r) * a.in_features;
-    x_scales[r] = a.x.scales + (m + r) * blocks;
-    x_sums[r] = a.x.sums + (m + r) * a.in_features / kSub;
-    result[r] = 0.f;
+// ---- AVX-512 VNNI kernels ----
+#ifdef PAGEDLLM_AVX512_VNNI
+inline __m512i load64(const void* p) { return _mm512_loadu_si512(p); }
+inline __m512i broadcast32(const void* p) { return _mm512_broadcast_i64x4(load32(p)); }
+
+// The scale entry (of a block's 16) that each int16 pair lane j of a 64-value chunk c takes (vpermw indices):
+// Q4_K/Q5_K's chunk c holds sub-blocks lo(c) and lo(c) + 2 of 32 (Layout::kSwapped), Q6_K's sub-blocks 4 c .. 4 c + 3
+// of 16, one per 128-bit lane.
+struct ScaleIndex {
+  alignas(64) int16_t lanes[4][32];
+};
+
+constexpr int k_low_sub(int c) { return c / 2 * 4 + c % 2; }
+
+constexpr ScaleIndex scale_index(bool sixteen) {
+  ScaleIndex index{};
+  for (int c = 0; c < 4; ++c)
+    for (int j = 0; j < 32; ++j)
+      index.lanes[c][j] = static_cast<int16_t>(sixteen ? 4 * c + j / 8 : k_low_sub(c) + 2 * (j / 16));
+  return index;
+}
+
+constexpr ScaleIndex kKScaleIndex = scale_index(false), kQ6ScaleIndex = scale_index(true);
+
+// A K block unpacked: what every activation row meets.
+struct KBlock {
+  __m512i q[4];  // 256 unsigned values, in the activations' layout
+  __m512i scales[4];  // the int16 scale of each pair lane of q[c]'s maddubs products
+  __m256i mins;  // per 16 values in order: m_s (Q4_K/Q5_K), or sc_s (Q6_K: its offset term is 32 sc_s)
+  float d, dmin;
+};
+
+template <bool FiveBits>
+inline void unpack_k4_k5(const uint8_t* block, KBlock& k) {
+  k.d = half_at(block);
+  k.dmin = half_at(block + 2);
+  const KScales packed = k_scales(block + 4);
+  const __m512i scales = _mm512_castsi256_si512(_mm256_cvtepu8_epi16(_mm_cvtsi64_si128(packed.scales)));
+  const __m128i mins = _mm_cvtsi64_si128(static_cast<int64_t>(packed.mins));
+  k.mins = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(mins, mins));
+  const uint8_t* qs = block + (FiveBits ? 48 : 16);
+  const __m512i low4 = _mm512_set1_epi8(0x0F);
+  for (int h = 0; h < 2; ++h) {
+    const __m512i bytes = load64(qs + 64 * h);
+    k.q[2 * h] = _mm512_and_si512(bytes, low4);
+    k.q[2 * h + 1] = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), low4);
   }
-  const int16_t* mins = a.w->mins.data();
-#ifdef PAGEDLLM_AVX2
-  if constexpr (QK == kChunk) {
-    // Blocks of 32 (scale 1): the products stay in a vector of float sums, added across lanes once at the end.
-    __m256 acc[Rows];
-    for (int64_t r = 0; r < Rows; ++r) acc[r] = _mm256_setzero_ps();
-    const __m256i ones = _mm256_set1_epi16(1);
-    for (int64_t b = 0; b < blocks; ++b) {
-      const __m256i w = load32(a.w->q.data() + b * QK);
-      const __m256i magnitudes = Signed ? _mm256_sign_epi8(w, w) : w;
-      const float d = a.w->d[b];
-      for (int64_t r = 0; r < Rows; ++r) {
-        const __m256i xr = load32(x[r] + b * QK);
-        const __m256i pairs = _mm256_maddubs_epi16(magnitudes, Signed ? _mm256_sign_epi8(xr, w) : xr);
-        __m256i sums = _mm256_madd_epi16(pairs, ones);
-        if constexpr (!Signed) {
-          // Q5_0: dmin = d, so the minimums' term joins the integer sum (in its first lane) before any rounding.
-          const int32_t min_sum = mins[2 * b] * x_sums[r][2 * b] + mins[2 * b + 1] * x_sums[r][2 * b + 1];
-          sums = _mm256_sub_epi32(sums, _mm256_castsi128_si256(_mm_cvtsi32_si128(min_sum)));
-        }
-        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_set1_ps(d * x_scales[r][b]), acc[r]);
-      }
+  for (int c = 0; c < 4; ++c) k.scales[c] = _mm512_permutexvar_epi16(load64(kKScaleIndex.lanes[c]), scales);
+  if constexpr (FiveBits) {
+    // Bit s of high[l] is the 5th bit of value 32 s + l; chunk c holds sub-blocks lo(c) and lo(c) + 2.
+    const __m512i high = broadcast32(block + 16);
+    for (int c = 0; c < 4; ++c) {
+      const int s = k_low_sub(c);
+      const __m512i bit = _mm512_inserti64x4(_mm512_set1_epi8(static_cast<char>(1 << s)),
+                                             _mm256_set1_epi8(static_cast<char>(1 << (s + 2))), 1);
+      k.q[c] = _mm512_mask_add_epi8(k.q[c], _mm512_test_epi8_mask(high, bit), k.q[c], _mm512_set1_epi8(16));
     }
-    for (int64_t r = 0; r < Rows; ++r) result[r] += horizontal_sum(acc[r]);
-    return;
   }
-#endif
+}
+
+template <int64_t Type>
+inline void unpack(const uint8_t* block, KBlock& k) {
+  if constexpr (Type == kQ4_K) {
+    unpack_k4_k5<false>(block, k);
+  } else if constexpr (Type == kQ5_K) {
+    unpack_k4_k5<true>(block, k);
+  } else {
+    static_assert(Type == kQ6_K);
+    k.d = k.dmin = half_at(block + 208);
+    k.mins = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(block + 192)));
+    const __m512i scales = _mm512_castsi256_si512(k.mins);
+    for (int c = 0; c < 4; ++c) k.scales[c] = _mm512_permutexvar_epi16(load64(kQ6ScaleIndex.lanes[c]), scales);
+    // Chunk 2 h (values 128 h + 0..63): the low nibbles of ql[64 h ..], 2-bit pairs 0 and 1 of qh[32 h + l];
+    // chunk 2 h + 1: the high nibbles, pairs 2 and 3. Each pair is shifted to bits 4-5 of its byte (the 64-bit
+    // shifts bring a neighbour's bits only to the bits the mask drops).
+    const __m512i low4 = _mm512_set1_epi8(0x0F), bits45 = _mm512_set1_epi8(0x30);
+    const __m512i up = _mm512_setr_epi64(4, 4, 4, 4, 2, 2, 2, 2), down = _mm512_setr_epi64(0, 0, 0, 0, 2, 2, 2, 2);
+    for (int h = 0; h < 2; ++h) {
+      const __m512i bytes = load64(block + 64 * h), pairs = broadcast32(block + 128 + 32 * h);
+      k.q[2 * h] =
+          _mm512_or_si512(_mm512_and_si512(bytes, low4), _mm512_and_si512(_mm512_sllv_epi64(pairs, up), bits45));
+      k.q[2 * h + 1] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(bytes, 4), low4),
+                                       _mm512_and_si512(_mm512_srlv_epi64(pairs, down), bits45));
+    }
+  }
+}
+
+template <int64_t Type, int64_t Rows>
+void k_rows(const uint8_t* row, int64_t blocks, const RowTile<Rows>& x, float* result) {
+  constexpr int64_t block_bytes = format_of(Type).block_bytes;
+  __m512 acc[Rows];
+  for (int64_t r = 0; r < Rows; ++r) acc[r] = _mm512_setzero_ps();
   for (int64_t b = 0; b < blocks; ++b) {
-    int32_t products[Rows];
-    block_products<Rows, QK, Signed>(a, b, x, products);
-    const float d = a.w->d[b], dmin = a.w->dmin[b];
+    KBlock k;
+    unpack<Type>(row + b * block_bytes, k);
     for (int64_t r = 0; r < Rows; ++r) {
-      int32_t min_sum = 0;  // at most 16 * 4096 * 2032 in size
-#ifdef PAGEDLLM_AVX2
-      if constexpr (QK == 256)
-        min_sum = horizontal_sum_epi32(_mm256_madd_epi16(load32(mins + b * subs), load32(x_sums[r] + b * subs)));
-      else
-#endif
-        if constexpr (!Signed)
-          for (int64_t s = 0; s < subs; ++s) min_sum += int32_t{mins[b * subs + s]} * x_sums[r][b * subs + s];
-      result[r] += x_scales[r][b] * (d * static_cast<float>(products[r]) - dmin * static_cast<float>(min_sum));
+      const int8_t* xv = x.values[r] + 256 * b;
+      __m512i dot = _mm512_setzero_si512();
+      for (int c = 0; c < 4; ++c)
+        dot = _mm512_dpwssd_epi32(dot, _mm512_maddubs_epi16(k.q[c], load64(xv + 64 * c)), k.scales[c]);
+      const __m256i min_sum = _mm256_madd_epi16(k.mins, load32(x.sums[r] + 16 * b));
+      const float scale = x.scales[r][b];
+      if constexpr (Type == kQ6_K) {
+        dot = _mm512_sub_epi32(dot, _mm512_zextsi256_si512(_mm256_slli_epi32(min_sum, 5)));
+      } else {
+        acc[r] = _mm512_fmadd_ps(_mm512_zextps256_ps512(_mm256_cvtepi32_ps(min_sum)), _mm512_set1_ps(-k.dmin * scale),
+                                 acc[r]);
+      }
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(k.d * scale), acc[r]);
     }
+  }
+  for (int64_t r = 0; r < Rows; ++r) result[r] += _mm512_reduce_add_ps(acc[r]);
+}
+
+// Two blocks of 32 unpacked (Layout::kPairs): what every activation row meets.
+struct PairBlock {
+  __m512i q;  // signed q - offset, the two blocks' 4-byte groups alternating
+  __m512i bias;  // -128 times the sum of each lane's 4 weights: takes x + 128 back to x
+  __m512 d;  // the two blocks' d, alternating
+};
+
+inline __m512 alternating(float a, float b) { return _mm512_broadcast_f32x2(_mm_setr_ps(a, b, 0.f, 0.f)); }
+
+// Bits of `value` placed at the set bits of `mask`, lowest first.
+inline uint64_t deposit_bits(uint64_t value, uint64_t mask) {
+#ifdef __BMI2__
+  return _pdep_u64(value, mask);
+#else
+  uint64_t out = 0;
+  for (uint64_t bit = 1; mask; bit <<= 1, mask &= mask - 1)
+    if (value & bit) out |= mask & -mask;
+  return out;
+#endif
+}
+
+template <int64_t Type>
+inline void unpack_pair(const uint8_t* blocks, PairBlock& p) {
+  constexpr int64_t bytes = format_of(Type).block_bytes;
+  if constexpr (Type == kQ8_0) {
+    const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(load32(blocks + 2)), load32(blocks + bytes + 2), 1);
+    p.q = _mm512_permutexvar_epi32(_mm512_setr_epi32(0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15), both);
+  } else {
+    static_assert(Type == kQ5_0);
+    // Values 0..15 of a block are the low nibbles of its 16 qs bytes, 16..31 their high ones: output 4-byte group
+    // 2 j + block (j < 4) is qs group j's low nibbles, group 8 + 2 j + block their high ones.
+    const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blocks + 6));
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blocks + bytes + 6));
+    const __m256i groups = _mm256_set_m128i(_mm_unpackhi_epi32(a, b), _mm_unpacklo_epi32(a, b));
+    const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(groups), groups, 1);
+    const __m512i nibbles = _mm512_and_si512(_mm512_srlv_epi64(both, _mm512_setr_epi64(0, 0, 0, 0, 4, 4, 4, 4)),
+                                             _mm512_set1_epi8(0x0F));
+    // Bit i of a block's qh is value i's 5th bit: its 4-bit runs go to the block's alternate nibbles of the mask.
+    const uint64_t fifth = deposit_bits(u32_at(blocks + 2), 0x0F0F0F0F0F0F0F0FULL) |
+                           deposit_bits(u32_at(blocks + bytes + 2), 0xF0F0F0F0F0F0F0F0ULL);
+    p.q = _mm512_mask_sub_epi8(nibbles, _cvtu64_mask64(~fifth), nibbles, _mm512_set1_epi8(16));
+  }
+  const __m512i zero = _mm512_setzero_si512();
+  p.bias = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, _mm512_set1_epi8(static_cast<char>(0x80)), p.q));
+  p.d = alternating(half_at(blocks), half_at(blocks + bytes));
+}
+
+template <int64_t Type, int64_t Rows>
+void pair_rows(const uint8_t* row, int64_t blocks, const RowTile<Rows>& x, float* result) {
+  constexpr int64_t block_bytes = format_of(Type).block_bytes;
+  __m512 acc[Rows];
+  for (int64_t r = 0; r < Rows; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t b = 0; b + 2 <= blocks; b += 2) {
+    PairBlock p;
+    unpack_pair<Type>(row + b * block_bytes, p);
+    for (int64_t r = 0; r < Rows; ++r) {
+      double scales;  // the two blocks' activation scales, broadcast as a pair
+      std::memcpy(&scales, x.scales[r] + b, sizeof scales);
+      const __m512 x_scales = _mm512_castpd_ps(_mm512_set1_pd(scales));
+      const __m512i dot = _mm512_dpbusd_epi32(p.bias, load64(x.values[r] + 32 * b), p.q);
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(p.d, x_scales), acc[r]);
+    }
+  }
+  for (int64_t r = 0; r < Rows; ++r) result[r] += _mm512_reduce_add_ps(acc[r]);
+  if (blocks % 2) scalar_blocks<Type, Rows>(row, x, blocks - 1, 1, result);
+}
+#endif
+
+// ---- AVX2 kernels (without AVX-512 VNNI) ----
+#if defined(PAGEDLLM_AVX2) && !defined(PAGEDLLM_AVX512_VNNI)
+// Each byte's bits shifted from bit `from` to bit `to` by a 16-bit shift (the caller's mask drops a neighbour's).
+inline __m256i move_bits(__m256i v, int from, int to) {
+  return from < to ? _mm256_sll_epi16(v, _mm_cvtsi32_si128(to - from))
+                   : _mm256_srl_epi16(v, _mm_cvtsi32_si128(from - to));
+}
+
+// acc plus the products q * x (unsigned times signed bytes) in int16 pairs, weighted by the int16 scales in int32.
+inline __m256i add_scaled_products(__m256i acc, __m256i q, __m256i x, __m256i scales) {
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(q, x), scales));
+}
+
+// The 32 unsigned values of vector t (of 8) of a K block, in the activations' layout, and their scale lanes.
+template <int64_t Type>
+inline void k_vector(const uint8_t* block, const KScales& packed, int t, __m256i& q, __m256i& scales) {
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  if constexpr (Type == kQ6_K) {
+    const int h = t / 4, k = t % 4;  // values 32 t ..: nibble k / 2 of ql[64 h + 32 (k % 2) + l], pair k of qh
+    const __m256i bytes = load32(block + 64 * h + 32 * (k % 2));
+    const __m256i pairs = _mm256_and_si256(move_bits(load32(block + 128 + 32 * h), 2 * k, 4), _mm256_set1_epi8(0x30));
+    q = _mm256_or_si256(_mm256_and_si256(k / 2 ? _mm256_srli_epi16(bytes, 4) : bytes, low4), pairs);
+    const auto* sc = reinterpret_cast<const int8_t*>(block + 192);
+    scales = _mm256_set_m128i(_mm_set1_epi16(sc[2 * t + 1]), _mm_set1_epi16(sc[2 * t]));
+  } else {
+    // Layout::kSwapped: vector t is half t % 2 of the nibbles (t / 2) % 2 of qs[64 (t / 4) ..], sub-block s.
+    const int s = t / 4 * 4 + t / 2 % 2 + 2 * (t % 2);
+    const __m256i bytes = load32(block + (Type == kQ5_K ? 48 : 16) + 64 * (t / 4) + 32 * (t % 2));
+    q = _mm256_and_si256(t / 2 % 2 ? _mm256_srli_epi16(bytes, 4) : bytes, low4);
+    if constexpr (Type == kQ5_K)  // bit s of high[l] is the 5th bit of value 32 s + l
+      q = _mm256_or_si256(q, _mm256_and_si256(move_bits(load32(block + 16), s, 4), _mm256_set1_epi8(0x10)));
+    scales = _mm256_set1_epi16(byte_of(packed.scales, s));
   }
 }
 
-template <typename TileFn>
+template <int64_t Type, int64_t Rows>
+void k_rows(const uint8_t* row, int64_t blocks, const RowTile<Rows>& x, float* result) {
+  constexpr int64_t block_bytes = format_of(Type).block_bytes;
+  __m256 acc[Rows];
+  for (int64_t r = 0; r < Rows; ++r) acc[r] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < blocks; ++b) {
+    const uint8_t* block = row + b * block_bytes;
+    KScales packed{};
+    __m256i mins;  // per 16 values in order: m_s, or Q6_K's sc_s (its offset term is 32 sc_s)
+    float d, dmin;
+    if constexpr (Type == kQ6_K) {
+      d = dmin = half_at(block + 208);
+      mins = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(block + 192)));
+    } else {
+      d = half_at(block);
+      dmin = half_at(block + 2);
+      packed = k_scales(block + 4);
+      const __m128i m = _mm_cvtsi64_si128(static_cast<int64_t>(packed.mins));
+      mins = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(m, m));
+    }
+    __m256i dot[Rows];
+    for (int64_t r = 0; r < Rows; ++r) dot[r] = _mm256_setzero_si256();
+    for (int t = 0; t < 8; ++t) {
+      __m256i q, scales;
+      k_vector<Type>(block, packed, t, q, scales);
+      for (int64_t r = 0; r < Rows; ++r)
+        dot[r] = add_scaled_products(dot[r], q, load32(x.values[r] + 256 * b + 32 * t), scales);
+    }
+    for (int64_t r = 0; r < Rows; ++r) {
+      const __m256i min_sum = _mm256_madd_epi16(mins, load32(x.sums[r] + 16 * b));
+      const float scale = x.scales[r][b];
+      if constexpr (Type == kQ6_K)
+        dot[r] = _mm256_sub_epi32(dot[r], _mm256_slli_epi32(min_sum, 5));
+      else
+        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(min_sum), _mm256_set1_ps(-dmin * scale), acc[r]);
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[r]), _mm256_set1_ps(d * scale), acc[r]);
+    }
+  }
+  for (int64_t r = 0; r < Rows; ++r) result[r] += horizontal_sum(acc[r]);
+}
+
+// Blocks of 32, one vector each: Q8_0 as |q| times x with q's sign (at most 2 * 128 * 127 per pair), Q5_0 as
+// q times x less 16 sum(x).
+template <int64_t Type, int64_t Rows>
+void block32_rows(const uint8_t* row, int64_t blocks, const RowTile<Rows>& x, float* result) {
+  constexpr int64_t block_bytes = format_of(Type).block_bytes;
+  __m256 acc[Rows];
+  for (int64_t r = 0; r < Rows; ++r) acc[r] = _mm256_setzero_ps();
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int64_t b = 0; b < blocks; ++b) {
+    const uint8_t* block = row + b * block_bytes;
+    const __m256i q = Type == kQ8_0 ? load32(block + 2) : q5_0_values(block);
+    const __m256i magnitudes = Type == kQ8_0 ? _mm256_sign_epi8(q, q) : q;
+    const float d = half_at(block);
+    for (int64_t r = 0; r < Rows; ++r) {
+      const __m256i xv = load32(x.values[r] + 32 * b);
+      const __m256i signed_x = Type == kQ8_0 ? _mm256_sign_epi8(xv, q) : xv;
+      __m256i sums = _mm256_madd_epi16(_mm256_maddubs_epi16(magnitudes, signed_x), ones);
+      if constexpr (Type == kQ5_0) {
+        const int32_t offset = 16 * (x.sums[r][2 * b] + x.sums[r][2 * b + 1]);
+        sums = _mm256_sub_epi32(sums, _mm256_castsi128_si256(_mm_cvtsi32_si128(offset)));
+      }
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_set1_ps(d * x.scales[r][b]), acc[r]);
+    }
+  }
+  for (int64_t r = 0; r < Rows; ++r) result[r] += horizontal_sum(acc[r]);
+}
+#endif
+
+// The dot products of one weight row with activation rows x, into result.
+template <int64_t Type, int64_t Rows>
+void dot_rows(const uint8_t* row, const RowTile<Rows>& x, int64_t in_features, float* result) {
+  constexpr int64_t QK = format_of(Type).block_values;
+  const int64_t blocks = in_features / QK;
+  for (int64_t r = 0; r < Rows; ++r) result[r] = 0.f;
+#if defined(PAGEDLLM_AVX512_VNNI)
+  if constexpr (QK == 256)
+    k_rows<Type, Rows>(row, blocks, x, result);
+  else
+    pair_rows<Type, Rows>(row, blocks, x, result);
+#elif defined(PAGEDLLM_AVX2)
+  if constexpr (QK == 256)
+    k_rows<Type, Rows>(row, blocks, x, result);
+  else
+    block32_rows<Type, Rows>(row, blocks, x, result);
+#else
+  scalar_blocks<Type, Rows>(row, x, 0, blocks, result);
+#endif
+}
+
+template <int64_t MaxTile, typename TileFn>
 void for_row_tiles(int64_t num_rows, const TileFn& tile) {
   int64_t m = 0;
-  for (; num_rows - m >= kRowTile; m += kRowTile) tile(std::integral_constant<int64_t, kRowTile>{}, m);
-  if constexpr (kRowTile > 4)
+  for (; num_rows - m >= MaxTile; m += MaxTile) tile(std::integral_constant<int64_t, MaxTile>{}, m);
+  if constexpr (MaxTile > 4)
     if (num_rows - m >= 4) {
       tile(std::integral_constant<int64_t, 4>{}, m);
       m += 4;
@@ -451,67 +761,22 @@ void for_row_tiles(int64_t num_rows, const TileFn& tile) {
   if (m < num_rows) tile(std::integral_constant<int64_t, 1>{}, m);
 }
 
-// Q8_0 needs no decoding: the dot products of one output row's blocks, read in place, with activation rows
-// [m, m + Rows).
-template <int64_t Rows>
-void q8_0_rows(const uint8_t* blocks, const QuantizedRows& x, int64_t in_features, int64_t m, float* result) {
-  const int64_t num_blocks = in_features / kChunk;
-  const int8_t* xr[Rows];
-  const float* scales[Rows];
-  for (int64_t r = 0; r < Rows; ++r) {
-    xr[r] = x.values + (m + r) * in_features;
-    scales[r] = x.scales + (m + r) * num_blocks;
-    result[r] = 0.f;
-  }
-#ifdef PAGEDLLM_AVX2
-  __m256 acc[Rows];
-  for (int64_t r = 0; r < Rows; ++r) acc[r] = _mm256_setzero_ps();
-  const __m256i ones = _mm256_set1_epi16(1);
-  for (int64_t b = 0; b < num_blocks; ++b) {
-    const uint8_t* block = blocks + b * 34;
-    const __m256i w = load32(block + 2);
-    const __m256i magnitudes = _mm256_sign_epi8(w, w);
-    const float d = half_at(block);
-    for (int64_t r = 0; r < Rows; ++r) {
-      const __m256i pairs = _mm256_maddubs_epi16(magnitudes, _mm256_sign_epi8(load32(xr[r] + kChunk * b), w));
-      const __m256 sums = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones));
-      acc[r] = _mm256_fmadd_ps(sums, _mm256_set1_ps(d * scales[r][b]), acc[r]);
-    }
-  }
-  for (int64_t r = 0; r < Rows; ++r) result[r] = horizontal_sum(acc[r]);
-#else
-  for (int64_t b = 0; b < num_blocks; ++b) {
-    const uint8_t* block = blocks + b * 34;
-    const auto* q = reinterpret_cast<const int8_t*>(block + 2);
-    for (int64_t r = 0; r < Rows; ++r) {
-      int32_t sum = 0;
-      for (int64_t j = 0; j < kChunk; ++j) sum += int32_t{q[j]} * xr[r][kChunk * b + j];
-      result[r] += half_at(block) * scales[r][b] * static_cast<float>(sum);
-    }
-  }
-#endif
-}
+constexpr int64_t kRowBlock = 64;  // activation rows that meet a task's kRowGrain weight rows before the next do
 
-template <int64_t QK, bool Signed, typename Out>
-void multiply(int64_t type, const Format& f, const uint8_t* weight, const QuantizedRows& x, int64_t in_features,
-              int64_t out_features, int64_t num_rows, Out* out) {
+template <int64_t Type, typename Out>
+void multiply(const uint8_t* weight, const QuantizedRows& x, int64_t out_features, int64_t num_rows, Out* out) {
+  constexpr Format f = format_of(Type);
+  const int64_t in = x.in_features, row_bytes = in / f.block_values * f.block_bytes;
   at::parallel_for(0, out_features, kRowGrain, [&](int64_t begin, int64_t end) {
-    thread_local DecodedRow row;
-    row.resize(in_features, QK);
-    const Operands operands{&row, x, in_features, QK};
-    const int64_t row_bytes = in_features / QK * f.block_bytes;
-    for (int64_t n = begin; n < end; ++n) {
-      if (!Signed) decode_row(type, f, weight + n * row_bytes, in_features, row);
-      for_row_tiles(num_rows, [&](auto tile_rows, int64_t m) {
-        constexpr int64_t R = decltype(tile_rows)::value;
-        float result[R];
-        if constexpr (Signed)
-          q8_0_rows<R>(weight + n * row_bytes, x, in_features, m, result);
-        else
-          dot_rows<R, QK, Signed>(operands, m, result);
-        for (int64_t r = 0; r < R; ++r) out[(m + r) * out_features + n] = static_cast<Out>(result[r]);
-      });
-    }
+    for (int64_t first_n = begin; first_n < end; first_n += kRowGrain)
+      for (int64_t first_m = 0; first_m < num_rows; first_m += kRowBlock)
+        for (int64_t n = first_n; n < std::min(end, first_n + kRowGrain); ++n)
+          for_row_tiles<row_tile(Type)>(std::min(kRowBlock, num_rows - first_m), [&](auto tile_rows, int64_t m) {
+            constexpr int64_t R = decltype(tile_rows)::value;
+            float result[R];
+            dot_rows<Type, R>(weight + n * row_bytes, RowTile<R>(x, f.block_values, first_m + m), in, result);
+            for (int64_t r = 0; r < R; ++r) out[(first_m + m + r) * out_features + n] = static_cast<Out>(result[r]);
+          });
   });
 }
 
@@ -561,25 +826,31 @@ int64_t check_weight(const at::Tensor& blocks, const Format& f, const char* name
   return blocks.size(1) / f.block_bytes * f.block_values;
 }
 
+template <typename Out>
+void multiply_type(int64_t type, const uint8_t* weight, const QuantizedRows& x, int64_t out_features,
+                   int64_t num_rows, Out* out) {
+  switch (type) {
+    case kQ5_0: return multiply<kQ5_0>(weight, x, out_features, num_rows, out);
+    case kQ8_0: return multiply<kQ8_0>(weight, x, out_features, num_rows, out);
+    case kQ4_K: return multiply<kQ4_K>(weight, x, out_features, num_rows, out);
+    case kQ5_K: return multiply<kQ5_K>(weight, x, out_features, num_rows, out);
+    case kQ6_K: return multiply<kQ6_K>(weight, x, out_features, num_rows, out);
+    default: TORCH_CHECK(false, "gguf_linear: unsupported GGML type ", type);
+  }
+}
+
 }  // namespace
 
 at::Tensor gguf_linear(const at::Tensor& x, const at::Tensor& blocks, int64_t ggml_type) {
-  const Format f = format_of(ggml_type);
+  const Format f = checked_format(ggml_type);
   const int64_t in_features = check_weight(blocks, f, "gguf_linear"), out_features = blocks.size(0);
   TORCH_CHECK(x.size(-1) == in_features, "gguf_linear: input has ", x.size(-1), " features, weight ", in_features);
   const at::Tensor rows = x.reshape({-1, in_features}).contiguous();
   const int64_t num_rows = rows.size(0);
   at::Tensor out = at::empty({num_rows, out_features}, x.options());
-  const uint8_t* weight = blocks.const_data_ptr<uint8_t>();
   PAGEDLLM_DISPATCH_FLOAT_TYPES(x.scalar_type(), "gguf_linear", [&] {
-    const QuantizedRows q = quantize_rows<scalar_t>(rows, f.block_values);
-    scalar_t* op = out.data_ptr<scalar_t>();
-    if (f.signed_values)
-      multiply<32, true>(ggml_type, f, weight, q, in_features, out_features, num_rows, op);
-    else if (f.block_values == 32)
-      multiply<32, false>(ggml_type, f, weight, q, in_features, out_features, num_rows, op);
-    else
-      multiply<256, false>(ggml_type, f, weight, q, in_features, out_features, num_rows, op);
+    const QuantizedRows q = quantize_rows<scalar_t>(rows, ggml_type);
+    multiply_type(ggml_type, blocks.const_data_ptr<uint8_t>(), q, out_features, num_rows, out.data_ptr<scalar_t>());
   });
   auto sizes = x.sizes().vec();
   sizes.back() = out_features;
@@ -587,7 +858,7 @@ at::Tensor gguf_linear(const at::Tensor& x, const at::Tensor& blocks, int64_t gg
 }
 
 at::Tensor gguf_dequantize(const at::Tensor& blocks, int64_t ggml_type, at::ScalarType dtype) {
-  const Format f = format_of(ggml_type);
+  const Format f = checked_format(ggml_type);
   const int64_t in_features = check_weight(blocks, f, "gguf_dequantize"), out_features = blocks.size(0);
   at::Tensor out = at::empty({out_features, in_features}, blocks.options().dtype(dtype));
   const uint8_t* weight = blocks.const_data_ptr<uint8_t>();
@@ -598,10 +869,9 @@ at::Tensor gguf_dequantize(const at::Tensor& blocks, int64_t ggml_type, at::Scal
       thread_local DecodedRow row;
       row.resize(in_features, f.block_values);
       for (int64_t n = begin; n < end; ++n) {
-        decode_row(ggml_type, f, weight + n * row_bytes, in_features, row);
+        decode_row(ggml_type, weight + n * row_bytes, in_features, row);
         scalar_t* o = op + n * in_features;
-        for (int64_t s = 0; s < in_features / kSub; ++s)
-          dequantize_run(f, row, s, o + s * kSub);
+        for (int64_t s = 0; s < in_features / kSub; ++s) dequantize_run(f, row, s, o + s * kSub);
       }
     });
   });
