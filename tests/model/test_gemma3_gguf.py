@@ -106,10 +106,8 @@ def test_ngram_speculation_keeps_the_default_settings_greedy_outputs_past_the_wi
     plain = LLM(model=str(gemma3_gguf), kv_cache_memory=2**27)
     speculating = LLM(model=str(gemma3_gguf), kv_cache_memory=2**27, speculative_config=NGRAM)
     with sharegpt_path() as path:
-        pairs = load_sharegpt_pairs(path)
-    requests = build_requests(
-        pairs, "grounded", 2, plain.tokenizer, 0, max_reply_tokens=480, prompt_format="completion"
-    )
+        long_replies = [pair for pair in load_sharegpt_pairs(path) if len(pair[1]) > 4000]
+    requests = build_requests(long_replies, "grounded", 2, plain.tokenizer, 0, 560, prompt_format="completion")
     params = SamplingParams(max_tokens=96, temperature=0)
     for request in requests:
         assert len(request.prompt_token_ids) > 512
