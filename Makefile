@@ -12,7 +12,8 @@ BENCH_OUTPUT_LEN ?= 64
 BENCH_OFFLINE_PROMPTS ?= 200
 BENCH_CONCURRENCY ?= 1,4,16,64
 BENCH_SEED ?= 0
-# Speculative decoding: prompts per set at batch 1 (chat and input-grounded), beside 16 grounded requests at once.
+# Speculative decoding: prompts per set at batch 1 (chat and input-grounded), beside 16 requests of each set at once,
+# on the embedded model and on Gemma 3 270M Q4_K_M (a base model: plain completion prompts).
 BENCH_SPEC_PROMPTS ?= 8
 # Quantization variants: speed points and perplexity per setting in the model dtype (auto: bfloat16 with AMX or
 # AVX512-BF16, else float32), the AWQ checkpoint built once and cached.
@@ -87,6 +88,7 @@ bench: bench-peers
 	$(VENV)/bin/pagedllm bench prefix --seed $(BENCH_SEED)
 	$(VENV)/bin/pagedllm bench structured --output-len $(BENCH_OUTPUT_LEN) --max-concurrency 1,16 --seed $(BENCH_SEED)
 	$(VENV)/bin/pagedllm bench spec --num-prompts $(BENCH_SPEC_PROMPTS) --concurrency 16 --seed $(BENCH_SEED)
+	$(VENV)/bin/pagedllm bench spec --model gemma3-270m-q4_k_m --num-prompts $(BENCH_SPEC_PROMPTS) --concurrency 16 --seed $(BENCH_SEED)
 	$(VENV)/bin/pagedllm bench sizes
 	$(MAKE) bench-variants
 	$(VENV)/bin/pagedllm bench allreduce --output-json $(BENCH_RESULTS)

@@ -54,3 +54,17 @@ def write_checkpoint(name: str, folder: Path, tokenizer_dir: Path, vocab_size: i
     for file in tokenizer_dir.iterdir():
         (folder / file.name).write_bytes(file.read_bytes())
     return model
+
+
+def write_perturbed_copy(source: Path, folder: Path, relative_noise: float, seed: int = 5) -> None:
+    """The checkpoint in `source` with noise of `relative_noise` times each weight's std added: another model with
+    the same tokenizer whose greedy choices mostly, not always, agree with the source's (a draft model)."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(source))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn(parameter.shape, generator=generator) * relative_noise * parameter.std())
+    model.save_pretrained(str(folder))
+    for file in source.iterdir():  # the tokenizer's files: whatever save_pretrained did not write
+        if file.is_file() and not (folder / file.name).exists():
+            (folder / file.name).write_bytes(file.read_bytes())

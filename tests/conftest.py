@@ -9,7 +9,7 @@ import torch
 
 from pagedllm import LLM
 from pagedllm.model.registry import resolve_model_path
-from tests.checkpoints import save_tokenizer, write_checkpoint
+from tests.checkpoints import save_tokenizer, write_checkpoint, write_perturbed_copy
 
 # Small enough to keep a test session light, large enough for every parity prompt.
 ROOMY_KV_BYTES = 2**28
@@ -39,6 +39,14 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path
     """A two-layer random Llama (GQA) in an HF folder: fast enough for randomized engine tests."""
     folder = tmp_path_factory.mktemp("tiny-llama")
     write_checkpoint("llama-gqa", folder, tokenizer_dir)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_draft_dir(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path) -> Path:
+    """The tiny Llama with its weights perturbed: a draft model for it that is right about half the time."""
+    folder = tmp_path_factory.mktemp("tiny-llama-draft")
+    write_perturbed_copy(tiny_llama_dir, folder, relative_noise=0.03)
     return folder
 
 

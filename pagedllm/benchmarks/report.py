@@ -17,6 +17,7 @@ from pagedllm.benchmarks.results import ResultsFile, Run, default_results_path, 
 from pagedllm.benchmarks.sizes import sizes_memory_table, sizes_notes, sizes_speed_table
 from pagedllm.benchmarks.throughput import DecodePoint, OfflineThroughput, PrefillPoint, RequestThroughput
 from pagedllm.benchmarks.variants import BASELINE, variants_table
+from pagedllm.model.registry import model_display_name
 
 logger = logging.getLogger(__name__)
 
@@ -276,6 +277,36 @@ def speculative_markdown(record: dict[str, Any]) -> str:
     )
 
 
+def spec_model_name(settings: dict[str, Any]) -> str:
+    """The model a speculative run measured (for runs that did not record its name: the engine's model setting)."""
+    return settings.get("model_name") or model_display_name(settings.get("engine", {}).get("model"))
+
+
+def latest_speculative(document: ResultsFile) -> dict[str, Run]:
+    """The last speculative run of each model, the models in the order of their first runs."""
+    latest: dict[str, Run] = {}
+    for run in document.runs:
+        if run.kind == "speculative":
+            latest[spec_model_name(run.settings)] = run
+    return latest
+
+
+def speculative_section(run: Run) -> tuple[str, str]:
+    """A speculative run's title and its table, with a note on prompts given as plain completion text."""
+    settings = run.settings
+    title = (
+        f"Speculative decoding on {spec_model_name(settings)} ({json.dumps(settings['speculative_config'])}): "
+        "batch-1 decode, and output throughput with requests at once, off and on"
+    )
+    table = speculative_markdown(run.results)
+    if settings.get("prompt_format") == "completion":
+        table += (
+            "\n\nA base model without a chat template: each prompt is plain completion text, the question (chat) or "
+            "the instruction and the text to hand back (grounded), then a cue to answer."
+        )
+    return title, table
+
+
 def table_sections(document: ResultsFile, level: int) -> list[str]:
     """Headings (at markdown `level`) and tables: offline points, offline ShareGPT, then each serving workload."""
     heading = "#" * level
@@ -307,14 +338,9 @@ def table_sections(document: ResultsFile, level: int) -> list[str]:
             f"chat requests of {settings['output_len']} tokens per row)"
         )
         sections += [f"{heading} {title}", structured_markdown(structured[-1].results)]
-    speculative = [run for run in document.runs if run.kind == "speculative"]
-    if speculative:
-        settings = speculative[-1].settings
-        title = (
-            f"Speculative decoding ({json.dumps(settings['speculative_config'])}): batch-1 decode, and output "
-            "throughput with requests at once, off and on"
-        )
-        sections += [f"{heading} {title}", speculative_markdown(speculative[-1].results)]
+    for run in latest_speculative(document).values():
+        title, table = speculative_section(run)
+        sections += [f"{heading} {title}", table]
     speeds, memory = sizes_speed_table(document), sizes_memory_table(document)
     if speeds and memory:
         notes = "".join(f"\n- {note}" for note in sizes_notes(document))

@@ -1,6 +1,7 @@
 """`pagedllm bench spec`: decode with speculation off and on, on plain ShareGPT chat and on an input-grounded set
 (ShareGPT replies handed back to be repeated or lightly edited), at batch 1 and with many requests at once, counting
-identical outputs; beside them llama.cpp's batch-1 decode (llama-bench tg) on the same file."""
+identical outputs; beside them llama.cpp's batch-1 decode (llama-bench tg) on the same file. A model without a chat
+template (a base model) gets the same material as plain completion text."""
 
 from __future__ import annotations
 
@@ -9,16 +10,17 @@ import json
 import logging
 import random
 import time
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Literal
 
 from pagedllm import LLM, SamplingParams
 from pagedllm.benchmarks import results
 from pagedllm.benchmarks.datasets import TextTokenizer, load_sharegpt_pairs, sharegpt_path
 from pagedllm.benchmarks.peers import llama_cpp_binary, run_llama_bench
+from pagedllm.benchmarks.size_suite import SIZE_MODELS
 from pagedllm.config import EngineConfig
 from pagedllm.flags import add_dataclass_arguments, dataclass_from_args
-from pagedllm.model.registry import resolve_model_path
+from pagedllm.model.registry import model_display_name, resolve_model_path
 from pagedllm.model.tokenizer import Tokenizer
 from pagedllm.spec_decode.config import SpeculativeConfig
 
@@ -32,6 +34,9 @@ GROUNDED_INSTRUCTIONS = (
 )
 CODE_INSTRUCTION = "Add a one-line comment at the top of the following code and give back all of it unchanged:"
 PROMPT_SETS = ("chat", "grounded")
+PromptFormat = Literal["chat", "completion"]
+# A base model's prompt: the question or the grounded instruction and text, then a cue to answer.
+COMPLETION_PROMPT = "{text}\n\nAnswer:\n"
 DEFAULT_SPECULATIVE_CONFIG = '{"method": "ngram", "num_speculative_tokens": 5}'
 LLAMA_BENCH_REPETITIONS = 3
 CONCURRENT_ROUNDS = 3  # off/on rounds of the requests at once
@@ -80,6 +85,18 @@ def grounded_prompt(reply: str, index: int) -> str:
     return f"{instruction}\n\n{reply}"
 
 
+def encode_prompt(tokenizer: Tokenizer | TextTokenizer, text: str, prompt_format: PromptFormat) -> list[int]:
+    """The text as the user's message of a chat, or as a plain completion prompt (with the tokenizer's BOS)."""
+    if prompt_format == "chat":
+        return tokenizer.encode_chat([{"role": "user", "content": text}])
+    return tokenizer.encode(COMPLETION_PROMPT.format(text=text), add_special_tokens=True)
+
+
+def prompt_format_of(tokenizer: Tokenizer) -> PromptFormat:
+    """Chat for a model with a chat template, plain completions for one without (a base model)."""
+    return "chat" if tokenizer.chat_template is not None else "completion"
+
+
 def build_requests(
     pairs: list[tuple[str, str]],
     prompt_set: str,
@@ -87,8 +104,10 @@ def build_requests(
     tokenizer: Tokenizer | TextTokenizer,
     seed: int,
     max_reply_tokens: int,
+    prompt_format: PromptFormat = "chat",
 ) -> list[SpecRequest]:
-    """Chat-templated requests: ShareGPT's first question ('chat') or its answer to hand back ('grounded')."""
+    """Requests of ShareGPT's first question ('chat') or its answer to hand back ('grounded'), chat-templated or as
+    plain completion text."""
     order = list(range(len(pairs)))
     random.Random(seed).shuffle(order)
     requests = []
@@ -101,7 +120,7 @@ def build_requests(
             continue
         reply = tokenizer.decode(reply_ids[:max_reply_tokens])
         text = question if prompt_set == "chat" else grounded_prompt(reply, len(requests))
-        prompt = tokenizer.encode_chat([{"role": "user", "content": text}])
+        prompt = encode_prompt(tokenizer, text, prompt_format)
         if len(prompt) > 2 * max_reply_tokens + 64:
             continue
         # A grounded answer is about as long as the reply it hands back; a little room for the edit.
@@ -199,6 +218,14 @@ def llama_cpp_decode(model: str | None, threads: int, tokens: int) -> dict[str, 
     return {"decode_tokens_per_second": throughput.decode[0].tokens_per_s, "command": command, "build": version}
 
 
+def resolve_spec_model(model: str | None) -> tuple[str | None, str]:
+    """The engine's model (one of `bench sizes`' names gives its file, made on first use) and its name in tables."""
+    if model in SIZE_MODELS:
+        size_model = SIZE_MODELS[model]
+        return str(size_model.prepare()), size_model.row
+    return model, model_display_name(model)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-prompts", type=int, default=8, help="requests per prompt set")
     parser.add_argument("--max-reply-tokens", type=int, default=128, help="tokens of a reply handed back")
@@ -207,7 +234,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--speculative-config", default=DEFAULT_SPECULATIVE_CONFIG, help="the 'on' setting, a JSON object"
     )
     parser.add_argument(
-        "--concurrency", type=int, default=16, help="grounded requests run all at once, off and on (0: none)"
+        "--concurrency", type=int, default=16, help="requests of each set run all at once, off and on (0: none)"
     )
     parser.add_argument(
         "--llama-cpp", action=argparse.BooleanOptionalAction, default=True,
@@ -216,6 +243,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the ShareGPT sample")
     results.add_output_argument(parser)
     add_dataclass_arguments(parser.add_argument_group("engine"), EngineConfig, exclude=("speculative_config", "seed"))
+    parser.epilog = f"--model also takes a model of bench sizes: {', '.join(SIZE_MODELS)}"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -225,26 +253,31 @@ def run(args: argparse.Namespace) -> int:
     with sharegpt_path() as path:
         pairs = load_sharegpt_pairs(path)
     engine = dataclass_from_args(EngineConfig, args, speculative_config=None, seed=0)
+    model, model_name = resolve_spec_model(engine.model)
+    engine = replace(engine, model=model)
     settings: dict = {"engine": {k: v for k, v in asdict(engine).items() if k != "speculative_config"}}
     plain = LLM(**asdict(engine))
     speculating = LLM(**{**asdict(engine), "speculative_config": asdict(config)})
+    prompt_format = prompt_format_of(plain.tokenizer)
+    print(f"{model_name}: {prompt_format} prompts")
+    prompt_sets = args.prompt_sets.split(",")
     points = []
-    for prompt_set in args.prompt_sets.split(","):
+    for prompt_set in prompt_sets:
         requests = build_requests(
-            pairs, prompt_set, args.num_prompts, plain.tokenizer, args.seed, args.max_reply_tokens
+            pairs, prompt_set, args.num_prompts, plain.tokenizer, args.seed, args.max_reply_tokens, prompt_format
         )
         for llm in (plain, speculating):  # one-time costs (new matmul shapes) out of the timings
             run_point(llm, requests[:1], prompt_set, "warm-up")
         points += compare(plain, speculating, requests, prompt_set, config.method, concurrent=False)
         print(format_points(points[-2:]))
-    if args.concurrency > 0:
+    for prompt_set in prompt_sets if args.concurrency > 0 else ():
         requests = build_requests(
-            pairs, "grounded", args.concurrency, plain.tokenizer, args.seed + 1, args.max_reply_tokens
+            pairs, prompt_set, args.concurrency, plain.tokenizer, args.seed + 1, args.max_reply_tokens, prompt_format
         )
         warm_up = [SpecRequest(request.prompt_token_ids, 4) for request in requests]
         for llm in (plain, speculating):
-            run_concurrent_point(llm, warm_up, "grounded", "warm-up")
-        points += compare(plain, speculating, requests, "grounded", config.method, concurrent=True)
+            run_concurrent_point(llm, warm_up, prompt_set, "warm-up")
+        points += compare(plain, speculating, requests, prompt_set, config.method, concurrent=True)
         print(format_points(points[-2:]))
     llama_cpp = None
     if args.llama_cpp:
@@ -256,6 +289,7 @@ def run(args: argparse.Namespace) -> int:
     record = {"points": [point_record(p) for p in points], "llama_cpp": llama_cpp}
     settings["speculative_config"] = json.loads(args.speculative_config)
     settings["num_prompts"], settings["concurrency"] = args.num_prompts, args.concurrency
+    settings["model_name"], settings["prompt_format"] = model_name, prompt_format
     output = args.output_json or results.default_results_path()
     results.append_run(output, results.new_run("speculative", "pagedllm", settings, record))
     print(f"results appended to {output}")

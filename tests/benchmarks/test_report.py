@@ -194,7 +194,35 @@ def test_speculative_section_pairs_off_and_on_and_compares_with_llama_cpp(tmp_pa
     settings = {"speculative_config": {"method": "ngram"}}
     results.append_run(path, results.new_run("speculative", "pagedllm", settings, record))
     text = markdown_report(results.load_results(path))
-    assert '## Speculative decoding ({"method": "ngram"})' in text
+    assert '## Speculative decoding on smollm2-135m-instruct ({"method": "ngram"})' in text
     assert "| grounded | 1 | 20.0 | 50.0 | 2.50× | 75% | 3.00 | 2/2 |" in text
     assert "| grounded | 16 | 80.0 | 64.0 | 0.80× | 25% | 1.50 | 16/16 |" in text
     assert "25.0 tok/s" in text and "2.00× that" in text
+
+
+def test_speculative_sections_show_the_last_run_of_each_model(tmp_path: Path) -> None:
+    path = tmp_path / "r.json"
+
+    def run(model_name: str | None, on_decode_seconds: float, prompt_format: str | None) -> results.Run:
+        points = [SpecPoint("chat", "off", 1, 41, 4.0, 4.0), SpecPoint("chat", "ngram", 1, 41, 2.0, on_decode_seconds)]
+        settings = {"speculative_config": {"method": "ngram"}, "engine": {"model": None}}
+        if model_name:  # runs before the model's name was recorded have none
+            settings |= {"model_name": model_name, "prompt_format": prompt_format}
+        record = {"points": [point_record(p) for p in points], "llama_cpp": None}
+        return results.new_run("speculative", "pagedllm", settings, record)
+
+    for model_name, on_decode_seconds, prompt_format in [
+        (None, 1.0, None),
+        ("Gemma 3 270M Q4_K_M", 2.0, "completion"),
+        ("smollm2-135m-instruct", 0.5, "chat"),
+        ("Gemma 3 270M Q4_K_M", 1.6, "completion"),
+    ]:
+        results.append_run(path, run(model_name, on_decode_seconds, prompt_format))
+    text = markdown_report(results.load_results(path))
+    smollm = text.index("## Speculative decoding on smollm2-135m-instruct")
+    gemma = text.index("## Speculative decoding on Gemma 3 270M Q4_K_M")
+    assert text.count("## Speculative decoding on") == 2 and smollm < gemma
+    # 40 decode tokens: off 10 tok/s; on 80 tok/s for SmolLM2's last run, 25 for Gemma's.
+    assert "| chat | 1 | 10.0 | 80.0 | 8.00× |" in text[smollm:gemma]
+    assert "| chat | 1 | 10.0 | 25.0 | 2.50× |" in text[gemma:]
+    assert "plain completion text" in text[gemma:] and "plain completion text" not in text[smollm:gemma]

@@ -6,15 +6,20 @@ import time
 from dataclasses import replace
 from types import SimpleNamespace
 
+from pagedllm.benchmarks.size_suite import SizeModel
 from pagedllm.benchmarks.speculative import (
     CODE_INSTRUCTION,
+    COMPLETION_PROMPT,
     CONCURRENT_ROUNDS,
     GROUNDED_INSTRUCTIONS,
+    SIZE_MODELS,
     SpecPoint,
     SpecRequest,
     build_requests,
     compare,
     format_points,
+    prompt_format_of,
+    resolve_spec_model,
 )
 from pagedllm.spec_decode.speculator import SpecDecodeStats
 from tests.benchmarks.conftest import WhitespaceTokenizer
@@ -52,6 +57,28 @@ def test_chat_requests_are_the_questions() -> None:
     requests = build_requests(PAIRS, "chat", 2, tokenizer, seed=1, max_reply_tokens=32)
     questions = {tokenizer.decode(r.prompt_token_ids) for r in requests}
     assert questions <= {f"<user> {q} <assistant>" for q, _ in PAIRS}
+
+
+def test_a_model_without_a_chat_template_gets_the_same_material_as_plain_completion_text() -> None:
+    tokenizer = ChatWhitespaceTokenizer()
+    for prompt_set in ("chat", "grounded"):
+        chat = build_requests(PAIRS, prompt_set, 2, tokenizer, seed=0, max_reply_tokens=32)
+        plain = build_requests(PAIRS, prompt_set, 2, tokenizer, seed=0, max_reply_tokens=32, prompt_format="completion")
+        assert [r.max_tokens for r in plain] == [r.max_tokens for r in chat]
+        for completion, templated in zip(plain, chat):
+            text = tokenizer.decode(templated.prompt_token_ids).removeprefix("<user> ").removesuffix(" <assistant>")
+            assert completion.prompt_token_ids == tokenizer.encode(COMPLETION_PROMPT.format(text=text))
+            assert completion.prompt_token_ids[0] == tokenizer.BOS
+    assert prompt_format_of(SimpleNamespace(chat_template=None)) == "completion"
+    assert prompt_format_of(SimpleNamespace(chat_template="{{ messages }}")) == "chat"
+
+
+def test_a_model_of_bench_sizes_is_made_on_first_use_and_named_as_in_its_tables(monkeypatch, tmp_path) -> None:
+    made = tmp_path / "base.gguf"
+    monkeypatch.setitem(SIZE_MODELS, "base-q4", SizeModel("Base Q4", lambda: made))
+    assert resolve_spec_model("base-q4") == (str(made), "Base Q4")
+    assert resolve_spec_model(None) == (None, "smollm2-135m-instruct")
+    assert resolve_spec_model("/models/other.gguf") == ("/models/other.gguf", "other.gguf")
 
 
 def test_the_table_reports_speed_ups_over_off_at_each_concurrency() -> None:

@@ -8,6 +8,8 @@ import pytest
 import torch
 
 from pagedllm import LLM, SamplingParams
+from pagedllm.benchmarks.datasets import load_sharegpt_pairs, sharegpt_path
+from pagedllm.benchmarks.speculative import build_requests
 from pagedllm.errors import InvalidArgumentError
 from pagedllm.evaluation.corpus import evaluation_tokens
 from pagedllm.model.tokenizer import cache_dir
@@ -27,6 +29,7 @@ GREEDY_PROMPTS = [
     "A good recipe for pancakes starts with",
     "The quick brown fox",
 ]
+NGRAM = {"method": "ngram", "num_speculative_tokens": 5}
 
 
 @pytest.fixture(scope="module")
@@ -95,3 +98,20 @@ def test_the_base_model_has_no_chat_template(gemma3_llm) -> None:
     assert gemma3_llm.tokenizer.chat_template is None
     with pytest.raises(InvalidArgumentError, match="no chat template"):
         gemma3_llm.tokenizer.encode_chat([{"role": "user", "content": "Hi"}])
+
+
+def test_ngram_speculation_keeps_the_default_settings_greedy_outputs_past_the_window(gemma3_gguf: Path) -> None:
+    """The default dtype and quantization, ShareGPT replies handed back as plain completion text, prompt and output
+    longer than the 512-token window: the same tokens with n-gram speculation as without, many drafts accepted."""
+    plain = LLM(model=str(gemma3_gguf), kv_cache_memory=2**27)
+    speculating = LLM(model=str(gemma3_gguf), kv_cache_memory=2**27, speculative_config=NGRAM)
+    with sharegpt_path() as path:
+        long_replies = [pair for pair in load_sharegpt_pairs(path) if len(pair[1]) > 4000]
+    requests = build_requests(long_replies, "grounded", 2, plain.tokenizer, 0, 560, prompt_format="completion")
+    params = SamplingParams(max_tokens=96, temperature=0)
+    for request in requests:
+        assert len(request.prompt_token_ids) > 512
+        want = plain.generate([request.prompt_token_ids], params)[0].outputs[0].token_ids
+        got = speculating.generate([request.prompt_token_ids], params)[0].outputs[0].token_ids
+        assert got == want
+    assert speculating.engine.stats().spec_decode.acceptance_rate > 0.3

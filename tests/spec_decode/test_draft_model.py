@@ -1,6 +1,7 @@
 """Draft-model speculation on the tiny random Llama: a model drafting for itself has every draft accepted (its K/V
-follows the target's through preemption and the prefix cache, or its drafts would drift), sampled requests verify
-the distributions their drafts were drawn from, and a draft of another vocabulary is refused at load.
+follows the target's through preemption and the prefix cache, or its drafts would drift), a draft of other weights
+leaves the target's greedy outputs as they are on ShareGPT prompts while many of its drafts are rejected, sampled
+requests verify the distributions their drafts were drawn from, and a draft of another vocabulary is refused at load.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import pytest
 import torch
 
 from pagedllm import LLM, SamplingParams
+from pagedllm.benchmarks.datasets import load_sharegpt_pairs, sharegpt_path
+from pagedllm.benchmarks.speculative import build_requests
 from pagedllm.errors import ConfigError
 from pagedllm.layers.rejection_sampler import DraftBatch, RejectionSampler
 from tests.checkpoints import write_checkpoint
@@ -53,6 +56,32 @@ def test_a_model_drafting_for_itself_is_always_right(tiny_llama_dir: Path) -> No
     stats = roomy.engine.stats()
     assert stats.prefix_cache_hit_tokens > 0 and stats.spec_decode.acceptance_rate == 1.0
     assert stats.spec_decode.mean_accepted_length > 3
+    assert not any(roomy.engine.block_manager.allocator.ref_counts)
+
+
+def test_a_draft_of_other_weights_leaves_the_targets_outputs_through_preemption_and_the_prefix_cache(
+    tiny_llama_dir: Path, tiny_llama_draft_dir: Path
+) -> None:
+    params = SamplingParams(max_tokens=32, temperature=0.0)
+    plain = LLM(model=str(tiny_llama_dir), dtype="float32", kv_cache_memory=2**22)
+    with sharegpt_path() as path:
+        requests = build_requests(load_sharegpt_pairs(path), "grounded", 4, plain.tokenizer, 3, max_reply_tokens=32)
+    prompts = [request.prompt_token_ids for request in requests]
+    expected = [output.outputs[0].token_ids for output in plain.generate(prompts, params)]
+
+    # 12 blocks for target and draft: two prompts fit at once, and their outputs do not.
+    preempting = draft_llm(tiny_llama_dir, tiny_llama_draft_dir, kv_cache_memory=12 * 2 * 8 * 2**10)
+    assert preempting.engine.num_blocks == 12
+    assert [output.outputs[0].token_ids for output in preempting.generate(prompts, params)] == expected
+    assert preempting.engine.stats().num_preemptions > 0
+    assert 0.2 < preempting.engine.stats().spec_decode.acceptance_rate < 0.9
+
+    roomy = draft_llm(tiny_llama_dir, tiny_llama_draft_dir, kv_cache_memory=2**22)
+    for _ in range(2):  # the second time, the prompts' blocks (and their draft K/V) come from the prefix cache
+        assert [output.outputs[0].token_ids for output in roomy.generate(prompts, params)] == expected
+    stats = roomy.engine.stats()
+    assert stats.prefix_cache_hit_tokens >= sum(len(prompt) // 16 * 16 for prompt in prompts) - 16 * len(prompts)
+    assert 0.2 < stats.spec_decode.acceptance_rate < 0.9
     assert not any(roomy.engine.block_manager.allocator.ref_counts)
 
 
