@@ -16,6 +16,12 @@ over them, their keys re-rotated by the distance each moved (layers/kv_compactio
 the table go back to the pool. A decoding query therefore sees between `num_kept` and `num_kept + block_size - 1`
 tokens (itself included), and a sequence holds at most ceil(num_kept / block_size) + 1 blocks while it decodes; the
 queries of a prefill chunk also see the chunk's earlier tokens.
+
+The policy applies to the layers that see the whole context. A model's sliding-window layers (Gemma 3's local ones)
+keep exactly their window of the most recent tokens, by their own mechanism, whether or not those tokens are still
+in the whole-context layers' cache: a query rotates for its cache position in every layer, and their keys are
+re-rotated as tokens leave so that each stays at its distance from the query (layers/kv_compaction.py). The local
+layers then attend exactly as without a policy, and the bounds above hold for each whole-context KV-cache group.
 """
 
 from __future__ import annotations
@@ -119,9 +125,10 @@ def eviction_policy(config: EngineConfig, model_config: ModelConfig, max_model_l
     name = config.kv_cache_policy
     if name == "full":
         return None
-    if any(window is not None for window in model_config.layer_sliding_windows()):
+    if all(window is not None for window in model_config.layer_sliding_windows()):
         raise ConfigError(
-            f"kv_cache_policy {name} takes models whose layers all see the whole context (no sliding-window layers)",
+            f"kv_cache_policy {name} evicts from the layers that see the whole context, and every layer of this "
+            "model has a sliding window",
             "kv_cache_policy",
         )
     if name == "streaming":

@@ -23,6 +23,7 @@ from tests.engine.eviction import (
     WINDOW,
     random_tokens,
     streamed_logprobs,
+    streaming_kept,
     tiny,
     tiny_with_blocks,
 )
@@ -72,16 +73,8 @@ def test_window_longer_than_the_sequence_equals_full_attention(tiny_llama_dir: P
 
 
 def kept_contexts(token_ids: list[int]) -> list[list[int]]:
-    """For each position p, the tokens the streaming cache holds when p is the query: the sinks and the window
-    before it, a block's worth leaving at once (kv_cache_policy.py)."""
-    contexts, cache_len = [], 0
-    for p in range(len(token_ids)):
-        if cache_len - SINKS - (WINDOW - 1) >= BLOCK:
-            cache_len = SINKS + WINDOW - 1
-        evicted = p - cache_len
-        contexts.append(token_ids[:SINKS] + token_ids[SINKS + evicted : p + 1] if evicted else token_ids[: p + 1])
-        cache_len += 1
-    return contexts
+    """For each position p, the tokens the streaming cache holds when p is the query."""
+    return [[token_ids[i] for i in kept] for kept in streaming_kept(len(token_ids))]
 
 
 def test_one_layer_stream_scores_each_token_as_a_fresh_forward_over_the_kept_tokens(one_layer_dir: Path) -> None:
