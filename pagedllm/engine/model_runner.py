@@ -19,8 +19,8 @@ from pagedllm.layers.dola import dola_logits, premature_layers
 from pagedllm.layers.kv_cache_groups import kv_cache_layout
 from pagedllm.layers.kv_compaction import KVEviction, compact_kv, rotate_kv
 from pagedllm.layers.kv_quant import KV_CACHE_BITS, QuantizedKVPool
-from pagedllm.layers.rotary import RotaryEmbedding
 from pagedllm.layers.rejection_sampler import DraftBatch, RejectionSampler, VerifiedTokens
+from pagedllm.layers.rotary import RotaryEmbedding
 from pagedllm.layers.sampler import Sampler, SamplerOutput, SamplingBatch, process_logits
 from pagedllm.model.fused_decode import FusedDecode
 from pagedllm.model.hidden_states import HiddenCapture, capturing_layers

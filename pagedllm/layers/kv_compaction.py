@@ -5,13 +5,14 @@ streaming policy those between its attention sinks and its window, h2o those bet
 entries move to cache positions 0, 1, 2, ... in their order. RoPE rotations compose: a key rotated for position p,
 rotated again by -d, is the key rotated for p - d; so each moved key, rotated back by the distance it moved, is
 exactly the key of its new cache position, and the attention kernels need no notion of the gaps. Values carry no
-position and move as they are.
+position and move as they are. The rotation is done in float32 and rounded once per move; a quantized pool's
+entries are dequantized, moved and quantized again.
 
 Sliding-window layers (Gemma 3's local ones) keep their window of the most recent tokens, evicted or not, in blocks
 indexed by token position. Their queries rotate for the same cache positions as the whole-context layers', which
 drop by the number of tokens that leave; so their keys, which stay where they are, are re-rotated in place by that
-number (KVRotation), and every query-key distance in a window stays the distance between the two tokens. The rotation is done in float32 and rounded once per move; a quantized pool's entries
-are dequantized, moved and quantized again.
+number (KVRotation, rounded the same way), and every query-key distance in a window stays the distance between the
+two tokens in the text.
 """
 
 from __future__ import annotations

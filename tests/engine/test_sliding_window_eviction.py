@@ -31,15 +31,17 @@ from tests.model.test_gemma3 import write_tiny_gemma3
 
 LAYER_TYPES = ["sliding_attention", "full_attention", "sliding_attention"]
 # A local window shorter than the streaming window, and one reaching past it into tokens the global layers evicted.
-LOCAL_WINDOWS = [6, 24]
+SHORT_LOCAL, LONG_LOCAL = 6, 24
 
 
-@pytest.fixture(scope="module", params=LOCAL_WINDOWS, ids=lambda window: f"local{window}")
+@pytest.fixture(scope="module")
 def gemma3(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> tuple:
-    """A 3-layer Gemma 3 (local, global, local) with its sliding window: its folder, window and HF model."""
+    """A 3-layer Gemma 3 (local, global, local) with the sliding window the test names: folder, window, HF model."""
     window = request.param
     folder = tmp_path_factory.mktemp(f"gemma3-local{window}")
-    model = write_tiny_gemma3(folder, tokenizer_dir, num_hidden_layers=3, layer_types=LAYER_TYPES, sliding_window=window)
+    model = write_tiny_gemma3(
+        folder, tokenizer_dir, num_hidden_layers=3, layer_types=LAYER_TYPES, sliding_window=window
+    )
     return folder, window, model
 
 
@@ -47,7 +49,12 @@ def held(table: list[int]) -> list[int]:
     return [block for block in table if block != FREED_BLOCK]
 
 
-@pytest.mark.parametrize(("policy", "bound"), [(STREAMING, STREAMING_BOUND), (H2O, H2O_BOUND)], ids=["streaming", "h2o"])
+@pytest.mark.parametrize(
+    ("gemma3", "policy", "bound"),
+    [(LONG_LOCAL, STREAMING, STREAMING_BOUND), (SHORT_LOCAL, H2O, H2O_BOUND)],
+    ids=["streaming", "h2o"],
+    indirect=["gemma3"],
+)
 def test_sequence_runs_four_contexts_long_with_every_group_bounded_and_freed_blocks_reused(
     gemma3: tuple, policy: dict[str, Any], bound: int
 ) -> None:
@@ -70,7 +77,9 @@ def test_sequence_runs_four_contexts_long_with_every_group_bounded_and_freed_blo
         assert local_tables and all(len(held(table)) <= local_bound for table in local_tables)
         released_by_long |= before - {block for table in manager.tables(seq) for block in held(table)}
         others = [s for s in engine.scheduler.running if s is not seq]
-        reused += bool(released_by_long & {block for s in others for table in manager.tables(s) for block in held(table)})
+        reused += bool(
+            released_by_long & {block for s in others for table in manager.tables(s) for block in held(table)}
+        )
         if step % 16 == 0 and not others and not engine.scheduler.waiting:
             engine.add_request(f"short{step}", random_tokens(6, step), SamplingParams(max_tokens=6, **GREEDY))
     assert seq.num_tokens == 10 + 4 * MAX_MODEL_LEN and seq.finish_reason == "length"
@@ -81,6 +90,7 @@ def test_sequence_runs_four_contexts_long_with_every_group_bounded_and_freed_blo
     assert manager.num_free_blocks == num_blocks
 
 
+@pytest.mark.parametrize("gemma3", [LONG_LOCAL], indirect=True)
 def test_window_longer_than_the_sequence_equals_no_policy(gemma3: tuple) -> None:
     folder, _, _ = gemma3
     prompts = [random_tokens(20, 1), random_tokens(45, 2), random_tokens(7, 3)]
@@ -150,24 +160,29 @@ def paper_logprobs(model: transformers.Gemma3ForCausalLM, token_ids: list[int]) 
     return logprobs
 
 
-@pytest.mark.parametrize("attention_impl", ["fast", "reference"])
+@pytest.mark.parametrize(
+    ("gemma3", "attention_impl"),
+    [(SHORT_LOCAL, "fast"), (LONG_LOCAL, "fast"), (LONG_LOCAL, "reference")],
+    indirect=["gemma3"],
+)
 def test_stream_equals_the_papers_formula_with_local_layers_at_their_true_distances(
     gemma3: tuple, attention_impl: str
 ) -> None:
     """Global layers see the sinks and the window at positions within the cache; local layers see exactly their
     window, at the distances the tokens have in the text, however many tokens left the global layers' cache."""
     folder, _, model = gemma3
-    token_ids = random_tokens(3 * MAX_MODEL_LEN, 4)
+    token_ids = random_tokens(2 * MAX_MODEL_LEN, 4)
     llm = tiny(folder, **STREAMING, attention_impl=attention_impl, max_num_batched_tokens=1)
     streamed = streamed_logprobs(llm, token_ids)
     assert llm.engine.requests == {} and llm.engine.block_manager.num_free_blocks == llm.engine.num_blocks
     assert streamed == pytest.approx(paper_logprobs(model, token_ids), abs=1e-3)
 
 
+@pytest.mark.parametrize("gemma3", [SHORT_LOCAL], indirect=True)
 def test_h2o_fast_and_reference_attention_agree_across_evictions(gemma3: tuple) -> None:
     """The global layers report the attention h2o keeps by; the local layers attend by their kernels."""
     folder, _, _ = gemma3
-    token_ids = random_tokens(3 * MAX_MODEL_LEN, 5)
+    token_ids = random_tokens(2 * MAX_MODEL_LEN, 5)
     logprobs = {
         impl: streamed_logprobs(tiny(folder, **H2O, attention_impl=impl, max_num_batched_tokens=1), token_ids)
         for impl in ("reference", "fast")

@@ -28,7 +28,7 @@ def prefill(model: LlamaForCausalLM, blocks: BlockManager, lengths: tuple[int, .
     generator = torch.Generator().manual_seed(0)
     seqs = []
     for length in lengths:
-        seq = SimpleNamespace(block_ids=[], group_block_ids=[], num_computed_tokens=0)
+        seq = SimpleNamespace(block_ids=[], group_block_ids=[], num_computed_tokens=0, num_evicted_tokens=0)
         blocks.allocate_slots(seq, length)
         meta = AttentionMetadata.build(
             [blocks.slot(seq, p) for p in range(length)],
