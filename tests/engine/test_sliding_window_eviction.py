@@ -188,3 +188,18 @@ def test_h2o_fast_and_reference_attention_agree_across_evictions(gemma3: tuple) 
         for impl in ("reference", "fast")
     }
     assert logprobs["fast"] == pytest.approx(logprobs["reference"], abs=1e-4)
+
+
+@pytest.mark.parametrize("gemma3", [LONG_LOCAL], indirect=True)
+def test_a_prefix_cache_hit_streams_as_a_fresh_prefill_and_shared_local_blocks_stay_intact(gemma3: tuple) -> None:
+    """The second request starts from the first one's cached blocks: its eviction re-rotates private copies of the
+    local blocks it shares, so it, and a third request from the same cache, generate what a cold run does."""
+    folder, _, _ = gemma3
+    prompt = random_tokens(30, 7)
+    params = SamplingParams(max_tokens=40, **GREEDY)
+    cold = tiny(folder, **STREAMING, max_num_batched_tokens=16).generate([prompt], params)[0].outputs[0].token_ids
+    llm = tiny(folder, **STREAMING, max_num_batched_tokens=16, enable_prefix_caching=True)
+    runs = [llm.generate([prompt], params)[0] for _ in range(3)]
+    assert [run.outputs[0].token_ids for run in runs] == [cold] * 3
+    assert all(run.num_cached_tokens > 0 for run in runs[1:])
+    assert llm.engine.block_manager.num_free_blocks == llm.engine.num_blocks
