@@ -2,7 +2,8 @@
 
 `streaming` (StreamingLLM) keeps a sequence's first `attention_sinks` tokens and its most recent ones; `h2o`
 (Heavy-Hitter Oracle) keeps, within `kv_budget` tokens, its most recent ones and the heavy hitters: the earlier tokens
-that received the most attention so far, summed over every layer, head and query since they entered the cache.
+that received the most attention so far, summed over every whole-context layer, head and query since they entered
+the cache.
 
 An evicting sequence's cache holds its kept tokens in their order at cache positions 0, 1, 2, ... without a gap: the
 newest tokens sit at `token position - num_evicted_tokens`, and every kept token's query and key are rotated for its
