@@ -24,7 +24,8 @@ KL_TOKENS ?= 4096
 AWQ_DIR ?= $(HOME)/.cache/pagedllm/awq/smollm2-135m-instruct-w4-g128-conversations
 BENCH_RESULTS = benchmarks/results/$(shell date +%F)-$(shell $(PY) -c "from pagedllm.benchmarks.results import this_machine; print(this_machine().name)" 2>/dev/null).json
 
-.PHONY: install serve chat lint test test-slow test-reference soak bench-peers bench bench-variants
+.PHONY: install serve chat lint test test-slow test-reference soak bench-peers bench bench-variants bench-long-context \
+	bench-long-answers
 
 $(STAMP): pyproject.toml Makefile
 	python3 -m venv $(VENV)
@@ -116,3 +117,32 @@ bench-variants: install $(AWQ_DIR)
 	$(call bench_variant,GGUF Q4_1 as int4 g32 (auto),--quantization auto --dense-matmul-min-rows 0)
 	$(call bench_variant,KV int8,--quantization none --kv-cache-dtype int8)
 	$(call bench_variant,KV int4,--quantization none --kv-cache-dtype int4)
+
+# StreamingLLM's table (README, Long context): full attention, the sliding-window recompute oracle (a window every
+# stride tokens), streaming with 4 sinks and window-only, the last two decoded token by token. The embedded model over
+# 8,191 tokens, Gemma 3 270M over GEMMA3_LONG_TOKENS; about 25 and 35 minutes on 2 quiet cores. Full attention's
+# prompt logprobs are [tokens in a step, vocabulary] float32: 512 a step keeps Gemma's 262k-token vocabulary in memory.
+LONG_CONTEXT_RESULTS = $(BENCH_RESULTS:.json=-long-context.json)
+LONG_ANSWERS_RESULTS = $(BENCH_RESULTS:.json=-long-answers.json)
+GEMMA3_270M = $(shell $(PY) -c "from pagedllm.benchmarks.size_suite import gemma3_270m_file; print(gemma3_270m_file())")
+GEMMA3_LONG_TOKENS ?= 4095
+
+# $(1): model flags, $(2): tokens, $(3): recompute stride, $(4): row name prefix
+define long_context_table
+	$(VENV)/bin/pagedllm eval perplexity $(1) --dataset sharegpt-conversations --max-tokens $(2) --window $(2) --stride $(2) --max-num-batched-tokens 512 --variant "$(4)full" --output-json $(LONG_CONTEXT_RESULTS)
+	$(VENV)/bin/pagedllm eval perplexity $(1) --dataset sharegpt-conversations --max-tokens $(2) --window 1028 --stride $(3) --variant "$(4)sliding-window recompute 1028 (stride $(3))" --output-json $(LONG_CONTEXT_RESULTS)
+	$(VENV)/bin/pagedllm eval perplexity $(1) --dataset sharegpt-conversations --max-tokens $(2) --kv-cache-policy streaming --kv-window 1024 --attention-sinks 4 --variant "$(4)streaming 4+1024" --output-json $(LONG_CONTEXT_RESULTS)
+	$(VENV)/bin/pagedllm eval perplexity $(1) --dataset sharegpt-conversations --max-tokens $(2) --kv-cache-policy streaming --kv-window 1024 --attention-sinks 0 --variant "$(4)window-only 1024" --output-json $(LONG_CONTEXT_RESULTS)
+endef
+
+bench-long-context: install
+	$(call long_context_table,,8191,16,)
+	$(call long_context_table,--model $(GEMMA3_270M),$(GEMMA3_LONG_TOKENS),64,gemma3 )
+
+# H2O against StreamingLLM at the same 20% budget on long answers (README, Long context), one thread each so that the
+# seconds compare; about 6 minutes on 2 quiet cores.
+LONG_ANSWERS := --dataset sharegpt-long-replies --num-records 4 --max-tokens 1024 --num-threads 1 --output-json $(LONG_ANSWERS_RESULTS)
+bench-long-answers: install
+	$(VENV)/bin/pagedllm eval perplexity $(LONG_ANSWERS) --variant full
+	$(VENV)/bin/pagedllm eval perplexity $(LONG_ANSWERS) --variant streaming-20pct --kv-cache-policy streaming --attention-sinks 4 --kv-window 200
+	$(VENV)/bin/pagedllm eval perplexity $(LONG_ANSWERS) --variant h2o-20pct --kv-cache-policy h2o --kv-budget 204

@@ -16,7 +16,7 @@ TOP_LOGPROBS = 5
 def paged_last_logits(engine: LLMEngine, token_ids: list[int], chunk_size: int) -> torch.Tensor:
     """Prefill `token_ids` chunk by chunk through the engine's paged KV cache; the last position's logits."""
     model, blocks = engine.runner.model, engine.block_manager
-    seq = SimpleNamespace(block_ids=[], group_block_ids=[], num_computed_tokens=0)
+    seq = SimpleNamespace(block_ids=[], group_block_ids=[], num_computed_tokens=0, num_evicted_tokens=0)
     try:
         for start in range(0, len(token_ids), chunk_size):
             end = min(len(token_ids), start + chunk_size)

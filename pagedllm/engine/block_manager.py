@@ -6,9 +6,10 @@ group 0's is `block_ids`, the others' `group_block_ids`. A table's entry i holds
 after every step and their entries become FREED_BLOCK: a sequence there holds at most ceil(window / block_size) + 1
 blocks between steps.
 
-Under an evicting policy (streaming or h2o, engine/kv_cache_policy.py) entry i holds cache positions
-[i * block_size, (i + 1) * block_size) instead: a sequence's cache length is its computed tokens less its evicted
-ones.
+Under an evicting policy (streaming or h2o, engine/kv_cache_policy.py) the entry i of a whole-context group's table
+holds cache positions [i * block_size, (i + 1) * block_size) instead: a sequence's cache length is its computed
+tokens less its evicted ones. Sliding-window groups keep their tables by token position and their own window
+(layers/kv_compaction.py says how their keys follow the cache positions).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pagedllm.engine.kv_cache_policy import EvictionPolicy
 from pagedllm.engine.prefix_cache import HashedSequence, PrefixCache
 from pagedllm.layers.attention import FREED_BLOCK
 from pagedllm.layers.kv_cache_groups import first_visible_block
-from pagedllm.layers.kv_compaction import KVCompaction, first_moved
+from pagedllm.layers.kv_compaction import KVCompaction, KVEviction, KVRotation, first_moved
 
 
 class BlockAllocator:
@@ -94,7 +95,7 @@ class BlockManager:
         self.allocator = BlockAllocator(num_blocks)
         self.sliding_windows = sliding_windows or [None]  # one entry per KV-cache group
         self.prefix_cache = prefix_cache
-        self.eviction = eviction  # set only with one KV-cache group; its sequences share blocks by the prefix cache
+        self.eviction = eviction  # applies to the whole-context groups; its sequences share blocks by the prefix cache
 
     @property
     def num_free_blocks(self) -> int:
@@ -112,17 +113,25 @@ class BlockManager:
         return [seq.block_ids, *seq.group_block_ids]
 
     def cache_len(self, seq: HasBlocks) -> int:
-        """Tokens whose K/V the sequence's cache holds."""
+        """Tokens whose K/V the sequence's whole-context groups hold."""
         return seq.num_computed_tokens - (seq.num_evicted_tokens if self.eviction else 0)
+
+    def _evicts(self, group: int) -> bool:
+        """The group's tables follow the evicting policy (by cache position), not a window (by token position)."""
+        return self.eviction is not None and self.sliding_windows[group] is None
+
+    def _table_len(self, seq: HasBlocks, group: int) -> int:
+        """The positions the group's table indexes: the cache length, or the computed tokens in a window's."""
+        return self.cache_len(seq) if self._evicts(group) else seq.num_computed_tokens
 
     def cache_room(self, seq: HasBlocks) -> int:
         """The most new tokens the sequence's cache takes in one step: under an evicting policy, the positions
         left below max_model_len (a full cache's requests were checked against it whole)."""
         return sys.maxsize if self.eviction is None else self.eviction.max_cache_len - self.cache_len(seq)
 
-    def evict(self, seq: HasBlocks) -> KVCompaction | None:
+    def evict(self, seq: HasBlocks) -> KVEviction | None:
         """Under an evicting policy, let the tokens it does not keep leave the cache before a step: the blocks past
-        the kept ones go back at once, and the returned move must be applied to the pools before anything is
+        the kept ones go back at once, and the returned moves must be applied to the pools before anything is
         written to them. The sequence's accumulated attention scores move with their tokens."""
         if self.eviction is None:
             return None
@@ -131,32 +140,46 @@ class BlockManager:
         if kept is None:
             return None
         num_kept_blocks = ceil_div(len(kept), self.block_size)
-        copies = self._make_private(seq, range(first_moved(kept) // self.block_size, num_kept_blocks))
+        tables = self.tables(seq)
+        rewritten = [
+            (table, range(first_moved(kept) // self.block_size, num_kept_blocks))
+            if self._evicts(group)
+            else (table, [i for i, block_id in enumerate(table) if block_id != FREED_BLOCK])
+            for group, table in enumerate(tables)
+        ]
+        copies = self._make_private(rewritten)
         if copies is None:
             return None
-        compaction = KVCompaction(list(seq.block_ids), kept, cache_len, copies)
-        for block_id in reversed(seq.block_ids[num_kept_blocks:]):
-            self.allocator.release(block_id)
-        del seq.block_ids[num_kept_blocks:]
+        compactions, rotations = [], []
+        for group, table in enumerate(tables):
+            if not self._evicts(group):
+                held = [block_id for block_id in table if block_id != FREED_BLOCK]
+                rotations.append(KVRotation(held, cache_len - len(kept), group))
+                continue
+            compactions.append(KVCompaction(list(table), kept, cache_len, group))
+            for block_id in reversed(table[num_kept_blocks:]):
+                self.allocator.release(block_id)
+            del table[num_kept_blocks:]
         seq.num_evicted_tokens += cache_len - len(kept)
         if seq.kv_scores is not None:
             seq.kv_scores = seq.kv_scores[torch.tensor(kept, device=seq.kv_scores.device)]
-        return compaction
+        return KVEviction(copies, compactions, rotations)
 
-    def _make_private(self, seq: HasBlocks, indices: range) -> list[tuple[int, int]] | None:
-        """Before a compaction writes into the sequence's blocks at `indices`: give each one that another sequence
-        shares or the prefix cache lists a private copy, so that what others read, or will find, never changes.
-        Returns the copies to apply first; None (no eviction this step) when a shared block finds no free one."""
-        outside = [i for i in indices if self._is_shared(seq.block_ids[i])]
+    def _make_private(self, rewritten: list[tuple[list[int], range | list[int]]]) -> list[tuple[int, int]] | None:
+        """Before an eviction rewrites the blocks at the given indices of the sequence's tables: give each one that
+        another sequence shares or the prefix cache lists a private copy, so that what others read, or will find,
+        never changes. Returns the copies to apply first; None (no eviction this step) when a shared block finds
+        no free one."""
+        outside = [(table, i) for table, indices in rewritten for i in indices if self._is_shared(table[i])]
         if len(outside) > self.allocator.num_free:
-            if any(self.allocator.ref_counts[seq.block_ids[i]] > 1 for i in outside):
+            if any(self.allocator.ref_counts[table[i]] > 1 for table, i in outside):
                 return None
-            for i in outside:  # cached blocks only this sequence holds: no longer findable, rewritten in place
-                self.prefix_cache.forget(seq.block_ids[i])  # type: ignore[union-attr]
+            for table, i in outside:  # cached blocks only this sequence holds: no longer findable, rewritten in place
+                self.prefix_cache.forget(table[i])  # type: ignore[union-attr]
             return []
-        copies = [(seq.block_ids[i], self._allocate()) for i in outside]
-        for i, (shared, private) in zip(outside, copies):
-            seq.block_ids[i] = private
+        copies = [(table[i], self._allocate()) for table, i in outside]
+        for (table, i), (shared, private) in zip(outside, copies):
+            table[i] = private
             self.allocator.release(shared)
         return copies
 
@@ -167,18 +190,21 @@ class BlockManager:
 
     def blocks_needed(self, seq: HasBlocks, num_new_tokens: int) -> int:
         """New blocks to hold `num_new_tokens` more tokens after the computed ones, copies-on-write included."""
-        total = ceil_div(self.cache_len(seq) + num_new_tokens, self.block_size)
-        tables = self.tables(seq)
-        return sum(max(0, total - len(table)) + int(self._needs_copy(seq, table)) for table in tables)
+        needed = 0
+        for group, table in enumerate(self.tables(seq)):
+            length = self._table_len(seq, group)
+            total = ceil_div(length + num_new_tokens, self.block_size)
+            needed += max(0, total - len(table)) + int(self._needs_copy(table, length))
+        return needed
 
     def blocks_for(self, num_tokens: int, max_chunk: int) -> int:
         """The most blocks one sequence of `num_tokens` holds at once, prefilled in chunks of up to `max_chunk`."""
-        if self.eviction is not None:
-            return self.eviction.max_blocks(num_tokens, max_chunk)
         blocks = ceil_div(num_tokens, self.block_size)
         # During a step a windowed group also holds the window behind the step's first token.
         return sum(
-            blocks if window is None else min(blocks, ceil_div(window + max_chunk, self.block_size) + 1)
+            (blocks if self.eviction is None else self.eviction.max_blocks(num_tokens, max_chunk))
+            if window is None
+            else min(blocks, ceil_div(window + max_chunk, self.block_size) + 1)
             for window in self.sliding_windows
         )
 
@@ -188,10 +214,11 @@ class BlockManager:
     def allocate_slots(self, seq: HasBlocks, num_new_tokens: int) -> list[tuple[int, int]]:
         """Make room for `num_new_tokens`; returns (source, destination) block copies the cache must apply first."""
         copies: list[tuple[int, int]] = []
-        total = ceil_div(self.cache_len(seq) + num_new_tokens, self.block_size)
-        for table in self.tables(seq):
-            if self._needs_copy(seq, table):
-                index = seq.num_computed_tokens // self.block_size
+        for group, table in enumerate(self.tables(seq)):
+            length = self._table_len(seq, group)
+            total = ceil_div(length + num_new_tokens, self.block_size)
+            if self._needs_copy(table, length):
+                index = length // self.block_size
                 shared = table[index]
                 private = self._allocate()
                 self.allocator.release(shared)
@@ -300,10 +327,11 @@ class BlockManager:
         table = seq.block_ids if group == 0 else seq.group_block_ids[group - 1]
         return table[position // self.block_size] * self.block_size + position % self.block_size
 
-    def _needs_copy(self, seq: HasBlocks, table: list[int]) -> bool:
-        """The next token lands in a partially filled block that another sequence also references."""
+    def _needs_copy(self, table: list[int], length: int) -> bool:
+        """The next token, after the table's first `length` positions, lands in a partially filled block that
+        another sequence also references."""
         return (
-            seq.num_computed_tokens % self.block_size != 0
-            and len(table) * self.block_size > seq.num_computed_tokens
-            and self.allocator.ref_counts[table[seq.num_computed_tokens // self.block_size]] > 1
+            length % self.block_size != 0
+            and len(table) * self.block_size > length
+            and self.allocator.ref_counts[table[length // self.block_size]] > 1
         )

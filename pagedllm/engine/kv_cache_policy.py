@@ -2,7 +2,8 @@
 
 `streaming` (StreamingLLM) keeps a sequence's first `attention_sinks` tokens and its most recent ones; `h2o`
 (Heavy-Hitter Oracle) keeps, within `kv_budget` tokens, its most recent ones and the heavy hitters: the earlier tokens
-that received the most attention so far, summed over every layer, head and query since they entered the cache.
+that received the most attention so far, summed over every whole-context layer, head and query since they entered
+the cache.
 
 An evicting sequence's cache holds its kept tokens in their order at cache positions 0, 1, 2, ... without a gap: the
 newest tokens sit at `token position - num_evicted_tokens`, and every kept token's query and key are rotated for its
@@ -16,6 +17,12 @@ over them, their keys re-rotated by the distance each moved (layers/kv_compactio
 the table go back to the pool. A decoding query therefore sees between `num_kept` and `num_kept + block_size - 1`
 tokens (itself included), and a sequence holds at most ceil(num_kept / block_size) + 1 blocks while it decodes; the
 queries of a prefill chunk also see the chunk's earlier tokens.
+
+The policy applies to the layers that see the whole context. A model's sliding-window layers (Gemma 3's local ones)
+keep exactly their window of the most recent tokens, by their own mechanism, whether or not those tokens are still
+in the whole-context layers' cache: a query rotates for its cache position in every layer, and their keys are
+re-rotated as tokens leave so that each stays at its distance from the query (layers/kv_compaction.py). The local
+layers then attend exactly as without a policy, and the bounds above hold for each whole-context KV-cache group.
 """
 
 from __future__ import annotations
@@ -119,9 +126,10 @@ def eviction_policy(config: EngineConfig, model_config: ModelConfig, max_model_l
     name = config.kv_cache_policy
     if name == "full":
         return None
-    if any(window is not None for window in model_config.layer_sliding_windows()):
+    if all(window is not None for window in model_config.layer_sliding_windows()):
         raise ConfigError(
-            f"kv_cache_policy {name} takes models whose layers all see the whole context (no sliding-window layers)",
+            f"kv_cache_policy {name} evicts from the layers that see the whole context, and every layer of this "
+            "model has a sliding window",
             "kv_cache_policy",
         )
     if name == "streaming":

@@ -17,9 +17,10 @@ from pagedllm.engine.scheduler import ScheduledSequence, SchedulerOutput
 from pagedllm.layers.attention import AttentionMetadata, KVPool, copy_blocks
 from pagedllm.layers.dola import dola_logits, premature_layers
 from pagedllm.layers.kv_cache_groups import kv_cache_layout
-from pagedllm.layers.kv_compaction import KVCompaction, compact_kv
+from pagedllm.layers.kv_compaction import KVEviction, compact_kv, rotate_kv
 from pagedllm.layers.kv_quant import KV_CACHE_BITS, QuantizedKVPool
 from pagedllm.layers.rejection_sampler import DraftBatch, RejectionSampler, VerifiedTokens
+from pagedllm.layers.rotary import RotaryEmbedding
 from pagedllm.layers.sampler import Sampler, SamplerOutput, SamplingBatch, process_logits
 from pagedllm.model.fused_decode import FusedDecode
 from pagedllm.model.hidden_states import HiddenCapture, capturing_layers
@@ -99,6 +100,7 @@ class ModelRunner:
         mc = kv_cache_shape(model)
         # Layer j of every KV-cache group keeps its K/V in pool j; a block id belongs to one group at a time.
         layout = kv_cache_layout(mc)
+        self.kv_cache_windows = layout.sliding_windows
         self.k_pools = [allocate_kv_pool(mc, config, num_blocks, device) for _ in range(layout.layers_per_group)]
         self.v_pools = [allocate_kv_pool(mc, config, num_blocks, device) for _ in range(layout.layers_per_group)]
         self.layer_k_pools = [self.k_pools[layout.pool_of(layer)] for layer in range(mc.num_layers)]
@@ -122,8 +124,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput, block_manager: BlockManager) -> StepResult:
-        # A block a compaction frees may be a copy's destination or take new K/V in this very step.
-        self._compact(out.kv_compactions)
+        # A block an eviction frees may be a copy's destination or take new K/V in this very step.
+        self._evict(out.kv_evictions)
         # Sequences with one new token first, longest context first: attention batches runs of similar length.
         items = sorted(
             out.scheduled,
@@ -270,11 +272,18 @@ class ModelRunner:
             assert seq.contrastive is not None
             seq.contrastive.set_candidates(processed[row])
 
-    def _compact(self, compactions: list[KVCompaction]) -> None:
-        for compaction in compactions:
-            self.copy_blocks(compaction.block_copies)
+    def _evict(self, evictions: list[KVEviction]) -> None:
+        for eviction in evictions:
+            self.copy_blocks(eviction.block_copies)
             for k_pool, v_pool in zip(self.k_pools, self.v_pools, strict=True):
-                compact_kv(k_pool, v_pool, self.model.rotary, compaction, self.device)
+                for compaction in eviction.compactions:
+                    compact_kv(k_pool, v_pool, self._rotary_of(compaction.group), compaction, self.device)
+                for rotation in eviction.rotations:
+                    rotate_kv(k_pool, v_pool, self._rotary_of(rotation.group), rotation, self.device)
+
+    def _rotary_of(self, group: int) -> RotaryEmbedding:
+        """The RoPE tables of a KV-cache group's layers (Gemma 3's local and global layers have their own)."""
+        return self.model.rotary_for(self.kv_cache_windows[group])
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         """Copy-on-write: each (source, destination) block of every K/V pool."""
@@ -479,7 +488,7 @@ class StepInput:
     input_ids: list[int]
     positions: list[int]
     query_lens: list[int]
-    seq_lens: list[int]
+    seq_lens: list[list[int]]  # per KV-cache group: each sequence's context length after the step
     slot_mappings: list[list[int]]  # per KV-cache group: each new token's slot
     block_tables: list[list[list[int]]]  # per KV-cache group: each sequence's block ids
     logit_rows: list[int]  # rows of the batch whose logits are sampled or scored, in that order
@@ -489,14 +498,17 @@ class StepInput:
     def attention_metadata(self, block_size: int, device: torch.device) -> AttentionMetadata:
         """KV-cache group 0's metadata, linking every group's."""
         metas = [
-            AttentionMetadata.build(slots, tables, self.query_lens, self.seq_lens, block_size, device)
-            for slots, tables in zip(self.slot_mappings, self.block_tables, strict=True)
+            AttentionMetadata.build(slots, tables, self.query_lens, seq_lens, block_size, device)
+            for slots, tables, seq_lens in zip(self.slot_mappings, self.block_tables, self.seq_lens, strict=True)
         ]
         if len(metas) > 1:
             metas[0].kv_cache_groups = metas
         if self.report_attention:
+            # Group 0 sees the whole context, as does any group that reports: all of them add to one tensor.
             width = metas[0].block_tables.shape[1] * block_size
-            metas[0].attention_scores = torch.zeros(len(self.seq_lens), width, device=device)
+            scores = torch.zeros(len(self.query_lens), width, device=device)
+            for meta in metas:
+                meta.attention_scores = scores
         return metas[0]
 
 
@@ -522,7 +534,6 @@ def step_input(
         input_ids,
         positions,
         [end - start for _, start, end in spans],
-        [end for _, _, end in spans],
         *_kv_cache_places(block_manager, spans),
         logit_rows,
         block_copies,
@@ -531,29 +542,31 @@ def step_input(
 
 def _kv_cache_places(
     block_manager: BlockManager, spans: list[tuple[HasBlocks, int, int]]
-) -> tuple[list[list[int]], list[list[list[int]]]]:
-    """Per KV-cache group: the slots of the spans' new positions, and the spans' block tables."""
-    slot_mappings, block_tables = [], []
-    for group in range(len(block_manager.sliding_windows)):
+) -> tuple[list[list[int]], list[list[int]], list[list[list[int]]]]:
+    """Per KV-cache group: the spans' context lengths, the slots of their new positions, and their block tables.
+
+    A sliding-window group's tables count token positions: its spans start past their cache positions by the
+    tokens evicted (none but under an evicting policy)."""
+    seq_lens, slot_mappings, block_tables = [], [], []
+    for group, window in enumerate(block_manager.sliding_windows):
+        offsets = [seq.num_evicted_tokens if window is not None else 0 for seq, _, _ in spans]
+        seq_lens.append([end + offset for (_, _, end), offset in zip(spans, offsets)])
         slot_mappings.append(
-            [block_manager.slot(seq, p, group) for seq, start, end in spans for p in range(start, end)]
+            [
+                block_manager.slot(seq, p + offset, group)
+                for (seq, start, end), offset in zip(spans, offsets)
+                for p in range(start, end)
+            ]
         )
         block_tables.append([block_manager.tables(seq)[group] for seq, _, _ in spans])
-    return slot_mappings, block_tables
+    return seq_lens, slot_mappings, block_tables
 
 
 def attention_metadata(
     block_manager: BlockManager, spans: list[tuple[HasBlocks, int, int]], device: torch.device
 ) -> AttentionMetadata:
     """The metadata of sequences computing positions [start, end): KV-cache group 0's, linking every group's."""
-    step = StepInput(
-        [],
-        [],
-        [end - start for _, start, end in spans],
-        [end for _, _, end in spans],
-        *_kv_cache_places(block_manager, spans),
-        [],
-    )
+    step = StepInput([], [], [end - start for _, start, end in spans], *_kv_cache_places(block_manager, spans), [])
     return step.attention_metadata(block_manager.block_size, device)
 
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pagedllm.engine.block_manager import BlockManager
 from pagedllm.engine.candidate_branches import CandidateBranch, branch_out, num_scratch_blocks
 from pagedllm.engine.request import Sequence
-from pagedllm.layers.kv_compaction import KVCompaction
+from pagedllm.layers.kv_compaction import KVEviction
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ class ScheduledSequence:
 class SchedulerOutput:
     scheduled: list[ScheduledSequence] = field(default_factory=list)
     block_copies: list[tuple[int, int]] = field(default_factory=list)
-    kv_compactions: list[KVCompaction] = field(default_factory=list)  # applied before the block copies
+    kv_evictions: list[KVEviction] = field(default_factory=list)  # applied before the block copies
     preempted: list[Sequence] = field(default_factory=list)
     forked: list[Sequence] = field(default_factory=list)
 
@@ -72,7 +72,7 @@ class Scheduler:
         while index < len(self.running) and budget > 0:
             seq = self.running[index]
             # Tokens an evicting policy drops leave first: their blocks count as free for the room made below.
-            compaction = self.block_manager.evict(seq)
+            eviction = self.block_manager.evict(seq)
             # Drafts count in the budget like any token; those that do not fit wait for a later step. Candidates
             # are rows for the next position; their scratch blocks are held for the step.
             num_branches = seq.contrastive.top_k if seq.awaits_candidates and seq.contrastive else 0
@@ -83,9 +83,9 @@ class Scheduler:
             )
             del seq.draft_token_ids[max(0, num_new - seq.num_uncomputed_tokens) :]
             if not self._make_room(seq, num_new, out, num_scratch_blocks(self.block_manager, num_branches)):
-                break  # the sequence itself was preempted: its blocks, and the compaction's, went back
-            if compaction is not None:
-                out.kv_compactions.append(compaction)
+                break  # the sequence itself was preempted: its blocks, and the eviction's, went back
+            if eviction is not None:
+                out.kv_evictions.append(eviction)
             self._schedule(seq, num_new, out, num_branches)
             budget -= max(num_new, num_branches)
             index += 1

@@ -10,11 +10,11 @@ KV-cache group's block tables may hold FREED_BLOCK (read as block 0, never weigh
 A pool is a tensor in the model dtype or a QuantizedKVPool (int8/int4); a quantized pool is always read back, a
 fresh prefill's own K/V included, so a prefill and the decodes after it attend to the same (dequantized) numbers.
 
-A step whose metadata carries `attention_scores` (the h2o KV-cache policy) also adds, per sequence and cache
-position, the attention each key received, summed over the layer's heads and the sequence's queries. Its rows take
-a scoring path written in PyTorch that forms the probabilities explicitly (in float32): `reference` one sequence at
-a time, `fast` the decodes batched in groups as `_decode_in_groups` does; the CPU kernels, which never hold the
-normalized probabilities, are skipped.
+A step whose metadata carries `attention_scores` (the h2o KV-cache policy) also adds, in the layers without a
+sliding window, per sequence and cache position, the attention each key received, summed over the layer's heads and
+the sequence's queries. Its rows take a scoring path written in PyTorch that forms the probabilities explicitly (in
+float32): `reference` one sequence at a time, `fast` the decodes batched in groups as `_decode_in_groups` does; the
+CPU kernels, which never hold the normalized probabilities, are skipped.
 """
 
 from __future__ import annotations
@@ -181,7 +181,8 @@ class PagedAttention(nn.Module):
         write_kv(self.k_pool, self.v_pool, k, v, meta.slot_mapping)
         # A rotated pool holds K H and V H: q H . k H = q . k, and the output comes back as (attention . v) H.
         q = cache_basis(self.k_pool, q)
-        if meta.attention_scores is not None:
+        # Scores are positions within the cache: only the layers that see the whole of it report them.
+        if meta.attention_scores is not None and self.sliding_window is None:
             out = self._attend_and_score(q, k, v, meta, meta.attention_scores)
         elif self.impl == "fast" and use_cpu_kernels(q):
             out = self._attend_with_cpu_kernels(q, k, v, meta)
@@ -236,8 +237,6 @@ class PagedAttention(nn.Module):
     ) -> torch.Tensor:
         """Attention that adds what each key received to `scores`: `fast` batches the decodes in groups,
         `reference` (and `fast` for prefills) attends each sequence on its own."""
-        if self.sliding_window is not None:
-            raise NotImplementedError("attention scores are reported for layers that see the whole context only")
         attend_new = self.impl == "fast" and not isinstance(self.k_pool, QuantizedKVPool)
         out = torch.empty_like(q)
         first_prefill = 0

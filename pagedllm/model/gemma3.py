@@ -134,6 +134,10 @@ class Gemma3ForCausalLM(nn.Module):
         cap = self.config.final_logit_softcapping
         return logits if cap is None else torch.tanh(logits / cap) * cap
 
+    def rotary_for(self, sliding_window: int | None) -> RotaryEmbedding:
+        """The RoPE tables of the layers with this sliding window (None: the global layers')."""
+        return self.global_rotary if sliding_window is None else self.local_rotary
+
     def bind_kv_cache(self, k_pools: list[KVPool], v_pools: list[KVPool]) -> None:
         """Each layer's pools, and the KV-cache group (kv_cache_layout) whose block tables it reads."""
         layout = kv_cache_layout(self.config)

@@ -136,6 +136,10 @@ class LlamaForCausalLM(nn.Module):
         """Float32 logits [rows, vocab] from final hidden states."""
         return self.lm_head(self.norm(hidden)).float()
 
+    def rotary_for(self, sliding_window: int | None) -> RotaryEmbedding:
+        """The RoPE tables of the layers with this sliding window (None: whole context): one for all layers."""
+        return self.rotary
+
     def bind_kv_cache(self, k_pools: list[KVPool], v_pools: list[KVPool]) -> None:
         for layer, k_pool, v_pool in zip(self.layers, k_pools, v_pools, strict=True):
             layer.self_attn.attn.bind_pools(k_pool, v_pool)

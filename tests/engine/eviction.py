@@ -44,3 +44,16 @@ def streamed_logprobs(llm: LLM, token_ids: list[int]) -> list[float]:
     [output] = llm.generate([token_ids], SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0))
     assert output.prompt_logprobs is not None
     return [entry[token] for entry, token in zip(output.prompt_logprobs[1:], token_ids[1:], strict=True)]
+
+
+def streaming_kept(num_tokens: int) -> list[list[int]]:
+    """For each position p, the positions of the tokens the streaming cache holds when p is the query: the sinks
+    and the window before it, a block's worth leaving at once (kv_cache_policy.py)."""
+    kept, cache_len = [], 0
+    for p in range(num_tokens):
+        if cache_len - SINKS - (WINDOW - 1) >= BLOCK:
+            cache_len = SINKS + WINDOW - 1
+        evicted = p - cache_len
+        kept.append([*range(SINKS), *range(SINKS + evicted, p + 1)] if evicted else list(range(p + 1)))
+        cache_len += 1
+    return kept

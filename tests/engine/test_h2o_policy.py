@@ -151,7 +151,7 @@ def test_settings_it_does_not_compose_with_are_refused(
         tiny(tiny_llama_dir, **{**H2O, "kv_budget": MAX_MODEL_LEN})
     assert raised.value.param == "kv_budget"
     write_checkpoint("mistral-mqa", tmp_path, tokenizer_dir)  # sliding-window layers
-    with pytest.raises(ConfigError, match="sliding-window"):
+    with pytest.raises(ConfigError, match="every layer of this model has a sliding window"):
         tiny(tmp_path, **H2O)
     llm = tiny(tiny_llama_dir, **H2O)
     for params in (SamplingParams(n=2), SamplingParams(best_of=2), SamplingParams(use_beam_search=True, beam_width=2)):

@@ -12,17 +12,15 @@ from pagedllm import SamplingParams
 from pagedllm.errors import ConfigError, InvalidArgumentError
 from tests.checkpoints import write_checkpoint
 from tests.engine.eviction import (
-    BLOCK,
     GREEDY,
     H2O,
     H2O_BOUND,
     MAX_MODEL_LEN,
-    SINKS,
     STREAMING,
     STREAMING_BOUND,
-    WINDOW,
     random_tokens,
     streamed_logprobs,
+    streaming_kept,
     tiny,
     tiny_with_blocks,
 )
@@ -72,16 +70,8 @@ def test_window_longer_than_the_sequence_equals_full_attention(tiny_llama_dir: P
 
 
 def kept_contexts(token_ids: list[int]) -> list[list[int]]:
-    """For each position p, the tokens the streaming cache holds when p is the query: the sinks and the window
-    before it, a block's worth leaving at once (kv_cache_policy.py)."""
-    contexts, cache_len = [], 0
-    for p in range(len(token_ids)):
-        if cache_len - SINKS - (WINDOW - 1) >= BLOCK:
-            cache_len = SINKS + WINDOW - 1
-        evicted = p - cache_len
-        contexts.append(token_ids[:SINKS] + token_ids[SINKS + evicted : p + 1] if evicted else token_ids[: p + 1])
-        cache_len += 1
-    return contexts
+    """For each position p, the tokens the streaming cache holds when p is the query."""
+    return [[token_ids[i] for i in kept] for kept in streaming_kept(len(token_ids))]
 
 
 def test_one_layer_stream_scores_each_token_as_a_fresh_forward_over_the_kept_tokens(one_layer_dir: Path) -> None:
@@ -142,7 +132,7 @@ def test_settings_it_does_not_compose_with_are_refused(
     with pytest.raises(ConfigError, match="exceeds max_model_len"):
         tiny(tiny_llama_dir, **{**STREAMING, "kv_window": MAX_MODEL_LEN})
     write_checkpoint("mistral-mqa", tmp_path, tokenizer_dir)  # sliding-window layers
-    with pytest.raises(ConfigError, match="sliding-window"):
+    with pytest.raises(ConfigError, match="every layer of this model has a sliding window"):
         tiny(tmp_path, **STREAMING)
     llm = tiny(tiny_llama_dir, **STREAMING)
     for params in (SamplingParams(n=2), SamplingParams(best_of=2), SamplingParams(use_beam_search=True, beam_width=2)):

@@ -7,7 +7,7 @@ import torch
 
 from pagedllm.config import RopeScaling
 from pagedllm.layers.attention import gather_context, write_kv
-from pagedllm.layers.kv_compaction import KVCompaction, compact_kv
+from pagedllm.layers.kv_compaction import KVCompaction, KVRotation, compact_kv, rotate_kv
 from pagedllm.layers.kv_quant import QuantizedKVPool
 from pagedllm.layers.rotary import RotaryEmbedding
 
@@ -46,3 +46,24 @@ def test_kept_entries_equal_entries_written_at_their_new_positions(quantized: bo
         got, want = (gather_context(p, table_tensor, new_len) for p in (pool, expected))
         tolerance = 0.05 if quantized else 1e-5
         assert torch.allclose(got, want, atol=tolerance)
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_rotated_blocks_hold_the_keys_of_positions_distance_lower(quantized: bool) -> None:
+    """A sliding-window group's blocks stay where they are: keys become those of positions `distance` lower."""
+    rotary = RotaryEmbedding(HEAD_DIM, 64, 10000.0, RopeScaling())
+    blocks, distance, first = [6, 1], 13, 20  # positions 20..27 in two scattered blocks
+    keys, values = torch.randn(8, HEADS, HEAD_DIM), torch.randn(8, HEADS, HEAD_DIM)
+    slots = torch.tensor([blocks[i // BLOCK] * BLOCK + i % BLOCK for i in range(8)])
+    k_pool, v_pool = pools(quantized)
+    write_kv(k_pool, v_pool, rotary.rotate(torch.arange(first, first + 8), keys), values, slots)
+
+    rotate_kv(k_pool, v_pool, rotary, KVRotation(blocks, distance, group=1), CPU)
+
+    expected_k, expected_v = pools(quantized)
+    shifted = torch.arange(first - distance, first - distance + 8)
+    write_kv(expected_k, expected_v, rotary.rotate(shifted, keys), values, slots)
+    table = torch.tensor(blocks)
+    for pool, expected in ((k_pool, expected_k), (v_pool, expected_v)):
+        got, want = (gather_context(p, table, 8) for p in (pool, expected))
+        assert torch.allclose(got, want, atol=0.05 if quantized else 1e-5)

@@ -41,7 +41,7 @@ def prefill(model: nn.Module, blocks: BlockManager, lengths: tuple[int, ...]) ->
     generator = torch.Generator().manual_seed(0)
     seqs = []
     for length in lengths:
-        seq = SimpleNamespace(block_ids=[], group_block_ids=[], num_computed_tokens=0)
+        seq = SimpleNamespace(block_ids=[], group_block_ids=[], num_computed_tokens=0, num_evicted_tokens=0)
         blocks.allocate_slots(seq, length)
         meta = attention_metadata(blocks, [(seq, 0, length)], torch.device("cpu"))
         model(torch.randint(0, model.config.vocab_size, (length,), generator=generator), torch.arange(length), meta)
