@@ -21,7 +21,7 @@ from typing import Any, NoReturn, Protocol
 
 from pagedllm.config import EngineConfig
 from pagedllm.engine.engine import EngineStats, LLMEngine
-from pagedllm.engine.executor import STARTUP_TIMEOUT_S, WorkerError, fail, stop_children
+from pagedllm.engine.executor import STARTUP_TIMEOUT_S, WorkerError, fail, start_child, stop_children
 from pagedllm.engine.host_memory import HeapTrimmer
 from pagedllm.engine.output import RequestOutput
 from pagedllm.engine.replica import ReplicaInfo, ReplicaLost, replica_config, replica_loop
@@ -65,16 +65,9 @@ class ProcessReplicas:
         self.connections: list[Connection] = []
         self.processes: list[BaseProcess] = []
         for index in range(config.data_parallel_size):
-            driver_end, replica_end = context.Pipe()
-            process = context.Process(
-                target=_process_main,
-                args=(index, config.data_parallel_size, replica_config(config), replica_end),
-                name=f"pagedllm-replica-{index}",
-                daemon=True,
-            )
-            process.start()
-            replica_end.close()
-            self.connections.append(driver_end)
+            args = (index, config.data_parallel_size, replica_config(config))
+            connection, process = start_child(context, _process_main, args, f"pagedllm-replica-{index}")
+            self.connections.append(connection)
             self.processes.append(process)
 
     def send(self, index: int, command: tuple[Any, ...]) -> None:

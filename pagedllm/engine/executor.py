@@ -82,6 +82,17 @@ def stop_children(
         connection.close()
 
 
+def start_child(
+    context: multiprocessing.context.BaseContext, target: Callable[..., None], args: tuple[Any, ...], name: str
+) -> tuple[Connection, BaseProcess]:
+    """Start a daemon process running target(*args, its end of a pipe); the driver's end and the process."""
+    driver_end, child_end = context.Pipe()
+    process = context.Process(target=target, args=(*args, child_end), name=name, daemon=True)
+    process.start()
+    child_end.close()  # the child holds its own copy: EOF reaches the driver once the child exits
+    return driver_end, process
+
+
 def report_failure(connection: Connection, process: str, error: BaseException) -> None:
     """End a child process that failed: log it, send the driver the error, and exit 1. The driver raises a pagedllm
     error (a setting the child refused) as it is, any other as a WorkerError naming `process`."""
@@ -167,16 +178,9 @@ class MultiprocExecutor:
         self.processes: list[BaseProcess] = []
         self.inboxes: list[deque[tuple[str, Any]]] = [deque() for _ in self.ranks]
         for rank in self.ranks:
-            driver_end, worker_end = context.Pipe()
-            process = context.Process(
-                target=_worker_main,
-                args=(rank, world_size, init_method, config, num_blocks, max_model_len, worker_end),
-                name=f"pagedllm-rank-{rank}",
-                daemon=True,
-            )
-            process.start()
-            worker_end.close()
-            self.connections.append(driver_end)
+            args = (rank, world_size, init_method, config, num_blocks, max_model_len)
+            connection, process = start_child(context, _worker_main, args, f"pagedllm-rank-{rank}")
+            self.connections.append(connection)
             self.processes.append(process)
         # On several nodes rank 0 hands every step on to the others.
         self.step_connections = self.connections if config.nnodes == 1 else self.connections[:1]
