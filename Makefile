@@ -120,12 +120,12 @@ bench-variants: install $(AWQ_DIR)
 
 # StreamingLLM's table (README, Long context): full attention, the sliding-window recompute oracle (a window every
 # stride tokens), streaming with 4 sinks and window-only, the last two decoded token by token. The embedded model over
-# 8,191 tokens, Gemma 3 270M over GEMMA3_LONG_TOKENS; about 25 and 35 minutes on 2 quiet cores. Full attention's
+# 8,191 tokens, Gemma 3 270M over GEMMA3_LONG_TOKENS (16,383); about 25 minutes each on 2 quiet cores. Full attention's
 # prompt logprobs are [tokens in a step, vocabulary] float32: 512 a step keeps Gemma's 262k-token vocabulary in memory.
 LONG_CONTEXT_RESULTS = $(BENCH_RESULTS:.json=-long-context.json)
 LONG_ANSWERS_RESULTS = $(BENCH_RESULTS:.json=-long-answers.json)
 GEMMA3_270M = $(shell $(PY) -c "from pagedllm.benchmarks.size_suite import gemma3_270m_file; print(gemma3_270m_file())")
-GEMMA3_LONG_TOKENS ?= 4095
+GEMMA3_LONG_TOKENS ?= 16383
 
 # $(1): model flags, $(2): tokens, $(3): recompute stride, $(4): row name prefix
 define long_context_table
