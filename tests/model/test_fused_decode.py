@@ -28,7 +28,7 @@ from pagedllm.model.llama import LlamaForCausalLM
 from pagedllm.model.loader import load_checkpoint
 from tests.checkpoints import write_checkpoint
 from tests.model.test_gemma3 import write_tiny_gemma3
-from tests.model.test_gguf_native_loading import LAYER_TYPES, write_mixed_gguf
+from tests.model.test_gguf_native_loading import LAYER_TYPES
 
 pytestmark = pytest.mark.skipif(not cpu_kernels_available(), reason="the fused decode is a CPU kernel")
 
@@ -124,13 +124,6 @@ def gguf_runner(path: Path, dense_matmul_min_rows: int) -> tuple[ModelRunner, Bl
     model.load_weights(checkpoint.weights)
     config = EngineConfig(model=str(path), dtype="float32", dense_matmul_min_rows=dense_matmul_min_rows)
     return ModelRunner(model, config, 32, torch.device("cpu"), None), BlockManager(32, config.block_size)
-
-
-@pytest.fixture(scope="module")
-def mixed_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("mixed") / "mixed-q4_k_m.gguf"
-    write_mixed_gguf(path)
-    return path
 
 
 def test_stack_matches_layers_on_gguf_blocks(mixed_gguf: Path) -> None:

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import gguf
 import numpy as np
-import pytest
 import torch
 
 from pagedllm.layers.gguf_linear import GGUFEmbedding, GGUFLinear
@@ -70,13 +69,6 @@ def write_mixed_gguf(path: Path) -> None:
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-
-
-@pytest.fixture(scope="module")
-def mixed_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("mixed") / "mixed-q4_k_m.gguf"
-    write_mixed_gguf(path)
-    return path
 
 
 def test_each_linear_keeps_its_type_and_the_weights_take_the_files_bytes(mixed_gguf: Path) -> None:
