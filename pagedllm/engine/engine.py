@@ -294,13 +294,16 @@ class LLMEngine:
                 f"max_tokens is {params.max_tokens} ({total} in all)",
                 "max_tokens",
             )
-        capacity = self.num_blocks * self.config.block_size
         # Contrastive search's candidates hold a scratch block each (per KV-cache group) during their step.
         scratch = num_scratch_blocks(self.block_manager, params.top_k) if params.uses_contrastive_search else 0
-        if self.block_manager.blocks_for(total, self.config.max_num_batched_tokens) + scratch > self.num_blocks:
+        needed = self.block_manager.blocks_for(total, self.config.max_num_batched_tokens) + scratch
+        if needed > self.num_blocks:
+            # Counted in blocks: with sliding-window layers a sequence holds blocks in several KV-cache groups, so
+            # no single token capacity describes the cache.
             raise RequestTooLongError(
-                f"the KV cache holds {capacity} tokens, but the prompt has {len(token_ids)} and max_tokens is "
-                f"{params.max_tokens} ({total} in all); raise kv_cache_memory",
+                f"the prompt has {len(token_ids)} tokens and max_tokens is {params.max_tokens} ({total} in all), "
+                f"which needs {needed} KV-cache blocks of {self.config.block_size} tokens, but the cache has "
+                f"{self.num_blocks}; raise kv_cache_memory",
                 "max_tokens",
             )
         if params.n > self.config.max_num_seqs:

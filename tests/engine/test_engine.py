@@ -28,8 +28,12 @@ def test_prompt_plus_max_tokens_over_context_is_rejected_with_numbers(llm: LLM) 
 
 
 def test_request_larger_than_the_whole_cache_is_rejected(small_llm: LLM) -> None:
-    capacity = small_llm.engine.num_blocks * small_llm.engine.config.block_size
-    with pytest.raises(RequestTooLongError, match=f"holds {capacity} tokens"):
+    engine = small_llm.engine
+    capacity = engine.num_blocks * engine.config.block_size
+    needed = -(-(10 + capacity) // engine.config.block_size)
+    with pytest.raises(
+        RequestTooLongError, match=f"needs {needed} KV-cache blocks .* the cache has {engine.num_blocks}"
+    ):
         small_llm.generate([[5] * 10], SamplingParams(max_tokens=capacity))
 
 
