@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from pagedllm.config import RopeScaling
 from pagedllm.kernels import cpu_kernels_available
-from pagedllm.layers.activation import silu_and_mul_reference
+from pagedllm.layers.activation import gelu_tanh_and_mul_reference, silu_and_mul_reference
 from pagedllm.layers.attention import gather_context
 from pagedllm.layers.linear import kernel_representable, pack_int4_scales, pack_int4_tiles
 from pagedllm.layers.norm import RMSNorm
@@ -297,11 +297,13 @@ def test_write_kv_stores_entries_at_their_slots_and_refuses_a_slot_outside_the_p
         ops.write_kv_(k, v, k_pool, v_pool, torch.tensor([1, 2, 24]))
 
 
+@pytest.mark.parametrize("activation", ["silu_and_mul", "gelu_tanh_and_mul"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
-def test_silu_and_mul_equals_the_reference(dtype: torch.dtype) -> None:
+def test_gated_activation_equals_the_reference(activation: str, dtype: torch.dtype) -> None:
     gate_up = (6 * torch.randn(3, 2 * 37, generator=generator(17))).to(dtype)  # 37: a vector part and a tail
     gate_up[0, :4] = torch.tensor([-200.0, -90.0, 90.0, 200.0])  # past the exponential's clamps
-    got, expected = ops.silu_and_mul(gate_up), silu_and_mul_reference(gate_up)
+    reference = {"silu_and_mul": silu_and_mul_reference, "gelu_tanh_and_mul": gelu_tanh_and_mul_reference}
+    got, expected = getattr(ops, activation)(gate_up), reference[activation](gate_up)
     assert got.dtype == dtype and got.shape == (3, 37)
     tolerance = 1e-6 if dtype == torch.float32 else 1e-2
     torch.testing.assert_close(got, expected, rtol=tolerance, atol=tolerance)

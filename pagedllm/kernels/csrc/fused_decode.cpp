@@ -108,8 +108,7 @@ at::Tensor gemma3_layer(at::Tensor& residual, const at::Tensor& x, const at::Ten
   const at::Tensor attended = attend(heads, positions, a, s);
   const at::Tensor h = rms_norm(project(attended, first_linear + kOut), norms[3], s.eps);
   const at::Tensor mlp_in = add_rms_norm_(residual, h, norms[4], s.eps);
-  const std::vector<at::Tensor> gate_up = project(mlp_in, first_linear + kGateUp).chunk(2, -1);
-  const at::Tensor activated = at::gelu(gate_up[0], "tanh") * gate_up[1];
+  const at::Tensor activated = gelu_tanh_and_mul(project(mlp_in, first_linear + kGateUp));
   return rms_norm(project(activated, first_linear + kDown), norms[5], s.eps);
 }
 

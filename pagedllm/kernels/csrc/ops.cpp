@@ -15,6 +15,7 @@ TORCH_LIBRARY(pagedllm, m) {
   m.def("rotate_heads_(Tensor(a!) x, Tensor positions, Tensor cos, Tensor signed_sin, int rotated_heads) -> ()");
   m.def("write_kv_(Tensor k, Tensor v, Tensor(a!) k_pool, Tensor(b!) v_pool, Tensor slots) -> ()");
   m.def("silu_and_mul(Tensor gate_up) -> Tensor");
+  m.def("gelu_tanh_and_mul(Tensor gate_up) -> Tensor");
   m.def(
       "fused_decode(Tensor hidden, Tensor positions, Tensor[] cos, Tensor[] signed_sin, Tensor[] norms, "
       "Tensor[] weights, Tensor[] scales, int[] kinds, int[] kind_args, int[] parts, Tensor?[] biases, "
@@ -38,5 +39,6 @@ TORCH_LIBRARY_IMPL(pagedllm, CPU, m) {
   m.impl("rotate_heads_", &pagedllm::rotate_heads_);
   m.impl("write_kv_", &pagedllm::write_kv_);
   m.impl("silu_and_mul", &pagedllm::silu_and_mul);
+  m.impl("gelu_tanh_and_mul", &pagedllm::gelu_tanh_and_mul);
   m.impl("fused_decode", &pagedllm::fused_decode);
 }

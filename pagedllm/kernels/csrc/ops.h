@@ -21,6 +21,7 @@ void rotate_heads_(at::Tensor& x, const at::Tensor& positions, const at::Tensor&
 void write_kv_(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_pool, at::Tensor& v_pool,
                const at::Tensor& slots);
 at::Tensor silu_and_mul(const at::Tensor& gate_up);
+at::Tensor gelu_tanh_and_mul(const at::Tensor& gate_up);
 // Kinds of fused_decode's weight parts (Python reads them through fused_decode_weight_kinds, so they are defined
 // here alone); a part's kind argument is its int4 group size or its GGUF type, else unused.
 constexpr int64_t kDense = 0, kInt8 = 1, kInt4 = 2, kGGUF = 3;
