@@ -175,9 +175,7 @@ class DataParallelEngine:
             raise InvalidArgumentError("keep_kv needs one engine (data_parallel_size=1)", "keep_kv")
         if request_id in self.placement:
             raise InvalidArgumentError(f"request id {request_id!r} is already in use", "request_id")
-        # The replica tokenizes a text prompt again: it is sent as text, which its outputs echo.
-        token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
-        hashes = self.router.block_hashes(token_ids)
+        hashes = self._block_hashes(prompt)
         index = self.router.choose(hashes, self.loads)
         self._send(index, ("add", request_id, prompt, params, arrival_time))
         added_id, error = self._receive(index, "added", None)
@@ -187,6 +185,13 @@ class DataParallelEngine:
         self.router.record(index, hashes)
         self.placement[request_id] = index
         self.loads[index] += 1
+
+    def _block_hashes(self, prompt: str | list[int]) -> list[int]:
+        """The prompt's full blocks as the router knows them (none where it routes by load alone)."""
+        if self.router.policy is None:
+            return []
+        # The replica tokenizes a text prompt again: it is sent as text, which its outputs echo.
+        return self.router.block_hashes(self.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt)
 
     def abort_request(self, request_id: str) -> None:
         index = self.placement.pop(request_id, None)

@@ -80,7 +80,7 @@ class PrefixAffinityRouter:
         self.records = [PrefixRecord(record_blocks) for _ in range(num_replicas)]
 
     def block_hashes(self, token_ids: Sequence[int]) -> list[int]:
-        return block_hashes(token_ids, self.block_size) if self.policy is not None else []
+        return block_hashes(token_ids, self.block_size)
 
     def choose(self, hashes: Sequence[int], loads: Sequence[int]) -> int:
         """The replica for a prompt of block `hashes`, given each replica's requests in flight."""
