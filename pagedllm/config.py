@@ -178,7 +178,22 @@ class EngineConfig:
         default=1,
         metadata={
             "help": "engine replicas, each a process (a Ray actor under distributed_executor_backend ray) with its "
-            "own model and scheduler; a request goes to the one with the fewest in flight"
+            "own model and scheduler; a request goes to the one that has its prompt's prefix cached, else to the one "
+            "with the fewest in flight (see prefix_affinity_min_tokens)"
+        },
+    )
+    prefix_affinity_min_tokens: int = field(
+        default=64,
+        metadata={
+            "help": "data parallel: a request goes to the replica it shares the longest cached prompt prefix with when "
+            "that prefix has at least this many tokens (whole blocks), else to the least-loaded replica"
+        },
+    )
+    prefix_affinity_max_load_gap: int = field(
+        default=8,
+        metadata={
+            "help": "data parallel: a replica with more than this many requests in flight beyond the least-loaded "
+            "one's gets no request for its cached prefix"
         },
     )
     distributed_executor_backend: ExecutorBackend | None = field(
@@ -246,6 +261,9 @@ class EngineConfig:
 
     def _check_parallel(self) -> None:
         _require_positive(self, "tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size")
+        for name in ("prefix_affinity_min_tokens", "prefix_affinity_max_load_gap"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}", name)
         if self.data_parallel_size > 1 and self.world_size > 1:
             raise ConfigError(
                 "data_parallel_size > 1 with tensor or pipeline parallelism is not supported yet", "data_parallel_size"

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from pagedllm import LLM, SamplingParams
 from pagedllm.engine.output import RequestOutput
+from pagedllm.serving.logprobs import TokenStrings
 
 NUM_LOGPROBS = 5
 
@@ -25,3 +28,20 @@ def assert_greedy_close(expected: list[RequestOutput], actual: list[RequestOutpu
                 break
         else:
             assert a.token_ids == b.token_ids
+
+
+def assert_served_greedy_close(
+    expected: list[RequestOutput], served: list[dict[str, Any]], strings: TokenStrings
+) -> None:
+    """assert_greedy_close's rule between offline outputs and the completions `logprobs` objects a server answered
+    with, which name each token by its text."""
+    for one, logprobs in zip(expected, served, strict=True):
+        sample = one.outputs[0]
+        tokens = [strings.text(token_id) for token_id in sample.token_ids]
+        for position, (token_a, token_b) in enumerate(zip(tokens, logprobs["tokens"])):
+            if token_a != token_b:
+                top_a = {strings.text(token_id) for token_id in sample.logprobs[position]}
+                assert token_a in logprobs["top_logprobs"][position] and token_b in top_a, (one.prompt, position)
+                break
+        else:
+            assert tokens == logprobs["tokens"]

@@ -49,6 +49,8 @@ def test_every_literal_setting_is_enumerated_here_and_group_sizes_are_one_consta
         ("kv_window", 0),
         ("kv_budget", 0),
         ("attention_sinks", -1),
+        ("prefix_affinity_min_tokens", -1),
+        ("prefix_affinity_max_load_gap", -1),
     ],
 )
 def test_a_value_outside_the_choices_names_its_setting(name: str, value: object) -> None:

@@ -1,6 +1,7 @@
 """Data parallelism: engine replicas, each with its own model, scheduler and KV cache, behind the engine's
 interface (add_request / step / abort_request), so the offline API and the async engine drive them as they drive
-one engine. A request goes to the replica with the fewest requests in flight, and stays there.
+one engine. A request goes to the replica that has its prompt's prefix cached, unless that one is much busier than
+the others, else to the replica with the fewest requests in flight (engine/router.py); it stays there.
 
 A replica is a process of this host (`mp`) or a Ray actor on any node of a Ray cluster (`ray`); either way it runs
 `replica_loop` over a link of the same messages. It steps while it has requests and sends each step's outputs
@@ -20,11 +21,12 @@ from multiprocessing.process import BaseProcess
 from typing import Any, NoReturn, Protocol
 
 from pagedllm.config import EngineConfig
-from pagedllm.engine.engine import EngineStats, LLMEngine
+from pagedllm.engine.engine import EngineStats, LLMEngine, PrefixCacheStats
 from pagedllm.engine.executor import STARTUP_TIMEOUT_S, WorkerError, fail, start_child, stop_children
 from pagedllm.engine.host_memory import HeapTrimmer
 from pagedllm.engine.output import RequestOutput
 from pagedllm.engine.replica import ReplicaInfo, ReplicaLost, replica_config, replica_loop
+from pagedllm.engine.router import PrefixAffinityRouter, RoutingPolicy
 from pagedllm.engine.worker import pin_rank_threads
 from pagedllm.errors import InvalidArgumentError, PagedLLMError
 from pagedllm.kernels import cpu_kernels_available
@@ -127,6 +129,13 @@ class DataParallelEngine:
             self.shutdown()
             raise
         self.replica_stats = [_no_stats() for _ in range(num_replicas)]
+        policy = (
+            RoutingPolicy(config.prefix_affinity_min_tokens, config.prefix_affinity_max_load_gap)
+            if config.enable_prefix_caching
+            else None
+        )
+        # A replica's cache holds at most its num_blocks blocks: so does the record of what it was sent.
+        self.router = PrefixAffinityRouter(num_replicas, config.block_size, self.num_blocks, policy)
 
     @property
     def model_name(self) -> str:
@@ -161,19 +170,28 @@ class DataParallelEngine:
         arrival_time: float | None = None,
         keep_kv: bool = False,
     ) -> None:
-        """Queue a request on the replica with the fewest in flight; raises what that replica's engine raises."""
+        """Queue a request on the replica the router chooses; raises what that replica's engine raises."""
         if keep_kv:
             raise InvalidArgumentError("keep_kv needs one engine (data_parallel_size=1)", "keep_kv")
         if request_id in self.placement:
             raise InvalidArgumentError(f"request id {request_id!r} is already in use", "request_id")
-        index = min(range(len(self.loads)), key=self.loads.__getitem__)
+        hashes = self._block_hashes(prompt)
+        index = self.router.choose(hashes, self.loads)
         self._send(index, ("add", request_id, prompt, params, arrival_time))
         added_id, error = self._receive(index, "added", None)
         assert added_id == request_id
         if error is not None:
             raise error
+        self.router.record(index, hashes)
         self.placement[request_id] = index
         self.loads[index] += 1
+
+    def _block_hashes(self, prompt: str | list[int]) -> list[int]:
+        """The prompt's full blocks as the router knows them (none where it routes by load alone)."""
+        if self.router.policy is None:
+            return []
+        # The replica tokenizes a text prompt again: it is sent as text, which its outputs echo.
+        return self.router.block_hashes(self.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt)
 
     def abort_request(self, request_id: str) -> None:
         index = self.placement.pop(request_id, None)
@@ -199,17 +217,21 @@ class DataParallelEngine:
         return current
 
     def stats(self) -> EngineStats:
-        """Every replica's counters summed (as of its last step), KV-cache usage averaged."""
+        """Every replica's counters summed (as of its last step), KV-cache usage averaged, and each replica's
+        prefix-cache counters."""
         total = {
             f.name: sum(getattr(s, f.name) for s in self.replica_stats)
             for f in fields(EngineStats)
-            if f.name not in ("kv_cache_usage", "spec_decode")
+            if f.name not in ("kv_cache_usage", "spec_decode", "replica_prefix_caches")
         }
         spec = SpecDecodeStats(
             **{f.name: sum(getattr(s.spec_decode, f.name) for s in self.replica_stats) for f in fields(SpecDecodeStats)}
         )
         usage = sum(s.kv_cache_usage for s in self.replica_stats) / len(self.replica_stats)
-        return EngineStats(**total, kv_cache_usage=usage, spec_decode=spec)
+        caches = tuple(
+            PrefixCacheStats(s.prefix_cache_queried_tokens, s.prefix_cache_hit_tokens) for s in self.replica_stats
+        )
+        return EngineStats(**total, kv_cache_usage=usage, spec_decode=spec, replica_prefix_caches=caches)
 
     def shutdown(self) -> None:
         """Stop every replica."""

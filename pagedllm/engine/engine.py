@@ -52,6 +52,18 @@ from pagedllm.structured_output.manager import StructuredOutputManager
 logger = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class PrefixCacheStats:
+    """Prompt tokens looked up in one prefix cache, and those found there."""
+
+    queried_tokens: int
+    hit_tokens: int
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hit_tokens / self.queried_tokens if self.queried_tokens else 0.0
+
+
 @dataclass
 class EngineStats:
     """Counters and gauges of the engine, read by metrics."""
@@ -65,6 +77,7 @@ class EngineStats:
     prefix_cache_queried_tokens: int
     prefix_cache_hit_tokens: int
     spec_decode: SpecDecodeStats = field(default_factory=SpecDecodeStats)
+    replica_prefix_caches: tuple[PrefixCacheStats, ...] = ()  # each data-parallel replica's, in order; () for one
 
 
 class LLMEngine:

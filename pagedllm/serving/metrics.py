@@ -59,6 +59,29 @@ class EngineStatsCollector(Collector):
             counter = CounterMetricFamily(f"{PREFIX}_{name}", documentation, labels=["model_name"])
             counter.add_metric([self.model_name], value)
             yield counter
+        if stats.replica_prefix_caches:
+            yield from self._replica_prefix_caches(stats)
+
+    def _replica_prefix_caches(self, stats: EngineStats) -> Iterator[Metric]:
+        """Each data-parallel replica's prefix-cache counters and hit rate, labelled by its index."""
+        labels = ["model_name", "replica"]
+        queries = CounterMetricFamily(
+            f"{PREFIX}_replica_prefix_cache_queries",
+            "prompt tokens a replica looked up in its prefix cache",
+            labels=labels,
+        )
+        hits = CounterMetricFamily(
+            f"{PREFIX}_replica_prefix_cache_hits", "prompt tokens a replica found in its prefix cache", labels=labels
+        )
+        rates = GaugeMetricFamily(
+            f"{PREFIX}_replica_prefix_cache_hit_rate", "a replica's prefix-cache hits / queries so far", labels=labels
+        )
+        for index, cache in enumerate(stats.replica_prefix_caches):
+            replica = [self.model_name, str(index)]
+            queries.add_metric(replica, cache.queried_tokens)
+            hits.add_metric(replica, cache.hit_tokens)
+            rates.add_metric(replica, cache.hit_rate)
+        yield from (queries, hits, rates)
 
 
 class QueueCollector(Collector):

@@ -56,6 +56,47 @@ def test_dp2_greedy_outputs_equal_one_engine_and_requests_go_to_the_less_loaded_
     assert engine.loads == [0, 0]
 
 
+def finish(engine: DataParallelEngine) -> None:
+    while engine.has_unfinished_requests():
+        engine.step()
+
+
+def test_prompts_sharing_a_long_prefix_go_to_the_replica_that_cached_it_and_others_spread_by_load(
+    one_and_dp2: tuple[LLM, LLM],
+) -> None:
+    _, dp2 = one_and_dp2
+    engine = dp2.engine
+    assert isinstance(engine, DataParallelEngine)
+    finish(engine)
+    system = "You are a careful assistant who answers in one short sentence and never makes anything up. " * 6
+    first, second = system + "What is the capital of France?", system + "Name a colour of the sky."
+    first_ids, second_ids = engine.tokenizer.encode(first), engine.tokenizer.encode(second)
+    shared = next(i for i, (a, b) in enumerate(zip(first_ids, second_ids)) if a != b)
+    block_size = engine.config.block_size
+    expected_hit = min(shared, len(second_ids) - 1) // block_size * block_size
+    assert expected_hit >= engine.config.prefix_affinity_min_tokens
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    before = engine.stats().replica_prefix_caches
+    engine.add_request("first", first, params)
+    home = engine.placement["first"]
+    assert home == 0  # both idle, nothing cached: the first of the least loaded
+    finish(engine)  # its prompt's blocks are in `home`'s prefix cache now
+    # An unrelated request makes `home` the busier replica; the second prompt goes there all the same.
+    engine.add_request("busy", list(range(3000, 3040)), params)
+    assert engine.placement["busy"] == home
+    engine.add_request("second", second, params)
+    assert engine.placement["second"] == home
+    assert engine.loads[home] == 2 and engine.loads[1 - home] == 0
+    for index in range(3):  # unrelated prompts still spread by load
+        engine.add_request(f"other{index}", list(range(4000 + 100 * index, 4040 + 100 * index)), params)
+    assert [engine.placement[f"other{index}"] for index in range(3)] == [1, 1, 0]
+    finish(engine)
+    after = engine.stats().replica_prefix_caches
+    assert after[home].hit_tokens - before[home].hit_tokens == expected_hit
+    assert after[1 - home].hit_tokens == before[1 - home].hit_tokens
+    assert after[home].hit_rate > 0
+
+
 def test_the_server_over_replicas_answers_concurrent_requests_as_they_do_offline(one_and_dp2: tuple[LLM, LLM]) -> None:
     _, dp2 = one_and_dp2
     params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
@@ -70,6 +111,12 @@ def test_the_server_over_replicas_answers_concurrent_requests_as_they_do_offline
                 bodies = [{"prompt": p, "max_tokens": 8, "temperature": 0, "ignore_eos": True} for p in PROMPTS]
                 answers = await asyncio.gather(*(http.post("/v1/completions", json=body) for body in bodies))
                 assert all(answer.status_code == 200 for answer in answers), [a.text for a in answers]
+                metrics = (await http.get("/metrics")).text
+                for replica in (0, 1):
+                    assert (
+                        f'pagedllm_replica_prefix_cache_hit_rate{{model_name="{dp2.engine.model_name}",replica="{replica}"}}'
+                        in metrics
+                    )
                 return [answer.json()["choices"][0]["text"] for answer in answers]
         finally:
             await app.state.engine.shutdown()

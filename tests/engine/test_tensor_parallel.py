@@ -17,8 +17,10 @@ from pagedllm.benchmarks.datasets import first_exchange, iter_json_array_records
 from pagedllm.engine.async_engine import AsyncLLMEngine
 from pagedllm.engine.executor import WorkerError
 from pagedllm.errors import ConfigError, EngineUnavailableError
+from pagedllm.serving.logprobs import TokenStrings
 from tests.engine.dead_rank import DEAD_WORKER_DEADLINE_S, check_server_answers_then_503_after
-from tests.logprobs_close import assert_greedy_close, greedy
+from tests.engine.served import served_greedy
+from tests.logprobs_close import assert_greedy_close, assert_served_greedy_close, greedy
 
 TINY_KV_BYTES = 2**24
 EMBEDDED_KV_BYTES = 2**26
@@ -127,6 +129,22 @@ def test_tp2_on_the_embedded_model_equals_one_process_on_sharegpt(
         assert_greedy_close(greedy(llm, sharegpt_chats, 16), greedy(tp2, sharegpt_chats, 16))
     finally:
         tp2.engine.shutdown()
+
+
+@pytest.mark.slow
+def test_the_server_over_tp2_pp2_on_the_embedded_model_answers_sharegpt_as_one_process(
+    llm: LLM, sharegpt_chats: list[str]
+) -> None:
+    """The 8 prompts sent at once to the server over 2 stages of 2 ranks, float32, quantization=none."""
+    split = LLM(
+        dtype="float32",
+        quantization="none",
+        kv_cache_memory=EMBEDDED_KV_BYTES,
+        tensor_parallel_size=2,
+        pipeline_parallel_size=2,
+    )
+    served = served_greedy(split, sharegpt_chats, 16)  # the server shuts the ranks down as it stops
+    assert_served_greedy_close(greedy(llm, sharegpt_chats, 16), served, TokenStrings(llm.engine.tokenizer))
 
 
 @pytest.mark.slow

@@ -90,5 +90,5 @@ class FakeEngine:
         return outputs
 
     def stats(self) -> EngineStats:
-        zeros = {f.name: 0 for f in fields(EngineStats) if f.name != "spec_decode"}
+        zeros = {f.name: 0 for f in fields(EngineStats) if f.name not in ("spec_decode", "replica_prefix_caches")}
         return EngineStats(**{**zeros, "num_running": len(self.requests)})

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import httpx
 import openai
+from prometheus_client import generate_latest
+
+from pagedllm.engine.engine import EngineStats, PrefixCacheStats
+from pagedllm.serving.metrics import ServingMetrics
 
 from .conftest import Server
 
@@ -44,3 +48,18 @@ def test_metrics_are_prometheus_text_and_open(server: Server) -> None:
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/plain")
     assert "# TYPE pagedllm_time_to_first_token_seconds histogram" in response.text
+
+
+def test_each_replicas_prefix_cache_hit_rate_is_exported_by_its_index() -> None:
+    replicas = (PrefixCacheStats(queried_tokens=200, hit_tokens=50), PrefixCacheStats(queried_tokens=0, hit_tokens=0))
+    stats = EngineStats(1, 0, 0.5, 0, 200, 8, 200, 50, replica_prefix_caches=replicas)
+    metrics = ServingMetrics("m")
+    metrics.watch(lambda: stats)
+    text = generate_latest(metrics.registry).decode()
+    assert 'pagedllm_replica_prefix_cache_hit_rate{model_name="m",replica="0"} 0.25' in text
+    assert 'pagedllm_replica_prefix_cache_hit_rate{model_name="m",replica="1"} 0.0' in text
+    assert 'pagedllm_replica_prefix_cache_hits_total{model_name="m",replica="0"} 50.0' in text
+    assert 'pagedllm_replica_prefix_cache_queries_total{model_name="m",replica="0"} 200.0' in text
+    metrics = ServingMetrics("m")
+    metrics.watch(lambda: EngineStats(1, 0, 0.5, 0, 200, 8, 200, 50))  # one engine: no replica families
+    assert "replica" not in generate_latest(metrics.registry).decode()
