@@ -94,9 +94,10 @@ class Worker:
         self.stage: PipelineStage = loaded.model.stage
         self.device = torch.device(config.device)
         self.weight_bytes, self.file_weight_bytes = loaded.weight_bytes, loaded.file_weight_bytes
-        # A fused decode runs every layer in one kernel call: no room for the sums between a rank's layers, nor
-        # for a stage's hand-over.
-        runner_config = replace(config, fused_decode=config.fused_decode and config.world_size == 1)
+        # A fused decode runs every layer in one kernel call, summing a tensor-parallel rank's partial outputs
+        # between them through shared memory (FusedDecode.of leaves other groups unfused); a pipeline stage hands
+        # its residual stream on unfinished, which the kernel does not.
+        runner_config = replace(config, fused_decode=config.fused_decode and config.pipeline_parallel_size == 1)
         self.runner = ModelRunner(loaded.model, runner_config, num_blocks, self.device, None)
         shape = kv_cache_shape(loaded.model)
         logger.info(
