@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass, replace
 
@@ -15,6 +16,7 @@ from pagedllm.distributed.pipeline import PipelineStage
 from pagedllm.engine.host_memory import release_freed_memory
 from pagedllm.engine.model_runner import ModelRunner, StepInput, kv_cache_shape
 from pagedllm.errors import ConfigError
+from pagedllm.layers.parallel_linear import column_unit
 from pagedllm.layers.quantization import LinearQuantization
 from pagedllm.model.llama import LlamaForCausalLM
 from pagedllm.model.loader import load_checkpoint
@@ -51,7 +53,10 @@ def load_model(
         stage = PipelineStage.of_rank(
             rank, config.tensor_parallel_size, config.pipeline_parallel_size, checkpoint.config.num_layers
         )
-        model = LlamaForCausalLM(*args, group=group, stage=stage)
+        # One split of the MLP's channels for every layer: runs that keep each layer's down_proj blocks whole.
+        down_projs = (checkpoint.weights[f"model.layers.{i}.mlp.down_proj.weight"] for i in stage.layers)
+        unit = math.lcm(*(column_unit(weight, quantization) for weight in down_projs))
+        model = LlamaForCausalLM(*args, group=group, stage=stage, channel_unit=unit)
     else:
         model = cls(*args)
     model.load_weights(checkpoint.weights)
