@@ -41,11 +41,11 @@ def save_tokenizer(model_path: Path, folder: Path) -> None:
 
 
 def write_checkpoint(name: str, folder: Path, tokenizer_dir: Path, vocab_size: int = 49152, **shape: int):
-    """Save a random model of the named kind (its SHAPE changed by `shape`) with the given tokenizer files; returns
-    the transformers model."""
+    """Save a random model of the named kind (its SHAPE and settings changed by `shape`) with the given tokenizer
+    files; returns the transformers model."""
     config_class, model_class, extra = CHECKPOINTS[name]
     torch.manual_seed(sum(map(ord, name)))
-    config = config_class(vocab_size=vocab_size, **{**SHAPE, **shape}, **extra)
+    config = config_class(vocab_size=vocab_size, **{**SHAPE, **extra, **shape})
     model = model_class(config).eval()
     with torch.no_grad():
         for parameter in model.parameters():  # larger than the init's 0.02 std, so logits are not all ties

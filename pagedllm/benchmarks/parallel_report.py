@@ -110,7 +110,7 @@ def assumptions(record: dict[str, Any]) -> str:
         f"send of the hidden states per stage boundary; serving runs {record['micro_batches_per_stage']} "
         f"micro-batches of {c['concurrency']} requests per stage (bubble (p − 1)/(m + p − 1)). DP: independent "
         f"replicas. Not modelled: fixed per-step costs, the logits gather, overlap of communication and compute, "
-        f"memory limits, and the fused decode kernel one process runs while TP ranks go layer by layer. Check on "
+        f"memory limits, and ranks' uneven shares of the heads. Check on "
         f"one node: TP={c['ranks_per_node']} ÷ one process measured "
         f"{check['decode_ratio_measured']:.2f}× (decode) and {check['prefill_ratio_measured']:.2f}× (prefill), "
         f"predicted {check['decode_ratio_predicted']:.2f}× and {check['prefill_ratio_predicted']:.2f}×."

@@ -16,7 +16,7 @@ class ParallelGroup:
     """This process's place in a group of ranks, and the group's sum and gather.
 
     On one host and CPU tensors the collectives go through shared memory; otherwise (ranks on several hosts, CUDA
-    tensors, non-x86 CPUs) through torch.distributed. A group of one rank has no process group and its
+    tensors, no CPU kernels) through torch.distributed. A group of one rank has no process group and its
     collectives return their input.
     """
 

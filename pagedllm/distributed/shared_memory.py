@@ -1,69 +1,48 @@
 """All-reduce and all-gather among the ranks of one host through one shared memory segment.
 
 gloo moves every tensor through a TCP socket, tens of microseconds per call even on one host; a tensor-parallel
-model all-reduces twice per layer. Here each rank owns two slots of a segment mapped by all of them. A collective
-call (a chunk of a tensor that exceeds a slot takes one call per chunk) numbered g: the rank copies its data into
-its slot g % 2, stores g in its flag, waits until every flag reaches g, then reads every rank's slot g % 2.
-
-Invariant: a rank writes slot g % 2 again only in call g + 2, after every flag reached g + 1; a rank stores g + 1
-only once it has finished reading call g. So one flag store per call is the only synchronization, and no rank
-ever overwrites data another still reads. Every rank sums the slots in rank order, so all ranks hold the same bits.
-
-The flag store must become visible after the data copy, and the data reads must follow the flag load: the x86
-memory model gives both for plain stores and loads, so the segment is used on x86 only (other CPUs fall back to
-torch.distributed).
+model all-reduces twice per layer. Here each rank owns two slots of a segment mapped by all of them, and the
+collectives run in C++ (kernels/csrc/shared_memory.cpp, which states the protocol and its invariants): called from
+here, or between the layers of the fused decode kernel, on the same segment and the same count of calls. Without the
+CPU kernels the group falls back to torch.distributed.
 """
 
 from __future__ import annotations
 
 import mmap
 import os
-import platform
 import tempfile
-import time
 import uuid
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from pagedllm.kernels import cpu_kernels_available
+
 # One cache line per rank for its flag and process id, so ranks never write the same line.
 FLAG_LINE_BYTES = 64
 SLOTS_PER_RANK = 2
 # Holds a hidden-size vector of every token of a 512-token float32 step of a 2,048-wide model in one call.
 DEFAULT_SLOT_BYTES = 4 * 2**20
-# A waiting rank polls this many times before it yields its core to other threads between polls.
-BUSY_POLLS = 64
-# How often a waiting rank checks that the ranks it waits for still exist.
-LIVENESS_CHECK_S = 0.1
 
 
 def shared_memory_supported() -> bool:
-    """Whether this CPU's memory model lets the segment's plain flag stores order its data (x86)."""
-    return platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
+    """Whether the collectives' kernel is built here."""
+    return cpu_kernels_available()
 
 
 def _segment_dir() -> str:
     return "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
 
 
-def _process_alive(pid: int) -> bool:
-    """Whether `pid` runs (a zombie, dead but not yet reaped by its parent, does not)."""
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-    except OSError:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        return True
-
-
 class PeerExitedError(RuntimeError):
     """A rank of the group exited (or stopped answering) in the middle of a collective."""
+
+
+def _peer_exited(error: dist.DistBackendError) -> PeerExitedError:
+    """The kernel's report of a rank that exited or did not answer (its first line, without the C++ trace)."""
+    return PeerExitedError(str(error).split("\n", 1)[0])
 
 
 class SharedMemoryCollectives:
@@ -74,21 +53,17 @@ class SharedMemoryCollectives:
         self.world_size = world_size
         self.slot_bytes = slot_bytes
         self.timeout_s = timeout_s
-        self.generation = 0
-        header = world_size * FLAG_LINE_BYTES
-        size = header + world_size * SLOTS_PER_RANK * slot_bytes
+        size = world_size * (FLAG_LINE_BYTES + SLOTS_PER_RANK * slot_bytes)
         fd = os.open(path, os.O_RDWR)
         try:
             self._map = mmap.mmap(fd, size)
         finally:
             os.close(fd)
+        # Each rank's line: its flag (the kernel's count of calls), then its process id, which peers check.
         lines = np.ndarray((world_size, FLAG_LINE_BYTES // 8), dtype=np.int64, buffer=self._map)
-        self._flags = lines[:, 0]
-        self._pids = lines[:, 1]
-        self._pids[rank] = os.getpid()
-        data = torch.frombuffer(self._map, dtype=torch.uint8, offset=header, count=size - header)
-        self._slots = data.view(world_size, SLOTS_PER_RANK, slot_bytes)
-        self._typed_slots: dict[torch.dtype, torch.Tensor] = {}
+        lines[rank, 1] = os.getpid()
+        del lines
+        self.segment = torch.frombuffer(self._map, dtype=torch.uint8)
 
     @classmethod
     def create(
@@ -117,77 +92,26 @@ class SharedMemoryCollectives:
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum `x` over the ranks, in place; returns x."""
-        flat = x.view(-1) if x.is_contiguous() else x.contiguous().view(-1)
-        per_call = self.slot_bytes // x.element_size()
-        for start in range(0, flat.numel(), per_call):
-            chunk = flat[start : start + per_call]
-            slot = self._exchange(chunk)
-            parts = self._typed(x.dtype)[:, slot, : chunk.numel()].unbind(0)
-            if self.world_size == 2:
-                torch.add(parts[0], parts[1], out=chunk)
-            else:
-                chunk.copy_(parts[0])
-                for part in parts[1:]:
-                    chunk.add_(part)
-        if flat.data_ptr() != x.data_ptr():
-            x.copy_(flat.view(x.shape))
+        try:
+            torch.ops.pagedllm.shared_memory_all_reduce_(x, self.segment, self.rank, self.world_size, self.timeout_s)
+        except dist.DistBackendError as error:
+            raise _peer_exited(error) from error
         return x
 
     def all_gather(self, x: torch.Tensor) -> torch.Tensor:
         """Every rank's `x` stacked in rank order: [world_size, *x.shape]."""
-        flat = x.contiguous().view(-1)
-        out = torch.empty(self.world_size, flat.numel(), dtype=x.dtype, device=x.device)
-        per_call = self.slot_bytes // x.element_size()
-        for start in range(0, flat.numel(), per_call):
-            chunk = flat[start : start + per_call]
-            slot = self._exchange(chunk)
-            out[:, start : start + chunk.numel()] = self._typed(x.dtype)[:, slot, : chunk.numel()]
-        return out.view(self.world_size, *x.shape)
+        try:
+            return torch.ops.pagedllm.shared_memory_all_gather(
+                x, self.segment, self.rank, self.world_size, self.timeout_s
+            )
+        except dist.DistBackendError as error:
+            raise _peer_exited(error) from error
 
     def barrier(self) -> None:
         """Wait until every rank reaches this call."""
-        self._exchange(torch.empty(0))
-
-    def _exchange(self, chunk: torch.Tensor) -> int:
-        """Publish this rank's chunk as the next call's and wait for every rank's; returns the slot to read."""
-        generation = self.generation + 1
-        slot = generation % SLOTS_PER_RANK
-        if chunk.numel():
-            self._typed(chunk.dtype)[self.rank, slot, : chunk.numel()].copy_(chunk)
-        self._flags[self.rank] = generation
-        if self._flags.min() < generation:
-            self._wait(generation)
-        self.generation = generation
-        return slot
-
-    def _typed(self, dtype: torch.dtype) -> torch.Tensor:
-        """The slots as [world_size, SLOTS_PER_RANK, elements] of `dtype`."""
-        slots = self._typed_slots.get(dtype)
-        if slots is None:
-            slots = self._typed_slots[dtype] = self._slots.view(dtype)
-        return slots
-
-    def _wait(self, generation: int) -> None:
-        polls = 0
-        started = last_check = time.monotonic()
-        while self._flags.min() < generation:
-            polls += 1
-            if polls < BUSY_POLLS:
-                continue
-            os.sched_yield()
-            now = time.monotonic()
-            if now - last_check >= LIVENESS_CHECK_S:
-                last_check = now
-                self._check_peers(generation, now - started)
-
-    def _check_peers(self, generation: int, waited_s: float) -> None:
-        for r in np.flatnonzero(self._flags < generation):
-            if not _process_alive(int(self._pids[r])):
-                raise PeerExitedError(f"rank {r} of the shared-memory group (pid {self._pids[r]}) exited")
-        if waited_s > self.timeout_s:
-            raise PeerExitedError(f"ranks {np.flatnonzero(self._flags < generation).tolist()} did not answer")
+        self.all_gather(torch.empty(0))
 
     def close(self) -> None:
         """Unmap the segment; no collective may run afterwards."""
-        del self._slots, self._typed_slots, self._flags, self._pids
+        del self.segment
         self._map.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass, replace
 
@@ -15,6 +16,7 @@ from pagedllm.distributed.pipeline import PipelineStage
 from pagedllm.engine.host_memory import release_freed_memory
 from pagedllm.engine.model_runner import ModelRunner, StepInput, kv_cache_shape
 from pagedllm.errors import ConfigError
+from pagedllm.layers.parallel_linear import column_unit
 from pagedllm.layers.quantization import LinearQuantization
 from pagedllm.model.llama import LlamaForCausalLM
 from pagedllm.model.loader import load_checkpoint
@@ -51,7 +53,10 @@ def load_model(
         stage = PipelineStage.of_rank(
             rank, config.tensor_parallel_size, config.pipeline_parallel_size, checkpoint.config.num_layers
         )
-        model = LlamaForCausalLM(*args, group=group, stage=stage)
+        # One split of the MLP's channels for every layer: runs that keep each layer's down_proj blocks whole.
+        down_projs = (checkpoint.weights[f"model.layers.{i}.mlp.down_proj.weight"] for i in stage.layers)
+        unit = math.lcm(*(column_unit(weight, quantization) for weight in down_projs))
+        model = LlamaForCausalLM(*args, group=group, stage=stage, channel_unit=unit)
     else:
         model = cls(*args)
     model.load_weights(checkpoint.weights)
@@ -94,9 +99,10 @@ class Worker:
         self.stage: PipelineStage = loaded.model.stage
         self.device = torch.device(config.device)
         self.weight_bytes, self.file_weight_bytes = loaded.weight_bytes, loaded.file_weight_bytes
-        # A fused decode runs every layer in one kernel call: no room for the sums between a rank's layers, nor
-        # for a stage's hand-over.
-        runner_config = replace(config, fused_decode=config.fused_decode and config.world_size == 1)
+        # A fused decode runs every layer in one kernel call, summing a tensor-parallel rank's partial outputs
+        # between them through shared memory (FusedDecode.of leaves other groups unfused); a pipeline stage hands
+        # its residual stream on unfinished, which the kernel does not.
+        runner_config = replace(config, fused_decode=config.fused_decode and config.pipeline_parallel_size == 1)
         self.runner = ModelRunner(loaded.model, runner_config, num_blocks, self.device, None)
         shape = kv_cache_shape(loaded.model)
         logger.info(

@@ -35,6 +35,7 @@ SOURCES = (
     "rotary.cpp",
     "activation.cpp",
     "fused_decode.cpp",
+    "shared_memory.cpp",
 )
 HEADERS = ("vec.h", "ops.h", "parallel.h")
 CFLAGS = ("-O3", "-march=native", "-fopenmp")

@@ -4,7 +4,8 @@ Column-parallel layers (fused q/k/v, gate/up) keep a slice of the output rows of
 units (heads, or the query heads that share one K/V head) at a time, so a rank computes its own heads with no
 communication. Units split as evenly as they go (9 query heads in 3 K/V groups over 2 ranks: 1 group and 2);
 projections with fewer heads than ranks (the K/V heads of GQA and MQA models) are replicated, rank r holding head
-r // (ranks // heads). Row-parallel
+r // (ranks // heads). The MLP's channels then even out the ranks' weights (balanced_channels): a rank with fewer
+heads takes more channels. Row-parallel
 layers (o, down) keep the matching slice of input columns and sum their partial outputs with one all-reduce. The
 embedding and the lm_head split the vocabulary: a lookup sums the one rank's row that holds each token, the
 lm_head gathers every rank's logits.
@@ -17,6 +18,7 @@ inside a block is refused: quantization=none or int4 re-stores such a weight).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import gguf
@@ -28,7 +30,7 @@ from pagedllm.distributed.group import ParallelGroup
 from pagedllm.errors import ConfigError
 from pagedllm.layers.gguf_blocks import GGUFWeight
 from pagedllm.layers.gguf_linear import GGUFEmbedding
-from pagedllm.layers.linear import Linear
+from pagedllm.layers.linear import KERNEL_IN_MULTIPLE, Linear
 from pagedllm.layers.quantization import (
     Int4Weight,
     Int8Weight,
@@ -36,6 +38,7 @@ from pagedllm.layers.quantization import (
     QuantizedWeight,
     RowStackedWeight,
     dequantize,
+    int4_group_size,
     select_rows,
 )
 from pagedllm.layers.quantized_linears import quantized_linear
@@ -45,14 +48,23 @@ Weight = torch.Tensor | QuantizedWeight
 
 @dataclass(frozen=True)
 class RowBlock:
-    """One projection within a fused weight: `num_units` units (heads, or single channels) of `unit_size` rows."""
+    """One projection within a fused weight: `num_units` units (heads, or runs of channels) of `unit_size` rows,
+    split over the ranks `split[r]` units to rank r, or as shard_units splits them where `split` is empty."""
 
     num_units: int
     unit_size: int = 1
+    split: tuple[int, ...] = ()
 
     @property
     def rows(self) -> int:
         return self.num_units * self.unit_size
+
+    def units(self, rank: int, world_size: int) -> range:
+        """The units rank `rank` holds."""
+        if not self.split:
+            return shard_units(self.num_units, rank, world_size)
+        start = sum(self.split[:rank])
+        return range(start, start + self.split[rank])
 
 
 def shard_units(num_units: int, rank: int, world_size: int) -> range:
@@ -76,11 +88,50 @@ def attention_blocks(num_heads: int, num_kv_heads: int, head_dim: int, world_siz
     return RowBlock(num_heads, head_dim), RowBlock(num_kv_heads, head_dim)
 
 
+def attention_rows(num_heads: int, num_kv_heads: int, head_dim: int, world_size: int) -> list[int]:
+    """Each rank's rows of q/k/v and input columns of o, which attention_blocks gives it."""
+    q_block, kv_block = attention_blocks(num_heads, num_kv_heads, head_dim, world_size)
+    return [
+        2 * len(q_block.units(r, world_size)) * q_block.unit_size
+        + 2 * len(kv_block.units(r, world_size)) * kv_block.unit_size
+        for r in range(world_size)
+    ]
+
+
+def balanced_channels(intermediate_size: int, attention_rows: list[int], unit: int) -> RowBlock:
+    """The MLP's channels in runs of `unit`, split so that the ranks' weights (attention rows, plus a gate row, an
+    up row and a down column per channel) are as even as whole runs allow: each run goes to the rank with the
+    least so far. Every rank holds at least one run; an even split where runs do not divide intermediate_size."""
+    world_size = len(attention_rows)
+    if intermediate_size % unit or intermediate_size // unit < world_size:
+        return RowBlock(intermediate_size)
+    split = [1] * world_size
+    for _ in range(intermediate_size // unit - world_size):
+        lightest = min(range(world_size), key=lambda r: (attention_rows[r] + 3 * unit * split[r], r))
+        split[lightest] += 1
+    return RowBlock(intermediate_size // unit, unit, tuple(split))
+
+
+def column_unit(weight: Weight, quantization: LinearQuantization) -> int:
+    """The input columns a split of `weight`, stored as `quantization` stores it, must keep together: whole GGUF
+    blocks or int4 groups, and runs the int kernels take (KERNEL_IN_MULTIPLE)."""
+    stored = weight if quantization.method != "none" else None
+    if isinstance(stored, GGUFWeight):
+        unit = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(stored.ggml_type)][0]
+    elif isinstance(stored, Int4Weight):
+        unit = stored.group_size
+    elif quantization.method == "int4" and isinstance(weight, torch.Tensor):
+        unit = int4_group_size(weight.shape[1], quantization.group_size)
+    else:
+        unit = 1
+    return math.lcm(unit, KERNEL_IN_MULTIPLE)
+
+
 def shard_index(blocks: list[RowBlock], rank: int, world_size: int) -> torch.Tensor:
     """The rows (of a fused weight stacking `blocks`) that rank `rank` holds, in order."""
     pieces, start = [], 0
     for block in blocks:
-        units = shard_units(block.num_units, rank, world_size)
+        units = block.units(rank, world_size)
         first, last = start + units.start * block.unit_size, start + units.stop * block.unit_size
         pieces.append(torch.arange(first, last))
         start += block.rows
@@ -157,7 +208,7 @@ class ColumnParallelLinear(nn.Module):
 
     def local_rows(self, block: int) -> int:
         """How many output rows of projection `block` this rank holds."""
-        units = shard_units(self.blocks[block].num_units, self.group.rank, self.group.world_size)
+        units = self.blocks[block].units(self.group.rank, self.group.world_size)
         return len(units) * self.blocks[block].unit_size
 
     def load(
@@ -185,7 +236,7 @@ class RowParallelLinear(nn.Module):
                 f"{in_block.num_units} input heads or channels cannot be split over {group.world_size} ranks"
             )
         self.group = group
-        units = shard_units(in_block.num_units, group.rank, group.world_size)
+        units = in_block.units(group.rank, group.world_size)
         self.columns = range(units.start * in_block.unit_size, units.stop * in_block.unit_size)
         self.in_features, self.out_features = in_block.rows, out_features
         self.linear: nn.Module = Linear(len(self.columns), out_features)

@@ -14,10 +14,12 @@ import torch
 from torch import nn
 
 from pagedllm.config import ModelConfig
+from pagedllm.distributed.shared_memory import SharedMemoryCollectives
 from pagedllm.kernels import use_cpu_kernels
 from pagedllm.layers.attention import AttentionMetadata, KVPool, PagedAttention
 from pagedllm.layers.gguf_linear import GGUF_PACKED_MATMUL_MAX_ROWS, GGUFLinear
 from pagedllm.layers.linear import Linear, QuantizedLinear, dense_rows
+from pagedllm.layers.parallel_linear import ColumnParallelLinear, RowParallelLinear
 from pagedllm.layers.quantized_linears import RowStackedLinear
 from pagedllm.model.gemma3 import Gemma3ForCausalLM, scale_embeddings
 from pagedllm.model.llama import LlamaForCausalLM
@@ -52,8 +54,13 @@ class LinearPart:
 
 def linear_parts(layer: nn.Module) -> list[LinearPart] | None:
     """The kernel's view of a linear (each part of fused projections stored in different kinds); None where the
-    kernel cannot take it."""
+    kernel cannot take it. A tensor-parallel linear is its rank's shard; the kernel sums a row-parallel one's output
+    over the ranks, so it takes one only without a bias (added after the sum)."""
     kinds = weight_kinds()
+    if isinstance(layer, ColumnParallelLinear):
+        return linear_parts(layer.linear)
+    if isinstance(layer, RowParallelLinear):
+        return linear_parts(layer.linear) if layer.bias is None else None
     if isinstance(layer, RowStackedLinear):
         parts = [linear_parts(part) for part in layer.parts]
         return None if any(p is None for p in parts) else [q for p in parts for q in p]  # type: ignore[union-attr]
@@ -111,12 +118,21 @@ class FusedDecode:
     dense_weight: torch.Tensor | None  # a dense weight, whose dense_rows every dense part's matmul pads to
     max_rows: float  # steps with more tokens take the layers' forward
 
+    num_heads: int  # this rank's
+    num_kv_heads: int
+    shared_memory: SharedMemoryCollectives | None  # the tensor-parallel group's, None with one rank
+
     @classmethod
     def of(cls, model: nn.Module, k_pools: list[KVPool], v_pools: list[KVPool]) -> FusedDecode | None:
         """The stack of a Llama-family or Gemma 3 model over plain (unquantized) K/V pools on CPU kernels, with
-        fast attention and linears the kernel takes; None for any other."""
+        fast attention and linears the kernel takes; None for any other. A tensor-parallel rank's stack takes all
+        the model's layers (one pipeline stage) and sums through shared memory."""
         layer_type = LAYER_TYPES.get(type(model))
         if layer_type is None:
+            return None
+        o_proj = model.layers[0].self_attn.o_proj
+        group = o_proj.group if isinstance(o_proj, RowParallelLinear) else None
+        if group is not None and (group.shared_memory is None or model.stage.num_stages > 1):
             return None
         if not all(isinstance(pool, torch.Tensor) and use_cpu_kernels(pool) for pool in (*k_pools, *v_pools)):
             return None
@@ -158,6 +174,9 @@ class FusedDecode:
             attentions[0].scale,
             dense[0] if dense else None,
             min(linear.max_rows for linear in linears),
+            model.layers[0].self_attn.num_heads,
+            model.layers[0].self_attn.num_kv_heads,
+            None if group is None else group.shared_memory,
         )
 
     def takes(self, meta: AttentionMetadata) -> bool:
@@ -174,6 +193,15 @@ class FusedDecode:
         config = self.config
         hidden = scale_embeddings(embeddings, config.hidden_size) if self.embedding_scale else embeddings
         groups = [meta.for_group(group) for group in self.kv_cache_groups]
+        shared_memory = self.shared_memory
+        parallel = {}
+        if shared_memory is not None:
+            parallel = {
+                "segment": shared_memory.segment,
+                "rank": shared_memory.rank,
+                "world_size": shared_memory.world_size,
+                "timeout_s": shared_memory.timeout_s,
+            }
         return torch.ops.pagedllm.fused_decode(
             hidden,
             positions,
@@ -193,9 +221,10 @@ class FusedDecode:
             [group.seq_lens for group in groups],
             self.sliding_windows,
             self.layer_type,
-            config.num_heads,
-            config.num_kv_heads,
+            self.num_heads,
+            self.num_kv_heads,
             config.rms_norm_eps,
             self.scale,
             hidden.shape[0] if self.dense_weight is None else dense_rows(hidden, self.dense_weight),
+            **parallel,
         )

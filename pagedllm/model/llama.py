@@ -18,9 +18,12 @@ from pagedllm.layers.norm import RMSNorm
 from pagedllm.layers.parallel_linear import (
     ColumnParallelLinear,
     ParallelLMHead,
+    RowBlock,
     RowParallelLinear,
     VocabParallelEmbedding,
     attention_blocks,
+    attention_rows,
+    balanced_channels,
 )
 from pagedllm.layers.quantization import LinearQuantization, QuantizedWeight
 from pagedllm.layers.rotary import RotaryEmbedding
@@ -58,12 +61,19 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding, attention_impl: str, group: ParallelGroup) -> None:
+    def __init__(
+        self,
+        config: ModelConfig,
+        rotary: RotaryEmbedding,
+        attention_impl: str,
+        group: ParallelGroup,
+        channels: RowBlock | None = None,
+    ) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = LlamaAttention(config, rotary, attention_impl, group)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, silu_and_mul, group)
+        self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, silu_and_mul, group, channels)
 
     def forward(
         self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None, meta: AttentionMetadata
@@ -94,7 +104,10 @@ class LlamaForCausalLM(nn.Module):
         quantization: LinearQuantization | None = None,
         group: ParallelGroup | None = None,
         stage: PipelineStage | None = None,
+        channel_unit: int = 0,
     ) -> None:
+        """With a `group`, the MLP's channels go in runs of `channel_unit` (0: evenly) to even out the ranks'
+        weights (balanced_channels); column_unit gives the runs a checkpoint's down_proj can be split into."""
         super().__init__()
         group = group or ParallelGroup()
         self.stage = stage or PipelineStage.whole(config.num_layers)
@@ -108,8 +121,12 @@ class LlamaForCausalLM(nn.Module):
         self.rotary = RotaryEmbedding(
             config.head_dim, max_positions, config.rope_theta, config.rope_scaling, rope_freq_factors
         )
+        channels = None
+        if group.world_size > 1 and channel_unit:
+            rows = attention_rows(config.num_heads, config.num_kv_heads, config.head_dim, group.world_size)
+            channels = balanced_channels(config.intermediate_size, rows, channel_unit)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, self.rotary, attention_impl, group) for _ in range(config.num_layers)
+            LlamaDecoderLayer(config, self.rotary, attention_impl, group, channels) for _ in range(config.num_layers)
         )
         for layer, window in zip(self.layers, windows, strict=True):
             layer.self_attn.attn.sliding_window = window  # Mistral's, and Qwen2's where it uses one

@@ -12,7 +12,7 @@ from pagedllm.distributed.group import ParallelGroup
 from pagedllm.distributed.launch import spawn_ranks
 from pagedllm.distributed.shared_memory import PeerExitedError, SharedMemoryCollectives, shared_memory_supported
 
-pytestmark = pytest.mark.skipif(not shared_memory_supported(), reason="the shared-memory path runs on x86 only")
+pytestmark = pytest.mark.skipif(not shared_memory_supported(), reason="the shared-memory collectives are a CPU kernel")
 
 HIDDEN_SIZES = (576, 960, 2048, 4096, 8192)
 

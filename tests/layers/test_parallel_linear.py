@@ -19,6 +19,9 @@ from pagedllm.layers.parallel_linear import (
     RowParallelLinear,
     VocabParallelEmbedding,
     attention_blocks,
+    attention_rows,
+    balanced_channels,
+    column_unit,
     linear_for,
     select_input_columns,
     select_output_rows,
@@ -45,6 +48,30 @@ def test_heads_split_as_evenly_as_they_go_or_replicate() -> None:
     # q: 4 heads of 2 rows, k and v: 1 head each, replicated.
     blocks = [RowBlock(4, 2), RowBlock(1, 2), RowBlock(1, 2)]
     assert shard_index(blocks, 1, 2).tolist() == [4, 5, 6, 7, 8, 9, 10, 11]
+
+
+def test_mlp_channels_even_out_the_ranks_weights() -> None:
+    """SmolLM2 on 2 ranks: 3 query heads and 1 K/V head against 6 and 2; the MLP's 1,536 channels in runs of 32."""
+    rows = attention_rows(9, 3, 64, 2)
+    assert rows == [2 * 3 * 64 + 2 * 64, 2 * 6 * 64 + 2 * 2 * 64]
+    channels = balanced_channels(1536, rows, 32)
+    assert channels.split == (27, 21) and [channels.units(r, 2) for r in range(2)] == [range(0, 27), range(27, 48)]
+    loads = [rows[r] + 3 * 32 * channels.split[r] for r in range(2)]
+    assert max(loads) - min(loads) <= 3 * 32 < rows[1] - rows[0]
+    assert balanced_channels(1536, [512, 512], 256).split == (3, 3)
+    assert balanced_channels(1536, [512, 1024, 512, 1024], 32).split == (15, 9, 15, 9)
+    assert balanced_channels(100, rows, 32) == RowBlock(100)  # runs that do not divide the channels: even
+    assert balanced_channels(32, rows, 32) == RowBlock(32)  # fewer runs than ranks
+
+
+def test_channel_runs_keep_blocks_and_groups_whole() -> None:
+    dense = torch.randn(8, 512)
+    assert column_unit(dense, LinearQuantization("none")) == 32
+    assert column_unit(dense, LinearQuantization("int4", group_size=128)) == 128
+    assert column_unit(quantize_int4(dense, 64), LinearQuantization("auto")) == 64
+    blocks = gguf_weight(Q.Q4_K, 8, 512, 0)
+    assert column_unit(blocks, LinearQuantization("auto")) == 256
+    assert column_unit(blocks, LinearQuantization("none")) == 32  # dequantized: any run the kernels take
 
 
 def test_vocab_ranges_cover_the_vocabulary_once() -> None:

@@ -1,6 +1,6 @@
 """The one-call decode of every layer (FusedDecode) against the layers' own forward, on dense, int8, int4, GGUF
-block and biased Llama-family models and on Gemma 3 (local and global layers past the window); and the models and
-steps it must leave to the layers."""
+block and biased Llama-family models, on Gemma 3 (local and global layers past the window) and on tensor-parallel
+ranks; and the models and steps it must leave to the layers."""
 
 from __future__ import annotations
 
@@ -15,8 +15,11 @@ from torch import nn
 from pagedllm import LLM
 from pagedllm.config import EngineConfig
 from pagedllm.cpu import native_bfloat16_matmul
+from pagedllm.distributed.group import ParallelGroup
+from pagedllm.distributed.launch import spawn_ranks
 from pagedllm.engine.block_manager import BlockManager
 from pagedllm.engine.model_runner import ModelRunner, attention_metadata
+from pagedllm.engine.worker import Worker
 from pagedllm.kernels import cpu_kernels_available
 from pagedllm.layers.attention import AttentionMetadata
 from pagedllm.layers.gguf_linear import GGUF_PACKED_MATMUL_MAX_ROWS
@@ -101,6 +104,10 @@ def tiny_dirs(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> 
         # Mistral's window shorter than the longest prompt: its layers attend the window's last keys only.
         shape = dict(sliding_window=GEMMA3_WINDOW) if name == "mistral-mqa" else {}
         write_checkpoint(name, folders[name], tokenizer_dir, vocab_size=512, **shape)
+    # SmolLM2's split of 3 K/V heads (3 query heads each) over 2 ranks: 1 K/V head and 2.
+    folders["llama-3-kv-heads"] = tmp_path_factory.mktemp("llama-3-kv-heads")
+    shape = dict(hidden_size=288, num_attention_heads=9, num_key_value_heads=3, intermediate_size=192)
+    write_checkpoint("llama-gqa", folders["llama-3-kv-heads"], tokenizer_dir, vocab_size=512, **shape)
     return folders
 
 
@@ -185,6 +192,39 @@ def test_stack_matches_layers_on_the_embedded_int4_model() -> None:
     stack = llm.engine.runner.fused_decode
     assert set(zip(stack.kinds, stack.kind_args)) == {(weight_kinds().int4, 32)}
     check_llm_stack_matches_layers(llm)
+
+
+# Tensor-parallel cases: (model, quantization, each rank's query and K/V heads).
+TENSOR_RANK_CASES = (
+    ("llama-gqa", "none", ((2, 1), (2, 1))),
+    ("llama-3-kv-heads", "none", ((3, 1), (6, 2))),
+    ("llama-3-kv-heads", "int8", ((3, 1), (6, 2))),
+    ("mistral-mqa", "none", ((2, 1), (2, 1))),  # the one K/V head replicated
+    ("qwen2-gqa-bias", "none", ((2, 1), (2, 1))),
+)
+
+
+def _stack_matches_layers_on_rank(rank: int, world_size: int, folders: dict[str, Path]) -> None:
+    for name, quantization, heads in TENSOR_RANK_CASES:
+        config = EngineConfig(
+            model=str(folders[name]), dtype="float32", quantization=quantization, tensor_parallel_size=world_size
+        )
+        group = ParallelGroup.create()
+        try:
+            worker = Worker(config, 32, 256, group, rank)
+            stack = worker.runner.fused_decode
+            assert stack is not None and stack.shared_memory is group.shared_memory is not None, name
+            assert (stack.num_heads, stack.num_kv_heads) == heads[rank], name
+            check_stack_matches_layers(worker.model, stack, BlockManager(32, config.block_size))
+        finally:
+            group.close()
+
+
+def test_stack_matches_layers_on_tensor_ranks(tiny_dirs: dict[str, Path]) -> None:
+    """Each of 2 ranks decodes with its heads and channels, the row-parallel outputs summed through shared memory
+    in the kernel, as its layers do: dense, int8 and biased weights, even and uneven head splits, a replicated K/V
+    head."""
+    spawn_ranks(_stack_matches_layers_on_rank, 2, (tiny_dirs,), timeout_s=300)
 
 
 @pytest.mark.parametrize(

@@ -1,5 +1,8 @@
 // Every decoder layer of an all-decode step in one call: the same kernels the Python layers call, in the same
 // order, without a Python frame and a dispatcher round trip per op (at batch 1 those cost as much as the math).
+// On a tensor-parallel rank the weights and heads are the rank's shard, and the outputs of o_proj and down_proj
+// (row-parallel: partial sums) are summed over the ranks through the shared-memory segment, as
+// RowParallelLinear.forward sums them.
 #include "ops.h"
 
 namespace pagedllm {
@@ -65,6 +68,18 @@ struct Shape {
   double eps, scale;
 };
 
+// The sum over the tensor-parallel ranks of a row-parallel linear's output, in place; nothing with one rank.
+struct RowParallelSum {
+  const std::optional<at::Tensor>& segment;
+  int64_t rank, world_size;
+  double timeout_s;
+
+  at::Tensor operator()(at::Tensor x) const {
+    if (segment.has_value()) shared_memory_all_reduce_(x, *segment, rank, world_size, timeout_s);
+    return x;
+  }
+};
+
 // Writes the new K/V and attends: [tokens, num_heads * head_dim].
 at::Tensor attend(const at::Tensor& heads, const at::Tensor& positions, LayerAttention& a, const Shape& s) {
   const int64_t rotated = s.num_heads + s.num_kv_heads;
@@ -85,13 +100,14 @@ at::Tensor input_norm(at::Tensor& residual, const at::Tensor& x, const at::Tenso
 
 // LlamaDecoderLayer.forward; `x` is the previous layer's MLP output (undefined before the first layer).
 at::Tensor llama_layer(at::Tensor& residual, const at::Tensor& x, const at::Tensor& positions, at::TensorList norms,
-                       const Linears& project, int64_t first_linear, LayerAttention& a, const Shape& s) {
+                       const Linears& project, int64_t first_linear, LayerAttention& a, const Shape& s,
+                       const RowParallelSum& sum) {
   const at::Tensor normed = input_norm(residual, x, norms[0], s.eps);
   const at::Tensor heads =
       project(normed, first_linear + kQkv).view({s.tokens, s.num_heads + 2 * s.num_kv_heads, s.head_dim});
   const at::Tensor attended = attend(heads, positions, a, s);
-  const at::Tensor h = add_rms_norm_(residual, project(attended, first_linear + kOut), norms[1], s.eps);
-  return project(silu_and_mul(project(h, first_linear + kGateUp)), first_linear + kDown);
+  const at::Tensor h = add_rms_norm_(residual, sum(project(attended, first_linear + kOut)), norms[1], s.eps);
+  return sum(project(silu_and_mul(project(h, first_linear + kGateUp)), first_linear + kDown));
 }
 
 // Gemma3DecoderLayer.forward: QK-norm before RoPE, norms after attention and MLP, GeGLU (tanh GELU).
@@ -121,13 +137,15 @@ at::Tensor fused_decode(const at::Tensor& hidden, const at::Tensor& positions, a
                          at::TensorList k_pools, at::TensorList v_pools, at::TensorList slots,
                          at::TensorList block_tables, at::TensorList seq_lens, at::IntArrayRef sliding_windows,
                          c10::string_view layer_type, int64_t num_heads, int64_t num_kv_heads, double eps,
-                         double scale, int64_t dense_rows) {
+                         double scale, int64_t dense_rows, const std::optional<at::Tensor>& segment, int64_t rank,
+                         int64_t world_size, double timeout_s) {
   const int64_t num_layers = static_cast<int64_t>(k_pools.size());
   const auto per_layer = [num_layers](size_t size, int64_t count) {
     return static_cast<int64_t>(size) == num_layers * count;
   };
   const bool gemma3 = layer_type == "gemma3";
   TORCH_CHECK(gemma3 || layer_type == "llama", "fused_decode: layer_type is llama or gemma3");
+  TORCH_CHECK(!gemma3 || !segment.has_value(), "fused_decode: tensor-parallel ranks run llama layers");
   const int64_t norms_per_layer = gemma3 ? kGemma3Norms : kLlamaNorms;
   TORCH_CHECK(hidden.dim() == 2 && num_layers > 0, "fused_decode: hidden [tokens, hidden_size] and one pool per layer");
   TORCH_CHECK(per_layer(v_pools.size(), 1) && per_layer(norms.size(), norms_per_layer),
@@ -156,6 +174,7 @@ at::Tensor fused_decode(const at::Tensor& hidden, const at::Tensor& positions, a
   }
   const Linears project{weights, scales, kinds, kind_args, parts, biases, std::move(first_part), dense_rows};
   const Shape shape{hidden.size(0), num_heads, num_kv_heads, k_pools[0].size(3), eps, scale};
+  const RowParallelSum sum{segment, rank, world_size, timeout_s};
   at::Tensor residual = hidden.clone();
   at::Tensor x;
   for (int64_t layer = 0; layer < num_layers; ++layer) {
@@ -164,7 +183,7 @@ at::Tensor fused_decode(const at::Tensor& hidden, const at::Tensor& positions, a
     const at::TensorList layer_norms = norms.slice(layer * norms_per_layer, norms_per_layer);
     const int64_t first_linear = layer * kLinearsPerLayer;
     x = gemma3 ? gemma3_layer(residual, x, positions, layer_norms, project, first_linear, attention, shape)
-               : llama_layer(residual, x, positions, layer_norms, project, first_linear, attention, shape);
+               : llama_layer(residual, x, positions, layer_norms, project, first_linear, attention, shape, sum);
   }
   return x + residual;
 }

@@ -16,12 +16,14 @@ TORCH_LIBRARY(pagedllm, m) {
   m.def("write_kv_(Tensor k, Tensor v, Tensor(a!) k_pool, Tensor(b!) v_pool, Tensor slots) -> ()");
   m.def("silu_and_mul(Tensor gate_up) -> Tensor");
   m.def("gelu_tanh_and_mul(Tensor gate_up) -> Tensor");
+  m.def("shared_memory_all_reduce_(Tensor(a!) x, Tensor segment, int rank, int world_size, float timeout_s) -> ()");
+  m.def("shared_memory_all_gather(Tensor x, Tensor segment, int rank, int world_size, float timeout_s) -> Tensor");
   m.def(
       "fused_decode(Tensor hidden, Tensor positions, Tensor[] cos, Tensor[] signed_sin, Tensor[] norms, "
       "Tensor[] weights, Tensor[] scales, int[] kinds, int[] kind_args, int[] parts, Tensor?[] biases, "
       "Tensor(a!)[] k_pools, Tensor(b!)[] v_pools, Tensor[] slots, Tensor[] block_tables, Tensor[] seq_lens, "
       "int[] sliding_windows, str layer_type, int num_heads, int num_kv_heads, float eps, float scale, "
-      "int dense_rows) -> Tensor");
+      "int dense_rows, Tensor? segment=None, int rank=0, int world_size=1, float timeout_s=0) -> Tensor");
   m.def("fused_decode_weight_kinds() -> int[]", []() {
     return std::vector<int64_t>{pagedllm::kDense, pagedllm::kInt8, pagedllm::kInt4, pagedllm::kGGUF};
   });
@@ -40,5 +42,7 @@ TORCH_LIBRARY_IMPL(pagedllm, CPU, m) {
   m.impl("write_kv_", &pagedllm::write_kv_);
   m.impl("silu_and_mul", &pagedllm::silu_and_mul);
   m.impl("gelu_tanh_and_mul", &pagedllm::gelu_tanh_and_mul);
+  m.impl("shared_memory_all_reduce_", &pagedllm::shared_memory_all_reduce_);
+  m.impl("shared_memory_all_gather", &pagedllm::shared_memory_all_gather);
   m.impl("fused_decode", &pagedllm::fused_decode);
 }

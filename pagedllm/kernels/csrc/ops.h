@@ -22,6 +22,11 @@ void write_kv_(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_pool, at:
                const at::Tensor& slots);
 at::Tensor silu_and_mul(const at::Tensor& gate_up);
 at::Tensor gelu_tanh_and_mul(const at::Tensor& gate_up);
+// The collectives over distributed/shared_memory.py's segment (a uint8 tensor over all of it).
+void shared_memory_all_reduce_(at::Tensor& x, const at::Tensor& segment, int64_t rank, int64_t world_size,
+                               double timeout_s);
+at::Tensor shared_memory_all_gather(const at::Tensor& x, const at::Tensor& segment, int64_t rank, int64_t world_size,
+                                    double timeout_s);
 // Kinds of fused_decode's weight parts (Python reads them through fused_decode_weight_kinds, so they are defined
 // here alone); a part's kind argument is its int4 group size or its GGUF type, else unused.
 constexpr int64_t kDense = 0, kInt8 = 1, kInt4 = 2, kGGUF = 3;
@@ -33,5 +38,6 @@ at::Tensor fused_decode(const at::Tensor& hidden, const at::Tensor& positions, a
                          at::TensorList k_pools, at::TensorList v_pools, at::TensorList slots,
                          at::TensorList block_tables, at::TensorList seq_lens, at::IntArrayRef sliding_windows,
                          c10::string_view layer_type, int64_t num_heads, int64_t num_kv_heads, double eps,
-                         double scale, int64_t dense_rows);
+                         double scale, int64_t dense_rows, const std::optional<at::Tensor>& segment, int64_t rank,
+                         int64_t world_size, double timeout_s);
 }  // namespace pagedllm
