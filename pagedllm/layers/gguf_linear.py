@@ -1,4 +1,4 @@
-"""Linears and embeddings whose weights stay in GGUF's own blocks (Q4_K, Q5_K, Q6_K, Q5_0, Q8_0)."""
+"""Linears and embeddings whose weights stay in GGUF's own blocks (Q4_0, Q4_1, Q4_K, Q5_K, Q6_K, Q5_0, Q8_0)."""
 
 from __future__ import annotations
 

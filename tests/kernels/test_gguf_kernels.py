@@ -77,7 +77,7 @@ def test_kernel_matches_the_reference_with_rounded_activations(qtype: Q, rows: i
 
 
 @pytest.mark.parametrize("rows", [1, 3, 9])
-@pytest.mark.parametrize("qtype", [Q.Q5_0, Q.Q8_0], ids=lambda q: q.name)
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q8_0], ids=lambda q: q.name)
 def test_kernel_multiplies_an_odd_number_of_blocks_of_32(qtype: Q, rows: int) -> None:
     # 3 blocks: with AVX-512 a pair, then one block alone.
     w = GGUFWeight(torch.from_numpy(random_blocks(qtype, OUT_FEATURES, 96, seed=rows)), int(qtype))
@@ -93,7 +93,7 @@ def test_kernel_checks_its_operands(qtype: Q) -> None:
     with pytest.raises(RuntimeError, match="features"):
         ops.gguf_linear(torch.randn(2, IN_FEATURES + 256), w.blocks, int(qtype))
     with pytest.raises(RuntimeError, match="unsupported GGML type"):
-        ops.gguf_linear(torch.randn(2, IN_FEATURES), w.blocks, int(Q.Q4_0))
+        ops.gguf_linear(torch.randn(2, IN_FEATURES), w.blocks, int(Q.Q5_1))
 
 
 def test_random_blocks_are_what_they_say() -> None:

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pagedllm.layers.gguf_blocks import GGUF_LOOKUP_TYPES, GGUF_NATIVE_TYPES, GGUFWeight, dequantize_blocks
+from pagedllm.layers.gguf_blocks import GGUF_NATIVE_TYPES, GGUFWeight, dequantize_blocks
 from pagedllm.layers.gguf_linear import GGUF_PACKED_MATMUL_MAX_ROWS, GGUFEmbedding, GGUFLinear
 from pagedllm.layers.quantization import LinearQuantization, RowStackedWeight, dequantize, fuse_rows
 from pagedllm.layers.quantized_linears import RowStackedLinear, quantized_linear
@@ -21,7 +21,7 @@ def weight(qtype: Q, out_features: int = 24, in_features: int = 512, seed: int =
     return GGUFWeight(torch.from_numpy(random_blocks(qtype, out_features, in_features, seed)), int(qtype))
 
 
-@pytest.mark.parametrize("qtype", GGUF_LOOKUP_TYPES, ids=lambda q: q.name)
+@pytest.mark.parametrize("qtype", GGUF_NATIVE_TYPES, ids=lambda q: q.name)
 def test_the_reference_dequantizes_exactly_as_gguf(qtype: Q) -> None:
     w = weight(qtype)
     assert w.shape == (24, 512)
