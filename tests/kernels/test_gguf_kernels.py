@@ -87,6 +87,20 @@ def test_kernel_multiplies_an_odd_number_of_blocks_of_32(qtype: Q, rows: int) ->
     torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
 
 
+@pytest.mark.parametrize("rows", [1, 4, 9])
+@pytest.mark.parametrize("qtype", GGUF_NATIVE_TYPES, ids=lambda q: q.name)
+def test_kernel_multiplies_rows_longer_than_a_pass(qtype: Q, rows: int) -> None:
+    # The kernel meets 2,048 input channels at a time: a whole pass, then the rest (for blocks of 32, 7 blocks: a
+    # group of 4, a pair or 2 and 1 alone).
+    in_features = 2304 if gguf.GGML_QUANT_SIZES[qtype][0] == 256 else 2272
+    w = GGUFWeight(torch.from_numpy(random_blocks(qtype, OUT_FEATURES, in_features, seed=rows)), int(qtype))
+    x = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(rows))
+    block = gguf.GGML_QUANT_SIZES[qtype][0]
+    expected = rounded_activations(x, block).double() @ dequantize_blocks(w).double().T
+    ours = ops.gguf_linear(x, w.blocks, int(qtype)).double()
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+
+
 @pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q8_0], ids=lambda q: q.name)
 def test_kernel_checks_its_operands(qtype: Q) -> None:
     w = weight(qtype)

@@ -494,15 +494,17 @@ struct RowTile {
   const float* lane_scales[Rows];
   const int32_t* lane_offsets[Rows];
 
-  RowTile(const QuantizedRows& x, int64_t block_values, int64_t m) {
-    const int64_t in = x.in_features;
+  // From block `first` of each row on.
+  RowTile(const QuantizedRows& x, int64_t block_values, int64_t m, int64_t first) {
+    const int64_t in = x.in_features, start = first * block_values;
     for (int64_t r = 0; r < Rows; ++r) {
-      values[r] = x.values + (m + r) * in;
-      scales[r] = x.scales + (m + r) * (in / block_values);
-      sums[r] = x.sums + (m + r) * (in / kSub);
-      block_sums[r] = x.block_sums + (m + r) * (in / block_values);
-      lane_scales[r] = x.lane_scales + (m + r) * (in / kLaneValues);
-      lane_offsets[r] = x.lane_offsets + (m + r) * (in / kLaneValues);
+      const int64_t at = (m + r) * in + start;
+      values[r] = x.values + at;
+      scales[r] = x.scales + at / block_values;
+      sums[r] = x.sums + at / kSub;
+      block_sums[r] = x.block_sums + at / block_values;
+      lane_scales[r] = x.lane_scales + at / kLaneValues;
+      lane_offsets[r] = x.lane_offsets + at / kLaneValues;
     }
   }
 };
@@ -808,21 +810,28 @@ inline void group_rows(const uint8_t* row, int64_t b, const RowTile<Rows>& x, __
 
 template <int64_t Type, int64_t Rows>
 void q4_rows(const uint8_t* row, int64_t blocks, const RowTile<Rows>& x, float* result) {
-  __m512 acc[Rows];
+  // Two sets of sums for few rows, so that consecutive groups' additions do not wait on each other.
+  constexpr int64_t sets = Rows <= 2 ? 2 : 1;
+  __m512 acc[sets][Rows];
   __m128 mins[Rows];
   for (int64_t r = 0; r < Rows; ++r) {
-    acc[r] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < sets; ++k) acc[k][r] = _mm512_setzero_ps();
     mins[r] = _mm_setzero_ps();
   }
   int64_t b = 0;
-  for (; b + 4 <= blocks; b += 4) group_rows<Type, 4>(row, b, x, acc, mins);
+  for (; b + 4 * sets <= blocks; b += 4 * sets)
+    for (int64_t k = 0; k < sets; ++k) group_rows<Type, 4>(row, b + 4 * k, x, acc[k], mins);
+  for (; b + 4 <= blocks; b += 4) group_rows<Type, 4>(row, b, x, acc[0], mins);
   if (blocks - b >= 2) {
-    group_rows<Type, 2>(row, b, x, acc, mins);
+    group_rows<Type, 2>(row, b, x, acc[0], mins);
     b += 2;
   }
-  if (b < blocks) group_rows<Type, 1>(row, b, x, acc, mins);
-  for (int64_t r = 0; r < Rows; ++r)
-    result[r] += _mm512_reduce_add_ps(_mm512_add_ps(acc[r], _mm512_zextps128_ps512(mins[r])));
+  if (b < blocks) group_rows<Type, 1>(row, b, x, acc[0], mins);
+  for (int64_t r = 0; r < Rows; ++r) {
+    __m512 sum = _mm512_zextps128_ps512(mins[r]);
+    for (int64_t k = 0; k < sets; ++k) sum = _mm512_add_ps(sum, acc[k][r]);
+    result[r] += _mm512_reduce_add_ps(sum);
+  }
 }
 #endif
 
@@ -939,12 +948,10 @@ void block32_rows(const uint8_t* row, int64_t blocks, const RowTile<Rows>& x, fl
 }
 #endif
 
-// The dot products of one weight row with activation rows x, into result.
+// Adds the dot products of `blocks` blocks of one weight row with activation rows x to result.
 template <int64_t Type, int64_t Rows>
-void dot_rows(const uint8_t* row, const RowTile<Rows>& x, int64_t in_features, float* result) {
+void dot_rows(const uint8_t* row, const RowTile<Rows>& x, int64_t blocks, float* result) {
   constexpr int64_t QK = format_of(Type).block_values;
-  const int64_t blocks = in_features / QK;
-  for (int64_t r = 0; r < Rows; ++r) result[r] = 0.f;
 #if defined(PAGEDLLM_AVX512_VNNI)
   if constexpr (QK == 256)
     k_rows<Type, Rows>(row, blocks, x, result);
@@ -976,21 +983,39 @@ void for_row_tiles(int64_t num_rows, const TileFn& tile) {
 }
 
 constexpr int64_t kRowBlock = 64;  // activation rows that meet a task's kRowGrain weight rows before the next do
+// Input channels per pass over a task's weight rows when several activation rows meet them: a row tile's
+// activations for them (values and their lane data, about 2 bytes each) stay in the L1 cache while every weight row
+// meets them, instead of streaming whole rows from L2 once per weight row. A multiple of 4 blocks of every type, so
+// no kGroups group or kPairs pair is cut. One row takes whole weight rows: they stream from memory in order.
+constexpr int64_t kChunkValues = 2048;
 
 template <int64_t Type, typename Out>
 void multiply(const uint8_t* weight, const QuantizedRows& x, int64_t out_features, int64_t num_rows, Out* out) {
   constexpr Format f = format_of(Type);
-  const int64_t in = x.in_features, row_bytes = in / f.block_values * f.block_bytes;
+  const int64_t blocks = x.in_features / f.block_values, row_bytes = blocks * f.block_bytes;
+  const int64_t chunk_blocks = num_rows == 1 ? blocks : kChunkValues / f.block_values;
   at::parallel_for(0, out_features, kRowGrain, [&](int64_t begin, int64_t end) {
-    for (int64_t first_n = begin; first_n < end; first_n += kRowGrain)
-      for (int64_t first_m = 0; first_m < num_rows; first_m += kRowBlock)
-        for (int64_t n = first_n; n < std::min(end, first_n + kRowGrain); ++n)
-          for_row_tiles<row_tile(Type)>(std::min(kRowBlock, num_rows - first_m), [&](auto tile_rows, int64_t m) {
+    float sums[kRowGrain * kRowBlock];  // [n - first_n, m]
+    for (int64_t first_n = begin; first_n < end; first_n += kRowGrain) {
+      const int64_t last_n = std::min(end, first_n + kRowGrain);
+      for (int64_t first_m = 0; first_m < num_rows; first_m += kRowBlock) {
+        const int64_t rows = std::min(kRowBlock, num_rows - first_m);
+        std::fill(sums, sums + kRowGrain * kRowBlock, 0.f);
+        for (int64_t first_b = 0; first_b < blocks; first_b += chunk_blocks) {
+          const int64_t count = std::min(chunk_blocks, blocks - first_b);
+          const uint8_t* chunk = weight + first_b * f.block_bytes;
+          for_row_tiles<row_tile(Type)>(rows, [&](auto tile_rows, int64_t m) {
             constexpr int64_t R = decltype(tile_rows)::value;
-            float result[R];
-            dot_rows<Type, R>(weight + n * row_bytes, RowTile<R>(x, f.block_values, first_m + m), in, result);
-            for (int64_t r = 0; r < R; ++r) out[(first_m + m + r) * out_features + n] = static_cast<Out>(result[r]);
+            const RowTile<R> tile(x, f.block_values, first_m + m, first_b);
+            for (int64_t n = first_n; n < last_n; ++n)
+              dot_rows<Type, R>(chunk + n * row_bytes, tile, count, sums + (n - first_n) * kRowBlock + m);
           });
+        }
+        for (int64_t m = 0; m < rows; ++m)
+          for (int64_t n = first_n; n < last_n; ++n)
+            out[(first_m + m) * out_features + n] = static_cast<Out>(sums[(n - first_n) * kRowBlock + m]);
+      }
+    }
   });
 }
 
