@@ -101,6 +101,20 @@ def test_kernel_multiplies_rows_longer_than_a_pass(qtype: Q, rows: int) -> None:
     torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
 
 
+@pytest.mark.parametrize("out_features", [40, 36], ids=["int4-tiles", "blocks"])
+@pytest.mark.parametrize("rows", [7, 8, 64])
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1], ids=lambda q: q.name)
+def test_q4_blocks_at_any_row_count(qtype: Q, rows: int, out_features: int) -> None:
+    # From 8 rows, whole tiles of 8 outputs are rewritten for the int4 kernel; 36 outputs stay on the blocks.
+    w = GGUFWeight(torch.from_numpy(random_blocks(qtype, out_features, IN_FEATURES, seed=rows)), int(qtype))
+    x = torch.randint(-127, 128, (rows, IN_FEATURES), generator=torch.Generator().manual_seed(rows)).float()
+    x[:, ::32] = 127  # int8-exact activations: the same integer sums on both paths
+    dense = dequantize_blocks(w).double()
+    expected = x.double() @ dense.T
+    bound = 1e-6 * (x.double().abs() @ dense.abs().T)
+    assert ((ops.gguf_linear(x, w.blocks, int(qtype)).double() - expected).abs() <= bound).all()
+
+
 @pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q8_0], ids=lambda q: q.name)
 def test_kernel_checks_its_operands(qtype: Q) -> None:
     w = weight(qtype)

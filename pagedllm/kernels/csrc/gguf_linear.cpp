@@ -30,8 +30,14 @@
 // meets each block's activation sum, scaled to float when the activations are rounded. Without AVX-512 a block of 32 is one
 // vector: Q8_0 as |q| times x with q's sign, the others as q times x less offset * sum(x) (Q4_1: plus min * sum(x)).
 //
+// From kInt4TilesMinRows rows on, Q4_0 and Q4_1 blocks are rewritten for the call into the int4 kernel's tiles
+// (quantized_linear.cpp: the same nibbles and float16 scales, Q4_0's min -8 d exact in float16), whose lanes are
+// outputs, so a row's activations meet 8 of them per load and its float steps come once per 32 inputs: past a few
+// rows that kernel's work per row is a fraction of this one's, and the rewrite costs about as much as one row.
+//
 // Dequantization computes each weight with the float32 operations, in the order, that gguf's reference
 // (gguf.quants.dequantize) uses, so a dense copy holds exactly its values.
+#include "ops.h"
 #include "vec.h"
 
 #include <ATen/Parallel.h>
@@ -1080,6 +1086,117 @@ void multiply_type(int64_t type, const uint8_t* weight, const QuantizedRows& x, 
   }
 }
 
+constexpr int64_t kInt4Tile = 8;  // output rows per tile of the int4 kernel's layout
+constexpr int64_t kInt4TilesMinRows = 8;
+
+// Block b of a tile's 8 rows of Q4_0/Q4_1 blocks as the int4 layout: its 4 steps of 8 inputs (128 bytes at `steps`),
+// step s's 4 bytes at 4 o holding row o's inputs 8 s + j (low nibble) and 8 s + 4 + j (high nibble), and the rows'
+// float16 scales (and Q4_1's mins: Q4_0's follow from the scales) at scale_min[0, o] and [1, o].
+inline void rewrite_block(const uint8_t* rows, int64_t row_bytes, const Format& f, uint32_t* steps,
+                          uint16_t* scale_min) {
+  const bool q4_1 = f.offset == 0;
+#ifdef PAGEDLLM_AVX512_VNNI
+  // Rows 0..3 and 4..7's qs in the 128-bit lanes of two vectors; their dwords k = 0..3 gathered by row.
+  const int64_t qs_at = q4_1 ? 4 : 2;
+  const auto qs = [&](int64_t o) {
+    return _mm_loadu_si128(reinterpret_cast<const __m128i*>(rows + o * row_bytes + qs_at));
+  };
+  __m512i first = _mm512_zextsi128_si512(qs(0)), second = _mm512_zextsi128_si512(qs(4));
+  for (int k = 1; k < 4; ++k) {
+    first = _mm512_inserti32x4(first, qs(k), k);
+    second = _mm512_inserti32x4(second, qs(4 + k), k);
+  }
+  const __m512i q01 = _mm512_permutex2var_epi32(
+      first, _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 1, 5, 9, 13, 17, 21, 25, 29), second);
+  const __m512i q23 = _mm512_permutex2var_epi32(
+      first, _mm512_setr_epi32(2, 6, 10, 14, 18, 22, 26, 30, 3, 7, 11, 15, 19, 23, 27, 31), second);
+  const __m256i low = _mm256_set1_epi8(0x0F), high = _mm256_set1_epi8(static_cast<char>(0xF0));
+  const __m512i pairs[2] = {q01, q23};
+  for (int i = 0; i < 2; ++i) {
+    const __m256i a = _mm512_castsi512_si256(pairs[i]), b = _mm512_extracti64x4_epi64(pairs[i], 1);
+    store32(steps + 8 * i, _mm256_or_si256(_mm256_and_si256(a, low), _mm256_slli_epi32(_mm256_and_si256(b, low), 4)));
+    store32(steps + 16 + 8 * i,
+            _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi32(a, 4), low), _mm256_and_si256(b, high)));
+  }
+  // Each row's first dword: d in its low half, Q4_1's min in its high half.
+  const __m256i heads = _mm256_i32gather_epi32(reinterpret_cast<const int*>(rows),
+                                               _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+                                                                  _mm256_set1_epi32(static_cast<int>(row_bytes))),
+                                               1);
+  const auto words = [](__m256i v) {
+    return _mm_packus_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  };
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(scale_min), words(_mm256_and_si256(heads, _mm256_set1_epi32(0xFFFF))));
+  if (q4_1) _mm_storeu_si128(reinterpret_cast<__m128i*>(scale_min + kInt4Tile), words(_mm256_srli_epi32(heads, 16)));
+  return;
+#endif
+  for (int64_t o = 0; o < kInt4Tile; ++o) {
+    const uint8_t* block = rows + o * row_bytes;
+    const uint8_t* qs = block + (q4_1 ? 4 : 2);
+    // qs byte j holds value j (low nibble) and j + 16 (high): steps 0 and 1 are low nibbles, 2 and 3 high ones.
+    const uint32_t q0 = u32_at(qs), q1 = u32_at(qs + 4), q2 = u32_at(qs + 8), q3 = u32_at(qs + 12);
+    const uint32_t low = 0x0F0F0F0F, high = 0xF0F0F0F0;
+    steps[o] = (q0 & low) | ((q1 & low) << 4);
+    steps[kInt4Tile + o] = (q2 & low) | ((q3 & low) << 4);
+    steps[2 * kInt4Tile + o] = ((q0 >> 4) & low) | (q1 & high);
+    steps[3 * kInt4Tile + o] = ((q2 >> 4) & low) | (q3 & high);
+    std::memcpy(scale_min + o, block, 2);
+    if (q4_1) std::memcpy(scale_min + kInt4Tile + o, block + 2, 2);
+  }
+}
+
+// Q4_0's mins of a tile's blocks from their scales: -8 d, the exponent moved by 3 (exact unless |d| > 8191, far
+// beyond any weight's scale).
+void q4_0_mins(int64_t blocks, uint16_t* scale_min) {
+  for (int64_t b = 0; b < blocks; ++b) {
+    uint16_t* d = scale_min + b * 2 * kInt4Tile;
+#ifdef __F16C__
+    const __m256 scaled = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(d))),
+                                        _mm256_set1_ps(-8.f));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(d + kInt4Tile), _mm256_cvtps_ph(scaled, _MM_FROUND_TO_NEAREST_INT));
+#else
+    for (int64_t o = 0; o < kInt4Tile; ++o) d[kInt4Tile + o] = c10::Half(-8.f * half_bits_to_float(d[o])).x;
+#endif
+  }
+}
+
+// The rewritten tiles of a weight up to this size go to a buffer the calling thread keeps (a fresh allocation of
+// that size costs its page faults, more than the rewrite itself); larger ones (an lm_head) are allocated per call.
+constexpr int64_t kKeptTileBytes = int64_t{32} << 20;
+
+// Q4_0/Q4_1 blocks [out, row bytes] as the int4 kernel's packed weight and float16 scales and mins.
+std::pair<at::Tensor, at::Tensor> int4_tiles(const at::Tensor& blocks, const Format& f, int64_t in_features) {
+  const int64_t out_features = blocks.size(0), tiles = out_features / kInt4Tile, groups = in_features / 32;
+  const int64_t packed_bytes = tiles * in_features * 4, scale_bytes = tiles * groups * 2 * kInt4Tile * 2;
+  at::Tensor packed, scale_min;
+  if (packed_bytes + scale_bytes <= kKeptTileBytes) {
+    thread_local std::vector<uint8_t> kept;
+    kept.resize(std::max<size_t>(kept.size(), packed_bytes + scale_bytes));
+    packed = at::from_blob(kept.data(), {tiles, in_features * 4}, blocks.options());
+    scale_min = at::from_blob(kept.data() + packed_bytes, {tiles, groups, 2, kInt4Tile},
+                              blocks.options().dtype(at::kHalf));
+  } else {
+    packed = at::empty({tiles, in_features * 4}, blocks.options());
+    scale_min = at::empty({tiles, groups, 2, kInt4Tile}, blocks.options().dtype(at::kHalf));
+  }
+  const uint8_t* weight = blocks.const_data_ptr<uint8_t>();
+  uint8_t* pp = packed.data_ptr<uint8_t>();
+  auto* sp = reinterpret_cast<uint16_t*>(scale_min.data_ptr<at::Half>());
+  const int64_t row_bytes = blocks.size(1);
+  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const uint8_t* rows = weight + t * kInt4Tile * row_bytes;
+      auto* steps = reinterpret_cast<uint32_t*>(pp + t * in_features * 4);
+      uint16_t* tile_scales = sp + t * groups * 2 * kInt4Tile;
+      for (int64_t b = 0; b < groups; ++b)
+        rewrite_block(rows + b * f.block_bytes, row_bytes, f, steps + b * 4 * kInt4Tile,
+                      tile_scales + b * 2 * kInt4Tile);
+      if (f.offset != 0) q4_0_mins(groups, tile_scales);
+    }
+  });
+  return {packed, scale_min};
+}
+
 }  // namespace
 
 at::Tensor gguf_linear(const at::Tensor& x, const at::Tensor& blocks, int64_t ggml_type) {
@@ -1088,6 +1205,10 @@ at::Tensor gguf_linear(const at::Tensor& x, const at::Tensor& blocks, int64_t gg
   TORCH_CHECK(x.size(-1) == in_features, "gguf_linear: input has ", x.size(-1), " features, weight ", in_features);
   const at::Tensor rows = x.reshape({-1, in_features}).contiguous();
   const int64_t num_rows = rows.size(0);
+  if ((ggml_type == kQ4_0 || ggml_type == kQ4_1) && num_rows >= kInt4TilesMinRows && out_features % kInt4Tile == 0) {
+    const auto [packed, scale_min] = int4_tiles(blocks, f, in_features);
+    return int4_linear(x, packed, scale_min, 32);
+  }
   at::Tensor out = at::empty({num_rows, out_features}, x.options());
   PAGEDLLM_DISPATCH_FLOAT_TYPES(x.scalar_type(), "gguf_linear", [&] {
     const QuantizedRows q = quantize_rows<scalar_t>(rows, ggml_type);
