@@ -26,9 +26,9 @@
 // Q5_0 and Q8_0 with AVX-512: blocks in pairs, their 4-byte groups
 // interleaved, so lanes alternate between the two blocks and their scales are two broadcast floats; the weights as
 // signed bytes q - offset and the activations as unsigned x + 128 (dpbusd multiplies unsigned by signed bytes), less
-// 128 * sum(q - offset) per 4 values, which is the weights' own and so computed once for every row; Q4_1's min
-// meets each block's activation sum, scaled to float when the activations are rounded. Without AVX-512 a block of 32 is one
-// vector: Q8_0 as |q| times x with q's sign, the others as q times x less offset * sum(x) (Q4_1: plus min * sum(x)).
+// 128 * sum(q - offset) per 4 values, which is the weights' own and so computed once for every row. Without AVX-512
+// a block of 32 is one vector: Q8_0 as |q| times x with q's sign, the others as q times x less offset * sum(x) (Q4_1:
+// plus min * sum(x), the activations' sum scaled to float when they are rounded).
 //
 // From kInt4TilesMinRows rows on, Q4_0 and Q4_1 blocks are rewritten for the call into the int4 kernel's tiles
 // (quantized_linear.cpp: the same nibbles and float16 scales, Q4_0's min -8 d exact in float16), whose lanes are
@@ -787,7 +787,8 @@ inline void unpack_group(const uint8_t* group, Q4Group& g) {
   const __m512i d = _mm512_permutexvar_epi16(_mm512_castsi256_si512(load32(kHalves.d)), first);
   g.d = _mm512_cvtph_ps(_mm512_castsi512_si256(d));
   if constexpr (Type == kQ4_1) {
-    const __m512i min = _mm512_permutexvar_epi16(_mm512_castsi128_si512(_mm_load_si128(reinterpret_cast<const __m128i*>(kHalves.min))), first);
+    const __m128i index = _mm_load_si128(reinterpret_cast<const __m128i*>(kHalves.min));
+    const __m512i min = _mm512_permutexvar_epi16(_mm512_castsi128_si512(index), first);
     g.min = _mm_cvtph_ps(_mm512_castsi512_si128(min));
   }
 }
