@@ -122,8 +122,8 @@ class EngineConfig:
     quantization: Quantization = field(
         default="auto",
         metadata={
-            "help": "linear weights: auto (GGUF Q4_0/Q4_1 as int4, Q4_K/Q5_K/Q6_K/Q5_0/Q8_0 as the file's blocks), "
-            "none, int8 or int4"
+            "help": "linear weights: auto (GGUF Q4_1 projections as int4, Q4_0/Q4_K/Q5_K/Q6_K/Q5_0/Q8_0 as the file's "
+            "blocks), none, int8 or int4"
         },
     )
     quant_group_size: QuantGroupSize = field(

@@ -1,5 +1,5 @@
-"""GGUF's quantized blocks kept as the file stores them (Q4_K, Q5_K, Q6_K, Q5_0, Q8_0; embedding tables Q4_0 and
-Q4_1 too), and their plain PyTorch dequantization: the reference every faster path is checked against."""
+"""GGUF's quantized blocks kept as the file stores them (Q4_0, Q4_1, Q4_K, Q5_K, Q6_K, Q5_0, Q8_0), and their plain
+PyTorch dequantization: the reference every faster path is checked against."""
 
 from __future__ import annotations
 
@@ -10,11 +10,9 @@ import gguf
 import torch
 
 Q = gguf.GGMLQuantizationType
-# The GGUF types a GGUFWeight keeps in the file's bits (Q4_0/Q4_1 become Int4Weight, exactly).
-GGUF_NATIVE_TYPES: tuple[Q, ...] = (Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.Q5_0, Q.Q8_0)
-# The types an embedding table keeps as blocks, each lookup dequantizing its rows: a dense table would hold 2-4x
-# the file's bytes.
-GGUF_LOOKUP_TYPES: tuple[Q, ...] = (*GGUF_NATIVE_TYPES, Q.Q4_0, Q.Q4_1)
+# The GGUF types a GGUFWeight keeps in the file's bits, for linears and embedding tables alike (a dense table would
+# hold 2-4x the file's bytes).
+GGUF_NATIVE_TYPES: tuple[Q, ...] = (Q.Q4_0, Q.Q4_1, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.Q5_0, Q.Q8_0)
 
 
 @dataclass

@@ -1,7 +1,8 @@
-"""Linears and embeddings whose weights stay in GGUF's own blocks (Q4_K, Q5_K, Q6_K, Q5_0, Q8_0)."""
+"""Linears and embeddings whose weights stay in GGUF's own blocks (Q4_0, Q4_1, Q4_K, Q5_K, Q6_K, Q5_0, Q8_0)."""
 
 from __future__ import annotations
 
+import gguf
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -16,6 +17,9 @@ GGUF_KERNELS = ("pagedllm", "reference")
 # few activation rows at once); more rows dequantize the weight for one dense matmul, whose blocked tiles reuse each
 # weight across many more rows (docs/performance.md has the crossover).
 GGUF_PACKED_MATMUL_MAX_ROWS = 32
+# Types the kernel multiplies at any row count: from a few rows on it rewrites them for the call into the int4
+# kernel's tiles (the same values), which beat a dense matmul up to prefill sizes.
+GGUF_ANY_ROWS_TYPES = (gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.Q4_1)
 
 
 def default_gguf_kernel(device: torch.device) -> str:
@@ -26,9 +30,9 @@ def default_gguf_kernel(device: torch.device) -> str:
 class GGUFLinear(nn.Module):
     """y = x Wᵀ + b with W kept as the GGUF file's blocks (resident bytes: the file's).
 
-    Up to GGUF_PACKED_MATMUL_MAX_ROWS rows go through the kernel; more rows multiply by a dense copy when one is
-    kept (`dense_matmul_min_rows` > 0: inputs of at least that many rows take it), else by the weight dequantized
-    for the call.
+    Up to GGUF_PACKED_MATMUL_MAX_ROWS rows (any number for GGUF_ANY_ROWS_TYPES) go through the kernel; more rows
+    multiply by a dense copy when one is kept (`dense_matmul_min_rows` > 0: inputs of at least that many rows take
+    it), else by the weight dequantized for the call.
     Every path computes with the same weights; the kernel's rounds activations to int8 per block.
     """
 
@@ -69,7 +73,7 @@ class GGUFLinear(nn.Module):
             return dense_linear(x, self.dense, self.bias)
         if self.kernel == "reference":
             return F.linear(x, dequantize_blocks(self.weight()).to(x.dtype), self.bias)
-        if rows > GGUF_PACKED_MATMUL_MAX_ROWS:
+        if rows > GGUF_PACKED_MATMUL_MAX_ROWS and self.ggml_type not in GGUF_ANY_ROWS_TYPES:
             return dense_linear(x, self.dequantized(x.dtype), self.bias)
         y = torch.ops.pagedllm.gguf_linear(x, self.blocks, self.ggml_type)
         return y if self.bias is None else y + self.bias

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from pagedllm.config import ModelConfig, RopeScaling
 from pagedllm.errors import UnsupportedModelError
-from pagedllm.layers.gguf_blocks import GGUF_LOOKUP_TYPES, GGUF_NATIVE_TYPES, GGUFWeight
+from pagedllm.layers.gguf_blocks import GGUF_NATIVE_TYPES, GGUFWeight
 from pagedllm.layers.quantization import Int4Weight, LinearQuantization, QuantizedWeight, select_rows
 from pagedllm.model.registry import GGUF_ARCHITECTURES, hf_architecture, model_class
 from pagedllm.quantize.checkpoint import is_awq_checkpoint, load_awq_weights
@@ -75,12 +75,10 @@ GGUF_GLOBAL_TENSORS: dict[str, str] = {
     "output.weight": "lm_head.weight",
     "rope_freqs.weight": "rope_freqs",
 }
-
-
-# GGUF types kept as the file stores them: Q4_0/Q4_1 as int4 weights, the others as their own blocks.
-GGUF_KEPT_QUANTIZED: frozenset[gguf.GGMLQuantizationType] = frozenset(
-    {gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.Q4_1, *GGUF_NATIVE_TYPES}
-)
+# Q4_1 projections go to the int4 kernel's tiles: the same bytes as the blocks (a float16 scale and min per 32
+# weights) and faster at every row count (its lanes are outputs, so one activation load meets 8 of them); a tied
+# Q4_1 table stays blocks, once for both the lookup and the lm_head.
+GGUF_INT4_TYPES: frozenset[gguf.GGMLQuantizationType] = frozenset({gguf.GGMLQuantizationType.Q4_1})
 GGUF_Q4_GROUP = 32
 
 
@@ -97,9 +95,9 @@ class Checkpoint:
 def load_checkpoint(path: Path, dtype: torch.dtype, keep_quantized: bool = False) -> Checkpoint:
     """Load a .gguf file or an HF folder, casting weights to `dtype`.
 
-    With `keep_quantized`, GGUF linear weights stored as Q4_0/Q4_1 come back as Int4Weight, and those stored as
-    Q4_K, Q5_K, Q6_K, Q5_0 or Q8_0 as GGUFWeight; a tied embedding table also as a quantized lm_head.weight (the
-    table itself dense, or the same GGUFWeight).
+    With `keep_quantized`, GGUF weights stored in one of GGUF_NATIVE_TYPES come back as GGUFWeight, the file's
+    blocks (linears of GGUF_INT4_TYPES as Int4Weight, the same values); a tied embedding table is one GGUFWeight
+    under both its names (the lookup and lm_head.weight).
     """
     if path.is_dir():
         return _load_hf_folder(path, dtype)
@@ -229,19 +227,17 @@ def _load_gguf(path: Path, dtype: torch.dtype, keep_quantized: bool = False) -> 
         if tensor.tensor_type not in GGUF_TENSOR_TYPES:
             raise UnsupportedModelError(f"tensor {tensor.name} has unsupported GGUF type {tensor.tensor_type.name}")
         heads = _rope_interleaved_heads(name, config)
-        kept = keep_quantized and tensor.tensor_type in GGUF_KEPT_QUANTIZED
+        kept = keep_quantized and tensor.tensor_type in GGUF_NATIVE_TYPES
         linear = _quantized_linear_name(name, config) if kept else None
         if linear is not None:
-            quantized = gguf_quantized_weight(tensor)
+            quantized = gguf_blocks_weight(tensor) if linear != name else gguf_linear_weight(tensor)
             if heads is not None:
                 order = _unpermute_rope_rows(np.arange(quantized.shape[0]), heads)
                 quantized = select_rows(quantized, torch.from_numpy(order))
             weights[linear] = quantized
-            if linear == name or isinstance(quantized, GGUFWeight):
-                if linear != name:
-                    weights[name] = quantized  # the embedding lookup reads the same blocks
-                continue
-        if keep_quantized and name == "model.embed_tokens.weight" and tensor.tensor_type in GGUF_LOOKUP_TYPES:
+            weights[name] = quantized  # a tied table: the embedding lookup reads the same blocks
+            continue
+        if kept and name == "model.embed_tokens.weight":
             weights[name] = gguf_blocks_weight(tensor)
             continue
         array = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
@@ -279,22 +275,17 @@ def gguf_blocks_weight(tensor: gguf.ReaderTensor) -> GGUFWeight:
     return GGUFWeight(torch.from_numpy(blocks), int(tensor.tensor_type))
 
 
-def gguf_quantized_weight(tensor: gguf.ReaderTensor) -> QuantizedWeight:
-    """A Q4_0/Q4_1 tensor as int4 with llama.cpp's own groups of 32; one of GGUF_NATIVE_TYPES as its blocks."""
-    rows = int(tensor.shape[1])
-    qtype = tensor.tensor_type
-    if qtype in GGUF_NATIVE_TYPES:
+def gguf_linear_weight(tensor: gguf.ReaderTensor) -> QuantizedWeight:
+    """A linear's tensor as its blocks, or for GGUF_INT4_TYPES as int4 with llama.cpp's own groups of 32."""
+    if tensor.tensor_type not in GGUF_INT4_TYPES:
         return gguf_blocks_weight(tensor)
-    block_bytes = gguf.GGML_QUANT_SIZES[qtype][1]
+    rows = int(tensor.shape[1])
+    block_bytes = gguf.GGML_QUANT_SIZES[tensor.tensor_type][1]
     blocks = np.asarray(tensor.data).reshape(rows, -1, block_bytes)
     scales = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
-    if qtype == gguf.GGMLQuantizationType.Q4_1:
-        mins = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
-        nibbles = blocks[..., 4:]
-    else:  # Q4_0: w = d * (q - 8)
-        mins = -8 * scales
-        nibbles = blocks[..., 2:]
+    mins = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
     # Byte j of a block holds element j in its low nibble and element j + 16 in its high one.
+    nibbles = blocks[..., 4:]
     q = np.concatenate([nibbles & 0x0F, nibbles >> 4], axis=-1).reshape(rows, -1)
     return Int4Weight(torch.from_numpy(q), torch.from_numpy(scales), torch.from_numpy(mins), GGUF_Q4_GROUP)
 

@@ -77,7 +77,7 @@ def test_kernel_matches_the_reference_with_rounded_activations(qtype: Q, rows: i
 
 
 @pytest.mark.parametrize("rows", [1, 3, 9])
-@pytest.mark.parametrize("qtype", [Q.Q5_0, Q.Q8_0], ids=lambda q: q.name)
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q8_0], ids=lambda q: q.name)
 def test_kernel_multiplies_an_odd_number_of_blocks_of_32(qtype: Q, rows: int) -> None:
     # 3 blocks: with AVX-512 a pair, then one block alone.
     w = GGUFWeight(torch.from_numpy(random_blocks(qtype, OUT_FEATURES, 96, seed=rows)), int(qtype))
@@ -87,13 +87,41 @@ def test_kernel_multiplies_an_odd_number_of_blocks_of_32(qtype: Q, rows: int) ->
     torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
 
 
+@pytest.mark.parametrize("rows", [1, 4, 9])
+@pytest.mark.parametrize("qtype", GGUF_NATIVE_TYPES, ids=lambda q: q.name)
+def test_kernel_multiplies_rows_longer_than_a_pass(qtype: Q, rows: int) -> None:
+    # The kernel meets 2,048 input channels at a time: a whole pass, then the rest (for blocks of 32, 7 blocks: a
+    # group of 4, a pair or 2 and 1 alone).
+    in_features = 2304 if gguf.GGML_QUANT_SIZES[qtype][0] == 256 else 2272
+    w = GGUFWeight(torch.from_numpy(random_blocks(qtype, OUT_FEATURES, in_features, seed=rows)), int(qtype))
+    x = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(rows))
+    block = gguf.GGML_QUANT_SIZES[qtype][0]
+    expected = rounded_activations(x, block).double() @ dequantize_blocks(w).double().T
+    ours = ops.gguf_linear(x, w.blocks, int(qtype)).double()
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("out_features", [40, 36], ids=["int4-tiles", "blocks"])
+@pytest.mark.parametrize("rows", [7, 8, 64])
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1], ids=lambda q: q.name)
+def test_q4_blocks_at_any_row_count(qtype: Q, rows: int, out_features: int) -> None:
+    # From 8 rows, whole tiles of 8 outputs are rewritten for the int4 kernel; 36 outputs stay on the blocks.
+    w = GGUFWeight(torch.from_numpy(random_blocks(qtype, out_features, IN_FEATURES, seed=rows)), int(qtype))
+    x = torch.randint(-127, 128, (rows, IN_FEATURES), generator=torch.Generator().manual_seed(rows)).float()
+    x[:, ::32] = 127  # int8-exact activations: the same integer sums on both paths
+    dense = dequantize_blocks(w).double()
+    expected = x.double() @ dense.T
+    bound = 1e-6 * (x.double().abs() @ dense.abs().T)
+    assert ((ops.gguf_linear(x, w.blocks, int(qtype)).double() - expected).abs() <= bound).all()
+
+
 @pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q8_0], ids=lambda q: q.name)
 def test_kernel_checks_its_operands(qtype: Q) -> None:
     w = weight(qtype)
     with pytest.raises(RuntimeError, match="features"):
         ops.gguf_linear(torch.randn(2, IN_FEATURES + 256), w.blocks, int(qtype))
     with pytest.raises(RuntimeError, match="unsupported GGML type"):
-        ops.gguf_linear(torch.randn(2, IN_FEATURES), w.blocks, int(Q.Q4_0))
+        ops.gguf_linear(torch.randn(2, IN_FEATURES), w.blocks, int(Q.Q5_1))
 
 
 def test_random_blocks_are_what_they_say() -> None:

@@ -18,12 +18,12 @@ from tests.gguf_blocks import random_blocks
 
 Q = gguf.GGMLQuantizationType
 HIDDEN, FFN, LAYERS, HEADS, KV_HEADS, VOCAB = 256, 512, 2, 4, 2, 64
-# Per layer, each projection's type, as Q4_K_M mixes them (and Q5_0, Q8_0, Q4_0 as other files do).
+# Per layer, each projection's type, as Q4_K_M mixes them (and Q5_0, Q8_0, Q4_0, Q4_1 as other files do).
 LAYER_TYPES = (
     {"attn_q": Q.Q4_K, "attn_k": Q.Q4_K, "attn_v": Q.Q6_K, "attn_output": Q.Q5_0, "ffn_gate": Q.Q4_K,
      "ffn_up": Q.Q4_K, "ffn_down": Q.Q6_K},
     {"attn_q": Q.Q5_K, "attn_k": Q.Q5_K, "attn_v": Q.Q8_0, "attn_output": Q.Q4_K, "ffn_gate": Q.Q4_0,
-     "ffn_up": Q.Q5_0, "ffn_down": Q.Q5_K},
+     "ffn_up": Q.Q4_1, "ffn_down": Q.Q5_K},
 )  # fmt: skip
 SHAPES = {
     "attn_q": (HIDDEN, HIDDEN),
@@ -37,13 +37,7 @@ SHAPES = {
 
 
 def add_quantized(writer: gguf.GGUFWriter, name: str, qtype: Q, rows: int, cols: int, seed: int) -> None:
-    if qtype == Q.Q4_0:
-        blocks = gguf.quants.quantize(
-            np.random.default_rng(seed).normal(0, 0.02, (rows, cols)).astype(np.float32), qtype
-        )
-    else:
-        blocks = random_blocks(qtype, rows, cols, seed)
-    writer.add_tensor(name, blocks, raw_dtype=qtype)
+    writer.add_tensor(name, random_blocks(qtype, rows, cols, seed), raw_dtype=qtype)
 
 
 def write_mixed_gguf(path: Path) -> None:
@@ -86,7 +80,9 @@ def test_each_linear_keeps_its_type_and_the_weights_take_the_files_bytes(mixed_g
     assert isinstance(gate_up, GGUFLinear) and gate_up.ggml_type == Q.Q4_K  # two Q4_K parts: one block matrix
     mixed_gate_up = model.layers[1].mlp.gate_up_proj
     assert isinstance(mixed_gate_up, RowStackedLinear)
-    assert isinstance(mixed_gate_up.parts[0], QuantizedLinear) and mixed_gate_up.parts[0].bits == 4  # Q4_0: int4
+    q4_0, q4_1 = mixed_gate_up.parts
+    assert isinstance(q4_0, GGUFLinear) and q4_0.ggml_type == Q.Q4_0  # the file's blocks
+    assert isinstance(q4_1, QuantizedLinear) and (q4_1.bits, q4_1.group_size) == (4, 32)  # Q4_1: int4, same bytes
     assert isinstance(model.embed_tokens, GGUFEmbedding) and model.lm_head.ggml_type == Q.Q6_K
     file_bytes = sum(t.n_bytes for t in gguf.GGUFReader(str(mixed_gguf)).tensors)
     assert checkpoint.file_weight_bytes == file_bytes

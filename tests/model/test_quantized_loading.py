@@ -16,7 +16,7 @@ from pagedllm.layers.gguf_linear import GGUFEmbedding, GGUFLinear
 from pagedllm.layers.linear import Linear, QuantizedLinear, kernel_representable
 from pagedllm.layers.quantization import Int4Weight, LinearQuantization, dequantize
 from pagedllm.model.llama import LlamaForCausalLM
-from pagedllm.model.loader import gguf_quantized_weight, load_checkpoint
+from pagedllm.model.loader import gguf_linear_weight, load_checkpoint
 from tests.model.test_gguf_loader import CONFIG, gguf_tensors, write_gguf
 from tests.reference import paged_last_logits
 
@@ -43,11 +43,12 @@ def test_raw_blocks_decode_to_what_gguf_dequantizes(
     for tensor in gguf.GGUFReader(str(path)).tensors:
         if tensor.tensor_type != qtype:
             continue
-        quantized = gguf_quantized_weight(tensor)
+        quantized = gguf_linear_weight(tensor)
         expected = torch.from_numpy(gguf.quants.dequantize(tensor.data, qtype))
-        if qtype == Q.Q8_0:
+        if qtype != Q.Q4_1:
             # Kept as the file's own blocks, bit for bit.
-            assert isinstance(quantized, GGUFWeight) and quantized.ggml_type == Q.Q8_0
+            assert isinstance(quantized, GGUFWeight) and quantized.ggml_type == qtype
+            assert torch.equal(quantized.blocks.flatten(), torch.from_numpy(np.array(tensor.data).reshape(-1)))
             assert torch.equal(dequantize(quantized), expected), tensor.name
         else:
             # Kept exactly as stored: same groups of 32, same nibble order, same scales and mins.
@@ -66,7 +67,7 @@ def test_kept_quantized_linears_match_the_dense_load_rows_unpermuted(
     dense = load_checkpoint(path, torch.float32).weights
     kept = load_checkpoint(path, torch.float32, keep_quantized=True).weights
     assert set(kept) == set(dense)
-    kind = GGUFWeight if qtype == Q.Q8_0 else Int4Weight
+    kind = Int4Weight if qtype == Q.Q4_1 else GGUFWeight
     for name, expected in dense.items():
         value = kept[name]
         if name == "model.embed_tokens.weight":
@@ -82,9 +83,12 @@ def test_kept_quantized_linears_match_the_dense_load_rows_unpermuted(
         assert ((dequantize(value) - expected).abs() <= 1e-6).all(), name
 
 
-def test_a_tied_q8_0_table_serves_lookup_and_lm_head_from_its_blocks(tiny_gguf_tensors, tmp_path: Path) -> None:
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q8_0], ids=lambda q: q.name)
+def test_a_tied_table_serves_lookup_and_lm_head_from_one_copy_of_its_blocks(
+    qtype: gguf.GGMLQuantizationType, tiny_gguf_tensors, tmp_path: Path
+) -> None:
     path = tmp_path / "tied.gguf"
-    write_gguf(path, {k: v for k, v in tiny_gguf_tensors.items() if k != "output.weight"}, Q.Q8_0)
+    write_gguf(path, {k: v for k, v in tiny_gguf_tensors.items() if k != "output.weight"}, qtype)
     dense = load_checkpoint(path, torch.float32).weights["model.embed_tokens.weight"]
     checkpoint = load_checkpoint(path, torch.float32, keep_quantized=True)
     assert checkpoint.config.tie_word_embeddings
@@ -96,26 +100,12 @@ def test_a_tied_q8_0_table_serves_lookup_and_lm_head_from_its_blocks(tiny_gguf_t
     model.load_weights(checkpoint.weights)
     assert isinstance(model.lm_head, GGUFLinear) and isinstance(model.embed_tokens, GGUFEmbedding)
     assert model.lm_head.blocks.data_ptr() == model.embed_tokens.blocks.data_ptr()  # one copy, counted once
-    token_ids = torch.tensor([[3, 1, 4], [1, 5, 9]])
-    assert torch.equal(model.embed_tokens(token_ids), torch.nn.functional.embedding(token_ids, dense))
-
-
-@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1], ids=lambda q: q.name)
-def test_a_tied_q4_table_is_looked_up_from_its_blocks_beside_an_int4_lm_head(
-    qtype: gguf.GGMLQuantizationType, tiny_gguf_tensors, tmp_path: Path
-) -> None:
-    path = tmp_path / "tied.gguf"
-    write_gguf(path, {k: v for k, v in tiny_gguf_tensors.items() if k != "output.weight"}, qtype)
-    dense = load_checkpoint(path, torch.float32).weights["model.embed_tokens.weight"]
-    checkpoint = load_checkpoint(path, torch.float32, keep_quantized=True)
-    table = checkpoint.weights["model.embed_tokens.weight"]
-    assert isinstance(table, GGUFWeight) and isinstance(checkpoint.weights["lm_head.weight"], Int4Weight)
-    model = LlamaForCausalLM(checkpoint.config, 64, quantization=LinearQuantization("auto"))
-    model.load_weights(checkpoint.weights)
-    assert isinstance(model.embed_tokens, GGUFEmbedding) and isinstance(model.lm_head, QuantizedLinear)
     assert model.embed_tokens.blocks.numel() == dense.numel() * gguf.GGML_QUANT_SIZES[qtype][1] // 32
     token_ids = torch.tensor([[3, 1, 4], [1, 5, 9]])
     assert torch.equal(model.embed_tokens(token_ids), torch.nn.functional.embedding(token_ids, dense))
+    hidden = torch.randn(2, CONFIG.hidden_size)
+    expected = hidden @ dense.T
+    assert (model.lm_head(hidden) - expected).norm() <= 2e-2 * expected.norm()  # int8-rounded activations
 
 
 def test_auto_builds_int4_layers_from_q4_blocks_and_none_builds_dense_ones(tiny_gguf_tensors, tmp_path: Path) -> None:

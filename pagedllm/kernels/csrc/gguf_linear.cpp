@@ -1,11 +1,13 @@
-// Matmuls by weights kept in GGUF's own blocks (Q4_K, Q5_K, Q6_K, Q5_0, Q8_0), bit for bit as the file stores them,
+// Matmuls by weights kept in GGUF's own blocks (Q4_0, Q4_1, Q4_K, Q5_K, Q6_K, Q5_0, Q8_0), bit for bit as the file
+// stores them,
 // with activations rounded to int8, for small row counts; and their dequantization to a dense matrix.
 //
 // Every one of these types stores a weight as w = D_s * (q - offset) - M_s in blocks of QK values (QK = 256 for the
-// K types, 32 for Q5_0 and Q8_0): q an unsigned integer of 4, 5 or 6 bits (Q8_0: a signed byte), and per sub-block
+// K types, 32 for the others): q an unsigned integer of 4, 5 or 6 bits (Q8_0: a signed byte), and per sub-block
 // s of 16 or 32 values D_s = d * sc_s and M_s = dmin * m_s, d and dmin float16 per block, sc_s and m_s small
-// integers (Q4_K/Q5_K: 6-bit sc and m per 32 values; Q6_K: a signed 8-bit sc per 16 values, offset 32; Q5_0:
-// sc = 1, offset 16; Q8_0: sc = 1).
+// integers (Q4_K/Q5_K: 6-bit sc and m per 32 values; Q6_K: a signed 8-bit sc per 16 values, offset 32; Q4_0:
+// sc = 1, offset 8; Q5_0: sc = 1, offset 16; Q8_0: sc = 1; Q4_1: sc = 1, m = 1 and dmin the negated float16 min,
+// w = d * q + min).
 //
 // Activations are rounded to int8 with one scale (max |x| / 127) per block of QK values, as llama.cpp's q8_K (and,
 // for QK = 32, q8_0) do, with the integer sums of each 16 of them. The rounded rows are laid out in the order in
@@ -17,14 +19,25 @@
 // the byte products q * x summed in int16 pairs (maddubs: at most 2 * 63 * 127), then in int32 weighted by the
 // sub-block scales (VNNI's dpwssd or AVX2's madd), exact over the block; the minimums' term sum_s m_s * sum(x over s)
 // is an exact integer too (Q6_K's offset, 32 sc_s, joins the products, both scaled by d). Each block's two integers are
-// scaled to float once per activation row. Q5_0 and Q8_0 with AVX-512: blocks in pairs, their 4-byte groups
+// scaled to float once per activation row. Q4_0 and Q4_1 with AVX-512: blocks in groups of 4, their 64 qs bytes
+// gathered by one byte permutation, so that a group's low nibbles are one vector (values 0..15 of each block) and its
+// high nibbles another (values 16..31); unsigned q times signed x (dpbusd) over both, one float scale per block
+// (spread over its 4 lanes), and the offset's or min's term d * (-8) or min times each block's scaled activation sum.
+// Q5_0 and Q8_0 with AVX-512: blocks in pairs, their 4-byte groups
 // interleaved, so lanes alternate between the two blocks and their scales are two broadcast floats; the weights as
 // signed bytes q - offset and the activations as unsigned x + 128 (dpbusd multiplies unsigned by signed bytes), less
-// 128 * sum(q - offset) per 4 values, which is the weights' own and so computed once for every row. With AVX2 a block
-// of 32 is one vector: Q8_0 as |q| times x with q's sign, Q5_0 as q times x less 16 sum(x).
+// 128 * sum(q - offset) per 4 values, which is the weights' own and so computed once for every row. Without AVX-512
+// a block of 32 is one vector: Q8_0 as |q| times x with q's sign, the others as q times x less offset * sum(x) (Q4_1:
+// plus min * sum(x), the activations' sum scaled to float when they are rounded).
+//
+// From kInt4TilesMinRows rows on, Q4_0 and Q4_1 blocks are rewritten for the call into the int4 kernel's tiles
+// (quantized_linear.cpp: the same nibbles and float16 scales, Q4_0's min -8 d exact in float16), whose lanes are
+// outputs, so a row's activations meet 8 of them per load and its float steps come once per 32 inputs: past a few
+// rows that kernel's work per row is a fraction of this one's, and the rewrite costs about as much as one row.
 //
 // Dequantization computes each weight with the float32 operations, in the order, that gguf's reference
 // (gguf.quants.dequantize) uses, so a dense copy holds exactly its values.
+#include "ops.h"
 #include "vec.h"
 
 #include <ATen/Parallel.h>
@@ -39,7 +52,7 @@ namespace pagedllm {
 namespace {
 
 // GGML's type codes, as GGUF files store them.
-enum GgmlType : int64_t { kQ5_0 = 6, kQ8_0 = 8, kQ4_K = 12, kQ5_K = 13, kQ6_K = 14 };
+enum GgmlType : int64_t { kQ4_0 = 2, kQ4_1 = 3, kQ5_0 = 6, kQ8_0 = 8, kQ4_K = 12, kQ5_K = 13, kQ6_K = 14 };
 
 struct Format {
   int64_t block_values;  // QK
@@ -50,6 +63,8 @@ struct Format {
 
 constexpr Format format_of(int64_t type) {
   switch (type) {
+    case kQ4_0: return {32, 18, 8, false};
+    case kQ4_1: return {32, 20, 0, false};
     case kQ5_0: return {32, 22, 16, false};
     case kQ8_0: return {32, 34, 0, true};
     case kQ4_K: return {256, 144, 0, false};
@@ -71,10 +86,13 @@ enum class Layout {
   kSwapped,  // Q4_K/Q5_K: in each 128 values, 32..63 and 64..95 change places (the order of a 64-byte load's nibbles)
   kPairs,  // Q5_0/Q8_0 with AVX-512: the 4-byte groups of blocks 2 i and 2 i + 1 alternate, as unsigned x + 128;
            // an odd last block stays natural
+  kGroups,  // Q4_0/Q4_1 with AVX-512: per group of g blocks (4, then 2 and 1 for a row's last blocks), the g blocks'
+            // values 0..15, then their values 16..31
 };
 
 constexpr Layout layout_of(int64_t type) {
 #if defined(PAGEDLLM_AVX512_VNNI)
+  if (type == kQ4_0 || type == kQ4_1) return Layout::kGroups;
   if (type == kQ5_0 || type == kQ8_0) return Layout::kPairs;
 #endif
 #if defined(PAGEDLLM_AVX2)
@@ -88,8 +106,8 @@ constexpr int64_t kRowGrain = 16;  // output rows per parallel task, at the leas
 constexpr int64_t kRoundGrain = 16384;  // activations per parallel task of rounding, at the least
 constexpr float kActivationLevels = 127.f;
 
-// Activation rows that share each unpacked weight register: with AVX-512, 8 for the pairs of blocks of 32 (two
-// registers per row), 4 for the K types (more keep fewer of a block's 8 unpacked registers).
+// Activation rows that share each unpacked weight register: with AVX-512, 8 for the blocks of 32 (two registers per
+// row), 4 for the K types (more keep fewer of a block's 8 unpacked registers).
 constexpr int64_t row_tile(int64_t type) {
 #ifdef PAGEDLLM_AVX512_VNNI
   return format_of(type).block_values == 32 ? 8 : 4;
@@ -160,6 +178,12 @@ inline __m256i bits_to_4(__m256i bytes, int k, int mask) {
 inline __m256i low_nibbles(__m256i bytes) { return _mm256_and_si256(bytes, _mm256_set1_epi8(0x0F)); }
 inline __m256i high_nibbles(__m256i bytes) { return low_nibbles(_mm256_srli_epi16(bytes, 4)); }
 
+// A Q4_0/Q4_1 block's 32 values, unsigned (0..15), in order, from its 16 qs bytes.
+inline __m256i q4_values(const uint8_t* qs) {
+  const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
+  return low_nibbles(_mm256_set_m128i(_mm_srli_epi16(packed, 4), packed));
+}
+
 // Q5_0's 32 values of a block, unsigned (0..31), in order: byte j of qs holds value j in its low nibble and value
 // j + 16 in its high one, and bit i of `high` is value i's 5th bit.
 inline __m256i q5_0_values(const uint8_t* block) {
@@ -188,6 +212,36 @@ inline void decode_block<kQ8_0>(const uint8_t* block, uint8_t* q, int16_t* scale
   std::memcpy(q, block + 2, 32);
   scales[0] = scales[1] = 1;
   mins[0] = mins[1] = 0;
+}
+
+// Q4_0 (Min false) and Q4_1 blocks: byte j of qs holds value j in its low nibble and value j + 16 in its high one.
+template <bool Min>
+inline void decode_q4(const uint8_t* block, uint8_t* q, int16_t* scales, int16_t* mins, float& d, float& dmin) {
+  d = half_at(block);
+  dmin = Min ? -half_at(block + 2) : d;
+  const uint8_t* qs = block + (Min ? 4 : 2);
+#ifdef PAGEDLLM_AVX2
+  store32(q, q4_values(qs));
+#else
+  for (int j = 0; j < 16; ++j) {
+    q[j] = qs[j] & 0x0F;
+    q[j + 16] = qs[j] >> 4;
+  }
+#endif
+  scales[0] = scales[1] = 1;
+  mins[0] = mins[1] = Min ? 1 : 8;
+}
+
+template <>
+inline void decode_block<kQ4_0>(const uint8_t* block, uint8_t* q, int16_t* scales, int16_t* mins, float& d,
+                                float& dmin) {
+  decode_q4<false>(block, q, scales, mins, d, dmin);
+}
+
+template <>
+inline void decode_block<kQ4_1>(const uint8_t* block, uint8_t* q, int16_t* scales, int16_t* mins, float& d,
+                                float& dmin) {
+  decode_q4<true>(block, q, scales, mins, d, dmin);
 }
 
 template <>
@@ -302,6 +356,8 @@ void decode_row_of(const uint8_t* row, int64_t in, DecodedRow& out) {
 
 void decode_row(int64_t type, const uint8_t* row, int64_t in, DecodedRow& out) {
   switch (type) {
+    case kQ4_0: return decode_row_of<kQ4_0>(row, in, out);
+    case kQ4_1: return decode_row_of<kQ4_1>(row, in, out);
     case kQ5_0: return decode_row_of<kQ5_0>(row, in, out);
     case kQ8_0: return decode_row_of<kQ8_0>(row, in, out);
     case kQ4_K: return decode_row_of<kQ4_K>(row, in, out);
@@ -313,14 +369,21 @@ void decode_row(int64_t type, const uint8_t* row, int64_t in, DecodedRow& out) {
 
 // ---- Activations ----
 
-// Activation rows rounded to int8 per block of QK, in the weight type's layout, with each block's scale and the
-// integer sums of each 16 (in order).
+// Activation rows rounded to int8 per block of QK, in the weight type's layout, with each block's scale, the
+// integer sums of each 16 (in order) and each block's sum times its scale; for Layout::kGroups also per int32 lane of
+// the kernel's vectors (4 per block: values 4 i .. 4 i + 3 and 16 + 4 i .. 16 + 4 i + 3 of the block) the block's
+// scale and -offset times the lane's sum, so a row meets a group in vector operations only.
 struct QuantizedRows {
   const int8_t* values;  // [rows, in]
   const float* scales;  // [rows, in / QK]
   const int16_t* sums;  // [rows, in / 16]
+  const float* block_sums;  // [rows, in / QK]
+  const float* lane_scales;  // kGroups: [rows, in / 8]
+  const int32_t* lane_offsets;  // kGroups: [rows, in / 8]
   int64_t in_features;
 };
+
+constexpr int64_t kLaneValues = 8;  // activations per kGroups lane (4 in each half of the block)
 
 // Rounds the n (a multiple of 16, at most 256) values at `in` to int8 levels in `out`, each 16's sum in `sums`;
 // returns their scale.
@@ -342,7 +405,11 @@ inline float round_block(const T* in, int64_t n, int8_t* out, int16_t* sums) {
   return max / kActivationLevels;
 }
 
-// Writes n rounded values (a block, or for kPairs two blocks) from `in` (in order) to `out` in `layout`.
+// Blocks in the next group of Layout::kGroups, of the `values` (a multiple of 32) left in a row.
+constexpr int64_t group_blocks(int64_t values) { return values >= 128 ? 4 : values >= 64 ? 2 : 1; }
+
+// Writes n rounded values (a block, for kPairs two blocks, for kGroups up to four) from `in` (in order) to `out` in
+// `layout`.
 inline void lay_out(Layout layout, const int8_t* in, int64_t n, int8_t* out) {
   if (layout == Layout::kSwapped) {
     for (int64_t c = 0; c < n; c += 128) {
@@ -354,6 +421,15 @@ inline void lay_out(Layout layout, const int8_t* in, int64_t n, int8_t* out) {
   } else if (layout == Layout::kPairs && n == 64) {
     for (int64_t j = 0; j < 16; ++j)
       for (int64_t i = 0; i < 4; ++i) out[4 * j + i] = static_cast<int8_t>(in[32 * (j % 2) + 4 * (j / 2) + i] ^ 0x80);
+  } else if (layout == Layout::kGroups) {
+    for (int64_t first = 0; first < n;) {
+      const int64_t g = group_blocks(n - first);
+      for (int64_t k = 0; k < g; ++k) {
+        std::memcpy(out + first + 16 * k, in + first + 32 * k, 16);
+        std::memcpy(out + first + 16 * (g + k), in + first + 32 * k + 16, 16);
+      }
+      first += 32 * g;
+    }
   } else {
     std::memcpy(out, in, n);
   }
@@ -367,16 +443,26 @@ QuantizedRows quantize_rows(const at::Tensor& x, int64_t type) {
   thread_local std::vector<int8_t> values;
   thread_local std::vector<float> scales;
   thread_local std::vector<int16_t> sums;
+  thread_local std::vector<float> block_sums;
+  thread_local std::vector<float> lane_scales;
+  thread_local std::vector<int32_t> lane_offsets;
   const int64_t rows = x.size(0), in = x.size(1), blocks = in / f.block_values;
+  const bool lanes = layout == Layout::kGroups;
   values.resize(rows * in);
   scales.resize(rows * blocks);
   sums.resize(rows * in / kSub);
-  const int64_t unit_blocks = layout == Layout::kPairs ? 2 : 1;
+  block_sums.resize(rows * blocks);
+  lane_scales.resize(lanes ? rows * in / kLaneValues : 0);
+  lane_offsets.resize(lanes ? rows * in / kLaneValues : 0);
+  const int64_t unit_blocks = layout == Layout::kPairs ? 2 : layout == Layout::kGroups ? 4 : 1;
   const int64_t units = (blocks + unit_blocks - 1) / unit_blocks;
   const T* xp = x.const_data_ptr<T>();
   int8_t* vp = values.data();
   float* sp = scales.data();
   int16_t* sump = sums.data();
+  float* block_sump = block_sums.data();
+  float* lane_scalep = lane_scales.data();
+  int32_t* lane_offsetp = lane_offsets.data();
   const int64_t grain = std::max<int64_t>(1, kRoundGrain / (unit_blocks * f.block_values));
   at::parallel_for(0, rows * units, grain, [&](int64_t begin, int64_t end) {
     int8_t rounded[kUnitMax];
@@ -384,14 +470,24 @@ QuantizedRows quantize_rows(const at::Tensor& x, int64_t type) {
       const int64_t row = i / units, first = i % units * unit_blocks;
       const int64_t count = std::min(unit_blocks, blocks - first), offset = row * in + first * f.block_values;
       for (int64_t k = 0; k < count; ++k) {
-        const int64_t start = offset + k * f.block_values;
-        sp[row * blocks + first + k] =
-            round_block(xp + start, f.block_values, rounded + k * f.block_values, sump + start / kSub);
+        const int64_t start = offset + k * f.block_values, block = row * blocks + first + k;
+        sp[block] = round_block(xp + start, f.block_values, rounded + k * f.block_values, sump + start / kSub);
+        int32_t sum = 0;
+        for (int64_t s = 0; s < f.block_values / kSub; ++s) sum += sump[start / kSub + s];
+        block_sump[block] = sp[block] * static_cast<float>(sum);
+        if (!lanes) continue;
+        const int8_t* r = rounded + k * f.block_values;
+        for (int64_t i = 0; i < 4; ++i) {
+          int32_t lane_sum = 0;
+          for (int64_t j = 0; j < 4; ++j) lane_sum += r[4 * i + j] + r[16 + 4 * i + j];
+          lane_scalep[4 * block + i] = sp[block];
+          lane_offsetp[4 * block + i] = -static_cast<int32_t>(f.offset) * lane_sum;
+        }
       }
       lay_out(layout, rounded, count * f.block_values, vp + offset);
     }
   });
-  return {vp, sp, sump, in};
+  return {vp, sp, sump, block_sump, lane_scalep, lane_offsetp, in};
 }
 
 // Activation rows [m, m + Rows) of a call.
@@ -400,13 +496,21 @@ struct RowTile {
   const int8_t* values[Rows];
   const float* scales[Rows];
   const int16_t* sums[Rows];
+  const float* block_sums[Rows];
+  const float* lane_scales[Rows];
+  const int32_t* lane_offsets[Rows];
 
-  RowTile(const QuantizedRows& x, int64_t block_values, int64_t m) {
-    const int64_t in = x.in_features;
+  // From block `first` of each row on.
+  RowTile(const QuantizedRows& x, int64_t block_values, int64_t m, int64_t first) {
+    const int64_t in = x.in_features, start = first * block_values;
     for (int64_t r = 0; r < Rows; ++r) {
-      values[r] = x.values + (m + r) * in;
-      scales[r] = x.scales + (m + r) * (in / block_values);
-      sums[r] = x.sums + (m + r) * (in / kSub);
+      const int64_t at = (m + r) * in + start;
+      values[r] = x.values + at;
+      scales[r] = x.scales + at / block_values;
+      sums[r] = x.sums + at / kSub;
+      block_sums[r] = x.block_sums + at / block_values;
+      lane_scales[r] = x.lane_scales + at / kLaneValues;
+      lane_offsets[r] = x.lane_offsets + at / kLaneValues;
     }
   }
 };
@@ -621,6 +725,121 @@ void pair_rows(const uint8_t* row, int64_t blocks, const RowTile<Rows>& x, float
   for (int64_t r = 0; r < Rows; ++r) result[r] += _mm512_reduce_add_ps(acc[r]);
   if (blocks % 2) scalar_blocks<Type, Rows>(row, x, blocks - 1, 1, result);
 }
+
+// A group of G Q4_0/Q4_1 blocks unpacked (Layout::kGroups): what every activation row meets.
+struct Q4Group {
+  __m512i low, high;  // unsigned q: values 0..15 of each block, then values 16..31 (blocks past G: 0)
+  __m512 d;  // per lane, its block's d (blocks past G: 0)
+  __m128 min;  // Q4_1: per block
+};
+
+constexpr __mmask64 byte_mask(int64_t bytes) { return bytes >= 64 ? ~__mmask64{0} : (__mmask64{1} << bytes) - 1; }
+
+// Word indices (of the first 64 bytes of a group) that put each block's float16 d in its 4 lanes, and Q4_1's
+// minimums in the first 4 words.
+template <int64_t Type>
+struct HalfIndex {
+  alignas(32) int16_t d[16], min[8];
+  constexpr HalfIndex() : d{}, min{} {
+    constexpr int16_t step = format_of(Type).block_bytes / 2;
+    for (int k = 0; k < 16; ++k) d[k] = static_cast<int16_t>(k / 4 * step);
+    for (int k = 0; k < 4; ++k) min[k] = static_cast<int16_t>(k * step + 1);
+  }
+};
+
+#ifdef __AVX512VBMI__
+// vpermt2b indices of a group's 64 qs bytes within its first 128 bytes: 16 per block, in block order.
+template <int64_t Type>
+struct QsIndex {
+  alignas(64) uint8_t bytes[64];
+  constexpr QsIndex() : bytes{} {
+    constexpr int64_t block_bytes = format_of(Type).block_bytes, qs = Type == kQ4_1 ? 4 : 2;
+    for (int64_t k = 0; k < 4; ++k)
+      for (int64_t i = 0; i < 16; ++i) bytes[16 * k + i] = static_cast<uint8_t>(k * block_bytes + qs + i);
+  }
+};
+#endif
+
+template <int64_t Type, int G>
+inline void unpack_group(const uint8_t* group, Q4Group& g) {
+  constexpr int64_t block_bytes = format_of(Type).block_bytes, total = G * block_bytes;
+  static constexpr HalfIndex<Type> kHalves{};
+  // Masked loads read no byte past the group (the last group ends the tensor) and leave blocks past G zero.
+  const __m512i first = _mm512_maskz_loadu_epi8(byte_mask(total), group);
+#ifdef __AVX512VBMI__
+  static constexpr QsIndex<Type> kQs{};
+  const __m512i rest =
+      total > 64 ? _mm512_maskz_loadu_epi8(byte_mask(total - 64), group + 64) : _mm512_setzero_si512();
+  const __m512i qs = _mm512_permutex2var_epi8(first, load64(kQs.bytes), rest);  // block k in 128-bit lane k
+#else
+  constexpr int64_t qs_at = Type == kQ4_1 ? 4 : 2;
+  const auto load16 = [](const uint8_t* p) { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)); };
+  __m512i qs = _mm512_zextsi128_si512(load16(group + qs_at));
+  if constexpr (G > 1) qs = _mm512_inserti32x4(qs, load16(group + block_bytes + qs_at), 1);
+  if constexpr (G > 2) {
+    qs = _mm512_inserti32x4(qs, load16(group + 2 * block_bytes + qs_at), 2);
+    qs = _mm512_inserti32x4(qs, load16(group + 3 * block_bytes + qs_at), 3);
+  }
+#endif
+  const __m512i low4 = _mm512_set1_epi8(0x0F);
+  g.low = _mm512_and_si512(qs, low4);
+  g.high = _mm512_and_si512(_mm512_srli_epi16(qs, 4), low4);
+  const __m512i d = _mm512_permutexvar_epi16(_mm512_castsi256_si512(load32(kHalves.d)), first);
+  g.d = _mm512_cvtph_ps(_mm512_castsi512_si256(d));
+  if constexpr (Type == kQ4_1) {
+    const __m128i index = _mm_load_si128(reinterpret_cast<const __m128i*>(kHalves.min));
+    const __m512i min = _mm512_permutexvar_epi16(_mm512_castsi128_si512(index), first);
+    g.min = _mm_cvtph_ps(_mm512_castsi512_si128(min));
+  }
+}
+
+// Adds the products of a group of G blocks from block b with activation rows x to acc (scaled dot products, 16
+// lanes) and mins (Q4_1's min terms, a lane per block).
+template <int64_t Type, int G, int64_t Rows>
+inline void group_rows(const uint8_t* row, int64_t b, const RowTile<Rows>& x, __m512* acc, __m128* mins) {
+  Q4Group g;
+  unpack_group<Type, G>(row + b * format_of(Type).block_bytes, g);
+  const __mmask64 half = byte_mask(16 * G);
+  const __mmask16 lanes = static_cast<__mmask16>((1 << (4 * G)) - 1);
+  for (int64_t r = 0; r < Rows; ++r) {
+    const int8_t* xv = x.values[r] + 32 * b;
+    // Q4_0: from -8 times the lane's activation sum (q - 8 = q less 8).
+    __m512i dot = Type == kQ4_0 ? _mm512_maskz_loadu_epi32(lanes, x.lane_offsets[r] + 4 * b) : _mm512_setzero_si512();
+    dot = _mm512_dpbusd_epi32(dot, g.low, _mm512_maskz_loadu_epi8(half, xv));
+    dot = _mm512_dpbusd_epi32(dot, g.high, _mm512_maskz_loadu_epi8(half, xv + 16 * G));
+    const __m512 scales = _mm512_mul_ps(g.d, _mm512_maskz_loadu_ps(lanes, x.lane_scales[r] + 4 * b));
+    acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scales, acc[r]);
+    if constexpr (Type == kQ4_1)
+      mins[r] = _mm_fmadd_ps(g.min, _mm_maskz_loadu_ps(static_cast<__mmask8>((1 << G) - 1), x.block_sums[r] + b),
+                             mins[r]);
+  }
+}
+
+template <int64_t Type, int64_t Rows>
+void q4_rows(const uint8_t* row, int64_t blocks, const RowTile<Rows>& x, float* result) {
+  // Two sets of sums for few rows, so that consecutive groups' additions do not wait on each other.
+  constexpr int64_t sets = Rows <= 2 ? 2 : 1;
+  __m512 acc[sets][Rows];
+  __m128 mins[Rows];
+  for (int64_t r = 0; r < Rows; ++r) {
+    for (int64_t k = 0; k < sets; ++k) acc[k][r] = _mm512_setzero_ps();
+    mins[r] = _mm_setzero_ps();
+  }
+  int64_t b = 0;
+  for (; b + 4 * sets <= blocks; b += 4 * sets)
+    for (int64_t k = 0; k < sets; ++k) group_rows<Type, 4>(row, b + 4 * k, x, acc[k], mins);
+  for (; b + 4 <= blocks; b += 4) group_rows<Type, 4>(row, b, x, acc[0], mins);
+  if (blocks - b >= 2) {
+    group_rows<Type, 2>(row, b, x, acc[0], mins);
+    b += 2;
+  }
+  if (b < blocks) group_rows<Type, 1>(row, b, x, acc[0], mins);
+  for (int64_t r = 0; r < Rows; ++r) {
+    __m512 sum = _mm512_zextps128_ps512(mins[r]);
+    for (int64_t k = 0; k < sets; ++k) sum = _mm512_add_ps(sum, acc[k][r]);
+    result[r] += _mm512_reduce_add_ps(sum);
+  }
+}
 #endif
 
 // ---- AVX2 kernels (without AVX-512 VNNI) ----
@@ -699,43 +918,52 @@ void k_rows(const uint8_t* row, int64_t blocks, const RowTile<Rows>& x, float* r
   for (int64_t r = 0; r < Rows; ++r) result[r] += horizontal_sum(acc[r]);
 }
 
-// Blocks of 32, one vector each: Q8_0 as |q| times x with q's sign (at most 2 * 128 * 127 per pair), Q5_0 as
-// q times x less 16 sum(x).
+template <int64_t Type>
+inline __m256i block32_values(const uint8_t* block) {
+  if constexpr (Type == kQ8_0) return load32(block + 2);
+  if constexpr (Type == kQ5_0) return q5_0_values(block);
+  return q4_values(block + (Type == kQ4_1 ? 4 : 2));
+}
+
+// Blocks of 32, one vector each: Q8_0 as |q| times x with q's sign (at most 2 * 128 * 127 per pair), the others as
+// q times x less offset * sum(x), Q4_1 plus min * sum(x).
 template <int64_t Type, int64_t Rows>
 void block32_rows(const uint8_t* row, int64_t blocks, const RowTile<Rows>& x, float* result) {
-  constexpr int64_t block_bytes = format_of(Type).block_bytes;
+  constexpr Format f = format_of(Type);
   __m256 acc[Rows];
   for (int64_t r = 0; r < Rows; ++r) acc[r] = _mm256_setzero_ps();
+  float min_terms[Rows] = {};
   const __m256i ones = _mm256_set1_epi16(1);
   for (int64_t b = 0; b < blocks; ++b) {
-    const uint8_t* block = row + b * block_bytes;
-    const __m256i q = Type == kQ8_0 ? load32(block + 2) : q5_0_values(block);
+    const uint8_t* block = row + b * f.block_bytes;
+    const __m256i q = block32_values<Type>(block);
     const __m256i magnitudes = Type == kQ8_0 ? _mm256_sign_epi8(q, q) : q;
     const float d = half_at(block);
     for (int64_t r = 0; r < Rows; ++r) {
       const __m256i xv = load32(x.values[r] + 32 * b);
       const __m256i signed_x = Type == kQ8_0 ? _mm256_sign_epi8(xv, q) : xv;
       __m256i sums = _mm256_madd_epi16(_mm256_maddubs_epi16(magnitudes, signed_x), ones);
-      if constexpr (Type == kQ5_0) {
-        const int32_t offset = 16 * (x.sums[r][2 * b] + x.sums[r][2 * b + 1]);
+      if constexpr (f.offset != 0) {
+        const int32_t offset = f.offset * (x.sums[r][2 * b] + x.sums[r][2 * b + 1]);
         sums = _mm256_sub_epi32(sums, _mm256_castsi128_si256(_mm_cvtsi32_si128(offset)));
       }
       acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_set1_ps(d * x.scales[r][b]), acc[r]);
+      if constexpr (Type == kQ4_1) min_terms[r] += half_at(block + 2) * x.block_sums[r][b];
     }
   }
-  for (int64_t r = 0; r < Rows; ++r) result[r] += horizontal_sum(acc[r]);
+  for (int64_t r = 0; r < Rows; ++r) result[r] += horizontal_sum(acc[r]) + min_terms[r];
 }
 #endif
 
-// The dot products of one weight row with activation rows x, into result.
+// Adds the dot products of `blocks` blocks of one weight row with activation rows x to result.
 template <int64_t Type, int64_t Rows>
-void dot_rows(const uint8_t* row, const RowTile<Rows>& x, int64_t in_features, float* result) {
+void dot_rows(const uint8_t* row, const RowTile<Rows>& x, int64_t blocks, float* result) {
   constexpr int64_t QK = format_of(Type).block_values;
-  const int64_t blocks = in_features / QK;
-  for (int64_t r = 0; r < Rows; ++r) result[r] = 0.f;
 #if defined(PAGEDLLM_AVX512_VNNI)
   if constexpr (QK == 256)
     k_rows<Type, Rows>(row, blocks, x, result);
+  else if constexpr (Type == kQ4_0 || Type == kQ4_1)
+    q4_rows<Type, Rows>(row, blocks, x, result);
   else
     pair_rows<Type, Rows>(row, blocks, x, result);
 #elif defined(PAGEDLLM_AVX2)
@@ -762,21 +990,39 @@ void for_row_tiles(int64_t num_rows, const TileFn& tile) {
 }
 
 constexpr int64_t kRowBlock = 64;  // activation rows that meet a task's kRowGrain weight rows before the next do
+// Input channels per pass over a task's weight rows when several activation rows meet them: a row tile's
+// activations for them (values and their lane data, about 2 bytes each) stay in the L1 cache while every weight row
+// meets them, instead of streaming whole rows from L2 once per weight row. A multiple of 4 blocks of every type, so
+// no kGroups group or kPairs pair is cut. One row takes whole weight rows: they stream from memory in order.
+constexpr int64_t kChunkValues = 2048;
 
 template <int64_t Type, typename Out>
 void multiply(const uint8_t* weight, const QuantizedRows& x, int64_t out_features, int64_t num_rows, Out* out) {
   constexpr Format f = format_of(Type);
-  const int64_t in = x.in_features, row_bytes = in / f.block_values * f.block_bytes;
+  const int64_t blocks = x.in_features / f.block_values, row_bytes = blocks * f.block_bytes;
+  const int64_t chunk_blocks = num_rows == 1 ? blocks : kChunkValues / f.block_values;
   at::parallel_for(0, out_features, kRowGrain, [&](int64_t begin, int64_t end) {
-    for (int64_t first_n = begin; first_n < end; first_n += kRowGrain)
-      for (int64_t first_m = 0; first_m < num_rows; first_m += kRowBlock)
-        for (int64_t n = first_n; n < std::min(end, first_n + kRowGrain); ++n)
-          for_row_tiles<row_tile(Type)>(std::min(kRowBlock, num_rows - first_m), [&](auto tile_rows, int64_t m) {
+    float sums[kRowGrain * kRowBlock];  // [n - first_n, m]
+    for (int64_t first_n = begin; first_n < end; first_n += kRowGrain) {
+      const int64_t last_n = std::min(end, first_n + kRowGrain);
+      for (int64_t first_m = 0; first_m < num_rows; first_m += kRowBlock) {
+        const int64_t rows = std::min(kRowBlock, num_rows - first_m);
+        std::fill(sums, sums + kRowGrain * kRowBlock, 0.f);
+        for (int64_t first_b = 0; first_b < blocks; first_b += chunk_blocks) {
+          const int64_t count = std::min(chunk_blocks, blocks - first_b);
+          const uint8_t* chunk = weight + first_b * f.block_bytes;
+          for_row_tiles<row_tile(Type)>(rows, [&](auto tile_rows, int64_t m) {
             constexpr int64_t R = decltype(tile_rows)::value;
-            float result[R];
-            dot_rows<Type, R>(weight + n * row_bytes, RowTile<R>(x, f.block_values, first_m + m), in, result);
-            for (int64_t r = 0; r < R; ++r) out[(first_m + m + r) * out_features + n] = static_cast<Out>(result[r]);
+            const RowTile<R> tile(x, f.block_values, first_m + m, first_b);
+            for (int64_t n = first_n; n < last_n; ++n)
+              dot_rows<Type, R>(chunk + n * row_bytes, tile, count, sums + (n - first_n) * kRowBlock + m);
           });
+        }
+        for (int64_t m = 0; m < rows; ++m)
+          for (int64_t n = first_n; n < last_n; ++n)
+            out[(first_m + m) * out_features + n] = static_cast<Out>(sums[(n - first_n) * kRowBlock + m]);
+      }
+    }
   });
 }
 
@@ -830,6 +1076,8 @@ template <typename Out>
 void multiply_type(int64_t type, const uint8_t* weight, const QuantizedRows& x, int64_t out_features,
                    int64_t num_rows, Out* out) {
   switch (type) {
+    case kQ4_0: return multiply<kQ4_0>(weight, x, out_features, num_rows, out);
+    case kQ4_1: return multiply<kQ4_1>(weight, x, out_features, num_rows, out);
     case kQ5_0: return multiply<kQ5_0>(weight, x, out_features, num_rows, out);
     case kQ8_0: return multiply<kQ8_0>(weight, x, out_features, num_rows, out);
     case kQ4_K: return multiply<kQ4_K>(weight, x, out_features, num_rows, out);
@@ -837,6 +1085,117 @@ void multiply_type(int64_t type, const uint8_t* weight, const QuantizedRows& x, 
     case kQ6_K: return multiply<kQ6_K>(weight, x, out_features, num_rows, out);
     default: TORCH_CHECK(false, "gguf_linear: unsupported GGML type ", type);
   }
+}
+
+constexpr int64_t kInt4Tile = 8;  // output rows per tile of the int4 kernel's layout
+constexpr int64_t kInt4TilesMinRows = 8;
+
+// Block b of a tile's 8 rows of Q4_0/Q4_1 blocks as the int4 layout: its 4 steps of 8 inputs (128 bytes at `steps`),
+// step s's 4 bytes at 4 o holding row o's inputs 8 s + j (low nibble) and 8 s + 4 + j (high nibble), and the rows'
+// float16 scales (and Q4_1's mins: Q4_0's follow from the scales) at scale_min[0, o] and [1, o].
+inline void rewrite_block(const uint8_t* rows, int64_t row_bytes, const Format& f, uint32_t* steps,
+                          uint16_t* scale_min) {
+  const bool q4_1 = f.offset == 0;
+#ifdef PAGEDLLM_AVX512_VNNI
+  // Rows 0..3 and 4..7's qs in the 128-bit lanes of two vectors; their dwords k = 0..3 gathered by row.
+  const int64_t qs_at = q4_1 ? 4 : 2;
+  const auto qs = [&](int64_t o) {
+    return _mm_loadu_si128(reinterpret_cast<const __m128i*>(rows + o * row_bytes + qs_at));
+  };
+  __m512i first = _mm512_zextsi128_si512(qs(0)), second = _mm512_zextsi128_si512(qs(4));
+  for (int k = 1; k < 4; ++k) {
+    first = _mm512_inserti32x4(first, qs(k), k);
+    second = _mm512_inserti32x4(second, qs(4 + k), k);
+  }
+  const __m512i q01 = _mm512_permutex2var_epi32(
+      first, _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 1, 5, 9, 13, 17, 21, 25, 29), second);
+  const __m512i q23 = _mm512_permutex2var_epi32(
+      first, _mm512_setr_epi32(2, 6, 10, 14, 18, 22, 26, 30, 3, 7, 11, 15, 19, 23, 27, 31), second);
+  const __m256i low = _mm256_set1_epi8(0x0F), high = _mm256_set1_epi8(static_cast<char>(0xF0));
+  const __m512i pairs[2] = {q01, q23};
+  for (int i = 0; i < 2; ++i) {
+    const __m256i a = _mm512_castsi512_si256(pairs[i]), b = _mm512_extracti64x4_epi64(pairs[i], 1);
+    store32(steps + 8 * i, _mm256_or_si256(_mm256_and_si256(a, low), _mm256_slli_epi32(_mm256_and_si256(b, low), 4)));
+    store32(steps + 16 + 8 * i,
+            _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi32(a, 4), low), _mm256_and_si256(b, high)));
+  }
+  // Each row's first dword: d in its low half, Q4_1's min in its high half.
+  const __m256i heads = _mm256_i32gather_epi32(reinterpret_cast<const int*>(rows),
+                                               _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+                                                                  _mm256_set1_epi32(static_cast<int>(row_bytes))),
+                                               1);
+  const auto words = [](__m256i v) {
+    return _mm_packus_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  };
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(scale_min), words(_mm256_and_si256(heads, _mm256_set1_epi32(0xFFFF))));
+  if (q4_1) _mm_storeu_si128(reinterpret_cast<__m128i*>(scale_min + kInt4Tile), words(_mm256_srli_epi32(heads, 16)));
+  return;
+#endif
+  for (int64_t o = 0; o < kInt4Tile; ++o) {
+    const uint8_t* block = rows + o * row_bytes;
+    const uint8_t* qs = block + (q4_1 ? 4 : 2);
+    // qs byte j holds value j (low nibble) and j + 16 (high): steps 0 and 1 are low nibbles, 2 and 3 high ones.
+    const uint32_t q0 = u32_at(qs), q1 = u32_at(qs + 4), q2 = u32_at(qs + 8), q3 = u32_at(qs + 12);
+    const uint32_t low = 0x0F0F0F0F, high = 0xF0F0F0F0;
+    steps[o] = (q0 & low) | ((q1 & low) << 4);
+    steps[kInt4Tile + o] = (q2 & low) | ((q3 & low) << 4);
+    steps[2 * kInt4Tile + o] = ((q0 >> 4) & low) | (q1 & high);
+    steps[3 * kInt4Tile + o] = ((q2 >> 4) & low) | (q3 & high);
+    std::memcpy(scale_min + o, block, 2);
+    if (q4_1) std::memcpy(scale_min + kInt4Tile + o, block + 2, 2);
+  }
+}
+
+// Q4_0's mins of a tile's blocks from their scales: -8 d, the exponent moved by 3 (exact unless |d| > 8191, far
+// beyond any weight's scale).
+void q4_0_mins(int64_t blocks, uint16_t* scale_min) {
+  for (int64_t b = 0; b < blocks; ++b) {
+    uint16_t* d = scale_min + b * 2 * kInt4Tile;
+#ifdef __F16C__
+    const __m256 scaled = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(d))),
+                                        _mm256_set1_ps(-8.f));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(d + kInt4Tile), _mm256_cvtps_ph(scaled, _MM_FROUND_TO_NEAREST_INT));
+#else
+    for (int64_t o = 0; o < kInt4Tile; ++o) d[kInt4Tile + o] = c10::Half(-8.f * half_bits_to_float(d[o])).x;
+#endif
+  }
+}
+
+// The rewritten tiles of a weight up to this size go to a buffer the calling thread keeps (a fresh allocation of
+// that size costs its page faults, more than the rewrite itself); larger ones (an lm_head) are allocated per call.
+constexpr int64_t kKeptTileBytes = int64_t{32} << 20;
+
+// Q4_0/Q4_1 blocks [out, row bytes] as the int4 kernel's packed weight and float16 scales and mins.
+std::pair<at::Tensor, at::Tensor> int4_tiles(const at::Tensor& blocks, const Format& f, int64_t in_features) {
+  const int64_t out_features = blocks.size(0), tiles = out_features / kInt4Tile, groups = in_features / 32;
+  const int64_t packed_bytes = tiles * in_features * 4, scale_bytes = tiles * groups * 2 * kInt4Tile * 2;
+  at::Tensor packed, scale_min;
+  if (packed_bytes + scale_bytes <= kKeptTileBytes) {
+    thread_local std::vector<uint8_t> kept;
+    kept.resize(std::max<size_t>(kept.size(), packed_bytes + scale_bytes));
+    packed = at::from_blob(kept.data(), {tiles, in_features * 4}, blocks.options());
+    scale_min = at::from_blob(kept.data() + packed_bytes, {tiles, groups, 2, kInt4Tile},
+                              blocks.options().dtype(at::kHalf));
+  } else {
+    packed = at::empty({tiles, in_features * 4}, blocks.options());
+    scale_min = at::empty({tiles, groups, 2, kInt4Tile}, blocks.options().dtype(at::kHalf));
+  }
+  const uint8_t* weight = blocks.const_data_ptr<uint8_t>();
+  uint8_t* pp = packed.data_ptr<uint8_t>();
+  auto* sp = reinterpret_cast<uint16_t*>(scale_min.data_ptr<at::Half>());
+  const int64_t row_bytes = blocks.size(1);
+  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const uint8_t* rows = weight + t * kInt4Tile * row_bytes;
+      auto* steps = reinterpret_cast<uint32_t*>(pp + t * in_features * 4);
+      uint16_t* tile_scales = sp + t * groups * 2 * kInt4Tile;
+      for (int64_t b = 0; b < groups; ++b)
+        rewrite_block(rows + b * f.block_bytes, row_bytes, f, steps + b * 4 * kInt4Tile,
+                      tile_scales + b * 2 * kInt4Tile);
+      if (f.offset != 0) q4_0_mins(groups, tile_scales);
+    }
+  });
+  return {packed, scale_min};
 }
 
 }  // namespace
@@ -847,6 +1206,10 @@ at::Tensor gguf_linear(const at::Tensor& x, const at::Tensor& blocks, int64_t gg
   TORCH_CHECK(x.size(-1) == in_features, "gguf_linear: input has ", x.size(-1), " features, weight ", in_features);
   const at::Tensor rows = x.reshape({-1, in_features}).contiguous();
   const int64_t num_rows = rows.size(0);
+  if ((ggml_type == kQ4_0 || ggml_type == kQ4_1) && num_rows >= kInt4TilesMinRows && out_features % kInt4Tile == 0) {
+    const auto [packed, scale_min] = int4_tiles(blocks, f, in_features);
+    return int4_linear(x, packed, scale_min, 32);
+  }
   at::Tensor out = at::empty({num_rows, out_features}, x.options());
   PAGEDLLM_DISPATCH_FLOAT_TYPES(x.scalar_type(), "gguf_linear", [&] {
     const QuantizedRows q = quantize_rows<scalar_t>(rows, ggml_type);
