@@ -337,19 +337,25 @@ void int8_tile(const Operands& a, int64_t begin, int64_t end, int64_t m, Out* ou
   }
 }
 
-// Calls tile(rows, m) for the activation rows in tiles of up to kRowTile, from row m on; `rows` is an
-// std::integral_constant.
+// Calls tile(rows, m) for the last `rows` (Rows at most) activation rows, from row m, as one tile.
+template <int64_t Rows, typename TileFn>
+void last_tile(int64_t rows, int64_t m, const TileFn& tile) {
+  if constexpr (Rows > 0) {
+    if (rows == Rows)
+      tile(std::integral_constant<int64_t, Rows>{}, m);
+    else
+      last_tile<Rows - 1>(rows, m, tile);
+  }
+}
+
+// Calls tile(rows, m) for the activation rows in tiles of kRowTile, from row m on, and the rest in one tile: a
+// verification's few rows meet each weight once; `rows` is an std::integral_constant. A row's result does not
+// depend on its tile.
 template <typename TileFn>
 void for_row_tiles(int64_t num_rows, const TileFn& tile) {
   int64_t m = 0;
   for (; num_rows - m >= kRowTile; m += kRowTile) tile(std::integral_constant<int64_t, kRowTile>{}, m);
-  if constexpr (kRowTile > 4)
-    if (num_rows - m >= 4) {
-      tile(std::integral_constant<int64_t, 4>{}, m);
-      m += 4;
-    }
-  for (; num_rows - m >= 2; m += 2) tile(std::integral_constant<int64_t, 2>{}, m);
-  if (m < num_rows) tile(std::integral_constant<int64_t, 1>{}, m);
+  if (m < num_rows) last_tile<kRowTile - 1>(num_rows - m, m, tile);
 }
 
 // x's rows, [rows, in_features], contiguous in x's dtype.
