@@ -42,6 +42,9 @@ constexpr int64_t kRowTile = 4;
 #endif
 constexpr int64_t kRowBlock = 64;  // int4: activation rows that meet each weight tile before the next rows do
 constexpr int64_t kPrefetchRows = 4;  // how many output rows ahead weights are prefetched
+// int4: how far ahead of a tile's group its weights are asked for. Met by several activation rows, a group takes
+// long enough that the hardware prefetcher alone leaves the loads waiting on memory.
+constexpr int64_t kPrefetchBytes = 1024;
 constexpr int64_t kRoundGrain = 16384;  // activations per parallel task of rounding, at the least
 
 constexpr float kActivationLevels = 127.f;
@@ -138,8 +141,7 @@ inline int32_t int4_at(const uint8_t* tile, int64_t o, int64_t k) {
   return (tile[32 * (k / kStep) + 4 * o + within % 4] >> (4 * (within / 4))) & 0x0F;
 }
 
-// Asks for `bytes` bytes from p into the cache, a line at a time: the output row kPrefetchRows ahead, so that a
-// parallel task's first rows (a new stream for the hardware prefetcher) do not wait on memory one after another.
+// Asks for `bytes` bytes from p into the cache, a line at a time (addresses past the weights are harmless).
 inline void prefetch(const void* p, int64_t bytes) {
 #ifdef PAGEDLLM_AVX2
   for (int64_t offset = 0; offset < bytes; offset += 64)
@@ -225,6 +227,7 @@ void int4_tile(const Operands& a, int64_t t, int64_t m, Out* out) {
   __m256 acc[Rows];
   for (int64_t r = 0; r < Rows; ++r) acc[r] = _mm256_setzero_ps();
   for (int64_t g = 0, k = 0; g < groups; ++g) {
+    prefetch(tile + 4 * k + kPrefetchBytes, 4 * group_size);
     __m256i group_sum[Rows];
     for (int64_t r = 0; r < Rows; ++r) group_sum[r] = _mm256_setzero_si256();
 #ifdef PAGEDLLM_VNNI
@@ -297,6 +300,8 @@ void int4_tile_pair(const Operands& a, int64_t t, int64_t m, Out* out) {
   __m512 acc[Rows];
   for (int64_t r = 0; r < Rows; ++r) acc[r] = _mm512_setzero_ps();
   for (int64_t g = 0, k = 0; g < groups; ++g) {
+    prefetch(tile + 4 * k + kPrefetchBytes, 4 * group_size);
+    prefetch(next_tile + 4 * k + kPrefetchBytes, 4 * group_size);
     __m512i group_sum[Rows];
     for (int64_t r = 0; r < Rows; ++r) group_sum[r] = _mm512_setzero_si512();
 #pragma GCC unroll 1
@@ -329,6 +334,8 @@ void int8_tile(const Operands& a, int64_t begin, int64_t end, int64_t m, Out* ou
   const RowPointers<float> scales(a.x_scales, a.in_features / kRun, m, Rows);
   const auto* weight = static_cast<const int8_t*>(a.weight);
   for (int64_t n = begin; n < end; ++n) {
+    // The output row kPrefetchRows ahead, so that a parallel task's first rows (a new stream for the hardware
+    // prefetcher) do not wait on memory one after another.
     if (n + kPrefetchRows < end) prefetch(weight + (n + kPrefetchRows) * a.in_features, a.in_features);
     float result[Rows];
     int8_row<Rows>(weight + n * a.in_features, a.in_features, x.rows, scales.rows, result);
