@@ -12,11 +12,16 @@ from pagedllm.layers.quantization import QuantizedWeight, RowStackedWeight
 
 
 def quantized_linear(
-    weight: QuantizedWeight, bias: torch.Tensor | None, dtype: torch.dtype, dense_matmul_min_rows: int | None
+    weight: QuantizedWeight,
+    bias: torch.Tensor | None,
+    dtype: torch.dtype,
+    dense_matmul_min_rows: int | None,
+    row_tiles: bool = False,
 ) -> nn.Module:
-    """A linear layer over `weight` as stored: GGUF blocks, int8/int4, or fused parts of several kinds."""
+    """A linear layer over `weight` as stored: GGUF blocks, int8/int4, or fused parts of several kinds; `row_tiles`
+    for GGUFLinear (the lm_head)."""
     if isinstance(weight, GGUFWeight):
-        return GGUFLinear(weight, bias, dtype, dense_matmul_min_rows)
+        return GGUFLinear(weight, bias, dtype, dense_matmul_min_rows, row_tiles=row_tiles)
     if isinstance(weight, RowStackedWeight):
         return RowStackedLinear(weight, bias, dtype, dense_matmul_min_rows)
     return QuantizedLinear(weight, bias, dtype, dense_matmul_min_rows)

@@ -10,7 +10,7 @@ from pagedllm.config import RopeScaling
 from pagedllm.kernels import cpu_kernels_available
 from pagedllm.layers.activation import gelu_tanh_and_mul_reference, silu_and_mul_reference
 from pagedllm.layers.attention import gather_context
-from pagedllm.layers.linear import kernel_representable, pack_int4_scales, pack_int4_tiles
+from pagedllm.layers.linear import kernel_representable, pack_int4_scales, pack_int4_tiles, pack_int8_group_tiles
 from pagedllm.layers.norm import RMSNorm
 from pagedllm.layers.quantization import Int4Weight, Int8Weight, dequantize, quantize_int4, quantize_int8
 from pagedllm.layers.rotary import RotaryEmbedding
@@ -42,7 +42,8 @@ def int8_exact_activations(rows: int, in_features: int, seed: int) -> torch.Tens
 @pytest.mark.parametrize(
     ("in_features", "group_size"), [(96, 32), (96, 96), (256, 64), (256, 128), (1152, 32), (1152, 128), (1152, 192)]
 )
-@pytest.mark.parametrize("rows", [1, 2, 7, 13])  # tiles of 8 (with AVX-512), 4, 2 and 1 rows
+# One tile of as many rows (up to 8 with AVX-512, else 4); 13: a full tile, then one of the rest.
+@pytest.mark.parametrize("rows", [1, 2, 6, 13])
 # 5 tiles of 8 outputs: where the kernel takes output tiles in pairs, one is left alone
 @pytest.mark.parametrize("out_features", [40, 48])
 def test_int4_linear_rounds_only_in_float32_where_activations_are_whole_steps(
@@ -57,6 +58,44 @@ def test_int4_linear_rounds_only_in_float32_where_activations_are_whole_steps(
     got = ops.int4_linear(x, packed, scale_min, group_size)
     # Float32 rounding only: the sums of products reach 10^6 here.
     torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-6 * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("group_size", [32, 64])
+def test_int4_linear_gives_a_row_the_same_bits_alone_or_beside_others(dtype: torch.dtype, group_size: int) -> None:
+    # A verification's rows must each equal a lone decode of their position: every row count takes its own tile
+    # (1 .. 8 rows), or tiles of the most rows then the rest (9 .. 17).
+    weight = kernel_representable(quantize_int4(torch.randn(40, 256, generator=generator(6)), group_size))
+    packed, scale_min = pagedllm_int4_buffers(weight)
+    x = torch.randn(17, 256, generator=generator(7)).to(dtype)
+    alone = torch.cat([ops.int4_linear(x[r : r + 1], packed, scale_min, group_size) for r in range(17)])
+    expected = int8_rounded(x, group_size).double() @ dequantize(weight).double().T
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(alone.double(), expected, rtol=tolerance, atol=tolerance * expected.abs().max().item())
+    for rows in range(1, 18):
+        assert torch.equal(ops.int4_linear(x[:rows], packed, scale_min, group_size), alone[:rows]), rows
+
+
+@pytest.mark.parametrize("group_size", [32, 64])
+@pytest.mark.parametrize("out_features", [40, 48])  # 5 tiles: one left alone where tiles go in pairs
+def test_int8_group_linear_rounds_only_in_float32_where_activations_are_whole_steps(
+    group_size: int, out_features: int
+) -> None:
+    q = torch.randint(0, 256, (out_features, 256), generator=generator(8), dtype=torch.uint8)
+    q[:, ::5] = 255
+    q[:, 1::7] = 0
+    scales = torch.rand(out_features, 256 // group_size, generator=generator(9)).half().float()
+    mins = -128 * scales  # as a Q8_0 block stores its weights
+    weight = q.float() * scales.repeat_interleave(group_size, 1) + mins.repeat_interleave(group_size, 1)
+    packed, scale_min = pack_int8_group_tiles(q), pack_int4_scales(scales, mins)
+    x = int8_exact_activations(17, 256, 11)
+    expected = x.double() @ weight.double().T
+    got = ops.int8_group_linear(x, packed, scale_min, group_size)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-6 * expected.abs().max().item())
+    # Each row count (one tile of 1 .. 8 rows, then a full tile and the rest) gives each row its bits alone.
+    alone = torch.cat([ops.int8_group_linear(x[r : r + 1], packed, scale_min, group_size) for r in range(17)])
+    for rows in range(1, 18):
+        assert torch.equal(ops.int8_group_linear(x[:rows], packed, scale_min, group_size), alone[:rows]), rows
 
 
 def int8_rounded(x: torch.Tensor, block: int) -> torch.Tensor:
@@ -86,7 +125,8 @@ def test_int4_linear_error_is_that_of_int8_activations(dtype: torch.dtype, group
         assert (got.double() - unrounded).abs().max() > 10 * tolerance * unrounded.abs().max()
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 7, 64])  # tiles of 4, 2 and 1 rows; 64 rounded by several threads
+# One tile of as many rows (7: a full tile and the rest without AVX-512); 64 rounded by several threads.
+@pytest.mark.parametrize("rows", [1, 2, 3, 7, 64])
 def test_int8_linear_rounds_only_in_float32_where_activations_are_whole_steps(rows: int) -> None:
     weight = kernel_representable(quantize_int8(torch.randn(80, 320, generator=generator(5))))
     q = weight.q.clone()

@@ -18,6 +18,7 @@ from pagedllm.layers.sampler import (
     apply_penalties,
     apply_token_bitmask,
     apply_top_k_top_p_min_p,
+    first_max_index,
 )
 
 NEG_INF = float("-inf")
@@ -249,6 +250,22 @@ def test_greedy_is_argmax_whatever_the_filters(rows: list[list[float]]) -> None:
     out = Sampler(torch.Generator().manual_seed(0))(torch.tensor(rows), batch)
     assert out.token_ids == [max(range(6), key=lambda i: row[i]) for row in rows]
     assert out.token_logprobs is None and out.top_ids is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_first_max_index_takes_the_first_of_equal_maxima_and_of_nans(dtype: torch.dtype) -> None:
+    logits = torch.tensor(
+        [
+            [1.0, 3.0, 2.0, 3.0],  # a tie: the first
+            [NEG_INF, NEG_INF, NEG_INF, NEG_INF],  # all banned: the first
+            [0.0, float("nan"), 5.0, float("nan")],  # NaN wins, as PyTorch's max has it
+            [-2.0, -1.0, -1.5, -3.0],
+        ]
+    ).to(dtype)
+    got = first_max_index(logits)
+    assert got.dtype == torch.int64 and got.tolist() == [1, 0, 1, 1]
+    vocabulary = torch.randn(6, 49152, generator=torch.Generator().manual_seed(1)).to(dtype)
+    assert torch.equal(first_max_index(vocabulary), vocabulary.max(dim=-1).indices)
 
 
 def test_greedy_rows_stay_argmax_beside_random_rows_and_bans_hold() -> None:
