@@ -134,13 +134,14 @@ def gguf_runner(path: Path, dense_matmul_min_rows: int) -> tuple[ModelRunner, Bl
 
 
 def test_stack_matches_layers_on_gguf_blocks(mixed_gguf: Path) -> None:
-    """Q4_0, Q4_K, Q5_K, Q6_K, Q5_0 and Q8_0 blocks (and Q4_1 as int4), q/k/v and gate/up joined from parts of mixed
-    types."""
+    """Q4_K, Q5_K, Q6_K, Q5_0 and Q8_0 blocks (and Q4_0 and Q4_1 as int4), q/k/v and gate/up joined from parts of
+    mixed types."""
     runner, blocks = gguf_runner(mixed_gguf, 0)
     stack = runner.fused_decode
     kinds = weight_kinds()
     gguf_types = {arg for kind, arg in zip(stack.kinds, stack.kind_args) if kind == kinds.gguf}
-    assert gguf_types == {t for types in LAYER_TYPES for t in types.values() if t != gguf.GGMLQuantizationType.Q4_1}
+    int4_types = {gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.Q4_1}
+    assert gguf_types == {t for types in LAYER_TYPES for t in types.values() if t not in int4_types}
     assert (kinds.int4, 32) in set(zip(stack.kinds, stack.kind_args))
     assert stack.parts[0] == 3 and max(stack.parts) == 3  # layer 0's q/k/v: Q4_K, Q4_K, Q6_K
     assert stack.max_rows == GGUF_PACKED_MATMUL_MAX_ROWS
