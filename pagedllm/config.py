@@ -122,7 +122,7 @@ class EngineConfig:
     quantization: Quantization = field(
         default="auto",
         metadata={
-            "help": "linear weights: auto (GGUF Q4_1 projections as int4, Q4_0/Q4_K/Q5_K/Q6_K/Q5_0/Q8_0 as the file's "
+            "help": "linear weights: auto (GGUF Q4_0/Q4_1 projections as int4, Q4_K/Q5_K/Q6_K/Q5_0/Q8_0 as the file's "
             "blocks), none, int8 or int4"
         },
     )
