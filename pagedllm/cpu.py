@@ -8,8 +8,6 @@ import functools
 NATIVE_BFLOAT16_FLAGS = frozenset({"amx_bf16", "avx512_bf16"})
 # Matrix units (AMX tiles), where oneDNN's bfloat16 matmuls run several times faster than on vector units.
 BFLOAT16_MATRIX_FLAGS = frozenset({"amx_bf16"})
-# Byte dot products summed into int32 (VNNI's dpbusd), which multiply 8-bit weights without saturating.
-VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni"})
 
 
 @functools.cache
@@ -29,7 +27,3 @@ def native_bfloat16_matmul() -> bool:
 
 def bfloat16_matrix_units() -> bool:
     return bool(BFLOAT16_MATRIX_FLAGS & cpu_flags())
-
-
-def vnni_dot_products() -> bool:
-    return bool(VNNI_FLAGS & cpu_flags())

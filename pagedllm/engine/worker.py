@@ -41,12 +41,7 @@ def load_model(
     path = resolve_model_path(config.model)
     checkpoint = load_checkpoint(path, config.torch_dtype, keep_quantized=config.quantization == "auto")
     cls = model_class(checkpoint.config.architecture)
-    quantization = LinearQuantization(
-        config.quantization,
-        config.quant_group_size,
-        config.dense_matmul_min_rows,
-        lm_head_row_tiles=config.speculative_config is not None,
-    )
+    quantization = LinearQuantization(config.quantization, config.quant_group_size, config.dense_matmul_min_rows)
     args = (checkpoint.config, max_model_len, config.attention_impl, checkpoint.weights.get("rope_freqs"), quantization)
     if config.world_size > 1:
         if cls is not LlamaForCausalLM:

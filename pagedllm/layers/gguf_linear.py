@@ -7,10 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pagedllm.cpu import vnni_dot_products
 from pagedllm.kernels import cpu_kernels_available
-from pagedllm.layers.gguf_blocks import GGUFWeight, Q, dequantize_blocks
-from pagedllm.layers.linear import INT4_TILE, dense_linear, matrix_units_layout, pack_int4_scales, pack_int8_group_tiles
+from pagedllm.layers.gguf_blocks import GGUFWeight, dequantize_blocks
+from pagedllm.layers.linear import dense_linear, matrix_units_layout
 
 # Who multiplies: pagedllm's CPU kernel (int8-rounded activations) or the plain dequantize-then-F.linear path.
 GGUF_KERNELS = ("pagedllm", "reference")
@@ -21,17 +20,6 @@ GGUF_PACKED_MATMUL_MAX_ROWS = 32
 # Types the kernel multiplies at any row count: from a few rows on it rewrites them for the call into the int4
 # kernel's tiles (the same values), which beat a dense matmul up to prefill sizes.
 GGUF_ANY_ROWS_TYPES = (gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.Q4_1)
-Q8_0_BLOCK_VALUES = 32
-
-
-def q8_0_group_tiles(weight: GGUFWeight) -> tuple[torch.Tensor, torch.Tensor]:
-    """A Q8_0 weight (w = d * c per block of 32, c a signed byte) as the grouped 8-bit kernel's tiles and float16
-    scales and minimums: q = c + 128, scale = d, min = -128 d, the same weights exactly."""
-    out_features, in_features = weight.shape
-    blocks = weight.blocks.view(out_features, in_features // Q8_0_BLOCK_VALUES, -1)
-    d = blocks[..., :2].contiguous().view(torch.float16).squeeze(-1).float()
-    q = (blocks[..., 2:] ^ 0x80).reshape(out_features, in_features)  # c + 128 from c's two's complement byte
-    return pack_int8_group_tiles(q), pack_int4_scales(d, -128 * d)
 
 
 def default_gguf_kernel(device: torch.device) -> str:
@@ -45,10 +33,7 @@ class GGUFLinear(nn.Module):
     Up to GGUF_PACKED_MATMUL_MAX_ROWS rows (any number for GGUF_ANY_ROWS_TYPES) go through the kernel; more rows
     multiply by a dense copy when one is kept (`dense_matmul_min_rows` > 0: inputs of at least that many rows take
     it), else by the weight dequantized for the call.
-    Every path computes with the same weights; the kernel's rounds activations to int8 per block. With `row_tiles`
-    a Q8_0 weight is also kept in the grouped 8-bit kernel's tiles where the CPU has VNNI (about the blocks' bytes
-    again; the blocks stay, a tied embedding table looks them up): a few rows, as a verification's lm_head takes,
-    then cost little more than one.
+    Every path computes with the same weights; the kernel's rounds activations to int8 per block.
     """
 
     def __init__(
@@ -58,7 +43,6 @@ class GGUFLinear(nn.Module):
         dtype: torch.dtype,
         dense_matmul_min_rows: int | None = 0,
         kernel: str | None = None,
-        row_tiles: bool = False,
     ) -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape
@@ -73,10 +57,6 @@ class GGUFLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.to(dtype).contiguous(), requires_grad=False)
         dense = matrix_units_layout(self.dequantized(dtype)) if self.dense_matmul_min_rows > 0 else None
         self.register_buffer("dense", dense)
-        tiled = row_tiles and self.kernel == "pagedllm" and weight.ggml_type == Q.Q8_0 and vnni_dot_products()
-        tiles, tile_scales = q8_0_group_tiles(weight) if tiled and self.out_features % INT4_TILE == 0 else (None, None)
-        self.register_buffer("tiles", tiles)
-        self.register_buffer("tile_scales", tile_scales)
 
     def weight(self) -> GGUFWeight:
         return GGUFWeight(self.blocks, self.ggml_type)
@@ -95,10 +75,7 @@ class GGUFLinear(nn.Module):
             return F.linear(x, dequantize_blocks(self.weight()).to(x.dtype), self.bias)
         if rows > GGUF_PACKED_MATMUL_MAX_ROWS and self.ggml_type not in GGUF_ANY_ROWS_TYPES:
             return dense_linear(x, self.dequantized(x.dtype), self.bias)
-        if self.tiles is not None:
-            y = torch.ops.pagedllm.int8_group_linear(x, self.tiles, self.tile_scales, Q8_0_BLOCK_VALUES)
-        else:
-            y = torch.ops.pagedllm.gguf_linear(x, self.blocks, self.ggml_type)
+        y = torch.ops.pagedllm.gguf_linear(x, self.blocks, self.ggml_type)
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:

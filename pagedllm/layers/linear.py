@@ -150,16 +150,6 @@ def pack_int4_tiles(q: torch.Tensor) -> torch.Tensor:
     return (nibbles[..., 0] | (nibbles[..., 1] << 4)).reshape(out_features // INT4_TILE, in_features * 4).contiguous()
 
 
-def pack_int8_group_tiles(q: torch.Tensor) -> torch.Tensor:
-    """[out, in] values 0..255 as [out // 8, in * 8] bytes, pagedllm's grouped 8-bit kernel layout: per tile t of 8
-    output rows and step s of 8 input channels, byte 4 o + j holds weight (8 t + o, 8 s + j) and byte 32 + 4 o + j
-    weight (8 t + o, 8 s + 4 + j)."""
-    out_features, in_features = q.shape
-    values = q.to(torch.uint8).view(out_features // INT4_TILE, INT4_TILE, in_features // 8, 2, 4)
-    values = values.permute(0, 2, 3, 1, 4)  # tile, step, which half of the step, output, j
-    return values.reshape(out_features // INT4_TILE, in_features * 8).contiguous()
-
-
 def pack_int4_scales(scales: torch.Tensor, mins: torch.Tensor) -> torch.Tensor:
     """[out, groups] scales and minimums as [out // 8, groups, 2, 8] float16: per tile of 8 output rows and group,
     the 8 outputs' scales, then their 8 minimums."""

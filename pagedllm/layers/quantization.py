@@ -133,9 +133,6 @@ class LinearQuantization:
     method: str = "none"  # none | auto (as the checkpoint stores them) | int8 | int4
     group_size: int = 128
     dense_matmul_min_rows: int | None = 0  # see QuantizedLinear
-    # Also keep a Q8_0 lm_head in row tiles (its bytes again), which multiply a verification's several rows at
-    # little more than one row's cost: worth it only where speculative decoding verifies.
-    lm_head_row_tiles: bool = False
 
     def prepare(
         self, weight: torch.Tensor | QuantizedWeight, dtype: torch.dtype, lm_head: bool = False

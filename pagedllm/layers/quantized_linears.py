@@ -12,16 +12,11 @@ from pagedllm.layers.quantization import QuantizedWeight, RowStackedWeight
 
 
 def quantized_linear(
-    weight: QuantizedWeight,
-    bias: torch.Tensor | None,
-    dtype: torch.dtype,
-    dense_matmul_min_rows: int | None,
-    row_tiles: bool = False,
+    weight: QuantizedWeight, bias: torch.Tensor | None, dtype: torch.dtype, dense_matmul_min_rows: int | None
 ) -> nn.Module:
-    """A linear layer over `weight` as stored: GGUF blocks, int8/int4, or fused parts of several kinds; `row_tiles`
-    for GGUFLinear (the lm_head)."""
+    """A linear layer over `weight` as stored: GGUF blocks, int8/int4, or fused parts of several kinds."""
     if isinstance(weight, GGUFWeight):
-        return GGUFLinear(weight, bias, dtype, dense_matmul_min_rows, row_tiles=row_tiles)
+        return GGUFLinear(weight, bias, dtype, dense_matmul_min_rows)
     if isinstance(weight, RowStackedWeight):
         return RowStackedLinear(weight, bias, dtype, dense_matmul_min_rows)
     return QuantizedLinear(weight, bias, dtype, dense_matmul_min_rows)

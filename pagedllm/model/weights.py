@@ -51,17 +51,7 @@ def load_linear(
         raise ValueError(f"{name} weight shape {tuple(weight.shape)} != expected {tuple(layer.weight.shape)}")
     if layer.bias is not None and bias is None:
         raise ValueError("checkpoint lacks a bias this layer needs")
-    setattr(
-        owner,
-        name,
-        quantized_linear(
-            weight,
-            bias,
-            dtype,
-            quantization.dense_matmul_min_rows,
-            row_tiles=lm_head and quantization.lm_head_row_tiles,
-        ),
-    )
+    setattr(owner, name, quantized_linear(weight, bias, dtype, quantization.dense_matmul_min_rows))
 
 
 def load_projections(

@@ -10,7 +10,7 @@ from pagedllm.config import RopeScaling
 from pagedllm.kernels import cpu_kernels_available
 from pagedllm.layers.activation import gelu_tanh_and_mul_reference, silu_and_mul_reference
 from pagedllm.layers.attention import gather_context
-from pagedllm.layers.linear import kernel_representable, pack_int4_scales, pack_int4_tiles, pack_int8_group_tiles
+from pagedllm.layers.linear import kernel_representable, pack_int4_scales, pack_int4_tiles
 from pagedllm.layers.norm import RMSNorm
 from pagedllm.layers.quantization import Int4Weight, Int8Weight, dequantize, quantize_int4, quantize_int8
 from pagedllm.layers.rotary import RotaryEmbedding
@@ -74,28 +74,6 @@ def test_int4_linear_gives_a_row_the_same_bits_alone_or_beside_others(dtype: tor
     torch.testing.assert_close(alone.double(), expected, rtol=tolerance, atol=tolerance * expected.abs().max().item())
     for rows in range(1, 18):
         assert torch.equal(ops.int4_linear(x[:rows], packed, scale_min, group_size), alone[:rows]), rows
-
-
-@pytest.mark.parametrize("group_size", [32, 64])
-@pytest.mark.parametrize("out_features", [40, 48])  # 5 tiles: one left alone where tiles go in pairs
-def test_int8_group_linear_rounds_only_in_float32_where_activations_are_whole_steps(
-    group_size: int, out_features: int
-) -> None:
-    q = torch.randint(0, 256, (out_features, 256), generator=generator(8), dtype=torch.uint8)
-    q[:, ::5] = 255
-    q[:, 1::7] = 0
-    scales = torch.rand(out_features, 256 // group_size, generator=generator(9)).half().float()
-    mins = -128 * scales  # as a Q8_0 block stores its weights
-    weight = q.float() * scales.repeat_interleave(group_size, 1) + mins.repeat_interleave(group_size, 1)
-    packed, scale_min = pack_int8_group_tiles(q), pack_int4_scales(scales, mins)
-    x = int8_exact_activations(17, 256, 11)
-    expected = x.double() @ weight.double().T
-    got = ops.int8_group_linear(x, packed, scale_min, group_size)
-    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-6 * expected.abs().max().item())
-    # Each row count (one tile of 1 .. 8 rows, then a full tile and the rest) gives each row its bits alone.
-    alone = torch.cat([ops.int8_group_linear(x[r : r + 1], packed, scale_min, group_size) for r in range(17)])
-    for rows in range(1, 18):
-        assert torch.equal(ops.int8_group_linear(x[:rows], packed, scale_min, group_size), alone[:rows]), rows
 
 
 def int8_rounded(x: torch.Tensor, block: int) -> torch.Tensor:

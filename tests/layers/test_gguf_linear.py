@@ -7,15 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pagedllm.cpu import vnni_dot_products
 from pagedllm.layers.gguf_blocks import GGUF_NATIVE_TYPES, GGUFWeight, dequantize_blocks
-from pagedllm.layers.gguf_linear import (
-    GGUF_ANY_ROWS_TYPES,
-    GGUF_PACKED_MATMUL_MAX_ROWS,
-    GGUFEmbedding,
-    GGUFLinear,
-    q8_0_group_tiles,
-)
+from pagedllm.layers.gguf_linear import GGUF_ANY_ROWS_TYPES, GGUF_PACKED_MATMUL_MAX_ROWS, GGUFEmbedding, GGUFLinear
 from pagedllm.layers.quantization import LinearQuantization, RowStackedWeight, dequantize, fuse_rows
 from pagedllm.layers.quantized_linears import RowStackedLinear, quantized_linear
 from tests.gguf_blocks import random_blocks
@@ -53,32 +46,6 @@ def test_every_path_agrees_with_the_reference(qtype: Q, rows: int, dense_matmul_
         torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
     else:  # int8-rounded activations
         assert (ours - expected).norm() <= 2e-2 * (expected - bias).norm()
-
-
-def test_q8_0_group_tiles_hold_the_blocks_weights_exactly() -> None:
-    w = weight(Q.Q8_0, out_features=16, in_features=64)
-    tiles, scale_min = q8_0_group_tiles(w)
-    # Undo the layouts: tile t, step s, half h, output o, byte j -> weight (8 t + o, 8 s + 4 h + j).
-    q = tiles.view(2, 8, 2, 8, 4).permute(0, 3, 1, 2, 4).reshape(16, 64).float()
-    pairs = scale_min.float().permute(0, 3, 1, 2).reshape(16, 2, 2)  # [out, group, (scale, min)]
-    scales, mins = (pairs[..., i].repeat_interleave(32, dim=1) for i in (0, 1))
-    assert torch.equal(q * scales + mins, dequantize_blocks(w))
-
-
-@pytest.mark.parametrize("rows", ROWS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
-def test_a_q8_0_lm_head_in_row_tiles_agrees_with_the_blocks_kernel(rows: int, dtype: torch.dtype) -> None:
-    w, bias = weight(Q.Q8_0, out_features=40, seed=rows), torch.randn(40)
-    blocks = GGUFLinear(w, bias, dtype)
-    tiled = GGUFLinear(w, bias, dtype, row_tiles=True)
-    assert blocks.tiles is None and (tiled.tiles is not None) == vnni_dot_products()
-    x = torch.randn(rows, 512, generator=torch.Generator().manual_seed(rows)).to(dtype)
-    # The same weights and the same int8 rounding of activations per block: float32 rounding apart (bfloat16 out).
-    tolerance = 1e-5 if dtype == torch.float32 else 1e-2
-    torch.testing.assert_close(tiled(x).float(), blocks(x).float(), rtol=tolerance, atol=tolerance * 10)
-    # A verification's rows each get what they get alone.
-    alone = torch.cat([tiled(x[r : r + 1]) for r in range(min(rows, 9))])
-    assert torch.equal(tiled(x[: len(alone)]), alone)
 
 
 def test_bfloat16_layers_keep_the_blocks_and_answer_in_bfloat16() -> None:

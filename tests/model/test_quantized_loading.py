@@ -11,14 +11,12 @@ import torch
 import transformers
 
 from pagedllm import LLM
-from pagedllm.cpu import vnni_dot_products
 from pagedllm.layers.gguf_blocks import GGUFWeight
 from pagedllm.layers.gguf_linear import GGUFEmbedding, GGUFLinear
 from pagedllm.layers.linear import Linear, QuantizedLinear, kernel_representable
 from pagedllm.layers.quantization import Int4Weight, LinearQuantization, dequantize
 from pagedllm.model.llama import LlamaForCausalLM
 from pagedllm.model.loader import gguf_linear_weight, load_checkpoint
-from pagedllm.model.weights import load_linear
 from tests.model.test_gguf_loader import CONFIG, gguf_tensors, write_gguf
 from tests.reference import paged_last_logits
 
@@ -102,7 +100,6 @@ def test_a_tied_table_serves_lookup_and_lm_head_from_one_copy_of_its_blocks(
     model.load_weights(checkpoint.weights)
     assert isinstance(model.lm_head, GGUFLinear) and isinstance(model.embed_tokens, GGUFEmbedding)
     assert model.lm_head.blocks.data_ptr() == model.embed_tokens.blocks.data_ptr()  # one copy, counted once
-    assert model.lm_head.tiles is None  # no second copy in row tiles unless speculative decoding verifies
     assert model.embed_tokens.blocks.numel() == dense.numel() * gguf.GGML_QUANT_SIZES[qtype][1] // 32
     token_ids = torch.tensor([[3, 1, 4], [1, 5, 9]])
     assert torch.equal(model.embed_tokens(token_ids), torch.nn.functional.embedding(token_ids, dense))
@@ -178,16 +175,3 @@ def test_auto_on_the_embedded_model_keeps_its_logits(llm: LLM) -> None:
         assert (ours - dense).abs().max().item() < 1.5, prompt
         assert ours.argmax().item() == dense.argmax().item(), prompt
         assert torch.nn.functional.cosine_similarity(ours, dense, dim=0).item() > 0.995, prompt
-
-
-@pytest.mark.parametrize("row_tiles", [False, True])
-def test_a_q8_0_lm_head_keeps_row_tiles_only_where_asked(row_tiles: bool) -> None:
-    dense = torch.randn(16, 64)
-    blocks = torch.from_numpy(gguf.quantize(dense.numpy(), gguf.GGMLQuantizationType.Q8_0))
-    owner = torch.nn.Module()
-    owner.lm_head = Linear(64, 16)
-    weight = GGUFWeight(blocks, gguf.GGMLQuantizationType.Q8_0)
-    quantization = LinearQuantization("auto", lm_head_row_tiles=row_tiles)
-    load_linear(owner, "lm_head", weight, None, torch.float32, quantization, lm_head=True)
-    assert isinstance(owner.lm_head, GGUFLinear)
-    assert (owner.lm_head.tiles is not None) == (row_tiles and vnni_dot_products())

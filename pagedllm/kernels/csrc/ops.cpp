@@ -5,7 +5,6 @@
 
 TORCH_LIBRARY(pagedllm, m) {
   m.def("int4_linear(Tensor x, Tensor packed, Tensor scale_min, int group_size) -> Tensor");
-  m.def("int8_group_linear(Tensor x, Tensor packed, Tensor scale_min, int group_size) -> Tensor");
   m.def("int8_linear(Tensor x, Tensor weight, Tensor scales) -> Tensor");
   m.def("gguf_linear(Tensor x, Tensor blocks, int ggml_type) -> Tensor");
   m.def("gguf_dequantize(Tensor blocks, int ggml_type, ScalarType dtype) -> Tensor");
@@ -32,7 +31,6 @@ TORCH_LIBRARY(pagedllm, m) {
 
 TORCH_LIBRARY_IMPL(pagedllm, CPU, m) {
   m.impl("int4_linear", &pagedllm::int4_linear);
-  m.impl("int8_group_linear", &pagedllm::int8_group_linear);
   m.impl("int8_linear", &pagedllm::int8_linear);
   m.impl("gguf_linear", &pagedllm::gguf_linear);
   m.impl("gguf_dequantize", &pagedllm::gguf_dequantize);

@@ -5,8 +5,6 @@
 
 namespace pagedllm {
 at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale_min, int64_t group_size);
-at::Tensor int8_group_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale_min,
-                             int64_t group_size);
 at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scales);
 at::Tensor gguf_linear(const at::Tensor& x, const at::Tensor& blocks, int64_t ggml_type);
 at::Tensor gguf_dequantize(const at::Tensor& blocks, int64_t ggml_type, at::ScalarType dtype);

@@ -15,11 +15,6 @@
 // nibble. scale_min[t, g] holds the float16 scales of the tile's 8 outputs for group g, then their 8 minimums, and
 // w = q * scale + min (GGUF's Q4_1 and Q4_0 blocks store theirs so: their weights are kept exactly). With AVX-512
 // VNNI, tiles t and t + 1 fill the two halves of a 512-bit vector.
-// Grouped 8-bit layout (int8_group_linear): the same tiles and scale_min with unsigned bytes q, w = q * scale + min;
-// each step of 8 channels is 64 bytes, byte 4 o + j holding weight (8 t + o, 8 s + j) and byte 32 + 4 o + j weight
-// (8 t + o, 8 s + 4 + j). GGUF's Q8_0 blocks (w = d * c, c a signed byte) are kept exactly as q = c + 128,
-// scale = d, min = -128 d; their matmul then takes the int4 kernel's steps, its products dpbusd's unsigned times
-// signed bytes (without VNNI a scalar loop: maddubs would saturate).
 // int8 layout: weight[n, k] int8 with one bfloat16 scale per row, w = q * scale.
 #include "vec.h"
 
@@ -140,11 +135,9 @@ inline __m256i dot_bytes(__m256i u, __m256i s) {
 }
 #endif
 
-// Weight k of output o of one tile of Bits-bit weights.
-template <int64_t Bits>
-inline int32_t weight_at(const uint8_t* tile, int64_t o, int64_t k) {
+// Weight k of output o of one int4 tile.
+inline int32_t int4_at(const uint8_t* tile, int64_t o, int64_t k) {
   const int64_t within = k % kStep;
-  if constexpr (Bits == 8) return tile[64 * (k / kStep) + 32 * (within / 4) + 4 * o + within % 4];
   return (tile[32 * (k / kStep) + 4 * o + within % 4] >> (4 * (within / 4))) & 0x0F;
 }
 
@@ -218,41 +211,14 @@ struct Operands {
   int64_t in_features, out_features, group_size;
 };
 
-// The weights (of tile t) of the 8 outputs of a tile for activation rows [m, m + Rows), into out, in scalar code.
-template <int64_t Rows, int64_t Bits, typename Out>
-void scalar_tile(const Operands& a, const uint8_t* tile, const uint16_t* scale_min, int64_t t, int64_t m, Out* out) {
+// The 8 outputs of int4 tile t for activation rows [m, m + Rows), into out [rows, out_features]: per group, the
+// integer sums of products, scaled once by the outputs' scales times the row's activation scale, plus the
+// minimum's term. GroupsAreRuns: groups of 32, which the compiler then knows.
+template <int64_t Rows, bool GroupsAreRuns, typename Out>
+void int4_tile(const Operands& a, int64_t t, int64_t m, Out* out) {
   const int64_t groups = a.in_features / a.group_size;
-  const RowPointers<int8_t> x(a.x, a.in_features, m, Rows);
-  const RowPointers<float> x_scales(a.x_scales, groups, m, Rows), x_sums(a.x_sums, groups, m, Rows);
-  for (int64_t r = 0; r < Rows; ++r)
-    for (int64_t o = 0; o < kTile; ++o) {
-      float total = 0.f;
-      for (int64_t g = 0; g < groups; ++g) {
-        int32_t sum = 0;
-        for (int64_t k = g * a.group_size; k < (g + 1) * a.group_size; ++k)
-          sum += weight_at<Bits>(tile, o, k) * x.rows[r][k];
-        const float scale = half_bits_to_float(scale_min[2 * kTile * g + o]);
-        const float min = half_bits_to_float(scale_min[2 * kTile * g + kTile + o]);
-        total += scale * x_scales.rows[r][g] * sum + min * x_sums.rows[r][g];
-      }
-      out[(m + r) * a.out_features + t * kTile + o] = static_cast<Out>(total);
-    }
-}
-
-// The 8 outputs of tile t of Bits-bit weights for activation rows [m, m + Rows), into out [rows, out_features]:
-// per group, the integer sums of products, scaled once by the outputs' scales times the row's activation scale,
-// plus the minimum's term. GroupsAreRuns: groups of 32, which the compiler then knows.
-template <int64_t Rows, bool GroupsAreRuns, int64_t Bits, typename Out>
-void grouped_tile(const Operands& a, int64_t t, int64_t m, Out* out) {
-  const int64_t groups = a.in_features / a.group_size;
-  const auto* tile = static_cast<const uint8_t*>(a.weight) + t * kTile * a.in_features * Bits / 8;
+  const auto* tile = static_cast<const uint8_t*>(a.weight) + t * kTile * a.in_features / 2;
   const uint16_t* scale_min = a.scales + t * groups * 2 * kTile;
-#if defined(PAGEDLLM_AVX2) && !defined(PAGEDLLM_VNNI)
-  if constexpr (Bits == 8) {  // maddubs would saturate on 8-bit weights
-    scalar_tile<Rows, Bits>(a, tile, scale_min, t, m, out);
-    return;
-  }
-#endif
   const RowPointers<int8_t> x(a.x, a.in_features, m, Rows);
   const RowPointers<float> x_scales(a.x_scales, groups, m, Rows), x_sums(a.x_sums, groups, m, Rows);
 #ifdef PAGEDLLM_AVX2
@@ -261,20 +227,14 @@ void grouped_tile(const Operands& a, int64_t t, int64_t m, Out* out) {
   __m256 acc[Rows];
   for (int64_t r = 0; r < Rows; ++r) acc[r] = _mm256_setzero_ps();
   for (int64_t g = 0, k = 0; g < groups; ++g) {
-    prefetch(tile + k * Bits + kPrefetchBytes, group_size * Bits);
+    prefetch(tile + 4 * k + kPrefetchBytes, 4 * group_size);
     __m256i group_sum[Rows];
     for (int64_t r = 0; r < Rows; ++r) group_sum[r] = _mm256_setzero_si256();
 #ifdef PAGEDLLM_VNNI
 #pragma GCC unroll 1
     for (int64_t step = 0; step < group_size / kStep; ++step, k += kStep) {
-      __m256i low, high;  // the 8 outputs' weights of channels k .. k + 3, and of k + 4 .. k + 7
-      if constexpr (Bits == 8) {
-        low = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tile + 8 * k));
-        high = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tile + 8 * k + 32));
-      } else {
-        const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tile + 4 * k));
-        low = _mm256_and_si256(bytes, mask), high = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), mask);
-      }
+      const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tile + 4 * k));
+      const __m256i low = _mm256_and_si256(bytes, mask), high = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), mask);
       for (int64_t r = 0; r < Rows; ++r) {
         group_sum[r] = add_byte_products(group_sum[r], low, broadcast4(x.rows[r] + k));
         group_sum[r] = add_byte_products(group_sum[r], high, broadcast4(x.rows[r] + k + 4));
@@ -309,24 +269,29 @@ void grouped_tile(const Operands& a, int64_t t, int64_t m, Out* out) {
   }
   for (int64_t r = 0; r < Rows; ++r) store8(out + (m + r) * a.out_features + t * kTile, acc[r]);
 #else
-  scalar_tile<Rows, Bits>(a, tile, scale_min, t, m, out);
+  for (int64_t r = 0; r < Rows; ++r)
+    for (int64_t o = 0; o < kTile; ++o) {
+      float total = 0.f;
+      for (int64_t g = 0; g < groups; ++g) {
+        int32_t sum = 0;
+        for (int64_t k = g * a.group_size; k < (g + 1) * a.group_size; ++k) sum += int4_at(tile, o, k) * x.rows[r][k];
+        const float scale = half_bits_to_float(scale_min[2 * kTile * g + o]);
+        const float min = half_bits_to_float(scale_min[2 * kTile * g + kTile + o]);
+        total += scale * x_scales.rows[r][g] * sum + min * x_sums.rows[r][g];
+      }
+      out[(m + r) * a.out_features + t * kTile + o] = static_cast<Out>(total);
+    }
 #endif
 }
 
 #ifdef PAGEDLLM_AVX512_VNNI
-// 256 bits from each of two addresses, side by side.
-inline __m512i load_two(const uint8_t* low, const uint8_t* high) {
-  return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(low))),
-                            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(high)), 1);
-}
-
-// grouped_tile for tiles t and t + 1 side by side in 512-bit vectors: a broadcast of 4 activation bytes meets 16
+// int4_tile for tiles t and t + 1 side by side in 512-bit vectors: a broadcast of 4 activation bytes meets 16
 // outputs, and the 16 results are consecutive in the output row.
-template <int64_t Rows, bool GroupsAreRuns, int64_t Bits, typename Out>
-void grouped_tile_pair(const Operands& a, int64_t t, int64_t m, Out* out) {
+template <int64_t Rows, bool GroupsAreRuns, typename Out>
+void int4_tile_pair(const Operands& a, int64_t t, int64_t m, Out* out) {
   const int64_t groups = a.in_features / a.group_size, group_size = GroupsAreRuns ? kRun : a.group_size;
-  const auto* tile = static_cast<const uint8_t*>(a.weight) + t * kTile * a.in_features * Bits / 8;
-  const auto* next_tile = tile + kTile * a.in_features * Bits / 8;
+  const auto* tile = static_cast<const uint8_t*>(a.weight) + t * kTile * a.in_features / 2;
+  const auto* next_tile = tile + kTile * a.in_features / 2;
   const uint16_t* scale_min = a.scales + t * groups * 2 * kTile;
   const uint16_t* next_scale_min = scale_min + groups * 2 * kTile;
   const RowPointers<int8_t> x(a.x, a.in_features, m, Rows);
@@ -335,20 +300,16 @@ void grouped_tile_pair(const Operands& a, int64_t t, int64_t m, Out* out) {
   __m512 acc[Rows];
   for (int64_t r = 0; r < Rows; ++r) acc[r] = _mm512_setzero_ps();
   for (int64_t g = 0, k = 0; g < groups; ++g) {
-    prefetch(tile + k * Bits + kPrefetchBytes, group_size * Bits);
-    prefetch(next_tile + k * Bits + kPrefetchBytes, group_size * Bits);
+    prefetch(tile + 4 * k + kPrefetchBytes, 4 * group_size);
+    prefetch(next_tile + 4 * k + kPrefetchBytes, 4 * group_size);
     __m512i group_sum[Rows];
     for (int64_t r = 0; r < Rows; ++r) group_sum[r] = _mm512_setzero_si512();
 #pragma GCC unroll 1
     for (int64_t step = 0; step < group_size / kStep; ++step, k += kStep) {
-      __m512i low, high;  // the 16 outputs' weights of channels k .. k + 3, and of k + 4 .. k + 7
-      if constexpr (Bits == 8) {
-        low = load_two(tile + 8 * k, next_tile + 8 * k);
-        high = load_two(tile + 8 * k + 32, next_tile + 8 * k + 32);
-      } else {
-        const __m512i bytes = load_two(tile + 4 * k, next_tile + 4 * k);
-        low = _mm512_and_si512(bytes, mask), high = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), mask);
-      }
+      const __m512i bytes = _mm512_inserti64x4(
+          _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(tile + 4 * k))),
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(next_tile + 4 * k)), 1);
+      const __m512i low = _mm512_and_si512(bytes, mask), high = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), mask);
       for (int64_t r = 0; r < Rows; ++r) {
         group_sum[r] = _mm512_dpbusd_epi32(group_sum[r], low, broadcast4x16(x.rows[r] + k));
         group_sum[r] = _mm512_dpbusd_epi32(group_sum[r], high, broadcast4x16(x.rows[r] + k + 4));
@@ -416,22 +377,17 @@ at::Tensor as_output(const at::Tensor& out, const at::Tensor& x) {
 
 }  // namespace
 
-namespace {
-
-// x times weights of Bits bits per group with a scale and a minimum, in tiles of 8 outputs (see the top).
-template <int64_t Bits>
-at::Tensor grouped_linear(const char* name, const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale_min,
-                          int64_t group_size) {
-  const int64_t out_features = packed.size(0) * kTile, in_features = packed.size(1) / Bits;
-  TORCH_CHECK(x.size(-1) == in_features, name, ": input has ", x.size(-1), " features, weight ", in_features);
-  TORCH_CHECK(in_features % kRun == 0, name, ": in_features must be a multiple of 32");
-  TORCH_CHECK(group_size > 0 && group_size % kRun == 0 && in_features % group_size == 0, name, ": bad group size ",
-              group_size);
-  TORCH_CHECK(packed.scalar_type() == at::kByte && scale_min.scalar_type() == at::kHalf, name, ": dtypes");
+at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale_min, int64_t group_size) {
+  const int64_t out_features = packed.size(0) * kTile, in_features = packed.size(1) / 4;
+  TORCH_CHECK(x.size(-1) == in_features, "int4_linear: input has ", x.size(-1), " features, weight ", in_features);
+  TORCH_CHECK(in_features % kRun == 0, "int4_linear: in_features must be a multiple of 32");
+  TORCH_CHECK(group_size > 0 && group_size % kRun == 0 && in_features % group_size == 0,
+              "int4_linear: bad group size ", group_size);
+  TORCH_CHECK(packed.scalar_type() == at::kByte && scale_min.scalar_type() == at::kHalf, "int4_linear: dtypes");
   const at::Tensor rows = input_rows(x, in_features);
   const int64_t num_rows = rows.size(0);
   at::Tensor out = at::empty({num_rows, out_features}, x.options());
-  PAGEDLLM_DISPATCH_FLOAT_TYPES(x.scalar_type(), "grouped_linear", [&] {
+  PAGEDLLM_DISPATCH_FLOAT_TYPES(x.scalar_type(), "int4_linear", [&] {
     const QuantizedRows q = quantize_rows<scalar_t>(rows, group_size, true);
     const Operands operands{packed.const_data_ptr<uint8_t>(),
                             reinterpret_cast<const uint16_t*>(scale_min.const_data_ptr<at::Half>()),
@@ -450,31 +406,20 @@ at::Tensor grouped_linear(const char* name, const at::Tensor& x, const at::Tenso
 #ifdef PAGEDLLM_AVX512_VNNI
             if (t + 1 < end) {
               if (group_size == kRun)
-                grouped_tile_pair<R, true, Bits>(operands, t, first + m, op);
+                int4_tile_pair<R, true>(operands, t, first + m, op);
               else
-                grouped_tile_pair<R, false, Bits>(operands, t, first + m, op);
+                int4_tile_pair<R, false>(operands, t, first + m, op);
               return;
             }
 #endif
             if (group_size == kRun)
-              grouped_tile<R, true, Bits>(operands, t, first + m, op);
+              int4_tile<R, true>(operands, t, first + m, op);
             else
-              grouped_tile<R, false, Bits>(operands, t, first + m, op);
+              int4_tile<R, false>(operands, t, first + m, op);
           });
     });
   });
   return as_output(out, x);
-}
-
-}  // namespace
-
-at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale_min, int64_t group_size) {
-  return grouped_linear<4>("int4_linear", x, packed, scale_min, group_size);
-}
-
-at::Tensor int8_group_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale_min,
-                             int64_t group_size) {
-  return grouped_linear<8>("int8_group_linear", x, packed, scale_min, group_size);
 }
 
 at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scales) {
