@@ -34,6 +34,11 @@ def one_and_dp2(tiny_llama_dir: Path) -> Iterator[tuple[LLM, LLM]]:
     dp2.engine.shutdown()
 
 
+def finish(engine: DataParallelEngine) -> None:
+    while engine.has_unfinished_requests():
+        engine.step()
+
+
 def test_dp2_greedy_outputs_equal_one_engine_and_requests_go_to_the_less_loaded_replica(
     one_and_dp2: tuple[LLM, LLM],
 ) -> None:
@@ -51,14 +56,8 @@ def test_dp2_greedy_outputs_equal_one_engine_and_requests_go_to_the_less_loaded_
     assert [engine.placement[f"r{index}"] for index in range(1, 5)] == [1, 0, 1, 0]  # r4 where r0 left room
     with pytest.raises(RequestTooLongError):  # a replica's refusal reaches the caller as itself
         engine.add_request("long", PROMPTS[0], SamplingParams(max_tokens=10**6))
-    while engine.has_unfinished_requests():
-        engine.step()
+    finish(engine)
     assert engine.loads == [0, 0]
-
-
-def finish(engine: DataParallelEngine) -> None:
-    while engine.has_unfinished_requests():
-        engine.step()
 
 
 def test_prompts_sharing_a_long_prefix_go_to_the_replica_that_cached_it_and_others_spread_by_load(
