@@ -57,8 +57,9 @@ lint: install
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
+# The 25 slowest tests are listed at the end, so a run near the time limit shows what to mark slow.
 test: install $(CHROMIUM) lint
-	$(PY) -m pytest -q -p no:cacheprovider -m "not slow"
+	$(PY) -m pytest -q -p no:cacheprovider -m "not slow" --durations=25
 
 # The tests that take minutes each (the whole schema table, the real Gemma 3 file, lm-eval's harness).
 test-slow: install $(CHROMIUM)
