@@ -24,6 +24,7 @@ from pagedllm.layers.parallel_linear import (
     attention_blocks,
     attention_rows,
     balanced_channels,
+    head_shard,
 )
 from pagedllm.layers.quantization import LinearQuantization, QuantizedWeight
 from pagedllm.layers.rotary import RotaryEmbedding
@@ -42,15 +43,17 @@ class LlamaAttention(nn.Module):
             config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias
         )
         self.o_proj: nn.Module = Linear(self.q_size, config.hidden_size)
+        groups = None
         if group.world_size > 1:  # this rank's heads only
             q_block, kv_block = attention_blocks(
                 config.num_heads, config.num_kv_heads, config.head_dim, group.world_size
             )
             qkv = ColumnParallelLinear(config.hidden_size, [q_block, kv_block, kv_block], group, config.attention_bias)
             self.qkv_proj, self.o_proj = qkv, RowParallelLinear(q_block, config.hidden_size, group)
-            self.num_heads, self.num_kv_heads = qkv.local_rows(0) // self.head_dim, qkv.local_rows(1) // self.head_dim
+            shard = head_shard(config.num_heads, config.num_kv_heads, group.rank, group.world_size)
+            self.num_heads, self.num_kv_heads, groups = len(shard.queries), len(shard.kv_heads), shard.groups
         self.rotary = rotary
-        self.attn = PagedAttention(self.num_heads, self.num_kv_heads, config.head_dim, attention_impl)
+        self.attn = PagedAttention(self.num_heads, self.num_kv_heads, config.head_dim, attention_impl, groups=groups)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         heads = self.qkv_proj(hidden).view(hidden.shape[0], -1, self.head_dim)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import signal
 import time
@@ -14,7 +15,9 @@ import pytest
 
 from pagedllm import LLM, SamplingParams
 from pagedllm.benchmarks.datasets import first_exchange, iter_json_array_records, sharegpt_path
+from pagedllm.config import EngineConfig, ModelConfig
 from pagedllm.engine.async_engine import AsyncLLMEngine
+from pagedllm.engine.distributed_runner import distributed_bytes_per_block, kv_heads_on_all_ranks
 from pagedllm.engine.executor import WorkerError
 from pagedllm.errors import ConfigError, EngineUnavailableError
 from pagedllm.serving.logprobs import TokenStrings
@@ -49,6 +52,18 @@ def test_tp2_greedy_outputs_equal_one_process(tiny_tp2: LLM, tiny_llama_dir: Pat
     assert_greedy_close(greedy(one, PROMPTS, 24), greedy(tiny_tp2, PROMPTS, 24))
     assert tiny_tp2.engine.weight_bytes > 0
     assert tiny_tp2.engine.num_blocks == one.engine.num_blocks  # each rank holds the same blocks of its own heads
+
+
+def test_kv_cache_counts_a_kv_head_once_on_every_rank_that_holds_it() -> None:
+    """SmolLM2's 9 query heads over 3 K/V heads split 4 and 5: the middle K/V head is cached on both ranks, 4 heads
+    in all; K/V heads that split evenly are cached once; an MQA model's one head on every rank."""
+    smollm2 = ModelConfig("llama", 49152, 576, 1536, 30, 9, 3, 64, 8192, 1e-5, 1e5)
+    assert kv_heads_on_all_ranks(smollm2, 1) == 3 and kv_heads_on_all_ranks(smollm2, 2) == 4
+    assert kv_heads_on_all_ranks(smollm2, 3) == 3
+    assert kv_heads_on_all_ranks(dataclasses.replace(smollm2, num_heads=32, num_kv_heads=8), 2) == 8
+    assert kv_heads_on_all_ranks(dataclasses.replace(smollm2, num_heads=4, num_kv_heads=1), 2) == 2
+    config = EngineConfig(tensor_parallel_size=2, block_size=16, dtype="float32")
+    assert distributed_bytes_per_block(smollm2, config) == 2 * 30 * 16 * 4 * 64 * 4
 
 
 def test_a_killed_worker_fails_its_requests_within_seconds(tiny_tp2: LLM) -> None:

@@ -66,6 +66,7 @@ struct LayerAttention {
 struct Shape {
   int64_t tokens, num_heads, num_kv_heads, head_dim;
   double eps, scale;
+  int64_t queries_per_kv, query_offset;  // which K/V head each query head reads (HeadGroups)
 };
 
 // The sum over the tensor-parallel ranks of a row-parallel linear's output, in place; nothing with one rank.
@@ -88,7 +89,7 @@ at::Tensor attend(const at::Tensor& heads, const at::Tensor& positions, LayerAtt
   write_kv_(heads.narrow(1, s.num_heads, s.num_kv_heads), heads.narrow(1, rotated, s.num_kv_heads), a.k_pool,
             a.v_pool, a.slots);
   return paged_decode_attention(heads.narrow(1, 0, s.num_heads), a.k_pool, a.v_pool, a.block_tables, a.seq_lens,
-                                s.scale, a.sliding_window)
+                                s.scale, a.sliding_window, s.queries_per_kv, s.query_offset)
       .flatten(1);
 }
 
@@ -137,8 +138,9 @@ at::Tensor fused_decode(const at::Tensor& hidden, const at::Tensor& positions, a
                          at::TensorList k_pools, at::TensorList v_pools, at::TensorList slots,
                          at::TensorList block_tables, at::TensorList seq_lens, at::IntArrayRef sliding_windows,
                          c10::string_view layer_type, int64_t num_heads, int64_t num_kv_heads, double eps,
-                         double scale, int64_t dense_rows, const std::optional<at::Tensor>& segment, int64_t rank,
-                         int64_t world_size, double timeout_s) {
+                         double scale, int64_t dense_rows, int64_t queries_per_kv, int64_t query_offset,
+                         const std::optional<at::Tensor>& segment, int64_t rank, int64_t world_size,
+                         double timeout_s) {
   const int64_t num_layers = static_cast<int64_t>(k_pools.size());
   const auto per_layer = [num_layers](size_t size, int64_t count) {
     return static_cast<int64_t>(size) == num_layers * count;
@@ -173,7 +175,8 @@ at::Tensor fused_decode(const at::Tensor& hidden, const at::Tensor& positions, a
                 "fused_decode: one block table and context length per token");
   }
   const Linears project{weights, scales, kinds, kind_args, parts, biases, std::move(first_part), dense_rows};
-  const Shape shape{hidden.size(0), num_heads, num_kv_heads, k_pools[0].size(3), eps, scale};
+  const Shape shape{hidden.size(0), num_heads, num_kv_heads, k_pools[0].size(3),
+                    eps, scale, queries_per_kv, query_offset};
   const RowParallelSum sum{segment, rank, world_size, timeout_s};
   at::Tensor residual = hidden.clone();
   at::Tensor x;
