@@ -271,6 +271,17 @@ class RowParallelLinear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
+def attention_projections(
+    hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int, group: ParallelGroup, bias: bool
+) -> tuple[ColumnParallelLinear, RowParallelLinear, HeadShard]:
+    """A rank's fused q/k/v projection (its query heads, then the K/V heads they read), its o_proj (those query
+    heads' input columns) and its heads."""
+    q_block, kv_block = attention_blocks(num_heads, num_kv_heads, head_dim, group.world_size)
+    qkv = ColumnParallelLinear(hidden_size, [q_block, kv_block, kv_block], group, bias)
+    heads = head_shard(num_heads, num_kv_heads, group.rank, group.world_size)
+    return qkv, RowParallelLinear(q_block, hidden_size, group), heads
+
+
 def vocab_range(vocab_size: int, rank: int, world_size: int) -> range:
     """The token ids rank `rank` holds (shares differ by at most one token)."""
     return range(rank * vocab_size // world_size, (rank + 1) * vocab_size // world_size)

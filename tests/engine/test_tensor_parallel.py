@@ -19,13 +19,16 @@ from pagedllm.config import EngineConfig, ModelConfig
 from pagedllm.engine.async_engine import AsyncLLMEngine
 from pagedllm.engine.distributed_runner import distributed_bytes_per_block, kv_heads_on_all_ranks
 from pagedllm.engine.executor import WorkerError
+from pagedllm.engine.worker import load_model
 from pagedllm.errors import ConfigError, EngineUnavailableError
 from pagedllm.serving.logprobs import TokenStrings
 from tests.engine.dead_rank import DEAD_WORKER_DEADLINE_S, check_server_answers_then_503_after
 from tests.engine.served import served_greedy
 from tests.logprobs_close import assert_greedy_close, assert_served_greedy_close, greedy
+from tests.model.test_gemma3 import write_tiny_gemma3
 
 TINY_KV_BYTES = 2**24
+GEMMA3_WINDOW = 16  # the tiny Gemma 3's local layers see less than the longest prompts
 EMBEDDED_KV_BYTES = 2**26
 PROMPTS = [[1, 2, 3, 4, 5], list(range(100, 140)), [7] * 3, list(range(900, 1200, 7))]
 
@@ -52,6 +55,22 @@ def test_tp2_greedy_outputs_equal_one_process(tiny_tp2: LLM, tiny_llama_dir: Pat
     assert_greedy_close(greedy(one, PROMPTS, 24), greedy(tiny_tp2, PROMPTS, 24))
     assert tiny_tp2.engine.weight_bytes > 0
     assert tiny_tp2.engine.num_blocks == one.engine.num_blocks  # each rank holds the same blocks of its own heads
+
+
+def test_tp2_gemma3_greedy_outputs_equal_one_process(tmp_path: Path, tokenizer_dir: Path) -> None:
+    """Gemma 3's local and global layers (prompts past the window), QK-norms, post-norms of the ranks' sums and its
+    one K/V head on both ranks; its lm_head's logits soft-capped after the vocabulary gather."""
+    write_tiny_gemma3(tmp_path, tokenizer_dir, sliding_window=GEMMA3_WINDOW)
+    settings = dict(dtype="float32", quantization="none", kv_cache_memory=TINY_KV_BYTES)
+    one = LLM(str(tmp_path), **settings)
+    tp2 = LLM(str(tmp_path), **settings, tensor_parallel_size=2)
+    try:
+        assert max(map(len, PROMPTS)) > GEMMA3_WINDOW
+        assert_greedy_close(greedy(one, PROMPTS, 24), greedy(tp2, PROMPTS, 24))
+    finally:
+        tp2.engine.shutdown()
+    with pytest.raises(ConfigError, match="pipeline parallelism runs Llama-family models"):
+        load_model(EngineConfig(model=str(tmp_path), pipeline_parallel_size=2), 256)
 
 
 def test_kv_cache_counts_a_kv_head_once_on_every_rank_that_holds_it() -> None:

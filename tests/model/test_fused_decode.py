@@ -206,6 +206,9 @@ TENSOR_RANK_CASES = (
     # The one K/V head on both ranks, rank 1's query heads from the middle of its group.
     ("mistral-mqa", "none", ((2, 1, HeadGroups(4, 0)), (2, 1, HeadGroups(4, 2)))),
     ("qwen2-gqa-bias", "none", ((2, 1, HeadGroups(2, 0)), (2, 1, HeadGroups(2, 0)))),
+    # Gemma 3's layers (local ones past their window), its one K/V head on both ranks.
+    ("gemma3", "none", ((1, 1, HeadGroups(2, 0)), (1, 1, HeadGroups(2, 1)))),
+    ("gemma3", "int8", ((1, 1, HeadGroups(2, 0)), (1, 1, HeadGroups(2, 1)))),
 )
 
 
@@ -216,20 +219,22 @@ def _stack_matches_layers_on_rank(rank: int, world_size: int, folders: dict[str,
         )
         group = ParallelGroup.create()
         try:
-            worker = Worker(config, 32, 256, group, rank)
+            worker = Worker(config, 64, 256, group, rank)
             stack = worker.runner.fused_decode
             assert stack is not None and stack.shared_memory is group.shared_memory is not None, name
             assert (stack.num_heads, stack.num_kv_heads, stack.groups) == heads[rank], name
-            check_stack_matches_layers(worker.model, stack, BlockManager(32, config.block_size))
+            windows = kv_cache_layout(worker.model.config).sliding_windows
+            blocks = BlockManager(64, config.block_size, sliding_windows=windows)
+            check_stack_matches_layers(worker.model, stack, blocks)
         finally:
             group.close()
 
 
-def test_stack_matches_layers_on_tensor_ranks(tiny_dirs: dict[str, Path]) -> None:
+def test_stack_matches_layers_on_tensor_ranks(tiny_dirs: dict[str, Path], tiny_gemma3_dir: Path) -> None:
     """Each of 2 ranks decodes with its heads and channels, the row-parallel outputs summed through shared memory
     in the kernel, as its layers do: dense, int8, int4 and biased weights, whole groups of query heads, SmolLM2's
-    9 query heads cut inside a group (a K/V head on both ranks), a replicated K/V head."""
-    spawn_ranks(_stack_matches_layers_on_rank, 2, (tiny_dirs,), timeout_s=300)
+    9 query heads cut inside a group (a K/V head on both ranks), a replicated K/V head, Gemma 3's layers."""
+    spawn_ranks(_stack_matches_layers_on_rank, 2, ({**tiny_dirs, "gemma3": tiny_gemma3_dir},), timeout_s=300)
 
 
 @pytest.mark.parametrize(

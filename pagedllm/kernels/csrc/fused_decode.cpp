@@ -111,9 +111,11 @@ at::Tensor llama_layer(at::Tensor& residual, const at::Tensor& x, const at::Tens
   return sum(project(silu_and_mul(project(h, first_linear + kGateUp)), first_linear + kDown));
 }
 
-// Gemma3DecoderLayer.forward: QK-norm before RoPE, norms after attention and MLP, GeGLU (tanh GELU).
+// Gemma3DecoderLayer.forward: QK-norm before RoPE, norms after attention and MLP (of the ranks' sums), GeGLU
+// (tanh GELU).
 at::Tensor gemma3_layer(at::Tensor& residual, const at::Tensor& x, const at::Tensor& positions, at::TensorList norms,
-                        const Linears& project, int64_t first_linear, LayerAttention& a, const Shape& s) {
+                        const Linears& project, int64_t first_linear, LayerAttention& a, const Shape& s,
+                        const RowParallelSum& sum) {
   const at::Tensor normed = input_norm(residual, x, norms[0], s.eps);
   at::Tensor heads =
       project(normed, first_linear + kQkv).view({s.tokens, s.num_heads + 2 * s.num_kv_heads, s.head_dim});
@@ -123,10 +125,10 @@ at::Tensor gemma3_layer(at::Tensor& residual, const at::Tensor& x, const at::Ten
     part.copy_(rms_norm(part.reshape({-1, s.head_dim}), norms[1 + i], s.eps).view({s.tokens, counts[i], s.head_dim}));
   }
   const at::Tensor attended = attend(heads, positions, a, s);
-  const at::Tensor h = rms_norm(project(attended, first_linear + kOut), norms[3], s.eps);
+  const at::Tensor h = rms_norm(sum(project(attended, first_linear + kOut)), norms[3], s.eps);
   const at::Tensor mlp_in = add_rms_norm_(residual, h, norms[4], s.eps);
   const at::Tensor activated = gelu_tanh_and_mul(project(mlp_in, first_linear + kGateUp));
-  return rms_norm(project(activated, first_linear + kDown), norms[5], s.eps);
+  return rms_norm(sum(project(activated, first_linear + kDown)), norms[5], s.eps);
 }
 
 }  // namespace
@@ -147,7 +149,6 @@ at::Tensor fused_decode(const at::Tensor& hidden, const at::Tensor& positions, a
   };
   const bool gemma3 = layer_type == "gemma3";
   TORCH_CHECK(gemma3 || layer_type == "llama", "fused_decode: layer_type is llama or gemma3");
-  TORCH_CHECK(!gemma3 || !segment.has_value(), "fused_decode: tensor-parallel ranks run llama layers");
   const int64_t norms_per_layer = gemma3 ? kGemma3Norms : kLlamaNorms;
   TORCH_CHECK(hidden.dim() == 2 && num_layers > 0, "fused_decode: hidden [tokens, hidden_size] and one pool per layer");
   TORCH_CHECK(per_layer(v_pools.size(), 1) && per_layer(norms.size(), norms_per_layer),
@@ -185,7 +186,7 @@ at::Tensor fused_decode(const at::Tensor& hidden, const at::Tensor& positions, a
                              seq_lens[layer], k_pools[layer],    v_pools[layer], sliding_windows[layer]};
     const at::TensorList layer_norms = norms.slice(layer * norms_per_layer, norms_per_layer);
     const int64_t first_linear = layer * kLinearsPerLayer;
-    x = gemma3 ? gemma3_layer(residual, x, positions, layer_norms, project, first_linear, attention, shape)
+    x = gemma3 ? gemma3_layer(residual, x, positions, layer_norms, project, first_linear, attention, shape, sum)
                : llama_layer(residual, x, positions, layer_norms, project, first_linear, attention, shape, sum);
   }
   return x + residual;
