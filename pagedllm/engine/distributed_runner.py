@@ -11,13 +11,19 @@ from pagedllm.config import EngineConfig, ModelConfig
 from pagedllm.engine.executor import Executor
 from pagedllm.engine.model_runner import ModelRunner, StepInput, kv_cache_bytes_per_block
 from pagedllm.errors import InvalidArgumentError
+from pagedllm.layers.parallel_linear import head_shard
 from pagedllm.model.hidden_states import HiddenCapture
 from pagedllm.structured_output.manager import StructuredOutputManager
 
 
 def kv_heads_on_all_ranks(model_config: ModelConfig, tensor_parallel_size: int) -> int:
-    """K/V heads held by all ranks together: each once, or one per rank where there are fewer heads than ranks."""
-    return max(model_config.num_kv_heads, tensor_parallel_size)
+    """K/V heads held by all ranks together: each once, and once more on every further rank whose query heads read
+    it (head_shard)."""
+    mc = model_config
+    return sum(
+        len(head_shard(mc.num_heads, mc.num_kv_heads, r, tensor_parallel_size).kv_heads)
+        for r in range(tensor_parallel_size)
+    )
 
 
 def distributed_bytes_per_block(model_config: ModelConfig, config: EngineConfig) -> int:

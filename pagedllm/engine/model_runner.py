@@ -66,9 +66,10 @@ def kv_cache_bytes_per_block(
 
 
 def kv_cache_shape(model: nn.Module) -> ModelConfig:
-    """The model's shape with the heads this process holds (a tensor-parallel rank holds its share)."""
-    attention = model.layers[0].self_attn.attn
-    return dataclasses.replace(model.config, num_heads=attention.num_heads, num_kv_heads=attention.num_kv_heads)
+    """The model's shape with the K/V heads this process holds (a tensor-parallel rank holds those its query heads
+    read); num_heads is set to them too, since a rank's share of query heads need not be a multiple of them."""
+    heads = model.layers[0].self_attn.attn.num_kv_heads
+    return dataclasses.replace(model.config, num_heads=heads, num_kv_heads=heads)
 
 
 def allocate_kv_pool(model_config: ModelConfig, config: EngineConfig, num_blocks: int, device: torch.device) -> KVPool:

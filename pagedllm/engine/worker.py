@@ -18,6 +18,7 @@ from pagedllm.engine.model_runner import ModelRunner, StepInput, kv_cache_shape
 from pagedllm.errors import ConfigError
 from pagedllm.layers.parallel_linear import column_unit
 from pagedllm.layers.quantization import LinearQuantization
+from pagedllm.model.gemma3 import Gemma3ForCausalLM
 from pagedllm.model.llama import LlamaForCausalLM
 from pagedllm.model.loader import load_checkpoint
 from pagedllm.model.registry import model_class, resolve_model_path
@@ -44,11 +45,16 @@ def load_model(
     quantization = LinearQuantization(config.quantization, config.quant_group_size, config.dense_matmul_min_rows)
     args = (checkpoint.config, max_model_len, config.attention_impl, checkpoint.weights.get("rope_freqs"), quantization)
     if config.world_size > 1:
-        if cls is not LlamaForCausalLM:
+        if cls not in (LlamaForCausalLM, Gemma3ForCausalLM):
             raise ConfigError(
-                f"tensor and pipeline parallelism run Llama-family models; {checkpoint.config.architecture} runs in "
-                "one process",
+                f"tensor and pipeline parallelism run Llama-family and Gemma 3 models; "
+                f"{checkpoint.config.architecture} runs in one process",
                 "tensor_parallel_size",
+            )
+        if cls is not LlamaForCausalLM and config.pipeline_parallel_size > 1:
+            raise ConfigError(
+                f"pipeline parallelism runs Llama-family models; {checkpoint.config.architecture} runs in one stage",
+                "pipeline_parallel_size",
             )
         stage = PipelineStage.of_rank(
             rank, config.tensor_parallel_size, config.pipeline_parallel_size, checkpoint.config.num_layers
@@ -56,7 +62,7 @@ def load_model(
         # One split of the MLP's channels for every layer: runs that keep each layer's down_proj blocks whole.
         down_projs = (checkpoint.weights[f"model.layers.{i}.mlp.down_proj.weight"] for i in stage.layers)
         unit = math.lcm(*(column_unit(weight, quantization) for weight in down_projs))
-        model = LlamaForCausalLM(*args, group=group, stage=stage, channel_unit=unit)
+        model = cls(*args, group=group, stage=stage, channel_unit=unit)
     else:
         model = cls(*args)
     model.load_weights(checkpoint.weights)

@@ -10,6 +10,11 @@ KV-cache group's block tables may hold FREED_BLOCK (read as block 0, never weigh
 A pool is a tensor in the model dtype or a QuantizedKVPool (int8/int4); a quantized pool is always read back, a
 fresh prefill's own K/V included, so a prefill and the decodes after it attend to the same (dequantized) numbers.
 
+Query head h reads K/V head (h + query_offset) // queries_per_kv (HeadGroups): a layer holds whole groups of query
+heads, but a tensor-parallel rank's even share of them may start or end inside a group. The CPU kernels take that
+map as it is; the PyTorch paths, whose grouped attention wants whole groups, repeat each K/V head for its query
+heads there.
+
 A step whose metadata carries `attention_scores` (the h2o KV-cache policy) also adds, in the layers without a
 sliding window, per sequence and cache position, the attention each key received, summed over the layer's heads and
 the sequence's queries. Its rows take a scoring path written in PyTorch that forms the probabilities explicitly (in
@@ -40,6 +45,22 @@ MAX_DECODE_GROUP = 16
 KVPool = torch.Tensor | QuantizedKVPool  # one layer's K or V pool
 # A block-table entry whose block went back to the pool: out of every query's window (attention reads it as 0).
 FREED_BLOCK = -1
+
+
+@dataclass(frozen=True)
+class HeadGroups:
+    """Which K/V head each query head reads: query head h reads K/V head (h + query_offset) // queries_per_kv."""
+
+    queries_per_kv: int
+    query_offset: int = 0  # where the first query head sits in its K/V head's group
+
+    def whole(self, num_heads: int, num_kv_heads: int) -> bool:
+        """Whether the query heads form whole groups, query head h reading K/V head h // (num_heads / num_kv_heads)."""
+        return self.query_offset == 0 and num_heads == self.queries_per_kv * num_kv_heads
+
+    def kv_heads(self, num_heads: int) -> torch.Tensor:
+        """The K/V head each query head reads, [num_heads]."""
+        return (torch.arange(num_heads) + self.query_offset) // self.queries_per_kv
 
 
 @dataclass
@@ -151,12 +172,20 @@ class PagedAttention(nn.Module):
         impl: str = "fast",
         sliding_window: int | None = None,
         scale: float | None = None,
+        groups: HeadGroups | None = None,
     ) -> None:
+        """`groups` None: whole groups of num_heads / num_kv_heads query heads."""
         super().__init__()
         if impl not in ATTENTION_IMPLS:
             raise ValueError(f"attention impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
+        self.groups = groups or HeadGroups(num_heads // num_kv_heads)
+        last_kv_head = (num_heads - 1 + self.groups.query_offset) // self.groups.queries_per_kv
+        if not 0 <= self.groups.query_offset < self.groups.queries_per_kv or last_kv_head != num_kv_heads - 1:
+            raise ValueError(f"{num_heads} query heads in {self.groups} do not read exactly {num_kv_heads} K/V heads")
+        # The K/V head each query head reads where the PyTorch paths must repeat them, else None.
+        self.kv_head_index = None if self.groups.whole(num_heads, num_kv_heads) else self.groups.kv_heads(num_heads)
         self.head_dim = head_dim
         self.scale = head_dim**-0.5 if scale is None else scale
         self.impl = impl
@@ -244,7 +273,7 @@ class PagedAttention(nn.Module):
             first_prefill = meta.num_decodes
             for group in meta.decode_groups:
                 keys, values = (
-                    read_blocks(pool, group.block_tables).flatten(1, 2).transpose(1, 2)
+                    self._kv_for_queries(read_blocks(pool, group.block_tables).flatten(1, 2).transpose(1, 2), 1)
                     for pool in (self.k_pool, self.v_pool)
                 )
                 rows = slice(group.start, group.end)
@@ -253,7 +282,7 @@ class PagedAttention(nn.Module):
                 scores[rows, : received.shape[1]] += received
         for i in range(first_prefill, len(meta.host_seq_lens)):
             start, end = meta.query_starts[i], meta.query_starts[i + 1]
-            keys, values = self._prefill_context(i, k, v, meta, attend_new)
+            keys, values = (self._kv_for_queries(x, 1) for x in self._prefill_context(i, k, v, meta, attend_new))
             num_keys = keys.shape[0]
             mask = torch.ones(end - start, num_keys, dtype=torch.bool, device=q.device).tril(num_keys - (end - start))
             output, received = scored_attention(
@@ -297,12 +326,22 @@ class PagedAttention(nn.Module):
         (less query_starts[0]) and are the last positions of its key_lens[i] keys, which start at key_starts[i]."""
         offset = query_starts[0]
         return torch.ops.pagedllm.prefill_attention(
-            q, keys, values, [s - offset for s in query_starts], key_starts, key_lens, self.scale, self.window_arg
+            q,
+            keys,
+            values,
+            [s - offset for s in query_starts],
+            key_starts,
+            key_lens,
+            self.scale,
+            self.window_arg,
+            self.groups.queries_per_kv,
+            self.groups.query_offset,
         )
 
     def _attend_one(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Causal attention of the last len(q) positions of one sequence over its len(k) keys."""
         num_queries, num_keys = q.shape[0], k.shape[0]
+        k, v = self._kv_for_queries(k, 1), self._kv_for_queries(v, 1)
         # 4-D [1, heads, tokens, head_dim]: with 3-D inputs PyTorch's CPU attention takes the slow math path.
         q_, k_, v_ = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))
         if num_queries == num_keys and (self.sliding_window is None or num_keys <= self.sliding_window):
@@ -316,19 +355,36 @@ class PagedAttention(nn.Module):
             out = F.scaled_dot_product_attention(q_, k_, v_, attn_mask=mask, scale=self.scale, enable_gqa=True)
         return out.squeeze(0).transpose(0, 1)
 
+    def _kv_for_queries(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        """K or V with heads along `dim`, as grouped attention takes them: each head repeated for its query heads
+        where they are not whole groups."""
+        if self.kv_head_index is None:
+            return x
+        return x.index_select(dim, self.kv_head_index.to(x.device))
+
     def _decode_in_place(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """One query token per sequence, in one CPU kernel call that reads the (unquantized) pools in place."""
         rows = q.shape[0]
         return torch.ops.pagedllm.paged_decode_attention(
-            q, self.k_pool, self.v_pool, meta.block_tables[:rows], meta.seq_lens[:rows], self.scale, self.window_arg
+            q,
+            self.k_pool,
+            self.v_pool,
+            meta.block_tables[:rows],
+            meta.seq_lens[:rows],
+            self.scale,
+            self.window_arg,
+            self.groups.queries_per_kv,
+            self.groups.query_offset,
         )
 
     def _decode_in_groups(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """One query token per sequence, each group of similar lengths in one call over its gathered keys."""
         out = torch.empty_like(q)
         for group in meta.decode_groups:
-            keys = read_blocks(self.k_pool, group.block_tables).flatten(1, 2).transpose(1, 2)
-            values = read_blocks(self.v_pool, group.block_tables).flatten(1, 2).transpose(1, 2)
+            keys, values = (
+                self._kv_for_queries(read_blocks(pool, group.block_tables).flatten(1, 2).transpose(1, 2), 1)
+                for pool in (self.k_pool, self.v_pool)
+            )
             mask = group.mask
             if self.sliding_window is not None:
                 positions = torch.arange(mask.shape[-1], device=q.device)

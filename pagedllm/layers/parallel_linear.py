@@ -1,11 +1,12 @@
 """Tensor-parallel linears and embeddings: each rank of a ParallelGroup holds a slice of a layer's weight.
 
 Column-parallel layers (fused q/k/v, gate/up) keep a slice of the output rows of each fused projection, whole
-units (heads, or the query heads that share one K/V head) at a time, so a rank computes its own heads with no
-communication. Units split as evenly as they go (9 query heads in 3 K/V groups over 2 ranks: 1 group and 2);
-projections with fewer heads than ranks (the K/V heads of GQA and MQA models) are replicated, rank r holding head
-r // (ranks // heads). The MLP's channels then even out the ranks' weights (balanced_channels): a rank with fewer
-heads takes more channels. Row-parallel
+units (heads, or runs of channels) at a time, so a rank computes its own heads with no communication. The query
+heads split as evenly as they go, since attention's work goes with them (9 over 2 ranks: 4 and 5), and each rank
+holds every K/V head its query heads read (head_shard): a K/V head whose group of query heads the split cuts is
+computed and cached on both sides of the cut, as are the K/V heads of GQA and MQA models with fewer K/V heads than
+ranks. The MLP's channels then even out the ranks' weights (balanced_channels): a rank with fewer heads takes more
+channels. Row-parallel
 layers (o, down) keep the matching slice of input columns and sum their partial outputs with one all-reduce. The
 embedding and the lm_head split the vocabulary: a lookup sums the one rank's row that holds each token, the
 lm_head gathers every rank's logits.
@@ -28,6 +29,7 @@ from torch import nn
 
 from pagedllm.distributed.group import ParallelGroup
 from pagedllm.errors import ConfigError
+from pagedllm.layers.attention import HeadGroups
 from pagedllm.layers.gguf_blocks import GGUFWeight
 from pagedllm.layers.gguf_linear import GGUFEmbedding
 from pagedllm.layers.linear import KERNEL_IN_MULTIPLE, Linear
@@ -49,11 +51,11 @@ Weight = torch.Tensor | QuantizedWeight
 @dataclass(frozen=True)
 class RowBlock:
     """One projection within a fused weight: `num_units` units (heads, or runs of channels) of `unit_size` rows,
-    split over the ranks `split[r]` units to rank r, or as shard_units splits them where `split` is empty."""
+    rank r holding the units spans[r] (spans may overlap: shared K/V heads), or shard_units' where spans is empty."""
 
     num_units: int
     unit_size: int = 1
-    split: tuple[int, ...] = ()
+    spans: tuple[range, ...] = ()
 
     @property
     def rows(self) -> int:
@@ -61,31 +63,38 @@ class RowBlock:
 
     def units(self, rank: int, world_size: int) -> range:
         """The units rank `rank` holds."""
-        if not self.split:
-            return shard_units(self.num_units, rank, world_size)
-        start = sum(self.split[:rank])
-        return range(start, start + self.split[rank])
+        return self.spans[rank] if self.spans else shard_units(self.num_units, rank, world_size)
 
 
 def shard_units(num_units: int, rank: int, world_size: int) -> range:
-    """The units rank `rank` holds: a run of them (runs differ by at most one unit), or one replicated unit where
-    there are fewer units than ranks."""
-    if num_units >= world_size:
-        return range(rank * num_units // world_size, (rank + 1) * num_units // world_size)
-    if world_size % num_units:
-        raise ValueError(f"{num_units} heads cannot be replicated evenly over {world_size} ranks")
-    unit = rank // (world_size // num_units)
-    return range(unit, unit + 1)
+    """The run of units rank `rank` holds: runs differ by at most one unit, the larger ones on the later ranks."""
+    if num_units < world_size:
+        raise ValueError(f"{num_units} heads or channels cannot be split over {world_size} ranks")
+    return range(rank * num_units // world_size, (rank + 1) * num_units // world_size)
+
+
+@dataclass(frozen=True)
+class HeadShard:
+    """The attention heads one rank holds: its run of query heads and the run of K/V heads they read."""
+
+    queries: range
+    kv_heads: range
+    groups: HeadGroups  # which of the rank's K/V heads each of its query heads reads
+
+
+def head_shard(num_heads: int, num_kv_heads: int, rank: int, world_size: int) -> HeadShard:
+    """Rank `rank`'s query heads (shard_units) and every K/V head they read."""
+    queries = shard_units(num_heads, rank, world_size)
+    queries_per_kv = num_heads // num_kv_heads
+    kv_heads = range(queries.start // queries_per_kv, (queries.stop - 1) // queries_per_kv + 1)
+    return HeadShard(queries, kv_heads, HeadGroups(queries_per_kv, queries.start - kv_heads.start * queries_per_kv))
 
 
 def attention_blocks(num_heads: int, num_kv_heads: int, head_dim: int, world_size: int) -> tuple[RowBlock, RowBlock]:
-    """How q and k (or v) rows split over ranks: query heads go with their K/V head where every rank holds one of
-    its own, else one query head at a time beside a replicated K/V head."""
-    if num_kv_heads >= world_size:
-        return RowBlock(num_kv_heads, num_heads // num_kv_heads * head_dim), RowBlock(num_kv_heads, head_dim)
-    if num_heads % world_size:
-        raise ValueError(f"{num_heads} query heads do not split evenly over {world_size} ranks")
-    return RowBlock(num_heads, head_dim), RowBlock(num_kv_heads, head_dim)
+    """How q and k (or v) rows split over ranks: the query heads one at a time as evenly as they go, each rank's
+    K/V heads those its query heads read (head_shard)."""
+    spans = tuple(head_shard(num_heads, num_kv_heads, r, world_size).kv_heads for r in range(world_size))
+    return RowBlock(num_heads, head_dim), RowBlock(num_kv_heads, head_dim, spans)
 
 
 def attention_rows(num_heads: int, num_kv_heads: int, head_dim: int, world_size: int) -> list[int]:
@@ -109,7 +118,8 @@ def balanced_channels(intermediate_size: int, attention_rows: list[int], unit: i
     for _ in range(intermediate_size // unit - world_size):
         lightest = min(range(world_size), key=lambda r: (attention_rows[r] + 3 * unit * split[r], r))
         split[lightest] += 1
-    return RowBlock(intermediate_size // unit, unit, tuple(split))
+    starts = [sum(split[:r]) for r in range(world_size)]
+    return RowBlock(intermediate_size // unit, unit, tuple(range(s, s + n) for s, n in zip(starts, split)))
 
 
 def column_unit(weight: Weight, quantization: LinearQuantization) -> int:
@@ -259,6 +269,17 @@ class RowParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.group.all_reduce(self.linear(x))
         return y if self.bias is None else y + self.bias
+
+
+def attention_projections(
+    hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int, group: ParallelGroup, bias: bool
+) -> tuple[ColumnParallelLinear, RowParallelLinear, HeadShard]:
+    """A rank's fused q/k/v projection (its query heads, then the K/V heads they read), its o_proj (those query
+    heads' input columns) and its heads."""
+    q_block, kv_block = attention_blocks(num_heads, num_kv_heads, head_dim, group.world_size)
+    qkv = ColumnParallelLinear(hidden_size, [q_block, kv_block, kv_block], group, bias)
+    heads = head_shard(num_heads, num_kv_heads, group.rank, group.world_size)
+    return qkv, RowParallelLinear(q_block, hidden_size, group), heads
 
 
 def vocab_range(vocab_size: int, rank: int, world_size: int) -> range:

@@ -16,7 +16,7 @@ from torch import nn
 from pagedllm.config import ModelConfig
 from pagedllm.distributed.shared_memory import SharedMemoryCollectives
 from pagedllm.kernels import use_cpu_kernels
-from pagedllm.layers.attention import AttentionMetadata, KVPool, PagedAttention
+from pagedllm.layers.attention import AttentionMetadata, HeadGroups, KVPool, PagedAttention
 from pagedllm.layers.gguf_linear import GGUF_PACKED_MATMUL_MAX_ROWS, GGUFLinear
 from pagedllm.layers.linear import Linear, QuantizedLinear, dense_rows
 from pagedllm.layers.parallel_linear import ColumnParallelLinear, RowParallelLinear
@@ -120,6 +120,7 @@ class FusedDecode:
 
     num_heads: int  # this rank's
     num_kv_heads: int
+    groups: HeadGroups  # which of the rank's K/V heads each of its query heads reads
     shared_memory: SharedMemoryCollectives | None  # the tensor-parallel group's, None with one rank
 
     @classmethod
@@ -174,8 +175,9 @@ class FusedDecode:
             attentions[0].scale,
             dense[0] if dense else None,
             min(linear.max_rows for linear in linears),
-            model.layers[0].self_attn.num_heads,
-            model.layers[0].self_attn.num_kv_heads,
+            attentions[0].num_heads,
+            attentions[0].num_kv_heads,
+            attentions[0].groups,
             None if group is None else group.shared_memory,
         )
 
@@ -226,5 +228,7 @@ class FusedDecode:
             config.rms_norm_eps,
             self.scale,
             hidden.shape[0] if self.dense_weight is None else dense_rows(hidden, self.dense_weight),
+            self.groups.queries_per_kv,
+            self.groups.query_offset,
             **parallel,
         )

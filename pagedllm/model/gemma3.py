@@ -2,6 +2,8 @@
 
 Norm weights are the multipliers (1 + w) that Gemma's RMSNorm applies, as GGUF files store them; the loader adds
 the 1 to a Hugging Face checkpoint's w. Sliding-window and global layers rotate with RoPE tables of their own bases.
+With a `group` of several ranks, this process holds one tensor-parallel rank's shard, split as Llama's is
+(layers/parallel_linear.py); the norms after attention and MLP apply to the sums of the ranks' outputs.
 """
 
 from __future__ import annotations
@@ -10,15 +12,25 @@ import torch
 from torch import nn
 
 from pagedllm.config import ModelConfig
+from pagedllm.distributed.group import ParallelGroup
+from pagedllm.distributed.pipeline import PipelineStage
 from pagedllm.layers.activation import gelu_tanh_and_mul
 from pagedllm.layers.attention import AttentionMetadata, KVPool, PagedAttention
 from pagedllm.layers.kv_cache_groups import kv_cache_layout
 from pagedllm.layers.linear import Linear
 from pagedllm.layers.mlp import GatedMLP
 from pagedllm.layers.norm import RMSNorm
+from pagedllm.layers.parallel_linear import (
+    ParallelLMHead,
+    RowBlock,
+    VocabParallelEmbedding,
+    attention_projections,
+    attention_rows,
+    balanced_channels,
+)
 from pagedllm.layers.quantization import LinearQuantization, QuantizedWeight
 from pagedllm.layers.rotary import RotaryEmbedding
-from pagedllm.model.weights import check_all_used, load_embedding, load_linear, load_projections, weight_bytes
+from pagedllm.model.weights import check_all_used, load_embedding, load_lm_head, load_projections, weight_bytes
 
 
 def scale_embeddings(embeddings: torch.Tensor, hidden_size: int) -> torch.Tensor:
@@ -28,21 +40,32 @@ def scale_embeddings(embeddings: torch.Tensor, hidden_size: int) -> torch.Tensor
 
 class Gemma3Attention(nn.Module):
     def __init__(
-        self, config: ModelConfig, rotary: RotaryEmbedding, sliding_window: int | None, attention_impl: str
+        self,
+        config: ModelConfig,
+        rotary: RotaryEmbedding,
+        sliding_window: int | None,
+        attention_impl: str,
+        group: ParallelGroup,
     ) -> None:
         super().__init__()
         self.num_heads = config.num_heads
         self.num_kv_heads = config.num_kv_heads
         self.head_dim = config.head_dim
         q_size, kv_size = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
-        self.qkv_proj = Linear(config.hidden_size, q_size + 2 * kv_size, bias=config.attention_bias)
-        self.o_proj = Linear(q_size, config.hidden_size)
+        self.qkv_proj: nn.Module = Linear(config.hidden_size, q_size + 2 * kv_size, bias=config.attention_bias)
+        self.o_proj: nn.Module = Linear(q_size, config.hidden_size)
+        groups = None
+        if group.world_size > 1:  # this rank's heads only
+            self.qkv_proj, self.o_proj, heads = attention_projections(
+                config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim, group, config.attention_bias
+            )
+            self.num_heads, self.num_kv_heads, groups = len(heads.queries), len(heads.kv_heads), heads.groups
         self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
         self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
         self.rotary = rotary
         scale = (config.query_pre_attn_scalar or config.head_dim) ** -0.5
         self.attn = PagedAttention(
-            config.num_heads, config.num_kv_heads, config.head_dim, attention_impl, sliding_window, scale
+            self.num_heads, self.num_kv_heads, config.head_dim, attention_impl, sliding_window, scale, groups
         )
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
@@ -62,15 +85,21 @@ class Gemma3DecoderLayer(nn.Module):
     """Norms before and after both attention and MLP; the residual stream adds the post-normed outputs."""
 
     def __init__(
-        self, config: ModelConfig, rotary: RotaryEmbedding, sliding_window: int | None, attention_impl: str
+        self,
+        config: ModelConfig,
+        rotary: RotaryEmbedding,
+        sliding_window: int | None,
+        attention_impl: str,
+        group: ParallelGroup,
+        channels: RowBlock | None,
     ) -> None:
         super().__init__()
         eps = config.rms_norm_eps
         self.input_layernorm = RMSNorm(config.hidden_size, eps)
-        self.self_attn = Gemma3Attention(config, rotary, sliding_window, attention_impl)
+        self.self_attn = Gemma3Attention(config, rotary, sliding_window, attention_impl, group)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps)
         self.pre_feedforward_layernorm = RMSNorm(config.hidden_size, eps)
-        self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, gelu_tanh_and_mul)
+        self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, gelu_tanh_and_mul, group, channels)
         self.post_feedforward_layernorm = RMSNorm(config.hidden_size, eps)
 
     def forward(
@@ -89,7 +118,8 @@ class Gemma3DecoderLayer(nn.Module):
 class Gemma3ForCausalLM(nn.Module):
     """Token ids of a ragged batch in, final hidden states out; `compute_logits` on the rows that need them.
 
-    Takes the constructor arguments of LlamaForCausalLM; it has no RoPE frequency factors.
+    Takes the constructor arguments of LlamaForCausalLM; it has no RoPE frequency factors, and runs in one
+    pipeline stage.
     """
 
     def __init__(
@@ -99,10 +129,17 @@ class Gemma3ForCausalLM(nn.Module):
         attention_impl: str = "fast",
         rope_freq_factors: torch.Tensor | None = None,
         quantization: LinearQuantization | None = None,
+        group: ParallelGroup | None = None,
+        stage: PipelineStage | None = None,
+        channel_unit: int = 0,
     ) -> None:
         super().__init__()
         if rope_freq_factors is not None:
             raise ValueError("Gemma 3 takes no RoPE frequency factors")
+        group = group or ParallelGroup()
+        self.stage = stage or PipelineStage.whole(config.num_layers)
+        if self.stage.num_stages > 1:
+            raise ValueError("Gemma 3 runs in one pipeline stage")
         self.config = config
         self.quantization = quantization or LinearQuantization()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
@@ -111,15 +148,27 @@ class Gemma3ForCausalLM(nn.Module):
         local_theta = config.rope_local_theta or config.rope_theta
         local_scaling = config.local_rope_scaling if config.rope_local_theta else config.rope_scaling
         self.local_rotary = RotaryEmbedding(config.head_dim, max_positions, local_theta, local_scaling)
+        channels = None
+        if group.world_size > 1 and channel_unit:
+            rows = attention_rows(config.num_heads, config.num_kv_heads, config.head_dim, group.world_size)
+            channels = balanced_channels(config.intermediate_size, rows, channel_unit)
         windows = config.layer_sliding_windows()
         self.layers = nn.ModuleList(
             Gemma3DecoderLayer(
-                config, self.global_rotary if window is None else self.local_rotary, window, attention_impl
+                config,
+                self.global_rotary if window is None else self.local_rotary,
+                window,
+                attention_impl,
+                group,
+                channels,
             )
             for window in windows
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.lm_head = Linear(config.hidden_size, config.vocab_size)
+        self.lm_head: nn.Module = Linear(config.hidden_size, config.vocab_size)
+        if group.world_size > 1:
+            self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, group)
+            self.lm_head = ParallelLMHead(config.hidden_size, config.vocab_size, group)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         hidden = scale_embeddings(self.embed_tokens(input_ids), self.config.hidden_size)
@@ -155,7 +204,7 @@ class Gemma3ForCausalLM(nn.Module):
         lm_head = remaining.pop("lm_head.weight", None)
         if lm_head is None or isinstance(lm_head, torch.Tensor):
             lm_head = embedding
-        load_linear(self, "lm_head", lm_head, None, dtype, self.quantization, lm_head=True)
+        load_lm_head(self, lm_head, embedding, dtype, self.quantization)
         for i, layer in enumerate(self.layers):
             prefix = f"model.layers.{i}."
             for norm in (

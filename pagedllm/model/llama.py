@@ -16,18 +16,16 @@ from pagedllm.layers.linear import Linear
 from pagedllm.layers.mlp import GatedMLP
 from pagedllm.layers.norm import RMSNorm
 from pagedllm.layers.parallel_linear import (
-    ColumnParallelLinear,
     ParallelLMHead,
     RowBlock,
-    RowParallelLinear,
     VocabParallelEmbedding,
-    attention_blocks,
+    attention_projections,
     attention_rows,
     balanced_channels,
 )
 from pagedllm.layers.quantization import LinearQuantization, QuantizedWeight
 from pagedllm.layers.rotary import RotaryEmbedding
-from pagedllm.model.weights import check_all_used, load_embedding, load_linear, load_projections, weight_bytes
+from pagedllm.model.weights import check_all_used, load_embedding, load_lm_head, load_projections, weight_bytes
 
 
 class LlamaAttention(nn.Module):
@@ -42,15 +40,14 @@ class LlamaAttention(nn.Module):
             config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias
         )
         self.o_proj: nn.Module = Linear(self.q_size, config.hidden_size)
+        groups = None
         if group.world_size > 1:  # this rank's heads only
-            q_block, kv_block = attention_blocks(
-                config.num_heads, config.num_kv_heads, config.head_dim, group.world_size
+            self.qkv_proj, self.o_proj, heads = attention_projections(
+                config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim, group, config.attention_bias
             )
-            qkv = ColumnParallelLinear(config.hidden_size, [q_block, kv_block, kv_block], group, config.attention_bias)
-            self.qkv_proj, self.o_proj = qkv, RowParallelLinear(q_block, config.hidden_size, group)
-            self.num_heads, self.num_kv_heads = qkv.local_rows(0) // self.head_dim, qkv.local_rows(1) // self.head_dim
+            self.num_heads, self.num_kv_heads, groups = len(heads.queries), len(heads.kv_heads), heads.groups
         self.rotary = rotary
-        self.attn = PagedAttention(self.num_heads, self.num_kv_heads, config.head_dim, attention_impl)
+        self.attn = PagedAttention(self.num_heads, self.num_kv_heads, config.head_dim, attention_impl, groups=groups)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         heads = self.qkv_proj(hidden).view(hidden.shape[0], -1, self.head_dim)
@@ -176,11 +173,7 @@ class LlamaForCausalLM(nn.Module):
         lm_head = remaining.pop("lm_head.weight", None)
         if lm_head is None or (self.config.tie_word_embeddings and isinstance(lm_head, torch.Tensor)):
             lm_head = embedding
-        if isinstance(self.lm_head, ParallelLMHead):
-            tied = self.embed_tokens if lm_head is embedding else None
-            self.lm_head.load(lm_head, dtype, self.quantization, tied)
-        else:
-            load_linear(self, "lm_head", lm_head, None, dtype, self.quantization, lm_head=True)
+        load_lm_head(self, lm_head, embedding, dtype, self.quantization)
         remaining.pop("rope_freqs", None)  # already applied by RotaryEmbedding at construction
         _drop_other_stages_layers(remaining, self.stage.layers)
         for i, layer in zip(self.stage.layers, self.layers, strict=True):

@@ -10,7 +10,12 @@ from torch import nn
 from pagedllm.layers.gguf_blocks import GGUFWeight
 from pagedllm.layers.gguf_linear import GGUFEmbedding
 from pagedllm.layers.linear import Linear
-from pagedllm.layers.parallel_linear import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
+from pagedllm.layers.parallel_linear import (
+    ColumnParallelLinear,
+    ParallelLMHead,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+)
 from pagedllm.layers.quantization import LinearQuantization, QuantizedWeight, fuse_rows
 from pagedllm.layers.quantized_linears import quantized_linear
 
@@ -52,6 +57,22 @@ def load_linear(
     if layer.bias is not None and bias is None:
         raise ValueError("checkpoint lacks a bias this layer needs")
     setattr(owner, name, quantized_linear(weight, bias, dtype, quantization.dense_matmul_min_rows))
+
+
+def load_lm_head(
+    owner: nn.Module,
+    weight: torch.Tensor | QuantizedWeight,
+    embedding: torch.Tensor | QuantizedWeight,
+    dtype: torch.dtype,
+    quantization: LinearQuantization,
+) -> None:
+    """Load `owner.lm_head` from `weight`, which is `embedding` where the lm_head is tied to the embedding table; a
+    vocabulary-parallel one keeps this rank's rows (a dense tied one sharing the embedding's)."""
+    if isinstance(owner.lm_head, ParallelLMHead):
+        tied = owner.embed_tokens if weight is embedding else None
+        owner.lm_head.load(weight, dtype, quantization, tied)
+    else:
+        load_linear(owner, "lm_head", weight, None, dtype, quantization, lm_head=True)
 
 
 def load_projections(

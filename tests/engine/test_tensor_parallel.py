@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import signal
 import time
@@ -14,15 +15,20 @@ import pytest
 
 from pagedllm import LLM, SamplingParams
 from pagedllm.benchmarks.datasets import first_exchange, iter_json_array_records, sharegpt_path
+from pagedllm.config import EngineConfig, ModelConfig
 from pagedllm.engine.async_engine import AsyncLLMEngine
+from pagedllm.engine.distributed_runner import distributed_bytes_per_block, kv_heads_on_all_ranks
 from pagedllm.engine.executor import WorkerError
+from pagedllm.engine.worker import load_model
 from pagedllm.errors import ConfigError, EngineUnavailableError
 from pagedllm.serving.logprobs import TokenStrings
 from tests.engine.dead_rank import DEAD_WORKER_DEADLINE_S, check_server_answers_then_503_after
 from tests.engine.served import served_greedy
 from tests.logprobs_close import assert_greedy_close, assert_served_greedy_close, greedy
+from tests.model.test_gemma3 import write_tiny_gemma3
 
 TINY_KV_BYTES = 2**24
+GEMMA3_WINDOW = 16  # the tiny Gemma 3's local layers see less than the longest prompts
 EMBEDDED_KV_BYTES = 2**26
 PROMPTS = [[1, 2, 3, 4, 5], list(range(100, 140)), [7] * 3, list(range(900, 1200, 7))]
 
@@ -49,6 +55,34 @@ def test_tp2_greedy_outputs_equal_one_process(tiny_tp2: LLM, tiny_llama_dir: Pat
     assert_greedy_close(greedy(one, PROMPTS, 24), greedy(tiny_tp2, PROMPTS, 24))
     assert tiny_tp2.engine.weight_bytes > 0
     assert tiny_tp2.engine.num_blocks == one.engine.num_blocks  # each rank holds the same blocks of its own heads
+
+
+def test_tp2_gemma3_greedy_outputs_equal_one_process(tmp_path: Path, tokenizer_dir: Path) -> None:
+    """Gemma 3's local and global layers (prompts past the window), QK-norms, post-norms of the ranks' sums and its
+    one K/V head on both ranks; its lm_head's logits soft-capped after the vocabulary gather."""
+    write_tiny_gemma3(tmp_path, tokenizer_dir, sliding_window=GEMMA3_WINDOW)
+    settings = dict(dtype="float32", quantization="none", kv_cache_memory=TINY_KV_BYTES)
+    one = LLM(str(tmp_path), **settings)
+    tp2 = LLM(str(tmp_path), **settings, tensor_parallel_size=2)
+    try:
+        assert max(map(len, PROMPTS)) > GEMMA3_WINDOW
+        assert_greedy_close(greedy(one, PROMPTS, 24), greedy(tp2, PROMPTS, 24))
+    finally:
+        tp2.engine.shutdown()
+    with pytest.raises(ConfigError, match="pipeline parallelism runs Llama-family models"):
+        load_model(EngineConfig(model=str(tmp_path), pipeline_parallel_size=2), 256)
+
+
+def test_kv_cache_counts_a_kv_head_once_on_every_rank_that_holds_it() -> None:
+    """SmolLM2's 9 query heads over 3 K/V heads split 4 and 5: the middle K/V head is cached on both ranks, 4 heads
+    in all; K/V heads that split evenly are cached once; an MQA model's one head on every rank."""
+    smollm2 = ModelConfig("llama", 49152, 576, 1536, 30, 9, 3, 64, 8192, 1e-5, 1e5)
+    assert kv_heads_on_all_ranks(smollm2, 1) == 3 and kv_heads_on_all_ranks(smollm2, 2) == 4
+    assert kv_heads_on_all_ranks(smollm2, 3) == 3
+    assert kv_heads_on_all_ranks(dataclasses.replace(smollm2, num_heads=32, num_kv_heads=8), 2) == 8
+    assert kv_heads_on_all_ranks(dataclasses.replace(smollm2, num_heads=4, num_kv_heads=1), 2) == 2
+    config = EngineConfig(tensor_parallel_size=2, block_size=16, dtype="float32")
+    assert distributed_bytes_per_block(smollm2, config) == 2 * 30 * 16 * 4 * 64 * 4
 
 
 def test_a_killed_worker_fails_its_requests_within_seconds(tiny_tp2: LLM) -> None:

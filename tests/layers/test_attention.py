@@ -15,24 +15,36 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pagedllm.layers.attention import FREED_BLOCK, AttentionMetadata, PagedAttention, cache_basis, gather_context
+from pagedllm.layers.attention import (
+    FREED_BLOCK,
+    AttentionMetadata,
+    HeadGroups,
+    PagedAttention,
+    cache_basis,
+    gather_context,
+)
 from pagedllm.layers.kv_quant import KV_CACHE_BITS, QuantizedKVPool
 
 
 def dense_causal_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sliding_window: int | None = None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    sliding_window: int | None = None,
+    groups: HeadGroups | None = None,
 ) -> torch.Tensor:
     """q: [Q, H, D] for the last Q positions; k, v: [L, KVH, D] for all L positions. Returns [Q, H * D].
 
-    With a sliding window w, the query at position p sees the keys at p - w + 1 .. p.
+    With a sliding window w, the query at position p sees the keys at p - w + 1 .. p. Query head h reads K/V head
+    (h + offset) // size of `groups` (whole groups of H / KVH heads where None).
     """
     num_queries, num_heads, head_dim = q.shape
     num_keys, num_kv_heads, _ = k.shape
-    group = num_heads // num_kv_heads
+    size, offset = (num_heads // num_kv_heads, 0) if groups is None else (groups.queries_per_kv, groups.query_offset)
     q, k, v = q.double(), k.double(), v.double()
     out = torch.empty(num_queries, num_heads, head_dim, dtype=torch.float64)
     for h in range(num_heads):
-        kv = h // group  # query heads h*group .. share one K/V head, in order
+        kv = (h + offset) // size
         scores = q[:, h] @ k[:, kv].T / head_dim**0.5  # [Q, L]
         for i in range(num_queries):
             position = num_keys - num_queries + i
@@ -64,6 +76,7 @@ def run_step(
     kv_cache_dtype: str = "auto",
     dtype: torch.dtype = torch.float32,
     sliding_window: int | None = None,
+    groups: HeadGroups | None = None,
 ) -> StepResult:
     """seqs: (context_len after the step, new tokens this step); the same seed gives the same data to any impl.
 
@@ -100,11 +113,11 @@ def run_step(
         qs.append(q)
         ks.append(k_full[ctx - new :])
         vs.append(v_full[ctx - new :])
-        raw_dense.append(dense_causal_attention(q, k_full, v_full, sliding_window))
+        raw_dense.append(dense_causal_attention(q, k_full, v_full, sliding_window, groups))
         if kv_cache_dtype != "auto":
             k_full, v_full = (stored(x, kv_cache_dtype) for x in (k_full, v_full))
         fulls.append((k_full, v_full))
-        dense.append(dense_causal_attention(q, k_full, v_full, sliding_window))
+        dense.append(dense_causal_attention(q, k_full, v_full, sliding_window, groups))
 
     meta_tables = tables
     if sliding_window is not None:
@@ -115,7 +128,7 @@ def run_step(
     meta = AttentionMetadata.build(
         slots, meta_tables, [new for _, new in seqs], [ctx for ctx, _ in seqs], block_size, torch.device("cpu")
     )
-    attention = PagedAttention(num_heads, num_kv_heads, head_dim, impl, sliding_window)
+    attention = PagedAttention(num_heads, num_kv_heads, head_dim, impl, sliding_window, groups=groups)
     if kv_cache_dtype == "auto":
         attention.bind_pools(k_pool, v_pool)
     else:
@@ -138,12 +151,23 @@ def quantized_pool(cache: torch.Tensor, kv_cache_dtype: str) -> QuantizedKVPool:
     return pool
 
 
-HEAD_LAYOUTS = [(4, 4), (4, 2), (4, 1), (6, 3), (8, 2)]  # (heads, kv heads): MHA, GQA, MQA
+# (heads, kv heads, groups): MHA, GQA, MQA, then tensor-parallel ranks' shares that start or end inside a group:
+# SmolLM2's 9 query heads over 3 K/V heads on 2 ranks (heads 0-3 and 4-8), and an MQA model's 4 on 2 (heads 2-3).
+HEAD_LAYOUTS = [
+    (4, 4, None),
+    (4, 2, None),
+    (4, 1, None),
+    (6, 3, None),
+    (8, 2, None),
+    (4, 2, HeadGroups(3)),
+    (5, 2, HeadGroups(3, 1)),
+    (2, 1, HeadGroups(4, 2)),
+]
 
 
 @st.composite
 def steps(draw: st.DrawFn) -> dict:
-    num_heads, num_kv_heads = draw(st.sampled_from(HEAD_LAYOUTS))
+    num_heads, num_kv_heads, groups = draw(st.sampled_from(HEAD_LAYOUTS))
     seq_kinds = draw(st.lists(st.sampled_from(["decode", "fresh_prefill", "chunk", "single"]), min_size=1, max_size=5))
     seqs = []
     for kind in seq_kinds:
@@ -164,6 +188,7 @@ def steps(draw: st.DrawFn) -> dict:
         seqs=seqs,
         num_heads=num_heads,
         num_kv_heads=num_kv_heads,
+        groups=groups,
         head_dim=draw(st.sampled_from([4, 8, 16])),
         block_size=draw(st.sampled_from([1, 2, 3, 4, 8])),
         seed=draw(st.integers(0, 2**31)),
@@ -196,6 +221,49 @@ def test_mixed_batch_with_gqa(impl: str) -> None:
     result = run_step(impl, seqs, num_heads=8, num_kv_heads=2, head_dim=16, block_size=4, seed=5)
     assert result.attention.impl == impl
     torch.testing.assert_close(result.out.double(), result.dense, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("impl", ["fast", "reference"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize(("heads", "kv_heads"), [(range(0, 4), range(0, 2)), (range(4, 9), range(1, 3))])
+def test_a_rank_share_of_query_heads_attends_as_the_whole_layer_does(
+    impl: str, dtype: torch.dtype, heads: range, kv_heads: range
+) -> None:
+    """SmolLM2's 9 query heads over 3 K/V heads, cut after head 3 as 2 ranks hold them: a rank's heads, over the 2
+    K/V heads they read (the middle one on both ranks), attend as the same heads of the whole layer do, decodes and
+    prefills (head_dim 64: the bfloat16 kernels' own widths)."""
+    gen = torch.Generator().manual_seed(3)
+    seqs, block_size, head_dim = [(40, 1), (17, 1), (30, 12), (21, 21)], 16, 64
+    tables = [[2, 0, 5], [7, 3], [1, 4], [6, 8]]
+    pools = [torch.randn(9, block_size, 3, head_dim, generator=gen).to(dtype) for _ in range(2)]
+    slots = [
+        t[p // block_size] * block_size + p % block_size
+        for (ctx, new), t in zip(seqs, tables)
+        for p in range(ctx - new, ctx)
+    ]
+    tokens = len(slots)
+    q = torch.randn(tokens, 9, head_dim, generator=gen).to(dtype)
+    k, v = (torch.randn(tokens, 3, head_dim, generator=gen).to(dtype) for _ in range(2))
+    meta = AttentionMetadata.build(
+        slots, tables, [n for _, n in seqs], [c for c, _ in seqs], block_size, torch.device("cpu")
+    )
+    whole = PagedAttention(9, 3, head_dim, impl)
+    whole.bind_pools(*(pool.clone() for pool in pools))
+    expected = whole(q, k, v, meta).view(tokens, 9, head_dim)[:, heads.start : heads.stop]
+    groups = HeadGroups(3, heads.start - 3 * kv_heads.start)
+    share = PagedAttention(len(heads), len(kv_heads), head_dim, impl, groups=groups)
+    share.bind_pools(*(pool[:, :, kv_heads.start : kv_heads.stop].contiguous() for pool in pools))
+    rows = slice(kv_heads.start, kv_heads.stop)
+    out = share(q[:, heads.start : heads.stop], k[:, rows], v[:, rows], meta)
+    assert torch.equal(out, expected.flatten(1))
+    assert torch.equal(share.k_pool, whole.k_pool[:, :, rows])
+
+
+def test_query_heads_must_read_exactly_the_kv_heads_given() -> None:
+    with pytest.raises(ValueError, match="do not read exactly 2 K/V heads"):
+        PagedAttention(5, 2, 8, groups=HeadGroups(3, 2))  # heads 2-6 of groups of 3: 3 K/V heads
+    with pytest.raises(ValueError, match="do not read exactly"):
+        PagedAttention(2, 1, 8, groups=HeadGroups(2, 2))  # an offset past the group
 
 
 def test_metadata_counts_leading_decodes_and_masks_their_padding() -> None:

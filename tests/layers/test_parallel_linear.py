@@ -11,9 +11,11 @@ from pagedllm.distributed.group import ParallelGroup
 from pagedllm.distributed.launch import spawn_ranks
 from pagedllm.errors import ConfigError
 from pagedllm.layers.activation import silu_and_mul
+from pagedllm.layers.attention import HeadGroups
 from pagedllm.layers.gguf_blocks import GGUFWeight
 from pagedllm.layers.parallel_linear import (
     ColumnParallelLinear,
+    HeadShard,
     ParallelLMHead,
     RowBlock,
     RowParallelLinear,
@@ -22,6 +24,7 @@ from pagedllm.layers.parallel_linear import (
     attention_rows,
     balanced_channels,
     column_unit,
+    head_shard,
     linear_for,
     select_input_columns,
     select_output_rows,
@@ -39,27 +42,42 @@ HIDDEN, HEAD_DIM, NUM_HEADS, INTERMEDIATE, VOCAB = 64, 32, 6, 128, 101
 METHODS = ("none", "int8", "int4")
 
 
-def test_heads_split_as_evenly_as_they_go_or_replicate() -> None:
+def test_units_split_as_evenly_as_they_go() -> None:
     assert [shard_units(4, r, 2) for r in range(2)] == [range(0, 2), range(2, 4)]
     assert [shard_units(3, r, 2) for r in range(2)] == [range(0, 1), range(1, 3)]
-    assert [shard_units(2, r, 4) for r in range(4)] == [range(0, 1), range(0, 1), range(1, 2), range(1, 2)]
-    with pytest.raises(ValueError, match="replicated evenly"):
+    with pytest.raises(ValueError, match="cannot be split over 3 ranks"):
         shard_units(2, 0, 3)
-    # q: 4 heads of 2 rows, k and v: 1 head each, replicated.
-    blocks = [RowBlock(4, 2), RowBlock(1, 2), RowBlock(1, 2)]
-    assert shard_index(blocks, 1, 2).tolist() == [4, 5, 6, 7, 8, 9, 10, 11]
+
+
+def test_query_heads_split_evenly_and_ranks_hold_the_kv_heads_they_read() -> None:
+    # SmolLM2 on 2 ranks: query heads 0-3 and 4-8 of 9; K/V head 1 (query heads 3-5) is held by both.
+    assert [head_shard(9, 3, r, 2) for r in range(2)] == [
+        HeadShard(range(0, 4), range(0, 2), HeadGroups(3, 0)),
+        HeadShard(range(4, 9), range(1, 3), HeadGroups(3, 1)),
+    ]
+    # Whole groups where the K/V heads split evenly: nothing held twice.
+    assert [head_shard(32, 8, r, 2).kv_heads for r in range(2)] == [range(0, 4), range(4, 8)]
+    assert head_shard(32, 8, 1, 2).groups == HeadGroups(4, 0)
+    # MQA: the one K/V head on every rank, read from the middle of its group on rank 1.
+    assert [head_shard(4, 1, r, 2) for r in range(2)] == [
+        HeadShard(range(0, 2), range(0, 1), HeadGroups(4, 0)),
+        HeadShard(range(2, 4), range(0, 1), HeadGroups(4, 2)),
+    ]
+    q_block, kv_block = attention_blocks(9, 3, 2, 2)
+    assert shard_index([q_block, kv_block, kv_block], 1, 2).tolist() == [*range(8, 18), 20, 21, 22, 23, 26, 27, 28, 29]
 
 
 def test_mlp_channels_even_out_the_ranks_weights() -> None:
-    """SmolLM2 on 2 ranks: 3 query heads and 1 K/V head against 6 and 2; the MLP's 1,536 channels in runs of 32."""
+    """SmolLM2 on 2 ranks: 4 query heads and 2 K/V heads against 5 and 2; the MLP's 1,536 channels in runs of 32."""
     rows = attention_rows(9, 3, 64, 2)
-    assert rows == [2 * 3 * 64 + 2 * 64, 2 * 6 * 64 + 2 * 2 * 64]
+    assert rows == [2 * 4 * 64 + 2 * 2 * 64, 2 * 5 * 64 + 2 * 2 * 64]
     channels = balanced_channels(1536, rows, 32)
-    assert channels.split == (27, 21) and [channels.units(r, 2) for r in range(2)] == [range(0, 27), range(27, 48)]
-    loads = [rows[r] + 3 * 32 * channels.split[r] for r in range(2)]
-    assert max(loads) - min(loads) <= 3 * 32 < rows[1] - rows[0]
-    assert balanced_channels(1536, [512, 512], 256).split == (3, 3)
-    assert balanced_channels(1536, [512, 1024, 512, 1024], 32).split == (15, 9, 15, 9)
+    assert [channels.units(r, 2) for r in range(2)] == [range(0, 25), range(25, 48)]
+    loads = [rows[r] + 3 * 32 * len(channels.units(r, 2)) for r in range(2)]
+    assert max(loads) - min(loads) <= 3 * 32
+    assert balanced_channels(1536, [512, 512], 256).spans == (range(0, 3), range(3, 6))
+    spans = balanced_channels(1536, [512, 1024, 512, 1024], 32).spans
+    assert [len(span) for span in spans] == [15, 9, 15, 9]
     assert balanced_channels(100, rows, 32) == RowBlock(100)  # runs that do not divide the channels: even
     assert balanced_channels(32, rows, 32) == RowBlock(32)  # fewer runs than ranks
 
@@ -119,13 +137,13 @@ def _close(actual: torch.Tensor, expected: torch.Tensor) -> None:
 
 def _check_attention_projections(group: ParallelGroup, quantization: LinearQuantization) -> None:
     x = torch.randn(5, HIDDEN)
-    # 3 K/V heads split unevenly (rank 0 holds 1 with its 2 query heads, rank 1 holds 2 with 4), then 1 replicated.
-    for num_kv_heads, local_q_heads in ((3, (2, 4)), (1, (3, 3))):
+    # 3 query heads a rank: over 3 K/V heads (the middle one on both ranks), 2 (one each) and 1 (on both).
+    for num_kv_heads, local_kv_heads in ((3, (2, 2)), (2, (1, 1)), (1, (1, 1))):
         qkv = torch.randn((NUM_HEADS + 2 * num_kv_heads) * HEAD_DIM, HIDDEN)
         q_block, kv_block = attention_blocks(NUM_HEADS, num_kv_heads, HEAD_DIM, group.world_size)
         layer = ColumnParallelLinear(HIDDEN, [q_block, kv_block, kv_block], group)
         layer.load(qkv, None, torch.float32, quantization)
-        assert layer.local_rows(0) == local_q_heads[group.rank] * HEAD_DIM
+        assert layer.local_rows(0) == 3 * HEAD_DIM and layer.local_rows(1) == local_kv_heads[group.rank] * HEAD_DIM
         _close(layer(x), _reference(qkv, quantization)(x)[:, layer.index])
         heads_out = torch.randn(5, NUM_HEADS * HEAD_DIM)
         o_proj, bias = torch.randn(HIDDEN, NUM_HEADS * HEAD_DIM), torch.randn(HIDDEN)
@@ -165,8 +183,9 @@ def _check_gguf_blocks(group: ParallelGroup) -> None:
     """Layers over GGUF blocks, kept as blocks on every rank, against the whole layers over the same blocks."""
     auto = LinearQuantization("auto", dense_matmul_min_rows=0)
     x = torch.randn(5, 256)
-    q_block, kv_block = attention_blocks(4, 2, 16, group.world_size)
-    parts = [gguf_weight(Q.Q4_K, 64, 256, 1), gguf_weight(Q.Q4_K, 32, 256, 2), gguf_weight(Q.Q6_K, 32, 256, 3)]
+    # 6 query heads over 3 K/V heads: the middle K/V head's rows taken by both ranks.
+    q_block, kv_block = attention_blocks(6, 3, 16, group.world_size)
+    parts = [gguf_weight(Q.Q4_K, 96, 256, 1), gguf_weight(Q.Q4_K, 48, 256, 2), gguf_weight(Q.Q6_K, 48, 256, 3)]
     qkv = fuse_rows(parts, torch.float32)
     column = ColumnParallelLinear(256, [q_block, kv_block, kv_block], group)
     column.load(qkv, None, torch.float32, auto)

@@ -21,7 +21,7 @@ from pagedllm.engine.block_manager import BlockManager
 from pagedllm.engine.model_runner import ModelRunner, attention_metadata
 from pagedllm.engine.worker import Worker
 from pagedllm.kernels import cpu_kernels_available
-from pagedllm.layers.attention import AttentionMetadata
+from pagedllm.layers.attention import AttentionMetadata, HeadGroups
 from pagedllm.layers.gguf_linear import GGUF_PACKED_MATMUL_MAX_ROWS
 from pagedllm.layers.kv_cache_groups import kv_cache_layout
 from pagedllm.layers.linear import dense_rows
@@ -104,7 +104,7 @@ def tiny_dirs(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> 
         # Mistral's window shorter than the longest prompt: its layers attend the window's last keys only.
         shape = dict(sliding_window=GEMMA3_WINDOW) if name == "mistral-mqa" else {}
         write_checkpoint(name, folders[name], tokenizer_dir, vocab_size=512, **shape)
-    # SmolLM2's split of 3 K/V heads (3 query heads each) over 2 ranks: 1 K/V head and 2.
+    # SmolLM2's 9 query heads over 3 K/V heads, which 2 ranks split 4 and 5 (a K/V head on both).
     folders["llama-3-kv-heads"] = tmp_path_factory.mktemp("llama-3-kv-heads")
     shape = dict(hidden_size=288, num_attention_heads=9, num_key_value_heads=3, intermediate_size=192)
     write_checkpoint("llama-gqa", folders["llama-3-kv-heads"], tokenizer_dir, vocab_size=512, **shape)
@@ -196,13 +196,19 @@ def test_stack_matches_layers_on_the_embedded_int4_model() -> None:
     check_llm_stack_matches_layers(llm)
 
 
-# Tensor-parallel cases: (model, quantization, each rank's query and K/V heads).
+# Tensor-parallel cases: (model, quantization, each rank's query and K/V heads and HeadGroups).
 TENSOR_RANK_CASES = (
-    ("llama-gqa", "none", ((2, 1), (2, 1))),
-    ("llama-3-kv-heads", "none", ((3, 1), (6, 2))),
-    ("llama-3-kv-heads", "int8", ((3, 1), (6, 2))),
-    ("mistral-mqa", "none", ((2, 1), (2, 1))),  # the one K/V head replicated
-    ("qwen2-gqa-bias", "none", ((2, 1), (2, 1))),
+    ("llama-gqa", "none", ((2, 1, HeadGroups(2, 0)), (2, 1, HeadGroups(2, 0)))),
+    # SmolLM2's 9 query heads over 3 K/V heads: heads 0-3 and 4-8, K/V head 1 (query heads 3-5) on both ranks.
+    ("llama-3-kv-heads", "none", ((4, 2, HeadGroups(3, 0)), (5, 2, HeadGroups(3, 1)))),
+    ("llama-3-kv-heads", "int8", ((4, 2, HeadGroups(3, 0)), (5, 2, HeadGroups(3, 1)))),
+    ("llama-3-kv-heads", "int4", ((4, 2, HeadGroups(3, 0)), (5, 2, HeadGroups(3, 1)))),
+    # The one K/V head on both ranks, rank 1's query heads from the middle of its group.
+    ("mistral-mqa", "none", ((2, 1, HeadGroups(4, 0)), (2, 1, HeadGroups(4, 2)))),
+    ("qwen2-gqa-bias", "none", ((2, 1, HeadGroups(2, 0)), (2, 1, HeadGroups(2, 0)))),
+    # Gemma 3's layers (local ones past their window), its one K/V head on both ranks.
+    ("gemma3", "none", ((1, 1, HeadGroups(2, 0)), (1, 1, HeadGroups(2, 1)))),
+    ("gemma3", "int8", ((1, 1, HeadGroups(2, 0)), (1, 1, HeadGroups(2, 1)))),
 )
 
 
@@ -213,20 +219,22 @@ def _stack_matches_layers_on_rank(rank: int, world_size: int, folders: dict[str,
         )
         group = ParallelGroup.create()
         try:
-            worker = Worker(config, 32, 256, group, rank)
+            worker = Worker(config, 64, 256, group, rank)
             stack = worker.runner.fused_decode
             assert stack is not None and stack.shared_memory is group.shared_memory is not None, name
-            assert (stack.num_heads, stack.num_kv_heads) == heads[rank], name
-            check_stack_matches_layers(worker.model, stack, BlockManager(32, config.block_size))
+            assert (stack.num_heads, stack.num_kv_heads, stack.groups) == heads[rank], name
+            windows = kv_cache_layout(worker.model.config).sliding_windows
+            blocks = BlockManager(64, config.block_size, sliding_windows=windows)
+            check_stack_matches_layers(worker.model, stack, blocks)
         finally:
             group.close()
 
 
-def test_stack_matches_layers_on_tensor_ranks(tiny_dirs: dict[str, Path]) -> None:
+def test_stack_matches_layers_on_tensor_ranks(tiny_dirs: dict[str, Path], tiny_gemma3_dir: Path) -> None:
     """Each of 2 ranks decodes with its heads and channels, the row-parallel outputs summed through shared memory
-    in the kernel, as its layers do: dense, int8 and biased weights, even and uneven head splits, a replicated K/V
-    head."""
-    spawn_ranks(_stack_matches_layers_on_rank, 2, (tiny_dirs,), timeout_s=300)
+    in the kernel, as its layers do: dense, int8, int4 and biased weights, whole groups of query heads, SmolLM2's
+    9 query heads cut inside a group (a K/V head on both ranks), a replicated K/V head, Gemma 3's layers."""
+    spawn_ranks(_stack_matches_layers_on_rank, 2, ({**tiny_dirs, "gemma3": tiny_gemma3_dir},), timeout_s=300)
 
 
 @pytest.mark.parametrize(

@@ -66,6 +66,7 @@ struct LayerAttention {
 struct Shape {
   int64_t tokens, num_heads, num_kv_heads, head_dim;
   double eps, scale;
+  int64_t queries_per_kv, query_offset;  // which K/V head each query head reads (HeadGroups)
 };
 
 // The sum over the tensor-parallel ranks of a row-parallel linear's output, in place; nothing with one rank.
@@ -88,7 +89,7 @@ at::Tensor attend(const at::Tensor& heads, const at::Tensor& positions, LayerAtt
   write_kv_(heads.narrow(1, s.num_heads, s.num_kv_heads), heads.narrow(1, rotated, s.num_kv_heads), a.k_pool,
             a.v_pool, a.slots);
   return paged_decode_attention(heads.narrow(1, 0, s.num_heads), a.k_pool, a.v_pool, a.block_tables, a.seq_lens,
-                                s.scale, a.sliding_window)
+                                s.scale, a.sliding_window, s.queries_per_kv, s.query_offset)
       .flatten(1);
 }
 
@@ -110,9 +111,11 @@ at::Tensor llama_layer(at::Tensor& residual, const at::Tensor& x, const at::Tens
   return sum(project(silu_and_mul(project(h, first_linear + kGateUp)), first_linear + kDown));
 }
 
-// Gemma3DecoderLayer.forward: QK-norm before RoPE, norms after attention and MLP, GeGLU (tanh GELU).
+// Gemma3DecoderLayer.forward: QK-norm before RoPE, norms after attention and MLP (of the ranks' sums), GeGLU
+// (tanh GELU).
 at::Tensor gemma3_layer(at::Tensor& residual, const at::Tensor& x, const at::Tensor& positions, at::TensorList norms,
-                        const Linears& project, int64_t first_linear, LayerAttention& a, const Shape& s) {
+                        const Linears& project, int64_t first_linear, LayerAttention& a, const Shape& s,
+                        const RowParallelSum& sum) {
   const at::Tensor normed = input_norm(residual, x, norms[0], s.eps);
   at::Tensor heads =
       project(normed, first_linear + kQkv).view({s.tokens, s.num_heads + 2 * s.num_kv_heads, s.head_dim});
@@ -122,10 +125,10 @@ at::Tensor gemma3_layer(at::Tensor& residual, const at::Tensor& x, const at::Ten
     part.copy_(rms_norm(part.reshape({-1, s.head_dim}), norms[1 + i], s.eps).view({s.tokens, counts[i], s.head_dim}));
   }
   const at::Tensor attended = attend(heads, positions, a, s);
-  const at::Tensor h = rms_norm(project(attended, first_linear + kOut), norms[3], s.eps);
+  const at::Tensor h = rms_norm(sum(project(attended, first_linear + kOut)), norms[3], s.eps);
   const at::Tensor mlp_in = add_rms_norm_(residual, h, norms[4], s.eps);
   const at::Tensor activated = gelu_tanh_and_mul(project(mlp_in, first_linear + kGateUp));
-  return rms_norm(project(activated, first_linear + kDown), norms[5], s.eps);
+  return rms_norm(sum(project(activated, first_linear + kDown)), norms[5], s.eps);
 }
 
 }  // namespace
@@ -137,15 +140,15 @@ at::Tensor fused_decode(const at::Tensor& hidden, const at::Tensor& positions, a
                          at::TensorList k_pools, at::TensorList v_pools, at::TensorList slots,
                          at::TensorList block_tables, at::TensorList seq_lens, at::IntArrayRef sliding_windows,
                          c10::string_view layer_type, int64_t num_heads, int64_t num_kv_heads, double eps,
-                         double scale, int64_t dense_rows, const std::optional<at::Tensor>& segment, int64_t rank,
-                         int64_t world_size, double timeout_s) {
+                         double scale, int64_t dense_rows, int64_t queries_per_kv, int64_t query_offset,
+                         const std::optional<at::Tensor>& segment, int64_t rank, int64_t world_size,
+                         double timeout_s) {
   const int64_t num_layers = static_cast<int64_t>(k_pools.size());
   const auto per_layer = [num_layers](size_t size, int64_t count) {
     return static_cast<int64_t>(size) == num_layers * count;
   };
   const bool gemma3 = layer_type == "gemma3";
   TORCH_CHECK(gemma3 || layer_type == "llama", "fused_decode: layer_type is llama or gemma3");
-  TORCH_CHECK(!gemma3 || !segment.has_value(), "fused_decode: tensor-parallel ranks run llama layers");
   const int64_t norms_per_layer = gemma3 ? kGemma3Norms : kLlamaNorms;
   TORCH_CHECK(hidden.dim() == 2 && num_layers > 0, "fused_decode: hidden [tokens, hidden_size] and one pool per layer");
   TORCH_CHECK(per_layer(v_pools.size(), 1) && per_layer(norms.size(), norms_per_layer),
@@ -173,7 +176,8 @@ at::Tensor fused_decode(const at::Tensor& hidden, const at::Tensor& positions, a
                 "fused_decode: one block table and context length per token");
   }
   const Linears project{weights, scales, kinds, kind_args, parts, biases, std::move(first_part), dense_rows};
-  const Shape shape{hidden.size(0), num_heads, num_kv_heads, k_pools[0].size(3), eps, scale};
+  const Shape shape{hidden.size(0), num_heads, num_kv_heads, k_pools[0].size(3),
+                    eps, scale, queries_per_kv, query_offset};
   const RowParallelSum sum{segment, rank, world_size, timeout_s};
   at::Tensor residual = hidden.clone();
   at::Tensor x;
@@ -182,7 +186,7 @@ at::Tensor fused_decode(const at::Tensor& hidden, const at::Tensor& positions, a
                              seq_lens[layer], k_pools[layer],    v_pools[layer], sliding_windows[layer]};
     const at::TensorList layer_norms = norms.slice(layer * norms_per_layer, norms_per_layer);
     const int64_t first_linear = layer * kLinearsPerLayer;
-    x = gemma3 ? gemma3_layer(residual, x, positions, layer_norms, project, first_linear, attention, shape)
+    x = gemma3 ? gemma3_layer(residual, x, positions, layer_norms, project, first_linear, attention, shape, sum)
                : llama_layer(residual, x, positions, layer_norms, project, first_linear, attention, shape, sum);
   }
   return x + residual;

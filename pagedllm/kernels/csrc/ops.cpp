@@ -8,8 +8,8 @@ TORCH_LIBRARY(pagedllm, m) {
   m.def("int8_linear(Tensor x, Tensor weight, Tensor scales) -> Tensor");
   m.def("gguf_linear(Tensor x, Tensor blocks, int ggml_type) -> Tensor");
   m.def("gguf_dequantize(Tensor blocks, int ggml_type, ScalarType dtype) -> Tensor");
-  m.def("paged_decode_attention(Tensor q, Tensor k_pool, Tensor v_pool, Tensor block_tables, Tensor seq_lens, float scale, int sliding_window=0) -> Tensor");
-  m.def("prefill_attention(Tensor q, Tensor k, Tensor v, int[] query_starts, int[] key_starts, int[] key_lens, float scale, int sliding_window=0) -> Tensor");
+  m.def("paged_decode_attention(Tensor q, Tensor k_pool, Tensor v_pool, Tensor block_tables, Tensor seq_lens, float scale, int sliding_window=0, int queries_per_kv=0, int query_offset=0) -> Tensor");
+  m.def("prefill_attention(Tensor q, Tensor k, Tensor v, int[] query_starts, int[] key_starts, int[] key_lens, float scale, int sliding_window=0, int queries_per_kv=0, int query_offset=0) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("add_rms_norm_(Tensor(a!) residual, Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("rotate_heads_(Tensor(a!) x, Tensor positions, Tensor cos, Tensor signed_sin, int rotated_heads) -> ()");
@@ -23,7 +23,7 @@ TORCH_LIBRARY(pagedllm, m) {
       "Tensor[] weights, Tensor[] scales, int[] kinds, int[] kind_args, int[] parts, Tensor?[] biases, "
       "Tensor(a!)[] k_pools, Tensor(b!)[] v_pools, Tensor[] slots, Tensor[] block_tables, Tensor[] seq_lens, "
       "int[] sliding_windows, str layer_type, int num_heads, int num_kv_heads, float eps, float scale, "
-      "int dense_rows, Tensor? segment=None, int rank=0, int world_size=1, float timeout_s=0) -> Tensor");
+      "int dense_rows, int queries_per_kv=0, int query_offset=0, Tensor? segment=None, int rank=0, int world_size=1, float timeout_s=0) -> Tensor");
   m.def("fused_decode_weight_kinds() -> int[]", []() {
     return std::vector<int64_t>{pagedllm::kDense, pagedllm::kInt8, pagedllm::kInt4, pagedllm::kGGUF};
   });

@@ -9,6 +9,7 @@
 // only: the blocks before them are never read (their block-table entries may name freed blocks). bfloat16 pools
 // take bfloat16 dot products where the CPU has them (attend_chunk_bf16), which leaves a batch's decode attention
 // bound by reading the cache from memory.
+#include "ops.h"
 #include "parallel.h"
 #include "vec.h"
 
@@ -70,10 +71,10 @@ inline void for_each_token(const T* pool, const int64_t* block_table, int64_t be
 
 template <typename T>
 void attend_chunk(const T* q, const T* k_pool, const T* v_pool, const int64_t* block_table, const Chunk& chunk,
-                  int64_t block_size, int64_t num_kv_heads, int64_t group, float scale, const PartialLayout& layout,
-                  float* partial) {
-  // q: the sequence's query heads, [num_kv_heads * group, head_dim]; head j * group + h reads kv head j.
-  const int64_t head_dim = layout.head_dim, heads = num_kv_heads * group, tokens = chunk.end - chunk.begin;
+                  int64_t block_size, int64_t num_kv_heads, const HeadGroups& groups, float scale,
+                  const PartialLayout& layout, float* partial) {
+  // q: the sequence's query heads, [groups.num_heads, head_dim]; head h reads kv head groups.kv_head(h).
+  const int64_t head_dim = layout.head_dim, heads = groups.num_heads, tokens = chunk.end - chunk.begin;
   thread_local std::vector<float> queries, scores;
   queries.resize(heads * head_dim);
   scores.resize(heads * tokens);
@@ -82,7 +83,7 @@ void attend_chunk(const T* q, const T* k_pool, const T* v_pool, const int64_t* b
   for_each_token(k_pool, block_table, chunk.begin, chunk.end, block_size, token_stride, [&](int64_t t, const T* keys) {
     for (int64_t head = 0; head < heads; ++head)
       scores[head * tokens + t - chunk.begin] =
-          dot(queries.data() + head * head_dim, keys + head / group * head_dim, head_dim);
+          dot(queries.data() + head * head_dim, keys + groups.kv_head(head) * head_dim, head_dim);
   });
   for (int64_t head = 0; head < heads; ++head) {
     float* s = scores.data() + head * tokens;
@@ -93,8 +94,8 @@ void attend_chunk(const T* q, const T* k_pool, const T* v_pool, const int64_t* b
   }
   for_each_token(v_pool, block_table, chunk.begin, chunk.end, block_size, token_stride, [&](int64_t t, const T* values) {
     for (int64_t head = 0; head < heads; ++head)
-      axpy(layout.acc(partial, head), scores[head * tokens + t - chunk.begin], values + head / group * head_dim,
-           head_dim);
+      axpy(layout.acc(partial, head), scores[head * tokens + t - chunk.begin],
+           values + groups.kv_head(head) * head_dim, head_dim);
   });
 }
 
@@ -142,9 +143,9 @@ inline void prefetch_entries(const c10::BFloat16* const* entries, int64_t n, int
 template <int C>
 void attend_chunk_bf16(const c10::BFloat16* q, const c10::BFloat16* k_pool, const c10::BFloat16* v_pool,
                        const int64_t* block_table, const Chunk& chunk, int64_t block_size, int64_t num_kv_heads,
-                       int64_t group, float scale, const PartialLayout& layout, float* partial) {
+                       const HeadGroups& groups, float scale, const PartialLayout& layout, float* partial) {
   constexpr int64_t head_dim = 32 * C;
-  const int64_t heads = num_kv_heads * group, tokens = chunk.end - chunk.begin;
+  const int64_t heads = groups.num_heads, tokens = chunk.end - chunk.begin;
   const int64_t padded = (tokens + kTokenTile - 1) / kTokenTile * kTokenTile;
   const int64_t token_stride = num_kv_heads * head_dim;
   thread_local std::vector<const c10::BFloat16*> keys, values;
@@ -164,7 +165,7 @@ void attend_chunk_bf16(const c10::BFloat16* q, const c10::BFloat16* k_pool, cons
       prefetch_entries(keys.data() + tile + kTokenTile, std::min(kTokenTile, tokens - tile - kTokenTile), token_stride);
     prefetch_entries(values.data() + tile, n, token_stride);
     for (int64_t head = 0; head < heads; ++head) {
-      const int64_t offset = head / group * head_dim;
+      const int64_t offset = groups.kv_head(head) * head_dim;
       __m512bh query[C];
       for (int c = 0; c < C; ++c) query[c] = (__m512bh)_mm512_loadu_si512(q + head * head_dim + 32 * c);
       __m512 products[kTokenTile];
@@ -190,7 +191,7 @@ void attend_chunk_bf16(const c10::BFloat16* q, const c10::BFloat16* k_pool, cons
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(weights.data() + i),
                           (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(s + i)));
     weights[tokens] = 0;  // the partner of an odd last token
-    const int64_t offset = head / group * head_dim;
+    const int64_t offset = groups.kv_head(head) * head_dim;
     __m512 acc[2 * C];
     for (int c = 0; c < 2 * C; ++c) acc[c] = _mm512_setzero_ps();
     for (int64_t t = 0; t < tokens; t += 2) {
@@ -218,13 +219,13 @@ void attend_chunk_bf16(const c10::BFloat16* q, const c10::BFloat16* k_pool, cons
 // The chunk's partials: on bfloat16 dot products where the CPU has them and head_dim is 32, 64, 96 or 128.
 template <typename T>
 void attend(const T* q, const T* k_pool, const T* v_pool, const int64_t* block_table, const Chunk& chunk,
-            int64_t block_size, int64_t num_kv_heads, int64_t group, float scale, const PartialLayout& layout,
-            float* partial) {
+            int64_t block_size, int64_t num_kv_heads, const HeadGroups& groups, float scale,
+            const PartialLayout& layout, float* partial) {
 #ifdef PAGEDLLM_AVX512_BF16
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
     const auto run = [&](auto dim32) {
-      attend_chunk_bf16<decltype(dim32)::value>(q, k_pool, v_pool, block_table, chunk, block_size, num_kv_heads, group,
-                                                 scale, layout, partial);
+      attend_chunk_bf16<decltype(dim32)::value>(q, k_pool, v_pool, block_table, chunk, block_size, num_kv_heads,
+                                                 groups, scale, layout, partial);
     };
     switch (layout.head_dim) {
       case 32: return run(std::integral_constant<int, 1>{});
@@ -235,7 +236,7 @@ void attend(const T* q, const T* k_pool, const T* v_pool, const int64_t* block_t
     }
   }
 #endif
-  attend_chunk(q, k_pool, v_pool, block_table, chunk, block_size, num_kv_heads, group, scale, layout, partial);
+  attend_chunk(q, k_pool, v_pool, block_table, chunk, block_size, num_kv_heads, groups, scale, layout, partial);
 }
 
 // out[head] = the softmax-weighted values over all of a sequence's chunks' partials.
@@ -277,21 +278,38 @@ std::vector<Chunk> split_contexts(const int64_t* lens, int64_t num_seqs, int64_t
 
 }  // namespace
 
+HeadGroups head_groups(int64_t num_heads, int64_t num_kv_heads, int64_t queries_per_kv, int64_t query_offset,
+                       const char* op) {
+  TORCH_CHECK(num_heads >= 1 && num_kv_heads >= 1 && queries_per_kv >= 0, op, ": head counts");
+  if (queries_per_kv == 0) {
+    TORCH_CHECK(num_heads % num_kv_heads == 0 && query_offset == 0, op, ": ", num_heads,
+                " query heads do not read ", num_kv_heads, " K/V heads in whole groups");
+    queries_per_kv = num_heads / num_kv_heads;
+  }
+  const HeadGroups groups{num_heads, queries_per_kv, query_offset};
+  TORCH_CHECK(query_offset >= 0 && query_offset < queries_per_kv && groups.kv_head(num_heads - 1) == num_kv_heads - 1,
+              op, ": ", num_heads, " query heads from ", query_offset, " in groups of ", queries_per_kv,
+              " do not read exactly ", num_kv_heads, " K/V heads");
+  return groups;
+}
+
 at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_pool,
                                   const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale,
-                                  int64_t sliding_window) {
+                                  int64_t sliding_window, int64_t queries_per_kv, int64_t query_offset) {
   TORCH_CHECK(q.dim() == 3 && k_pool.dim() == 4, "paged_decode_attention: q [seqs, heads, dim], pools 4-D");
   TORCH_CHECK(q.scalar_type() == k_pool.scalar_type() && k_pool.scalar_type() == v_pool.scalar_type(),
               "paged_decode_attention: q and the pools must share a dtype");
   TORCH_CHECK(k_pool.is_contiguous() && v_pool.is_contiguous(), "paged_decode_attention: pools must be contiguous");
   const int64_t num_seqs = q.size(0), num_heads = q.size(1), head_dim = q.size(2);
   const int64_t block_size = k_pool.size(1), num_kv_heads = k_pool.size(2);
-  TORCH_CHECK(num_heads % num_kv_heads == 0 && k_pool.size(3) == head_dim, "paged_decode_attention: head shapes");
+  TORCH_CHECK(k_pool.size(3) == head_dim, "paged_decode_attention: head shapes");
+  const HeadGroups groups =
+      head_groups(num_heads, num_kv_heads, queries_per_kv, query_offset, "paged_decode_attention");
   const at::Tensor queries = q.contiguous();
   const at::Tensor tables = block_tables.to(at::kLong).contiguous();
   const at::Tensor lens = seq_lens.to(at::kLong).contiguous();
   at::Tensor out = at::empty_like(queries);
-  const int64_t group = num_heads / num_kv_heads, max_blocks = tables.size(1);
+  const int64_t max_blocks = tables.size(1);
   const int64_t* table = tables.const_data_ptr<int64_t>();
   const int64_t* len = lens.const_data_ptr<int64_t>();
   TORCH_CHECK(sliding_window >= 0, "paged_decode_attention: sliding_window must be >= 0 (0: none)");
@@ -314,7 +332,8 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_pool,
     const auto attend_one = [&](int64_t c) {
       const Chunk& chunk = chunks[c];
       attend(qp + chunk.seq * num_heads * head_dim, kp, vp, table + chunk.seq * max_blocks, chunk, block_size,
-             num_kv_heads, group, static_cast<float>(scale), layout, partials.data() + c * num_heads * layout.stride());
+             num_kv_heads, groups, static_cast<float>(scale), layout,
+             partials.data() + c * num_heads * layout.stride());
     };
     if (parallel)
       run_balanced(num_chunks, attend_one);

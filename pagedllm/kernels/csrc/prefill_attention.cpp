@@ -2,8 +2,8 @@
 // ragged queries and keys: flash attention's online softmax over blocks of keys, the softmax in float32.
 //
 // Each sequence's keys and values are first packed per kv head into blocks of kKeyBlock tokens laid out for the two
-// products; then a task attends kQueryTokens query tokens with all the query heads of one kv head, so that every key
-// block it loads serves group * kQueryTokens rows. Float32 inputs, or any input on a CPU without AVX512-BF16, take
+// products; then a task attends kQueryTokens query tokens with all the query heads of one kv head (HeadGroups), so
+// that every key block it loads serves all their rows. Float32 inputs, or any input on a CPU without AVX512-BF16, take
 // float32 products; bfloat16 inputs on one with it take bfloat16 dot products (the weights of the values rounded to
 // bfloat16, as PyTorch's flash attention does), at twice the multiplies per instruction, and on AMX tiles where
 // the CPU has them (2.6x the vector dot products on a 2,048-token prompt).
@@ -14,6 +14,7 @@
 //
 // Key blocks start at a sequence's first key, and every sum of a row runs in one fixed order over its keys
 // whichever task holds the row: a query's output does not depend on how its prompt was cut into chunks.
+#include "ops.h"
 #include "parallel.h"
 #include "vec.h"
 
@@ -404,10 +405,12 @@ void pack_block(const T* k, const T* v, const Sequence& s, int64_t kv_head, int6
 }
 
 template <typename Products, typename T>
-void attend_task(const T* q, const Task& task, const Sequence& s, int64_t num_heads, int64_t group, float scale,
+void attend_task(const T* q, const Task& task, const Sequence& s, const HeadGroups& groups, float scale,
                  const typename Products::Packed* keys, const typename Products::Packed* values,
                  const Products& products, T* out) {
-  const int64_t head_dim = products.head_dim, value_dim = products.value_dim(), rows = task.tokens * group;
+  // The query heads [first_head, first_head + heads) read the task's kv head.
+  const int64_t first_head = groups.first_query(task.kv_head), heads = groups.end_query(task.kv_head) - first_head;
+  const int64_t head_dim = products.head_dim, value_dim = products.value_dim(), rows = task.tokens * heads;
   const int64_t padded_rows = products.padded_rows(rows);  // rows past `rows` are computed and left unread
   const auto tiles = products.tiles();
   thread_local std::vector<typename Products::Packed> queries;
@@ -417,10 +420,10 @@ void attend_task(const T* q, const Task& task, const Sequence& s, int64_t num_he
   acc.assign(padded_rows * value_dim, 0.f);
   largest.assign(rows, -INFINITY);
   sums.assign(rows, 0.f);
-  // Row t * group + h: query token first + t, query head kv_head * group + h.
+  // Row t * heads + h: query token first + t, query head first_head + h.
   const auto head_offset = [&](int64_t row) {
-    const int64_t token = s.query_start + task.first + row / group;
-    return (token * num_heads + task.kv_head * group + row % group) * head_dim;
+    const int64_t token = s.query_start + task.first + row / heads;
+    return (token * groups.num_heads + first_head + row % heads) * head_dim;
   };
   for (int64_t row = 0; row < rows; ++row)
     products.pack_query(queries.data() + row * products.query_size(), q + head_offset(row));
@@ -432,7 +435,7 @@ void attend_task(const T* q, const Task& task, const Sequence& s, int64_t num_he
     products.scores(padded_rows, block_keys, queries.data(), keys + block * products.key_block_size(), scores.data());
     for (int64_t row = 0; row < rows; ++row) {
       float* p = scores.data() + row * kKeyBlock;
-      const int64_t position = first_position + row / group;
+      const int64_t position = first_position + row / heads;
       const int64_t visible = std::min(block_keys, position - block_start + 1);
       const int64_t hidden = std::max<int64_t>(0, s.first_visible(position) - block_start);
       if (visible <= hidden) {
@@ -473,7 +476,7 @@ inline Bfloat16Products products_for(const c10::BFloat16*, int64_t head_dim) {
 #endif
 
 template <typename Products, typename T>
-void attend(const T* q, const T* k, const T* v, T* out, const std::vector<Sequence>& seqs, int64_t num_heads,
+void attend(const T* q, const T* k, const T* v, T* out, const std::vector<Sequence>& seqs, const HeadGroups& groups,
             int64_t num_kv_heads, float scale, const Products& products) {
   PackedLayout<Products> layout{products, num_kv_heads, {}};
   int64_t packed_size = 0;
@@ -488,7 +491,8 @@ void attend(const T* q, const T* k, const T* v, T* out, const std::vector<Sequen
       for (int64_t first = 0; first < s.query_len; first += kQueryTokens) {
         const int64_t tokens = std::min(kQueryTokens, s.query_len - first);
         const int64_t last = s.key_len - s.query_len + first + tokens;
-        tasks.push_back({i, h, first, tokens, tokens * (last - s.first_visible(last - tokens))});
+        const int64_t heads = groups.end_query(h) - groups.first_query(h);
+        tasks.push_back({i, h, first, tokens, heads * tokens * (last - s.first_visible(last - tokens))});
       }
     }
   }
@@ -504,7 +508,7 @@ void attend(const T* q, const T* k, const T* v, T* out, const std::vector<Sequen
   run_balanced(static_cast<int64_t>(tasks.size()), [&](int64_t i) {
     const Task& task = tasks[i];
     const Sequence& s = seqs[task.seq];
-    attend_task(q, task, s, num_heads, num_heads / num_kv_heads, scale,
+    attend_task(q, task, s, groups, scale,
                 packed + layout.keys(s, task.seq, task.kv_head),
                 packed + layout.values(s, task.seq, task.kv_head), products, out);
   });
@@ -514,13 +518,14 @@ void attend(const T* q, const T* k, const T* v, T* out, const std::vector<Sequen
 
 at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                              at::IntArrayRef query_starts, at::IntArrayRef key_starts, at::IntArrayRef key_lens,
-                             double scale, int64_t sliding_window) {
+                             double scale, int64_t sliding_window, int64_t queries_per_kv, int64_t query_offset) {
   TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && k.sizes() == v.sizes(),
               "prefill_attention: q [tokens, heads, dim], k and v [keys, kv_heads, dim]");
   TORCH_CHECK(q.scalar_type() == k.scalar_type() && k.scalar_type() == v.scalar_type(),
               "prefill_attention: q, k and v must share a dtype");
   const int64_t num_heads = q.size(1), head_dim = q.size(2), num_kv_heads = k.size(1);
-  TORCH_CHECK(k.size(2) == head_dim && num_heads % num_kv_heads == 0, "prefill_attention: head shapes");
+  TORCH_CHECK(k.size(2) == head_dim, "prefill_attention: head shapes");
+  const HeadGroups groups = head_groups(num_heads, num_kv_heads, queries_per_kv, query_offset, "prefill_attention");
   TORCH_CHECK(sliding_window >= 0, "prefill_attention: sliding_window must be >= 0 (0: none)");
   const size_t num_seqs = key_starts.size();
   TORCH_CHECK(key_lens.size() == num_seqs && query_starts.size() == num_seqs + 1 && query_starts.back() == q.size(0),
@@ -537,7 +542,7 @@ at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k, const at:
   PAGEDLLM_DISPATCH_FLOAT_TYPES(q.scalar_type(), "prefill_attention", [&] {
     const scalar_t* qp = queries.const_data_ptr<scalar_t>();
     attend(qp, keys.const_data_ptr<scalar_t>(), values.const_data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), seqs,
-           num_heads, num_kv_heads, static_cast<float>(scale), products_for(qp, head_dim));
+           groups, num_kv_heads, static_cast<float>(scale), products_for(qp, head_dim));
   });
   return out;
 }
