@@ -13,11 +13,15 @@ from ray.cluster_utils import Cluster
 from pagedllm import LLM, SamplingParams
 from pagedllm.engine.data_parallel import DataParallelEngine
 from pagedllm.engine.ray_executor import RayExecutor
+from pagedllm.serving.logprobs import TokenStrings
 from tests.engine.dead_rank import check_server_answers_then_503_after
 from tests.engine.ray_cluster import ray_cluster
-from tests.logprobs_close import assert_greedy_close, greedy
+from tests.engine.served import served_greedy
+from tests.engine.test_tensor_parallel import sharegpt_prompts
+from tests.logprobs_close import assert_greedy_close, assert_served_greedy_close, greedy
 
 TINY_KV_BYTES = 2**24
+EMBEDDED_KV_BYTES = 2**26
 PROMPTS = [[1, 2, 3, 4, 5], list(range(100, 140)), [7] * 3, list(range(900, 1200, 7))]
 
 
@@ -28,12 +32,15 @@ def two_node_cluster() -> Iterator[Cluster]:
         yield cluster
 
 
-def ray_pipeline(model_dir: Path, tensor_parallel_size: int, num_threads: int) -> LLM:
+def ray_pipeline(
+    model_dir: Path | None, tensor_parallel_size: int, num_threads: int, kv_cache_memory: int = TINY_KV_BYTES
+) -> LLM:
+    """Two pipeline stages of `tensor_parallel_size` Ray ranks each; the embedded model where `model_dir` is None."""
     return LLM(
-        str(model_dir),
+        str(model_dir) if model_dir is not None else None,
         dtype="float32",
         quantization="none",
-        kv_cache_memory=TINY_KV_BYTES,
+        kv_cache_memory=kv_cache_memory,
         tensor_parallel_size=tensor_parallel_size,
         pipeline_parallel_size=2,
         distributed_executor_backend="ray",
@@ -45,21 +52,50 @@ def executor(llm: LLM) -> RayExecutor:
     return llm.engine.runner.executor
 
 
-@pytest.mark.parametrize(("tensor_parallel_size", "num_threads"), [(1, 2), (2, 1)])
+def assert_stages_on_two_nodes(split: LLM, tensor_parallel_size: int) -> None:
+    """Each stage's ranks share a node, and the two stages have a node each."""
+    nodes = executor(split).node_ids()
+    stages = [set(nodes[stage * tensor_parallel_size : (stage + 1) * tensor_parallel_size]) for stage in (0, 1)]
+    assert all(len(stage) == 1 for stage in stages), f"a stage's ranks were spread over nodes: {nodes}"
+    assert stages[0] != stages[1], f"both stages were placed on node {nodes[0]}"
+
+
+@pytest.fixture(scope="module")
+def one(tiny_llama_dir: Path) -> LLM:
+    return LLM(str(tiny_llama_dir), dtype="float32", quantization="none", kv_cache_memory=TINY_KV_BYTES)
+
+
+@pytest.fixture(scope="module")
+def ray_tp2_pp2(two_node_cluster: Cluster, tiny_llama_dir: Path) -> Iterator[LLM]:
+    """TP=2 x PP=2: four ranks of one thread, a stage of two on each node; the server test, last, stops them."""
+    split = ray_pipeline(tiny_llama_dir, 2, 1)
+    yield split
+    split.engine.shutdown()
+
+
 def test_ray_pipeline_stages_on_two_nodes_equal_one_process(
-    two_node_cluster: Cluster, tiny_llama_dir: Path, tensor_parallel_size: int, num_threads: int
+    two_node_cluster: Cluster, tiny_llama_dir: Path, one: LLM
 ) -> None:
-    split = ray_pipeline(tiny_llama_dir, tensor_parallel_size, num_threads)
+    split = ray_pipeline(tiny_llama_dir, 1, 2)
     try:
-        nodes = executor(split).node_ids()
-        stages = [set(nodes[stage * tensor_parallel_size : (stage + 1) * tensor_parallel_size]) for stage in (0, 1)]
-        assert all(len(stage) == 1 for stage in stages), f"a stage's ranks were spread over nodes: {nodes}"
-        assert stages[0] != stages[1], f"both stages were placed on node {nodes[0]}"
-        one = LLM(str(tiny_llama_dir), dtype="float32", quantization="none", kv_cache_memory=TINY_KV_BYTES)
+        assert_stages_on_two_nodes(split, 1)
         assert_greedy_close(greedy(one, PROMPTS, 24), greedy(split, PROMPTS, 24))
         assert split.engine.num_blocks == one.engine.num_blocks
     finally:
         split.engine.shutdown()
+
+
+def test_ray_tensor_parallel_stages_on_two_nodes_equal_one_process(ray_tp2_pp2: LLM, one: LLM) -> None:
+    assert_stages_on_two_nodes(ray_tp2_pp2, 2)
+    assert_greedy_close(greedy(one, PROMPTS, 24), greedy(ray_tp2_pp2, PROMPTS, 24))
+    assert ray_tp2_pp2.engine.num_blocks == one.engine.num_blocks
+
+
+def test_the_server_over_ray_tensor_parallel_stages_answers_concurrent_requests_as_one_process(
+    ray_tp2_pp2: LLM, one: LLM
+) -> None:
+    served = served_greedy(ray_tp2_pp2, PROMPTS, 16)  # the server shuts the ranks down as it stops
+    assert_served_greedy_close(greedy(one, PROMPTS, 16), served, TokenStrings(one.engine.tokenizer))
 
 
 def test_the_server_over_ray_stages_answers_as_the_engine_does_and_503_once_the_last_stage_dies(
@@ -70,6 +106,21 @@ def test_the_server_over_ray_stages_answers_as_the_engine_does_and_503_once_the_
         check_server_answers_then_503_after(split, PROMPTS[1], lambda: ray.kill(executor(split).workers[1]))
     finally:
         split.engine.shutdown()
+
+
+@pytest.mark.slow
+def test_the_server_over_ray_tp2_pp2_on_the_embedded_model_answers_sharegpt_as_one_process(
+    two_node_cluster: Cluster, llm: LLM
+) -> None:
+    """8 ShareGPT prompts sent at once to the server over 2 stages of 2 Ray ranks, float32, quantization=none."""
+    prompts = sharegpt_prompts(8)
+    split = ray_pipeline(None, 2, 1, EMBEDDED_KV_BYTES)
+    try:
+        assert_stages_on_two_nodes(split, 2)
+        served = served_greedy(split, prompts, 16)
+    finally:
+        split.engine.shutdown()
+    assert_served_greedy_close(greedy(llm, prompts, 16), served, TokenStrings(llm.engine.tokenizer))
 
 
 @pytest.fixture
