@@ -17,6 +17,7 @@ from pagedllm.serving.logprobs import TokenStrings
 from tests.engine.dead_rank import check_server_answers_then_503_after
 from tests.engine.ray_cluster import ray_cluster
 from tests.engine.served import served_greedy
+from tests.engine.test_pipeline_parallel import BatchesInFlight
 from tests.engine.test_tensor_parallel import sharegpt_prompts
 from tests.logprobs_close import assert_greedy_close, assert_served_greedy_close, greedy
 
@@ -86,8 +87,11 @@ def test_ray_pipeline_stages_on_two_nodes_equal_one_process(
 
 
 def test_ray_tensor_parallel_stages_on_two_nodes_equal_one_process(ray_tp2_pp2: LLM, one: LLM) -> None:
+    """With micro-batches: a batch goes to the first stage while the second stage runs the one before."""
     assert_stages_on_two_nodes(ray_tp2_pp2, 2)
+    spy = BatchesInFlight(ray_tp2_pp2.engine)
     assert_greedy_close(greedy(one, PROMPTS, 24), greedy(ray_tp2_pp2, PROMPTS, 24))
+    assert spy.beside_another > 0
     assert ray_tp2_pp2.engine.num_blocks == one.engine.num_blocks
 
 
