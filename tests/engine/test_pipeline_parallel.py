@@ -21,6 +21,7 @@ from tests.logprobs_close import assert_greedy_close, assert_served_greedy_close
 TINY_KV_BYTES = 2**24
 # 16 blocks of 16 tokens for the tiny Llama: one ShareGPT prompt and its completion fit, several at once preempt.
 PREEMPTING_KV_BYTES = 2**17
+EMBEDDED_PREEMPTING_KV_BYTES = 15 * 2**20
 SETTINGS = {"dtype": "float32", "quantization": "none", "kv_cache_memory": TINY_KV_BYTES}
 PROMPTS = [[1, 2, 3, 4, 5], list(range(100, 140)), [7] * 3, list(range(900, 1200, 7))]
 
@@ -171,5 +172,22 @@ def test_speculation_and_beam_search_over_pipeline_stages_equal_one_process(one:
         assert [[c.token_ids for c in r.outputs] for r in actual] == [
             [c.token_ids for c in r.outputs] for r in expected
         ]
+    finally:
+        split.engine.shutdown()
+
+
+@pytest.mark.slow
+def test_micro_batches_on_the_embedded_model_equal_one_process_on_sharegpt_through_preemption(
+    llm: LLM, sharegpt_chats: list[str]
+) -> None:
+    """float32, quantization=none, the 30 layers in 2 stages of 15; about 20 blocks of 16 tokens hold 2 or 3 of
+    the 8 prompts at a time."""
+    split = LLM(
+        dtype="float32", quantization="none", kv_cache_memory=EMBEDDED_PREEMPTING_KV_BYTES, pipeline_parallel_size=2
+    )
+    try:
+        spy = BatchesInFlight(split.engine)
+        assert_greedy_close(greedy(llm, sharegpt_chats, 16), greedy(split, sharegpt_chats, 16))
+        assert spy.beside_another > 0 and split.engine.scheduler.num_preemptions > 0
     finally:
         split.engine.shutdown()
