@@ -3,6 +3,7 @@ each node."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,8 +14,9 @@ from ray.cluster_utils import Cluster
 from pagedllm import LLM, SamplingParams
 from pagedllm.engine.data_parallel import DataParallelEngine
 from pagedllm.engine.ray_executor import RayExecutor
+from pagedllm.errors import ReplicaLostError
 from pagedllm.serving.logprobs import TokenStrings
-from tests.engine.dead_rank import check_server_answers_then_503_after
+from tests.engine.dead_rank import DEAD_WORKER_DEADLINE_S, check_server_answers_then_503_after
 from tests.engine.ray_cluster import ray_cluster
 from tests.engine.served import served_greedy
 from tests.engine.test_pipeline_parallel import BatchesInFlight
@@ -153,7 +155,29 @@ def test_ray_replicas_on_two_nodes_equal_one_engine(ray_dp2: LLM, tiny_llama_dir
     assert engine.loads == [0, 0]
 
 
-def test_the_server_over_ray_replicas_answers_as_the_engine_does_and_503_once_a_replica_dies(ray_dp2: LLM) -> None:
+def test_a_killed_ray_replica_fails_its_requests_and_the_other_serves_on(ray_dp2: LLM, one: LLM) -> None:
     engine = ray_dp2.engine
     assert isinstance(engine, DataParallelEngine)
-    check_server_answers_then_503_after(ray_dp2, PROMPTS[1], lambda: ray.kill(engine.links.actors[1]))
+    engine.add_request("a", PROMPTS[1], SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True))
+    engine.step()
+    dead = engine.placement["a"]
+    ray.kill(engine.links.actors[dead])
+    started = time.monotonic()
+    with pytest.raises(ReplicaLostError, match=rf"replica {dead} is gone") as raised:
+        for _ in range(400):
+            engine.step()
+    assert time.monotonic() - started < DEAD_WORKER_DEADLINE_S and raised.value.request_ids == ["a"]
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    engine.add_request("b", PROMPTS[0], params)
+    assert engine.placement["b"] == 1 - dead
+    texts = {}
+    while engine.has_unfinished_requests():
+        texts |= {output.request_id: output.outputs[0].text for output in engine.step() if output.finished}
+    assert texts == {"b": one.generate([PROMPTS[0]], params)[0].outputs[0].text}
+
+
+def test_the_server_over_ray_replicas_answers_as_the_engine_does_and_503_once_the_replicas_die(ray_dp2: LLM) -> None:
+    """One replica's death takes it out of the router (test_data_parallel.py); with both gone the engine stops."""
+    engine = ray_dp2.engine
+    assert isinstance(engine, DataParallelEngine)
+    check_server_answers_then_503_after(ray_dp2, PROMPTS[1], lambda: [ray.kill(actor) for actor in engine.links.actors])
