@@ -174,6 +174,13 @@ class EngineConfig:
     pipeline_parallel_size: int = field(
         default=1, metadata={"help": "stages that split the layers between them, each of tensor_parallel_size ranks"}
     )
+    pipeline_micro_batches: bool = field(
+        default=True,
+        metadata={
+            "help": "with pipeline_parallel_size > 1, keep one scheduled batch in flight per stage (each of its share "
+            "of the sequences) so that every stage works at once; off: one step at a time through every stage"
+        },
+    )
     data_parallel_size: int = field(
         default=1,
         metadata={

@@ -57,6 +57,17 @@ class EngineUnavailableError(PagedLLMError):
     error_type = "service_unavailable"
 
 
+class ReplicaLostError(PagedLLMError):
+    """The data-parallel replica serving these requests died; they are dropped, the other replicas go on."""
+
+    http_status = 503
+    error_type = "service_unavailable"
+
+    def __init__(self, message: str, request_ids: list[str]) -> None:
+        super().__init__(message)
+        self.request_ids = request_ids
+
+
 class EngineStepError(PagedLLMError):
     """A step failed while the request was in flight; the request was dropped, the engine goes on."""
 

@@ -1,5 +1,6 @@
-"""`pagedllm bench parallel`: tensor parallelism (batch-1 decode, one prefill) and data parallelism (serving
-throughput) on this host, each against one process with as many threads as the ranks have together."""
+"""`pagedllm bench parallel`: tensor parallelism (batch-1 decode, one prefill), data and pipeline parallelism
+(serving throughput; pipeline stages with and without micro-batches) on this host, each against one process with
+as many threads as the ranks have together."""
 
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from pagedllm.model.loader import load_model_config
 from pagedllm.model.registry import resolve_model_path
 from pagedllm.model.tokenizer import Tokenizer
 
-PARTS = ("tensor", "data")
+PARTS = ("tensor", "data", "pipeline")
 SETTINGS = (
     "model", "quantization", "world_size", "threads_per_rank", "prompt_len", "decode_tokens", "repeats",
     "concurrency", "num_prompts", "sharegpt_output_len", "kv_cache_memory", "seed",
@@ -165,22 +166,45 @@ def measure_data_parallel(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def measure_pipeline_parallel(args: argparse.Namespace) -> dict[str, Any]:
+    """PP=world_size stages (threads_per_rank each), with micro-batches and one step at a time, against one
+    process with all their threads, through the server, on the same ShareGPT requests."""
+    tokenizer = Tokenizer.from_model_path(resolve_model_path(args.model))
+    requests = sample_sharegpt(args.num_prompts, tokenizer, SHAREGPT_MAX_MODEL_LEN, args.seed, args.sharegpt_output_len)
+    single = serve_once(args, requests, ["--num-threads", str(args.world_size * args.threads_per_rank)])
+    stages = ["--pipeline-parallel-size", str(args.world_size), "--num-threads", str(args.threads_per_rank)]
+    micro_batches = serve_once(args, requests, stages)
+    one_at_a_time = serve_once(args, requests, [*stages, "--no-pipeline-micro-batches"])
+    return {
+        "single": asdict(single),
+        "micro_batches": asdict(micro_batches),
+        "one_at_a_time": asdict(one_at_a_time),
+        "throughput_ratio": _ratio(micro_batches.output_tokens_per_s, single.output_tokens_per_s),
+        "one_at_a_time_ratio": _ratio(one_at_a_time.output_tokens_per_s, single.output_tokens_per_s),
+    }
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--parts", type=lambda text: tuple(text.split(",")), default=PARTS, help="what to measure: tensor, data"
+        "--parts",
+        type=lambda text: tuple(text.split(",")),
+        default=PARTS,
+        help="what to measure: tensor, data, pipeline",
     )
     parser.add_argument("--model", default=None, help="GGUF file, HF folder or embedded model name")
     parser.add_argument(
         "--quantization", choices=QUANTIZATIONS, default=None, help="weight quantization (default: the engine's)"
     )
-    parser.add_argument("--world-size", type=int, default=2, help="tensor-parallel ranks and data-parallel replicas")
+    parser.add_argument(
+        "--world-size", type=int, default=2, help="tensor-parallel ranks, data-parallel replicas and pipeline stages"
+    )
     parser.add_argument("--threads-per-rank", type=int, default=1, help="threads of each rank or replica")
     parser.add_argument("--prompt-len", type=int, default=512, help="TP: tokens of the timed prefill")
     parser.add_argument("--decode-tokens", type=int, default=128, help="TP: tokens generated per decode run")
     parser.add_argument("--repeats", type=int, default=3, help="TP: timed runs per point and setting (median kept)")
-    parser.add_argument("--concurrency", type=int, default=16, help="DP: requests in flight")
-    parser.add_argument("--num-prompts", type=int, default=64, help="DP: ShareGPT requests per server")
-    parser.add_argument("--sharegpt-output-len", type=int, default=64, help="DP: output tokens of every request")
+    parser.add_argument("--concurrency", type=int, default=16, help="DP and PP: requests in flight")
+    parser.add_argument("--num-prompts", type=int, default=64, help="DP and PP: ShareGPT requests per server")
+    parser.add_argument("--sharegpt-output-len", type=int, default=64, help="DP and PP: output tokens of every request")
     parser.add_argument(
         "--kv-cache-memory", type=int, default=KV_CACHE_MEMORY, help="KV-cache bytes per engine or replica"
     )
@@ -198,6 +222,8 @@ def run(args: argparse.Namespace) -> int:
         record["tensor"] = measure_tensor_parallel(args)
     if "data" in args.parts:
         record["data"] = measure_data_parallel(args)
+    if "pipeline" in args.parts:
+        record["pipeline"] = measure_pipeline_parallel(args)
     settings = {name: getattr(args, name) for name in SETTINGS}
     settings["parts"] = list(args.parts)
     run_record = results.new_run("parallel", "pagedllm", settings, record)

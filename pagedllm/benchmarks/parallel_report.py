@@ -1,5 +1,5 @@
-"""The parallelism results as tables: tensor and data parallelism measured on one machine (`bench parallel`) and
-the scaling model's predictions across nodes (`bench scaling`)."""
+"""The parallelism results as tables: tensor, data and pipeline parallelism measured on one machine
+(`bench parallel`) and the scaling model's predictions across nodes (`bench scaling`)."""
 
 from __future__ import annotations
 
@@ -17,11 +17,14 @@ def _latest_part(document: ResultsFile, part: str) -> Run | None:
 
 
 def parallel_table(document: ResultsFile) -> tuple[list[str], list[list[str]]] | None:
-    """Header and rows from the latest `bench parallel` run of each part (tensor, data); None when there is none."""
+    """Header and rows from the latest `bench parallel` run of each part (tensor, data, pipeline); None when there
+    is none."""
     tensor_run, data_run = _latest_part(document, "tensor"), _latest_part(document, "data")
-    if tensor_run is None and data_run is None:
+    pipeline_run = _latest_part(document, "pipeline")
+    first = tensor_run or data_run or pipeline_run
+    if first is None:
         return None
-    settings = (tensor_run or data_run).settings  # type: ignore[union-attr]
+    settings = first.settings
     size, threads = settings["world_size"], settings["threads_per_rank"]
     header = [
         "measure",
@@ -57,6 +60,20 @@ def parallel_table(document: ResultsFile) -> tuple[list[str], list[list[str]]] |
                 f"{data['throughput_ratio']:.2f}×",
             ]
         )
+    if pipeline_run is not None:
+        pipeline, concurrency = pipeline_run.results["pipeline"], pipeline_run.settings["concurrency"]
+        for key, ratio, how in (
+            ("micro_batches", "throughput_ratio", "micro-batches"),
+            ("one_at_a_time", "one_at_a_time_ratio", "one step at a time"),
+        ):
+            rows.append(
+                [
+                    f"PP={size}, {how}: serving, concurrency {concurrency} (output tok/s)",
+                    f"{pipeline['single']['output_tokens_per_s']:.1f}",
+                    f"{pipeline[key]['output_tokens_per_s']:.1f}",
+                    f"{pipeline[ratio]:.2f}×",
+                ]
+            )
     return header, rows
 
 
@@ -129,7 +146,7 @@ def parallel_sections(document: ResultsFile, level: int, plot: str | None) -> li
     sections = []
     table = parallel_table(document)
     if table:
-        sections += [f"{heading} Tensor and data parallelism on one machine", markdown_table(*table)]
+        sections += [f"{heading} Tensor, data and pipeline parallelism on one machine", markdown_table(*table)]
     scaling = [run for run in document.runs if run.kind == "scaling"]
     if scaling:
         record = scaling[-1].results

@@ -25,6 +25,7 @@ from pagedllm.errors import (
     EngineUnavailableError,
     InvalidArgumentError,
     PagedLLMError,
+    ReplicaLostError,
 )
 from pagedllm.model.tokenizer import Tokenizer
 from pagedllm.sampling_params import SamplingParams
@@ -327,6 +328,9 @@ class AsyncLLMEngine:
     def _step(self) -> None:
         try:
             outputs = self.engine.step()
+        except ReplicaLostError as error:  # one data-parallel replica died: its requests fail, the others go on
+            self._fail_requests(error.request_ids, error)
+            return
         except EngineUnavailableError as error:  # e.g. a model worker died: no later step can run
             self._stop_running(error)
             raise
@@ -348,6 +352,13 @@ class AsyncLLMEngine:
             batch.append((stream, output))
         if batch:
             self._notify(self._deliver, batch)
+
+    def _fail_requests(self, request_ids: list[str], error: PagedLLMError) -> None:
+        """Tell the waiters of requests the engine has already dropped why."""
+        for request_id in request_ids:
+            stream = self._streams.pop(request_id, None)
+            if stream is not None:
+                self._notify(self._fail, stream, error)
 
     def _fail_all(self, error: PagedLLMError) -> None:
         """Abort every request in flight and tell its waiter why."""

@@ -5,8 +5,9 @@ the others, else to the replica with the fewest requests in flight (engine/route
 
 A replica is a process of this host (`mp`) or a Ray actor on any node of a Ray cluster (`ray`); either way it runs
 `replica_loop` over a link of the same messages. It steps while it has requests and sends each step's outputs
-back; the driver's `step` returns what any replica sent. A replica that dies or fails a step stops them all with
-WorkerError (503), as a dead rank does.
+back; the driver's `step` returns what any replica sent. A replica that dies is taken out of the router: its
+requests fail with ReplicaLostError (503) and the others go on serving; the last one's death, or a replica's failed
+step, stops them all with WorkerError (503), as a dead rank does.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from pagedllm.engine.output import RequestOutput
 from pagedllm.engine.replica import ReplicaInfo, ReplicaLost, replica_config, replica_loop
 from pagedllm.engine.router import PrefixAffinityRouter, RoutingPolicy
 from pagedllm.engine.worker import pin_rank_threads
-from pagedllm.errors import InvalidArgumentError, PagedLLMError
+from pagedllm.errors import InvalidArgumentError, PagedLLMError, ReplicaLostError
 from pagedllm.kernels import cpu_kernels_available
 from pagedllm.model.loader import load_model_config
 from pagedllm.model.registry import resolve_model_path
@@ -49,6 +50,9 @@ class ReplicaLinks(Protocol):
     def receive(self, timeout_s: float | None) -> list[tuple[int, str, Any]]:
         """The (replica, kind, value) messages that have arrived, waiting up to `timeout_s` for one; ReplicaLost as
         soon as a replica dies, or once `timeout_s` passes."""
+
+    def remove(self, index: int) -> None:
+        """Stop replica `index` (if it still runs) and hear no more of it."""
 
     def shutdown(self) -> None: ...
 
@@ -71,16 +75,18 @@ class ProcessReplicas:
             connection, process = start_child(context, _process_main, args, f"pagedllm-replica-{index}")
             self.connections.append(connection)
             self.processes.append(process)
+        self.live = set(range(config.data_parallel_size))
 
     def send(self, index: int, command: tuple[Any, ...]) -> None:
         try:
             self.connections[index].send(command)
         except OSError as error:
-            raise ReplicaLost(f"could not reach replica {index} ({error})") from error
+            raise ReplicaLost(f"could not reach replica {index} ({error})", index) from error
 
     def receive(self, timeout_s: float | None) -> list[tuple[int, str, Any]]:
-        sentinels = {process.sentinel: index for index, process in enumerate(self.processes)}
-        ready = multiprocessing.connection.wait([*self.connections, *sentinels], timeout_s)
+        sentinels = {self.processes[index].sentinel: index for index in self.live}
+        connections = [self.connections[index] for index in self.live]
+        ready = multiprocessing.connection.wait([*connections, *sentinels], timeout_s)
         if not ready:
             raise ReplicaLost(f"no replica answered within {timeout_s:.0f} s")
         messages = []
@@ -89,13 +95,20 @@ class ProcessReplicas:
                 process = self.processes[sentinels[handle]]
                 process.join()
                 index = sentinels[handle]
-                raise ReplicaLost(f"replica {index} (pid {process.pid}) exited with code {process.exitcode}")
+                raise ReplicaLost(f"replica {index} (pid {process.pid}) exited with code {process.exitcode}", index)
             try:
                 kind, value = handle.recv()  # type: ignore[union-attr]
             except (EOFError, OSError):
                 continue  # its process has exited: its sentinel says how
             messages.append((self.connections.index(handle), kind, value))  # type: ignore[arg-type]
         return messages
+
+    def remove(self, index: int) -> None:
+        self.live.discard(index)
+        process = self.processes[index]
+        if process.is_alive():
+            process.kill()
+        process.join()
 
     def shutdown(self) -> None:
         """Tell every replica to stop (None), and kill those that do not within SHUTDOWN_TIMEOUT_S."""
@@ -119,6 +132,8 @@ class DataParallelEngine:
         self.inboxes: list[defaultdict[str, deque[Any]]] = [defaultdict(deque) for _ in range(num_replicas)]
         self.placement: dict[str, int] = {}  # request id → replica, while in flight
         self.loads = [0] * num_replicas
+        self.live = set(range(num_replicas))
+        self.lost: dict[str, str] = {}  # requests of replicas that died, not yet reported by `step`: why
         cpu_kernels_available()  # built here once, rather than by every replica
         self.links: ReplicaLinks = _start_replicas(config)
         try:
@@ -176,9 +191,12 @@ class DataParallelEngine:
         if request_id in self.placement:
             raise InvalidArgumentError(f"request id {request_id!r} is already in use", "request_id")
         hashes = self._block_hashes(prompt)
-        index = self.router.choose(hashes, self.loads)
-        self._send(index, ("add", request_id, prompt, params, arrival_time))
-        added_id, error = self._receive(index, "added", None)
+        answer = None
+        while answer is None:  # a replica that dies before it answers leaves the request to another
+            index = self.router.choose(hashes, self.loads)
+            self._send(index, ("add", request_id, prompt, params, arrival_time))
+            answer = self._receive(index, "added", None)
+        added_id, error = answer
         assert added_id == request_id
         if error is not None:
             raise error
@@ -194,21 +212,27 @@ class DataParallelEngine:
         return self.router.block_hashes(self.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt)
 
     def abort_request(self, request_id: str) -> None:
+        self.lost.pop(request_id, None)
         index = self.placement.pop(request_id, None)
         if index is not None:
             self.loads[index] -= 1
             self._send(index, ("abort", request_id))
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.placement)
+        return bool(self.placement or self.lost)
 
     def step(self) -> list[RequestOutput]:
-        """The outputs of the next step any replica finishes (waiting for one), those of requests still placed."""
+        """The outputs of the next step any replica finishes (waiting for one), those of requests still placed;
+        ReplicaLostError naming the requests of a replica that died meanwhile."""
         if self.failure is not None:
             raise WorkerError(self.failure)
-        if not self.placement:
+        index = self._first_ready() if self.placement else None
+        if self.lost:
+            lost, self.lost = self.lost, {}
+            reasons = "; ".join(sorted(set(lost.values())))
+            raise ReplicaLostError(f"the engine replica serving the request died ({reasons})", list(lost))
+        if index is None:
             return []
-        index = self._first_ready([index for index, load in enumerate(self.loads) if load])
         outputs, self.replica_stats[index] = self._receive(index, "outputs", None)
         current = [output for output in outputs if output.request_id in self.placement]
         for output in current:
@@ -243,30 +267,55 @@ class DataParallelEngine:
         try:
             self.links.send(index, command)
         except ReplicaLost as lost:
-            self._fail(str(lost))
+            self._drop(lost)
 
     def _receive(self, index: int, kind: str, timeout_s: float | None) -> Any:
-        """Replica `index`'s next message of `kind`."""
+        """Replica `index`'s next message of `kind`; None once that replica is gone."""
         while not self.inboxes[index][kind]:
+            if index not in self.live:
+                return None
             self._wait(timeout_s)
         return self.inboxes[index][kind].popleft()
 
-    def _first_ready(self, indices: list[int]) -> int:
-        """The first of replicas `indices` with a step's outputs waiting (waiting for one)."""
-        while not any(self.inboxes[index]["outputs"] for index in indices):
+    def _first_ready(self) -> int | None:
+        """The first replica with requests placed and a step's outputs waiting (waiting for one); None once a
+        replica has died meanwhile."""
+        while not self.lost:
+            ready = [index for index, load in enumerate(self.loads) if load and self.inboxes[index]["outputs"]]
+            if ready:
+                return ready[0]
             self._wait(None)
-        return next(index for index in indices if self.inboxes[index]["outputs"])
+        return None
 
     def _wait(self, timeout_s: float | None) -> None:
-        """Move every message that has arrived to its replica's inbox; WorkerError once a replica dies or fails."""
+        """Move every message that has arrived to its replica's inbox, and take out a replica that died; WorkerError
+        once the last one dies or any fails a step."""
         try:
             messages = self.links.receive(timeout_s)
         except ReplicaLost as lost:
-            self._fail(str(lost))
+            self._drop(lost)
+            return
         for index, kind, value in messages:
             if kind == "error":
                 self._fail(value)
             self.inboxes[index][kind].append(value)
+
+    def _drop(self, lost: ReplicaLost) -> None:
+        """Take a dead replica out of the router; its requests become `lost`, to fail at the next step. Where none
+        would be left (or none answered in time), fail the engine."""
+        index = lost.index
+        if index is None or self.live == {index}:
+            self._fail(str(lost))
+        logger.error("%s; its %d request(s) fail, the other replicas go on", lost, self.loads[index])
+        self.live.discard(index)
+        self.router.remove(index)
+        self.links.remove(index)
+        self.inboxes[index].clear()
+        self.loads[index] = 0
+        for request_id, placed in list(self.placement.items()):
+            if placed == index:
+                del self.placement[request_id]
+                self.lost[request_id] = str(lost)
 
     def _fail(self, reason: str | PagedLLMError) -> NoReturn:
         fail(self, reason, "an engine replica")

@@ -8,8 +8,10 @@ import dataclasses
 import torch
 
 from pagedllm.config import EngineConfig, ModelConfig
+from pagedllm.engine.block_manager import BlockManager
 from pagedllm.engine.executor import Executor
-from pagedllm.engine.model_runner import ModelRunner, StepInput, kv_cache_bytes_per_block
+from pagedllm.engine.model_runner import ModelRunner, PreparedStep, StepInput, StepResult, kv_cache_bytes_per_block
+from pagedllm.engine.scheduler import SchedulerOutput
 from pagedllm.errors import InvalidArgumentError
 from pagedllm.layers.parallel_linear import head_shard
 from pagedllm.model.hidden_states import HiddenCapture
@@ -55,8 +57,22 @@ class DistributedModelRunner(ModelRunner):
 
     def forward(self, step: StepInput, capture: HiddenCapture | None = None) -> torch.Tensor:
         """The ranks' logits; hidden states stay on the ranks (LLMEngine refuses the requests that need them)."""
-        if capture is not None:
-            raise InvalidArgumentError(
-                "contrastive search and DoLa need the model in this process", "tensor_parallel_size"
-            )
-        return self.executor.execute_model(step).to(self.device)
+        _refuse_capture(capture)
+        self.executor.submit(step)
+        return self.executor.collect().to(self.device)
+
+    def submit(self, out: SchedulerOutput, block_manager: BlockManager) -> PreparedStep:
+        """Hand the scheduled batch to the ranks without waiting for its logits."""
+        prepared = self.prepare(out, block_manager)
+        _refuse_capture(prepared.capture)
+        self.executor.submit(prepared.step)
+        return prepared
+
+    def collect(self, prepared: PreparedStep, block_manager: BlockManager) -> StepResult:
+        """The result of `prepared`, the oldest batch submitted and not yet collected."""
+        return self.sample(prepared, self.executor.collect().to(self.device), block_manager)
+
+
+def _refuse_capture(capture: HiddenCapture | None) -> None:
+    if capture is not None:
+        raise InvalidArgumentError("contrastive search and DoLa need the model in this process", "tensor_parallel_size")

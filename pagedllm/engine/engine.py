@@ -5,6 +5,9 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -24,6 +27,7 @@ from pagedllm.engine.host_memory import (
 from pagedllm.engine.kv_cache_policy import eviction_policy
 from pagedllm.engine.model_runner import (
     ModelRunner,
+    PreparedStep,
     StepResult,
     Verification,
     kv_cache_bytes_per_block,
@@ -120,6 +124,8 @@ class LLMEngine:
         self.kept: dict[str, Sequence] = {}  # finished keep_kv requests' sequences, holding their blocks
         self.searches = SearchDriver(self)
         self.speculator = Speculator(spec, self.max_model_len, self.draft_runner) if spec is not None else None
+        self.max_concurrent_batches = self._max_concurrent_batches()
+        self.batches: deque[tuple[SchedulerOutput, PreparedStep]] = deque()  # in flight, oldest first
         self.prompt_tokens = 0
         self.generation_tokens = 0
         logger.info(
@@ -165,6 +171,18 @@ class LLMEngine:
         executor = executor_class(self.config, self.num_blocks, self.max_model_len, self.config.world_size)
         self.weight_bytes, self.file_weight_bytes = executor.weight_bytes, executor.file_weight_bytes
         return DistributedModelRunner(executor, self.model_config, self.config, self.device, self.structured_output)
+
+    def _max_concurrent_batches(self) -> int:
+        """Scheduled batches in flight at once: one per pipeline stage with pipeline_micro_batches, so that every
+        stage works on one; else one, each step run through every stage before the next is scheduled."""
+        config = self.config
+        if config.pipeline_parallel_size == 1 or not config.pipeline_micro_batches:
+            return 1
+        # A speculating step's drafts are proposed from its sequences' latest tokens and its rejected drafts'
+        # blocks go back before the next step is scheduled: it runs one step at a time.
+        if self.speculator is not None:
+            return 1
+        return config.pipeline_parallel_size
 
     def shutdown(self) -> None:
         """Stop the worker processes, if the model runs in any."""
@@ -343,22 +361,61 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Run one iteration; return the outputs of every request that advanced."""
+        if self.max_concurrent_batches > 1:
+            return self._step_with_micro_batches()
         if self.speculator is not None:
             self.speculator.propose(self.scheduler.running)
         scheduled = self.scheduler.schedule()
         if not scheduled.scheduled:
             return []
-        self.faults.check()
-        if self.speculator is not None:
-            self.speculator.draft(scheduled, self.block_manager)
-        result = self.runner.execute(scheduled, self.block_manager)
+        with self._returned_on_failure(scheduled):
+            self.faults.check()
+            if self.speculator is not None:
+                self.speculator.draft(scheduled, self.block_manager)
+            result = self.runner.execute(scheduled, self.block_manager)
+        self.heap.after_step()
+        return self._process(scheduled, result)
+
+    @contextmanager
+    def _returned_on_failure(self, scheduled: SchedulerOutput) -> Iterator[None]:
+        """A batch whose run fails is no longer in flight: its sequences can be scheduled again (and a failed
+        executor then fails that step at once)."""
+        try:
+            yield
+        except BaseException:
+            self.scheduler.complete(scheduled)
+            raise
+
+    def _step_with_micro_batches(self) -> list[RequestOutput]:
+        """Schedule a batch and hand it to the pipeline's first stage while fewer than max_concurrent_batches are
+        in flight (returning no outputs: the stages work on it meanwhile); once they are that many, or nothing more
+        could be scheduled, wait for the oldest batch and apply its outputs, batches in the order scheduled."""
+        assert isinstance(self.runner, DistributedModelRunner)
+        if len(self.batches) < self.max_concurrent_batches:
+            # Each batch takes its share of the live sequences, so that the batches in flight are alike in size.
+            num_live = len(self.scheduler.running) + len(self.scheduler.waiting)
+            scheduled = self.scheduler.schedule(max_batch_seqs=-(-num_live // self.max_concurrent_batches) or None)
+            if scheduled.scheduled:
+                with self._returned_on_failure(scheduled):
+                    self.faults.check()
+                    self.batches.append((scheduled, self.runner.submit(scheduled, self.block_manager)))
+                if len(self.batches) < self.max_concurrent_batches:
+                    return []
+        if not self.batches:
+            return []
+        scheduled, pending = self.batches.popleft()
+        with self._returned_on_failure(scheduled):
+            result = self.runner.collect(pending, self.block_manager)
         self.heap.after_step()
         return self._process(scheduled, result)
 
     def _process(self, scheduled: SchedulerOutput, result: StepResult) -> list[RequestOutput]:
         now = time.monotonic()
+        self.scheduler.complete(scheduled)
         for item in scheduled.scheduled:
             seq = item.sequence
+            if seq.finish_reason is not None:
+                continue  # aborted while its batch was in flight: its blocks are already free
             if item.branches:
                 release_branches(self.block_manager, item.branches)
                 continue  # the chosen candidate's K/V counts once it is appended, below

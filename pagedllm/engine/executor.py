@@ -2,7 +2,9 @@
 
 With `mp`, every rank is a worker process of its own, joined to the others by torch.distributed; the driver (the
 engine's process) keeps the scheduler, block manager and sampler, sends each step's StepInput to every rank
-(pickled once; on several nodes to rank 0, which broadcasts it) and receives the logits from rank 0. A worker that
+(pickled once; on several nodes to rank 0, which broadcasts it) and receives the logits from the rank that
+`logits_rank` names. Steps may be submitted before earlier ones are collected (pipeline micro-batches): every rank
+runs them in the order sent, so their logits come back in that order. A worker that
 dies, or raises, fails the step at once with WorkerError: the driver waits on every worker's process sentinel
 beside rank 0's answer, and the other ranks, left waiting in a collective, see their peer gone and exit.
 """
@@ -26,7 +28,7 @@ from pagedllm.distributed.group import ParallelGroup
 from pagedllm.distributed.process_group import destroy_distributed, free_port, init_distributed
 from pagedllm.distributed.step_broadcast import StepBroadcast, share_from_rank0
 from pagedllm.engine.model_runner import StepInput
-from pagedllm.engine.worker import Worker, pin_rank_threads, tensor_parallel_group
+from pagedllm.engine.worker import Worker, logits_rank, pin_rank_threads, tensor_parallel_group
 from pagedllm.errors import ConfigError, EngineUnavailableError, PagedLLMError
 from pagedllm.kernels import cpu_kernels_available
 
@@ -43,11 +45,14 @@ class WorkerError(EngineUnavailableError):
 
 
 class Executor(Protocol):
-    """Runs each step's forward on the ranks holding the model and returns rank 0's logits."""
+    """Runs each step's forward on the ranks holding the model: `submit` hands a step to them without waiting,
+    `collect` waits for the logits of the oldest step submitted and not yet collected."""
 
     failure: str | None  # why the ranks stopped, once one failed: every later step fails at once
 
-    def execute_model(self, step: StepInput) -> torch.Tensor: ...
+    def submit(self, step: StepInput) -> None: ...
+
+    def collect(self) -> torch.Tensor: ...
 
     def shutdown(self) -> None: ...
 
@@ -129,9 +134,10 @@ def _worker_main(
         group = tensor_parallel_group(config, rank, device)
         worker = Worker(config, num_blocks, max_model_len, group, rank)
         connection.send(("ready", (worker.weight_bytes, worker.file_weight_bytes)))
+        answers = rank == logits_rank(config)
         while payload := _next_step(rank, connection, steps):
             logits = worker.execute(pickle.loads(payload))
-            if rank == 0:
+            if answers:
                 connection.send(("logits", logits.numpy()))
     except EOFError:
         logger.info("rank %d: the driver is gone", rank)
@@ -191,8 +197,9 @@ class MultiprocExecutor:
             raise
         self.weight_bytes = sum(weight_bytes for weight_bytes, _ in loaded)  # every rank's of this node
         self.file_weight_bytes = loaded[0][1]
+        self.logits_index = logits_rank(config) - self.ranks.start
 
-    def execute_model(self, step: StepInput) -> torch.Tensor:
+    def submit(self, step: StepInput) -> None:
         if self.failure is not None:
             raise WorkerError(self.failure)
         payload = pickle.dumps(step, protocol=pickle.HIGHEST_PROTOCOL)
@@ -201,7 +208,11 @@ class MultiprocExecutor:
                 connection.send_bytes(payload)
         except OSError as error:
             fail(self, f"could not send the step to a worker ({error})")
-        return torch.from_numpy(self._receive(0, "logits", None))
+
+    def collect(self) -> torch.Tensor:
+        if self.failure is not None:
+            raise WorkerError(self.failure)
+        return torch.from_numpy(self._receive(self.logits_index, "logits", None))
 
     def wait(self) -> int:
         """Wait until every rank of this node has exited (a headless node's ranks end when node 0's engine stops

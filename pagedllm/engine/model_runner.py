@@ -125,6 +125,18 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput, block_manager: BlockManager) -> StepResult:
+        prepared = self.prepare(out, block_manager)
+        if self.report_attention:  # in this process only: worker processes refuse the h2o policy
+            prepared.step.report_attention = True
+            logits, meta = self._run(prepared.step, prepared.capture)
+            assert meta.attention_scores is not None
+            _accumulate_scores(prepared.batch.spans, meta.attention_scores)
+        else:
+            logits = self.forward(prepared.step, prepared.capture)
+        return self.sample(prepared, logits, block_manager)
+
+    def prepare(self, out: SchedulerOutput, block_manager: BlockManager) -> PreparedStep:
+        """The scheduled batch flattened into the step's forward, and what its sampling needs afterwards."""
         # A block an eviction frees may be a copy's destination or take new K/V in this very step.
         self._evict(out.kv_evictions)
         # Sequences with one new token first, longest context first: attention batches runs of similar length.
@@ -139,15 +151,13 @@ class ModelRunner:
         for item in items:
             batch.add(item)
         rows = batch.sample_rows + batch.candidate_rows + [row for _, rows in batch.prompt_logprob_rows for row in rows]
-        capture = self._hidden_capture(batch)
         step = step_input(block_manager, batch.input_ids, batch.positions, batch.spans, out.block_copies, rows)
-        if self.report_attention:  # in this process only: worker processes refuse the h2o policy
-            step.report_attention = True
-            logits, meta = self._run(step, capture)
-            assert meta.attention_scores is not None
-            _accumulate_scores(batch.spans, meta.attention_scores)
-        else:
-            logits = self.forward(step, capture)
+        return PreparedStep(batch, step, self._hidden_capture(batch))
+
+    @torch.inference_mode()
+    def sample(self, prepared: PreparedStep, logits: torch.Tensor, block_manager: BlockManager) -> StepResult:
+        """The step's tokens (and prompt logprobs, verifications) from the logits of its forward."""
+        batch, capture = prepared.batch, prepared.capture
         num_samples, num_candidates = len(batch.sample_rows), len(batch.candidate_rows)
         prompt_logprobs = self._prompt_logprobs(logits[num_samples + num_candidates :], batch)
         if any(batch.sample_drafts):
@@ -480,6 +490,15 @@ class _FlatBatch:
         self.spans += [(branch, position, position + 1) for branch in item.branches]
         self.candidate_rows += range(offset, offset + len(item.branches))
         self.branch_items.append(item)
+
+
+@dataclass
+class PreparedStep:
+    """A step between its batch's flattening and its sampling: the forward to run and the batch it came from."""
+
+    batch: _FlatBatch
+    step: StepInput
+    capture: HiddenCapture | None  # the hidden states the step's sampling needs; None when it needs none
 
 
 @dataclass

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import deque
 from typing import Any
 
 import numpy as np
@@ -21,7 +22,7 @@ from pagedllm.distributed.group import ParallelGroup
 from pagedllm.distributed.process_group import free_port, init_distributed
 from pagedllm.engine.executor import STARTUP_TIMEOUT_S, WorkerError, fail
 from pagedllm.engine.model_runner import StepInput
-from pagedllm.engine.worker import Worker, tensor_parallel_group
+from pagedllm.engine.worker import Worker, logits_rank, tensor_parallel_group
 from pagedllm.errors import PagedLLMError
 from pagedllm.kernels import cpu_kernels_available
 
@@ -33,7 +34,7 @@ class RayRank:
 
     def __init__(self, num_threads: int) -> None:
         torch.set_num_threads(num_threads)
-        self.rank = 0
+        self.answers = False
         self.group = ParallelGroup()
         self.worker: Worker | None = None
 
@@ -54,17 +55,17 @@ class RayRank:
     ) -> tuple[int, int]:
         """Join the group and load this rank's shard; its weight bytes and the checkpoint's."""
         device = torch.device(config.device)
-        self.rank = rank
         init_distributed(rank, world_size, init_method, device)
         self.group = tensor_parallel_group(config, rank, device)
         self.worker = Worker(config, num_blocks, max_model_len, self.group, rank)
+        self.answers = rank == logits_rank(config)
         return self.worker.weight_bytes, self.worker.file_weight_bytes
 
     def execute(self, step: StepInput) -> np.ndarray | None:
-        """The step's logits on rank 0; None on the others (their share went into rank 0's collectives)."""
+        """The step's logits on the rank that hands them to the driver (logits_rank); None on the others."""
         assert self.worker is not None, "start() runs first"
         logits = self.worker.execute(step)
-        return logits.numpy() if self.rank == 0 else None
+        return logits.numpy() if self.answers else None
 
 
 def connect_to_cluster() -> None:
@@ -117,6 +118,8 @@ class RayExecutor:
             raise
         self.weight_bytes = sum(weight_bytes for weight_bytes, _ in loaded)  # every rank's
         self.file_weight_bytes = loaded[0][1]
+        self.logits_rank = logits_rank(config)
+        self.in_flight: deque[list[Any]] = deque()  # each submitted step's answers, one per rank, oldest first
 
     def node_ids(self) -> list[str]:
         """The Ray node of each rank, in rank order."""
@@ -124,13 +127,19 @@ class RayExecutor:
 
         return ray.get([worker.node_id.remote() for worker in self.workers])
 
-    def execute_model(self, step: StepInput) -> torch.Tensor:
+    def submit(self, step: StepInput) -> None:
         import ray
 
         if self.failure is not None:
             raise WorkerError(self.failure)
         step_ref = ray.put(step)  # serialized once, read by every rank
-        (logits, *_) = self._get_all([worker.execute.remote(step_ref) for worker in self.workers], None)
+        # An actor runs the calls of one caller in the order made: each rank takes the steps in submission order.
+        self.in_flight.append([worker.execute.remote(step_ref) for worker in self.workers])
+
+    def collect(self) -> torch.Tensor:
+        if self.failure is not None:
+            raise WorkerError(self.failure)
+        logits = self._get_all(self.in_flight.popleft(), None)[self.logits_rank]
         return torch.tensor(logits)  # a copy: Ray hands out its object store's read-only memory
 
     def _get_all(self, refs: list[Any], timeout_s: float | None) -> list[Any]:

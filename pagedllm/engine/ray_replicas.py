@@ -126,10 +126,16 @@ class RayReplicas:
             try:
                 arrived = ray.get(ref)
             except ray.exceptions.RayError as error:
-                raise ReplicaLost(f"replica {index} is gone ({type(error).__name__}: {error})") from error
+                raise ReplicaLost(f"replica {index} is gone ({type(error).__name__}: {error})", index) from error
             messages += [(index, kind, value) for kind, value in arrived]
             self.polls[self.actors[index].next_messages.remote()] = index
         return messages
+
+    def remove(self, index: int) -> None:
+        import ray
+
+        ray.kill(self.actors[index])  # its poll, which failed, is no longer awaited
+        self.polls = {ref: polled for ref, polled in self.polls.items() if polled != index}
 
     def shutdown(self) -> None:
         """Kill every replica's actor, giving its CPUs back to the cluster."""

@@ -38,7 +38,12 @@ class ReplicaConnection(Protocol):
 
 
 class ReplicaLost(Exception):
-    """A replica's process or actor is gone (the message says which, and how)."""
+    """A replica's process or actor is gone (the message says which, and how): replica `index`, or None where no
+    replica answered in time."""
+
+    def __init__(self, message: str, index: int | None = None) -> None:
+        super().__init__(message)
+        self.index = index
 
 
 def replica_loop(index: int, config: EngineConfig, connection: ReplicaConnection) -> None:

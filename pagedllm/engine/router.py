@@ -78,18 +78,25 @@ class PrefixAffinityRouter:
         self.block_size = block_size
         self.policy = policy
         self.records = [PrefixRecord(record_blocks) for _ in range(num_replicas)]
+        self.removed: set[int] = set()  # replicas that died: never chosen again
 
     def block_hashes(self, token_ids: Sequence[int]) -> list[int]:
         return block_hashes(token_ids, self.block_size)
 
+    def remove(self, index: int) -> None:
+        """Replica `index` is gone: no prompt goes to it any more (one replica at least stays)."""
+        self.removed.add(index)
+        self.records[index] = PrefixRecord(1)
+
     def choose(self, hashes: Sequence[int], loads: Sequence[int]) -> int:
         """The replica for a prompt of block `hashes`, given each replica's requests in flight."""
-        least_loaded = min(range(len(loads)), key=loads.__getitem__)
+        live = [index for index in range(len(loads)) if index not in self.removed]
+        least_loaded = min(live, key=loads.__getitem__)
         if self.policy is None or not hashes:
             return least_loaded
         min_blocks = max(1, ceil_div(self.policy.prefix_affinity_min_tokens, self.block_size))
         max_load = loads[least_loaded] + self.policy.prefix_affinity_max_load_gap
-        candidates = [index for index, load in enumerate(loads) if load <= max_load]
+        candidates = [index for index in live if loads[index] <= max_load]
         matches = {index: self.records[index].match(hashes) for index in candidates}
         # The longest match; among equal ones the least loaded, then the first.
         best = max(candidates, key=lambda index: (matches[index], -loads[index], -index))

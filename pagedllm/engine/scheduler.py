@@ -49,6 +49,11 @@ class Scheduler:
     Running sequences go first, oldest first; waiting ones join while budget, sequence slots and blocks
     last. When a running sequence needs a block and none is free, the newest running sequence is preempted:
     its blocks are freed and it goes back to the front of the queue, to be recomputed later.
+
+    A scheduled sequence is in flight until `complete` takes its batch back: with pipeline micro-batches several
+    batches are, and a sequence is in at most one of them. A batch is scheduled from the sequences not in flight;
+    one in flight is never preempted (its batch still writes its blocks), so a sequence that finds no other room
+    waits for the batches in flight to come back.
     """
 
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
@@ -57,6 +62,7 @@ class Scheduler:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.in_flight: set[Sequence] = set()  # scheduled in a batch whose output is not applied yet
         self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
@@ -65,12 +71,19 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self, max_batch_seqs: int | None = None) -> SchedulerOutput:
+        """The next batch, of at most `max_batch_seqs` sequences (default max_num_seqs) not in flight."""
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
+        limit = max_batch_seqs or self.max_num_seqs
+        blocked = False  # a running sequence found no room: the waiting ones do not take blocks before it
+        earlier_batches = bool(self.in_flight)  # their sequences free no blocks now, but will be victims later
         index = 0
-        while index < len(self.running) and budget > 0:
+        while index < len(self.running) and budget > 0 and len(out.scheduled) < limit:
             seq = self.running[index]
+            if seq in self.in_flight:
+                index += 1
+                continue
             # Tokens an evicting policy drops leave first: their blocks count as free for the room made below.
             eviction = self.block_manager.evict(seq)
             # Drafts count in the budget like any token; those that do not fit wait for a later step. Candidates
@@ -82,14 +95,16 @@ class Scheduler:
                 self.block_manager.cache_room(seq),
             )
             del seq.draft_token_ids[max(0, num_new - seq.num_uncomputed_tokens) :]
-            if not self._make_room(seq, num_new, out, num_scratch_blocks(self.block_manager, num_branches)):
-                break  # the sequence itself was preempted: its blocks, and the eviction's, went back
+            scratch = num_scratch_blocks(self.block_manager, num_branches)
+            if not self._make_room(seq, num_new, out, scratch, earlier_batches):
+                blocked = True
+                break  # preempted (its blocks, and the eviction's, went back), or waiting for a batch in flight
             if eviction is not None:
                 out.kv_evictions.append(eviction)
             self._schedule(seq, num_new, out, num_branches)
             budget -= max(num_new, num_branches)
             index += 1
-        while self.waiting and budget > 0 and not out.preempted:
+        while self.waiting and budget > 0 and not out.preempted and not blocked and len(out.scheduled) < limit:
             seq = self.waiting[0]
             if self._num_slots_taken() + len(out.forked) + 1 + seq.pending_forks > self.max_num_seqs:
                 break
@@ -103,7 +118,13 @@ class Scheduler:
             self._schedule(seq, num_new, out)
             budget -= num_new
         self.running += out.forked
+        self.in_flight.update(out.forked)
         return out
+
+    def complete(self, out: SchedulerOutput) -> None:
+        """The batch `out` has come back: its sequences (and the samples forked off them) are no longer in flight."""
+        self.in_flight.difference_update(item.sequence for item in out.scheduled)
+        self.in_flight.difference_update(out.forked)
 
     def _admit(self, seq: Sequence, budget: int) -> bool:
         """Take a waiting sequence's cached prefix if there is room for it and its next chunk.
@@ -132,6 +153,7 @@ class Scheduler:
             item.forks = self._fork(seq, seq.num_computed_tokens + num_new)
             out.forked += item.forks
         out.scheduled.append(item)
+        self.in_flight.add(seq)
 
     def _fork(self, seq: Sequence, num_computed_after_step: int) -> list[Sequence]:
         """Split the request's other samples off `seq` as its prompt completes; they share its blocks."""
@@ -146,17 +168,32 @@ class Scheduler:
         """Running sequences plus the samples they will split into."""
         return len(self.running) + sum(seq.pending_forks for seq in self.running)
 
-    def _make_room(self, seq: Sequence, num_new: int, out: SchedulerOutput, num_scratch: int = 0) -> bool:
-        """Preempt the newest running sequences until `seq` (and `num_scratch` more blocks) fits; False if `seq`
-        itself had to go."""
+    def _make_room(
+        self, seq: Sequence, num_new: int, out: SchedulerOutput, num_scratch: int, earlier_batches: bool
+    ) -> bool:
+        """Preempt the newest running sequences not in flight until `seq` (and `num_scratch` more blocks) fits;
+        False if `seq` itself had to go, or (with `earlier_batches` in flight) has to wait for them instead."""
         blocks = self.block_manager
         while blocks.blocks_needed(seq, num_new) + num_scratch > blocks.num_free_blocks:
-            victim = self.running.pop()
+            victim = self._victim(seq, earlier_batches)
+            if victim is None:
+                return False
+            self.running.remove(victim)
             self._preempt(victim)
             out.preempted.append(victim)
             if victim is seq:
                 return False
         return True
+
+    def _victim(self, seq: Sequence, earlier_batches: bool) -> Sequence | None:
+        """The newest running sequence not in flight; `seq` itself only where no earlier batch is in flight (else
+        None: a sequence of that batch becomes a victim once it is back)."""
+        for victim in reversed(self.running):
+            if victim is seq:
+                return None if earlier_batches else seq
+            if victim not in self.in_flight:
+                return victim
+        return None
 
     def _preempt(self, seq: Sequence) -> None:
         self.block_manager.free(seq)
@@ -172,7 +209,9 @@ class Scheduler:
         logger.debug("preempted %s/%d (%d tokens to recompute)", seq.request.request_id, seq.index, seq.num_tokens)
 
     def finish(self, seq: Sequence, free_blocks: bool = True) -> None:
-        """Drop a finished or aborted sequence, freeing its blocks at once unless the caller keeps them."""
+        """Drop a finished or aborted sequence, freeing its blocks at once unless the caller keeps them (a batch in
+        flight may still write them: the ranks run it before any later batch that reuses them)."""
+        self.in_flight.discard(seq)
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:

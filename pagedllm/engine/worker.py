@@ -83,6 +83,15 @@ def pin_rank_threads(rank: int, world_size: int, num_threads: int) -> int:
     return threads
 
 
+def logits_rank(config: EngineConfig) -> int:
+    """The global rank that hands each step's logits to the driver: the last stage's first tensor rank, which
+    computes them, so that the earlier stages go on to the next step meanwhile; rank 0 where the mp ranks span
+    several nodes (only node 0's ranks have a pipe to the driver), the last stage sending them there."""
+    if config.nnodes > 1:
+        return 0
+    return (config.pipeline_parallel_size - 1) * config.tensor_parallel_size
+
+
 def tensor_parallel_group(config: EngineConfig, rank: int, device: torch.device) -> ParallelGroup:
     """The group of `rank`'s pipeline stage; every rank creates every stage's group, in the same order."""
     tp = config.tensor_parallel_size
@@ -104,6 +113,7 @@ class Worker:
         self.model = loaded.model
         self.stage: PipelineStage = loaded.model.stage
         self.device = torch.device(config.device)
+        self.logits_to_rank0 = config.nnodes > 1
         self.weight_bytes, self.file_weight_bytes = loaded.weight_bytes, loaded.file_weight_bytes
         # A fused decode runs every layer in one kernel call, summing a tensor-parallel rank's partial outputs
         # between them through shared memory (FusedDecode.of leaves other groups unfused); a pipeline stage hands
@@ -121,10 +131,10 @@ class Worker:
         )
 
     def execute(self, step: StepInput) -> torch.Tensor | None:
-        """Float32 logits [len(step.logit_rows), vocab] on global rank 0 (with one stage, the same on every rank:
-        the lm_head gathers them); None on the ranks of other stages."""
+        """Float32 logits [len(step.logit_rows), vocab] on every rank of the last stage (the lm_head gathers them),
+        or on several nodes on global rank 0 instead; None on the other ranks."""
         hidden, _ = self.runner.hidden_states(step)
         logits = self.model.compute_logits(hidden[step.logit_rows]) if self.stage.is_last else None
-        if self.stage.num_stages == 1:
+        if self.stage.num_stages == 1 or not self.logits_to_rank0:
             return logits
         return self.stage.logits_to_rank0(logits, len(step.logit_rows), self.model.config.vocab_size, self.device)

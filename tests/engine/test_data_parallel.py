@@ -15,7 +15,7 @@ import pytest
 from pagedllm import LLM, SamplingParams
 from pagedllm.engine.data_parallel import DataParallelEngine
 from pagedllm.engine.executor import WorkerError
-from pagedllm.errors import ConfigError, RequestTooLongError
+from pagedllm.errors import ConfigError, ReplicaLostError, RequestTooLongError
 from pagedllm.serving.api_server import create_app
 from pagedllm.serving.settings import ServerSettings
 from tests.logprobs_close import assert_greedy_close, greedy
@@ -123,20 +123,92 @@ def test_the_server_over_replicas_answers_concurrent_requests_as_they_do_offline
     assert asyncio.run(scenario()) == expected
 
 
-def test_a_killed_replica_fails_the_engine_within_seconds(tiny_llama_dir: Path) -> None:
-    llm = LLM(str(tiny_llama_dir), dtype="float32", kv_cache_memory=TINY_KV_BYTES, data_parallel_size=2)
-    engine = llm.engine
+@pytest.fixture
+def dp2(tiny_llama_dir: Path) -> Iterator[LLM]:
+    settings = {"dtype": "float32", "quantization": "none", "kv_cache_memory": TINY_KV_BYTES}
+    llm = LLM(str(tiny_llama_dir), **settings, data_parallel_size=2)
+    yield llm
+    llm.engine.shutdown()
+
+
+def kill_replica(engine: DataParallelEngine, index: int) -> None:
+    os.kill(engine.links.processes[index].pid, signal.SIGKILL)
+
+
+def test_a_killed_replica_fails_its_requests_within_seconds_and_the_other_serves_on(
+    one_and_dp2: tuple[LLM, LLM], dp2: LLM
+) -> None:
+    one, _ = one_and_dp2
+    engine = dp2.engine
     assert isinstance(engine, DataParallelEngine)
-    engine.add_request("a", PROMPTS[1], SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True))
+    long = SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True)
+    engine.add_request("a", PROMPTS[1], long)
+    engine.add_request("b", PROMPTS[3], long)
+    dead, alive = engine.placement["a"], engine.placement["b"]
+    assert dead != alive
     engine.step()
-    os.kill(engine.links.processes[engine.placement["a"]].pid, signal.SIGKILL)
+    kill_replica(engine, dead)
     started = time.monotonic()
-    with pytest.raises(WorkerError, match=r"replica \d \(pid \d+\) exited"):
+    with pytest.raises(ReplicaLostError, match=rf"replica {dead} \(pid \d+\) exited") as raised:
         for _ in range(400):
             engine.step()
     assert time.monotonic() - started < DEAD_REPLICA_DEADLINE_S
+    assert raised.value.request_ids == ["a"] and raised.value.http_status == 503
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    engine.add_request("c", PROMPTS[0], params)
+    assert engine.placement["c"] == alive  # the dead replica is out of the router
+    engine.abort_request("b")
+    texts = {}
+    while engine.has_unfinished_requests():
+        texts |= {output.request_id: output.outputs[0].text for output in engine.step() if output.finished}
+    assert texts == {"c": one.generate([PROMPTS[0]], params)[0].outputs[0].text}
+
+    engine.add_request("d", PROMPTS[1], long)
+    engine.step()
+    kill_replica(engine, alive)  # the last one: the engine fails
+    with pytest.raises(WorkerError, match=rf"replica {alive} \(pid \d+\) exited"):
+        for _ in range(400):
+            engine.step()
     with pytest.raises(WorkerError):
         engine.step()
+
+
+def test_the_server_stays_healthy_and_serves_while_a_replica_lives(dp2: LLM) -> None:
+    """A request in flight on a replica that dies gets the error; /health answers 200 and the other replica serves;
+    once both are gone, requests and /health get 503."""
+    engine = dp2.engine
+    assert isinstance(engine, DataParallelEngine)
+    body = {"prompt": PROMPTS[1], "max_tokens": 8, "temperature": 0, "ignore_eos": True}
+
+    async def scenario() -> None:
+        app = create_app(engine, ServerSettings())
+        async_engine = app.state.engine
+        async_engine.start()
+        transport = httpx.ASGITransport(app=app)
+        try:
+            async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=30) as http:
+                params = SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True)
+                stream = await async_engine.add_request("a", PROMPTS[1], params)
+                await stream.get()
+                dead = engine.placement["a"]
+                kill_replica(engine, dead)
+                started = time.monotonic()
+                with pytest.raises(ReplicaLostError, match="replica"):
+                    async with asyncio.timeout(DEAD_REPLICA_DEADLINE_S):
+                        while True:
+                            await stream.get()
+                assert time.monotonic() - started < DEAD_REPLICA_DEADLINE_S
+                assert (await http.get("/health")).status_code == 200
+                answer = await http.post("/v1/completions", json=body)
+                assert answer.status_code == 200, answer.text
+                kill_replica(engine, 1 - dead)
+                failed = await http.post("/v1/completions", json={**body, "max_tokens": 400})
+                assert failed.status_code == 503, failed.text
+                assert (await http.get("/health")).status_code == 503
+        finally:
+            await async_engine.shutdown()
+
+    asyncio.run(scenario())
 
 
 def test_data_and_tensor_parallelism_together_are_refused(tiny_llama_dir: Path) -> None:

@@ -12,7 +12,7 @@ def decoding(scheduler: Scheduler, prompt_len: int, request_no: int = 0):
     """A sequence whose prompt is computed and whose first output token waits for the next step."""
     _, seq = make_request(request_no, prompt_len, max_tokens=50)
     scheduler.add(seq)
-    scheduler.schedule()
+    scheduler.complete(scheduler.schedule())
     seq.num_computed_tokens = prompt_len
     seq.output_token_ids.append(7)
     return seq
@@ -22,10 +22,12 @@ def test_drafts_count_in_the_budget_and_are_cut_to_fit() -> None:
     scheduler = Scheduler(BlockManager(32, 4), max_num_seqs=8, max_num_batched_tokens=64)
     seq = decoding(scheduler, prompt_len=6)
     seq.draft_token_ids = [1, 2, 3]
-    item = scheduler.schedule().scheduled[0]
+    out = scheduler.schedule()
+    item = out.scheduled[0]
     assert (item.num_new_tokens, item.num_draft_tokens, item.completes) == (4, 3, True)
     assert len(seq.block_ids) == 3  # 6 computed + 4 new tokens in blocks of 4
 
+    scheduler.complete(out)  # its batch is back (its tokens left uncomputed: the same step is scheduled again)
     scheduler.max_num_batched_tokens = 3
     seq.draft_token_ids = [1, 2, 3]
     item = scheduler.schedule().scheduled[0]

@@ -83,3 +83,13 @@ def test_a_record_holds_at_most_its_capacity_and_forgets_the_least_recently_rout
     assert len(record) == 6
     with pytest.raises(ValueError, match="capacity"):
         PrefixRecord(capacity=0)
+
+
+def test_a_removed_replica_gets_no_prompt_even_with_its_prefix_and_the_least_load() -> None:
+    chooser = router(num_replicas=3)
+    hashes = block_hashes(SYSTEM, BLOCK_SIZE)
+    chooser.record(1, hashes)
+    assert chooser.choose(hashes, [0, 0, 0]) == 1
+    chooser.remove(1)
+    assert chooser.choose(hashes, [1, 0, 1]) == 0  # neither its prefix nor its load draws a prompt there
+    assert chooser.choose([], [2, 0, 1]) == 2

@@ -9,7 +9,7 @@ must give each running sequence back exactly its own tokens, which catches bad s
 from __future__ import annotations
 
 import itertools
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -56,8 +56,10 @@ class Harness:
     block_size: int
     max_num_seqs: int
     max_num_batched_tokens: int
+    max_in_flight: int = 1  # batches in flight at once, as the engine's pipeline micro-batches
 
     def __post_init__(self) -> None:
+        self.in_flight: deque[SchedulerOutput] = deque()
         self.bm = BlockManager(self.num_blocks, self.block_size)
         self.scheduler = Scheduler(self.bm, self.max_num_seqs, self.max_num_batched_tokens)
         self.cache: list[list[int | None]] = [[None] * self.block_size for _ in range(self.num_blocks)]
@@ -71,9 +73,37 @@ class Harness:
         return seq
 
     def step(self) -> SchedulerOutput:
+        """One batch scheduled and its output applied."""
+        out = self.schedule()
+        self.apply(out)
+        return out
+
+    def step_in_flight(self) -> SchedulerOutput:
+        """The engine's step with micro-batches: a batch of its share of the live sequences is scheduled while
+        fewer than max_in_flight are in flight; the oldest is applied once they are that many, or nothing more
+        could be scheduled. Returns the batch scheduled (empty when none was)."""
+        out = SchedulerOutput()
+        if len(self.in_flight) < self.max_in_flight:
+            num_live = len(self.scheduler.running) + len(self.scheduler.waiting)
+            out = self.schedule(ceil_div(num_live, self.max_in_flight))
+            if out.scheduled:
+                self.in_flight.append(out)
+                if len(self.in_flight) < self.max_in_flight:
+                    return out
+        if self.in_flight:
+            self.apply(self.in_flight.popleft())
+        return out
+
+    def schedule(self, max_batch_seqs: int | None = None) -> SchedulerOutput:
+        """Schedule a batch, check the scheduler's promises, and write its tokens into the simulated cache (the
+        ranks run batches in the order scheduled)."""
         sched = self.scheduler
         running_before = list(sched.running)
-        out = sched.schedule()
+        busy = {id(item.sequence) for batch in self.in_flight for item in batch.scheduled}
+        busy |= {id(child) for batch in self.in_flight for child in batch.forked}
+        assert busy == {id(seq) for seq in sched.in_flight}
+        idle_before = [seq for seq in running_before if id(seq) not in busy]
+        out = sched.schedule(max_batch_seqs)
 
         # Budgets.
         assert out.num_tokens <= self.max_num_batched_tokens
@@ -85,9 +115,14 @@ class Harness:
         for item in out.scheduled:
             assert item.num_new_tokens <= item.sequence.num_uncomputed_tokens
 
-        # Preemption takes the newest running sequences, newest first, and queues them at the front.
+        # A sequence is in at most one batch in flight.
+        assert not busy & {id(seq) for seq in scheduled_seqs}
+        if max_batch_seqs is not None:
+            assert len(out.scheduled) <= max_batch_seqs
+
+        # Preemption takes the newest running sequences not in flight, newest first, and queues them at the front.
         k = len(out.preempted)
-        assert out.preempted == running_before[::-1][:k]
+        assert out.preempted == idle_before[::-1][:k]
         assert list(sched.waiting)[:k] == out.preempted[::-1]
         for victim in out.preempted:
             assert victim.block_ids == [] and victim.num_computed_tokens == 0
@@ -111,7 +146,6 @@ class Harness:
         # The model runner: copies first, then every new token's K/V at its slot.
         for src, dst in out.block_copies:
             self.cache[dst] = list(self.cache[src])
-        completes = [item.completes for item in out.scheduled]
         for item in out.scheduled:
             seq = item.sequence
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + item.num_new_tokens
@@ -119,8 +153,13 @@ class Harness:
             for position, token in zip(range(start, end), seq.token_ids(start, end)):
                 slot = self.bm.slot(seq, position)
                 self.cache[slot // self.block_size][slot % self.block_size] = token
+        return out
 
-        # The output processor.
+    def apply(self, out: SchedulerOutput) -> None:
+        """The output processor: the batch's tokens have K/V, completing sequences get their next token."""
+        sched = self.scheduler
+        sched.complete(out)
+        completes = [item.completes for item in out.scheduled]
         for item in out.scheduled:
             item.sequence.num_computed_tokens += item.num_new_tokens
         for item, done in zip(out.scheduled, completes):
@@ -134,14 +173,17 @@ class Harness:
                     sched.finish(seq)
 
         self.check_cache()
-        return out
 
     def check_cache(self) -> None:
         refs = Counter(b for seq in self.scheduler.running for b in seq.block_ids)
         assert all(self.bm.allocator.ref_counts[b] == refs[b] for b in range(self.num_blocks))
         assert self.bm.num_free_blocks + len(refs) == self.num_blocks
         for seq in self.scheduler.running:
-            assert len(seq.block_ids) == ceil_div(seq.num_computed_tokens, self.block_size)
+            # A sequence in flight holds the blocks of its batch's tokens too.
+            if seq in self.scheduler.in_flight:
+                assert len(seq.block_ids) >= ceil_div(seq.num_computed_tokens, self.block_size)
+            else:
+                assert len(seq.block_ids) == ceil_div(seq.num_computed_tokens, self.block_size)
             read = [
                 self.cache[self.bm.slot(seq, p) // self.block_size][p % self.block_size]
                 for p in range(seq.num_computed_tokens)
@@ -264,6 +306,40 @@ def test_pending_forks_count_against_max_num_seqs() -> None:
     assert len(other.output_token_ids) == 1
 
 
+def test_a_batch_is_scheduled_from_the_sequences_not_in_flight() -> None:
+    h = Harness(num_blocks=64, block_size=4, max_num_seqs=8, max_num_batched_tokens=64, max_in_flight=2)
+    seqs = [h.add(prompt_len=3, max_tokens=4) for _ in range(4)]
+    first = h.step_in_flight()  # half of the live sequences, left in flight
+    assert [i.sequence for i in first.scheduled] == seqs[:2] and list(h.in_flight) == [first]
+    assert h.scheduler.in_flight == set(seqs[:2])
+    second = h.step_in_flight()  # the other half; the queue is full, so the first batch comes back
+    assert [i.sequence for i in second.scheduled] == seqs[2:] and list(h.in_flight) == [second]
+    assert [len(s.output_token_ids) for s in seqs] == [1, 1, 0, 0]
+    third = h.step_in_flight()  # the first half again, scheduled while the second was in flight
+    assert [i.sequence for i in third.scheduled] == seqs[:2]
+    assert [len(s.output_token_ids) for s in seqs] == [1, 1, 1, 1]
+    assert list(h.in_flight) == [third] and h.scheduler.in_flight == set(seqs[:2])
+
+
+def test_a_sequence_in_flight_is_never_preempted() -> None:
+    # 4 blocks of 2 tokens: two 3-token prompts take 2 blocks each, each in a batch of its own.
+    h = Harness(num_blocks=4, block_size=2, max_num_seqs=4, max_num_batched_tokens=16, max_in_flight=2)
+    a = h.add(prompt_len=3, max_tokens=4)
+    b = h.add(prompt_len=3, max_tokens=4)
+    for expected in ([a], [b], [a], [b]):  # prompts, then both decode position 3 in their second block
+        assert [i.sequence for i in h.step_in_flight().scheduled] == expected
+    # a decodes position 4 and needs a block; b, the newest, is in flight: a waits for b's batch rather than
+    # preempt b or itself, and b's batch comes back.
+    out = h.step_in_flight()
+    assert out.scheduled == [] and out.preempted == [] and not h.in_flight
+    out = h.step_in_flight()  # nothing in flight now: b is preempted as without micro-batches
+    assert out.preempted == [b] and [i.sequence for i in out.scheduled] == [a]
+    while h.scheduler.has_work():
+        h.step_in_flight()
+    assert len(a.output_token_ids) == 4 and len(b.output_token_ids) == 4
+    assert h.bm.num_free_blocks == 4
+
+
 # --- random workloads ----------------------------------------------------------------------------------------
 
 
@@ -290,11 +366,11 @@ def workloads(draw: st.DrawFn) -> tuple[dict, list[tuple[int, int, int, int]]]:
     return config, requests
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(workloads())
-def test_random_workloads_finish_every_sequence(workload: tuple[dict, list[tuple[int, int, int, int]]]) -> None:
+def run_workload(workload: tuple[dict, list[tuple[int, int, int, int]]], max_in_flight: int) -> None:
+    """Play the requests, each arriving at its step, until every sequence has finished; with max_in_flight > 1
+    as the engine's micro-batches."""
     config, requests = workload
-    h = Harness(**config)
+    h = Harness(**config, max_in_flight=max_in_flight)
     pending = sorted(requests, key=lambda r: r[3])
     for step in itertools.count():
         while pending and pending[0][3] <= step:
@@ -304,8 +380,9 @@ def test_random_workloads_finish_every_sequence(workload: tuple[dict, list[tuple
             break
         assert step < 5000, "no progress"
         if h.scheduler.has_work():
-            out = h.step()
-            assert out.scheduled, "work is queued but nothing was scheduled (deadlock)"
+            num_in_flight = len(h.in_flight)
+            out = h.step() if max_in_flight == 1 else h.step_in_flight()
+            assert out.scheduled or num_in_flight, "work is queued but nothing was scheduled (deadlock)"
             if out.preempted:
                 event("preempted")
             if out.block_copies:
@@ -314,7 +391,10 @@ def test_random_workloads_finish_every_sequence(workload: tuple[dict, list[tuple
                 event("forked")
             if any(i.num_new_tokens > 1 for i in out.scheduled) and any(i.num_new_tokens == 1 for i in out.scheduled):
                 event("mixed step")
+            if out.scheduled and num_in_flight:
+                event("scheduled beside a batch in flight")
 
+    assert not h.in_flight
     for request, (prompt_len, max_tokens, n, _) in zip(h.requests, sorted(requests, key=lambda r: r[3])):
         assert len(request.prompt_token_ids) == prompt_len
         assert sorted(s.index for s in request.sequences) == list(range(n))
@@ -323,4 +403,20 @@ def test_random_workloads_finish_every_sequence(workload: tuple[dict, list[tuple
             assert seq.output_token_ids == [output_token(seq, prompt_len + i) for i in range(max_tokens)]
     assert len(h.finished) == sum(r[2] for r in requests)
     assert h.bm.num_free_blocks == config["num_blocks"]
-    assert not h.scheduler.running and not h.scheduler.waiting
+    assert not h.scheduler.running and not h.scheduler.waiting and not h.scheduler.in_flight
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(workloads())
+def test_random_workloads_finish_every_sequence(workload: tuple[dict, list[tuple[int, int, int, int]]]) -> None:
+    run_workload(workload, max_in_flight=1)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(workloads(), st.integers(2, 4))
+def test_random_workloads_with_batches_in_flight_finish_every_sequence(
+    workload: tuple[dict, list[tuple[int, int, int, int]]], max_in_flight: int
+) -> None:
+    """As pipeline micro-batches run them: a sequence is never in two batches in flight, one in flight is never
+    preempted, and every sequence's cache holds its own tokens."""
+    run_workload(workload, max_in_flight)
