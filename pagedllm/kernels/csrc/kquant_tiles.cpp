@@ -20,12 +20,12 @@
 // so one 32-byte load is a step's 64 weights, 8 outputs in 8 lanes, and one broadcast of 4 activation bytes meets
 // all of them (with AVX-512, tiles t and t + 1 fill the two halves of a 512-bit vector).
 //
-// Activations are rounded to int8 with one scale (max |x| / 127) per 256 inputs, as llama.cpp's q8_K, with the
-// integer sums of each 16 and 32 of them. Per super-block, output lane and activation row, everything up to the
-// scales is an exact int32: the products q * x of each sub-block summed (VNNI's dpbusd, or AVX2's maddubs and madd),
-// times its sc, summed over the sub-blocks; the minimums' term sum_j m_j * sum(x over j) (Q6_K: 32 sum_s sc_s *
-// sum(x over s), the offset's) by int16 pair products (dpwssd / madd). Each super-block's integers are then scaled
-// to float once, by d (dmin) times the activations' scale. A row's result is computed by the same operations in the
+// Activations are rounded to int8 with one scale (max |x| / 127) per 32 inputs (as the int4 kernel's groups: a
+// scale per 256, as llama.cpp's q8_K, lets one outlier coarsen 255 others), with the integer sums of each 16. Per
+// sub-block, output lane and activation row, the products q * x are summed exactly in int32 (VNNI's dpbusd, or
+// AVX2's maddubs and madd), from Q6_K's offset term -32 sum(x over s); that sum is scaled to float once, by the
+// sub-block's d * sc (exact in float32) times the activations' scale, and Q4_K's minimum term dmin * m_j (exact)
+// times the activations' scaled sum over j is taken away. A row's result is computed by the same operations in the
 // same order whatever the number of rows beside it.
 #include "ops.h"
 #include "vec.h"
@@ -46,6 +46,7 @@ constexpr int64_t kQ4_K = 12, kQ6_K = 14;
 constexpr int64_t kTile = 8;  // outputs per tile
 constexpr int64_t kSuper = 256;  // inputs per super-block
 constexpr int64_t kStep = 8;  // inputs per 32 bytes of a tile's nibbles
+constexpr int64_t kRun = 32;  // activations per rounding scale
 constexpr int64_t kRowGrain = 16;  // outputs per parallel task, at the least
 constexpr int64_t kRowBlock = 64;  // activation rows that meet a tile before the next rows do
 constexpr int64_t kRoundGrain = 16384;  // activations per parallel task of rounding, at the least
@@ -168,13 +169,30 @@ inline TileWeight tile_weight(const TileFormat& f, bool q6_k, const uint8_t* til
 
 // ---- Activations ----
 
-// Activation rows rounded to int8 per 256, with each 256's scale and the integer sums of each 16 and 32.
+// Activation rows rounded to int8 per 32, with each 32's scale and scaled sum, and the integer sums of each 16.
 struct RoundedRows {
   const int8_t* values;  // [rows, in]
-  const float* scales;  // [rows, in / 256]
-  const int16_t* sums16;  // [rows, in / 16]
-  const int16_t* sums32;  // [rows, in / 32]
+  const float* scales;  // [rows, in / 32]
+  const float* scaled_sums;  // [rows, in / 32]
+  const int16_t* sums;  // [rows, in / 16]
 };
+
+// The largest |x| of 32 activations.
+template <typename T>
+inline float abs_max(const T* in) {
+#ifdef PAGEDLLM_AVX2
+  const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  __m256 max = _mm256_setzero_ps();
+  for (int64_t j = 0; j < 32; j += 8) max = _mm256_max_ps(max, _mm256_and_ps(load8(in + j), magnitude));
+  __m128 half = _mm_max_ps(_mm256_castps256_ps128(max), _mm256_extractf128_ps(max, 1));
+  half = _mm_max_ps(half, _mm_movehl_ps(half, half));
+  return _mm_cvtss_f32(_mm_max_ss(half, _mm_movehdup_ps(half)));
+#else
+  float max = 0.f;
+  for (int64_t j = 0; j < 32; ++j) max = std::max(max, std::abs(to_float(in[j])));
+  return max;
+#endif
+}
 
 // Rounds 32 activations to int8 (nearest, ties to even) at `inverse` levels per unit; returns the sums of each 16.
 template <typename T>
@@ -206,34 +224,29 @@ inline std::pair<int32_t, int32_t> round_run(const T* in, float inverse, int8_t*
 template <typename T>
 RoundedRows round_rows(const at::Tensor& x) {
   thread_local std::vector<int8_t> values;
-  thread_local std::vector<float> scales;
-  thread_local std::vector<int16_t> sums16, sums32;
-  const int64_t size = x.numel(), blocks = size / kSuper;
+  thread_local std::vector<float> scales, scaled_sums;
+  thread_local std::vector<int16_t> sums;
+  const int64_t size = x.numel(), runs = size / kRun;
   values.resize(size);
-  scales.resize(blocks);
-  sums16.resize(size / 16);
-  sums32.resize(size / 32);
+  scales.resize(runs);
+  scaled_sums.resize(runs);
+  sums.resize(size / 16);
   const T* xp = x.const_data_ptr<T>();
   int8_t* vp = values.data();
-  float* sp = scales.data();
-  int16_t *s16 = sums16.data(), *s32 = sums32.data();
-  at::parallel_for(0, blocks, kRoundGrain / kSuper, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) {
-      const T* in = xp + b * kSuper;
-      float max = 0.f;
-      for (int64_t j = 0; j < kSuper; ++j) max = std::max(max, std::abs(to_float(in[j])));
-      sp[b] = max / kActivationLevels;
+  float *sp = scales.data(), *ssp = scaled_sums.data();
+  int16_t* sump = sums.data();
+  at::parallel_for(0, runs, kRoundGrain / kRun, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const float max = abs_max(xp + i * kRun);
+      sp[i] = max / kActivationLevels;
       const float inverse = max > 0.f ? kActivationLevels / max : 0.f;
-      for (int64_t r = 0; r < kSuper / 32; ++r) {
-        const auto [first, second] = round_run(in + 32 * r, inverse, vp + b * kSuper + 32 * r);
-        const int64_t at = b * (kSuper / 32) + r;
-        s16[2 * at] = static_cast<int16_t>(first);
-        s16[2 * at + 1] = static_cast<int16_t>(second);
-        s32[at] = static_cast<int16_t>(first + second);
-      }
+      const auto [first, second] = round_run(xp + i * kRun, inverse, vp + i * kRun);
+      sump[2 * i] = static_cast<int16_t>(first);
+      sump[2 * i + 1] = static_cast<int16_t>(second);
+      ssp[i] = static_cast<float>(first + second) * sp[i];
     }
   });
-  return {vp, sp, s16, s32};
+  return {vp, sp, ssp, sump};
 }
 
 // The operands of one call.
@@ -247,16 +260,16 @@ struct Operands {
 template <int64_t Rows>
 struct RowTile {
   const int8_t* values[Rows];
-  const float* scales[Rows];
-  const int16_t *sums16[Rows], *sums32[Rows];
+  const float *scales[Rows], *scaled_sums[Rows];
+  const int16_t* sums[Rows];
 
   RowTile(const Operands& a, int64_t m) {
     for (int64_t r = 0; r < Rows; ++r) {
       const int64_t at = (m + r) * a.in_features;
       values[r] = a.x.values + at;
-      scales[r] = a.x.scales + at / kSuper;
-      sums16[r] = a.x.sums16 + at / 16;
-      sums32[r] = a.x.sums32 + at / 32;
+      scales[r] = a.x.scales + at / kRun;
+      scaled_sums[r] = a.x.scaled_sums + at / kRun;
+      sums[r] = a.x.sums + at / 16;
     }
   }
 };
@@ -294,27 +307,22 @@ struct Lanes {
   static I set1(int8_t v) { return _mm512_set1_epi8(v); }
   static I band(I x, I y) { return _mm512_and_si512(x, y); }
   static I bor(I x, I y) { return _mm512_or_si512(x, y); }
-  static I add(I x, I y) { return _mm512_add_epi32(x, y); }
-  static I mul(I x, I y) { return _mm512_mullo_epi32(x, y); }
+  static I set32(int32_t v) { return _mm512_set1_epi32(v); }
   template <int N>
   static I left16(I x) { return _mm512_slli_epi16(x, N); }
   template <int N>
   static I right16(I x) { return _mm512_srli_epi16(x, N); }
   static I low_word(I x) { return _mm512_srai_epi32(_mm512_slli_epi32(x, 16), 16); }
   static I high_word(I x) { return _mm512_srai_epi32(x, 16); }
-  static I times32(I x) { return _mm512_slli_epi32(x, 5); }
-  static I sub(I x, I y) { return _mm512_sub_epi32(x, y); }
   // acc plus the sums of each lane's 4 products of unsigned bytes u with the 4 signed bytes at x.
   static I dot_bytes(I acc, I u, const int8_t* x) {
     return _mm512_dpbusd_epi32(acc, u, _mm512_set1_epi32(four_bytes(x)));
   }
-  // acc plus each lane's 2 int16 products with the int16 pair at x.
-  static I dot_pairs(I acc, I w, const int16_t* x) {
-    return _mm512_dpwssd_epi32(acc, w, _mm512_set1_epi32(four_bytes(x)));
-  }
   static F fzero() { return _mm512_setzero_ps(); }
+  static F scaled(I x, F s) { return _mm512_mul_ps(_mm512_cvtepi32_ps(x), s); }
   static F fma(I x, F s, F acc) { return _mm512_fmadd_ps(_mm512_cvtepi32_ps(x), s, acc); }
   static F fmul(F x, float s) { return _mm512_mul_ps(x, _mm512_set1_ps(s)); }
+  static F fnma(F x, float s, F acc) { return _mm512_fnmadd_ps(x, _mm512_set1_ps(s), acc); }
   template <typename Out>
   static void store(Out* out, F v, int64_t tiles) {
     if (tiles == 2)
@@ -339,16 +347,13 @@ struct Lanes {
   static I set1(int8_t v) { return _mm256_set1_epi8(v); }
   static I band(I x, I y) { return _mm256_and_si256(x, y); }
   static I bor(I x, I y) { return _mm256_or_si256(x, y); }
-  static I add(I x, I y) { return _mm256_add_epi32(x, y); }
-  static I mul(I x, I y) { return _mm256_mullo_epi32(x, y); }
+  static I set32(int32_t v) { return _mm256_set1_epi32(v); }
   template <int N>
   static I left16(I x) { return _mm256_slli_epi16(x, N); }
   template <int N>
   static I right16(I x) { return _mm256_srli_epi16(x, N); }
   static I low_word(I x) { return _mm256_srai_epi32(_mm256_slli_epi32(x, 16), 16); }
   static I high_word(I x) { return _mm256_srai_epi32(x, 16); }
-  static I times32(I x) { return _mm256_slli_epi32(x, 5); }
-  static I sub(I x, I y) { return _mm256_sub_epi32(x, y); }
   static I dot_bytes(I acc, I u, const int8_t* x) {
 #ifdef PAGEDLLM_VNNI
     return add_byte_products(acc, u, _mm256_set1_epi32(four_bytes(x)));
@@ -358,12 +363,11 @@ struct Lanes {
     return _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
 #endif
   }
-  static I dot_pairs(I acc, I w, const int16_t* x) {
-    return _mm256_add_epi32(acc, _mm256_madd_epi16(w, _mm256_set1_epi32(four_bytes(x))));
-  }
   static F fzero() { return _mm256_setzero_ps(); }
+  static F scaled(I x, F s) { return _mm256_mul_ps(_mm256_cvtepi32_ps(x), s); }
   static F fma(I x, F s, F acc) { return _mm256_fmadd_ps(_mm256_cvtepi32_ps(x), s, acc); }
   static F fmul(F x, float s) { return _mm256_mul_ps(x, _mm256_set1_ps(s)); }
+  static F fnma(F x, float s, F acc) { return _mm256_fnmadd_ps(x, _mm256_set1_ps(s), acc); }
   template <typename Out>
   static void store(Out* out, F v, int64_t) {
     store8(out, v);
@@ -392,14 +396,16 @@ void tile_rows(const Operands& a, int64_t t, int64_t tiles, int64_t m, Out* out)
       prefetch(w.a + f.bytes, f.bytes);
       if (tiles == 2) prefetch(w.b + f.bytes, f.bytes);
     }
-    I sums[Rows];
-    for (int64_t r = 0; r < Rows; ++r) sums[r] = Lanes::zero();
+    const F d = w.halves(0), dmin = q6_k ? d : w.halves(f.dmin);
     for (int64_t p = 0; p < f.pairs; ++p) {
       const I scale_pair = q6_k ? w.widen_signed(f.scales + 16 * p) : w.widen_unsigned(f.scales + 16 * p);
+      const I min_pair = q6_k ? scale_pair : w.widen_unsigned(f.mins + 16 * p);
       for (int64_t e = 0; e < 2; ++e) {
+        const int64_t sub_block = 2 * p + e, run = q6_k ? 8 * b + p : 8 * b + sub_block;
         I sub[Rows];
-        for (int64_t r = 0; r < Rows; ++r) sub[r] = Lanes::zero();
-        const int64_t first_step = (2 * p + e) * f.steps_per_sub;
+        for (int64_t r = 0; r < Rows; ++r)
+          sub[r] = q6_k ? Lanes::set32(-32 * x.sums[r][16 * b + sub_block]) : Lanes::zero();
+        const int64_t first_step = sub_block * f.steps_per_sub;
 #pragma GCC unroll 1
         for (int64_t s = first_step; s < first_step + f.steps_per_sub; ++s) {
           const I nibbles = w.bytes32(f.nibbles + 32 * s);
@@ -420,27 +426,13 @@ void tile_rows(const Operands& a, int64_t t, int64_t tiles, int64_t m, Out* out)
             sub[r] = Lanes::dot_bytes(Lanes::dot_bytes(sub[r], low, xv), high, xv + 4);
           }
         }
-        const I scale = e == 0 ? Lanes::low_word(scale_pair) : Lanes::high_word(scale_pair);
-        for (int64_t r = 0; r < Rows; ++r) sums[r] = Lanes::add(sums[r], Lanes::mul(sub[r], scale));
-      }
-    }
-    // The minimums' term: Q4_K's sum_j m_j * sum(x over j), Q6_K's offset's sum_s sc_s * sum(x over s) (times 32).
-    I mins[Rows];
-    for (int64_t r = 0; r < Rows; ++r) mins[r] = Lanes::zero();
-    for (int64_t p = 0; p < f.pairs; ++p) {
-      const I pair = q6_k ? w.widen_signed(f.scales + 16 * p) : w.widen_unsigned(f.mins + 16 * p);
-      for (int64_t r = 0; r < Rows; ++r)
-        mins[r] = Lanes::dot_pairs(mins[r], pair, (q6_k ? x.sums16[r] + 16 * b : x.sums32[r] + 8 * b) + 2 * p);
-    }
-    const F d = w.halves(0);
-    if constexpr (q6_k) {
-      for (int64_t r = 0; r < Rows; ++r)
-        acc[r] = Lanes::fma(Lanes::sub(sums[r], Lanes::times32(mins[r])), Lanes::fmul(d, x.scales[r][b]), acc[r]);
-    } else {
-      const F dmin = w.halves(f.dmin);
-      for (int64_t r = 0; r < Rows; ++r) {
-        acc[r] = Lanes::fma(sums[r], Lanes::fmul(d, x.scales[r][b]), acc[r]);
-        acc[r] = Lanes::fma(mins[r], Lanes::fmul(dmin, -x.scales[r][b]), acc[r]);
+        // d * sc and dmin * m: exact in float32 (11 bits times 8 or 6).
+        const F scale = Lanes::scaled(e == 0 ? Lanes::low_word(scale_pair) : Lanes::high_word(scale_pair), d);
+        for (int64_t r = 0; r < Rows; ++r) acc[r] = Lanes::fma(sub[r], Lanes::fmul(scale, x.scales[r][run]), acc[r]);
+        if constexpr (!q6_k) {
+          const F min = Lanes::scaled(e == 0 ? Lanes::low_word(min_pair) : Lanes::high_word(min_pair), dmin);
+          for (int64_t r = 0; r < Rows; ++r) acc[r] = Lanes::fnma(min, x.scaled_sums[r][run], acc[r]);
+        }
       }
     }
   }
@@ -459,23 +451,17 @@ void tile_rows(const Operands& a, int64_t t, int64_t, int64_t m, Out* out) {
       float total = 0.f;
       for (int64_t b = 0; b < a.blocks; ++b) {
         const uint8_t* tile = a.tiles + t * a.tile_row_bytes + b * f.bytes;
-        int32_t sums = 0, mins = 0;
+        const float d = half_at(tile + 2 * o), dmin = q6_k ? 0.f : half_at(tile + f.dmin + 2 * o);
         for (int64_t s = 0; s < kSuper / sub_values; ++s) {
-          int32_t sub = 0;
+          int32_t sub = q6_k ? -32 * x.sums[r][16 * b + s] : 0;
           TileWeight w{};
           for (int64_t i = s * sub_values; i < (s + 1) * sub_values; ++i) {
             w = tile_weight(f, q6_k, tile, o, i);
             sub += w.q * x.values[r][kSuper * b + i];
           }
-          sums += w.scale * sub;
-          mins += q6_k ? w.scale * x.sums16[r][16 * b + s] : w.min * x.sums32[r][8 * b + s];
-        }
-        const float scale = x.scales[r][b], d = half_at(tile + 2 * o);
-        if (q6_k) {
-          total += static_cast<float>(sums - 32 * mins) * (d * scale);
-        } else {
-          total += static_cast<float>(sums) * (d * scale);
-          total += static_cast<float>(mins) * (half_at(tile + f.dmin + 2 * o) * -scale);
+          const int64_t run = (kSuper * b + s * sub_values) / kRun;
+          total += static_cast<float>(sub) * (d * static_cast<float>(w.scale) * x.scales[r][run]);
+          if (!q6_k) total -= dmin * static_cast<float>(w.min) * x.scaled_sums[r][run];
         }
       }
       out[(m + r) * a.out_features + t * kTile + o] = static_cast<Out>(total);
