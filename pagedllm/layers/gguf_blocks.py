@@ -21,6 +21,7 @@ class GGUFWeight:
 
     blocks: torch.Tensor  # [out, in / block_values * block_bytes] uint8
     ggml_type: int  # gguf.GGMLQuantizationType value
+    table: bool = False  # also the token embedding table (tied): its blocks serve lookups as they are
 
     @property
     def shape(self) -> torch.Size:

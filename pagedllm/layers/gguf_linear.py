@@ -20,6 +20,10 @@ GGUF_PACKED_MATMUL_MAX_ROWS = 32
 # Types the kernel multiplies at any row count: from a few rows on it rewrites them for the call into the int4
 # kernel's tiles (the same values), which beat a dense matmul up to prefill sizes.
 GGUF_ANY_ROWS_TYPES = (gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.Q4_1)
+# Types the kernel keeps as tiles whose vector lanes are outputs, repacked once from the blocks at load (the same
+# weights in about the same bytes: kquant_tiles.cpp), and multiplies so at every row count.
+GGUF_TILE_TYPES = (gguf.GGMLQuantizationType.Q4_K, gguf.GGMLQuantizationType.Q6_K)
+GGUF_TILE_OUTPUTS = 8  # outputs per tile: other output counts keep the blocks
 
 
 def default_gguf_kernel(device: torch.device) -> str:
@@ -30,9 +34,10 @@ def default_gguf_kernel(device: torch.device) -> str:
 class GGUFLinear(nn.Module):
     """y = x Wᵀ + b with W kept as the GGUF file's blocks (resident bytes: the file's).
 
-    Up to GGUF_PACKED_MATMUL_MAX_ROWS rows (any number for GGUF_ANY_ROWS_TYPES) go through the kernel; more rows
-    multiply by a dense copy when one is kept (`dense_matmul_min_rows` > 0: inputs of at least that many rows take
-    it), else by the weight dequantized for the call.
+    Up to GGUF_PACKED_MATMUL_MAX_ROWS rows (any number for GGUF_ANY_ROWS_TYPES, and for GGUF_TILE_TYPES, kept as
+    `tiles` instead of `blocks`) go through the kernel; more rows multiply by a dense copy when one is kept
+    (`dense_matmul_min_rows` > 0: inputs of at least that many rows take it), else by the weight dequantized for the
+    call.
     Every path computes with the same weights; the kernel's rounds activations to int8 per block.
     """
 
@@ -54,15 +59,27 @@ class GGUFLinear(nn.Module):
         if self.kernel not in GGUF_KERNELS:
             raise ValueError(f"kernel must be one of {GGUF_KERNELS}, got {self.kernel!r}")
         self.register_buffer("blocks", weight.blocks.contiguous())
+        self.register_buffer("tiles", None)
         self.bias = None if bias is None else nn.Parameter(bias.to(dtype).contiguous(), requires_grad=False)
         dense = matrix_units_layout(self.dequantized(dtype)) if self.dense_matmul_min_rows > 0 else None
         self.register_buffer("dense", dense)
+        # A tied embedding table keeps its blocks alone: tiles beside them would hold its bytes twice.
+        if (
+            self.kernel == "pagedllm"
+            and self.ggml_type in GGUF_TILE_TYPES
+            and self.out_features % GGUF_TILE_OUTPUTS == 0
+            and not weight.table
+        ):
+            self.tiles = torch.ops.pagedllm.kquant_tiles(self.blocks, self.ggml_type)
+            self.blocks = None
 
     def weight(self) -> GGUFWeight:
         return GGUFWeight(self.blocks, self.ggml_type)
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
         """The weight [out, in] in `dtype` (by the kernel where it runs, else by the reference: the same values)."""
+        if self.tiles is not None:
+            return torch.ops.pagedllm.kquant_dequantize(self.tiles, self.ggml_type, dtype)
         if self.kernel == "pagedllm":
             return torch.ops.pagedllm.gguf_dequantize(self.blocks, self.ggml_type, dtype)
         return dequantize_blocks(self.weight()).to(dtype)
@@ -73,13 +90,17 @@ class GGUFLinear(nn.Module):
             return dense_linear(x, self.dense, self.bias)
         if self.kernel == "reference":
             return F.linear(x, dequantize_blocks(self.weight()).to(x.dtype), self.bias)
+        if self.tiles is not None:
+            y = torch.ops.pagedllm.kquant_linear(x, self.tiles, self.ggml_type)
+            return y if self.bias is None else y + self.bias
         if rows > GGUF_PACKED_MATMUL_MAX_ROWS and self.ggml_type not in GGUF_ANY_ROWS_TYPES:
             return dense_linear(x, self.dequantized(x.dtype), self.bias)
         y = torch.ops.pagedllm.gguf_linear(x, self.blocks, self.ggml_type)
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
-        return f"{self.in_features}, {self.out_features}, {GGUFWeight(self.blocks, self.ggml_type).type_name}"
+        layout = ", tiles" if self.tiles is not None else ""
+        return f"{self.in_features}, {self.out_features}, {gguf.GGMLQuantizationType(self.ggml_type).name}{layout}"
 
 
 class GGUFEmbedding(nn.Module):

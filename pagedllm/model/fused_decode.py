@@ -33,6 +33,7 @@ class WeightKinds:
     int8: int
     int4: int
     gguf: int
+    kquant_tiles: int
 
 
 @functools.cache
@@ -47,7 +48,7 @@ class LinearPart:
     weight: torch.Tensor
     scales: torch.Tensor  # empty unless int8 or int4
     kind: int  # a weight_kinds() code
-    kind_arg: int  # the int4 group size or the GGUF type, else 0
+    kind_arg: int  # the int4 group size or the GGUF type (of blocks or tiles), else 0
     bias: torch.Tensor | None
     max_rows: float  # the most rows for which the layer's own forward takes the same path
 
@@ -71,10 +72,12 @@ def linear_parts(layer: nn.Module) -> list[LinearPart] | None:
         return [LinearPart(layer.qweight, layer.scales, kind, arg, layer.bias, layer.packed_max_rows)]
     if isinstance(layer, GGUFLinear) and layer.kernel == "pagedllm":
         # GGUFLinear.forward: a dense copy from dense_matmul_min_rows rows on, a dequantized matmul above
-        # GGUF_PACKED_MATMUL_MAX_ROWS rows; the blocks below both.
-        max_rows = GGUF_PACKED_MATMUL_MAX_ROWS
+        # GGUF_PACKED_MATMUL_MAX_ROWS rows (tiles: none); the blocks or tiles below both.
+        max_rows = math.inf if layer.tiles is not None else GGUF_PACKED_MATMUL_MAX_ROWS
         if layer.dense is not None:
             max_rows = min(max_rows, layer.dense_matmul_min_rows - 1)
+        if layer.tiles is not None:
+            return [LinearPart(layer.tiles, torch.empty(0), kinds.kquant_tiles, layer.ggml_type, layer.bias, max_rows)]
         return [LinearPart(layer.blocks, torch.empty(0), kinds.gguf, layer.ggml_type, layer.bias, max_rows)]
     return None
 

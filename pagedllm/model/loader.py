@@ -233,7 +233,7 @@ def _load_gguf(path: Path, dtype: torch.dtype, keep_quantized: bool = False) -> 
         kept = keep_quantized and tensor.tensor_type in GGUF_NATIVE_TYPES
         linear = _quantized_linear_name(name, config) if kept else None
         if linear is not None:
-            quantized = gguf_blocks_weight(tensor) if linear != name else gguf_linear_weight(tensor)
+            quantized = gguf_blocks_weight(tensor, table=True) if linear != name else gguf_linear_weight(tensor)
             if heads is not None:
                 order = _unpermute_rope_rows(np.arange(quantized.shape[0]), heads)
                 quantized = select_rows(quantized, torch.from_numpy(order))
@@ -271,11 +271,11 @@ def _quantized_linear_name(name: str, config: ModelConfig) -> str | None:
     return None
 
 
-def gguf_blocks_weight(tensor: gguf.ReaderTensor) -> GGUFWeight:
+def gguf_blocks_weight(tensor: gguf.ReaderTensor, table: bool = False) -> GGUFWeight:
     """A tensor as the file's blocks, one row of blocks per output row."""
     # A copy: the reader's array maps the file, whose pages would otherwise stay resident beside it.
     blocks = np.array(tensor.data, dtype=np.uint8).reshape(int(tensor.shape[1]), -1)
-    return GGUFWeight(torch.from_numpy(blocks), int(tensor.tensor_type))
+    return GGUFWeight(torch.from_numpy(blocks), int(tensor.tensor_type), table)
 
 
 def gguf_linear_weight(tensor: gguf.ReaderTensor) -> QuantizedWeight:

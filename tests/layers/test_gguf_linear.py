@@ -8,7 +8,13 @@ import torch
 import torch.nn.functional as F
 
 from pagedllm.layers.gguf_blocks import GGUF_NATIVE_TYPES, GGUFWeight, dequantize_blocks
-from pagedllm.layers.gguf_linear import GGUF_ANY_ROWS_TYPES, GGUF_PACKED_MATMUL_MAX_ROWS, GGUFEmbedding, GGUFLinear
+from pagedllm.layers.gguf_linear import (
+    GGUF_ANY_ROWS_TYPES,
+    GGUF_PACKED_MATMUL_MAX_ROWS,
+    GGUF_TILE_TYPES,
+    GGUFEmbedding,
+    GGUFLinear,
+)
 from pagedllm.layers.quantization import LinearQuantization, RowStackedWeight, dequantize, fuse_rows
 from pagedllm.layers.quantized_linears import RowStackedLinear, quantized_linear
 from tests.gguf_blocks import random_blocks
@@ -40,7 +46,7 @@ def test_every_path_agrees_with_the_reference(qtype: Q, rows: int, dense_matmul_
     expected = reference(x)
     torch.testing.assert_close(expected, F.linear(x, dequantize_blocks(w), bias))
     ours = layer(x)
-    beyond_kernel = rows > GGUF_PACKED_MATMUL_MAX_ROWS and qtype not in GGUF_ANY_ROWS_TYPES
+    beyond_kernel = rows > GGUF_PACKED_MATMUL_MAX_ROWS and qtype not in (*GGUF_ANY_ROWS_TYPES, *GGUF_TILE_TYPES)
     takes_dense = beyond_kernel or 0 < dense_matmul_min_rows <= rows
     if takes_dense:  # the same weights in a dense matmul: float rounding only
         torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
@@ -49,9 +55,9 @@ def test_every_path_agrees_with_the_reference(qtype: Q, rows: int, dense_matmul_
 
 
 def test_bfloat16_layers_keep_the_blocks_and_answer_in_bfloat16() -> None:
-    w = weight(Q.Q4_K)
+    w = weight(Q.Q5_K)
     layer = GGUFLinear(w, None, torch.bfloat16)
-    assert torch.equal(layer.blocks, w.blocks) and layer.dense is None
+    assert torch.equal(layer.blocks, w.blocks) and layer.dense is None and layer.tiles is None
     x = torch.randn(3, 512).bfloat16()
     y = layer(x)
     expected = F.linear(x.float(), dequantize_blocks(w))
@@ -92,3 +98,28 @@ def test_embedding_lookups_read_their_rows_from_the_blocks(qtype: Q) -> None:
     token_ids = torch.tensor([[0, 49, 7], [7, 7, 3]])
     expected = F.embedding(token_ids, dequantize_blocks(w)).bfloat16()
     assert torch.equal(embedding(token_ids), expected)
+
+
+@pytest.mark.parametrize("qtype", GGUF_TILE_TYPES, ids=lambda q: q.name)
+def test_k_quant_layers_keep_tiles_of_the_same_weights_and_multiply_every_row_count_by_them(qtype: Q) -> None:
+    w = weight(qtype)
+    layer = GGUFLinear(w, None, torch.bfloat16)
+    assert layer.blocks is None and layer.tiles is not None and "tiles" in repr(layer)
+    assert torch.equal(layer.dequantized(torch.float32), dequantize_blocks(w))
+    # About the file's bytes: Q4_K's packed scales take 16 bytes of 144 instead of 12, Q6_K's the same.
+    assert sum(b.numel() for b in layer.buffers()) <= 1.03 * w.blocks.numel()
+    for rows in (1, 300):  # a prefill's rows too: no dequantized matmul, so the int8 rounding shows
+        x = torch.randn(rows, 512, generator=torch.Generator().manual_seed(rows))
+        expected = F.linear(x, dequantize_blocks(w))
+        got = layer(x.bfloat16()).float()
+        assert (got - expected).norm() <= 2e-2 * expected.norm()
+        assert torch.equal(got, torch.ops.pagedllm.kquant_linear(x.bfloat16(), layer.tiles, int(qtype)).float())
+
+
+def test_k_quant_layers_keep_the_blocks_where_tiles_cannot_take_them() -> None:
+    # 36 outputs are not whole tiles of 8; a tied table's blocks also serve the embedding lookups.
+    assert GGUFLinear(weight(Q.Q4_K, out_features=36), None, torch.float32).tiles is None
+    table = weight(Q.Q6_K)
+    tied = GGUFLinear(GGUFWeight(table.blocks, table.ggml_type, table=True), None, torch.float32)
+    assert tied.tiles is None and tied.blocks.data_ptr() == table.blocks.data_ptr()
+    assert GGUFLinear(table, None, torch.float32, kernel="reference").tiles is None

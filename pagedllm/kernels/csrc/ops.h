@@ -29,6 +29,9 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::
 at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scales);
 at::Tensor gguf_linear(const at::Tensor& x, const at::Tensor& blocks, int64_t ggml_type);
 at::Tensor gguf_dequantize(const at::Tensor& blocks, int64_t ggml_type, at::ScalarType dtype);
+at::Tensor kquant_tiles(const at::Tensor& blocks, int64_t ggml_type);
+at::Tensor kquant_linear(const at::Tensor& x, const at::Tensor& tiles, int64_t ggml_type);
+at::Tensor kquant_dequantize(const at::Tensor& tiles, int64_t ggml_type, at::ScalarType dtype);
 at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_pool,
                                   const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale,
                                   int64_t sliding_window, int64_t queries_per_kv, int64_t query_offset);
@@ -50,7 +53,7 @@ at::Tensor shared_memory_all_gather(const at::Tensor& x, const at::Tensor& segme
                                     double timeout_s);
 // Kinds of fused_decode's weight parts (Python reads them through fused_decode_weight_kinds, so they are defined
 // here alone); a part's kind argument is its int4 group size or its GGUF type, else unused.
-constexpr int64_t kDense = 0, kInt8 = 1, kInt4 = 2, kGGUF = 3;
+constexpr int64_t kDense = 0, kInt8 = 1, kInt4 = 2, kGGUF = 3, kKQuantTiles = 4;
 
 at::Tensor fused_decode(const at::Tensor& hidden, const at::Tensor& positions, at::TensorList cos,
                          at::TensorList signed_sin, at::TensorList norms, at::TensorList weights,

@@ -1,0 +1,596 @@
+// Matmuls by Q4_K and Q6_K weights repacked once, at load, into tiles whose vector lanes are outputs, with activations
+// rounded to int8: the same kernel at every row count, so a prefill multiplies the weights as they are kept instead
+// of dequantizing them.
+//
+// The weights are the file's, bit for bit: Q4_K's w = (d * sc_j) * q - dmin * m_j, q 4 bits, per sub-block j of 32
+// values 6-bit sc_j and m_j, d and dmin float16 per super-block of 256; Q6_K's w = (d * sc_s) * (q - 32), q 6 bits,
+// a signed 8-bit sc_s per sub-block s of 16, d float16 per super-block.
+//
+// Tile layout: output rows in tiles of 8; a tile row [out / 8, super-blocks * bytes] holds, per super-block of 256
+// inputs, the 8 outputs' (bytes: Q4_K 1184, 8 * 148; Q6_K 1680, 8 * 210, the file's):
+//   d        float16 [8]
+//   dmin     float16 [8] (Q4_K)
+//   scales   [pairs][8][2]: sub-blocks 2 p and 2 p + 1 of output o at bytes 16 p + 2 o and + 1 (Q4_K: 4 pairs of
+//            sub-blocks of 32, unsigned; Q6_K: 8 pairs of sub-blocks of 16, signed)
+//   mins     [4][8][2] (Q4_K), as the scales
+//   nibbles  [32][32]: per step of 8 inputs k = 8 s .. 8 s + 7, byte 4 o + j holds q(o, 8 s + j) in its low nibble
+//            and q(o, 8 s + 4 + j) in its high one (the int4 kernel's steps, quantized_linear.cpp); Q6_K's low 4 bits
+//   high     [16][32] (Q6_K): per two steps 2 g, 2 g + 1, byte 4 o + j holds the top 2 bits of q(o, 16 g + 4 i + j)
+//            in its bits 2 i, 2 i + 1
+// so one 32-byte load is a step's 64 weights, 8 outputs in 8 lanes, and one broadcast of 4 activation bytes meets
+// all of them (with AVX-512, tiles t and t + 1 fill the two halves of a 512-bit vector).
+//
+// Activations are rounded to int8 with one scale (max |x| / 127) per 32 inputs (as the int4 kernel's groups: a
+// scale per 256, as llama.cpp's q8_K, lets one outlier coarsen 255 others), with the integer sums of each 16. Per
+// sub-block, output lane and activation row, the products q * x are summed exactly in int32 (VNNI's dpbusd, or
+// AVX2's maddubs and madd), from Q6_K's offset term -32 sum(x over s); that sum is scaled to float once, by the
+// sub-block's d * sc (exact in float32) times the activations' scale, and Q4_K's minimum term dmin * m_j (exact)
+// times the activations' scaled sum over j is taken away. A row's result is computed by the same operations in the
+// same order whatever the number of rows beside it.
+#include "ops.h"
+#include "vec.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+namespace pagedllm {
+namespace {
+
+// GGML's type codes, as GGUF files store them.
+constexpr int64_t kQ4_K = 12, kQ6_K = 14;
+
+constexpr int64_t kTile = 8;  // outputs per tile
+constexpr int64_t kSuper = 256;  // inputs per super-block
+constexpr int64_t kStep = 8;  // inputs per 32 bytes of a tile's nibbles
+constexpr int64_t kRun = 32;  // activations per rounding scale
+constexpr int64_t kRowGrain = 16;  // outputs per parallel task, at the least
+constexpr int64_t kRowBlock = 64;  // activation rows that meet a tile before the next rows do
+constexpr int64_t kRoundGrain = 16384;  // activations per parallel task of rounding, at the least
+constexpr float kActivationLevels = 127.f;
+#ifdef PAGEDLLM_AVX512_VNNI
+constexpr int64_t kRowTile = 8;  // activation rows sharing each unpacked step of weights
+constexpr int64_t kTilesPerCall = 2;  // tiles side by side in a vector (the last of a task's may be alone)
+#else
+constexpr int64_t kRowTile = 4;
+constexpr int64_t kTilesPerCall = 1;
+#endif
+
+// Where each part of a tile's super-block lies, in bytes.
+struct TileFormat {
+  int64_t bytes, block_bytes;  // per tile and super-block; the file's per output and super-block
+  int64_t dmin, scales, mins, nibbles, high;
+  int64_t pairs, steps_per_sub;  // scale pairs per super-block; steps of 8 inputs per sub-block
+};
+
+constexpr TileFormat kQ4KTiles{1184, 144, 16, 32, 96, 160, 0, 4, 4};
+constexpr TileFormat kQ6KTiles{1680, 210, 0, 16, 0, 144, 1168, 8, 2};
+
+constexpr TileFormat tile_format(int64_t type) { return type == kQ4_K ? kQ4KTiles : kQ6KTiles; }
+
+void check_type(int64_t type, const char* name) {
+  TORCH_CHECK(type == kQ4_K || type == kQ6_K, name, ": unsupported GGML type ", type, " (Q4_K and Q6_K only)");
+}
+
+inline float half_at(const uint8_t* p) {
+  uint16_t bits;
+  std::memcpy(&bits, p, 2);
+  return half_bits_to_float(bits);
+}
+
+// ---- Repacking, and reading a tile one weight at a time ----
+
+// A super-block of one output decoded from the file: q per input, sc (and m) per sub-block, d (and dmin).
+struct DecodedBlock {
+  uint8_t q[kSuper];
+  int16_t scales[16], mins[8];
+  uint8_t d[2], dmin[2];  // float16 bits, as stored
+};
+
+void decode_q4_k(const uint8_t* block, DecodedBlock& out) {
+  std::memcpy(out.d, block, 2);
+  std::memcpy(out.dmin, block + 2, 2);
+  // Sub-block j < 4 keeps sc and m in the low 6 bits of bytes j and j + 4; j >= 4 in the nibbles of byte j + 4, with
+  // their top two bits in the top bits of bytes j - 4 and j.
+  const uint8_t* packed = block + 4;
+  for (int j = 0; j < 8; ++j) {
+    if (j < 4) {
+      out.scales[j] = packed[j] & 63;
+      out.mins[j] = packed[j + 4] & 63;
+    } else {
+      out.scales[j] = (packed[j + 4] & 0x0F) | ((packed[j - 4] >> 6) << 4);
+      out.mins[j] = (packed[j + 4] >> 4) | ((packed[j] >> 6) << 4);
+    }
+  }
+  // Each 64 values: 32 bytes, the first 32 values in their low nibbles, the next 32 in their high ones.
+  const uint8_t* qs = block + 16;
+  for (int g = 0; g < 4; ++g)
+    for (int l = 0; l < 32; ++l) {
+      out.q[64 * g + l] = qs[32 * g + l] & 0x0F;
+      out.q[64 * g + 32 + l] = qs[32 * g + l] >> 4;
+    }
+}
+
+void decode_q6_k(const uint8_t* block, DecodedBlock& out) {
+  // Per half of 128 values: value 32 k + l is nibble k / 2 of ql[l + 32 (k % 2)] and bits 2 k, 2 k + 1 of qh[l].
+  for (int h = 0; h < 2; ++h) {
+    const uint8_t *ql = block + 64 * h, *qh = block + 128 + 32 * h;
+    for (int k = 0; k < 4; ++k)
+      for (int l = 0; l < 32; ++l) {
+        const int low = (ql[l + 32 * (k % 2)] >> (4 * (k / 2))) & 0x0F;
+        out.q[128 * h + 32 * k + l] = static_cast<uint8_t>(low | (((qh[l] >> (2 * k)) & 3) << 4));
+      }
+  }
+  for (int s = 0; s < 16; ++s) out.scales[s] = static_cast<int8_t>(block[192 + s]);
+  std::memcpy(out.d, block + 208, 2);
+}
+
+// Writes output o's decoded super-block into its tile's super-block.
+void write_tile(const TileFormat& f, bool q6_k, const DecodedBlock& in, int64_t o, uint8_t* tile) {
+  std::memcpy(tile + 2 * o, in.d, 2);
+  if (!q6_k) std::memcpy(tile + f.dmin + 2 * o, in.dmin, 2);
+  for (int64_t p = 0; p < f.pairs; ++p)
+    for (int64_t e = 0; e < 2; ++e) {
+      tile[f.scales + 16 * p + 2 * o + e] = static_cast<uint8_t>(in.scales[2 * p + e]);
+      if (!q6_k) tile[f.mins + 16 * p + 2 * o + e] = static_cast<uint8_t>(in.mins[2 * p + e]);
+    }
+  for (int64_t s = 0; s < kSuper / kStep; ++s)
+    for (int64_t j = 0; j < 4; ++j)
+      tile[f.nibbles + 32 * s + 4 * o + j] =
+          static_cast<uint8_t>((in.q[8 * s + j] & 0x0F) | ((in.q[8 * s + 4 + j] & 0x0F) << 4));
+  if (q6_k)
+    for (int64_t g = 0; g < kSuper / 16; ++g)
+      for (int64_t j = 0; j < 4; ++j) {
+        uint8_t high = 0;
+        for (int64_t i = 0; i < 4; ++i) high |= static_cast<uint8_t>((in.q[16 * g + 4 * i + j] >> 4) << (2 * i));
+        tile[f.high + 32 * g + 4 * o + j] = high;
+      }
+}
+
+// Weight i of output o in a tile's super-block: q, its sub-block's scale and (Q4_K) min.
+struct TileWeight {
+  int32_t q, scale, min;
+};
+
+inline TileWeight tile_weight(const TileFormat& f, bool q6_k, const uint8_t* tile, int64_t o, int64_t i) {
+  const int64_t within = i % kStep;
+  int32_t q = (tile[f.nibbles + 32 * (i / kStep) + 4 * o + within % 4] >> (4 * (within / 4))) & 0x0F;
+  const int64_t sub = q6_k ? i / 16 : i / 32, at = 16 * (sub / 2) + 2 * o + sub % 2;
+  if (q6_k) {
+    const int64_t r = i % 16;
+    q |= ((tile[f.high + 32 * (i / 16) + 4 * o + r % 4] >> (2 * (r / 4))) & 3) << 4;
+    return {q, static_cast<int8_t>(tile[f.scales + at]), 0};
+  }
+  return {q, tile[f.scales + at], tile[f.mins + at]};
+}
+
+// ---- Activations ----
+
+// Activation rows rounded to int8 per 32, with each 32's scale and scaled sum, and the integer sums of each 16.
+struct RoundedRows {
+  const int8_t* values;  // [rows, in]
+  const float* scales;  // [rows, in / 32]
+  const float* scaled_sums;  // [rows, in / 32]
+  const int16_t* sums;  // [rows, in / 16]
+};
+
+// The largest |x| of 32 activations.
+template <typename T>
+inline float abs_max(const T* in) {
+#ifdef PAGEDLLM_AVX2
+  const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  __m256 max = _mm256_setzero_ps();
+  for (int64_t j = 0; j < 32; j += 8) max = _mm256_max_ps(max, _mm256_and_ps(load8(in + j), magnitude));
+  __m128 half = _mm_max_ps(_mm256_castps256_ps128(max), _mm256_extractf128_ps(max, 1));
+  half = _mm_max_ps(half, _mm_movehl_ps(half, half));
+  return _mm_cvtss_f32(_mm_max_ss(half, _mm_movehdup_ps(half)));
+#else
+  float max = 0.f;
+  for (int64_t j = 0; j < 32; ++j) max = std::max(max, std::abs(to_float(in[j])));
+  return max;
+#endif
+}
+
+// Rounds 32 activations to int8 (nearest, ties to even) at `inverse` levels per unit; returns the sums of each 16.
+template <typename T>
+inline std::pair<int32_t, int32_t> round_run(const T* in, float inverse, int8_t* out) {
+#ifdef PAGEDLLM_AVX2
+  const __m256 scale = _mm256_set1_ps(inverse);
+  __m256i q[4];
+  for (int64_t i = 0; i < 4; ++i) q[i] = _mm256_cvtps_epi32(_mm256_mul_ps(load8(in + 8 * i), scale));
+  // The packs interleave 128-bit lanes; the permutation puts the 32 bytes back in order.
+  const __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out),
+                      _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+  const auto sum = [](__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+    return _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1)));
+  };
+  return {sum(_mm256_add_epi32(q[0], q[1])), sum(_mm256_add_epi32(q[2], q[3]))};
+#else
+  int32_t sums[2] = {0, 0};
+  for (int64_t j = 0; j < 32; ++j) {
+    out[j] = static_cast<int8_t>(std::nearbyint(to_float(in[j]) * inverse));
+    sums[j / 16] += out[j];
+  }
+  return {sums[0], sums[1]};
+#endif
+}
+
+template <typename T>
+RoundedRows round_rows(const at::Tensor& x) {
+  thread_local std::vector<int8_t> values;
+  thread_local std::vector<float> scales, scaled_sums;
+  thread_local std::vector<int16_t> sums;
+  const int64_t size = x.numel(), runs = size / kRun;
+  values.resize(size);
+  scales.resize(runs);
+  scaled_sums.resize(runs);
+  sums.resize(size / 16);
+  const T* xp = x.const_data_ptr<T>();
+  int8_t* vp = values.data();
+  float *sp = scales.data(), *ssp = scaled_sums.data();
+  int16_t* sump = sums.data();
+  at::parallel_for(0, runs, kRoundGrain / kRun, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const float max = abs_max(xp + i * kRun);
+      sp[i] = max / kActivationLevels;
+      const float inverse = max > 0.f ? kActivationLevels / max : 0.f;
+      const auto [first, second] = round_run(xp + i * kRun, inverse, vp + i * kRun);
+      sump[2 * i] = static_cast<int16_t>(first);
+      sump[2 * i + 1] = static_cast<int16_t>(second);
+      ssp[i] = static_cast<float>(first + second) * sp[i];
+    }
+  });
+  return {vp, sp, ssp, sump};
+}
+
+// The operands of one call.
+struct Operands {
+  const uint8_t* tiles;
+  RoundedRows x;
+  int64_t in_features, out_features, blocks, tile_row_bytes;
+};
+
+// Pointers to activation rows [m, m + Rows).
+template <int64_t Rows>
+struct RowTile {
+  const int8_t* values[Rows];
+  const float *scales[Rows], *scaled_sums[Rows];
+  const int16_t* sums[Rows];
+
+  RowTile(const Operands& a, int64_t m) {
+    for (int64_t r = 0; r < Rows; ++r) {
+      const int64_t at = (m + r) * a.in_features;
+      values[r] = a.x.values + at;
+      scales[r] = a.x.scales + at / kRun;
+      scaled_sums[r] = a.x.scaled_sums + at / kRun;
+      sums[r] = a.x.sums + at / 16;
+    }
+  }
+};
+
+// ---- Vector kernels ----
+#ifdef PAGEDLLM_AVX2
+inline int32_t four_bytes(const void* x) {
+  int32_t bytes;
+  std::memcpy(&bytes, x, sizeof bytes);
+  return bytes;
+}
+
+inline __m128i load16(const uint8_t* p) { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)); }
+inline __m256i load32(const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+
+inline void prefetch(const uint8_t* p, int64_t bytes) {
+  for (int64_t offset = 0; offset < bytes; offset += 64)
+    _mm_prefetch(reinterpret_cast<const char*>(p + offset), _MM_HINT_T0);
+}
+#endif
+
+#ifdef PAGEDLLM_AVX512_VNNI
+// Tiles a and b side by side in 16 lanes (a's outputs first); b may be a again, for a last tile alone.
+struct Lanes {
+  using I = __m512i;
+  using F = __m512;
+  const uint8_t *a, *b;
+
+  I bytes32(int64_t at) const { return _mm512_inserti64x4(_mm512_castsi256_si512(load32(a + at)), load32(b + at), 1); }
+  I widen_unsigned(int64_t at) const { return _mm512_cvtepu8_epi16(_mm256_set_m128i(load16(b + at), load16(a + at))); }
+  I widen_signed(int64_t at) const { return _mm512_cvtepi8_epi16(_mm256_set_m128i(load16(b + at), load16(a + at))); }
+  F halves(int64_t at) const { return _mm512_cvtph_ps(_mm256_set_m128i(load16(b + at), load16(a + at))); }
+
+  static I zero() { return _mm512_setzero_si512(); }
+  static I set1(int8_t v) { return _mm512_set1_epi8(v); }
+  static I band(I x, I y) { return _mm512_and_si512(x, y); }
+  static I bor(I x, I y) { return _mm512_or_si512(x, y); }
+  static I set32(int32_t v) { return _mm512_set1_epi32(v); }
+  template <int N>
+  static I left16(I x) { return _mm512_slli_epi16(x, N); }
+  template <int N>
+  static I right16(I x) { return _mm512_srli_epi16(x, N); }
+  static I low_word(I x) { return _mm512_srai_epi32(_mm512_slli_epi32(x, 16), 16); }
+  static I high_word(I x) { return _mm512_srai_epi32(x, 16); }
+  // acc plus the sums of each lane's 4 products of unsigned bytes u with the 4 signed bytes at x.
+  static I dot_bytes(I acc, I u, const int8_t* x) {
+    return _mm512_dpbusd_epi32(acc, u, _mm512_set1_epi32(four_bytes(x)));
+  }
+  static F fzero() { return _mm512_setzero_ps(); }
+  static F scaled(I x, F s) { return _mm512_mul_ps(_mm512_cvtepi32_ps(x), s); }
+  static F fma(I x, F s, F acc) { return _mm512_fmadd_ps(_mm512_cvtepi32_ps(x), s, acc); }
+  static F fmul(F x, float s) { return _mm512_mul_ps(x, _mm512_set1_ps(s)); }
+  static F fnma(F x, float s, F acc) { return _mm512_fnmadd_ps(x, _mm512_set1_ps(s), acc); }
+  template <typename Out>
+  static void store(Out* out, F v, int64_t tiles) {
+    if (tiles == 2)
+      store16(out, v);
+    else
+      store8(out, _mm512_castps512_ps256(v));
+  }
+};
+#elif defined(PAGEDLLM_AVX2)
+// One tile in 8 lanes.
+struct Lanes {
+  using I = __m256i;
+  using F = __m256;
+  const uint8_t *a, *b;
+
+  I bytes32(int64_t at) const { return load32(a + at); }
+  I widen_unsigned(int64_t at) const { return _mm256_cvtepu8_epi16(load16(a + at)); }
+  I widen_signed(int64_t at) const { return _mm256_cvtepi8_epi16(load16(a + at)); }
+  F halves(int64_t at) const { return _mm256_cvtph_ps(load16(a + at)); }
+
+  static I zero() { return _mm256_setzero_si256(); }
+  static I set1(int8_t v) { return _mm256_set1_epi8(v); }
+  static I band(I x, I y) { return _mm256_and_si256(x, y); }
+  static I bor(I x, I y) { return _mm256_or_si256(x, y); }
+  static I set32(int32_t v) { return _mm256_set1_epi32(v); }
+  template <int N>
+  static I left16(I x) { return _mm256_slli_epi16(x, N); }
+  template <int N>
+  static I right16(I x) { return _mm256_srli_epi16(x, N); }
+  static I low_word(I x) { return _mm256_srai_epi32(_mm256_slli_epi32(x, 16), 16); }
+  static I high_word(I x) { return _mm256_srai_epi32(x, 16); }
+  static I dot_bytes(I acc, I u, const int8_t* x) {
+#ifdef PAGEDLLM_VNNI
+    return add_byte_products(acc, u, _mm256_set1_epi32(four_bytes(x)));
+#else
+    // A pair of products is at most 2 * 63 * 127: no int16 saturation.
+    const __m256i pairs = _mm256_maddubs_epi16(u, _mm256_set1_epi32(four_bytes(x)));
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+#endif
+  }
+  static F fzero() { return _mm256_setzero_ps(); }
+  static F scaled(I x, F s) { return _mm256_mul_ps(_mm256_cvtepi32_ps(x), s); }
+  static F fma(I x, F s, F acc) { return _mm256_fmadd_ps(_mm256_cvtepi32_ps(x), s, acc); }
+  static F fmul(F x, float s) { return _mm256_mul_ps(x, _mm256_set1_ps(s)); }
+  static F fnma(F x, float s, F acc) { return _mm256_fnmadd_ps(x, _mm256_set1_ps(s), acc); }
+  template <typename Out>
+  static void store(Out* out, F v, int64_t) {
+    store8(out, v);
+  }
+};
+#endif
+
+#ifdef PAGEDLLM_AVX2
+// The outputs of tile t (and, with AVX-512, t + 1 where `tiles` is 2) for activation rows [m, m + Rows).
+template <int64_t Type, int64_t Rows, typename Out>
+void tile_rows(const Operands& a, int64_t t, int64_t tiles, int64_t m, Out* out) {
+  using I = Lanes::I;
+  using F = Lanes::F;
+  constexpr TileFormat f = tile_format(Type);
+  constexpr bool q6_k = Type == kQ6_K;
+  const uint8_t* first = a.tiles + t * a.tile_row_bytes;
+  const uint8_t* second = tiles == 2 ? first + a.tile_row_bytes : first;
+  const RowTile<Rows> x(a, m);
+  const I low4 = Lanes::set1(0x0F), bits45 = Lanes::set1(0x30);
+  F acc[Rows];
+  for (int64_t r = 0; r < Rows; ++r) acc[r] = Lanes::fzero();
+  for (int64_t b = 0; b < a.blocks; ++b) {
+    const Lanes w{first + b * f.bytes, second + b * f.bytes};
+    // The next super-block: met by several rows, a block takes long enough that loads would otherwise wait.
+    if (b + 1 < a.blocks) {
+      prefetch(w.a + f.bytes, f.bytes);
+      if (tiles == 2) prefetch(w.b + f.bytes, f.bytes);
+    }
+    const F d = w.halves(0), dmin = q6_k ? d : w.halves(f.dmin);
+    for (int64_t p = 0; p < f.pairs; ++p) {
+      const I scale_pair = q6_k ? w.widen_signed(f.scales + 16 * p) : w.widen_unsigned(f.scales + 16 * p);
+      const I min_pair = q6_k ? scale_pair : w.widen_unsigned(f.mins + 16 * p);
+      for (int64_t e = 0; e < 2; ++e) {
+        const int64_t sub_block = 2 * p + e, run = q6_k ? 8 * b + p : 8 * b + sub_block;
+        I sub[Rows];
+        for (int64_t r = 0; r < Rows; ++r)
+          sub[r] = q6_k ? Lanes::set32(-32 * x.sums[r][16 * b + sub_block]) : Lanes::zero();
+        const int64_t first_step = sub_block * f.steps_per_sub;
+#pragma GCC unroll 1
+        for (int64_t s = first_step; s < first_step + f.steps_per_sub; ++s) {
+          const I nibbles = w.bytes32(f.nibbles + 32 * s);
+          I low = Lanes::band(nibbles, low4), high = Lanes::band(Lanes::right16<4>(nibbles), low4);
+          if constexpr (q6_k) {
+            // Bits 4 (s % 2) .. of each high byte: this step's low-nibble values, then its high-nibble ones.
+            const I top = w.bytes32(f.high + 32 * (s / 2));
+            if (s % 2 == 0) {
+              low = Lanes::bor(low, Lanes::band(Lanes::left16<4>(top), bits45));
+              high = Lanes::bor(high, Lanes::band(Lanes::left16<2>(top), bits45));
+            } else {
+              low = Lanes::bor(low, Lanes::band(top, bits45));
+              high = Lanes::bor(high, Lanes::band(Lanes::right16<2>(top), bits45));
+            }
+          }
+          for (int64_t r = 0; r < Rows; ++r) {
+            const int8_t* xv = x.values[r] + kSuper * b + kStep * s;
+            sub[r] = Lanes::dot_bytes(Lanes::dot_bytes(sub[r], low, xv), high, xv + 4);
+          }
+        }
+        // d * sc and dmin * m: exact in float32 (11 bits times 8 or 6).
+        const F scale = Lanes::scaled(e == 0 ? Lanes::low_word(scale_pair) : Lanes::high_word(scale_pair), d);
+        for (int64_t r = 0; r < Rows; ++r) acc[r] = Lanes::fma(sub[r], Lanes::fmul(scale, x.scales[r][run]), acc[r]);
+        if constexpr (!q6_k) {
+          const F min = Lanes::scaled(e == 0 ? Lanes::low_word(min_pair) : Lanes::high_word(min_pair), dmin);
+          for (int64_t r = 0; r < Rows; ++r) acc[r] = Lanes::fnma(min, x.scaled_sums[r][run], acc[r]);
+        }
+      }
+    }
+  }
+  for (int64_t r = 0; r < Rows; ++r) Lanes::store(out + (m + r) * a.out_features + t * kTile, acc[r], tiles);
+}
+#else
+// The scalar kernel: the same integers, summed in the same way, one output at a time.
+template <int64_t Type, int64_t Rows, typename Out>
+void tile_rows(const Operands& a, int64_t t, int64_t, int64_t m, Out* out) {
+  constexpr TileFormat f = tile_format(Type);
+  constexpr bool q6_k = Type == kQ6_K;
+  constexpr int64_t sub_values = q6_k ? 16 : 32;
+  const RowTile<Rows> x(a, m);
+  for (int64_t o = 0; o < kTile; ++o)
+    for (int64_t r = 0; r < Rows; ++r) {
+      float total = 0.f;
+      for (int64_t b = 0; b < a.blocks; ++b) {
+        const uint8_t* tile = a.tiles + t * a.tile_row_bytes + b * f.bytes;
+        const float d = half_at(tile + 2 * o), dmin = q6_k ? 0.f : half_at(tile + f.dmin + 2 * o);
+        for (int64_t s = 0; s < kSuper / sub_values; ++s) {
+          int32_t sub = q6_k ? -32 * x.sums[r][16 * b + s] : 0;
+          TileWeight w{};
+          for (int64_t i = s * sub_values; i < (s + 1) * sub_values; ++i) {
+            w = tile_weight(f, q6_k, tile, o, i);
+            sub += w.q * x.values[r][kSuper * b + i];
+          }
+          const int64_t run = (kSuper * b + s * sub_values) / kRun;
+          total += static_cast<float>(sub) * (d * static_cast<float>(w.scale) * x.scales[r][run]);
+          if (!q6_k) total -= dmin * static_cast<float>(w.min) * x.scaled_sums[r][run];
+        }
+      }
+      out[(m + r) * a.out_features + t * kTile + o] = static_cast<Out>(total);
+    }
+}
+#endif
+
+// Calls tile(rows, m) for the last `rows` (Rows at most) activation rows, from row m, as one tile.
+template <int64_t Rows, typename TileFn>
+void last_tile(int64_t rows, int64_t m, const TileFn& tile) {
+  if constexpr (Rows > 0) {
+    if (rows == Rows)
+      tile(std::integral_constant<int64_t, Rows>{}, m);
+    else
+      last_tile<Rows - 1>(rows, m, tile);
+  }
+}
+
+// Calls tile(rows, m) for the activation rows in tiles of kRowTile, then the rest in one tile.
+template <typename TileFn>
+void for_row_tiles(int64_t num_rows, const TileFn& tile) {
+  int64_t m = 0;
+  for (; num_rows - m >= kRowTile; m += kRowTile) tile(std::integral_constant<int64_t, kRowTile>{}, m);
+  if (m < num_rows) last_tile<kRowTile - 1>(num_rows - m, m, tile);
+}
+
+template <int64_t Type, typename Out>
+void multiply(const Operands& a, int64_t num_rows, Out* out) {
+  const int64_t tiles = a.out_features / kTile;
+  at::parallel_for(0, tiles, kRowGrain / kTile, [&](int64_t begin, int64_t end) {
+    for (int64_t first = 0; first < num_rows; first += kRowBlock)
+      for (int64_t t = begin; t < end; t += kTilesPerCall)
+        for_row_tiles(std::min(kRowBlock, num_rows - first), [&](auto tile_rows_count, int64_t m) {
+          constexpr int64_t R = decltype(tile_rows_count)::value;
+          tile_rows<Type, R>(a, t, std::min(kTilesPerCall, end - t), first + m, out);
+        });
+  });
+}
+
+int64_t checked_blocks(const at::Tensor& tiles, int64_t type, const char* name) {
+  check_type(type, name);
+  TORCH_CHECK(tiles.dim() == 2 && tiles.scalar_type() == at::kByte && tiles.is_contiguous(), name,
+              ": tiles must be a contiguous uint8 [out / 8, row bytes] tensor");
+  const int64_t bytes = tile_format(type).bytes;
+  TORCH_CHECK(tiles.size(1) % bytes == 0, name, ": tile rows not a whole number of super-blocks");
+  return tiles.size(1) / bytes;
+}
+
+}  // namespace
+
+at::Tensor kquant_tiles(const at::Tensor& blocks, int64_t ggml_type) {
+  check_type(ggml_type, "kquant_tiles");
+  const TileFormat f = tile_format(ggml_type);
+  TORCH_CHECK(blocks.dim() == 2 && blocks.scalar_type() == at::kByte,
+              "kquant_tiles: blocks must be uint8 [out, row bytes]");
+  TORCH_CHECK(blocks.size(1) % f.block_bytes == 0, "kquant_tiles: row bytes not a whole number of blocks");
+  TORCH_CHECK(blocks.size(0) % kTile == 0, "kquant_tiles: output rows must be a multiple of ", kTile);
+  const at::Tensor rows = blocks.contiguous();
+  const int64_t num_blocks = rows.size(1) / f.block_bytes, tiles = rows.size(0) / kTile;
+  at::Tensor out = at::empty({tiles, num_blocks * f.bytes}, rows.options());
+  const uint8_t* in = rows.const_data_ptr<uint8_t>();
+  uint8_t* op = out.data_ptr<uint8_t>();
+  const bool q6_k = ggml_type == kQ6_K;
+  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    DecodedBlock decoded;
+    for (int64_t t = begin; t < end; ++t)
+      for (int64_t b = 0; b < num_blocks; ++b) {
+        uint8_t* tile = op + (t * num_blocks + b) * f.bytes;
+        std::memset(tile, 0, f.bytes);
+        for (int64_t o = 0; o < kTile; ++o) {
+          const uint8_t* block = in + (t * kTile + o) * rows.size(1) + b * f.block_bytes;
+          if (q6_k)
+            decode_q6_k(block, decoded);
+          else
+            decode_q4_k(block, decoded);
+          write_tile(f, q6_k, decoded, o, tile);
+        }
+      }
+  });
+  return out;
+}
+
+at::Tensor kquant_linear(const at::Tensor& x, const at::Tensor& tiles, int64_t ggml_type) {
+  const int64_t blocks = checked_blocks(tiles, ggml_type, "kquant_linear");
+  const int64_t in_features = blocks * kSuper, out_features = tiles.size(0) * kTile;
+  TORCH_CHECK(x.size(-1) == in_features, "kquant_linear: input has ", x.size(-1), " features, weight ", in_features);
+  const at::Tensor rows = x.reshape({-1, in_features}).contiguous();
+  const int64_t num_rows = rows.size(0);
+  at::Tensor out = at::empty({num_rows, out_features}, x.options());
+  PAGEDLLM_DISPATCH_FLOAT_TYPES(x.scalar_type(), "kquant_linear", [&] {
+    const Operands a{tiles.const_data_ptr<uint8_t>(), round_rows<scalar_t>(rows), in_features, out_features, blocks,
+                     tiles.size(1)};
+    if (ggml_type == kQ4_K)
+      multiply<kQ4_K>(a, num_rows, out.data_ptr<scalar_t>());
+    else
+      multiply<kQ6_K>(a, num_rows, out.data_ptr<scalar_t>());
+  });
+  auto sizes = x.sizes().vec();
+  sizes.back() = out_features;
+  return out.view(sizes);
+}
+
+at::Tensor kquant_dequantize(const at::Tensor& tiles, int64_t ggml_type, at::ScalarType dtype) {
+  const int64_t blocks = checked_blocks(tiles, ggml_type, "kquant_dequantize");
+  const TileFormat f = tile_format(ggml_type);
+  const bool q6_k = ggml_type == kQ6_K;
+  const int64_t in_features = blocks * kSuper;
+  // gguf's reference: Q4_K (d * sc) * q - dmin * m, Q6_K (d * sc) * (q - 32), in float32 (d * sc and dmin * m are
+  // exact, and so is Q4_K's product, so a contracted multiply-add rounds alike).
+  at::Tensor out = at::empty({tiles.size(0) * kTile, in_features}, tiles.options().dtype(at::kFloat));
+  const uint8_t* tp = tiles.const_data_ptr<uint8_t>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, tiles.size(0), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t)
+      for (int64_t b = 0; b < blocks; ++b) {
+        const uint8_t* tile = tp + (t * blocks + b) * f.bytes;
+        for (int64_t o = 0; o < kTile; ++o) {
+          const float d = half_at(tile + 2 * o), dmin = q6_k ? 0.f : half_at(tile + f.dmin + 2 * o);
+          float* row = op + (t * kTile + o) * in_features + b * kSuper;
+          for (int64_t i = 0; i < kSuper; ++i) {
+            const TileWeight w = tile_weight(f, q6_k, tile, o, i);
+            const float scale = d * static_cast<float>(w.scale);
+            row[i] = q6_k ? scale * static_cast<float>(w.q - 32)
+                          : scale * static_cast<float>(w.q) - dmin * static_cast<float>(w.min);
+          }
+        }
+      }
+  });
+  return dtype == at::kFloat ? out : out.to(dtype);
+}
+
+}  // namespace pagedllm
