@@ -1,5 +1,5 @@
 """CPU kernels of our own, in C++, registered as torch.ops.pagedllm.*: weight-only int4/int8 matmuls and matmuls by
-GGUF's own quantized blocks (Q4_0, Q4_1, Q4_K, Q5_K, Q6_K, Q5_0, Q8_0), decode
+GGUF's own quantized blocks (Q4_0, Q4_1, Q4_K, Q5_K, Q6_K, Q5_0, Q8_0) and by Q8_0 weights in tiles of outputs, decode
 attention that reads the paged KV cache in place, the attention of a step's prefills in one call, the KV-cache
 write, and the small fused ops of a decoder layer (RMSNorm with the residual add, rotary embedding in place,
 SiLU-and-multiply), and every decoder layer of an all-decode step in one call.
@@ -28,6 +28,7 @@ SOURCES = (
     "ops.cpp",
     "quantized_linear.cpp",
     "gguf_linear.cpp",
+    "q8_0_tiles.cpp",
     "paged_attention.cpp",
     "prefill_attention.cpp",
     "kv_cache.cpp",

@@ -18,7 +18,14 @@ from pagedllm.layers.mlp import GatedMLP
 from pagedllm.layers.norm import RMSNorm
 from pagedllm.layers.quantization import LinearQuantization, QuantizedWeight
 from pagedllm.layers.rotary import RotaryEmbedding
-from pagedllm.model.weights import check_all_used, load_embedding, load_linear, load_projections, weight_bytes
+from pagedllm.model.weights import (
+    check_all_used,
+    load_embedding,
+    load_linear,
+    load_projections,
+    tie_embedding,
+    weight_bytes,
+)
 
 
 def scale_embeddings(embeddings: torch.Tensor, hidden_size: int) -> torch.Tensor:
@@ -156,6 +163,8 @@ class Gemma3ForCausalLM(nn.Module):
         if lm_head is None or isinstance(lm_head, torch.Tensor):
             lm_head = embedding
         load_linear(self, "lm_head", lm_head, None, dtype, self.quantization, lm_head=True)
+        if lm_head is embedding:
+            tie_embedding(self, dtype)
         for i, layer in enumerate(self.layers):
             prefix = f"model.layers.{i}."
             for norm in (

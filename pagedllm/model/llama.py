@@ -27,7 +27,14 @@ from pagedllm.layers.parallel_linear import (
 )
 from pagedllm.layers.quantization import LinearQuantization, QuantizedWeight
 from pagedllm.layers.rotary import RotaryEmbedding
-from pagedllm.model.weights import check_all_used, load_embedding, load_linear, load_projections, weight_bytes
+from pagedllm.model.weights import (
+    check_all_used,
+    load_embedding,
+    load_linear,
+    load_projections,
+    tie_embedding,
+    weight_bytes,
+)
 
 
 class LlamaAttention(nn.Module):
@@ -181,6 +188,8 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head.load(lm_head, dtype, self.quantization, tied)
         else:
             load_linear(self, "lm_head", lm_head, None, dtype, self.quantization, lm_head=True)
+            if lm_head is embedding:
+                tie_embedding(self, dtype)
         remaining.pop("rope_freqs", None)  # already applied by RotaryEmbedding at construction
         _drop_other_stages_layers(remaining, self.stage.layers)
         for i, layer in zip(self.stage.layers, self.layers, strict=True):

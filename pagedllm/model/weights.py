@@ -11,6 +11,7 @@ from pagedllm.layers.gguf_blocks import GGUFWeight
 from pagedllm.layers.gguf_linear import GGUFEmbedding
 from pagedllm.layers.linear import Linear
 from pagedllm.layers.parallel_linear import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
+from pagedllm.layers.q8_0_tiles import Q8_0Embedding, Q8_0Linear
 from pagedllm.layers.quantization import LinearQuantization, QuantizedWeight, fuse_rows
 from pagedllm.layers.quantized_linears import quantized_linear
 
@@ -25,6 +26,13 @@ def load_embedding(owner: nn.Module, name: str, table: torch.Tensor | QuantizedW
         setattr(owner, name, GGUFEmbedding(table, dtype))
     else:
         layer.weight.data = table
+
+
+def tie_embedding(owner: nn.Module, dtype: torch.dtype) -> None:
+    """Where the lm_head keeps the tied GGUF table as Q8_0 tiles, the embedding lookups read those tiles: one copy
+    of the table, in one layout."""
+    if isinstance(owner.lm_head, Q8_0Linear) and isinstance(owner.embed_tokens, GGUFEmbedding):
+        owner.embed_tokens = Q8_0Embedding(owner.lm_head.weight(), dtype)
 
 
 def load_linear(

@@ -8,6 +8,7 @@ TORCH_LIBRARY(pagedllm, m) {
   m.def("int8_linear(Tensor x, Tensor weight, Tensor scales) -> Tensor");
   m.def("gguf_linear(Tensor x, Tensor blocks, int ggml_type) -> Tensor");
   m.def("gguf_dequantize(Tensor blocks, int ggml_type, ScalarType dtype) -> Tensor");
+  m.def("q8_0_tiles_linear(Tensor x, Tensor tiles, Tensor scales, int out_features) -> Tensor");
   m.def("paged_decode_attention(Tensor q, Tensor k_pool, Tensor v_pool, Tensor block_tables, Tensor seq_lens, float scale, int sliding_window=0) -> Tensor");
   m.def("prefill_attention(Tensor q, Tensor k, Tensor v, int[] query_starts, int[] key_starts, int[] key_lens, float scale, int sliding_window=0) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
@@ -25,7 +26,8 @@ TORCH_LIBRARY(pagedllm, m) {
       "int[] sliding_windows, str layer_type, int num_heads, int num_kv_heads, float eps, float scale, "
       "int dense_rows, Tensor? segment=None, int rank=0, int world_size=1, float timeout_s=0) -> Tensor");
   m.def("fused_decode_weight_kinds() -> int[]", []() {
-    return std::vector<int64_t>{pagedllm::kDense, pagedllm::kInt8, pagedllm::kInt4, pagedllm::kGGUF};
+    return std::vector<int64_t>{pagedllm::kDense, pagedllm::kInt8, pagedllm::kInt4, pagedllm::kGGUF,
+                                pagedllm::kQ8_0Tiles};
   });
 }
 
@@ -34,6 +36,7 @@ TORCH_LIBRARY_IMPL(pagedllm, CPU, m) {
   m.impl("int8_linear", &pagedllm::int8_linear);
   m.impl("gguf_linear", &pagedllm::gguf_linear);
   m.impl("gguf_dequantize", &pagedllm::gguf_dequantize);
+  m.impl("q8_0_tiles_linear", &pagedllm::q8_0_tiles_linear);
   m.impl("paged_decode_attention", &pagedllm::paged_decode_attention);
   m.impl("prefill_attention", &pagedllm::prefill_attention);
   m.impl("rms_norm", &pagedllm::rms_norm);

@@ -8,6 +8,8 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::
 at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scales);
 at::Tensor gguf_linear(const at::Tensor& x, const at::Tensor& blocks, int64_t ggml_type);
 at::Tensor gguf_dequantize(const at::Tensor& blocks, int64_t ggml_type, at::ScalarType dtype);
+at::Tensor q8_0_tiles_linear(const at::Tensor& x, const at::Tensor& tiles, const at::Tensor& scales,
+                             int64_t out_features);
 at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_pool,
                                   const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale,
                                   int64_t sliding_window);
@@ -28,8 +30,9 @@ void shared_memory_all_reduce_(at::Tensor& x, const at::Tensor& segment, int64_t
 at::Tensor shared_memory_all_gather(const at::Tensor& x, const at::Tensor& segment, int64_t rank, int64_t world_size,
                                     double timeout_s);
 // Kinds of fused_decode's weight parts (Python reads them through fused_decode_weight_kinds, so they are defined
-// here alone); a part's kind argument is its int4 group size or its GGUF type, else unused.
-constexpr int64_t kDense = 0, kInt8 = 1, kInt4 = 2, kGGUF = 3;
+// here alone); a part's kind argument is its int4 group size, its GGUF type or its Q8_0 tiles' out_features, else
+// unused.
+constexpr int64_t kDense = 0, kInt8 = 1, kInt4 = 2, kGGUF = 3, kQ8_0Tiles = 4;
 
 at::Tensor fused_decode(const at::Tensor& hidden, const at::Tensor& positions, at::TensorList cos,
                          at::TensorList signed_sin, at::TensorList norms, at::TensorList weights,
