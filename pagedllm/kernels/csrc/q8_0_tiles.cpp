@@ -12,14 +12,15 @@
 // output and block, sum (c + 128) a - 128 sum a = sum c a is an exact int32 (dpbusd: four unsigned weight bytes
 // times four signed activation bytes per lane; AVX2 without VNNI: |c| times a with c's sign, in int16 pairs); then
 // y = fma(float(sum), d * s_x, y), block after block. Each of a row's steps depends on that row alone: a row's
-// outputs have the same bits whatever rows share the call and however the kernel groups rows into tiles. The
-// weights of a group of output tiles are loaded once per step for all the rows of a row tile, and stay in the L1/L2
-// cache while the next row tiles meet them.
+// outputs have the same bits whatever rows share the call and however the kernel groups rows into tiles. A tile's
+// weights are loaded once per step for all the rows of a row tile (up to 8), and a group of tiles stays in the L2
+// cache while the next row tiles meet it.
 #include "ops.h"
 #include "vec.h"
 
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <type_traits>
@@ -34,7 +35,11 @@ constexpr int64_t kBlock = 32;  // inputs per Q8_0 block
 constexpr int64_t kStep = 4;  // inputs per step
 constexpr int64_t kSteps = kBlock / kStep;
 constexpr int64_t kTileBlockBytes = kTile * kBlock;
-constexpr int64_t kTileGroup = 4;  // output tiles per parallel task
+// Output tiles per parallel task: as many as fit in this many bytes, in the L2 cache, where every row tile after the
+// first reads them. Each such pass jumps back, and the hardware prefetcher, which follows a forward stream, starts
+// over at the next group: the fewer groups, the fewer restarts.
+constexpr int64_t kGroupBytes = int64_t{512} << 10;
+constexpr int64_t kGroupsPerThread = 8;  // at the least, so that threads finish within about a group of each other
 constexpr int64_t kRoundGrain = 512;  // blocks per parallel task of rounding, at the least
 constexpr float kActivationLevels = 127.f;
 
@@ -273,11 +278,13 @@ void for_row_tiles(int64_t num_rows, const TileFn& tile) {
 
 template <typename Out>
 void multiply(const TiledWeight& w, const Activations& x, int64_t num_rows, Out* out) {
-  const int64_t tiles = (w.out_features + kTile - 1) / kTile, groups = (tiles + kTileGroup - 1) / kTileGroup;
+  const int64_t tiles = (w.out_features + kTile - 1) / kTile;
+  const int64_t most = std::max<int64_t>(1, tiles / (kGroupsPerThread * at::get_num_threads()));
+  const int64_t per_group = std::clamp<int64_t>(kGroupBytes / (w.blocks * kTileBlockBytes), 1, most);
   const Outputs<Out> y{out, w.out_features};
-  at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, (tiles + per_group - 1) / per_group, 1, [&](int64_t begin, int64_t end) {
     for (int64_t g = begin; g < end; ++g) {
-      const int64_t first = g * kTileGroup, last = std::min(tiles, first + kTileGroup);
+      const int64_t first = g * per_group, last = std::min(tiles, first + per_group);
       for_row_tiles(num_rows, [&](auto row_tile, int64_t m) {
         for (int64_t t = first; t < last; ++t) tile_rows<decltype(row_tile)::value>(w, t, x, m, y);
       });
