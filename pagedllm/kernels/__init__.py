@@ -1,8 +1,9 @@
 """CPU kernels of our own, in C++, registered as torch.ops.pagedllm.*: weight-only int4/int8 matmuls and matmuls by
-GGUF's own quantized blocks (Q4_0, Q4_1, Q4_K, Q5_K, Q6_K, Q5_0, Q8_0) or by Q4_K and Q6_K repacked into tiles of
-outputs, decode attention that reads the paged KV cache in place, the attention of a step's prefills in one call,
-the KV-cache write, and the small fused ops of a decoder layer (RMSNorm with the residual add, rotary embedding in
-place, SiLU-and-multiply), and every decoder layer of an all-decode step in one call.
+GGUF's own quantized blocks (Q4_0, Q4_1, Q4_K, Q5_K, Q6_K, Q5_0, Q8_0), by Q4_K and Q6_K repacked into tiles of
+outputs and by Q8_0 weights in tiles of outputs, decode attention that reads the paged KV cache in place, the
+attention of a step's prefills in one call, the KV-cache write, and the small fused ops of a decoder layer (RMSNorm
+with the residual add, rotary embedding in place, SiLU-and-multiply), and every decoder layer of an all-decode step
+in one call.
 
 They are compiled for this machine's CPU on first use (`make install` does it once) and cached; where no
 compiler is available the layers keep their plain PyTorch paths, which the tests check the kernels against.
@@ -29,6 +30,7 @@ SOURCES = (
     "quantized_linear.cpp",
     "gguf_linear.cpp",
     "kquant_tiles.cpp",
+    "q8_0_tiles.cpp",
     "paged_attention.cpp",
     "prefill_attention.cpp",
     "kv_cache.cpp",

@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import gguf
 import torch
 from torch import nn
 
 from pagedllm.layers.gguf_blocks import GGUFWeight
 from pagedllm.layers.gguf_linear import GGUFLinear
 from pagedllm.layers.linear import QuantizedLinear
+from pagedllm.layers.q8_0_tiles import Q8_0Linear
 from pagedllm.layers.quantization import QuantizedWeight, RowStackedWeight
 
 
 def quantized_linear(
     weight: QuantizedWeight, bias: torch.Tensor | None, dtype: torch.dtype, dense_matmul_min_rows: int | None
 ) -> nn.Module:
-    """A linear layer over `weight` as stored: GGUF blocks, int8/int4, or fused parts of several kinds."""
+    """A linear layer over `weight` as stored: GGUF blocks (Q8_0 rearranged into tiles), int8/int4, or fused parts
+    of several kinds."""
+    if isinstance(weight, GGUFWeight) and weight.ggml_type == gguf.GGMLQuantizationType.Q8_0:
+        return Q8_0Linear(weight, bias, dtype, dense_matmul_min_rows)
     if isinstance(weight, GGUFWeight):
         return GGUFLinear(weight, bias, dtype, dense_matmul_min_rows)
     if isinstance(weight, RowStackedWeight):

@@ -20,6 +20,7 @@ from pagedllm.layers.attention import AttentionMetadata, HeadGroups, KVPool, Pag
 from pagedllm.layers.gguf_linear import GGUF_PACKED_MATMUL_MAX_ROWS, GGUFLinear
 from pagedllm.layers.linear import Linear, QuantizedLinear, dense_rows
 from pagedllm.layers.parallel_linear import ColumnParallelLinear, RowParallelLinear
+from pagedllm.layers.q8_0_tiles import Q8_0Linear
 from pagedllm.layers.quantized_linears import RowStackedLinear
 from pagedllm.model.gemma3 import Gemma3ForCausalLM, scale_embeddings
 from pagedllm.model.llama import LlamaForCausalLM
@@ -34,6 +35,7 @@ class WeightKinds:
     int4: int
     gguf: int
     kquant_tiles: int
+    q8_0_tiles: int
 
 
 @functools.cache
@@ -48,7 +50,7 @@ class LinearPart:
     weight: torch.Tensor
     scales: torch.Tensor  # empty unless int8 or int4
     kind: int  # a weight_kinds() code
-    kind_arg: int  # the int4 group size or the GGUF type (of blocks or tiles), else 0
+    kind_arg: int  # the int4 group size, the GGUF type (of blocks or tiles) or the Q8_0 tiles' out_features, else 0
     bias: torch.Tensor | None
     max_rows: float  # the most rows for which the layer's own forward takes the same path
 
@@ -79,6 +81,10 @@ def linear_parts(layer: nn.Module) -> list[LinearPart] | None:
         if layer.tiles is not None:
             return [LinearPart(layer.tiles, torch.empty(0), kinds.kquant_tiles, layer.ggml_type, layer.bias, max_rows)]
         return [LinearPart(layer.blocks, torch.empty(0), kinds.gguf, layer.ggml_type, layer.bias, max_rows)]
+    if isinstance(layer, Q8_0Linear) and layer.kernel == "pagedllm":
+        # Q8_0Linear.forward: a dense copy from dense_matmul_min_rows rows on, the tiles below.
+        max_rows = layer.dense_matmul_min_rows - 1 if layer.dense is not None else math.inf
+        return [LinearPart(layer.tiles, layer.scales, kinds.q8_0_tiles, layer.out_features, layer.bias, max_rows)]
     return None
 
 

@@ -16,6 +16,7 @@ from pagedllm.layers.parallel_linear import (
     RowParallelLinear,
     VocabParallelEmbedding,
 )
+from pagedllm.layers.q8_0_tiles import Q8_0Embedding, Q8_0Linear
 from pagedllm.layers.quantization import LinearQuantization, QuantizedWeight, fuse_rows
 from pagedllm.layers.quantized_linears import quantized_linear
 
@@ -30,6 +31,13 @@ def load_embedding(owner: nn.Module, name: str, table: torch.Tensor | QuantizedW
         setattr(owner, name, GGUFEmbedding(table, dtype))
     else:
         layer.weight.data = table
+
+
+def tie_embedding(owner: nn.Module, dtype: torch.dtype) -> None:
+    """Where the lm_head keeps the tied GGUF table as Q8_0 tiles, the embedding lookups read those tiles: one copy
+    of the table, in one layout."""
+    if isinstance(owner.lm_head, Q8_0Linear) and isinstance(owner.embed_tokens, GGUFEmbedding):
+        owner.embed_tokens = Q8_0Embedding(owner.lm_head.weight(), dtype)
 
 
 def load_linear(
@@ -67,12 +75,15 @@ def load_lm_head(
     quantization: LinearQuantization,
 ) -> None:
     """Load `owner.lm_head` from `weight`, which is `embedding` where the lm_head is tied to the embedding table; a
-    vocabulary-parallel one keeps this rank's rows (a dense tied one sharing the embedding's)."""
+    vocabulary-parallel one keeps this rank's rows (a dense tied one sharing the embedding's); a tied Q8_0 table is
+    then looked up from the lm_head's tiles (tie_embedding)."""
     if isinstance(owner.lm_head, ParallelLMHead):
         tied = owner.embed_tokens if weight is embedding else None
         owner.lm_head.load(weight, dtype, quantization, tied)
     else:
         load_linear(owner, "lm_head", weight, None, dtype, quantization, lm_head=True)
+        if weight is embedding:
+            tie_embedding(owner, dtype)
 
 
 def load_projections(

@@ -134,17 +134,18 @@ def gguf_runner(path: Path, dense_matmul_min_rows: int) -> tuple[ModelRunner, Bl
 
 
 def test_stack_matches_layers_on_gguf_blocks(mixed_gguf: Path) -> None:
-    """Q5_K, Q5_0 and Q8_0 blocks (Q4_K and Q6_K as tiles, Q4_0 and Q4_1 as int4), q/k/v and gate/up joined from
-    parts of mixed types."""
+    """Q5_K and Q5_0 blocks (Q4_K and Q6_K as K-quant tiles, Q8_0 as its tiles, Q4_0 and Q4_1 as int4), q/k/v and
+    gate/up joined from parts of mixed types."""
     runner, blocks = gguf_runner(mixed_gguf, 0)
     stack = runner.fused_decode
     kinds = weight_kinds()
     gguf_types = {arg for kind, arg in zip(stack.kinds, stack.kind_args) if kind == kinds.gguf}
     tile_types = {arg for kind, arg in zip(stack.kinds, stack.kind_args) if kind == kinds.kquant_tiles}
     int4_types = {gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.Q4_1}
+    q8_0_types = {gguf.GGMLQuantizationType.Q8_0}
     file_types = {t for types in LAYER_TYPES for t in types.values()}
-    assert tile_types == set(GGUF_TILE_TYPES) and gguf_types == file_types - int4_types - tile_types
-    assert (kinds.int4, 32) in set(zip(stack.kinds, stack.kind_args))
+    assert tile_types == set(GGUF_TILE_TYPES) and gguf_types == file_types - int4_types - tile_types - q8_0_types
+    assert (kinds.int4, 32) in set(zip(stack.kinds, stack.kind_args)) and kinds.q8_0_tiles in stack.kinds
     assert stack.parts[0] == 3 and max(stack.parts) == 3  # layer 0's q/k/v: Q4_K, Q4_K, Q6_K
     assert stack.max_rows == GGUF_PACKED_MATMUL_MAX_ROWS
     check_stack_matches_layers(runner.model, stack, blocks)

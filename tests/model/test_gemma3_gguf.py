@@ -115,3 +115,20 @@ def test_ngram_speculation_keeps_the_default_settings_greedy_outputs_past_the_wi
         got = speculating.generate([request.prompt_token_ids], params)[0].outputs[0].token_ids
         assert got == want
     assert speculating.engine.stats().spec_decode.acceptance_rate > 0.3
+
+
+def test_ngram_verification_gives_each_row_the_logits_of_a_one_row_decode_to_the_bit(gemma3_gguf: Path) -> None:
+    """The default dtype and quantization on two threads: each verified row's logits (the tied Q8_0 lm_head's and
+    the Q8_0 v_proj's tiles among them), hence its logprobs, are bit for bit those of the decode without speculation."""
+    previous = torch.get_num_threads()
+    try:
+        plain = LLM(model=str(gemma3_gguf), num_threads=2, kv_cache_memory=2**26)
+        speculating = LLM(model=str(gemma3_gguf), num_threads=2, kv_cache_memory=2**26, speculative_config=NGRAM)
+        params = SamplingParams(max_tokens=48, temperature=0, logprobs=1, ignore_eos=True)
+        for prompt in ("One, two, three, four, five, six, seven, eight, nine, ten. " * 3, GREEDY_PROMPTS[2]):
+            want = plain.generate([prompt], params)[0].outputs[0]
+            got = speculating.generate([prompt], params)[0].outputs[0]
+            assert (got.token_ids, got.logprobs) == (want.token_ids, want.logprobs), prompt
+        assert speculating.engine.stats().spec_decode.num_accepted_tokens > 0
+    finally:
+        torch.set_num_threads(previous)

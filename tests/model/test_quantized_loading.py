@@ -14,6 +14,7 @@ from pagedllm import LLM
 from pagedllm.layers.gguf_blocks import GGUFWeight
 from pagedllm.layers.gguf_linear import GGUFEmbedding, GGUFLinear
 from pagedllm.layers.linear import Linear, QuantizedLinear, kernel_representable
+from pagedllm.layers.q8_0_tiles import Q8_0Embedding, Q8_0Linear
 from pagedllm.layers.quantization import Int4Weight, LinearQuantization, dequantize
 from pagedllm.model.llama import LlamaForCausalLM
 from pagedllm.model.loader import gguf_linear_weight, load_checkpoint
@@ -98,9 +99,15 @@ def test_a_tied_table_serves_lookup_and_lm_head_from_one_copy_of_its_blocks(
 
     model = LlamaForCausalLM(checkpoint.config, 64, quantization=LinearQuantization("auto"))
     model.load_weights(checkpoint.weights)
-    assert isinstance(model.lm_head, GGUFLinear) and isinstance(model.embed_tokens, GGUFEmbedding)
-    assert model.lm_head.blocks.data_ptr() == model.embed_tokens.blocks.data_ptr()  # one copy, counted once
-    assert model.embed_tokens.blocks.numel() == dense.numel() * gguf.GGML_QUANT_SIZES[qtype][1] // 32
+    if qtype == Q.Q8_0:  # rearranged into the tiles every row count multiplies by
+        assert isinstance(model.lm_head, Q8_0Linear) and isinstance(model.embed_tokens, Q8_0Embedding)
+        copies = [(model.lm_head.tiles, model.embed_tokens.tiles), (model.lm_head.scales, model.embed_tokens.scales)]
+    else:
+        assert isinstance(model.lm_head, GGUFLinear) and isinstance(model.embed_tokens, GGUFEmbedding)
+        copies = [(model.lm_head.blocks, model.embed_tokens.blocks)]
+    assert all(ours.data_ptr() == theirs.data_ptr() for ours, theirs in copies)  # one copy, counted once
+    table_bytes = sum(ours.numel() * ours.element_size() for ours, _ in copies)
+    assert table_bytes == dense.numel() * gguf.GGML_QUANT_SIZES[qtype][1] // 32
     token_ids = torch.tensor([[3, 1, 4], [1, 5, 9]])
     assert torch.equal(model.embed_tokens(token_ids), torch.nn.functional.embedding(token_ids, dense))
     hidden = torch.randn(2, CONFIG.hidden_size)
@@ -164,9 +171,8 @@ def test_auto_on_the_embedded_model_keeps_its_logits(llm: LLM) -> None:
     assert isinstance(model.layers[0].mlp.down_proj, QuantizedLinear)
     decoder = [m for m in model.layers.modules() if isinstance(m, QuantizedLinear)]
     assert len(decoder) == 4 * len(model.layers) and {(m.bits, m.group_size) for m in decoder} == {(4, 32)}
-    assert isinstance(model.lm_head, GGUFLinear) and model.lm_head.ggml_type == Q.Q8_0
-    assert isinstance(model.embed_tokens, GGUFEmbedding)
-    assert auto.engine.weight_bytes < llm.engine.weight_bytes * 1.5  # int4, Q8_0 blocks, the float32 dense copies
+    assert isinstance(model.lm_head, Q8_0Linear) and isinstance(model.embed_tokens, Q8_0Embedding)
+    assert auto.engine.weight_bytes < llm.engine.weight_bytes * 1.5  # int4, Q8_0 tiles, the float32 dense copies
     for prompt in LOGIT_PROMPTS:
         token_ids = auto.tokenizer.encode(prompt)
         ours = paged_last_logits(auto.engine, token_ids, chunk_size=7)

@@ -29,6 +29,8 @@ at::Tensor linear_part(const at::Tensor& x, const at::Tensor& weight, const at::
     y = int4_linear(x, weight, scales, kind_arg);
   } else if (kind == kKQuantTiles) {
     y = kquant_linear(x, weight, kind_arg);
+  } else if (kind == kQ8_0Tiles) {
+    y = q8_0_tiles_linear(x, weight, scales, kind_arg);
   } else {
     TORCH_CHECK(kind == kGGUF, "fused_decode: unknown weight kind ", kind);
     y = gguf_linear(x, weight, kind_arg);

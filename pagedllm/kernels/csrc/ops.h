@@ -32,6 +32,8 @@ at::Tensor gguf_dequantize(const at::Tensor& blocks, int64_t ggml_type, at::Scal
 at::Tensor kquant_tiles(const at::Tensor& blocks, int64_t ggml_type);
 at::Tensor kquant_linear(const at::Tensor& x, const at::Tensor& tiles, int64_t ggml_type);
 at::Tensor kquant_dequantize(const at::Tensor& tiles, int64_t ggml_type, at::ScalarType dtype);
+at::Tensor q8_0_tiles_linear(const at::Tensor& x, const at::Tensor& tiles, const at::Tensor& scales,
+                             int64_t out_features);
 at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_pool,
                                   const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale,
                                   int64_t sliding_window, int64_t queries_per_kv, int64_t query_offset);
@@ -52,8 +54,9 @@ void shared_memory_all_reduce_(at::Tensor& x, const at::Tensor& segment, int64_t
 at::Tensor shared_memory_all_gather(const at::Tensor& x, const at::Tensor& segment, int64_t rank, int64_t world_size,
                                     double timeout_s);
 // Kinds of fused_decode's weight parts (Python reads them through fused_decode_weight_kinds, so they are defined
-// here alone); a part's kind argument is its int4 group size or its GGUF type, else unused.
-constexpr int64_t kDense = 0, kInt8 = 1, kInt4 = 2, kGGUF = 3, kKQuantTiles = 4;
+// here alone); a part's kind argument is its int4 group size, its GGUF type (of blocks or K-quant tiles) or its
+// Q8_0 tiles' out_features, else unused.
+constexpr int64_t kDense = 0, kInt8 = 1, kInt4 = 2, kGGUF = 3, kKQuantTiles = 4, kQ8_0Tiles = 5;
 
 at::Tensor fused_decode(const at::Tensor& hidden, const at::Tensor& positions, at::TensorList cos,
                          at::TensorList signed_sin, at::TensorList norms, at::TensorList weights,
