@@ -101,6 +101,19 @@ def test_kernel_multiplies_rows_longer_than_a_pass(qtype: Q, rows: int) -> None:
     torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("qtype", [q for q in GGUF_NATIVE_TYPES if q not in (Q.Q4_0, Q.Q4_1)], ids=lambda q: q.name)
+def test_kernel_gives_a_row_the_same_bits_alone_or_beside_others(qtype: Q, dtype: torch.dtype) -> None:
+    # Rows longer than two passes: one row and several sum a row's passes in the same order. (Q4_0/Q4_1 blocks,
+    # kept only for tied tables, sum a tile of 4 rows in another order than one row.)
+    in_features = 4608 if gguf.GGML_QUANT_SIZES[qtype][0] == 256 else 4160
+    w = GGUFWeight(torch.from_numpy(random_blocks(qtype, OUT_FEATURES, in_features, seed=3)), int(qtype))
+    x = torch.randn(7, in_features, generator=torch.Generator().manual_seed(3)).to(dtype)
+    alone = torch.cat([ops.gguf_linear(x[m : m + 1], w.blocks, int(qtype)) for m in range(7)])
+    for rows in range(2, 8):
+        assert torch.equal(ops.gguf_linear(x[:rows], w.blocks, int(qtype)), alone[:rows])
+
+
 @pytest.mark.parametrize("out_features", [40, 36], ids=["int4-tiles", "blocks"])
 @pytest.mark.parametrize("rows", [7, 8, 64])
 @pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1], ids=lambda q: q.name)

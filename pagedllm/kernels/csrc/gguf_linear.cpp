@@ -993,14 +993,37 @@ constexpr int64_t kRowBlock = 64;  // activation rows that meet a task's kRowGra
 // Input channels per pass over a task's weight rows when several activation rows meet them: a row tile's
 // activations for them (values and their lane data, about 2 bytes each) stay in the L1 cache while every weight row
 // meets them, instead of streaming whole rows from L2 once per weight row. A multiple of 4 blocks of every type, so
-// no kGroups group or kPairs pair is cut. One row takes whole weight rows: they stream from memory in order.
+// no kGroups group or kPairs pair is cut. Every row count sums a row's products chunk by chunk in this order, so a
+// row gets the same bits alone as beside others (speculative verification relies on it).
 constexpr int64_t kChunkValues = 2048;
+
+// One row: whole weight rows in turn, so they stream from memory in order, each summed chunk by chunk.
+template <int64_t Type, typename Out>
+void multiply_one_row(const uint8_t* weight, const QuantizedRows& x, int64_t out_features, Out* out) {
+  constexpr Format f = format_of(Type);
+  const int64_t blocks = x.in_features / f.block_values, row_bytes = blocks * f.block_bytes;
+  const int64_t chunk_blocks = kChunkValues / f.block_values;
+  std::vector<RowTile<1>> tiles;
+  for (int64_t first_b = 0; first_b < blocks; first_b += chunk_blocks) tiles.emplace_back(x, f.block_values, 0, first_b);
+  at::parallel_for(0, out_features, kRowGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      float sum = 0.f;
+      for (size_t c = 0; c < tiles.size(); ++c) {
+        const int64_t first_b = static_cast<int64_t>(c) * chunk_blocks;
+        dot_rows<Type, 1>(weight + n * row_bytes + first_b * f.block_bytes, tiles[c],
+                          std::min(chunk_blocks, blocks - first_b), &sum);
+      }
+      out[n] = static_cast<Out>(sum);
+    }
+  });
+}
 
 template <int64_t Type, typename Out>
 void multiply(const uint8_t* weight, const QuantizedRows& x, int64_t out_features, int64_t num_rows, Out* out) {
+  if (num_rows == 1) return multiply_one_row<Type>(weight, x, out_features, out);
   constexpr Format f = format_of(Type);
   const int64_t blocks = x.in_features / f.block_values, row_bytes = blocks * f.block_bytes;
-  const int64_t chunk_blocks = num_rows == 1 ? blocks : kChunkValues / f.block_values;
+  const int64_t chunk_blocks = kChunkValues / f.block_values;
   at::parallel_for(0, out_features, kRowGrain, [&](int64_t begin, int64_t end) {
     float sums[kRowGrain * kRowBlock];  // [n - first_n, m]
     for (int64_t first_n = begin; first_n < end; first_n += kRowGrain) {
