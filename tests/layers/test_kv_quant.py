@@ -315,6 +315,7 @@ GREEDY_PROMPTS = [
 ]
 
 
+@pytest.mark.slow  # test_preemption_prefix_sharing_and_forks_keep_outputs_unchanged keeps int8 caches by default
 @pytest.mark.reference
 def test_int8_weights_and_int8_cache_keep_most_greedy_outputs() -> None:
     """W8A16 weights with an int8 KV cache against the unquantized bfloat16 model, 12 greedy tokens a prompt."""

@@ -63,6 +63,7 @@ def test_batched_greedy_matches_transformers(llm: LLM, hf_greedy_outputs) -> Non
         check_logprobs_close(_as_tokens_and_tops(output), reference, prompt[:30])
 
 
+@pytest.mark.slow  # test_batched_greedy_matches_transformers stays in the default run, preemption in tests/engine
 def test_greedy_under_preemption_matches_unpreempted_and_transformers(llm: LLM, hf_greedy_outputs) -> None:
     unpreempted = llm.generate(GREEDY_PROMPTS, GREEDY)
     # 20 blocks of 16 tokens: any one request fits, all eight at once cannot.
