@@ -40,7 +40,7 @@ SOURCES = (
     "fused_decode.cpp",
     "shared_memory.cpp",
 )
-HEADERS = ("vec.h", "ops.h", "parallel.h")
+HEADERS = ("vec.h", "ops.h", "parallel.h", "row_tiles.h")
 CFLAGS = ("-O3", "-march=native", "-fopenmp")
 CACHE_DIR = Path.home() / ".cache" / "pagedllm" / "kernels"
 

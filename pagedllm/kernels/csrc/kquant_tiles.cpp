@@ -28,6 +28,7 @@
 // times the activations' scaled sum over j is taken away. A row's result is computed by the same operations in the
 // same order whatever the number of rows beside it.
 #include "ops.h"
+#include "row_tiles.h"
 #include "vec.h"
 
 #include <ATen/Parallel.h>
@@ -469,32 +470,13 @@ void tile_rows(const Operands& a, int64_t t, int64_t, int64_t m, Out* out) {
 }
 #endif
 
-// Calls tile(rows, m) for the last `rows` (Rows at most) activation rows, from row m, as one tile.
-template <int64_t Rows, typename TileFn>
-void last_tile(int64_t rows, int64_t m, const TileFn& tile) {
-  if constexpr (Rows > 0) {
-    if (rows == Rows)
-      tile(std::integral_constant<int64_t, Rows>{}, m);
-    else
-      last_tile<Rows - 1>(rows, m, tile);
-  }
-}
-
-// Calls tile(rows, m) for the activation rows in tiles of kRowTile, then the rest in one tile.
-template <typename TileFn>
-void for_row_tiles(int64_t num_rows, const TileFn& tile) {
-  int64_t m = 0;
-  for (; num_rows - m >= kRowTile; m += kRowTile) tile(std::integral_constant<int64_t, kRowTile>{}, m);
-  if (m < num_rows) last_tile<kRowTile - 1>(num_rows - m, m, tile);
-}
-
 template <int64_t Type, typename Out>
 void multiply(const Operands& a, int64_t num_rows, Out* out) {
   const int64_t tiles = a.out_features / kTile;
   at::parallel_for(0, tiles, kRowGrain / kTile, [&](int64_t begin, int64_t end) {
     for (int64_t first = 0; first < num_rows; first += kRowBlock)
       for (int64_t t = begin; t < end; t += kTilesPerCall)
-        for_row_tiles(std::min(kRowBlock, num_rows - first), [&](auto tile_rows_count, int64_t m) {
+        for_row_tiles<kRowTile>(std::min(kRowBlock, num_rows - first), [&](auto tile_rows_count, int64_t m) {
           constexpr int64_t R = decltype(tile_rows_count)::value;
           tile_rows<Type, R>(a, t, std::min(kTilesPerCall, end - t), first + m, out);
         });

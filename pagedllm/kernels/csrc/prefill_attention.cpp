@@ -16,6 +16,7 @@
 // whichever task holds the row: a query's output does not depend on how its prompt was cut into chunks.
 #include "ops.h"
 #include "parallel.h"
+#include "row_tiles.h"
 #include "vec.h"
 
 #include <ATen/Parallel.h>
@@ -36,25 +37,6 @@ constexpr int kRowTile = 6;  // rows of a matmul tile
 constexpr float kMaskedScore = 200.f;  // e^-200 is below float32's smallest subnormal
 
 inline int64_t round_up(int64_t x, int64_t multiple) { return (x + multiple - 1) / multiple * multiple; }
-
-// Calls tile(rows, r) for rows [0, m) in tiles of kRowTile rows and one smaller last tile; `rows` is an
-// std::integral_constant.
-template <int R, typename TileFn>
-void last_row_tile(int64_t rows, int64_t r, const TileFn& tile) {
-  if constexpr (R > 0) {
-    if (rows == R)
-      tile(std::integral_constant<int, R>{}, r);
-    else
-      last_row_tile<R - 1>(rows, r, tile);
-  }
-}
-
-template <typename TileFn>
-void for_row_tiles(int64_t m, const TileFn& tile) {
-  int64_t r = 0;
-  for (; r + kRowTile <= m; r += kRowTile) tile(std::integral_constant<int, kRowTile>{}, r);
-  last_row_tile<kRowTile - 1>(m - r, r, tile);
-}
 
 // c[r][0:8 * V] (+)= a[r][0:k] . b[0:k][0:8 * V] for the R rows of a tile, each sum over i = 0..k-1 in order.
 template <int R, int V>
@@ -92,7 +74,7 @@ inline void float_tile(const float* a, int64_t lda, const float* b, int64_t ldb,
 // c[0:m][0:n] (+)= a[0:m][0:k] . b[0:k][0:n] in float32, n a multiple of 8.
 void float_matmul(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb, float* c,
                   int64_t ldc, bool accumulate) {
-  for_row_tiles(m, [&](auto tile_rows, int64_t r) {
+  for_row_tiles<kRowTile>(m, [&](auto tile_rows, int64_t r) {
     constexpr int R = decltype(tile_rows)::value;
     int64_t j = 0;
     for (; j + 16 <= n; j += 16) float_tile<R, 2>(a + r * lda, lda, b + j, ldb, c + r * ldc + j, ldc, k, accumulate);
@@ -174,7 +156,7 @@ inline void pair_tile(const uint32_t* a, int64_t lda, const uint32_t* b, int64_t
 // c[0:m][0:n] (+)= a[0:m][0:k] . b[0:k][0:n] over bfloat16 pairs, n a multiple of 16.
 void pair_matmul(int64_t m, int64_t n, int64_t k, const uint32_t* a, int64_t lda, const uint32_t* b, int64_t ldb,
                  float* c, int64_t ldc, bool accumulate) {
-  for_row_tiles(m, [&](auto tile_rows, int64_t r) {
+  for_row_tiles<kRowTile>(m, [&](auto tile_rows, int64_t r) {
     constexpr int R = decltype(tile_rows)::value;
     int64_t j = 0;
     for (; j + 64 <= n; j += 64) pair_tile<R, 4>(a + r * lda, lda, b + j, ldb, c + r * ldc + j, ldc, k, accumulate);

@@ -16,6 +16,7 @@
 // weights are loaded once per step for all the rows of a row tile (up to 8), and a group of tiles stays in the L2
 // cache while the next row tiles meet it.
 #include "ops.h"
+#include "row_tiles.h"
 #include "vec.h"
 
 #include <ATen/Parallel.h>
@@ -263,19 +264,6 @@ void tile_rows(const TiledWeight& w, int64_t t, const Activations& x, int64_t m,
 }
 #endif
 
-// Row tiles of kMaxRowTile rows, then one of the rest: tile(rows, m) for each, rows a compile-time constant.
-template <typename TileFn>
-void for_row_tiles(int64_t num_rows, const TileFn& tile) {
-  int64_t m = 0;
-  for (; num_rows - m >= kMaxRowTile; m += kMaxRowTile) tile(std::integral_constant<int64_t, kMaxRowTile>{}, m);
-  const auto rest = [&](auto rows) {
-    if (num_rows - m == rows) tile(rows, m);
-  };
-  [&]<int64_t... R>(std::integer_sequence<int64_t, R...>) {
-    (rest(std::integral_constant<int64_t, R + 1>{}), ...);
-  }(std::make_integer_sequence<int64_t, kMaxRowTile - 1>{});
-}
-
 template <typename Out>
 void multiply(const TiledWeight& w, const Activations& x, int64_t num_rows, Out* out) {
   const int64_t tiles = (w.out_features + kTile - 1) / kTile;
@@ -285,7 +273,7 @@ void multiply(const TiledWeight& w, const Activations& x, int64_t num_rows, Out*
   at::parallel_for(0, (tiles + per_group - 1) / per_group, 1, [&](int64_t begin, int64_t end) {
     for (int64_t g = begin; g < end; ++g) {
       const int64_t first = g * per_group, last = std::min(tiles, first + per_group);
-      for_row_tiles(num_rows, [&](auto row_tile, int64_t m) {
+      for_row_tiles<kMaxRowTile>(num_rows, [&](auto row_tile, int64_t m) {
         for (int64_t t = first; t < last; ++t) tile_rows<decltype(row_tile)::value>(w, t, x, m, y);
       });
     }

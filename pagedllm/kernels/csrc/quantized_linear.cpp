@@ -17,6 +17,7 @@
 // VNNI, tiles t and t + 1 fill the two halves of a 512-bit vector.
 // int8 layout: weight[n, k] int8 with one bfloat16 scale per row, w = q * scale.
 #include "vec.h"
+#include "row_tiles.h"
 
 #include <ATen/Parallel.h>
 
@@ -344,27 +345,6 @@ void int8_tile(const Operands& a, int64_t begin, int64_t end, int64_t m, Out* ou
   }
 }
 
-// Calls tile(rows, m) for the last `rows` (Rows at most) activation rows, from row m, as one tile.
-template <int64_t Rows, typename TileFn>
-void last_tile(int64_t rows, int64_t m, const TileFn& tile) {
-  if constexpr (Rows > 0) {
-    if (rows == Rows)
-      tile(std::integral_constant<int64_t, Rows>{}, m);
-    else
-      last_tile<Rows - 1>(rows, m, tile);
-  }
-}
-
-// Calls tile(rows, m) for the activation rows in tiles of kRowTile, from row m on, and the rest in one tile: a
-// verification's few rows meet each weight once; `rows` is an std::integral_constant. A row's result does not
-// depend on its tile.
-template <typename TileFn>
-void for_row_tiles(int64_t num_rows, const TileFn& tile) {
-  int64_t m = 0;
-  for (; num_rows - m >= kRowTile; m += kRowTile) tile(std::integral_constant<int64_t, kRowTile>{}, m);
-  if (m < num_rows) last_tile<kRowTile - 1>(num_rows - m, m, tile);
-}
-
 // x's rows, [rows, in_features], contiguous in x's dtype.
 at::Tensor input_rows(const at::Tensor& x, int64_t in_features) { return x.reshape({-1, in_features}).contiguous(); }
 
@@ -401,7 +381,7 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::
     at::parallel_for(0, out_features / kTile, kRowGrain / kTile, [&](int64_t begin, int64_t end) {
       for (int64_t first = 0; first < num_rows; first += kRowBlock)
         for (int64_t t = begin; t < end; t += kTilesPerCall)
-          for_row_tiles(std::min(kRowBlock, num_rows - first), [&](auto tile_rows, int64_t m) {
+          for_row_tiles<kRowTile>(std::min(kRowBlock, num_rows - first), [&](auto tile_rows, int64_t m) {
             constexpr int64_t R = decltype(tile_rows)::value;
 #ifdef PAGEDLLM_AVX512_VNNI
             if (t + 1 < end) {
@@ -445,7 +425,7 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& weight, const at::
       // kRowGrain output rows at a time meet every activation row, so that their weights are read from memory once.
       for (int64_t first = begin; first < end; first += kRowGrain) {
         const int64_t last = std::min(first + kRowGrain, end);
-        for_row_tiles(num_rows, [&](auto tile_rows, int64_t m) {
+        for_row_tiles<kRowTile>(num_rows, [&](auto tile_rows, int64_t m) {
           int8_tile<decltype(tile_rows)::value>(operands, first, last, m, op);
         });
       }
