@@ -13,7 +13,7 @@ from typing import Any
 
 from jinja2.exceptions import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from pagedllm.errors import InvalidArgumentError, RequestTooLongError
 
@@ -29,6 +29,23 @@ def cache_dir() -> Path:
         os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "pagedllm"
     )
     return Path(root)
+
+
+def tokenizer_cache_folder(gguf_path: Path) -> Path:
+    """Where the tokenizer converted from a GGUF file is kept (a new one for a changed file)."""
+    stat = gguf_path.stat()
+    key = hashlib.sha256(f"{gguf_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    return cache_dir() / "tokenizers" / key
+
+
+def load_cached_tokenizer(folder: Path) -> PreTrainedTokenizerFast:
+    """A tokenizer saved by `from_model_path`, read by the `tokenizers` library from its tokenizer.json alone.
+
+    A model-specific class (GemmaTokenizer) would rebuild it from Python copies of the vocabulary and merges and
+    keep them for the life of the process; the saved file already holds the whole pipeline, so the plain
+    backend gives the same ids and text.
+    """
+    return PreTrainedTokenizerFast.from_pretrained(str(folder))
 
 
 class Tokenizer:
@@ -52,18 +69,18 @@ class Tokenizer:
         """Load from an HF folder, or from a GGUF file's metadata (converted once, then cached on disk)."""
         if path.is_dir():
             return cls(AutoTokenizer.from_pretrained(str(path)), eos_token_ids)
-        stat = path.stat()
-        key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-        cached = cache_dir() / "tokenizers" / key
+        cached = tokenizer_cache_folder(path)
         if (cached / "tokenizer_config.json").is_file():
-            return cls(AutoTokenizer.from_pretrained(str(cached)), eos_token_ids)
+            return cls(load_cached_tokenizer(cached), eos_token_ids)
         logger.info("Converting the tokenizer of %s (once; cached in %s)", path.name, cached)
         hf_tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
         try:
             hf_tokenizer.save_pretrained(str(cached))
         except OSError as error:
             logger.warning("Could not cache the tokenizer in %s: %s", cached, error)
-        return cls(hf_tokenizer, eos_token_ids)
+            return cls(hf_tokenizer, eos_token_ids)
+        del hf_tokenizer  # the conversion's Python lists of the vocabulary go with it
+        return cls(load_cached_tokenizer(cached), eos_token_ids)
 
     @property
     def vocab_size(self) -> int:

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from transformers import GemmaTokenizer, PreTrainedTokenizerFast
 
 from pagedllm.errors import InvalidArgumentError, RequestTooLongError
 from pagedllm.model import tokenizer as tokenizer_module
 from pagedllm.model.registry import resolve_model_path
-from pagedllm.model.tokenizer import IncrementalDetokenizer, Tokenizer
+from pagedllm.model.tokenizer import IncrementalDetokenizer, Tokenizer, tokenizer_cache_folder
 
 TRICKY_TEXTS = [
     "Hello, world!",
@@ -211,3 +213,31 @@ def test_rendering_gives_up_once_the_text_passes_max_chars(tok: Tokenizer, monke
 @settings(max_examples=50, deadline=None)
 def test_no_token_stands_for_more_than_max_token_chars(tok: Tokenizer, text: str) -> None:
     assert len(tok.encode(text, add_special_tokens=False)) * tok.max_token_chars >= len(text)
+
+
+def test_a_cached_gguf_tokenizer_loads_as_the_plain_backend_with_the_same_ids(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A tokenizer saved from a model-specific class (Gemma's) is read back from its tokenizer.json alone, without
+    the class's Python copies of the vocabulary, and encodes and decodes as that class does."""
+    monkeypatch.setenv("PAGEDLLM_CACHE_DIR", str(tmp_path / "cache"))
+    gguf_path = tmp_path / "model.gguf"
+    gguf_path.write_bytes(b"GGUF")  # only its identity matters: the tokenizer is found in the cache
+    pieces = ["▁", "h", "e", "l", "o", "w", "r", "d", "▁h", "he", "ll", "llo", "▁he", "▁hello", "▁w", "or", "▁wor"]
+    vocab = {token: i for i, token in enumerate(["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", *pieces, "▁word"])}
+    merges = [("▁", "h"), ("h", "e"), ("l", "l"), ("ll", "o"), ("▁", "he"), ("▁he", "llo"), ("▁", "w"), ("o", "r")]
+    merges += [("▁w", "or"), ("▁wor", "d")]
+    original = GemmaTokenizer(vocab=vocab, merges=merges)
+    original.save_pretrained(str(tokenizer_cache_folder(gguf_path)))
+
+    loaded = Tokenizer.from_model_path(gguf_path)
+
+    assert type(loaded.hf) is PreTrainedTokenizerFast
+    assert not hasattr(loaded.hf, "_merges")
+    for text in ["hello world", " hello", "held old word", "<bos>hello<eos>", ""]:
+        for special in (True, False):
+            assert loaded.encode(text, special) == original.encode(text, add_special_tokens=special)
+    ids = original.encode("hello world hello")
+    assert loaded.decode(ids) == original.decode(ids, skip_special_tokens=True)
+    assert loaded.special_ids == frozenset(original.all_special_ids)
+    assert loaded.eos_token_ids == frozenset({original.eos_token_id})
