@@ -22,6 +22,7 @@ from pagedllm.engine.host_memory import (
     HeapTrimmer,
     limit_malloc_arenas,
     release_freed_memory,
+    resident_bytes,
     reuse_freed_step_memory,
 )
 from pagedllm.engine.kv_cache_policy import eviction_policy
@@ -136,6 +137,7 @@ class LLMEngine:
             self.num_blocks * config.block_size,
             self.max_model_len,
         )
+        self._log_resident_memory()
 
     def _load_model(self, spec: SpeculativeConfig | None) -> tuple[ModelRunner, ModelRunner | None]:
         """The model and its KV pools in this process and the runner over them, and with draft-model speculation
@@ -162,6 +164,22 @@ class LLMEngine:
             ModelRunner(m.to(self.device), config, self.num_blocks, self.device, self.structured_output) for m in models
         ]
         return runners[0], runners[1] if len(runners) > 1 else None
+
+    def _log_resident_memory(self) -> None:
+        """This process's resident memory once loaded, beside the weights and KV cache it holds."""
+        resident = resident_bytes()
+        if resident is None:
+            return
+        if self.config.executor_backend != "uni":
+            logger.info("resident memory: %.1f MiB (the weights and KV cache are the workers')", resident / 2**20)
+            return
+        logger.info(
+            "resident memory: %.1f MiB, %.2fx the weights (%.1f MiB) and KV cache (%.1f MiB)",
+            resident / 2**20,
+            resident / (self.weight_bytes + self.kv_cache_bytes),
+            self.weight_bytes / 2**20,
+            self.kv_cache_bytes / 2**20,
+        )
 
     def _start_workers(self) -> ModelRunner:
         """A worker process per rank, each loading its shard and the KV pools of its heads, and the runner here that

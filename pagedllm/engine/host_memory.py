@@ -87,6 +87,16 @@ def resident_bytes() -> int | None:
         return None
 
 
+def peak_resident_bytes() -> int | None:
+    """The most resident memory the process has held (VmHWM in /proc/self/status); None where there is none."""
+    try:
+        with open("/proc/self/status") as status:
+            line = next((line for line in status if line.startswith("VmHWM:")), None)
+    except OSError:
+        return None
+    return None if line is None else int(line.split()[1]) * 1024
+
+
 class HeapTrimmer:
     """Returns the heap's freed pages to the operating system after a step that left resident memory
     RESIDENT_GROWTH_LIMIT above its level at the last return.

@@ -9,6 +9,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from pagedllm.engine.engine import EngineStats
+from pagedllm.engine.host_memory import peak_resident_bytes, resident_bytes
 from pagedllm.engine.output import RequestOutput
 
 PREFIX = "pagedllm"
@@ -18,6 +19,8 @@ E2E_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 300
 WEIGHT_BYTES = f"{PREFIX}_model_weight_bytes"
 FILE_WEIGHT_BYTES = f"{PREFIX}_model_file_weight_bytes"
 KV_CACHE_BYTES = f"{PREFIX}_kv_cache_bytes"
+RESIDENT_BYTES = f"{PREFIX}_process_resident_memory_bytes"
+PEAK_RESIDENT_BYTES = f"{PREFIX}_process_peak_resident_memory_bytes"
 
 
 class EngineStatsCollector(Collector):
@@ -84,6 +87,24 @@ class EngineStatsCollector(Collector):
         yield from (queries, hits, rates)
 
 
+class ResidentMemoryCollector(Collector):
+    """This process's resident memory and its peak so far, read at scrape time (beside the weight and KV-cache
+    bytes, the rest is the runtime, the tokenizer and step activations)."""
+
+    def __init__(self, model_name: str) -> None:
+        self.model_name = model_name
+
+    def collect(self) -> Iterator[Metric]:
+        for name, documentation, value in (
+            (RESIDENT_BYTES, "bytes of this process's resident memory", resident_bytes()),
+            (PEAK_RESIDENT_BYTES, "the most bytes of resident memory this process has held", peak_resident_bytes()),
+        ):
+            if value is not None:
+                gauge = GaugeMetricFamily(name, documentation, labels=["model_name"])
+                gauge.add_metric([self.model_name], value)
+                yield gauge
+
+
 class QueueCollector(Collector):
     """The bounded queue at scrape time: sequences waiting for their first token, requests refused as overload."""
 
@@ -144,14 +165,15 @@ class ServingMetrics:
         self._last_output_time: dict[str, float] = {}  # engine thread only
 
     def set_memory(self, weight_bytes: int, kv_cache_bytes: int, file_weight_bytes: int = 0) -> None:
-        """Export the bytes the model's weights and the KV cache hold, fixed at start-up, and the bytes the weights
-        take in the checkpoint file."""
+        """Export the bytes the model's weights and the KV cache hold, fixed at start-up, the bytes the weights
+        take in the checkpoint file, and the process's resident memory beside them."""
         for name, documentation, value in (
             (WEIGHT_BYTES, "bytes of the model's weights in memory", weight_bytes),
             (FILE_WEIGHT_BYTES, "bytes of the weights in the checkpoint file (0: not known)", file_weight_bytes),
             (KV_CACHE_BYTES, "bytes allocated to the KV cache", kv_cache_bytes),
         ):
             Gauge(name, documentation, ["model_name"], registry=self.registry).labels(self.model_name).set(value)
+        self.registry.register(ResidentMemoryCollector(self.model_name))
 
     def watch(self, stats: Callable[[], EngineStats]) -> None:
         """Export the engine's gauges and counters, read from `stats` at each scrape."""

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import re
+
 import pytest
 import torch
 
@@ -116,3 +119,14 @@ def test_logprobs_are_reported_for_each_generated_token(llm: LLM) -> None:
         assert token in entry and len(entry) in (3, 4)
         assert entry[token] == max(entry.values())  # greedy draws the most likely token
     assert output.cumulative_logprob == pytest.approx(sum(e[t] for t, e in zip(output.token_ids, output.logprobs)))
+
+
+def test_load_reports_the_resident_memory_beside_the_weights_and_kv_cache(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="pagedllm.engine.engine"):
+        engine = LLM(kv_cache_memory=64 * 737_280).engine
+    line = next(record.getMessage() for record in caplog.records if record.getMessage().startswith("resident memory"))
+    resident_mib, ratio = (float(value) for value in re.findall(r"([\d.]+)(?: MiB,|x)", line))
+    held = engine.weight_bytes + engine.kv_cache_bytes
+    assert f"({engine.weight_bytes / 2**20:.1f} MiB)" in line and f"({engine.kv_cache_bytes / 2**20:.1f} MiB)" in line
+    assert resident_mib * 2**20 > held  # the process holds its weights and pools, and the runtime besides
+    assert ratio == pytest.approx(resident_mib * 2**20 / held, rel=0.01)

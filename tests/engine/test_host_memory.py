@@ -7,7 +7,13 @@ import sys
 import psutil
 import pytest
 
-from pagedllm.engine.host_memory import HeapTrimmer, limit_malloc_arenas, release_freed_memory, resident_bytes
+from pagedllm.engine.host_memory import (
+    HeapTrimmer,
+    limit_malloc_arenas,
+    peak_resident_bytes,
+    release_freed_memory,
+    resident_bytes,
+)
 
 try:
     _GLIBC = hasattr(ctypes.CDLL("libc.so.6"), "malloc_trim")
@@ -55,6 +61,18 @@ def test_heap_trimmer_returns_freed_pages_once_resident_memory_grew_past_its_lim
     else:
         assert before - after < 16 * 2**20, f"returned {(before - after) / 2**20:.0f} MiB within the limit"
     trimmer.release()
+
+
+@pytest.mark.skipif(resident_bytes() is None, reason="no /proc: neither is known")
+def test_peak_resident_memory_keeps_the_high_water_mark_after_a_block_is_freed() -> None:
+    block = b"\x01" * (64 * 2**20)  # written, so resident
+    held = resident_bytes()
+    del block
+    release_freed_memory()
+    after = resident_bytes()
+    peak = peak_resident_bytes()
+    assert held is not None and after is not None and peak is not None
+    assert peak >= held > after + 32 * 2**20
 
 
 _OFFSET_OF_AN_8_MIB_TENSOR = f"""

@@ -117,7 +117,7 @@ def test_default_max_tokens_is_the_rest_of_the_context() -> None:
         default_max_tokens(Limits(), 100, "messages")  # type: ignore[arg-type]
 
 
-def test_metrics_export_the_weight_and_kv_cache_bytes() -> None:
+def test_metrics_export_the_weight_and_kv_cache_bytes_and_the_resident_memory() -> None:
     async def scenario(http: httpx.AsyncClient, fake: FakeEngine) -> httpx.Response:
         return await http.get("/metrics")
 
@@ -125,6 +125,11 @@ def test_metrics_export_the_weight_and_kv_cache_bytes() -> None:
     assert 'pagedllm_model_weight_bytes{model_name="fake"} 1000.0' in text
     assert 'pagedllm_model_file_weight_bytes{model_name="fake"} 950.0' in text
     assert 'pagedllm_kv_cache_bytes{model_name="fake"} 2000.0' in text
+    gauges = {
+        line.split("{")[0]: float(line.split()[-1]) for line in text.splitlines() if line.startswith("pagedllm_process")
+    }
+    resident = gauges["pagedllm_process_resident_memory_bytes"]
+    assert 2**20 < resident <= gauges["pagedllm_process_peak_resident_memory_bytes"]
 
 
 def test_chat_without_a_chat_template_is_a_400_and_completions_still_work(
