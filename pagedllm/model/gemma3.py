@@ -142,8 +142,8 @@ class Gemma3ForCausalLM(nn.Module):
             raise ValueError("Gemma 3 runs in one pipeline stage")
         self.config = config
         self.quantization = quantization or LinearQuantization()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.embed_tokens.weight.requires_grad_(False)
+        # A placeholder that load_weights replaces: left unwritten, its pages are never made resident.
+        self.embed_tokens = nn.Embedding.from_pretrained(torch.empty(config.vocab_size, config.hidden_size))
         self.global_rotary = RotaryEmbedding(config.head_dim, max_positions, config.rope_theta, config.rope_scaling)
         local_theta = config.rope_local_theta or config.rope_theta
         local_scaling = config.local_rope_scaling if config.rope_local_theta else config.rope_scaling

@@ -113,8 +113,8 @@ class LlamaForCausalLM(nn.Module):
         config = dataclasses.replace(config, num_layers=len(self.stage.layers))
         self.config = config
         self.quantization = quantization or LinearQuantization()
-        self.embed_tokens: nn.Module = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.embed_tokens.weight.requires_grad_(False)
+        # A placeholder that load_weights replaces: left unwritten, its pages are never made resident.
+        self.embed_tokens: nn.Module = nn.Embedding.from_pretrained(torch.empty(config.vocab_size, config.hidden_size))
         self.rotary = RotaryEmbedding(
             config.head_dim, max_positions, config.rope_theta, config.rope_scaling, rope_freq_factors
         )
