@@ -44,7 +44,7 @@ def _matches_gloo(rank: int, world_size: int) -> None:
         assert torch.equal(collectives.all_reduce(x), torch.full((150,), 3.0 * (step + 1)))
     collectives.close()
     collectives = SharedMemoryCollectives.create(slot_bytes=2**15)  # 8,192 float32: summed in shares, 3 chunks
-    for step in range(6):
+    for _ in range(6):
         x = torch.randn(20_001, generator=generator)
         expected = x.clone()
         dist.all_reduce(expected)
