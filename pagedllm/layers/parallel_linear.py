@@ -320,11 +320,13 @@ class VocabParallelEmbedding(nn.Module):
 
 
 class ParallelLMHead(nn.Module):
-    """Logits over the whole vocabulary on every rank, each rank multiplying by the rows of its vocab_range."""
+    """Logits over the whole vocabulary on every rank, each rank multiplying by the rows of its vocab_range; or,
+    with `gather` off, each rank's own columns (its vocab_range), for a caller that joins them itself."""
 
     def __init__(self, hidden_size: int, vocab_size: int, group: ParallelGroup) -> None:
         super().__init__()
         self.group = group
+        self.gather = True
         self.vocab_size = vocab_size
         self.tokens = vocab_range(vocab_size, group.rank, group.world_size)
         self.widths = [len(vocab_range(vocab_size, r, group.world_size)) for r in range(group.world_size)]
@@ -353,7 +355,7 @@ class ParallelLMHead(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.linear(hidden)
-        if self.group.world_size == 1:
+        if self.group.world_size == 1 or not self.gather:
             return logits
         widest = max(self.widths)
         if logits.shape[-1] < widest:

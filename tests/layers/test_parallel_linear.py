@@ -177,6 +177,8 @@ def _check_vocabulary(group: ParallelGroup, quantization: LinearQuantization) ->
     logits = lm_head(hidden)
     assert logits.shape == (4, VOCAB)
     _close(logits, _reference(table, quantization, lm_head=True)(hidden))
+    lm_head.gather = False  # each rank's own columns, bit for bit those the gather put together
+    assert torch.equal(lm_head(hidden), logits[:, lm_head.tokens.start : lm_head.tokens.stop])
 
 
 def _check_gguf_blocks(group: ParallelGroup) -> None:
