@@ -1,12 +1,13 @@
 """Executors hand each step to the ranks that hold the model, in other processes.
 
 With `mp`, every rank is a worker process of its own, joined to the others by torch.distributed; the driver (the
-engine's process) keeps the scheduler, block manager and sampler, sends each step's StepInput to every rank
-(pickled once; on several nodes to rank 0, which broadcasts it) and receives the logits from the rank that
-`logits_rank` names. Steps may be submitted before earlier ones are collected (pipeline micro-batches): every rank
-runs them in the order sent, so their logits come back in that order. A worker that
-dies, or raises, fails the step at once with WorkerError: the driver waits on every worker's process sentinel
-beside rank 0's answer, and the other ranks, left waiting in a collective, see their peer gone and exit.
+engine's process) keeps the scheduler, block manager and sampler, sends each step's StepInput to every rank (pickled
+once; on several nodes to rank 0, which broadcasts it) and receives the logits from the ranks that `logits_ranks`
+names (on one node every rank of the last stage sends its own slice of the vocabulary, which the driver joins,
+rather than the ranks gathering them first). Steps may be submitted before earlier ones are collected (pipeline
+micro-batches): every rank runs them in the order sent, so their logits come back in that order. A worker that dies,
+or raises, fails the step at once with WorkerError: the driver waits on every worker's process sentinel beside rank
+0's answer, and the other ranks, left waiting in a collective, see their peer gone and exit.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from typing import Any, NoReturn, Protocol
 
+import numpy as np
 import torch
 
 from pagedllm.config import EngineConfig
@@ -28,7 +30,7 @@ from pagedllm.distributed.group import ParallelGroup
 from pagedllm.distributed.process_group import destroy_distributed, free_port, init_distributed
 from pagedllm.distributed.step_broadcast import StepBroadcast, share_from_rank0
 from pagedllm.engine.model_runner import StepInput
-from pagedllm.engine.worker import Worker, logits_rank, pin_rank_threads, tensor_parallel_group
+from pagedllm.engine.worker import Worker, logits_ranks, pin_rank_threads, tensor_parallel_group
 from pagedllm.errors import ConfigError, EngineUnavailableError, PagedLLMError
 from pagedllm.kernels import cpu_kernels_available
 
@@ -133,8 +135,10 @@ def _worker_main(
         pin_rank_threads(rank % ranks_per_node, ranks_per_node, config.num_threads)
         group = tensor_parallel_group(config, rank, device)
         worker = Worker(config, num_blocks, max_model_len, group, rank)
+        if config.nnodes == 1:
+            worker.hand_logit_slices()
         connection.send(("ready", (worker.weight_bytes, worker.file_weight_bytes)))
-        answers = rank == logits_rank(config)
+        answers = rank in logits_ranks(config)
         while payload := _next_step(rank, connection, steps):
             logits = worker.execute(pickle.loads(payload))
             if answers:
@@ -197,7 +201,7 @@ class MultiprocExecutor:
             raise
         self.weight_bytes = sum(weight_bytes for weight_bytes, _ in loaded)  # every rank's of this node
         self.file_weight_bytes = loaded[0][1]
-        self.logits_index = logits_rank(config) - self.ranks.start
+        self.logits_indices = [rank - self.ranks.start for rank in logits_ranks(config)]
 
     def submit(self, step: StepInput) -> None:
         if self.failure is not None:
@@ -212,7 +216,8 @@ class MultiprocExecutor:
     def collect(self) -> torch.Tensor:
         if self.failure is not None:
             raise WorkerError(self.failure)
-        return torch.from_numpy(self._receive(self.logits_index, "logits", None))
+        slices = [self._receive(index, "logits", None) for index in self.logits_indices]
+        return torch.from_numpy(slices[0] if len(slices) == 1 else np.concatenate(slices, axis=-1))
 
     def wait(self) -> int:
         """Wait until every rank of this node has exited (a headless node's ranks end when node 0's engine stops

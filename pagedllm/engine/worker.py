@@ -16,7 +16,7 @@ from pagedllm.distributed.pipeline import PipelineStage
 from pagedllm.engine.host_memory import release_freed_memory
 from pagedllm.engine.model_runner import ModelRunner, StepInput, kv_cache_shape
 from pagedllm.errors import ConfigError
-from pagedllm.layers.parallel_linear import column_unit
+from pagedllm.layers.parallel_linear import ParallelLMHead, column_unit
 from pagedllm.layers.quantization import LinearQuantization
 from pagedllm.model.gemma3 import Gemma3ForCausalLM
 from pagedllm.model.llama import LlamaForCausalLM
@@ -83,6 +83,15 @@ def pin_rank_threads(rank: int, world_size: int, num_threads: int) -> int:
     return threads
 
 
+def logits_ranks(config: EngineConfig) -> range:
+    """The global ranks whose logits the mp driver joins, in vocabulary order: every rank of the last stage, each
+    handing its own slice, on one node; on several, rank 0 alone (logits_rank), with the whole vocabulary."""
+    if config.nnodes > 1:
+        return range(0, 1)
+    first = logits_rank(config)
+    return range(first, first + config.tensor_parallel_size)
+
+
 def logits_rank(config: EngineConfig) -> int:
     """The global rank that hands each step's logits to the driver: the last stage's first tensor rank, which
     computes them, so that the earlier stages go on to the next step meanwhile; rank 0 where the mp ranks span
@@ -130,9 +139,16 @@ class Worker:
             shape.num_kv_heads,
         )
 
+    def hand_logit_slices(self) -> None:
+        """From now on each rank of the last stage returns only its own slice of the vocabulary's logits (its
+        vocab_range), with no gather between the ranks: for a driver that hears from every one of them."""
+        if isinstance(self.model.lm_head, ParallelLMHead):
+            self.model.lm_head.gather = False
+
     def execute(self, step: StepInput) -> torch.Tensor | None:
-        """Float32 logits [len(step.logit_rows), vocab] on every rank of the last stage (the lm_head gathers them),
-        or on several nodes on global rank 0 instead; None on the other ranks."""
+        """Float32 logits [len(step.logit_rows), vocab] on every rank of the last stage (the lm_head gathers them;
+        after hand_logit_slices each rank's own slice of the vocabulary), or on several nodes on global rank 0
+        instead; None on the other ranks."""
         hidden, _ = self.runner.hidden_states(step)
         logits = self.model.compute_logits(hidden[step.logit_rows]) if self.stage.is_last else None
         if self.stage.num_stages == 1 or not self.logits_to_rank0:

@@ -5,11 +5,10 @@ units (heads, or runs of channels) at a time, so a rank computes its own heads w
 heads split as evenly as they go, since attention's work goes with them (9 over 2 ranks: 4 and 5), and each rank
 holds every K/V head its query heads read (head_shard): a K/V head whose group of query heads the split cuts is
 computed and cached on both sides of the cut, as are the K/V heads of GQA and MQA models with fewer K/V heads than
-ranks. The MLP's channels then even out the ranks' weights (balanced_channels): a rank with fewer heads takes more
-channels. Row-parallel
-layers (o, down) keep the matching slice of input columns and sum their partial outputs with one all-reduce. The
-embedding and the lm_head split the vocabulary: a lookup sums the one rank's row that holds each token, the
-lm_head gathers every rank's logits.
+ranks. The MLP's channels split evenly (balanced_channels): every all-reduce waits for the slowest rank, so each
+stretch between two sums, not a rank's whole layer, has to be even. Row-parallel layers (o, down) keep the matching
+slice of input columns and sum their partial outputs with one all-reduce. The embedding and the lm_head split the
+vocabulary: a lookup sums the one rank's row that holds each token, the lm_head gathers every rank's logits.
 
 Weights arrive whole and in the form the layer stores them (LinearQuantization.prepare of the whole matrix), and
 are sliced afterwards, so every rank multiplies by exactly the numbers one process would: int4 input columns along
@@ -108,18 +107,18 @@ def attention_rows(num_heads: int, num_kv_heads: int, head_dim: int, world_size:
 
 
 def balanced_channels(intermediate_size: int, attention_rows: list[int], unit: int) -> RowBlock:
-    """The MLP's channels in runs of `unit`, split so that the ranks' weights (attention rows, plus a gate row, an
-    up row and a down column per channel) are as even as whole runs allow: each run goes to the rank with the
-    least so far. Every rank holds at least one run; an even split where runs do not divide intermediate_size."""
+    """The MLP's channels in runs of `unit`, as even as whole runs allow, the extra runs of an uneven split going to
+    the ranks with the fewest attention rows. Each all-reduce waits for the slowest rank, so the MLP's own work is
+    what has to be even: a rank with fewer heads waits at the attention's sum whatever the MLP does. An even split
+    where runs do not divide intermediate_size or there are fewer runs than ranks."""
     world_size = len(attention_rows)
-    if intermediate_size % unit or intermediate_size // unit < world_size:
+    num_runs = intermediate_size // unit
+    if intermediate_size % unit or num_runs < world_size:
         return RowBlock(intermediate_size)
-    split = [1] * world_size
-    for _ in range(intermediate_size // unit - world_size):
-        lightest = min(range(world_size), key=lambda r: (attention_rows[r] + 3 * unit * split[r], r))
-        split[lightest] += 1
+    lightest = sorted(range(world_size), key=lambda r: (attention_rows[r], r))[: num_runs % world_size]
+    split = [num_runs // world_size + (r in lightest) for r in range(world_size)]
     starts = [sum(split[:r]) for r in range(world_size)]
-    return RowBlock(intermediate_size // unit, unit, tuple(range(s, s + n) for s, n in zip(starts, split)))
+    return RowBlock(num_runs, unit, tuple(range(s, s + n) for s, n in zip(starts, split)))
 
 
 def column_unit(weight: Weight, quantization: LinearQuantization) -> int:
@@ -321,11 +320,13 @@ class VocabParallelEmbedding(nn.Module):
 
 
 class ParallelLMHead(nn.Module):
-    """Logits over the whole vocabulary on every rank, each rank multiplying by the rows of its vocab_range."""
+    """Logits over the whole vocabulary on every rank, each rank multiplying by the rows of its vocab_range; or,
+    with `gather` off, each rank's own columns (its vocab_range), for a caller that joins them itself."""
 
     def __init__(self, hidden_size: int, vocab_size: int, group: ParallelGroup) -> None:
         super().__init__()
         self.group = group
+        self.gather = True
         self.vocab_size = vocab_size
         self.tokens = vocab_range(vocab_size, group.rank, group.world_size)
         self.widths = [len(vocab_range(vocab_size, r, group.world_size)) for r in range(group.world_size)]
@@ -354,7 +355,7 @@ class ParallelLMHead(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.linear(hidden)
-        if self.group.world_size == 1:
+        if self.group.world_size == 1 or not self.gather:
             return logits
         widest = max(self.widths)
         if logits.shape[-1] < widest:

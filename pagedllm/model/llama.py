@@ -103,8 +103,8 @@ class LlamaForCausalLM(nn.Module):
         stage: PipelineStage | None = None,
         channel_unit: int = 0,
     ) -> None:
-        """With a `group`, the MLP's channels go in runs of `channel_unit` (0: evenly) to even out the ranks'
-        weights (balanced_channels); column_unit gives the runs a checkpoint's down_proj can be split into."""
+        """With a `group`, the MLP's channels split evenly in runs of `channel_unit` (0: one channel at a time;
+        balanced_channels); column_unit gives the runs a checkpoint's down_proj can be split into."""
         super().__init__()
         group = group or ParallelGroup()
         self.stage = stage or PipelineStage.whole(config.num_layers)

@@ -21,8 +21,9 @@ def _matches_gloo(rank: int, world_size: int) -> None:
     group = ParallelGroup.create()
     assert group.shared_memory is not None
     generator = torch.Generator().manual_seed(1000 + rank)
-    # Hidden-size vectors and batches of them, one bigger than a slot (chunked), float32 and bfloat16.
-    shapes = [(n,) for n in HIDDEN_SIZES] + [(7, 576), (600, 2048)]
+    # Hidden-size vectors and batches of them (a prefill's is summed in shares, an odd count of values making the
+    # shares uneven), one bigger than a slot (chunked), float32 and bfloat16.
+    shapes = [(n,) for n in HIDDEN_SIZES] + [(7, 576), (512, 576), (333, 577), (600, 2048)]
     for dtype in (torch.float32, torch.bfloat16):
         for shape in shapes:
             x = torch.randn(shape, generator=generator).to(dtype)
@@ -41,6 +42,13 @@ def _matches_gloo(rank: int, world_size: int) -> None:
     for step in range(20):  # consecutive calls reuse the two slots of each rank alternately
         x = torch.full((150,), float(rank + 1) * (step + 1))
         assert torch.equal(collectives.all_reduce(x), torch.full((150,), 3.0 * (step + 1)))
+    collectives.close()
+    collectives = SharedMemoryCollectives.create(slot_bytes=2**15)  # 8,192 float32: summed in shares, 3 chunks
+    for _ in range(6):
+        x = torch.randn(20_001, generator=generator)
+        expected = x.clone()
+        dist.all_reduce(expected)
+        assert torch.equal(collectives.all_reduce(x), expected)
     collectives.close()
 
 

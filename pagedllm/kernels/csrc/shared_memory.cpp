@@ -2,16 +2,22 @@
 // file alone runs its protocol.
 //
 // Layout: world_size lines of 64 bytes (rank r's line holds its flag at [0] and its process id at [1], as int64),
-// then world_size x 2 slots of slot_bytes, rank-major. A collective call (one per slot-sized chunk of a tensor)
-// numbered g: the rank copies its chunk into its slot g % 2, stores g in its flag (release), waits until every
-// flag reaches g (acquire), then reads every rank's slot g % 2. A rank's flag is its count of calls: the next
-// call's number is read from it, so Python and the fused decode kernel share one count.
+// then world_size x 2 slots of slot_bytes, rank-major. A collective call numbered g: the rank writes its data into
+// its slot g % 2, stores g in its flag (release), waits until every flag reaches g (acquire), then reads every
+// rank's slot g % 2. A rank's flag is its count of calls: the next call's number is read from it, so Python and the
+// fused decode kernel share one count.
 //
 // Invariant: a rank writes slot g % 2 again only in call g + 2, after every flag reached g + 1; a rank stores
 // g + 1 only once it has finished reading call g. So one flag store per call is the only synchronization, and no
-// rank ever overwrites data another still reads. Every rank sums the slots in rank order, so all ranks hold the
-// same bits.
+// rank ever overwrites data another still reads.
+//
+// An all-reduce of a slot-sized chunk takes one call when small: every rank copies its values in and sums every
+// rank's slot, in rank order. A large chunk takes two (a reduce-scatter, then an all-gather): every rank copies its
+// values in; each sums its own share of the values in rank order and writes the sums, in the second call, into its
+// next slot at their own offsets, where the others copy them from. Either way every value is summed in rank order
+// and rounded once, so all ranks hold the same bits whatever the path.
 #include "ops.h"
+#include "vec.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -41,6 +47,9 @@ constexpr int kBusyPolls = 2000;
 constexpr double kLivenessCheckS = 0.1;
 // Values summed per task when a sum is spread over threads.
 constexpr int64_t kSumGrain = 1 << 15;
+// Chunks of at least this many bytes are all-reduced in two calls, each rank summing its share of the values:
+// below it the second call's synchronization costs more than the share of the sum it saves.
+constexpr int64_t kSplitSumBytes = 1 << 14;
 
 void cpu_relax() {
 #if defined(__x86_64__) || defined(__i386__)
@@ -95,14 +104,23 @@ struct Segment {
     return lowest;
   }
 
-  // Publishes this rank's `bytes` as the next call's and waits for every rank's; returns the slot to read.
-  int64_t exchange(const void* data, int64_t bytes) const {
+  // Publishes what `write` writes into this rank's slot as the next call's and waits for every rank's; returns the
+  // slot to read.
+  template <typename Write>
+  int64_t exchange_with(Write&& write) const {
     const int64_t generation = __atomic_load_n(flag(rank), __ATOMIC_RELAXED) + 1;
     const int64_t s = generation % kSlotsPerRank;
-    if (bytes > 0) std::memcpy(slot(rank, s), data, bytes);
+    write(slot(rank, s));
     __atomic_store_n(flag(rank), generation, __ATOMIC_RELEASE);
     if (lowest_flag() < generation) wait(generation);
     return s;
+  }
+
+  // Publishes this rank's `bytes` as the next call's and waits for every rank's; returns the slot to read.
+  int64_t exchange(const void* data, int64_t bytes) const {
+    return exchange_with([&](uint8_t* mine) {
+      if (bytes > 0) std::memcpy(mine, data, bytes);
+    });
   }
 
   void wait(int64_t generation) const {
@@ -141,27 +159,72 @@ struct Segment {
   }
 };
 
-// out = the sum of every rank's slot s, in rank order, accumulated in the op-math type and rounded once.
+// out[i] (and copy[i], unless copy is null) = the sum of parts[0][i], parts[1][i], ... in that order, accumulated in
+// the op-math type and rounded once, for i in [begin, end).
 template <typename T>
-void sum_slots(const Segment& segment, int64_t s, T* out, int64_t count) {
+void sum_range(const std::vector<const T*>& parts, int64_t begin, int64_t end, T* out, T* copy) {
   using Acc = at::opmath_type<T>;
+  int64_t i = begin;
+#ifdef PAGEDLLM_AVX2
+  if constexpr (std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>) {
+    for (; i + 8 <= end; i += 8) {
+      __m256 sum = load8(parts[0] + i);
+      for (size_t r = 1; r < parts.size(); ++r) sum = _mm256_add_ps(sum, load8(parts[r] + i));
+      store8(out + i, sum);
+      if (copy != nullptr) store8(copy + i, sum);
+    }
+  }
+#endif
+  for (; i < end; ++i) {
+    Acc sum = static_cast<Acc>(parts[0][i]);
+    for (size_t r = 1; r < parts.size(); ++r) sum += static_cast<Acc>(parts[r][i]);
+    out[i] = static_cast<T>(sum);
+    if (copy != nullptr) copy[i] = out[i];
+  }
+}
+
+template <typename T>
+std::vector<const T*> slots_of(const Segment& segment, int64_t s) {
   std::vector<const T*> parts(segment.world_size);
   for (int64_t r = 0; r < segment.world_size; ++r) parts[r] = reinterpret_cast<const T*>(segment.slot(r, s));
-  at::parallel_for(0, count, kSumGrain, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      Acc sum = static_cast<Acc>(parts[0][i]);
-      for (size_t r = 1; r < parts.size(); ++r) sum += static_cast<Acc>(parts[r][i]);
-      out[i] = static_cast<T>(sum);
-    }
-  });
+  return parts;
+}
+
+// Sums values [begin, end) of every rank's slot s (summed in place into out, copied into copy unless null), spread
+// over this rank's threads.
+template <typename T>
+void sum_slots(const Segment& segment, int64_t s, int64_t begin, int64_t end, T* out, T* copy) {
+  const std::vector<const T*> parts = slots_of<T>(segment, s);
+  at::parallel_for(begin, end, kSumGrain, [&](int64_t from, int64_t to) { sum_range(parts, from, to, out, copy); });
+}
+
+// The first value of rank r's share of a split sum of n values.
+int64_t share_start(int64_t n, int64_t r, int64_t world_size) { return r * n / world_size; }
+
+// One chunk of n values: summed by every rank in one call, or split into shares over two calls (see the top).
+template <typename T>
+void all_reduce_chunk(const Segment& segment, T* values, int64_t n) {
+  const int64_t s = segment.exchange(values, n * static_cast<int64_t>(sizeof(T)));
+  const int64_t world_size = segment.world_size;
+  if (n * static_cast<int64_t>(sizeof(T)) < kSplitSumBytes || world_size == 1) {
+    sum_slots(segment, s, 0, n, values, static_cast<T*>(nullptr));
+    return;
+  }
+  const int64_t begin = share_start(n, segment.rank, world_size), end = share_start(n, segment.rank + 1, world_size);
+  const int64_t t = segment.exchange_with(
+      [&](uint8_t* mine) { sum_slots(segment, s, begin, end, values, reinterpret_cast<T*>(mine)); });
+  for (int64_t r = 0; r < world_size; ++r) {
+    if (r == segment.rank) continue;
+    const int64_t from = share_start(n, r, world_size), to = share_start(n, r + 1, world_size);
+    std::memcpy(values + from, reinterpret_cast<const T*>(segment.slot(r, t)) + from, (to - from) * sizeof(T));
+  }
 }
 
 template <typename T>
 void all_reduce_values(const Segment& segment, T* values, int64_t count) {
   const int64_t per_call = segment.slot_bytes / static_cast<int64_t>(sizeof(T));
   for (int64_t start = 0; start < count; start += per_call) {
-    const int64_t n = std::min(per_call, count - start);
-    sum_slots(segment, segment.exchange(values + start, n * sizeof(T)), values + start, n);
+    all_reduce_chunk(segment, values + start, std::min(per_call, count - start));
   }
 }
 
