@@ -312,27 +312,29 @@ void int4_tile(const Operands& a, int64_t t, int64_t m, Out* out) {
 }
 
 #ifdef PAGEDLLM_AVX512_VNNI
-// Whether every minimum of tiles t and t + 1 is -8 times its scale (GGUF's Q4_0: w = (q - 8) * scale). Their
-// integer sums then start from -8 times the sums of the rounded activations, and the minimum's float step falls
-// away. It depends on the weights alone, so a row's result does not depend on the rows beside it; it is decided
-// once per pair of tiles, so no group's sums wait on its scales.
-inline bool offsets_of_eight(const Operands& a, int64_t t) {
+// Whether all 16 minimums of a group of tiles t and t + 1 are -8 times their scales (GGUF's Q4_0: w = (q - 8) *
+// scale). Such a group's integer sums take -8 times the sum of the rounded activations and the minimum's float step
+// falls away. It depends on the weights alone, so a row's result does not depend on the rows beside it.
+inline bool offset_eight(__m512 scale, __m512 min) {
+  return _mm512_cmp_ps_mask(min, _mm512_mul_ps(scale, _mm512_set1_ps(-8.f)), _CMP_EQ_OQ) == __mmask16(0xFFFF);
+}
+
+// offset_eight of each group of tiles t and t + 1, into eights[groups]: for a block of many rows, decided once, so
+// that no row tile's sums wait on the scales.
+void offsets_of_eight(const Operands& a, int64_t t, uint8_t* eights) {
   const int64_t groups = a.in_features / a.group_size;
   const auto* scale_min = reinterpret_cast<const c10::Half*>(a.scales + t * groups * 2 * kTile);
-  __mmask16 equal = 0xFFFF;
-  for (int64_t i = 0; i < groups; ++i) {  // tile t's group i, and tile t + 1's
-    const c10::Half *pair = scale_min + 2 * kTile * i, *next_pair = pair + groups * 2 * kTile;
-    const __m512 scale = join(load8(pair), load8(next_pair)), min = join(load8(pair + kTile), load8(next_pair + kTile));
-    equal &= _mm512_cmp_ps_mask(min, _mm512_mul_ps(scale, _mm512_set1_ps(-8.f)), _CMP_EQ_OQ);
+  for (int64_t g = 0; g < groups; ++g) {
+    const c10::Half *pair = scale_min + 2 * kTile * g, *next_pair = pair + groups * 2 * kTile;
+    eights[g] = offset_eight(join(load8(pair), load8(next_pair)), join(load8(pair + kTile), load8(next_pair + kTile)));
   }
-  return equal == __mmask16(0xFFFF);
 }
 
 // int4_tile for tiles t and t + 1 side by side in 512-bit vectors: a broadcast of 4 activation bytes meets 16
 // outputs, and the 16 results are consecutive in the output row. Low and high nibbles sum apart, then together
 // (exact integers: the order does not change the sums), so that a row's dot products are two chains, not one.
 template <int64_t Rows, bool GroupsAreRuns, typename Out>
-void int4_tile_pair(const Operands& a, int64_t t, int64_t m, bool offset_eight, Out* out) {
+void int4_tile_pair(const Operands& a, int64_t t, int64_t m, const uint8_t* eights, Out* out) {
   const int64_t groups = a.in_features / a.group_size, group_size = GroupsAreRuns ? kRun : a.group_size;
   const auto* tile = static_cast<const uint8_t*>(a.weight) + t * kTile * a.in_features / 2;
   const auto* next_tile = tile + kTile * a.in_features / 2;
@@ -350,9 +352,12 @@ void int4_tile_pair(const Operands& a, int64_t t, int64_t m, bool offset_eight, 
     const auto* pair = reinterpret_cast<const c10::Half*>(scale_min + 2 * kTile * g);
     const auto* next_pair = reinterpret_cast<const c10::Half*>(next_scale_min + 2 * kTile * g);
     const __m512 scale = join(load8(pair), load8(next_pair)), min = join(load8(pair + kTile), load8(next_pair + kTile));
+    // With `eights` the offsets start the sums; without, they join after the dot products (the same integers), so
+    // that the dot products never wait on the scales.
+    const bool eight = eights ? eights[g] != 0 : offset_eight(scale, min);
     __m512i group_sum[Rows], high_sum[Rows];
     for (int64_t r = 0; r < Rows; ++r) {
-      group_sum[r] = offset_eight ? _mm512_set1_epi32(x_offsets[Rows * g + r]) : _mm512_setzero_si512();
+      group_sum[r] = eights && eight ? _mm512_set1_epi32(x_offsets[Rows * g + r]) : _mm512_setzero_si512();
       high_sum[r] = _mm512_setzero_si512();
     }
 #pragma GCC unroll 4  // a group of 32 in one piece
@@ -368,11 +373,14 @@ void int4_tile_pair(const Operands& a, int64_t t, int64_t m, bool offset_eight, 
       }
     }
     for (int64_t r = 0; r < Rows; ++r) group_sum[r] = _mm512_add_epi32(group_sum[r], high_sum[r]);
+    if (!eights && eight)
+      for (int64_t r = 0; r < Rows; ++r)
+        group_sum[r] = _mm512_add_epi32(group_sum[r], _mm512_set1_epi32(x_offsets[Rows * g + r]));
     for (int64_t r = 0; r < Rows; ++r) {
       const __m512 combined = _mm512_mul_ps(scale, _mm512_set1_ps(x_scales[Rows * g + r]));
       acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(group_sum[r]), combined, acc[r]);
     }
-    if (!offset_eight)
+    if (!eight)
       for (int64_t r = 0; r < Rows; ++r) acc[r] = _mm512_fmadd_ps(min, _mm512_set1_ps(x_sums[Rows * g + r]), acc[r]);
   }
   for (int64_t r = 0; r < Rows; ++r) store16(out + (m + r) * a.out_features + t * kTile, acc[r]);
@@ -430,19 +438,23 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::
                             group_size};
     scalar_t* op = out.data_ptr<scalar_t>();
     at::parallel_for(0, out_features / kTile, kRowGrain / kTile, [&](int64_t begin, int64_t end) {
+      thread_local std::vector<uint8_t> eights;
+      eights.resize(in_features / group_size);
       for (int64_t first = 0; first < num_rows; first += kRowBlock)
         for (int64_t t = begin; t < end; t += kTilesPerCall) {
 #ifdef PAGEDLLM_AVX512_VNNI
-          const bool offset_eight = t + 1 < end && offsets_of_eight(operands, t);
+          // A block of several row tiles decides the groups' offsets once; fewer rows decide them as they go.
+          const bool decided = t + 1 < end && num_rows - first > kRowTile;
+          if (decided) offsets_of_eight(operands, t, eights.data());
 #endif
           for_row_tiles<kRowTile>(std::min(kRowBlock, num_rows - first), [&](auto tile_rows, int64_t m) {
             constexpr int64_t R = decltype(tile_rows)::value;
 #ifdef PAGEDLLM_AVX512_VNNI
             if (t + 1 < end) {
               if (group_size == kRun)
-                int4_tile_pair<R, true>(operands, t, first + m, offset_eight, op);
+                int4_tile_pair<R, true>(operands, t, first + m, decided ? eights.data() : nullptr, op);
               else
-                int4_tile_pair<R, false>(operands, t, first + m, offset_eight, op);
+                int4_tile_pair<R, false>(operands, t, first + m, decided ? eights.data() : nullptr, op);
               return;
             }
 #endif
