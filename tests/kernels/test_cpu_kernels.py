@@ -76,6 +76,23 @@ def test_int4_linear_gives_a_row_the_same_bits_alone_or_beside_others(dtype: tor
         assert torch.equal(ops.int4_linear(x[:rows], packed, scale_min, group_size), alone[:rows]), rows
 
 
+@pytest.mark.parametrize("group_size", [32, 64])
+def test_int4_linear_with_q4_0_minimums_matches_the_reference_alone_or_beside_others(group_size: int) -> None:
+    # Minimums of -8 times the scales (GGUF's Q4_0) take the kernel's offset sums: tiles 0-1 have them, tiles 2-3
+    # have asymmetric minimums, tile 4 is alone; exact activations leave only float32 rounding.
+    weight = kernel_representable(quantize_int4(torch.randn(40, 256, generator=generator(8)), group_size))
+    mins = weight.mins.clone()
+    mins[:16] = -8 * weight.scales[:16]
+    weight = Int4Weight(weight.q, weight.scales, mins, group_size)
+    packed, scale_min = pagedllm_int4_buffers(weight)
+    x = int8_exact_activations(17, 256, 9)
+    alone = torch.cat([ops.int4_linear(x[r : r + 1], packed, scale_min, group_size) for r in range(17)])
+    expected = x.double() @ dequantize(weight).double().T
+    torch.testing.assert_close(alone.double(), expected, rtol=1e-5, atol=1e-6 * expected.abs().max().item())
+    for rows in (2, 8, 9, 17):
+        assert torch.equal(ops.int4_linear(x[:rows], packed, scale_min, group_size), alone[:rows]), rows
+
+
 def int8_rounded(x: torch.Tensor, block: int) -> torch.Tensor:
     """x as the kernels round it: to int8 per block of channels, scaled by the block's max |x| / 127."""
     blocks = x.float().reshape(x.shape[0], -1, block)

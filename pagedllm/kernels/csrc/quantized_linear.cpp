@@ -42,6 +42,7 @@ constexpr int64_t kTilesPerCall = 1;
 constexpr int64_t kRowTile = 4;
 #endif
 constexpr int64_t kRowBlock = 64;  // int4: activation rows that meet each weight tile before the next rows do
+static_assert(kRowBlock % kRowTile == 0, "int4 row tiles must each be one panel of activation rows");
 constexpr int64_t kPrefetchRows = 4;  // how many output rows ahead weights are prefetched
 // int4: how far ahead of a tile's group its weights are asked for. Met by several activation rows, a group takes
 // long enough that the hardware prefetcher alone leaves the loads waiting on memory.
@@ -51,12 +52,16 @@ constexpr int64_t kRoundGrain = 16384;  // activations per parallel task of roun
 constexpr float kActivationLevels = 127.f;
 
 // Activation rows rounded to int8 per block (a multiple of 32 channels), with each block's scale and (where asked
-// for) the sum of its rounded activations. The buffers are the calling thread's own, reused from call to call: a
-// decode step makes over a hundred calls.
+// for) the sum of its rounded activations, in panels of P rows (the last panel holds the rest, R <= P rows): a
+// panel holds, per 4 channels, the 4 bytes of each of its rows in turn, then, per block, the scale (and the sum) of
+// each of its rows in turn. A tile of a panel's rows then reaches all their activations through one pointer, at
+// offsets known when compiling. P = 1 is plain row-major. The buffers are the calling thread's own, reused from
+// call to call: a decode step makes over a hundred calls.
 struct QuantizedRows {
-  const int8_t* values;  // [rows, in]
-  const float* scales;  // [rows, in / block]
-  const float* sums;  // [rows, in / block], or nullptr
+  const int8_t* values;  // panel of rows [m, m + R): from values + m * in, [in / 4][R][4]
+  const float* scales;  // from scales + m * in / block, [in / block][R]
+  const float* sums;  // as scales, or nullptr
+  const int32_t* offsets;  // as scales, -8 times the sum of the block's rounded values (in levels), or nullptr
 };
 
 // Rounds one run of 32 activations to int8 (nearest, ties to even) at `inverse` levels per unit; returns the sum
@@ -101,29 +106,46 @@ inline float abs_max(const T* in, int64_t n) {
 }
 
 template <typename T>
-QuantizedRows quantize_rows(const at::Tensor& x, int64_t block, bool with_sums) {
+QuantizedRows quantize_rows(const at::Tensor& x, int64_t block, bool with_sums, int64_t panel_rows) {
   thread_local std::vector<int8_t> values;
   thread_local std::vector<float> scales, sums;
+  thread_local std::vector<int32_t> offsets;
   const int64_t size = x.numel(), blocks = size / block;
   values.resize(size);
   scales.resize(blocks);
   sums.resize(with_sums ? blocks : 0);
+  offsets.resize(with_sums ? blocks : 0);
   const T* xp = x.const_data_ptr<T>();
   int8_t* vp = values.data();
   float *sp = scales.data(), *sump = sums.data();
+  int32_t* offp = offsets.data();
+  const int64_t num_rows = x.size(0), width = x.size(1), row_blocks = width / block;
   // A prefill's activations take a good part of a millisecond to round: the threads share them.
-  at::parallel_for(0, blocks, kRoundGrain / block, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const T* in = xp + i * block;
-      const float max = abs_max(in, block);
-      sp[i] = max / kActivationLevels;
-      const float inverse = max > 0.f ? kActivationLevels / max : 0.f;
-      float levels = 0.f;  // a whole number below 2^24: exact
-      for (int64_t j = 0; j < block; j += kRun) levels += round_run(in + j, inverse, vp + i * block + j);
-      if (with_sums) sump[i] = levels * sp[i];
+  at::parallel_for(0, num_rows, std::max<int64_t>(1, kRoundGrain / width), [&](int64_t begin, int64_t end) {
+    int8_t run[kRun];
+    for (int64_t n = begin; n < end; ++n) {
+      const int64_t r = n % panel_rows, first = n - r, height = std::min(panel_rows, num_rows - first);
+      int8_t* panel = vp + first * width + 4 * r;
+      for (int64_t b = 0; b < row_blocks; ++b) {
+        const int64_t at = first * row_blocks + b * height + r;
+        const T* in = xp + n * width + b * block;
+        const float max = abs_max(in, block);
+        sp[at] = max / kActivationLevels;
+        const float inverse = max > 0.f ? kActivationLevels / max : 0.f;
+        float levels = 0.f;  // a whole number below 2^24: exact
+        for (int64_t j = 0; j < block; j += kRun) {
+          levels += round_run(in + j, inverse, run);
+          for (int64_t quad = 0; quad < kRun / 4; ++quad)
+            std::memcpy(panel + (b * block + j + 4 * quad) * height, run + 4 * quad, 4);
+        }
+        if (with_sums) {
+          sump[at] = levels * sp[at];
+          offp[at] = -8 * static_cast<int32_t>(levels);
+        }
+      }
     }
   });
-  return {vp, sp, with_sums ? sump : nullptr};
+  return {vp, sp, with_sums ? sump : nullptr, with_sums ? offp : nullptr};
 }
 
 #ifdef PAGEDLLM_AVX2
@@ -209,6 +231,7 @@ struct Operands {
   const int8_t* x;
   const float* x_scales;  // per group of int4, per run of 32 for int8
   const float* x_sums;  // int4 only
+  const int32_t* x_offsets;  // int4 only
   int64_t in_features, out_features, group_size;
 };
 
@@ -220,8 +243,9 @@ void int4_tile(const Operands& a, int64_t t, int64_t m, Out* out) {
   const int64_t groups = a.in_features / a.group_size;
   const auto* tile = static_cast<const uint8_t*>(a.weight) + t * kTile * a.in_features / 2;
   const uint16_t* scale_min = a.scales + t * groups * 2 * kTile;
-  const RowPointers<int8_t> x(a.x, a.in_features, m, Rows);
-  const RowPointers<float> x_scales(a.x_scales, groups, m, Rows), x_sums(a.x_sums, groups, m, Rows);
+  // The tile's rows are one panel: Rows bytes of 4 per 4 channels, Rows scales and sums per group.
+  const int8_t* x = a.x + m * a.in_features;
+  const float *x_scales = a.x_scales + m * groups, *x_sums = a.x_sums + m * groups;
 #ifdef PAGEDLLM_AVX2
   const int64_t group_size = GroupsAreRuns ? kRun : a.group_size;
   const __m256i mask = _mm256_set1_epi8(0x0F);
@@ -237,8 +261,8 @@ void int4_tile(const Operands& a, int64_t t, int64_t m, Out* out) {
       const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tile + 4 * k));
       const __m256i low = _mm256_and_si256(bytes, mask), high = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), mask);
       for (int64_t r = 0; r < Rows; ++r) {
-        group_sum[r] = add_byte_products(group_sum[r], low, broadcast4(x.rows[r] + k));
-        group_sum[r] = add_byte_products(group_sum[r], high, broadcast4(x.rows[r] + k + 4));
+        group_sum[r] = add_byte_products(group_sum[r], low, broadcast4(x + Rows * k + 4 * r));
+        group_sum[r] = add_byte_products(group_sum[r], high, broadcast4(x + Rows * (k + 4) + 4 * r));
       }
     }
 #else
@@ -253,8 +277,9 @@ void int4_tile(const Operands& a, int64_t t, int64_t m, Out* out) {
         const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tile + 4 * k));
         const __m256i low = _mm256_and_si256(bytes, mask), high = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), mask);
         for (int64_t r = 0; r < Rows; ++r) {
-          run_sum[r] = _mm256_add_epi16(run_sum[r], _mm256_maddubs_epi16(low, broadcast4(x.rows[r] + k)));
-          run_sum[r] = _mm256_add_epi16(run_sum[r], _mm256_maddubs_epi16(high, broadcast4(x.rows[r] + k + 4)));
+          run_sum[r] = _mm256_add_epi16(run_sum[r], _mm256_maddubs_epi16(low, broadcast4(x + Rows * k + 4 * r)));
+          run_sum[r] =
+              _mm256_add_epi16(run_sum[r], _mm256_maddubs_epi16(high, broadcast4(x + Rows * (k + 4) + 4 * r)));
         }
       }
       for (int64_t r = 0; r < Rows; ++r) group_sum[r] = _mm256_add_epi32(group_sum[r], _mm256_madd_epi16(run_sum[r], ones));
@@ -263,9 +288,9 @@ void int4_tile(const Operands& a, int64_t t, int64_t m, Out* out) {
     const auto* pair = reinterpret_cast<const c10::Half*>(scale_min + 2 * kTile * g);
     const __m256 scale = load8(pair), min = load8(pair + kTile);
     for (int64_t r = 0; r < Rows; ++r) {
-      const __m256 combined = _mm256_mul_ps(scale, _mm256_set1_ps(x_scales.rows[r][g]));
+      const __m256 combined = _mm256_mul_ps(scale, _mm256_set1_ps(x_scales[Rows * g + r]));
       acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(group_sum[r]), combined, acc[r]);
-      acc[r] = _mm256_fmadd_ps(min, _mm256_set1_ps(x_sums.rows[r][g]), acc[r]);
+      acc[r] = _mm256_fmadd_ps(min, _mm256_set1_ps(x_sums[Rows * g + r]), acc[r]);
     }
   }
   for (int64_t r = 0; r < Rows; ++r) store8(out + (m + r) * a.out_features + t * kTile, acc[r]);
@@ -275,10 +300,11 @@ void int4_tile(const Operands& a, int64_t t, int64_t m, Out* out) {
       float total = 0.f;
       for (int64_t g = 0; g < groups; ++g) {
         int32_t sum = 0;
-        for (int64_t k = g * a.group_size; k < (g + 1) * a.group_size; ++k) sum += int4_at(tile, o, k) * x.rows[r][k];
+        for (int64_t k = g * a.group_size; k < (g + 1) * a.group_size; ++k)
+          sum += int4_at(tile, o, k) * x[Rows * (k - k % 4) + 4 * r + k % 4];
         const float scale = half_bits_to_float(scale_min[2 * kTile * g + o]);
         const float min = half_bits_to_float(scale_min[2 * kTile * g + kTile + o]);
-        total += scale * x_scales.rows[r][g] * sum + min * x_sums.rows[r][g];
+        total += scale * x_scales[Rows * g + r] * sum + min * x_sums[Rows * g + r];
       }
       out[(m + r) * a.out_features + t * kTile + o] = static_cast<Out>(total);
     }
@@ -286,44 +312,76 @@ void int4_tile(const Operands& a, int64_t t, int64_t m, Out* out) {
 }
 
 #ifdef PAGEDLLM_AVX512_VNNI
+// Whether all 16 minimums of a group of tiles t and t + 1 are -8 times their scales (GGUF's Q4_0: w = (q - 8) *
+// scale). Such a group's integer sums take -8 times the sum of the rounded activations and the minimum's float step
+// falls away. It depends on the weights alone, so a row's result does not depend on the rows beside it.
+inline bool offset_eight(__m512 scale, __m512 min) {
+  return _mm512_cmp_ps_mask(min, _mm512_mul_ps(scale, _mm512_set1_ps(-8.f)), _CMP_EQ_OQ) == __mmask16(0xFFFF);
+}
+
+// offset_eight of each group of tiles t and t + 1, into eights[groups]: for a block of many rows, decided once, so
+// that no row tile's sums wait on the scales.
+void offsets_of_eight(const Operands& a, int64_t t, uint8_t* eights) {
+  const int64_t groups = a.in_features / a.group_size;
+  const auto* scale_min = reinterpret_cast<const c10::Half*>(a.scales + t * groups * 2 * kTile);
+  for (int64_t g = 0; g < groups; ++g) {
+    const c10::Half *pair = scale_min + 2 * kTile * g, *next_pair = pair + groups * 2 * kTile;
+    eights[g] = offset_eight(join(load8(pair), load8(next_pair)), join(load8(pair + kTile), load8(next_pair + kTile)));
+  }
+}
+
 // int4_tile for tiles t and t + 1 side by side in 512-bit vectors: a broadcast of 4 activation bytes meets 16
-// outputs, and the 16 results are consecutive in the output row.
+// outputs, and the 16 results are consecutive in the output row. Low and high nibbles sum apart, then together
+// (exact integers: the order does not change the sums), so that a row's dot products are two chains, not one.
 template <int64_t Rows, bool GroupsAreRuns, typename Out>
-void int4_tile_pair(const Operands& a, int64_t t, int64_t m, Out* out) {
+void int4_tile_pair(const Operands& a, int64_t t, int64_t m, const uint8_t* eights, Out* out) {
   const int64_t groups = a.in_features / a.group_size, group_size = GroupsAreRuns ? kRun : a.group_size;
   const auto* tile = static_cast<const uint8_t*>(a.weight) + t * kTile * a.in_features / 2;
   const auto* next_tile = tile + kTile * a.in_features / 2;
   const uint16_t* scale_min = a.scales + t * groups * 2 * kTile;
   const uint16_t* next_scale_min = scale_min + groups * 2 * kTile;
-  const RowPointers<int8_t> x(a.x, a.in_features, m, Rows);
-  const RowPointers<float> x_scales(a.x_scales, groups, m, Rows), x_sums(a.x_sums, groups, m, Rows);
+  const int8_t* x = a.x + m * a.in_features;
+  const float *x_scales = a.x_scales + m * groups, *x_sums = a.x_sums + m * groups;
+  const int32_t* x_offsets = a.x_offsets + m * groups;
   const __m512i mask = _mm512_set1_epi8(0x0F);
   __m512 acc[Rows];
   for (int64_t r = 0; r < Rows; ++r) acc[r] = _mm512_setzero_ps();
   for (int64_t g = 0, k = 0; g < groups; ++g) {
     prefetch(tile + 4 * k + kPrefetchBytes, 4 * group_size);
     prefetch(next_tile + 4 * k + kPrefetchBytes, 4 * group_size);
-    __m512i group_sum[Rows];
-    for (int64_t r = 0; r < Rows; ++r) group_sum[r] = _mm512_setzero_si512();
-#pragma GCC unroll 1
+    const auto* pair = reinterpret_cast<const c10::Half*>(scale_min + 2 * kTile * g);
+    const auto* next_pair = reinterpret_cast<const c10::Half*>(next_scale_min + 2 * kTile * g);
+    const __m512 scale = join(load8(pair), load8(next_pair)), min = join(load8(pair + kTile), load8(next_pair + kTile));
+    // With `eights` the offsets start the sums; without, they join after the dot products (the same integers), so
+    // that the dot products never wait on the scales.
+    const bool eight = eights ? eights[g] != 0 : offset_eight(scale, min);
+    __m512i group_sum[Rows], high_sum[Rows];
+    for (int64_t r = 0; r < Rows; ++r) {
+      group_sum[r] = eights && eight ? _mm512_set1_epi32(x_offsets[Rows * g + r]) : _mm512_setzero_si512();
+      high_sum[r] = _mm512_setzero_si512();
+    }
+#pragma GCC unroll 4  // a group of 32 in one piece
     for (int64_t step = 0; step < group_size / kStep; ++step, k += kStep) {
       const __m512i bytes = _mm512_inserti64x4(
           _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(tile + 4 * k))),
           _mm256_loadu_si256(reinterpret_cast<const __m256i*>(next_tile + 4 * k)), 1);
       const __m512i low = _mm512_and_si512(bytes, mask), high = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), mask);
+      const int8_t* quads = x + Rows * k;
       for (int64_t r = 0; r < Rows; ++r) {
-        group_sum[r] = _mm512_dpbusd_epi32(group_sum[r], low, broadcast4x16(x.rows[r] + k));
-        group_sum[r] = _mm512_dpbusd_epi32(group_sum[r], high, broadcast4x16(x.rows[r] + k + 4));
+        group_sum[r] = _mm512_dpbusd_epi32(group_sum[r], low, broadcast4x16(quads + 4 * r));
+        high_sum[r] = _mm512_dpbusd_epi32(high_sum[r], high, broadcast4x16(quads + 4 * (Rows + r)));
       }
     }
-    const auto* pair = reinterpret_cast<const c10::Half*>(scale_min + 2 * kTile * g);
-    const auto* next_pair = reinterpret_cast<const c10::Half*>(next_scale_min + 2 * kTile * g);
-    const __m512 scale = join(load8(pair), load8(next_pair)), min = join(load8(pair + kTile), load8(next_pair + kTile));
+    for (int64_t r = 0; r < Rows; ++r) group_sum[r] = _mm512_add_epi32(group_sum[r], high_sum[r]);
+    if (!eights && eight)
+      for (int64_t r = 0; r < Rows; ++r)
+        group_sum[r] = _mm512_add_epi32(group_sum[r], _mm512_set1_epi32(x_offsets[Rows * g + r]));
     for (int64_t r = 0; r < Rows; ++r) {
-      const __m512 combined = _mm512_mul_ps(scale, _mm512_set1_ps(x_scales.rows[r][g]));
+      const __m512 combined = _mm512_mul_ps(scale, _mm512_set1_ps(x_scales[Rows * g + r]));
       acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(group_sum[r]), combined, acc[r]);
-      acc[r] = _mm512_fmadd_ps(min, _mm512_set1_ps(x_sums.rows[r][g]), acc[r]);
     }
+    if (!eight)
+      for (int64_t r = 0; r < Rows; ++r) acc[r] = _mm512_fmadd_ps(min, _mm512_set1_ps(x_sums[Rows * g + r]), acc[r]);
   }
   for (int64_t r = 0; r < Rows; ++r) store16(out + (m + r) * a.out_features + t * kTile, acc[r]);
 }
@@ -368,27 +426,35 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::
   const int64_t num_rows = rows.size(0);
   at::Tensor out = at::empty({num_rows, out_features}, x.options());
   PAGEDLLM_DISPATCH_FLOAT_TYPES(x.scalar_type(), "int4_linear", [&] {
-    const QuantizedRows q = quantize_rows<scalar_t>(rows, group_size, true);
+    const QuantizedRows q = quantize_rows<scalar_t>(rows, group_size, true, kRowTile);
     const Operands operands{packed.const_data_ptr<uint8_t>(),
                             reinterpret_cast<const uint16_t*>(scale_min.const_data_ptr<at::Half>()),
                             q.values,
                             q.scales,
                             q.sums,
+                            q.offsets,
                             in_features,
                             out_features,
                             group_size};
     scalar_t* op = out.data_ptr<scalar_t>();
     at::parallel_for(0, out_features / kTile, kRowGrain / kTile, [&](int64_t begin, int64_t end) {
+      thread_local std::vector<uint8_t> eights;
+      eights.resize(in_features / group_size);
       for (int64_t first = 0; first < num_rows; first += kRowBlock)
-        for (int64_t t = begin; t < end; t += kTilesPerCall)
+        for (int64_t t = begin; t < end; t += kTilesPerCall) {
+#ifdef PAGEDLLM_AVX512_VNNI
+          // A block of several row tiles decides the groups' offsets once; fewer rows decide them as they go.
+          const bool decided = t + 1 < end && num_rows - first > kRowTile;
+          if (decided) offsets_of_eight(operands, t, eights.data());
+#endif
           for_row_tiles<kRowTile>(std::min(kRowBlock, num_rows - first), [&](auto tile_rows, int64_t m) {
             constexpr int64_t R = decltype(tile_rows)::value;
 #ifdef PAGEDLLM_AVX512_VNNI
             if (t + 1 < end) {
               if (group_size == kRun)
-                int4_tile_pair<R, true>(operands, t, first + m, op);
+                int4_tile_pair<R, true>(operands, t, first + m, decided ? eights.data() : nullptr, op);
               else
-                int4_tile_pair<R, false>(operands, t, first + m, op);
+                int4_tile_pair<R, false>(operands, t, first + m, decided ? eights.data() : nullptr, op);
               return;
             }
 #endif
@@ -397,6 +463,7 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::
             else
               int4_tile<R, false>(operands, t, first + m, op);
           });
+        }
     });
   });
   return as_output(out, x);
@@ -411,11 +478,12 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& weight, const at::
   const int64_t num_rows = rows.size(0);
   at::Tensor out = at::empty({num_rows, out_features}, x.options());
   PAGEDLLM_DISPATCH_FLOAT_TYPES(x.scalar_type(), "int8_linear", [&] {
-    const QuantizedRows q = quantize_rows<scalar_t>(rows, kRun, false);
+    const QuantizedRows q = quantize_rows<scalar_t>(rows, kRun, false, 1);
     const Operands operands{weight.const_data_ptr<int8_t>(),
                             reinterpret_cast<const uint16_t*>(scales.const_data_ptr<at::BFloat16>()),
                             q.values,
                             q.scales,
+                            nullptr,
                             nullptr,
                             in_features,
                             out_features,
