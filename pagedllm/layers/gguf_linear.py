@@ -23,7 +23,7 @@ GGUF_PACKED_MATMUL_MAX_ROWS = 32
 # kernel's tiles (the same values), which beat a dense matmul up to prefill sizes.
 GGUF_ANY_ROWS_TYPES = (gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.Q4_1)
 # Types the kernel keeps as tiles whose vector lanes are outputs, repacked once from the blocks at load (the same
-# weights in about the same bytes: kquant_tiles.cpp), and multiplies so at every row count.
+# weights in about the same bytes: kquant_tiles.cpp), and multiplies so up to tiles_max_rows rows.
 GGUF_TILE_TYPES = (gguf.GGMLQuantizationType.Q4_K, gguf.GGMLQuantizationType.Q6_K)
 GGUF_TILE_OUTPUTS = 8  # outputs per tile: other output counts keep the blocks
 # Rows from which a layer kept as tiles (GGUF_TILE_TYPES here, Q8_0 in q8_0_tiles.py) multiplies by its weight

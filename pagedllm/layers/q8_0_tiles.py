@@ -1,6 +1,6 @@
 """GGUF Q8_0 weights rearranged into tiles of 16 output channels (the file's bytes, in another order): the one layout
-their matmul takes at every row count, so that a row's outputs do not depend on the rows beside it, and the one
-copy a tied embedding table's lookups read."""
+their matmul takes up to prefill-sized steps, so that a row's outputs do not depend on the rows beside it, and the
+one copy a tied embedding table's lookups read."""
 
 from __future__ import annotations
 

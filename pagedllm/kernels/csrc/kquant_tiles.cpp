@@ -1,6 +1,6 @@
 // Matmuls by Q4_K and Q6_K weights repacked once, at load, into tiles whose vector lanes are outputs, with activations
-// rounded to int8: the same kernel at every row count, so a prefill multiplies the weights as they are kept instead
-// of dequantizing them.
+// rounded to int8: the same kernel at every row count it is given (layers/gguf_linear.py hands prefill-sized steps of
+// some types to a dense matmul of the weights dequantized here instead).
 //
 // The weights are the file's, bit for bit: Q4_K's w = (d * sc_j) * q - dmin * m_j, q 4 bits, per sub-block j of 32
 // values 6-bit sc_j and m_j, d and dmin float16 per super-block of 256; Q6_K's w = (d * sc_s) * (q - 32), q 6 bits,
