@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import gguf
 import torch
 import torch.nn.functional as F
@@ -21,9 +23,28 @@ GGUF_PACKED_MATMUL_MAX_ROWS = 32
 # kernel's tiles (the same values), which beat a dense matmul up to prefill sizes.
 GGUF_ANY_ROWS_TYPES = (gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.Q4_1)
 # Types the kernel keeps as tiles whose vector lanes are outputs, repacked once from the blocks at load (the same
-# weights in about the same bytes: kquant_tiles.cpp), and multiplies so at every row count.
+# weights in about the same bytes: kquant_tiles.cpp), and multiplies so up to tiles_max_rows rows.
 GGUF_TILE_TYPES = (gguf.GGMLQuantizationType.Q4_K, gguf.GGMLQuantizationType.Q6_K)
 GGUF_TILE_OUTPUTS = 8  # outputs per tile: other output counts keep the blocks
+# Rows from which a layer kept as tiles (GGUF_TILE_TYPES here, Q8_0 in q8_0_tiles.py) multiplies by its weight
+# dequantized for the call, where a dense bfloat16 matmul beats the tiles kernel at prefill sizes (docs/performance.md);
+# types absent here take their tiles at every row count. Invariant: below these rows the tiles give a row the same
+# bits alone or beside others, so they must stay above every step whose rows must match one-row decodes: a speculative
+# verification's at most max(disable_by_batch_size, num_speculative_tokens + 1) <= 65 rows (SpeculativeConfig's
+# bounds, with disable_by_batch_size set, as by default).
+GGUF_TILES_DEQUANTIZED_MIN_ROWS = {gguf.GGMLQuantizationType.Q6_K: 384, gguf.GGMLQuantizationType.Q8_0: 128}
+# Tiles of more weights than this keep their kernel at every row count: a copy dequantized for the call (8 MiB in
+# bfloat16) stays in the last-level cache for its matmul, where a larger one costs about what the dense matmul saves,
+# and a tied or large lm_head is never copied whole (a 262k-row one would take hundreds of MiB).
+GGUF_DEQUANTIZED_MAX_WEIGHTS = 1 << 22
+
+
+def tiles_max_rows(ggml_type: int, shape: torch.Size) -> float:
+    """The most rows a layer kept as tiles of `ggml_type` multiplies by them; more: by the weight dequantized."""
+    min_rows = GGUF_TILES_DEQUANTIZED_MIN_ROWS.get(ggml_type)
+    if min_rows is None or shape.numel() > GGUF_DEQUANTIZED_MAX_WEIGHTS:
+        return math.inf
+    return min_rows - 1
 
 
 def default_gguf_kernel(device: torch.device) -> str:
@@ -35,9 +56,9 @@ class GGUFLinear(nn.Module):
     """y = x Wᵀ + b with W kept as the GGUF file's blocks (resident bytes: the file's).
 
     Up to GGUF_PACKED_MATMUL_MAX_ROWS rows (any number for GGUF_ANY_ROWS_TYPES, and for GGUF_TILE_TYPES, kept as
-    `tiles` instead of `blocks`) go through the kernel; more rows multiply by a dense copy when one is kept
-    (`dense_matmul_min_rows` > 0: inputs of at least that many rows take it), else by the weight dequantized for the
-    call.
+    `tiles` instead of `blocks`, up to tiles_max_rows) go through the kernel; more rows multiply by a dense copy when
+    one is kept (`dense_matmul_min_rows` > 0: inputs of at least that many rows take it), else by the weight
+    dequantized for the call.
     Every path computes with the same weights; the kernel's rounds activations to int8 per block.
     """
 
@@ -76,6 +97,10 @@ class GGUFLinear(nn.Module):
     def weight(self) -> GGUFWeight:
         return GGUFWeight(self.blocks, self.ggml_type)
 
+    @property
+    def weight_shape(self) -> torch.Size:
+        return torch.Size((self.out_features, self.in_features))
+
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
         """The weight [out, in] in `dtype` (by the kernel where it runs, else by the reference: the same values)."""
         if self.tiles is not None:
@@ -90,6 +115,8 @@ class GGUFLinear(nn.Module):
             return dense_linear(x, self.dense, self.bias)
         if self.kernel == "reference":
             return F.linear(x, dequantize_blocks(self.weight()).to(x.dtype), self.bias)
+        if self.tiles is not None and rows > tiles_max_rows(self.ggml_type, self.weight_shape):
+            return dense_linear(x, self.dequantized(x.dtype), self.bias)
         if self.tiles is not None:
             y = torch.ops.pagedllm.kquant_linear(x, self.tiles, self.ggml_type)
             return y if self.bias is None else y + self.bias

@@ -1,6 +1,6 @@
 """GGUF Q8_0 weights rearranged into tiles of 16 output channels (the file's bytes, in another order): the one layout
-their matmul takes at every row count, so that a row's outputs do not depend on the rows beside it, and the one
-copy a tied embedding table's lookups read."""
+their matmul takes up to prefill-sized steps, so that a row's outputs do not depend on the rows beside it, and the
+one copy a tied embedding table's lookups read."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from torch import nn
 
 from pagedllm.arithmetic import ceil_div
 from pagedllm.layers.gguf_blocks import GGUFWeight
-from pagedllm.layers.gguf_linear import default_gguf_kernel
+from pagedllm.layers.gguf_linear import default_gguf_kernel, tiles_max_rows
 from pagedllm.layers.linear import dense_linear, matrix_units_layout
 
 Q8_0_TILE = 16  # output channels per tile
@@ -80,9 +80,10 @@ class Q8_0Tiles:
 class Q8_0Linear(nn.Module):
     """y = x Wᵀ + b with a GGUF Q8_0 weight kept as Q8_0Tiles (the file's bytes).
 
-    Every row count goes through the kernel, whose rows each get the same bits alone or beside others; a dense copy
-    is kept only when asked for (`dense_matmul_min_rows` > 0: inputs of at least that many rows take it). The kernel
-    rounds activations to int8 per block of 32, the reference path multiplies the dequantized weight.
+    Up to tiles_max_rows rows go through the kernel, whose rows each get the same bits alone or beside others; more
+    multiply by the weight dequantized for the call. A dense copy is kept only when asked for (`dense_matmul_min_rows`
+    > 0: inputs of at least that many rows take it). The kernel rounds activations to int8 per block of 32, the
+    reference path multiplies the dequantized weight.
     """
 
     def __init__(
@@ -109,12 +110,25 @@ class Q8_0Linear(nn.Module):
     def weight(self) -> Q8_0Tiles:
         return Q8_0Tiles(self.tiles, self.scales, self.out_features)
 
+    @property
+    def tiles_max_rows(self) -> float:
+        """The most rows `forward` multiplies by the tiles with the kernel (more: the weight dequantized)."""
+        return tiles_max_rows(self.ggml_type, torch.Size((self.out_features, self.in_features)))
+
+    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+        """The weight [out, in] in `dtype` (by the kernel where it runs, else by the reference: the same values)."""
+        if self.kernel == "pagedllm":
+            return torch.ops.pagedllm.q8_0_tiles_dequantize(self.tiles, self.scales, self.out_features, dtype)
+        return self.weight().dequantize().to(dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.shape[:-1].numel()
         if self.dense is not None and (self.kernel == "reference" or rows >= self.dense_matmul_min_rows):
             return dense_linear(x, self.dense, self.bias)
         if self.kernel == "reference":
             return F.linear(x, self.weight().dequantize().to(x.dtype), self.bias)
+        if rows > self.tiles_max_rows:
+            return dense_linear(x, self.dequantized(x.dtype), self.bias)
         y = torch.ops.pagedllm.q8_0_tiles_linear(x, self.tiles, self.scales, self.out_features)
         return y if self.bias is None else y + self.bias
 

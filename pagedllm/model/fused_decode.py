@@ -17,7 +17,7 @@ from pagedllm.config import ModelConfig
 from pagedllm.distributed.shared_memory import SharedMemoryCollectives
 from pagedllm.kernels import use_cpu_kernels
 from pagedllm.layers.attention import AttentionMetadata, HeadGroups, KVPool, PagedAttention
-from pagedllm.layers.gguf_linear import GGUF_PACKED_MATMUL_MAX_ROWS, GGUFLinear
+from pagedllm.layers.gguf_linear import GGUF_PACKED_MATMUL_MAX_ROWS, GGUFLinear, tiles_max_rows
 from pagedllm.layers.linear import Linear, QuantizedLinear, dense_rows
 from pagedllm.layers.parallel_linear import ColumnParallelLinear, RowParallelLinear
 from pagedllm.layers.q8_0_tiles import Q8_0Linear
@@ -74,16 +74,21 @@ def linear_parts(layer: nn.Module) -> list[LinearPart] | None:
         return [LinearPart(layer.qweight, layer.scales, kind, arg, layer.bias, layer.packed_max_rows)]
     if isinstance(layer, GGUFLinear) and layer.kernel == "pagedllm":
         # GGUFLinear.forward: a dense copy from dense_matmul_min_rows rows on, a dequantized matmul above
-        # GGUF_PACKED_MATMUL_MAX_ROWS rows (tiles: none); the blocks or tiles below both.
-        max_rows = math.inf if layer.tiles is not None else GGUF_PACKED_MATMUL_MAX_ROWS
+        # GGUF_PACKED_MATMUL_MAX_ROWS rows (tiles: above tiles_max_rows); the blocks or tiles below both.
+        max_rows = GGUF_PACKED_MATMUL_MAX_ROWS
+        if layer.tiles is not None:
+            max_rows = tiles_max_rows(layer.ggml_type, layer.weight_shape)
         if layer.dense is not None:
             max_rows = min(max_rows, layer.dense_matmul_min_rows - 1)
         if layer.tiles is not None:
             return [LinearPart(layer.tiles, torch.empty(0), kinds.kquant_tiles, layer.ggml_type, layer.bias, max_rows)]
         return [LinearPart(layer.blocks, torch.empty(0), kinds.gguf, layer.ggml_type, layer.bias, max_rows)]
     if isinstance(layer, Q8_0Linear) and layer.kernel == "pagedllm":
-        # Q8_0Linear.forward: a dense copy from dense_matmul_min_rows rows on, the tiles below.
-        max_rows = layer.dense_matmul_min_rows - 1 if layer.dense is not None else math.inf
+        # Q8_0Linear.forward: a dense copy from dense_matmul_min_rows rows on, a dequantized matmul above
+        # tiles_max_rows rows, the tiles below both.
+        max_rows = layer.tiles_max_rows
+        if layer.dense is not None:
+            max_rows = min(max_rows, layer.dense_matmul_min_rows - 1)
         return [LinearPart(layer.tiles, layer.scales, kinds.q8_0_tiles, layer.out_features, layer.bias, max_rows)]
     return None
 

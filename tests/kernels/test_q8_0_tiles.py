@@ -61,6 +61,9 @@ def test_tiles_hold_the_blocks_weights_exactly(out_features: int) -> None:
     assert tiles.tiles.numel() + 2 * tiles.scales.numel() == padded * IN_FEATURES // 32 * 34
     expected = torch.from_numpy(gguf.quants.dequantize(w.blocks.numpy(), Q.Q8_0))
     assert torch.equal(tiles.dequantize(), expected)
+    for dtype in (torch.float32, torch.bfloat16):  # the kernel's dequantization, for prefill-sized matmuls
+        dequantized = ops.q8_0_tiles_dequantize(tiles.tiles, tiles.scales, out_features, dtype)
+        assert torch.equal(dequantized, expected.to(dtype))
     index = torch.tensor([0, 1, out_features - 1, 17, 17])
     assert torch.equal(tiles.rows(index), expected[index])
 
@@ -130,3 +133,7 @@ def test_kernel_checks_its_operands() -> None:
         ops.q8_0_tiles_linear(x, tiles.tiles, tiles.scales.float(), 40)
     with pytest.raises(RuntimeError, match="whole blocks"):
         ops.q8_0_tiles_linear(x, tiles.tiles[:, :-1].contiguous(), tiles.scales, 40)
+    with pytest.raises(RuntimeError, match="do not hold"):
+        ops.q8_0_tiles_dequantize(tiles.tiles, tiles.scales, 49, torch.bfloat16)
+    with pytest.raises(RuntimeError, match="scales"):
+        ops.q8_0_tiles_dequantize(tiles.tiles, tiles.scales.float(), 40, torch.bfloat16)

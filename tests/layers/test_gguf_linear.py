@@ -10,17 +10,21 @@ import torch.nn.functional as F
 from pagedllm.layers.gguf_blocks import GGUF_NATIVE_TYPES, GGUFWeight, dequantize_blocks
 from pagedllm.layers.gguf_linear import (
     GGUF_ANY_ROWS_TYPES,
+    GGUF_DEQUANTIZED_MAX_WEIGHTS,
     GGUF_PACKED_MATMUL_MAX_ROWS,
     GGUF_TILE_TYPES,
+    GGUF_TILES_DEQUANTIZED_MIN_ROWS,
     GGUFEmbedding,
     GGUFLinear,
+    tiles_max_rows,
 )
+from pagedllm.layers.linear import dense_linear
 from pagedllm.layers.quantization import LinearQuantization, RowStackedWeight, dequantize, fuse_rows
 from pagedllm.layers.quantized_linears import RowStackedLinear, quantized_linear
 from tests.gguf_blocks import random_blocks
 
 Q = gguf.GGMLQuantizationType
-ROWS = (1, 4, 7, 32, 300)
+ROWS = (1, 4, 7, 32, 300, 400)
 
 
 def weight(qtype: Q, out_features: int = 24, in_features: int = 512, seed: int = 0) -> GGUFWeight:
@@ -46,7 +50,10 @@ def test_every_path_agrees_with_the_reference(qtype: Q, rows: int, dense_matmul_
     expected = reference(x)
     torch.testing.assert_close(expected, F.linear(x, dequantize_blocks(w), bias))
     ours = layer(x)
-    beyond_kernel = rows > GGUF_PACKED_MATMUL_MAX_ROWS and qtype not in (*GGUF_ANY_ROWS_TYPES, *GGUF_TILE_TYPES)
+    if layer.tiles is not None:
+        beyond_kernel = rows > tiles_max_rows(qtype, w.shape)
+    else:
+        beyond_kernel = rows > GGUF_PACKED_MATMUL_MAX_ROWS and qtype not in GGUF_ANY_ROWS_TYPES
     takes_dense = beyond_kernel or 0 < dense_matmul_min_rows <= rows
     if takes_dense:  # the same weights in a dense matmul: float rounding only
         torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
@@ -108,7 +115,7 @@ def test_k_quant_layers_keep_tiles_of_the_same_weights_and_multiply_every_row_co
     assert torch.equal(layer.dequantized(torch.float32), dequantize_blocks(w))
     # About the file's bytes: Q4_K's packed scales take 16 bytes of 144 instead of 12, Q6_K's the same.
     assert sum(b.numel() for b in layer.buffers()) <= 1.03 * w.blocks.numel()
-    for rows in (1, 300):  # a prefill's rows too: no dequantized matmul, so the int8 rounding shows
+    for rows in (1, 300):  # a prefill's rows too (below any dequantized matmul's), so the int8 rounding shows
         x = torch.randn(rows, 512, generator=torch.Generator().manual_seed(rows))
         expected = F.linear(x, dequantize_blocks(w))
         got = layer(x.bfloat16()).float()
@@ -123,3 +130,32 @@ def test_k_quant_layers_keep_the_blocks_where_tiles_cannot_take_them() -> None:
     tied = GGUFLinear(GGUFWeight(table.blocks, table.ggml_type, table=True), None, torch.float32)
     assert tied.tiles is None and tied.blocks.data_ptr() == table.blocks.data_ptr()
     assert GGUFLinear(table, None, torch.float32, kernel="reference").tiles is None
+
+
+def test_tiles_rule_takes_the_dequantized_matmul_only_for_prefill_sized_steps_of_small_weights() -> None:
+    """Q6_K and Q8_0 (640 wide, as Gemma 3's) switch well past a verification's rows; Q4_K keeps its tiles; weights
+    past the dequantized copy's bound keep their tiles at every row count."""
+    assert tiles_max_rows(Q.Q4_K, torch.Size((640, 2048))) == float("inf")
+    for qtype in (Q.Q6_K, Q.Q8_0):
+        assert tiles_max_rows(qtype, torch.Size((640, 2048))) == GGUF_TILES_DEQUANTIZED_MIN_ROWS[qtype] - 1 >= 127
+        assert tiles_max_rows(qtype, torch.Size((GGUF_DEQUANTIZED_MAX_WEIGHTS // 256 + 8, 256))) == float("inf")
+        assert tiles_max_rows(qtype, torch.Size((262144, 640))) == float("inf")  # Gemma 3's tied lm_head
+
+
+@pytest.mark.parametrize("qtype", GGUF_TILE_TYPES, ids=lambda q: q.name)
+def test_k_quant_tiles_switch_to_the_dequantized_matmul_at_the_threshold(qtype: Q) -> None:
+    w = weight(qtype, out_features=16, in_features=256)
+    layer = GGUFLinear(w, None, torch.bfloat16)
+    limit = tiles_max_rows(qtype, w.shape)
+    last_tiles_row = min(limit, 2 * max(GGUF_TILES_DEQUANTIZED_MIN_ROWS.values()))
+    x = torch.randn(int(last_tiles_row) + 1, 256, generator=torch.Generator().manual_seed(3)).bfloat16()
+    tiles_rows = x[: int(last_tiles_row)]
+    assert torch.equal(layer(tiles_rows), torch.ops.pagedllm.kquant_linear(tiles_rows, layer.tiles, int(qtype)))
+    dense = dense_linear(x, dequantize_blocks(w).bfloat16(), None)
+    if limit == float("inf"):
+        assert torch.equal(layer(x), torch.ops.pagedllm.kquant_linear(x, layer.tiles, int(qtype)))
+    else:  # the file's weights exactly, in one dense matmul
+        assert torch.equal(layer.dequantized(torch.bfloat16), dequantize_blocks(w).bfloat16())
+        assert torch.equal(layer(x), dense)
+    expected = F.linear(x.float(), dequantize_blocks(w))
+    assert (layer(x).float() - expected).norm() <= 2e-2 * expected.norm()

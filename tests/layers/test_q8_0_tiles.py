@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from pagedllm.layers.gguf_blocks import GGUFWeight, dequantize_blocks
 from pagedllm.layers.gguf_linear import GGUFLinear
+from pagedllm.layers.linear import dense_linear
 from pagedllm.layers.q8_0_tiles import Q8_0Embedding, Q8_0Linear, Q8_0Tiles
 from pagedllm.layers.quantization import fuse_rows
 from pagedllm.layers.quantized_linears import RowStackedLinear, quantized_linear
@@ -43,7 +44,7 @@ def test_every_path_agrees_with_the_reference(rows: int, dense_matmul_min_rows: 
     expected = reference(x)
     torch.testing.assert_close(expected, F.linear(x, dequantize_blocks(w), bias))
     ours = layer(x)
-    if 0 < dense_matmul_min_rows <= rows:  # the same weights in a dense matmul: float rounding only
+    if 0 < dense_matmul_min_rows <= rows or rows > layer.tiles_max_rows:  # a dense matmul: float rounding only
         torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
     else:  # int8-rounded activations
         assert (ours - expected).norm() <= 2e-2 * (expected - bias).norm()
@@ -51,13 +52,26 @@ def test_every_path_agrees_with_the_reference(rows: int, dense_matmul_min_rows: 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_every_row_count_gives_a_row_its_bits_alone(dtype: torch.dtype) -> None:
-    """Without a dense copy every row count takes the tiles kernel, prefill's many rows included."""
+    """Without a dense copy every row count up to tiles_max_rows (past any verification's) takes the tiles kernel."""
     layer = Q8_0Linear(weight(seed=2), torch.randn(40), dtype)
-    x = torch.randn(300, 512, generator=torch.Generator().manual_seed(5)).to(dtype)
+    rows = int(layer.tiles_max_rows)
+    x = torch.randn(rows, 512, generator=torch.Generator().manual_seed(5)).to(dtype)
     together = layer(x)
-    assert together.dtype == dtype
-    for row in (0, 7, 8, 150, 299):
+    assert together.dtype == dtype and rows >= 127
+    for row in (0, 7, 8, 65, rows - 1):
         assert torch.equal(layer(x[row : row + 1]), together[row : row + 1]), row
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_prefill_sized_steps_multiply_by_the_weight_dequantized_for_the_call(dtype: torch.dtype) -> None:
+    w = weight(seed=4)
+    layer = Q8_0Linear(w, None, dtype)
+    assert torch.equal(layer.dequantized(dtype), dequantize_blocks(w).to(dtype))
+    assert torch.equal(Q8_0Linear(w, None, dtype, kernel="reference").dequantized(dtype), layer.dequantized(dtype))
+    x = torch.randn(int(layer.tiles_max_rows) + 1, 512, generator=torch.Generator().manual_seed(6)).to(dtype)
+    assert torch.equal(layer(x), dense_linear(x, dequantize_blocks(w).to(dtype), None))
+    below = x[:-1]
+    assert torch.equal(layer(below), torch.ops.pagedllm.q8_0_tiles_linear(below, layer.tiles, layer.scales, 40))
 
 
 def test_projections_fuse_with_a_q8_0_part_in_tiles() -> None:

@@ -1087,6 +1087,29 @@ inline void dequantize_run(const Format& f, const DecodedRow& row, int64_t s, Ou
 #endif
 }
 
+#if defined(PAGEDLLM_AVX512_VNNI) && defined(__AVX512VL__)
+#define PAGEDLLM_Q5_0_ROWS 1
+// A Q5_0 row's weights straight from its blocks, d * (q - 16) as gguf's reference computes them (dequantize_run's
+// values, without the decoded row between): value j < 16 is the low nibble of qs[j], value j + 16 its high nibble,
+// and bit i of qh is value i's fifth bit.
+template <typename Out>
+void dequantize_q5_0_row(const uint8_t* row, int64_t blocks, Out* out) {
+  const __m128i nibble = _mm_set1_epi8(0x0F), offset = _mm_set1_epi8(16);
+  for (int64_t b = 0; b < blocks; ++b, row += 22, out += 32) {
+    const __m512 d = _mm512_set1_ps(half_at(row));
+    uint32_t fifth;
+    std::memcpy(&fifth, row + 2, sizeof fifth);
+    const __m128i qs = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 6));
+    const __m128i low = _mm_or_si128(_mm_and_si128(qs, nibble),
+                                     _mm_maskz_set1_epi8(static_cast<__mmask16>(fifth & 0xFFFF), 0x10));
+    const __m128i high = _mm_or_si128(_mm_and_si128(_mm_srli_epi16(qs, 4), nibble),
+                                      _mm_maskz_set1_epi8(static_cast<__mmask16>(fifth >> 16), 0x10));
+    store16(out, _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_sub_epi8(low, offset)))));
+    store16(out + 16, _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_sub_epi8(high, offset)))));
+  }
+}
+#endif
+
 // The checks and sizes shared by both entry points: returns in_features.
 int64_t check_weight(const at::Tensor& blocks, const Format& f, const char* name) {
   TORCH_CHECK(blocks.dim() == 2 && blocks.scalar_type() == at::kByte && blocks.is_contiguous(), name,
@@ -1251,6 +1274,15 @@ at::Tensor gguf_dequantize(const at::Tensor& blocks, int64_t ggml_type, at::Scal
   const int64_t row_bytes = blocks.size(1);
   PAGEDLLM_DISPATCH_FLOAT_TYPES(dtype, "gguf_dequantize", [&] {
     scalar_t* op = out.data_ptr<scalar_t>();
+#ifdef PAGEDLLM_Q5_0_ROWS
+    if (ggml_type == kQ5_0) {
+      at::parallel_for(0, out_features, kRowGrain, [&](int64_t begin, int64_t end) {
+        for (int64_t n = begin; n < end; ++n)
+          dequantize_q5_0_row(weight + n * row_bytes, in_features / f.block_values, op + n * in_features);
+      });
+      return;
+    }
+#endif
     at::parallel_for(0, out_features, kRowGrain, [&](int64_t begin, int64_t end) {
       thread_local DecodedRow row;
       row.resize(in_features, f.block_values);

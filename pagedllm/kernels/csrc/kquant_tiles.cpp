@@ -1,6 +1,6 @@
 // Matmuls by Q4_K and Q6_K weights repacked once, at load, into tiles whose vector lanes are outputs, with activations
-// rounded to int8: the same kernel at every row count, so a prefill multiplies the weights as they are kept instead
-// of dequantizing them.
+// rounded to int8: the same kernel at every row count it is given (layers/gguf_linear.py hands prefill-sized steps of
+// some types to a dense matmul of the weights dequantized here instead).
 //
 // The weights are the file's, bit for bit: Q4_K's w = (d * sc_j) * q - dmin * m_j, q 4 bits, per sub-block j of 32
 // values 6-bit sc_j and m_j, d and dmin float16 per super-block of 256; Q6_K's w = (d * sc_s) * (q - 32), q 6 bits,
@@ -546,33 +546,72 @@ at::Tensor kquant_linear(const at::Tensor& x, const at::Tensor& tiles, int64_t g
   return out.view(sizes);
 }
 
+namespace {
+
+// Output o's 256 weights of a tile's super-block, as gguf's reference computes them: Q4_K (d * sc) * q - dmin * m,
+// Q6_K (d * sc) * (q - 32), in float32 (d * sc and dmin * m are exact, and so is Q4_K's product, so a contracted
+// multiply-add rounds alike), then rounded to Out.
+template <typename Out>
+void dequantize_tile_block(const TileFormat& f, bool q6_k, const uint8_t* tile, int64_t o, Out* row) {
+  const float d = half_at(tile + 2 * o), dmin = q6_k ? 0.f : half_at(tile + f.dmin + 2 * o);
+#ifdef PAGEDLLM_AVX2
+  const __m128i low_bits = _mm_set1_epi8(0x0F), two_bits = _mm_set1_epi8(3);
+  for (int64_t g = 0; g < kSuper / 16; ++g) {
+    // Steps 2 g and 2 g + 1 hold inputs 16 g + j and + 4 + j (a step's low and high nibbles), then + 8 + j, + 12 + j:
+    // the 16 inputs in order are the four 4-byte groups of (first, first >> 4, second, second >> 4).
+    const uint8_t* nibbles = tile + f.nibbles + 32 * (2 * g) + 4 * o;
+    const int32_t first = four_bytes(nibbles), second = four_bytes(nibbles + 32);
+    __m128i q = _mm_and_si128(
+        _mm_srlv_epi32(_mm_set_epi32(second, second, first, first), _mm_set_epi32(4, 0, 4, 0)), low_bits);
+    float scale, min = 0.f;
+    if (q6_k) {
+      // Byte j of the group's 4 holds the top 2 bits of inputs 16 g + 4 i + j in its bits 2 i, 2 i + 1.
+      const int32_t high = four_bytes(tile + f.high + 32 * g + 4 * o);
+      const __m128i top = _mm_and_si128(_mm_srlv_epi32(_mm_set1_epi32(high), _mm_set_epi32(6, 4, 2, 0)), two_bits);
+      q = _mm_or_si128(q, _mm_slli_epi32(top, 4));
+      scale = d * static_cast<float>(static_cast<int8_t>(tile[f.scales + 16 * (g / 2) + 2 * o + g % 2]));
+    } else {
+      const int64_t sub = g / 2, at = f.scales + 16 * (sub / 2) + 2 * o + sub % 2;
+      scale = d * static_cast<float>(tile[at]);
+      min = dmin * static_cast<float>(tile[at + f.mins - f.scales]);
+    }
+    const __m256i offset = _mm256_set1_epi32(q6_k ? 32 : 0);
+    for (int64_t half = 0; half < 2; ++half) {
+      const __m256i values = _mm256_sub_epi32(_mm256_cvtepu8_epi32(half ? _mm_srli_si128(q, 8) : q), offset);
+      const __m256 w = _mm256_fmsub_ps(_mm256_set1_ps(scale), _mm256_cvtepi32_ps(values), _mm256_set1_ps(min));
+      store8(row + 16 * g + 8 * half, w);
+    }
+  }
+#else
+  for (int64_t i = 0; i < kSuper; ++i) {
+    const TileWeight w = tile_weight(f, q6_k, tile, o, i);
+    const float scale = d * static_cast<float>(w.scale);
+    row[i] = static_cast<Out>(q6_k ? scale * static_cast<float>(w.q - 32)
+                                   : scale * static_cast<float>(w.q) - dmin * static_cast<float>(w.min));
+  }
+#endif
+}
+
+}  // namespace
+
 at::Tensor kquant_dequantize(const at::Tensor& tiles, int64_t ggml_type, at::ScalarType dtype) {
   const int64_t blocks = checked_blocks(tiles, ggml_type, "kquant_dequantize");
   const TileFormat f = tile_format(ggml_type);
   const bool q6_k = ggml_type == kQ6_K;
   const int64_t in_features = blocks * kSuper;
-  // gguf's reference: Q4_K (d * sc) * q - dmin * m, Q6_K (d * sc) * (q - 32), in float32 (d * sc and dmin * m are
-  // exact, and so is Q4_K's product, so a contracted multiply-add rounds alike).
-  at::Tensor out = at::empty({tiles.size(0) * kTile, in_features}, tiles.options().dtype(at::kFloat));
+  at::Tensor out = at::empty({tiles.size(0) * kTile, in_features}, tiles.options().dtype(dtype));
   const uint8_t* tp = tiles.const_data_ptr<uint8_t>();
-  float* op = out.data_ptr<float>();
-  at::parallel_for(0, tiles.size(0), 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t)
-      for (int64_t b = 0; b < blocks; ++b) {
-        const uint8_t* tile = tp + (t * blocks + b) * f.bytes;
-        for (int64_t o = 0; o < kTile; ++o) {
-          const float d = half_at(tile + 2 * o), dmin = q6_k ? 0.f : half_at(tile + f.dmin + 2 * o);
-          float* row = op + (t * kTile + o) * in_features + b * kSuper;
-          for (int64_t i = 0; i < kSuper; ++i) {
-            const TileWeight w = tile_weight(f, q6_k, tile, o, i);
-            const float scale = d * static_cast<float>(w.scale);
-            row[i] = q6_k ? scale * static_cast<float>(w.q - 32)
-                          : scale * static_cast<float>(w.q) - dmin * static_cast<float>(w.min);
-          }
-        }
-      }
+  PAGEDLLM_DISPATCH_FLOAT_TYPES(dtype, "kquant_dequantize", [&] {
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, tiles.size(0), 1, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t)
+        for (int64_t b = 0; b < blocks; ++b)
+          for (int64_t o = 0; o < kTile; ++o)
+            dequantize_tile_block(f, q6_k, tp + (t * blocks + b) * f.bytes, o,
+                                  op + (t * kTile + o) * in_features + b * kSuper);
+    });
   });
-  return dtype == at::kFloat ? out : out.to(dtype);
+  return out;
 }
 
 }  // namespace pagedllm

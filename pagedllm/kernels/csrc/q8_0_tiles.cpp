@@ -309,4 +309,48 @@ at::Tensor q8_0_tiles_linear(const at::Tensor& x, const at::Tensor& tiles, const
   return out.view(sizes);
 }
 
+at::Tensor q8_0_tiles_dequantize(const at::Tensor& tiles, const at::Tensor& scales, int64_t out_features,
+                                 at::ScalarType dtype) {
+  TORCH_CHECK(tiles.dim() == 2 && tiles.scalar_type() == at::kByte && tiles.is_contiguous() &&
+                  tiles.size(1) % kTileBlockBytes == 0,
+              "q8_0_tiles_dequantize: tiles must be a contiguous uint8 [tiles, in / 32 * 512] tensor");
+  const int64_t num_tiles = tiles.size(0), blocks = tiles.size(1) / kTileBlockBytes, in_features = blocks * kBlock;
+  TORCH_CHECK(scales.scalar_type() == at::kHalf && scales.is_contiguous() &&
+                  scales.sizes() == at::IntArrayRef({num_tiles, blocks * kTile}),
+              "q8_0_tiles_dequantize: scales must be a contiguous float16 [tiles, in / 32 * 16] tensor");
+  TORCH_CHECK(out_features > kTile * (num_tiles - 1) && out_features <= kTile * num_tiles,
+              "q8_0_tiles_dequantize: ", num_tiles, " tiles do not hold ", out_features, " outputs");
+  at::Tensor out = at::empty({out_features, in_features}, tiles.options().dtype(dtype));
+  const uint8_t* tp = tiles.const_data_ptr<uint8_t>();
+  const uint16_t* sp = reinterpret_cast<const uint16_t*>(scales.const_data_ptr());
+  // Each weight float32(c) * float32(d), exact (8 by 11 bits), as gguf's reference computes it; then rounded to dtype.
+  PAGEDLLM_DISPATCH_FLOAT_TYPES(dtype, "q8_0_tiles_dequantize", [&] {
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, out_features, kTile, [&](int64_t begin, int64_t end) {
+      for (int64_t n = begin; n < end; ++n) {
+        const int64_t t = n / kTile, o = n % kTile;
+        for (int64_t b = 0; b < blocks; ++b) {
+          const uint8_t* block = tp + t * tiles.size(1) + b * kTileBlockBytes + 4 * o;
+          const float d = half_bits_to_float(sp[t * blocks * kTile + b * kTile + o]);
+          scalar_t* row = op + n * in_features + b * kBlock;
+#ifdef PAGEDLLM_AVX2
+          uint8_t stored[kBlock];  // c + 128, in input order
+          for (int64_t s = 0; s < kSteps; ++s) std::memcpy(stored + kStep * s, block + 64 * s, kStep);
+          for (int64_t e = 0; e < kBlock / 8; ++e) {
+            const __m128i c = _mm_xor_si128(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(stored + 8 * e)),
+                                            _mm_set1_epi8(static_cast<char>(0x80)));
+            store8(row + 8 * e, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(c)), _mm256_set1_ps(d)));
+          }
+#else
+          for (int64_t i = 0; i < kBlock; ++i)
+            row[i] = static_cast<scalar_t>(
+                static_cast<float>(static_cast<int8_t>(block[64 * (i / kStep) + i % kStep] ^ 0x80)) * d);
+#endif
+        }
+      }
+    });
+  });
+  return out;
+}
+
 }  // namespace pagedllm
