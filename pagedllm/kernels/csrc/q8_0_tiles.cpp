@@ -280,26 +280,32 @@ void multiply(const TiledWeight& w, const Activations& x, int64_t num_rows, Out*
   });
 }
 
+// The op's tiles and scales as a TiledWeight, after checking that they hold `out_features` outputs.
+TiledWeight checked_weight(const char* op, const at::Tensor& tiles, const at::Tensor& scales, int64_t out_features) {
+  TORCH_CHECK(tiles.dim() == 2 && tiles.scalar_type() == at::kByte && tiles.is_contiguous(), op,
+              ": tiles must be a contiguous uint8 [tiles, in / 32 * 512] tensor");
+  TORCH_CHECK(tiles.size(1) % kTileBlockBytes == 0, op, ": a tile's bytes are not whole blocks");
+  const int64_t num_tiles = tiles.size(0), blocks = tiles.size(1) / kTileBlockBytes;
+  TORCH_CHECK(scales.scalar_type() == at::kHalf && scales.is_contiguous() &&
+                  scales.sizes() == at::IntArrayRef({num_tiles, blocks * kTile}),
+              op, ": scales must be a contiguous float16 [tiles, in / 32 * 16] tensor");
+  TORCH_CHECK(out_features > kTile * (num_tiles - 1) && out_features <= kTile * num_tiles, op, ": ", num_tiles,
+              " tiles do not hold ", out_features, " outputs");
+  return {tiles.const_data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(scales.const_data_ptr()), blocks,
+          out_features};
+}
+
 }  // namespace
 
 at::Tensor q8_0_tiles_linear(const at::Tensor& x, const at::Tensor& tiles, const at::Tensor& scales,
                              int64_t out_features) {
-  TORCH_CHECK(tiles.dim() == 2 && tiles.scalar_type() == at::kByte && tiles.is_contiguous(),
-              "q8_0_tiles_linear: tiles must be a contiguous uint8 [tiles, in / 32 * 512] tensor");
-  TORCH_CHECK(tiles.size(1) % kTileBlockBytes == 0, "q8_0_tiles_linear: a tile's bytes are not whole blocks");
-  const int64_t num_tiles = tiles.size(0), blocks = tiles.size(1) / kTileBlockBytes, in_features = blocks * kBlock;
-  TORCH_CHECK(scales.scalar_type() == at::kHalf && scales.is_contiguous() &&
-                  scales.sizes() == at::IntArrayRef({num_tiles, blocks * kTile}),
-              "q8_0_tiles_linear: scales must be a contiguous float16 [tiles, in / 32 * 16] tensor");
-  TORCH_CHECK(out_features > kTile * (num_tiles - 1) && out_features <= kTile * num_tiles,
-              "q8_0_tiles_linear: ", num_tiles, " tiles do not hold ", out_features, " outputs");
+  const TiledWeight w = checked_weight("q8_0_tiles_linear", tiles, scales, out_features);
+  const int64_t in_features = w.blocks * kBlock;
   TORCH_CHECK(x.size(-1) == in_features, "q8_0_tiles_linear: input has ", x.size(-1), " features, weight ",
               in_features);
   const at::Tensor rows = x.reshape({-1, in_features}).contiguous();
   const int64_t num_rows = rows.size(0);
   at::Tensor out = at::empty({num_rows, out_features}, x.options());
-  const TiledWeight w{tiles.const_data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(scales.const_data_ptr()),
-                      blocks, out_features};
   PAGEDLLM_DISPATCH_FLOAT_TYPES(x.scalar_type(), "q8_0_tiles_linear", [&] {
     const Activations a = round_rows<scalar_t>(rows);
     multiply(w, a, num_rows, out.data_ptr<scalar_t>());
@@ -311,18 +317,11 @@ at::Tensor q8_0_tiles_linear(const at::Tensor& x, const at::Tensor& tiles, const
 
 at::Tensor q8_0_tiles_dequantize(const at::Tensor& tiles, const at::Tensor& scales, int64_t out_features,
                                  at::ScalarType dtype) {
-  TORCH_CHECK(tiles.dim() == 2 && tiles.scalar_type() == at::kByte && tiles.is_contiguous() &&
-                  tiles.size(1) % kTileBlockBytes == 0,
-              "q8_0_tiles_dequantize: tiles must be a contiguous uint8 [tiles, in / 32 * 512] tensor");
-  const int64_t num_tiles = tiles.size(0), blocks = tiles.size(1) / kTileBlockBytes, in_features = blocks * kBlock;
-  TORCH_CHECK(scales.scalar_type() == at::kHalf && scales.is_contiguous() &&
-                  scales.sizes() == at::IntArrayRef({num_tiles, blocks * kTile}),
-              "q8_0_tiles_dequantize: scales must be a contiguous float16 [tiles, in / 32 * 16] tensor");
-  TORCH_CHECK(out_features > kTile * (num_tiles - 1) && out_features <= kTile * num_tiles,
-              "q8_0_tiles_dequantize: ", num_tiles, " tiles do not hold ", out_features, " outputs");
+  const TiledWeight w = checked_weight("q8_0_tiles_dequantize", tiles, scales, out_features);
+  const int64_t blocks = w.blocks, in_features = blocks * kBlock;
   at::Tensor out = at::empty({out_features, in_features}, tiles.options().dtype(dtype));
-  const uint8_t* tp = tiles.const_data_ptr<uint8_t>();
-  const uint16_t* sp = reinterpret_cast<const uint16_t*>(scales.const_data_ptr());
+  const uint8_t* tp = w.tiles;
+  const uint16_t* sp = w.scales;
   // Each weight float32(c) * float32(d), exact (8 by 11 bits), as gguf's reference computes it; then rounded to dtype.
   PAGEDLLM_DISPATCH_FLOAT_TYPES(dtype, "q8_0_tiles_dequantize", [&] {
     scalar_t* op = out.data_ptr<scalar_t>();
