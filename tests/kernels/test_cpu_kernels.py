@@ -42,10 +42,11 @@ def int8_exact_activations(rows: int, in_features: int, seed: int) -> torch.Tens
 @pytest.mark.parametrize(
     ("in_features", "group_size"), [(96, 32), (96, 96), (256, 64), (256, 128), (1152, 32), (1152, 128), (1152, 192)]
 )
-# One tile of as many rows (up to 8 with AVX-512, else 4); 13: a full tile, then one of the rest.
+# One tile of as many rows (up to 5 with AVX-512, else 4); 6 and 13: full tiles, then one of the rest.
 @pytest.mark.parametrize("rows", [1, 2, 6, 13])
-# 5 tiles of 8 outputs: where the kernel takes output tiles in pairs, one is left alone
-@pytest.mark.parametrize("out_features", [40, 48])
+# 5, 6 and 7 tiles of 8 outputs: where the kernel takes output tiles four at a time, then in a pair, some are left
+# to a pair or alone
+@pytest.mark.parametrize("out_features", [40, 48, 56])
 def test_int4_linear_rounds_only_in_float32_where_activations_are_whole_steps(
     in_features: int, group_size: int, rows: int, out_features: int
 ) -> None:

@@ -35,14 +35,18 @@ constexpr int64_t kStep = 8;  // input channels per 32 bytes of an int4 tile
 constexpr int64_t kRun = 32;  // activations per rounding step (and, for int8 weights, per scale)
 constexpr int64_t kRowGrain = 16;  // output rows per parallel task, at the least
 #ifdef PAGEDLLM_AVX512_VNNI
-constexpr int64_t kTilesPerCall = 2;  // int4 tiles a kernel call computes (the last of a task's may be alone)
-constexpr int64_t kRowTile = 8;  // activation rows sharing one load of a weight chunk (32 vector registers)
+constexpr int64_t kRowTile = 8;  // int8: activation rows sharing one load of a weight chunk (32 vector registers)
+// int4: pairs of tiles a kernel call computes, and the activation rows that meet them: each broadcast of activation
+// bytes feeds 2 kInt4Pairs dot products and each unpacked weight vector kInt4RowTile, with their sums and results
+// in 4 kInt4Pairs kInt4RowTile of the 32 vector registers.
+constexpr int64_t kInt4Pairs = 2;
+constexpr int64_t kInt4RowTile = 5;
 #else
-constexpr int64_t kTilesPerCall = 1;
 constexpr int64_t kRowTile = 4;
+constexpr int64_t kInt4RowTile = 4;
 #endif
-constexpr int64_t kRowBlock = 64;  // int4: activation rows that meet each weight tile before the next rows do
-static_assert(kRowBlock % kRowTile == 0, "int4 row tiles must each be one panel of activation rows");
+constexpr int64_t kRowBlock = 40;  // int4: activation rows that meet each weight tile before the next rows do
+static_assert(kRowBlock % kInt4RowTile == 0, "int4 row tiles must each be one panel of activation rows");
 constexpr int64_t kPrefetchRows = 4;  // how many output rows ahead weights are prefetched
 // int4: how far ahead of a tile's group its weights are asked for. Met by several activation rows, a group takes
 // long enough that the hardware prefetcher alone leaves the loads waiting on memory.
@@ -330,60 +334,76 @@ void offsets_of_eight(const Operands& a, int64_t t, uint8_t* eights) {
   }
 }
 
-// int4_tile for tiles t and t + 1 side by side in 512-bit vectors: a broadcast of 4 activation bytes meets 16
-// outputs, and the 16 results are consecutive in the output row. Low and high nibbles sum apart, then together
-// (exact integers: the order does not change the sums), so that a row's dot products are two chains, not one.
-template <int64_t Rows, bool GroupsAreRuns, typename Out>
-void int4_tile_pair(const Operands& a, int64_t t, int64_t m, const uint8_t* eights, Out* out) {
+// int4_tile for tiles t .. t + 2 Pairs - 1, two side by side in each 512-bit vector: a broadcast of 4 activation
+// bytes meets 16 Pairs outputs, and the results are consecutive in the output row. Each lane's sums and float steps
+// are those of its own pair of tiles (eights[p * groups + g] for pair p), whatever Pairs and Rows are, so a row's
+// result does not depend on how its tiles and rows were grouped.
+template <int64_t Pairs, int64_t Rows, bool GroupsAreRuns, typename Out>
+void int4_tile_pairs(const Operands& a, int64_t t, int64_t m, const uint8_t* eights, Out* out) {
   const int64_t groups = a.in_features / a.group_size, group_size = GroupsAreRuns ? kRun : a.group_size;
-  const auto* tile = static_cast<const uint8_t*>(a.weight) + t * kTile * a.in_features / 2;
-  const auto* next_tile = tile + kTile * a.in_features / 2;
-  const uint16_t* scale_min = a.scales + t * groups * 2 * kTile;
-  const uint16_t* next_scale_min = scale_min + groups * 2 * kTile;
+  const int64_t tile_bytes = kTile * a.in_features / 2, tile_scales = groups * 2 * kTile;
+  const auto* tiles = static_cast<const uint8_t*>(a.weight) + t * tile_bytes;
+  const uint16_t* scale_min = a.scales + t * tile_scales;
   const int8_t* x = a.x + m * a.in_features;
   const float *x_scales = a.x_scales + m * groups, *x_sums = a.x_sums + m * groups;
   const int32_t* x_offsets = a.x_offsets + m * groups;
   const __m512i mask = _mm512_set1_epi8(0x0F);
-  __m512 acc[Rows];
-  for (int64_t r = 0; r < Rows; ++r) acc[r] = _mm512_setzero_ps();
+  __m512 acc[Rows][Pairs];
+  for (int64_t r = 0; r < Rows; ++r)
+    for (int64_t p = 0; p < Pairs; ++p) acc[r][p] = _mm512_setzero_ps();
   for (int64_t g = 0, k = 0; g < groups; ++g) {
-    prefetch(tile + 4 * k + kPrefetchBytes, 4 * group_size);
-    prefetch(next_tile + 4 * k + kPrefetchBytes, 4 * group_size);
-    const auto* pair = reinterpret_cast<const c10::Half*>(scale_min + 2 * kTile * g);
-    const auto* next_pair = reinterpret_cast<const c10::Half*>(next_scale_min + 2 * kTile * g);
-    const __m512 scale = join(load8(pair), load8(next_pair)), min = join(load8(pair + kTile), load8(next_pair + kTile));
-    // With `eights` the offsets start the sums; without, they join after the dot products (the same integers), so
-    // that the dot products never wait on the scales.
-    const bool eight = eights ? eights[g] != 0 : offset_eight(scale, min);
-    __m512i group_sum[Rows], high_sum[Rows];
-    for (int64_t r = 0; r < Rows; ++r) {
-      group_sum[r] = eights && eight ? _mm512_set1_epi32(x_offsets[Rows * g + r]) : _mm512_setzero_si512();
-      high_sum[r] = _mm512_setzero_si512();
+    __m512 scale[Pairs], min[Pairs];
+    bool eight[Pairs];
+    for (int64_t p = 0; p < Pairs; ++p) {
+      for (int64_t i = 0; i < 2; ++i)
+        prefetch(tiles + (2 * p + i) * tile_bytes + 4 * k + kPrefetchBytes, 4 * group_size);
+      const auto* pair = reinterpret_cast<const c10::Half*>(scale_min + 2 * p * tile_scales + 2 * kTile * g);
+      const auto* next_pair = pair + tile_scales;
+      scale[p] = join(load8(pair), load8(next_pair));
+      min[p] = join(load8(pair + kTile), load8(next_pair + kTile));
+      // With `eights` the offsets start the sums; without, they join after the dot products (the same integers), so
+      // that the dot products never wait on the scales.
+      eight[p] = eights ? eights[p * groups + g] != 0 : offset_eight(scale[p], min[p]);
     }
+    __m512i group_sum[Rows][Pairs];
+    for (int64_t r = 0; r < Rows; ++r)
+      for (int64_t p = 0; p < Pairs; ++p)
+        group_sum[r][p] = eights && eight[p] ? _mm512_set1_epi32(x_offsets[Rows * g + r]) : _mm512_setzero_si512();
 #pragma GCC unroll 4  // a group of 32 in one piece
     for (int64_t step = 0; step < group_size / kStep; ++step, k += kStep) {
-      const __m512i bytes = _mm512_inserti64x4(
-          _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(tile + 4 * k))),
-          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(next_tile + 4 * k)), 1);
-      const __m512i low = _mm512_and_si512(bytes, mask), high = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), mask);
+      __m512i low[Pairs], high[Pairs];
+      for (int64_t p = 0; p < Pairs; ++p) {
+        const uint8_t* at = tiles + 2 * p * tile_bytes + 4 * k;
+        const __m512i bytes =
+            _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(at))),
+                               _mm256_loadu_si256(reinterpret_cast<const __m256i*>(at + tile_bytes)), 1);
+        low[p] = _mm512_and_si512(bytes, mask);
+        high[p] = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), mask);
+      }
       const int8_t* quads = x + Rows * k;
       for (int64_t r = 0; r < Rows; ++r) {
-        group_sum[r] = _mm512_dpbusd_epi32(group_sum[r], low, broadcast4x16(quads + 4 * r));
-        high_sum[r] = _mm512_dpbusd_epi32(high_sum[r], high, broadcast4x16(quads + 4 * (Rows + r)));
+        const __m512i low_x = broadcast4x16(quads + 4 * r), high_x = broadcast4x16(quads + 4 * (Rows + r));
+        for (int64_t p = 0; p < Pairs; ++p) {
+          group_sum[r][p] = _mm512_dpbusd_epi32(group_sum[r][p], low[p], low_x);
+          group_sum[r][p] = _mm512_dpbusd_epi32(group_sum[r][p], high[p], high_x);
+        }
       }
     }
-    for (int64_t r = 0; r < Rows; ++r) group_sum[r] = _mm512_add_epi32(group_sum[r], high_sum[r]);
-    if (!eights && eight)
-      for (int64_t r = 0; r < Rows; ++r)
-        group_sum[r] = _mm512_add_epi32(group_sum[r], _mm512_set1_epi32(x_offsets[Rows * g + r]));
-    for (int64_t r = 0; r < Rows; ++r) {
-      const __m512 combined = _mm512_mul_ps(scale, _mm512_set1_ps(x_scales[Rows * g + r]));
-      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(group_sum[r]), combined, acc[r]);
+    for (int64_t p = 0; p < Pairs; ++p) {
+      if (!eights && eight[p])
+        for (int64_t r = 0; r < Rows; ++r)
+          group_sum[r][p] = _mm512_add_epi32(group_sum[r][p], _mm512_set1_epi32(x_offsets[Rows * g + r]));
+      for (int64_t r = 0; r < Rows; ++r) {
+        const __m512 combined = _mm512_mul_ps(scale[p], _mm512_set1_ps(x_scales[Rows * g + r]));
+        acc[r][p] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(group_sum[r][p]), combined, acc[r][p]);
+      }
+      if (!eight[p])
+        for (int64_t r = 0; r < Rows; ++r)
+          acc[r][p] = _mm512_fmadd_ps(min[p], _mm512_set1_ps(x_sums[Rows * g + r]), acc[r][p]);
     }
-    if (!eight)
-      for (int64_t r = 0; r < Rows; ++r) acc[r] = _mm512_fmadd_ps(min, _mm512_set1_ps(x_sums[Rows * g + r]), acc[r]);
   }
-  for (int64_t r = 0; r < Rows; ++r) store16(out + (m + r) * a.out_features + t * kTile, acc[r]);
+  for (int64_t r = 0; r < Rows; ++r)
+    for (int64_t p = 0; p < Pairs; ++p) store16(out + (m + r) * a.out_features + (t + 2 * p) * kTile, acc[r][p]);
 }
 #endif
 
@@ -426,7 +446,7 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::
   const int64_t num_rows = rows.size(0);
   at::Tensor out = at::empty({num_rows, out_features}, x.options());
   PAGEDLLM_DISPATCH_FLOAT_TYPES(x.scalar_type(), "int4_linear", [&] {
-    const QuantizedRows q = quantize_rows<scalar_t>(rows, group_size, true, kRowTile);
+    const QuantizedRows q = quantize_rows<scalar_t>(rows, group_size, true, kInt4RowTile);
     const Operands operands{packed.const_data_ptr<uint8_t>(),
                             reinterpret_cast<const uint16_t*>(scale_min.const_data_ptr<at::Half>()),
                             q.values,
@@ -439,30 +459,41 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::
     scalar_t* op = out.data_ptr<scalar_t>();
     at::parallel_for(0, out_features / kTile, kRowGrain / kTile, [&](int64_t begin, int64_t end) {
       thread_local std::vector<uint8_t> eights;
-      eights.resize(in_features / group_size);
+      eights.resize(kInt4Pairs * in_features / group_size);
       for (int64_t first = 0; first < num_rows; first += kRowBlock)
-        for (int64_t t = begin; t < end; t += kTilesPerCall) {
+        for (int64_t t = begin; t < end;) {
+          const int64_t rows_left = std::min(kRowBlock, num_rows - first);
 #ifdef PAGEDLLM_AVX512_VNNI
-          // A block of several row tiles decides the groups' offsets once; fewer rows decide them as they go.
-          const bool decided = t + 1 < end && num_rows - first > kRowTile;
-          if (decided) offsets_of_eight(operands, t, eights.data());
-#endif
-          for_row_tiles<kRowTile>(std::min(kRowBlock, num_rows - first), [&](auto tile_rows, int64_t m) {
-            constexpr int64_t R = decltype(tile_rows)::value;
-#ifdef PAGEDLLM_AVX512_VNNI
-            if (t + 1 < end) {
-              if (group_size == kRun)
-                int4_tile_pair<R, true>(operands, t, first + m, decided ? eights.data() : nullptr, op);
+          // Four tiles at a time, then a pair, then the last alone. A block of several row tiles decides the groups'
+          // offsets once; fewer rows decide them as they go.
+          const int64_t pairs = std::min(kInt4Pairs, (end - t) / 2);
+          if (pairs > 0) {
+            const bool decided = rows_left > kInt4RowTile;
+            if (decided)
+              for (int64_t p = 0; p < pairs; ++p)
+                offsets_of_eight(operands, t + 2 * p, eights.data() + p * (in_features / group_size));
+            const uint8_t* decisions = decided ? eights.data() : nullptr;
+            for_row_tiles<kInt4RowTile>(rows_left, [&](auto tile_rows, int64_t m) {
+              constexpr int64_t R = decltype(tile_rows)::value;
+              if (pairs == kInt4Pairs)
+                group_size == kRun ? int4_tile_pairs<kInt4Pairs, R, true>(operands, t, first + m, decisions, op)
+                                   : int4_tile_pairs<kInt4Pairs, R, false>(operands, t, first + m, decisions, op);
               else
-                int4_tile_pair<R, false>(operands, t, first + m, decided ? eights.data() : nullptr, op);
-              return;
-            }
+                group_size == kRun ? int4_tile_pairs<1, R, true>(operands, t, first + m, decisions, op)
+                                   : int4_tile_pairs<1, R, false>(operands, t, first + m, decisions, op);
+            });
+            t += 2 * pairs;
+            continue;
+          }
 #endif
+          for_row_tiles<kInt4RowTile>(rows_left, [&](auto tile_rows, int64_t m) {
+            constexpr int64_t R = decltype(tile_rows)::value;
             if (group_size == kRun)
               int4_tile<R, true>(operands, t, first + m, op);
             else
               int4_tile<R, false>(operands, t, first + m, op);
           });
+          ++t;
         }
     });
   });
