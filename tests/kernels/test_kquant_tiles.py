@@ -14,10 +14,10 @@ from tests.gguf_blocks import random_blocks
 
 Q = gguf.GGMLQuantizationType
 ops = torch.ops.pagedllm
-# Every row tile (8 .. 1 with AVX-512, 4 .. 1 with AVX2) and their mixes, more rows than a row block (64), a prefill.
+# Every row tile (5 .. 1 with AVX-512, 4 .. 1 with AVX2) and their mixes, more rows than a row block (60), a prefill.
 ROWS = (1, 2, 3, 5, 7, 8, 9, 17, 32, 65, 300)
-# 40 outputs: 5 tiles, with AVX-512 two pairs and one tile alone.
-IN_FEATURES, OUT_FEATURES = 512, 40
+# 56 outputs: 7 tiles, with AVX-512 four at a time, then a pair, then one alone.
+IN_FEATURES, OUT_FEATURES = 512, 56
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -85,7 +85,7 @@ def test_tiles_match_the_reference_with_rounded_activations(qtype: Q, rows: int,
 @pytest.mark.parametrize("qtype", GGUF_TILE_TYPES, ids=lambda q: q.name)
 def test_tiles_give_a_row_the_same_bits_alone_or_beside_others(qtype: Q, dtype: torch.dtype) -> None:
     # A verification's rows must each equal a lone decode of their position: every row count takes its own tile
-    # (1 .. 8 rows), or tiles of the most rows then the rest (9 .. 17).
+    # (1 .. 5 rows), or tiles of the most rows then the rest (6 .. 17).
     w = weight(qtype, seed=6)
     tiles = ops.kquant_tiles(w.blocks, int(qtype))
     x = torch.randn(17, IN_FEATURES, generator=torch.Generator().manual_seed(7)).to(dtype)

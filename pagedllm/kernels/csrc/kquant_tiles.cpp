@@ -49,14 +49,18 @@ constexpr int64_t kSuper = 256;  // inputs per super-block
 constexpr int64_t kStep = 8;  // inputs per 32 bytes of a tile's nibbles
 constexpr int64_t kRun = 32;  // activations per rounding scale
 constexpr int64_t kRowGrain = 16;  // outputs per parallel task, at the least
-constexpr int64_t kRowBlock = 64;  // activation rows that meet a tile before the next rows do
+constexpr int64_t kRowBlock = 60;  // activation rows that meet a tile before the next rows do
 constexpr int64_t kRoundGrain = 16384;  // activations per parallel task of rounding, at the least
 constexpr float kActivationLevels = 127.f;
 #ifdef PAGEDLLM_AVX512_VNNI
-constexpr int64_t kRowTile = 8;  // activation rows sharing each unpacked step of weights
+// Activation rows sharing each unpacked step of weights, and pairs of tiles sharing each broadcast of activations: the
+// sums and results take 4 kPairsPerCall kRowTile of the 32 vector registers.
+constexpr int64_t kRowTile = 5;
+constexpr int64_t kPairsPerCall = 2;
 constexpr int64_t kTilesPerCall = 2;  // tiles side by side in a vector (the last of a task's may be alone)
 #else
 constexpr int64_t kRowTile = 4;
+constexpr int64_t kPairsPerCall = 1;
 constexpr int64_t kTilesPerCall = 1;
 #endif
 
@@ -315,10 +319,9 @@ struct Lanes {
   static I right16(I x) { return _mm512_srli_epi16(x, N); }
   static I low_word(I x) { return _mm512_srai_epi32(_mm512_slli_epi32(x, 16), 16); }
   static I high_word(I x) { return _mm512_srai_epi32(x, 16); }
-  // acc plus the sums of each lane's 4 products of unsigned bytes u with the 4 signed bytes at x.
-  static I dot_bytes(I acc, I u, const int8_t* x) {
-    return _mm512_dpbusd_epi32(acc, u, _mm512_set1_epi32(four_bytes(x)));
-  }
+  static I broadcast4(const int8_t* x) { return _mm512_set1_epi32(four_bytes(x)); }
+  // acc plus the sums of each lane's 4 products of unsigned bytes u with the signed bytes of x (4 per lane).
+  static I dot_bytes(I acc, I u, I x) { return _mm512_dpbusd_epi32(acc, u, x); }
   static F fzero() { return _mm512_setzero_ps(); }
   static F scaled(I x, F s) { return _mm512_mul_ps(_mm512_cvtepi32_ps(x), s); }
   static F fma(I x, F s, F acc) { return _mm512_fmadd_ps(_mm512_cvtepi32_ps(x), s, acc); }
@@ -355,13 +358,13 @@ struct Lanes {
   static I right16(I x) { return _mm256_srli_epi16(x, N); }
   static I low_word(I x) { return _mm256_srai_epi32(_mm256_slli_epi32(x, 16), 16); }
   static I high_word(I x) { return _mm256_srai_epi32(x, 16); }
-  static I dot_bytes(I acc, I u, const int8_t* x) {
+  static I broadcast4(const int8_t* x) { return _mm256_set1_epi32(four_bytes(x)); }
+  static I dot_bytes(I acc, I u, I x) {
 #ifdef PAGEDLLM_VNNI
-    return add_byte_products(acc, u, _mm256_set1_epi32(four_bytes(x)));
+    return add_byte_products(acc, u, x);
 #else
     // A pair of products is at most 2 * 63 * 127: no int16 saturation.
-    const __m256i pairs = _mm256_maddubs_epi16(u, _mm256_set1_epi32(four_bytes(x)));
-    return _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, x), _mm256_set1_epi16(1)));
 #endif
   }
   static F fzero() { return _mm256_setzero_ps(); }
@@ -377,71 +380,103 @@ struct Lanes {
 #endif
 
 #ifdef PAGEDLLM_AVX2
-// The outputs of tile t (and, with AVX-512, t + 1 where `tiles` is 2) for activation rows [m, m + Rows).
-template <int64_t Type, int64_t Rows, typename Out>
+// The outputs of Pairs groups of lanes from tile t on (with AVX-512 each pair of lanes holds tiles t + 2 p and
+// t + 2 p + 1, the second only where `tiles` counts it) for activation rows [m, m + Rows). Each lane's sums and float
+// steps are those of its own tile, whatever Pairs and Rows are, so a row's result does not depend on the grouping.
+template <int64_t Type, int64_t Pairs, int64_t Rows, typename Out>
 void tile_rows(const Operands& a, int64_t t, int64_t tiles, int64_t m, Out* out) {
   using I = Lanes::I;
   using F = Lanes::F;
   constexpr TileFormat f = tile_format(Type);
   constexpr bool q6_k = Type == kQ6_K;
   const uint8_t* first = a.tiles + t * a.tile_row_bytes;
-  const uint8_t* second = tiles == 2 ? first + a.tile_row_bytes : first;
   const RowTile<Rows> x(a, m);
   const I low4 = Lanes::set1(0x0F), bits45 = Lanes::set1(0x30);
-  F acc[Rows];
-  for (int64_t r = 0; r < Rows; ++r) acc[r] = Lanes::fzero();
+  F acc[Rows][Pairs];
+  for (int64_t r = 0; r < Rows; ++r)
+    for (int64_t p = 0; p < Pairs; ++p) acc[r][p] = Lanes::fzero();
   for (int64_t b = 0; b < a.blocks; ++b) {
-    const Lanes w{first + b * f.bytes, second + b * f.bytes};
-    // The next super-block: met by several rows, a block takes long enough that loads would otherwise wait.
-    if (b + 1 < a.blocks) {
-      prefetch(w.a + f.bytes, f.bytes);
-      if (tiles == 2) prefetch(w.b + f.bytes, f.bytes);
+    Lanes w[Pairs];
+    for (int64_t p = 0; p < Pairs; ++p) {
+      const uint8_t* pair = first + 2 * p * a.tile_row_bytes + b * f.bytes;
+      w[p] = {pair, tiles > 2 * p + 1 ? pair + a.tile_row_bytes : pair};
+      // The next super-block: met by several rows, a block takes long enough that loads would otherwise wait.
+      if (b + 1 < a.blocks) {
+        prefetch(w[p].a + f.bytes, f.bytes);
+        if (tiles > 2 * p + 1) prefetch(w[p].b + f.bytes, f.bytes);
+      }
     }
-    const F d = w.halves(0), dmin = q6_k ? d : w.halves(f.dmin);
-    for (int64_t p = 0; p < f.pairs; ++p) {
-      const I scale_pair = q6_k ? w.widen_signed(f.scales + 16 * p) : w.widen_unsigned(f.scales + 16 * p);
-      const I min_pair = q6_k ? scale_pair : w.widen_unsigned(f.mins + 16 * p);
-      for (int64_t e = 0; e < 2; ++e) {
-        const int64_t sub_block = 2 * p + e, run = q6_k ? 8 * b + p : 8 * b + sub_block;
-        I sub[Rows];
-        for (int64_t r = 0; r < Rows; ++r)
-          sub[r] = q6_k ? Lanes::set32(-32 * x.sums[r][16 * b + sub_block]) : Lanes::zero();
-        const int64_t first_step = sub_block * f.steps_per_sub;
-#pragma GCC unroll 1
-        for (int64_t s = first_step; s < first_step + f.steps_per_sub; ++s) {
-          const I nibbles = w.bytes32(f.nibbles + 32 * s);
-          I low = Lanes::band(nibbles, low4), high = Lanes::band(Lanes::right16<4>(nibbles), low4);
-          if constexpr (q6_k) {
-            // Bits 4 (s % 2) .. of each high byte: this step's low-nibble values, then its high-nibble ones.
-            const I top = w.bytes32(f.high + 32 * (s / 2));
-            if (s % 2 == 0) {
-              low = Lanes::bor(low, Lanes::band(Lanes::left16<4>(top), bits45));
-              high = Lanes::bor(high, Lanes::band(Lanes::left16<2>(top), bits45));
-            } else {
-              low = Lanes::bor(low, Lanes::band(top, bits45));
-              high = Lanes::bor(high, Lanes::band(Lanes::right16<2>(top), bits45));
-            }
-          }
-          for (int64_t r = 0; r < Rows; ++r) {
-            const int8_t* xv = x.values[r] + kSuper * b + kStep * s;
-            sub[r] = Lanes::dot_bytes(Lanes::dot_bytes(sub[r], low, xv), high, xv + 4);
-          }
-        }
-        // d * sc and dmin * m: exact in float32 (11 bits times 8 or 6).
-        const F scale = Lanes::scaled(e == 0 ? Lanes::low_word(scale_pair) : Lanes::high_word(scale_pair), d);
-        for (int64_t r = 0; r < Rows; ++r) acc[r] = Lanes::fma(sub[r], Lanes::fmul(scale, x.scales[r][run]), acc[r]);
-        if constexpr (!q6_k) {
-          const F min = Lanes::scaled(e == 0 ? Lanes::low_word(min_pair) : Lanes::high_word(min_pair), dmin);
-          for (int64_t r = 0; r < Rows; ++r) acc[r] = Lanes::fnma(min, x.scaled_sums[r][run], acc[r]);
+    // d * sc and dmin * m per sub-block: exact in float32 (11 bits times 8 or 6), found once for all rows.
+    constexpr int64_t sub_blocks = 2 * f.pairs;
+    F scales[Pairs][sub_blocks], mins[Pairs][q6_k ? 1 : sub_blocks];
+    for (int64_t p = 0; p < Pairs; ++p) {
+      const F d = w[p].halves(0);
+      for (int64_t pair = 0; pair < f.pairs; ++pair) {
+        const I scale_pair =
+            q6_k ? w[p].widen_signed(f.scales + 16 * pair) : w[p].widen_unsigned(f.scales + 16 * pair);
+        scales[p][2 * pair] = Lanes::scaled(Lanes::low_word(scale_pair), d);
+        scales[p][2 * pair + 1] = Lanes::scaled(Lanes::high_word(scale_pair), d);
+      }
+      if constexpr (!q6_k) {
+        const F dmin = w[p].halves(f.dmin);
+        for (int64_t pair = 0; pair < f.pairs; ++pair) {
+          const I min_pair = w[p].widen_unsigned(f.mins + 16 * pair);
+          mins[p][2 * pair] = Lanes::scaled(Lanes::low_word(min_pair), dmin);
+          mins[p][2 * pair + 1] = Lanes::scaled(Lanes::high_word(min_pair), dmin);
         }
       }
     }
+    for (int64_t sub_block = 0; sub_block < sub_blocks; ++sub_block) {
+      const int64_t run = q6_k ? 8 * b + sub_block / 2 : 8 * b + sub_block;
+      I sub[Rows][Pairs];
+      for (int64_t r = 0; r < Rows; ++r) {
+        const I start = q6_k ? Lanes::set32(-32 * x.sums[r][16 * b + sub_block]) : Lanes::zero();
+        for (int64_t p = 0; p < Pairs; ++p) sub[r][p] = start;
+      }
+      const int64_t first_step = sub_block * f.steps_per_sub;
+#pragma GCC unroll 1
+      for (int64_t s = first_step; s < first_step + f.steps_per_sub; ++s) {
+        I low[Pairs], high[Pairs];
+        for (int64_t p = 0; p < Pairs; ++p) {
+          const I nibbles = w[p].bytes32(f.nibbles + 32 * s);
+          low[p] = Lanes::band(nibbles, low4);
+          high[p] = Lanes::band(Lanes::right16<4>(nibbles), low4);
+          if constexpr (q6_k) {
+            // Bits 4 (s % 2) .. of each high byte: this step's low-nibble values, then its high-nibble ones.
+            const I top = w[p].bytes32(f.high + 32 * (s / 2));
+            if (s % 2 == 0) {
+              low[p] = Lanes::bor(low[p], Lanes::band(Lanes::left16<4>(top), bits45));
+              high[p] = Lanes::bor(high[p], Lanes::band(Lanes::left16<2>(top), bits45));
+            } else {
+              low[p] = Lanes::bor(low[p], Lanes::band(top, bits45));
+              high[p] = Lanes::bor(high[p], Lanes::band(Lanes::right16<2>(top), bits45));
+            }
+          }
+        }
+        for (int64_t r = 0; r < Rows; ++r) {
+          const int8_t* xv = x.values[r] + kSuper * b + kStep * s;
+          const I low_x = Lanes::broadcast4(xv), high_x = Lanes::broadcast4(xv + 4);
+          for (int64_t p = 0; p < Pairs; ++p)
+            sub[r][p] = Lanes::dot_bytes(Lanes::dot_bytes(sub[r][p], low[p], low_x), high[p], high_x);
+        }
+      }
+      for (int64_t p = 0; p < Pairs; ++p) {
+        for (int64_t r = 0; r < Rows; ++r)
+          acc[r][p] = Lanes::fma(sub[r][p], Lanes::fmul(scales[p][sub_block], x.scales[r][run]), acc[r][p]);
+        if constexpr (!q6_k)
+          for (int64_t r = 0; r < Rows; ++r)
+            acc[r][p] = Lanes::fnma(mins[p][sub_block], x.scaled_sums[r][run], acc[r][p]);
+      }
+    }
   }
-  for (int64_t r = 0; r < Rows; ++r) Lanes::store(out + (m + r) * a.out_features + t * kTile, acc[r], tiles);
+  for (int64_t r = 0; r < Rows; ++r)
+    for (int64_t p = 0; p < Pairs; ++p)
+      Lanes::store(out + (m + r) * a.out_features + (t + 2 * p) * kTile, acc[r][p],
+                   std::min<int64_t>(2, tiles - 2 * p));
 }
 #else
 // The scalar kernel: the same integers, summed in the same way, one output at a time.
-template <int64_t Type, int64_t Rows, typename Out>
+template <int64_t Type, int64_t Pairs, int64_t Rows, typename Out>
 void tile_rows(const Operands& a, int64_t t, int64_t, int64_t m, Out* out) {
   constexpr TileFormat f = tile_format(Type);
   constexpr bool q6_k = Type == kQ6_K;
@@ -475,11 +510,19 @@ void multiply(const Operands& a, int64_t num_rows, Out* out) {
   const int64_t tiles = a.out_features / kTile;
   at::parallel_for(0, tiles, kRowGrain / kTile, [&](int64_t begin, int64_t end) {
     for (int64_t first = 0; first < num_rows; first += kRowBlock)
-      for (int64_t t = begin; t < end; t += kTilesPerCall)
+      for (int64_t t = begin; t < end;) {
+        // Four tiles at a time (AVX-512), then what is left: a pair, or one alone.
+        const bool wide = kPairsPerCall > 1 && end - t >= 2 * kPairsPerCall;
+        const int64_t tiles = wide ? 2 * kPairsPerCall : std::min(kTilesPerCall, end - t);
         for_row_tiles<kRowTile>(std::min(kRowBlock, num_rows - first), [&](auto tile_rows_count, int64_t m) {
           constexpr int64_t R = decltype(tile_rows_count)::value;
-          tile_rows<Type, R>(a, t, std::min(kTilesPerCall, end - t), first + m, out);
+          if (wide)
+            tile_rows<Type, kPairsPerCall, R>(a, t, tiles, first + m, out);
+          else
+            tile_rows<Type, 1, R>(a, t, tiles, first + m, out);
         });
+        t += tiles;
+      }
   });
 }
 
