@@ -43,6 +43,7 @@ constexpr int64_t kInt4Pairs = 2;
 constexpr int64_t kInt4RowTile = 5;
 #else
 constexpr int64_t kRowTile = 4;
+constexpr int64_t kInt4Pairs = 1;
 constexpr int64_t kInt4RowTile = 4;
 #endif
 constexpr int64_t kRowBlock = 40;  // int4: activation rows that meet each weight tile before the next rows do
