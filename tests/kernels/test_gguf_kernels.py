@@ -156,13 +156,15 @@ def random_q4_0_blocks(rows: int, cols: int, seed: int) -> np.ndarray:
 def test_q4_lm_head_is_rewritten_in_slices_of_outputs() -> None:
     # A tied Q4_0 lm_head (SmolLM2's vocabulary, a 1B model's width): its int4 tiles would take 60 MiB, more than
     # the kernel's kept buffer, so it goes in slices of outputs. Every column matches the weight cut in parts whose
-    # tiles fit whole, and the call's peak resident memory stays well below the whole weight's tiles (the kept
-    # buffer grows to its 32 MiB here).
-    in_features, out_features, part = 2048, 49152, 16384
+    # tiles fit whole (up to float32 summation order: the int4 kernel sums a pair of tiles in another order than
+    # a tile alone, and which tiles pair depends on where its parallel tasks begin), and the call's peak resident
+    # memory stays well below the whole weight's tiles.
+    in_features, out_features, part = 2048, 49152, 6144
     blocks = torch.from_numpy(random_q4_0_blocks(out_features, in_features, seed=5))
     x = torch.randn(8, in_features, generator=torch.Generator().manual_seed(5))
     parts = [ops.gguf_linear(x, blocks[p : p + part], int(Q.Q4_0)) for p in range(0, out_features, part)]
     whole, growth = peak_resident_growth(lambda: ops.gguf_linear(x, blocks, int(Q.Q4_0)))
-    assert torch.equal(whole, torch.cat(parts, dim=1))
+    expected = torch.cat(parts, dim=1)
+    torch.testing.assert_close(whole, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
     whole_tiles_bytes = out_features * in_features // 2 + out_features * in_features // 32 * 4
-    assert growth < whole_tiles_bytes * 3 // 4
+    assert growth < whole_tiles_bytes // 2
