@@ -16,11 +16,10 @@ import time
 from dataclasses import asdict
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from pagedllm.benchmarks import results
 from pagedllm.benchmarks.datasets import (
@@ -50,6 +49,9 @@ from pagedllm.benchmarks.throughput import (
 from pagedllm.config import MODEL_DTYPES, resolve_dtype
 from pagedllm.model.registry import resolve_model_path
 from pagedllm.model.tokenizer import Tokenizer, cache_dir
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 logger = logging.getLogger(__name__)
 
@@ -199,6 +201,10 @@ def llama_cpp_decode_batches(
 
 
 def load_transformers_model(path: Path, dtype: str, threads: int) -> PreTrainedModel:
+    # Imported here: transformers' model classes bring torch's compiler stack and scipy, some 140 MiB resident
+    # that every other command (and the engine it measures) would otherwise carry.
+    from transformers import AutoModelForCausalLM
+
     torch.set_num_threads(threads)
     torch_dtype = resolve_dtype(dtype)
     if path.is_dir():

@@ -48,11 +48,10 @@ class RotaryEmbedding(nn.Module):
         if freq_factors is not None:
             inv_freq = inv_freq / freq_factors.float()
         angles = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
-        angles = torch.cat((angles, angles), dim=-1)
+        # Half-width tables [positions, head_dim / 2]: both halves of a head turn by the same angles, so a
+        # full-width table would hold every value twice (Gemma 3's 32k positions of 256 channels: 64 MiB more).
         self.register_buffer("cos", angles.cos(), persistent=False)
-        # rotate_half(x) * sin == roll(x, half) * (sin with its first half negated): one op where there were three.
-        sign = torch.cat((-torch.ones(head_dim // 2), torch.ones(head_dim // 2)))
-        self.register_buffer("signed_sin", angles.sin() * sign, persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
         # Every layer rotates by the same positions tensor in a step: look its rows up once.
         self._rows_for: tuple[torch.Tensor, torch.dtype, torch.Tensor, torch.Tensor] | None = None
 
@@ -62,13 +61,13 @@ class RotaryEmbedding(nn.Module):
 
     def rotate(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """x: [T, heads, head_dim]; any heads of the step's tokens, e.g. queries and keys side by side."""
-        cos, sin = self._cos_sin(positions, x.dtype)
-        return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
+        cos, signed_sin = self._cos_sin(positions, x.dtype)
+        return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
 
     def rotate_(self, positions: torch.Tensor, x: torch.Tensor, rotated_heads: int) -> None:
         """Rotate the first `rotated_heads` heads of x [T, heads, head_dim] in place (on CPU one kernel call)."""
         if use_cpu_kernels(x):
-            torch.ops.pagedllm.rotate_heads_(x, positions, self.cos, self.signed_sin, rotated_heads)
+            torch.ops.pagedllm.rotate_heads_(x, positions, self.cos, self.sin, rotated_heads)
         else:
             x[:, :rotated_heads] = self.rotate(positions, x[:, :rotated_heads])
 
@@ -76,16 +75,21 @@ class RotaryEmbedding(nn.Module):
         """x [T, heads, head_dim] rotated for positions p, rotated for p - distance instead (rotations compose);
         `distance` is one for all rows or a [T] tensor of each row's."""
         y = x.float()
-        cos, sin = self.cos[distance], -self.signed_sin[distance]
+        cos, signed_sin = self.full_rows(distance)
         if isinstance(distance, torch.Tensor):
-            cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
-        return (y * cos + y.roll(x.shape[-1] // 2, dims=-1) * sin).to(x.dtype)
+            cos, signed_sin = cos.unsqueeze(-2), signed_sin.unsqueeze(-2)
+        return (y * cos - y.roll(x.shape[-1] // 2, dims=-1) * signed_sin).to(x.dtype)
+
+    def full_rows(self, index: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cos and signed sin of positions `index` across a whole head: rotate_half(x) * sin is
+        roll(x, half) * (sin with its first half negated), one op where there were three."""
+        cos, sin = self.cos[index], self.sin[index]
+        return torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)
 
     def _cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         cached = self._rows_for
         if cached is not None and cached[0] is positions and cached[1] == dtype:
             return cached[2], cached[3]
-        cos = self.cos[positions].unsqueeze(1).to(dtype)
-        sin = self.signed_sin[positions].unsqueeze(1).to(dtype)
-        self._rows_for = (positions, dtype, cos, sin)
-        return cos, sin
+        cos, signed_sin = (rows.unsqueeze(1).to(dtype) for rows in self.full_rows(positions))
+        self._rows_for = (positions, dtype, cos, signed_sin)
+        return cos, signed_sin

@@ -116,7 +116,7 @@ class FusedDecode:
     layer_type: str
     embedding_scale: bool  # whether the embeddings are scaled by sqrt(hidden_size) first (Gemma)
     cos: list[torch.Tensor]  # each layer's rotary tables
-    signed_sin: list[torch.Tensor]
+    sin: list[torch.Tensor]
     norms: list[torch.Tensor]
     parts: list[int]  # per linear, how many of the weights below it joins
     weights: list[torch.Tensor]
@@ -170,7 +170,7 @@ class FusedDecode:
             layer_type,
             layer_type == "gemma3",
             [rotary.cos for rotary in rotaries],
-            [rotary.signed_sin for rotary in rotaries],
+            [rotary.sin for rotary in rotaries],
             [
                 model.get_submodule(f"layers.{i}.{norm}").weight
                 for i in range(len(model.layers))
@@ -222,7 +222,7 @@ class FusedDecode:
             hidden,
             positions,
             self.cos,
-            self.signed_sin,
+            self.sin,
             self.norms,
             self.weights,
             self.scales,

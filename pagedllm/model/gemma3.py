@@ -28,8 +28,9 @@ from pagedllm.layers.parallel_linear import (
     attention_rows,
     balanced_channels,
 )
-from pagedllm.layers.quantization import LinearQuantization, QuantizedWeight
+from pagedllm.layers.quantization import LinearQuantization
 from pagedllm.layers.rotary import RotaryEmbedding
+from pagedllm.model.lazy_weights import CheckpointWeights
 from pagedllm.model.weights import check_all_used, load_embedding, load_lm_head, load_projections, weight_bytes
 
 
@@ -193,9 +194,9 @@ class Gemma3ForCausalLM(nn.Module):
         for i, (layer, k_pool, v_pool) in enumerate(zip(self.layers, k_pools, v_pools, strict=True)):
             layer.self_attn.attn.bind_pools(k_pool, v_pool, layout.group_of(i))
 
-    def load_weights(self, weights: dict[str, torch.Tensor | QuantizedWeight]) -> None:
+    def load_weights(self, weights: CheckpointWeights) -> None:
         """Take HF-named weights, fusing q/k/v and gate/up; fails on a missing or extra one. Embeddings are tied."""
-        remaining = dict(weights)
+        remaining = weights.copy()  # names left to take; a LazyWeights copy reads each weight as it is taken
         take = remaining.pop
         embedding = take("model.embed_tokens.weight")
         self.norm.weight.data = take("model.norm.weight")
@@ -205,6 +206,7 @@ class Gemma3ForCausalLM(nn.Module):
         if lm_head is None or isinstance(lm_head, torch.Tensor):
             lm_head = embedding
         load_lm_head(self, lm_head, embedding, dtype, self.quantization)
+        del lm_head  # the layer keeps its own form: the checkpoint's is freed before the layers load
         for i, layer in enumerate(self.layers):
             prefix = f"model.layers.{i}."
             for norm in (

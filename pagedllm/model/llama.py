@@ -23,8 +23,9 @@ from pagedllm.layers.parallel_linear import (
     attention_rows,
     balanced_channels,
 )
-from pagedllm.layers.quantization import LinearQuantization, QuantizedWeight
+from pagedllm.layers.quantization import LinearQuantization
 from pagedllm.layers.rotary import RotaryEmbedding
+from pagedllm.model.lazy_weights import CheckpointWeights
 from pagedllm.model.weights import check_all_used, load_embedding, load_lm_head, load_projections, weight_bytes
 
 
@@ -158,13 +159,13 @@ class LlamaForCausalLM(nn.Module):
         for layer, k_pool, v_pool in zip(self.layers, k_pools, v_pools, strict=True):
             layer.self_attn.attn.bind_pools(k_pool, v_pool)
 
-    def load_weights(self, weights: dict[str, torch.Tensor | QuantizedWeight]) -> None:
+    def load_weights(self, weights: CheckpointWeights) -> None:
         """Take HF-named weights (tensors or quantized), fusing q/k/v and gate/up; fails on a missing or extra one.
 
         Linears are stored as `self.quantization` says. A tied lm_head uses the embedding table unless the
         checkpoint carries a quantized copy of it under lm_head.weight; the table is dense unless kept as GGUF blocks.
         """
-        remaining = dict(weights)
+        remaining = weights.copy()  # names left to take; a LazyWeights copy reads each weight as it is taken
         take = remaining.pop
         embedding = take("model.embed_tokens.weight")
         self.norm.weight.data = take("model.norm.weight")
@@ -174,6 +175,7 @@ class LlamaForCausalLM(nn.Module):
         if lm_head is None or (self.config.tie_word_embeddings and isinstance(lm_head, torch.Tensor)):
             lm_head = embedding
         load_lm_head(self, lm_head, embedding, dtype, self.quantization)
+        del lm_head  # the layer keeps its own form: the checkpoint's is freed before the layers load
         remaining.pop("rope_freqs", None)  # already applied by RotaryEmbedding at construction
         _drop_other_stages_layers(remaining, self.stage.layers)
         for i, layer in zip(self.stage.layers, self.layers, strict=True):
@@ -188,7 +190,7 @@ class LlamaForCausalLM(nn.Module):
         return weight_bytes(self)
 
 
-def _drop_other_stages_layers(weights: dict[str, torch.Tensor | QuantizedWeight], layers: range) -> None:
+def _drop_other_stages_layers(weights: CheckpointWeights, layers: range) -> None:
     """Remove the weights of the layers other pipeline stages hold."""
     for name in [name for name in weights if name.startswith("model.layers.")]:
         if int(name.split(".")[2]) not in layers:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cache, partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +20,7 @@ from pagedllm.config import ModelConfig, RopeScaling
 from pagedllm.errors import UnsupportedModelError
 from pagedllm.layers.gguf_blocks import GGUF_NATIVE_TYPES, GGUFWeight
 from pagedllm.layers.quantization import Int4Weight, LinearQuantization, QuantizedWeight, select_rows
+from pagedllm.model.lazy_weights import CheckpointWeights, LazyWeights
 from pagedllm.model.registry import GGUF_ARCHITECTURES, hf_architecture, model_class
 from pagedllm.quantize.checkpoint import is_awq_checkpoint, load_awq_weights
 
@@ -90,7 +93,7 @@ class Checkpoint:
     """A loaded checkpoint: its shape and its weights under Hugging Face names (quantized linears as such)."""
 
     config: ModelConfig
-    weights: dict[str, torch.Tensor | QuantizedWeight]
+    weights: CheckpointWeights  # a GGUF file's: LazyWeights
     path: Path
     file_weight_bytes: int = 0  # bytes the weights take in the file (0: not known)
 
@@ -224,31 +227,54 @@ def _rope_scaling(rope: dict[str, Any]) -> RopeScaling:
 def _load_gguf(path: Path, dtype: torch.dtype, keep_quantized: bool = False) -> Checkpoint:
     reader = gguf.GGUFReader(str(path))
     config = gguf_model_config(reader)
-    weights: dict[str, torch.Tensor | QuantizedWeight] = {}
-    for tensor in tqdm(reader.tensors, desc=f"Loading {path.name}", unit="tensor", leave=False):
+    readers: dict[str, Callable[[], torch.Tensor | QuantizedWeight]] = {}
+    for tensor in reader.tensors:
         name = _hf_tensor_name(tensor.name, config.architecture)
         if tensor.tensor_type not in GGUF_TENSOR_TYPES:
             raise UnsupportedModelError(f"tensor {tensor.name} has unsupported GGUF type {tensor.tensor_type.name}")
-        heads = _rope_interleaved_heads(name, config)
         kept = keep_quantized and tensor.tensor_type in GGUF_NATIVE_TYPES
         linear = _quantized_linear_name(name, config) if kept else None
-        if linear is not None:
-            quantized = gguf_blocks_weight(tensor, table=True) if linear != name else gguf_linear_weight(tensor)
-            if heads is not None:
-                order = _unpermute_rope_rows(np.arange(quantized.shape[0]), heads)
-                quantized = select_rows(quantized, torch.from_numpy(order))
-            weights[linear] = quantized
-            weights[name] = quantized  # a tied table: the embedding lookup reads the same blocks
-            continue
-        if kept and name == "model.embed_tokens.weight":
-            weights[name] = gguf_blocks_weight(tensor)
-            continue
-        array = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
-        array = array.reshape([int(d) for d in reversed(tensor.shape)])
-        if heads is not None:
-            array = _unpermute_rope_rows(array, heads)
-        weights[name] = torch.from_numpy(np.array(array, dtype=np.float32)).to(dtype)
+        read = partial(_read_gguf_tensor, tensor, name, config, dtype, kept, linear)
+        if linear is not None and linear != name:
+            # A tied table: the embedding lookup and the lm_head read the same blocks, one object under both names.
+            read = cache(read)
+            readers[linear] = read
+        readers[name] = read
+    weights = LazyWeights(readers, f"Loading {path.name}")
     return Checkpoint(config, weights, path, sum(int(tensor.n_bytes) for tensor in reader.tensors))
+
+
+def _read_gguf_tensor(
+    tensor: gguf.ReaderTensor,
+    name: str,
+    config: ModelConfig,
+    dtype: torch.dtype,
+    kept: bool,
+    linear: str | None,
+) -> torch.Tensor | QuantizedWeight:
+    """One GGUF tensor under HF name `name`: kept in the file's blocks (`kept`; the linear weight `linear` as
+    gguf_linear_weight stores it, a tied table as blocks), else dequantized to `dtype`."""
+    heads = _rope_interleaved_heads(name, config)
+    if linear is not None:
+        quantized = gguf_blocks_weight(tensor, table=True) if linear != name else gguf_linear_weight(tensor)
+        if heads is not None:
+            order = _unpermute_rope_rows(np.arange(quantized.shape[0]), heads)
+            quantized = select_rows(quantized, torch.from_numpy(order))
+        return quantized
+    if kept and name == "model.embed_tokens.weight":
+        return gguf_blocks_weight(tensor)
+    array = gguf.quants.dequantize(read_tensor_data(tensor), tensor.tensor_type)
+    array = array.reshape([int(d) for d in reversed(tensor.shape)])
+    if heads is not None:
+        array = _unpermute_rope_rows(array, heads)
+    return torch.from_numpy(np.array(array, dtype=np.float32)).to(dtype)
+
+
+def read_tensor_data(tensor: gguf.ReaderTensor) -> np.ndarray:
+    """The tensor's data as the reader shapes it, read into memory of its own: pages of the reader's map of the
+    file count as this process's resident memory once touched, for as long as the reader lives."""
+    data = tensor.data
+    return np.fromfile(data.filename, dtype=data.dtype, count=data.size, offset=tensor.data_offset).reshape(data.shape)
 
 
 def _rope_interleaved_heads(name: str, config: ModelConfig) -> int | None:
@@ -273,8 +299,7 @@ def _quantized_linear_name(name: str, config: ModelConfig) -> str | None:
 
 def gguf_blocks_weight(tensor: gguf.ReaderTensor, table: bool = False) -> GGUFWeight:
     """A tensor as the file's blocks, one row of blocks per output row."""
-    # A copy: the reader's array maps the file, whose pages would otherwise stay resident beside it.
-    blocks = np.array(tensor.data, dtype=np.uint8).reshape(int(tensor.shape[1]), -1)
+    blocks = read_tensor_data(tensor).view(np.uint8).reshape(int(tensor.shape[1]), -1)
     return GGUFWeight(torch.from_numpy(blocks), int(tensor.tensor_type), table)
 
 
@@ -284,7 +309,7 @@ def gguf_linear_weight(tensor: gguf.ReaderTensor) -> QuantizedWeight:
         return gguf_blocks_weight(tensor)
     rows = int(tensor.shape[1])
     block_bytes = gguf.GGML_QUANT_SIZES[tensor.tensor_type][1]
-    blocks = np.asarray(tensor.data).reshape(rows, -1, block_bytes)
+    blocks = read_tensor_data(tensor).reshape(rows, -1, block_bytes)
     scales = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
     if tensor.tensor_type == gguf.GGMLQuantizationType.Q4_1:
         mins = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)

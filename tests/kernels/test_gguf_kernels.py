@@ -10,6 +10,7 @@ import torch
 from pagedllm.kernels import cpu_kernels_available
 from pagedllm.layers.gguf_blocks import GGUF_NATIVE_TYPES, GGUFWeight, dequantize_blocks
 from tests.gguf_blocks import random_blocks
+from tests.peak_memory import peak_resident_growth
 
 Q = gguf.GGMLQuantizationType
 ops = torch.ops.pagedllm
@@ -142,3 +143,28 @@ def test_random_blocks_are_what_they_say() -> None:
     assert blocks.shape == (3, 2 * 144) and blocks.dtype == np.uint8
     values = gguf.quants.dequantize(blocks, Q.Q4_K)
     assert np.isfinite(values).all() and 0 < np.abs(values).max() < 1
+
+
+def random_q4_0_blocks(rows: int, cols: int, seed: int) -> np.ndarray:
+    """[rows, row bytes] of random Q4_0 blocks: any nibbles, float16 scales of about 0.02 / 8."""
+    rng = np.random.default_rng(seed)
+    blocks = rng.integers(0, 256, (rows, cols // 32, 18), dtype=np.uint8)
+    blocks[..., 0:2] = (rng.uniform(0.5, 2.0, (rows, cols // 32)) * 0.0025).astype(np.float16)[..., None].view(np.uint8)
+    return blocks.reshape(rows, -1)
+
+
+def test_q4_lm_head_is_rewritten_in_slices_of_outputs() -> None:
+    # A tied Q4_0 lm_head (SmolLM2's vocabulary, a 1B model's width): its int4 tiles would take 60 MiB, more than
+    # the kernel's kept buffer, so it goes in slices of outputs. Every column matches the weight cut in parts whose
+    # tiles fit whole (up to float32 summation order: the int4 kernel sums a pair of tiles in another order than
+    # a tile alone, and which tiles pair depends on where its parallel tasks begin), and the call's peak resident
+    # memory stays well below the whole weight's tiles.
+    in_features, out_features, part = 2048, 49152, 6144
+    blocks = torch.from_numpy(random_q4_0_blocks(out_features, in_features, seed=5))
+    x = torch.randn(8, in_features, generator=torch.Generator().manual_seed(5))
+    parts = [ops.gguf_linear(x, blocks[p : p + part], int(Q.Q4_0)) for p in range(0, out_features, part)]
+    whole, growth = peak_resident_growth(lambda: ops.gguf_linear(x, blocks, int(Q.Q4_0)))
+    expected = torch.cat(parts, dim=1)
+    torch.testing.assert_close(whole, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+    whole_tiles_bytes = out_features * in_features // 2 + out_features * in_features // 32 * 4
+    assert growth < whole_tiles_bytes // 2

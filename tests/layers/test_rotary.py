@@ -43,3 +43,12 @@ def test_shift_rotates_keys_to_the_position_distance_earlier() -> None:
     for distance in (0, 1, 17, 20):
         shifted = rotary.shift(rotary.rotate(positions, keys), distance)
         assert torch.allclose(shifted, rotated_directly(rotary, positions - distance, keys), atol=1e-5)
+
+
+def test_tables_hold_each_angle_once_and_rotate_as_the_formula_does() -> None:
+    # Both halves of a head turn by the same angles: a table of head_dim / 2 per position is all a rotation needs.
+    rotary = RotaryEmbedding(256, 4096, 10000.0, RopeScaling())
+    assert rotary.cos.shape == rotary.sin.shape == (4096, 128)
+    x = torch.randn(6, 3, 256)
+    positions = torch.tensor([0, 1, 511, 512, 2048, 4095])
+    assert torch.allclose(rotary.rotate(positions, x), rotated_directly(rotary, positions, x), atol=1e-5)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Callable
 from pathlib import Path
 
 import gguf
@@ -16,6 +18,7 @@ from pagedllm.layers.gguf_linear import GGUFEmbedding, GGUFLinear
 from pagedllm.layers.linear import Linear, QuantizedLinear, kernel_representable
 from pagedllm.layers.q8_0_tiles import Q8_0Embedding, Q8_0Linear
 from pagedllm.layers.quantization import Int4Weight, LinearQuantization, dequantize
+from pagedllm.model.lazy_weights import LazyWeights
 from pagedllm.model.llama import LlamaForCausalLM
 from pagedllm.model.loader import gguf_linear_weight, load_checkpoint
 from tests.model.test_gguf_loader import CONFIG, gguf_tensors, write_gguf
@@ -181,3 +184,31 @@ def test_auto_on_the_embedded_model_keeps_its_logits(llm: LLM) -> None:
         assert (ours - dense).abs().max().item() < 1.5, prompt
         assert ours.argmax().item() == dense.argmax().item(), prompt
         assert torch.nn.functional.cosine_similarity(ours, dense, dim=0).item() > 0.995, prompt
+
+
+def test_a_gguf_model_loads_one_converted_weight_at_a_time(tiny_gguf_tensors, tmp_path: Path) -> None:
+    # Q4_0 linears are read as Int4Weight (a byte per value, twice the file's size) and packed by their layers:
+    # while the model loads, at most the projections of one fused layer (q, k before v) may be alive at once.
+    path = tmp_path / "tiny.gguf"
+    write_gguf(path, tiny_gguf_tensors, Q.Q4_0)
+    checkpoint = load_checkpoint(path, torch.float32, keep_quantized=True)
+    assert isinstance(checkpoint.weights, LazyWeights)
+    read: list[weakref.ref[Int4Weight]] = []
+    alive_at_each_read: list[int] = []
+
+    def tracked(name: str) -> Callable[[], object]:
+        def read_weight() -> object:
+            weight = checkpoint.weights[name]
+            if isinstance(weight, Int4Weight):
+                alive_at_each_read.append(sum(ref() is not None for ref in read))
+                read.append(weakref.ref(weight))
+            return weight
+
+        return read_weight
+
+    weights = LazyWeights({name: tracked(name) for name in checkpoint.weights})
+    model = LlamaForCausalLM(checkpoint.config, 64, quantization=LinearQuantization("auto"))
+    model.load_weights(weights)
+    assert len(alive_at_each_read) == 7 * CONFIG.num_hidden_layers + 1  # every projection, and the lm_head
+    assert max(alive_at_each_read) == 2
+    assert all(ref() is None for ref in read)  # the layers keep their own packed tiles

@@ -62,7 +62,7 @@ struct Linears {
 
 // One layer's attention inputs and K/V cache, as its KV-cache group holds them.
 struct LayerAttention {
-  const at::Tensor &cos, &signed_sin, &slots, &block_tables, &seq_lens;
+  const at::Tensor &cos, &sin, &slots, &block_tables, &seq_lens;
   at::Tensor k_pool, v_pool;
   int64_t sliding_window;
 };
@@ -89,7 +89,7 @@ struct RowParallelSum {
 at::Tensor attend(const at::Tensor& heads, const at::Tensor& positions, LayerAttention& a, const Shape& s) {
   const int64_t rotated = s.num_heads + s.num_kv_heads;
   at::Tensor rotating = heads;
-  rotate_heads_(rotating, positions, a.cos, a.signed_sin, rotated);
+  rotate_heads_(rotating, positions, a.cos, a.sin, rotated);
   write_kv_(heads.narrow(1, s.num_heads, s.num_kv_heads), heads.narrow(1, rotated, s.num_kv_heads), a.k_pool,
             a.v_pool, a.slots);
   return paged_decode_attention(heads.narrow(1, 0, s.num_heads), a.k_pool, a.v_pool, a.block_tables, a.seq_lens,
@@ -138,7 +138,7 @@ at::Tensor gemma3_layer(at::Tensor& residual, const at::Tensor& x, const at::Ten
 }  // namespace
 
 at::Tensor fused_decode(const at::Tensor& hidden, const at::Tensor& positions, at::TensorList cos,
-                         at::TensorList signed_sin, at::TensorList norms, at::TensorList weights,
+                         at::TensorList sin, at::TensorList norms, at::TensorList weights,
                          at::TensorList scales, at::IntArrayRef kinds, at::IntArrayRef kind_args,
                          at::IntArrayRef parts, const c10::List<std::optional<at::Tensor>>& biases,
                          at::TensorList k_pools, at::TensorList v_pools, at::TensorList slots,
@@ -157,7 +157,7 @@ at::Tensor fused_decode(const at::Tensor& hidden, const at::Tensor& positions, a
   TORCH_CHECK(hidden.dim() == 2 && num_layers > 0, "fused_decode: hidden [tokens, hidden_size] and one pool per layer");
   TORCH_CHECK(per_layer(v_pools.size(), 1) && per_layer(norms.size(), norms_per_layer),
               "fused_decode: a K and a V pool and the layer type's norms per layer");
-  TORCH_CHECK(per_layer(cos.size(), 1) && per_layer(signed_sin.size(), 1) && per_layer(slots.size(), 1) &&
+  TORCH_CHECK(per_layer(cos.size(), 1) && per_layer(sin.size(), 1) && per_layer(slots.size(), 1) &&
                   per_layer(block_tables.size(), 1) && per_layer(seq_lens.size(), 1) &&
                   per_layer(sliding_windows.size(), 1),
               "fused_decode: rotary tables, slots, block tables, context lengths and a window per layer");
@@ -186,8 +186,8 @@ at::Tensor fused_decode(const at::Tensor& hidden, const at::Tensor& positions, a
   at::Tensor residual = hidden.clone();
   at::Tensor x;
   for (int64_t layer = 0; layer < num_layers; ++layer) {
-    LayerAttention attention{cos[layer],      signed_sin[layer], slots[layer],   block_tables[layer],
-                             seq_lens[layer], k_pools[layer],    v_pools[layer], sliding_windows[layer]};
+    LayerAttention attention{cos[layer],      sin[layer],     slots[layer],   block_tables[layer],
+                             seq_lens[layer], k_pools[layer], v_pools[layer], sliding_windows[layer]};
     const at::TensorList layer_norms = norms.slice(layer * norms_per_layer, norms_per_layer);
     const int64_t first_linear = layer * kLinearsPerLayer;
     x = gemma3 ? gemma3_layer(residual, x, positions, layer_norms, project, first_linear, attention, shape, sum)

@@ -1208,8 +1208,12 @@ void q4_0_mins(int64_t blocks, uint16_t* scale_min) {
 }
 
 // The rewritten tiles of a weight up to this size go to a buffer the calling thread keeps (a fresh allocation of
-// that size costs its page faults, more than the rewrite itself); larger ones (an lm_head) are allocated per call.
-constexpr int64_t kKeptTileBytes = int64_t{32} << 20;
+// that size costs its page faults, more than the rewrite itself); a larger weight (an lm_head) is rewritten and
+// multiplied in slices of outputs that fit it, so no call allocates tiles of the whole weight.
+constexpr int64_t kKeptTileBytes = int64_t{8} << 20;
+
+// Bytes of the int4 tiles (packed nibbles, float16 scales and mins) of kInt4Tile outputs of `in_features` inputs.
+int64_t int4_tile_bytes(int64_t in_features) { return in_features * 4 + in_features / 32 * 2 * kInt4Tile * 2; }
 
 // Q4_0/Q4_1 blocks [out, row bytes] as the int4 kernel's packed weight and float16 scales and mins.
 std::pair<at::Tensor, at::Tensor> int4_tiles(const at::Tensor& blocks, const Format& f, int64_t in_features) {
@@ -1253,8 +1257,21 @@ at::Tensor gguf_linear(const at::Tensor& x, const at::Tensor& blocks, int64_t gg
   const at::Tensor rows = x.reshape({-1, in_features}).contiguous();
   const int64_t num_rows = rows.size(0);
   if ((ggml_type == kQ4_0 || ggml_type == kQ4_1) && num_rows >= kInt4TilesMinRows && out_features % kInt4Tile == 0) {
-    const auto [packed, scale_min] = int4_tiles(blocks, f, in_features);
-    return int4_linear(x, packed, scale_min, 32);
+    // Slices of whole pairs of tiles, which the int4 kernel multiplies together.
+    const int64_t slice = std::max<int64_t>(1, kKeptTileBytes / int4_tile_bytes(in_features) / 2) * 2 * kInt4Tile;
+    if (slice >= out_features) {
+      const auto [packed, scale_min] = int4_tiles(blocks, f, in_features);
+      return int4_linear(x, packed, scale_min, 32);
+    }
+    at::Tensor out = at::empty({num_rows, out_features}, x.options());
+    for (int64_t first = 0; first < out_features; first += slice) {
+      const int64_t outputs = std::min(slice, out_features - first);
+      const auto [packed, scale_min] = int4_tiles(blocks.narrow(0, first, outputs), f, in_features);
+      out.narrow(1, first, outputs).copy_(int4_linear(rows, packed, scale_min, 32));
+    }
+    auto sizes = x.sizes().vec();
+    sizes.back() = out_features;
+    return out.view(sizes);
   }
   at::Tensor out = at::empty({num_rows, out_features}, x.options());
   PAGEDLLM_DISPATCH_FLOAT_TYPES(x.scalar_type(), "gguf_linear", [&] {

@@ -17,14 +17,14 @@ TORCH_LIBRARY(pagedllm, m) {
   m.def("prefill_attention(Tensor q, Tensor k, Tensor v, int[] query_starts, int[] key_starts, int[] key_lens, float scale, int sliding_window=0, int queries_per_kv=0, int query_offset=0) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("add_rms_norm_(Tensor(a!) residual, Tensor x, Tensor weight, float eps) -> Tensor");
-  m.def("rotate_heads_(Tensor(a!) x, Tensor positions, Tensor cos, Tensor signed_sin, int rotated_heads) -> ()");
+  m.def("rotate_heads_(Tensor(a!) x, Tensor positions, Tensor cos, Tensor sin, int rotated_heads) -> ()");
   m.def("write_kv_(Tensor k, Tensor v, Tensor(a!) k_pool, Tensor(b!) v_pool, Tensor slots) -> ()");
   m.def("silu_and_mul(Tensor gate_up) -> Tensor");
   m.def("gelu_tanh_and_mul(Tensor gate_up) -> Tensor");
   m.def("shared_memory_all_reduce_(Tensor(a!) x, Tensor segment, int rank, int world_size, float timeout_s) -> ()");
   m.def("shared_memory_all_gather(Tensor x, Tensor segment, int rank, int world_size, float timeout_s) -> Tensor");
   m.def(
-      "fused_decode(Tensor hidden, Tensor positions, Tensor[] cos, Tensor[] signed_sin, Tensor[] norms, "
+      "fused_decode(Tensor hidden, Tensor positions, Tensor[] cos, Tensor[] sin, Tensor[] norms, "
       "Tensor[] weights, Tensor[] scales, int[] kinds, int[] kind_args, int[] parts, Tensor?[] biases, "
       "Tensor(a!)[] k_pools, Tensor(b!)[] v_pools, Tensor[] slots, Tensor[] block_tables, Tensor[] seq_lens, "
       "int[] sliding_windows, str layer_type, int num_heads, int num_kv_heads, float eps, float scale, "

@@ -44,7 +44,7 @@ at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k, const at:
                              double scale, int64_t sliding_window, int64_t queries_per_kv, int64_t query_offset);
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
 at::Tensor add_rms_norm_(at::Tensor& residual, const at::Tensor& x, const at::Tensor& weight, double eps);
-void rotate_heads_(at::Tensor& x, const at::Tensor& positions, const at::Tensor& cos, const at::Tensor& signed_sin,
+void rotate_heads_(at::Tensor& x, const at::Tensor& positions, const at::Tensor& cos, const at::Tensor& sin,
                    int64_t rotated_heads);
 void write_kv_(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_pool, at::Tensor& v_pool,
                const at::Tensor& slots);
@@ -61,7 +61,7 @@ at::Tensor shared_memory_all_gather(const at::Tensor& x, const at::Tensor& segme
 constexpr int64_t kDense = 0, kInt8 = 1, kInt4 = 2, kGGUF = 3, kKQuantTiles = 4, kQ8_0Tiles = 5;
 
 at::Tensor fused_decode(const at::Tensor& hidden, const at::Tensor& positions, at::TensorList cos,
-                         at::TensorList signed_sin, at::TensorList norms, at::TensorList weights,
+                         at::TensorList sin, at::TensorList norms, at::TensorList weights,
                          at::TensorList scales, at::IntArrayRef kinds, at::IntArrayRef kind_args,
                          at::IntArrayRef parts, const c10::List<std::optional<at::Tensor>>& biases,
                          at::TensorList k_pools, at::TensorList v_pools, at::TensorList slots,
