@@ -84,9 +84,12 @@ def measure_tensor_parallel(args: argparse.Namespace) -> dict[str, Any]:
     if args.quantization:
         common["quantization"] = args.quantization
     single_threads = args.world_size * args.threads_per_rank
-    # Threads are set process-wide by the last engine made, and the single process is the one that computes here.
     tensor_parallel = LLM(tensor_parallel_size=args.world_size, num_threads=args.threads_per_rank, **common)
     single = LLM(num_threads=single_threads, **common)
+    # Threads are set process-wide by the last engine made, so each arm sets its own engine's before it runs: the
+    # single process computes on all the cores; the TP driver, which only samples, keeps its engine's num_threads
+    # as a TP server's does (more threads of its own would spin against the ranks for their cores).
+    arm_threads = {"single": single_threads, "tensor_parallel": args.threads_per_rank}
     source = PromptSource(single.tokenizer.vocab_size, single.tokenizer.special_ids, args.seed)
     arms = {"single": single, "tensor_parallel": tensor_parallel}
     prefill: dict[str, list[float]] = {arm: [] for arm in arms}
@@ -98,7 +101,7 @@ def measure_tensor_parallel(args: argparse.Namespace) -> dict[str, Any]:
         engine_generate_fn(llm)(source.prompts(call, 1, DECODE_PROMPT_LEN), 8)
     for _ in range(args.repeats):
         for arm, llm in arms.items():
-            torch.set_num_threads(single_threads)
+            torch.set_num_threads(arm_threads[arm])
             generate = engine_generate_fn(llm)
             call += 1
             prefill[arm].append(timed(generate, source.prompts(call, 1, args.prompt_len), 1))

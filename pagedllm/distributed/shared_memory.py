@@ -20,8 +20,10 @@ import torch.distributed as dist
 
 from pagedllm.kernels import cpu_kernels_available
 
-# One cache line per rank for its flag and process id, so ranks never write the same line.
+# One cache line per rank: its flag, process id, count of peers sleeping on its flag and time spent waiting
+# (shared_memory.cpp states the layout).
 FLAG_LINE_BYTES = 64
+PID_INDEX, WAITED_NS_INDEX = 1, 3
 SLOTS_PER_RANK = 2
 # Holds a hidden-size vector of every token of a 512-token float32 step of a 2,048-wide model in one call.
 DEFAULT_SLOT_BYTES = 4 * 2**20
@@ -60,9 +62,8 @@ class SharedMemoryCollectives:
         finally:
             os.close(fd)
         # Each rank's line: its flag (the kernel's count of calls), then its process id, which peers check.
-        lines = np.ndarray((world_size, FLAG_LINE_BYTES // 8), dtype=np.int64, buffer=self._map)
-        lines[rank, 1] = os.getpid()
-        del lines
+        self._lines = np.ndarray((world_size, FLAG_LINE_BYTES // 8), dtype=np.int64, buffer=self._map)
+        self._lines[rank, PID_INDEX] = os.getpid()
         self.segment = torch.frombuffer(self._map, dtype=torch.uint8)
 
     @classmethod
@@ -107,11 +108,15 @@ class SharedMemoryCollectives:
         except dist.DistBackendError as error:
             raise _peer_exited(error) from error
 
+    def waited_seconds(self) -> float:
+        """How long this rank's collectives have waited for the other ranks so far (a profiling figure)."""
+        return int(self._lines[self.rank, WAITED_NS_INDEX]) / 1e9
+
     def barrier(self) -> None:
         """Wait until every rank reaches this call."""
         self.all_gather(torch.empty(0))
 
     def close(self) -> None:
         """Unmap the segment; no collective may run afterwards."""
-        del self.segment
+        del self.segment, self._lines
         self._map.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 import torch
@@ -61,10 +62,57 @@ def _one_rank_exits(rank: int, world_size: int) -> None:
     collectives = SharedMemoryCollectives.create(timeout_s=60)
     collectives.all_reduce(torch.ones(8))
     if rank == 1:
-        os._exit(0)  # leaves rank 0 waiting in the next call
+        time.sleep(0.3)  # rank 0 is asleep in the next call by now
+        os._exit(0)  # leaves it waiting there
+    started = time.perf_counter()
     with pytest.raises(PeerExitedError, match="rank 1"):
         collectives.all_reduce(torch.ones(8))
+    assert time.perf_counter() - started < 10
 
 
 def test_a_rank_that_exits_fails_the_waiting_one() -> None:
     spawn_ranks(_one_rank_exits, 2, timeout_s=60)
+
+
+def _late_ranks(rank: int, world_size: int) -> None:
+    collectives = SharedMemoryCollectives.create(timeout_s=60)
+    for values in (8, 20_000):  # one call, and a sum in shares over two
+        collectives.barrier()
+        if rank == 1:
+            time.sleep(0.5)  # far past the waiting rank's spin: it sleeps until this rank publishes
+        waited, wall, cpu = collectives.waited_seconds(), time.perf_counter(), time.thread_time()
+        x = torch.full((values,), float(rank + 1))
+        assert torch.equal(collectives.all_reduce(x), torch.full((values,), 3.0))
+        if rank == 0:  # it left the barrier at most a little after rank 1 did
+            assert time.perf_counter() - wall >= 0.25
+            assert collectives.waited_seconds() - waited >= 0.25
+            assert time.thread_time() - cpu < 0.1, "the waiting rank spun instead of sleeping"
+    generator = torch.Generator().manual_seed(7)  # the same draws on both ranks: each knows whose turn it is
+    for step in range(120):
+        late_rank, delay_us = torch.randint(2, (1,), generator=generator), torch.randint(300, (1,), generator=generator)
+        if rank == late_rank:
+            time.sleep(delay_us.item() * 1e-6)  # on either side of the spin: the peer spins or sleeps
+        values = 8 if step % 2 else 10_000
+        x = torch.full((values,), float(rank + 1) * (step + 1))
+        assert torch.equal(collectives.all_reduce(x), torch.full((values,), 3.0 * (step + 1))), step
+    collectives.close()
+
+
+def test_ranks_that_arrive_late_or_in_any_order_get_every_sum() -> None:
+    """A rank that waits long sleeps (little CPU time) and counts its wait; every sum is right whichever rank comes
+    first and whether the other spun or slept meanwhile."""
+    spawn_ranks(_late_ranks, 2, timeout_s=120)
+
+
+def _peer_never_answers(rank: int, world_size: int) -> None:
+    collectives = SharedMemoryCollectives.create(timeout_s=0.5)
+    collectives.barrier()
+    if rank == 1:
+        time.sleep(3)  # alive, but past the group's timeout
+        return
+    with pytest.raises(PeerExitedError, match=r"ranks \[1\] .* did not answer"):
+        collectives.all_reduce(torch.ones(8))
+
+
+def test_a_peer_that_never_answers_fails_the_waiting_rank_after_the_timeout() -> None:
+    spawn_ranks(_peer_never_answers, 2, timeout_s=60)
