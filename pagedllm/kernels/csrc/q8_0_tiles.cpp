@@ -52,6 +52,24 @@ struct Activations {
   int64_t in_features, blocks;
 };
 
+#if defined(PAGEDLLM_AVX512_VNNI)
+// One block of 32 as round_rows' scalar loop rounds it, 16 values a vector: the maximum does not depend on the order
+// of its operands, and cvtps_epi32 rounds to nearest even, as nearbyint does in the default rounding mode.
+template <typename T>
+inline void round_block(const T* x, int8_t* values, float& scale, int32_t& offset) {
+  const __m512 v[2] = {join(load8(x), load8(x + 8)), join(load8(x + 16), load8(x + 24))};
+  const float max = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v[0]), _mm512_abs_ps(v[1])));
+  const __m512 inverse = _mm512_set1_ps(max > 0.f ? kActivationLevels / max : 0.f);
+  __m512i levels[2];
+  for (int64_t h = 0; h < 2; ++h) {
+    levels[h] = _mm512_cvtps_epi32(_mm512_mul_ps(v[h], inverse));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(values + 16 * h), _mm512_cvtepi32_epi8(levels[h]));
+  }
+  scale = max / kActivationLevels;
+  offset = -128 * _mm512_reduce_add_epi32(_mm512_add_epi32(levels[0], levels[1]));
+}
+#endif
+
 template <typename T>
 Activations round_rows(const at::Tensor& x) {
   thread_local std::vector<int8_t> values;
@@ -67,6 +85,10 @@ Activations round_rows(const at::Tensor& x) {
   int32_t* op = offsets.data();
   at::parallel_for(0, total, kRoundGrain, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {  // rows are whole blocks: block i starts at value 32 i
+#if defined(PAGEDLLM_AVX512_VNNI)
+      round_block(xp + kBlock * i, vp + kBlock * i, sp[i], op[i]);
+      continue;
+#endif
       float converted[kBlock];
       float max = 0.f;
       for (int64_t j = 0; j < kBlock; ++j) {
@@ -138,32 +160,36 @@ inline void store_scalar(const float* values, int64_t n, Out* out) {
 #if defined(PAGEDLLM_AVX512_VNNI)
 constexpr int64_t kMaxRowTile = 8;  // activation rows that share each weight load
 
-// Output tile t for activation rows m .. m + Rows - 1. Each block's integer sums run in two chains (even and odd
-// steps, added exactly), so that one row does not wait on dpbusd's latency.
+// Output tile t for activation rows m .. m + Rows - 1. With few rows each block's integer sums run in two chains
+// (even and odd steps, added exactly), so that one row does not wait on dpbusd's latency; from kOneChainRows rows
+// on, the rows' own chains hide it, and the add would cost about one step in eight.
+constexpr int64_t kOneChainRows = 4;
+
 template <int64_t Rows, typename Out>
 void tile_rows(const TiledWeight& w, int64_t t, const Activations& x, int64_t m, const Outputs<Out>& y) {
+  constexpr int64_t kChains = Rows >= kOneChainRows ? 1 : 2;
   const RowTile<Rows> rows(x, m);
   const uint8_t* tile = w.tile(t);
   const auto* scales = reinterpret_cast<const __m256i*>(w.tile_scales(t));
   __m512 acc[Rows];
   for (int64_t r = 0; r < Rows; ++r) acc[r] = _mm512_setzero_ps();
   for (int64_t b = 0; b < w.blocks; ++b, tile += kTileBlockBytes) {
-    __m512i even[Rows], odd[Rows];
+    __m512i sums[kChains][Rows];
     for (int64_t r = 0; r < Rows; ++r) {
-      even[r] = _mm512_set1_epi32(rows.offsets[r][b]);  // the products below are of c + 128
-      odd[r] = _mm512_setzero_si512();
+      sums[0][r] = _mm512_set1_epi32(rows.offsets[r][b]);  // the products below are of c + 128
+      if constexpr (kChains == 2) sums[1][r] = _mm512_setzero_si512();
     }
     for (int64_t s = 0; s < kSteps; s += 2) {
       const __m512i q0 = _mm512_loadu_si512(tile + 64 * s), q1 = _mm512_loadu_si512(tile + 64 * (s + 1));
       for (int64_t r = 0; r < Rows; ++r) {
-        even[r] = _mm512_dpbusd_epi32(even[r], q0, _mm512_set1_epi32(rows.step(r, b, s)));
-        odd[r] = _mm512_dpbusd_epi32(odd[r], q1, _mm512_set1_epi32(rows.step(r, b, s + 1)));
+        sums[0][r] = _mm512_dpbusd_epi32(sums[0][r], q0, _mm512_set1_epi32(rows.step(r, b, s)));
+        sums[kChains - 1][r] = _mm512_dpbusd_epi32(sums[kChains - 1][r], q1, _mm512_set1_epi32(rows.step(r, b, s + 1)));
       }
     }
     const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(scales + b));
     for (int64_t r = 0; r < Rows; ++r) {
-      const __m512 sum = _mm512_cvtepi32_ps(_mm512_add_epi32(even[r], odd[r]));
-      acc[r] = _mm512_fmadd_ps(sum, _mm512_mul_ps(d, _mm512_set1_ps(rows.scales[r][b])), acc[r]);
+      const __m512i sum = kChains == 2 ? _mm512_add_epi32(sums[0][r], sums[kChains - 1][r]) : sums[0][r];
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_mul_ps(d, _mm512_set1_ps(rows.scales[r][b])), acc[r]);
     }
   }
   for (int64_t r = 0; r < Rows; ++r) {
