@@ -19,6 +19,7 @@ from pagedllm.errors import ConfigError
 from pagedllm.layers.parallel_linear import ParallelLMHead, column_unit
 from pagedllm.layers.quantization import LinearQuantization
 from pagedllm.model.gemma3 import Gemma3ForCausalLM
+from pagedllm.model.lazy_weights import weight_layout
 from pagedllm.model.llama import LlamaForCausalLM
 from pagedllm.model.loader import load_checkpoint
 from pagedllm.model.registry import model_class, resolve_model_path
@@ -60,8 +61,9 @@ def load_model(
             rank, config.tensor_parallel_size, config.pipeline_parallel_size, checkpoint.config.num_layers
         )
         # One split of the MLP's channels for every layer: runs that keep each layer's down_proj blocks whole.
-        down_projs = (checkpoint.weights[f"model.layers.{i}.mlp.down_proj.weight"] for i in stage.layers)
-        unit = math.lcm(*(column_unit(weight, quantization) for weight in down_projs))
+        # Read from the checkpoint's layouts: each down_proj's data is read once, when its layer takes it.
+        down_projs = (weight_layout(checkpoint.weights, f"model.layers.{i}.mlp.down_proj.weight") for i in stage.layers)
+        unit = math.lcm(*(column_unit(layout, quantization) for layout in down_projs))
         model = cls(*args, group=group, stage=stage, channel_unit=unit)
     else:
         model = cls(*args)

@@ -43,6 +43,7 @@ from pagedllm.layers.quantization import (
     select_rows,
 )
 from pagedllm.layers.quantized_linears import quantized_linear
+from pagedllm.model.lazy_weights import StoredLayout
 
 Weight = torch.Tensor | QuantizedWeight
 
@@ -121,16 +122,13 @@ def balanced_channels(intermediate_size: int, attention_rows: list[int], unit: i
     return RowBlock(num_runs, unit, tuple(range(s, s + n) for s, n in zip(starts, split)))
 
 
-def column_unit(weight: Weight, quantization: LinearQuantization) -> int:
-    """The input columns a split of `weight`, stored as `quantization` stores it, must keep together: whole GGUF
-    blocks or int4 groups, and runs the int kernels take (KERNEL_IN_MULTIPLE)."""
-    stored = weight if quantization.method != "none" else None
-    if isinstance(stored, GGUFWeight):
-        unit = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(stored.ggml_type)][0]
-    elif isinstance(stored, Int4Weight):
-        unit = stored.group_size
-    elif quantization.method == "int4" and isinstance(weight, torch.Tensor):
-        unit = int4_group_size(weight.shape[1], quantization.group_size)
+def column_unit(layout: StoredLayout, quantization: LinearQuantization) -> int:
+    """The input columns a split of a weight stored as `layout`, loaded as `quantization` loads it, must keep
+    together: whole GGUF blocks or int4 groups, and runs the int kernels take (KERNEL_IN_MULTIPLE)."""
+    if quantization.method != "none" and layout.block_columns > 1:
+        unit = layout.block_columns
+    elif quantization.method == "int4":
+        unit = int4_group_size(layout.shape[1], quantization.group_size)
     else:
         unit = 1
     return math.lcm(unit, KERNEL_IN_MULTIPLE)

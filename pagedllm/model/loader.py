@@ -20,7 +20,7 @@ from pagedllm.config import ModelConfig, RopeScaling
 from pagedllm.errors import UnsupportedModelError
 from pagedllm.layers.gguf_blocks import GGUF_NATIVE_TYPES, GGUFWeight
 from pagedllm.layers.quantization import Int4Weight, LinearQuantization, QuantizedWeight, select_rows
-from pagedllm.model.lazy_weights import CheckpointWeights, LazyWeights
+from pagedllm.model.lazy_weights import CheckpointWeights, LazyWeights, StoredLayout
 from pagedllm.model.registry import GGUF_ARCHITECTURES, hf_architecture, model_class
 from pagedllm.quantize.checkpoint import is_awq_checkpoint, load_awq_weights
 
@@ -228,6 +228,7 @@ def _load_gguf(path: Path, dtype: torch.dtype, keep_quantized: bool = False) -> 
     reader = gguf.GGUFReader(str(path))
     config = gguf_model_config(reader)
     readers: dict[str, Callable[[], torch.Tensor | QuantizedWeight]] = {}
+    layouts: dict[str, StoredLayout] = {}
     for tensor in reader.tensors:
         name = _hf_tensor_name(tensor.name, config.architecture)
         if tensor.tensor_type not in GGUF_TENSOR_TYPES:
@@ -235,12 +236,16 @@ def _load_gguf(path: Path, dtype: torch.dtype, keep_quantized: bool = False) -> 
         kept = keep_quantized and tensor.tensor_type in GGUF_NATIVE_TYPES
         linear = _quantized_linear_name(name, config) if kept else None
         read = partial(_read_gguf_tensor, tensor, name, config, dtype, kept, linear)
+        in_blocks = linear is not None or _kept_table(name, kept)
+        block_columns = gguf.GGML_QUANT_SIZES[tensor.tensor_type][0] if in_blocks else 1
+        layouts[name] = StoredLayout(tuple(int(d) for d in reversed(tensor.shape)), block_columns)
         if linear is not None and linear != name:
             # A tied table: the embedding lookup and the lm_head read the same blocks, one object under both names.
             read = cache(read)
             readers[linear] = read
+            layouts[linear] = layouts[name]
         readers[name] = read
-    weights = LazyWeights(readers, f"Loading {path.name}")
+    weights = LazyWeights(readers, f"Loading {path.name}", layouts)
     return Checkpoint(config, weights, path, sum(int(tensor.n_bytes) for tensor in reader.tensors))
 
 
@@ -261,13 +266,18 @@ def _read_gguf_tensor(
             order = _unpermute_rope_rows(np.arange(quantized.shape[0]), heads)
             quantized = select_rows(quantized, torch.from_numpy(order))
         return quantized
-    if kept and name == "model.embed_tokens.weight":
+    if _kept_table(name, kept):
         return gguf_blocks_weight(tensor)
     array = gguf.quants.dequantize(read_tensor_data(tensor), tensor.tensor_type)
     array = array.reshape([int(d) for d in reversed(tensor.shape)])
     if heads is not None:
         array = _unpermute_rope_rows(array, heads)
     return torch.from_numpy(np.array(array, dtype=np.float32)).to(dtype)
+
+
+def _kept_table(name: str, kept: bool) -> bool:
+    """Whether tensor `name` is the embedding table, kept in the file's blocks (its lookups read them)."""
+    return kept and name == "model.embed_tokens.weight"
 
 
 def read_tensor_data(tensor: gguf.ReaderTensor) -> np.ndarray:

@@ -7,25 +7,31 @@ import dataclasses
 import os
 import signal
 import time
+from collections import Counter
 from collections.abc import Iterator
 from itertools import islice
 from pathlib import Path
 
+import gguf
+import numpy as np
 import pytest
 
 from pagedllm import LLM, SamplingParams
 from pagedllm.benchmarks.datasets import first_exchange, iter_json_array_records, sharegpt_path
 from pagedllm.config import EngineConfig, ModelConfig
+from pagedllm.distributed.group import ParallelGroup
 from pagedllm.engine.async_engine import AsyncLLMEngine
 from pagedllm.engine.distributed_runner import distributed_bytes_per_block, kv_heads_on_all_ranks
 from pagedllm.engine.executor import WorkerError
 from pagedllm.engine.worker import load_model
 from pagedllm.errors import ConfigError, EngineUnavailableError
+from pagedllm.model import loader
 from pagedllm.serving.logprobs import TokenStrings
 from tests.engine.dead_rank import DEAD_WORKER_DEADLINE_S, check_server_answers_then_503_after
 from tests.engine.served import served_greedy
 from tests.logprobs_close import assert_greedy_close, assert_served_greedy_close, greedy
 from tests.model.test_gemma3 import write_tiny_gemma3
+from tests.model.test_gguf_native_loading import LAYER_TYPES, Q, write_mixed_gguf
 
 TINY_KV_BYTES = 2**24
 GEMMA3_WINDOW = 16  # the tiny Gemma 3's local layers see less than the longest prompts
@@ -71,6 +77,30 @@ def test_tp2_gemma3_greedy_outputs_equal_one_process(tmp_path: Path, tokenizer_d
         tp2.engine.shutdown()
     with pytest.raises(ConfigError, match="pipeline parallelism runs Llama-family models"):
         load_model(EngineConfig(model=str(tmp_path), pipeline_parallel_size=2), 256)
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_rank_reads_each_tensor_of_a_gguf_file_once(
+    rank: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The split of the MLP's channels comes from the down_projs' GGUF types and shapes, not from their data: each
+    rank's load reads every tensor once (Q6_K and Q5_K down_projs: runs of 256 channels)."""
+    path = tmp_path / "mixed.gguf"
+    # Every o_proj in blocks of 32 values, which a split between heads keeps whole.
+    write_mixed_gguf(path, (LAYER_TYPES[0], {**LAYER_TYPES[1], "attn_output": Q.Q8_0}))
+    reads: list[str] = []
+    read_tensor_data = loader.read_tensor_data
+
+    def counted(tensor: gguf.ReaderTensor) -> np.ndarray:
+        reads.append(tensor.name)
+        return read_tensor_data(tensor)
+
+    monkeypatch.setattr(loader, "read_tensor_data", counted)
+    config = EngineConfig(model=str(path), tensor_parallel_size=2, distributed_executor_backend="mp")
+    model = load_model(config, 256, ParallelGroup(rank, 2), rank).model
+    assert [name for name, count in Counter(reads).items() if count > 1] == []
+    assert "blk.0.ffn_down.weight" in reads
+    assert model.layers[0].mlp.down_proj.columns == range(256 * rank, 256 * (rank + 1))
 
 
 def test_kv_cache_counts_a_kv_head_once_on_every_rank_that_holds_it() -> None:

@@ -40,8 +40,8 @@ def add_quantized(writer: gguf.GGUFWriter, name: str, qtype: Q, rows: int, cols:
     writer.add_tensor(name, random_blocks(qtype, rows, cols, seed), raw_dtype=qtype)
 
 
-def write_mixed_gguf(path: Path) -> None:
-    """A tiny Llama whose layers mix GGUF types as LAYER_TYPES says, with a tied Q6_K embedding table."""
+def write_mixed_gguf(path: Path, layer_types: tuple[dict[str, Q], ...] = LAYER_TYPES) -> None:
+    """A tiny Llama whose layers mix GGUF types as `layer_types` says, with a tied Q6_K embedding table."""
     writer = gguf.GGUFWriter(str(path), "llama")
     writer.add_block_count(LAYERS)
     writer.add_context_length(256)
@@ -54,7 +54,7 @@ def write_mixed_gguf(path: Path) -> None:
     writer.add_eos_token_id(2)
     add_quantized(writer, "token_embd.weight", Q.Q6_K, VOCAB, HIDDEN, 100)  # tied: also the lm_head
     writer.add_tensor("output_norm.weight", np.ones(HIDDEN, dtype=np.float32))
-    for layer, types in enumerate(LAYER_TYPES):
+    for layer, types in enumerate(layer_types):
         writer.add_tensor(f"blk.{layer}.attn_norm.weight", np.ones(HIDDEN, dtype=np.float32))
         writer.add_tensor(f"blk.{layer}.ffn_norm.weight", np.ones(HIDDEN, dtype=np.float32))
         for seed, (name, qtype) in enumerate(types.items()):
