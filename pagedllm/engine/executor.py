@@ -142,7 +142,7 @@ def _worker_main(
         while payload := _next_step(rank, connection, steps):
             logits = worker.execute(pickle.loads(payload))
             if answers:
-                connection.send(("logits", logits.numpy()))
+                send_logits(connection, logits)
     except EOFError:
         logger.info("rank %d: the driver is gone", rank)
     except BaseException as error:
@@ -150,6 +150,21 @@ def _worker_main(
     finally:
         group.close()
         destroy_distributed()
+
+
+def send_logits(connection: Connection, logits: torch.Tensor) -> None:
+    """A ("logits", shape) message, then the float32 values as raw bytes (receive_logits reads them), which spares
+    pickling a copy of them on either side."""
+    values = logits.contiguous().numpy()
+    connection.send(("logits", values.shape))
+    connection.send_bytes(values)
+
+
+def receive_logits(connection: Connection, shape: tuple[int, ...]) -> np.ndarray:
+    """The values that follow a ("logits", shape) message from send_logits, in an array of their own."""
+    values = np.empty(shape, dtype=np.float32)
+    connection.recv_bytes_into(values.reshape(-1))  # flat: the connection sizes its buffer by the first dimension
+    return values
 
 
 def _next_step(rank: int, connection: Connection, steps: StepBroadcast | None) -> bytes:
@@ -242,6 +257,8 @@ class MultiprocExecutor:
                     fail(self, f"rank {self.ranks[i]} (pid {process.pid}) exited with code {process.exitcode}")
                 try:
                     message_kind, value = handle.recv()
+                    if message_kind == "logits":
+                        value = receive_logits(handle, value)
                 except (EOFError, OSError):
                     continue  # its process has exited: its sentinel says how
                 if message_kind == "error":

@@ -147,6 +147,7 @@ class Worker:
         if isinstance(self.model.lm_head, ParallelLMHead):
             self.model.lm_head.gather = False
 
+    @torch.inference_mode()
     def execute(self, step: StepInput) -> torch.Tensor | None:
         """Float32 logits [len(step.logit_rows), vocab] on every rank of the last stage (the lm_head gathers them;
         after hand_logit_slices each rank's own slice of the vocabulary), or on several nodes on global rank 0
