@@ -3,8 +3,10 @@
 
 Each rank runs its worker's forward (the step input built here, no driver) with its collectives timed: before each,
 a barrier measures how long the rank waited for its peer; then the collective runs with both ranks there. Decode is
-also timed through the fused decode kernel (collectives inside it, not split). Each figure is the least over
---turns (the machine may be shared); `thread CPU` beside wall time shows a rank that lost its core.
+also timed through the fused decode kernel (collectives inside it, not split). The prefill also runs with its
+collectives skipped, by each rank alone (the other waiting) and by both at once: what the ranks' compute costs
+each other, apart from the collectives. Each figure is the least over --turns (the machine may be shared);
+`thread CPU` beside wall time shows a rank that lost its core.
 """
 
 from __future__ import annotations
@@ -82,6 +84,22 @@ class TimedGroup:
         return run
 
 
+class UnsummedCollectives:
+    """Within it, the group's collectives return their input's shape without meeting the other ranks."""
+
+    def __init__(self, group: ParallelGroup) -> None:
+        self.group = group
+
+    def __enter__(self) -> None:
+        self.saved = self.group.all_reduce, self.group.all_gather
+        world_size = self.group.world_size
+        self.group.all_reduce = lambda x: x  # type: ignore[method-assign]
+        self.group.all_gather = lambda x: x.unsqueeze(0).expand(world_size, *x.shape).contiguous()  # type: ignore[method-assign]
+
+    def __exit__(self, *exc: object) -> None:
+        self.group.all_reduce, self.group.all_gather = self.saved  # type: ignore[method-assign]
+
+
 def time_step(execute: Callable[[StepInput], object], step: StepInput, calls: int, timed: TimedGroup | None) -> Timing:
     """`calls` runs of `step`, timed together."""
     if timed is not None:
@@ -125,6 +143,15 @@ def rank_main(rank: int, world_size: int, args: argparse.Namespace, queue: Simpl
                 samples[name].append(time_step(worker.execute, step, calls, timed))
             group.all_reduce, group.all_gather = timed.all_reduce, timed.all_gather
             worker.runner.fused_decode = fused
+            barrier = group.shared_memory.barrier
+            with UnsummedCollectives(group):
+                for alone in range(world_size):
+                    barrier()
+                    if rank == alone:
+                        samples["prefill alone"].append(time_step(worker.execute, prefill, 1, None))
+                    barrier()
+                barrier()
+                samples["prefill together"].append(time_step(worker.execute, prefill, 1, None))
         for name, timings in samples.items():
             calls = args.decode_calls if name.startswith("decode") else 1
             t = best(timings)
