@@ -541,6 +541,7 @@ template <int64_t Type, typename Out>
 void multiply(const Operands& a, int64_t num_rows, Out* out) {
   const int64_t tiles = a.out_features / kTile;
   at::parallel_for(0, tiles, kRowGrain / kTile, [&](int64_t begin, int64_t end) {
+    // A block of several row tiles shares its tiles' sub-block scales, found by its first row tile, in this buffer.
     thread_local std::vector<SubBlockScale> scales;
     if (num_rows > kRowTile) scales.resize(a.blocks * kPairsPerCall * scales_per_block<Type>());
     for (int64_t first = 0; first < num_rows; first += kRowBlock)
