@@ -380,15 +380,55 @@ struct Lanes {
 #endif
 
 #ifdef PAGEDLLM_AVX2
-// The outputs of Pairs groups of lanes from tile t on (with AVX-512 each pair of lanes holds tiles t + 2 p and
-// t + 2 p + 1, the second only where `tiles` counts it) for activation rows [m, m + Rows). Each lane's sums and float
-// steps are those of its own tile, whatever Pairs and Rows are, so a row's result does not depend on the grouping.
-template <int64_t Type, int64_t Pairs, int64_t Rows, typename Out>
-void tile_rows(const Operands& a, int64_t t, int64_t tiles, int64_t m, Out* out) {
+// One sub-block's d * sc or (Q4_K) dmin * m in each lane (a struct, so that vectors of them keep its alignment).
+struct SubBlockScale {
+  Lanes::F lanes;
+};
+
+template <int64_t Type>
+constexpr int64_t scales_per_block() {
+  constexpr TileFormat f = tile_format(Type);
+  return Type == kQ6_K ? 2 * f.pairs : 4 * f.pairs;
+}
+
+// The sub-block scales of one super-block of a group of lanes into scales[scales_per_block]: d * sc and dmin * m,
+// exact in float32 (11 bits times 8 or 6). Always inlined: as a call it slows one-row steps by several percent.
+template <int64_t Type>
+[[gnu::always_inline]] inline void sub_block_scales(const Lanes& w, SubBlockScale* scales) {
   using I = Lanes::I;
   using F = Lanes::F;
   constexpr TileFormat f = tile_format(Type);
   constexpr bool q6_k = Type == kQ6_K;
+  const F d = w.halves(0);
+  for (int64_t pair = 0; pair < f.pairs; ++pair) {
+    const I scale_pair = q6_k ? w.widen_signed(f.scales + 16 * pair) : w.widen_unsigned(f.scales + 16 * pair);
+    scales[2 * pair].lanes = Lanes::scaled(Lanes::low_word(scale_pair), d);
+    scales[2 * pair + 1].lanes = Lanes::scaled(Lanes::high_word(scale_pair), d);
+  }
+  if constexpr (!q6_k) {
+    const F dmin = w.halves(f.dmin);
+    for (int64_t pair = 0; pair < f.pairs; ++pair) {
+      const I min_pair = w.widen_unsigned(f.mins + 16 * pair);
+      scales[2 * f.pairs + 2 * pair].lanes = Lanes::scaled(Lanes::low_word(min_pair), dmin);
+      scales[2 * f.pairs + 2 * pair + 1].lanes = Lanes::scaled(Lanes::high_word(min_pair), dmin);
+    }
+  }
+}
+
+// The outputs of Pairs groups of lanes from tile t on (with AVX-512 each pair of lanes holds tiles t + 2 p and
+// t + 2 p + 1, the second only where `tiles` counts it) for activation rows [m, m + Rows). Shared: several row tiles
+// meet the tiles, and block_scales holds their sub_block_scales per super-block and group of lanes,
+// [blocks][Pairs][scales_per_block], which the first row tile finds (`find_scales`) and the next ones reuse; else
+// each super-block's are found as it comes. Each lane's sums and float steps are those of its own tile, whatever
+// Pairs and Rows are, so a row's result does not depend on the grouping.
+template <int64_t Type, int64_t Pairs, int64_t Rows, bool Shared, typename Out>
+void tile_rows(const Operands& a, int64_t t, int64_t tiles, SubBlockScale* block_scales, bool find_scales, int64_t m,
+               Out* out) {
+  using I = Lanes::I;
+  using F = Lanes::F;
+  constexpr TileFormat f = tile_format(Type);
+  constexpr bool q6_k = Type == kQ6_K;
+  constexpr int64_t sub_blocks = 2 * f.pairs;
   const uint8_t* first = a.tiles + t * a.tile_row_bytes;
   const RowTile<Rows> x(a, m);
   const I low4 = Lanes::set1(0x0F), bits45 = Lanes::set1(0x30);
@@ -406,26 +446,10 @@ void tile_rows(const Operands& a, int64_t t, int64_t tiles, int64_t m, Out* out)
         if (tiles > 2 * p + 1) prefetch(w[p].b + f.bytes, f.bytes);
       }
     }
-    // d * sc and dmin * m per sub-block: exact in float32 (11 bits times 8 or 6), found once for all rows.
-    constexpr int64_t sub_blocks = 2 * f.pairs;
-    F scales[Pairs][sub_blocks], mins[Pairs][q6_k ? 1 : sub_blocks];
-    for (int64_t p = 0; p < Pairs; ++p) {
-      const F d = w[p].halves(0);
-      for (int64_t pair = 0; pair < f.pairs; ++pair) {
-        const I scale_pair =
-            q6_k ? w[p].widen_signed(f.scales + 16 * pair) : w[p].widen_unsigned(f.scales + 16 * pair);
-        scales[p][2 * pair] = Lanes::scaled(Lanes::low_word(scale_pair), d);
-        scales[p][2 * pair + 1] = Lanes::scaled(Lanes::high_word(scale_pair), d);
-      }
-      if constexpr (!q6_k) {
-        const F dmin = w[p].halves(f.dmin);
-        for (int64_t pair = 0; pair < f.pairs; ++pair) {
-          const I min_pair = w[p].widen_unsigned(f.mins + 16 * pair);
-          mins[p][2 * pair] = Lanes::scaled(Lanes::low_word(min_pair), dmin);
-          mins[p][2 * pair + 1] = Lanes::scaled(Lanes::high_word(min_pair), dmin);
-        }
-      }
-    }
+    SubBlockScale found[Pairs * scales_per_block<Type>()];
+    SubBlockScale* scales = Shared ? block_scales + b * Pairs * scales_per_block<Type>() : found;
+    if (!Shared || find_scales)
+      for (int64_t p = 0; p < Pairs; ++p) sub_block_scales<Type>(w[p], scales + p * scales_per_block<Type>());
     for (int64_t sub_block = 0; sub_block < sub_blocks; ++sub_block) {
       const int64_t run = q6_k ? 8 * b + sub_block / 2 : 8 * b + sub_block;
       I sub[Rows][Pairs];
@@ -461,11 +485,12 @@ void tile_rows(const Operands& a, int64_t t, int64_t tiles, int64_t m, Out* out)
         }
       }
       for (int64_t p = 0; p < Pairs; ++p) {
+        const SubBlockScale* pair_scales = scales + p * scales_per_block<Type>();
         for (int64_t r = 0; r < Rows; ++r)
-          acc[r][p] = Lanes::fma(sub[r][p], Lanes::fmul(scales[p][sub_block], x.scales[r][run]), acc[r][p]);
+          acc[r][p] = Lanes::fma(sub[r][p], Lanes::fmul(pair_scales[sub_block].lanes, x.scales[r][run]), acc[r][p]);
         if constexpr (!q6_k)
           for (int64_t r = 0; r < Rows; ++r)
-            acc[r][p] = Lanes::fnma(mins[p][sub_block], x.scaled_sums[r][run], acc[r][p]);
+            acc[r][p] = Lanes::fnma(pair_scales[sub_blocks + sub_block].lanes, x.scaled_sums[r][run], acc[r][p]);
       }
     }
   }
@@ -476,8 +501,15 @@ void tile_rows(const Operands& a, int64_t t, int64_t tiles, int64_t m, Out* out)
 }
 #else
 // The scalar kernel: the same integers, summed in the same way, one output at a time.
-template <int64_t Type, int64_t Pairs, int64_t Rows, typename Out>
-void tile_rows(const Operands& a, int64_t t, int64_t, int64_t m, Out* out) {
+struct SubBlockScale {};  // the scalar kernel finds each scale as it goes
+
+template <int64_t Type>
+constexpr int64_t scales_per_block() {
+  return 0;
+}
+
+template <int64_t Type, int64_t Pairs, int64_t Rows, bool Shared, typename Out>
+void tile_rows(const Operands& a, int64_t t, int64_t, SubBlockScale*, bool, int64_t m, Out* out) {
   constexpr TileFormat f = tile_format(Type);
   constexpr bool q6_k = Type == kQ6_K;
   constexpr int64_t sub_values = q6_k ? 16 : 32;
@@ -509,17 +541,24 @@ template <int64_t Type, typename Out>
 void multiply(const Operands& a, int64_t num_rows, Out* out) {
   const int64_t tiles = a.out_features / kTile;
   at::parallel_for(0, tiles, kRowGrain / kTile, [&](int64_t begin, int64_t end) {
+    // A block of several row tiles shares its tiles' sub-block scales, found by its first row tile, in this buffer.
+    thread_local std::vector<SubBlockScale> scales;
+    if (num_rows > kRowTile) scales.resize(a.blocks * kPairsPerCall * scales_per_block<Type>());
     for (int64_t first = 0; first < num_rows; first += kRowBlock)
       for (int64_t t = begin; t < end;) {
         // Four tiles at a time (AVX-512), then what is left: a pair, or one alone.
         const bool wide = kPairsPerCall > 1 && end - t >= 2 * kPairsPerCall;
         const int64_t tiles = wide ? 2 * kPairsPerCall : std::min(kTilesPerCall, end - t);
-        for_row_tiles<kRowTile>(std::min(kRowBlock, num_rows - first), [&](auto tile_rows_count, int64_t m) {
+        const int64_t rows = std::min(kRowBlock, num_rows - first);
+        for_row_tiles<kRowTile>(rows, [&](auto tile_rows_count, int64_t m) {
           constexpr int64_t R = decltype(tile_rows_count)::value;
-          if (wide)
-            tile_rows<Type, kPairsPerCall, R>(a, t, tiles, first + m, out);
+          if (rows <= kRowTile)
+            wide ? tile_rows<Type, kPairsPerCall, R, false>(a, t, tiles, nullptr, true, first + m, out)
+                 : tile_rows<Type, 1, R, false>(a, t, tiles, nullptr, true, first + m, out);
+          else if (wide)
+            tile_rows<Type, kPairsPerCall, R, true>(a, t, tiles, scales.data(), m == 0, first + m, out);
           else
-            tile_rows<Type, 1, R>(a, t, tiles, first + m, out);
+            tile_rows<Type, 1, R, true>(a, t, tiles, scales.data(), m == 0, first + m, out);
         });
         t += tiles;
       }

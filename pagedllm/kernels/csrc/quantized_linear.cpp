@@ -459,21 +459,27 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::
                             group_size};
     scalar_t* op = out.data_ptr<scalar_t>();
     at::parallel_for(0, out_features / kTile, kRowGrain / kTile, [&](int64_t begin, int64_t end) {
+#ifdef PAGEDLLM_AVX512_VNNI
+      // Several row tiles take the groups' offsets decided before their dot products, for all of the task's pairs of
+      // tiles at once: the scales then stream from memory once per call, in order, not once per block of rows.
+      // Fewer rows decide them as they go.
+      const int64_t groups = in_features / group_size;
+      const bool decided = num_rows > kInt4RowTile;
       thread_local std::vector<uint8_t> eights;
-      eights.resize(kInt4Pairs * in_features / group_size);
+      if (decided) {
+        eights.resize((end - begin) / 2 * groups);
+        for (int64_t t = begin; t + 1 < end; t += 2)
+          offsets_of_eight(operands, t, eights.data() + (t - begin) / 2 * groups);
+      }
+#endif
       for (int64_t first = 0; first < num_rows; first += kRowBlock)
         for (int64_t t = begin; t < end;) {
           const int64_t rows_left = std::min(kRowBlock, num_rows - first);
 #ifdef PAGEDLLM_AVX512_VNNI
-          // Four tiles at a time, then a pair, then the last alone. A block of several row tiles decides the groups'
-          // offsets once; fewer rows decide them as they go.
+          // Four tiles at a time, then a pair, then the last alone.
           const int64_t pairs = std::min(kInt4Pairs, (end - t) / 2);
           if (pairs > 0) {
-            const bool decided = rows_left > kInt4RowTile;
-            if (decided)
-              for (int64_t p = 0; p < pairs; ++p)
-                offsets_of_eight(operands, t + 2 * p, eights.data() + p * (in_features / group_size));
-            const uint8_t* decisions = decided ? eights.data() : nullptr;
+            const uint8_t* decisions = decided ? eights.data() + (t - begin) / 2 * groups : nullptr;
             for_row_tiles<kInt4RowTile>(rows_left, [&](auto tile_rows, int64_t m) {
               constexpr int64_t R = decltype(tile_rows)::value;
               if (pairs == kInt4Pairs)
