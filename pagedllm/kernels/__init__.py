@@ -2,8 +2,8 @@
 GGUF's own quantized blocks (Q4_0, Q4_1, Q4_K, Q5_K, Q6_K, Q5_0, Q8_0), by Q4_K and Q6_K repacked into tiles of
 outputs and by Q8_0 weights in tiles of outputs, decode attention that reads the paged KV cache in place, the
 attention of a step's prefills in one call, the KV-cache write, and the small fused ops of a decoder layer (RMSNorm
-with the residual add, rotary embedding in place, SiLU-and-multiply), and every decoder layer of an all-decode step
-in one call.
+with the residual add, rotary embedding in place, Gemma's QK-norm with it, SiLU- and GELU-and-multiply), and every
+decoder layer of an all-decode step in one call.
 
 They are compiled for this machine's CPU on first use (`make install` does it once) and cached; where no
 compiler is available the layers keep their plain PyTorch paths, which the tests check the kernels against.
@@ -40,7 +40,7 @@ SOURCES = (
     "fused_decode.cpp",
     "shared_memory.cpp",
 )
-HEADERS = ("vec.h", "ops.h", "parallel.h", "row_tiles.h")
+HEADERS = ("vec.h", "ops.h", "parallel.h", "row_tiles.h", "norm_row.h")
 CFLAGS = ("-O3", "-march=native", "-fopenmp")
 CACHE_DIR = Path.home() / ".cache" / "pagedllm" / "kernels"
 

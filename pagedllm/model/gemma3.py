@@ -14,6 +14,7 @@ from torch import nn
 from pagedllm.config import ModelConfig
 from pagedllm.distributed.group import ParallelGroup
 from pagedllm.distributed.pipeline import PipelineStage
+from pagedllm.kernels import use_cpu_kernels
 from pagedllm.layers.activation import gelu_tanh_and_mul
 from pagedllm.layers.attention import AttentionMetadata, KVPool, PagedAttention
 from pagedllm.layers.kv_cache_groups import kv_cache_layout
@@ -70,16 +71,26 @@ class Gemma3Attention(nn.Module):
         )
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        tokens = hidden.shape[0]
-        heads = self.qkv_proj(hidden).view(tokens, -1, self.head_dim)
-        q_end, k_end = self.num_heads, self.num_heads + self.num_kv_heads
-        # Query and key heads are normalized over head_dim before RoPE, then rotated together in place.
-        for norm, start, end in ((self.q_norm, 0, q_end), (self.k_norm, q_end, k_end)):
-            normed = norm(heads[:, start:end].reshape(-1, self.head_dim))
-            heads[:, start:end] = normed.view(tokens, end - start, self.head_dim)
-        self.rotary.rotate_(positions, heads, k_end)
+        heads = self.qkv_proj(hidden).view(hidden.shape[0], -1, self.head_dim)
+        self.norm_and_rotate_(positions, heads)
         q, k, v = heads.split([self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=1)
         return self.o_proj(self.attn(q, k, v, meta))
+
+    def norm_and_rotate_(self, positions: torch.Tensor, heads: torch.Tensor) -> None:
+        """Query and key heads of heads [T, q + k + v heads, head_dim] normalized over head_dim, then rotated, in
+        place (on CPU one kernel call); value heads are left as they are."""
+        q_end, k_end = self.num_heads, self.num_heads + self.num_kv_heads
+        if use_cpu_kernels(heads) and self.q_norm.eps == self.k_norm.eps:
+            cos, sin = self.rotary.cos, self.rotary.sin
+            weights = (self.q_norm.weight, self.k_norm.weight)
+            torch.ops.pagedllm.rms_norm_rotate_heads_(
+                heads, positions, cos, sin, *weights, self.q_norm.eps, q_end, k_end - q_end
+            )
+            return
+        for norm, start, end in ((self.q_norm, 0, q_end), (self.k_norm, q_end, k_end)):
+            normed = norm(heads[:, start:end].reshape(-1, self.head_dim))
+            heads[:, start:end] = normed.view(heads.shape[0], end - start, self.head_dim)
+        self.rotary.rotate_(positions, heads, k_end)
 
 
 class Gemma3DecoderLayer(nn.Module):

@@ -259,6 +259,29 @@ def test_prefill_attention_of_a_chunk_equals_that_of_the_whole_prompt_exactly(dt
     assert torch.equal(batched, whole)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_prefill_attention_reads_heads_split_from_one_projection_as_their_copies(dtype: torch.dtype) -> None:
+    # q, k and v as a layer splits them from its q/k/v projection's output: views whose tokens lie 8 heads apart.
+    heads = torch.randn(100, 8, 64, generator=generator(52)).to(dtype)
+    q, k, v = heads.split([4, 2, 2], dim=1)
+    args = ([0, 30, 100], [0, 30], [30, 70], 64**-0.5, 0, 0, 0)
+    got = ops.prefill_attention(q, k, v, *args)
+    assert got.is_contiguous() and torch.equal(got, ops.prefill_attention(q.clone(), k.clone(), v.clone(), *args))
+    # Keys and values whose tokens lie apart by different strides.
+    assert torch.equal(ops.prefill_attention(q, k, v.clone(), *args), got)
+
+
+def test_write_kv_reads_entries_split_from_one_projection_as_their_copies() -> None:
+    heads = torch.randn(3, 5, 8, generator=generator(53))
+    k, v = heads[:, 1:3], heads[:, 3:5]
+    slots = torch.tensor([23, 0, 9])
+    k_pool, v_pool = random_pools(6, 4, 2, 8, torch.float32, 54)
+    expected_k, expected_v = k_pool.clone(), v_pool.clone()
+    ops.write_kv_(k.clone(), v.clone(), expected_k, expected_v, slots)
+    ops.write_kv_(k, v, k_pool, v_pool, slots)
+    assert torch.equal(k_pool, expected_k) and torch.equal(v_pool, expected_v)
+
+
 def test_prefill_attention_and_onednn_matmuls_share_a_thread() -> None:
     """Where the kernel runs on AMX tiles it leaves each thread's tile configuration as it found it: bfloat16
     matmuls (oneDNN's, on AMX where the CPU has it) before and after it give the same bits."""
@@ -320,6 +343,23 @@ def test_rotate_heads_in_place_equals_the_rotary_reference_on_the_first_heads(dt
     assert torch.equal(heads[:, 4:], untouched)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_rms_norm_rotate_heads_equals_the_qk_norms_then_rope(dtype: torch.dtype) -> None:
+    rotary = RotaryEmbedding(64, 512, 10000.0, RopeScaling())
+    q_norm, k_norm = RMSNorm(64, 1e-6), RMSNorm(64, 1e-6)
+    q_norm.weight.data = torch.randn(64, generator=generator(38)).to(dtype)
+    k_norm.weight.data = torch.randn(64, generator=generator(39)).to(dtype)
+    heads = (3 * torch.randn(20, 6, 64, generator=generator(40))).to(dtype)  # 3 query, 2 key, 1 value head
+    positions = torch.randint(0, 512, (20,), generator=generator(41))
+    normed = torch.cat((q_norm.reference(heads[:, :3]), k_norm.reference(heads[:, 3:5])), dim=1).to(dtype)
+    expected = rotary.rotate(positions, normed)
+    values = heads[:, 5:].clone()
+    ops.rms_norm_rotate_heads_(heads, positions, rotary.cos, rotary.sin, q_norm.weight, k_norm.weight, 1e-6, 3, 2)
+    tolerance = 1e-5 if dtype == torch.float32 else 3e-2  # bfloat16: the reference rounds each product
+    torch.testing.assert_close(heads[:, :5], expected, rtol=tolerance, atol=tolerance * expected.abs().max().item())
+    assert torch.equal(heads[:, 5:], values)
+
+
 def test_write_kv_stores_entries_at_their_slots_and_refuses_a_slot_outside_the_pool() -> None:
     k_pool, v_pool = random_pools(6, 4, 2, 8, torch.float32, 14)
     k, v = torch.randn(3, 2, 8, generator=generator(15)), torch.randn(3, 2, 8, generator=generator(16))
@@ -336,11 +376,13 @@ def test_write_kv_stores_entries_at_their_slots_and_refuses_a_slot_outside_the_p
 @pytest.mark.parametrize("activation", ["silu_and_mul", "gelu_tanh_and_mul"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 def test_gated_activation_equals_the_reference(activation: str, dtype: torch.dtype) -> None:
-    gate_up = (6 * torch.randn(3, 2 * 37, generator=generator(17))).to(dtype)  # 37: a vector part and a tail
+    # 45: two 16-value vectors (AVX-512), one of 8 (AVX2) and a tail of 5
+    gate_up = (6 * torch.randn(3, 2 * 45, generator=generator(17))).to(dtype)
     gate_up[0, :4] = torch.tensor([-200.0, -90.0, 90.0, 200.0])  # past the exponential's clamps
+    gate_up[1, 32:36] = torch.tensor([-200.0, -90.0, 90.0, 200.0])  # the same in the 8-value part
     reference = {"silu_and_mul": silu_and_mul_reference, "gelu_tanh_and_mul": gelu_tanh_and_mul_reference}
     got, expected = getattr(ops, activation)(gate_up), reference[activation](gate_up)
-    assert got.dtype == dtype and got.shape == (3, 37)
+    assert got.dtype == dtype and got.shape == (3, 45)
     tolerance = 1e-6 if dtype == torch.float32 else 1e-2
     torch.testing.assert_close(got, expected, rtol=tolerance, atol=tolerance)
 

@@ -17,15 +17,20 @@ void write_kv_(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_pool, at:
   const int64_t num_slots = k_pool.size(0) * k_pool.size(1);
   const at::Tensor slot = slots.to(at::kLong).contiguous();
   const int64_t* sp = slot.const_data_ptr<int64_t>();
-  const at::Tensor keys = k.contiguous(), values = v.contiguous();
+  // Entries read in place where each token's is contiguous (k and v split from one projection's output).
+  const auto token_rows = [](const at::Tensor& x) {
+    return x.stride(2) == 1 && x.stride(1) == x.size(2) ? x : x.contiguous();
+  };
+  const at::Tensor keys = token_rows(k), values = token_rows(v);
+  const int64_t k_stride = keys.stride(0) * keys.element_size(), v_stride = values.stride(0) * values.element_size();
   auto* kp = static_cast<char*>(k_pool.data_ptr());
   auto* vp = static_cast<char*>(v_pool.data_ptr());
   const auto* kn = static_cast<const char*>(keys.const_data_ptr());
   const auto* vn = static_cast<const char*>(values.const_data_ptr());
   for (int64_t t = 0; t < tokens; ++t) {
     TORCH_CHECK(sp[t] >= 0 && sp[t] < num_slots, "write_kv_: slot ", sp[t], " outside the pool");
-    std::memcpy(kp + sp[t] * bytes, kn + t * bytes, bytes);
-    std::memcpy(vp + sp[t] * bytes, vn + t * bytes, bytes);
+    std::memcpy(kp + sp[t] * bytes, kn + t * k_stride, bytes);
+    std::memcpy(vp + sp[t] * bytes, vn + t * v_stride, bytes);
   }
 }
 

@@ -18,6 +18,9 @@ TORCH_LIBRARY(pagedllm, m) {
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("add_rms_norm_(Tensor(a!) residual, Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("rotate_heads_(Tensor(a!) x, Tensor positions, Tensor cos, Tensor sin, int rotated_heads) -> ()");
+  m.def(
+      "rms_norm_rotate_heads_(Tensor(a!) x, Tensor positions, Tensor cos, Tensor sin, Tensor query_weight, "
+      "Tensor key_weight, float eps, int query_heads, int key_heads) -> ()");
   m.def("write_kv_(Tensor k, Tensor v, Tensor(a!) k_pool, Tensor(b!) v_pool, Tensor slots) -> ()");
   m.def("silu_and_mul(Tensor gate_up) -> Tensor");
   m.def("gelu_tanh_and_mul(Tensor gate_up) -> Tensor");
@@ -50,6 +53,7 @@ TORCH_LIBRARY_IMPL(pagedllm, CPU, m) {
   m.impl("rms_norm", &pagedllm::rms_norm);
   m.impl("add_rms_norm_", &pagedllm::add_rms_norm_);
   m.impl("rotate_heads_", &pagedllm::rotate_heads_);
+  m.impl("rms_norm_rotate_heads_", &pagedllm::rms_norm_rotate_heads_);
   m.impl("write_kv_", &pagedllm::write_kv_);
   m.impl("silu_and_mul", &pagedllm::silu_and_mul);
   m.impl("gelu_tanh_and_mul", &pagedllm::gelu_tanh_and_mul);

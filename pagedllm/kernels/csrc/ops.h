@@ -46,6 +46,9 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
 at::Tensor add_rms_norm_(at::Tensor& residual, const at::Tensor& x, const at::Tensor& weight, double eps);
 void rotate_heads_(at::Tensor& x, const at::Tensor& positions, const at::Tensor& cos, const at::Tensor& sin,
                    int64_t rotated_heads);
+void rms_norm_rotate_heads_(at::Tensor& x, const at::Tensor& positions, const at::Tensor& cos, const at::Tensor& sin,
+                            const at::Tensor& query_weight, const at::Tensor& key_weight, double eps,
+                            int64_t query_heads, int64_t key_heads);
 void write_kv_(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_pool, at::Tensor& v_pool,
                const at::Tensor& slots);
 at::Tensor silu_and_mul(const at::Tensor& gate_up);

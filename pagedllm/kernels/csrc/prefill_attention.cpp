@@ -358,6 +358,7 @@ template <typename Products>
 struct PackedLayout {
   Products products;
   int64_t num_kv_heads;
+  int64_t token_stride;  // between the keys (and the values) of consecutive tokens in k and v
   std::vector<int64_t> offsets;  // per sequence, where its kv heads' packs start
 
   int64_t keys_size(const Sequence& s) const { return s.key_blocks() * products.key_block_size(); }
@@ -376,7 +377,7 @@ void pack_block(const T* k, const T* v, const Sequence& s, int64_t kv_head, int6
                 const PackedLayout<Products>& layout, typename Products::Packed* keys,
                 typename Products::Packed* values) {
   const Products& products = layout.products;
-  const int64_t token_stride = layout.num_kv_heads * products.head_dim;
+  const int64_t token_stride = layout.token_stride;
   keys += block * products.key_block_size();
   values += block * products.value_block_size();
   for (int64_t j = 0, t = block * kKeyBlock; j < kKeyBlock; ++j, ++t) {
@@ -387,8 +388,8 @@ void pack_block(const T* k, const T* v, const Sequence& s, int64_t kv_head, int6
 }
 
 template <typename Products, typename T>
-void attend_task(const T* q, const Task& task, const Sequence& s, const HeadGroups& groups, float scale,
-                 const typename Products::Packed* keys, const typename Products::Packed* values,
+void attend_task(const T* q, int64_t q_token_stride, const Task& task, const Sequence& s, const HeadGroups& groups,
+                 float scale, const typename Products::Packed* keys, const typename Products::Packed* values,
                  const Products& products, T* out) {
   // The query heads [first_head, first_head + heads) read the task's kv head.
   const int64_t first_head = groups.first_query(task.kv_head), heads = groups.end_query(task.kv_head) - first_head;
@@ -403,12 +404,12 @@ void attend_task(const T* q, const Task& task, const Sequence& s, const HeadGrou
   largest.assign(rows, -INFINITY);
   sums.assign(rows, 0.f);
   // Row t * heads + h: query token first + t, query head first_head + h.
-  const auto head_offset = [&](int64_t row) {
+  const auto head_offset = [&](int64_t row, int64_t token_stride) {
     const int64_t token = s.query_start + task.first + row / heads;
-    return (token * groups.num_heads + first_head + row % heads) * head_dim;
+    return token * token_stride + (first_head + row % heads) * head_dim;
   };
   for (int64_t row = 0; row < rows; ++row)
-    products.pack_query(queries.data() + row * products.query_size(), q + head_offset(row));
+    products.pack_query(queries.data() + row * products.query_size(), q + head_offset(row, q_token_stride));
   const int64_t first_position = s.key_len - s.query_len + task.first;
   const int64_t last_position = first_position + task.tokens - 1;
   for (int64_t block = s.first_visible(first_position) / kKeyBlock; block * kKeyBlock <= last_position; ++block) {
@@ -439,7 +440,7 @@ void attend_task(const T* q, const Task& task, const Sequence& s, const HeadGrou
   for (int64_t row = 0; row < rows; ++row) {
     const float inverse = 1.f / sums[row];
     for (int64_t d = 0; d < head_dim; ++d)
-      out[head_offset(row) + d] = static_cast<T>(acc[row * value_dim + d] * inverse);
+      out[head_offset(row, groups.num_heads * head_dim) + d] = static_cast<T>(acc[row * value_dim + d] * inverse);
   }
 }
 
@@ -457,10 +458,12 @@ inline Bfloat16Products products_for(const c10::BFloat16*, int64_t head_dim) {
 }
 #endif
 
+// q's tokens lie q_token_stride apart, k's and v's kv_token_stride apart; out is contiguous.
 template <typename Products, typename T>
-void attend(const T* q, const T* k, const T* v, T* out, const std::vector<Sequence>& seqs, const HeadGroups& groups,
-            int64_t num_kv_heads, float scale, const Products& products) {
-  PackedLayout<Products> layout{products, num_kv_heads, {}};
+void attend(const T* q, int64_t q_token_stride, const T* k, const T* v, int64_t kv_token_stride, T* out,
+            const std::vector<Sequence>& seqs, const HeadGroups& groups, int64_t num_kv_heads, float scale,
+            const Products& products) {
+  PackedLayout<Products> layout{products, num_kv_heads, kv_token_stride, {}};
   int64_t packed_size = 0;
   std::vector<Pack> packs;
   std::vector<Task> tasks;
@@ -490,7 +493,7 @@ void attend(const T* q, const T* k, const T* v, T* out, const std::vector<Sequen
   run_balanced(static_cast<int64_t>(tasks.size()), [&](int64_t i) {
     const Task& task = tasks[i];
     const Sequence& s = seqs[task.seq];
-    attend_task(q, task, s, groups, scale,
+    attend_task(q, q_token_stride, task, s, groups, scale,
                 packed + layout.keys(s, task.seq, task.kv_head),
                 packed + layout.values(s, task.seq, task.kv_head), products, out);
   });
@@ -519,12 +522,17 @@ at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k, const at:
                 "prefill_attention: every sequence needs a query and at least as many keys, all within k");
     seqs.push_back(s);
   }
-  const at::Tensor queries = q.contiguous(), keys = k.contiguous(), values = v.contiguous();
-  at::Tensor out = at::empty_like(queries);
+  // Heads read in place where each token's are contiguous (q, k and v split from one projection's output).
+  const auto token_rows = [](const at::Tensor& x) {
+    return x.stride(2) == 1 && x.stride(1) == x.size(2) ? x : x.contiguous();
+  };
+  at::Tensor queries = token_rows(q), keys = token_rows(k), values = token_rows(v);
+  if (keys.stride(0) != values.stride(0)) keys = keys.contiguous(), values = values.contiguous();
+  at::Tensor out = at::empty(q.sizes(), q.options());
   PAGEDLLM_DISPATCH_FLOAT_TYPES(q.scalar_type(), "prefill_attention", [&] {
     const scalar_t* qp = queries.const_data_ptr<scalar_t>();
-    attend(qp, keys.const_data_ptr<scalar_t>(), values.const_data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), seqs,
-           groups, num_kv_heads, static_cast<float>(scale), products_for(qp, head_dim));
+    attend(qp, queries.stride(0), keys.const_data_ptr<scalar_t>(), values.const_data_ptr<scalar_t>(), keys.stride(0),
+           out.data_ptr<scalar_t>(), seqs, groups, num_kv_heads, static_cast<float>(scale), products_for(qp, head_dim));
   });
   return out;
 }
