@@ -157,13 +157,15 @@ def send_logits(connection: Connection, logits: torch.Tensor) -> None:
     pickling a copy of them on either side."""
     values = logits.contiguous().numpy()
     connection.send(("logits", values.shape))
-    connection.send_bytes(values)
+    if values.size:  # no bytes follow a step without logit rows (no view of zero values casts to bytes)
+        connection.send_bytes(values)
 
 
 def receive_logits(connection: Connection, shape: tuple[int, ...]) -> np.ndarray:
     """The values that follow a ("logits", shape) message from send_logits, in an array of their own."""
     values = np.empty(shape, dtype=np.float32)
-    connection.recv_bytes_into(values.reshape(-1))  # flat: the connection sizes its buffer by the first dimension
+    if values.size:
+        connection.recv_bytes_into(values.reshape(-1))  # flat: the connection sizes its buffer by the first dimension
     return values
 
 

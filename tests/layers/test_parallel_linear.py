@@ -33,6 +33,7 @@ from pagedllm.layers.parallel_linear import (
     vocab_range,
 )
 from pagedllm.layers.quantization import LinearQuantization, RowStackedWeight, dequantize, fuse_rows, quantize_int4
+from pagedllm.model.lazy_weights import stored_layout
 from tests.gguf_blocks import random_blocks
 
 Q = gguf.GGMLQuantizationType
@@ -83,11 +84,11 @@ def test_mlp_channels_split_evenly_extra_runs_to_the_lighter_attention() -> None
 
 
 def test_channel_runs_keep_blocks_and_groups_whole() -> None:
-    dense = torch.randn(8, 512)
+    dense = stored_layout(torch.randn(8, 512))
     assert column_unit(dense, LinearQuantization("none")) == 32
     assert column_unit(dense, LinearQuantization("int4", group_size=128)) == 128
-    assert column_unit(quantize_int4(dense, 64), LinearQuantization("auto")) == 64
-    blocks = gguf_weight(Q.Q4_K, 8, 512, 0)
+    assert column_unit(stored_layout(quantize_int4(torch.randn(8, 512), 64)), LinearQuantization("auto")) == 64
+    blocks = stored_layout(gguf_weight(Q.Q4_K, 8, 512, 0))
     assert column_unit(blocks, LinearQuantization("auto")) == 256
     assert column_unit(blocks, LinearQuantization("none")) == 32  # dequantized: any run the kernels take
 
