@@ -22,37 +22,6 @@ inline float sigmoid_argument(float x) {
   return G == Gate::kSilu ? x : kGeluScale * (x + kGeluCubic * x * x * x);
 }
 
-#ifdef PAGEDLLM_AVX512_VNNI
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const c10::BFloat16* p) {
-  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
-}
-
-// The bfloat16 bits (low half of each lane) of 16 floats, rounded as bfloat16_bits rounds 8.
-inline __m512i bfloat16_bits16(__m512 v) {
-  const __m512i bits = _mm512_castps_si512(v);
-  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  const __m512i rounded =
-      _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
-  return _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
-}
-
-// 16 floats rounded to T and back.
-template <typename T>
-inline __m512 round16_to(__m512 v) {
-  if constexpr (std::is_same_v<T, float>)
-    return v;
-  else
-    return _mm512_castsi512_ps(_mm512_slli_epi32(bfloat16_bits16(v), 16));
-}
-
-inline void store16_rounded(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
-inline void store16_rounded(c10::BFloat16* p, __m512 v) {
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(bfloat16_bits16(v)));
-}
-#endif
-
 // out[i] = T(act(gate[i])) * up[i] for n values, rounded to T; 16 values at a time with AVX-512, 8 with AVX2, each
 // lane's arithmetic the same.
 template <Gate G, typename T>
@@ -68,7 +37,7 @@ void gated_row(const T* gate, const T* up, int64_t n, T* out) {
       z = _mm512_mul_ps(_mm512_fmadd_ps(cubic, g, g), _mm512_set1_ps(kGeluScale));
     }
     const __m512 activated = _mm512_div_ps(g, _mm512_add_ps(one16, exp16(_mm512_sub_ps(_mm512_setzero_ps(), z))));
-    store16_rounded(out + i, _mm512_mul_ps(round16_to<T>(activated), load16(up + i)));
+    store16(out + i, _mm512_mul_ps(round16_to<T>(activated), load16(up + i)));
   }
 #endif
 #ifdef PAGEDLLM_AVX2

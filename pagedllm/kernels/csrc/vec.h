@@ -94,11 +94,35 @@ inline void store8(c10::BFloat16* p, __m256 v) {
 // low in the first 8 lanes, high in the last 8.
 inline __m512 join(__m256 low, __m256 high) { return _mm512_insertf32x8(_mm512_castps256_ps512(low), high, 1); }
 
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const c10::BFloat16* p) {
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+
+// The bfloat16 bits (low half of each lane) of 16 floats, rounded as bfloat16_bits rounds 8.
+inline __m512i bfloat16_bits16(__m512 v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  const __m512i rounded =
+      _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
+  return _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+}
+
+// 16 floats rounded to T and back, as round_to rounds 8.
+template <typename T>
+inline __m512 round16_to(__m512 v) {
+  if constexpr (std::is_same_v<T, float>)
+    return v;
+  else
+    return _mm512_castsi512_ps(_mm512_slli_epi32(bfloat16_bits16(v), 16));
+}
+
 inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
 
+// 16 floats rounded to bfloat16 (bfloat16_bits16).
 inline void store16(c10::BFloat16* p, __m512 v) {
-  store8(p, _mm512_castps512_ps256(v));
-  store8(p + 8, _mm512_extractf32x8_ps(v, 1));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(bfloat16_bits16(v)));
 }
 #endif
 
