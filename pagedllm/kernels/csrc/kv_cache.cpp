@@ -1,4 +1,5 @@
 // Writes new tokens' keys and values into the paged pools at their flat slots (block * block_size + offset).
+#include "ops.h"
 #include "vec.h"
 
 #include <cstring>
@@ -17,11 +18,7 @@ void write_kv_(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_pool, at:
   const int64_t num_slots = k_pool.size(0) * k_pool.size(1);
   const at::Tensor slot = slots.to(at::kLong).contiguous();
   const int64_t* sp = slot.const_data_ptr<int64_t>();
-  // Entries read in place where each token's is contiguous (k and v split from one projection's output).
-  const auto token_rows = [](const at::Tensor& x) {
-    return x.stride(2) == 1 && x.stride(1) == x.size(2) ? x : x.contiguous();
-  };
-  const at::Tensor keys = token_rows(k), values = token_rows(v);
+  const at::Tensor keys = heads_in_token_rows(k), values = heads_in_token_rows(v);
   const int64_t k_stride = keys.stride(0) * keys.element_size(), v_stride = values.stride(0) * values.element_size();
   auto* kp = static_cast<char*>(k_pool.data_ptr());
   auto* vp = static_cast<char*>(v_pool.data_ptr());

@@ -20,6 +20,11 @@ struct HeadGroups {
     return std::min(num_heads, (kv_head + 1) * queries_per_kv - query_offset);
   }
 };
+// x [tokens, heads, head_dim] where each token's heads lie contiguous (q, k and v split from one projection's output,
+// tokens a row of all heads apart): read in place; else a contiguous copy.
+inline at::Tensor heads_in_token_rows(const at::Tensor& x) {
+  return x.stride(2) == 1 && x.stride(1) == x.size(2) ? x : x.contiguous();
+}
 // The groups of num_heads query heads over num_kv_heads K/V heads (queries_per_kv 0: num_heads / num_kv_heads);
 // fails, naming `op`, unless every K/V head is read by at least one query head.
 HeadGroups head_groups(int64_t num_heads, int64_t num_kv_heads, int64_t queries_per_kv, int64_t query_offset,

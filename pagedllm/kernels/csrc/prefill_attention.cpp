@@ -522,11 +522,7 @@ at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k, const at:
                 "prefill_attention: every sequence needs a query and at least as many keys, all within k");
     seqs.push_back(s);
   }
-  // Heads read in place where each token's are contiguous (q, k and v split from one projection's output).
-  const auto token_rows = [](const at::Tensor& x) {
-    return x.stride(2) == 1 && x.stride(1) == x.size(2) ? x : x.contiguous();
-  };
-  at::Tensor queries = token_rows(q), keys = token_rows(k), values = token_rows(v);
+  at::Tensor queries = heads_in_token_rows(q), keys = heads_in_token_rows(k), values = heads_in_token_rows(v);
   if (keys.stride(0) != values.stride(0)) keys = keys.contiguous(), values = values.contiguous();
   at::Tensor out = at::empty(q.sizes(), q.options());
   PAGEDLLM_DISPATCH_FLOAT_TYPES(q.scalar_type(), "prefill_attention", [&] {
