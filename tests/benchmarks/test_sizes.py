@@ -63,8 +63,10 @@ def test_memory_table_and_notes(tmp_path: Path) -> None:
     assert llama["file tensors MiB"] == "600" and llama["pagedllm weights MiB"] == "630"
     assert llama["weights ÷ file"] == "1.05×" and llama["pagedllm KV cache MiB"] == "64"
     assert llama["peak RSS: pagedllm ÷ llama.cpp"] == "1.25×"
+    assert llama["pagedllm peak ÷ (file + KV)"] == "1.51×"  # 1000 / (600 + 64)
     gemma = dict(zip(header, rows[1], strict=True))
     assert gemma["pagedllm weights MiB"] == "unsupported" and gemma["llama.cpp peak RSS MiB"] == "400"
+    assert gemma["pagedllm peak ÷ (file + KV)"] == "–"
     assert sizes_notes(document) == ["pagedllm on Gemma: unsupported GGUF architecture 'gemma3'"]
 
 
