@@ -12,6 +12,7 @@ step, stops them all with WorkerError (503), as a dead rank does.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -58,13 +59,18 @@ class ReplicaLinks(Protocol):
 
 
 def _process_main(index: int, num_replicas: int, config: EngineConfig, connection: Connection) -> None:
-    """A replica process: this host's cores shared among the replicas, then the replica's loop."""
-    threads = pin_rank_threads(index, num_replicas, config.num_threads)
-    replica_loop(index, replace(config, num_threads=threads), connection)
+    """A replica process: this host's cores shared among the replicas, then the replica's loop. A replica whose
+    model runs in ranks (tensor or pipeline parallelism) takes `num_threads` cores for each of them; its ranks
+    inherit its cores and share them out in turn, `num_threads` each."""
+    ranks = config.world_size
+    threads = pin_rank_threads(index, num_replicas, config.num_threads * ranks)
+    replica_loop(index, config if ranks > 1 else replace(config, num_threads=threads), connection)
 
 
 class ProcessReplicas:
-    """Each replica a process of this host, linked by a pipe; a replica whose process exits is lost."""
+    """Each replica a process of this host, linked by a pipe; a replica whose process exits is lost. Replicas that
+    start ranks of their own are not daemons, and multiprocessing joins such children when the interpreter exits:
+    they are told to stop first, by a hook registered after multiprocessing's own (atexit runs hooks last-in first)."""
 
     def __init__(self, config: EngineConfig) -> None:
         context = multiprocessing.get_context("spawn")
@@ -72,10 +78,12 @@ class ProcessReplicas:
         self.processes: list[BaseProcess] = []
         for index in range(config.data_parallel_size):
             args = (index, config.data_parallel_size, replica_config(config))
-            connection, process = start_child(context, _process_main, args, f"pagedllm-replica-{index}")
+            name = f"pagedllm-replica-{index}"
+            connection, process = start_child(context, _process_main, args, name, daemon=config.world_size == 1)
             self.connections.append(connection)
             self.processes.append(process)
         self.live = set(range(config.data_parallel_size))
+        atexit.register(self.shutdown)
 
     def send(self, index: int, command: tuple[Any, ...]) -> None:
         try:
@@ -112,6 +120,7 @@ class ProcessReplicas:
 
     def shutdown(self) -> None:
         """Tell every replica to stop (None), and kill those that do not within SHUTDOWN_TIMEOUT_S."""
+        atexit.unregister(self.shutdown)
         stop_children(self.connections, self.processes, lambda connection: connection.send(None))
         self.connections, self.processes = [], []
 

@@ -90,11 +90,16 @@ def stop_children(
 
 
 def start_child(
-    context: multiprocessing.context.BaseContext, target: Callable[..., None], args: tuple[Any, ...], name: str
+    context: multiprocessing.context.BaseContext,
+    target: Callable[..., None],
+    args: tuple[Any, ...],
+    name: str,
+    daemon: bool = True,
 ) -> tuple[Connection, BaseProcess]:
-    """Start a daemon process running target(*args, its end of a pipe); the driver's end and the process."""
+    """Start a process running target(*args, its end of a pipe); the driver's end and the process. A daemon unless
+    it starts processes of its own (a replica whose model runs in ranks), which a daemon may not."""
     driver_end, child_end = context.Pipe()
-    process = context.Process(target=target, args=(*args, child_end), name=name, daemon=True)
+    process = context.Process(target=target, args=(*args, child_end), name=name, daemon=daemon)
     process.start()
     child_end.close()  # the child holds its own copy: EOF reaches the driver once the child exits
     return driver_end, process

@@ -49,6 +49,7 @@ class ReplicaLost(Exception):
 def replica_loop(index: int, config: EngineConfig, connection: ReplicaConnection) -> None:
     """A replica: load the engine, then apply the driver's commands between steps until told to stop (None) or
     until the driver is gone."""
+    engine = None
     try:
         engine = LLMEngine(config)
         connection.send(
@@ -71,6 +72,9 @@ def replica_loop(index: int, config: EngineConfig, connection: ReplicaConnection
         logger.info("replica %d: the driver is gone", index)
     except BaseException as error:
         report_failure(connection, f"replica {index}", error)
+    finally:
+        if engine is not None:
+            engine.shutdown()  # its ranks, where its model runs in any
 
 
 def replica_config(config: EngineConfig) -> EngineConfig:

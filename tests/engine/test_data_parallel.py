@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 
 from pagedllm import LLM, SamplingParams
@@ -211,6 +212,52 @@ def test_the_server_stays_healthy_and_serves_while_a_replica_lives(dp2: LLM) -> 
     asyncio.run(scenario())
 
 
-def test_data_and_tensor_parallelism_together_are_refused(tiny_llama_dir: Path) -> None:
-    with pytest.raises(ConfigError, match="data_parallel_size"):
-        LLM(str(tiny_llama_dir), data_parallel_size=2, tensor_parallel_size=2)
+def test_dp2_of_tp2_replicas_equals_one_engine_and_a_killed_replica_takes_its_ranks_with_it(
+    one_and_dp2: tuple[LLM, LLM], tiny_llama_dir: Path
+) -> None:
+    """Each replica drives ranks of its own: greedy outputs as one engine's, and a replica killed mid-generation
+    fails its request within seconds, its ranks exit (they hear their driver is gone), the other replica serves."""
+    one, _ = one_and_dp2
+    settings = {"dtype": "float32", "quantization": "none", "kv_cache_memory": TINY_KV_BYTES}
+    llm = LLM(str(tiny_llama_dir), **settings, data_parallel_size=2, tensor_parallel_size=2)
+    engine = llm.engine
+    assert isinstance(engine, DataParallelEngine)
+    try:
+        replicas = [psutil.Process(process.pid) for process in engine.links.processes]
+        ranks = [replica.children() for replica in replicas]
+        assert [len(children) for children in ranks] == [2, 2]
+        assert_greedy_close(greedy(one, PROMPTS, 16), greedy(llm, PROMPTS, 16))
+        assert engine.placement == {} and engine.loads == [0, 0]
+
+        long = SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True)
+        engine.add_request("a", PROMPTS[1], long)
+        engine.add_request("b", PROMPTS[3], long)
+        dead, alive = engine.placement["a"], engine.placement["b"]
+        engine.step()
+        kill_replica(engine, dead)
+        started = time.monotonic()
+        with pytest.raises(ReplicaLostError, match=rf"replica {dead} \(pid \d+\) exited"):
+            for _ in range(400):
+                engine.step()
+        assert time.monotonic() - started < DEAD_REPLICA_DEADLINE_S
+        _, still_running = psutil.wait_procs(ranks[dead], timeout=DEAD_REPLICA_DEADLINE_S)
+        assert still_running == []
+        assert all(rank.is_running() for rank in ranks[alive])
+        engine.abort_request("b")
+        params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+        engine.add_request("c", PROMPTS[0], params)
+        texts = {}
+        while engine.has_unfinished_requests():
+            texts |= {output.request_id: output.outputs[0].text for output in engine.step() if output.finished}
+        assert texts == {"c": one.generate([PROMPTS[0]], params)[0].outputs[0].text}
+    finally:
+        engine.shutdown()
+    _, still_running = psutil.wait_procs([*replicas, *ranks[alive]], timeout=DEAD_REPLICA_DEADLINE_S)
+    assert still_running == []  # shutdown stops each replica, and each replica its ranks
+
+
+def test_replicas_of_ranks_are_refused_on_ray_and_across_nodes(tiny_llama_dir: Path) -> None:
+    with pytest.raises(ConfigError, match="not on Ray yet"):
+        LLM(str(tiny_llama_dir), data_parallel_size=2, tensor_parallel_size=2, distributed_executor_backend="ray")
+    with pytest.raises(ConfigError, match="nnodes must be 1"):
+        LLM(str(tiny_llama_dir), data_parallel_size=2, tensor_parallel_size=2, nnodes=2, master_port=29511)

@@ -166,8 +166,6 @@ def test_the_server_answers_as_the_engine_does_and_503_once_a_worker_dies(tiny_t
 def test_settings_tensor_parallelism_cannot_take_are_refused_by_name(tiny_llama_dir: Path) -> None:
     with pytest.raises(ConfigError, match="distributed_executor_backend mp or ray"):
         LLM(str(tiny_llama_dir), tensor_parallel_size=2, distributed_executor_backend="uni")
-    with pytest.raises(ConfigError, match="tensor or pipeline parallelism"):
-        LLM(str(tiny_llama_dir), pipeline_parallel_size=2, data_parallel_size=2)
 
 
 @pytest.fixture(scope="module")
