@@ -186,8 +186,8 @@ class EngineConfig:
         metadata={
             "help": "engine replicas, each a process (a Ray actor under distributed_executor_backend ray) with its "
             "own model and scheduler; a request goes to the one that has its prompt's prefix cached, else to the one "
-            "with the fewest in flight (see prefix_affinity_min_tokens); under mp each replica runs "
-            "tensor_parallel_size x pipeline_parallel_size ranks of its own"
+            "with the fewest in flight (see prefix_affinity_min_tokens); each replica runs tensor_parallel_size x "
+            "pipeline_parallel_size ranks of its own"
         },
     )
     prefix_affinity_min_tokens: int = field(
@@ -273,12 +273,6 @@ class EngineConfig:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}", name)
         backend = self.distributed_executor_backend
-        if self.data_parallel_size > 1 and self.world_size > 1 and backend == "ray":
-            raise ConfigError(
-                "data_parallel_size > 1 with tensor or pipeline parallelism runs under distributed_executor_backend mp "
-                "(replicas whose ranks are processes of this machine); not on Ray yet",
-                "data_parallel_size",
-            )
         if self.data_parallel_size > 1 and self.nnodes > 1:
             raise ConfigError(
                 "data_parallel_size > 1 runs its replicas on this machine, or on a Ray cluster's nodes "

@@ -1,4 +1,5 @@
-"""The `ray` executor: every rank a Ray actor, placed by one placement group over the nodes of a Ray cluster.
+"""The `ray` executor: every rank a Ray actor, placed by one placement group over the nodes of a Ray cluster: its
+own, or the one its caller runs in (a data-parallel replica's, which the replicas' driver made for its ranks).
 
 The engine's process joins the cluster that `ray start --head` / `ray start --address=…` made (RAY_ADDRESS, or the
 one running on this node), or starts a Ray instance of its own when there is none. Rank 0's node gives the
@@ -23,7 +24,7 @@ from pagedllm.distributed.process_group import free_port, init_distributed
 from pagedllm.engine.executor import STARTUP_TIMEOUT_S, WorkerError, fail
 from pagedllm.engine.model_runner import StepInput
 from pagedllm.engine.worker import Worker, logits_rank, tensor_parallel_group
-from pagedllm.errors import PagedLLMError
+from pagedllm.errors import ConfigError, PagedLLMError
 from pagedllm.kernels import cpu_kernels_available
 
 logger = logging.getLogger(__name__)
@@ -68,6 +69,14 @@ class RayRank:
         return logits.numpy() if self.answers else None
 
 
+def rank_placement_group(world_size: int, num_threads: int) -> Any:
+    """A placement group of `world_size` bundles of `num_threads` CPUs, one per rank; PACK fills a node before the
+    next, so ranks share a host (and its shared memory) where they fit."""
+    from ray.util.placement_group import placement_group
+
+    return placement_group([{"CPU": num_threads}] * world_size, strategy="PACK")
+
+
 def connect_to_cluster() -> None:
     """Join RAY_ADDRESS's cluster, else the one running on this node, else start a Ray instance here."""
     import ray
@@ -89,7 +98,7 @@ class RayExecutor:
 
     def __init__(self, config: EngineConfig, num_blocks: int, max_model_len: int, world_size: int) -> None:
         import ray
-        from ray.util.placement_group import placement_group, remove_placement_group
+        from ray.util.placement_group import get_current_placement_group, remove_placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         cpu_kernels_available()  # built here once: the actors of this host load the same build
@@ -97,15 +106,24 @@ class RayExecutor:
         self._remove_placement_group = remove_placement_group
         self.failure: str | None = None
         threads = config.num_threads or 1
-        # PACK fills a node before the next, so ranks share a host (and its shared memory) where they fit.
-        self.placement_group = placement_group([{"CPU": threads}] * world_size, strategy="PACK")
+        given = get_current_placement_group()
+        if given is not None and given.bundle_count < world_size:
+            raise ConfigError(
+                f"this engine runs in a Ray placement group of {given.bundle_count} bundles: its {world_size} ranks "
+                "need one each",
+                "tensor_parallel_size",
+            )
+        self.owns_placement_group = given is None  # a given one is its maker's to remove
+        self.placement_group = given or rank_placement_group(world_size, threads)
         actor = ray.remote(RayRank)
         self.workers: list[Any] = []
         try:
             ray.get(self.placement_group.ready(), timeout=STARTUP_TIMEOUT_S)
             for rank in range(world_size):
                 strategy = PlacementGroupSchedulingStrategy(self.placement_group, placement_group_bundle_index=rank)
-                options = {"num_cpus": threads, "scheduling_strategy": strategy, "name": f"pagedllm-rank-{rank}"}
+                # Named by their placement group too: each data-parallel replica starts ranks of its own.
+                name = f"pagedllm-rank-{rank}-{self.placement_group.id.hex()[:8]}"
+                options = {"num_cpus": threads, "scheduling_strategy": strategy, "name": name}
                 self.workers.append(actor.options(**options).remote(threads))
             init_method = ray.get(self.workers[0].rendezvous_address.remote(), timeout=STARTUP_TIMEOUT_S)
             started = [
@@ -168,6 +186,6 @@ class RayExecutor:
         for worker in self.workers:
             ray.kill(worker)
         self.workers = []
-        if self.placement_group is not None:
+        if self.placement_group is not None and self.owns_placement_group:
             self._remove_placement_group(self.placement_group)
-            self.placement_group = None
+        self.placement_group = None

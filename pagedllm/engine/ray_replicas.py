@@ -17,7 +17,8 @@ from typing import Any
 import torch
 
 from pagedllm.config import EngineConfig
-from pagedllm.engine.ray_executor import connect_to_cluster
+from pagedllm.engine.executor import STARTUP_TIMEOUT_S
+from pagedllm.engine.ray_executor import connect_to_cluster, rank_placement_group
 from pagedllm.engine.replica import ReplicaLost, replica_config, replica_loop
 
 
@@ -64,7 +65,7 @@ class RayReplica:
     `next_messages`."""
 
     def __init__(self, index: int, config: EngineConfig) -> None:
-        torch.set_num_threads(config.num_threads)
+        torch.set_num_threads(config.num_threads if config.world_size == 1 else 1)  # its ranks compute
         self.link = OrderedCommands()
         self.loop = threading.Thread(target=replica_loop, args=(index, config, self.link), daemon=True)
         self.loop.start()
@@ -86,7 +87,10 @@ class RayReplica:
 
 
 class RayReplicas:
-    """`data_parallel_size` RayReplica actors of `num_threads` CPUs each (1 where unset), placed by Ray."""
+    """`data_parallel_size` RayReplica actors of `num_threads` CPUs each (1 where unset), placed by Ray. A replica
+    whose model runs in ranks (tensor or pipeline parallelism) gets a placement group of a bundle per rank, made
+    here (so that here it is removed, with the ranks in it, when the replica is lost or stopped); the replica takes
+    no CPU of its own, sits in its ranks' first bundle, and starts its ranks in the group (ray_executor.py)."""
 
     def __init__(self, config: EngineConfig) -> None:
         import ray
@@ -94,15 +98,32 @@ class RayReplicas:
         connect_to_cluster()
         threads = config.num_threads or 1
         actor = ray.remote(RayReplica)
-        settings = replace(replica_config(config), num_threads=threads)
-        # Two calls at once: `command` must reach a replica whose `next_messages` is waiting.
-        options = {"num_cpus": threads, "max_concurrency": 2}
+        settings = replica_config(config)
+        self.placement_groups: list[Any] = []
+        if config.world_size > 1:
+            self.placement_groups = [
+                rank_placement_group(config.world_size, threads) for _ in range(config.data_parallel_size)
+            ]
+            ray.get([group.ready() for group in self.placement_groups], timeout=STARTUP_TIMEOUT_S)
+        else:
+            settings = replace(settings, num_threads=threads)
         self.actors = [
-            actor.options(**options, name=f"pagedllm-replica-{index}").remote(index, settings)
+            actor.options(**self._actor_options(index, threads), name=f"pagedllm-replica-{index}").remote(
+                index, settings
+            )
             for index in range(config.data_parallel_size)
         ]
         self.numbers = [0] * len(self.actors)
         self.polls: dict[Any, int] = {actor.next_messages.remote(): index for index, actor in enumerate(self.actors)}
+
+    def _actor_options(self, index: int, threads: int) -> dict[str, Any]:
+        # Two calls at once: `command` must reach a replica whose `next_messages` is waiting.
+        if not self.placement_groups:
+            return {"num_cpus": threads, "max_concurrency": 2}
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        strategy = PlacementGroupSchedulingStrategy(self.placement_groups[index], placement_group_bundle_index=0)
+        return {"num_cpus": 0, "max_concurrency": 2, "scheduling_strategy": strategy}
 
     def node_ids(self) -> list[str]:
         """The Ray node of each replica."""
@@ -136,11 +157,15 @@ class RayReplicas:
 
         ray.kill(self.actors[index])  # its poll, which failed, is no longer awaited
         self.polls = {ref: polled for ref, polled in self.polls.items() if polled != index}
+        if self.placement_groups:
+            ray.util.remove_placement_group(self.placement_groups[index])  # and the ranks in it
 
     def shutdown(self) -> None:
-        """Kill every replica's actor, giving its CPUs back to the cluster."""
+        """Kill every replica's actor and its ranks, giving their CPUs back to the cluster."""
         import ray
 
         for actor in self.actors:
             ray.kill(actor)
-        self.actors, self.polls = [], {}
+        for group in self.placement_groups:
+            ray.util.remove_placement_group(group)
+        self.actors, self.polls, self.placement_groups = [], {}, []

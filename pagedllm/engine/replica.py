@@ -78,8 +78,11 @@ def replica_loop(index: int, config: EngineConfig, connection: ReplicaConnection
 
 
 def replica_config(config: EngineConfig) -> EngineConfig:
-    """One replica's settings: the model in this replica's own process, one engine."""
-    return replace(config, data_parallel_size=1, distributed_executor_backend=None)
+    """One replica's settings: one engine, its model in this replica's own process, or in ranks of its own that
+    the replica starts as the driver's backend would (processes of its host under mp, actors of the cluster under
+    ray)."""
+    backend = config.distributed_executor_backend if config.world_size > 1 else None
+    return replace(config, data_parallel_size=1, distributed_executor_backend=backend)
 
 
 def _apply_commands(engine: LLMEngine, connection: ReplicaConnection, block: bool) -> bool:

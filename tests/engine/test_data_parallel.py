@@ -256,8 +256,6 @@ def test_dp2_of_tp2_replicas_equals_one_engine_and_a_killed_replica_takes_its_ra
     assert still_running == []  # shutdown stops each replica, and each replica its ranks
 
 
-def test_replicas_of_ranks_are_refused_on_ray_and_across_nodes(tiny_llama_dir: Path) -> None:
-    with pytest.raises(ConfigError, match="not on Ray yet"):
-        LLM(str(tiny_llama_dir), data_parallel_size=2, tensor_parallel_size=2, distributed_executor_backend="ray")
+def test_replicas_across_mp_nodes_are_refused(tiny_llama_dir: Path) -> None:
     with pytest.raises(ConfigError, match="nnodes must be 1"):
         LLM(str(tiny_llama_dir), data_parallel_size=2, tensor_parallel_size=2, nnodes=2, master_port=29511)

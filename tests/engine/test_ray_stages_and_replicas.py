@@ -181,3 +181,47 @@ def test_the_server_over_ray_replicas_answers_as_the_engine_does_and_503_once_th
     engine = ray_dp2.engine
     assert isinstance(engine, DataParallelEngine)
     check_server_answers_then_503_after(ray_dp2, PROMPTS[1], lambda: [ray.kill(actor) for actor in engine.links.actors])
+
+
+def test_ray_replicas_of_tp2_ranks_take_a_node_each_equal_one_engine_and_die_with_their_ranks(
+    two_node_cluster: Cluster, tiny_llama_dir: Path, one: LLM
+) -> None:
+    """DP=2 of TP=2: each replica's two ranks (one thread each) fill a node, the replica itself takes no CPU;
+    greedy outputs as one engine's; a replica killed mid-generation fails its request within seconds, its ranks
+    and their placement group go with it (their node's CPUs come back), and the other replica serves on."""
+    settings = {"dtype": "float32", "quantization": "none", "kv_cache_memory": TINY_KV_BYTES}
+    llm = LLM(
+        str(tiny_llama_dir),
+        **settings,
+        data_parallel_size=2,
+        tensor_parallel_size=2,
+        distributed_executor_backend="ray",
+    )
+    engine = llm.engine
+    assert isinstance(engine, DataParallelEngine)
+    try:
+        assert ray.available_resources().get("CPU", 0) == 0  # 4 ranks of one CPU on 2 nodes of 2
+        replica_nodes = engine.links.node_ids()
+        assert len(set(replica_nodes)) == 2, f"both replicas were placed on node {replica_nodes[0]}"
+        assert_greedy_close(greedy(one, PROMPTS, 16), greedy(llm, PROMPTS, 16))
+        engine.add_request("a", PROMPTS[1], SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True))
+        engine.step()
+        dead = engine.placement["a"]
+        ray.kill(engine.links.actors[dead])
+        started = time.monotonic()
+        with pytest.raises(ReplicaLostError, match=rf"replica {dead} is gone"):
+            for _ in range(400):
+                engine.step()
+        assert time.monotonic() - started < DEAD_WORKER_DEADLINE_S
+        params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+        engine.add_request("b", PROMPTS[0], params)
+        texts = {}
+        while engine.has_unfinished_requests():
+            texts |= {output.request_id: output.outputs[0].text for output in engine.step() if output.finished}
+        assert texts == {"b": one.generate([PROMPTS[0]], params)[0].outputs[0].text}
+        deadline = time.monotonic() + DEAD_WORKER_DEADLINE_S
+        while ray.available_resources().get("CPU", 0) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert ray.available_resources().get("CPU", 0) == 2  # the dead replica's ranks gave their CPUs back
+    finally:
+        engine.shutdown()
