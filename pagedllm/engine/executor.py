@@ -12,6 +12,8 @@ or raises, fails the step at once with WorkerError: the driver waits on every wo
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -30,7 +32,14 @@ from pagedllm.distributed.group import ParallelGroup
 from pagedllm.distributed.process_group import destroy_distributed, free_port, init_distributed
 from pagedllm.distributed.step_broadcast import StepBroadcast, share_from_rank0
 from pagedllm.engine.model_runner import StepInput
-from pagedllm.engine.worker import Worker, logits_ranks, pin_rank_threads, tensor_parallel_group
+from pagedllm.engine.worker import (
+    Worker,
+    logits_ranks,
+    pin_rank_threads,
+    rank_cores,
+    tensor_parallel_group,
+    usable_cores,
+)
 from pagedllm.errors import ConfigError, EngineUnavailableError, PagedLLMError
 from pagedllm.kernels import cpu_kernels_available
 
@@ -185,6 +194,34 @@ def _next_step(rank: int, connection: Connection, steps: StepBroadcast | None) -
     return steps.receive()
 
 
+@functools.cache
+def _sched_getcpu() -> Callable[[], int] | None:
+    try:
+        return ctypes.CDLL(None).sched_getcpu
+    except (OSError, AttributeError):  # not Linux, or a C library without it
+        return None
+
+
+def current_cpu() -> int:
+    """The core this thread runs on at the moment (it may move at any time); -1 where the C library cannot say."""
+    getcpu = _sched_getcpu()
+    return getcpu() if getcpu is not None else -1
+
+
+def send_orders(
+    connections: list[Connection], cores: list[list[int]], usable: list[int]
+) -> dict[int, list[Connection]]:
+    """For each core the driver may run on, the order to send a step to its ranks (`connections`, cores[i] the
+    cores rank i is pinned to): the ranks pinned to that core last. A rank woken on the driver's core takes it at
+    once and keeps it until its first collective, where it waits for every rank not yet sent the step; a rank woken
+    on another core takes nothing from the driver."""
+
+    def order(cpu: int) -> list[Connection]:
+        return [connections[i] for i in sorted(range(len(connections)), key=lambda i: cpu in cores[i])]
+
+    return {cpu: order(cpu) for cpu in usable}
+
+
 def node_ranks(config: EngineConfig) -> range:
     """The ranks that run on this node: world_size / nnodes consecutive ones."""
     per_node = config.world_size // config.nnodes
@@ -216,6 +253,9 @@ class MultiprocExecutor:
             self.processes.append(process)
         # On several nodes rank 0 hands every step on to the others.
         self.step_connections = self.connections if config.nnodes == 1 else self.connections[:1]
+        usable = usable_cores()  # the ranks' affinity, inherited, which pin_rank_threads splits among them
+        pinned = [rank_cores(i, len(self.ranks), config.num_threads, usable) for i in range(len(self.step_connections))]
+        self.send_orders = send_orders(self.step_connections, pinned, usable)
         try:
             loaded = [self._receive(index, "ready", STARTUP_TIMEOUT_S) for index in range(len(self.ranks))]
         except BaseException:
@@ -230,7 +270,7 @@ class MultiprocExecutor:
             raise WorkerError(self.failure)
         payload = pickle.dumps(step, protocol=pickle.HIGHEST_PROTOCOL)
         try:
-            for connection in self.step_connections:
+            for connection in self.send_orders.get(current_cpu(), self.step_connections):
                 connection.send_bytes(payload)
         except OSError as error:
             fail(self, f"could not send the step to a worker ({error})")
@@ -279,7 +319,7 @@ class MultiprocExecutor:
     def shutdown(self) -> None:
         """Tell every worker to stop (an empty message), and kill those that do not within SHUTDOWN_TIMEOUT_S."""
         stop_children(self.connections, self.processes, lambda connection: connection.send_bytes(b""))
-        self.connections, self.processes, self.step_connections = [], [], []
+        self.connections, self.processes, self.step_connections, self.send_orders = [], [], [], {}
 
 
 def run_headless(config: EngineConfig) -> int:

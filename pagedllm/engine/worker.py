@@ -74,13 +74,33 @@ def load_model(
     return loaded
 
 
+def usable_cores() -> list[int]:
+    """The cores this process may run on (which the ranks it starts inherit)."""
+    return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+
+
+def rank_threads(world_size: int, num_threads: int, cores: list[int]) -> int:
+    """Each rank's torch threads: `num_threads`, or (0) its share of `cores`."""
+    return num_threads or max(1, len(cores) // world_size)
+
+
+def rank_cores(rank: int, world_size: int, num_threads: int, cores: list[int]) -> list[int]:
+    """The cores of `cores` that pin_rank_threads pins rank `rank` to; empty where the ranks are not pinned (one
+    rank, or too few cores for every rank's threads)."""
+    threads = rank_threads(world_size, num_threads, cores)
+    if world_size == 1 or len(cores) < world_size * threads or not hasattr(os, "sched_setaffinity"):
+        return []
+    return cores[rank * threads : (rank + 1) * threads]
+
+
 def pin_rank_threads(rank: int, world_size: int, num_threads: int) -> int:
     """Give this rank `num_threads` torch threads (0: its share of the cores this process may use), pinned to
     cores of its own where there are enough for every rank; returns the thread count."""
-    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
-    threads = num_threads or max(1, len(cores) // world_size)
-    if world_size > 1 and len(cores) >= world_size * threads and hasattr(os, "sched_setaffinity"):
-        os.sched_setaffinity(0, cores[rank * threads : (rank + 1) * threads])
+    cores = usable_cores()
+    pinned = rank_cores(rank, world_size, num_threads, cores)
+    if pinned:
+        os.sched_setaffinity(0, pinned)
+    threads = rank_threads(world_size, num_threads, cores)
     torch.set_num_threads(threads)
     return threads
 

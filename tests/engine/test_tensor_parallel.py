@@ -22,8 +22,8 @@ from pagedllm.config import EngineConfig, ModelConfig
 from pagedllm.distributed.group import ParallelGroup
 from pagedllm.engine.async_engine import AsyncLLMEngine
 from pagedllm.engine.distributed_runner import distributed_bytes_per_block, kv_heads_on_all_ranks
-from pagedllm.engine.executor import WorkerError
-from pagedllm.engine.worker import load_model
+from pagedllm.engine.executor import WorkerError, current_cpu, send_orders
+from pagedllm.engine.worker import load_model, rank_cores, usable_cores
 from pagedllm.errors import ConfigError, EngineUnavailableError
 from pagedllm.model import loader
 from pagedllm.serving.logprobs import TokenStrings
@@ -113,6 +113,30 @@ def test_kv_cache_counts_a_kv_head_once_on_every_rank_that_holds_it() -> None:
     assert kv_heads_on_all_ranks(dataclasses.replace(smollm2, num_heads=4, num_kv_heads=1), 2) == 2
     config = EngineConfig(tensor_parallel_size=2, block_size=16, dtype="float32")
     assert distributed_bytes_per_block(smollm2, config) == 2 * 30 * 16 * 4 * 64 * 4
+
+
+def test_ranks_are_pinned_to_cores_of_their_own_only_where_every_rank_gets_its_threads() -> None:
+    cores = [0, 1, 2, 3]
+    assert [rank_cores(r, 2, 0, cores) for r in range(2)] == [[0, 1], [2, 3]]
+    assert [rank_cores(r, 4, 1, cores) for r in range(4)] == [[0], [1], [2], [3]]
+    assert rank_cores(0, 4, 2, cores) == [] and rank_cores(0, 1, 1, cores) == []
+
+
+def test_the_driver_sends_a_step_last_to_the_ranks_on_its_own_core() -> None:
+    """A rank woken on the driver's core takes it before the driver's next write (see send_orders)."""
+    connections = ["rank 0", "rank 1", "rank 2"]
+    orders = send_orders(connections, [[0], [1], [2, 3]], [0, 1, 2, 3, 4])  # type: ignore[arg-type]
+    assert orders[0] == ["rank 1", "rank 2", "rank 0"]
+    assert orders[1] == ["rank 0", "rank 2", "rank 1"]
+    assert orders[2] == orders[3] == ["rank 0", "rank 1", "rank 2"]  # rank 2 is last anyway
+    assert orders[4] == connections  # a core no rank is pinned to
+    assert send_orders(connections, [[], [], []], [0])[0] == connections  # type: ignore[arg-type]
+
+
+def test_the_driver_knows_the_core_it_runs_on() -> None:
+    if not hasattr(os, "sched_getaffinity"):
+        pytest.skip("no CPU affinity here")
+    assert current_cpu() in usable_cores()
 
 
 def test_a_killed_worker_fails_its_requests_within_seconds(tiny_tp2: LLM) -> None:

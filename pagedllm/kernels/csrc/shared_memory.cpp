@@ -58,9 +58,11 @@ namespace {
 constexpr int64_t kFlagLineBytes = 64, kSlotsPerRank = 2;
 // Where in a rank's line (in int64) its flag, process id, sleeping peers and time spent waiting are.
 constexpr int64_t kFlag = 0, kPid = 1, kSleepers = 2, kWaitedNs = 3;
-// How long a waiting rank spins before it sleeps until a peer publishes: the waits of a step whose ranks keep
-// their cores end within it; a rank whose peer lost its core gives its own up soon after.
-constexpr double kSpinS = 50e-6;
+// How long a waiting rank spins before it sleeps until a peer publishes: long enough for the waits of a step whose
+// ranks keep their cores (one rank's heads or channels finishing before the other's) to end within it, since a rank
+// that sleeps leaves its core idle, and an idle core (a virtual machine's vCPU above all) can take far longer to
+// wake than the peer took to publish; short enough that a rank whose peer lost its core gives its own up soon.
+constexpr double kSpinS = 1e-3;
 // How often a waiting rank checks that the ranks it waits for still exist (and the longest it sleeps at once).
 constexpr double kLivenessCheckS = 0.1;
 // Values summed per task when a sum is spread over threads.
