@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pagedllm.arithmetic import ceil_div
+from pagedllm.kernels import use_cpu_kernels
 from pagedllm.layers.gguf_blocks import GGUFWeight
 from pagedllm.layers.gguf_linear import default_gguf_kernel, tiles_max_rows
 from pagedllm.layers.linear import dense_linear, matrix_units_layout
@@ -137,7 +138,8 @@ class Q8_0Linear(nn.Module):
 
 
 class Q8_0Embedding(nn.Module):
-    """A token embedding table read from Q8_0Tiles (a tied lm_head's own): each lookup dequantizes only its rows."""
+    """A token embedding table read from Q8_0Tiles (a tied lm_head's own): each lookup dequantizes only its rows, by
+    the kernel where it runs (into the model dtype in one pass), else by `Q8_0Tiles.rows` (the same values)."""
 
     def __init__(self, weight: Q8_0Tiles, dtype: torch.dtype) -> None:
         super().__init__()
@@ -147,5 +149,12 @@ class Q8_0Embedding(nn.Module):
         self.register_buffer("scales", weight.scales)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        rows = Q8_0Tiles(self.tiles, self.scales, self.out_features).rows(input_ids.reshape(-1))
-        return rows.to(self.dtype).view(*input_ids.shape, -1)
+        index = input_ids.reshape(-1)
+        if use_cpu_kernels(self.tiles):
+            rows = torch.ops.pagedllm.q8_0_tiles_rows(self.tiles, self.scales, self.out_features, index, self.dtype)
+        else:
+            rows = self.reference(index)
+        return rows.view(*input_ids.shape, -1)
+
+    def reference(self, index: torch.Tensor) -> torch.Tensor:
+        return Q8_0Tiles(self.tiles, self.scales, self.out_features).rows(index).to(self.dtype)

@@ -122,6 +122,20 @@ def test_kernel_gives_a_row_the_same_bits_alone_or_beside_others(out_features: i
     assert torch.equal(multiply(x[5:11].view(2, 3, -1), tiles), alone[5:11].view(2, 3, -1))  # any leading shape
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("out_features", OUT_FEATURES)
+def test_looked_up_rows_are_the_references_to_the_bit(out_features: int, dtype: torch.dtype) -> None:
+    tiles = tiles_of(weight(out_features, seed=5, full_range=True))
+    index = torch.tensor([0, out_features - 1, 1, 17, 17, *range(out_features)])  # repeats, every channel, any order
+    got = ops.q8_0_tiles_rows(tiles.tiles, tiles.scales, out_features, index, dtype)
+    assert torch.equal(got, tiles.rows(index).to(dtype))
+    assert ops.q8_0_tiles_rows(tiles.tiles, tiles.scales, out_features, index[:0], dtype).shape == (0, IN_FEATURES)
+    with pytest.raises(RuntimeError, match="out of"):
+        ops.q8_0_tiles_rows(tiles.tiles, tiles.scales, out_features, torch.tensor([3, out_features]), dtype)
+    with pytest.raises(RuntimeError, match="out of"):
+        ops.q8_0_tiles_rows(tiles.tiles, tiles.scales, out_features, torch.tensor([-1]), dtype)
+
+
 def test_kernel_checks_its_operands() -> None:
     tiles = tiles_of(weight(40))
     x = torch.randn(2, IN_FEATURES)

@@ -93,4 +93,6 @@ def test_embedding_lookups_read_their_rows_from_the_tiles(dtype: torch.dtype) ->
     embedding = Q8_0Embedding(lm_head.weight(), dtype)
     assert embedding.tiles.data_ptr() == lm_head.tiles.data_ptr()  # one copy
     token_ids = torch.tensor([[0, 49, 7], [7, 16, 48]])
-    assert torch.equal(embedding(token_ids), F.embedding(token_ids, dequantize_blocks(w)).to(dtype))
+    expected = F.embedding(token_ids, dequantize_blocks(w)).to(dtype)
+    assert torch.equal(embedding(token_ids), expected)
+    assert torch.equal(embedding.reference(token_ids.reshape(-1)).view_as(expected), expected)

@@ -13,6 +13,7 @@ TORCH_LIBRARY(pagedllm, m) {
   m.def("kquant_dequantize(Tensor tiles, int ggml_type, ScalarType dtype) -> Tensor");
   m.def("q8_0_tiles_linear(Tensor x, Tensor tiles, Tensor scales, int out_features) -> Tensor");
   m.def("q8_0_tiles_dequantize(Tensor tiles, Tensor scales, int out_features, ScalarType dtype) -> Tensor");
+  m.def("q8_0_tiles_rows(Tensor tiles, Tensor scales, int out_features, Tensor index, ScalarType dtype) -> Tensor");
   m.def("paged_decode_attention(Tensor q, Tensor k_pool, Tensor v_pool, Tensor block_tables, Tensor seq_lens, float scale, int sliding_window=0, int queries_per_kv=0, int query_offset=0) -> Tensor");
   m.def("prefill_attention(Tensor q, Tensor k, Tensor v, int[] query_starts, int[] key_starts, int[] key_lens, float scale, int sliding_window=0, int queries_per_kv=0, int query_offset=0) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
@@ -48,6 +49,7 @@ TORCH_LIBRARY_IMPL(pagedllm, CPU, m) {
   m.impl("kquant_dequantize", &pagedllm::kquant_dequantize);
   m.impl("q8_0_tiles_linear", &pagedllm::q8_0_tiles_linear);
   m.impl("q8_0_tiles_dequantize", &pagedllm::q8_0_tiles_dequantize);
+  m.impl("q8_0_tiles_rows", &pagedllm::q8_0_tiles_rows);
   m.impl("paged_decode_attention", &pagedllm::paged_decode_attention);
   m.impl("prefill_attention", &pagedllm::prefill_attention);
   m.impl("rms_norm", &pagedllm::rms_norm);

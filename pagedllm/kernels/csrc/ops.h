@@ -41,6 +41,8 @@ at::Tensor q8_0_tiles_linear(const at::Tensor& x, const at::Tensor& tiles, const
                              int64_t out_features);
 at::Tensor q8_0_tiles_dequantize(const at::Tensor& tiles, const at::Tensor& scales, int64_t out_features,
                                  at::ScalarType dtype);
+at::Tensor q8_0_tiles_rows(const at::Tensor& tiles, const at::Tensor& scales, int64_t out_features,
+                           const at::Tensor& index, at::ScalarType dtype);
 at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_pool,
                                   const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale,
                                   int64_t sliding_window, int64_t queries_per_kv, int64_t query_offset);

@@ -1,5 +1,6 @@
 // Matmuls by GGUF Q8_0 weights kept in tiles of 16 output channels: the one layout a Q8_0 weight is multiplied in at
-// every row count, so that an activation row gets the same output bits alone or beside any other rows.
+// every row count, so that an activation row gets the same output bits alone or beside any other rows; and the rows
+// a tied embedding table's lookups dequantize from the same tiles.
 //
 // Layout. Q8_0 stores w = d * c per block of 32 inputs of an output channel (c a signed byte, d a float16). A weight
 // of out_features channels, padded with zero channels to whole tiles of 16, is kept as
@@ -43,6 +44,7 @@ constexpr int64_t kGroupBytes = int64_t{512} << 10;
 constexpr int64_t kGroupsPerThread = 8;  // at the least, so that threads finish within about a group of each other
 constexpr int64_t kRoundGrain = 512;  // blocks per parallel task of rounding, at the least
 constexpr float kActivationLevels = 127.f;
+constexpr int64_t kRowsGrain = 16;  // looked-up rows per parallel task, at the least
 
 // Activation rows rounded to int8 per block of 32, in order.
 struct Activations {
@@ -321,6 +323,29 @@ TiledWeight checked_weight(const char* op, const at::Tensor& tiles, const at::Te
           out_features};
 }
 
+// Output channel n's weights into row[0:in], each float32(c) * float32(d), exact (8 by 11 bits), as gguf's
+// reference computes it; then rounded to T.
+template <typename T>
+void dequantize_channel(const TiledWeight& w, int64_t n, T* row) {
+  const int64_t t = n / kTile, o = n % kTile;
+  for (int64_t b = 0; b < w.blocks; ++b, row += kBlock) {
+    const uint8_t* block = w.tile(t) + b * kTileBlockBytes + 4 * o;
+    const float d = half_bits_to_float(w.tile_scales(t)[b * kTile + o]);
+#ifdef PAGEDLLM_AVX2
+    uint8_t stored[kBlock];  // c + 128, in input order
+    for (int64_t s = 0; s < kSteps; ++s) std::memcpy(stored + kStep * s, block + 64 * s, kStep);
+    for (int64_t e = 0; e < kBlock / 8; ++e) {
+      const __m128i c = _mm_xor_si128(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(stored + 8 * e)),
+                                      _mm_set1_epi8(static_cast<char>(0x80)));
+      store8(row + 8 * e, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(c)), _mm256_set1_ps(d)));
+    }
+#else
+    for (int64_t i = 0; i < kBlock; ++i)
+      row[i] = static_cast<T>(static_cast<float>(static_cast<int8_t>(block[64 * (i / kStep) + i % kStep] ^ 0x80)) * d);
+#endif
+  }
+}
+
 }  // namespace
 
 at::Tensor q8_0_tiles_linear(const at::Tensor& x, const at::Tensor& tiles, const at::Tensor& scales,
@@ -344,35 +369,32 @@ at::Tensor q8_0_tiles_linear(const at::Tensor& x, const at::Tensor& tiles, const
 at::Tensor q8_0_tiles_dequantize(const at::Tensor& tiles, const at::Tensor& scales, int64_t out_features,
                                  at::ScalarType dtype) {
   const TiledWeight w = checked_weight("q8_0_tiles_dequantize", tiles, scales, out_features);
-  const int64_t blocks = w.blocks, in_features = blocks * kBlock;
-  at::Tensor out = at::empty({out_features, in_features}, tiles.options().dtype(dtype));
-  const uint8_t* tp = w.tiles;
-  const uint16_t* sp = w.scales;
-  // Each weight float32(c) * float32(d), exact (8 by 11 bits), as gguf's reference computes it; then rounded to dtype.
+  at::Tensor out = at::empty({out_features, w.blocks * kBlock}, tiles.options().dtype(dtype));
   PAGEDLLM_DISPATCH_FLOAT_TYPES(dtype, "q8_0_tiles_dequantize", [&] {
     scalar_t* op = out.data_ptr<scalar_t>();
     at::parallel_for(0, out_features, kTile, [&](int64_t begin, int64_t end) {
-      for (int64_t n = begin; n < end; ++n) {
-        const int64_t t = n / kTile, o = n % kTile;
-        for (int64_t b = 0; b < blocks; ++b) {
-          const uint8_t* block = tp + t * tiles.size(1) + b * kTileBlockBytes + 4 * o;
-          const float d = half_bits_to_float(sp[t * blocks * kTile + b * kTile + o]);
-          scalar_t* row = op + n * in_features + b * kBlock;
-#ifdef PAGEDLLM_AVX2
-          uint8_t stored[kBlock];  // c + 128, in input order
-          for (int64_t s = 0; s < kSteps; ++s) std::memcpy(stored + kStep * s, block + 64 * s, kStep);
-          for (int64_t e = 0; e < kBlock / 8; ++e) {
-            const __m128i c = _mm_xor_si128(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(stored + 8 * e)),
-                                            _mm_set1_epi8(static_cast<char>(0x80)));
-            store8(row + 8 * e, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(c)), _mm256_set1_ps(d)));
-          }
-#else
-          for (int64_t i = 0; i < kBlock; ++i)
-            row[i] = static_cast<scalar_t>(
-                static_cast<float>(static_cast<int8_t>(block[64 * (i / kStep) + i % kStep] ^ 0x80)) * d);
-#endif
-        }
-      }
+      for (int64_t n = begin; n < end; ++n) dequantize_channel(w, n, op + n * w.blocks * kBlock);
+    });
+  });
+  return out;
+}
+
+at::Tensor q8_0_tiles_rows(const at::Tensor& tiles, const at::Tensor& scales, int64_t out_features,
+                           const at::Tensor& index, at::ScalarType dtype) {
+  const TiledWeight w = checked_weight("q8_0_tiles_rows", tiles, scales, out_features);
+  TORCH_CHECK(index.dim() == 1 && index.scalar_type() == at::kLong,
+              "q8_0_tiles_rows: index must be a 1-D int64 tensor");
+  const at::Tensor channels = index.contiguous();
+  const int64_t* cp = channels.const_data_ptr<int64_t>();
+  const int64_t count = channels.size(0);
+  for (int64_t i = 0; i < count; ++i)
+    TORCH_CHECK(cp[i] >= 0 && cp[i] < out_features, "q8_0_tiles_rows: index ", cp[i], " out of [0, ", out_features,
+                ")");
+  at::Tensor out = at::empty({count, w.blocks * kBlock}, tiles.options().dtype(dtype));
+  PAGEDLLM_DISPATCH_FLOAT_TYPES(dtype, "q8_0_tiles_rows", [&] {
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, count, kRowsGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) dequantize_channel(w, cp[i], op + i * w.blocks * kBlock);
     });
   });
   return out;
