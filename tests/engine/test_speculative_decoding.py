@@ -62,8 +62,8 @@ def expected(llm: LLM, prompts: list[list[int]]) -> list[list[int]]:
     return [output.outputs[0].token_ids for output in llm.generate(prompts, params)]
 
 
-# n-gram's cases stay in the default run; the others take longer, and tests/serving/test_speculative_server.py
-# keeps every method (suffix, a draft model, int4 self-speculation) in it, through preemption and the prefix cache.
+# The embedded model's cases take long: n-gram's first one stays in the default run, and the tiny model's server test
+# (tests/serving/test_speculative_server.py) keeps every method in it, through preemption and the prefix cache.
 SLOW_BUT_NGRAM = [m if m == "ngram" else pytest.param(m, marks=pytest.mark.slow) for m in METHODS]
 
 
@@ -83,7 +83,8 @@ def test_greedy_outputs_are_those_without_speculation(method: str, prompts, expe
     assert llm.engine.block_manager.num_free_blocks == llm.engine.num_blocks - _cached_blocks(llm)
 
 
-@pytest.mark.parametrize("method", SLOW_BUT_NGRAM)
+@pytest.mark.slow
+@pytest.mark.parametrize("method", list(METHODS))
 def test_greedy_outputs_survive_preemption(method: str, prompts, expected) -> None:
     # A draft model's K/V takes a block of its own for every block id: as many blocks take twice the bytes.
     llm = speculating_llm(method, kv_cache_memory=TINY_KV_BYTES * (2 if method == "draft_model" else 1))
