@@ -19,6 +19,7 @@ from pagedllm.engine.executor import WorkerError
 from pagedllm.errors import ConfigError, ReplicaLostError, RequestTooLongError
 from pagedllm.serving.api_server import create_app
 from pagedllm.serving.settings import ServerSettings
+from tests.engine.lost_replica import check_a_lost_replica_fails_its_request_and_the_others_serve
 from tests.logprobs_close import assert_greedy_close, greedy
 
 TINY_KV_BYTES = 2**24
@@ -228,31 +229,15 @@ def test_dp2_of_tp2_replicas_equals_one_engine_and_a_killed_replica_takes_its_ra
         assert [len(children) for children in ranks] == [2, 2]
         assert_greedy_close(greedy(one, PROMPTS, 16), greedy(llm, PROMPTS, 16))
         assert engine.placement == {} and engine.loads == [0, 0]
-
-        long = SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True)
-        engine.add_request("a", PROMPTS[1], long)
-        engine.add_request("b", PROMPTS[3], long)
-        dead, alive = engine.placement["a"], engine.placement["b"]
-        engine.step()
-        kill_replica(engine, dead)
-        started = time.monotonic()
-        with pytest.raises(ReplicaLostError, match=rf"replica {dead} \(pid \d+\) exited"):
-            for _ in range(400):
-                engine.step()
-        assert time.monotonic() - started < DEAD_REPLICA_DEADLINE_S
+        dead = check_a_lost_replica_fails_its_request_and_the_others_serve(
+            engine, one, PROMPTS, lambda index: kill_replica(engine, index), r"replica {} \(pid \d+\) exited"
+        )
         _, still_running = psutil.wait_procs(ranks[dead], timeout=DEAD_REPLICA_DEADLINE_S)
         assert still_running == []
-        assert all(rank.is_running() for rank in ranks[alive])
-        engine.abort_request("b")
-        params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
-        engine.add_request("c", PROMPTS[0], params)
-        texts = {}
-        while engine.has_unfinished_requests():
-            texts |= {output.request_id: output.outputs[0].text for output in engine.step() if output.finished}
-        assert texts == {"c": one.generate([PROMPTS[0]], params)[0].outputs[0].text}
+        assert all(rank.is_running() for rank in ranks[1 - dead])
     finally:
         engine.shutdown()
-    _, still_running = psutil.wait_procs([*replicas, *ranks[alive]], timeout=DEAD_REPLICA_DEADLINE_S)
+    _, still_running = psutil.wait_procs([*replicas, *ranks[1 - dead]], timeout=DEAD_REPLICA_DEADLINE_S)
     assert still_running == []  # shutdown stops each replica, and each replica its ranks
 
 

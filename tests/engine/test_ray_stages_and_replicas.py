@@ -17,6 +17,7 @@ from pagedllm.engine.ray_executor import RayExecutor
 from pagedllm.errors import ReplicaLostError
 from pagedllm.serving.logprobs import TokenStrings
 from tests.engine.dead_rank import DEAD_WORKER_DEADLINE_S, check_server_answers_then_503_after
+from tests.engine.lost_replica import check_a_lost_replica_fails_its_request_and_the_others_serve
 from tests.engine.ray_cluster import ray_cluster
 from tests.engine.served import served_greedy
 from tests.engine.test_pipeline_parallel import BatchesInFlight
@@ -204,21 +205,9 @@ def test_ray_replicas_of_tp2_ranks_take_a_node_each_equal_one_engine_and_die_wit
         replica_nodes = engine.links.node_ids()
         assert len(set(replica_nodes)) == 2, f"both replicas were placed on node {replica_nodes[0]}"
         assert_greedy_close(greedy(one, PROMPTS, 16), greedy(llm, PROMPTS, 16))
-        engine.add_request("a", PROMPTS[1], SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True))
-        engine.step()
-        dead = engine.placement["a"]
-        ray.kill(engine.links.actors[dead])
-        started = time.monotonic()
-        with pytest.raises(ReplicaLostError, match=rf"replica {dead} is gone"):
-            for _ in range(400):
-                engine.step()
-        assert time.monotonic() - started < DEAD_WORKER_DEADLINE_S
-        params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
-        engine.add_request("b", PROMPTS[0], params)
-        texts = {}
-        while engine.has_unfinished_requests():
-            texts |= {output.request_id: output.outputs[0].text for output in engine.step() if output.finished}
-        assert texts == {"b": one.generate([PROMPTS[0]], params)[0].outputs[0].text}
+        check_a_lost_replica_fails_its_request_and_the_others_serve(
+            engine, one, PROMPTS, lambda index: ray.kill(engine.links.actors[index]), "replica {} is gone"
+        )
         deadline = time.monotonic() + DEAD_WORKER_DEADLINE_S
         while ray.available_resources().get("CPU", 0) < 2 and time.monotonic() < deadline:
             time.sleep(0.2)
