@@ -15,6 +15,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pagedllm.cpu import core_design
+
 RESULTS_DIR = Path("benchmarks/results")
 VERSIONED_PACKAGES = ("pagedllm", "torch", "transformers", "gguf", "numpy", "httpx")
 
@@ -28,6 +30,12 @@ class Machine:
     cpu_count: int
     platform: str
     python: str
+    core_design: str = ""  # cpu.core_design(); files written before it was recorded lack it
+
+    @property
+    def description(self) -> str:
+        """'AMD EPYC (Zen 4, 2 CPUs)'"""
+        return f"{self.cpu_model} ({', '.join(filter(None, (self.core_design, f'{self.cpu_count} CPUs')))})"
 
 
 @dataclass
@@ -64,16 +72,25 @@ def usable_cpu_count() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def machine_name(model: str, design: str, count: int) -> str:
+    """'amd-epyc-zen-4-2cpu': one model name covers machines of different speed (AMD EPYC is Zen 2 to Zen 5), so
+    the core design is part of the name unless the model name already says it."""
+    model = re.sub(r"\(.*?\)", "", model)
+    words = model if design.lower() in model.lower() else f"{model} {design}"
+    return f"{re.sub(r'[^a-z0-9]+', '-', words.lower()).strip('-')}-{count}cpu"
+
+
 def this_machine() -> Machine:
     model = cpu_model()
     count = usable_cpu_count()
-    slug = re.sub(r"[^a-z0-9]+", "-", re.sub(r"\(.*?\)", "", model.lower())).strip("-")
+    design = core_design()
     return Machine(
-        name=f"{slug}-{count}cpu",
+        name=machine_name(model, design, count),
         cpu_model=model,
         cpu_count=count,
         platform=platform.platform(),
         python=platform.python_version(),
+        core_design=design,
     )
 
 

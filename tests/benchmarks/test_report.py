@@ -83,6 +83,22 @@ def test_runs_accumulate_in_one_file(tmp_path: Path) -> None:
     json.loads(path.read_text())  # strict JSON: no NaN or Infinity
 
 
+def test_machine_names_tell_apart_cpus_of_one_model_name(tmp_path: Path) -> None:
+    assert results.machine_name("AMD EPYC", "Zen 4", 2) == "amd-epyc-zen-4-2cpu"
+    assert results.machine_name("AMD EPYC", "Zen 5", 2) == "amd-epyc-zen-5-2cpu"
+    assert results.machine_name("AMD EPYC 9R14 Zen 4 (SMT off)", "Zen 4", 8) == "amd-epyc-9r14-zen-4-8cpu"
+    assert results.machine_name("Intel Xeon Processor (Sapphire Rapids)", "AMX", 2) == "intel-xeon-processor-amx-2cpu"
+    # Files written before the core design was recorded still load, and say what they know.
+    path = tmp_path / "old.json"
+    write_results(path)
+    document = json.loads(path.read_text())
+    del document["machine"]["core_design"]
+    document["machine"]["cpu_model"], document["machine"]["cpu_count"] = "AMD EPYC", 2
+    path.write_text(json.dumps(document))
+    assert results.load_results(path).machine.description == "AMD EPYC (2 CPUs)"
+    assert results.Machine("n", "AMD EPYC", 2, "Linux", "3.11", "Zen 4").description == "AMD EPYC (Zen 4, 2 CPUs)"
+
+
 def test_markdown_has_ratios_to_each_peer(tmp_path: Path) -> None:
     path = tmp_path / "r.json"
     write_results(path)
