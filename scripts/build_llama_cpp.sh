@@ -20,14 +20,35 @@ PYTHON="${PYTHON:-$REPO_ROOT/.venv/bin/python}"
 
 TOOLS=(llama-server llama-bench llama-batched-bench llama-quantize)
 
+# GGML_NATIVE=OFF with explicit ISA flags: the native build enables AMX, whose `tilezero` dies with SIGILL on
+# hosts (VMs) that advertise AMX without enabling it. Every other extension this CPU has that ggml's x86 kernels
+# use is on, as a native build would have it: the peer must run at its best on each machine. The binaries are
+# rebuilt when the CPU differs from the one they were built for (machines vary between sessions on one disk).
+has() { grep -qw "$1" /proc/cpuinfo; }
+ISA=()
+CMAKE_ISA=()
+for pair in avx512f:GGML_AVX512 avx512_vnni:GGML_AVX512_VNNI avx512_bf16:GGML_AVX512_BF16 \
+    avx512vbmi:GGML_AVX512_VBMI avx_vnni:GGML_AVX_VNNI; do
+    flag="${pair%%:*}"
+    option="${pair#*:}"
+    if has "$flag"; then
+        ISA+=("$flag")
+        CMAKE_ISA+=("-D$option=ON")
+    else
+        CMAKE_ISA+=("-D$option=OFF")
+    fi
+done
+ISA_FILE="$PREFIX/isa"
+
 built=1
 for tool in "${TOOLS[@]}"; do
     [[ -x "$BIN/$tool" ]] || built=0
 done
-if [[ $built == 1 ]]; then
+if [[ $built == 1 && "$(cat "$ISA_FILE" 2>/dev/null)" == "avx2 ${ISA[*]}" ]]; then
     echo "llama.cpp $VERSION already built: $BIN"
     exit 0
 fi
+rm -f "$ISA_FILE"
 
 WORK="$PREFIX/work"
 mkdir -p "$WORK" "$BIN"
@@ -44,11 +65,7 @@ if [[ ! -f "$SRC/CMakeLists.txt" ]]; then
     tar -xzf "$SDIST" -C "$WORK"
 fi
 
-# GGML_NATIVE=OFF with explicit ISA flags: the native build enables AMX, whose `tilezero`
-# dies with SIGILL on hosts (VMs) that advertise AMX without enabling it. AVX-512 only where the CPU has it.
 # Static libraries keep the cached binaries self-contained once the work folder is gone.
-AVX512=OFF
-grep -qw avx512f /proc/cpuinfo && AVX512=ON
 GENERATOR="Unix Makefiles"
 command -v ninja >/dev/null && GENERATOR=Ninja
 nice -n 19 cmake -S "$SRC" -B "$WORK/build" -G "$GENERATOR" \
@@ -56,7 +73,7 @@ nice -n 19 cmake -S "$SRC" -B "$WORK/build" -G "$GENERATOR" \
     -DBUILD_SHARED_LIBS=OFF \
     -DGGML_NATIVE=OFF \
     -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
-    -DGGML_AVX512=$AVX512 \
+    "${CMAKE_ISA[@]}" \
     -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF \
     -DLLAMA_BUILD_SERVER=ON -DLLAMA_CURL=OFF \
     -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
@@ -68,4 +85,5 @@ for tool in "${TOOLS[@]}"; do
 done
 "$BIN/llama-bench" --help >/dev/null
 rm -rf "$WORK"
-echo "llama.cpp $VERSION built: $BIN"
+echo "avx2 ${ISA[*]}" > "$ISA_FILE"
+echo "llama.cpp $VERSION built for avx2 ${ISA[*]}: $BIN"

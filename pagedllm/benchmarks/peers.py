@@ -76,12 +76,19 @@ def llama_cpp_binary(name: str) -> Path:
 
 @cache
 def llama_cpp_version() -> str:
-    """e.g. '0.5.0-dev (build 1, commit 0c1e570)', from `llama-server --version`."""
+    """e.g. '0.5.0-dev (build 1, commit 0c1e570), built for avx2 avx512f avx512_vnni', from `llama-server
+    --version` and the instruction sets the build script enabled."""
     completed = subprocess.run(
         [str(llama_cpp_binary("llama-server")), "--version"], capture_output=True, text=True, timeout=60
     )
     match = re.search(r"^version: (.+)$", completed.stdout + completed.stderr, re.MULTILINE)
-    return match.group(1) if match else "unknown"
+    return (match.group(1) if match else "unknown") + built_for()
+
+
+def built_for() -> str:
+    """', built for avx2 avx512f ...': the instruction sets the build script enabled in the cached binaries."""
+    isa = llama_cpp_bin_dir().parent / "isa"
+    return f", built for {isa.read_text().strip()}" if isa.is_file() else ""
 
 
 def llama_server_command(gguf: Path, port: int, parallel: int, context_per_slot: int, threads: int) -> list[str]:
@@ -130,11 +137,11 @@ def parse_llama_bench_json(text: str) -> OfflineThroughput:
 
 
 def llama_bench_version(text: str) -> str:
-    """The build that produced llama-bench's `-o json` output, e.g. 'build 1 (commit 0c1e570)'."""
+    """The build that produced llama-bench's `-o json` output, e.g. 'build 1 (commit 0c1e570), built for avx2'."""
     tests = json.loads(text)
     if not tests:
         return "unknown"
-    return f"build {tests[0].get('build_number', '?')} (commit {tests[0].get('build_commit', '?')})"
+    return f"build {tests[0].get('build_number', '?')} (commit {tests[0].get('build_commit', '?')})" + built_for()
 
 
 def run_llama_tool(command: list[str]) -> tuple[str, int]:
