@@ -164,6 +164,29 @@ def test_report_rewrites_the_readme_section(tmp_path: Path) -> None:
     assert readme.read_text() == text
 
 
+def test_a_file_of_one_benchmark_rewrites_only_its_own_readme_section(tmp_path: Path) -> None:
+    readme = tmp_path / "README.md"
+    readme.write_text(README + "\n<!-- sizes-results:start -->\nold sizes\n<!-- sizes-results:end -->\n")
+    sizes = tmp_path / "sizes.json"
+    results.append_run(sizes, results.new_run("model-file", "file", {"sizes_row": "Llama 1B"}, {"tensor_bytes": 2**20}))
+    for engine, prefill in (("pagedllm", 300.0), ("llama.cpp", 100.0)):
+        throughput = OfflineThroughput([PrefillPoint(512, prefill)], [DecodePoint(1, 40.0)])
+        record = {**asdict(throughput), "memory": {"peak_rss_bytes": 2**30}}
+        results.append_run(sizes, results.new_run("offline", engine, {"sizes_row": "Llama 1B"}, record))
+    assert write_report(sizes, readme=readme)[-1] == readme
+    text = readme.read_text()
+    assert "old numbers" in text and "old sizes" not in text
+    assert "| Llama 1B | prefill 512 tok | 300.0 | 100.0 | 3.00× | 1 |" in text
+    assert "by `pagedllm bench sizes`" in text and "[`sizes.json`](sizes.json)" in text
+    # A file of the main benchmarks leaves the sizes section as it is, and its main section has no sizes tables.
+    main = tmp_path / "main.json"
+    write_results(main)
+    write_report(main, readme=readme)
+    text = readme.read_text()
+    assert "old numbers" not in text and text.count("Model sizes: pagedllm and llama.cpp") == 1
+    assert "| Llama 1B | prefill 512 tok | 300.0 | 100.0 | 3.00× | 1 |" in text
+
+
 def test_readme_without_markers_is_left_alone_with_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     path = tmp_path / "r.json"
     write_results(path)
