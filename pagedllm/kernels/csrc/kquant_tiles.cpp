@@ -290,9 +290,10 @@ inline int32_t four_bytes(const void* x) {
 inline __m128i load16(const uint8_t* p) { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)); }
 inline __m256i load32(const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
 
+template <int Hint = _MM_HINT_T0>
 inline void prefetch(const uint8_t* p, int64_t bytes) {
   for (int64_t offset = 0; offset < bytes; offset += 64)
-    _mm_prefetch(reinterpret_cast<const char*>(p + offset), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(p + offset), static_cast<_mm_hint>(Hint));
 }
 #endif
 
@@ -420,10 +421,12 @@ template <int64_t Type>
 // meet the tiles, and block_scales holds their sub_block_scales per super-block and group of lanes,
 // [blocks][Pairs][scales_per_block], which the first row tile finds (`find_scales`) and the next ones reuse; else
 // each super-block's are found as it comes. Each lane's sums and float steps are those of its own tile, whatever
-// Pairs and Rows are, so a row's result does not depend on the grouping.
+// Pairs and Rows are, so a row's result does not depend on the grouping. ahead_bytes (without Shared) of the tile
+// rows after these are prefetched into L2 on the way: a decode step reads each weight once, from memory, and the
+// hardware prefetcher, restarting at each 4 KiB page of each of a call's tile rows, leaves the loads waiting.
 template <int64_t Type, int64_t Pairs, int64_t Rows, bool Shared, typename Out>
 void tile_rows(const Operands& a, int64_t t, int64_t tiles, SubBlockScale* block_scales, bool find_scales, int64_t m,
-               Out* out) {
+               Out* out, int64_t ahead_bytes) {
   using I = Lanes::I;
   using F = Lanes::F;
   constexpr TileFormat f = tile_format(Type);
@@ -435,13 +438,20 @@ void tile_rows(const Operands& a, int64_t t, int64_t tiles, SubBlockScale* block
   F acc[Rows][Pairs];
   for (int64_t r = 0; r < Rows; ++r)
     for (int64_t p = 0; p < Pairs; ++p) acc[r][p] = Lanes::fzero();
+  // The next call's tile rows (ahead_bytes from the end of these: tile rows lie one after another), a slice per
+  // super-block, into L2.
+  const uint8_t* ahead = first + tiles * a.tile_row_bytes;
+  const int64_t ahead_slice = (ahead_bytes + 64 * a.blocks - 1) / (64 * a.blocks) * 64;  // whole cache lines
   for (int64_t b = 0; b < a.blocks; ++b) {
+    if (ahead_bytes > b * ahead_slice)
+      prefetch<_MM_HINT_T1>(ahead + b * ahead_slice, std::min(ahead_slice, ahead_bytes - b * ahead_slice));
     Lanes w[Pairs];
     for (int64_t p = 0; p < Pairs; ++p) {
       const uint8_t* pair = first + 2 * p * a.tile_row_bytes + b * f.bytes;
       w[p] = {pair, tiles > 2 * p + 1 ? pair + a.tile_row_bytes : pair};
-      // The next super-block: met by several rows, a block takes long enough that loads would otherwise wait.
-      if (b + 1 < a.blocks) {
+      // The next super-block into L1: met by several row tiles, a block takes long enough that loads would otherwise
+      // wait. (A few rows read the next call's tiles into L2 instead, a stream of bytes in order.)
+      if (Shared && b + 1 < a.blocks) {
         prefetch(w[p].a + f.bytes, f.bytes);
         if (tiles > 2 * p + 1) prefetch(w[p].b + f.bytes, f.bytes);
       }
@@ -509,7 +519,7 @@ constexpr int64_t scales_per_block() {
 }
 
 template <int64_t Type, int64_t Pairs, int64_t Rows, bool Shared, typename Out>
-void tile_rows(const Operands& a, int64_t t, int64_t, SubBlockScale*, bool, int64_t m, Out* out) {
+void tile_rows(const Operands& a, int64_t t, int64_t, SubBlockScale*, bool, int64_t m, Out* out, int64_t) {
   constexpr TileFormat f = tile_format(Type);
   constexpr bool q6_k = Type == kQ6_K;
   constexpr int64_t sub_values = q6_k ? 16 : 32;
@@ -550,15 +560,17 @@ void multiply(const Operands& a, int64_t num_rows, Out* out) {
         const bool wide = kPairsPerCall > 1 && end - t >= 2 * kPairsPerCall;
         const int64_t tiles = wide ? 2 * kPairsPerCall : std::min(kTilesPerCall, end - t);
         const int64_t rows = std::min(kRowBlock, num_rows - first);
+        // A few rows stream the weights from memory: this task's next tiles are prefetched during these.
+        const int64_t ahead = rows <= kRowTile ? std::min(tiles, end - t - tiles) * a.tile_row_bytes : 0;
         for_row_tiles<kRowTile>(rows, [&](auto tile_rows_count, int64_t m) {
           constexpr int64_t R = decltype(tile_rows_count)::value;
           if (rows <= kRowTile)
-            wide ? tile_rows<Type, kPairsPerCall, R, false>(a, t, tiles, nullptr, true, first + m, out)
-                 : tile_rows<Type, 1, R, false>(a, t, tiles, nullptr, true, first + m, out);
+            wide ? tile_rows<Type, kPairsPerCall, R, false>(a, t, tiles, nullptr, true, first + m, out, ahead)
+                 : tile_rows<Type, 1, R, false>(a, t, tiles, nullptr, true, first + m, out, ahead);
           else if (wide)
-            tile_rows<Type, kPairsPerCall, R, true>(a, t, tiles, scales.data(), m == 0, first + m, out);
+            tile_rows<Type, kPairsPerCall, R, true>(a, t, tiles, scales.data(), m == 0, first + m, out, 0);
           else
-            tile_rows<Type, 1, R, true>(a, t, tiles, scales.data(), m == 0, first + m, out);
+            tile_rows<Type, 1, R, true>(a, t, tiles, scales.data(), m == 0, first + m, out, 0);
         });
         t += tiles;
       }

@@ -169,11 +169,13 @@ inline int32_t int4_at(const uint8_t* tile, int64_t o, int64_t k) {
   return (tile[32 * (k / kStep) + 4 * o + within % 4] >> (4 * (within / 4))) & 0x0F;
 }
 
-// Asks for `bytes` bytes from p into the cache, a line at a time (addresses past the weights are harmless).
+// Asks for `bytes` bytes from p into the cache (L1, or with _MM_HINT_T1 L2), a line at a time (addresses past the
+// weights are harmless).
+template <int Hint = _MM_HINT_T0>
 inline void prefetch(const void* p, int64_t bytes) {
 #ifdef PAGEDLLM_AVX2
   for (int64_t offset = 0; offset < bytes; offset += 64)
-    _mm_prefetch(static_cast<const char*>(p) + offset, _MM_HINT_T0);
+    _mm_prefetch(static_cast<const char*>(p) + offset, static_cast<_mm_hint>(Hint));
 #endif
 }
 
@@ -338,9 +340,11 @@ void offsets_of_eight(const Operands& a, int64_t t, uint8_t* eights) {
 // int4_tile for tiles t .. t + 2 Pairs - 1, two side by side in each 512-bit vector: a broadcast of 4 activation
 // bytes meets 16 Pairs outputs, and the results are consecutive in the output row. Each lane's sums and float steps
 // are those of its own pair of tiles (eights[p * groups + g] for pair p), whatever Pairs and Rows are, so a row's
-// result does not depend on how its tiles and rows were grouped.
+// result does not depend on how its tiles and rows were grouped. A one-row step reads each weight once, from memory,
+// where the hardware prefetcher, restarting at each 4 KiB page of each tile's stream, leaves the loads waiting: the
+// ahead_tiles tiles after these are prefetched into L2 on the way.
 template <int64_t Pairs, int64_t Rows, bool GroupsAreRuns, typename Out>
-void int4_tile_pairs(const Operands& a, int64_t t, int64_t m, const uint8_t* eights, Out* out) {
+void int4_tile_pairs(const Operands& a, int64_t t, int64_t m, const uint8_t* eights, Out* out, int64_t ahead_tiles) {
   const int64_t groups = a.in_features / a.group_size, group_size = GroupsAreRuns ? kRun : a.group_size;
   const int64_t tile_bytes = kTile * a.in_features / 2, tile_scales = groups * 2 * kTile;
   const auto* tiles = static_cast<const uint8_t*>(a.weight) + t * tile_bytes;
@@ -352,11 +356,22 @@ void int4_tile_pairs(const Operands& a, int64_t t, int64_t m, const uint8_t* eig
   __m512 acc[Rows][Pairs];
   for (int64_t r = 0; r < Rows; ++r)
     for (int64_t p = 0; p < Pairs; ++p) acc[r][p] = _mm512_setzero_ps();
+  // ahead_tiles tiles after these (weights and scales, each in order after these), a slice per group, into L2.
+  const uint8_t* ahead = tiles + 2 * Pairs * tile_bytes;
+  const auto* ahead_scales = reinterpret_cast<const uint8_t*>(scale_min + 2 * Pairs * tile_scales);
+  const int64_t ahead_bytes = ahead_tiles * tile_bytes, ahead_scale_bytes = ahead_tiles * tile_scales * 2;
+  const int64_t slice = (ahead_bytes + 64 * groups - 1) / (64 * groups) * 64;
+  const int64_t scale_slice = (ahead_scale_bytes + 64 * groups - 1) / (64 * groups) * 64;
   for (int64_t g = 0, k = 0; g < groups; ++g) {
+    if (ahead_bytes > g * slice)
+      prefetch<_MM_HINT_T1>(ahead + g * slice, std::min(slice, ahead_bytes - g * slice));
+    if (ahead_scale_bytes > g * scale_slice)
+      prefetch<_MM_HINT_T1>(ahead_scales + g * scale_slice, std::min(scale_slice, ahead_scale_bytes - g * scale_slice));
     __m512 scale[Pairs], min[Pairs];
     bool eight[Pairs];
     for (int64_t p = 0; p < Pairs; ++p) {
-      for (int64_t i = 0; i < 2; ++i)
+      // Without tiles ahead (several row tiles, or a task's last call): kPrefetchBytes ahead in these, into L1.
+      for (int64_t i = 0; i < 2 && ahead_tiles == 0; ++i)
         prefetch(tiles + (2 * p + i) * tile_bytes + 4 * k + kPrefetchBytes, 4 * group_size);
       const auto* pair = reinterpret_cast<const c10::Half*>(scale_min + 2 * p * tile_scales + 2 * kTile * g);
       const auto* next_pair = pair + tile_scales;
@@ -480,14 +495,17 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::
           const int64_t pairs = std::min(kInt4Pairs, (end - t) / 2);
           if (pairs > 0) {
             const uint8_t* decisions = decided ? eights.data() + (t - begin) / 2 * groups : nullptr;
+            // A few rows stream the weights from memory: this task's next tiles are prefetched during these.
+            const int64_t ahead = decided ? 0 : std::min(2 * pairs, end - t - 2 * pairs);
             for_row_tiles<kInt4RowTile>(rows_left, [&](auto tile_rows, int64_t m) {
               constexpr int64_t R = decltype(tile_rows)::value;
               if (pairs == kInt4Pairs)
-                group_size == kRun ? int4_tile_pairs<kInt4Pairs, R, true>(operands, t, first + m, decisions, op)
-                                   : int4_tile_pairs<kInt4Pairs, R, false>(operands, t, first + m, decisions, op);
+                group_size == kRun
+                    ? int4_tile_pairs<kInt4Pairs, R, true>(operands, t, first + m, decisions, op, ahead)
+                    : int4_tile_pairs<kInt4Pairs, R, false>(operands, t, first + m, decisions, op, ahead);
               else
-                group_size == kRun ? int4_tile_pairs<1, R, true>(operands, t, first + m, decisions, op)
-                                   : int4_tile_pairs<1, R, false>(operands, t, first + m, decisions, op);
+                group_size == kRun ? int4_tile_pairs<1, R, true>(operands, t, first + m, decisions, op, ahead)
+                                   : int4_tile_pairs<1, R, false>(operands, t, first + m, decisions, op, ahead);
             });
             t += 2 * pairs;
             continue;
