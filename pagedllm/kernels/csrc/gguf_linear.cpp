@@ -1010,9 +1010,7 @@ void multiply_one_row(const uint8_t* weight, const QuantizedRows& x, int64_t out
   for (int64_t first_b = 0; first_b < blocks; first_b += chunk_blocks) tiles.emplace_back(x, f.block_values, 0, first_b);
   at::parallel_for(0, out_features, kRowGrain, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
-      if (n + kAheadRows < end)
-        for (int64_t offset = 0; offset < row_bytes; offset += 64)
-          __builtin_prefetch(weight + (n + kAheadRows) * row_bytes + offset, 0, 2);  // locality 2: into L2
+      if (n + kAheadRows < end) prefetch<kIntoL2>(weight + (n + kAheadRows) * row_bytes, row_bytes);
       float sum = 0.f;
       for (size_t c = 0; c < tiles.size(); ++c) {
         const int64_t first_b = static_cast<int64_t>(c) * chunk_blocks;

@@ -290,11 +290,6 @@ inline int32_t four_bytes(const void* x) {
 inline __m128i load16(const uint8_t* p) { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)); }
 inline __m256i load32(const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
 
-template <int Hint = _MM_HINT_T0>
-inline void prefetch(const uint8_t* p, int64_t bytes) {
-  for (int64_t offset = 0; offset < bytes; offset += 64)
-    _mm_prefetch(reinterpret_cast<const char*>(p + offset), static_cast<_mm_hint>(Hint));
-}
 #endif
 
 #ifdef PAGEDLLM_AVX512_VNNI
@@ -444,7 +439,7 @@ void tile_rows(const Operands& a, int64_t t, int64_t tiles, SubBlockScale* block
   const int64_t ahead_slice = (ahead_bytes + 64 * a.blocks - 1) / (64 * a.blocks) * 64;  // whole cache lines
   for (int64_t b = 0; b < a.blocks; ++b) {
     if (ahead_bytes > b * ahead_slice)
-      prefetch<_MM_HINT_T1>(ahead + b * ahead_slice, std::min(ahead_slice, ahead_bytes - b * ahead_slice));
+      prefetch<kIntoL2>(ahead + b * ahead_slice, std::min(ahead_slice, ahead_bytes - b * ahead_slice));
     Lanes w[Pairs];
     for (int64_t p = 0; p < Pairs; ++p) {
       const uint8_t* pair = first + 2 * p * a.tile_row_bytes + b * f.bytes;

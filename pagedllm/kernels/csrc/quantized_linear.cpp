@@ -169,15 +169,6 @@ inline int32_t int4_at(const uint8_t* tile, int64_t o, int64_t k) {
   return (tile[32 * (k / kStep) + 4 * o + within % 4] >> (4 * (within / 4))) & 0x0F;
 }
 
-// Asks for `bytes` bytes from p into the cache (L1, or with _MM_HINT_T1 L2), a line at a time (addresses past the
-// weights are harmless).
-template <int Hint = _MM_HINT_T0>
-inline void prefetch(const void* p, int64_t bytes) {
-#ifdef PAGEDLLM_AVX2
-  for (int64_t offset = 0; offset < bytes; offset += 64)
-    _mm_prefetch(static_cast<const char*>(p) + offset, static_cast<_mm_hint>(Hint));
-#endif
-}
 
 #ifdef PAGEDLLM_AVX2
 inline int32_t four_bytes(const int8_t* x) {
@@ -364,9 +355,10 @@ void int4_tile_pairs(const Operands& a, int64_t t, int64_t m, const uint8_t* eig
   const int64_t scale_slice = (ahead_scale_bytes + 64 * groups - 1) / (64 * groups) * 64;
   for (int64_t g = 0, k = 0; g < groups; ++g) {
     if (ahead_bytes > g * slice)
-      prefetch<_MM_HINT_T1>(ahead + g * slice, std::min(slice, ahead_bytes - g * slice));
+      prefetch<kIntoL2>(ahead + g * slice, std::min(slice, ahead_bytes - g * slice));
     if (ahead_scale_bytes > g * scale_slice)
-      prefetch<_MM_HINT_T1>(ahead_scales + g * scale_slice, std::min(scale_slice, ahead_scale_bytes - g * scale_slice));
+      prefetch<kIntoL2>(ahead_scales + g * scale_slice,
+                        std::min(scale_slice, ahead_scale_bytes - g * scale_slice));
     __m512 scale[Pairs], min[Pairs];
     bool eight[Pairs];
     for (int64_t p = 0; p < Pairs; ++p) {

@@ -39,6 +39,16 @@ inline float bf16_bits_to_float(uint16_t bits) {
 
 inline float half_bits_to_float(uint16_t bits) { return static_cast<float>(c10::Half(bits, c10::Half::from_bits())); }
 
+// Where prefetch asks for the lines: __builtin_prefetch's locality (3: prefetcht0, 2: prefetcht1 on x86).
+constexpr int kIntoL1 = 3, kIntoL2 = 2;
+
+// Asks for `bytes` bytes from p into the cache, a line at a time (addresses past the weights are harmless).
+template <int Locality = kIntoL1>
+inline void prefetch(const void* p, int64_t bytes) {
+  for (int64_t offset = 0; offset < bytes; offset += 64)
+    __builtin_prefetch(static_cast<const char*>(p) + offset, 0, Locality);
+}
+
 #ifdef PAGEDLLM_AVX2
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 
