@@ -82,8 +82,8 @@ class AttentionMetadata:
     seq_lens: torch.Tensor  # [num_seqs] context length after this step
     query_starts: list[int]  # [num_seqs + 1] offsets of each sequence's tokens in the batch
     host_seq_lens: list[int]  # same as seq_lens, on the host
+    host_num_blocks: list[int]  # each sequence's block table length (its row of block_tables before the padding)
     num_decodes: int  # the first num_decodes sequences have exactly one new token
-    decode_groups: list[DecodeGroup]
     block_size: int
     # Every KV-cache group's metadata, this one first; empty where the model has one group.
     kv_cache_groups: list[AttentionMetadata] = field(default_factory=list)
@@ -93,6 +93,15 @@ class AttentionMetadata:
     def for_group(self, group: int) -> AttentionMetadata:
         """The metadata of a KV-cache group: its block tables and slots."""
         return self.kv_cache_groups[group] if self.kv_cache_groups else self
+
+    @functools.cached_property
+    def decode_groups(self) -> list[DecodeGroup]:
+        """The decode rows in runs of similar context length, for the paths that batch them by PyTorch ops (built
+        when first asked: the kernels read the block tables themselves)."""
+        return [
+            _decode_group(start, end, self.host_num_blocks, self.block_tables, self.seq_lens, self.block_size)
+            for start, end in _decode_group_bounds(self.host_num_blocks[: self.num_decodes])
+        ]
 
     @functools.cached_property
     def context_blocks(self) -> tuple[torch.Tensor, list[int]]:
@@ -119,20 +128,14 @@ class AttentionMetadata:
         query_starts = [0]
         for length in query_lens:
             query_starts.append(query_starts[-1] + length)
-        seq_lens = torch.tensor(host_seq_lens, dtype=torch.int64, device=device)
-        block_table_tensor = torch.tensor(padded, dtype=torch.int64, device=device).clamp_(min=0)
-        groups = [
-            _decode_group(start, end, block_tables, block_table_tensor, seq_lens, block_size)
-            for start, end in _decode_group_bounds([len(t) for t in block_tables[:num_decodes]])
-        ]
         return cls(
             slot_mapping=torch.tensor(slot_mapping, dtype=torch.int64, device=device),
-            block_tables=block_table_tensor,
-            seq_lens=seq_lens,
+            block_tables=torch.tensor(padded, dtype=torch.int64, device=device).clamp_(min=0),
+            seq_lens=torch.tensor(host_seq_lens, dtype=torch.int64, device=device),
             query_starts=query_starts,
             host_seq_lens=list(host_seq_lens),
+            host_num_blocks=[len(t) for t in block_tables],
             num_decodes=num_decodes,
-            decode_groups=groups,
             block_size=block_size,
         )
 
@@ -153,9 +156,9 @@ def _decode_group_bounds(num_blocks: list[int]) -> list[tuple[int, int]]:
 
 
 def _decode_group(
-    start: int, end: int, block_tables: list[list[int]], padded: torch.Tensor, seq_lens: torch.Tensor, block_size: int
+    start: int, end: int, num_blocks: list[int], padded: torch.Tensor, seq_lens: torch.Tensor, block_size: int
 ) -> DecodeGroup:
-    blocks = max(len(t) for t in block_tables[start:end])
+    blocks = max(num_blocks[start:end])
     positions = torch.arange(blocks * block_size, device=padded.device)
     mask = (positions[None, :] < seq_lens[start:end, None])[:, None, None, :]
     return DecodeGroup(start, end, padded[start:end, :blocks], mask)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pagedllm.kernels import cpu_kernels_available
+from pagedllm.kernels import cpu_kernels_available, use_cpu_kernels
 from pagedllm.layers.gguf_blocks import GGUFWeight, dequantize_blocks
 from pagedllm.layers.linear import dense_linear, matrix_units_layout
 
@@ -131,7 +131,8 @@ class GGUFLinear(nn.Module):
 
 
 class GGUFEmbedding(nn.Module):
-    """A token embedding table kept as GGUF blocks: each lookup dequantizes only the rows it takes."""
+    """A token embedding table kept as GGUF blocks: each lookup dequantizes only the rows it takes, by the kernel
+    where it runs (into the model dtype in one pass), else by `reference` (the same values)."""
 
     def __init__(self, weight: GGUFWeight, dtype: torch.dtype) -> None:
         super().__init__()
@@ -140,5 +141,13 @@ class GGUFEmbedding(nn.Module):
         self.register_buffer("blocks", weight.blocks.contiguous())
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        rows = GGUFWeight(self.blocks[input_ids.reshape(-1)], self.ggml_type)
-        return dequantize_blocks(rows).to(self.dtype).view(*input_ids.shape, -1)
+        blocks = self.blocks[input_ids.reshape(-1)]
+        if use_cpu_kernels(blocks):
+            rows = torch.ops.pagedllm.gguf_dequantize(blocks, self.ggml_type, self.dtype)
+        else:
+            rows = self.reference(blocks)
+        return rows.view(*input_ids.shape, -1)
+
+    def reference(self, blocks: torch.Tensor) -> torch.Tensor:
+        """The rows of `blocks` (whole rows of the table) dequantized by the PyTorch reference."""
+        return dequantize_blocks(GGUFWeight(blocks, self.ggml_type)).to(self.dtype)

@@ -82,7 +82,7 @@ def process_logits(logits: torch.Tensor, batch: SamplingBatch) -> TargetLogits:
         logits = logits.masked_fill(batch.banned_mask, float("-inf"))
     if batch.allowed_bitmask is not None:
         logits = apply_token_bitmask(logits, batch.allowed_bitmask)
-    random_rows = (batch.temperature > 0).nonzero().squeeze(1).tolist()
+    random_rows = [row for row, temperature in enumerate(batch.temperature.tolist()) if temperature > 0]
     if random_rows:
         rows = torch.tensor(random_rows, device=logits.device)
         scaled = logits[rows] / batch.temperature[rows].unsqueeze(1)

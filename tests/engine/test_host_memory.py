@@ -124,3 +124,19 @@ def test_a_freed_step_block_is_reused_without_faulting_its_pages_in_again() -> N
     # Unmapped when freed, each block faults all its pages in again; kept, only the first one does.
     assert faults("unmap") > 4 * pages
     assert faults("reuse") < 2 * pages
+
+
+@pytest.mark.skipif(resident_bytes() is None or not hasattr(os, "fork"), reason="no /proc or no fork")
+def test_a_forked_child_reads_its_own_resident_memory_not_its_parents() -> None:
+    parent = resident_bytes()  # the parent's statm is open from here on
+    block = b"\x01" * (256 * 2**20)  # the parent holds 256 MiB that the child frees at once
+    pid = os.fork()
+    if pid == 0:  # the child: the block's pages are shared with the parent until written or freed
+        del block
+        release_freed_memory()
+        child = resident_bytes()
+        os._exit(0 if child is not None and parent is not None and child < parent + 128 * 2**20 else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    held = resident_bytes()
+    assert held is not None and parent is not None and held > parent + 200 * 2**20 and len(block) == 256 * 2**20

@@ -98,13 +98,14 @@ def test_mixed_projections_fuse_as_they_are_stored() -> None:
     assert torch.equal(LinearQuantization("none").prepare(fused, torch.float32), dequantize(fused))
 
 
-@pytest.mark.parametrize("qtype", [Q.Q6_K, Q.Q8_0], ids=lambda q: q.name)
+@pytest.mark.parametrize("qtype", GGUF_NATIVE_TYPES, ids=lambda q: q.name)
 def test_embedding_lookups_read_their_rows_from_the_blocks(qtype: Q) -> None:
     w = weight(qtype, out_features=50, in_features=256)
     embedding = GGUFEmbedding(w, torch.bfloat16)
     token_ids = torch.tensor([[0, 49, 7], [7, 7, 3]])
     expected = F.embedding(token_ids, dequantize_blocks(w)).bfloat16()
     assert torch.equal(embedding(token_ids), expected)
+    assert torch.equal(embedding.reference(w.blocks[token_ids.reshape(-1)]).view(2, 3, -1), expected)
 
 
 @pytest.mark.parametrize("qtype", GGUF_TILE_TYPES, ids=lambda q: q.name)
