@@ -381,6 +381,23 @@ struct SubBlockScale {
   Lanes::F lanes;
 };
 
+// Bits 2 Field and 2 Field + 1 of each byte at bits 4 and 5, every other bit zero: Q6_K's top bits of a step's values,
+// from the two steps' bytes of top bits (field i of byte 4 o + j: input 16 g + 4 i + j), to be ORed over the low 4.
+template <int Field>
+inline Lanes::I field_at_bits45(Lanes::I x) {
+#if defined(PAGEDLLM_AVX512_VNNI) && defined(__GFNI__)
+  // One instruction: GFNI's affine map of each byte, whose output bit 7 - k is the parity of the matrix's byte k ANDed
+  // with the input byte; bytes 3 and 2 (output bits 4 and 5) pick input bits 2 Field and 2 Field + 1.
+  constexpr int64_t matrix = (int64_t{1} << (2 * Field + 24)) | (int64_t{2} << (2 * Field + 16));
+  return _mm512_gf2p8affine_epi64_epi8(x, _mm512_set1_epi64(matrix), 0);
+#else
+  if constexpr (Field < 2)
+    return Lanes::band(Lanes::left16<4 - 2 * Field>(x), Lanes::set1(0x30));
+  else
+    return Lanes::band(Lanes::right16<2 * Field - 4>(x), Lanes::set1(0x30));
+#endif
+}
+
 template <int64_t Type>
 constexpr int64_t scales_per_block() {
   constexpr TileFormat f = tile_format(Type);
@@ -429,17 +446,17 @@ void tile_rows(const Operands& a, int64_t t, int64_t tiles, SubBlockScale* block
   constexpr int64_t sub_blocks = 2 * f.pairs;
   const uint8_t* first = a.tiles + t * a.tile_row_bytes;
   const RowTile<Rows> x(a, m);
-  const I low4 = Lanes::set1(0x0F), bits45 = Lanes::set1(0x30);
+  const I low4 = Lanes::set1(0x0F);
   F acc[Rows][Pairs];
   for (int64_t r = 0; r < Rows; ++r)
     for (int64_t p = 0; p < Pairs; ++p) acc[r][p] = Lanes::fzero();
   // The next call's tile rows (ahead_bytes from the end of these: tile rows lie one after another), a slice per
-  // super-block, into L2.
+  // sub-block, into L2: requests spread evenly over the call (a slice per super-block, 6.7 KB of Q6_K at once, kept
+  // the loads waiting).
   const uint8_t* ahead = first + tiles * a.tile_row_bytes;
-  const int64_t ahead_slice = (ahead_bytes + 64 * a.blocks - 1) / (64 * a.blocks) * 64;  // whole cache lines
+  const int64_t slices = a.blocks * sub_blocks;
+  const int64_t ahead_slice = (ahead_bytes + 64 * slices - 1) / (64 * slices) * 64;  // whole cache lines
   for (int64_t b = 0; b < a.blocks; ++b) {
-    if (ahead_bytes > b * ahead_slice)
-      prefetch<kIntoL2>(ahead + b * ahead_slice, std::min(ahead_slice, ahead_bytes - b * ahead_slice));
     Lanes w[Pairs];
     for (int64_t p = 0; p < Pairs; ++p) {
       const uint8_t* pair = first + 2 * p * a.tile_row_bytes + b * f.bytes;
@@ -456,6 +473,8 @@ void tile_rows(const Operands& a, int64_t t, int64_t tiles, SubBlockScale* block
     if (!Shared || find_scales)
       for (int64_t p = 0; p < Pairs; ++p) sub_block_scales<Type>(w[p], scales + p * scales_per_block<Type>());
     for (int64_t sub_block = 0; sub_block < sub_blocks; ++sub_block) {
+      const int64_t slice = (b * sub_blocks + sub_block) * ahead_slice;
+      if (ahead_bytes > slice) prefetch<kIntoL2>(ahead + slice, std::min(ahead_slice, ahead_bytes - slice));
       const int64_t run = q6_k ? 8 * b + sub_block / 2 : 8 * b + sub_block;
       I sub[Rows][Pairs];
       for (int64_t r = 0; r < Rows; ++r) {
@@ -463,6 +482,10 @@ void tile_rows(const Operands& a, int64_t t, int64_t tiles, SubBlockScale* block
         for (int64_t p = 0; p < Pairs; ++p) sub[r][p] = start;
       }
       const int64_t first_step = sub_block * f.steps_per_sub;
+      // Q6_K: the sub-block's top 2 bits (one load for its two steps).
+      I top[Pairs];
+      if constexpr (q6_k)
+        for (int64_t p = 0; p < Pairs; ++p) top[p] = w[p].bytes32(f.high + 32 * sub_block);
 #pragma GCC unroll 1
       for (int64_t s = first_step; s < first_step + f.steps_per_sub; ++s) {
         I low[Pairs], high[Pairs];
@@ -471,14 +494,13 @@ void tile_rows(const Operands& a, int64_t t, int64_t tiles, SubBlockScale* block
           low[p] = Lanes::band(nibbles, low4);
           high[p] = Lanes::band(Lanes::right16<4>(nibbles), low4);
           if constexpr (q6_k) {
-            // Bits 4 (s % 2) .. of each high byte: this step's low-nibble values, then its high-nibble ones.
-            const I top = w[p].bytes32(f.high + 32 * (s / 2));
+            // Fields 2 (s % 2) and 2 (s % 2) + 1 of each top byte: this step's low-nibble values, then its high ones.
             if (s % 2 == 0) {
-              low[p] = Lanes::bor(low[p], Lanes::band(Lanes::left16<4>(top), bits45));
-              high[p] = Lanes::bor(high[p], Lanes::band(Lanes::left16<2>(top), bits45));
+              low[p] = Lanes::bor(low[p], field_at_bits45<0>(top[p]));
+              high[p] = Lanes::bor(high[p], field_at_bits45<1>(top[p]));
             } else {
-              low[p] = Lanes::bor(low[p], Lanes::band(top, bits45));
-              high[p] = Lanes::bor(high[p], Lanes::band(Lanes::right16<2>(top), bits45));
+              low[p] = Lanes::bor(low[p], field_at_bits45<2>(top[p]));
+              high[p] = Lanes::bor(high[p], field_at_bits45<3>(top[p]));
             }
           }
         }
