@@ -453,9 +453,7 @@ void tile_rows(const Operands& a, int64_t t, int64_t tiles, SubBlockScale* block
   // The next call's tile rows (ahead_bytes from the end of these: tile rows lie one after another), a slice per
   // sub-block, into L2: requests spread evenly over the call (a slice per super-block, 6.7 KB of Q6_K at once, kept
   // the loads waiting).
-  const uint8_t* ahead = first + tiles * a.tile_row_bytes;
-  const int64_t slices = a.blocks * sub_blocks;
-  const int64_t ahead_slice = (ahead_bytes + 64 * slices - 1) / (64 * slices) * 64;  // whole cache lines
+  const SpreadPrefetch<kIntoL2> ahead(first + tiles * a.tile_row_bytes, ahead_bytes, a.blocks * sub_blocks);
   for (int64_t b = 0; b < a.blocks; ++b) {
     Lanes w[Pairs];
     for (int64_t p = 0; p < Pairs; ++p) {
@@ -473,8 +471,7 @@ void tile_rows(const Operands& a, int64_t t, int64_t tiles, SubBlockScale* block
     if (!Shared || find_scales)
       for (int64_t p = 0; p < Pairs; ++p) sub_block_scales<Type>(w[p], scales + p * scales_per_block<Type>());
     for (int64_t sub_block = 0; sub_block < sub_blocks; ++sub_block) {
-      const int64_t slice = (b * sub_blocks + sub_block) * ahead_slice;
-      if (ahead_bytes > slice) prefetch<kIntoL2>(ahead + slice, std::min(ahead_slice, ahead_bytes - slice));
+      ahead(b * sub_blocks + sub_block);
       const int64_t run = q6_k ? 8 * b + sub_block / 2 : 8 * b + sub_block;
       I sub[Rows][Pairs];
       for (int64_t r = 0; r < Rows; ++r) {

@@ -169,7 +169,6 @@ inline int32_t int4_at(const uint8_t* tile, int64_t o, int64_t k) {
   return (tile[32 * (k / kStep) + 4 * o + within % 4] >> (4 * (within / 4))) & 0x0F;
 }
 
-
 #ifdef PAGEDLLM_AVX2
 inline int32_t four_bytes(const int8_t* x) {
   int32_t bytes;
@@ -348,17 +347,12 @@ void int4_tile_pairs(const Operands& a, int64_t t, int64_t m, const uint8_t* eig
   for (int64_t r = 0; r < Rows; ++r)
     for (int64_t p = 0; p < Pairs; ++p) acc[r][p] = _mm512_setzero_ps();
   // ahead_tiles tiles after these (weights and scales, each in order after these), a slice per group, into L2.
-  const uint8_t* ahead = tiles + 2 * Pairs * tile_bytes;
-  const auto* ahead_scales = reinterpret_cast<const uint8_t*>(scale_min + 2 * Pairs * tile_scales);
-  const int64_t ahead_bytes = ahead_tiles * tile_bytes, ahead_scale_bytes = ahead_tiles * tile_scales * 2;
-  const int64_t slice = (ahead_bytes + 64 * groups - 1) / (64 * groups) * 64;
-  const int64_t scale_slice = (ahead_scale_bytes + 64 * groups - 1) / (64 * groups) * 64;
+  const SpreadPrefetch<kIntoL2> ahead(tiles + 2 * Pairs * tile_bytes, ahead_tiles * tile_bytes, groups);
+  const SpreadPrefetch<kIntoL2> ahead_scales(scale_min + 2 * Pairs * tile_scales, ahead_tiles * tile_scales * 2,
+                                             groups);
   for (int64_t g = 0, k = 0; g < groups; ++g) {
-    if (ahead_bytes > g * slice)
-      prefetch<kIntoL2>(ahead + g * slice, std::min(slice, ahead_bytes - g * slice));
-    if (ahead_scale_bytes > g * scale_slice)
-      prefetch<kIntoL2>(ahead_scales + g * scale_slice,
-                        std::min(scale_slice, ahead_scale_bytes - g * scale_slice));
+    ahead(g);
+    ahead_scales(g);
     __m512 scale[Pairs], min[Pairs];
     bool eight[Pairs];
     for (int64_t p = 0; p < Pairs; ++p) {

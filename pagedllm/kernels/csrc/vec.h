@@ -49,6 +49,24 @@ inline void prefetch(const void* p, int64_t bytes) {
     __builtin_prefetch(static_cast<const char*>(p) + offset, 0, Locality);
 }
 
+// A prefetch of `bytes` bytes from p spread over the `parts` steps of a loop, whole lines per step: step `part`
+// asks for its slice, so the requests come evenly rather than in one burst that keeps the loop's loads waiting.
+template <int Locality>
+class SpreadPrefetch {
+ public:
+  SpreadPrefetch(const void* p, int64_t bytes, int64_t parts)
+      : p_(static_cast<const char*>(p)), bytes_(bytes), slice_((bytes + 64 * parts - 1) / (64 * parts) * 64) {}
+
+  void operator()(int64_t part) const {
+    const int64_t start = part * slice_;
+    if (bytes_ > start) prefetch<Locality>(p_ + start, std::min(slice_, bytes_ - start));
+  }
+
+ private:
+  const char* p_;
+  int64_t bytes_, slice_;
+};
+
 #ifdef PAGEDLLM_AVX2
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 
